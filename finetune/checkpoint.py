@@ -1,0 +1,142 @@
+"""Checkpoints (orbax) and initialisation from earlier runs: `init_from` + `dont_load`.
+
+Layout of a run directory: `checkpoints/<step>/state/` holds the whole train state (params, model_state,
+opt_state, step, rng), written by an `ocp.CheckpointManager` every `train.checkpoint_every` steps and at the end,
+keeping the last `train.keep_checkpoints`. orbax writes each step to a temporary folder and renames it when
+complete, so a run killed mid-save never leaves a half-written checkpoint behind; saving runs off the training
+thread (async), and the last good checkpoint is never touched by a later failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from finetune.errors import FinetuneError
+from finetune.partition import flatten, map_with_path
+
+STATE_ITEM = "state"
+
+
+class Checkpointer:
+  """A thin wrapper over `ocp.CheckpointManager` for one run directory's train state."""
+
+  def __init__(self, directory: str, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM,))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: dict[str, Any]) -> None:
+    self._manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state)}), force=True)
+
+  def restore(self, step: int, abstract_state: dict[str, Any]) -> dict[str, Any]:
+    """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with `.sharding`)."""
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise FinetuneError(f"cannot restore checkpoint {self.directory}/{step}: {e}; the config may have changed "
+                          "since it was written: use a new --workdir or restore the original config") from None
+    return restored[STATE_ITEM]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def _step_dirs(directory: str) -> list[int]:
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def resolve_checkpoint(source: str, workdir: str) -> str:
+  """The checkpoint step folder that `init_from=source` names.
+
+  Accepted: 'stage:NAME' (the final checkpoint of an earlier stage of this run), a run directory (with a
+  `checkpoints/` folder), a `checkpoints/` folder (latest step), or one step folder (`.../checkpoints/1200`).
+  """
+  if source.startswith("stage:"):
+    source = os.path.join(workdir, source[len("stage:"):])
+  path = os.path.abspath(os.path.expanduser(source))
+  if not os.path.exists(path):
+    raise FinetuneError(f"init_from {source!r} does not exist; give a run directory, its checkpoints/ folder or "
+                        "one checkpoint step folder")
+  if os.path.isdir(os.path.join(path, STATE_ITEM)):
+    return path
+  for candidate in (os.path.join(path, "checkpoints"), path):
+    steps = _step_dirs(candidate)
+    if steps:
+      return os.path.join(candidate, str(steps[-1]))
+  stages = [d for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d, "checkpoints"))] \
+      if os.path.isdir(path) else []
+  hint = f"; it holds stages {', '.join(stages)}: use {source.rstrip('/')}/<stage>" if stages else ""
+  raise FinetuneError(f"init_from {source!r} holds no checkpoint{hint}")
+
+
+def read_checkpoint_arrays(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
+  """{'params': {path: array}, 'model_state': {path: array}} from a checkpoint step folder, on the host."""
+  item = os.path.join(step_dir, STATE_ITEM)
+  try:
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      metadata = checkpointer.metadata(item)
+      tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
+      wanted = {k: tree[k] for k in ("params", "model_state") if k in tree}
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+      restored = checkpointer.restore(
+          item, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True))
+  except FinetuneError:
+    raise
+  except Exception as e:  # orbax raises many types for unreadable folders; the user needs one line.
+    raise FinetuneError(f"cannot read checkpoint {step_dir}: {type(e).__name__}: {e}; check the path") from None
+  return {k: flatten(v) for k, v in restored.items()}
+
+
+def _compile(patterns: Sequence[str]) -> list[re.Pattern]:
+  compiled = []
+  for pattern in patterns:
+    try:
+      compiled.append(re.compile(pattern))
+    except re.error as e:
+      raise FinetuneError(f"config.dont_load: {pattern!r} is not a valid regex ({e})") from None
+  return compiled
+
+
+def load_into(tree: Any, loaded: dict[str, np.ndarray], dont_load: Sequence[str], what: str,
+              source: str) -> tuple[Any, list[str], list[str]]:
+  """Replaces leaves of `tree` (sharded arrays) by `loaded[path]`, except paths matching `dont_load`.
+
+  Returns (new tree, loaded paths, freshly initialised paths). A path missing from the checkpoint must be listed in
+  `dont_load`; a shape mismatch names the parameter and both shapes.
+  """
+  patterns = _compile(dont_load)
+  loaded_paths, fresh_paths = [], []
+
+  def replace(path: str, leaf: jax.Array) -> jax.Array:
+    if any(p.search(path) for p in patterns):
+      fresh_paths.append(path)
+      return leaf
+    if path not in loaded:
+      raise FinetuneError(f"{what} {path!r} is not in checkpoint {source}; add a regex matching it to "
+                          "config.dont_load to initialise it fresh")
+    value = loaded[path]
+    if tuple(value.shape) != tuple(leaf.shape):
+      raise FinetuneError(f"shape mismatch for {what} {path!r}: checkpoint {source} has {tuple(value.shape)}, "
+                          f"the model has {tuple(leaf.shape)}; add it to config.dont_load or fix config.model")
+    loaded_paths.append(path)
+    return jax.device_put(np.asarray(value, dtype=leaf.dtype), leaf.sharding)
+
+  new_tree = map_with_path(replace, tree)
+  return new_tree, loaded_paths, fresh_paths

@@ -1,0 +1,78 @@
+"""`finetune <command>`: parses flags and calls the library; nothing here that a notebook could not call.
+
+    finetune train --config configs/<file>.py[:arg] --workdir DIR [--config.key=value ...]
+
+A `FinetuneError` (any user error) prints one line `finetune: error: ...` to stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from finetune.errors import FinetuneError
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="finetune", description=__doc__.splitlines()[0])
+  commands = parser.add_subparsers(dest="command", required=True)
+  train = commands.add_parser("train", help="run an experiment config (all its stages)",
+                              description="Run an experiment config. Config keys are overridden with "
+                              "--config.<key>=<value> (e.g. --config.train.steps=100); see docs/config.md.")
+  train.add_argument("--config", required=True, help="configs/<file>.py[:arg]")
+  train.add_argument("--workdir", required=True, help="output folder; re-running the same command resumes")
+  return parser
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separates `--config.a.b=v` / `--config.a.b v` overrides from the other arguments."""
+  rest, overrides = [], []
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    if arg.startswith("--config."):
+      body = arg[len("--config."):]
+      if "=" not in body:
+        if i + 1 >= len(args):
+          raise FinetuneError(f"override {arg} has no value; write {arg}=VALUE")
+        body, i = f"{body}={args[i + 1]}", i + 1
+      overrides.append(body)
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def run_train(config_spec: str, workdir: str, overrides: Sequence[str]) -> int:
+  # Imported here so `finetune --help` and argument errors do not wait for jax.
+  from finetune.config import load_config  # pylint: disable=g-import-not-at-top
+  from finetune.train import results_table, train_and_evaluate  # pylint: disable=g-import-not-at-top
+
+  config = load_config(config_spec, overrides)
+  summaries = train_and_evaluate(config, workdir)
+  print(results_table(summaries))
+  print(f"outputs: {os.path.abspath(workdir)}")
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  try:
+    rest, overrides = split_overrides(argv)
+    args = _parser().parse_args(rest)
+    if args.command == "train":
+      return run_train(args.config, args.workdir, overrides)
+    raise AssertionError(args.command)
+  except FinetuneError as e:
+    print(f"finetune: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("finetune: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

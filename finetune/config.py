@@ -1,0 +1,368 @@
+"""Experiment configs: loading `configs/x.py[:arg]`, `--config.key=value` overrides, validation and stages.
+
+An experiment file defines `get_config(arg=None) -> ConfigDict` holding only what differs from `defaults()`.
+Loading merges it over the defaults with strict keys and types (a typo anywhere is an error naming the key and
+the valid ones), applies command-line overrides the same way, expands stages, validates, and locks the result.
+
+Two sections are open: `model` and `data.options` hold keyword arguments for the model class / data source
+chosen by name, so their keys are checked against that constructor's signature instead of against defaults.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import inspect
+import json
+import os
+from typing import Any, Iterable, Sequence
+
+import ml_collections
+from ml_collections import ConfigDict  # re-exported for config files
+
+from finetune.errors import FinetuneError
+
+# Dotted paths whose keys are constructor kwargs, validated against the constructor at build time.
+OPEN_SECTIONS = ("model", "data.options")
+
+
+def defaults() -> ConfigDict:
+  """Every config key with its default. docs/config.md is the reference table for these."""
+  c = ConfigDict()
+  c.seed = 0
+  c.model = ConfigDict({"name": "cnn"})
+  c.data = ConfigDict({
+      "name": "mnist",
+      "path": "",
+      "cache_dir": os.path.join("~", ".cache", "finetune"),
+      "options": ConfigDict(),
+      "classes": (),
+      "validation_fraction": 0.1,
+      "eval_splits": ("validation", "test"),
+      "batch_size": 128,
+      "eval_batch_size": 500,
+      "augment": ConfigDict({"crop_padding": 0, "flip": False}),
+  })
+  c.train = ConfigDict({
+      "steps": 0,
+      "epochs": 0.0,
+      "log_every": 50,
+      "eval_every": 0,
+      "checkpoint_every": 500,
+      "keep_checkpoints": 2,
+      "label_smoothing": 0.0,
+  })
+  c.optimizer = ConfigDict({
+      "name": "adamw",
+      "learning_rate": 1e-3,
+      "schedule": "cosine",
+      "warmup_steps": 0,
+      "end_learning_rate_factor": 0.0,
+      "weight_decay": 0.0,
+      "no_decay": (r"(^|/)bias$", r"(^|/)scale$"),
+      "momentum": 0.9,
+      "nesterov": False,
+      "b1": 0.9,
+      "b2": 0.999,
+      "eps": 1e-8,
+      "grad_clip_norm": 0.0,
+  })
+  c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.sharding_rules = ()
+  c.init_from = ""
+  c.dont_load = ()
+  c.wandb = ConfigDict({"mode": "disabled", "project": "finetune", "entity": "", "name": "", "tags": ()})
+  c.stages = ConfigDict()
+  return c
+
+
+# ----------------------------------------------------------------------------------------------- :arg parsing
+
+
+def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
+  """Parses a config file's `:key=value,key2=value2` argument against `spec` (the keys and their defaults).
+
+  Values take the type of their default. An unknown key is an error, so `:arg` never passes unnoticed.
+  A bare word `:foo` sets the first key whose default is a string (e.g. a variant name).
+  """
+  result = ConfigDict(dict(spec))
+  if not arg:
+    return result
+  for item in arg.split(","):
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep:
+      string_keys = [k for k, v in spec.items() if isinstance(v, str)]
+      if not string_keys:
+        raise FinetuneError(f"config argument {item!r} is not key=value; valid keys: {', '.join(spec) or '(none)'}")
+      key, text = string_keys[0], item
+    if key not in spec:
+      raise FinetuneError(f"unknown config argument {key!r}{_did_you_mean(key, spec)}; "
+                          f"valid arguments: {', '.join(spec) or '(none)'}")
+    result[key] = _coerce(_parse_literal(text), spec[key], f":{key}")
+  return result
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
+  """Loads `path/to/file.py[:arg]`, applies `key.sub=value` overrides, validates, and returns it locked."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FinetuneError(f"config file {path!r} does not exist; pass --config configs/<file>.py")
+  module_spec = importlib.util.spec_from_file_location(f"finetune_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except FinetuneError:
+    raise
+  except Exception as e:  # A broken config file: show where, in one line.
+    raise FinetuneError(f"config file {path} failed to import: {type(e).__name__}: {e}") from e
+  if not hasattr(module, "get_config"):
+    raise FinetuneError(f"config file {path} has no get_config(arg=None) function; define one")
+  takes_arg = bool(inspect.signature(module.get_config).parameters)
+  if arg and not takes_arg:
+    raise FinetuneError(f"config file {path} takes no argument but got ':{arg}'; drop ':{arg}'")
+  raw = module.get_config(arg or None) if takes_arg else module.get_config()
+  return build_config(raw, overrides)
+
+
+def build_config(raw: ConfigDict | dict, overrides: Sequence[str] = ()) -> ConfigDict:
+  """Merges `raw` over `defaults()`, applies overrides, validates, locks. Notebooks and tests use this."""
+  config = defaults()
+  _merge(config, raw, prefix="")
+  for override in overrides:
+    apply_override(config, override)
+  validate(config)
+  config.lock()
+  return config
+
+
+def apply_override(config: ConfigDict, override: str) -> None:
+  """Applies one `a.b.c=value` override (the text after `--config.`) with the same checks as a config file."""
+  dotted, sep, text = override.partition("=")
+  if not sep:
+    raise FinetuneError(f"override --config.{override} has no value; write --config.{dotted}=VALUE")
+  *parents, leaf = dotted.split(".")
+  node, walked = config, []
+  for key in parents:
+    walked.append(key)
+    if key not in node:
+      if _is_open(".".join(walked[:-1])) or _under_stages(walked[:-1]):
+        node[key] = ConfigDict()
+      else:
+        raise FinetuneError(_unknown_key_message(".".join(walked), node))
+    node = node[key]
+    if not isinstance(node, ConfigDict):
+      raise FinetuneError(f"config key {'.'.join(walked)!r} is a value, not a section; cannot set {dotted!r}")
+  if parents and parents[0] == "stages":
+    if len(parents) < 2:
+      raise FinetuneError(f"override --config.{dotted} must name a stage key: --config.stages.<stage>.<key>=VALUE")
+    _merge_stage(node, {leaf: _parse_literal(text)}, dotted)
+  else:
+    _merge(node, {leaf: _parse_literal(text)}, prefix=".".join(parents))
+
+
+def stage_configs(config: ConfigDict) -> list[tuple[str, ConfigDict]]:
+  """The ordered stages as (name, full config for that stage). A config without stages is one stage 'train'.
+
+  Stage order is the order in which the config file created them (ConfigDict keeps insertion order).
+  """
+  base = ConfigDict(config.to_dict())  # An unlocked deep copy.
+  names = ordered_keys(config.stages)
+  del base["stages"]
+  if not names:
+    return [("train", _frozen(base))]
+  result = []
+  for index, name in enumerate(names):
+    stage = ConfigDict(base.to_dict())
+    try:
+      _merge(stage, config.stages[name], prefix="")
+    except FinetuneError as e:
+      raise FinetuneError(f"in config.stages.{name}: {e}") from None
+    init_from = stage.init_from
+    if init_from.startswith("stage:"):
+      source = init_from[len("stage:"):]
+      if source not in names[:index]:
+        raise FinetuneError(f"stage {name!r} has init_from={init_from!r} but {source!r} is not an earlier stage; "
+                            f"earlier stages: {', '.join(names[:index]) or '(none)'}")
+    result.append((name, _frozen(stage)))
+  return result
+
+
+def ordered_keys(section: ConfigDict | dict | None) -> list[str]:
+  """Keys in insertion order. (`ConfigDict.keys()` sorts them; only its JSON form keeps the order written.)"""
+  if section is None:
+    return []
+  if isinstance(section, dict):
+    return list(section)
+  return list(json.loads(section.to_json_best_effort()).keys())
+
+
+def validate(config: ConfigDict) -> None:
+  """Checks values (names exist, numbers in range) for the base config and every stage."""
+  for name, stage in stage_configs(config):
+    where = "" if name == "train" and not len(config.stages) else f" (stage {name!r})"
+    _validate_stage(stage, where)
+
+
+def to_json(config: ConfigDict) -> str:
+  return config.to_json(indent=2)
+
+
+# ------------------------------------------------------------------------------------------------- internals
+
+
+def _validate_stage(c: ConfigDict, where: str) -> None:
+  # Imported here: the registries pull in jax/flax, which `parse_arg` users in config files do not need.
+  from finetune.data import SOURCES  # pylint: disable=g-import-not-at-top
+  from finetune.models import MODELS  # pylint: disable=g-import-not-at-top
+  from finetune.optim import OPTIMIZERS, SCHEDULES  # pylint: disable=g-import-not-at-top
+
+  MODELS.get(c.model.name)
+  SOURCES.get(c.data.name)
+  OPTIMIZERS.get(c.optimizer.name)
+  SCHEDULES.get(c.optimizer.schedule)
+
+  def need(ok: bool, message: str):
+    if not ok:
+      raise FinetuneError(message + where)
+
+  need(c.train.steps > 0 or c.train.epochs > 0,
+       "set config.train.steps or config.train.epochs to a positive number")
+  need(not (c.train.steps > 0 and c.train.epochs > 0),
+       "set only one of config.train.steps and config.train.epochs")
+  need(c.data.batch_size > 0 and c.data.eval_batch_size > 0, "config.data.batch_size and eval_batch_size must be > 0")
+  need(0.0 <= c.data.validation_fraction < 1.0, "config.data.validation_fraction must be in [0, 1)")
+  need(c.optimizer.learning_rate >= 0, "config.optimizer.learning_rate must be >= 0")
+  need(c.train.log_every > 0, "config.train.log_every must be > 0")
+  need(c.train.checkpoint_every >= 0 and c.train.keep_checkpoints >= 1,
+       "config.train.checkpoint_every must be >= 0 and config.train.keep_checkpoints >= 1")
+  need(c.wandb.mode in ("disabled", "offline", "online"), "config.wandb.mode must be disabled, offline or online")
+  need(len(set(c.data.classes)) == len(c.data.classes), "config.data.classes has repeated classes")
+  for axis, size in c.mesh.items():
+    need(axis in ("data", "fsdp", "tensor", "sequence"),
+         f"unknown mesh axis {axis!r}; valid axes: data, fsdp, tensor, sequence")
+    need(size == -1 or size >= 1, f"config.mesh.{axis} must be -1 (all remaining devices) or >= 1")
+
+
+def _frozen(config: ConfigDict) -> ConfigDict:
+  config.lock()
+  return config
+
+
+def _is_open(dotted: str) -> bool:
+  return dotted in OPEN_SECTIONS
+
+
+def _under_stages(walked: list[str]) -> bool:
+  """Inside `stages.<name>...` new sub-sections may be created; their leaves are checked when stages expand."""
+  return len(walked) >= 1 and walked[0] == "stages"
+
+
+def _did_you_mean(key: str, options: Iterable[str]) -> str:
+  close = difflib.get_close_matches(key, list(options), n=1)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown_key_message(dotted: str, node: ConfigDict) -> str:
+  leaf = dotted.rsplit(".", 1)[-1]
+  return (f"unknown config key {dotted!r}{_did_you_mean(leaf, node.keys())}; "
+          f"valid keys here: {', '.join(sorted(node.keys()))}")
+
+
+def _merge(base: ConfigDict, update: ConfigDict | dict, prefix: str) -> None:
+  """Copies `update` into `base`: keys must exist in `base` (except in open sections and stages), types must fit."""
+  items = update.items() if isinstance(update, (dict, ConfigDict)) else []
+  for key, value in items:
+    dotted = f"{prefix}.{key}" if prefix else key
+    if prefix == "" and key == "stages":
+      for stage_name in ordered_keys(value):
+        stage = value[stage_name]
+        if not isinstance(stage, (dict, ConfigDict)):
+          raise FinetuneError(f"config.stages.{stage_name} must be a ConfigDict of overrides")
+        if stage_name not in base.stages:
+          base.stages[stage_name] = ConfigDict()
+        _merge_stage(base.stages[stage_name], stage, f"stages.{stage_name}")
+      continue
+    if key not in base:
+      if _is_open(prefix):
+        base[key] = ConfigDict(value) if isinstance(value, dict) else value
+        continue
+      raise FinetuneError(_unknown_key_message(dotted, base))
+    current = base[key]
+    if isinstance(current, ConfigDict):
+      if not isinstance(value, (dict, ConfigDict)):
+        raise FinetuneError(f"config key {dotted!r} is a section; set its keys ({', '.join(sorted(current.keys()))})")
+      _merge(current, value, dotted)
+    else:
+      base[key] = _coerce(value, current, dotted)
+
+
+def _merge_stage(target: ConfigDict, update: ConfigDict | dict, prefix: str) -> None:
+  """Stage overrides are kept as written; `stage_configs` checks them against the base when expanding."""
+  for key, value in update.items():
+    if isinstance(value, (dict, ConfigDict)):
+      if key not in target or not isinstance(target[key], ConfigDict):
+        target[key] = ConfigDict()
+      _merge_stage(target[key], value, f"{prefix}.{key}")
+    else:
+      target[key] = tuple(value) if isinstance(value, list) else value
+
+
+def _parse_literal(text: Any) -> Any:
+  if not isinstance(text, str):
+    return text
+  lowered = text.strip().lower()
+  if lowered in ("true", "false"):
+    return lowered == "true"
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _coerce(value: Any, default: Any, dotted: str) -> Any:
+  """Gives `value` the type of `default`, allowing only lossless widenings (int -> float, list -> tuple)."""
+  def bad():
+    return FinetuneError(f"config key {dotted!r} expects {type(default).__name__} (like {default!r}), "
+                         f"got {value!r}")
+  if default is None or isinstance(value, ConfigDict):
+    return value
+  if isinstance(default, bool):
+    if not isinstance(value, bool):
+      raise bad()
+    return value
+  if isinstance(default, int):
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise bad()
+    return value
+  if isinstance(default, float):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise bad()
+    return float(value)
+  if isinstance(default, str):
+    if not isinstance(value, str):
+      return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _raise(bad())
+    return value
+  if isinstance(default, (tuple, list)):
+    if isinstance(value, (tuple, list)):
+      return tuple(_freeze_lists(v) for v in value)
+    if isinstance(value, (str, int, float)):
+      return (value,)
+    raise bad()
+  return value
+
+
+def _freeze_lists(value: Any) -> Any:
+  return tuple(_freeze_lists(v) for v in value) if isinstance(value, list) else value
+
+
+def _raise(error: Exception):
+  raise error
+
+
+__all__ = ["defaults", "parse_arg", "load_config", "build_config", "apply_override", "stage_configs",
+           "validate", "to_json", "ml_collections"]

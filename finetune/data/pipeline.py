@@ -1,0 +1,169 @@
+"""From a source's splits to per-process numpy batches and then to global sharded `jax.Array`s.
+
+* Class filtering/relabelling: `config.data.classes` keeps those classes (by index or name) and renumbers them
+  0..k-1 in the order given, which is how A/B transfer splits are written.
+* Validation: the first `validation_fraction` of a fixed (seed 0) permutation of 'train' becomes 'validation', so
+  every training seed of a sweep is evaluated on the same examples.
+* Training order: epoch e is `default_rng([seed, e]).permutation(N)`, cut into full batches (the last partial
+  batch of an epoch is dropped). The batch of step s is therefore a function of (seed, s) alone, which makes
+  resumption exact.
+* Evaluation visits every example once: the last batch is padded and carries a 0/1 'mask'.
+* Multi-process: each process materialises only its contiguous slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterator, Mapping
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from finetune.data import SOURCES
+from finetune.data.dataset import Dataset, Split, SubsetSplit
+from finetune.errors import FinetuneError
+
+_VALIDATION_SEED = 0
+
+
+@dataclasses.dataclass
+class InputPipeline:
+  """Batches for one stage. Sizes are global; methods return this process's part."""
+
+  dataset_name: str
+  class_names: tuple[str, ...]
+  train: Split
+  eval_splits: Mapping[str, Split]
+  batch_size: int
+  eval_batch_size: int
+  seed: int
+  crop_padding: int = 0
+  flip: bool = False
+  process_index: int = 0
+  process_count: int = 1
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return len(self.train) // self.batch_size
+
+  def _local(self, global_indices: np.ndarray) -> np.ndarray:
+    per_process = len(global_indices) // self.process_count
+    return global_indices[self.process_index * per_process:(self.process_index + 1) * per_process]
+
+  def train_batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's part of the training batch of `step` (0-based)."""
+    epoch, position = divmod(step, self.steps_per_epoch)
+    order = np.random.default_rng([self.seed, epoch]).permutation(len(self.train))
+    indices = np.sort(self._local(order[position * self.batch_size:(position + 1) * self.batch_size]))
+    batch = self.train.take(indices)
+    images = _to_float(batch["image"])
+    if self.crop_padding or self.flip:
+      images = augment(images, np.random.default_rng([self.seed, step, self.process_index, 1]),
+                       self.crop_padding, self.flip)
+    return {"image": images, "label": batch["label"].astype(np.int32)}
+
+  def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+    """This process's part of every evaluation batch of `split`, padded, with 'mask' = 1 for real examples."""
+    data = self.eval_splits[split]
+    size = len(data)
+    for start in range(0, size, self.eval_batch_size):
+      global_indices = np.arange(start, start + self.eval_batch_size)
+      local = self._local(global_indices)
+      real = local < size
+      batch = data.take(np.where(real, local, 0))  # padding repeats example 0 and is masked out
+      yield {"image": _to_float(batch["image"]), "label": batch["label"].astype(np.int32),
+             "mask": real.astype(np.int32)}
+
+
+def _to_float(images: np.ndarray) -> np.ndarray:
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) / 255.0
+  return images.astype(np.float32)
+
+
+def augment(images: np.ndarray, rng: np.random.Generator, crop_padding: int, flip: bool) -> np.ndarray:
+  """Random crop after zero-padding by `crop_padding` pixels, and random horizontal flip, per example."""
+  batch, height, width, _ = images.shape
+  if crop_padding:
+    padded = np.pad(images, ((0, 0), (crop_padding, crop_padding), (crop_padding, crop_padding), (0, 0)))
+    tops = rng.integers(0, 2 * crop_padding + 1, size=batch)
+    lefts = rng.integers(0, 2 * crop_padding + 1, size=batch)
+    images = np.stack([padded[i, t:t + height, l:l + width] for i, (t, l) in enumerate(zip(tops, lefts))])
+  if flip:
+    flips = rng.random(batch) < 0.5
+    images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+  return images
+
+
+def _class_filter(dataset: Dataset, classes: tuple) -> tuple[np.ndarray | None, tuple[str, ...]]:
+  """(old label -> new label map with -1 for dropped classes, kept class names)."""
+  if not classes:
+    return None, dataset.class_names
+  indices = []
+  for c in classes:
+    if isinstance(c, str) and not c.isdigit():
+      if c not in dataset.class_names:
+        raise FinetuneError(f"config.data.classes names {c!r}, which {dataset.name} does not have; "
+                            f"valid: {', '.join(dataset.class_names)}")
+      indices.append(dataset.class_names.index(c))
+    else:
+      index = int(c)
+      if not 0 <= index < dataset.num_classes:
+        raise FinetuneError(f"config.data.classes has {index}, but {dataset.name} has classes "
+                            f"0..{dataset.num_classes - 1}")
+      indices.append(index)
+  label_map = np.full(dataset.num_classes, -1, np.int64)
+  label_map[indices] = np.arange(len(indices))
+  return label_map, tuple(dataset.class_names[i] for i in indices)
+
+
+def _filter(split: Split, label_map: np.ndarray | None) -> Split:
+  if label_map is None:
+    return split
+  keep = np.flatnonzero(label_map[split.labels()] >= 0)
+  return SubsetSplit(split, keep, label_map)
+
+
+def build_pipeline(data_cfg: ConfigDict, seed: int) -> InputPipeline:
+  """Loads `config.data.name` and prepares train / validation / test for this process."""
+  source = SOURCES.get(data_cfg.name)
+  dataset = source(path=os.path.expanduser(data_cfg.path) if data_cfg.path else "",
+                   cache_dir=os.path.expanduser(data_cfg.cache_dir) if data_cfg.cache_dir else "",
+                   **dict(data_cfg.options))
+  if "train" not in dataset.splits:
+    raise FinetuneError(f"data source {data_cfg.name!r} produced no 'train' split; check config.data.options")
+  label_map, class_names = _class_filter(dataset, tuple(data_cfg.classes))
+  train = _filter(dataset.splits["train"], label_map)
+  splits: dict[str, Split] = {}
+  if data_cfg.validation_fraction > 0:
+    order = np.random.default_rng(_VALIDATION_SEED).permutation(len(train))
+    num_validation = int(round(data_cfg.validation_fraction * len(train)))
+    splits["validation"] = SubsetSplit(train, np.sort(order[:num_validation]))
+    train = SubsetSplit(train, np.sort(order[num_validation:]))
+  for name, split in dataset.splits.items():
+    if name != "train":
+      splits[name] = _filter(split, label_map)
+  eval_splits = {name: splits[name] for name in data_cfg.eval_splits if name in splits}
+  if not eval_splits:
+    raise FinetuneError(f"none of config.data.eval_splits {tuple(data_cfg.eval_splits)} exists for "
+                        f"{data_cfg.name!r} (available: {', '.join(splits) or 'none'}); set "
+                        "config.data.validation_fraction > 0 or point config.data.path at a test set")
+  if len(train) < data_cfg.batch_size:
+    raise FinetuneError(f"only {len(train)} training examples but config.data.batch_size={data_cfg.batch_size}; "
+                        "lower the batch size")
+  return InputPipeline(
+      dataset_name=dataset.name, class_names=class_names, train=train, eval_splits=eval_splits,
+      batch_size=data_cfg.batch_size, eval_batch_size=data_cfg.eval_batch_size, seed=seed,
+      crop_padding=data_cfg.augment.crop_padding, flip=data_cfg.augment.flip,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+  """Assembles each process's numpy part into one global array sharded over the data-parallel axes."""
+  return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()}

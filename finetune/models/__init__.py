@@ -1,0 +1,55 @@
+"""Model zoo: one file per model, found by name in `MODELS`.
+
+The contract of a model class (an `nnx.Module` registered with `@MODELS.register(name)`):
+  * constructor: keyword arguments from `config.model` (less `name`), plus `num_classes` and `rngs`;
+  * `__call__(x, *, train=False, rngs=None) -> logits` and `embed(x, *, train=False, rngs=None) -> features`
+    (the input to the head, for feature extraction); dropout draws from the `rngs` passed at call time, so the
+    model holds no RNG state and the train step stays a pure function;
+  * `layer_groups() -> [(group_name, regex over parameter paths), ...]` ordered input to output, covering every
+    parameter exactly once; the classifier is the group `head` with parameters under `head/`;
+  * every parameter carries logical axis names (see `layers.py`); `sharding.py` maps them to mesh axes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from flax import nnx
+from ml_collections import ConfigDict
+
+from finetune.errors import FinetuneError
+from finetune.registry import Registry
+
+MODELS: Registry[type[nnx.Module]] = Registry("model")
+
+# Importing a model module registers it.
+from finetune.models import cnn  # noqa: E402,F401
+from finetune.models import mlp  # noqa: E402,F401
+from finetune.models import vit  # noqa: E402,F401
+
+
+def model_kwargs(model_cfg: ConfigDict, num_classes: int) -> dict[str, Any]:
+  """Constructor kwargs from `config.model`, checked against the model's signature."""
+  cls = MODELS.get(model_cfg.name)
+  kwargs = {k: v for k, v in model_cfg.items() if k != "name"}
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "rngs")]
+  for key in kwargs:
+    if key not in accepted:
+      raise FinetuneError(f"config.model.{key} is not an argument of model {model_cfg.name!r}; "
+                          f"valid: {', '.join(a for a in accepted if a != 'num_classes')}")
+  if "num_classes" in kwargs and kwargs["num_classes"] != num_classes:
+    raise FinetuneError(f"config.model.num_classes={kwargs['num_classes']} but the data has {num_classes} classes; "
+                        "drop config.model.num_classes (it is taken from the data) or change config.data.classes")
+  kwargs["num_classes"] = num_classes
+  return kwargs
+
+
+def build_model(model_cfg: ConfigDict, num_classes: int, rngs: nnx.Rngs) -> nnx.Module:
+  """Constructs the model named by `config.model.name`. Wrap in `nnx.eval_shape` to get shapes only."""
+  cls = MODELS.get(model_cfg.name)
+  kwargs = model_kwargs(model_cfg, num_classes)
+  # Shardings are applied by finetune.sharding from the logical names, not eagerly by flax at creation.
+  with nnx.use_eager_sharding(False):
+    return cls(**kwargs, rngs=rngs)

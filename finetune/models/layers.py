@@ -1,0 +1,48 @@
+"""Layers with logical axis names on every parameter.
+
+Logical names used across the zoo: 'embed' (model width), 'mlp' (MLP hidden width), 'heads' (attention heads x
+head dim, fused), 'conv_in' / 'conv_out' (convolution channels), 'classes' (classifier outputs), 'norm' (norm
+scales/biases), 'patch' / 'position' (ViT positions). `finetune.sharding` maps them to mesh axes; model code never
+names a mesh axis.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from flax import nnx
+
+LogicalAxes = tuple[str | None, ...]
+
+
+def linear(in_features: int, out_features: int, axes: tuple[str, str], rngs: nnx.Rngs,
+           use_bias: bool = True, kernel_init=nnx.initializers.lecun_normal()) -> nnx.Linear:
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, rngs=rngs,
+                    kernel_init=nnx.with_partitioning(kernel_init, axes),
+                    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)))
+
+
+def conv(in_features: int, out_features: int, kernel_size: Sequence[int], rngs: nnx.Rngs,
+         strides: int | Sequence[int] = 1, padding: str = "SAME", use_bias: bool = True) -> nnx.Conv:
+  return nnx.Conv(in_features, out_features, tuple(kernel_size), strides=strides, padding=padding,
+                  use_bias=use_bias, rngs=rngs,
+                  kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(),
+                                                    (None,) * len(kernel_size) + ("conv_in", "conv_out")),
+                  bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",)))
+
+
+def batch_norm(features: int, rngs: nnx.Rngs, axis_name: str = "conv_out") -> nnx.BatchNorm:
+  return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, rngs=rngs,
+                       scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), (axis_name,)),
+                       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axis_name,)))
+
+
+def layer_norm(features: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(features, epsilon=1e-6, rngs=rngs,
+                       scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
+                       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)))
+
+
+def numbered_groups(prefix: str, count: int, group_prefix: str) -> list[tuple[str, str]]:
+  """[('block_1', '^blocks/0/'), ...]: one layer group per element of a numbered sub-module list."""
+  return [(f"{group_prefix}_{i + 1}", rf"^{prefix}/{i}/") for i in range(count)]

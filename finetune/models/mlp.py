@@ -1,0 +1,34 @@
+"""A multi-layer perceptron on flattened inputs: the smallest model with layer groups, for tests and baselines."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from finetune.models import MODELS
+from finetune.models.layers import linear, numbered_groups
+
+
+@MODELS.register("mlp")
+class MLP(nnx.Module):
+  """Flatten -> [Linear -> ReLU -> Dropout] x len(hidden) -> head."""
+
+  def __init__(self, *, num_classes: int, input_size: int = 784, hidden: tuple[int, ...] = (256, 256),
+               dropout: float = 0.0, rngs: nnx.Rngs):
+    sizes = (input_size, *hidden)
+    self.layers = nnx.List([linear(a, b, ("embed", "mlp"), rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+    self.dropout = nnx.Dropout(dropout)
+    self.head = linear(sizes[-1], num_classes, ("mlp", "classes"), rngs)
+
+  def embed(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+    x = x.reshape(x.shape[0], -1)  # (B, H, W, C) -> (B, H*W*C)
+    for layer in self.layers:
+      x = self.dropout(jax.nn.relu(layer(x)), deterministic=not train, rngs=rngs)
+    return x
+
+  def __call__(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+    return self.head(self.embed(x, train=train, rngs=rngs)).astype(jnp.float32)
+
+  def layer_groups(self) -> list[tuple[str, str]]:
+    return numbered_groups("layers", len(self.layers), "layer") + [("head", r"^head/")]

@@ -1,0 +1,95 @@
+"""A small Vision Transformer (Dosovitskiy et al. 2021) for 28x28 / 32x32 images.
+
+Patch embedding (a strided conv) + learned position embeddings + a class token, pre-norm transformer blocks,
+final LayerNorm, and a linear head on the class token (or on the mean of the patch tokens).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from finetune.models import MODELS
+from finetune.models.layers import conv, layer_norm, linear, numbered_groups
+
+
+class SelfAttention(nnx.Module):
+  def __init__(self, width: int, num_heads: int, dropout: float, rngs: nnx.Rngs):
+    if width % num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+    self.num_heads = num_heads
+    self.query = linear(width, width, ("embed", "heads"), rngs)
+    self.key = linear(width, width, ("embed", "heads"), rngs)
+    self.value = linear(width, width, ("embed", "heads"), rngs)
+    self.out = linear(width, width, ("heads", "embed"), rngs)
+    self.dropout = nnx.Dropout(dropout)
+
+  def __call__(self, x: jax.Array, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+    batch, length, width = x.shape
+    head_dim = width // self.num_heads
+
+    def split_heads(y):  # (B, L, heads*head_dim) -> (B, L, heads, head_dim)
+      return y.reshape(batch, length, self.num_heads, head_dim)
+
+    q, k, v = split_heads(self.query(x)), split_heads(self.key(x)), split_heads(self.value(x))
+    logits = jnp.einsum("blhd,bmhd->bhlm", q, k) / jnp.sqrt(head_dim).astype(x.dtype)
+    weights = self.dropout(jax.nn.softmax(logits, axis=-1), deterministic=not train, rngs=rngs)
+    attended = jnp.einsum("bhlm,bmhd->blhd", weights, v).reshape(batch, length, width)
+    return self.out(attended)
+
+
+class Block(nnx.Module):
+  def __init__(self, width: int, num_heads: int, mlp_dim: int, dropout: float, rngs: nnx.Rngs):
+    self.attention_norm = layer_norm(width, rngs)
+    self.attention = SelfAttention(width, num_heads, dropout, rngs)
+    self.mlp_norm = layer_norm(width, rngs)
+    self.mlp_in = linear(width, mlp_dim, ("embed", "mlp"), rngs)
+    self.mlp_out = linear(mlp_dim, width, ("mlp", "embed"), rngs)
+    self.dropout = nnx.Dropout(dropout)
+
+  def __call__(self, x: jax.Array, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+    x = x + self.dropout(self.attention(self.attention_norm(x), train, rngs), deterministic=not train, rngs=rngs)
+    hidden = jax.nn.gelu(self.mlp_in(self.mlp_norm(x)))
+    return x + self.dropout(self.mlp_out(hidden), deterministic=not train, rngs=rngs)
+
+
+@MODELS.register("vit")
+class ViT(nnx.Module):
+  """Patches -> [class token; patch tokens] + positions -> blocks -> LayerNorm -> head."""
+
+  def __init__(self, *, num_classes: int, image_size: int = 28, in_channels: int = 1, patch_size: int = 7,
+               width: int = 64, depth: int = 4, num_heads: int = 4, mlp_dim: int = 128, dropout: float = 0.0,
+               pool: str = "cls", rngs: nnx.Rngs):
+    if image_size % patch_size:
+      raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+    if pool not in ("cls", "mean"):
+      raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+    self.pool = pool
+    num_patches = (image_size // patch_size) ** 2
+    self.patch_embed = conv(in_channels, width, (patch_size, patch_size), rngs, strides=patch_size, padding="VALID")
+    self.cls_token = nnx.Param(jnp.zeros((1, 1, width)), sharding=(None, None, "embed"))
+    position_init = nnx.initializers.normal(stddev=0.02)
+    self.position_embedding = nnx.Param(position_init(rngs.params(), (1, num_patches + 1, width)),
+                                        sharding=(None, "position", "embed"))
+    self.blocks = nnx.List([Block(width, num_heads, mlp_dim, dropout, rngs) for _ in range(depth)])
+    self.norm = layer_norm(width, rngs)
+    self.head = linear(width, num_classes, ("embed", "classes"), rngs, kernel_init=nnx.initializers.zeros_init())
+
+  def embed(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+    patches = self.patch_embed(x)  # (B, H/p, W/p, width)
+    batch, _, _, width = patches.shape
+    tokens = patches.reshape(batch, -1, width)  # (B, H/p, W/p, width) -> (B, num_patches, width)
+    cls = jnp.broadcast_to(self.cls_token[...], (batch, 1, width))
+    tokens = jnp.concatenate([cls, tokens], axis=1) + self.position_embedding[...]
+    for block in self.blocks:
+      tokens = block(tokens, train, rngs)
+    tokens = self.norm(tokens)
+    return tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(axis=1)
+
+  def __call__(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+    return self.head(self.embed(x, train=train, rngs=rngs)).astype(jnp.float32)
+
+  def layer_groups(self) -> list[tuple[str, str]]:
+    return ([("embedding", r"^(patch_embed|cls_token|position_embedding)/?")] +
+            numbered_groups("blocks", len(self.blocks), "block") + [("head", r"^(norm|head)/")])

@@ -1,0 +1,101 @@
+"""Where metrics go: `metrics.jsonl` (one JSON object per line), a progress bar, and wandb.
+
+Only process 0 writes. The progress bar is shown only when stderr is a terminal. wandb is off by default
+(`config.wandb.mode='disabled'`); 'online' without an API key falls back to 'offline', so a run never needs the
+network.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any
+
+import jax
+from ml_collections import ConfigDict
+
+
+def _clean(value: Any) -> Any:
+  value = float(value) if hasattr(value, "item") or isinstance(value, float) else value
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # JSON has no NaN/inf; keep the information as text.
+  return value
+
+
+class MetricsLog:
+  """Appends records {'step', 'split', ...metrics} to `<run dir>/metrics.jsonl` (and wandb when on)."""
+
+  def __init__(self, run_dir: str, wandb_cfg: ConfigDict | None = None, run_name: str = "",
+               config: dict | None = None):
+    self.path = os.path.join(run_dir, "metrics.jsonl")
+    self.enabled = jax.process_index() == 0
+    self._wandb = None
+    if self.enabled and wandb_cfg is not None and wandb_cfg.mode != "disabled":
+      self._wandb = _start_wandb(wandb_cfg, run_dir, run_name, config)
+
+  def truncate_after(self, step: int) -> None:
+    """On resume, drops records of steps after the restored checkpoint: they are recomputed identically."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
+
+  def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), "split": split, **{k: _clean(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._wandb is not None:
+      self._wandb.log({f"{split}/{k}": v for k, v in record.items() if k not in ("step", "split")}, step=int(step))
+
+  def close(self) -> None:
+    if self._wandb is not None:
+      self._wandb.finish()
+      self._wandb = None
+
+
+def _start_wandb(cfg: ConfigDict, run_dir: str, run_name: str, config: dict | None):
+  import wandb  # pylint: disable=g-import-not-at-top
+
+  mode = cfg.mode
+  if mode == "online" and not (os.environ.get("WANDB_API_KEY") or os.path.exists(os.path.expanduser("~/.netrc"))):
+    print("finetune: wandb has no API key; logging offline (sync later with `wandb sync`)", file=sys.stderr)
+    mode = "offline"
+  return wandb.init(project=cfg.project, entity=cfg.entity or None, name=cfg.name or run_name,
+                    tags=list(cfg.tags), mode=mode, dir=run_dir, config=config, reinit="finish_previous")
+
+
+class Progress:
+  """A tqdm bar over training steps, quiet when stderr is not a terminal."""
+
+  def __init__(self, total: int, initial: int, description: str):
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
+    self._bar = tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True,
+                     disable=not sys.stderr.isatty() or jax.process_index() != 0, leave=False)
+
+  def update(self, steps: int, metrics: dict[str, float] | None = None) -> None:
+    self._bar.update(steps)
+    if metrics:
+      self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+
+  def close(self) -> None:
+    self._bar.close()
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+  """Writes JSON atomically (temp file + rename): a crash never leaves a half-written file."""
+  if jax.process_index() != 0:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2, default=_clean)
+    f.write("\n")
+  os.replace(tmp, path)

@@ -1,0 +1,128 @@
+"""Device mesh from config and the one mapping from logical axis names to mesh axes.
+
+Model code names logical axes only ('embed', 'mlp', 'conv_out', ...; see models/layers.py). `config.mesh` gives
+the mesh shape over named axes (default: every device on 'data'), and `config.sharding_rules` (a tuple of
+(logical name, mesh axis or axes or None)) overrides `DEFAULT_RULES` name by name. Batches are split over the
+data-parallel axes ('data' and 'fsdp': FSDP shards parameters *and* the batch).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
+
+from finetune.errors import FinetuneError
+from finetune.partition import flatten, map_with_path, path_str
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+BATCH_AXES = ("data", "fsdp")
+
+# Parameters: FSDP shards the model-width axes, tensor parallelism the hidden/head axes. A rule for a name that is
+# missing here leaves that axis replicated.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("conv_out", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+)
+
+Rules = dict[str, Any]
+
+
+def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over `devices` (default: all) shaped by `config.mesh`; one axis may be -1 (= the remaining devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  names = [axis for axis in MESH_AXES if axis in mesh_cfg]
+  sizes = [int(mesh_cfg[axis]) for axis in names]
+  if sizes.count(-1) > 1:
+    raise FinetuneError("only one config.mesh axis may be -1 (all remaining devices)")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise FinetuneError(f"config.mesh {dict(zip(names, sizes))} does not divide {len(devices)} devices; "
+                          f"make the fixed axis sizes divide {len(devices)}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise FinetuneError(f"config.mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices but "
+                        f"{len(devices)} are available; set one axis to -1 or change the sizes")
+  return Mesh(np.asarray(devices).reshape(sizes), tuple(names))
+
+
+def rules_from_config(sharding_rules: Sequence[Sequence[Any]]) -> Rules:
+  rules = dict(DEFAULT_RULES)
+  for rule in sharding_rules:
+    if len(rule) != 2:
+      raise FinetuneError(f"config.sharding_rules entry {rule!r} must be (logical_name, mesh_axis_or_axes_or_None)")
+    name, target = rule
+    for axis in (target if isinstance(target, (tuple, list)) else (target,)):
+      if axis is not None and axis not in MESH_AXES:
+        raise FinetuneError(f"config.sharding_rules maps {name!r} to unknown mesh axis {axis!r}; "
+                            f"valid: {', '.join(MESH_AXES)}")
+    rules[name] = tuple(target) if isinstance(target, list) else target
+  return rules
+
+
+def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> P:
+  """The PartitionSpec for one array: each logical name mapped through `rules`.
+
+  An axis stays replicated when its size is not divisible by the mesh axes (tiny heads, odd channel counts) or
+  when those mesh axes are already used by an earlier dimension of the same array.
+  """
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(logical, shape):
+    target = rules.get(name) if name is not None else None
+    axes = tuple(a for a in ((target,) if isinstance(target, str) else (target or ())) if a in mesh.shape)
+    axes = tuple(a for a in axes if a not in used)
+    devices = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    if not axes or devices == 1 or size % devices:
+      spec.append(None)
+      continue
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else axes)
+  return P(*spec)
+
+
+def logical_axes(abstract_state: nnx.State) -> dict[str, tuple[str | None, ...]]:
+  """{parameter path: logical axis names} from the variables' sharding metadata (absent -> all None)."""
+  result = {}
+  for keys, variable in nnx.to_flat_state(abstract_state):
+    metadata = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+    names = metadata.get("out_sharding") or metadata.get("sharding_names") or metadata.get("sharding")
+    shape = variable.get_value().shape if hasattr(variable, "get_value") else variable.value.shape
+    result[path_str(keys)] = tuple(names) if names else (None,) * len(shape)
+  return result
+
+
+def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules) -> Any:
+  """NamedShardings for the pure-dict form of `abstract_state` (an `nnx.State` from `nnx.eval_shape`)."""
+  axes = logical_axes(abstract_state)
+  pure = abstract_state.to_pure_dict()
+  return map_with_path(lambda path, leaf: NamedSharding(mesh, logical_to_spec(axes[path], leaf.shape, mesh, rules)),
+                       pure)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (example) axis split over the data-parallel mesh axes."""
+  return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if a in mesh.shape)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+
+
+def describe(shardings: Any) -> dict[str, str]:
+  """{path: 'P(...)'} for logs and tests."""
+  return {path: str(s.spec) for path, s in flatten(shardings).items()}
