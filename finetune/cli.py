@@ -67,7 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       return run_train(args.config, args.workdir, overrides)
     raise AssertionError(args.command)
   except FinetuneError as e:
-    print(f"finetune: error: {e}", file=sys.stderr)
+    # One line: drop anything a library appended (jax adds a traceback-filtering note to errors it re-raises).
+    message = str(e).split("\n--------------------")[0].replace("\n", " ")
+    print(f"finetune: error: {message}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print("finetune: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)

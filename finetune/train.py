@@ -26,7 +26,7 @@ from finetune import config as config_lib
 from finetune.checkpoint import Checkpointer, load_into, read_checkpoint_arrays, resolve_checkpoint
 from finetune.data.pipeline import InputPipeline, build_pipeline, to_global
 from finetune.errors import FinetuneError
-from finetune.models import build_model
+from finetune.models import build_model, model_kwargs
 from finetune.optim import build_optimizer
 from finetune.partition import flatten, require_matches
 from finetune.reporting import MetricsLog, Progress, write_json
@@ -65,6 +65,19 @@ class Stage:
   total_steps: int
   init_state: Any  # jitted: rng -> TrainState, created sharded
 
+  def abstract_state(self) -> TrainState:
+    """Shapes, dtypes and shardings of the train state, without allocating it."""
+    shapes = jax.eval_shape(self.init_state, jax.random.PRNGKey(0))
+    return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                        shapes, self.state_shardings)
+
+
+def abstract_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """Global shapes of a batch whose per-process part is `local_batch`, sharded over the data axes."""
+  spec = batch_sharding(mesh)
+  return {key: jax.ShapeDtypeStruct((value.shape[0] * jax.process_count(), *value.shape[1:]), value.dtype,
+                                    sharding=spec) for key, value in local_batch.items()}
+
 
 def build_stage(cfg: ConfigDict) -> Stage:
   mesh = make_mesh(cfg.mesh)
@@ -76,6 +89,8 @@ def build_stage(cfg: ConfigDict) -> Stage:
       raise FinetuneError(f"config.data.{key}={cfg.data[key]} is not divisible by the {parallel} data-parallel "
                           f"devices (mesh data x fsdp) and {jax.process_count()} processes; pick a multiple")
   total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * pipeline.steps_per_epoch))
+
+  model_kwargs(cfg.model, pipeline.num_classes)  # Checked here: errors raised inside eval_shape carry jax noise.
 
   def create_model(key: jax.Array) -> nnx.Module:
     return build_model(cfg.model, pipeline.num_classes, nnx.Rngs(params=key))
@@ -135,18 +150,19 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
   write_text(os.path.join(run_dir, "config.json"), config_lib.to_json(cfg))
   stage = build_stage(cfg)
   pipeline = stage.pipeline
-  train_fn, eval_fn = compile_steps(make_train_step(stage.graphdef, stage.tx, stage.schedule,
-                                                    cfg.train.label_smoothing),
-                                    make_eval_step(stage.graphdef, cfg.train.label_smoothing),
-                                    stage.state_shardings, stage.mesh)
+  abstract = stage.abstract_state()
+  train_fn, eval_fn = compile_steps(
+      make_train_step(stage.graphdef, stage.tx, stage.schedule, cfg.train.label_smoothing),
+      make_eval_step(stage.graphdef, cfg.train.label_smoothing), abstract,
+      abstract_batch(pipeline.train_batch(0), stage.mesh),
+      abstract_batch(next(iter(pipeline.eval_batches(next(iter(pipeline.eval_splits))))), stage.mesh),
+      stage.mesh)
   checkpoints = Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.train.keep_checkpoints)
   log = MetricsLog(run_dir, cfg.wandb, name, cfg.to_dict())
   try:
     start = checkpoints.latest_step()
     init_report: dict[str, Any] = {}
     if start is not None:
-      abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-                              jax.eval_shape(stage.init_state, jax.random.PRNGKey(0)), stage.state_shardings)
       state = TrainState(**checkpoints.restore(start, abstract.as_dict()))
       log.truncate_after(start)
       init_report = {"resumed_from_step": start}
@@ -196,14 +212,6 @@ def _train_loop(cfg, stage: Stage, train_fn, eval_fn, state_holder: list, start:
       state_holder[0] = state
       pending.append(metrics)
       done = step + 1
-      if done == start + 1:  # First step includes compilation: time the rest.
-        jax.block_until_ready(metrics)
-        interval_start = time.perf_counter()
-        _check_finite(jax.device_get(pending), done, checkpoints)
-        progress.update(1)
-        log_interval(log, done, jax.device_get(pending), None)
-        pending = []
-        continue
       save_now = cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0
       if done % cfg.train.log_every == 0 or done == total or save_now:
         host = jax.device_get(pending)

@@ -7,3 +7,6 @@ SOURCES = Registry("data source")
 # Importing a source module registers it.
 from finetune.data import digits  # noqa: E402,F401
 from finetune.data import mnist  # noqa: E402,F401
+from finetune.data import cifar10  # noqa: E402,F401
+from finetune.data import hf_files  # noqa: E402,F401
+from finetune.data import tfds  # noqa: E402,F401

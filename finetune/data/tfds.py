@@ -1,0 +1,136 @@
+"""TensorFlow Datasets prepared on disk, read by random access through `tfds.data_source` (no TensorFlow needed).
+
+`tfds.data_source` reads the `array_record` files that `tfds build <name> --file_format=array_record` writes and
+decodes examples with numpy and PIL, so TensorFlow never has to be installed. Nothing is downloaded here
+(`download=False`): machines that train are often offline, so a dataset that is not prepared is a user error that
+says how to prepare it, not a silent multi-hour download.
+
+Examples stay on disk: `take` reads only the requested records, so datasets larger than memory work. `labels` reads
+every label once (skipping image decoding) and keeps them, because class filtering needs all of them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from finetune.data import SOURCES
+from finetune.data.dataset import Dataset
+from finetune.errors import FinetuneError
+
+_LABEL_READ_CHUNK = 4096  # Records per batched read when collecting all labels.
+
+
+class TfdsSplit:
+  """One TFDS split as a `Split`: a lazy view over a `tfds.data_source` sequence of example dicts."""
+
+  def __init__(self, source: Sequence[dict[str, Any]], open_labels_source: Callable[[], Sequence[dict[str, Any]]],
+               image_key: str, label_key: str, empty_image: np.ndarray, where: str):
+    self._source = source
+    self._open_labels_source = open_labels_source
+    self._image_key = image_key
+    self._label_key = label_key
+    self._empty_image = empty_image  # What `take([])` returns: shape (0, H, W, C) of the image dtype.
+    self._where = where
+    self._labels: np.ndarray | None = None
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def labels(self) -> np.ndarray:
+    if self._labels is None:
+      source = self._open_labels_source()
+      labels = np.empty(len(source), np.int64)
+      for start in range(0, len(labels), _LABEL_READ_CHUNK):
+        keys = list(range(start, min(start + _LABEL_READ_CHUNK, len(labels))))
+        labels[start:start + len(keys)] = [record[self._label_key] for record in source.__getitems__(keys)]
+      self._labels = labels
+    return self._labels
+
+  def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    keys = [int(index) for index in np.asarray(indices).reshape(-1)]
+    # `__getitems__` is the batched read: array_record fetches the records of each shard file together.
+    records = self._source.__getitems__(keys) if keys else []
+    images = [np.asarray(record[self._image_key]) for record in records]
+    shapes = {image.shape for image in images}
+    if len(shapes) > 1:
+      raise FinetuneError(f"{self._where} has images of different sizes {sorted(shapes)[:2]}; the tfds source "
+                          "needs one image size: use a resized variant of the dataset (e.g. imagenet_resized/32x32)")
+    return {
+        "image": np.stack(images) if images else self._empty_image,
+        "label": np.array([record[self._label_key] for record in records], np.int64),
+    }
+
+
+def _not_found_hint(name: str, data_dir: str) -> str:
+  where = data_dir or "the default TFDS data dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+  return (f"prepare it on a machine with internet access with `tfds build {name} --data_dir=DIR "
+          f"--file_format=array_record`, copy DIR here and set the data_dir option to it (looked in {where})")
+
+
+def _open(name: str, split: str, data_dir: str, decoders: Mapping[str, Any] | None = None) -> Sequence[dict]:
+  """`tfds.data_source` for one split, with TFDS's errors turned into FinetuneErrors that say how to fix them."""
+  import tensorflow_datasets as tfds_lib  # pylint: disable=g-import-not-at-top
+
+  try:
+    return tfds_lib.data_source(name, split=split, data_dir=data_dir or None, download=False, decoders=decoders)
+  except tfds_lib.core.DatasetNotFoundError as error:
+    raise FinetuneError(f"TFDS dataset {name!r} not found (neither a TFDS catalog name nor prepared under the "
+                        f"data_dir); check the name option, or {_not_found_hint(name, data_dir)}") from error
+  except NotImplementedError as error:  # What TFDS raises for a registered dataset with no array_record files.
+    raise FinetuneError(f"TFDS dataset {name!r} is not prepared in array_record format; "
+                        f"{_not_found_hint(name, data_dir)}") from error
+  except ValueError as error:
+    if "split" not in str(error).lower():
+      raise
+    reason = str(error).splitlines()[0].rstrip(".")
+    raise FinetuneError(f"TFDS dataset {name!r}: {reason}; set the splits option to TFDS split names, e.g. "
+                        "{'train': 'train', 'test': 'test'} or {'train': 'train[:90%]'}") from error
+
+
+@SOURCES.register("tfds")
+def tfds(path: str = "", cache_dir: str = "", name: str = "", data_dir: str = "",
+         splits: Mapping[str, str] | None = None, image_key: str = "image", label_key: str = "label") -> Dataset:
+  """A prepared TFDS dataset; `data_dir` defaults to `path`, then to TFDS's default. `cache_dir` is unused."""
+  del cache_dir  # The array_record files are already random access: there is nothing to cache.
+  import tensorflow_datasets as tfds_lib  # pylint: disable=g-import-not-at-top
+
+  if not name:
+    raise FinetuneError("the tfds source needs a dataset: set the name option to a TFDS name, e.g. 'cifar10' or "
+                        "'mnist:3.0.1'")
+  data_dir = data_dir or path
+  split_names = dict(splits) if splits else {"train": "train"}
+  if "train" not in split_names:
+    raise FinetuneError(f"the splits option {split_names} has no 'train' entry; add one, e.g. "
+                        "{'train': 'train', 'test': 'test'}")
+  sources = {split: _open(name, tfds_split, data_dir) for split, tfds_split in split_names.items()}
+  info = sources["train"].dataset_info
+  if not splits and "test" in info.splits:
+    split_names["test"] = "test"
+    sources["test"] = _open(name, "test", data_dir)
+
+  features = info.features
+  for option, key in (("image_key", image_key), ("label_key", label_key)):
+    if key not in features:
+      raise FinetuneError(f"TFDS dataset {name!r} has no feature {key!r} (features: {', '.join(features)}); set the "
+                          f"{option} option to one of them")
+  image_feature = features[image_key]
+  # Reading labels only: skip decoding the images, by far the costliest part of a record.
+  label_decoders = {image_key: tfds_lib.decode.SkipDecoding()} if isinstance(
+      image_feature, tfds_lib.features.Image) else None
+  empty_image = np.zeros((0, *(size or 0 for size in image_feature.shape)), getattr(image_feature, "np_dtype", None))
+  dataset_splits = {}
+  for split, source in sources.items():
+    open_labels = functools.partial(_open, name, split_names[split], data_dir, decoders=label_decoders)
+    dataset_splits[split] = TfdsSplit(source, open_labels, image_key, label_key, empty_image,
+                                      f"TFDS {name} {split_names[split]}")
+
+  label_feature = features[label_key]
+  if isinstance(label_feature, tfds_lib.features.ClassLabel):
+    class_names = tuple(label_feature.names)
+  else:  # A plain integer feature: classes are 0..max label.
+    num_classes = max((int(s.labels().max()) + 1 for s in dataset_splits.values() if len(s)), default=0)
+    class_names = tuple(str(i) for i in range(num_classes))
+  return Dataset(name, dataset_splits, class_names)

@@ -1,0 +1,47 @@
+"""Shared fixtures: paths to the real data folder and a tiny, fast experiment config."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_data(name: str) -> pathlib.Path:
+  """A folder of ../shared/data, or skip the test when this machine does not have it (CI always does)."""
+  path = SHARED_DATA / name
+  if not path.exists():
+    pytest.skip(f"{path} not present (real datasets live in ../shared/data on developer machines and CI)")
+  return path
+
+
+def tiny_config(**sections):
+  """A seconds-long run: an MLP or CNN on scikit-learn's 8x8 digits, every key overridable per section."""
+  from finetune.config import build_config
+
+  raw = {
+      "model": {"name": "cnn", "stem_width": 8, "widths": (8, 16)},
+      "data": {"name": "digits", "batch_size": 32, "eval_batch_size": 64, "validation_fraction": 0.2,
+               "eval_splits": ("validation",)},
+      "train": {"steps": 12, "log_every": 4, "checkpoint_every": 6},
+      "optimizer": {"learning_rate": 3e-3, "warmup_steps": 2},
+  }
+  for section, values in sections.items():
+    if section != "model" and isinstance(values, dict) and isinstance(raw.get(section), dict):
+      raw[section] = {**raw[section], **values}
+    else:
+      raw[section] = values
+  return build_config(raw)
+
+
+def run_python(code: str, env_extra: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+  """Runs `code` in a fresh interpreter (needed for XLA_FLAGS, which must be set before jax is imported)."""
+  env = {**os.environ, **(env_extra or {})}
+  return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout)

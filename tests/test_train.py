@@ -1,0 +1,116 @@
+"""End-to-end runs: outputs and their schema, stages with init_from/dont_load, errors, non-finite loss."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, shared_data, tiny_config
+from finetune import train as train_lib
+from finetune.checkpoint import read_checkpoint_arrays, resolve_checkpoint
+from finetune.config import load_config
+from finetune.errors import FinetuneError
+from finetune.partition import flatten
+
+TRAIN_KEYS = {"step", "split", "loss", "accuracy", "learning_rate", "grad_norm"}
+
+
+def _records(run_dir):
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_main_config_smoke_run_writes_every_output(tmp_path):
+  shared_data("mnist")
+  config = load_config(str(REPO / "configs/mnist_transfer.py") + ":steps=6,data_path=" +
+                       str(REPO.parent / "shared/data/mnist"), ["train.log_every=3", "train.checkpoint_every=3"])
+  summaries = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert list(summaries) == ["pretrain", "finetune"]
+  assert json.load(open(tmp_path / "config.json"))["stages"]["finetune"]["init_from"] == "stage:pretrain"
+  for stage, classes in (("pretrain", ["0", "1", "2", "3", "4"]), ("finetune", ["5", "6", "7", "8", "9"])):
+    run_dir = tmp_path / stage
+    summary = json.load(open(run_dir / "summary.json"))
+    assert summary["classes"] == classes and summary["steps"] == 6
+    # The official test set, restricted to the stage's digits (5,139 test images are 0-4, 4,861 are 5-9).
+    assert summary["final"]["test"]["num_examples"] == (5139 if stage == "pretrain" else 4861)
+    assert 0.0 <= summary["final"]["test"]["accuracy"] <= 1.0
+    records = _records(run_dir)
+    train_records = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train_records] == [3, 6]
+    for record in train_records:
+      assert TRAIN_KEYS | {"examples_per_s"} <= set(record), record
+    assert {r["split"] for r in records} == {"train", "validation", "test"}
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["3", "6"]
+  assert summaries["finetune"]["init"]["fresh"] == ["head/bias", "head/kernel"]
+
+
+def test_stage_initialises_from_earlier_stage_except_dont_load(tmp_path):
+  config = tiny_config(stages={
+      "source": {"data": {"classes": (0, 1, 2, 3, 4)}},
+      "target": {"data": {"classes": (5, 6, 7)}, "init_from": "stage:source", "dont_load": ("^head/",)},
+  })
+  stages = dict(__import__("finetune.config", fromlist=["stage_configs"]).stage_configs(config))
+  train_lib.run_stage(stages["source"], str(tmp_path / "source"), str(tmp_path), "source")
+  source_params = read_checkpoint_arrays(resolve_checkpoint("stage:source", str(tmp_path)))["params"]
+  stage = train_lib.build_stage(stages["target"])
+  state, report = train_lib.initial_state(stage, stages["target"], str(tmp_path))
+  target_params = flatten(jax.device_get(state.params))
+  assert report["fresh"] == ["head/bias", "head/kernel"]
+  assert target_params["head/kernel"].shape == (16, 3)  # new head for 3 classes
+  for path, value in target_params.items():
+    if not path.startswith("head/"):
+      np.testing.assert_array_equal(value, source_params[path])
+  # BatchNorm statistics come along with the parameters.
+  stats = flatten(jax.device_get(state.model_state))
+  source_stats = read_checkpoint_arrays(resolve_checkpoint("stage:source", str(tmp_path)))["model_state"]
+  np.testing.assert_array_equal(stats["stem/norm/mean"], source_stats["stem/norm/mean"])
+
+
+def test_init_from_shape_mismatch_names_parameter_and_shapes(tmp_path):
+  train_lib.train_and_evaluate(tiny_config(train={"steps": 2}), str(tmp_path / "a"))
+  config = tiny_config(model={"name": "cnn", "stem_width": 8, "widths": (8, 32)}, init_from=str(tmp_path / "a"))
+  with pytest.raises(FinetuneError, match=r"shape mismatch for parameter 'head/kernel'.*\(16, 10\).*\(32, 10\)"):
+    train_lib.train_and_evaluate(config, str(tmp_path / "b"))
+
+
+def test_init_from_missing_parameter_and_unmatched_dont_load(tmp_path):
+  train_lib.train_and_evaluate(tiny_config(train={"steps": 2}), str(tmp_path / "a"))
+  with pytest.raises(FinetuneError, match=r"pattern '\^nothing/' matches no parameter"):
+    train_lib.train_and_evaluate(tiny_config(init_from=str(tmp_path / "a"), dont_load=("^nothing/",)),
+                                 str(tmp_path / "b"))
+  with pytest.raises(FinetuneError, match=r"'layers/0/bias' is not in checkpoint"):
+    train_lib.train_and_evaluate(tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (16,)},
+                                             init_from=str(tmp_path / "a"), dont_load=("^head/",)),
+                                 str(tmp_path / "c"))
+  with pytest.raises(FinetuneError, match="does not exist"):
+    train_lib.train_and_evaluate(tiny_config(init_from=str(tmp_path / "nope")), str(tmp_path / "d"))
+
+
+def test_completed_run_is_not_rerun_and_resume_truncates_metrics(tmp_path):
+  first = train_lib.train_and_evaluate(tiny_config(), str(tmp_path))
+  mtime = os.path.getmtime(tmp_path / "summary.json")
+  again = train_lib.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert again == json.loads(json.dumps(first)) and os.path.getmtime(tmp_path / "summary.json") == mtime
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  original = train_lib.InputPipeline.train_batch
+
+  def poisoned(self, step):
+    batch = original(self, step)
+    if step >= 7:  # the 8th update sees NaN inputs
+      batch["image"] = np.full_like(batch["image"], np.nan)
+    return batch
+
+  monkeypatch.setattr(train_lib.InputPipeline, "train_batch", poisoned)
+  config = tiny_config(train={"steps": 12, "log_every": 1, "checkpoint_every": 3})
+  with pytest.raises(FinetuneError, match=r"loss is nan at step 8.*last good checkpoint \(step 6\)"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+  restored = read_checkpoint_arrays(str(tmp_path / "checkpoints" / "6"))["params"]
+  assert all(np.isfinite(v).all() for v in restored.values())
+  assert not (tmp_path / "summary.json").exists()
