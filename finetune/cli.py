@@ -15,9 +15,16 @@ from typing import Sequence
 from finetune.errors import FinetuneError
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse, but usage errors become the same one-line `finetune: error:` as every other user error."""
+
+  def error(self, message: str):
+    raise FinetuneError(f"{message} (see `{self.prog} --help`)")
+
+
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="finetune", description=__doc__.splitlines()[0])
-  commands = parser.add_subparsers(dest="command", required=True)
+  parser = _Parser(prog="finetune", description=__doc__.splitlines()[0])
+  commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
   train = commands.add_parser("train", help="run an experiment config (all its stages)",
                               description="Run an experiment config. Config keys are overridden with "
                               "--config.<key>=<value> (e.g. --config.train.steps=100); see docs/config.md.")

@@ -68,7 +68,7 @@ def defaults() -> ConfigDict:
       "eps": 1e-8,
       "grad_clip_norm": 0.0,
   })
-  c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
   c.sharding_rules = ()
   c.init_from = ""
   c.dont_load = ()
@@ -87,6 +87,8 @@ def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
   A bare word `:foo` sets the first key whose default is a string (e.g. a variant name).
   """
   result = ConfigDict(dict(spec))
+  if isinstance(arg, _ConfigArg):
+    arg.parsed = True
   if not arg:
     return result
   for item in arg.split(","):
@@ -125,8 +127,18 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
   takes_arg = bool(inspect.signature(module.get_config).parameters)
   if arg and not takes_arg:
     raise FinetuneError(f"config file {path} takes no argument but got ':{arg}'; drop ':{arg}'")
-  raw = module.get_config(arg or None) if takes_arg else module.get_config()
+  config_arg = _ConfigArg(arg) if arg else None
+  raw = module.get_config(config_arg) if takes_arg else module.get_config()
+  if config_arg is not None and not config_arg.parsed:
+    raise FinetuneError(f"config file {path} ignored its argument ':{arg}'; drop it, or read it in get_config "
+                        "with finetune.config.parse_arg(arg, key=default, ...)")
   return build_config(raw, overrides)
+
+
+class _ConfigArg(str):
+  """The `:arg` text, remembering whether `parse_arg` read it (an unread argument is an error, never ignored)."""
+
+  parsed = False
 
 
 def build_config(raw: ConfigDict | dict, overrides: Sequence[str] = ()) -> ConfigDict:
@@ -243,8 +255,6 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
   need(c.wandb.mode in ("disabled", "offline", "online"), "config.wandb.mode must be disabled, offline or online")
   need(len(set(c.data.classes)) == len(c.data.classes), "config.data.classes has repeated classes")
   for axis, size in c.mesh.items():
-    need(axis in ("data", "fsdp", "tensor", "sequence"),
-         f"unknown mesh axis {axis!r}; valid axes: data, fsdp, tensor, sequence")
     need(size == -1 or size >= 1, f"config.mesh.{axis} must be -1 (all remaining devices) or >= 1")
 
 
@@ -268,8 +278,10 @@ def _did_you_mean(key: str, options: Iterable[str]) -> str:
 
 
 def _unknown_key_message(dotted: str, node: ConfigDict) -> str:
-  leaf = dotted.rsplit(".", 1)[-1]
-  return (f"unknown config key {dotted!r}{_did_you_mean(leaf, node.keys())}; "
+  parent, _, leaf = dotted.rpartition(".")
+  close = difflib.get_close_matches(leaf, list(node.keys()), n=1)
+  hint = f" (did you mean {(parent + '.' if parent else '') + close[0]!r}?)" if close else ""
+  return (f"unknown config key {dotted!r}{hint}; "
           f"valid keys here: {', '.join(sorted(node.keys()))}")
 
 

@@ -1,0 +1,91 @@
+"""The command line: `finetune train` runs a config; every user error is one line on stderr, exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from finetune import cli
+
+TINY = '''
+def get_config(arg=None):
+  return dict(model=dict(name="mlp", input_size=64, hidden=(16,)),
+              data=dict(name="digits", batch_size=32, eval_batch_size=64, eval_splits=("validation",)),
+              train=dict(steps=3, log_every=1, checkpoint_every=0))
+'''
+
+
+@pytest.fixture
+def tiny_file(tmp_path):
+  path = tmp_path / "tiny.py"
+  path.write_text(TINY)
+  return str(path)
+
+
+def test_python_dash_m_runs_a_config_and_prints_the_table(tiny_file, tmp_path):
+  workdir = tmp_path / "run"
+  result = subprocess.run([sys.executable, "-m", "finetune", "train", "--config", tiny_file, "--workdir",
+                           str(workdir), "--config.train.steps", "4"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert lines[0].split()[:4] == ["stage", "dataset", "split", "accuracy"]
+  assert lines[2].startswith("train") and "validation" in lines[2]
+  assert lines[-1] == f"outputs: {workdir}"
+  assert '"steps": 4' in (workdir / "config.json").read_text()
+
+
+def test_user_error_is_one_line_without_traceback(tiny_file, tmp_path):
+  result = subprocess.run([sys.executable, "-m", "finetune", "train", "--config", tiny_file, "--workdir",
+                           str(tmp_path / "w"), "--config.model.name=resnet"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "finetune: error: unknown model 'resnet'; valid model names: cnn, mlp, vit"]
+
+
+def _error(capsys, argv) -> str:
+  assert cli.main(argv) == 2
+  captured = capsys.readouterr()
+  lines = captured.err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("finetune: error: "), captured.err
+  return lines[0][len("finetune: error: "):]
+
+
+def test_bad_inputs_each_give_one_line(capsys, tiny_file, tmp_path):
+  workdir = str(tmp_path / "w")
+  cases = {
+      ("--config.train.stepz=3",): "unknown config key 'train.stepz' (did you mean 'train.steps'?)",
+      ("--config.data.name=mnsit",): "unknown data source 'mnsit' (did you mean 'mnist'?)",
+      ("--config.optimizer.name=adam",): "valid optimizer names: adamw, sgd",
+      ("--config.data.name=mnist", "--config.data.path=/no/such/dir"): "MNIST folder '/no/such/dir' does not exist",
+      ("--config.init_from=/no/such/run",): "init_from '/no/such/run' does not exist",
+      ("--config.train.steps=-1",): "set config.train.steps or config.train.epochs to a positive number",
+      ("--config.train.steps",): "override --config.train.steps has no value",
+  }
+  for extra, expected in cases.items():
+    message = _error(capsys, ["train", "--config", tiny_file, "--workdir", workdir, *extra])
+    assert expected in message, (extra, message)
+  assert "ignored its argument ':steps=3'" in _error(
+      capsys, ["train", "--config", tiny_file + ":steps=3", "--workdir", workdir])  # get_config never parses it
+  assert "does not exist" in _error(capsys, ["train", "--config", "configs/nope.py", "--workdir", workdir])
+  assert "required: --workdir" in _error(capsys, ["train", "--config", tiny_file])
+  assert "invalid choice" in _error(capsys, ["trian"])
+
+
+def test_unreadable_checkpoint_is_one_line(capsys, tiny_file, tmp_path):
+  broken = tmp_path / "broken" / "checkpoints" / "5" / "state"
+  broken.mkdir(parents=True)
+  (broken / "garbage").write_text("not a checkpoint")
+  message = _error(capsys, ["train", "--config", tiny_file, "--workdir", str(tmp_path / "w"),
+                            f"--config.init_from={tmp_path / 'broken'}"])
+  assert message.startswith(f"cannot read checkpoint {tmp_path / 'broken' / 'checkpoints' / '5'}")
+
+
+def test_leftover_config_argument_is_an_error(capsys, tmp_path):
+  message = _error(capsys, ["train", "--config", "configs/mnist_transfer.py:stepz=3", "--workdir",
+                            str(tmp_path)])
+  assert message.startswith("unknown config argument 'stepz' (did you mean 'steps'?)")

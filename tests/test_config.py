@@ -1,0 +1,115 @@
+"""Config loading: every shipped config validates; strict keys and types; :arg parsing; stages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO, tiny_config
+from finetune.config import apply_override, build_config, defaults, load_config, parse_arg, stage_configs
+from finetune.errors import FinetuneError
+
+CONFIG_FILES = sorted((REPO / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_every_config_file_loads_and_validates(path):
+  config = load_config(str(path))
+  assert config.is_locked
+  assert stage_configs(config)  # every stage expands and validates
+
+
+def test_main_config_has_two_ordered_stages_with_new_head():
+  config = load_config(str(REPO / "configs/mnist_transfer.py"))
+  (first, pretrain), (second, finetune) = stage_configs(config)
+  assert (first, second) == ("pretrain", "finetune")
+  assert tuple(pretrain.data.classes) == (0, 1, 2, 3, 4) and tuple(finetune.data.classes) == (5, 6, 7, 8, 9)
+  assert finetune.init_from == "stage:pretrain" and tuple(finetune.dont_load) == ("^head/",)
+  assert finetune.optimizer.learning_rate == 1e-3 and pretrain.optimizer.learning_rate == 3e-3
+
+
+def test_stage_order_is_the_order_written_not_alphabetical():
+  config = tiny_config(stages={"zeta": {"train": {"steps": 1}}, "alpha": {"init_from": "stage:zeta"}})
+  assert [name for name, _ in stage_configs(config)] == ["zeta", "alpha"]
+  with pytest.raises(FinetuneError, match="'alpha' is not an earlier stage"):
+    tiny_config(stages={"zeta": {"init_from": "stage:alpha"}, "alpha": {}})
+
+
+def test_overrides_are_typed_and_strict():
+  config = load_config(str(REPO / "configs/mnist_transfer.py"),
+                       ["train.steps=7", "optimizer.learning_rate=1", "data.classes=(1,2)", "model.dropout=0.5",
+                        "stages.finetune.train.steps=3", "wandb.mode=offline"])
+  assert config.train.steps == 7 and isinstance(config.optimizer.learning_rate, float)
+  assert tuple(config.data.classes) == (1, 2) and config.model.dropout == 0.5
+  assert dict(stage_configs(config))["finetune"].train.steps == 3
+  assert dict(stage_configs(config))["pretrain"].train.steps == 7
+  for bad, message in [
+      ("train.stepz=3", r"unknown config key 'train.stepz' \(did you mean 'train.steps'\?\)"),
+      ("trian.steps=3", r"unknown config key 'trian'"),
+      ("train.steps=abc", r"'train.steps' expects int"),
+      ("train.steps=1.5", r"'train.steps' expects int"),
+      ("train=3", r"'train' is a section"),
+      ("stages.finetune.train.stepz=3", r"in config.stages.finetune: unknown config key 'train.stepz'"),
+  ]:
+    with pytest.raises(FinetuneError, match=message):
+      load_config(str(REPO / "configs/mnist_transfer.py"), [bad])
+
+
+def test_config_is_locked_and_json_round_trips(tmp_path):
+  config = tiny_config()
+  with pytest.raises(AttributeError):
+    config.train.new_key = 1
+  assert json.loads(config.to_json())["model"]["name"] == "cnn"
+
+
+def test_unknown_names_list_the_valid_ones():
+  with pytest.raises(FinetuneError, match=r"unknown model 'resnet'; valid model names: cnn, mlp, vit"):
+    tiny_config(model={"name": "resnet"})
+  with pytest.raises(FinetuneError, match=r"unknown data source 'mnsit' \(did you mean 'mnist'\?\)"):
+    tiny_config(data={"name": "mnsit"})
+  with pytest.raises(FinetuneError, match=r"unknown optimizer 'adam'.*valid optimizer names: adamw, sgd"):
+    tiny_config(optimizer={"name": "adam"})
+  with pytest.raises(FinetuneError, match=r"unknown learning-rate schedule"):
+    tiny_config(optimizer={"schedule": "cosnie"})
+
+
+def test_value_checks():
+  with pytest.raises(FinetuneError, match="set only one of config.train.steps and config.train.epochs"):
+    tiny_config(train={"steps": 3, "epochs": 1.0})
+  with pytest.raises(FinetuneError, match="validation_fraction must be in"):
+    tiny_config(data={"validation_fraction": 1.0})
+  with pytest.raises(FinetuneError, match=r"unknown config key 'mesh.model'; valid keys here: data, fsdp"):
+    build_config({"mesh": {"model": 2}})
+  with pytest.raises(FinetuneError, match=r"config.mesh.fsdp must be -1"):
+    tiny_config(mesh={"fsdp": 0})
+
+def test_parse_arg_rejects_leftovers_and_types():
+  assert parse_arg("steps=5,data_path=", steps=1, data_path="x").to_dict() == {"steps": 5, "data_path": ""}
+  assert parse_arg(None, steps=1).steps == 1
+  assert parse_arg("small", variant="base", steps=1).variant == "small"
+  with pytest.raises(FinetuneError, match=r"unknown config argument 'step' \(did you mean 'steps'\?\)"):
+    parse_arg("step=5", steps=1)
+  with pytest.raises(FinetuneError, match="expects int"):
+    parse_arg("steps=five", steps=1)
+
+
+def test_config_file_errors(tmp_path):
+  with pytest.raises(FinetuneError, match="does not exist"):
+    load_config(str(tmp_path / "missing.py"))
+  no_arg = tmp_path / "no_arg.py"
+  no_arg.write_text("def get_config():\n  return {}\n")
+  with pytest.raises(FinetuneError, match="takes no argument but got ':x=1'"):
+    load_config(f"{no_arg}:x=1")
+  typo = tmp_path / "typo.py"
+  typo.write_text("def get_config(arg=None):\n  return {'optimiser': {'learning_rate': 1.0}}\n")
+  with pytest.raises(FinetuneError, match=r"unknown config key 'optimiser' \(did you mean 'optimizer'\?\)"):
+    load_config(str(typo))
+  assert set(defaults().keys()) >= {"model", "data", "train", "optimizer", "mesh", "init_from", "stages"}
+
+
+def test_apply_override_creates_open_section_keys():
+  config = defaults()
+  apply_override(config, "model.width=128")
+  apply_override(config, "data.options.image_key=pixels")
+  assert config.model.width == 128 and config.data.options.image_key == "pixels"

@@ -1,0 +1,72 @@
+"""One device vs 8 fake CPU devices on the data axis and on the fsdp axis: same loss and parameters (1e-5)."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from finetune import train as train_lib
+from finetune.checkpoint import read_checkpoint_arrays
+
+STEPS = 6
+# The same tiny CNN run, as code for a fresh interpreter that sees 8 CPU devices.
+RUN = '''
+import json, sys
+import jax
+from conftest import tiny_config
+from finetune import train as train_lib
+from finetune.checkpoint import read_checkpoint_arrays
+from finetune.sharding import describe
+assert jax.device_count() == 8, jax.devices()
+mesh = json.loads(sys.argv[1]); workdir = sys.argv[2]
+config = tiny_config(mesh=mesh, train={{"steps": {steps}, "log_every": 1, "checkpoint_every": 0}},
+                     data={{"batch_size": 32, "eval_batch_size": 64}})
+stage = train_lib.build_stage(config)
+print(json.dumps(describe(stage.state_shardings.params)))
+train_lib.train_and_evaluate(config, workdir)
+'''.format(steps=STEPS)
+
+
+def _losses(workdir):
+  return [json.loads(line)["loss"] for line in open(f"{workdir}/metrics.jsonl") if '"train"' in line]
+
+
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
+  assert jax.device_count() == 1
+  workdir = tmp_path_factory.mktemp("one_device")
+  config = tiny_config(train={"steps": STEPS, "log_every": 1, "checkpoint_every": 0},
+                       data={"batch_size": 32, "eval_batch_size": 64})
+  train_lib.train_and_evaluate(config, str(workdir))
+  return workdir
+
+
+@pytest.mark.parametrize("mesh", [{"data": 8, "fsdp": 1}, {"data": 1, "fsdp": 8}, {"data": 2, "fsdp": 4}])
+def test_eight_fake_devices_match_one_device(mesh, single_device_run, tmp_path):
+  result = run_python_with_args(RUN, [json.dumps(mesh), str(tmp_path)])
+  assert result.returncode == 0, result.stderr[-3000:]
+  shardings = json.loads(result.stdout.strip().splitlines()[0])
+  if mesh["fsdp"] > 1:  # parameters really are split over fsdp (kernels with channels divisible by it)
+    assert shardings["stages/1/blocks/0/conv/kernel"] == "P(None, None, None, 'fsdp')"
+    assert shardings["head/kernel"] == "P('fsdp', None)" and shardings["head/bias"] == "P(None,)"  # 10 classes
+  else:
+    assert all(set(spec[2:-1].replace(",", " ").split()) <= {"None"} for spec in shardings.values()), shardings
+  np.testing.assert_allclose(_losses(tmp_path), _losses(single_device_run), rtol=1e-5, atol=1e-6)
+  ours = read_checkpoint_arrays(f"{tmp_path}/checkpoints/{STEPS}")
+  reference = read_checkpoint_arrays(f"{single_device_run}/checkpoints/{STEPS}")
+  for collection in ("params", "model_state"):
+    for path, value in reference[collection].items():
+      np.testing.assert_allclose(ours[collection][path], value, rtol=1e-5, atol=1e-5, err_msg=path)
+
+
+def run_python_with_args(code, args):
+  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-import
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "PYTHONPATH": str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
