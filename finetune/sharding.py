@@ -42,6 +42,9 @@ def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[jax.Device] | None = None)
   devices = list(jax.devices() if devices is None else devices)
   names = [axis for axis in MESH_AXES if axis in mesh_cfg]
   sizes = [int(mesh_cfg[axis]) for axis in names]
+  for name, size in zip(names, sizes):
+    if size != -1 and size < 1:
+      raise FinetuneError(f"config.mesh.{name}={size}: a mesh axis size must be -1 (all remaining devices) or >= 1")
   if sizes.count(-1) > 1:
     raise FinetuneError("only one config.mesh axis may be -1 (all remaining devices)")
   known = math.prod(s for s in sizes if s != -1)

@@ -169,9 +169,8 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
     else:
       start = 0
       state, init_report = initial_state(stage, cfg, workdir)
-    train_seconds, train_steps_timed = _train_loop(cfg, stage, train_fn, eval_fn, state_holder := [state], start,
-                                                   checkpoints, log, name)
-    state = state_holder[0]
+    state, train_seconds, train_steps_timed = _train_loop(cfg, stage, train_fn, eval_fn, state, start, checkpoints,
+                                                          log, name)
     final = {split: evaluate(eval_fn, state, pipeline, split, stage.mesh) for split in pipeline.eval_splits}
     for split, metrics in final.items():
       log.write(stage.total_steps, split, metrics)
@@ -196,20 +195,18 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
     log.close()
 
 
-def _train_loop(cfg, stage: Stage, train_fn, eval_fn, state_holder: list, start: int, checkpoints: Checkpointer,
-                log: MetricsLog, name: str) -> tuple[float, int]:
-  """Steps `start`..total. Returns (seconds, steps) of steady-state training (the compile step excluded)."""
+def _train_loop(cfg: ConfigDict, stage: Stage, train_fn, eval_fn, state: TrainState, start: int,
+                checkpoints: Checkpointer, log: MetricsLog, name: str) -> tuple[TrainState, float, int]:
+  """Steps `start`..total. Returns (state, seconds, steps) of training (steps are compiled ahead of time)."""
   pipeline, total = stage.pipeline, stage.total_steps
   batch_spec = batch_sharding(stage.mesh)
-  state = state_holder[0]
   pending: list[dict[str, jax.Array]] = []
   progress = Progress(total, start, name)
-  interval_start, steady_seconds, steady_steps = time.perf_counter(), 0.0, 0
+  interval_start, train_seconds, train_steps = time.perf_counter(), 0.0, 0
   try:
     for step in range(start, total):
       batch = to_global(pipeline.train_batch(step), batch_spec)
       state, metrics = train_fn(state, batch)
-      state_holder[0] = state
       pending.append(metrics)
       done = step + 1
       save_now = cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0
@@ -217,10 +214,12 @@ def _train_loop(cfg, stage: Stage, train_fn, eval_fn, state_holder: list, start:
         host = jax.device_get(pending)
         now = time.perf_counter()
         _check_finite(host, done, checkpoints)
-        steady_seconds += now - interval_start
-        steady_steps += len(host)
-        log_interval(log, done, host, len(host) * pipeline.batch_size / max(now - interval_start, 1e-9))
-        progress.update(len(host), {"loss": float(np.mean([m["loss"] for m in host]))})
+        train_seconds += now - interval_start
+        train_steps += len(host)
+        examples_per_s = len(host) * pipeline.batch_size / max(now - interval_start, 1e-9)
+        averaged = log_interval(log, done, host, examples_per_s)
+        progress.update(len(host), {"loss": averaged["loss"], "accuracy": averaged["accuracy"],
+                                    "ex/s": examples_per_s})
         pending = []
         if save_now or done == total:
           checkpoints.save(done, state.as_dict())
@@ -233,15 +232,18 @@ def _train_loop(cfg, stage: Stage, train_fn, eval_fn, state_holder: list, start:
       checkpoints.save(total, state.as_dict())
   finally:
     progress.close()
-  return steady_seconds, steady_steps
+  return state, train_seconds, train_steps
 
 
-def log_interval(log: MetricsLog, step: int, host_metrics: list[dict[str, Any]], examples_per_s: float | None):
+def log_interval(log: MetricsLog, step: int, host_metrics: list[dict[str, Any]],
+                 examples_per_s: float | None) -> dict[str, float]:
+  """Writes the interval's averaged training metrics (learning rate: its latest value) and returns them."""
   averaged = {key: float(np.mean([m[key] for m in host_metrics])) for key in host_metrics[0]}
   averaged["learning_rate"] = float(host_metrics[-1]["learning_rate"])
   if examples_per_s is not None:
     averaged["examples_per_s"] = examples_per_s
   log.write(step, "train", averaged)
+  return averaged
 
 
 def _check_finite(host_metrics: list[dict[str, Any]], step: int, checkpoints: Checkpointer):

@@ -60,12 +60,16 @@ class InputPipeline:
     """This process's part of the training batch of `step` (0-based)."""
     epoch, position = divmod(step, self.steps_per_epoch)
     order = np.random.default_rng([self.seed, epoch]).permutation(len(self.train))
-    indices = np.sort(self._local(order[position * self.batch_size:(position + 1) * self.batch_size]))
-    batch = self.train.take(indices)
+    # Sorted: sources read sequentially, and the order inside a batch does not matter to the step.
+    global_indices = np.sort(order[position * self.batch_size:(position + 1) * self.batch_size])
+    batch = self.train.take(self._local(global_indices))
     images = _to_float(batch["image"])
     if self.crop_padding or self.flip:
-      images = augment(images, np.random.default_rng([self.seed, step, self.process_index, 1]),
-                       self.crop_padding, self.flip)
+      # Drawn for the whole global batch, then sliced: the same (seed, step) gives the same crops and flips
+      # whatever the number of processes.
+      params = augment_params(np.random.default_rng([self.seed, step, 1]), self.batch_size, self.crop_padding)
+      local = self._local(np.arange(self.batch_size))
+      images = augment(images, {k: v[local] for k, v in params.items()}, self.crop_padding, self.flip)
     return {"image": images, "label": batch["label"].astype(np.int32)}
 
   def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
@@ -87,17 +91,22 @@ def _to_float(images: np.ndarray) -> np.ndarray:
   return images.astype(np.float32)
 
 
-def augment(images: np.ndarray, rng: np.random.Generator, crop_padding: int, flip: bool) -> np.ndarray:
+def augment_params(rng: np.random.Generator, batch: int, crop_padding: int) -> dict[str, np.ndarray]:
+  """Per-example crop offsets in [0, 2 * crop_padding] and flip decisions for a batch."""
+  return {"top": rng.integers(0, 2 * crop_padding + 1, size=batch),
+          "left": rng.integers(0, 2 * crop_padding + 1, size=batch),
+          "flip": rng.random(batch) < 0.5}
+
+
+def augment(images: np.ndarray, params: dict[str, np.ndarray], crop_padding: int, flip: bool) -> np.ndarray:
   """Random crop after zero-padding by `crop_padding` pixels, and random horizontal flip, per example."""
-  batch, height, width, _ = images.shape
+  _, height, width, _ = images.shape
   if crop_padding:
     padded = np.pad(images, ((0, 0), (crop_padding, crop_padding), (crop_padding, crop_padding), (0, 0)))
-    tops = rng.integers(0, 2 * crop_padding + 1, size=batch)
-    lefts = rng.integers(0, 2 * crop_padding + 1, size=batch)
-    images = np.stack([padded[i, t:t + height, l:l + width] for i, (t, l) in enumerate(zip(tops, lefts))])
+    images = np.stack([padded[i, t:t + height, l:l + width]
+                       for i, (t, l) in enumerate(zip(params["top"], params["left"]))])
   if flip:
-    flips = rng.random(batch) < 0.5
-    images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+    images = np.where(params["flip"][:, None, None, None], images[:, :, ::-1], images)
   return images
 
 
@@ -107,13 +116,13 @@ def _class_filter(dataset: Dataset, classes: tuple) -> tuple[np.ndarray | None, 
     return None, dataset.class_names
   indices = []
   for c in classes:
-    if isinstance(c, str) and not c.isdigit():
+    if isinstance(c, str):  # a class name (MNIST's names are '0'..'9'); integers are indices
       if c not in dataset.class_names:
         raise FinetuneError(f"config.data.classes names {c!r}, which {dataset.name} does not have; "
                             f"valid: {', '.join(dataset.class_names)}")
       indices.append(dataset.class_names.index(c))
     else:
-      index = int(c)
+      index = c
       if not 0 <= index < dataset.num_classes:
         raise FinetuneError(f"config.data.classes has {index}, but {dataset.name} has classes "
                             f"0..{dataset.num_classes - 1}")

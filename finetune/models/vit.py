@@ -91,5 +91,9 @@ class ViT(nnx.Module):
     return self.head(self.embed(x, train=train, rngs=rngs)).astype(jnp.float32)
 
   def layer_groups(self) -> list[tuple[str, str]]:
-    return ([("embedding", r"^(patch_embed|cls_token|position_embedding)/?")] +
-            numbered_groups("blocks", len(self.blocks), "block") + [("head", r"^(norm|head)/")])
+    # The final LayerNorm belongs to the last block's group: it shapes the features the head reads, and a linear
+    # probe (everything but `head` frozen) keeps it fixed.
+    groups = numbered_groups("blocks", len(self.blocks), "block")
+    last_name, last_regex = groups[-1]
+    groups[-1] = (last_name, f"{last_regex}|^norm/")
+    return [("embedding", r"^(patch_embed|cls_token|position_embedding)/?")] + groups + [("head", r"^head/")]

@@ -1,0 +1,197 @@
+"""The model contract (finetune/models/__init__.py) checked for every registered model."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from ml_collections import ConfigDict
+
+from finetune.errors import FinetuneError
+from finetune.models import MODELS, build_model, model_kwargs
+from finetune.partition import flatten
+from finetune.sharding import logical_axes
+
+NUM_CLASSES = 7
+BATCH = 4
+EMBED_WIDTH = {"mlp": 256, "cnn": 64, "vit": 64}
+GROUP_NAMES = {
+    "mlp": ["layer_1", "layer_2", "head"],
+    "cnn": ["stem", "stage_1", "stage_2", "head"],
+    "vit": ["embedding", "block_1", "block_2", "block_3", "block_4", "head"],
+}
+ALL_MODELS = ["cnn", "mlp", "vit"]
+
+
+def _build(name: str, seed: int = 0, **kwargs) -> nnx.Module:
+  return build_model(ConfigDict({"name": name, **kwargs}), NUM_CLASSES, nnx.Rngs(seed))
+
+
+def _images(seed: int = 0) -> jax.Array:
+  return jnp.asarray(np.random.default_rng(seed).uniform(size=(BATCH, 28, 28, 1)), jnp.float32)
+
+
+def _param_paths(model: nnx.Module) -> list[str]:
+  return list(flatten(nnx.split(model, nnx.Param, ...)[1].to_pure_dict()))
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, nnx.Module]:
+  return {name: _build(name) for name in ALL_MODELS}
+
+
+def test_registered_models():
+  assert MODELS.names() == ALL_MODELS
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_output_and_embed_shapes(models, name):
+  model = models[name]
+  x = _images()
+  for train in (False, True):
+    logits = model(x, train=train, rngs=nnx.Rngs(dropout=1))
+    assert logits.shape == (BATCH, NUM_CLASSES)
+    assert logits.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(logits)))
+  features = model.embed(x)
+  assert features.shape == (BATCH, EMBED_WIDTH[name])
+  np.testing.assert_allclose(model(x), model.head(features), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_layer_groups_cover_every_parameter_once_head_last(models, name):
+  model = models[name]
+  groups = model.layer_groups()
+  assert [g for g, _ in groups] == GROUP_NAMES[name]
+  assert groups[-1][0] == "head"
+  paths = _param_paths(model)
+  assert paths
+  for path in paths:
+    owners = [group for group, regex in groups if re.search(regex, path)]
+    assert len(owners) == 1, f"{path} is in groups {owners}"
+  for group, regex in groups:  # No empty group.
+    assert any(re.search(regex, path) for path in paths), group
+  head_paths = [p for p in paths if re.search(dict(groups)["head"], p)]
+  assert {"head/kernel", "head/bias"} <= set(head_paths)
+
+
+def test_layer_groups_numbering_does_not_collide_past_ten_blocks():
+  model = _build("mlp", hidden=(4,) * 12)
+  groups = model.layer_groups()
+  assert len(groups) == 13
+  for path in _param_paths(model):
+    assert len([g for g, regex in groups if re.search(regex, path)]) == 1, path
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_parameters_have_logical_axes(models, name):
+  params = nnx.split(models[name], nnx.Param, ...)[1]
+  axes = logical_axes(params)
+  shapes = {path: leaf.shape for path, leaf in flatten(params.to_pure_dict()).items()}
+  assert set(axes) == set(shapes)
+  for path, shape in shapes.items():
+    assert len(axes[path]) == len(shape), path
+    if len(shape) >= 2:
+      assert any(a is not None for a in axes[path]), f"{path} {shape} has no logical axis names"
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_dropout_only_in_train_mode(name):
+  # Compared on `embed` (the ViT head starts at zero, so its logits are all 0 whatever dropout does).
+  model = _build(name, dropout=0.5)
+  x = _images()
+  train_a = model.embed(x, train=True, rngs=nnx.Rngs(dropout=1))
+  train_a_again = model.embed(x, train=True, rngs=nnx.Rngs(dropout=1))
+  train_b = model.embed(x, train=True, rngs=nnx.Rngs(dropout=2))
+  np.testing.assert_allclose(train_a, train_a_again, rtol=1e-6)  # The rng passed at call time decides.
+  assert not np.allclose(train_a, train_b)
+  eval_a = model.embed(x, train=False, rngs=nnx.Rngs(dropout=1))
+  eval_b = model.embed(x, train=False, rngs=nnx.Rngs(dropout=2))
+  eval_none = model.embed(x)
+  np.testing.assert_array_equal(eval_a, eval_b)
+  np.testing.assert_array_equal(eval_a, eval_none)
+
+
+def test_mlp_without_dropout_train_equals_eval():
+  model = _build("mlp")
+  x = _images()
+  np.testing.assert_allclose(model(x, train=True, rngs=nnx.Rngs(dropout=3)), model(x), rtol=1e-6)
+
+
+def test_cnn_batch_norm_stats_change_only_in_train_mode():
+  model = _build("cnn")
+  x = _images()
+
+  def stats():
+    return {k: np.asarray(v) for k, v in flatten(nnx.state(model, nnx.BatchStat).to_pure_dict()).items()}
+
+  before = stats()
+  assert sorted(before) == ["stages/0/blocks/0/norm/mean", "stages/0/blocks/0/norm/var",
+                            "stages/1/blocks/0/norm/mean", "stages/1/blocks/0/norm/var",
+                            "stem/norm/mean", "stem/norm/var"]
+  model(x, train=False)
+  after_eval = stats()
+  for key in before:
+    np.testing.assert_array_equal(after_eval[key], before[key])
+  model(x, train=True, rngs=nnx.Rngs(dropout=0))
+  after_train = stats()
+  for key in before:
+    assert not np.allclose(after_train[key], before[key]), key
+
+
+def test_models_differ_by_seed():
+  a, b = _build("mlp", seed=0), _build("mlp", seed=1)
+  assert not np.allclose(a.layers[0].kernel[...], b.layers[0].kernel[...])
+  c = _build("mlp", seed=0)
+  np.testing.assert_array_equal(a.layers[0].kernel[...], c.layers[0].kernel[...])
+
+
+def test_model_kwargs_are_passed_and_lists_become_tuples():
+  kwargs = model_kwargs(ConfigDict({"name": "mlp", "hidden": [32, 16], "dropout": 0.1}), NUM_CLASSES)
+  assert kwargs == {"hidden": (32, 16), "dropout": 0.1, "num_classes": NUM_CLASSES}
+  model = _build("mlp", hidden=[32, 16])
+  assert [layer.kernel.shape for layer in model.layers] == [(784, 32), (32, 16)]
+  assert model.head.kernel.shape == (16, NUM_CLASSES)
+
+
+def test_non_default_cnn_and_vit_shapes():
+  # Shapes only (nnx.eval_shape): nothing is computed, so bigger inputs stay cheap.
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  cnn = nnx.eval_shape(lambda: _build("cnn", in_channels=3, stem_width=8, widths=(8, 16, 24)))
+  assert nnx.eval_shape(lambda m, x: m(x), cnn, x).shape == (2, NUM_CLASSES)
+  assert nnx.eval_shape(lambda m, x: m.embed(x), cnn, x).shape == (2, 24)
+  assert [g for g, _ in cnn.layer_groups()] == ["stem", "stage_1", "stage_2", "stage_3", "head"]
+  vit = nnx.eval_shape(lambda: _build("vit", image_size=32, in_channels=3, patch_size=8, width=16, depth=1,
+                                      num_heads=2, mlp_dim=32, pool="mean"))
+  assert nnx.eval_shape(lambda m, x: m(x), vit, x).shape == (2, NUM_CLASSES)
+  assert nnx.eval_shape(lambda m, x: m.embed(x), vit, x).shape == (2, 16)
+  assert vit.position_embedding.shape == (1, 17, 16)
+
+
+def test_unknown_model_kwarg_lists_valid_kwargs():
+  with pytest.raises(FinetuneError) as info:
+    _build("cnn", widht=(8,))
+  message = str(info.value)
+  assert "config.model.widht is not an argument of model 'cnn'" in message
+  assert "valid: in_channels, stem_width, widths, blocks_per_stage, dropout" in message
+  assert "num_classes" not in message.split("valid:")[1]
+  assert "rngs" not in message
+  with pytest.raises(FinetuneError, match=r"valid: input_size, hidden, dropout$"):
+    model_kwargs(ConfigDict({"name": "mlp", "hiden": (3,)}), NUM_CLASSES)
+
+
+def test_num_classes_mismatch():
+  with pytest.raises(FinetuneError, match=r"config.model.num_classes=5 but the data has 7 classes"):
+    _build("mlp", num_classes=5)
+  model = _build("mlp", num_classes=NUM_CLASSES)  # Agreeing is fine.
+  assert model.head.kernel.shape[-1] == NUM_CLASSES
+
+
+def test_unknown_model_name():
+  with pytest.raises(FinetuneError, match=r"unknown model 'cnnn' \(did you mean 'cnn'\?\); valid model names: "
+                     r"cnn, mlp, vit"):
+    _build("cnnn")

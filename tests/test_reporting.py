@@ -1,0 +1,41 @@
+"""metrics.jsonl writing and truncation on resume; wandb offline (never the network); atomic JSON files."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from conftest import tiny_config
+from finetune import train as train_lib
+from finetune.reporting import MetricsLog, write_json
+
+
+def test_metrics_log_appends_and_truncates(tmp_path):
+  log = MetricsLog(str(tmp_path))
+  for step in (1, 2, 3):
+    log.write(step, "train", {"loss": float(step), "accuracy": 0.5})
+  log.write(3, "validation", {"loss": float("nan"), "accuracy": 0.1})
+  log.truncate_after(2)
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [(r["step"], r["split"], r["loss"]) for r in records] == [(1, "train", 1.0), (2, "train", 2.0)]
+
+
+def test_non_finite_values_are_written_as_text(tmp_path):
+  MetricsLog(str(tmp_path)).write(1, "train", {"loss": float("inf")})
+  assert json.loads(open(tmp_path / "metrics.jsonl").read())["loss"] == "inf"
+
+
+def test_write_json_leaves_no_temporary_file(tmp_path):
+  write_json(str(tmp_path / "a.json"), {"x": 1})
+  assert os.listdir(tmp_path) == ["a.json"] and json.load(open(tmp_path / "a.json")) == {"x": 1}
+
+
+def test_wandb_online_without_key_logs_offline(tmp_path, monkeypatch, capsys):
+  monkeypatch.delenv("WANDB_API_KEY", raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with credentials
+  config = tiny_config(wandb={"mode": "online", "project": "test"}, train={"steps": 4, "log_every": 2})
+  train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  assert "logging offline" in capsys.readouterr().err
+  runs = glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "*.wandb"))
+  assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
