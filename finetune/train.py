@@ -41,9 +41,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
   """Runs every stage of `config` under `workdir`; returns {stage: summary} (see `run_stage`)."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
-  write_text(os.path.join(workdir, "config.json"), config_lib.to_json(config))
   stages = config_lib.stage_configs(config)
   single = len(stages) == 1 and not len(config.stages)
+  if not single:  # (a single stage writes and checks workdir/config.json itself)
+    _check_same_config(os.path.join(workdir, "config.json"), config)
+    write_text(os.path.join(workdir, "config.json"), config_lib.to_json(config))
   summaries = {}
   for name, stage_cfg in stages:
     run_dir = workdir if single else os.path.join(workdir, name)
@@ -136,6 +138,35 @@ def initial_state(stage: Stage, cfg: ConfigDict, workdir: str) -> tuple[TrainSta
   return state, {"source": step_dir, "loaded": len(loaded) + len(loaded_stats), "fresh": fresh}
 
 
+# Keys that may change between a run and its resumption: they do not change what is computed.
+_RESUMABLE_KEYS = ("wandb.", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints")
+
+
+def _check_same_config(path: str, cfg: ConfigDict) -> None:
+  """Resuming with a different config would silently mix two experiments in one directory: refuse."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    before = _dotted(json.load(f))
+  now = _dotted(json.loads(config_lib.to_json(cfg)))
+  for key in sorted(set(before) | set(now)):
+    if key.startswith(_RESUMABLE_KEYS):
+      continue
+    if before.get(key) != now.get(key):
+      raise FinetuneError(f"{os.path.dirname(path)} holds a run whose config differs ({key}: {before.get(key)!r} "
+                          f"then, {now.get(key)!r} now); use a new --workdir, or restore the original value")
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_dotted(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
 def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") -> dict[str, Any]:
   """Trains and evaluates one stage in `run_dir`. Returns its summary (also written to `summary.json`).
 
@@ -143,6 +174,7 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
   evaluation split, training throughput, parameter counts and what was initialised from where.
   """
   os.makedirs(run_dir, exist_ok=True)
+  _check_same_config(os.path.join(run_dir, "config.json"), cfg)
   summary_path = os.path.join(run_dir, SUMMARY_FILE)
   if os.path.exists(summary_path):  # Completed earlier: a re-run resumes after it.
     with open(summary_path) as f:

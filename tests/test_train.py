@@ -114,3 +114,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
   restored = read_checkpoint_arrays(str(tmp_path / "checkpoints" / "6"))["params"]
   assert all(np.isfinite(v).all() for v in restored.values())
   assert not (tmp_path / "summary.json").exists()
+
+
+def test_rerun_with_a_different_config_is_refused(tmp_path):
+  train_lib.train_and_evaluate(tiny_config(train={"steps": 2}), str(tmp_path))
+  with pytest.raises(FinetuneError, match=r"holds a run whose config differs \(optimizer.learning_rate: 0.003 then, "
+                                          r"0.1 now\); use a new --workdir"):
+    train_lib.train_and_evaluate(tiny_config(train={"steps": 2}, optimizer={"learning_rate": 0.1}), str(tmp_path))
+  # Logging cadence and wandb do not change what is computed: those may differ on resumption.
+  train_lib.train_and_evaluate(tiny_config(train={"steps": 2, "log_every": 1}), str(tmp_path))
