@@ -9,6 +9,7 @@ thread (async), and the last good checkpoint is never touched by a later failure
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Any, Sequence
@@ -89,6 +90,11 @@ def resolve_checkpoint(source: str, workdir: str) -> str:
 def read_checkpoint_arrays(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
   """{'params': {path: array}, 'model_state': {path: array}} from a checkpoint step folder, on the host."""
   item = os.path.join(step_dir, STATE_ITEM)
+  # orbax warns that the item folder has no _CHECKPOINT_METADATA: the CheckpointManager keeps that file one level
+  # up, in the step folder. Harmless, and it would print on every init_from, so it is silenced here only.
+  absl_logger = logging.getLogger("absl")
+  previous_level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
   try:
     with ocp.PyTreeCheckpointer() as checkpointer:
       metadata = checkpointer.metadata(item)
@@ -101,6 +107,8 @@ def read_checkpoint_arrays(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
     raise
   except Exception as e:  # orbax raises many types for unreadable folders; the user needs one line.
     raise FinetuneError(f"cannot read checkpoint {step_dir}: {type(e).__name__}: {e}; check the path") from None
+  finally:
+    absl_logger.setLevel(previous_level)
   return {k: flatten(v) for k, v in restored.items()}
 
 

@@ -20,13 +20,14 @@ def test_every_config_file_loads_and_validates(path):
   assert stage_configs(config)  # every stage expands and validates
 
 
-def test_main_config_has_two_ordered_stages_with_new_head():
-  config = load_config(str(REPO / "configs/mnist_transfer.py"))
-  (first, pretrain), (second, finetune) = stage_configs(config)
-  assert (first, second) == ("pretrain", "finetune")
+def test_main_config_has_ordered_stages_with_new_head_and_a_scratch_control():
+  config = load_config(str(REPO / "configs/mnist_transfer.py") + ":target_steps=50")
+  (first, pretrain), (second, finetune), (third, scratch) = stage_configs(config)
+  assert (first, second, third) == ("pretrain", "finetune", "scratch")
   assert tuple(pretrain.data.classes) == (0, 1, 2, 3, 4) and tuple(finetune.data.classes) == (5, 6, 7, 8, 9)
   assert finetune.init_from == "stage:pretrain" and tuple(finetune.dont_load) == ("^head/",)
-  assert finetune.optimizer.learning_rate == 1e-3 and pretrain.optimizer.learning_rate == 3e-3
+  assert scratch.init_from == "" and tuple(scratch.data.classes) == (5, 6, 7, 8, 9)
+  assert (pretrain.train.steps, finetune.train.steps, scratch.train.steps) == (300, 50, 50)
 
 
 def test_stage_order_is_the_order_written_not_alphabetical():
@@ -44,6 +45,7 @@ def test_overrides_are_typed_and_strict():
   assert tuple(config.data.classes) == (1, 2) and config.model.dropout == 0.5
   assert dict(stage_configs(config))["finetune"].train.steps == 3
   assert dict(stage_configs(config))["pretrain"].train.steps == 7
+  assert dict(stage_configs(config))["scratch"].train.steps == 100  # the stage's own value wins over the base
   for bad, message in [
       ("train.stepz=3", r"unknown config key 'train.stepz' \(did you mean 'train.steps'\?\)"),
       ("trian.steps=3", r"unknown config key 'trian'"),

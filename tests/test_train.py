@@ -26,12 +26,13 @@ def _records(run_dir):
 
 def test_main_config_smoke_run_writes_every_output(tmp_path):
   shared_data("mnist")
-  config = load_config(str(REPO / "configs/mnist_transfer.py") + ":steps=6,data_path=" +
+  config = load_config(str(REPO / "configs/mnist_transfer.py") + ":steps=6,target_steps=6,data_path=" +
                        str(REPO.parent / "shared/data/mnist"), ["train.log_every=3", "train.checkpoint_every=3"])
   summaries = train_lib.train_and_evaluate(config, str(tmp_path))
-  assert list(summaries) == ["pretrain", "finetune"]
+  assert list(summaries) == ["pretrain", "finetune", "scratch"]
   assert json.load(open(tmp_path / "config.json"))["stages"]["finetune"]["init_from"] == "stage:pretrain"
-  for stage, classes in (("pretrain", ["0", "1", "2", "3", "4"]), ("finetune", ["5", "6", "7", "8", "9"])):
+  for stage, classes in (("pretrain", ["0", "1", "2", "3", "4"]), ("finetune", ["5", "6", "7", "8", "9"]),
+                         ("scratch", ["5", "6", "7", "8", "9"])):
     run_dir = tmp_path / stage
     summary = json.load(open(run_dir / "summary.json"))
     assert summary["classes"] == classes and summary["steps"] == 6
@@ -46,6 +47,7 @@ def test_main_config_smoke_run_writes_every_output(tmp_path):
     assert {r["split"] for r in records} == {"train", "validation", "test"}
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["3", "6"]
   assert summaries["finetune"]["init"]["fresh"] == ["head/bias", "head/kernel"]
+  assert summaries["scratch"]["init"] == {}
 
 
 def test_stage_initialises_from_earlier_stage_except_dont_load(tmp_path):
