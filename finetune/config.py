@@ -67,7 +67,21 @@ def defaults() -> ConfigDict:
       "b2": 0.999,
       "eps": 1e-8,
       "grad_clip_norm": 0.0,
+      # Discriminative learning rates (methods/discriminative.py).
+      "lr_range": (),
+      "lr_factor": 0.0,
+      "lr_multipliers": (),
+      # Slanted triangular (ULMFiT) and one-cycle schedule shapes.
+      "cut_frac": 0.1,
+      "ratio": 32.0,
+      "pct_start": 0.25,
+      "div_factor": 25.0,
+      "final_div_factor": 1e4,
   })
+  c.groups = ()
+  c.freeze = ConfigDict({"patterns": (), "first_n": 0, "train_bn": False})
+  c.unfreeze = ConfigDict({"mode": "none", "every_steps": 0, "every_epochs": 0.0, "initial_groups": 1,
+                           "schedule": "continue"})
   c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
   c.sharding_rules = ()
   c.init_from = ""

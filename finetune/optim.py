@@ -1,76 +1,149 @@
 """Optimizers and learning-rate schedules from config, as optax transformations.
 
-`build_optimizer` returns the transformation and its schedule (so the train step can log the learning rate).
-Optimizers and schedules are found by name in `OPTIMIZERS` / `SCHEDULES`; later methods (per-group learning
-rates, freezing) wrap the returned transformation with `optax.multi_transform` rather than changing this file.
+`build_optimizer` makes one optax partition entry per label of the stage's strategy (a layer group, or a group with
+a regex multiplier), each the configured optimizer with that label's schedule, and `optax.set_to_zero` for the
+'frozen' label (no optimizer state). Gradient clipping is global, before the partition. Optimizers and schedule
+shapes are found by name in `OPTIMIZERS` / `SCHEDULES`.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
 
-from finetune.partition import regex_mask
+from finetune.partition import path_str
 from finetune.registry import Registry
 
+# A schedule shape: (config.optimizer, peak learning rate, number of steps) -> optax schedule over 0..steps.
+ScheduleFactory = Callable[[ConfigDict, float, int], optax.Schedule]
 OPTIMIZERS: Registry[Callable[..., optax.GradientTransformation]] = Registry("optimizer")
-SCHEDULES: Registry[Callable[[ConfigDict, int], optax.Schedule]] = Registry("learning-rate schedule")
+SCHEDULES: Registry[ScheduleFactory] = Registry("learning-rate schedule")
+
+
+def _with_warmup(cfg: ConfigDict, peak: float, after: optax.Schedule) -> optax.Schedule:
+  if not cfg.warmup_steps:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, cfg.warmup_steps), after], [cfg.warmup_steps])
 
 
 @SCHEDULES.register("constant")
-def constant_schedule(cfg: ConfigDict, total_steps: int) -> optax.Schedule:
-  del total_steps
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1)), optax.constant_schedule(cfg.learning_rate)],
-      [cfg.warmup_steps]) if cfg.warmup_steps else optax.constant_schedule(cfg.learning_rate)
+def constant_schedule(cfg: ConfigDict, peak: float, steps: int) -> optax.Schedule:
+  del steps
+  return _with_warmup(cfg, peak, optax.constant_schedule(peak))
 
 
 @SCHEDULES.register("cosine")
-def cosine_schedule(cfg: ConfigDict, total_steps: int) -> optax.Schedule:
+def cosine_schedule(cfg: ConfigDict, peak: float, steps: int) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0 if cfg.warmup_steps else cfg.learning_rate, peak_value=cfg.learning_rate,
-      warmup_steps=cfg.warmup_steps, decay_steps=max(total_steps, cfg.warmup_steps + 1),
-      end_value=cfg.learning_rate * cfg.end_learning_rate_factor)
+      init_value=0.0 if cfg.warmup_steps else peak, peak_value=peak, warmup_steps=cfg.warmup_steps,
+      decay_steps=max(steps, cfg.warmup_steps + 1), end_value=peak * cfg.end_learning_rate_factor)
 
 
 @SCHEDULES.register("linear")
-def linear_schedule(cfg: ConfigDict, total_steps: int) -> optax.Schedule:
-  decay = optax.linear_schedule(cfg.learning_rate, cfg.learning_rate * cfg.end_learning_rate_factor,
-                                max(total_steps - cfg.warmup_steps, 1))
-  if not cfg.warmup_steps:
-    return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps), decay],
-                              [cfg.warmup_steps])
+def linear_schedule(cfg: ConfigDict, peak: float, steps: int) -> optax.Schedule:
+  decay = optax.linear_schedule(peak, peak * cfg.end_learning_rate_factor, max(steps - cfg.warmup_steps, 1))
+  return _with_warmup(cfg, peak, decay)
+
+
+@SCHEDULES.register("stlr")
+def slanted_triangular(cfg: ConfigDict, peak: float, steps: int) -> optax.Schedule:
+  """ULMFiT's slanted triangular learning rate (Howard & Ruder 2018, eq. 3), written out because optax has none.
+
+  cut = floor(T * cut_frac); p = t / cut for t < cut, else 1 - (t - cut) / (cut * (1 / cut_frac - 1));
+  lr_t = peak * (1 + p * (ratio - 1)) / ratio.
+  """
+  cut = max(1, int(steps * cfg.cut_frac))
+  ratio, cut_frac = cfg.ratio, cfg.cut_frac
+
+  def schedule(count):
+    t = jnp.asarray(count, jnp.float32)
+    p = jnp.where(t < cut, t / cut, 1.0 - (t - cut) / (cut * (1.0 / cut_frac - 1.0)))
+    return peak * (1.0 + jnp.maximum(p, 0.0) * (ratio - 1.0)) / ratio
+
+  return schedule
+
+
+@SCHEDULES.register("onecycle")
+def one_cycle(cfg: ConfigDict, peak: float, steps: int) -> optax.Schedule:
+  return optax.cosine_onecycle_schedule(max(steps, 2), peak, pct_start=cfg.pct_start, div_factor=cfg.div_factor,
+                                        final_div_factor=cfg.final_div_factor)
+
+
+def _decay_mask(cfg: ConfigDict) -> Callable[[Any], Any]:
+  """Weight decay everywhere except parameters matching config.optimizer.no_decay (biases, norm scales).
+
+  A function of the (partitioned) params so it works inside `optax.partition`, where other labels' leaves are
+  masked out.
+  """
+  patterns = [re.compile(p) for p in cfg.no_decay]
+  return lambda params: jax.tree_util.tree_map_with_path(
+      lambda keypath, _: not any(r.search(path_str(keypath)) for r in patterns), params)
 
 
 @OPTIMIZERS.register("adamw")
-def adamw(cfg: ConfigDict, learning_rate: optax.Schedule, decay_mask: Any) -> optax.GradientTransformation:
+def adamw(cfg: ConfigDict, learning_rate: optax.Schedule) -> optax.GradientTransformation:
   return optax.adamw(learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                     mask=decay_mask)
+                     mask=_decay_mask(cfg))
 
 
 @OPTIMIZERS.register("sgd")
-def sgd(cfg: ConfigDict, learning_rate: optax.Schedule, decay_mask: Any) -> optax.GradientTransformation:
+def sgd(cfg: ConfigDict, learning_rate: optax.Schedule) -> optax.GradientTransformation:
   """SGD with (Nesterov) momentum; weight decay is coupled (added to the gradient), as in classic SGD papers."""
   parts = []
   if cfg.weight_decay:
-    parts.append(optax.masked(optax.add_decayed_weights(cfg.weight_decay), decay_mask))
+    parts.append(optax.masked(optax.add_decayed_weights(cfg.weight_decay), _decay_mask(cfg)))
   parts.append(optax.sgd(learning_rate, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
   return optax.chain(*parts)
 
 
-def build_optimizer(cfg: ConfigDict, total_steps: int,
-                    params: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optimizer for `params` (a pytree, abstract is fine) and its learning-rate schedule."""
-  schedule = SCHEDULES.get(cfg.schedule)(cfg, total_steps)
-  # Weight decay skips biases and norm scales (config.optimizer.no_decay); the mask is a static pytree of bools.
-  no_decay = regex_mask(params, cfg.no_decay, "config.optimizer.no_decay", require_match=False)
-  decay_mask = jax.tree.map(lambda excluded: not excluded, no_decay)
-  transform = OPTIMIZERS.get(cfg.name)(cfg, schedule, decay_mask)
-  if cfg.grad_clip_norm > 0:
-    transform = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), transform)
-  return transform, schedule
+def label_schedule(cfg: ConfigDict, peak: float, start: int, total_steps: int,
+                   restart: bool) -> Callable[[Any], Any]:
+  """The learning rate of a label that starts training at global step `start`, as a function of the global step.
 
+  'continue': the stage's schedule, read at the global step. 'restart': the schedule shape over the remaining
+  `total_steps - start` steps, from the label's first step.
+  """
+  factory = SCHEDULES.get(cfg.schedule)
+  if restart and start:
+    inner = factory(cfg, peak, total_steps - start)
+    return lambda step: inner(step - start)
+  return factory(cfg, peak, total_steps)
+
+
+def build_optimizer(cfg: ConfigDict, strategy, phase: int, total_steps: int,
+                    params: Any) -> tuple[optax.GradientTransformation, dict[str, Callable[[Any], Any]]]:
+  """The optimizer for `phase` of `strategy`, and {label: learning rate as a function of the global step}.
+
+  Each label's optax state counts its own updates from 0 (the step its group started training), so its schedule
+  is the global-step schedule shifted by that start.
+  """
+  base = OPTIMIZERS.get(cfg.name)
+  trainable_labels = {strategy.label(p) for p in strategy.trainable(phase)}
+  lr_by_label = {}
+  transforms: dict[str, optax.GradientTransformation] = {"frozen": optax.set_to_zero()}
+  for label, peak in strategy.labels().items():
+    start = strategy.label_start(label)
+    global_lr = label_schedule(cfg, peak, start, total_steps, strategy.restart_schedules)
+    lr_by_label[label] = global_lr
+    if label in trainable_labels:
+      transforms[label] = base(cfg, lambda count, fn=global_lr, offset=start: fn(count + offset))
+  partitioned = optax.partition(transforms, strategy.labels_tree(params, phase))
+  clip = optax.clip_by_global_norm(cfg.grad_clip_norm) if cfg.grad_clip_norm > 0 else optax.identity()
+  return optax.chain(clip, partitioned), lr_by_label
+
+
+def carry_over(old_state: Any, new_state: Any) -> Any:
+  """At an unfreezing boundary: the new phase's optimizer state, keeping the old state of every label that was
+  already training (its subtree has the same structure: a label's parameters never change)."""
+  clip_state, old_partition = old_state
+  _, new_partition = new_state
+  inner = dict(new_partition.inner_states)
+  for label, state in old_partition.inner_states.items():
+    if label != "frozen" and label in inner:
+      inner[label] = state
+  return (clip_state, new_partition._replace(inner_states=inner))

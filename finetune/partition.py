@@ -64,3 +64,48 @@ def require_matches(patterns: Sequence[str], paths: Sequence[str], what: str) ->
     if not any(regex.search(p) for p in paths):
       raise FinetuneError(f"{what}: pattern {pattern!r} matches no parameter; parameter paths look like "
                           f"{', '.join(paths[:4])}{', ...' if len(paths) > 4 else ''}")
+
+
+def assign_groups(paths: Sequence[str], groups: Sequence[tuple[str, str]], source: str) -> dict[str, str]:
+  """{path: group name}: every parameter in exactly one group, every group matching at least one parameter.
+
+  `groups` is the ordered [(name, regex)] list (input to output) from the model or from `config.groups`.
+  """
+  compiled = []
+  for name, pattern in groups:
+    try:
+      compiled.append((name, re.compile(pattern)))
+    except re.error as e:
+      raise FinetuneError(f"{source}: group {name!r} has an invalid regex {pattern!r} ({e})") from None
+  group_of: dict[str, str] = {}
+  for path in paths:
+    matches = [name for name, regex in compiled if regex.search(path)]
+    if not matches:
+      raise FinetuneError(f"{source}: parameter {path!r} is in no layer group; add a group whose regex matches it")
+    if len(matches) > 1:
+      raise FinetuneError(f"{source}: parameter {path!r} is in several groups ({', '.join(matches)}); make the "
+                          "group regexes disjoint")
+    group_of[path] = matches[0]
+  for name, _ in groups:
+    if name not in group_of.values():
+      raise FinetuneError(f"{source}: group {name!r} matches no parameter; parameter paths look like "
+                          f"{', '.join(list(paths)[:4])}")
+  return group_of
+
+
+def select(tree: Any, keep: Callable[[str], bool]) -> Any:
+  """`tree` with the leaves whose path fails `keep` replaced by None (an empty subtree to jax and optax)."""
+  return map_with_path(lambda path, leaf: leaf if keep(path) else None, tree)
+
+
+def combine(template: Any, *parts: Any) -> Any:
+  """The tree shaped like `template` taking each leaf from the first of `parts` that has it (not None)."""
+  flats = [flatten(part) for part in parts]
+
+  def pick(path: str, _):
+    for flat in flats:
+      if flat.get(path) is not None:
+        return flat[path]
+    raise KeyError(path)
+
+  return map_with_path(pick, template)

@@ -129,3 +129,25 @@ def data_parallel_size(mesh: Mesh) -> int:
 def describe(shardings: Any) -> dict[str, str]:
   """{path: 'P(...)'} for logs and tests."""
   return {path: str(s.spec) for path, s in flatten(shardings).items()}
+
+
+def optimizer_state_shardings(abstract_opt_state: Any, params_sharding: Any, abstract_params: Any,
+                              mesh: Mesh) -> Any:
+  """Shardings for an optimizer state: moments like their parameters, everything else (counts) replicated.
+
+  A moment is recognised by its path ending in a parameter's path with the parameter's shape (optax states mirror
+  the params tree, under `optax.partition` with other labels' leaves masked out), which `optax.tree_map_params`
+  cannot match through the masks.
+  """
+  shardings = flatten(params_sharding)
+  shapes = {path: tuple(leaf.shape) for path, leaf in flatten(abstract_params).items()}
+
+  def for_leaf(path: str, leaf: Any) -> NamedSharding:
+    parts = path.split("/")
+    for start in range(len(parts)):
+      suffix = "/".join(parts[start:])
+      if suffix in shardings and shapes[suffix] == tuple(leaf.shape):
+        return shardings[suffix]
+    return replicated(mesh)
+
+  return map_with_path(for_leaf, abstract_opt_state)

@@ -2,7 +2,7 @@
 
 `train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch) -> sums` are pure functions of
 pytrees. The model's graph definition and the optimizer are static (captured when the step is built); every array
-is an argument, so nothing large is constant-folded into the compiled program. `compile_steps` jits them with
+is an argument, so nothing large is constant-folded into the compiled program. `compile_*_step` jit them with
 explicit shardings and donates the train state.
 """
 
@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from finetune.partition import combine, map_with_path, path_str, select
 from finetune.sharding import batch_sharding, replicated
 
 
@@ -43,40 +44,71 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) 
   return optax.softmax_cross_entropy(logits, targets)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    label_smoothing: float = 0.0) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """Builds `train_step(state, batch) -> (state, metrics)` for batches {'image': (B, ...), 'label': (B,)}."""
+def inference_mode_batch_norm(model: nnx.Module, module_paths: tuple[str, ...]) -> None:
+  """Puts the BatchNorm modules at `module_paths` in inference mode (frozen: statistics used, never updated)."""
+  if not module_paths:
+    return
+  wanted = set(module_paths)
+  for keypath, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.BatchNorm) and path_str(keypath) in wanted:
+      node.use_running_average = True
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    lr_by_label: dict[str, Callable[[Any], Any]], trainable: frozenset[str],
+                    frozen_batch_norm: tuple[str, ...] = (), label_smoothing: float = 0.0,
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """Builds `train_step(state, batch) -> (state, metrics)` for batches {'image': (B, ...), 'label': (B,)}.
+
+  Only the parameters in `trainable` are differentiated: the frozen ones enter the loss as constants, so autodiff
+  does no backward pass through layers that lead only to frozen parameters. They receive no update and the
+  optimizer keeps no state for them ('frozen' partition entry).
+  """
+  is_trainable = lambda path: path in trainable
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
     dropout_key = jax.random.fold_in(state.rng, state.step)
+    trainable_params = select(state.params, is_trainable)
+    frozen_params = select(state.params, lambda path: not is_trainable(path))
 
-    def loss_fn(params):
+    def loss_fn(trainable_params):
+      params = combine(state.params, trainable_params, frozen_params)
       model = nnx.merge(graphdef, params, state.model_state)
+      inference_mode_batch_norm(model, frozen_batch_norm)
       logits = model(batch["image"], train=True, rngs=nnx.Rngs(dropout=dropout_key))
       loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
       _, _, new_model_state = nnx.split(model, nnx.Param, ...)
       return loss, (logits, new_model_state.to_pure_dict())
 
-    (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable_params)
+    # The optimizer sees the full tree; frozen leaves get zeros that its 'frozen' entry (set_to_zero) ignores, so
+    # XLA removes them.
+    full_grads = combine(state.params, grads, jax.tree.map(jnp.zeros_like, frozen_params))
+    updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+    # Frozen leaves are passed through untouched (not p + 0, which would turn -0.0 into 0.0): bit-identical.
+    params = map_with_path(lambda path, p, u: p + u.astype(p.dtype) if is_trainable(path) else p,
+                           state.params, updates)
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
         "grad_norm": optax.global_norm(grads),
-        "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
     }
+    for label, lr_fn in lr_by_label.items():
+      metrics[f"learning_rate/{label}"] = jnp.asarray(lr_fn(state.step), jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
     return new_state, metrics
 
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, label_smoothing: float = 0.0) -> Callable[[TrainState, dict], dict]:
-  """Builds `eval_step(state, batch) -> sums` over a padded batch with a 0/1 'mask' (padding never counts)."""
+def make_eval_step(graphdef: nnx.GraphDef, label_smoothing: float = 0.0) -> Callable[[dict, dict], dict]:
+  """Builds `eval_step(weights, batch) -> sums` over a padded batch with a 0/1 'mask' (padding never counts).
 
-  def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    model = nnx.merge(graphdef, state.params, state.model_state)
+  `weights` is {'params': ..., 'model_state': ...}: evaluation needs no optimizer state.
+  """
+
+  def eval_step(weights: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    model = nnx.merge(graphdef, weights["params"], weights["model_state"])
     logits = model(batch["image"], train=False)
     mask = batch["mask"].astype(jnp.float32)
     loss = cross_entropy(logits, batch["label"], label_smoothing)
@@ -86,19 +118,21 @@ def make_eval_step(graphdef: nnx.GraphDef, label_smoothing: float = 0.0) -> Call
   return eval_step
 
 
-def compile_steps(train_step, eval_step, abstract_state: TrainState, train_batch: dict, eval_batch: dict,
-                  mesh: Mesh):
-  """Compiles both steps ahead of time for the given abstract inputs (ShapeDtypeStructs with shardings).
+def compile_train_step(train_step, abstract_state: TrainState, train_batch: dict, mesh: Mesh):
+  """Compiles the train step ahead of time for abstract inputs (ShapeDtypeStructs carrying shardings).
 
-  Shardings are explicit: state as given, batches over the data-parallel axes, metrics replicated. The train state
-  is donated (updated in place). Compiling ahead of time keeps compilation out of every timing and gives the
-  planner `memory_analysis()` / `cost_analysis()` of exactly the program that runs.
+  Shardings are explicit: state as given, batch over the data-parallel axes, metrics replicated; the state is
+  donated (updated in place). Compiling ahead of time keeps compilation out of every timing and gives the planner
+  `memory_analysis()` / `cost_analysis()` of exactly the program that runs.
   """
-  batch = batch_sharding(mesh)
-  scalar: NamedSharding = replicated(mesh)
   state_shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
-  train = jax.jit(train_step, in_shardings=(state_shardings, batch), out_shardings=(state_shardings, scalar),
-                  donate_argnums=(0,))
-  evaluate = jax.jit(eval_step, in_shardings=(state_shardings, batch), out_shardings=scalar)
-  return (train.lower(abstract_state, train_batch).compile(),
-          evaluate.lower(abstract_state, eval_batch).compile())
+  train = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding(mesh)),
+                  out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+  return train.lower(abstract_state, train_batch).compile()
+
+
+def compile_eval_step(eval_step, abstract_weights: dict, eval_batch: dict, mesh: Mesh):
+  weight_shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract_weights)
+  evaluate = jax.jit(eval_step, in_shardings=(weight_shardings, batch_sharding(mesh)),
+                     out_shardings=replicated(mesh))
+  return evaluate.lower(abstract_weights, eval_batch).compile()

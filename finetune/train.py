@@ -14,9 +14,10 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -27,12 +28,13 @@ from finetune.checkpoint import Checkpointer, load_into, read_checkpoint_arrays,
 from finetune.data.pipeline import InputPipeline, build_pipeline, to_global
 from finetune.errors import FinetuneError
 from finetune.models import build_model, model_kwargs
-from finetune.optim import build_optimizer
+from finetune.optim import build_optimizer, carry_over
 from finetune.partition import flatten, require_matches
 from finetune.reporting import MetricsLog, Progress, write_json
-from finetune.sharding import (batch_sharding, data_parallel_size, make_mesh, replicated, rules_from_config,
-                               state_shardings)
-from finetune.step import TrainState, compile_steps, make_eval_step, make_train_step
+from finetune.sharding import (batch_sharding, data_parallel_size, make_mesh, optimizer_state_shardings, replicated,
+                               rules_from_config, state_shardings)
+from finetune.step import TrainState, compile_eval_step, compile_train_step, make_eval_step, make_train_step
+from finetune.strategy import Strategy, resolve_strategy, write_table
 
 SUMMARY_FILE = "summary.json"
 
@@ -43,8 +45,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
   os.makedirs(workdir, exist_ok=True)
   stages = config_lib.stage_configs(config)
   single = len(stages) == 1 and not len(config.stages)
-  if not single:  # (a single stage writes and checks workdir/config.json itself)
-    _check_same_config(os.path.join(workdir, "config.json"), config)
+  if not single:  # (a single stage writes workdir/config.json itself)
     write_text(os.path.join(workdir, "config.json"), config_lib.to_json(config))
   summaries = {}
   for name, stage_cfg in stages:
@@ -56,22 +57,88 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
 
 @dataclasses.dataclass
 class Stage:
-  """Everything `run_stage` builds before the loop; tests use `build_stage` to inspect it."""
+  """Everything a stage needs before its loop, built from shapes only. Tests and the planner use it too.
 
+  Per unfreezing phase (see methods/unfreezing.py) the optimizer, the state shardings and the compiled train step
+  differ; they are built on first use and cached.
+  """
+
+  cfg: ConfigDict
   pipeline: InputPipeline
   mesh: jax.sharding.Mesh
   graphdef: nnx.GraphDef
-  state_shardings: TrainState
-  tx: optax.GradientTransformation
-  schedule: optax.Schedule
+  strategy: Strategy
   total_steps: int
-  init_state: Any  # jitted: rng -> TrainState, created sharded
+  params_sharding: Any
+  model_state_sharding: Any
+  abstract_params: Any  # pure dict of ShapeDtypeStruct
+  create_model: Callable[[jax.Array], nnx.Module]
+  _cache: dict = dataclasses.field(default_factory=dict)
 
-  def abstract_state(self) -> TrainState:
-    """Shapes, dtypes and shardings of the train state, without allocating it."""
-    shapes = jax.eval_shape(self.init_state, jax.random.PRNGKey(0))
+  def _cached(self, key, make):
+    if key not in self._cache:
+      self._cache[key] = make()
+    return self._cache[key]
+
+  def optimizer(self, phase: int) -> tuple[optax.GradientTransformation, dict[str, Callable]]:
+    return self._cached(("optimizer", phase), lambda: build_optimizer(
+        self.cfg.optimizer, self.strategy, phase, self.total_steps, self.abstract_params))
+
+  def state_shardings(self, phase: int) -> TrainState:
+    def make():
+      tx, _ = self.optimizer(phase)
+      abstract_opt = jax.eval_shape(tx.init, self.abstract_params)
+      opt_sharding = optimizer_state_shardings(abstract_opt, self.params_sharding, self.abstract_params, self.mesh)
+      return TrainState(step=replicated(self.mesh), params=self.params_sharding,
+                        model_state=self.model_state_sharding, opt_state=opt_sharding, rng=replicated(self.mesh))
+    return self._cached(("shardings", phase), make)
+
+  def init_state(self, phase: int = 0):
+    """jitted: seed key -> TrainState, created already sharded."""
+    def make():
+      tx, _ = self.optimizer(phase)
+
+      def init(seed_key: jax.Array) -> TrainState:
+        model = self.create_model(jax.random.fold_in(seed_key, 0))
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        params = params.to_pure_dict()
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=rest.to_pure_dict(),
+                          opt_state=tx.init(params), rng=jax.random.fold_in(seed_key, 1))
+
+      return jax.jit(init, out_shardings=self.state_shardings(phase))
+    return self._cached(("init", phase), make)
+
+  def abstract_state(self, phase: int = 0) -> TrainState:
+    """Shapes, dtypes and shardings of the train state in `phase`, without allocating it."""
+    shapes = jax.eval_shape(self.init_state(phase), jax.random.PRNGKey(0))
     return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-                        shapes, self.state_shardings)
+                        shapes, self.state_shardings(phase))
+
+  def train_step(self, phase: int):
+    """The train step of `phase`, compiled ahead of time."""
+    def make():
+      tx, lr_by_label = self.optimizer(phase)
+      step = make_train_step(self.graphdef, tx, lr_by_label, self.strategy.trainable(phase),
+                             self.strategy.frozen_batch_norm(phase), self.cfg.train.label_smoothing)
+      return compile_train_step(step, self.abstract_state(phase), abstract_batch(self.pipeline.train_batch(0),
+                                                                                 self.mesh), self.mesh)
+    return self._cached(("train_step", phase), make)
+
+  def eval_step(self):
+    def make():
+      state = self.abstract_state(0)
+      weights = {"params": state.params, "model_state": state.model_state}
+      first_split = next(iter(self.pipeline.eval_splits))
+      batch = abstract_batch(next(iter(self.pipeline.eval_batches(first_split))), self.mesh)
+      return compile_eval_step(make_eval_step(self.graphdef, self.cfg.train.label_smoothing), weights, batch,
+                               self.mesh)
+    return self._cached(("eval_step",), make)
+
+  def enter_phase(self, state: TrainState, phase: int) -> TrainState:
+    """Moves a state into `phase`: fresh optimizer state for newly trainable labels, the rest carried over."""
+    tx, _ = self.optimizer(phase)
+    fresh = jax.jit(tx.init, out_shardings=self.state_shardings(phase).opt_state)(state.params)
+    return state.replace(opt_state=carry_over(state.opt_state, fresh))
 
 
 def abstract_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -91,7 +158,6 @@ def build_stage(cfg: ConfigDict) -> Stage:
       raise FinetuneError(f"config.data.{key}={cfg.data[key]} is not divisible by the {parallel} data-parallel "
                           f"devices (mesh data x fsdp) and {jax.process_count()} processes; pick a multiple")
   total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * pipeline.steps_per_epoch))
-
   model_kwargs(cfg.model, pipeline.num_classes)  # Checked here: errors raised inside eval_shape carry jax noise.
 
   def create_model(key: jax.Array) -> nnx.Module:
@@ -99,31 +165,17 @@ def build_stage(cfg: ConfigDict) -> Stage:
 
   abstract_model = nnx.eval_shape(lambda: create_model(jax.random.PRNGKey(0)))
   graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
-  params_sharding = state_shardings(abstract_params, mesh, rules)
-  rest_sharding = state_shardings(abstract_rest, mesh, rules)
-  tx, schedule = build_optimizer(cfg.optimizer, total_steps, abstract_params.to_pure_dict())
-  abstract_opt = jax.eval_shape(tx.init, abstract_params.to_pure_dict())
-  # Optimizer moments are sharded like their parameters; counters and other scalars are replicated.
-  opt_sharding = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt, params_sharding,
-                                       transform_non_params=lambda _: replicated(mesh))
-  shardings = TrainState(step=replicated(mesh), params=params_sharding, model_state=rest_sharding,
-                         opt_state=opt_sharding, rng=replicated(mesh))
-
-  def init_state(seed_key: jax.Array) -> TrainState:
-    model = create_model(jax.random.fold_in(seed_key, 0))
-    _, params, rest = nnx.split(model, nnx.Param, ...)
-    params = params.to_pure_dict()
-    return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, model_state=rest.to_pure_dict(),
-                      opt_state=tx.init(params), rng=jax.random.fold_in(seed_key, 1))
-
-  return Stage(pipeline=pipeline, mesh=mesh, graphdef=graphdef, state_shardings=shardings, tx=tx,
-               schedule=schedule, total_steps=total_steps,
-               init_state=jax.jit(init_state, out_shardings=shardings))
+  strategy = resolve_strategy(cfg, abstract_model, abstract_params.to_pure_dict(), total_steps,
+                              pipeline.steps_per_epoch)
+  return Stage(cfg=cfg, pipeline=pipeline, mesh=mesh, graphdef=graphdef, strategy=strategy, total_steps=total_steps,
+               params_sharding=state_shardings(abstract_params, mesh, rules),
+               model_state_sharding=state_shardings(abstract_rest, mesh, rules),
+               abstract_params=abstract_params.to_pure_dict(), create_model=create_model)
 
 
 def initial_state(stage: Stage, cfg: ConfigDict, workdir: str) -> tuple[TrainState, dict[str, Any]]:
-  """A fresh train state, with parameters from `cfg.init_from` where given. Returns (state, init report)."""
-  state = stage.init_state(jax.random.PRNGKey(cfg.seed))
+  """A fresh train state (phase 0), with parameters from `cfg.init_from` where given. Returns (state, report)."""
+  state = stage.init_state(0)(jax.random.PRNGKey(cfg.seed))
   if not cfg.init_from:
     return state, {}
   step_dir = resolve_checkpoint(cfg.init_from, workdir)
@@ -133,7 +185,8 @@ def initial_state(stage: Stage, cfg: ConfigDict, workdir: str) -> tuple[TrainSta
   params, loaded, fresh = load_into(state.params, arrays["params"], cfg.dont_load, "parameter", step_dir)
   model_state, loaded_stats, _ = load_into(state.model_state, arrays.get("model_state", {}), cfg.dont_load,
                                            "model state", step_dir)
-  opt_state = jax.jit(stage.tx.init, out_shardings=stage.state_shardings.opt_state)(params)
+  tx, _ = stage.optimizer(0)
+  opt_state = jax.jit(tx.init, out_shardings=stage.state_shardings(0).opt_state)(params)
   state = state.replace(params=params, model_state=model_state, opt_state=opt_state)
   return state, {"source": step_dir, "loaded": len(loaded) + len(loaded_stats), "fresh": fresh}
 
@@ -143,8 +196,16 @@ _RESUMABLE_KEYS = ("wandb.", "train.log_every", "train.eval_every", "train.check
 
 
 def _check_same_config(path: str, cfg: ConfigDict) -> None:
-  """Resuming with a different config would silently mix two experiments in one directory: refuse."""
-  if not os.path.exists(path):
+  """Resuming with a different config would silently mix two experiments in one directory: refuse.
+
+  Only a run that has progressed (a checkpoint or a summary) is protected: a run that failed before its first
+  checkpoint (say, a wrong data path) can be re-run with the config fixed.
+  """
+  run_dir = os.path.dirname(path)
+  checkpoint_dir = os.path.join(run_dir, "checkpoints")
+  has_checkpoint = os.path.isdir(checkpoint_dir) and any(name.isdigit() for name in os.listdir(checkpoint_dir))
+  progressed = has_checkpoint or os.path.exists(os.path.join(run_dir, SUMMARY_FILE))
+  if not progressed or not os.path.exists(path):
     return
   with open(path) as f:
     before = _dotted(json.load(f))
@@ -181,33 +242,30 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
       return json.load(f)
   write_text(os.path.join(run_dir, "config.json"), config_lib.to_json(cfg))
   stage = build_stage(cfg)
+  write_table(stage.strategy, run_dir, name)
   pipeline = stage.pipeline
-  abstract = stage.abstract_state()
-  train_fn, eval_fn = compile_steps(
-      make_train_step(stage.graphdef, stage.tx, stage.schedule, cfg.train.label_smoothing),
-      make_eval_step(stage.graphdef, cfg.train.label_smoothing), abstract,
-      abstract_batch(pipeline.train_batch(0), stage.mesh),
-      abstract_batch(next(iter(pipeline.eval_batches(next(iter(pipeline.eval_splits))))), stage.mesh),
-      stage.mesh)
   checkpoints = Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.train.keep_checkpoints)
   log = MetricsLog(run_dir, cfg.wandb, name, cfg.to_dict())
   try:
     start = checkpoints.latest_step()
     init_report: dict[str, Any] = {}
     if start is not None:
-      state = TrainState(**checkpoints.restore(start, abstract.as_dict()))
+      # The saved optimizer state has the structure of the phase of the last update made, step start - 1.
+      saved_phase = stage.strategy.phase_index(max(start - 1, 0))
+      state = TrainState(**checkpoints.restore(start, stage.abstract_state(saved_phase).as_dict()))
       log.truncate_after(start)
       init_report = {"resumed_from_step": start}
     else:
-      start = 0
+      start, saved_phase = 0, 0
       state, init_report = initial_state(stage, cfg, workdir)
-    state, train_seconds, train_steps_timed = _train_loop(cfg, stage, train_fn, eval_fn, state, start, checkpoints,
-                                                          log, name)
-    final = {split: evaluate(eval_fn, state, pipeline, split, stage.mesh) for split in pipeline.eval_splits}
+    state, train_seconds, train_steps_timed = _train_loop(stage, state, start, saved_phase, checkpoints, log, name)
+    weights = {"params": state.params, "model_state": state.model_state}
+    final = {split: evaluate(stage.eval_step(), weights, pipeline, split, stage.mesh)
+             for split in pipeline.eval_splits}
     for split, metrics in final.items():
       log.write(stage.total_steps, split, metrics)
     checkpoints.wait()
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    last_phase = stage.strategy.phase_index(stage.total_steps - 1)
     summary = {
         "stage": name,
         "dataset": pipeline.dataset_name,
@@ -215,7 +273,12 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
         "num_train_examples": len(pipeline.train),
         "steps": stage.total_steps,
         "train_examples_per_s": (train_steps_timed * pipeline.batch_size / train_seconds) if train_seconds else None,
-        "num_params": num_params,
+        "num_params": stage.strategy.counts(last_phase)["params"],
+        "trainable_params": stage.strategy.counts(last_phase)["trainable"],
+        "frozen_params": stage.strategy.counts(last_phase)["frozen"],
+        "optimizer_state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(state.opt_state))),
+        "phases": [{"start": p.start, "trainable_groups": list(p.trainable_groups)}
+                   for p in stage.strategy.phases],
         "init": init_report,
         "final": final,
         "run_dir": run_dir,
@@ -227,16 +290,26 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
     log.close()
 
 
-def _train_loop(cfg: ConfigDict, stage: Stage, train_fn, eval_fn, state: TrainState, start: int,
-                checkpoints: Checkpointer, log: MetricsLog, name: str) -> tuple[TrainState, float, int]:
-  """Steps `start`..total. Returns (state, seconds, steps) of training (steps are compiled ahead of time)."""
-  pipeline, total = stage.pipeline, stage.total_steps
+def _train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoints: Checkpointer,
+                log: MetricsLog, name: str) -> tuple[TrainState, float, int]:
+  """Steps `start`..total from a state in `phase`. Returns (state, seconds, steps) of training.
+
+  Steps are compiled ahead of time (one program per unfreezing phase), so the timings exclude compilation.
+  """
+  cfg, pipeline, total = stage.cfg, stage.pipeline, stage.total_steps
   batch_spec = batch_sharding(stage.mesh)
   pending: list[dict[str, jax.Array]] = []
   progress = Progress(total, start, name)
+  train_fn = None
   interval_start, train_seconds, train_steps = time.perf_counter(), 0.0, 0
   try:
     for step in range(start, total):
+      step_phase = stage.strategy.phase_index(step)
+      if train_fn is None or step_phase != phase:
+        if step_phase != phase:
+          state, phase = stage.enter_phase(state, step_phase), step_phase
+        train_fn = stage.train_step(phase)
+        interval_start = time.perf_counter()  # compilation is not training time
       batch = to_global(pipeline.train_batch(step), batch_spec)
       state, metrics = train_fn(state, batch)
       pending.append(metrics)
@@ -249,7 +322,7 @@ def _train_loop(cfg: ConfigDict, stage: Stage, train_fn, eval_fn, state: TrainSt
         train_seconds += now - interval_start
         train_steps += len(host)
         examples_per_s = len(host) * pipeline.batch_size / max(now - interval_start, 1e-9)
-        averaged = log_interval(log, done, host, examples_per_s)
+        averaged = log_interval(log, done, host, examples_per_s, top_label(stage.strategy))
         progress.update(len(host), {"loss": averaged["loss"], "accuracy": averaged["accuracy"],
                                     "ex/s": examples_per_s})
         pending = []
@@ -257,8 +330,9 @@ def _train_loop(cfg: ConfigDict, stage: Stage, train_fn, eval_fn, state: TrainSt
           checkpoints.save(done, state.as_dict())
         interval_start = time.perf_counter()
       if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total:
+        weights = {"params": state.params, "model_state": state.model_state}
         for split in pipeline.eval_splits:
-          log.write(done, split, evaluate(eval_fn, state, pipeline, split, stage.mesh))
+          log.write(done, split, evaluate(stage.eval_step(), weights, pipeline, split, stage.mesh))
         interval_start = time.perf_counter()
     if start == total and checkpoints.latest_step() != total:
       checkpoints.save(total, state.as_dict())
@@ -267,11 +341,19 @@ def _train_loop(cfg: ConfigDict, stage: Stage, train_fn, eval_fn, state: TrainSt
   return state, train_seconds, train_steps
 
 
-def log_interval(log: MetricsLog, step: int, host_metrics: list[dict[str, Any]],
-                 examples_per_s: float | None) -> dict[str, float]:
-  """Writes the interval's averaged training metrics (learning rate: its latest value) and returns them."""
+def top_label(strategy: Strategy) -> str:
+  """The label whose learning rate is reported as plain `learning_rate`: the top (output-side) group's."""
+  return list(strategy.labels())[-1]
+
+
+def log_interval(log: MetricsLog, step: int, host_metrics: list[dict[str, Any]], examples_per_s: float | None,
+                 main_label: str) -> dict[str, float]:
+  """Writes the interval's averaged training metrics (learning rates: their latest values) and returns them."""
   averaged = {key: float(np.mean([m[key] for m in host_metrics])) for key in host_metrics[0]}
-  averaged["learning_rate"] = float(host_metrics[-1]["learning_rate"])
+  for key in host_metrics[-1]:
+    if key.startswith("learning_rate/"):
+      averaged[key] = float(host_metrics[-1][key])
+  averaged["learning_rate"] = averaged[f"learning_rate/{main_label}"]
   if examples_per_s is not None:
     averaged["examples_per_s"] = examples_per_s
   log.write(step, "train", averaged)
@@ -291,14 +373,14 @@ def _check_finite(host_metrics: list[dict[str, Any]], step: int, checkpoints: Ch
                           "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm")
 
 
-def evaluate(eval_fn, state: TrainState, pipeline: InputPipeline, split: str,
+def evaluate(eval_fn, weights: dict[str, Any], pipeline: InputPipeline, split: str,
              mesh: jax.sharding.Mesh) -> dict[str, float]:
   """Loss and accuracy over every example of `split` (padding masked out), and examples per second."""
   spec = batch_sharding(mesh)
   start = time.perf_counter()
   totals = None
   for batch in pipeline.eval_batches(split):
-    sums = eval_fn(state, to_global(batch, spec))
+    sums = eval_fn(weights, to_global(batch, spec))
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   totals = jax.device_get(totals)
   seconds = time.perf_counter() - start

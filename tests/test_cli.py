@@ -32,8 +32,11 @@ def test_python_dash_m_runs_a_config_and_prints_the_table(tiny_file, tmp_path):
                           timeout=300)
   assert result.returncode == 0, result.stderr
   lines = result.stdout.strip().splitlines()
-  assert lines[0].split()[:4] == ["stage", "dataset", "split", "accuracy"]
-  assert lines[2].startswith("train") and "validation" in lines[2]
+  assert lines[0] == "[train] 1,210 of 1,210 parameters train at step 0; layer groups:"
+  table = lines.index(next(l for l in lines if l.startswith("stage ")))
+  assert lines[table].split()[:4] == ["stage", "dataset", "split", "accuracy"]
+  assert lines[table + 2].startswith("train") and "validation" in lines[table + 2]
+  assert result.stderr == ""
   assert lines[-1] == f"outputs: {workdir}"
   assert '"steps": 4' in (workdir / "config.json").read_text()
 

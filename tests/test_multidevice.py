@@ -26,7 +26,7 @@ mesh = json.loads(sys.argv[1]); workdir = sys.argv[2]
 config = tiny_config(mesh=mesh, train={{"steps": {steps}, "log_every": 1, "checkpoint_every": 0}},
                      data={{"batch_size": 32, "eval_batch_size": 64}})
 stage = train_lib.build_stage(config)
-print(json.dumps(describe(stage.state_shardings.params)))
+print(json.dumps(describe(stage.params_sharding)))
 train_lib.train_and_evaluate(config, workdir)
 '''.format(steps=STEPS)
 

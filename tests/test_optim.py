@@ -12,7 +12,16 @@ import pytest
 
 from finetune.config import defaults
 from finetune.errors import FinetuneError
-from finetune.optim import OPTIMIZERS, SCHEDULES, build_optimizer
+from finetune import optim
+from finetune.optim import OPTIMIZERS, SCHEDULES
+from finetune.strategy import Strategy
+
+
+def build_optimizer(cfg, total_steps, params):
+  """One group holding every parameter: (transform, learning rate as a function of the step)."""
+  transform, lr_by_label = optim.build_optimizer(cfg, Strategy.single_group(params, cfg.learning_rate), 0,
+                                                 total_steps, params)
+  return transform, lr_by_label["all"]
 
 
 def _cfg(**overrides):
@@ -212,12 +221,12 @@ def test_adamw_first_step_is_sign_times_lr():
 
 def test_registered_names():
   assert OPTIMIZERS.names() == ["adamw", "sgd"]
-  assert SCHEDULES.names() == ["constant", "cosine", "linear"]
+  assert SCHEDULES.names() == ["constant", "cosine", "linear", "onecycle", "stlr"]
 
 
 @pytest.mark.parametrize("key,value,expected", [
     ("name", "adam", ["unknown optimizer 'adam'", "did you mean 'adamw'?", "adamw, sgd"]),
-    ("schedule", "cosin", ["unknown learning-rate schedule 'cosin'", "constant, cosine, linear"]),
+    ("schedule", "cosin", ["unknown learning-rate schedule 'cosin'", "constant, cosine, linear, onecycle, stlr"]),
 ])
 def test_unknown_names_list_valid_ones(key, value, expected):
   with pytest.raises(FinetuneError) as info:

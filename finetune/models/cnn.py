@@ -21,7 +21,8 @@ class ConvBlock(nnx.Module):
     self.norm = batch_norm(out_channels, rngs)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    return jax.nn.relu(self.norm(self.conv(x), use_running_average=not train))
+    # A frozen BatchNorm (see finetune/strategy.py) has use_running_average set and stays in inference mode.
+    return jax.nn.relu(self.norm(self.conv(x), use_running_average=not train or self.norm.use_running_average))
 
 
 class Stage(nnx.Module):

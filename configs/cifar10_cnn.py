@@ -1,0 +1,26 @@
+"""CIFAR-10 from scratch with the small CNN: the single-stage baseline for the CIFAR transfer experiments.
+
+Data: all of CIFAR-10 from `../shared/data/cifar10` (train.tar / test.tar of JPEGs; decoded once and cached under
+`~/.cache/finetune`), 5,000 training images held out for validation, random crops (padding 4) and flips.
+
+Command:
+    finetune train --config configs/cifar10_cnn.py --workdir /tmp/cifar10_cnn
+
+Expected result (measured on 2 CPU cores): RESULT_PLACEHOLDER
+
+Arguments: `steps` (default 1200), `data_path` (default '../shared/data/cifar10').
+"""
+
+from finetune.config import ConfigDict, parse_arg
+
+
+def get_config(arg=None):
+  args = parse_arg(arg, steps=1200, data_path="../shared/data/cifar10")
+  config = ConfigDict()
+  config.model = dict(name="cnn", in_channels=3, stem_width=32, widths=(64, 128, 256), blocks_per_stage=1)
+  config.data = dict(name="cifar10", path=args.data_path, batch_size=128, eval_batch_size=500,
+                     validation_fraction=0.1, augment=dict(crop_padding=4, flip=True))
+  config.train = dict(steps=args.steps, log_every=100, checkpoint_every=400, eval_every=400)
+  config.optimizer = dict(name="adamw", learning_rate=3e-3, warmup_steps=50, weight_decay=5e-4,
+                          grad_clip_norm=1.0)
+  return config

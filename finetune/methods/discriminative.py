@@ -1,0 +1,53 @@
+"""Discriminative learning rates (Howard & Ruder 2018; fastai's `slice`): one peak learning rate per layer group.
+
+* `config.optimizer.lr_range = (lo, hi)`: group i of n gets lo * (hi/lo)^(i/(n-1)) (geometric, input to output);
+* `config.optimizer.lr_factor = f`: group i gets lr / f^(n-1-i), the top group `lr` (ULMFiT: f = 2.6; layer-wise
+  LR decay for transformers is the same with f = 1/decay);
+* `config.optimizer.lr_multipliers = ((regex, m), ...)`: parameters matching a regex get m x their group's rate.
+They compose: the group rate from range or factor, times the first matching regex multiplier.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping, Sequence
+
+from ml_collections import ConfigDict
+
+from finetune.errors import FinetuneError
+from finetune.partition import require_matches
+
+
+def group_peak_lrs(opt_cfg: ConfigDict, groups: Sequence[str]) -> dict[str, float]:
+  """{group: peak learning rate}."""
+  n = len(groups)
+  if opt_cfg.lr_range and opt_cfg.lr_factor:
+    raise FinetuneError("set only one of config.optimizer.lr_range and config.optimizer.lr_factor")
+  if opt_cfg.lr_range:
+    if len(opt_cfg.lr_range) != 2 or not 0 < opt_cfg.lr_range[0] <= opt_cfg.lr_range[1]:
+      raise FinetuneError(f"config.optimizer.lr_range={tuple(opt_cfg.lr_range)} must be (lo, hi) with 0 < lo <= hi")
+    lo, hi = (float(v) for v in opt_cfg.lr_range)
+    return {g: lo * (hi / lo) ** (i / (n - 1)) if n > 1 else hi for i, g in enumerate(groups)}
+  if opt_cfg.lr_factor:
+    if opt_cfg.lr_factor <= 0:
+      raise FinetuneError("config.optimizer.lr_factor must be > 0 (ULMFiT uses 2.6)")
+    return {g: opt_cfg.learning_rate / opt_cfg.lr_factor ** (n - 1 - i) for i, g in enumerate(groups)}
+  return {g: opt_cfg.learning_rate for g in groups}
+
+
+def path_multipliers(opt_cfg: ConfigDict, paths: Sequence[str]) -> dict[str, float]:
+  """{path: multiplier from config.optimizer.lr_multipliers} (1.0 where no regex matches; first match wins)."""
+  rules = []
+  for rule in opt_cfg.lr_multipliers:
+    if len(rule) != 2 or not isinstance(rule[1], (int, float)) or rule[1] < 0:
+      raise FinetuneError(f"config.optimizer.lr_multipliers entry {tuple(rule)!r} must be (regex, multiplier >= 0)")
+    rules.append((re.compile(rule[0]), float(rule[1])))
+  require_matches([r[0] for r in opt_cfg.lr_multipliers], list(paths), "config.optimizer.lr_multipliers")
+  result = {}
+  for path in paths:
+    result[path] = next((m for regex, m in rules if regex.search(path)), 1.0)
+  return result
+
+
+def describe(peaks: Mapping[str, float]) -> str:
+  return ", ".join(f"{g}={lr:.3g}" for g, lr in peaks.items())

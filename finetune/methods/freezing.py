@@ -1,0 +1,35 @@
+"""Freezing: parameters that receive no update, no optimizer state and (where avoidable) no gradient.
+
+Two ways to say it, which combine: regexes over parameter paths (`config.freeze.patterns`), and Yosinski's
+"frozen n" (`config.freeze.first_n`: the first n layer groups, input side). With `config.freeze.train_bn` (fastai's
+`train_bn`) BatchNorm scales and biases inside frozen groups stay trainable and their statistics keep updating;
+without it a frozen BatchNorm runs in inference mode, so its statistics stay exactly as loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping, Sequence
+
+from ml_collections import ConfigDict
+
+from finetune.errors import FinetuneError
+from finetune.partition import require_matches
+
+
+def frozen_paths(freeze_cfg: ConfigDict, groups: Sequence[str], group_of: Mapping[str, str],
+                 batch_norm_params: set[str]) -> frozenset[str]:
+  """The parameter paths frozen for the whole stage."""
+  paths = list(group_of)
+  if freeze_cfg.first_n < 0 or freeze_cfg.first_n > len(groups):
+    raise FinetuneError(f"config.freeze.first_n={freeze_cfg.first_n} but the model has {len(groups)} layer groups "
+                        f"({', '.join(groups)}); use 0..{len(groups)}")
+  require_matches(freeze_cfg.patterns, paths, "config.freeze.patterns")
+  frozen_groups = set(groups[:freeze_cfg.first_n])
+  patterns = [re.compile(p) for p in freeze_cfg.patterns]
+  frozen = {p for p in paths if group_of[p] in frozen_groups or any(r.search(p) for r in patterns)}
+  if freeze_cfg.train_bn:
+    frozen -= batch_norm_params
+  if len(frozen) == len(paths):
+    raise FinetuneError("every parameter is frozen (config.freeze); leave at least one group trainable")
+  return frozenset(frozen)

@@ -1,0 +1,172 @@
+"""A stage's fine-tuning strategy, resolved into one table: parameter -> group, frozen?, peak learning rate.
+
+`resolve_strategy` combines the layer groups (the model's `layer_groups()` or `config.groups`), freezing
+(`methods/freezing.py`), discriminative learning rates (`methods/discriminative.py`) and the unfreezing phases
+(`methods/unfreezing.py`). The optimizer builds one optax partition entry per *label* (a group, or a group with a
+regex multiplier) plus 'frozen' (`optax.set_to_zero`, no state); the train step differentiates only the parameters
+trainable in the current phase. The table is written to `partition.tsv` in the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+from flax import nnx
+from ml_collections import ConfigDict
+
+from finetune.errors import FinetuneError
+from finetune.methods import discriminative, freezing, unfreezing
+from finetune.partition import assign_groups, flatten, path_str
+
+FROZEN = "frozen"
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+  groups: tuple[str, ...]  # ordered input to output
+  group_of: Mapping[str, str]  # parameter path -> group
+  shapes: Mapping[str, tuple[int, ...]]
+  frozen: frozenset[str]  # paths never trained in this stage
+  peak_lr: Mapping[str, float]  # path -> peak learning rate (group rate x regex multiplier)
+  batch_norm: Mapping[str, tuple[str, ...]]  # BatchNorm module path -> its parameter paths
+  train_bn: bool
+  phases: tuple[unfreezing.Phase, ...]
+  restart_schedules: bool
+
+  @classmethod
+  def single_group(cls, params: Any, learning_rate: float, name: str = "all") -> "Strategy":
+    """Everything in one trainable group: plain fine-tuning of `params` (a pytree; abstract is fine)."""
+    shapes = {p: tuple(x.shape) for p, x in flatten(params).items()}
+    return cls(groups=(name,), group_of={p: name for p in shapes}, shapes=shapes, frozen=frozenset(),
+               peak_lr={p: learning_rate for p in shapes}, batch_norm={}, train_bn=False,
+               phases=(unfreezing.Phase(0, (name,)),), restart_schedules=False)
+
+  def phase_index(self, step: int) -> int:
+    """The phase that step `step` (0-based update index) belongs to."""
+    return max(i for i, phase in enumerate(self.phases) if phase.start <= step)
+
+  def trainable(self, phase: int) -> frozenset[str]:
+    groups = set(self.phases[phase].trainable_groups)
+    return frozenset(p for p, g in self.group_of.items() if g in groups and p not in self.frozen)
+
+  def label(self, path: str) -> str:
+    """The optimizer partition entry of a (non-frozen) path: its group, or group*multiplier."""
+    group = self.group_of[path]
+    group_rate = self.peak_lr_of_group(group)
+    rate = self.peak_lr[path]
+    return group if math.isclose(rate, group_rate) else f"{group}*{rate / group_rate:g}"
+
+  def peak_lr_of_group(self, group: str) -> float:
+    return max(self.peak_lr[p] for p, g in self.group_of.items() if g == group)
+
+  def labels(self) -> dict[str, float]:
+    """{label: peak learning rate} for every label that trains at some point, in group order."""
+    result = {}
+    for group in self.groups:
+      for path, g in self.group_of.items():
+        if g == group and path not in self.frozen:
+          result.setdefault(self.label(path), self.peak_lr[path])
+    return result
+
+  def label_start(self, label: str) -> int:
+    """The first step at which `label` trains (its schedule offset)."""
+    group = label.split("*")[0]
+    return min(phase.start for phase in self.phases if group in phase.trainable_groups)
+
+  def labels_tree(self, params: Any, phase: int) -> Any:
+    """The optax partition labels for `params` in `phase` ('frozen' for everything not trained in it)."""
+    trainable = self.trainable(phase)
+    return jax.tree_util.tree_map_with_path(
+        lambda keypath, _: self.label(path_str(keypath)) if path_str(keypath) in trainable else FROZEN, params)
+
+  def frozen_batch_norm(self, phase: int) -> tuple[str, ...]:
+    """BatchNorm modules run in inference mode in `phase`: all their parameters frozen and no train_bn."""
+    if self.train_bn:
+      return ()
+    trainable = self.trainable(phase)
+    return tuple(module for module, params in self.batch_norm.items() if not set(params) & trainable)
+
+  def counts(self, phase: int = 0) -> dict[str, int]:
+    trainable = self.trainable(phase)
+    sizes = {p: math.prod(s) for p, s in self.shapes.items()}
+    return {"params": sum(sizes.values()), "trainable": sum(sizes[p] for p in trainable),
+            "frozen": sum(sizes[p] for p in sizes if p not in trainable)}
+
+  def table(self) -> str:
+    """Tab-separated: one row per parameter (group, shape, trainable per phase, peak lr, label)."""
+    header = ["path", "group", "shape", "frozen_for_stage", "trainable_from_step", "peak_lr", "label"]
+    rows = ["\t".join(header)]
+    for path, group in self.group_of.items():
+      frozen = path in self.frozen
+      start = "" if frozen else str(self.label_start(self.label(path)))
+      rows.append("\t".join([path, group, "x".join(map(str, self.shapes[path])) or "scalar", str(frozen).lower(),
+                             start, "0" if frozen else f"{self.peak_lr[path]:.6g}",
+                             FROZEN if frozen else self.label(path)]))
+    return "\n".join(rows) + "\n"
+
+  def short(self) -> str:
+    """One line per group: parameters, frozen or from which step it trains, peak learning rate."""
+    lines = []
+    for group in self.groups:
+      paths = [p for p, g in self.group_of.items() if g == group]
+      size = sum(math.prod(self.shapes[p]) for p in paths)
+      live = [p for p in paths if p not in self.frozen]
+      if not live:
+        state = "frozen"
+      else:
+        start = self.label_start(self.label(live[0]))
+        state = f"trains from step {start}" if start else "trains"
+        if len(live) < len(paths):
+          state += f" ({len(paths) - len(live)} of {len(paths)} tensors frozen)"
+        state += f", peak lr {self.peak_lr_of_group(group):.3g}"
+      lines.append(f"  {group:<12} {size:>10,} params  {state}")
+    return "\n".join(lines)
+
+
+def batch_norm_modules(abstract_model: nnx.Module) -> dict[str, tuple[str, ...]]:
+  return {path_str(path): (path_str(path) + "/scale", path_str(path) + "/bias")
+          for path, node in nnx.iter_graph(abstract_model) if isinstance(node, nnx.BatchNorm)}
+
+
+def resolve_strategy(cfg: ConfigDict, abstract_model: nnx.Module, abstract_params: Any, total_steps: int,
+                     steps_per_epoch: int) -> Strategy:
+  shapes = {p: tuple(x.shape) for p, x in flatten(abstract_params).items()}
+  if cfg.groups:
+    groups_spec: Sequence[tuple[str, str]] = [tuple(g) for g in cfg.groups]
+    source = "config.groups"
+  else:
+    groups_spec = abstract_model.layer_groups()
+    source = f"layer groups of model {cfg.model.name!r}"
+  groups = tuple(name for name, _ in groups_spec)
+  group_of = assign_groups(list(shapes), groups_spec, source)
+  batch_norm = batch_norm_modules(abstract_model)
+  bn_params = {p for params in batch_norm.values() for p in params if p in shapes}
+  frozen = freezing.frozen_paths(cfg.freeze, groups, group_of, bn_params)
+  group_rates = discriminative.group_peak_lrs(cfg.optimizer, groups)
+  multipliers = discriminative.path_multipliers(cfg.optimizer, list(shapes))
+  peak_lr = {p: group_rates[group_of[p]] * multipliers[p] for p in shapes}
+  unfreezable = [g for g in groups if any(group_of[p] == g and p not in frozen for p in shapes)]
+  phases = unfreezing.phases(cfg.unfreeze, groups, unfreezable, total_steps, steps_per_epoch)
+  if cfg.unfreeze.schedule not in ("continue", "restart"):
+    raise FinetuneError(f"config.unfreeze.schedule={cfg.unfreeze.schedule!r}; valid: continue, restart")
+  return Strategy(groups=groups, group_of=group_of, shapes=shapes, frozen=frozen, peak_lr=peak_lr,
+                  batch_norm=batch_norm, train_bn=cfg.freeze.train_bn, phases=phases,
+                  restart_schedules=cfg.unfreeze.schedule == "restart")
+
+
+def write_table(strategy: Strategy, run_dir: str, stage: str) -> None:
+  """partition.tsv in the run directory, and the short form on stdout (process 0; stderr is kept for errors)."""
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(run_dir, "partition.tsv"), "w") as f:
+    f.write(strategy.table())
+  counts = strategy.counts(0)
+  print(f"[{stage}] {counts['trainable']:,} of {counts['params']:,} parameters train at step 0; layer groups:\n"
+        f"{strategy.short()}", flush=True)
+  if len(strategy.phases) > 1:
+    print(f"[{stage}] unfreezing: " + "; ".join(f"step {p.start}: {', '.join(p.trainable_groups)}"
+                                               for p in strategy.phases), flush=True)
