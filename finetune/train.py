@@ -118,7 +118,10 @@ class Stage:
     """The train step of `phase`, compiled ahead of time."""
     def make():
       tx, lr_by_label = self.optimizer(phase)
-      step = make_train_step(self.graphdef, tx, lr_by_label, self.strategy.trainable(phase),
+      trainable_labels = {self.strategy.label(p) for p in self.strategy.trainable(phase)}
+      # Labels frozen in this phase report a learning rate of 0, so unfreezing shows in the logged curves.
+      logged = {label: fn if label in trainable_labels else (lambda _: 0.0) for label, fn in lr_by_label.items()}
+      step = make_train_step(self.graphdef, tx, logged, self.strategy.trainable(phase),
                              self.strategy.frozen_batch_norm(phase), self.cfg.train.label_smoothing)
       return compile_train_step(step, self.abstract_state(phase), abstract_batch(self.pipeline.train_batch(0),
                                                                                  self.mesh), self.mesh)

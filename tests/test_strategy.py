@@ -1,0 +1,250 @@
+"""Strategies as configuration: partition table, freezing, discriminative LRs, schedules, gradual unfreezing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from finetune import train as train_lib
+from finetune.checkpoint import read_checkpoint_arrays
+from finetune.config import defaults
+from finetune.errors import FinetuneError
+from finetune.optim import SCHEDULES
+from finetune.partition import flatten
+from finetune.step import make_train_step
+
+GROUPS = ["stem", "stage_1", "stage_2", "head"]  # the tiny CNN's layer groups, input to output
+
+
+def _records(run_dir, split="train"):
+  return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))
+          if json.loads(line)["split"] == split]
+
+
+def _init_arrays(config):
+  """Parameters and BatchNorm statistics of a stage's initial state (same seed as training)."""
+  stage = train_lib.build_stage(config)
+  state = stage.init_state(0)(jax.random.PRNGKey(config.seed))
+  return flatten(jax.device_get(state.params)), flatten(jax.device_get(state.model_state))
+
+
+# ---------------------------------------------------------------------------------------------- partition table
+
+
+def test_partition_table_written_and_groups_cover_every_parameter(tmp_path):
+  config = tiny_config(train={"steps": 2}, freeze={"first_n": 1}, optimizer={"lr_factor": 2.0})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  rows = [line.split("\t") for line in open(tmp_path / "partition.tsv").read().splitlines()]
+  header, rows = rows[0], rows[1:]
+  assert header == ["path", "group", "shape", "frozen_for_stage", "trainable_from_step", "peak_lr", "label"]
+  by_path = {r[0]: dict(zip(header, r)) for r in rows}
+  assert by_path["stem/conv/kernel"]["group"] == "stem" and by_path["stem/conv/kernel"]["frozen_for_stage"] == "true"
+  assert by_path["head/kernel"]["peak_lr"] == "0.003" and by_path["stage_2/blocks/0/conv/kernel".replace(
+      "stage_2", "stages/1")]["peak_lr"] == "0.0015"
+  assert {r[1] for r in rows} == set(GROUPS)
+
+
+def test_custom_groups_and_bad_partitions_are_errors():
+  groups = (("low", "^(stem|stages/0)/"), ("high", "^(stages/1|head)/"))
+  stage = train_lib.build_stage(tiny_config(groups=groups, freeze={"first_n": 1}))
+  assert stage.strategy.groups == ("low", "high")
+  assert stage.strategy.trainable(0) == {p for p in stage.strategy.group_of if not p.startswith(("stem", "stages/0"))}
+  cases = [
+      ({"groups": (("a", "^stem/"), ("b", "^stem/|^stages/"), ("c", "^head/"))},
+       "parameter 'stem/conv/kernel' is in several groups (a, b)"),
+      ({"groups": (("a", "^stem/"), ("c", "^head/"))}, "parameter 'stages/0/blocks/0/conv/kernel' is in no layer group"),
+      ({"groups": (("a", "^(stem|stages)/"), ("x", "^nothing/"), ("c", "^head/"))}, "group 'x' matches no parameter"),
+      ({"freeze": {"first_n": 5}}, "config.freeze.first_n=5 but the model has 4 layer groups"),
+      ({"freeze": {"patterns": ("^stme/",)}}, "config.freeze.patterns: pattern '^stme/' matches no parameter"),
+      ({"freeze": {"first_n": 4}}, "every parameter is frozen"),
+      ({"optimizer": {"lr_multipliers": (("^nope/", 0.1),)}}, "lr_multipliers: pattern '^nope/' matches no parameter"),
+      ({"optimizer": {"lr_range": (1e-3, 1e-4)}}, "must be (lo, hi) with 0 < lo <= hi"),
+      ({"unfreeze": {"mode": "gradual"}}, "set exactly one of config.unfreeze.every_steps"),
+      ({"unfreeze": {"mode": "gradual", "every_steps": 5}}, "needs more than 15 steps to reach all 4 groups"),
+  ]
+  for sections, message in cases:
+    with pytest.raises(FinetuneError) as info:
+      train_lib.build_stage(tiny_config(**sections))
+    assert message in str(info.value), (sections, str(info.value))
+
+
+# ---------------------------------------------------------------------------------------------------- freezing
+
+
+def test_frozen_parameters_bit_identical_without_optimizer_state(tmp_path):
+  config = tiny_config(train={"steps": 8, "checkpoint_every": 0}, freeze={"first_n": 2},
+                       optimizer={"weight_decay": 0.1})
+  params0, stats0 = _init_arrays(config)
+  summary = train_lib.train_and_evaluate(config, str(tmp_path))["train"]
+  final = read_checkpoint_arrays(str(tmp_path / "checkpoints" / "8"))
+  frozen_prefixes = ("stem/", "stages/0/")
+  for path, value in final["params"].items():
+    if path.startswith(frozen_prefixes):
+      assert np.array_equal(value, params0[path]) and value.tobytes() == params0[path].tobytes(), path
+    else:
+      assert not np.array_equal(value, params0[path]), path
+  # Frozen BatchNorm layers ran in inference mode: their statistics did not move either.
+  for path, value in final["model_state"].items():
+    assert np.array_equal(value, stats0[path]) == path.startswith(frozen_prefixes), path
+  # Optimizer moments exist only for trainable parameters: adam keeps mu and nu (2 x 4 bytes per parameter), and
+  # each of the two trainable groups (stage_2, head) an int32 update count for adam and one for its schedule.
+  trainable = summary["trainable_params"]
+  assert trainable == sum(v.size for p, v in params0.items() if not p.startswith(frozen_prefixes))
+  assert summary["optimizer_state_bytes"] == 2 * 4 * trainable + 2 * 2 * 4
+
+
+def test_train_bn_keeps_batch_norm_of_frozen_groups_training(tmp_path):
+  config = tiny_config(train={"steps": 4, "checkpoint_every": 0}, freeze={"first_n": 2, "train_bn": True})
+  params0, stats0 = _init_arrays(config)
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  final = read_checkpoint_arrays(str(tmp_path / "checkpoints" / "4"))
+  assert np.array_equal(final["params"]["stem/conv/kernel"], params0["stem/conv/kernel"])
+  assert not np.array_equal(final["params"]["stem/norm/scale"], params0["stem/norm/scale"])
+  assert not np.array_equal(final["model_state"]["stem/norm/mean"], stats0["stem/norm/mean"])
+
+
+def _conv_count(config) -> int:
+  stage = train_lib.build_stage(config)
+  tx, lr_by_label = stage.optimizer(0)
+  step = make_train_step(stage.graphdef, tx, lr_by_label, stage.strategy.trainable(0),
+                         stage.strategy.frozen_batch_norm(0))
+  batch = train_lib.abstract_batch(stage.pipeline.train_batch(0), stage.mesh)
+  return str(jax.make_jaxpr(step)(stage.abstract_state(0), batch)).count("conv_general_dilated")
+
+
+def test_no_backward_pass_through_frozen_layers():
+  # Three convolutions forward. Full fine-tuning adds their weight gradients (3) and input gradients for the two
+  # above the stem (2); freezing everything below the head leaves the forward pass only.
+  assert _conv_count(tiny_config()) == 8
+  assert _conv_count(tiny_config(freeze={"first_n": 3})) == 3
+  assert _conv_count(tiny_config(freeze={"first_n": 2})) == 3 + 1  # stage_2's weight gradient only
+
+
+# ------------------------------------------------------------------------------------------ learning rates
+
+
+def test_discriminative_learning_rates_follow_the_formulas(tmp_path):
+  n = len(GROUPS)
+  for optimizer, expected in [
+      ({"lr_range": (1e-4, 1e-2)}, {g: 1e-4 * 100 ** (i / (n - 1)) for i, g in enumerate(GROUPS)}),
+      ({"lr_factor": 2.6}, {g: 3e-3 / 2.6 ** (n - 1 - i) for i, g in enumerate(GROUPS)}),
+  ]:
+    config = tiny_config(optimizer={"schedule": "constant", "warmup_steps": 0, **optimizer},
+                         train={"steps": 3, "log_every": 1, "checkpoint_every": 0})
+    workdir = tmp_path / str(len(os.listdir(tmp_path)))
+    train_lib.train_and_evaluate(config, str(workdir))
+    for record in _records(workdir):
+      for group, lr in expected.items():
+        assert math.isclose(record[f"learning_rate/{group}"], lr, rel_tol=1e-6), (group, record)
+      assert record["learning_rate"] == record["learning_rate/head"]
+
+
+def test_regex_multiplier_scales_only_its_parameters(tmp_path):
+  config = tiny_config(optimizer={"schedule": "constant", "warmup_steps": 0, "lr_multipliers": (("/bias$", 0.1),)},
+                       train={"steps": 2, "log_every": 1, "checkpoint_every": 0})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  record = _records(tmp_path)[-1]
+  assert math.isclose(record["learning_rate/head"], 3e-3, rel_tol=1e-6)
+  assert math.isclose(record["learning_rate/head*0.1"], 3e-4, rel_tol=1e-6)
+
+
+def test_slanted_triangular_matches_the_paper():
+  cfg = defaults().optimizer
+  cfg.cut_frac, cfg.ratio = 0.1, 32.0
+  total, peak = 1000, 0.01
+  schedule = SCHEDULES.get("stlr")(cfg, peak, total)
+  cut = math.floor(total * 0.1)
+  for t in (0, 1, 50, 99, 100, 101, 500, 999):
+    p = t / cut if t < cut else 1 - (t - cut) / (cut * (1 / 0.1 - 1))
+    assert math.isclose(float(schedule(t)), peak * (1 + p * 31) / 32, rel_tol=1e-6), t
+  assert math.isclose(float(schedule(cut)), peak, rel_tol=1e-6) and float(schedule(0)) == pytest.approx(peak / 32)
+
+
+def test_one_cycle_rises_then_falls():
+  cfg = defaults().optimizer
+  schedule = SCHEDULES.get("onecycle")(cfg, 1.0, 100)
+  values = [float(schedule(t)) for t in range(100)]
+  assert values[0] == pytest.approx(1 / 25) and max(values) == pytest.approx(1.0, rel=1e-3)
+  assert values.index(max(values)) == 25 and values[-1] < values[0]
+
+
+# --------------------------------------------------------------------------------------- gradual unfreezing
+
+
+def _unfreeze_config(schedule="continue", steps=12, mode="gradual"):
+  return tiny_config(unfreeze={"mode": mode, "every_steps": 3, "schedule": schedule},
+                     optimizer={"schedule": "linear", "warmup_steps": 0, "lr_factor": 2.0},
+                     train={"steps": steps, "log_every": 1, "checkpoint_every": 3})
+
+
+def test_gradual_unfreezing_happens_exactly_at_the_configured_steps(tmp_path):
+  config = _unfreeze_config()
+  params0, _ = _init_arrays(config)
+  summary = train_lib.train_and_evaluate(config, str(tmp_path))["train"]
+  assert summary["phases"] == [{"start": 0, "trainable_groups": ["head"]},
+                               {"start": 3, "trainable_groups": ["stage_2", "head"]},
+                               {"start": 6, "trainable_groups": ["stage_1", "stage_2", "head"]},
+                               {"start": 9, "trainable_groups": GROUPS}]
+  records = _records(tmp_path)
+  for record in records:
+    step = record["step"] - 1  # the record of update index s is written at step s + 1
+    trainable = [g for p in summary["phases"] if p["start"] <= step for g in p["trainable_groups"]]
+    for i, group in enumerate(GROUPS):
+      base = 3e-3 / 2.0 ** (3 - i) * (1 - step / 12)  # linear decay to 0 over the stage, read at the global step
+      expected = base if group in trainable else 0.0  # a group not yet unfrozen reports 0
+      assert math.isclose(record[f"learning_rate/{group}"], expected, rel_tol=1e-5, abs_tol=1e-12), (group, record)
+  final = read_checkpoint_arrays(str(tmp_path / "checkpoints" / "12"))["params"]
+  assert not np.array_equal(final["stem/conv/kernel"], params0["stem/conv/kernel"])
+
+
+def test_unfrozen_group_untouched_before_its_phase(tmp_path):
+  config_keep = tiny_config(unfreeze={"mode": "gradual", "every_steps": 3},
+                            optimizer={"schedule": "linear", "warmup_steps": 0, "lr_factor": 2.0},
+                            train={"steps": 12, "log_every": 1, "checkpoint_every": 3, "keep_checkpoints": 5})
+  params0, _ = _init_arrays(config_keep)
+  train_lib.train_and_evaluate(config_keep, str(tmp_path))
+  for step, untouched in [(3, ("stem/", "stages/0/", "stages/1/")), (6, ("stem/", "stages/0/")), (9, ("stem/",))]:
+    params = read_checkpoint_arrays(str(tmp_path / "checkpoints" / str(step)))["params"]
+    for path, value in params.items():
+      assert np.array_equal(value, params0[path]) == path.startswith(untouched), (step, path)
+
+
+def test_restarted_schedule_starts_again_at_unfreezing(tmp_path):
+  train_lib.train_and_evaluate(_unfreeze_config(schedule="restart"), str(tmp_path))
+  record = next(r for r in _records(tmp_path) if r["step"] == 7)  # update index 6: stage_1 joins here
+  assert math.isclose(record["learning_rate/stage_1"], 3e-3 / 4, rel_tol=1e-5)  # its schedule's first value
+  assert math.isclose(record["learning_rate/head"], 3e-3 * (1 - 6 / 12), rel_tol=1e-5)  # continues
+
+
+def test_chain_thaw_trains_one_group_at_a_time(tmp_path):
+  summary = train_lib.train_and_evaluate(_unfreeze_config(mode="chain_thaw", steps=16), str(tmp_path))["train"]
+  assert [p["trainable_groups"] for p in summary["phases"]] == [["head"], ["stem"], ["stage_1"], ["stage_2"], GROUPS]
+
+
+def test_resume_across_an_unfreezing_boundary_equals_uninterrupted(tmp_path, monkeypatch):
+  config = _unfreeze_config()
+  train_lib.train_and_evaluate(config, str(tmp_path / "clean"))
+  original = train_lib.InputPipeline.train_batch
+
+  def crash_at_step_7(self, step):  # dies inside the third phase, after checkpoint 6 (a boundary)
+    if step == 7:
+      raise KeyboardInterrupt
+    return original(self, step)
+
+  monkeypatch.setattr(train_lib.InputPipeline, "train_batch", crash_at_step_7)
+  with pytest.raises(KeyboardInterrupt):
+    train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
+  monkeypatch.setattr(train_lib.InputPipeline, "train_batch", original)
+  assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3", "6"]
+  train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
+  clean = read_checkpoint_arrays(str(tmp_path / "clean" / "checkpoints" / "12"))
+  resumed = read_checkpoint_arrays(str(tmp_path / "resumed" / "checkpoints" / "12"))
+  for collection in ("params", "model_state"):
+    for path, value in clean[collection].items():
+      np.testing.assert_array_equal(resumed[collection][path], value, err_msg=path)
