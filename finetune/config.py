@@ -80,6 +80,7 @@ def defaults() -> ConfigDict:
   })
   c.groups = ()
   c.freeze = ConfigDict({"patterns": (), "first_n": 0, "train_bn": False})
+  c.features = ConfigDict({"cache": False, "max_memory_mb": 4096.0, "closed_form": (), "l2": 1e-4})
   c.unfreeze = ConfigDict({"mode": "none", "every_steps": 0, "every_epochs": 0.0, "initial_groups": 1,
                            "schedule": "continue"})
   c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
@@ -268,6 +269,13 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
        "config.train.checkpoint_every must be >= 0 and config.train.keep_checkpoints >= 1")
   need(c.wandb.mode in ("disabled", "offline", "online"), "config.wandb.mode must be disabled, offline or online")
   need(len(set(c.data.classes)) == len(c.data.classes), "config.data.classes has repeated classes")
+  for probe in c.features.closed_form:
+    need(probe in ("ridge", "logistic"),
+         f"unknown closed-form probe {probe!r} in config.features.closed_form; valid: ridge, logistic")
+  need(c.unfreeze.mode in ("none", "gradual", "chain_thaw"),
+       f"config.unfreeze.mode={c.unfreeze.mode!r}; valid: none, gradual, chain_thaw")
+  need(c.unfreeze.schedule in ("continue", "restart"),
+       f"config.unfreeze.schedule={c.unfreeze.schedule!r}; valid: continue, restart")
   for axis, size in c.mesh.items():
     need(size == -1 or size >= 1, f"config.mesh.{axis} must be -1 (all remaining devices) or >= 1")
 

@@ -54,9 +54,16 @@ def inference_mode_batch_norm(model: nnx.Module, module_paths: tuple[str, ...]) 
       node.use_running_average = True
 
 
+def classify(model: nnx.Module, inputs: jax.Array, *, train: bool = False,
+             rngs: nnx.Rngs | None = None) -> jax.Array:
+  """The default forward pass: the whole model. (Cached feature extraction swaps in the head alone.)"""
+  return model(inputs, train=train, rngs=rngs)
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     lr_by_label: dict[str, Callable[[Any], Any]], trainable: frozenset[str],
                     frozen_batch_norm: tuple[str, ...] = (), label_smoothing: float = 0.0,
+                    forward: Callable[..., jax.Array] = classify,
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)` for batches {'image': (B, ...), 'label': (B,)}.
 
@@ -75,7 +82,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       params = combine(state.params, trainable_params, frozen_params)
       model = nnx.merge(graphdef, params, state.model_state)
       inference_mode_batch_norm(model, frozen_batch_norm)
-      logits = model(batch["image"], train=True, rngs=nnx.Rngs(dropout=dropout_key))
+      logits = forward(model, batch["image"], train=True, rngs=nnx.Rngs(dropout=dropout_key))
       loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
       _, _, new_model_state = nnx.split(model, nnx.Param, ...)
       return loss, (logits, new_model_state.to_pure_dict())
@@ -101,7 +108,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, label_smoothing: float = 0.0) -> Callable[[dict, dict], dict]:
+def make_eval_step(graphdef: nnx.GraphDef, label_smoothing: float = 0.0,
+                   forward: Callable[..., jax.Array] = classify) -> Callable[[dict, dict], dict]:
   """Builds `eval_step(weights, batch) -> sums` over a padded batch with a 0/1 'mask' (padding never counts).
 
   `weights` is {'params': ..., 'model_state': ...}: evaluation needs no optimizer state.
@@ -109,7 +117,7 @@ def make_eval_step(graphdef: nnx.GraphDef, label_smoothing: float = 0.0) -> Call
 
   def eval_step(weights: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     model = nnx.merge(graphdef, weights["params"], weights["model_state"])
-    logits = model(batch["image"], train=False)
+    logits = forward(model, batch["image"], train=False)
     mask = batch["mask"].astype(jnp.float32)
     loss = cross_entropy(logits, batch["label"], label_smoothing)
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)

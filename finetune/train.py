@@ -33,7 +33,9 @@ from finetune.partition import flatten, require_matches
 from finetune.reporting import MetricsLog, Progress, write_json
 from finetune.sharding import (batch_sharding, data_parallel_size, make_mesh, optimizer_state_shardings, replicated,
                                rules_from_config, state_shardings)
-from finetune.step import TrainState, compile_eval_step, compile_train_step, make_eval_step, make_train_step
+from finetune.methods import feature_cache
+from finetune.step import (TrainState, classify, compile_eval_step, compile_train_step, make_eval_step,
+                           make_train_step)
 from finetune.strategy import Strategy, resolve_strategy, write_table
 
 SUMMARY_FILE = "summary.json"
@@ -73,6 +75,7 @@ class Stage:
   model_state_sharding: Any
   abstract_params: Any  # pure dict of ShapeDtypeStruct
   create_model: Callable[[jax.Array], nnx.Module]
+  forward: Callable[..., jax.Array] = classify  # feature caching swaps in the head alone
   _cache: dict = dataclasses.field(default_factory=dict)
 
   def _cached(self, key, make):
@@ -122,7 +125,7 @@ class Stage:
       # Labels frozen in this phase report a learning rate of 0, so unfreezing shows in the logged curves.
       logged = {label: fn if label in trainable_labels else (lambda _: 0.0) for label, fn in lr_by_label.items()}
       step = make_train_step(self.graphdef, tx, logged, self.strategy.trainable(phase),
-                             self.strategy.frozen_batch_norm(phase), self.cfg.train.label_smoothing)
+                             self.strategy.frozen_batch_norm(phase), self.cfg.train.label_smoothing, self.forward)
       return compile_train_step(step, self.abstract_state(phase), abstract_batch(self.pipeline.train_batch(0),
                                                                                  self.mesh), self.mesh)
     return self._cached(("train_step", phase), make)
@@ -133,8 +136,8 @@ class Stage:
       weights = {"params": state.params, "model_state": state.model_state}
       first_split = next(iter(self.pipeline.eval_splits))
       batch = abstract_batch(next(iter(self.pipeline.eval_batches(first_split))), self.mesh)
-      return compile_eval_step(make_eval_step(self.graphdef, self.cfg.train.label_smoothing), weights, batch,
-                               self.mesh)
+      return compile_eval_step(make_eval_step(self.graphdef, self.cfg.train.label_smoothing, self.forward),
+                               weights, batch, self.mesh)
     return self._cached(("eval_step",), make)
 
   def enter_phase(self, state: TrainState, phase: int) -> TrainState:
@@ -261,18 +264,31 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
     else:
       start, saved_phase = 0, 0
       state, init_report = initial_state(stage, cfg, workdir)
+    extraction_seconds = None
+    if cfg.features.cache:
+      feature_cache.check_cacheable(stage.strategy, pipeline, cfg.freeze.train_bn)
+      began = time.perf_counter()
+      pipeline = feature_cache.cached_pipeline(stage.graphdef, _weights(state), pipeline, stage.mesh, run_dir,
+                                               cfg.features.max_memory_mb)
+      extraction_seconds = time.perf_counter() - began
+      stage = dataclasses.replace(stage, pipeline=pipeline, forward=feature_cache.classify_features, _cache={})
     state, train_seconds, train_steps_timed = _train_loop(stage, state, start, saved_phase, checkpoints, log, name)
-    weights = {"params": state.params, "model_state": state.model_state}
-    final = {split: evaluate(stage.eval_step(), weights, pipeline, split, stage.mesh)
+    final = {split: evaluate(stage.eval_step(), _weights(state), pipeline, split, stage.mesh)
              for split in pipeline.eval_splits}
     for split, metrics in final.items():
       log.write(stage.total_steps, split, metrics)
+    closed_form = {}
+    if cfg.features.closed_form:
+      features = pipeline if cfg.features.cache else feature_cache.cached_pipeline(
+          stage.graphdef, _weights(state), pipeline, stage.mesh, run_dir, cfg.features.max_memory_mb)
+      closed_form = feature_cache.closed_form_probes(tuple(cfg.features.closed_form), features, cfg.features.l2)
     checkpoints.wait()
     last_phase = stage.strategy.phase_index(stage.total_steps - 1)
     summary = {
         "stage": name,
         "dataset": pipeline.dataset_name,
         "classes": list(pipeline.class_names),
+        "class_filter": bool(cfg.data.classes),
         "num_train_examples": len(pipeline.train),
         "steps": stage.total_steps,
         "train_examples_per_s": (train_steps_timed * pipeline.batch_size / train_seconds) if train_seconds else None,
@@ -284,6 +300,8 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
                    for p in stage.strategy.phases],
         "init": init_report,
         "final": final,
+        "closed_form_probes": closed_form,
+        "feature_extraction_seconds": extraction_seconds,
         "run_dir": run_dir,
     }
     write_json(summary_path, summary)
@@ -333,15 +351,19 @@ def _train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpo
           checkpoints.save(done, state.as_dict())
         interval_start = time.perf_counter()
       if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total:
-        weights = {"params": state.params, "model_state": state.model_state}
         for split in pipeline.eval_splits:
-          log.write(done, split, evaluate(stage.eval_step(), weights, pipeline, split, stage.mesh))
+          log.write(done, split, evaluate(stage.eval_step(), _weights(state), pipeline, split, stage.mesh))
         interval_start = time.perf_counter()
     if start == total and checkpoints.latest_step() != total:
       checkpoints.save(total, state.as_dict())
   finally:
     progress.close()
   return state, train_seconds, train_steps
+
+
+def _weights(state: TrainState) -> dict[str, Any]:
+  """What evaluation and feature extraction read: parameters and model collections, no optimizer state."""
+  return {"params": state.params, "model_state": state.model_state}
 
 
 def top_label(strategy: Strategy) -> str:
@@ -406,11 +428,14 @@ def results_table(summaries: dict[str, dict[str, Any]]) -> str:
   rows = [("stage", "dataset", "split", "accuracy", "train ex/s", "eval ex/s")]
   for name, summary in summaries.items():
     classes = summary["classes"]
-    dataset = f"{summary['dataset']}[{','.join(classes)}]" if len(classes) <= 10 else summary["dataset"]
+    dataset = f"{summary['dataset']}[{','.join(classes)}]" if summary.get("class_filter") else summary["dataset"]
     train_speed = summary.get("train_examples_per_s")
     for split, metrics in summary["final"].items():
       rows.append((name, dataset, split, f"{metrics['accuracy']:.4f}",
                    f"{train_speed:,.0f}" if train_speed else "-", f"{metrics['examples_per_s']:,.0f}"))
+    for probe, accuracies in summary.get("closed_form_probes", {}).items():
+      for split, accuracy in accuracies.items():
+        rows.append((name, dataset, f"{split} ({probe} probe)", f"{accuracy:.4f}", "-", "-"))
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
   lines.insert(1, "  ".join("-" * w for w in widths))

@@ -74,7 +74,10 @@ class InputPipeline:
 
   def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
     """This process's part of every evaluation batch of `split`, padded, with 'mask' = 1 for real examples."""
-    data = self.eval_splits[split]
+    return self.ordered_batches(self.eval_splits[split])
+
+  def ordered_batches(self, data: Split) -> Iterator[dict[str, np.ndarray]]:
+    """Every example of `data` once, in order, in padded batches of `eval_batch_size` with a 0/1 'mask'."""
     size = len(data)
     for start in range(0, size, self.eval_batch_size):
       global_indices = np.arange(start, start + self.eval_batch_size)

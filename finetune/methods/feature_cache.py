@@ -1,0 +1,141 @@
+"""Feature extraction with cached features (linear probe on a frozen backbone), and closed-form probes.
+
+With `config.features.cache`, the backbone (`model.embed`, inference mode: BatchNorm statistics, no dropout) runs
+once over every example; training then reads the cached features and runs only the head, for as many epochs as
+the config says. The train state still holds every parameter, so checkpoints, `init_from` of later stages and
+resumption are unchanged; the backbone parameters are simply never read by the step. With no augmentation and no
+dropout the head equals the one the uncached path (everything but the head frozen) learns, within float tolerance:
+the batches, initialisation and optimizer are the same.
+
+Features live in memory, or in memory-mapped `.npy` files under `<run dir>/features/` when they exceed
+`config.features.max_memory_mb`.
+
+Closed-form probes (`config.features.closed_form`): ridge regression on one-hot targets (solved exactly) and
+multinomial logistic regression (scikit-learn, L-BFGS) on the final model's features — fast baselines that
+researchers report next to fine-tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from finetune.data.dataset import ArraySplit, Split
+from finetune.data.pipeline import InputPipeline, to_global
+from finetune.errors import FinetuneError
+from finetune.sharding import batch_sharding
+
+
+def check_cacheable(strategy, pipeline: InputPipeline, train_bn: bool) -> None:
+  """Caching is exact only when nothing but the head trains and inputs are not augmented."""
+  if train_bn:
+    raise FinetuneError("config.features.cache computes features once, so BatchNorm cannot train: set "
+                        "config.freeze.train_bn=False")
+  trainable = strategy.trainable(0)
+  not_head = sorted(p for p in trainable if not p.startswith("head/"))
+  if not_head or len(strategy.phases) > 1:
+    raise FinetuneError("config.features.cache needs every parameter outside head/ frozen for the whole stage "
+                        f"(trainable now: {', '.join(not_head[:3]) or 'unfreezing phases'}); set "
+                        "config.freeze.patterns=('^(?!head/)',) and config.unfreeze.mode='none'")
+  if pipeline.crop_padding or pipeline.flip:
+    raise FinetuneError("config.features.cache computes each example's features once, so augmentation cannot apply: "
+                        "set config.data.augment.crop_padding=0 and flip=False")
+
+
+def extract(graphdef: nnx.GraphDef, weights: dict[str, Any], pipeline: InputPipeline, data: Split,
+            mesh: jax.sharding.Mesh, disk_dir: str | None, name: str) -> np.ndarray:
+  """Backbone features of every example of `data`, in order: (N, feature_dim) float32."""
+  spec = batch_sharding(mesh)
+
+  def embed(weights, images):
+    model = nnx.merge(graphdef, weights["params"], weights["model_state"])
+    return model.embed(images, train=False)
+
+  embed_fn = jax.jit(embed, out_shardings=spec)
+  chunks = []
+  for batch in pipeline.ordered_batches(data):
+    features = embed_fn(weights, to_global({"image": batch["image"]}, spec)["image"])
+    features = multihost_utils.process_allgather(features, tiled=True) if jax.process_count() > 1 else features
+    chunks.append(np.asarray(jax.device_get(features), np.float32))
+  result = np.concatenate(chunks)[:len(data)]
+  if disk_dir:
+    os.makedirs(disk_dir, exist_ok=True)
+    path = os.path.join(disk_dir, f"{name}.npy")
+    np.save(path + ".tmp.npy", result)
+    os.replace(path + ".tmp.npy", path)
+    result = np.load(path, mmap_mode="r")
+  return result
+
+
+def cached_pipeline(graphdef: nnx.GraphDef, weights: dict[str, Any], pipeline: InputPipeline,
+                    mesh: jax.sharding.Mesh, run_dir: str, max_memory_mb: float) -> InputPipeline:
+  """The same pipeline (sizes, seed, batch order) over cached features instead of images."""
+  num_examples = len(pipeline.train) + sum(len(s) for s in pipeline.eval_splits.values())
+  probe = extract(graphdef, weights, pipeline, _first(pipeline.train), mesh, None, "probe")
+  bytes_needed = num_examples * probe.shape[-1] * 4
+  disk_dir = os.path.join(run_dir, "features") if bytes_needed > max_memory_mb * 2**20 else None
+
+  def cache(split: Split, name: str) -> ArraySplit:
+    return ArraySplit({"image": extract(graphdef, weights, pipeline, split, mesh, disk_dir, name),
+                       "label": split.labels()})
+
+  return dataclasses.replace(pipeline, train=cache(pipeline.train, "train"),
+                             eval_splits={k: cache(v, k) for k, v in pipeline.eval_splits.items()})
+
+
+def _first(split: Split) -> ArraySplit:
+  return ArraySplit(split.take(np.arange(1)))
+
+
+CLOSED_FORM_PROBES = ("ridge", "logistic")
+
+
+def closed_form_probes(names: tuple[str, ...], pipeline: InputPipeline, l2: float) -> dict[str, dict[str, float]]:
+  """{probe: {eval split: accuracy}} for ridge / logistic probes fitted on the (cached) training features."""
+  train_x = np.asarray(pipeline.train.take(np.arange(len(pipeline.train)))["image"], np.float64)
+  train_y = pipeline.train.labels()
+  mean, std = train_x.mean(0), train_x.std(0) + 1e-6  # standardise: one l2 suits every backbone
+  results = {}
+  for name in names:
+    if name == "ridge":
+      predict = _ridge(((train_x - mean) / std), train_y, pipeline.num_classes, l2)
+    elif name == "logistic":
+      predict = _logistic(((train_x - mean) / std), train_y, l2)
+    else:
+      raise FinetuneError(f"unknown closed-form probe {name!r} in config.features.closed_form; valid: "
+                          f"{', '.join(CLOSED_FORM_PROBES)}")
+    results[name] = {}
+    for split, data in pipeline.eval_splits.items():
+      x = (np.asarray(data.take(np.arange(len(data)))["image"], np.float64) - mean) / std
+      results[name][split] = float(np.mean(predict(x) == data.labels()))
+  return results
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float):
+  """Least squares on one-hot targets with an L2 penalty (bias unpenalised): W = (XᵀX + λI)⁻¹ Xᵀ(Y − ȳ)."""
+  targets = np.eye(num_classes)[y]
+  target_mean = targets.mean(0)
+  weights = np.linalg.solve(x.T @ x + l2 * len(x) * np.eye(x.shape[1]), x.T @ (targets - target_mean))
+  return lambda features: np.argmax(features @ weights + target_mean, axis=1)
+
+
+def _logistic(x: np.ndarray, y: np.ndarray, l2: float):
+  from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+
+  model = LogisticRegression(C=1.0 / max(l2 * len(x), 1e-12), max_iter=1000)
+  model.fit(x, y)
+  return model.predict
+
+
+def classify_features(model: nnx.Module, features: jax.Array, *, train: bool = False,
+                      rngs: nnx.Rngs | None = None) -> jax.Array:
+  """The forward pass of a cached stage: the head on precomputed features."""
+  del train, rngs
+  return model.head(features).astype(jnp.float32)

@@ -1,0 +1,95 @@
+"""Feature extraction: cached features give the head the uncached path learns; closed-form probes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from finetune import train as train_lib
+from finetune.checkpoint import read_checkpoint_arrays
+from finetune.data.dataset import ArraySplit
+from finetune.data.pipeline import InputPipeline
+from finetune.errors import FinetuneError
+from finetune.methods import feature_cache
+
+PROBE = {"patterns": ("^(?!head/)",)}  # everything but the head frozen
+
+
+def _probe_config(cache: bool, **extra):
+  return tiny_config(freeze=PROBE, features={"cache": cache, **extra},
+                     train={"steps": 25, "log_every": 5, "checkpoint_every": 0},
+                     optimizer={"learning_rate": 1e-2, "weight_decay": 1e-3})
+
+
+def test_cached_and_uncached_probes_learn_the_same_head(tmp_path):
+  uncached = train_lib.train_and_evaluate(_probe_config(False), str(tmp_path / "uncached"))["train"]
+  cached = train_lib.train_and_evaluate(_probe_config(True), str(tmp_path / "cached"))["train"]
+  a = read_checkpoint_arrays(str(tmp_path / "uncached" / "checkpoints" / "25"))
+  b = read_checkpoint_arrays(str(tmp_path / "cached" / "checkpoints" / "25"))
+  for path in a["params"]:
+    if path.startswith("head/"):
+      np.testing.assert_allclose(b["params"][path], a["params"][path], rtol=1e-4, atol=1e-5, err_msg=path)
+      assert not np.allclose(a["params"][path], 0.0)
+    else:  # the backbone is untouched either way, and in the cached run it is never even read by the step
+      np.testing.assert_array_equal(b["params"][path], a["params"][path])
+  for path in a["model_state"]:
+    np.testing.assert_array_equal(b["model_state"][path], a["model_state"][path])
+  assert cached["final"]["validation"]["accuracy"] == pytest.approx(uncached["final"]["validation"]["accuracy"],
+                                                                    abs=1 / 360)
+  assert cached["feature_extraction_seconds"] > 0 and uncached["feature_extraction_seconds"] is None
+
+
+def test_features_spill_to_disk_when_over_the_memory_limit(tmp_path):
+  summary = train_lib.train_and_evaluate(_probe_config(True, max_memory_mb=0.01), str(tmp_path))["train"]
+  saved = sorted(p.name for p in (tmp_path / "features").iterdir())
+  assert saved == ["train.npy", "validation.npy"]
+  assert np.load(tmp_path / "features" / "train.npy").shape == (1797 - 359, 16)
+  assert 0.0 < summary["final"]["validation"]["accuracy"] <= 1.0
+
+
+def test_caching_refuses_setups_where_it_would_differ():
+  for sections, message in [
+      ({}, "needs every parameter outside head/ frozen"),
+      ({"freeze": PROBE, "data": {"augment": {"flip": True}}}, "augmentation cannot apply"),
+      ({"freeze": {**PROBE, "train_bn": True}}, "BatchNorm cannot train"),
+  ]:
+    config = tiny_config(features={"cache": True}, **sections)
+    stage = train_lib.build_stage(config)
+    with pytest.raises(FinetuneError, match=message):
+      feature_cache.check_cacheable(stage.strategy, stage.pipeline, config.freeze.train_bn)
+
+
+def _features_pipeline(train_x, train_y, eval_x, eval_y, num_classes):
+  return InputPipeline(
+      dataset_name="synthetic", class_names=tuple(str(i) for i in range(num_classes)),
+      train=ArraySplit({"image": train_x, "label": train_y}),
+      eval_splits={"test": ArraySplit({"image": eval_x, "label": eval_y})}, batch_size=8, eval_batch_size=8, seed=0)
+
+
+def test_ridge_probe_is_the_closed_form_solution():
+  rng = np.random.default_rng(0)
+  true_weights = rng.normal(size=(5, 3))
+  x = rng.normal(size=(200, 5)).astype(np.float32)
+  y = np.argmax(x @ true_weights, axis=1)
+  test_x = rng.normal(size=(100, 5)).astype(np.float32)
+  test_y = np.argmax(test_x @ true_weights, axis=1)
+  pipeline = _features_pipeline(x, y, test_x, test_y, 3)
+  result = feature_cache.closed_form_probes(("ridge", "logistic"), pipeline, l2=1e-3)
+  # Reference: standardised features, least squares with bias column, penalty on weights only.
+  mean, std = x.mean(0), x.std(0) + 1e-6
+  xs = np.c_[(x - mean) / std, np.ones(len(x))]
+  penalty = 1e-3 * len(x) * np.diag([1.0] * 5 + [0.0])
+  w = np.linalg.solve(xs.T @ xs + penalty, xs.T @ np.eye(3)[y])
+  expected = np.mean(np.argmax(np.c_[(test_x - mean) / std, np.ones(100)] @ w, 1) == test_y)
+  assert result["ridge"]["test"] == pytest.approx(expected)
+  assert expected > 0.8 and result["logistic"]["test"] > 0.8  # linearly separable classes
+
+
+def test_closed_form_probes_in_the_summary(tmp_path):
+  config = tiny_config(features={"closed_form": ("ridge", "logistic")}, train={"steps": 4, "checkpoint_every": 0})
+  summary = train_lib.train_and_evaluate(config, str(tmp_path))["train"]
+  assert set(summary["closed_form_probes"]) == {"ridge", "logistic"}
+  assert all(0.0 <= acc <= 1.0 for acc in summary["closed_form_probes"]["ridge"].values())
+  with pytest.raises(FinetuneError, match="unknown closed-form probe 'lasso'.*valid: ridge, logistic"):
+    tiny_config(features={"closed_form": ("lasso",)})  # caught when the config loads, before any training
