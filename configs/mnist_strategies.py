@@ -27,18 +27,12 @@ freezing deeper groups more (features become specific, as in Yosinski et al.); s
 for most of the 100 steps (chain-thaw, ULMFiT's combination) lose. Every run is deterministic (seed 0).
 """
 
+from finetune import recipes
 from finetune.config import ConfigDict, parse_arg
-from finetune.errors import FinetuneError
-
-PROBE = dict(patterns=("^(?!head/)",))  # everything outside head/ frozen
-VARIANTS = ("full", "linear_probe", "frozen_n", "discriminative", "gradual", "chain_thaw", "probe_then_finetune",
-            "ulmfit")
 
 
 def get_config(arg=None):
   args = parse_arg(arg, variant="full", n=2, steps=300, target_steps=100, data_path="../shared/data/mnist")
-  if args.variant not in VARIANTS:
-    raise FinetuneError(f"unknown variant {args.variant!r}; valid: {', '.join(VARIANTS)}")
   config = ConfigDict()
   config.model = dict(name="cnn", in_channels=1, stem_width=32, widths=(32, 64), blocks_per_stage=1)
   config.data = dict(name="mnist", path=args.data_path, batch_size=64, eval_batch_size=500,
@@ -49,27 +43,10 @@ def get_config(arg=None):
   config.stages.pretrain = dict(data=dict(classes=(0, 1, 2, 3, 4)))
   target = dict(data=dict(classes=(5, 6, 7, 8, 9)), train=dict(steps=args.target_steps),
                 init_from="stage:pretrain", dont_load=(r"^head/",))
-  variant = args.variant
-  # On cached features a head update costs microseconds: probes train for 20x the target budget (about 40 epochs).
-  probe_steps = 20 * args.target_steps
-  if variant == "linear_probe":
-    target.update(freeze=PROBE, features=dict(cache=True, closed_form=("ridge", "logistic")),
-                  train=dict(steps=probe_steps), optimizer=dict(learning_rate=1e-2, warmup_steps=0))
-  elif variant == "frozen_n":
-    variant = f"frozen_{args.n}"
-    target.update(freeze=dict(first_n=args.n))
-  elif variant == "discriminative":
-    target.update(optimizer=dict(lr_factor=2.6))
-  elif variant == "gradual":
-    target.update(unfreeze=dict(mode="gradual", every_steps=25))
-  elif variant == "chain_thaw":
-    target.update(unfreeze=dict(mode="chain_thaw", every_steps=20))
-  elif variant == "probe_then_finetune":
-    config.stages.probe = dict(target, freeze=PROBE, features=dict(cache=True), train=dict(steps=probe_steps),
-                               optimizer=dict(learning_rate=1e-2, warmup_steps=0))
-    target = dict(data=dict(classes=(5, 6, 7, 8, 9)), train=dict(steps=args.target_steps), init_from="stage:probe")
-  elif variant == "ulmfit":
-    target.update(optimizer=dict(lr_factor=2.6, schedule="stlr", warmup_steps=0),
-                  unfreeze=dict(mode="gradual", every_steps=25))
-  config.stages[variant] = target
+  # 4 groups unfreeze over the first 100 steps (gradual: every 25; chain-thaw: 5 phases of 20).
+  every = args.target_steps // (4 if args.variant == "gradual" or args.variant == "ulmfit" else 5)
+  stages = recipes.target_stages(args.variant, target, n=args.n, unfreeze_every=every,
+                                 probe_steps=20 * args.target_steps)
+  for name, stage in stages.items():
+    config.stages[name] = stage
   return config

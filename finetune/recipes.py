@@ -1,0 +1,46 @@
+"""Named fine-tuning recipes: the stage overrides that turn a plain target stage into a strategy.
+
+Experiment configs (`configs/*_strategies.py`) and sweeps compose them, so "gradual unfreezing" or "probe then
+fine-tune" means the same settings in every experiment. `target_stages` returns {stage name: overrides}; the stage
+names carry the recipe, so several recipes can share one workdir and its pretraining stage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune.errors import FinetuneError
+
+RECIPES = ("full", "linear_probe", "frozen_n", "discriminative", "gradual", "chain_thaw", "probe_then_finetune",
+           "ulmfit")
+# Everything outside head/ frozen: the linear probe / frozen backbone.
+PROBE_FREEZE = {"patterns": ("^(?!head/)",)}
+
+
+def target_stages(recipe: str, target: dict[str, Any], *, n: int = 2, unfreeze_every: int = 25,
+                  probe_steps: int = 2000, probe_lr: float = 1e-2, lr_factor: float = 2.6) -> dict[str, dict]:
+  """The stages that adapt a pretrained model with `recipe`, given the plain target stage's overrides `target`
+  (data, steps, init_from, dont_load, ...)."""
+  if recipe not in RECIPES:
+    raise FinetuneError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
+  # On cached features a head update costs microseconds, so probes get their own (long) budget.
+  probe = dict(target, freeze=PROBE_FREEZE, features={"cache": True}, train={"steps": probe_steps},
+               optimizer={"learning_rate": probe_lr, "warmup_steps": 0})
+  if recipe == "full":
+    return {"full": target}
+  if recipe == "linear_probe":
+    return {"linear_probe": dict(probe, features={"cache": True, "closed_form": ("ridge", "logistic")})}
+  if recipe == "frozen_n":
+    return {f"frozen_{n}": dict(target, freeze={"first_n": n})}
+  if recipe == "discriminative":
+    return {"discriminative": dict(target, optimizer={"lr_factor": lr_factor})}
+  if recipe == "gradual":
+    return {"gradual": dict(target, unfreeze={"mode": "gradual", "every_steps": unfreeze_every})}
+  if recipe == "chain_thaw":
+    return {"chain_thaw": dict(target, unfreeze={"mode": "chain_thaw", "every_steps": unfreeze_every})}
+  if recipe == "probe_then_finetune":
+    finetune = {k: v for k, v in target.items() if k not in ("init_from", "dont_load")}
+    return {"probe": probe, "probe_then_finetune": dict(finetune, init_from="stage:probe")}
+  # ulmfit: discriminative rates, slanted triangular learning rates and gradual unfreezing together.
+  return {"ulmfit": dict(target, optimizer={"lr_factor": lr_factor, "schedule": "stlr", "warmup_steps": 0},
+                         unfreeze={"mode": "gradual", "every_steps": unfreeze_every})}
