@@ -248,3 +248,31 @@ def test_resume_across_an_unfreezing_boundary_equals_uninterrupted(tmp_path, mon
   for collection in ("params", "model_state"):
     for path, value in clean[collection].items():
       np.testing.assert_array_equal(resumed[collection][path], value, err_msg=path)
+
+
+def test_optimizer_applies_each_groups_rate(tmp_path):
+  """Plain SGD, one step: a group's update is exactly its rate times the (shared) gradient."""
+  sgd = {"name": "sgd", "momentum": 0.0, "schedule": "constant", "warmup_steps": 0, "learning_rate": 0.1,
+         "grad_clip_norm": 0.0}
+  train = {"steps": 1, "checkpoint_every": 0}
+  uniform = tiny_config(optimizer=sgd, train=train)
+  spread = tiny_config(optimizer={**sgd, "lr_range": (0.001, 0.1)}, train=train)
+  params0, _ = _init_arrays(uniform)
+  train_lib.train_and_evaluate(uniform, str(tmp_path / "uniform"))
+  train_lib.train_and_evaluate(spread, str(tmp_path / "spread"))
+  a = read_checkpoint_arrays(str(tmp_path / "uniform" / "checkpoints" / "1"))["params"]
+  b = read_checkpoint_arrays(str(tmp_path / "spread" / "checkpoints" / "1"))["params"]
+  rates = {g: 0.001 * 100 ** (i / 3) for i, g in enumerate(GROUPS)}
+  prefixes = {"stem": "stem/", "stage_1": "stages/0/", "stage_2": "stages/1/", "head": "head/"}
+  for group, prefix in prefixes.items():
+    for path in (p for p in a if p.startswith(prefix)):
+      np.testing.assert_allclose(b[path] - params0[path], (a[path] - params0[path]) * rates[group] / 0.1,
+                                 rtol=1e-4, atol=1e-7, err_msg=path)
+
+
+def test_unfreezing_by_epochs(tmp_path):
+  config = tiny_config(unfreeze={"mode": "gradual", "every_epochs": 1.0}, train={"epochs": 5.0, "steps": 0})
+  stage = train_lib.build_stage(config)
+  spe = stage.pipeline.steps_per_epoch  # 1,438 training digits // 32 = 44
+  assert spe == 44 and stage.total_steps == 5 * 44
+  assert [p.start for p in stage.strategy.phases] == [0, 44, 88, 132]
