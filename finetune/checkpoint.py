@@ -44,9 +44,10 @@ class Checkpointer:
     try:
       restored = self._manager.restore(
           step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise FinetuneError(f"cannot restore checkpoint {self.directory}/{step}: {e}; the config may have changed "
-                          "since it was written: use a new --workdir or restore the original config") from None
+    except Exception as e:  # orbax/tensorstore raise many types for damaged or mismatched checkpoints
+      raise FinetuneError(f"cannot restore checkpoint {self.directory}/{step}: {type(e).__name__}: {e}; the config "
+                          "may have changed since it was written, or the checkpoint is damaged: use a new "
+                          "--workdir, or delete that step folder to resume from the one before") from None
     return restored[STATE_ITEM]
 
   def wait(self) -> None:
@@ -90,6 +91,9 @@ def resolve_checkpoint(source: str, workdir: str) -> str:
 def read_checkpoint_arrays(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
   """{'params': {path: array}, 'model_state': {path: array}} from a checkpoint step folder, on the host."""
   item = os.path.join(step_dir, STATE_ITEM)
+  if not os.path.isdir(item):
+    raise FinetuneError(f"cannot read checkpoint {step_dir}: it has no {STATE_ITEM}/ folder; give a run directory, "
+                        "its checkpoints/ folder or one of its step folders")
   # orbax warns that the item folder has no _CHECKPOINT_METADATA: the CheckpointManager keeps that file one level
   # up, in the step folder. Harmless, and it would print on every init_from, so it is silenced here only.
   absl_logger = logging.getLogger("absl")

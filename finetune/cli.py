@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
   commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
   train = commands.add_parser("train", help="run an experiment config (all its stages)",
                               description="Run an experiment config. Config keys are overridden with "
-                              "--config.<key>=<value> (e.g. --config.train.steps=100); see docs/config.md.")
+                              "--config.<key>=<value> (e.g. --config.train.steps=100); the README lists every key.")
   train.add_argument("--config", required=True, help="configs/<file>.py[:arg]")
   train.add_argument("--workdir", required=True, help="output folder; re-running the same command resumes")
   return parser

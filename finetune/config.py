@@ -16,6 +16,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 from typing import Any, Iterable, Sequence
 
 import ml_collections
@@ -28,7 +29,7 @@ OPEN_SECTIONS = ("model", "data.options")
 
 
 def defaults() -> ConfigDict:
-  """Every config key with its default. docs/config.md is the reference table for these."""
+  """Every config key with its default. The README's "Config reference" table describes each."""
   c = ConfigDict()
   c.seed = 0
   c.model = ConfigDict({"name": "cnn"})
@@ -173,6 +174,11 @@ def apply_override(config: ConfigDict, override: str) -> None:
   if not sep:
     raise FinetuneError(f"override --config.{override} has no value; write --config.{dotted}=VALUE")
   *parents, leaf = dotted.split(".")
+  if len(parents) >= 2 and parents[0] == "stages" and parents[1] not in config.stages:
+    # An override may change a stage the config declares, never create one: a typo would silently add a stage.
+    raise FinetuneError(f"override --config.{dotted} names stage {parents[1]!r}, which the config does not declare"
+                        f"{_did_you_mean(parents[1], ordered_keys(config.stages))}; stages: "
+                        f"{', '.join(ordered_keys(config.stages)) or '(none)'}")
   node, walked = config, []
   for key in parents:
     walked.append(key)
@@ -257,8 +263,35 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
     if not ok:
       raise FinetuneError(message + where)
 
-  need(c.train.steps > 0 or c.train.epochs > 0,
+  need(c.train.steps >= 0 and c.train.epochs >= 0 and (c.train.steps > 0 or c.train.epochs > 0),
        "set config.train.steps or config.train.epochs to a positive number")
+  need(c.seed >= 0, "config.seed must be >= 0")
+  need(c.train.eval_every >= 0, "config.train.eval_every must be >= 0 (0: evaluate at the end only)")
+  need(c.data.augment.crop_padding >= 0, "config.data.augment.crop_padding must be >= 0")
+  need(c.unfreeze.every_steps >= 0 and c.unfreeze.every_epochs >= 0,
+       "config.unfreeze.every_steps and every_epochs must be >= 0")
+  need(0 < c.optimizer.cut_frac < 1 and c.optimizer.ratio > 0,
+       "config.optimizer.cut_frac must be in (0, 1) and ratio > 0 (ULMFiT: 0.1 and 32)")
+  need(0 < c.optimizer.pct_start < 1 and c.optimizer.div_factor > 0 and c.optimizer.final_div_factor > 0,
+       "config.optimizer.pct_start must be in (0, 1), div_factor and final_div_factor > 0")
+  need(not (c.optimizer.schedule in ("stlr", "onecycle") and c.optimizer.warmup_steps),
+       f"schedule {c.optimizer.schedule!r} has its own warm-up: set config.optimizer.warmup_steps=0")
+  need(not (c.dont_load and not c.init_from), "config.dont_load has no effect without config.init_from; set both")
+  for key in ("no_decay", "dont_load"):
+    patterns = c.optimizer.no_decay if key == "no_decay" else c.dont_load
+    for pattern in patterns:
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        need(False, f"config.{'optimizer.' if key == 'no_decay' else ''}{key}: {pattern!r} is not a valid regex ({e})")
+  for rule in c.optimizer.lr_multipliers:
+    need(isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+         and isinstance(rule[1], (int, float)) and rule[1] >= 0,
+         f"config.optimizer.lr_multipliers entry {rule!r} must be (regex, multiplier >= 0)")
+    try:
+      re.compile(rule[0])
+    except re.error as e:
+      need(False, f"config.optimizer.lr_multipliers: {rule[0]!r} is not a valid regex ({e})")
   need(not (c.train.steps > 0 and c.train.epochs > 0),
        "set only one of config.train.steps and config.train.epochs")
   need(c.data.batch_size > 0 and c.data.eval_batch_size > 0, "config.data.batch_size and eval_batch_size must be > 0")

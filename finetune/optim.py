@@ -8,6 +8,7 @@ shapes are found by name in `OPTIMIZERS` / `SCHEDULES`.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable
 
@@ -54,15 +55,19 @@ def linear_schedule(cfg: ConfigDict, peak: float, steps: int) -> optax.Schedule:
 def slanted_triangular(cfg: ConfigDict, peak: float, steps: int) -> optax.Schedule:
   """ULMFiT's slanted triangular learning rate (Howard & Ruder 2018, eq. 3), written out because optax has none.
 
-  cut = floor(T * cut_frac); p = t / cut for t < cut, else 1 - (t - cut) / (cut * (1 / cut_frac - 1));
+  cut = floor(T * cut_frac); p = t / cut for t < cut, else 1 - (t - cut) / (cut * (1 / cut_frac - 1)), i.e.
+  1 - (t - cut) / (T - cut);
   lr_t = peak * (1 + p * (ratio - 1)) / ratio.
   """
-  cut = max(1, int(steps * cfg.cut_frac))
-  ratio, cut_frac = cfg.ratio, cfg.cut_frac
+  cut = max(1, math.floor(steps * cfg.cut_frac))
+  ratio = cfg.ratio
+  # The paper's decay denominator cut * (1/cut_frac - 1) equals T - cut when T * cut_frac is whole; T - cut keeps
+  # the schedule ending at its floor when it is not.
+  decay_steps = max(steps - cut, 1)
 
   def schedule(count):
     t = jnp.asarray(count, jnp.float32)
-    p = jnp.where(t < cut, t / cut, 1.0 - (t - cut) / (cut * (1.0 / cut_frac - 1.0)))
+    p = jnp.where(t < cut, t / cut, 1.0 - (t - cut) / decay_steps)
     return peak * (1.0 + jnp.maximum(p, 0.0) * (ratio - 1.0)) / ratio
 
   return schedule
@@ -117,21 +122,24 @@ def label_schedule(cfg: ConfigDict, peak: float, start: int, total_steps: int,
 
 def build_optimizer(cfg: ConfigDict, strategy, phase: int, total_steps: int,
                     params: Any) -> tuple[optax.GradientTransformation, dict[str, Callable[[Any], Any]]]:
-  """The optimizer for `phase` of `strategy`, and {label: learning rate as a function of the global step}.
+  """The optimizer for `phase` of `strategy`, and {label: learning rate as a function of the global step} (0 for
+  labels resting in this phase).
 
-  Each label's optax state counts its own updates from 0 (the step its group started training), so its schedule
-  is the global-step schedule shifted by that start.
+  Each label's optax state counts its own updates from 0 (the step from which it has trained without a break), so
+  its schedule is the global-step schedule shifted by that start.
   """
   base = OPTIMIZERS.get(cfg.name)
   trainable_labels = {strategy.label(p) for p in strategy.trainable(phase)}
   lr_by_label = {}
   transforms: dict[str, optax.GradientTransformation] = {"frozen": optax.set_to_zero()}
   for label, peak in strategy.labels().items():
-    start = strategy.label_start(label)
+    if label not in trainable_labels:
+      lr_by_label[label] = lambda step: jnp.zeros((), jnp.float32)  # resting in this phase
+      continue
+    start = strategy.label_start(label, phase)
     global_lr = label_schedule(cfg, peak, start, total_steps, strategy.restart_schedules)
     lr_by_label[label] = global_lr
-    if label in trainable_labels:
-      transforms[label] = base(cfg, lambda count, fn=global_lr, offset=start: fn(count + offset))
+    transforms[label] = base(cfg, lambda count, fn=global_lr, offset=start: fn(count + offset))
   partitioned = optax.partition(transforms, strategy.labels_tree(params, phase))
   clip = optax.clip_by_global_norm(cfg.grad_clip_norm) if cfg.grad_clip_norm > 0 else optax.identity()
   return optax.chain(clip, partitioned), lr_by_label

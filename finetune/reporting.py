@@ -35,12 +35,23 @@ class MetricsLog:
     if self.enabled and wandb_cfg is not None and wandb_cfg.mode != "disabled":
       self._wandb = _start_wandb(wandb_cfg, run_dir, run_name, config)
 
-  def truncate_after(self, step: int) -> None:
-    """On resume, drops records of steps after the restored checkpoint: they are recomputed identically."""
+  def truncate_after(self, step: int, drop_evaluations_at: int | None = None) -> None:
+    """On (re)start, drops records of steps after `step` (the restored checkpoint; 0 for a fresh start), and
+    evaluation records at `drop_evaluations_at` (the final evaluation, which always runs again).
+
+    A last line cut short by a crash is dropped too."""
     if not self.enabled or not os.path.exists(self.path):
       return
+    kept = []
     with open(self.path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        final_evaluation = record.get("split") != "train" and record.get("step") == drop_evaluations_at
+        if record.get("step", 0) <= step and not final_evaluation:
+          kept.append(json.dumps(record) + "\n")
     tmp = self.path + ".tmp"
     with open(tmp, "w") as f:
       f.writelines(kept)

@@ -31,9 +31,10 @@ class Strategy:
   group_of: Mapping[str, str]  # parameter path -> group
   shapes: Mapping[str, tuple[int, ...]]
   frozen: frozenset[str]  # paths never trained in this stage
-  peak_lr: Mapping[str, float]  # path -> peak learning rate (group rate x regex multiplier)
+  group_lr: Mapping[str, float]  # group -> peak learning rate (discriminative rates)
+  multiplier: Mapping[str, float]  # path -> regex learning-rate multiplier (1.0 for most)
   batch_norm: Mapping[str, tuple[str, ...]]  # BatchNorm module path -> its parameter paths
-  train_bn: bool
+  always_trainable: frozenset[str]  # BatchNorm parameters under freeze.train_bn: trained in every phase
   phases: tuple[unfreezing.Phase, ...]
   restart_schedules: bool
 
@@ -42,8 +43,8 @@ class Strategy:
     """Everything in one trainable group: plain fine-tuning of `params` (a pytree; abstract is fine)."""
     shapes = {p: tuple(x.shape) for p, x in flatten(params).items()}
     return cls(groups=(name,), group_of={p: name for p in shapes}, shapes=shapes, frozen=frozenset(),
-               peak_lr={p: learning_rate for p in shapes}, batch_norm={}, train_bn=False,
-               phases=(unfreezing.Phase(0, (name,)),), restart_schedules=False)
+               group_lr={name: learning_rate}, multiplier={p: 1.0 for p in shapes}, batch_norm={},
+               always_trainable=frozenset(), phases=(unfreezing.Phase(0, (name,)),), restart_schedules=False)
 
   def phase_index(self, step: int) -> int:
     """The phase that step `step` (0-based update index) belongs to."""
@@ -51,17 +52,19 @@ class Strategy:
 
   def trainable(self, phase: int) -> frozenset[str]:
     groups = set(self.phases[phase].trainable_groups)
-    return frozenset(p for p, g in self.group_of.items() if g in groups and p not in self.frozen)
+    return frozenset(p for p, g in self.group_of.items()
+                     if p not in self.frozen and (g in groups or p in self.always_trainable))
+
+  def peak_lr(self, path: str) -> float:
+    return self.group_lr[self.group_of[path]] * self.multiplier[path]
 
   def label(self, path: str) -> str:
-    """The optimizer partition entry of a (non-frozen) path: its group, or group*multiplier."""
-    group = self.group_of[path]
-    group_rate = self.peak_lr_of_group(group)
-    rate = self.peak_lr[path]
-    return group if math.isclose(rate, group_rate) else f"{group}*{rate / group_rate:g}"
-
-  def peak_lr_of_group(self, group: str) -> float:
-    return max(self.peak_lr[p] for p, g in self.group_of.items() if g == group)
+    """The optimizer partition entry of a (non-frozen) path: its group, `group*multiplier` for regex multipliers,
+    and `group:bn` for BatchNorm parameters that train in every phase (train_bn). A label's parameters train or
+    rest together, so its optimizer-state structure never changes between phases."""
+    group, multiplier = self.group_of[path], self.multiplier[path]
+    label = group if multiplier == 1.0 else f"{group}*{multiplier:g}"
+    return label + ":bn" if path in self.always_trainable else label
 
   def labels(self) -> dict[str, float]:
     """{label: peak learning rate} for every label that trains at some point, in group order."""
@@ -69,13 +72,23 @@ class Strategy:
     for group in self.groups:
       for path, g in self.group_of.items():
         if g == group and path not in self.frozen:
-          result.setdefault(self.label(path), self.peak_lr[path])
+          result.setdefault(self.label(path), self.peak_lr(path))
     return result
 
-  def label_start(self, label: str) -> int:
-    """The first step at which `label` trains (its schedule offset)."""
-    group = label.split("*")[0]
-    return min(phase.start for phase in self.phases if group in phase.trainable_groups)
+  def _trains(self, label: str, phase: int) -> bool:
+    return any(self.label(p) == label for p in self.trainable(phase))
+
+  def label_start(self, label: str, phase: int | None = None) -> int:
+    """The step from which `label` has trained without a break up to `phase` (default: its first phase).
+
+    This is where its optimizer state (and update count) began: a label frozen for a while and trained again
+    (chain-thaw) starts afresh, as a separate fine-tuning run would.
+    """
+    if phase is None:
+      phase = next(q for q in range(len(self.phases)) if self._trains(label, q))
+    while phase > 0 and self._trains(label, phase - 1):
+      phase -= 1
+    return self.phases[phase].start
 
   def labels_tree(self, params: Any, phase: int) -> Any:
     """The optax partition labels for `params` in `phase` ('frozen' for everything not trained in it)."""
@@ -84,9 +97,7 @@ class Strategy:
         lambda keypath, _: self.label(path_str(keypath)) if path_str(keypath) in trainable else FROZEN, params)
 
   def frozen_batch_norm(self, phase: int) -> tuple[str, ...]:
-    """BatchNorm modules run in inference mode in `phase`: all their parameters frozen and no train_bn."""
-    if self.train_bn:
-      return ()
+    """BatchNorm modules run in inference mode in `phase`: those with no parameter training in it."""
     trainable = self.trainable(phase)
     return tuple(module for module, params in self.batch_norm.items() if not set(params) & trainable)
 
@@ -104,7 +115,7 @@ class Strategy:
       frozen = path in self.frozen
       start = "" if frozen else str(self.label_start(self.label(path)))
       rows.append("\t".join([path, group, "x".join(map(str, self.shapes[path])) or "scalar", str(frozen).lower(),
-                             start, "0" if frozen else f"{self.peak_lr[path]:.6g}",
+                             start, "0" if frozen else f"{self.peak_lr(path):.6g}",
                              FROZEN if frozen else self.label(path)]))
     return "\n".join(rows) + "\n"
 
@@ -122,7 +133,7 @@ class Strategy:
         state = f"trains from step {start}" if start else "trains"
         if len(live) < len(paths):
           state += f" ({len(paths) - len(live)} of {len(paths)} tensors frozen)"
-        state += f", peak lr {self.peak_lr_of_group(group):.3g}"
+        state += f", peak lr {self.group_lr[group]:.3g}"
       lines.append(f"  {group:<12} {size:>10,} params  {state}")
     return "\n".join(lines)
 
@@ -146,15 +157,15 @@ def resolve_strategy(cfg: ConfigDict, abstract_model: nnx.Module, abstract_param
   batch_norm = batch_norm_modules(abstract_model)
   bn_params = {p for params in batch_norm.values() for p in params if p in shapes}
   frozen = freezing.frozen_paths(cfg.freeze, groups, group_of, bn_params)
-  group_rates = discriminative.group_peak_lrs(cfg.optimizer, groups)
-  multipliers = discriminative.path_multipliers(cfg.optimizer, list(shapes))
-  peak_lr = {p: group_rates[group_of[p]] * multipliers[p] for p in shapes}
-  unfreezable = [g for g in groups if any(group_of[p] == g and p not in frozen for p in shapes)]
+  always_trainable = frozenset(bn_params - frozen) if cfg.freeze.train_bn else frozenset()
+  group_lr = discriminative.group_peak_lrs(cfg.optimizer, groups)
+  multiplier = discriminative.path_multipliers(cfg.optimizer, list(shapes))
+  # Groups that unfreezing schedules: those with a parameter that is neither frozen nor always training.
+  unfreezable = [g for g in groups
+                 if any(group_of[p] == g and p not in frozen and p not in always_trainable for p in shapes)]
   phases = unfreezing.phases(cfg.unfreeze, groups, unfreezable, total_steps, steps_per_epoch)
-  if cfg.unfreeze.schedule not in ("continue", "restart"):
-    raise FinetuneError(f"config.unfreeze.schedule={cfg.unfreeze.schedule!r}; valid: continue, restart")
-  return Strategy(groups=groups, group_of=group_of, shapes=shapes, frozen=frozen, peak_lr=peak_lr,
-                  batch_norm=batch_norm, train_bn=cfg.freeze.train_bn, phases=phases,
+  return Strategy(groups=groups, group_of=group_of, shapes=shapes, frozen=frozen, group_lr=group_lr,
+                  multiplier=multiplier, batch_norm=batch_norm, always_trainable=always_trainable, phases=phases,
                   restart_schedules=cfg.unfreeze.schedule == "restart")
 
 

@@ -47,12 +47,14 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
   os.makedirs(workdir, exist_ok=True)
   stages = config_lib.stage_configs(config)
   single = len(stages) == 1 and not len(config.stages)
+  run_dirs = {name: workdir if single else os.path.join(workdir, name) for name, _ in stages}
+  for name, stage_cfg in stages:  # refuse before anything is written
+    _check_same_config(os.path.join(run_dirs[name], "config.json"), stage_cfg)
   if not single:  # (a single stage writes workdir/config.json itself)
     write_text(os.path.join(workdir, "config.json"), config_lib.to_json(config))
   summaries = {}
   for name, stage_cfg in stages:
-    run_dir = workdir if single else os.path.join(workdir, name)
-    summaries[name] = run_stage(stage_cfg, run_dir, workdir, name)
+    summaries[name] = run_stage(stage_cfg, run_dirs[name], workdir, name)
   write_json(os.path.join(workdir, "results.json"), summaries)
   return summaries
 
@@ -121,10 +123,7 @@ class Stage:
     """The train step of `phase`, compiled ahead of time."""
     def make():
       tx, lr_by_label = self.optimizer(phase)
-      trainable_labels = {self.strategy.label(p) for p in self.strategy.trainable(phase)}
-      # Labels frozen in this phase report a learning rate of 0, so unfreezing shows in the logged curves.
-      logged = {label: fn if label in trainable_labels else (lambda _: 0.0) for label, fn in lr_by_label.items()}
-      step = make_train_step(self.graphdef, tx, logged, self.strategy.trainable(phase),
+      step = make_train_step(self.graphdef, tx, lr_by_label, self.strategy.trainable(phase),
                              self.strategy.frozen_batch_norm(phase), self.cfg.train.label_smoothing, self.forward)
       return compile_train_step(step, self.abstract_state(phase), abstract_batch(self.pipeline.train_batch(0),
                                                                                  self.mesh), self.mesh)
@@ -255,18 +254,22 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
   try:
     start = checkpoints.latest_step()
     init_report: dict[str, Any] = {}
+    init_path = os.path.join(run_dir, "init.json")
     if start is not None:
       # The saved optimizer state has the structure of the phase of the last update made, step start - 1.
       saved_phase = stage.strategy.phase_index(max(start - 1, 0))
       state = TrainState(**checkpoints.restore(start, stage.abstract_state(saved_phase).as_dict()))
-      log.truncate_after(start)
-      init_report = {"resumed_from_step": start}
+      with open(init_path) as f:
+        init_report = {**json.load(f), "resumed_from_step": start}
     else:
       start, saved_phase = 0, 0
       state, init_report = initial_state(stage, cfg, workdir)
+      write_json(init_path, init_report)
+    # Records after the restored step are recomputed identically; final evaluations are always redone.
+    log.truncate_after(start, drop_evaluations_at=stage.total_steps)
     extraction_seconds = None
     if cfg.features.cache:
-      feature_cache.check_cacheable(stage.strategy, pipeline, cfg.freeze.train_bn)
+      feature_cache.check_cacheable(stage.strategy, pipeline, cfg.freeze.train_bn, cfg.model.get("dropout", 0.0))
       began = time.perf_counter()
       pipeline = feature_cache.cached_pipeline(stage.graphdef, _weights(state), pipeline, stage.mesh, run_dir,
                                                cfg.features.max_memory_mb)
@@ -368,7 +371,8 @@ def _weights(state: TrainState) -> dict[str, Any]:
 
 def top_label(strategy: Strategy) -> str:
   """The label whose learning rate is reported as plain `learning_rate`: the top (output-side) group's."""
-  return list(strategy.labels())[-1]
+  labels = list(strategy.labels())
+  return strategy.groups[-1] if strategy.groups[-1] in labels else labels[-1]
 
 
 def log_interval(log: MetricsLog, step: int, host_metrics: list[dict[str, Any]], examples_per_s: float | None,

@@ -115,3 +115,28 @@ def test_apply_override_creates_open_section_keys():
   apply_override(config, "model.width=128")
   apply_override(config, "data.options.image_key=pixels")
   assert config.model.width == 128 and config.data.options.image_key == "pixels"
+
+
+def test_more_value_checks_give_one_line_errors():
+  cases = [
+      ({"unfreeze": {"mode": "gradual", "every_steps": -1}}, "every_steps and every_epochs must be >= 0"),
+      ({"seed": -1}, "config.seed must be >= 0"),
+      ({"optimizer": {"schedule": "stlr", "cut_frac": 0.0}}, "cut_frac must be in (0, 1)"),
+      ({"optimizer": {"schedule": "onecycle", "div_factor": 0.0}}, "div_factor and final_div_factor > 0"),
+      ({"optimizer": {"schedule": "stlr", "warmup_steps": 5}}, "has its own warm-up"),
+      ({"optimizer": {"lr_multipliers": (("[", 2.0),)}}, "'[' is not a valid regex"),
+      ({"optimizer": {"no_decay": ("[",)}}, "config.optimizer.no_decay: '[' is not a valid regex"),
+      ({"dont_load": ("^head/",)}, "config.dont_load has no effect without config.init_from"),
+      ({"data": {"augment": {"crop_padding": -1}}}, "crop_padding must be >= 0"),
+      ({"train": {"steps": -1, "epochs": 1.0}}, "to a positive number"),
+  ]
+  for sections, message in cases:
+    with pytest.raises(FinetuneError) as info:
+      tiny_config(**sections)
+    assert message in str(info.value), (sections, str(info.value))
+
+
+def test_an_override_cannot_invent_a_stage():
+  with pytest.raises(FinetuneError, match=r"names stage 'fintune', which the config does not declare \(did you "
+                                          r"mean 'finetune'\?\); stages: pretrain, finetune, scratch"):
+    load_config(str(REPO / "configs/mnist_transfer.py"), ["stages.fintune.optimizer.learning_rate=1e-4"])

@@ -276,3 +276,40 @@ def test_unfreezing_by_epochs(tmp_path):
   spe = stage.pipeline.steps_per_epoch  # 1,438 training digits // 32 = 44
   assert spe == 44 and stage.total_steps == 5 * 44
   assert [p.start for p in stage.strategy.phases] == [0, 44, 88, 132]
+
+
+def test_chain_thaw_returning_group_applies_the_rate_it_logs():
+  """A label that rests and trains again starts a fresh optimizer state; its first update uses the logged rate."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  config = tiny_config(unfreeze={"mode": "chain_thaw", "every_steps": 3},
+                       optimizer={"name": "sgd", "momentum": 0.0, "schedule": "linear", "warmup_steps": 0,
+                                  "grad_clip_norm": 0.0}, train={"steps": 16})
+  stage = train_lib.build_stage(config)
+  strategy = stage.strategy
+  last = len(strategy.phases) - 1  # 'all': head trains again after resting in phases 1..3
+  assert strategy.phases[last].start == 12 and strategy.label_start("head", last) == 12
+  assert strategy.label_start("head", 0) == 0 and strategy.label_start("stem", last) == 12
+  tx, lr_by_label = stage.optimizer(last)
+  params = jax.tree.map(jnp.ones_like, stage.abstract_params)
+  grads = jax.tree.map(jnp.ones_like, stage.abstract_params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  applied = -float(flatten(updates)["head/bias"][0])
+  assert math.isclose(applied, float(lr_by_label["head"](12)), rel_tol=1e-6)
+  assert math.isclose(applied, 3e-3 * (1 - 12 / 16), rel_tol=1e-6)
+  _, first_phase_lrs = stage.optimizer(1)  # head rests in phase 1 and logs 0
+  assert float(first_phase_lrs["head"](4)) == 0.0
+
+
+def test_train_bn_trains_batch_norm_of_groups_not_yet_unfrozen(tmp_path):
+  config = tiny_config(unfreeze={"mode": "gradual", "every_steps": 3}, freeze={"train_bn": True},
+                       train={"steps": 12, "checkpoint_every": 3, "keep_checkpoints": 4})
+  stage = train_lib.build_stage(config)
+  trainable0 = stage.strategy.trainable(0)
+  assert "stem/norm/scale" in trainable0 and "stem/conv/kernel" not in trainable0
+  assert stage.strategy.frozen_batch_norm(0) == ()
+  params0, stats0 = _init_arrays(config)
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  after = read_checkpoint_arrays(str(tmp_path / "checkpoints" / "3"))
+  assert np.array_equal(after["params"]["stem/conv/kernel"], params0["stem/conv/kernel"])
+  assert not np.array_equal(after["params"]["stem/norm/scale"], params0["stem/norm/scale"])
+  assert not np.array_equal(after["model_state"]["stem/norm/mean"], stats0["stem/norm/mean"])

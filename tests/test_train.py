@@ -125,3 +125,44 @@ def test_rerun_with_a_different_config_is_refused(tmp_path):
     train_lib.train_and_evaluate(tiny_config(train={"steps": 2}, optimizer={"learning_rate": 0.1}), str(tmp_path))
   # Logging cadence and wandb do not change what is computed: those may differ on resumption.
   train_lib.train_and_evaluate(tiny_config(train={"steps": 2, "log_every": 1}), str(tmp_path))
+
+
+def test_restart_before_first_checkpoint_leaves_no_duplicate_records(tmp_path, monkeypatch):
+  original = train_lib.InputPipeline.train_batch
+
+  def interrupt_at_5(self, step):
+    if step == 5:
+      raise KeyboardInterrupt
+    return original(self, step)
+
+  config = tiny_config(train={"steps": 8, "log_every": 1, "checkpoint_every": 0})
+  monkeypatch.setattr(train_lib.InputPipeline, "train_batch", interrupt_at_5)
+  with pytest.raises(KeyboardInterrupt):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  assert [r["step"] for r in _records(tmp_path)] == [1, 2, 3, 4, 5]
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 6, "spl')  # a line cut short by the crash
+  monkeypatch.setattr(train_lib.InputPipeline, "train_batch", original)
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  steps = [(r["step"], r["split"]) for r in _records(tmp_path)]
+  assert steps == [(s, "train") for s in range(1, 9)] + [(8, "validation")]
+
+
+def test_refused_rerun_leaves_saved_configs_alone(tmp_path):
+  stages = {"a": {"train": {"steps": 2}}, "b": {"init_from": "stage:a", "train": {"steps": 2}}}
+  train_lib.train_and_evaluate(tiny_config(stages=stages), str(tmp_path))
+  before = (tmp_path / "config.json").read_text()
+  with pytest.raises(FinetuneError, match="holds a run whose config differs"):
+    train_lib.train_and_evaluate(tiny_config(stages=stages, optimizer={"learning_rate": 0.5}), str(tmp_path))
+  assert (tmp_path / "config.json").read_text() == before
+
+
+def test_validation_examples_do_not_depend_on_the_class_subset():
+  from finetune.data.pipeline import build_pipeline  # pylint: disable=g-import-not-at-top
+  everything = tiny_config().data
+  subset = tiny_config(data={"classes": (5, 6, 7, 8, 9)}).data
+  def images(split):
+    return {tuple(x.ravel()) for x in split.take(np.arange(len(split)))["image"]}
+  full, part = build_pipeline(everything, 0), build_pipeline(subset, 0)
+  assert images(part.eval_splits["validation"]) <= images(full.eval_splits["validation"])
+  assert not images(part.eval_splits["validation"]) & images(full.train)

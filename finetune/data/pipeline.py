@@ -2,8 +2,9 @@
 
 * Class filtering/relabelling: `config.data.classes` keeps those classes (by index or name) and renumbers them
   0..k-1 in the order given, which is how A/B transfer splits are written.
-* Validation: the first `validation_fraction` of a fixed (seed 0) permutation of 'train' becomes 'validation', so
-  every training seed of a sweep is evaluated on the same examples.
+* Validation: the first `validation_fraction` of a fixed (seed 0) permutation of the whole 'train' split (before
+  class filtering) becomes 'validation', so every seed of a sweep and every class subset of a multi-stage run holds
+  out the same examples.
 * Training order: epoch e is `default_rng([seed, e]).permutation(N)`, cut into full batches (the last partial
   batch of an epoch is dropped). The batch of step s is therefore a function of (seed, s) alone, which makes
   resumption exact.
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from typing import Iterator, Mapping
 
@@ -124,12 +126,16 @@ def _class_filter(dataset: Dataset, classes: tuple) -> tuple[np.ndarray | None, 
         raise FinetuneError(f"config.data.classes names {c!r}, which {dataset.name} does not have; "
                             f"valid: {', '.join(dataset.class_names)}")
       indices.append(dataset.class_names.index(c))
-    else:
-      index = c
-      if not 0 <= index < dataset.num_classes:
-        raise FinetuneError(f"config.data.classes has {index}, but {dataset.name} has classes "
+    elif isinstance(c, int) and not isinstance(c, bool):
+      if not 0 <= c < dataset.num_classes:
+        raise FinetuneError(f"config.data.classes has {c}, but {dataset.name} has classes "
                             f"0..{dataset.num_classes - 1}")
-      indices.append(index)
+      indices.append(c)
+    else:
+      raise FinetuneError(f"config.data.classes has {c!r}; give class indices (int) or class names (str)")
+  if len(set(indices)) != len(indices):
+    repeated = sorted({dataset.class_names[i] for i in indices if indices.count(i) > 1})
+    raise FinetuneError(f"config.data.classes names class(es) {', '.join(repeated)} more than once")
   label_map = np.full(dataset.num_classes, -1, np.int64)
   label_map[indices] = np.arange(len(indices))
   return label_map, tuple(dataset.class_names[i] for i in indices)
@@ -145,22 +151,37 @@ def _filter(split: Split, label_map: np.ndarray | None) -> Split:
 def build_pipeline(data_cfg: ConfigDict, seed: int) -> InputPipeline:
   """Loads `config.data.name` and prepares train / validation / test for this process."""
   source = SOURCES.get(data_cfg.name)
+  options = dict(data_cfg.options)
+  accepted = [p for p in inspect.signature(source).parameters if p not in ("path", "cache_dir")]
+  for key in options:
+    if key in ("path", "cache_dir"):
+      raise FinetuneError(f"config.data.options.{key}: set config.data.{key} instead")
+    if key not in accepted:
+      raise FinetuneError(f"config.data.options.{key} is not an option of data source {data_cfg.name!r}; "
+                          f"valid: {', '.join(accepted) or '(none)'}")
   dataset = source(path=os.path.expanduser(data_cfg.path) if data_cfg.path else "",
-                   cache_dir=os.path.expanduser(data_cfg.cache_dir) if data_cfg.cache_dir else "",
-                   **dict(data_cfg.options))
+                   cache_dir=os.path.expanduser(data_cfg.cache_dir) if data_cfg.cache_dir else "", **options)
   if "train" not in dataset.splits:
     raise FinetuneError(f"data source {data_cfg.name!r} produced no 'train' split; check config.data.options")
   label_map, class_names = _class_filter(dataset, tuple(data_cfg.classes))
-  train = _filter(dataset.splits["train"], label_map)
+  full_train = dataset.splits["train"]
   splits: dict[str, Split] = {}
+  # Validation examples are drawn from the whole training split before class filtering, so a stage on a subset of
+  # the classes never validates on examples that a stage on other or all classes trained on.
   if data_cfg.validation_fraction > 0:
-    order = np.random.default_rng(_VALIDATION_SEED).permutation(len(train))
-    num_validation = int(round(data_cfg.validation_fraction * len(train)))
-    splits["validation"] = SubsetSplit(train, np.sort(order[:num_validation]))
-    train = SubsetSplit(train, np.sort(order[num_validation:]))
+    order = np.random.default_rng(_VALIDATION_SEED).permutation(len(full_train))
+    num_validation = int(round(data_cfg.validation_fraction * len(full_train)))
+    splits["validation"] = _filter(SubsetSplit(full_train, np.sort(order[:num_validation])), label_map)
+    train = _filter(SubsetSplit(full_train, np.sort(order[num_validation:])), label_map)
+  else:
+    train = _filter(full_train, label_map)
   for name, split in dataset.splits.items():
     if name != "train":
       splits[name] = _filter(split, label_map)
+  for name, split in splits.items():
+    if name in data_cfg.eval_splits and not len(split):
+      raise FinetuneError(f"evaluation split {name!r} has no examples; raise config.data.validation_fraction or "
+                          "remove it from config.data.eval_splits")
   eval_splits = {name: splits[name] for name in data_cfg.eval_splits if name in splits}
   if not eval_splits:
     raise FinetuneError(f"none of config.data.eval_splits {tuple(data_cfg.eval_splits)} exists for "

@@ -33,8 +33,11 @@ from finetune.errors import FinetuneError
 from finetune.sharding import batch_sharding
 
 
-def check_cacheable(strategy, pipeline: InputPipeline, train_bn: bool) -> None:
-  """Caching is exact only when nothing but the head trains and inputs are not augmented."""
+def check_cacheable(strategy, pipeline: InputPipeline, train_bn: bool, dropout: float = 0.0) -> None:
+  """Caching is exact only when nothing but the head trains and inputs are neither augmented nor dropped out."""
+  if dropout:
+    raise FinetuneError(f"config.features.cache computes features once, without dropout; set "
+                        f"config.model.dropout=0 (now {dropout})")
   if train_bn:
     raise FinetuneError("config.features.cache computes features once, so BatchNorm cannot train: set "
                         "config.freeze.train_bn=False")

@@ -7,7 +7,8 @@ The contract of a model class (an `nnx.Module` registered with `@MODELS.register
     model holds no RNG state and the train step stays a pure function;
   * `layer_groups() -> [(group_name, regex over parameter paths), ...]` ordered input to output, covering every
     parameter exactly once; the classifier is the group `head` with parameters under `head/`;
-  * every parameter carries logical axis names (see `layers.py`); `sharding.py` maps them to mesh axes.
+  * every parameter carries logical axis names (see `layers.py`); `sharding.py` maps them to mesh axes;
+  * BatchNorm layers are applied through `layers.normalize`, so a strategy can freeze them (inference mode).
 """
 
 from __future__ import annotations

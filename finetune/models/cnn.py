@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from finetune.models import MODELS
-from finetune.models.layers import batch_norm, conv, linear, numbered_groups
+from finetune.models.layers import batch_norm, conv, linear, normalize, numbered_groups
 
 
 class ConvBlock(nnx.Module):
@@ -21,8 +21,7 @@ class ConvBlock(nnx.Module):
     self.norm = batch_norm(out_channels, rngs)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    # A frozen BatchNorm (see finetune/strategy.py) has use_running_average set and stays in inference mode.
-    return jax.nn.relu(self.norm(self.conv(x), use_running_average=not train or self.norm.use_running_average))
+    return jax.nn.relu(normalize(self.norm, self.conv(x), train))
 
 
 class Stage(nnx.Module):

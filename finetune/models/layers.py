@@ -37,6 +37,13 @@ def batch_norm(features: int, rngs: nnx.Rngs, axis_name: str = "conv_out") -> nn
                        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axis_name,)))
 
 
+def normalize(norm: nnx.BatchNorm, x, train: bool):
+  """Applies BatchNorm: batch statistics when training, running statistics otherwise or when the strategy froze
+  this layer (`finetune.step.inference_mode_batch_norm` sets `use_running_average` on it). Models call this
+  rather than `norm(x, use_running_average=...)`, which would override the frozen flag."""
+  return norm(x, use_running_average=not train or norm.use_running_average)
+
+
 def layer_norm(features: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
   return nnx.LayerNorm(features, epsilon=1e-6, rngs=rngs,
                        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from finetune.config import defaults
+from ml_collections import ConfigDict
 from finetune.data import SOURCES
 from finetune.data.dataset import ArraySplit, Dataset
 from finetune.data.pipeline import augment, augment_params, build_pipeline
@@ -350,3 +351,17 @@ def test_batch_bigger_than_dataset():
 def test_unknown_source():
   with pytest.raises(FinetuneError, match=r"unknown data source 'digit' \(did you mean 'digits'\?\)"):
     build_pipeline(_data_cfg(name="digit"), seed=0)
+
+
+def test_class_given_twice_or_of_the_wrong_type():
+  with pytest.raises(FinetuneError, match="names class\\(es\\) 5 more than once"):
+    build_pipeline(_data_cfg(classes=(5, "5")), seed=0)
+  with pytest.raises(FinetuneError, match="give class indices \\(int\\) or class names \\(str\\)"):
+    build_pipeline(_data_cfg(classes=(1.5, 2)), seed=0)
+
+
+def test_unknown_source_option_is_an_error():
+  cfg = _data_cfg()
+  cfg.options = ConfigDict({"foo": 1})
+  with pytest.raises(FinetuneError, match="config.data.options.foo is not an option of data source 'digits'"):
+    build_pipeline(cfg, seed=0)
