@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from finetune.errors import FinetuneError
+from finetune.models import hf
 from finetune.partition import flatten, map_with_path
 
 STATE_ITEM = "state"
@@ -68,11 +69,14 @@ def resolve_checkpoint(source: str, workdir: str) -> str:
   """The checkpoint step folder that `init_from=source` names.
 
   Accepted: 'stage:NAME' (the final checkpoint of an earlier stage of this run), a run directory (with a
-  `checkpoints/` folder), a `checkpoints/` folder (latest step), or one step folder (`.../checkpoints/1200`).
+  `checkpoints/` folder), a `checkpoints/` folder (latest step), one step folder (`.../checkpoints/1200`), or a
+  Hugging Face checkpoint directory (config.json + safetensors).
   """
   if source.startswith("stage:"):
     source = os.path.join(workdir, source[len("stage:"):])
   path = os.path.abspath(os.path.expanduser(source))
+  if hf.is_hf_checkpoint(path):
+    return path
   if not os.path.exists(path):
     raise FinetuneError(f"init_from {source!r} does not exist; give a run directory, its checkpoints/ folder or "
                         "one checkpoint step folder")
@@ -90,6 +94,8 @@ def resolve_checkpoint(source: str, workdir: str) -> str:
 
 def read_checkpoint_arrays(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
   """{'params': {path: array}, 'model_state': {path: array}} from a checkpoint step folder, on the host."""
+  if hf.is_hf_checkpoint(step_dir):
+    return hf.read_params(step_dir)
   item = os.path.join(step_dir, STATE_ITEM)
   if not os.path.isdir(item):
     raise FinetuneError(f"cannot read checkpoint {step_dir}: it has no {STATE_ITEM}/ folder; give a run directory, "

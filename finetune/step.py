@@ -54,10 +54,15 @@ def inference_mode_batch_norm(model: nnx.Module, module_paths: tuple[str, ...]) 
       node.use_running_average = True
 
 
-def classify(model: nnx.Module, inputs: jax.Array, *, train: bool = False,
+def model_inputs(model: nnx.Module, batch: dict[str, jax.Array]) -> list[jax.Array]:
+  """The batch entries the model takes, in order: `model.input_keys` (image models: ('image',))."""
+  return [batch[key] for key in getattr(model, "input_keys", ("image",))]
+
+
+def classify(model: nnx.Module, batch: dict[str, jax.Array], *, train: bool = False,
              rngs: nnx.Rngs | None = None) -> jax.Array:
-  """The default forward pass: the whole model. (Cached feature extraction swaps in the head alone.)"""
-  return model(inputs, train=train, rngs=rngs)
+  """The default forward pass: the whole model on its inputs. (Cached feature extraction swaps in the head.)"""
+  return model(*model_inputs(model, batch), train=train, rngs=rngs)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
@@ -65,7 +70,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     frozen_batch_norm: tuple[str, ...] = (), label_smoothing: float = 0.0,
                     forward: Callable[..., jax.Array] = classify,
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """Builds `train_step(state, batch) -> (state, metrics)` for batches {'image': (B, ...), 'label': (B,)}.
+  """Builds `train_step(state, batch) -> (state, metrics)` for batches of model inputs (e.g. {'image': (B, ...)}
+  or {'input_ids': (B, L), 'attention_mask': (B, L)}) and 'label': (B,).
 
   Only the parameters in `trainable` are differentiated: the frozen ones enter the loss as constants, so autodiff
   does no backward pass through layers that lead only to frozen parameters. They receive no update and the
@@ -82,7 +88,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       params = combine(state.params, trainable_params, frozen_params)
       model = nnx.merge(graphdef, params, state.model_state)
       inference_mode_batch_norm(model, frozen_batch_norm)
-      logits = forward(model, batch["image"], train=True, rngs=nnx.Rngs(dropout=dropout_key))
+      logits = forward(model, batch, train=True, rngs=nnx.Rngs(dropout=dropout_key))
       loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
       _, _, new_model_state = nnx.split(model, nnx.Param, ...)
       return loss, (logits, new_model_state.to_pure_dict())
@@ -117,7 +123,7 @@ def make_eval_step(graphdef: nnx.GraphDef, label_smoothing: float = 0.0,
 
   def eval_step(weights: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     model = nnx.merge(graphdef, weights["params"], weights["model_state"])
-    logits = forward(model, batch["image"], train=False)
+    logits = forward(model, batch, train=False)
     mask = batch["mask"].astype(jnp.float32)
     loss = cross_entropy(logits, batch["label"], label_smoothing)
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)

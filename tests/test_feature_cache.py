@@ -63,8 +63,9 @@ def test_caching_refuses_setups_where_it_would_differ():
 def _features_pipeline(train_x, train_y, eval_x, eval_y, num_classes):
   return InputPipeline(
       dataset_name="synthetic", class_names=tuple(str(i) for i in range(num_classes)),
-      train=ArraySplit({"image": train_x, "label": train_y}),
-      eval_splits={"test": ArraySplit({"image": eval_x, "label": eval_y})}, batch_size=8, eval_batch_size=8, seed=0)
+      train=ArraySplit({"features": train_x, "label": train_y}),
+      eval_splits={"test": ArraySplit({"features": eval_x, "label": eval_y})}, batch_size=8, eval_batch_size=8,
+      seed=0)
 
 
 def test_ridge_probe_is_the_closed_form_solution():

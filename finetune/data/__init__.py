@@ -10,3 +10,4 @@ from finetune.data import mnist  # noqa: E402,F401
 from finetune.data import cifar10  # noqa: E402,F401
 from finetune.data import hf_files  # noqa: E402,F401
 from finetune.data import tfds  # noqa: E402,F401
+from finetune.data import text  # noqa: E402,F401

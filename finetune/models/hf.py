@@ -1,0 +1,148 @@
+"""Hugging Face checkpoints in: architecture from `config.json`, tensors from safetensors, names mapped explicitly.
+
+transformers 5.x has no Flax classes, so the framework reads checkpoint directories itself: `config.json` plus
+`model.safetensors` or sharded `model-0000x-of-0000y.safetensors` with `model.safetensors.index.json`. Each
+architecture has a table of (transformers name pattern -> our parameter path, transpose?) rules; a tensor that no
+rule maps and that is not a known leftover (buffers, other tasks' heads) is an error naming it, so a wrong
+mapping can never load silently. Missing and mis-shaped tensors are reported by `checkpoint.load_into`, which
+names the parameter and both shapes; parameters absent from the checkpoint (a new head) must be listed in
+`config.dont_load` and are initialised fresh.
+
+A hub id works where the network does: `resolve_hf(path)` downloads through `huggingface_hub` when `path` is not
+a folder (which fails fast offline, with the message saying so).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from finetune.errors import FinetuneError
+
+# config.json field -> our model kwarg, per model_type.
+_BERT_CONFIG = {
+    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads", "intermediate_size": "intermediate_size",
+    "max_position_embeddings": "max_position_embeddings", "type_vocab_size": "type_vocab_size",
+    "layer_norm_eps": "layer_norm_eps",
+}
+
+# (transformers tensor name regex, our parameter path template, transpose). Linear weights are stored (out, in) by
+# torch and (in, out) here.
+_BERT_RULES = [
+    (r"embeddings\.(word|position|token_type)_embeddings\.weight", r"embeddings/\1_embeddings/embedding", False),
+    (r"embeddings\.LayerNorm\.(weight|gamma)", "embeddings/layer_norm/scale", False),
+    (r"embeddings\.LayerNorm\.(bias|beta)", "embeddings/layer_norm/bias", False),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.weight", r"layers/\1/attention/\2/kernel", True),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.bias", r"layers/\1/attention/\2/bias", False),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.weight", r"layers/\1/attention/output/kernel", True),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.bias", r"layers/\1/attention/output/bias", False),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.(weight|gamma)", r"layers/\1/attention_norm/scale", False),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.(bias|beta)", r"layers/\1/attention_norm/bias", False),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.weight", r"layers/\1/intermediate/kernel", True),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.bias", r"layers/\1/intermediate/bias", False),
+    (r"encoder\.layer\.(\d+)\.output\.dense\.weight", r"layers/\1/output/kernel", True),
+    (r"encoder\.layer\.(\d+)\.output\.dense\.bias", r"layers/\1/output/bias", False),
+    (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.(weight|gamma)", r"layers/\1/output_norm/scale", False),
+    (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.(bias|beta)", r"layers/\1/output_norm/bias", False),
+    (r"pooler\.dense\.weight", "pooler/kernel", True),
+    (r"pooler\.dense\.bias", "pooler/bias", False),
+    (r"classifier\.weight", "head/kernel", True),
+    (r"classifier\.bias", "head/bias", False),
+]
+# Tensors a BERT checkpoint may hold that this model does not use: buffers and pretraining heads.
+_BERT_LEFTOVERS = r"(embeddings\.position_ids|cls\..*)"
+
+ARCHITECTURES = {
+    # model_type: (our model name, config map, weight-name prefix, rules, leftovers, extra kwargs from config)
+    "bert": ("bert", _BERT_CONFIG, "bert.", _BERT_RULES, _BERT_LEFTOVERS, lambda c: {}),
+    "roberta": ("bert", _BERT_CONFIG, "roberta.", _BERT_RULES, _BERT_LEFTOVERS,
+                # RoBERTa numbers positions from padding_idx + 1.
+                lambda c: {"position_offset": c.get("pad_token_id", 1) + 1}),
+}
+
+
+def is_hf_checkpoint(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "config.json")) and (
+      os.path.isfile(os.path.join(path, "model.safetensors")) or
+      os.path.isfile(os.path.join(path, "model.safetensors.index.json")))
+
+
+def resolve_hf(path_or_id: str) -> str:
+  """A local checkpoint directory for `path_or_id` (a folder, or a hub id downloaded where the network allows)."""
+  path = os.path.expanduser(path_or_id)
+  if os.path.isdir(path):
+    if not is_hf_checkpoint(path):
+      raise FinetuneError(f"{path} is not a Hugging Face checkpoint: it needs config.json and model.safetensors "
+                          "(or model.safetensors.index.json with its shards)")
+    return path
+  try:
+    from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
+    return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+  except Exception as e:  # offline, unknown id, no permission: one line for the user
+    raise FinetuneError(f"cannot fetch Hugging Face checkpoint {path_or_id!r} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); give a local checkpoint directory") from None
+
+
+def read_config(path: str) -> dict[str, Any]:
+  with open(os.path.join(path, "config.json")) as f:
+    config = json.load(f)
+  model_type = config.get("model_type")
+  if model_type not in ARCHITECTURES:
+    raise FinetuneError(f"{path}/config.json has model_type {model_type!r}; supported: {', '.join(ARCHITECTURES)}")
+  if model_type in ("bert", "roberta") and config.get("hidden_act", "gelu") != "gelu":
+    raise FinetuneError(f"{path}: hidden_act {config['hidden_act']!r} is not supported (only 'gelu')")
+  if config.get("position_embedding_type", "absolute") != "absolute":
+    raise FinetuneError(f"{path}: position_embedding_type {config['position_embedding_type']!r} is not supported")
+  return config
+
+
+def model_kwargs(path: str) -> tuple[str, dict[str, Any]]:
+  """(our model name, constructor kwargs) from a checkpoint's config.json."""
+  config = read_config(path)
+  name, config_map, _, _, _, extra = ARCHITECTURES[config["model_type"]]
+  kwargs = {ours: config[theirs] for theirs, ours in config_map.items() if theirs in config}
+  return name, {**kwargs, **extra(config)}
+
+
+def _load_tensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.isfile(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  else:
+    files = ["model.safetensors"]
+  tensors = {}
+  for name in files:
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+      raise FinetuneError(f"{path}: shard {name} named in model.safetensors.index.json is missing")
+    tensors.update(load_file(file))
+  return tensors
+
+
+def read_params(path: str) -> dict[str, dict[str, np.ndarray]]:
+  """{'params': {our path: array}, 'model_state': {}, 'unused': [checkpoint names not used]}."""
+  config = read_config(path)
+  _, _, prefix, rules, leftovers, _ = ARCHITECTURES[config["model_type"]]
+  compiled = [(re.compile(pattern + r"$"), template, transpose) for pattern, template, transpose in rules]
+  params, unused, unexpected = {}, [], []
+  for name, value in _load_tensors(path).items():
+    short = name[len(prefix):] if name.startswith(prefix) else name
+    for regex, template, transpose in compiled:
+      match = regex.match(short)
+      if match:
+        params[match.expand(template)] = np.ascontiguousarray(value.T) if transpose else value
+        break
+    else:
+      (unused if re.fullmatch(leftovers, short) else unexpected).append(name)
+  if unexpected:
+    raise FinetuneError(f"{path}: tensor(s) {', '.join(sorted(unexpected)[:5])} have no counterpart in model "
+                        f"{config['model_type']!r}; the checkpoint is of another architecture or variant")
+  return {"params": params, "model_state": {}, "unused": sorted(unused)}

