@@ -1,6 +1,7 @@
 """`finetune <command>`: parses flags and calls the library; nothing here that a notebook could not call.
 
     finetune train --config configs/<file>.py[:arg] --workdir DIR [--config.key=value ...]
+    finetune export --workdir DIR --format hf --out OUT [--stage NAME]
 
 A `FinetuneError` (any user error) prints one line `finetune: error: ...` to stderr and exits with status 2.
 """
@@ -30,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
                               "--config.<key>=<value> (e.g. --config.train.steps=100); the README lists every key.")
   train.add_argument("--config", required=True, help="configs/<file>.py[:arg]")
   train.add_argument("--workdir", required=True, help="output folder; re-running the same command resumes")
+  export = commands.add_parser("export", help="write a run's parameters as a Hugging Face checkpoint")
+  export.add_argument("--workdir", required=True, help="a run directory made by `finetune train`")
+  export.add_argument("--format", default="hf", help="hf (config.json + model.safetensors + tokenizer)")
+  export.add_argument("--out", required=True, help="output folder (replaced if it exists)")
+  export.add_argument("--stage", default="", help="stage of a multi-stage run (default: the last)")
   return parser
 
 
@@ -72,6 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(rest)
     if args.command == "train":
       return run_train(args.config, args.workdir, overrides)
+    if args.command == "export":
+      if overrides:
+        raise FinetuneError(f"export takes no --config overrides (got --config.{overrides[0]})")
+      from finetune.export import export  # pylint: disable=g-import-not-at-top
+      architecture = export(args.workdir, args.out, args.format, args.stage)
+      print(f"wrote {architecture} to {os.path.abspath(args.out)}")
+      return 0
     raise AssertionError(args.command)
   except FinetuneError as e:
     # One line: drop anything a library appended (jax adds a traceback-filtering note to errors it re-raises).

@@ -63,3 +63,62 @@ def test_every_minilm_config_variant_validates():
     for task in ("sst2", "trec"):
       config = load_config(f"{REPO / 'configs' / 'minilm_sst2.py'}:variant={variant},task={task}")
       assert config.model.hf_config.endswith("model")
+
+
+def _text_config(checkpoint, pooling):
+  return build_config({
+      "model": {"name": "bert", "hf_config": checkpoint, "pooling": pooling, "dropout": 0.0},
+      "data": {"name": "text_classification", "path": str(shared_data("text")), "batch_size": 16,
+               "eval_batch_size": 100, "validation_fraction": 0.1, "eval_splits": ("validation",),
+               "options": {"train_file": "TREC.train.all", "tokenizer": checkpoint, "max_length": 24}},
+      "train": {"steps": 3, "log_every": 3, "checkpoint_every": 0},
+      "init_from": checkpoint, "dont_load": ("^head/",),
+  })
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_export_loads_in_transformers_with_equal_outputs(tiny_checkpoint, tmp_path, pooling):
+  from finetune import cli  # pylint: disable=g-import-not-at-top
+  from finetune.models import build_model, hf  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  config = _text_config(tiny_checkpoint, pooling)
+  train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+  ours_params = read_checkpoint_arrays(str(tmp_path / "run" / "checkpoints" / "3"))["params"]
+  # import -> export -> import gives the same tensors
+  again = hf.read_params(str(tmp_path / "hf"))["params"]
+  for path, value in ours_params.items():
+    if pooling == "cls" or not path.startswith("head/"):
+      np.testing.assert_array_equal(again[path], value, err_msg=path)
+  model = build_model(config.model, 6, nnx.Rngs(0))
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+  from finetune.partition import map_with_path  # pylint: disable=g-import-not-at-top
+  params = map_with_path(lambda p, _: jnp.asarray(ours_params[p]), nnx.split(model, nnx.Param, ...)[1].to_pure_dict())
+  ours = nnx.merge(graphdef, params, rest.to_pure_dict())
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))  # tokenizer files were written
+  batch = tokenizer(["How far is it from Denver to Aspen ?", "What is a fear of heights ?"], padding=True,
+                    return_tensors="np")
+  ids, mask = batch["input_ids"], batch["attention_mask"]
+  if pooling == "cls":
+    reference = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+      expected = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask))), expected, atol=1e-4, rtol=1e-4)
+    assert reference.config.id2label == {i: str(i) for i in range(6)}
+  else:
+    reference = transformers.AutoModel.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+      expected = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    hidden = np.asarray(ours.encode(jnp.asarray(ids), jnp.asarray(mask)))
+    np.testing.assert_allclose(hidden[mask.astype(bool)], expected[mask.astype(bool)], atol=1e-4, rtol=1e-4)
+
+
+def test_export_errors(tmp_path, capsys):
+  from finetune import cli  # pylint: disable=g-import-not-at-top
+  assert cli.main(["export", "--workdir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+  assert "finetune: error:" in capsys.readouterr().err
+  assert cli.main(["export", "--workdir", str(tmp_path), "--format", "onnx", "--out", str(tmp_path / "o")]) == 2
+  assert "unknown export format 'onnx'; valid: hf" in capsys.readouterr().err
+  assert not (tmp_path / "o").exists()

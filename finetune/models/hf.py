@@ -146,3 +146,76 @@ def read_params(path: str) -> dict[str, dict[str, np.ndarray]]:
     raise FinetuneError(f"{path}: tensor(s) {', '.join(sorted(unexpected)[:5])} have no counterpart in model "
                         f"{config['model_type']!r}; the checkpoint is of another architecture or variant")
   return {"params": params, "model_state": {}, "unused": sorted(unused)}
+
+
+# Our parameter path -> transformers name, per architecture: the inverse of the import rules, written out so that
+# both directions are explicit and the round-trip test checks one against the other.
+_BERT_EXPORT = [
+    (r"embeddings/(word|position|token_type)_embeddings/embedding", r"embeddings.\1_embeddings.weight", False),
+    (r"embeddings/layer_norm/scale", "embeddings.LayerNorm.weight", False),
+    (r"embeddings/layer_norm/bias", "embeddings.LayerNorm.bias", False),
+    (r"layers/(\d+)/attention/(query|key|value)/kernel", r"encoder.layer.\1.attention.self.\2.weight", True),
+    (r"layers/(\d+)/attention/(query|key|value)/bias", r"encoder.layer.\1.attention.self.\2.bias", False),
+    (r"layers/(\d+)/attention/output/kernel", r"encoder.layer.\1.attention.output.dense.weight", True),
+    (r"layers/(\d+)/attention/output/bias", r"encoder.layer.\1.attention.output.dense.bias", False),
+    (r"layers/(\d+)/attention_norm/scale", r"encoder.layer.\1.attention.output.LayerNorm.weight", False),
+    (r"layers/(\d+)/attention_norm/bias", r"encoder.layer.\1.attention.output.LayerNorm.bias", False),
+    (r"layers/(\d+)/intermediate/kernel", r"encoder.layer.\1.intermediate.dense.weight", True),
+    (r"layers/(\d+)/intermediate/bias", r"encoder.layer.\1.intermediate.dense.bias", False),
+    (r"layers/(\d+)/output/kernel", r"encoder.layer.\1.output.dense.weight", True),
+    (r"layers/(\d+)/output/bias", r"encoder.layer.\1.output.dense.bias", False),
+    (r"layers/(\d+)/output_norm/scale", r"encoder.layer.\1.output.LayerNorm.weight", False),
+    (r"layers/(\d+)/output_norm/bias", r"encoder.layer.\1.output.LayerNorm.bias", False),
+    (r"pooler/kernel", "pooler.dense.weight", True),
+    (r"pooler/bias", "pooler.dense.bias", False),
+    (r"head/kernel", "classifier.weight", True),
+    (r"head/bias", "classifier.bias", False),
+]
+
+
+def export_bert(params: dict[str, np.ndarray], kwargs: dict[str, Any], class_names: list[str], out: str,
+                base_config: dict[str, Any] | None = None) -> str:
+  """Writes a transformers checkpoint directory for a `bert` model; returns the architecture written.
+
+  With [CLS] pooling the model is exactly `BertForSequenceClassification` (pooler + classifier). Mean pooling has no
+  transformers head class, so the encoder is written as `BertModel` (hidden states equal; pool the mean yourself)
+  and the trained head is left out, which the returned architecture name says.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  classify = kwargs.get("pooling", "cls") == "cls"
+  prefix = "bert." if classify else ""
+  compiled = [(re.compile(pattern + "$"), template, transpose) for pattern, template, transpose in _BERT_EXPORT]
+  tensors = {}
+  for path, value in params.items():
+    if not classify and path.startswith("head/"):
+      continue
+    for regex, template, transpose in compiled:
+      match = regex.match(path)
+      if match:
+        name = match.expand(template)
+        name = name if name.startswith("classifier.") else prefix + name
+        tensors[name] = np.ascontiguousarray(np.asarray(value, np.float32).T if transpose else value)
+        break
+    else:
+      raise FinetuneError(f"parameter {path!r} has no transformers name; cannot export it")
+  position_offset = kwargs.get("position_offset", 0)
+  if position_offset:
+    raise FinetuneError("exporting RoBERTa-style position offsets is not supported yet; export a BERT model")
+  config = dict(base_config or {})
+  config.update({
+      "model_type": "bert", "architectures": ["BertForSequenceClassification" if classify else "BertModel"],
+      "vocab_size": kwargs.get("vocab_size", 30522), "hidden_size": kwargs.get("hidden_size", 768),
+      "num_hidden_layers": kwargs.get("num_layers", 12), "num_attention_heads": kwargs.get("num_heads", 12),
+      "intermediate_size": kwargs.get("intermediate_size", 3072),
+      "max_position_embeddings": kwargs.get("max_position_embeddings", 512),
+      "type_vocab_size": kwargs.get("type_vocab_size", 2), "layer_norm_eps": kwargs.get("layer_norm_eps", 1e-12),
+      "hidden_act": "gelu", "position_embedding_type": "absolute",
+      "id2label": {str(i): name for i, name in enumerate(class_names)},
+      "label2id": {name: i for i, name in enumerate(class_names)},
+  })
+  os.makedirs(out, exist_ok=True)
+  save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  return config["architectures"][0]
