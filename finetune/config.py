@@ -32,6 +32,7 @@ def defaults() -> ConfigDict:
   """Every config key with its default. The README's "Config reference" table describes each."""
   c = ConfigDict()
   c.seed = 0
+  c.task = "classification"
   c.model = ConfigDict({"name": "cnn"})
   c.data = ConfigDict({
       "name": "mnist",
@@ -254,6 +255,9 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
   from finetune.models import MODELS  # pylint: disable=g-import-not-at-top
   from finetune.optim import OPTIMIZERS, SCHEDULES  # pylint: disable=g-import-not-at-top
 
+  from finetune.tasks import TASKS  # pylint: disable=g-import-not-at-top
+
+  TASKS.get(c.task)
   MODELS.get(c.model.name)
   SOURCES.get(c.data.name)
   OPTIMIZERS.get(c.optimizer.name)

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from finetune.partition import combine, map_with_path, path_str, select
 from finetune.sharding import batch_sharding, replicated
+from finetune.tasks import TASKS
 
 
 @flax.struct.dataclass
@@ -34,14 +35,6 @@ class TrainState:
   def as_dict(self) -> dict[str, Any]:
     return {"step": self.step, "params": self.params, "model_state": self.model_state,
             "opt_state": self.opt_state, "rng": self.rng}
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
-  """Per-example softmax cross-entropy with integer labels (optionally smoothed)."""
-  num_classes = logits.shape[-1]
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) if label_smoothing else \
-      jax.nn.one_hot(labels, num_classes)
-  return optax.softmax_cross_entropy(logits, targets)
 
 
 def inference_mode_batch_norm(model: nnx.Module, module_paths: tuple[str, ...]) -> None:
@@ -68,7 +61,7 @@ def classify(model: nnx.Module, batch: dict[str, jax.Array], *, train: bool = Fa
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     lr_by_label: dict[str, Callable[[Any], Any]], trainable: frozenset[str],
                     frozen_batch_norm: tuple[str, ...] = (), label_smoothing: float = 0.0,
-                    forward: Callable[..., jax.Array] = classify,
+                    forward: Callable[..., jax.Array] = classify, task: str = "classification",
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)` for batches of model inputs (e.g. {'image': (B, ...)}
   or {'input_ids': (B, L), 'attention_mask': (B, L)}) and 'label': (B,).
@@ -78,6 +71,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   optimizer keeps no state for them ('frozen' partition entry).
   """
   is_trainable = lambda path: path in trainable
+  score = TASKS.get(task)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
     dropout_key = jax.random.fold_in(state.rng, state.step)
@@ -89,11 +83,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       model = nnx.merge(graphdef, params, state.model_state)
       inference_mode_batch_norm(model, frozen_batch_norm)
       logits = forward(model, batch, train=True, rngs=nnx.Rngs(dropout=dropout_key))
-      loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+      scored = score(logits, batch, label_smoothing)
+      total_weight = jnp.maximum(scored.weights.sum(), 1.0)
+      loss = (scored.losses * scored.weights).sum() / total_weight
+      accuracy = (scored.correct * scored.weights).sum() / total_weight
       _, _, new_model_state = nnx.split(model, nnx.Param, ...)
-      return loss, (logits, new_model_state.to_pure_dict())
+      return loss, (accuracy, new_model_state.to_pure_dict())
 
-    (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable_params)
+    (loss, (accuracy, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable_params)
     # The optimizer sees the full tree; frozen leaves get zeros that its 'frozen' entry (set_to_zero) ignores, so
     # XLA removes them.
     full_grads = combine(state.params, grads, jax.tree.map(jnp.zeros_like, frozen_params))
@@ -103,7 +100,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                            state.params, updates)
     metrics = {
         "loss": loss,
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "accuracy": accuracy,
         "grad_norm": optax.global_norm(grads),
     }
     for label, lr_fn in lr_by_label.items():
@@ -115,7 +112,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 
 def make_eval_step(graphdef: nnx.GraphDef, label_smoothing: float = 0.0,
-                   forward: Callable[..., jax.Array] = classify) -> Callable[[dict, dict], dict]:
+                   forward: Callable[..., jax.Array] = classify,
+                   task: str = "classification") -> Callable[[dict, dict], dict]:
   """Builds `eval_step(weights, batch) -> sums` over a padded batch with a 0/1 'mask' (padding never counts).
 
   `weights` is {'params': ..., 'model_state': ...}: evaluation needs no optimizer state.
@@ -123,11 +121,12 @@ def make_eval_step(graphdef: nnx.GraphDef, label_smoothing: float = 0.0,
 
   def eval_step(weights: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     model = nnx.merge(graphdef, weights["params"], weights["model_state"])
-    logits = forward(model, batch, train=False)
-    mask = batch["mask"].astype(jnp.float32)
-    loss = cross_entropy(logits, batch["label"], label_smoothing)
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+    scored = TASKS.get(task)(forward(model, batch, train=False), batch, label_smoothing)
+    example_mask = batch["mask"].astype(jnp.float32)
+    # (B,) padding mask over items of shape (B,) or (B, L-1)
+    weights = scored.weights * example_mask.reshape(example_mask.shape + (1,) * (scored.weights.ndim - 1))
+    return {"loss_sum": jnp.sum(scored.losses * weights), "correct": jnp.sum(scored.correct * weights),
+            "count": jnp.sum(weights), "examples": jnp.sum(example_mask)}
 
   return eval_step
 

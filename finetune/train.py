@@ -124,7 +124,8 @@ class Stage:
     def make():
       tx, lr_by_label = self.optimizer(phase)
       step = make_train_step(self.graphdef, tx, lr_by_label, self.strategy.trainable(phase),
-                             self.strategy.frozen_batch_norm(phase), self.cfg.train.label_smoothing, self.forward)
+                             self.strategy.frozen_batch_norm(phase), self.cfg.train.label_smoothing, self.forward,
+                             self.cfg.task)
       return compile_train_step(step, self.abstract_state(phase), abstract_batch(self.pipeline.train_batch(0),
                                                                                  self.mesh), self.mesh)
     return self._cached(("train_step", phase), make)
@@ -135,8 +136,8 @@ class Stage:
       weights = {"params": state.params, "model_state": state.model_state}
       first_split = next(iter(self.pipeline.eval_splits))
       batch = abstract_batch(next(iter(self.pipeline.eval_batches(first_split))), self.mesh)
-      return compile_eval_step(make_eval_step(self.graphdef, self.cfg.train.label_smoothing, self.forward),
-                               weights, batch, self.mesh)
+      return compile_eval_step(make_eval_step(self.graphdef, self.cfg.train.label_smoothing, self.forward,
+                                              self.cfg.task), weights, batch, self.mesh)
     return self._cached(("eval_step",), make)
 
   def enter_phase(self, state: TrainState, phase: int) -> TrainState:
@@ -215,8 +216,10 @@ def _check_same_config(path: str, cfg: ConfigDict) -> None:
   with open(path) as f:
     before = _dotted(json.load(f))
   now = _dotted(json.loads(config_lib.to_json(cfg)))
+  # A key added to the framework after the run was written is no difference while it keeps its default.
+  default = _dotted(json.loads(config_lib.defaults().to_json_best_effort()))
   for key in sorted(set(before) | set(now)):
-    if key.startswith(_RESUMABLE_KEYS):
+    if key.startswith(_RESUMABLE_KEYS) or (key not in before and key in default and now.get(key) == default[key]):
       continue
     if before.get(key) != now.get(key):
       raise FinetuneError(f"{os.path.dirname(path)} holds a run whose config differs ({key}: {before.get(key)!r} "
@@ -413,9 +416,12 @@ def evaluate(eval_fn, weights: dict[str, Any], pipeline: InputPipeline, split: s
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   totals = jax.device_get(totals)
   seconds = time.perf_counter() - start
-  count = float(totals["count"])
-  return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count,
-          "num_examples": int(count), "examples_per_s": count / seconds}
+  count, examples = max(float(totals["count"]), 1.0), float(totals["examples"])
+  metrics = {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count,
+             "num_examples": int(examples), "examples_per_s": examples / seconds}
+  if count != examples:  # token-level task: also report tokens and perplexity
+    metrics.update(num_tokens=int(count), perplexity=math.exp(min(metrics["loss"], 50.0)))
+  return metrics
 
 
 def write_text(path: str, text: str) -> None:

@@ -166,3 +166,11 @@ def test_validation_examples_do_not_depend_on_the_class_subset():
   full, part = build_pipeline(everything, 0), build_pipeline(subset, 0)
   assert images(part.eval_splits["validation"]) <= images(full.eval_splits["validation"])
   assert not images(part.eval_splits["validation"]) & images(full.train)
+
+
+def test_a_new_framework_key_at_its_default_does_not_block_resumption(tmp_path):
+  train_lib.train_and_evaluate(tiny_config(train={"steps": 2}), str(tmp_path))
+  saved = json.load(open(tmp_path / "config.json"))
+  del saved["task"]  # as written by a version of finetune before the key existed
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  train_lib.train_and_evaluate(tiny_config(train={"steps": 2}), str(tmp_path))  # no refusal

@@ -18,6 +18,8 @@ from typing import Mapping, Protocol
 
 import numpy as np
 
+from finetune.errors import FinetuneError
+
 
 class Split(Protocol):
   """Random-access examples of one split. Features are numpy arrays with a leading example axis."""
@@ -44,13 +46,13 @@ class ArraySplit:
     sizes = {key: len(value) for key, value in self.features.items()}
     if len(set(sizes.values())) != 1:
       raise ValueError(f"features have different numbers of examples: {sizes}")
-    if "label" not in self.features:
-      raise ValueError(f"an ArraySplit needs a 'label' feature; got {sorted(self.features)}")
 
   def __len__(self) -> int:
-    return len(self.features["label"])
+    return len(next(iter(self.features.values())))
 
   def labels(self) -> np.ndarray:
+    if "label" not in self.features:  # language-model text has tokens, not labels
+      raise FinetuneError("this data has no labels, so config.data.classes cannot filter it; leave it empty")
     return np.asarray(self.features["label"], np.int64)
 
   def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:

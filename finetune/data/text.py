@@ -78,3 +78,35 @@ def text_classification(path: str = "", cache_dir: str = "", train_file: str = "
     raise FinetuneError(f"negative label {labels.min()} in {train_file}; labels must be 0..K-1")
   name = os.path.basename(train_file).split(".")[0]
   return Dataset(name, splits, tuple(str(i) for i in range(int(labels.max()) + 1)))
+
+
+@SOURCES.register("lm_text")
+def lm_text(path: str = "", cache_dir: str = "", train_file: str = "", test_file: str = "", tokenizer: str = "",
+            block_size: int = 128) -> Dataset:
+  """Language-model corpora from plain text (e.g. ../shared/data/lm): the whole file is tokenised once and cut
+  into consecutive blocks of `block_size` tokens (the remainder is dropped); every token of a block is predicted
+  from the ones before it (task 'causal_lm')."""
+  del cache_dir
+  if not train_file:
+    raise FinetuneError("config.data.options.train_file is empty; name the text file (e.g. tinyshakespeare.txt)")
+  tok = load_tokenizer(tokenizer)
+  splits = {}
+  for split, name in (("train", train_file), ("test", test_file)):
+    if not name:
+      continue
+    filename = os.path.join(path, name) if path else name
+    if not os.path.isfile(filename):
+      raise FinetuneError(f"text file {filename!r} does not exist; check config.data.path and "
+                          f"config.data.options.{split}_file")
+    with open(filename, encoding="utf-8", errors="replace") as f:
+      lines = f.read().splitlines()
+    # Tokenised line by line (batched, fast) and joined: no special tokens inside the stream.
+    ids = np.concatenate([np.asarray(t, np.int32) for t in
+                          tok(lines, add_special_tokens=False)["input_ids"] if t] or [np.zeros(0, np.int32)])
+    num_blocks = len(ids) // block_size
+    if num_blocks == 0:
+      raise FinetuneError(f"{filename} has {len(ids)} tokens, fewer than one block of {block_size}; lower "
+                          "config.data.options.block_size")
+    blocks = ids[:num_blocks * block_size].reshape(num_blocks, block_size)  # (N * T,) -> (N, T)
+    splits[split] = ArraySplit({"input_ids": blocks, "attention_mask": np.ones_like(blocks)})
+  return Dataset(os.path.basename(train_file).split(".")[0], splits, ())

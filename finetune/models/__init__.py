@@ -27,6 +27,7 @@ MODELS: Registry[type[nnx.Module]] = Registry("model")
 # Importing a model module registers it.
 from finetune.models import bert  # noqa: E402,F401
 from finetune.models import cnn  # noqa: E402,F401
+from finetune.models import gpt2  # noqa: E402,F401
 from finetune.models import mlp  # noqa: E402,F401
 from finetune.models import vit  # noqa: E402,F401
 

@@ -57,12 +57,37 @@ _BERT_RULES = [
 # Tensors a BERT checkpoint may hold that this model does not use: buffers and pretraining heads.
 _BERT_LEFTOVERS = r"(embeddings\.position_ids|cls\..*)"
 
+_GPT2_CONFIG = {
+    "vocab_size": "vocab_size", "n_positions": "n_positions", "n_embd": "n_embd", "n_layer": "n_layer",
+    "n_head": "n_head", "n_inner": "n_inner", "layer_norm_epsilon": "layer_norm_epsilon",
+}
+# GPT-2 uses Conv1D layers whose weights are already stored (in, out): no transposes.
+_GPT2_RULES = [
+    (r"(wte|wpe)\.weight", r"\1/embedding", False),
+    (r"h\.(\d+)\.(ln_1|ln_2)\.weight", r"blocks/\1/\2/scale", False),
+    (r"h\.(\d+)\.(ln_1|ln_2)\.bias", r"blocks/\1/\2/bias", False),
+    (r"h\.(\d+)\.attn\.c_attn\.weight", r"blocks/\1/c_attn/kernel", False),
+    (r"h\.(\d+)\.attn\.c_attn\.bias", r"blocks/\1/c_attn/bias", False),
+    (r"h\.(\d+)\.attn\.c_proj\.weight", r"blocks/\1/attn_proj/kernel", False),
+    (r"h\.(\d+)\.attn\.c_proj\.bias", r"blocks/\1/attn_proj/bias", False),
+    (r"h\.(\d+)\.mlp\.c_fc\.weight", r"blocks/\1/c_fc/kernel", False),
+    (r"h\.(\d+)\.mlp\.c_fc\.bias", r"blocks/\1/c_fc/bias", False),
+    (r"h\.(\d+)\.mlp\.c_proj\.weight", r"blocks/\1/mlp_proj/kernel", False),
+    (r"h\.(\d+)\.mlp\.c_proj\.bias", r"blocks/\1/mlp_proj/bias", False),
+    (r"ln_f\.weight", "ln_f/scale", False),
+    (r"ln_f\.bias", "ln_f/bias", False),
+]
+# lm_head.weight is tied to wte; attn.bias / masked_bias are causal-mask buffers in older checkpoints.
+_GPT2_LEFTOVERS = r"(lm_head\.weight|h\.\d+\.attn\.(bias|masked_bias))"
+
 ARCHITECTURES = {
     # model_type: (our model name, config map, weight-name prefix, rules, leftovers, extra kwargs from config)
     "bert": ("bert", _BERT_CONFIG, "bert.", _BERT_RULES, _BERT_LEFTOVERS, lambda c: {}),
     "roberta": ("bert", _BERT_CONFIG, "roberta.", _BERT_RULES, _BERT_LEFTOVERS,
                 # RoBERTa numbers positions from padding_idx + 1.
                 lambda c: {"position_offset": c.get("pad_token_id", 1) + 1}),
+    "gpt2": ("gpt2", _GPT2_CONFIG, "transformer.", _GPT2_RULES, _GPT2_LEFTOVERS,
+             lambda c: {"n_inner": c.get("n_inner") or 0}),
 }
 
 
@@ -96,6 +121,11 @@ def read_config(path: str) -> dict[str, Any]:
     raise FinetuneError(f"{path}/config.json has model_type {model_type!r}; supported: {', '.join(ARCHITECTURES)}")
   if model_type in ("bert", "roberta") and config.get("hidden_act", "gelu") != "gelu":
     raise FinetuneError(f"{path}: hidden_act {config['hidden_act']!r} is not supported (only 'gelu')")
+  if model_type == "gpt2" and not config.get("tie_word_embeddings", True):
+    raise FinetuneError(f"{path}: an untied GPT-2 output layer is not supported (tie_word_embeddings=false)")
+  if model_type == "gpt2" and config.get("activation_function", "gelu_new") != "gelu_new":
+    raise FinetuneError(f"{path}: activation_function {config['activation_function']!r} is not supported "
+                        "(only 'gelu_new')")
   if config.get("position_embedding_type", "absolute") != "absolute":
     raise FinetuneError(f"{path}: position_embedding_type {config['position_embedding_type']!r} is not supported")
   return config
@@ -105,7 +135,7 @@ def model_kwargs(path: str) -> tuple[str, dict[str, Any]]:
   """(our model name, constructor kwargs) from a checkpoint's config.json."""
   config = read_config(path)
   name, config_map, _, _, _, extra = ARCHITECTURES[config["model_type"]]
-  kwargs = {ours: config[theirs] for theirs, ours in config_map.items() if theirs in config}
+  kwargs = {ours: config[theirs] for theirs, ours in config_map.items() if config.get(theirs) is not None}
   return name, {**kwargs, **extra(config)}
 
 

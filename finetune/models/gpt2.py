@@ -1,0 +1,101 @@
+"""GPT-2 decoder (causal language model) with Hugging Face-compatible structure and a tied output embedding.
+
+Pre-norm blocks: x += Attn(LN(x)) with a causal mask; x += MLP(LN(x)) with GPT-2's tanh-approximated GELU; final
+LayerNorm; logits = x @ wte^T. Parameter paths follow transformers' `GPT2LMHeadModel` (`finetune/models/hf.py`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from finetune.models import MODELS
+from finetune.models.layers import linear, numbered_groups
+
+
+def _norm(features: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(features, epsilon=eps, rngs=rngs,
+                       scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
+                       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)))
+
+
+def _dense(in_features: int, out_features: int, axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
+  return linear(in_features, out_features, axes, rngs, kernel_init=nnx.initializers.normal(0.02))
+
+
+class Block(nnx.Module):
+  def __init__(self, hidden: int, num_heads: int, inner: int, eps: float, dropout: float, rngs: nnx.Rngs):
+    if hidden % num_heads:
+      raise ValueError(f"n_embd {hidden} is not divisible by n_head {num_heads}")
+    self.num_heads = num_heads
+    self.ln_1 = _norm(hidden, eps, rngs)
+    self.c_attn = _dense(hidden, 3 * hidden, ("embed", "heads"), rngs)  # fused query, key, value
+    self.attn_proj = _dense(hidden, hidden, ("heads", "embed"), rngs)
+    self.ln_2 = _norm(hidden, eps, rngs)
+    self.c_fc = _dense(hidden, inner, ("embed", "mlp"), rngs)
+    self.mlp_proj = _dense(inner, hidden, ("mlp", "embed"), rngs)
+    self.dropout = nnx.Dropout(dropout)
+
+  def __call__(self, x, mask_bias, train, rngs):
+    batch, length, hidden = x.shape
+    head_dim = hidden // self.num_heads
+    qkv = self.c_attn(self.ln_1(x)).reshape(batch, length, 3, self.num_heads, head_dim)  # (B, L, 3, H, D)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    scores = jnp.einsum("blhd,bmhd->bhlm", q, k) / jnp.sqrt(jnp.asarray(head_dim, x.dtype)) + mask_bias
+    weights = self.dropout(jax.nn.softmax(scores, axis=-1), deterministic=not train, rngs=rngs)
+    context = jnp.einsum("bhlm,bmhd->blhd", weights, v).reshape(batch, length, hidden)
+    x = x + self.dropout(self.attn_proj(context), deterministic=not train, rngs=rngs)
+    hidden_states = jax.nn.gelu(self.c_fc(self.ln_2(x)), approximate=True)  # GPT-2's "gelu_new"
+    return x + self.dropout(self.mlp_proj(hidden_states), deterministic=not train, rngs=rngs)
+
+
+@MODELS.register("gpt2")
+class GPT2(nnx.Module):
+  """Token + position embeddings -> blocks -> LayerNorm -> tied LM head. Outputs (B, L, vocab) logits."""
+
+  input_keys = ("input_ids", "attention_mask")
+
+  def __init__(self, *, num_classes: int = 0, vocab_size: int = 50257, n_positions: int = 1024, n_embd: int = 768,
+               n_layer: int = 12, n_head: int = 12, n_inner: int = 0, layer_norm_epsilon: float = 1e-5,
+               dropout: float = 0.1, hf_config: str = "", rngs: nnx.Rngs):
+    del num_classes, hf_config  # a language model predicts tokens; hf_config is read before construction
+    self.wte = nnx.Embed(vocab_size, n_embd, rngs=rngs, embedding_init=nnx.with_partitioning(
+        nnx.initializers.normal(0.02), ("vocab", "embed")))
+    self.wpe = nnx.Embed(n_positions, n_embd, rngs=rngs, embedding_init=nnx.with_partitioning(
+        nnx.initializers.normal(0.01), ("position", "embed")))
+    self.blocks = nnx.List([Block(n_embd, n_head, n_inner or 4 * n_embd, layer_norm_epsilon, dropout, rngs)
+                            for _ in range(n_layer)])
+    self.ln_f = _norm(n_embd, layer_norm_epsilon, rngs)
+    self.dropout = nnx.Dropout(dropout)
+
+  def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, train: bool = False,
+                    rngs: nnx.Rngs | None = None) -> jax.Array:
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    length = input_ids.shape[1]
+    x = self.wte(input_ids) + self.wpe(jnp.arange(length)[None, :])
+    x = self.dropout(x, deterministic=not train, rngs=rngs)
+    causal = jnp.tril(jnp.ones((length, length), bool))[None, None]  # (1, 1, L, L)
+    allowed = causal & (attention_mask[:, None, None, :] > 0)
+    mask_bias = jnp.where(allowed, 0.0, jnp.finfo(x.dtype).min).astype(x.dtype)
+    for block in self.blocks:
+      x = block(x, mask_bias, train, rngs)
+    return self.ln_f(x)
+
+  def embed(self, input_ids, attention_mask=None, *, train: bool = False, rngs: nnx.Rngs | None = None):
+    """Features for probes: the last non-padding token's state (B, n_embd)."""
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    states = self.hidden_states(input_ids, attention_mask, train=train, rngs=rngs)
+    last = jnp.maximum(attention_mask.sum(1) - 1, 0)
+    return states[jnp.arange(states.shape[0]), last]
+
+  def __call__(self, input_ids, attention_mask=None, *, train: bool = False, rngs: nnx.Rngs | None = None):
+    states = self.hidden_states(input_ids, attention_mask, train=train, rngs=rngs)
+    return self.wte.attend(states).astype(jnp.float32)  # tied output embedding
+
+  def layer_groups(self) -> list[tuple[str, str]]:
+    # The output layer is tied to wte, so the top group holds the final LayerNorm only.
+    return ([("embeddings", r"^(wte|wpe)/")] + numbered_groups("blocks", len(self.blocks), "block") +
+            [("head", r"^ln_f/")])

