@@ -28,6 +28,7 @@ MODELS: Registry[type[nnx.Module]] = Registry("model")
 from finetune.models import bert  # noqa: E402,F401
 from finetune.models import cnn  # noqa: E402,F401
 from finetune.models import gpt2  # noqa: E402,F401
+from finetune.models import llama  # noqa: E402,F401
 from finetune.models import mlp  # noqa: E402,F401
 from finetune.models import vit  # noqa: E402,F401
 

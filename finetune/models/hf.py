@@ -80,6 +80,31 @@ _GPT2_RULES = [
 # lm_head.weight is tied to wte; attn.bias / masked_bias are causal-mask buffers in older checkpoints.
 _GPT2_LEFTOVERS = r"(lm_head\.weight|h\.\d+\.attn\.(bias|masked_bias))"
 
+_LLAMA_CONFIG = {
+    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+    "num_hidden_layers": "num_hidden_layers", "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_key_value_heads", "head_dim": "head_dim", "rms_norm_eps": "rms_norm_eps",
+    "tie_word_embeddings": "tie_word_embeddings",
+}
+_LLAMA_RULES = [
+    (r"embed_tokens\.weight", "embed_tokens/embedding", False),
+    (r"layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight", r"layers/\1/self_attn/\2_proj/kernel", True),
+    (r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers/\1/mlp/\2_proj/kernel", True),
+    (r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", r"layers/\1/\2/scale", False),
+    (r"norm\.weight", "norm/scale", False),
+    (r"lm_head\.weight", "lm_head/kernel", True),
+]
+_LLAMA_LEFTOVERS = r"(layers\.\d+\.self_attn\.rotary_emb\.inv_freq)"
+
+
+def _llama_extra(config: dict[str, Any]) -> dict[str, Any]:
+  """rope_theta lives in `rope_parameters` in transformers 5 and at the top level before."""
+  rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+  if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+    raise FinetuneError(f"rope scaling {rope!r} is not supported; only plain rotary embeddings")
+  return {"rope_theta": float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))}
+
+
 ARCHITECTURES = {
     # model_type: (our model name, config map, weight-name prefix, rules, leftovers, extra kwargs from config)
     "bert": ("bert", _BERT_CONFIG, "bert.", _BERT_RULES, _BERT_LEFTOVERS, lambda c: {}),
@@ -88,6 +113,7 @@ ARCHITECTURES = {
                 lambda c: {"position_offset": c.get("pad_token_id", 1) + 1}),
     "gpt2": ("gpt2", _GPT2_CONFIG, "transformer.", _GPT2_RULES, _GPT2_LEFTOVERS,
              lambda c: {"n_inner": c.get("n_inner") or 0}),
+    "llama": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
 }
 
 
@@ -121,6 +147,10 @@ def read_config(path: str) -> dict[str, Any]:
     raise FinetuneError(f"{path}/config.json has model_type {model_type!r}; supported: {', '.join(ARCHITECTURES)}")
   if model_type in ("bert", "roberta") and config.get("hidden_act", "gelu") != "gelu":
     raise FinetuneError(f"{path}: hidden_act {config['hidden_act']!r} is not supported (only 'gelu')")
+  if model_type == "llama" and (config.get("attention_bias") or config.get("mlp_bias") or
+                                config.get("hidden_act", "silu") != "silu"):
+    raise FinetuneError(f"{path}: Llama variants with attention/MLP biases or hidden_act other than silu are "
+                        "not supported")
   if model_type == "gpt2" and not config.get("tie_word_embeddings", True):
     raise FinetuneError(f"{path}: an untied GPT-2 output layer is not supported (tie_word_embeddings=false)")
   if model_type == "gpt2" and config.get("activation_function", "gelu_new") != "gelu_new":

@@ -1,0 +1,139 @@
+"""Llama-family decoder: RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP.
+
+Parameter paths mirror transformers' `LlamaForCausalLM` (`finetune/models/hf.py` maps them one to one). Rotary
+embeddings use the "rotate half" layout of the transformers implementation, so imported q/k projections need no
+permutation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from finetune.models import MODELS
+from finetune.models.layers import linear, numbered_groups
+
+
+def _dense(in_features: int, out_features: int, axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
+  return linear(in_features, out_features, axes, rngs, use_bias=False, kernel_init=nnx.initializers.normal(0.02))
+
+
+def _rms_norm(features: int, eps: float, rngs: nnx.Rngs) -> nnx.RMSNorm:
+  return nnx.RMSNorm(features, epsilon=eps, rngs=rngs,
+                     scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)))
+
+
+def rotary(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """cos, sin of shape (L, head_dim): frequencies theta^(-2i/d) repeated for both halves."""
+  inverse_frequency = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions[:, None].astype(jnp.float32) * inverse_frequency[None, :]  # (L, d/2)
+  angles = jnp.concatenate([angles, angles], axis=-1)  # (L, d/2) -> (L, d)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x: (B, L, heads, d). Rotates pairs (i, i + d/2): x * cos + rotate_half(x) * sin."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+
+
+class Attention(nnx.Module):
+  def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, rngs: nnx.Rngs):
+    if num_heads % num_kv_heads:
+      raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
+    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+    self.q_proj = _dense(hidden, num_heads * head_dim, ("embed", "heads"), rngs)
+    self.k_proj = _dense(hidden, num_kv_heads * head_dim, ("embed", "kv_heads"), rngs)
+    self.v_proj = _dense(hidden, num_kv_heads * head_dim, ("embed", "kv_heads"), rngs)
+    self.o_proj = _dense(num_heads * head_dim, hidden, ("heads", "embed"), rngs)
+
+  def __call__(self, x, cos, sin, mask_bias):
+    batch, length, _ = x.shape
+    q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    groups = self.num_heads // self.num_kv_heads
+    # Grouped-query attention: each key/value head serves `groups` query heads. (B, L, kv, d) -> (B, L, heads, d)
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    scores = jnp.einsum("blhd,bmhd->bhlm", q, k) / jnp.sqrt(jnp.asarray(self.head_dim, x.dtype)) + mask_bias
+    context = jnp.einsum("bhlm,bmhd->blhd", jax.nn.softmax(scores, axis=-1), v)
+    return self.o_proj(context.reshape(batch, length, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+  def __init__(self, hidden: int, intermediate: int, rngs: nnx.Rngs):
+    self.gate_proj = _dense(hidden, intermediate, ("embed", "mlp"), rngs)
+    self.up_proj = _dense(hidden, intermediate, ("embed", "mlp"), rngs)
+    self.down_proj = _dense(intermediate, hidden, ("mlp", "embed"), rngs)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, hidden, num_heads, num_kv_heads, head_dim, intermediate, eps, rngs):
+    self.input_layernorm = _rms_norm(hidden, eps, rngs)
+    self.self_attn = Attention(hidden, num_heads, num_kv_heads, head_dim, rngs)
+    self.post_attention_layernorm = _rms_norm(hidden, eps, rngs)
+    self.mlp = MLP(hidden, intermediate, rngs)
+
+  def __call__(self, x, cos, sin, mask_bias):
+    x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask_bias)
+    return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@MODELS.register("llama")
+class Llama(nnx.Module):
+  """Embeddings -> decoder layers -> RMSNorm -> LM head (tied to the embeddings or not). (B, L, vocab) logits."""
+
+  input_keys = ("input_ids", "attention_mask")
+
+  def __init__(self, *, num_classes: int = 0, vocab_size: int = 32000, hidden_size: int = 4096,
+               intermediate_size: int = 11008, num_hidden_layers: int = 32, num_attention_heads: int = 32,
+               num_key_value_heads: int = 0, head_dim: int = 0, rms_norm_eps: float = 1e-6,
+               rope_theta: float = 10000.0, tie_word_embeddings: bool = False, hf_config: str = "",
+               rngs: nnx.Rngs):
+    del num_classes, hf_config  # a language model predicts tokens; hf_config is read before construction
+    self.rope_theta = rope_theta
+    self.head_dim = head_dim or hidden_size // num_attention_heads
+    kv_heads = num_key_value_heads or num_attention_heads
+    self.embed_tokens = nnx.Embed(vocab_size, hidden_size, rngs=rngs, embedding_init=nnx.with_partitioning(
+        nnx.initializers.normal(0.02), ("vocab", "embed")))
+    self.layers = nnx.List([DecoderLayer(hidden_size, num_attention_heads, kv_heads, self.head_dim,
+                                         intermediate_size, rms_norm_eps, rngs) for _ in range(num_hidden_layers)])
+    self.norm = _rms_norm(hidden_size, rms_norm_eps, rngs)
+    self.lm_head = None if tie_word_embeddings else _dense(hidden_size, vocab_size, ("embed", "vocab"), rngs)
+
+  def hidden_states(self, input_ids, attention_mask=None):
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    length = input_ids.shape[1]
+    x = self.embed_tokens(input_ids)
+    cos, sin = rotary(jnp.arange(length), self.head_dim, self.rope_theta)
+    causal = jnp.tril(jnp.ones((length, length), bool))[None, None]  # (1, 1, L, L)
+    allowed = causal & (attention_mask[:, None, None, :] > 0)
+    mask_bias = jnp.where(allowed, 0.0, jnp.finfo(x.dtype).min).astype(x.dtype)
+    for layer in self.layers:
+      x = layer(x, cos, sin, mask_bias)
+    return self.norm(x)
+
+  def embed(self, input_ids, attention_mask=None, *, train: bool = False, rngs: nnx.Rngs | None = None):
+    """Features for probes: the last non-padding token's state (B, hidden)."""
+    del train, rngs
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    states = self.hidden_states(input_ids, attention_mask)
+    return states[jnp.arange(states.shape[0]), jnp.maximum(attention_mask.sum(1) - 1, 0)]
+
+  def __call__(self, input_ids, attention_mask=None, *, train: bool = False, rngs: nnx.Rngs | None = None):
+    del train, rngs  # Llama has no dropout
+    states = self.hidden_states(input_ids, attention_mask)
+    logits = self.embed_tokens.attend(states) if self.lm_head is None else self.lm_head(states)
+    return logits.astype(jnp.float32)
+
+  def layer_groups(self) -> list[tuple[str, str]]:
+    return ([("embeddings", r"^embed_tokens/")] + numbered_groups("layers", len(self.layers), "layer") +
+            [("head", r"^(norm|lm_head)/")])
