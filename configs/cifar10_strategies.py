@@ -8,8 +8,12 @@ pretraining stage:
     finetune train --config configs/cifar10_strategies.py:variant=frozen_n,n=1 --workdir /tmp/cifar10_strategies
     ... (linear_probe, discriminative, gradual, chain_thaw, probe_then_finetune, ulmfit)
 
-Measured test accuracy on B (5,000 official test images; 2 CPU cores; pretrain on A: RESULTS_PRETRAIN):
-  RESULTS_PLACEHOLDER
+Measured test accuracy on B (5,000 official test images; 2 CPU cores; pretrain on A: test accuracy 0.7874):
+  full 0.8398 | linear_probe 0.7840 (closed-form ridge 0.7830, logistic 0.7914) | frozen_n: n=1 0.8502,
+  n=2 0.8368, n=3 0.8134 | discriminative 0.8090 | gradual 0.8350 | chain_thaw 0.7532 |
+  probe_then_finetune 0.8786 | ulmfit 0.8088.
+As on MNIST, a converged head first helps most; here freezing the stem even beats full fine-tuning (less
+overfitting of 25,000 images in 300 steps), and general early features transfer between disjoint class sets.
 """
 
 from finetune import recipes
