@@ -105,8 +105,41 @@ def _llama_extra(config: dict[str, Any]) -> dict[str, Any]:
   return {"rope_theta": float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))}
 
 
+_VIT_CONFIG = {
+    "image_size": "image_size", "patch_size": "patch_size", "num_channels": "in_channels",
+    "hidden_size": "width", "num_hidden_layers": "depth", "num_attention_heads": "num_heads",
+    "intermediate_size": "mlp_dim", "layer_norm_eps": "layer_norm_eps",
+}
+_VIT_RULES = [
+    (r"embeddings\.cls_token", "cls_token", False),
+    (r"embeddings\.position_embeddings", "position_embedding", False),
+    (r"embeddings\.patch_embeddings\.projection\.weight", "patch_embed/kernel", "conv"),
+    (r"embeddings\.patch_embeddings\.projection\.bias", "patch_embed/bias", False),
+    (r"encoder\.layer\.(\d+)\.layernorm_before\.weight", r"blocks/\1/attention_norm/scale", False),
+    (r"encoder\.layer\.(\d+)\.layernorm_before\.bias", r"blocks/\1/attention_norm/bias", False),
+    (r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.weight", r"blocks/\1/attention/\2/kernel",
+     True),
+    (r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.bias", r"blocks/\1/attention/\2/bias",
+     False),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.weight", r"blocks/\1/attention/out/kernel", True),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.bias", r"blocks/\1/attention/out/bias", False),
+    (r"encoder\.layer\.(\d+)\.layernorm_after\.weight", r"blocks/\1/mlp_norm/scale", False),
+    (r"encoder\.layer\.(\d+)\.layernorm_after\.bias", r"blocks/\1/mlp_norm/bias", False),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.weight", r"blocks/\1/mlp_in/kernel", True),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.bias", r"blocks/\1/mlp_in/bias", False),
+    (r"encoder\.layer\.(\d+)\.output\.dense\.weight", r"blocks/\1/mlp_out/kernel", True),
+    (r"encoder\.layer\.(\d+)\.output\.dense\.bias", r"blocks/\1/mlp_out/bias", False),
+    (r"layernorm\.weight", "norm/scale", False),
+    (r"layernorm\.bias", "norm/bias", False),
+    (r"classifier\.weight", "head/kernel", True),
+    (r"classifier\.bias", "head/bias", False),
+]
+_VIT_LEFTOVERS = r"(pooler\..*)"  # ViTModel's pooler: ViTForImageClassification reads the [CLS] state directly
+
 ARCHITECTURES = {
-    # model_type: (our model name, config map, weight-name prefix, rules, leftovers, extra kwargs from config)
+    # model_type: (our model name, config map, weight-name prefix, rules, leftovers, extra kwargs from config).
+    # A rule's third field says how to lay the tensor out: False (as is), True (transpose a Linear weight) or
+    # "conv" (torch Conv2d to flax).
     "bert": ("bert", _BERT_CONFIG, "bert.", _BERT_RULES, _BERT_LEFTOVERS, lambda c: {}),
     "roberta": ("bert", _BERT_CONFIG, "roberta.", _BERT_RULES, _BERT_LEFTOVERS,
                 # RoBERTa numbers positions from padding_idx + 1.
@@ -114,6 +147,7 @@ ARCHITECTURES = {
     "gpt2": ("gpt2", _GPT2_CONFIG, "transformer.", _GPT2_RULES, _GPT2_LEFTOVERS,
              lambda c: {"n_inner": c.get("n_inner") or 0}),
     "llama": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
+    "vit": ("vit", _VIT_CONFIG, "vit.", _VIT_RULES, _VIT_LEFTOVERS, lambda c: {"pool": "cls"}),
 }
 
 
@@ -147,6 +181,9 @@ def read_config(path: str) -> dict[str, Any]:
     raise FinetuneError(f"{path}/config.json has model_type {model_type!r}; supported: {', '.join(ARCHITECTURES)}")
   if model_type in ("bert", "roberta") and config.get("hidden_act", "gelu") != "gelu":
     raise FinetuneError(f"{path}: hidden_act {config['hidden_act']!r} is not supported (only 'gelu')")
+  if model_type == "vit" and (config.get("hidden_act", "gelu") != "gelu" or not config.get("qkv_bias", True)):
+    raise FinetuneError(f"{path}: ViT variants with hidden_act other than gelu or without qkv biases are not "
+                        "supported")
   if model_type == "llama" and (config.get("attention_bias") or config.get("mlp_bias") or
                                 config.get("hidden_act", "silu") != "silu"):
     raise FinetuneError(f"{path}: Llama variants with attention/MLP biases or hidden_act other than silu are "
@@ -198,7 +235,11 @@ def read_params(path: str) -> dict[str, dict[str, np.ndarray]]:
     for regex, template, transpose in compiled:
       match = regex.match(short)
       if match:
-        params[match.expand(template)] = np.ascontiguousarray(value.T) if transpose else value
+        if transpose == "conv":  # torch Conv2d (out, in, kh, kw) -> flax (kh, kw, in, out)
+          value = np.ascontiguousarray(value.transpose(2, 3, 1, 0))
+        elif transpose:
+          value = np.ascontiguousarray(value.T)
+        params[match.expand(template)] = value
         break
     else:
       (unused if re.fullmatch(leftovers, short) else unexpected).append(name)

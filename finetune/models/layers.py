@@ -44,8 +44,8 @@ def normalize(norm: nnx.BatchNorm, x, train: bool):
   return norm(x, use_running_average=not train or norm.use_running_average)
 
 
-def layer_norm(features: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(features, epsilon=1e-6, rngs=rngs,
+def layer_norm(features: int, rngs: nnx.Rngs, eps: float = 1e-6) -> nnx.LayerNorm:
+  return nnx.LayerNorm(features, epsilon=eps, rngs=rngs,
                        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
                        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)))
 

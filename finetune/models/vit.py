@@ -40,17 +40,17 @@ class SelfAttention(nnx.Module):
 
 
 class Block(nnx.Module):
-  def __init__(self, width: int, num_heads: int, mlp_dim: int, dropout: float, rngs: nnx.Rngs):
-    self.attention_norm = layer_norm(width, rngs)
+  def __init__(self, width: int, num_heads: int, mlp_dim: int, dropout: float, eps: float, rngs: nnx.Rngs):
+    self.attention_norm = layer_norm(width, rngs, eps)
     self.attention = SelfAttention(width, num_heads, dropout, rngs)
-    self.mlp_norm = layer_norm(width, rngs)
+    self.mlp_norm = layer_norm(width, rngs, eps)
     self.mlp_in = linear(width, mlp_dim, ("embed", "mlp"), rngs)
     self.mlp_out = linear(mlp_dim, width, ("mlp", "embed"), rngs)
     self.dropout = nnx.Dropout(dropout)
 
   def __call__(self, x: jax.Array, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
     x = x + self.dropout(self.attention(self.attention_norm(x), train, rngs), deterministic=not train, rngs=rngs)
-    hidden = jax.nn.gelu(self.mlp_in(self.mlp_norm(x)))
+    hidden = jax.nn.gelu(self.mlp_in(self.mlp_norm(x)), approximate=False)  # exact GELU, as ViT checkpoints use
     return x + self.dropout(self.mlp_out(hidden), deterministic=not train, rngs=rngs)
 
 
@@ -60,7 +60,8 @@ class ViT(nnx.Module):
 
   def __init__(self, *, num_classes: int, image_size: int = 28, in_channels: int = 1, patch_size: int = 7,
                width: int = 64, depth: int = 4, num_heads: int = 4, mlp_dim: int = 128, dropout: float = 0.0,
-               pool: str = "cls", rngs: nnx.Rngs):
+               pool: str = "cls", layer_norm_eps: float = 1e-6, hf_config: str = "", rngs: nnx.Rngs):
+    del hf_config  # read by finetune.models.hf before construction
     if image_size % patch_size:
       raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
     if pool not in ("cls", "mean"):
@@ -72,8 +73,8 @@ class ViT(nnx.Module):
     position_init = nnx.initializers.normal(stddev=0.02)
     self.position_embedding = nnx.Param(position_init(rngs.params(), (1, num_patches + 1, width)),
                                         sharding=(None, "position", "embed"))
-    self.blocks = nnx.List([Block(width, num_heads, mlp_dim, dropout, rngs) for _ in range(depth)])
-    self.norm = layer_norm(width, rngs)
+    self.blocks = nnx.List([Block(width, num_heads, mlp_dim, dropout, layer_norm_eps, rngs) for _ in range(depth)])
+    self.norm = layer_norm(width, rngs, layer_norm_eps)
     self.head = linear(width, num_classes, ("embed", "classes"), rngs, kernel_init=nnx.initializers.zeros_init())
 
   def embed(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:

@@ -75,23 +75,17 @@ def test_source_dedups_pads_and_packs(tokenizer_dir, tmp_path):
 def test_sft_trains_a_llama_shaped_model_on_responses_only(tokenizer_dir, tmp_path):
   torch = pytest.importorskip("torch")
   from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
-  from finetune.config import build_config  # pylint: disable=g-import-not-at-top
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  from finetune.config import load_config  # pylint: disable=g-import-not-at-top
   _write(tmp_path / "sft.jsonl", RECORDS * 3 + [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(40)])
   checkpoint = tmp_path / "tiny_llama"
   torch.manual_seed(0)
   transformers.LlamaForCausalLM(transformers.LlamaConfig(
       hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
       vocab_size=30522, max_position_embeddings=64)).save_pretrained(checkpoint)
-  config = build_config({
-      "task": "causal_lm",
-      "model": {"name": "llama", "hf_config": str(checkpoint)},
-      "data": {"name": "instructions", "path": str(tmp_path), "batch_size": 8, "eval_batch_size": 8,
-               "validation_fraction": 0.2, "eval_splits": ("validation",),
-               "options": {"train_file": "sft.jsonl", "tokenizer": tokenizer_dir, "max_length": 32}},
-      "train": {"steps": 12, "log_every": 4, "checkpoint_every": 0},
-      "optimizer": {"learning_rate": 3e-3},
-      "init_from": str(checkpoint),
-  })
+  transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(checkpoint)
+  config = load_config(f"{REPO / 'configs' / 'llama_sft_smoke.py'}:checkpoint={checkpoint},"
+                       f"data={tmp_path / 'sft.jsonl'}")
   summary = train_lib.train_and_evaluate(config, str(tmp_path / "run"))["train"]
   validation = summary["final"]["validation"]
   assert validation["num_examples"] == 9  # 44 unique conversations (duplicates of RECORDS dropped), 20% held out

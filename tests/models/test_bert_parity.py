@@ -129,7 +129,7 @@ def test_checkpoint_errors_name_the_tensor(tmp_path):
   (tmp_path / "odd" / "config.json").write_text((tmp_path / "good" / "config.json").read_text())
   with pytest.raises(FinetuneError, match=r"encoder.layer.0.attention.self.rotary.weight have no counterpart"):
     hf.read_params(str(tmp_path / "odd"))
-  with pytest.raises(FinetuneError, match=r"model_type 'gpt_neo'; supported: bert, roberta, gpt2, llama"):
+  with pytest.raises(FinetuneError, match=r"model_type 'gpt_neo'; supported: bert, roberta, gpt2, llama, vit"):
     (tmp_path / "odd" / "config.json").write_text('{"model_type": "gpt_neo"}')
     hf.read_config(str(tmp_path / "odd"))
 
@@ -161,3 +161,10 @@ def test_bert_layer_groups_and_logical_axes():
   assert group_of["pooler/kernel"] == "head" and group_of["layers/2/output_norm/scale"] == "layer_3"
   for path, axes in logical_axes(params).items():
     assert any(axes), path  # every parameter, even biases and norms, names its axes
+
+
+def test_hub_id_fails_fast_offline_with_one_line(monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without network: the hub client refuses at once
+  with pytest.raises(FinetuneError, match=r"cannot fetch Hugging Face checkpoint 'someone/some-model'.*give a "
+                                          r"local checkpoint directory"):
+    hf.resolve_hf("someone/some-model")
