@@ -8,6 +8,7 @@ leaves nothing half-written.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -17,9 +18,17 @@ from ml_collections import ConfigDict
 
 from finetune.checkpoint import read_checkpoint_arrays, resolve_checkpoint
 from finetune.errors import FinetuneError
-from finetune.models import hf, model_kwargs
+from finetune.models import MODELS, hf, model_kwargs
 
 FORMATS = ("hf",)
+
+
+def full_model_kwargs(model_cfg: ConfigDict, num_classes: int) -> dict:
+  """Every constructor argument of the run's model: its defaults, overridden by what the config set."""
+  signature = inspect.signature(MODELS.get(model_cfg.name).__init__)
+  defaults = {name: p.default for name, p in signature.parameters.items()
+              if p.default is not inspect.Parameter.empty}
+  return {**defaults, **model_kwargs(model_cfg, num_classes)}
 
 
 def _run_dir(workdir: str, stage: str) -> str:
@@ -48,12 +57,10 @@ def export(workdir: str, out: str, fmt: str = "hf", stage: str = "") -> str:
   run_dir = _run_dir(workdir, stage)
   with open(os.path.join(run_dir, "config.json")) as f:
     cfg = ConfigDict(json.load(f))
-  if cfg.model.name != "bert":
-    raise FinetuneError(f"export to Hugging Face format supports model 'bert'; this run trained {cfg.model.name!r}")
   arrays = read_checkpoint_arrays(resolve_checkpoint(run_dir, run_dir))
   params = arrays["params"]
-  num_classes = params["head/kernel"].shape[1]
-  kwargs = model_kwargs(cfg.model, num_classes)
+  num_classes = params["head/kernel"].shape[1] if "head/kernel" in params else 0  # language models: no head
+  kwargs = full_model_kwargs(cfg.model, num_classes)
   summary_path = os.path.join(run_dir, "summary.json")
   class_names = json.load(open(summary_path))["classes"] if os.path.exists(summary_path) else \
       [str(i) for i in range(num_classes)]
@@ -63,7 +70,7 @@ def export(workdir: str, out: str, fmt: str = "hf", stage: str = "") -> str:
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
   try:
-    architecture = hf.export_bert(params, kwargs, class_names, staging, base)
+    architecture = hf.export_params(cfg.model.name, params, kwargs, class_names, staging, base)
     tokenizer = cfg.data.get("options", {}).get("tokenizer", "")
     if tokenizer:
       from finetune.data.text import load_tokenizer  # pylint: disable=g-import-not-at-top

@@ -320,3 +320,108 @@ def export_bert(params: dict[str, np.ndarray], kwargs: dict[str, Any], class_nam
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
   return config["architectures"][0]
+
+
+# Export tables for the decoder and ViT models: (our path regex, transformers name template, layout).
+_GPT2_EXPORT = [
+    (r"(wte|wpe)/embedding", r"transformer.\1.weight", False),
+    (r"blocks/(\d+)/(ln_1|ln_2)/scale", r"transformer.h.\1.\2.weight", False),
+    (r"blocks/(\d+)/(ln_1|ln_2)/bias", r"transformer.h.\1.\2.bias", False),
+    (r"blocks/(\d+)/c_attn/kernel", r"transformer.h.\1.attn.c_attn.weight", False),
+    (r"blocks/(\d+)/c_attn/bias", r"transformer.h.\1.attn.c_attn.bias", False),
+    (r"blocks/(\d+)/attn_proj/kernel", r"transformer.h.\1.attn.c_proj.weight", False),
+    (r"blocks/(\d+)/attn_proj/bias", r"transformer.h.\1.attn.c_proj.bias", False),
+    (r"blocks/(\d+)/c_fc/kernel", r"transformer.h.\1.mlp.c_fc.weight", False),
+    (r"blocks/(\d+)/c_fc/bias", r"transformer.h.\1.mlp.c_fc.bias", False),
+    (r"blocks/(\d+)/mlp_proj/kernel", r"transformer.h.\1.mlp.c_proj.weight", False),
+    (r"blocks/(\d+)/mlp_proj/bias", r"transformer.h.\1.mlp.c_proj.bias", False),
+    (r"ln_f/scale", "transformer.ln_f.weight", False),
+    (r"ln_f/bias", "transformer.ln_f.bias", False),
+]
+_LLAMA_EXPORT = [
+    (r"embed_tokens/embedding", "model.embed_tokens.weight", False),
+    (r"layers/(\d+)/self_attn/(q|k|v|o)_proj/kernel", r"model.layers.\1.self_attn.\2_proj.weight", True),
+    (r"layers/(\d+)/mlp/(gate|up|down)_proj/kernel", r"model.layers.\1.mlp.\2_proj.weight", True),
+    (r"layers/(\d+)/(input_layernorm|post_attention_layernorm)/scale", r"model.layers.\1.\2.weight", False),
+    (r"norm/scale", "model.norm.weight", False),
+    (r"lm_head/kernel", "lm_head.weight", True),
+]
+_VIT_EXPORT = [
+    (r"cls_token", "vit.embeddings.cls_token", False),
+    (r"position_embedding", "vit.embeddings.position_embeddings", False),
+    (r"patch_embed/kernel", "vit.embeddings.patch_embeddings.projection.weight", "conv"),
+    (r"patch_embed/bias", "vit.embeddings.patch_embeddings.projection.bias", False),
+    (r"blocks/(\d+)/attention_norm/(scale|bias)", r"vit.encoder.layer.\1.layernorm_before.\2", False),
+    (r"blocks/(\d+)/attention/(query|key|value)/kernel", r"vit.encoder.layer.\1.attention.attention.\2.weight", True),
+    (r"blocks/(\d+)/attention/(query|key|value)/bias", r"vit.encoder.layer.\1.attention.attention.\2.bias", False),
+    (r"blocks/(\d+)/attention/out/kernel", r"vit.encoder.layer.\1.attention.output.dense.weight", True),
+    (r"blocks/(\d+)/attention/out/bias", r"vit.encoder.layer.\1.attention.output.dense.bias", False),
+    (r"blocks/(\d+)/mlp_norm/(scale|bias)", r"vit.encoder.layer.\1.layernorm_after.\2", False),
+    (r"blocks/(\d+)/mlp_in/kernel", r"vit.encoder.layer.\1.intermediate.dense.weight", True),
+    (r"blocks/(\d+)/mlp_in/bias", r"vit.encoder.layer.\1.intermediate.dense.bias", False),
+    (r"blocks/(\d+)/mlp_out/kernel", r"vit.encoder.layer.\1.output.dense.weight", True),
+    (r"blocks/(\d+)/mlp_out/bias", r"vit.encoder.layer.\1.output.dense.bias", False),
+    (r"norm/(scale|bias)", r"vit.layernorm.\1", False),
+    (r"head/kernel", "classifier.weight", True),
+    (r"head/bias", "classifier.bias", False),
+]
+# model name -> (model_type, export table, fixed config.json fields)
+_EXPORTS = {
+    "gpt2": ("gpt2", _GPT2_EXPORT, {"architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new",
+                                    "tie_word_embeddings": True}),
+    "llama": ("llama", _LLAMA_EXPORT, {"architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+                                       "attention_bias": False, "mlp_bias": False}),
+    "vit": ("vit", _VIT_EXPORT, {"architectures": ["ViTForImageClassification"], "hidden_act": "gelu",
+                                 "qkv_bias": True}),
+}
+
+
+def export_params(model_name: str, params: dict[str, np.ndarray], kwargs: dict[str, Any], class_names: list[str],
+                  out: str, base_config: dict[str, Any] | None = None) -> str:
+  """Writes a transformers checkpoint directory for any exportable model; returns the architecture written."""
+  if model_name == "bert":
+    return export_bert(params, kwargs, class_names, out, base_config)
+  if model_name not in _EXPORTS:
+    raise FinetuneError(f"model {model_name!r} cannot be exported to Hugging Face format; exportable: bert, "
+                        f"{', '.join(_EXPORTS)}")
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  model_type, rules, fixed = _EXPORTS[model_name]
+  if model_name == "vit" and kwargs.get("pool", "cls") != "cls":
+    raise FinetuneError("ViTForImageClassification reads the [CLS] token: export needs config.model.pool='cls'")
+  compiled = [(re.compile(pattern + "$"), template, layout) for pattern, template, layout in rules]
+  tensors = {}
+  for path, value in params.items():
+    value = np.asarray(value, np.float32)
+    for regex, template, layout in compiled:
+      match = regex.match(path)
+      if match:
+        name = match.expand(template).replace(".scale", ".weight")
+        if layout == "conv":  # flax (kh, kw, in, out) -> torch Conv2d (out, in, kh, kw)
+          value = value.transpose(3, 2, 0, 1)
+        elif layout:
+          value = value.T
+        tensors[name] = np.ascontiguousarray(value)
+        break
+    else:
+      raise FinetuneError(f"parameter {path!r} has no transformers name; cannot export it")
+  # config.json: the original checkpoint's (if any), then every architecture field from our constructor's values.
+  _, config_map, _, _, _, _ = ARCHITECTURES[model_type]
+  config = {**(base_config or {}), **{theirs: kwargs[ours] for theirs, ours in config_map.items() if ours in kwargs},
+            **fixed, "model_type": model_type}
+  # Our constructors spell "derive it" as 0; transformers as null or the derived value.
+  if model_name == "gpt2" and not config.get("n_inner"):
+    config["n_inner"] = None
+  if model_name == "llama":
+    config["rope_theta"] = kwargs["rope_theta"]
+    config["num_key_value_heads"] = kwargs["num_key_value_heads"] or kwargs["num_attention_heads"]
+    config["head_dim"] = kwargs["head_dim"] or kwargs["hidden_size"] // kwargs["num_attention_heads"]
+    config.setdefault("max_position_embeddings", 4096)
+  if class_names:
+    config["id2label"] = {str(i): name for i, name in enumerate(class_names)}
+    config["label2id"] = {name: i for i, name in enumerate(class_names)}
+  os.makedirs(out, exist_ok=True)
+  save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  return config["architectures"][0]

@@ -1,0 +1,71 @@
+"""Export of GPT-2, Llama and ViT: transformers loads what we write and computes the same logits."""
+
+from __future__ import annotations
+
+import inspect
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from ml_collections import ConfigDict
+
+from finetune.checkpoint import load_into, read_checkpoint_arrays
+from finetune.errors import FinetuneError
+from finetune.models import MODELS, build_model, hf, model_kwargs
+from finetune.partition import flatten
+
+torch = pytest.importorskip("torch", reason="torch is the reference (pip install torch==2.13.0)")
+transformers = pytest.importorskip("transformers")
+
+CASES = {
+    "gpt2": (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=60, n_positions=32)), 0, "ids"),
+    "llama": (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=60, max_position_embeddings=64)), 0, "ids"),
+    "vit": (lambda: transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=16, patch_size=4, num_channels=3, hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
+        intermediate_size=32, num_labels=3)), 3, "images"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_import_export_round_trip_keeps_logits(name, tmp_path):
+  make_reference, num_classes, inputs = CASES[name]
+  torch.manual_seed(0)
+  reference = make_reference().eval()
+  reference.save_pretrained(tmp_path / "in")
+  model_cfg = ConfigDict({"name": name, "hf_config": str(tmp_path / "in")})
+  model = build_model(model_cfg, num_classes, nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  loaded, _, _ = load_into(params.to_pure_dict(), read_checkpoint_arrays(str(tmp_path / "in"))["params"], (),
+                           "parameter", "in")
+  signature = inspect.signature(MODELS.get(name).__init__).parameters
+  kwargs = {**{k: p.default for k, p in signature.items() if p.default is not inspect.Parameter.empty},
+            **model_kwargs(model_cfg, num_classes)}
+  classes = [f"c{i}" for i in range(num_classes)]
+  hf.export_params(name, {k: np.asarray(v) for k, v in flatten(loaded).items()}, kwargs, classes, str(tmp_path / "out"),
+                   hf.read_config(str(tmp_path / "in")))
+  exported = type(reference).from_pretrained(tmp_path / "out").eval()
+  rng = np.random.default_rng(0)
+  if inputs == "ids":
+    x = rng.integers(0, 60, size=(2, 9))
+    with torch.no_grad():
+      expected = reference(input_ids=torch.tensor(x)).logits.numpy()
+      got = exported(input_ids=torch.tensor(x)).logits.numpy()
+  else:
+    x = rng.normal(size=(2, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+      expected = reference(pixel_values=torch.tensor(x)).logits.numpy()
+      got = exported(pixel_values=torch.tensor(x)).logits.numpy()
+    assert exported.config.id2label == {0: "c0", 1: "c1", 2: "c2"}
+  np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+  ours = nnx.merge(graphdef, loaded, rest.to_pure_dict())
+  our_input = jnp.asarray(x) if inputs == "ids" else jnp.asarray(x.transpose(0, 2, 3, 1))
+  np.testing.assert_allclose(np.asarray(ours(our_input)), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_unexportable_model_is_an_error(tmp_path):
+  with pytest.raises(FinetuneError, match="model 'cnn' cannot be exported to Hugging Face format; exportable: bert"):
+    hf.export_params("cnn", {}, {}, [], str(tmp_path))
