@@ -1,5 +1,6 @@
-"""Sentence classification from text files (`<integer label> <sentence>` per line, as in ../shared/data/text),
-tokenised once with the checkpoint's own tokenizer (transformers `AutoTokenizer`, a fast Rust tokenizer, batched).
+"""Sentence classification from text files (`<integer label> <sentence>` per line, as in ../shared/data/text, or
+local json/jsonl/csv/parquet tables read with `datasets`), tokenised once with the checkpoint's own tokenizer
+(transformers `AutoTokenizer`, a fast Rust tokenizer, batched); and language-model text cut into token blocks.
 
 Options: `train_file` (required), `test_file` and `validation_file` (optional), relative to `config.data.path`;
 `tokenizer`: a Hugging Face checkpoint directory (or hub id) with tokenizer files; `max_length`: every sequence is
@@ -54,15 +55,34 @@ def tokenize(tokenizer, sentences: list[str], max_length: int) -> dict[str, np.n
           "attention_mask": encoded["attention_mask"].astype(np.int32)}
 
 
+_TABLE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def read_table(filename: str, text_key: str, label_key: str) -> tuple[list[str], list]:
+  """(texts, raw labels) from a local json/jsonl/csv/parquet file, read with `datasets` (offline)."""
+  import datasets  # pylint: disable=g-import-not-at-top
+
+  table = datasets.load_dataset(_TABLE_FORMATS[os.path.splitext(filename)[1].lower()], data_files=filename,
+                                split="train")
+  for key in (text_key, label_key):
+    if key not in table.column_names:
+      raise FinetuneError(f"{filename} has no column {key!r} (columns: {', '.join(table.column_names)}); set "
+                          "config.data.options.text_key / label_key")
+  return [str(t) for t in table[text_key]], list(table[label_key])
+
+
 @SOURCES.register("text_classification")
 def text_classification(path: str = "", cache_dir: str = "", train_file: str = "", test_file: str = "",
-                        validation_file: str = "", tokenizer: str = "", max_length: int = 64) -> Dataset:
+                        validation_file: str = "", tokenizer: str = "", max_length: int = 64, text_key: str = "text",
+                        label_key: str = "label") -> Dataset:
+  """Files are `<label> <sentence>` lines, or json/jsonl/csv/parquet tables with `text_key` and `label_key`
+  columns (labels: integers, or strings numbered in sorted order)."""
   del cache_dir  # tokenising a few thousand sentences takes well under a second
   if not train_file:
     raise FinetuneError("config.data.options.train_file is empty; name the training file (e.g. stsa.binary.train)")
   files = {"train": train_file, "test": test_file, "validation": validation_file}
   tok = load_tokenizer(tokenizer)
-  splits, all_labels = {}, []
+  raw = {}
   for split, name in files.items():
     if not name:
       continue
@@ -70,14 +90,23 @@ def text_classification(path: str = "", cache_dir: str = "", train_file: str = "
     if not os.path.isfile(filename):
       raise FinetuneError(f"text file {filename!r} does not exist; check config.data.path and "
                           f"config.data.options.{split}_file")
-    sentences, labels = read_labelled_lines(filename)
-    splits[split] = ArraySplit({**tokenize(tok, sentences, max_length), "label": labels})
-    all_labels.append(labels)
-  labels = np.concatenate(all_labels)
-  if labels.min() < 0:
-    raise FinetuneError(f"negative label {labels.min()} in {train_file}; labels must be 0..K-1")
-  name = os.path.basename(train_file).split(".")[0]
-  return Dataset(name, splits, tuple(str(i) for i in range(int(labels.max()) + 1)))
+    if os.path.splitext(filename)[1].lower() in _TABLE_FORMATS:
+      raw[split] = read_table(filename, text_key, label_key)
+    else:
+      raw[split] = read_labelled_lines(filename)
+  all_labels = [label for _, labels in raw.values() for label in labels]
+  if any(isinstance(label, str) for label in all_labels):
+    class_names = tuple(sorted({str(label) for label in all_labels}))
+    to_index = {name: i for i, name in enumerate(class_names)}
+    raw = {k: (texts, np.asarray([to_index[str(l)] for l in labels], np.int64)) for k, (texts, labels) in raw.items()}
+  else:
+    labels = np.asarray(all_labels, np.int64)
+    if labels.min() < 0:
+      raise FinetuneError(f"negative label {labels.min()} in {train_file}; labels must be 0..K-1")
+    class_names = tuple(str(i) for i in range(int(labels.max()) + 1))
+  splits = {split: ArraySplit({**tokenize(tok, texts, max_length), "label": np.asarray(labels, np.int64)})
+            for split, (texts, labels) in raw.items()}
+  return Dataset(os.path.basename(train_file).split(".")[0], splits, class_names)
 
 
 @SOURCES.register("lm_text")

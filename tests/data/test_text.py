@@ -63,3 +63,25 @@ def test_bad_text_inputs(tmp_path):
     text_classification(str(tmp_path), train_file="missing.txt", tokenizer=_minilm_dir())
   with pytest.raises(FinetuneError, match="cannot load a tokenizer from"):
     text_classification(str(tmp_path), train_file="bad.txt", tokenizer=str(tmp_path))
+
+
+@pytest.mark.parametrize("extension", ["jsonl", "csv", "parquet"])
+def test_tables_through_datasets_with_string_labels(tmp_path, extension):
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  frame = pd.DataFrame({"sentence": ["great fun", "dull", "fine film", "awful"],
+                        "sentiment": ["pos", "neg", "pos", "neg"]})
+  filename = tmp_path / f"train.{extension}"
+  if extension == "jsonl":
+    frame.to_json(filename, orient="records", lines=True)
+  elif extension == "csv":
+    frame.to_csv(filename, index=False)
+  else:
+    frame.to_parquet(filename)
+  dataset = text_classification(str(tmp_path), train_file=filename.name, tokenizer=_minilm_dir(), max_length=8,
+                                text_key="sentence", label_key="sentiment")
+  assert dataset.class_names == ("neg", "pos")
+  batch = dataset.splits["train"].take(np.arange(4))
+  np.testing.assert_array_equal(batch["label"], [1, 0, 1, 0])
+  assert batch["input_ids"].shape == (4, 8)
+  with pytest.raises(FinetuneError, match="has no column 'text'"):
+    text_classification(str(tmp_path), train_file=filename.name, tokenizer=_minilm_dir(), label_key="sentiment")
