@@ -20,7 +20,7 @@ import numpy as np
 
 from finetune.data import SOURCES
 from finetune.data.dataset import ArraySplit, Dataset
-from finetune.data.text import load_tokenizer
+from finetune.data.text import data_file, load_tokenizer
 from finetune.errors import FinetuneError
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -74,10 +74,7 @@ def instructions(path: str = "", cache_dir: str = "", train_file: str = "", test
   for split, name in (("train", train_file), ("test", test_file)):
     if not name:
       continue
-    filename = os.path.join(path, name) if path else name
-    if not os.path.isfile(filename):
-      raise FinetuneError(f"JSONL file {filename!r} does not exist; check config.data.path and "
-                          f"config.data.options.{split}_file")
+    filename = data_file(path, name, split)
     conversations, seen = [], set()
     with open(filename, encoding="utf-8") as f:
       for number, line in enumerate(f, 1):

@@ -37,6 +37,15 @@ def read_labelled_lines(filename: str) -> tuple[list[str], np.ndarray]:
   return sentences, np.asarray(labels, np.int64)
 
 
+def data_file(folder: str, name: str, split: str) -> str:
+  """`name` inside `folder` (config.data.path), which must exist."""
+  filename = os.path.join(folder, name) if folder else name
+  if not os.path.isfile(filename):
+    raise FinetuneError(f"data file {filename!r} does not exist; check config.data.path and "
+                        f"config.data.options.{split}_file")
+  return filename
+
+
 def load_tokenizer(name_or_path: str):
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
 
@@ -86,10 +95,7 @@ def text_classification(path: str = "", cache_dir: str = "", train_file: str = "
   for split, name in files.items():
     if not name:
       continue
-    filename = os.path.join(path, name) if path else name
-    if not os.path.isfile(filename):
-      raise FinetuneError(f"text file {filename!r} does not exist; check config.data.path and "
-                          f"config.data.options.{split}_file")
+    filename = data_file(path, name, split)
     if os.path.splitext(filename)[1].lower() in _TABLE_FORMATS:
       raw[split] = read_table(filename, text_key, label_key)
     else:
@@ -123,10 +129,7 @@ def lm_text(path: str = "", cache_dir: str = "", train_file: str = "", test_file
   for split, name in (("train", train_file), ("test", test_file)):
     if not name:
       continue
-    filename = os.path.join(path, name) if path else name
-    if not os.path.isfile(filename):
-      raise FinetuneError(f"text file {filename!r} does not exist; check config.data.path and "
-                          f"config.data.options.{split}_file")
+    filename = data_file(path, name, split)
     with open(filename, encoding="utf-8", errors="replace") as f:
       lines = f.read().splitlines()
     # Tokenised line by line (batched, fast) and joined: no special tokens inside the stream.
