@@ -5,8 +5,9 @@ Each line is one conversation, in any of:
   * ShareGPT:    {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}
   * OpenAI chat: {"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]}
 All become a list of {role, content} messages, rendered with the tokenizer's chat template when it has one (else a
-plain "### User: / ### Assistant:" template). The loss counts only assistant tokens (`loss_mask`), found by
-rendering the conversation prefix by prefix: the tokens an assistant turn adds are its tokens. Exact duplicate
+plain "### User: / ### Assistant:" template with an end-of-text token after each answer). The loss counts only the
+answer tokens (`loss_mask`), found by rendering the conversation prefix by prefix: an answer is what its turn adds
+after the assistant header (the prefix rendered with the generation prompt). Exact duplicate
 conversations are dropped; with `pack=True` conversations are concatenated into full `max_length` blocks (fewer
 padding tokens; attention still spans the block, as in common SFT packing).
 """
@@ -28,6 +29,20 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 
 def to_messages(record: dict, where: str) -> list[dict[str, str]]:
   """One JSONL record in any supported format -> [{'role', 'content'}, ...]."""
+  try:
+    messages = _to_messages(record, where)
+  except (KeyError, TypeError, AttributeError) as e:
+    raise FinetuneError(f"{where}: malformed record ({type(e).__name__}: {e}); see finetune/data/instructions.py "
+                        "for the accepted formats") from None
+  for message in messages:
+    if message["role"] not in ("system", "user", "assistant") or not isinstance(message["content"], str):
+      raise FinetuneError(f"{where}: a message needs role system/user/assistant and text content; got {message!r}")
+  return messages
+
+
+def _to_messages(record: dict, where: str) -> list[dict[str, str]]:
+  if not isinstance(record, dict):
+    raise FinetuneError(f"{where}: each line must be a JSON object")
   if "messages" in record:
     return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
   if "conversations" in record:
@@ -42,23 +57,37 @@ def to_messages(record: dict, where: str) -> list[dict[str, str]]:
                       f"(messages); keys: {', '.join(sorted(record))}")
 
 
-def render(tokenizer, messages: list[dict[str, str]]) -> str:
+def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+  """The conversation as text; with `add_generation_prompt`, followed by the header that opens an assistant turn."""
   if getattr(tokenizer, "chat_template", None):
-    return tokenizer.apply_chat_template(messages, tokenize=False)
-  return "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+  # No template: a plain one, with the end-of-text token after each answer so the model learns to stop.
+  end = tokenizer.eos_token or tokenizer.sep_token or ""
+  text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}{end if m['role'] == 'assistant' else ''}\n\n"
+                 for m in messages)
+  return text + ("### Assistant:\n" if add_generation_prompt else "")
 
 
 def tokenize_conversation(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-  """(token ids, loss mask): 1 on the tokens that assistant turns add to the rendered conversation."""
+  """(token ids, loss mask): 1 on the tokens of assistant answers, 0 on prompts and on the template's headers.
+
+  Each turn is found by rendering the conversation prefix by prefix; for an assistant turn, the prefix rendered
+  with the generation prompt ends where the answer starts, so the role header is not trained on.
+  """
   ids: list[int] = []
   mask: list[int] = []
-  for end in range(1, len(messages) + 1):
-    prefix = tokenizer(render(tokenizer, messages[:end]), add_special_tokens=False)["input_ids"]
-    if prefix[:len(ids)] != ids:  # a template that rewrites earlier turns when one is added
+
+  def extend(text: str, weight: int):
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokens[:len(ids)] != ids:  # a template that rewrites earlier turns when one is added
       raise FinetuneError("the chat template changes earlier turns when a turn is added; cannot mark responses")
-    added = prefix[len(ids):]
-    ids.extend(added)
-    mask.extend([1 if messages[end - 1]["role"] == "assistant" else 0] * len(added))
+    mask.extend([weight] * (len(tokens) - len(ids)))
+    ids.extend(tokens[len(ids):])
+
+  for end in range(1, len(messages) + 1):
+    if messages[end - 1]["role"] == "assistant":
+      extend(render(tokenizer, messages[:end - 1], add_generation_prompt=True), 0)
+    extend(render(tokenizer, messages[:end]), 1 if messages[end - 1]["role"] == "assistant" else 0)
   return ids, mask
 
 

@@ -52,10 +52,16 @@ def load_tokenizer(name_or_path: str):
   if not name_or_path:
     raise FinetuneError("config.data.options.tokenizer is empty; set it to the checkpoint directory of the model")
   try:
-    return AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path))
   except Exception as e:  # missing files, offline hub id, corrupt tokenizer.json
     raise FinetuneError(f"cannot load a tokenizer from {name_or_path!r} ({type(e).__name__}); point "
                         "config.data.options.tokenizer at a checkpoint directory with tokenizer files") from None
+  # Decoder tokenizers (GPT-2, Llama) often have no pad token; padded positions are masked out anyway. Right
+  # padding keeps positions 0..n-1 for the real tokens and the last real token at mask.sum() - 1.
+  if tokenizer.pad_token is None:
+    tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+  tokenizer.padding_side = "right"
+  return tokenizer
 
 
 def tokenize(tokenizer, sentences: list[str], max_length: int) -> dict[str, np.ndarray]:
@@ -131,8 +137,9 @@ def lm_text(path: str = "", cache_dir: str = "", train_file: str = "", test_file
       continue
     filename = data_file(path, name, split)
     with open(filename, encoding="utf-8", errors="replace") as f:
-      lines = f.read().splitlines()
-    # Tokenised line by line (batched, fast) and joined: no special tokens inside the stream.
+      lines = f.read().splitlines(keepends=True)
+    # Tokenised line by line (batched, fast) with each line's newline kept, so byte-level tokenizers see line breaks;
+    # joined with no special tokens inside the stream.
     ids = np.concatenate([np.asarray(t, np.int32) for t in
                           tok(lines, add_special_tokens=False)["input_ids"] if t] or [np.zeros(0, np.int32)])
     num_blocks = len(ids) // block_size

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from finetune.errors import FinetuneError
 from finetune.models import MODELS
 from finetune.models.layers import linear, numbered_groups
 
@@ -85,6 +86,10 @@ class Embeddings(nnx.Module):
     self.dropout = nnx.Dropout(dropout)
 
   def __call__(self, input_ids, token_type_ids, train, rngs):
+    limit = self.position_embeddings.num_embeddings - self.position_offset
+    if input_ids.shape[1] > limit:  # an out-of-range embedding lookup would give NaN, not an error
+      raise FinetuneError(f"sequences of {input_ids.shape[1]} tokens exceed the model's {limit} positions; lower "
+                          "config.data.options.max_length")
     positions = jnp.arange(input_ids.shape[1])[None, :] + self.position_offset
     x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + \
         self.token_type_embeddings(token_type_ids)

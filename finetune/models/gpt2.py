@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from finetune.errors import FinetuneError
 from finetune.models import MODELS
 from finetune.models.layers import linear, numbered_groups
 
@@ -74,6 +75,9 @@ class GPT2(nnx.Module):
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     length = input_ids.shape[1]
+    if length > self.wpe.num_embeddings:  # an out-of-range embedding lookup would give NaN, not an error
+      raise FinetuneError(f"sequences of {length} tokens exceed the model's {self.wpe.num_embeddings} positions; "
+                          "lower config.data.options.block_size / max_length")
     x = self.wte(input_ids) + self.wpe(jnp.arange(length)[None, :])
     x = self.dropout(x, deterministic=not train, rngs=rngs)
     causal = jnp.tril(jnp.ones((length, length), bool))[None, None]  # (1, 1, L, L)

@@ -55,7 +55,7 @@ _BERT_RULES = [
     (r"classifier\.bias", "head/bias", False),
 ]
 # Tensors a BERT checkpoint may hold that this model does not use: buffers and pretraining heads.
-_BERT_LEFTOVERS = r"(embeddings\.position_ids|cls\..*)"
+_BERT_LEFTOVERS = r"(embeddings\.position_ids|cls\..*|lm_head\..*)"  # lm_head: RoBERTa's masked-LM head
 
 _GPT2_CONFIG = {
     "vocab_size": "vocab_size", "n_positions": "n_positions", "n_embd": "n_embd", "n_layer": "n_layer",
@@ -190,6 +190,10 @@ def read_config(path: str) -> dict[str, Any]:
                         "not supported")
   if model_type == "gpt2" and not config.get("tie_word_embeddings", True):
     raise FinetuneError(f"{path}: an untied GPT-2 output layer is not supported (tie_word_embeddings=false)")
+  if model_type == "gpt2" and (config.get("scale_attn_by_inverse_layer_idx") or config.get("reorder_and_upcast_attn")
+                                or not config.get("scale_attn_weights", True)):
+    raise FinetuneError(f"{path}: GPT-2 attention-scaling variants (scale_attn_by_inverse_layer_idx, "
+                        "reorder_and_upcast_attn, scale_attn_weights=false) are not supported")
   if model_type == "gpt2" and config.get("activation_function", "gelu_new") != "gelu_new":
     raise FinetuneError(f"{path}: activation_function {config['activation_function']!r} is not supported "
                         "(only 'gelu_new')")
@@ -274,6 +278,12 @@ _BERT_EXPORT = [
 ]
 
 
+def _float32(config: dict[str, Any]) -> None:
+  """We write float32 tensors: say so, or transformers loads them in the base checkpoint's dtype (bf16...)."""
+  config.pop("torch_dtype", None)
+  config["dtype"] = "float32"
+
+
 def export_bert(params: dict[str, np.ndarray], kwargs: dict[str, Any], class_names: list[str], out: str,
                 base_config: dict[str, Any] | None = None) -> str:
   """Writes a transformers checkpoint directory for a `bert` model; returns the architecture written.
@@ -296,7 +306,8 @@ def export_bert(params: dict[str, np.ndarray], kwargs: dict[str, Any], class_nam
       if match:
         name = match.expand(template)
         name = name if name.startswith("classifier.") else prefix + name
-        tensors[name] = np.ascontiguousarray(np.asarray(value, np.float32).T if transpose else value)
+        value = np.asarray(value, np.float32)
+        tensors[name] = np.ascontiguousarray(value.T if transpose else value)
         break
     else:
       raise FinetuneError(f"parameter {path!r} has no transformers name; cannot export it")
@@ -315,6 +326,7 @@ def export_bert(params: dict[str, np.ndarray], kwargs: dict[str, Any], class_nam
       "id2label": {str(i): name for i, name in enumerate(class_names)},
       "label2id": {name: i for i, name in enumerate(class_names)},
   })
+  _float32(config)
   os.makedirs(out, exist_ok=True)
   save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(out, "config.json"), "w") as f:
@@ -417,9 +429,13 @@ def export_params(model_name: str, params: dict[str, np.ndarray], kwargs: dict[s
     config["num_key_value_heads"] = kwargs["num_key_value_heads"] or kwargs["num_attention_heads"]
     config["head_dim"] = kwargs["head_dim"] or kwargs["hidden_size"] // kwargs["num_attention_heads"]
     config.setdefault("max_position_embeddings", 4096)
+  if model_name == "llama":  # transformers 5 reads rope_parameters; older versions rope_theta
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": kwargs["rope_theta"]}
+    config.pop("rope_scaling", None)
   if class_names:
     config["id2label"] = {str(i): name for i, name in enumerate(class_names)}
     config["label2id"] = {name: i for i, name in enumerate(class_names)}
+  _float32(config)
   os.makedirs(out, exist_ok=True)
   save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(out, "config.json"), "w") as f:

@@ -49,9 +49,17 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(tokenizer_dir):
   assert "hello there" in response_text and "goodbye" in response_text
   assert "hi" not in response_text.split() and "bye" not in response_text.replace("goodbye", "").split()
   # With a chat template the template renders the turns.
-  tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}")
+  assert "assistant" not in response_text  # the fallback template's header is not trained on
+  assert response_text.count(tok.sep_token) == 2  # each answer ends with the end-of-text token
+  # With a chat template the template renders the turns, and its assistant header is masked out too.
+  tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+                       "{% if add_generation_prompt %}<assistant> {% endif %}")
   ids, mask = tokenize_conversation(tok, to_messages(RECORDS[3], "x"))
-  assert tok.decode([t for t, m in zip(ids, mask) if m]).strip() == "< assistant > paris."
+  assert tok.decode([t for t, m in zip(ids, mask) if m]).strip() == "paris."
+  for bad in ({"messages": [{"role": "user"}]}, {"instruction": None, "output": "x"}, ["not", "an", "object"],
+              {"messages": [{"role": "robot", "content": "x"}]}):
+    with pytest.raises(FinetuneError, match="x: "):
+      to_messages(bad, "x")
 
 
 def test_source_dedups_pads_and_packs(tokenizer_dir, tmp_path):

@@ -69,3 +69,29 @@ def test_import_export_round_trip_keeps_logits(name, tmp_path):
 def test_unexportable_model_is_an_error(tmp_path):
   with pytest.raises(FinetuneError, match="model 'cnn' cannot be exported to Hugging Face format; exportable: bert"):
     hf.export_params("cnn", {}, {}, [], str(tmp_path))
+
+
+def test_llama_export_writes_float32_and_the_rope_it_computes_with(tmp_path):
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                                    num_attention_heads=4, vocab_size=40, max_position_embeddings=32)
+  transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "in")
+  base = hf.read_config(str(tmp_path / "in"))
+  base["dtype"] = "bfloat16"  # a checkpoint published in bf16
+  model_cfg = ConfigDict({"name": "llama", "hf_config": str(tmp_path / "in"), "rope_theta": 500000.0})
+  kwargs = {**{k: p.default for k, p in inspect.signature(MODELS.get("llama").__init__).parameters.items()
+               if p.default is not inspect.Parameter.empty}, **model_kwargs(model_cfg, 0)}
+  params = read_checkpoint_arrays(str(tmp_path / "in"))["params"]
+  hf.export_params("llama", params, kwargs, [], str(tmp_path / "out"), base)
+  exported = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out")
+  assert exported.dtype == torch.float32
+  import json  # pylint: disable=g-import-not-at-top
+  written = json.load(open(tmp_path / "out" / "config.json"))
+  assert written["rope_parameters"]["rope_theta"] == 500000.0 and written["dtype"] == "float32"
+
+
+def test_too_long_inputs_are_an_error_not_nan():
+  model = build_model(ConfigDict({"name": "gpt2", "n_embd": 8, "n_layer": 1, "n_head": 2, "vocab_size": 10,
+                                  "n_positions": 8}), 0, nnx.Rngs(0))
+  with pytest.raises(FinetuneError, match="sequences of 12 tokens exceed the model's 8 positions"):
+    model(jnp.zeros((1, 12), jnp.int32))
