@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from finetune.partition import combine, map_with_path, path_str, select
 from finetune.sharding import batch_sharding, replicated

@@ -18,7 +18,6 @@ import jax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from finetune.errors import FinetuneError
 from finetune.methods import discriminative, freezing, unfreezing
 from finetune.partition import assign_groups, flatten, path_str
 

@@ -45,3 +45,20 @@ def run_python(code: str, env_extra: dict[str, str] | None = None, timeout: int 
   env = {**os.environ, **(env_extra or {})}
   return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=timeout)
+
+
+def model_from_hf(name: str, checkpoint_dir: str, num_classes: int = 0, dont_load=(), **overrides):
+  """Our model built from a Hugging Face checkpoint directory with its weights loaded, as `init_from` does.
+
+  Returns (model, the checkpoint's arrays, paths initialised fresh)."""
+  from flax import nnx
+  from ml_collections import ConfigDict
+
+  from finetune.checkpoint import load_into, read_checkpoint_arrays
+  from finetune.models import build_model
+
+  model = build_model(ConfigDict({"name": name, "hf_config": checkpoint_dir, **overrides}), num_classes, nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  arrays = read_checkpoint_arrays(checkpoint_dir)
+  loaded, _, fresh = load_into(params.to_pure_dict(), arrays["params"], tuple(dont_load), "parameter", checkpoint_dir)
+  return nnx.merge(graphdef, loaded, rest.to_pure_dict()), arrays, fresh

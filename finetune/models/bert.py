@@ -14,7 +14,7 @@ from flax import nnx
 
 from finetune.errors import FinetuneError
 from finetune.models import MODELS
-from finetune.models.layers import linear, numbered_groups
+from finetune.models.layers import attend, layer_norm, numbered_groups, padding_bias, transformer_dense
 
 
 def _embedding(num: int, features: int, rngs: nnx.Rngs, axis: str) -> nnx.Embed:
@@ -22,25 +22,15 @@ def _embedding(num: int, features: int, rngs: nnx.Rngs, axis: str) -> nnx.Embed:
                    embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), (axis, "embed")))
 
 
-def _norm(features: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(features, epsilon=eps, rngs=rngs,
-                       scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
-                       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)))
-
-
-def _dense(in_features: int, out_features: int, axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
-  return linear(in_features, out_features, axes, rngs, kernel_init=nnx.initializers.normal(0.02))
-
-
 class Attention(nnx.Module):
   def __init__(self, hidden: int, num_heads: int, dropout: float, rngs: nnx.Rngs):
     if hidden % num_heads:
       raise ValueError(f"hidden_size {hidden} is not divisible by num_heads {num_heads}")
     self.num_heads = num_heads
-    self.query = _dense(hidden, hidden, ("embed", "heads"), rngs)
-    self.key = _dense(hidden, hidden, ("embed", "heads"), rngs)
-    self.value = _dense(hidden, hidden, ("embed", "heads"), rngs)
-    self.output = _dense(hidden, hidden, ("heads", "embed"), rngs)
+    self.query = transformer_dense(hidden, hidden, ("embed", "heads"), rngs)
+    self.key = transformer_dense(hidden, hidden, ("embed", "heads"), rngs)
+    self.value = transformer_dense(hidden, hidden, ("embed", "heads"), rngs)
+    self.output = transformer_dense(hidden, hidden, ("heads", "embed"), rngs)
     self.dropout = nnx.Dropout(dropout)
 
   def __call__(self, x: jax.Array, mask_bias: jax.Array, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
@@ -51,9 +41,7 @@ class Attention(nnx.Module):
       return y.reshape(batch, length, self.num_heads, head_dim)
 
     q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-    scores = jnp.einsum("blhd,bmhd->bhlm", q, k) / jnp.sqrt(jnp.asarray(head_dim, x.dtype)) + mask_bias
-    weights = self.dropout(jax.nn.softmax(scores, axis=-1), deterministic=not train, rngs=rngs)
-    context = jnp.einsum("bhlm,bmhd->blhd", weights, v).reshape(batch, length, hidden)
+    context = attend(q, k, v, mask_bias, self.dropout, train, rngs).reshape(batch, length, hidden)
     return self.output(context)
 
 
@@ -62,10 +50,10 @@ class Layer(nnx.Module):
 
   def __init__(self, hidden: int, num_heads: int, intermediate: int, eps: float, dropout: float, rngs: nnx.Rngs):
     self.attention = Attention(hidden, num_heads, dropout, rngs)
-    self.attention_norm = _norm(hidden, eps, rngs)
-    self.intermediate = _dense(hidden, intermediate, ("embed", "mlp"), rngs)
-    self.output = _dense(intermediate, hidden, ("mlp", "embed"), rngs)
-    self.output_norm = _norm(hidden, eps, rngs)
+    self.attention_norm = layer_norm(hidden, rngs, eps)
+    self.intermediate = transformer_dense(hidden, intermediate, ("embed", "mlp"), rngs)
+    self.output = transformer_dense(intermediate, hidden, ("mlp", "embed"), rngs)
+    self.output_norm = layer_norm(hidden, rngs, eps)
     self.dropout = nnx.Dropout(dropout)
 
   def __call__(self, x, mask_bias, train, rngs):
@@ -82,7 +70,7 @@ class Embeddings(nnx.Module):
     self.word_embeddings = _embedding(vocab_size, hidden, rngs, "vocab")
     self.position_embeddings = _embedding(max_positions, hidden, rngs, "position")
     self.token_type_embeddings = _embedding(type_vocab_size, hidden, rngs, "position")
-    self.layer_norm = _norm(hidden, eps, rngs)
+    self.layer_norm = layer_norm(hidden, rngs, eps)
     self.dropout = nnx.Dropout(dropout)
 
   def __call__(self, input_ids, token_type_ids, train, rngs):
@@ -114,9 +102,9 @@ class Bert(nnx.Module):
                                  position_offset, dropout, rngs)
     self.layers = nnx.List([Layer(hidden_size, num_heads, intermediate_size, layer_norm_eps, dropout, rngs)
                             for _ in range(num_layers)])
-    self.pooler = _dense(hidden_size, hidden_size, ("embed", "embed_out"), rngs) if pooling == "cls" else None
+    self.pooler = transformer_dense(hidden_size, hidden_size, ("embed", "embed_out"), rngs) if pooling == "cls" else None
     self.dropout = nnx.Dropout(dropout)
-    self.head = _dense(hidden_size, num_classes, ("embed", "classes"), rngs)
+    self.head = transformer_dense(hidden_size, num_classes, ("embed", "classes"), rngs)
 
   def encode(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, token_type_ids=None, *,
              train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -126,8 +114,7 @@ class Bert(nnx.Module):
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     x = self.embeddings(input_ids, token_type_ids, train, rngs)
-    # (B, L) -> (B, 1, 1, L): masked keys get the most negative float, as transformers does.
-    mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(x.dtype).min).astype(x.dtype)
+    mask_bias = padding_bias(attention_mask, x.dtype)
     for layer in self.layers:
       x = layer(x, mask_bias, train, rngs)
     return x

@@ -12,17 +12,7 @@ from flax import nnx
 
 from finetune.errors import FinetuneError
 from finetune.models import MODELS
-from finetune.models.layers import linear, numbered_groups
-
-
-def _norm(features: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(features, epsilon=eps, rngs=rngs,
-                       scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
-                       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)))
-
-
-def _dense(in_features: int, out_features: int, axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
-  return linear(in_features, out_features, axes, rngs, kernel_init=nnx.initializers.normal(0.02))
+from finetune.models.layers import attend, causal_bias, layer_norm, numbered_groups, transformer_dense
 
 
 class Block(nnx.Module):
@@ -30,12 +20,12 @@ class Block(nnx.Module):
     if hidden % num_heads:
       raise ValueError(f"n_embd {hidden} is not divisible by n_head {num_heads}")
     self.num_heads = num_heads
-    self.ln_1 = _norm(hidden, eps, rngs)
-    self.c_attn = _dense(hidden, 3 * hidden, ("embed", "heads"), rngs)  # fused query, key, value
-    self.attn_proj = _dense(hidden, hidden, ("heads", "embed"), rngs)
-    self.ln_2 = _norm(hidden, eps, rngs)
-    self.c_fc = _dense(hidden, inner, ("embed", "mlp"), rngs)
-    self.mlp_proj = _dense(inner, hidden, ("mlp", "embed"), rngs)
+    self.ln_1 = layer_norm(hidden, rngs, eps)
+    self.c_attn = transformer_dense(hidden, 3 * hidden, ("embed", "heads"), rngs)  # fused query, key, value
+    self.attn_proj = transformer_dense(hidden, hidden, ("heads", "embed"), rngs)
+    self.ln_2 = layer_norm(hidden, rngs, eps)
+    self.c_fc = transformer_dense(hidden, inner, ("embed", "mlp"), rngs)
+    self.mlp_proj = transformer_dense(inner, hidden, ("mlp", "embed"), rngs)
     self.dropout = nnx.Dropout(dropout)
 
   def __call__(self, x, mask_bias, train, rngs):
@@ -43,9 +33,7 @@ class Block(nnx.Module):
     head_dim = hidden // self.num_heads
     qkv = self.c_attn(self.ln_1(x)).reshape(batch, length, 3, self.num_heads, head_dim)  # (B, L, 3, H, D)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    scores = jnp.einsum("blhd,bmhd->bhlm", q, k) / jnp.sqrt(jnp.asarray(head_dim, x.dtype)) + mask_bias
-    weights = self.dropout(jax.nn.softmax(scores, axis=-1), deterministic=not train, rngs=rngs)
-    context = jnp.einsum("bhlm,bmhd->blhd", weights, v).reshape(batch, length, hidden)
+    context = attend(q, k, v, mask_bias, self.dropout, train, rngs).reshape(batch, length, hidden)
     x = x + self.dropout(self.attn_proj(context), deterministic=not train, rngs=rngs)
     hidden_states = jax.nn.gelu(self.c_fc(self.ln_2(x)), approximate=True)  # GPT-2's "gelu_new"
     return x + self.dropout(self.mlp_proj(hidden_states), deterministic=not train, rngs=rngs)
@@ -67,7 +55,7 @@ class GPT2(nnx.Module):
         nnx.initializers.normal(0.01), ("position", "embed")))
     self.blocks = nnx.List([Block(n_embd, n_head, n_inner or 4 * n_embd, layer_norm_epsilon, dropout, rngs)
                             for _ in range(n_layer)])
-    self.ln_f = _norm(n_embd, layer_norm_epsilon, rngs)
+    self.ln_f = layer_norm(n_embd, rngs, layer_norm_epsilon)
     self.dropout = nnx.Dropout(dropout)
 
   def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, train: bool = False,
@@ -80,9 +68,7 @@ class GPT2(nnx.Module):
                           "lower config.data.options.block_size / max_length")
     x = self.wte(input_ids) + self.wpe(jnp.arange(length)[None, :])
     x = self.dropout(x, deterministic=not train, rngs=rngs)
-    causal = jnp.tril(jnp.ones((length, length), bool))[None, None]  # (1, 1, L, L)
-    allowed = causal & (attention_mask[:, None, None, :] > 0)
-    mask_bias = jnp.where(allowed, 0.0, jnp.finfo(x.dtype).min).astype(x.dtype)
+    mask_bias = causal_bias(attention_mask, x.dtype)
     for block in self.blocks:
       x = block(x, mask_bias, train, rngs)
     return self.ln_f(x)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 LogicalAxes = tuple[str | None, ...]
@@ -53,3 +55,34 @@ def layer_norm(features: int, rngs: nnx.Rngs, eps: float = 1e-6) -> nnx.LayerNor
 def numbered_groups(prefix: str, count: int, group_prefix: str) -> list[tuple[str, str]]:
   """[('block_1', '^blocks/0/'), ...]: one layer group per element of a numbered sub-module list."""
   return [(f"{group_prefix}_{i + 1}", rf"^{prefix}/{i}/") for i in range(count)]
+
+
+def transformer_dense(in_features: int, out_features: int, axes: tuple[str, str], rngs: nnx.Rngs,
+                      use_bias: bool = True) -> nnx.Linear:
+  """A Linear initialised as the transformer checkpoints we load are (normal, std 0.02)."""
+  return linear(in_features, out_features, axes, rngs, use_bias=use_bias,
+                kernel_init=nnx.initializers.normal(0.02))
+
+
+def padding_bias(attention_mask: jax.Array, dtype) -> jax.Array:
+  """(B, L) 0/1 mask -> (B, 1, 1, L) additive bias: masked keys get the most negative float, as transformers does."""
+  return jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(dtype).min).astype(dtype)
+
+
+def causal_bias(attention_mask: jax.Array, dtype) -> jax.Array:
+  """(B, L) 0/1 mask -> (B, 1, L, L) additive bias allowing each position its unmasked past and itself."""
+  length = attention_mask.shape[1]
+  allowed = jnp.tril(jnp.ones((length, length), bool))[None, None] & (attention_mask[:, None, None, :] > 0)
+  return jnp.where(allowed, 0.0, jnp.finfo(dtype).min).astype(dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None,
+           dropout: nnx.Dropout | None = None, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+  """Scaled dot-product attention over (B, L, heads, head_dim) queries/keys/values -> (B, L, heads, head_dim)."""
+  scores = jnp.einsum("blhd,bmhd->bhlm", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
+  if bias is not None:
+    scores = scores + bias
+  weights = jax.nn.softmax(scores, axis=-1)
+  if dropout is not None:
+    weights = dropout(weights, deterministic=not train, rngs=rngs)
+  return jnp.einsum("bhlm,bmhd->blhd", weights, v)

@@ -12,11 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from finetune.models import MODELS
-from finetune.models.layers import linear, numbered_groups
-
-
-def _dense(in_features: int, out_features: int, axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
-  return linear(in_features, out_features, axes, rngs, use_bias=False, kernel_init=nnx.initializers.normal(0.02))
+from finetune.models.layers import attend, causal_bias, numbered_groups, transformer_dense
 
 
 def _rms_norm(features: int, eps: float, rngs: nnx.Rngs) -> nnx.RMSNorm:
@@ -44,10 +40,10 @@ class Attention(nnx.Module):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-    self.q_proj = _dense(hidden, num_heads * head_dim, ("embed", "heads"), rngs)
-    self.k_proj = _dense(hidden, num_kv_heads * head_dim, ("embed", "kv_heads"), rngs)
-    self.v_proj = _dense(hidden, num_kv_heads * head_dim, ("embed", "kv_heads"), rngs)
-    self.o_proj = _dense(num_heads * head_dim, hidden, ("heads", "embed"), rngs)
+    self.q_proj = transformer_dense(hidden, num_heads * head_dim, ("embed", "heads"), rngs, use_bias=False)
+    self.k_proj = transformer_dense(hidden, num_kv_heads * head_dim, ("embed", "kv_heads"), rngs, use_bias=False)
+    self.v_proj = transformer_dense(hidden, num_kv_heads * head_dim, ("embed", "kv_heads"), rngs, use_bias=False)
+    self.o_proj = transformer_dense(num_heads * head_dim, hidden, ("heads", "embed"), rngs, use_bias=False)
 
   def __call__(self, x, cos, sin, mask_bias):
     batch, length, _ = x.shape
@@ -58,16 +54,15 @@ class Attention(nnx.Module):
     groups = self.num_heads // self.num_kv_heads
     # Grouped-query attention: each key/value head serves `groups` query heads. (B, L, kv, d) -> (B, L, heads, d)
     k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    scores = jnp.einsum("blhd,bmhd->bhlm", q, k) / jnp.sqrt(jnp.asarray(self.head_dim, x.dtype)) + mask_bias
-    context = jnp.einsum("bhlm,bmhd->blhd", jax.nn.softmax(scores, axis=-1), v)
+    context = attend(q, k, v, mask_bias)
     return self.o_proj(context.reshape(batch, length, self.num_heads * self.head_dim))
 
 
 class MLP(nnx.Module):
   def __init__(self, hidden: int, intermediate: int, rngs: nnx.Rngs):
-    self.gate_proj = _dense(hidden, intermediate, ("embed", "mlp"), rngs)
-    self.up_proj = _dense(hidden, intermediate, ("embed", "mlp"), rngs)
-    self.down_proj = _dense(intermediate, hidden, ("mlp", "embed"), rngs)
+    self.gate_proj = transformer_dense(hidden, intermediate, ("embed", "mlp"), rngs, use_bias=False)
+    self.up_proj = transformer_dense(hidden, intermediate, ("embed", "mlp"), rngs, use_bias=False)
+    self.down_proj = transformer_dense(intermediate, hidden, ("mlp", "embed"), rngs, use_bias=False)
 
   def __call__(self, x):
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
@@ -105,7 +100,8 @@ class Llama(nnx.Module):
     self.layers = nnx.List([DecoderLayer(hidden_size, num_attention_heads, kv_heads, self.head_dim,
                                          intermediate_size, rms_norm_eps, rngs) for _ in range(num_hidden_layers)])
     self.norm = _rms_norm(hidden_size, rms_norm_eps, rngs)
-    self.lm_head = None if tie_word_embeddings else _dense(hidden_size, vocab_size, ("embed", "vocab"), rngs)
+    self.lm_head = None if tie_word_embeddings else transformer_dense(hidden_size, vocab_size, ("embed", "vocab"),
+                                                                      rngs, use_bias=False)
 
   def hidden_states(self, input_ids, attention_mask=None):
     if attention_mask is None:
@@ -113,9 +109,7 @@ class Llama(nnx.Module):
     length = input_ids.shape[1]
     x = self.embed_tokens(input_ids)
     cos, sin = rotary(jnp.arange(length), self.head_dim, self.rope_theta)
-    causal = jnp.tril(jnp.ones((length, length), bool))[None, None]  # (1, 1, L, L)
-    allowed = causal & (attention_mask[:, None, None, :] > 0)
-    mask_bias = jnp.where(allowed, 0.0, jnp.finfo(x.dtype).min).astype(x.dtype)
+    mask_bias = causal_bias(attention_mask, x.dtype)
     for layer in self.layers:
       x = layer(x, cos, sin, mask_bias)
     return self.norm(x)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from finetune.models import MODELS
-from finetune.models.layers import conv, layer_norm, linear, numbered_groups
+from finetune.models.layers import attend, conv, layer_norm, linear, numbered_groups
 
 
 class SelfAttention(nnx.Module):
@@ -33,9 +33,7 @@ class SelfAttention(nnx.Module):
       return y.reshape(batch, length, self.num_heads, head_dim)
 
     q, k, v = split_heads(self.query(x)), split_heads(self.key(x)), split_heads(self.value(x))
-    logits = jnp.einsum("blhd,bmhd->bhlm", q, k) / jnp.sqrt(head_dim).astype(x.dtype)
-    weights = self.dropout(jax.nn.softmax(logits, axis=-1), deterministic=not train, rngs=rngs)
-    attended = jnp.einsum("bhlm,bmhd->blhd", weights, v).reshape(batch, length, width)
+    attended = attend(q, k, v, None, self.dropout, train, rngs).reshape(batch, length, width)
     return self.out(attended)
 
 

@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 from ml_collections import ConfigDict
 
-from finetune.checkpoint import load_into, read_checkpoint_arrays, resolve_checkpoint
+from conftest import model_from_hf
+from finetune.checkpoint import load_into, read_checkpoint_arrays
 from finetune.errors import FinetuneError
 from finetune.models import build_model, hf
 
@@ -20,13 +21,9 @@ transformers = pytest.importorskip("transformers")
 
 def _ours(checkpoint_dir: str, num_classes: int = 3, **overrides):
   """Our model with the checkpoint's weights (a fresh head, as `dont_load=('^head/',)` gives)."""
-  model = build_model(ConfigDict({"name": "bert", "hf_config": checkpoint_dir, "dropout": 0.0, **overrides}),
-                      num_classes, nnx.Rngs(0))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  arrays = read_checkpoint_arrays(resolve_checkpoint(checkpoint_dir, "/"))
-  loaded, _, fresh = load_into(params.to_pure_dict(), arrays["params"], ("^head/",), "parameter", checkpoint_dir)
+  model, arrays, fresh = model_from_hf("bert", checkpoint_dir, num_classes, ("^head/",), dropout=0.0, **overrides)
   assert fresh == ["head/bias", "head/kernel"]
-  return nnx.merge(graphdef, loaded, rest.to_pure_dict()), arrays
+  return model, arrays
 
 
 def _inputs(vocab_size: int, batch: int = 3, length: int = 11, seed: int = 0):

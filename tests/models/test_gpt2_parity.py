@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from ml_collections import ConfigDict
 
-from finetune.checkpoint import load_into, read_checkpoint_arrays
+from conftest import model_from_hf
 from finetune.models import build_model
 from finetune.partition import assign_groups, flatten
 
@@ -22,12 +22,9 @@ CONFIGS = [
 
 
 def _ours(path):
-  model = build_model(ConfigDict({"name": "gpt2", "hf_config": path, "dropout": 0.0}), 0, nnx.Rngs(0))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  arrays = read_checkpoint_arrays(path)
-  loaded, _, fresh = load_into(params.to_pure_dict(), arrays["params"], (), "parameter", path)
+  model, arrays, fresh = model_from_hf("gpt2", path, dropout=0.0)
   assert fresh == []
-  return nnx.merge(graphdef, loaded, rest.to_pure_dict()), arrays
+  return model, arrays
 
 
 @pytest.mark.parametrize("kwargs", CONFIGS, ids=["2x32", "3x48-inner80"])

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from ml_collections import ConfigDict
 
-from finetune.checkpoint import load_into, read_checkpoint_arrays
+from conftest import model_from_hf
 from finetune.models import build_model
 from finetune.partition import assign_groups, flatten
 
@@ -32,12 +32,9 @@ def test_logits_match_transformers(name, tmp_path):
   torch.manual_seed(0)
   reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs)).eval()
   reference.save_pretrained(tmp_path)
-  model = build_model(ConfigDict({"name": "llama", "hf_config": str(tmp_path)}), 0, nnx.Rngs(0))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  loaded, _, fresh = load_into(params.to_pure_dict(), read_checkpoint_arrays(str(tmp_path))["params"], (),
-                               "parameter", str(tmp_path))
+  ours, _, fresh = model_from_hf("llama", str(tmp_path))
+  loaded = nnx.split(ours, nnx.Param, ...)[1].to_pure_dict()
   assert fresh == [] and (("lm_head/kernel" in flatten(loaded)) != kwargs.get("tie_word_embeddings", False))
-  ours = nnx.merge(graphdef, loaded, rest.to_pure_dict())
   rng = np.random.default_rng(0)
   ids = rng.integers(0, kwargs["vocab_size"], size=(2, 17))
   mask = np.ones_like(ids)

@@ -5,11 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-from ml_collections import ConfigDict
 
-from finetune.checkpoint import load_into, read_checkpoint_arrays
-from finetune.models import build_model
+from conftest import model_from_hf
 
 torch = pytest.importorskip("torch", reason="torch is the parity reference (pip install torch==2.13.0)")
 transformers = pytest.importorskip("transformers")
@@ -28,12 +25,8 @@ def test_image_classification_logits_match_transformers(name, tmp_path):
   torch.manual_seed(0)
   reference = transformers.ViTForImageClassification(transformers.ViTConfig(**kwargs)).eval()
   reference.save_pretrained(tmp_path)
-  model = build_model(ConfigDict({"name": "vit", "hf_config": str(tmp_path)}), kwargs["num_labels"], nnx.Rngs(0))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  arrays = read_checkpoint_arrays(str(tmp_path))
-  loaded, _, fresh = load_into(params.to_pure_dict(), arrays["params"], (), "parameter", str(tmp_path))
+  ours, _, fresh = model_from_hf("vit", str(tmp_path), kwargs["num_labels"])
   assert fresh == []
-  ours = nnx.merge(graphdef, loaded, rest.to_pure_dict())
   images = np.random.default_rng(0).normal(size=(2, kwargs["image_size"], kwargs["image_size"],
                                                  kwargs["num_channels"])).astype(np.float32)
   with torch.no_grad():
