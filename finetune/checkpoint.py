@@ -133,8 +133,10 @@ def _compile(patterns: Sequence[str]) -> list[re.Pattern]:
 
 
 def load_into(tree: Any, loaded: dict[str, np.ndarray], dont_load: Sequence[str], what: str,
-              source: str) -> tuple[Any, list[str], list[str]]:
-  """Replaces leaves of `tree` (sharded arrays) by `loaded[path]`, except paths matching `dont_load`.
+              source: str, new: frozenset[str] = frozenset()) -> tuple[Any, list[str], list[str]]:
+  """Replaces leaves of `tree` (sharded arrays) by `loaded[path]`, except paths matching `dont_load`. Paths in `new`
+  (parameters only an adapted model has, such as LoRA factors) load when the checkpoint has them and otherwise
+  keep their initial values.
 
   Returns (new tree, loaded paths, freshly initialised paths). A path missing from the checkpoint must be listed in
   `dont_load`; a shape mismatch names the parameter and both shapes.
@@ -143,7 +145,7 @@ def load_into(tree: Any, loaded: dict[str, np.ndarray], dont_load: Sequence[str]
   loaded_paths, fresh_paths = [], []
 
   def replace(path: str, leaf: jax.Array) -> jax.Array:
-    if any(p.search(path) for p in patterns):
+    if any(p.search(path) for p in patterns) or (path in new and path not in loaded):
       fresh_paths.append(path)
       return leaf
     if path not in loaded:

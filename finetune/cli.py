@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--workdir", required=True, help="output folder; re-running the same command resumes")
   export = commands.add_parser("export", help="write a run's parameters as a Hugging Face checkpoint")
   export.add_argument("--workdir", required=True, help="a run directory made by `finetune train`")
-  export.add_argument("--format", default="hf", help="hf (config.json + model.safetensors + tokenizer)")
+  export.add_argument("--format", default="hf", 
+                      help="hf (config.json + model.safetensors + tokenizer; PEFT runs merged) or peft "
+                      "(a LoRA adapter for peft.PeftModel)")
   export.add_argument("--out", required=True, help="output folder (replaced if it exists)")
   export.add_argument("--stage", default="", help="stage of a multi-stage run (default: the last)")
   return parser

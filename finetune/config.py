@@ -85,6 +85,31 @@ def defaults() -> ConfigDict:
   c.features = ConfigDict({"cache": False, "max_memory_mb": 4096.0, "closed_form": (), "l2": 1e-4})
   c.unfreeze = ConfigDict({"mode": "none", "every_steps": 0, "every_epochs": 0.0, "initial_groups": 1,
                            "schedule": "continue"})
+  # Parameter-efficient fine-tuning (finetune/adapters.py; one file per method in finetune/methods/).
+  c.peft = ConfigDict({
+      "method": "",  # '' (none), lora, bottleneck, prompt, prefix, bitfit, ia3
+      "targets": (),  # layers to adapt: module names ('query', 'q_proj') or regexes over module paths
+      "modules_to_save": (),  # regexes over parameter paths trained fully (e.g. '^head/')
+      "bias": "none",  # none, all, lora_only
+      # LoRA family (methods/lora.py)
+      "rank": 8,
+      "alpha": 8.0,
+      "rslora": False,
+      "dora": False,
+      "dropout": 0.0,
+      "init": "kaiming",  # kaiming, gaussian
+      "rank_pattern": (),  # ((regex over module paths, rank), ...)
+      "alpha_pattern": (),
+      "lora_plus_ratio": 0.0,  # LoRA+: B's learning rate / A's (0: off; the paper uses 16)
+      "quantize": "",  # '' or 'nf4' (QLoRA: frozen base kernels in 4-bit NormalFloat)
+      "quant_block_size": 64,
+      "double_quant": True,
+      # Prompt and prefix tuning, bottleneck adapters
+      "num_virtual_tokens": 20,
+      "bottleneck_size": 64,
+      # An adapter to load onto the base: an adapter folder written by a PEFT stage or a PEFT (PyTorch) folder.
+      "load_adapter": "",
+  })
   c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
   c.sharding_rules = ()
   c.init_from = ""
@@ -313,6 +338,24 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
        f"config.unfreeze.mode={c.unfreeze.mode!r}; valid: none, gradual, chain_thaw")
   need(c.unfreeze.schedule in ("continue", "restart"),
        f"config.unfreeze.schedule={c.unfreeze.schedule!r}; valid: continue, restart")
+  from finetune.adapters import BIAS_MODES, PEFT_METHODS  # pylint: disable=g-import-not-at-top
+  if c.peft.method:
+    PEFT_METHODS.get(c.peft.method)
+  need(c.peft.bias in BIAS_MODES, f"config.peft.bias={c.peft.bias!r}; valid: {', '.join(BIAS_MODES)}")
+  need(c.peft.rank >= 1 and c.peft.alpha > 0, "config.peft.rank must be >= 1 and config.peft.alpha > 0")
+  need(0.0 <= c.peft.dropout < 1.0, "config.peft.dropout must be in [0, 1)")
+  need(c.peft.lora_plus_ratio >= 0, "config.peft.lora_plus_ratio must be >= 0 (0: off)")
+  need(c.peft.num_virtual_tokens >= 1 and c.peft.bottleneck_size >= 1,
+       "config.peft.num_virtual_tokens and bottleneck_size must be >= 1")
+  need(not (c.peft.load_adapter and not c.peft.method),
+       "config.peft.load_adapter needs config.peft.method (and the adapter's targets and rank) set")
+  need(not (c.peft.method and c.features.cache),
+       "config.features.cache needs a frozen backbone; PEFT methods train inside it: drop one of them")
+  for key in ("rank_pattern", "alpha_pattern"):
+    for rule in c.peft[key]:
+      need(isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+           and isinstance(rule[1], (int, float)) and rule[1] > 0,
+           f"config.peft.{key} entry {rule!r} must be (regex over module paths, value > 0)")
   for axis, size in c.mesh.items():
     need(size == -1 or size >= 1, f"config.mesh.{axis} must be -1 (all remaining devices) or >= 1")
 

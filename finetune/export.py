@@ -1,9 +1,11 @@
-"""`finetune export --workdir DIR --format hf --out OUT`: a finished run's parameters as a Hugging Face checkpoint.
+"""`finetune export --workdir DIR --format hf|peft --out OUT`: a finished run for the Hugging Face ecosystem.
 
-Reads the stage's resolved `config.json`, its latest checkpoint and (for text models) the tokenizer named in
+`hf`: reads the stage's resolved `config.json`, its latest checkpoint and (for text models) the tokenizer named in
 `config.data.options.tokenizer`, and writes `config.json` + `model.safetensors` (+ tokenizer files) that
-transformers loads. The output folder is written to a temporary sibling and renamed into place, so a failed export
-leaves nothing half-written.
+transformers loads; a PEFT run's adapters are merged into the weights first. `peft`: the run's LoRA adapter as
+`adapter_config.json` + `adapter_model.safetensors` for `peft.PeftModel.from_pretrained` (`finetune/peft_format.py`).
+Output folders are written to a temporary sibling and renamed into place, so a failed export leaves nothing
+half-written.
 """
 
 from __future__ import annotations
@@ -11,16 +13,16 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
-import tempfile
 
 from ml_collections import ConfigDict
 
+from finetune import adapters
 from finetune.checkpoint import read_checkpoint_arrays, resolve_checkpoint
 from finetune.errors import FinetuneError
 from finetune.models import MODELS, hf, model_kwargs
+from finetune.reporting import staged_directory
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "peft")
 
 
 def full_model_kwargs(model_cfg: ConfigDict, num_classes: int) -> dict:
@@ -60,25 +62,47 @@ def export(workdir: str, out: str, fmt: str = "hf", stage: str = "") -> str:
   arrays = read_checkpoint_arrays(resolve_checkpoint(run_dir, run_dir))
   params = arrays["params"]
   num_classes = params["head/kernel"].shape[1] if "head/kernel" in params else 0  # language models: no head
+  peft_cfg = cfg.get("peft", ConfigDict({"method": ""}))
+  if fmt == "peft":
+    if not adapters.enabled(peft_cfg):
+      raise FinetuneError(f"{run_dir} is not a PEFT run (config.peft.method is empty); use --format hf")
+    from finetune import peft_format  # pylint: disable=g-import-not-at-top
+    _, trained = adapters.load_adapter(os.path.join(run_dir, "adapter"))
+    abstract = adapters.abstract_model(cfg.model, peft_cfg, num_classes)
+    base = cfg.model.get("hf_config", "") or (cfg.init_from if hf.is_hf_checkpoint(cfg.init_from) else "")
+    out = os.path.abspath(os.path.expanduser(out))
+    staged_base = out.rstrip("/") + ".base-staging"
+    if not base:  # no Hugging Face checkpoint to name as the base: write ours next to the adapter
+      plain = {p: v for p, v in params.items() if p in _base_paths(cfg, num_classes)}
+      _write_hf(cfg, plain, num_classes, run_dir, staged_base)
+    peft_format.export_peft(cfg.model, peft_cfg, abstract, params, sorted(trained), num_classes, out,
+                            base_model=base or "base_model")
+    if not base:
+      os.replace(staged_base, os.path.join(out, "base_model"))
+    return "PEFT LoRA adapter" + ("" if base else " + base_model/")
+  if adapters.enabled(peft_cfg):  # the plain model with the adapters folded in
+    params, _ = adapters.merge(adapters.abstract_model(cfg.model, peft_cfg, num_classes), peft_cfg, params,
+                               arrays.get("model_state", {}))
+  return _write_hf(cfg, params, num_classes, run_dir, out)
+
+
+def _base_paths(cfg: ConfigDict, num_classes: int) -> set[str]:
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from finetune.partition import flatten  # pylint: disable=g-import-not-at-top
+  plain = adapters.abstract_model(cfg.model, ConfigDict({"method": ""}), num_classes)
+  return set(flatten(nnx.state(plain, nnx.Param).to_pure_dict()))
+
+
+def _write_hf(cfg: ConfigDict, params: dict, num_classes: int, run_dir: str, out: str) -> str:
   kwargs = full_model_kwargs(cfg.model, num_classes)
   summary_path = os.path.join(run_dir, "summary.json")
   class_names = json.load(open(summary_path))["classes"] if os.path.exists(summary_path) else \
       [str(i) for i in range(num_classes)]
   base = hf.read_config(hf.resolve_hf(cfg.model.hf_config)) if cfg.model.get("hf_config") else None
-  out = os.path.abspath(os.path.expanduser(out))
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
-  try:
+  with staged_directory(out) as staging:
     architecture = hf.export_params(cfg.model.name, params, kwargs, class_names, staging, base)
     tokenizer = cfg.data.get("options", {}).get("tokenizer", "")
     if tokenizer:
       from finetune.data.text import load_tokenizer  # pylint: disable=g-import-not-at-top
       load_tokenizer(tokenizer).save_pretrained(staging)
-    if os.path.exists(out):
-      shutil.rmtree(out)
-    os.replace(staging, out)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   return architecture

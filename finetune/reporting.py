@@ -7,11 +7,14 @@ network.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import sys
-from typing import Any
+import tempfile
+from typing import Any, Iterator
 
 import jax
 from ml_collections import ConfigDict
@@ -110,3 +113,20 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
     json.dump(payload, f, indent=2, default=_clean)
     f.write("\n")
   os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def staged_directory(out: str) -> Iterator[str]:
+  """Yields an empty sibling folder of `out` to write into; on success it replaces `out`, on any failure it is
+  removed, so an export never leaves a half-written folder (nor destroys the previous one before it is done)."""
+  out = os.path.abspath(os.path.expanduser(out))
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-", dir=os.path.dirname(out))
+  try:
+    yield staging
+    if os.path.exists(out):
+      shutil.rmtree(out)
+    os.replace(staging, out)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise

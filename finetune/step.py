@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from finetune import adapters
 from finetune.partition import combine, map_with_path, path_str, select
 from finetune.sharding import batch_sharding, replicated
 from finetune.tasks import TASKS
@@ -55,7 +56,8 @@ def model_inputs(model: nnx.Module, batch: dict[str, jax.Array]) -> list[jax.Arr
 def classify(model: nnx.Module, batch: dict[str, jax.Array], *, train: bool = False,
              rngs: nnx.Rngs | None = None) -> jax.Array:
   """The default forward pass: the whole model on its inputs. (Cached feature extraction swaps in the head.)"""
-  return model(*model_inputs(model, batch), train=train, rngs=rngs)
+  with adapters.call_context(model, train, rngs):
+    return model(*model_inputs(model, batch), train=train, rngs=rngs)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,

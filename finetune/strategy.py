@@ -18,6 +18,8 @@ import jax
 from flax import nnx
 from ml_collections import ConfigDict
 
+from finetune import adapters
+from finetune.errors import FinetuneError
 from finetune.methods import discriminative, freezing, unfreezing
 from finetune.partition import assign_groups, flatten, path_str
 
@@ -143,7 +145,8 @@ def batch_norm_modules(abstract_model: nnx.Module) -> dict[str, tuple[str, ...]]
 
 
 def resolve_strategy(cfg: ConfigDict, abstract_model: nnx.Module, abstract_params: Any, total_steps: int,
-                     steps_per_epoch: int) -> Strategy:
+                     steps_per_epoch: int, peft_trainable: frozenset[str] | None = None) -> Strategy:
+  """The stage's table. With a PEFT method (`peft_trainable`: what it trains), everything else is frozen too."""
   shapes = {p: tuple(x.shape) for p, x in flatten(abstract_params).items()}
   if cfg.groups:
     groups_spec: Sequence[tuple[str, str]] = [tuple(g) for g in cfg.groups]
@@ -156,9 +159,16 @@ def resolve_strategy(cfg: ConfigDict, abstract_model: nnx.Module, abstract_param
   batch_norm = batch_norm_modules(abstract_model)
   bn_params = {p for params in batch_norm.values() for p in params if p in shapes}
   frozen = freezing.frozen_paths(cfg.freeze, groups, group_of, bn_params)
+  if peft_trainable is not None:
+    frozen = frozen | frozenset(p for p in shapes if p not in peft_trainable)
+    if len(frozen) == len(shapes):
+      raise FinetuneError("config.freeze freezes every parameter the PEFT method trains; leave some trainable")
   always_trainable = frozenset(bn_params - frozen) if cfg.freeze.train_bn else frozenset()
   group_lr = discriminative.group_peak_lrs(cfg.optimizer, groups)
   multiplier = discriminative.path_multipliers(cfg.optimizer, list(shapes))
+  if peft_trainable is not None:  # e.g. LoRA+: B learns faster than A
+    method = adapters.PEFT_METHODS.get(cfg.peft.method)
+    multiplier = {p: m * method.lr_multiplier(p, cfg.peft) for p, m in multiplier.items()}
   # Groups that unfreezing schedules: those with a parameter that is neither frozen nor always training.
   unfreezable = [g for g in groups
                  if any(group_of[p] == g and p not in frozen and p not in always_trainable for p in shapes)]

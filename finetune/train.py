@@ -23,13 +23,14 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
+from finetune import adapters
 from finetune import config as config_lib
 from finetune.checkpoint import Checkpointer, load_into, read_checkpoint_arrays, resolve_checkpoint
 from finetune.data.pipeline import InputPipeline, build_pipeline, to_global
 from finetune.errors import FinetuneError
 from finetune.models import build_model, model_kwargs
 from finetune.optim import build_optimizer, carry_over
-from finetune.partition import flatten, require_matches
+from finetune.partition import flatten, map_with_path, require_matches
 from finetune.reporting import MetricsLog, Progress, write_json
 from finetune.sharding import (batch_sharding, data_parallel_size, make_mesh, optimizer_state_shardings, replicated,
                                rules_from_config, state_shardings)
@@ -77,6 +78,9 @@ class Stage:
   model_state_sharding: Any
   abstract_params: Any  # pure dict of ShapeDtypeStruct
   create_model: Callable[[jax.Array], nnx.Module]
+  abstract_model: nnx.Module = None
+  base_paths: frozenset[str] = frozenset()  # parameter paths of the model without PEFT adapters
+  peft_info: dict = dataclasses.field(default_factory=dict)
   forward: Callable[..., jax.Array] = classify  # feature caching swaps in the head alone
   _cache: dict = dataclasses.field(default_factory=dict)
 
@@ -167,34 +171,62 @@ def build_stage(cfg: ConfigDict) -> Stage:
   model_kwargs(cfg.model, pipeline.num_classes)  # Checked here: errors raised inside eval_shape carry jax noise.
 
   def create_model(key: jax.Array) -> nnx.Module:
-    return build_model(cfg.model, pipeline.num_classes, nnx.Rngs(params=key))
+    model = build_model(cfg.model, pipeline.num_classes, nnx.Rngs(params=key))
+    # Adapters draw from their own key, so the base weights are those of the same seed without PEFT.
+    return adapters.apply(model, cfg.peft, nnx.Rngs(params=jax.random.fold_in(key, 1)))
 
   abstract_model = nnx.eval_shape(lambda: create_model(jax.random.PRNGKey(0)))
   graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
-  strategy = resolve_strategy(cfg, abstract_model, abstract_params.to_pure_dict(), total_steps,
-                              pipeline.steps_per_epoch)
+  params = abstract_params.to_pure_dict()
+  peft_trainable, base_paths, peft_info = None, frozenset(flatten(params)), {}
+  if adapters.enabled(cfg.peft):
+    base_model = nnx.eval_shape(lambda: build_model(cfg.model, pipeline.num_classes, nnx.Rngs(params=0)))
+    base_paths = frozenset(flatten(nnx.state(base_model, nnx.Param).to_pure_dict()))
+    peft_trainable = adapters.trainable_paths(cfg.peft, list(flatten(params)), base_paths)
+    quantized = sum(math.prod(shape) for shape in adapters.quantized_shapes(abstract_model))
+    peft_info = adapters.report(cfg.peft, {p: tuple(x.shape) for p, x in flatten(params).items()}, peft_trainable,
+                                base_paths, quantized)
+  strategy = resolve_strategy(cfg, abstract_model, params, total_steps, pipeline.steps_per_epoch, peft_trainable)
   return Stage(cfg=cfg, pipeline=pipeline, mesh=mesh, graphdef=graphdef, strategy=strategy, total_steps=total_steps,
                params_sharding=state_shardings(abstract_params, mesh, rules),
                model_state_sharding=state_shardings(abstract_rest, mesh, rules),
-               abstract_params=abstract_params.to_pure_dict(), create_model=create_model)
+               abstract_params=params, create_model=create_model, abstract_model=abstract_model,
+               base_paths=base_paths, peft_info=peft_info)
 
 
 def initial_state(stage: Stage, cfg: ConfigDict, workdir: str) -> tuple[TrainState, dict[str, Any]]:
   """A fresh train state (phase 0), with parameters from `cfg.init_from` where given. Returns (state, report)."""
   state = stage.init_state(0)(jax.random.PRNGKey(cfg.seed))
-  if not cfg.init_from:
-    return state, {}
-  step_dir = resolve_checkpoint(cfg.init_from, workdir)
-  arrays = read_checkpoint_arrays(step_dir)
-  # Every dont_load regex must match something: a pattern matching nothing is a typo.
-  require_matches(cfg.dont_load, [*flatten(state.params), *flatten(state.model_state)], "config.dont_load")
-  params, loaded, fresh = load_into(state.params, arrays["params"], cfg.dont_load, "parameter", step_dir)
-  model_state, loaded_stats, _ = load_into(state.model_state, arrays.get("model_state", {}), cfg.dont_load,
-                                           "model state", step_dir)
-  tx, _ = stage.optimizer(0)
-  opt_state = jax.jit(tx.init, out_shardings=stage.state_shardings(0).opt_state)(params)
-  state = state.replace(params=params, model_state=model_state, opt_state=opt_state)
-  return state, {"source": step_dir, "loaded": len(loaded) + len(loaded_stats), "fresh": fresh}
+  report: dict[str, Any] = {}
+  if cfg.init_from:
+    step_dir = resolve_checkpoint(cfg.init_from, workdir)
+    arrays = read_checkpoint_arrays(step_dir)
+    # Every dont_load regex must match something: a pattern matching nothing is a typo.
+    require_matches(cfg.dont_load, [*flatten(state.params), *flatten(state.model_state)], "config.dont_load")
+    # Parameters a PEFT method added are new by construction: a base checkpoint never holds them.
+    added = frozenset(flatten(state.params)) - stage.base_paths
+    if adapters.enabled(cfg.peft):
+      arrays = adapters.PEFT_METHODS.get(cfg.peft.method).convert_checkpoint(
+          arrays, list(flatten(state.model_state)), cfg.peft)
+    params, loaded, fresh = load_into(state.params, arrays["params"], cfg.dont_load, "parameter", step_dir, added)
+    model_state, loaded_stats, _ = load_into(state.model_state, arrays.get("model_state", {}), cfg.dont_load,
+                                             "model state", step_dir)
+    state = state.replace(params=params, model_state=model_state)
+    report = {"source": step_dir, "loaded": len(loaded) + len(loaded_stats), "fresh": fresh}
+  if cfg.peft.load_adapter:
+    from finetune import peft_format  # pylint: disable=g-import-not-at-top
+    arrays, source = peft_format.read_any_adapter(cfg.peft.load_adapter, cfg.model, cfg.peft, stage.abstract_model,
+                                                  stage.pipeline.num_classes)
+    params = flatten(state.params)
+    adapters.check_adapter_fits({}, arrays, {p: tuple(v.shape) for p, v in params.items()}, source)
+    state = state.replace(params=map_with_path(
+        lambda path, leaf: jax.device_put(np.asarray(arrays[path], leaf.dtype), leaf.sharding)
+        if path in arrays else leaf, state.params))
+    report["adapter"] = {"source": source, "loaded": len(arrays)}
+  if report:
+    tx, _ = stage.optimizer(0)
+    state = state.replace(opt_state=jax.jit(tx.init, out_shardings=stage.state_shardings(0).opt_state)(state.params))
+  return state, report
 
 
 # Keys that may change between a run and its resumption: they do not change what is computed.
@@ -251,6 +283,8 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
   write_text(os.path.join(run_dir, "config.json"), config_lib.to_json(cfg))
   stage = build_stage(cfg)
   write_table(stage.strategy, run_dir, name)
+  if stage.peft_info and jax.process_index() == 0:
+    print(f"[{name}] {adapters.describe(stage.peft_info)}", flush=True)
   pipeline = stage.pipeline
   checkpoints = Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.train.keep_checkpoints)
   log = MetricsLog(run_dir, cfg.wandb, name, cfg.to_dict())
@@ -289,6 +323,11 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
           stage.graphdef, _weights(state), pipeline, stage.mesh, run_dir, cfg.features.max_memory_mb)
       closed_form = feature_cache.closed_form_probes(tuple(cfg.features.closed_form), features, cfg.features.l2)
     checkpoints.wait()
+    if adapters.enabled(cfg.peft) and jax.process_index() == 0:
+      trained = sorted(stage.strategy.trainable(stage.strategy.phase_index(stage.total_steps - 1)) |
+                       {p for p in flatten(state.params) if p not in stage.base_paths})
+      adapters.save_adapter(os.path.join(run_dir, "adapter"), jax.device_get(flatten(state.params)), trained, cfg.peft,
+                            cfg.model)
     last_phase = stage.strategy.phase_index(stage.total_steps - 1)
     summary = {
         "stage": name,
@@ -305,6 +344,7 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
         "phases": [{"start": p.start, "trainable_groups": list(p.trainable_groups)}
                    for p in stage.strategy.phases],
         "init": init_report,
+        "peft": stage.peft_info,
         "final": final,
         "closed_form_probes": closed_form,
         "feature_extraction_seconds": extraction_seconds,

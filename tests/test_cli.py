@@ -68,6 +68,14 @@ def test_bad_inputs_each_give_one_line(capsys, tiny_file, tmp_path):
       ("--config.init_from=/no/such/run",): "init_from '/no/such/run' does not exist",
       ("--config.train.steps=-1",): "set config.train.steps or config.train.epochs to a positive number",
       ("--config.train.steps",): "override --config.train.steps has no value",
+      ("--config.peft.method=lorra",): "unknown peft method 'lorra' (did you mean 'lora'?)",
+      ("--config.peft.method=lora", "--config.peft.targets=('qkv',)"):
+          "config.peft.targets: 'qkv' matches no Linear layer of this model; its layers are named like head, "
+          "layers/0",
+      ("--config.peft.method=lora", "--config.peft.targets=('layers/0',)", "--config.peft.rank=32"):
+          "config.peft.rank=32 for layers/0 of shape (64, 16): the rank must be between 1 and 16",
+      ("--config.peft.method=lora", "--config.peft.targets=('layers/0',)", "--config.peft.load_adapter=/no/such"):
+          "/no/such is neither an adapter folder",
   }
   for extra, expected in cases.items():
     message = _error(capsys, ["train", "--config", tiny_file, "--workdir", workdir, *extra])

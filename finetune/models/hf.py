@@ -295,22 +295,12 @@ def export_bert(params: dict[str, np.ndarray], kwargs: dict[str, Any], class_nam
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
   classify = kwargs.get("pooling", "cls") == "cls"
-  prefix = "bert." if classify else ""
-  compiled = [(re.compile(pattern + "$"), template, transpose) for pattern, template, transpose in _BERT_EXPORT]
   tensors = {}
   for path, value in params.items():
     if not classify and path.startswith("head/"):
       continue
-    for regex, template, transpose in compiled:
-      match = regex.match(path)
-      if match:
-        name = match.expand(template)
-        name = name if name.startswith("classifier.") else prefix + name
-        value = np.asarray(value, np.float32)
-        tensors[name] = np.ascontiguousarray(value.T if transpose else value)
-        break
-    else:
-      raise FinetuneError(f"parameter {path!r} has no transformers name; cannot export it")
+    name, layout = transformers_name("bert", path, kwargs)
+    tensors[name] = to_torch_layout(value, layout)
   position_offset = kwargs.get("position_offset", 0)
   if position_offset:
     raise FinetuneError("exporting RoBERTa-style position offsets is not supported yet; export a BERT model")
@@ -388,6 +378,35 @@ _EXPORTS = {
 }
 
 
+def transformers_name(model_name: str, path: str, kwargs: dict[str, Any]) -> tuple[str, Any]:
+  """(transformers tensor name, layout) of our parameter `path` in the exported model class. Layout: False (as
+  is), True (Linear weight, transposed) or "conv" (flax conv kernel -> torch Conv2d)."""
+  if model_name == "bert":
+    rules = _BERT_EXPORT
+    # BertForSequenceClassification nests the encoder under bert.; a mean-pooled export is a bare BertModel.
+    prefix = "bert." if kwargs.get("pooling", "cls") == "cls" else ""
+  elif model_name in _EXPORTS:
+    rules, prefix = _EXPORTS[model_name][1], ""
+  else:
+    raise FinetuneError(f"model {model_name!r} cannot be exported to Hugging Face format; exportable: bert, "
+                        f"{', '.join(_EXPORTS)}")
+  for pattern, template, layout in rules:
+    match = re.fullmatch(pattern, path)
+    if match:
+      name = match.expand(template).replace(".scale", ".weight")
+      return (name if name.startswith("classifier.") else prefix + name), layout
+  raise FinetuneError(f"parameter {path!r} has no transformers name; cannot export it")
+
+
+def to_torch_layout(value: Any, layout: Any) -> np.ndarray:
+  value = np.asarray(value, np.float32)
+  if layout == "conv":  # flax (kh, kw, in, out) -> torch Conv2d (out, in, kh, kw)
+    value = value.transpose(3, 2, 0, 1)
+  elif layout:
+    value = value.T
+  return np.ascontiguousarray(value)
+
+
 def export_params(model_name: str, params: dict[str, np.ndarray], kwargs: dict[str, Any], class_names: list[str],
                   out: str, base_config: dict[str, Any] | None = None) -> str:
   """Writes a transformers checkpoint directory for any exportable model; returns the architecture written."""
@@ -398,25 +417,13 @@ def export_params(model_name: str, params: dict[str, np.ndarray], kwargs: dict[s
                         f"{', '.join(_EXPORTS)}")
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
-  model_type, rules, fixed = _EXPORTS[model_name]
+  model_type, _, fixed = _EXPORTS[model_name]
   if model_name == "vit" and kwargs.get("pool", "cls") != "cls":
     raise FinetuneError("ViTForImageClassification reads the [CLS] token: export needs config.model.pool='cls'")
-  compiled = [(re.compile(pattern + "$"), template, layout) for pattern, template, layout in rules]
   tensors = {}
   for path, value in params.items():
-    value = np.asarray(value, np.float32)
-    for regex, template, layout in compiled:
-      match = regex.match(path)
-      if match:
-        name = match.expand(template).replace(".scale", ".weight")
-        if layout == "conv":  # flax (kh, kw, in, out) -> torch Conv2d (out, in, kh, kw)
-          value = value.transpose(3, 2, 0, 1)
-        elif layout:
-          value = value.T
-        tensors[name] = np.ascontiguousarray(value)
-        break
-    else:
-      raise FinetuneError(f"parameter {path!r} has no transformers name; cannot export it")
+    name, layout = transformers_name(model_name, path, kwargs)
+    tensors[name] = to_torch_layout(value, layout)
   # config.json: the original checkpoint's (if any), then every architecture field from our constructor's values.
   _, config_map, _, _, _, _ = ARCHITECTURES[model_type]
   config = {**(base_config or {}), **{theirs: kwargs[ours] for theirs, ours in config_map.items() if ours in kwargs},

@@ -1,0 +1,223 @@
+"""LoRA (Hu et al. 2021) and its family as one adapted dense layer: rsLoRA, DoRA, LoRA+ and QLoRA are options.
+
+A targeted `nnx.Linear` (kernel W: (in, out)) becomes a `LoRALinear` that keeps `kernel` and `bias` at the same
+parameter paths and adds `lora_a` (in, r) and `lora_b` (r, out):
+
+    y = x W + b + s * dropout(x) A B,   s = alpha / r  (rsLoRA: alpha / sqrt(r))
+
+A starts Kaiming-uniform (bound 1/sqrt(in), as PEFT's `kaiming_uniform_(a=sqrt(5))`) or Gaussian (std 1/r), B at
+zero, so the adapted model equals the base at step 0.
+
+* DoRA (Liu et al. 2024, `config.peft.dora`): a magnitude vector m (out,) initialised to the column norms of W;
+  W' = m * (W + s A B) / ||W + s A B||, with the norm treated as a constant in the backward pass (the paper's
+  section 4.3, and PEFT's implementation), computed as PEFT does so the outputs match it.
+* LoRA+ (Hayou et al. 2024, `config.peft.lora_plus_ratio`): B's learning rate is `ratio` x A's, through the
+  strategy's per-path multipliers, i.e. its own optax partition entry.
+* QLoRA (Dettmers et al. 2023, `config.peft.quantize='nf4'`): the frozen base kernel is stored as 4-bit NormalFloat
+  (`methods/nf4.py`) in the model state, not as a parameter, and dequantised on the fly in each forward pass.
+
+`merge` folds adapters into the kernels (a plain model's parameters) and `unmerge` takes them out again.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from finetune import adapters
+from finetune.errors import FinetuneError
+from finetune.methods import nf4
+
+INITS = ("kaiming", "gaussian")
+QUANTIZATIONS = ("", "nf4")
+
+
+class Quantized(nnx.Variable):
+  """Compressed frozen base weights: model state, not a parameter (never differentiated, no optimizer state)."""
+
+
+def _pattern_value(patterns, module_path: str, default: float, what: str) -> float:
+  for rule in patterns:
+    if len(rule) != 2 or not isinstance(rule[1], (int, float)):
+      raise FinetuneError(f"config.peft.{what} entry {tuple(rule)!r} must be (regex over module paths, number)")
+    if re.search(rule[0], module_path):
+      return rule[1]
+  return default
+
+
+class LoRALinear(adapters.UsesCallContext, nnx.Module):
+  """An `nnx.Linear` with a low-rank update; see the module docstring."""
+
+  def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0,
+               init: str = "kaiming", dora: bool = False, quantize: str = "", block_size: int = 64,
+               double_quant: bool = True, rngs: nnx.Rngs, path: str = ""):
+    in_features, out_features = base.in_features, base.out_features
+    if not 1 <= rank <= min(in_features, out_features):
+      raise FinetuneError(f"config.peft.rank={rank} for {path or 'a layer'} of shape ({in_features}, {out_features}):"
+                          f" the rank must be between 1 and {min(in_features, out_features)}; lower the rank or use "
+                          "config.peft.rank_pattern for this layer")
+    self.in_features, self.out_features, self.rank, self.alpha = in_features, out_features, rank, float(alpha)
+    self.scaling = float(alpha) / (math.sqrt(rank) if rslora else rank)
+    self.dropout_rate, self.dora, self.quantize = float(dropout), bool(dora), quantize
+    self.kernel_shape = (in_features, out_features)
+    self.quant_block_size = block_size
+    axes = adapters.logical_axes_of(base.kernel)
+    kernel = base.kernel.get_value()
+    if quantize:
+      for key, value in nf4.quantize(kernel, block_size, double_quant).items():
+        setattr(self, f"kernel_{key}", Quantized(value, sharding=axes if value.ndim == 2 else (None,) * value.ndim))
+      self.kernel = None
+    else:
+      self.kernel = base.kernel
+    self.bias = base.bias
+    key = rngs.params()
+    if init == "kaiming":  # PEFT: kaiming_uniform_(a=sqrt(5)) on (r, in): bound sqrt(6 / ((1 + 5) * in))
+      bound = 1.0 / math.sqrt(in_features)
+      a = jax.random.uniform(key, (in_features, rank), kernel.dtype, -bound, bound)
+    elif init == "gaussian":
+      a = jax.random.normal(key, (in_features, rank), kernel.dtype) / rank
+    else:
+      raise FinetuneError(f"config.peft.init={init!r}; valid: {', '.join(INITS)}")
+    self.lora_a = nnx.Param(a, sharding=(axes[0], None))
+    self.lora_b = nnx.Param(jnp.zeros((rank, out_features), kernel.dtype), sharding=(None, axes[1]))
+    if dora:
+      self.lora_magnitude = nnx.Param(jnp.linalg.norm(kernel.astype(jnp.float32), axis=0).astype(kernel.dtype),
+                                      sharding=(axes[1],))
+
+  def base_kernel(self, dtype=None) -> jax.Array:
+    if self.kernel is not None:
+      return self.kernel[...]
+    stored = {key[len("kernel_"):]: getattr(self, key)[...] for key in vars(self)
+              if key.startswith("kernel_") and isinstance(getattr(self, key), Quantized)}
+    return nf4.dequantize(stored, self.kernel_shape, dtype or jnp.float32)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.base_kernel(x.dtype)
+    y = x @ kernel
+    lora_x = self.dropout_input(x, self.dropout_rate)
+    update = (lora_x @ self.lora_a[...]) @ self.lora_b[...]
+    if self.dora:
+      merged = kernel + self.scaling * (self.lora_a[...] @ self.lora_b[...])  # (in, out)
+      norm = jax.lax.stop_gradient(jnp.linalg.norm(merged, axis=0))  # (out,): a constant in the backward pass
+      magnitude_scale = self.lora_magnitude[...] / norm
+      # PEFT recomputes the base term on the dropped-out input when dropout is active.
+      base = y if lora_x is x else lora_x @ kernel
+      y = y + (magnitude_scale - 1.0) * base + magnitude_scale * update * self.scaling
+    else:
+      y = y + update * self.scaling
+    if self.bias is not None:
+      y = y + self.bias[...]
+    return y
+
+
+def settings(peft_cfg: ConfigDict, module_path: str) -> dict[str, Any]:
+  """Rank and alpha of one module after `rank_pattern` / `alpha_pattern` (first matching regex wins)."""
+  rank = int(_pattern_value(peft_cfg.rank_pattern, module_path, peft_cfg.rank, "rank_pattern"))
+  alpha = float(_pattern_value(peft_cfg.alpha_pattern, module_path, peft_cfg.alpha, "alpha_pattern"))
+  return {"rank": rank, "alpha": alpha}
+
+
+def inject(model: nnx.Module, peft_cfg: ConfigDict, rngs: nnx.Rngs) -> None:
+  if peft_cfg.quantize not in QUANTIZATIONS:
+    raise FinetuneError(f"config.peft.quantize={peft_cfg.quantize!r}; valid: '' (none) or 'nf4' (QLoRA)")
+  exclude = [re.escape(p.rstrip("/")) if re.fullmatch(r"[\w/]+", p) else p for p in peft_cfg.modules_to_save]
+  for path, module in adapters.select_modules(model, peft_cfg.targets, exclude=exclude):
+    adapters.replace_module(model, path, LoRALinear(
+        module, **settings(peft_cfg, path), rslora=peft_cfg.rslora, dropout=peft_cfg.dropout, init=peft_cfg.init,
+        dora=peft_cfg.dora, quantize=peft_cfg.quantize, block_size=peft_cfg.quant_block_size,
+        double_quant=peft_cfg.double_quant, rngs=rngs, path=path))
+
+
+def lr_multiplier(path: str, peft_cfg: ConfigDict) -> float:
+  """LoRA+: B learns `lora_plus_ratio` times faster than A (the paper's lambda = eta_B / eta_A; 16 is its default)."""
+  return float(peft_cfg.lora_plus_ratio) if peft_cfg.lora_plus_ratio and path.endswith("/lora_b") else 1.0
+
+
+def quantize_checkpoint(arrays: dict[str, dict[str, np.ndarray]], model_state_paths: list[str],
+                        peft_cfg: ConfigDict) -> dict[str, dict[str, np.ndarray]]:
+  """QLoRA from a float checkpoint: each quantized layer's `kernel` becomes its NF4 model-state entries."""
+  params, model_state = dict(arrays["params"]), dict(arrays.get("model_state", {}))
+  for path in model_state_paths:
+    if not path.endswith("/kernel_codes") or path in model_state:
+      continue
+    module = path[:-len("/kernel_codes")]
+    if f"{module}/kernel" not in params:
+      continue  # load_into names what is missing
+    stored = nf4.quantize(jnp.asarray(params.pop(f"{module}/kernel")), peft_cfg.quant_block_size,
+                          peft_cfg.double_quant)
+    model_state.update({f"{module}/kernel_{k}": np.asarray(v) for k, v in stored.items()})
+  return {**arrays, "params": params, "model_state": model_state}
+
+
+# ------------------------------------------------------------------------------------------ merge / unmerge
+
+
+def lora_modules(model: nnx.Module) -> dict[str, LoRALinear]:
+  return dict(adapters.module_paths(model, LoRALinear))
+
+
+def _delta(module: LoRALinear, a, b) -> np.ndarray:
+  return module.scaling * (np.asarray(a, np.float64) @ np.asarray(b, np.float64))
+
+
+def merge(abstract_model: nnx.Module, params: dict[str, Any], model_state: dict[str, Any]
+          ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Flat {path: array} of the adapted model -> those of the plain model with every update folded into `kernel`
+  (QLoRA kernels dequantised first). The plain model's outputs equal the adapted model's."""
+  params = {p: np.asarray(v) for p, v in params.items()}
+  model_state = {p: np.asarray(v) for p, v in model_state.items()}
+  for path, module in lora_modules(abstract_model).items():
+    a, b = params.pop(f"{path}/lora_a"), params.pop(f"{path}/lora_b")
+    if module.quantize:
+      stored = {key[len(path) + len("/kernel_"):]: model_state.pop(key) for key in list(model_state)
+                if key.startswith(f"{path}/kernel_")}
+      kernel = np.asarray(nf4.dequantize({k: jnp.asarray(v) for k, v in stored.items()}, module.kernel_shape))
+    else:
+      kernel = params[f"{path}/kernel"]
+    merged = np.asarray(kernel, np.float64) + _delta(module, a, b)
+    if module.dora:
+      magnitude = np.asarray(params.pop(f"{path}/lora_magnitude"), np.float64)
+      merged = merged * (magnitude / np.linalg.norm(merged, axis=0))
+    params[f"{path}/kernel"] = merged.astype(kernel.dtype)
+  return params, model_state
+
+
+def unmerge(abstract_model: nnx.Module, merged: dict[str, Any], adapter: dict[str, Any]) -> dict[str, np.ndarray]:
+  """The base kernels back from merged ones and the adapter that was merged (plain LoRA; DoRA's rescaling cannot
+  be undone without the base norms, so it is refused)."""
+  params = {p: np.asarray(v) for p, v in merged.items()}
+  for path, module in lora_modules(abstract_model).items():
+    if module.dora:
+      raise FinetuneError("unmerge of a DoRA adapter is not supported: keep the base checkpoint instead")
+    kernel = params[f"{path}/kernel"]
+    params[f"{path}/kernel"] = (np.asarray(kernel, np.float64) -
+                                _delta(module, adapter[f"{path}/lora_a"], adapter[f"{path}/lora_b"])
+                                ).astype(kernel.dtype)
+  return params
+
+
+def merge_weighted(abstract_model: nnx.Module, base: dict[str, Any], weighted: list[tuple[dict[str, Any], float]]
+                   ) -> dict[str, np.ndarray]:
+  """Plain-model parameters with a weighted sum of LoRA adapters folded in: W + sum_i w_i s A_i B_i (exact, unlike
+  averaging A and B separately). Each adapter is {path: array} for this model's LoRA layers."""
+  params = {p: np.asarray(v) for p, v in base.items() if not p.endswith(("/lora_a", "/lora_b"))}
+  for path, module in lora_modules(abstract_model).items():
+    if module.dora or module.quantize:
+      raise FinetuneError("weighted adapter combination supports plain LoRA adapters on float kernels")
+    kernel = params[f"{path}/kernel"]
+    total = np.asarray(kernel, np.float64)
+    for adapter, weight in weighted:
+      total = total + weight * _delta(module, adapter[f"{path}/lora_a"], adapter[f"{path}/lora_b"])
+    params[f"{path}/kernel"] = total.astype(kernel.dtype)
+  return params
+
+
+adapters.PEFT_METHODS.register("lora")(adapters.PeftMethod(
+    inject=inject, lr_multiplier=lr_multiplier, convert_checkpoint=quantize_checkpoint, merge=merge))

@@ -1,0 +1,267 @@
+"""LoRA adapters in Hugging Face PEFT's format, both ways.
+
+`export_peft` writes `adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained`
+loads onto the transformers model our Hugging Face export (or the original checkpoint) gives; `read_peft_adapter`
+reads such a folder (made by PEFT in PyTorch) into our parameter paths. The facts that must be exact, and that a
+wrong guess would hide (a mis-named key loads silently as "missing", leaving lora_B = 0):
+
+* keys are `base_model.model.<transformers module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r), whatever
+  the base layer's own layout (GPT-2's Conv1D stores its weight (in, out); PEFT marks that with
+  `fan_in_fan_out`, which changes how the base weight is read, not the LoRA factors); DoRA adds
+  `.lora_magnitude_vector` (out,); `modules_to_save` tensors appear under their plain transformers names;
+* module names are those of the transformers *classes* that load the adapter, which may differ from the names
+  inside checkpoint files: transformers 5 loads ViT checkpoints written with 4.x names
+  (`vit.encoder.layer.0.attention.attention.query`) into modules named `vit.layers.0.attention.q_proj`, renaming
+  on load (its `conversion_mapping`). Export applies the installed transformers' renames; import accepts both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from finetune import adapters
+from finetune.errors import FinetuneError
+from finetune.methods.lora import LoRALinear, lora_modules
+from finetune.models import hf
+from finetune.reporting import staged_directory
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+# Our model -> (the transformers base-model class whose renames apply, the prefix its modules sit under).
+_BASE_CLASSES = {"bert": ("BertModel", "bert."), "vit": ("ViTModel", "vit."), "gpt2": ("GPT2Model", "transformer."),
+                 "llama": ("LlamaModel", "model.")}
+
+
+def is_peft_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, PEFT_CONFIG)) and os.path.isfile(os.path.join(path, PEFT_WEIGHTS))
+
+
+def _renames(model_name: str) -> list[tuple[str, str, str]]:
+  """[(scope prefix, source regex, target)] module renames the installed transformers applies on load."""
+  try:
+    from transformers import conversion_mapping  # pylint: disable=g-import-not-at-top
+  except ImportError:  # transformers 4.x: module names are the checkpoint names
+    return []
+  class_name, scope = _BASE_CLASSES[model_name]
+  renames = []
+  for transform in conversion_mapping.get_checkpoint_conversion_mapping(class_name) or []:
+    if type(transform).__name__ != "WeightRenaming":
+      continue
+    for source, target in zip(transform.source_patterns, transform.target_patterns):
+      renames.append((scope, source, target))
+  return renames
+
+
+def module_name(model_name: str, param_name: str, naming: str = "installed") -> str:
+  """The transformers module holding tensor `param_name` (a checkpoint name), as the installed transformers names
+  it (`naming='installed'`) or as checkpoint files name it (`naming='checkpoint'`)."""
+  module = param_name.rsplit(".", 1)[0]
+  if naming == "checkpoint":
+    return module
+  if naming != "installed":
+    raise ValueError(f"naming must be 'installed' or 'checkpoint', got {naming!r}")
+  for scope, source, target in _renames(model_name):
+    if module.startswith(scope):
+      module = scope + re.sub(source, target, module[len(scope):])
+  return module
+
+
+def _model_kwargs(model_cfg: ConfigDict, num_classes: int) -> dict[str, Any]:
+  from finetune.export import full_model_kwargs  # pylint: disable=g-import-not-at-top
+  return full_model_kwargs(model_cfg, num_classes)
+
+
+def _task_type(model_name: str, kwargs: dict[str, Any]) -> str | None:
+  if model_name in ("gpt2", "llama"):
+    return "CAUSAL_LM"
+  if model_name == "bert":
+    return "SEQ_CLS" if kwargs.get("pooling", "cls") == "cls" else "FEATURE_EXTRACTION"
+  return None  # PEFT has no image-classification task type; modules_to_save carries the head
+
+
+def export_peft(model_cfg: ConfigDict, peft_cfg: ConfigDict, abstract_model: nnx.Module, params: dict[str, Any],
+                trainable: list[str], num_classes: int, out: str, base_model: str = "",
+                naming: str = "installed") -> dict[str, Any]:
+  """Writes a PEFT LoRA adapter folder for the adapted model's flat `params`; returns adapter_config."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  if peft_cfg.method != "lora":
+    raise FinetuneError(f"--format peft exports LoRA adapters (and DoRA, rsLoRA); this run used "
+                        f"config.peft.method={peft_cfg.method!r}: use --format adapter or --format hf")
+  if peft_cfg.quantize:
+    raise FinetuneError("a QLoRA run's adapter is exported like any LoRA adapter, but the base it belongs to is the "
+                        "float checkpoint; re-run export with the float base via --format peft on a LoRA run, or "
+                        "use --format hf for the merged model")
+  name = model_cfg.name
+  if name not in _BASE_CLASSES:
+    raise FinetuneError(f"model {name!r} has no transformers counterpart; PEFT export supports "
+                        f"{', '.join(_BASE_CLASSES)}")
+  kwargs = _model_kwargs(model_cfg, num_classes)
+  tensors, modules, ranks, alphas = {}, {}, {}, {}
+  for path, module in lora_modules(abstract_model).items():
+    hf_param, _ = hf.transformers_name(name, f"{path}/kernel", kwargs)
+    module_path = module_name(name, hf_param, naming)
+    modules[path] = module_path
+    ranks[module_path], alphas[module_path] = module.rank, module.alpha
+    tensors[f"{PREFIX}{module_path}.lora_A.weight"] = np.ascontiguousarray(np.asarray(params[f"{path}/lora_a"]).T)
+    tensors[f"{PREFIX}{module_path}.lora_B.weight"] = np.ascontiguousarray(np.asarray(params[f"{path}/lora_b"]).T)
+    if module.dora:
+      tensors[f"{PREFIX}{module_path}.lora_magnitude_vector"] = np.asarray(params[f"{path}/lora_magnitude"])
+  adapter_paths = {f"{p}/{leaf}" for p in modules for leaf in ("lora_a", "lora_b", "lora_magnitude")}
+  saved_modules, biases = [], []
+  for path in trainable:
+    if path in adapter_paths:
+      continue
+    hf_param, layout = hf.transformers_name(name, path, kwargs)
+    if path.endswith("/bias") and path.rsplit("/", 1)[0] in modules:  # bias of a LoRA layer (bias=lora_only/all)
+      biases.append(path)
+    elif path.endswith("/bias") and peft_cfg.bias == "all" and not any(re.search(p, path)
+                                                                       for p in peft_cfg.modules_to_save):
+      biases.append(path)
+    else:
+      saved_modules.append(module_name(name, hf_param, naming))
+    tensors[PREFIX + module_name(name, hf_param, naming) + "." + hf_param.rsplit(".", 1)[1]] = \
+        hf.to_torch_layout(params[path], layout)
+  if biases and peft_cfg.bias == "none":
+    raise FinetuneError(f"biases {biases[:3]} trained but config.peft.bias='none'; PEFT could not load them")
+  # target_modules: the leaf names when they pick exactly the adapted modules in the transformers model, else full
+  # module paths (PEFT matches a target t against module names equal to t or ending in '.t').
+  all_linear = {module_name(name, hf.transformers_name(name, f"{p}/kernel", kwargs)[0], naming)
+                for p, _ in adapters.module_paths(abstract_model, (nnx.Linear, LoRALinear))}
+  leaves = sorted({m.rsplit(".", 1)[-1] for m in modules.values()})
+  if {m for m in all_linear if m.rsplit(".", 1)[-1] in leaves} == set(modules.values()):
+    target_modules = leaves
+  else:
+    target_modules = sorted(modules.values())
+  rank, alpha = int(peft_cfg.rank), float(peft_cfg.alpha)
+  config = {
+      "peft_type": "LORA", "task_type": _task_type(name, kwargs), "base_model_name_or_path": base_model or None,
+      "r": rank, "lora_alpha": alpha, "lora_dropout": float(peft_cfg.dropout), "use_rslora": bool(peft_cfg.rslora),
+      "use_dora": bool(peft_cfg.dora), "target_modules": target_modules,
+      "modules_to_save": sorted(set(saved_modules)) or None, "bias": peft_cfg.bias,
+      "fan_in_fan_out": name == "gpt2",  # GPT-2's Conv1D stores weights (in, out)
+      "init_lora_weights": True, "inference_mode": True,
+      "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
+      "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha},
+      "layers_to_transform": None, "layers_pattern": None, "revision": None,
+  }
+  with staged_directory(out) as staging:
+    save_file(tensors, os.path.join(staging, PEFT_WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(staging, PEFT_CONFIG), "w") as f:
+      json.dump(config, f, indent=2)
+  return config
+
+
+def read_peft_adapter(directory: str, model_cfg: ConfigDict, peft_cfg: ConfigDict, abstract_model: nnx.Module,
+                      num_classes: int) -> dict[str, np.ndarray]:
+  """A PEFT LoRA folder -> {our parameter path: array} for the adapted `abstract_model`.
+
+  The adapter's r / lora_alpha / use_rslora / use_dora must equal config.peft's (per module, after rank and alpha
+  patterns), or the outputs would differ silently: a mismatch is an error naming both values.
+  """
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
+  with open(os.path.join(directory, PEFT_CONFIG)) as f:
+    config = json.load(f)
+  if config.get("peft_type", "LORA") != "LORA":
+    raise FinetuneError(f"{directory} is a {config.get('peft_type')} adapter; only LoRA adapters can be imported")
+  tensors = load_file(os.path.join(directory, PEFT_WEIGHTS))
+  name = model_cfg.name
+  kwargs = _model_kwargs(model_cfg, num_classes)
+  loras = lora_modules(abstract_model)
+  # Every module name a transformers version may use for each of our LoRA layers and trainable tensors.
+  by_module: dict[str, str] = {}
+  for path in loras:
+    hf_param, _ = hf.transformers_name(name, f"{path}/kernel", kwargs)
+    for naming in ("installed", "checkpoint"):
+      by_module[module_name(name, hf_param, naming)] = path
+  by_param: dict[str, tuple[str, Any]] = {}
+  for path, _ in _flat_paths(abstract_model):
+    try:
+      hf_param, layout = hf.transformers_name(name, path, kwargs)
+    except FinetuneError:
+      continue
+    leaf = hf_param.rsplit(".", 1)[1]
+    for naming in ("installed", "checkpoint"):
+      by_param[f"{module_name(name, hf_param, naming)}.{leaf}"] = (path, layout)
+  arrays: dict[str, np.ndarray] = {}
+  for key, value in tensors.items():
+    short = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    short = re.sub(r"\.modules_to_save(\.\w+)?\.", ".", short).replace(".base_layer.", ".")
+    match = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)", short)
+    if match:
+      module, part = match.groups()
+      if module not in by_module:
+        raise FinetuneError(f"adapter {directory}: {key} adapts module {module!r}, which has no LoRA layer in this "
+                            f"model; set config.peft.targets to the adapter's target_modules "
+                            f"{config.get('target_modules')}")
+      path = by_module[module]
+      if part == "lora_A.weight":
+        arrays[f"{path}/lora_a"] = np.ascontiguousarray(value.T)
+      elif part == "lora_B.weight":
+        arrays[f"{path}/lora_b"] = np.ascontiguousarray(value.T)
+      else:
+        arrays[f"{path}/lora_magnitude"] = value
+    elif short in by_param:
+      path, layout = by_param[short]
+      arrays[path] = np.ascontiguousarray(value.T) if layout is True else value
+    else:
+      raise FinetuneError(f"adapter {directory}: tensor {key} has no counterpart in model {name!r}; the adapter "
+                          "belongs to another architecture")
+  _check_scaling(config, peft_cfg, loras, by_module, directory)
+  return arrays
+
+
+def _flat_paths(abstract_model: nnx.Module) -> list[tuple[str, Any]]:
+  from finetune.partition import flatten  # pylint: disable=g-import-not-at-top
+  return list(flatten(nnx.state(abstract_model, nnx.Param).to_pure_dict()).items())
+
+
+def _check_scaling(config: dict[str, Any], peft_cfg: ConfigDict, loras: dict[str, LoRALinear],
+                   by_module: dict[str, str], directory: str) -> None:
+  for key, ours in (("use_rslora", peft_cfg.rslora), ("use_dora", peft_cfg.dora)):
+    if bool(config.get(key, False)) != bool(ours):
+      raise FinetuneError(f"adapter {directory} has {key}={config.get(key)} but config.peft.{key[4:]}={ours}; "
+                          f"set config.peft.{key[4:]}={bool(config.get(key))}")
+  for module, path in by_module.items():
+    rank = _pattern(config.get("rank_pattern") or {}, module, config["r"])
+    alpha = _pattern(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+    layer = loras[path]
+    if (int(rank), float(alpha)) != (layer.rank, layer.alpha):
+      raise FinetuneError(f"adapter {directory}: module {module} has r={rank}, lora_alpha={alpha} but this model's "
+                          f"LoRA layer {path} has rank={layer.rank}, alpha={layer.alpha}; set config.peft.rank / "
+                          "alpha (or rank_pattern / alpha_pattern) to the adapter's")
+
+
+def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
+  # PEFT: the first pattern p with re.match(rf"(.*\.)?{p}$", module) (see peft.tuners.tuners_utils).
+  for pattern, value in patterns.items():
+    if re.match(rf"(.*\.)?({pattern})$", module):
+      return value
+  return default
+
+
+def read_any_adapter(path: str, model_cfg: ConfigDict, peft_cfg: ConfigDict, abstract_model: nnx.Module,
+                     num_classes: int) -> tuple[dict[str, np.ndarray], str]:
+  """Our adapter folder (`<run>/adapter`) or a PEFT folder -> ({path: array}, resolved source)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(os.path.join(path, "adapter")) and not adapters.is_adapter_dir(path):
+    path = os.path.join(path, "adapter")  # a run directory
+  if adapters.is_adapter_dir(path):
+    meta, arrays = adapters.load_adapter(path)
+    if meta.get("model", {}).get("name") not in (None, model_cfg.name):
+      raise FinetuneError(f"adapter {path} was made for model {meta['model']['name']!r}, not {model_cfg.name!r}")
+    return dict(arrays), path
+  if is_peft_dir(path):
+    return read_peft_adapter(path, model_cfg, peft_cfg, abstract_model, num_classes), path
+  raise FinetuneError(f"{path} is neither an adapter folder ({adapters.ADAPTER_WEIGHTS} + {adapters.ADAPTER_CONFIG}) "
+                      f"nor a PEFT adapter ({PEFT_WEIGHTS} + {PEFT_CONFIG}); check config.peft.load_adapter")

@@ -1,0 +1,251 @@
+"""LoRA and its family: exact initial equivalence, scaling, dropout, merging, DoRA, QLoRA, LoRA+, adapters."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from ml_collections import ConfigDict
+
+from conftest import tiny_config
+from finetune import adapters
+from finetune import train as train_lib
+from finetune.checkpoint import read_checkpoint_arrays
+from finetune.config import defaults
+from finetune.errors import FinetuneError
+from finetune.methods import lora, nf4
+from finetune.models import build_model
+from finetune.partition import flatten, map_with_path
+
+BERT = {"name": "bert", "vocab_size": 50, "hidden_size": 16, "num_layers": 2, "num_heads": 2,
+        "intermediate_size": 32, "max_position_embeddings": 32, "dropout": 0.0}
+VIT = {"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 2, "num_heads": 2, "mlp_dim": 32}
+
+
+def peft_config(**values) -> ConfigDict:
+  cfg = defaults().peft
+  cfg.update({"method": "lora", "targets": ("query", "value"), "rank": 4, "alpha": 8.0, **values})
+  return cfg
+
+
+def ids():
+  rng = np.random.default_rng(0)
+  return jnp.asarray(rng.integers(0, 50, (3, 7))), jnp.ones((3, 7), jnp.int32)
+
+
+def adapted(peft_cfg, model_cfg=BERT, seed=0):
+  return adapters.apply(build_model(ConfigDict(model_cfg), 3, nnx.Rngs(params=seed)), peft_cfg,
+                        nnx.Rngs(params=seed + 1))
+
+
+def randomize(model, pattern=r"lora_b$|lora_magnitude$", scale=0.5, seed=1):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  rng = np.random.default_rng(seed)
+  import re
+  params = map_with_path(lambda p, x: x + scale * rng.normal(size=x.shape).astype(x.dtype) if re.search(pattern, p)
+                         else x, params.to_pure_dict())
+  return nnx.merge(graphdef, params, rest.to_pure_dict())
+
+
+def plain_with(params_flat, model_cfg=BERT, model_state=None):
+  model = build_model(ConfigDict(model_cfg), 3, nnx.Rngs(params=0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  params = map_with_path(lambda p, x: jnp.asarray(params_flat[p]), params.to_pure_dict())
+  return nnx.merge(graphdef, params, rest.to_pure_dict())
+
+
+def flat_params(model):
+  return jax.device_get(flatten(nnx.state(model, nnx.Param).to_pure_dict()))
+
+
+def flat_rest(model):
+  _, _, rest = nnx.split(model, nnx.Param, ...)
+  return jax.device_get(flatten(rest.to_pure_dict()))
+
+
+@pytest.mark.parametrize("options", [{}, {"dora": True}, {"init": "gaussian"}, {"rslora": True}])
+def test_adapted_model_equals_the_base_at_step_zero(options):
+  base = build_model(ConfigDict(BERT), 3, nnx.Rngs(params=0))
+  model = adapted(peft_config(**options))
+  np.testing.assert_array_equal(np.asarray(model(*ids())), np.asarray(base(*ids())))
+  assert not np.any(flat_params(model)["layers/0/attention/query/lora_b"])
+  a = flat_params(model)["layers/0/attention/query/lora_a"]
+  if options.get("init") == "gaussian":  # PEFT: normal(std=1/r)
+    assert abs(a.std() - 1 / 4) < 0.1
+  else:  # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in))
+    assert np.abs(a).max() <= 1 / math.sqrt(16) and np.abs(a).max() > 0.8 / math.sqrt(16)
+
+
+@pytest.mark.parametrize("rslora,expected", [(False, 8.0 / 4), (True, 8.0 / 2)])
+def test_scaling_alpha_over_r_or_sqrt_r(rslora, expected):
+  rng = np.random.default_rng(0)
+  base = nnx.Linear(6, 5, rngs=nnx.Rngs(0))
+  with nnx.use_eager_sharding(False):
+    layer = lora.LoRALinear(base, rank=4, alpha=8.0, rslora=rslora, rngs=nnx.Rngs(1))
+  layer.lora_b[...] = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2, 6)), jnp.float32)
+  assert layer.scaling == expected
+  update = layer(x) - (x @ base.kernel[...] + base.bias[...])
+  np.testing.assert_allclose(update, expected * (x @ layer.lora_a[...] @ layer.lora_b[...]), atol=1e-5)
+
+
+def test_dropout_applies_to_the_lora_input_in_training_only():
+  def hidden(model, **kw):  # token states: larger than the tiny classifier's logits
+    return np.asarray(model.encode(*ids(), **kw))
+
+  model = randomize(adapted(peft_config(dropout=0.5)))
+  eval_out = hidden(model)
+  no_dropout = randomize(adapted(peft_config(dropout=0.0)))
+  np.testing.assert_allclose(eval_out, hidden(no_dropout), atol=1e-6)  # evaluation: no dropout at all
+  with adapters.call_context(model, True, nnx.Rngs(dropout=0)):
+    train_a = hidden(model, train=True, rngs=nnx.Rngs(dropout=0))
+  with adapters.call_context(model, True, nnx.Rngs(dropout=1)):
+    train_b = hidden(model, train=True, rngs=nnx.Rngs(dropout=1))
+  assert np.abs(train_a - eval_out).max() > 1e-2 and np.abs(train_a - train_b).max() > 1e-2
+  # Outside the context the layers are back in inference mode.
+  np.testing.assert_array_equal(hidden(model), eval_out)
+  # With B = 0 the dropped-out branch contributes nothing: dropout never touches the base path.
+  fresh = adapted(peft_config(dropout=0.5))
+  with adapters.call_context(fresh, True, nnx.Rngs(dropout=0)):
+    np.testing.assert_allclose(hidden(fresh, train=True), hidden(fresh), atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [{}, {"dora": True}, {"rslora": True, "bias": "lora_only"},
+                                     {"rank_pattern": (("layers/1/", 2),), "alpha_pattern": (("value", 3.0),)}])
+def test_merged_model_equals_the_adapted_one_and_unmerge_restores_the_base(options):
+  cfg = peft_config(**options)
+  model = randomize(adapted(cfg))
+  merged, _ = lora.merge(model, flat_params(model), flat_rest(model))
+  assert not any("lora" in p for p in merged)
+  np.testing.assert_allclose(np.asarray(plain_with(merged)(*ids())), np.asarray(model(*ids())), atol=1e-5)
+  if options.get("rank_pattern"):
+    assert flat_params(model)["layers/1/attention/query/lora_a"].shape == (16, 2)
+    assert lora.lora_modules(model)["layers/0/attention/value"].scaling == 3.0 / 4
+  if not options.get("dora"):
+    base = lora.unmerge(model, merged, flat_params(model))
+    for path, value in flat_params(adapted(cfg)).items():
+      if "lora" not in path:
+        np.testing.assert_allclose(base[path], value, atol=1e-6)
+  else:
+    with pytest.raises(FinetuneError, match="DoRA"):
+      lora.unmerge(model, merged, flat_params(model))
+
+
+def test_nf4_base_is_dequantized_on_the_fly_and_merges():
+  cfg = peft_config(quantize="nf4", quant_block_size=16, targets=("query", "value", "intermediate"))
+  model = randomize(adapted(cfg))
+  rest = flat_rest(model)
+  assert rest["layers/0/attention/query/kernel_codes"].dtype == np.uint8
+  assert "layers/0/attention/query/kernel" not in flat_params(model)
+  float_model = adapted(peft_config(targets=("query", "value", "intermediate")))
+  float_model = randomize(float_model)
+  # 4-bit storage changes outputs by quantisation error only.
+  difference = np.abs(np.asarray(model(*ids())) - np.asarray(float_model(*ids()))).max()
+  assert 0 < difference < 0.05
+  merged, state = lora.merge(model, flat_params(model), rest)
+  assert not any("kernel_" in p for p in state)
+  np.testing.assert_allclose(np.asarray(plain_with(merged)(*ids())), np.asarray(model(*ids())), atol=1e-5)
+  report = nf4.memory_report([(16, 16)] * 4 + [(16, 32)] * 2, block_size=16)
+  assert report["nf4"] < report["bfloat16"] < report["float32"]
+
+
+def test_target_errors_are_one_clear_line():
+  with pytest.raises(FinetuneError, match=r"'qkv' matches no Linear layer .* named like embeddings|layers/0/"):
+    adapted(peft_config(targets=("qkv",)))
+  with pytest.raises(FinetuneError, match="matches no Linear"):
+    adapted(peft_config(targets=(r"layers/9/",)))
+  with pytest.raises(FinetuneError, match=r"rank=32 .* between 1 and 16"):
+    adapted(peft_config(rank=32))
+  with pytest.raises(FinetuneError, match="config.peft.targets is empty"):
+    adapted(peft_config(targets=()))
+
+
+def test_trainable_set_bias_modes_and_modules_to_save():
+  model = adapted(peft_config())
+  paths = list(flat_params(model))
+  base_paths = set(flat_params(build_model(ConfigDict(BERT), 3, nnx.Rngs(0))))
+  lora_paths = {p for p in paths if "lora_" in p}
+
+  def trained(**options):
+    return adapters.trainable_paths(peft_config(**options), paths, base_paths)
+
+  assert trained() == lora_paths
+  assert trained(bias="lora_only") == lora_paths | {f"layers/{i}/attention/{m}/bias" for i in (0, 1)
+                                                    for m in ("query", "value")}
+  assert trained(bias="all") == lora_paths | {p for p in paths if p.endswith("/bias")}
+  assert trained(modules_to_save=("^head/",)) == lora_paths | {"head/kernel", "head/bias"}
+  with pytest.raises(FinetuneError, match=r"modules_to_save: pattern '\^nothing/' matches no parameter"):
+    trained(modules_to_save=("^nothing/",))
+
+
+def lora_run(tmp_path, name="run", **peft):
+  config = tiny_config(model=VIT, peft={"method": "lora", "targets": ("query", "value"), "rank": 4, "alpha": 8.0,
+                                        "modules_to_save": ("^head/",), **peft},
+                       stages={"pretrain": {"peft": {"method": ""}, "train": {"steps": 8}},
+                               "lora": {"init_from": "stage:pretrain"}},
+                       train={"steps": 12, "log_every": 4, "checkpoint_every": 0})
+  return train_lib.train_and_evaluate(config, str(tmp_path / name))
+
+
+def test_lora_stage_trains_adapters_only_and_saves_a_small_adapter(tmp_path):
+  summaries = lora_run(tmp_path, lora_plus_ratio=16.0, dropout=0.1)
+  run = tmp_path / "run"
+  before = read_checkpoint_arrays(str(run / "pretrain" / "checkpoints" / "8"))["params"]
+  after = read_checkpoint_arrays(str(run / "lora" / "checkpoints" / "12"))["params"]
+  for path, value in before.items():  # every base parameter outside modules_to_save: bit-identical
+    if not path.startswith("head/"):
+      assert np.array_equal(after[path], value), path
+  assert np.abs(after["blocks/0/attention/query/lora_b"]).max() > 0
+  assert not np.array_equal(after["head/kernel"], before["head/kernel"])
+  info = summaries["lora"]["peft"]
+  trainable = sum(v.size for p, v in after.items() if "lora_" in p or p.startswith("head/"))
+  assert info["trainable_params"] == trainable and info["total_params"] == sum(v.size for v in after.values())
+  assert info["trainable_percent"] == pytest.approx(100 * trainable / info["total_params"])
+  # Optimizer state exists for the trained tensors only (adamw: two moments each).
+  assert summaries["lora"]["optimizer_state_bytes"] <= 2 * 4 * trainable + 64
+  # LoRA+: B's rate is 16x A's, through its own partition label.
+  record = json.loads(open(run / "lora" / "metrics.jsonl").readline())
+  assert record["learning_rate/block_1*16"] == pytest.approx(16 * record["learning_rate/block_1"])
+  # The adapter folder holds the trained tensors only.
+  meta, arrays = adapters.load_adapter(str(run / "lora" / "adapter"))
+  assert sorted(arrays) == sorted(p for p in after if "lora_" in p or p.startswith("head/"))
+  size = os.path.getsize(run / "lora" / "adapter" / "adapter.safetensors")
+  assert size < 4 * trainable + 4096 and meta["peft"]["rank"] == 4
+
+
+def test_adapter_loads_onto_the_base_and_adapters_switch_and_combine(tmp_path):
+  lora_run(tmp_path, "a")
+  config = json.load(open(tmp_path / "a" / "lora" / "config.json"))
+  model_cfg, peft_cfg = ConfigDict(config["model"]), ConfigDict(config["peft"])
+  base = str(tmp_path / "a" / "pretrain")
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 1)), jnp.float32)
+  run_model = adapters.load_model(model_cfg, peft_cfg, 10, checkpoint=str(tmp_path / "a" / "lora"))
+  loaded = adapters.load_model(model_cfg, peft_cfg, 10, checkpoint=base, adapter=str(tmp_path / "a" / "lora"))
+  np.testing.assert_array_equal(np.asarray(loaded(images)), np.asarray(run_model(images)))
+  bank = adapters.AdapterBank(model_cfg, peft_cfg, 10, checkpoint=base)
+  _, first = adapters.load_adapter(str(tmp_path / "a" / "lora" / "adapter"))
+  second = {p: v * (0.5 if "lora_b" in p else 1.0) + (0.1 if p.startswith("head/") else 0.0)
+            for p, v in first.items()}
+  bank.add("first", str(tmp_path / "a" / "lora"))
+  bank.add("second", second)
+  np.testing.assert_array_equal(np.asarray(bank.model("first")(images)), np.asarray(run_model(images)))
+  assert np.abs(np.asarray(bank.model("second")(images)) - np.asarray(run_model(images))).max() > 1e-4
+  np.testing.assert_allclose(np.asarray(bank.combined({"first": 1.0})(images)), np.asarray(run_model(images)),
+                             atol=1e-5)
+  # w * (first) + (1 - w) * (second): B is linear in the update, so 0.5/0.5 equals B scaled by 0.75.
+  blend = {p: v * (0.75 if "lora_b" in p else 1.0) + (0.05 if p.startswith("head/") else 0.0)
+           for p, v in first.items()}
+  bank.add("blend", blend)
+  np.testing.assert_allclose(np.asarray(bank.combined({"first": 0.5, "second": 0.5})(images)),
+                             np.asarray(bank.model("blend")(images)), atol=1e-5)
+  with pytest.raises(FinetuneError, match="no adapter named 'third'; loaded: first, second, blend"):
+    bank.model("third")
+  wrong = {**first, "blocks/0/attention/query/lora_a": np.zeros((16, 2), np.float32)}
+  with pytest.raises(FinetuneError, match="different base model or rank"):
+    bank.add("wrong", wrong)

@@ -1,0 +1,228 @@
+"""LoRA adapters exchanged with Hugging Face PEFT (PyTorch) both ways, logits equal within 1e-4.
+
+Export: our adapted model -> `adapter_config.json` + `adapter_model.safetensors` -> `PeftModel.from_pretrained` on
+the transformers model of the same base checkpoint. Import: an adapter PEFT made in PyTorch (non-zero B) -> our
+model. BERT (classification, DoRA and rsLoRA), GPT-2 (Conv1D, fused c_attn), Llama (GQA) and ViT (whose module
+names differ between checkpoint files and transformers 5 classes).
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from ml_collections import ConfigDict
+
+from finetune import adapters, peft_format
+from finetune.config import defaults
+from finetune.errors import FinetuneError
+from finetune.partition import flatten, map_with_path
+
+torch = pytest.importorskip("torch", reason="torch is the reference (pip install torch==2.13.0)")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft", reason="PEFT is the reference (pip install peft)")
+
+
+def peft_config(**values) -> ConfigDict:
+  cfg = defaults().peft
+  cfg.update(values)
+  return cfg
+
+
+def save_base(kind: str, path) -> tuple[torch.nn.Module, dict]:
+  """A tiny random transformers model saved to `path`; returns (torch model, our model config)."""
+  torch.manual_seed(0)
+  if kind == "bert":
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                                     vocab_size=120, max_position_embeddings=64, num_labels=3)
+    model = transformers.BertForSequenceClassification(config)
+  elif kind == "gpt2":
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=120, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+  elif kind == "llama":
+    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=48, vocab_size=120,
+                                      max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(config)
+  else:
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                                    image_size=16, patch_size=4, num_channels=3, num_labels=3)
+    model = transformers.ViTForImageClassification(config)
+  model.save_pretrained(path)
+  return model.eval(), {"name": kind, "hf_config": str(path), **({"dropout": 0.0} if kind in ("bert", "gpt2") else {})}
+
+
+def inputs(kind: str):
+  rng = np.random.default_rng(1)
+  if kind == "vit":
+    pixels = rng.normal(size=(2, 3, 16, 16)).astype(np.float32)
+    return {"pixel_values": torch.tensor(pixels)}, (pixels.transpose(0, 2, 3, 1),)
+  ids = rng.integers(1, 120, size=(2, 9))
+  mask = np.ones_like(ids)
+  mask[1, 6:] = 0
+  return ({"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}, (ids, mask))
+
+
+def torch_logits(model, kind):
+  torch_inputs, _ = inputs(kind)
+  with torch.no_grad():
+    return model(**torch_inputs).logits.numpy()
+
+
+def our_logits(model, kind):
+  _, ours = inputs(kind)
+  return np.asarray(model(*ours))
+
+
+def randomize_adapters(model: nnx.Module, trained: list[str], seed: int = 3) -> nnx.Module:
+  """Non-zero B (and perturbed magnitudes / head) so that a wrong key name or transpose cannot pass."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  rng = np.random.default_rng(seed)
+  params = map_with_path(lambda path, leaf: leaf + 0.3 * rng.normal(size=leaf.shape).astype(leaf.dtype)
+                         if path in trained else leaf, params.to_pure_dict())
+  return nnx.merge(graphdef, params, rest.to_pure_dict())
+
+
+def mask(logits, kind):
+  return logits[0] if kind in ("gpt2", "llama") else logits  # padded positions of example 1 are not compared
+
+
+CASES = {
+    "bert": dict(targets=("query", "value"), modules_to_save=("^head/",), dora=True, rank=4, alpha=8.0),
+    "gpt2": dict(targets=("c_attn", "attn_proj"), rank=4, alpha=16.0, rslora=True),
+    "llama": dict(targets=("q_proj", "v_proj", "down_proj"), rank=4, alpha=8.0,
+                  rank_pattern=(("mlp/down_proj", 2),)),
+    "vit": dict(targets=("query", "value"), modules_to_save=("^head/",), rank=4, alpha=8.0),
+}
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_export_loads_in_peft_with_equal_logits(kind, tmp_path):
+  torch_model, model_cfg = save_base(kind, tmp_path / "base")
+  model_cfg = ConfigDict(model_cfg)
+  cfg = peft_config(method="lora", **CASES[kind])
+  num_classes = 3 if kind in ("bert", "vit") else 0
+  model = adapters.load_model(model_cfg, cfg, num_classes, checkpoint=str(tmp_path / "base"))
+  params = flatten(nnx.state(model, nnx.Param).to_pure_dict())
+  base_paths = set(flatten(nnx.state(adapters.abstract_model(model_cfg, defaults().peft, num_classes),
+                                     nnx.Param).to_pure_dict()))
+  trained = sorted(adapters.trainable_paths(cfg, list(params), base_paths))
+  model = randomize_adapters(model, trained)
+  params = jax.device_get(flatten(nnx.state(model, nnx.Param).to_pure_dict()))
+  config = peft_format.export_peft(model_cfg, cfg, model, params, trained, num_classes, str(tmp_path / "adapter"),
+                                   base_model=str(tmp_path / "base"))
+  on_disk = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
+  assert on_disk == config and on_disk["r"] == 4 and on_disk["lora_alpha"] == CASES[kind]["alpha"]
+  assert on_disk["use_dora"] == (kind == "bert") and on_disk["use_rslora"] == (kind == "gpt2")
+  assert on_disk["fan_in_fan_out"] == (kind == "gpt2")
+  if kind == "llama":
+    assert on_disk["rank_pattern"] and list(on_disk["rank_pattern"].values()) == [2, 2]
+  loaded = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "adapter")).eval()
+  expected = mask(torch_logits(loaded, kind), kind)
+  np.testing.assert_allclose(mask(our_logits(model, kind), kind), expected, atol=1e-4, rtol=1e-4)
+  # The adapter changed the outputs: a key PEFT failed to load would leave B = 0 and the base logits.
+  base_only = mask(torch_logits(type(torch_model).from_pretrained(str(tmp_path / "base")).eval(), kind), kind)
+  assert np.abs(expected - base_only).max() > 1e-2
+
+
+def test_vit_export_names_follow_the_installed_transformers(tmp_path):
+  """transformers 5 names ViT modules vit.layers.N.attention.q_proj although its checkpoints say
+  vit.encoder.layer.N.attention.attention.query; an adapter must use the names the loading classes have."""
+  _, model_cfg = save_base("vit", tmp_path / "base")
+  model_cfg = ConfigDict(model_cfg)
+  cfg = peft_config(method="lora", targets=("query",), rank=2)
+  model = adapters.load_model(model_cfg, cfg, 3, checkpoint=str(tmp_path / "base"))
+  params = flatten(nnx.state(model, nnx.Param).to_pure_dict())
+  trained = [p for p in params if "lora" in p]
+  installed = peft_format.export_peft(model_cfg, cfg, model, params, trained, 3, str(tmp_path / "new"))
+  old = peft_format.export_peft(model_cfg, cfg, model, params, trained, 3, str(tmp_path / "old"),
+                                naming="checkpoint")
+  from safetensors.numpy import load_file
+  new_keys, old_keys = sorted(load_file(tmp_path / "new" / "adapter_model.safetensors")), \
+      sorted(load_file(tmp_path / "old" / "adapter_model.safetensors"))
+  assert new_keys[0] == "base_model.model.vit.layers.0.attention.q_proj.lora_A.weight"
+  assert old_keys[0] == "base_model.model.vit.encoder.layer.0.attention.attention.query.lora_A.weight"
+  assert installed["target_modules"] == ["q_proj"] and old["target_modules"] == ["query"]
+  # Both namings import back to the same parameters.
+  for folder in ("new", "old"):
+    arrays = peft_format.read_peft_adapter(str(tmp_path / folder), model_cfg, cfg, model, 3)
+    assert sorted(arrays) == sorted(trained)
+    for path in trained:
+      np.testing.assert_array_equal(arrays[path], params[path])
+
+
+PEFT_MADE = {
+    "bert": (dict(target_modules=["query", "value"], r=4, lora_alpha=8, task_type="SEQ_CLS"),
+             dict(targets=("query", "value"), rank=4, alpha=8.0, modules_to_save=("^head/",))),
+    "gpt2": (dict(target_modules=["c_attn"], r=4, lora_alpha=8, fan_in_fan_out=True, use_dora=True,
+                  task_type="CAUSAL_LM"),
+             dict(targets=("c_attn",), rank=4, alpha=8.0, dora=True)),
+    "llama": (dict(target_modules=["q_proj", "k_proj", "o_proj"], r=4, lora_alpha=4, use_rslora=True,
+                   task_type="CAUSAL_LM"),
+              dict(targets=("q_proj", "k_proj", "o_proj"), rank=4, alpha=4.0, rslora=True)),
+    "vit": (dict(target_modules=["q_proj", "v_proj"], r=2, lora_alpha=8, modules_to_save=["classifier"]),
+            dict(targets=("query", "value"), rank=2, alpha=8.0, modules_to_save=("^head/",))),
+}
+
+
+@pytest.mark.parametrize("kind", list(PEFT_MADE))
+def test_adapter_made_by_peft_imports_with_equal_logits(kind, tmp_path):
+  torch_model, model_cfg = save_base(kind, tmp_path / "base")
+  theirs, ours = PEFT_MADE[kind]
+  torch.manual_seed(1)
+  peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(init_lora_weights=False, **theirs))
+  with torch.no_grad():  # DoRA magnitudes and the saved head away from their initial values too
+    for name, parameter in peft_model.named_parameters():
+      if parameter.requires_grad:
+        parameter.add_(0.1 * torch.randn_like(parameter))
+  peft_model.save_pretrained(tmp_path / "adapter")
+  expected = mask(torch_logits(peft_model.eval(), kind), kind)
+  num_classes = 3 if kind in ("bert", "vit") else 0
+  model = adapters.load_model(ConfigDict(model_cfg), peft_config(method="lora", **ours), num_classes,
+                              checkpoint=str(tmp_path / "base"), adapter=str(tmp_path / "adapter"))
+  np.testing.assert_allclose(mask(our_logits(model, kind), kind), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_import_refuses_an_adapter_for_other_settings(tmp_path):
+  torch_model, model_cfg = save_base("llama", tmp_path / "base")
+  peft.get_peft_model(torch_model, peft.LoraConfig(target_modules=["q_proj"], r=4, lora_alpha=8)).save_pretrained(
+      tmp_path / "adapter")
+  model_cfg = ConfigDict(model_cfg)
+  for ours, message in [(dict(targets=("q_proj",), rank=4, alpha=16.0), "lora_alpha=8"),
+                        (dict(targets=("q_proj",), rank=4, alpha=8.0, rslora=True), "use_rslora"),
+                        (dict(targets=("v_proj",), rank=4, alpha=8.0), "no LoRA layer"),
+                        (dict(targets=("q_proj",), rank=2, alpha=8.0), "rank=2")]:
+    with pytest.raises(FinetuneError, match=message):
+      adapters.load_model(model_cfg, peft_config(method="lora", **ours), 0, checkpoint=str(tmp_path / "base"),
+                          adapter=str(tmp_path / "adapter"))
+
+
+def test_cli_exports_a_lora_run_merged_and_as_a_peft_adapter(tmp_path):
+  """`finetune export` of a LoRA run: --format hf writes the merged model, --format peft the adapter (plus the base
+  it belongs to, since this run did not start from a Hugging Face checkpoint); both give the run's logits."""
+  from conftest import tiny_config
+  from finetune import cli, train as train_lib
+  config = tiny_config(model={"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 2,
+                              "num_heads": 2, "mlp_dim": 32},
+                       peft={"method": "lora", "targets": ("query", "value", "mlp_in"), "rank": 2, "alpha": 4.0,
+                             "dora": True, "modules_to_save": ("^head/",)},
+                       train={"steps": 10, "log_every": 5, "checkpoint_every": 0})
+  train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+  assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--format", "peft", "--out",
+                   str(tmp_path / "peft")]) == 0
+  ours = adapters.load_model(config.model, config.peft, 10, checkpoint=str(tmp_path / "run"))
+  images = np.random.default_rng(0).normal(size=(3, 8, 8, 1)).astype(np.float32)
+  expected = np.asarray(ours(images))
+  pixels = torch.tensor(images.transpose(0, 3, 1, 2))
+  with torch.no_grad():
+    merged = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    np.testing.assert_allclose(merged(pixel_values=pixels).logits.numpy(), expected, atol=1e-4, rtol=1e-4)
+    base = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / "peft" / "base_model")).eval()
+    adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
+    np.testing.assert_allclose(adapted(pixel_values=pixels).logits.numpy(), expected, atol=1e-4, rtol=1e-4)
+  assert json.load(open(tmp_path / "peft" / "adapter_config.json"))["target_modules"] == ["fc1", "q_proj", "v_proj"]
