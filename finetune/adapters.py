@@ -286,19 +286,34 @@ def trainable_paths(peft_cfg: ConfigDict, paths: Sequence[str], base_paths: set[
 
 
 def report(peft_cfg: ConfigDict, shapes: dict[str, tuple[int, ...]], trainable: frozenset[str],
-           base_paths: set[str], quantized_elements: int = 0) -> dict[str, Any]:
-  """Trainable-parameter count and percentage of the adapted model (quantized base kernels count as parameters)."""
+           base_paths: set[str], quantized: Sequence[tuple[int, ...]] = (), abstract_params: dict | None = None
+           ) -> dict[str, Any]:
+  """Trainable-parameter count and percentage of the adapted model (quantized base kernels count as parameters),
+  and with QLoRA the bytes of the stored parameters against the same model kept in float32 and bfloat16."""
+  quantized_elements = sum(math.prod(s) for s in quantized)
   total = sum(math.prod(s) for s in shapes.values()) + quantized_elements
   count = sum(math.prod(shapes[p]) for p in trainable)
   added = [p for p in shapes if p not in base_paths]
-  return {"method": peft_cfg.method, "trainable_params": count, "total_params": total,
+  info = {"method": peft_cfg.method, "trainable_params": count, "total_params": total,
           "trainable_percent": 100.0 * count / max(total, 1),
           "adapted_modules": len({p.rsplit("/", 1)[0] for p in added})}
+  if quantized:
+    from finetune.methods import nf4  # pylint: disable=g-import-not-at-top
+    kernels = nf4.memory_report(list(quantized), peft_cfg.quant_block_size, peft_cfg.double_quant)
+    rest = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in (abstract_params or {}).values())
+    info["stored_bytes"] = {"stored": kernels["nf4"] + rest, "float32": 4 * total, "bfloat16": 2 * total,
+                            "base_kernels_nf4": kernels["nf4"], "base_kernels_float32": kernels["float32"]}
+  return info
 
 
 def describe(info: dict[str, Any]) -> str:
-  return (f"peft {info['method']}: {info['trainable_params']:,} trainable of {info['total_params']:,} parameters "
+  text = (f"peft {info['method']}: {info['trainable_params']:,} trainable of {info['total_params']:,} parameters "
           f"({info['trainable_percent']:.2f}%), {info['adapted_modules']} adapted modules")
+  if "stored_bytes" in info:
+    stored = info["stored_bytes"]
+    text += (f"; parameters stored in {stored['stored'] / 2**20:.2f} MiB (NF4 base kernels) vs "
+             f"{stored['float32'] / 2**20:.2f} MiB float32, {stored['bfloat16'] / 2**20:.2f} MiB bfloat16")
+  return text
 
 
 # ------------------------------------------------------------------------------- adapter-only checkpoints
@@ -366,4 +381,9 @@ def quantized_shapes(abstract_model: nnx.Module) -> list[tuple[int, ...]]:
 
 
 # Importing a method module registers it.
+from finetune.methods import bitfit  # noqa: E402,F401
+from finetune.methods import bottleneck  # noqa: E402,F401
+from finetune.methods import ia3  # noqa: E402,F401
 from finetune.methods import lora  # noqa: E402,F401
+from finetune.methods import prefix_tuning  # noqa: E402,F401
+from finetune.methods import prompt_tuning  # noqa: E402,F401

@@ -107,6 +107,8 @@ def defaults() -> ConfigDict:
       # Prompt and prefix tuning, bottleneck adapters
       "num_virtual_tokens": 20,
       "bottleneck_size": 64,
+      # (IA)^3: targets whose input (not output) is scaled, as PEFT's feedforward_modules
+      "feedforward": (),
       # An adapter to load onto the base: an adapter folder written by a PEFT stage or a PEFT (PyTorch) folder.
       "load_adapter": "",
   })

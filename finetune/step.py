@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from finetune import adapters
+from finetune.methods import prompt_tuning
 from finetune.partition import combine, map_with_path, path_str, select
 from finetune.sharding import batch_sharding, replicated
 from finetune.tasks import TASKS
@@ -56,8 +57,11 @@ def model_inputs(model: nnx.Module, batch: dict[str, jax.Array]) -> list[jax.Arr
 def classify(model: nnx.Module, batch: dict[str, jax.Array], *, train: bool = False,
              rngs: nnx.Rngs | None = None) -> jax.Array:
   """The default forward pass: the whole model on its inputs. (Cached feature extraction swaps in the head.)"""
+  inputs, virtual = prompt_tuning.prompted_inputs(model, model_inputs(model, batch))
   with adapters.call_context(model, train, rngs):
-    return model(*model_inputs(model, batch), train=train, rngs=rngs)
+    outputs = model(*inputs, train=train, rngs=rngs)
+  # A prompt-tuned language model predicts after the virtual tokens too: keep the real positions' outputs.
+  return outputs[:, virtual:] if virtual and outputs.ndim == 3 else outputs
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,

@@ -183,9 +183,8 @@ def build_stage(cfg: ConfigDict) -> Stage:
     base_model = nnx.eval_shape(lambda: build_model(cfg.model, pipeline.num_classes, nnx.Rngs(params=0)))
     base_paths = frozenset(flatten(nnx.state(base_model, nnx.Param).to_pure_dict()))
     peft_trainable = adapters.trainable_paths(cfg.peft, list(flatten(params)), base_paths)
-    quantized = sum(math.prod(shape) for shape in adapters.quantized_shapes(abstract_model))
     peft_info = adapters.report(cfg.peft, {p: tuple(x.shape) for p, x in flatten(params).items()}, peft_trainable,
-                                base_paths, quantized)
+                                base_paths, adapters.quantized_shapes(abstract_model), flatten(params))
   strategy = resolve_strategy(cfg, abstract_model, params, total_steps, pipeline.steps_per_epoch, peft_trainable)
   return Stage(cfg=cfg, pipeline=pipeline, mesh=mesh, graphdef=graphdef, strategy=strategy, total_steps=total_steps,
                params_sharding=state_shardings(abstract_params, mesh, rules),

@@ -32,6 +32,7 @@ class Attention(nnx.Module):
     self.value = transformer_dense(hidden, hidden, ("embed", "heads"), rngs)
     self.output = transformer_dense(hidden, hidden, ("heads", "embed"), rngs)
     self.dropout = nnx.Dropout(dropout)
+    self.prefix = None  # prefix tuning sets trainable keys/values here
 
   def __call__(self, x: jax.Array, mask_bias: jax.Array, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
     batch, length, hidden = x.shape
@@ -41,7 +42,7 @@ class Attention(nnx.Module):
       return y.reshape(batch, length, self.num_heads, head_dim)
 
     q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-    context = attend(q, k, v, mask_bias, self.dropout, train, rngs).reshape(batch, length, hidden)
+    context = attend(q, k, v, mask_bias, self.dropout, train, rngs, self.prefix).reshape(batch, length, hidden)
     return self.output(context)
 
 

@@ -27,13 +27,14 @@ class Block(nnx.Module):
     self.c_fc = transformer_dense(hidden, inner, ("embed", "mlp"), rngs)
     self.mlp_proj = transformer_dense(inner, hidden, ("mlp", "embed"), rngs)
     self.dropout = nnx.Dropout(dropout)
+    self.prefix = None  # prefix tuning sets trainable keys/values here
 
   def __call__(self, x, mask_bias, train, rngs):
     batch, length, hidden = x.shape
     head_dim = hidden // self.num_heads
     qkv = self.c_attn(self.ln_1(x)).reshape(batch, length, 3, self.num_heads, head_dim)  # (B, L, 3, H, D)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    context = attend(q, k, v, mask_bias, self.dropout, train, rngs).reshape(batch, length, hidden)
+    context = attend(q, k, v, mask_bias, self.dropout, train, rngs, self.prefix).reshape(batch, length, hidden)
     x = x + self.dropout(self.attn_proj(context), deterministic=not train, rngs=rngs)
     hidden_states = jax.nn.gelu(self.c_fc(self.ln_2(x)), approximate=True)  # GPT-2's "gelu_new"
     return x + self.dropout(self.mlp_proj(hidden_states), deterministic=not train, rngs=rngs)

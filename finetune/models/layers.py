@@ -77,8 +77,15 @@ def causal_bias(attention_mask: jax.Array, dtype) -> jax.Array:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None,
-           dropout: nnx.Dropout | None = None, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
-  """Scaled dot-product attention over (B, L, heads, head_dim) queries/keys/values -> (B, L, heads, head_dim)."""
+           dropout: nnx.Dropout | None = None, train: bool = False, rngs: nnx.Rngs | None = None,
+           prefix: nnx.Module | None = None) -> jax.Array:
+  """Scaled dot-product attention over (B, L, heads, head_dim) queries/keys/values -> (B, L, heads, head_dim).
+
+  `prefix` (prefix tuning, `finetune/methods/prefix_tuning.py`) holds trainable keys and values that every query
+  may attend to, prepended to k and v; attention modules keep it as their `prefix` attribute (None otherwise).
+  """
+  if prefix is not None:
+    k, v, bias = prefix.extend(k, v, bias)
   scores = jnp.einsum("blhd,bmhd->bhlm", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
   if bias is not None:
     scores = scores + bias

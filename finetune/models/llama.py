@@ -44,6 +44,7 @@ class Attention(nnx.Module):
     self.k_proj = transformer_dense(hidden, num_kv_heads * head_dim, ("embed", "kv_heads"), rngs, use_bias=False)
     self.v_proj = transformer_dense(hidden, num_kv_heads * head_dim, ("embed", "kv_heads"), rngs, use_bias=False)
     self.o_proj = transformer_dense(num_heads * head_dim, hidden, ("heads", "embed"), rngs, use_bias=False)
+    self.prefix = None  # prefix tuning sets trainable keys/values here (per query head, after the GQA repeat)
 
   def __call__(self, x, cos, sin, mask_bias):
     batch, length, _ = x.shape
@@ -54,7 +55,7 @@ class Attention(nnx.Module):
     groups = self.num_heads // self.num_kv_heads
     # Grouped-query attention: each key/value head serves `groups` query heads. (B, L, kv, d) -> (B, L, heads, d)
     k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    context = attend(q, k, v, mask_bias)
+    context = attend(q, k, v, mask_bias, prefix=self.prefix)
     return self.o_proj(context.reshape(batch, length, self.num_heads * self.head_dim))
 
 

@@ -24,6 +24,7 @@ class SelfAttention(nnx.Module):
     self.value = linear(width, width, ("embed", "heads"), rngs)
     self.out = linear(width, width, ("heads", "embed"), rngs)
     self.dropout = nnx.Dropout(dropout)
+    self.prefix = None  # prefix tuning sets trainable keys/values here
 
   def __call__(self, x: jax.Array, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
     batch, length, width = x.shape
@@ -33,7 +34,7 @@ class SelfAttention(nnx.Module):
       return y.reshape(batch, length, self.num_heads, head_dim)
 
     q, k, v = split_heads(self.query(x)), split_heads(self.key(x)), split_heads(self.value(x))
-    attended = attend(q, k, v, None, self.dropout, train, rngs).reshape(batch, length, width)
+    attended = attend(q, k, v, None, self.dropout, train, rngs, self.prefix).reshape(batch, length, width)
     return self.out(attended)
 
 

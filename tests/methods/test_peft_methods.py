@@ -1,0 +1,177 @@
+"""The other PEFT methods: BitFit, (IA)^3, bottleneck adapters, prompt tuning, prefix tuning."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from ml_collections import ConfigDict
+
+from conftest import tiny_config
+from finetune import adapters
+from finetune import train as train_lib
+from finetune.checkpoint import read_checkpoint_arrays
+from finetune.config import defaults
+from finetune.errors import FinetuneError
+from finetune.models import build_model
+from finetune.partition import flatten, map_with_path
+from finetune.step import classify, model_inputs
+
+BERT = {"name": "bert", "vocab_size": 50, "hidden_size": 16, "num_layers": 2, "num_heads": 2,
+        "intermediate_size": 32, "max_position_embeddings": 40, "dropout": 0.0}
+GPT2 = {"name": "gpt2", "vocab_size": 50, "n_positions": 40, "n_embd": 16, "n_layer": 2, "n_head": 2,
+        "dropout": 0.0}
+LLAMA = {"name": "llama", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2}
+VIT = {"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 2, "num_heads": 2, "mlp_dim": 32}
+
+
+def peft_config(**values) -> ConfigDict:
+  cfg = defaults().peft
+  cfg.update(values)
+  return cfg
+
+
+def build(model_cfg, peft_cfg=None, num_classes=3):
+  model = build_model(ConfigDict(model_cfg), num_classes, nnx.Rngs(params=0))
+  return adapters.apply(model, peft_cfg, nnx.Rngs(params=1)) if peft_cfg is not None else model
+
+
+def batch():
+  rng = np.random.default_rng(0)
+  mask = np.ones((2, 7), np.int32)
+  mask[1, 5:] = 0
+  return {"input_ids": jnp.asarray(rng.integers(0, 50, (2, 7))), "attention_mask": jnp.asarray(mask)}
+
+
+def perturb(model, pattern, seed=0, scale=0.3):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  rng = np.random.default_rng(seed)
+  params = map_with_path(lambda p, x: x + scale * rng.normal(size=x.shape).astype(x.dtype) if re.search(pattern, p)
+                         else x, params.to_pure_dict())
+  return nnx.merge(graphdef, params, rest.to_pure_dict())
+
+
+def params_of(model):
+  return jax.device_get(flatten(nnx.state(model, nnx.Param).to_pure_dict()))
+
+
+IDENTITY_AT_INIT = {
+    "ia3": dict(method="ia3", targets=("key", "value", "output"), feedforward=("layers/\\d+/output$",)),
+    "bottleneck": dict(method="bottleneck", targets=("attention/output$", "layers/\\d+/output$"),
+                       bottleneck_size=4),
+    "bitfit": dict(method="bitfit"),
+}
+
+
+@pytest.mark.parametrize("name", list(IDENTITY_AT_INIT))
+def test_adapted_model_equals_the_base_at_step_zero(name):
+  base, adapted = build(BERT), build(BERT, peft_config(**IDENTITY_AT_INIT[name]))
+  np.testing.assert_array_equal(np.asarray(classify(adapted, batch())), np.asarray(classify(base, batch())))
+
+
+def test_ia3_scales_outputs_or_feedforward_inputs_and_merges():
+  cfg = peft_config(**IDENTITY_AT_INIT["ia3"])
+  model = perturb(build(BERT, cfg), "ia3_scale$")
+  shapes = {p: v.shape for p, v in params_of(model).items() if "ia3" in p}
+  assert shapes["layers/0/attention/key/ia3_scale"] == (16,)  # output scaling: (out,)
+  assert shapes["layers/0/output/ia3_scale"] == (32,)  # feed-forward input scaling: (in,)
+  merged, _ = adapters.merge(model, cfg, params_of(model), {})
+  plain = build(BERT)
+  graphdef, params, rest = nnx.split(plain, nnx.Param, ...)
+  plain = nnx.merge(graphdef, map_with_path(lambda p, x: jnp.asarray(merged[p]), params.to_pure_dict()), rest)
+  np.testing.assert_allclose(np.asarray(plain.encode(batch()["input_ids"])),
+                             np.asarray(model.encode(batch()["input_ids"])), atol=1e-5)
+
+
+def test_bottleneck_adapters_cannot_merge():
+  cfg = peft_config(**IDENTITY_AT_INIT["bottleneck"])
+  model = build(BERT, cfg)
+  assert params_of(model)["layers/0/attention/output/adapter_down/kernel"].shape == (16, 4)
+  with pytest.raises(FinetuneError, match="cannot be folded"):
+    adapters.merge(model, cfg, params_of(model), {})
+
+
+@pytest.mark.parametrize("model_cfg", [BERT, GPT2, LLAMA])
+def test_prompt_tuning_prepends_virtual_tokens(model_cfg):
+  cfg = peft_config(method="prompt", num_virtual_tokens=5)
+  model = build(model_cfg, cfg)
+  params = params_of(model)
+  prompt = [p for p in params if p.endswith("soft_prompt")]
+  assert len(prompt) == 1 and params[prompt[0]].shape == (5, 16)
+  outputs = classify(model, batch())
+  base_outputs = classify(build(model_cfg), batch())
+  assert outputs.shape == base_outputs.shape  # a language model's virtual positions are dropped
+  assert np.abs(np.asarray(outputs) - np.asarray(base_outputs)).max() > 1e-4
+
+
+def test_prompt_tuning_matches_peft_on_gpt2():
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  torch.manual_seed(0)
+  reference = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      n_embd=16, n_layer=2, n_head=2, vocab_size=50, n_positions=40, bos_token_id=0, eos_token_id=0)).eval()
+  from finetune.models import hf
+  import tempfile
+  folder = tempfile.mkdtemp()
+  reference.save_pretrained(folder)
+  cfg = peft_config(method="prompt", num_virtual_tokens=4)
+  model = adapters.load_model(ConfigDict({"name": "gpt2", "hf_config": folder, "dropout": 0.0}), cfg, 0,
+                              checkpoint=folder)
+  prompt = params_of(model)["wte/soft_prompt"]
+  wrapped = peft.get_peft_model(reference, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+  with torch.no_grad():
+    wrapped.prompt_encoder["default"].embedding.weight.copy_(torch.tensor(prompt))
+    ids = batch()["input_ids"]
+    theirs = wrapped(input_ids=torch.tensor(np.asarray(ids))).logits.numpy()
+  ours = np.asarray(classify(model, {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}))
+  np.testing.assert_allclose(ours, theirs[:, 4:], atol=1e-4, rtol=1e-4)
+  del hf
+
+
+@pytest.mark.parametrize("model_cfg", [BERT, GPT2, LLAMA, VIT])
+def test_prefix_tuning_adds_keys_and_values_per_layer(model_cfg):
+  cfg = peft_config(method="prefix", num_virtual_tokens=3)
+  model = build(model_cfg, cfg, num_classes=3)
+  prefixes = {p: v.shape for p, v in params_of(model).items() if "prefix_" in p}
+  assert len(prefixes) == 4  # keys and values in each of 2 layers
+  assert all(shape[0] == 3 for shape in prefixes.values())
+  inputs = {"image": jnp.ones((2, 8, 8, 1))} if model_cfg is VIT else batch()
+  outputs, base_outputs = classify(model, inputs), classify(build(model_cfg, num_classes=3), inputs)
+  assert outputs.shape == base_outputs.shape
+  # Compare features: the tiny models' logits are near zero (ViT's head starts at zero).
+  base = build(model_cfg, num_classes=3)
+  outputs, base_outputs = model.embed(*model_inputs(model, inputs)), base.embed(*model_inputs(base, inputs))
+  assert np.abs(np.asarray(outputs - base_outputs)).max() > 1e-4
+  # A prefix position is visible to every query, padding stays masked: padded keys change nothing.
+  if model_cfg is BERT:
+    longer = {"input_ids": jnp.concatenate([batch()["input_ids"], jnp.ones((2, 2), jnp.int32)], axis=1),
+              "attention_mask": jnp.concatenate([batch()["attention_mask"], jnp.zeros((2, 2), jnp.int32)], axis=1)}
+    np.testing.assert_allclose(np.asarray(model.embed(*model_inputs(model, longer))), np.asarray(outputs),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("peft,changes", [  # ViT's head starts at zero: it must train for anything else to
+    (dict(method="bitfit"), r"/bias$"),
+    (dict(method="prefix", num_virtual_tokens=2), r"prefix_"),
+    (dict(method="bottleneck", targets=("out", "mlp_out"), bottleneck_size=4, modules_to_save=("norm/",)),
+     r"adapter_|norm/"),
+    (dict(method="ia3", targets=("key", "value", "mlp_out"), feedforward=("mlp_out",)), r"ia3_scale"),
+])
+def test_each_method_trains_only_its_parameters(peft, changes, tmp_path):
+  peft = {**peft, "modules_to_save": peft.get("modules_to_save", ()) + ("^head/",)}
+  changes += "|^head/"
+  config = tiny_config(model=VIT, peft=peft, train={"steps": 6, "log_every": 3, "checkpoint_every": 0},
+                       optimizer={"learning_rate": 1e-2})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  after = read_checkpoint_arrays(str(tmp_path / "checkpoints" / "6"))["params"]
+  stage = train_lib.build_stage(config)
+  start = jax.device_get(flatten(stage.init_state(0)(jax.random.PRNGKey(config.seed)).params))
+  for path, value in after.items():
+    moved = not np.array_equal(value, start[path])
+    assert moved == bool(re.search(changes, path)), path
