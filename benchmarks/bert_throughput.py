@@ -1,5 +1,7 @@
 """Training throughput on the MiniLM-L6 shape (6 layers, hidden 384, 12 heads, sequence 64, batch 32): this
-framework vs transformers + torch on the same CPU, for full fine-tuning and a frozen backbone. Prints a table.
+framework vs transformers + torch on the same CPU, for full fine-tuning, a frozen backbone and LoRA (r=8 on query
+and value, the head trained; the reference is PEFT). Prints a table, with the bytes of trainable parameters plus
+optimizer state of each setup.
 
     python benchmarks/bert_throughput.py [--steps 10] [--no-torch]
 
@@ -22,6 +24,7 @@ from finetune import train as train_lib
 from finetune.config import build_config
 from finetune.data.dataset import ArraySplit
 from finetune.data.pipeline import InputPipeline
+from finetune.partition import flatten
 from finetune.sharding import batch_sharding
 
 SHAPE = dict(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536,
@@ -46,12 +49,18 @@ def _batch(rng):
           .astype(np.int32)}
 
 
-def ours(freeze: bool, steps: int) -> tuple[float, float, float]:
-  """(examples/s, compile seconds, FLOPs per step)."""
+SETUPS = {  # name -> our config overrides
+    "full fine-tuning": {},
+    "frozen backbone": {"freeze": {"patterns": ("^(?!head/)",)}},
+    "LoRA r=8 query/value": {"peft": {"method": "lora", "targets": ("query", "value"), "rank": 8, "alpha": 16.0,
+                                      "modules_to_save": ("^head/",)}},
+}
+
+
+def ours(setup: str, steps: int) -> tuple[float, float, float, int]:
+  """(examples/s, compile seconds, FLOPs per step, bytes of trainable parameters + optimizer state)."""
   raw = {"model": {"name": "bert", **SHAPE, "dropout": 0.0},
-         "data": {"name": "digits", "batch_size": BATCH}, "train": {"steps": 100}}
-  if freeze:
-    raw["freeze"] = {"patterns": ("^(?!head/)",)}
+         "data": {"name": "digits", "batch_size": BATCH}, "train": {"steps": 100}, **SETUPS[setup]}
   config = build_config(raw)
   # The stage's data source is irrelevant here: batches are synthetic token ids of the MiniLM shape.
   rng = np.random.default_rng(0)
@@ -64,6 +73,9 @@ def ours(freeze: bool, steps: int) -> tuple[float, float, float]:
   compile_seconds = time.perf_counter() - start
   flops = train_fn.cost_analysis().get("flops", float("nan")) if train_fn.cost_analysis() else float("nan")
   state = stage.init_state(0)(jax.random.PRNGKey(0))
+  trainable = stage.strategy.trainable(0)
+  trained_bytes = sum(x.nbytes for p, x in flatten(state.params).items() if p in trainable) + sum(
+      x.nbytes for x in jax.tree.leaves(state.opt_state))
   spec = batch_sharding(stage.mesh)
   batch = {k: jax.make_array_from_process_local_data(spec, v) for k, v in _batch(rng).items()}
   for _ in range(2):
@@ -73,10 +85,10 @@ def ours(freeze: bool, steps: int) -> tuple[float, float, float]:
   for _ in range(steps):
     state, metrics = train_fn(state, batch)
   jax.block_until_ready(metrics)
-  return steps * BATCH / (time.perf_counter() - start), compile_seconds, flops
+  return steps * BATCH / (time.perf_counter() - start), compile_seconds, flops, trained_bytes
 
 
-def torch_reference(freeze: bool, steps: int) -> float:
+def torch_reference(setup: str, steps: int) -> float:
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
@@ -84,9 +96,13 @@ def torch_reference(freeze: bool, steps: int) -> float:
                                    intermediate_size=1536, num_labels=CLASSES, hidden_dropout_prob=0.0,
                                    attention_probs_dropout_prob=0.0)
   model = transformers.BertForSequenceClassification(config)
-  if freeze:
+  if setup == "frozen backbone":
     for p in model.bert.parameters():
       p.requires_grad_(False)
+  elif setup.startswith("LoRA"):
+    import peft  # pylint: disable=g-import-not-at-top
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                                       lora_dropout=0.0, task_type="SEQ_CLS"))
   optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
   batch = {k: torch.tensor(v, dtype=torch.long) for k, v in _batch(np.random.default_rng(0)).items()}
   labels = batch.pop("label")
@@ -113,13 +129,14 @@ def main():
   ceiling = matmul_ceiling()
   print(f"MiniLM-L6 shape, batch {BATCH} x {LENGTH} tokens, {jax.device_count()} {jax.devices()[0].platform} device; "
         f"float32 matmul ceiling {ceiling / 1e9:.0f} GFLOP/s")
-  print(f"{'setup':<28} {'ours ex/s':>10} {'torch ex/s':>11} {'ratio':>6} {'compile s':>10} {'ours GFLOP/s':>13}")
-  for name, freeze in (("full fine-tuning", False), ("frozen backbone", True)):
-    speed, compile_seconds, flops = ours(freeze, args.steps)
-    reference = float("nan") if args.no_torch else torch_reference(freeze, args.steps)
+  print(f"{'setup':<22} {'ours ex/s':>10} {'torch ex/s':>11} {'ratio':>6} {'compile s':>10} {'ours GFLOP/s':>13} "
+        f"{'trained+opt MiB':>16}")
+  for name in SETUPS:
+    speed, compile_seconds, flops, trained_bytes = ours(name, args.steps)
+    reference = float("nan") if args.no_torch else torch_reference(name, args.steps)
     achieved = flops * speed / BATCH
-    print(f"{name:<28} {speed:>10.1f} {reference:>11.1f} {speed / reference:>6.2f} {compile_seconds:>10.1f} "
-          f"{achieved / 1e9:>13.1f}")
+    print(f"{name:<22} {speed:>10.1f} {reference:>11.1f} {speed / reference:>6.2f} {compile_seconds:>10.1f} "
+          f"{achieved / 1e9:>13.1f} {trained_bytes / 2**20:>16.2f}")
 
 
 if __name__ == "__main__":

@@ -4,18 +4,23 @@ Loss only on assistant tokens; Alpaca, ShareGPT or OpenAI-chat records (see fine
 `checkpoint` is a Hugging Face checkpoint directory (config.json + safetensors + tokenizer files); `data` the JSONL.
 
     finetune train --config configs/llama_sft_smoke.py:checkpoint=DIR,data=FILE.jsonl --workdir /tmp/sft
+    finetune train --config configs/llama_sft_smoke.py:checkpoint=DIR,data=FILE.jsonl,peft=lora --workdir /tmp/sft_lora
 
-tests/data/test_instructions.py builds a tiny random Llama offline and runs this config on a generated file
-(loss falls within 12 steps).
+`peft=lora` (or `qlora`) trains rank-8 LoRA adapters on the attention projections (Llama: q_proj, v_proj; GPT-2:
+its fused c_attn) with the base frozen; `finetune export --format peft` then writes the PEFT adapter.
+
+tests/data/test_instructions.py builds tiny random Llama and GPT-2 models offline and runs this config on a
+generated file, full fine-tuning and LoRA (loss falls within 12 steps).
 """
 
 import os
 
 from finetune.config import ConfigDict, parse_arg
+from finetune.errors import FinetuneError
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, checkpoint="", data="sft.jsonl", model="llama", steps=12, max_length=32)
+  args = parse_arg(arg, checkpoint="", data="sft.jsonl", model="llama", steps=12, max_length=32, peft="")
   config = ConfigDict()
   config.task = "causal_lm"
   config.model = dict(name=args.model, hf_config=args.checkpoint)
@@ -26,4 +31,10 @@ def get_config(arg=None):
   config.train = dict(steps=args.steps, log_every=4, checkpoint_every=0)
   config.optimizer = dict(learning_rate=3e-3)
   config.init_from = args.checkpoint
+  if args.peft not in ("", "lora", "qlora"):
+    raise FinetuneError(f"peft={args.peft!r}; valid: lora, qlora (or leave it out for full fine-tuning)")
+  if args.peft:
+    targets = ("c_attn",) if args.model == "gpt2" else ("q_proj", "v_proj")
+    config.peft = dict(method="lora", targets=targets, rank=8, alpha=16.0,
+                       quantize="nf4" if args.peft == "qlora" else "", quant_block_size=32)
   return config

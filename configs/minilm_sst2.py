@@ -10,6 +10,9 @@ encoder is mean-pooled, as the checkpoint was trained; the head is new.
     finetune train --config configs/minilm_sst2.py:variant=discriminative --workdir /tmp/minilm
     finetune train --config configs/minilm_sst2.py:task=trec,variant=linear_probe --workdir /tmp/minilm_trec
     (and variant=full, variant=discriminative with task=trec)
+    finetune train --config configs/minilm_sst2.py:variant=lora --workdir /tmp/minilm
+    finetune train --config configs/minilm_sst2.py:variant=dora --workdir /tmp/minilm
+    finetune train --config configs/minilm_sst2.py:variant=qlora --workdir /tmp/minilm
 
 Measured on 2 CPU cores (test accuracy; SST-2: 1,821 sentences, TREC-6: 500 questions):
   SST-2 linear_probe 0.8105 (closed-form ridge 0.8001, logistic 0.8111; 2 min, features extracted once);
@@ -57,7 +60,10 @@ def get_config(arg=None):
   config.optimizer = dict(name="adamw", learning_rate=5e-5, warmup_steps=30, weight_decay=0.01, grad_clip_norm=1.0)
   target = dict(init_from=checkpoint, dont_load=(r"^head/",))
   # The probe needs no dropout: its features are computed once (recipes' probe stage freezes everything else).
-  stages = recipes.target_stages(args.variant, target, probe_steps=2000, probe_lr=1e-2, unfreeze_every=40)
+  # LoRA recipes: r=8, alpha=16 on the attention query and value projections, the new head trained fully.
+  lora = dict(targets=("query", "value"), modules_to_save=(r"^head/",))
+  stages = recipes.target_stages(args.variant, target, probe_steps=2000, probe_lr=1e-2, unfreeze_every=40,
+                                 lora=lora, lora_lr=1e-3)
   config.stages = ConfigDict()
   for name, stage in stages.items():
     if "features" in stage:

@@ -91,16 +91,15 @@ def _task_type(model_name: str, kwargs: dict[str, Any]) -> str | None:
 def export_peft(model_cfg: ConfigDict, peft_cfg: ConfigDict, abstract_model: nnx.Module, params: dict[str, Any],
                 trainable: list[str], num_classes: int, out: str, base_model: str = "",
                 naming: str = "installed") -> dict[str, Any]:
-  """Writes a PEFT LoRA adapter folder for the adapted model's flat `params`; returns adapter_config."""
+  """Writes a PEFT LoRA adapter folder for the adapted model's flat `params`; returns adapter_config.
+
+  A QLoRA run's adapter is written the same way; PEFT applies it to the float base (or to a bitsandbytes 4-bit
+  one), whose outputs differ from our NF4 base by the quantisation error."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
   if peft_cfg.method != "lora":
     raise FinetuneError(f"--format peft exports LoRA adapters (and DoRA, rsLoRA); this run used "
                         f"config.peft.method={peft_cfg.method!r}: use --format adapter or --format hf")
-  if peft_cfg.quantize:
-    raise FinetuneError("a QLoRA run's adapter is exported like any LoRA adapter, but the base it belongs to is the "
-                        "float checkpoint; re-run export with the float base via --format peft on a LoRA run, or "
-                        "use --format hf for the merged model")
   name = model_cfg.name
   if name not in _BASE_CLASSES:
     raise FinetuneError(f"model {name!r} has no transformers counterpart; PEFT export supports "

@@ -12,15 +12,17 @@ from typing import Any
 from finetune.errors import FinetuneError
 
 RECIPES = ("full", "linear_probe", "frozen_n", "discriminative", "gradual", "chain_thaw", "probe_then_finetune",
-           "ulmfit")
+           "ulmfit", "lora", "dora", "qlora")
 # Everything outside head/ frozen: the linear probe / frozen backbone.
 PROBE_FREEZE = {"patterns": ("^(?!head/)",)}
 
 
 def target_stages(recipe: str, target: dict[str, Any], *, n: int = 2, unfreeze_every: int = 25,
-                  probe_steps: int = 2000, probe_lr: float = 1e-2, lr_factor: float = 2.6) -> dict[str, dict]:
+                  probe_steps: int = 2000, probe_lr: float = 1e-2, lr_factor: float = 2.6,
+                  lora: dict[str, Any] | None = None, lora_lr: float = 1e-3) -> dict[str, dict]:
   """The stages that adapt a pretrained model with `recipe`, given the plain target stage's overrides `target`
-  (data, steps, init_from, dont_load, ...)."""
+  (data, steps, init_from, dont_load, ...). LoRA recipes take `lora` (config.peft overrides: targets, rank, alpha,
+  modules_to_save, ...) and their own learning rate: adapters train at rates ~10-100x full fine-tuning's."""
   if recipe not in RECIPES:
     raise FinetuneError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
   # On cached features a head update costs microseconds, so probes get their own (long) budget.
@@ -41,6 +43,11 @@ def target_stages(recipe: str, target: dict[str, Any], *, n: int = 2, unfreeze_e
   if recipe == "probe_then_finetune":
     finetune = {k: v for k, v in target.items() if k not in ("init_from", "dont_load")}
     return {"probe": probe, "probe_then_finetune": dict(finetune, init_from="stage:probe")}
+  if recipe in ("lora", "dora", "qlora"):
+    peft = {"method": "lora", "rank": 8, "alpha": 16.0, "dropout": 0.1, **(lora or {}),
+            "dora": recipe == "dora", "quantize": "nf4" if recipe == "qlora" else ""}
+    optimizer = dict(target.get("optimizer", {}), learning_rate=lora_lr)
+    return {recipe: dict(target, peft=peft, optimizer=optimizer)}
   # ulmfit: discriminative rates, slanted triangular learning rates and gradual unfreezing together.
   return {"ulmfit": dict(target, optimizer={"lr_factor": lr_factor, "schedule": "stlr", "warmup_steps": 0},
                          unfreeze={"mode": "gradual", "every_steps": unfreeze_every})}

@@ -21,6 +21,7 @@ zero, so the adapted model equals the base at step 0.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any
@@ -91,30 +92,63 @@ class LoRALinear(adapters.UsesCallContext, nnx.Module):
       self.lora_magnitude = nnx.Param(jnp.linalg.norm(kernel.astype(jnp.float32), axis=0).astype(kernel.dtype),
                                       sharding=(axes[1],))
 
-  def base_kernel(self, dtype=None) -> jax.Array:
+  def stored_kernel(self) -> dict[str, jax.Array] | jax.Array:
+    """The float kernel, or the NF4 arrays it is stored as (QLoRA)."""
     if self.kernel is not None:
       return self.kernel[...]
-    stored = {key[len("kernel_"):]: getattr(self, key)[...] for key in vars(self)
-              if key.startswith("kernel_") and isinstance(getattr(self, key), Quantized)}
-    return nf4.dequantize(stored, self.kernel_shape, dtype or jnp.float32)
+    return {key[len("kernel_"):]: getattr(self, key)[...] for key in vars(self)
+            if key.startswith("kernel_") and isinstance(getattr(self, key), Quantized)}
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.base_kernel(x.dtype)
-    y = x @ kernel
     lora_x = self.dropout_input(x, self.dropout_rate)
-    update = (lora_x @ self.lora_a[...]) @ self.lora_b[...]
-    if self.dora:
-      merged = kernel + self.scaling * (self.lora_a[...] @ self.lora_b[...])  # (in, out)
-      norm = jax.lax.stop_gradient(jnp.linalg.norm(merged, axis=0))  # (out,): a constant in the backward pass
-      magnitude_scale = self.lora_magnitude[...] / norm
-      # PEFT recomputes the base term on the dropped-out input when dropout is active.
-      base = y if lora_x is x else lora_x @ kernel
-      y = y + (magnitude_scale - 1.0) * base + magnitude_scale * update * self.scaling
-    else:
-      y = y + update * self.scaling
-    if self.bias is not None:
-      y = y + self.bias[...]
-    return y
+    return _apply(x, lora_x, self.stored_kernel(), self.lora_a[...], self.lora_b[...],
+                  self.lora_magnitude[...] if self.dora else None, self.bias[...] if self.bias is not None else None,
+                  scaling=self.scaling, shape=self.kernel_shape, dropped=lora_x is not x)
+
+
+def _apply(x, lora_x, stored, a, b, magnitude, bias, *, scaling: float, shape: tuple[int, int], dropped: bool):
+  """The adapted layer as a pure function (see the module docstring)."""
+  quantized = isinstance(stored, dict)
+  base_matmul = (lambda inputs: _nf4_matmul(inputs, stored, shape)) if quantized else (lambda inputs: inputs @ stored)
+  y = base_matmul(x)
+  update = (lora_x @ a) @ b
+  if magnitude is not None:  # DoRA
+    kernel = nf4.dequantize(stored, shape, x.dtype) if quantized else stored
+    merged = kernel + scaling * (a @ b)  # (in, out)
+    norm = jax.lax.stop_gradient(jnp.linalg.norm(merged, axis=0))  # (out,): a constant in the backward pass
+    magnitude_scale = magnitude / norm
+    # PEFT recomputes the base term on the dropped-out input when dropout is active.
+    base = base_matmul(lora_x) if dropped else y
+    y = y + (magnitude_scale - 1.0) * base + magnitude_scale * update * scaling
+  else:
+    y = y + update * scaling
+  return y if bias is None else y + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _nf4_matmul(x: jax.Array, stored: dict[str, jax.Array], shape: tuple[int, int]) -> jax.Array:
+  """x @ dequantize(stored): the float kernel exists only inside this layer's forward and backward computations.
+
+  Hand-written VJP because autodiff would keep each layer's dequantised kernel from the forward pass alive until
+  its backward pass (a float copy of the whole base model, undoing the 4-bit storage), and because the codes do not
+  depend on the activations, XLA may otherwise dequantise every layer up front; the optimisation barriers tie
+  each dequantisation to the data flowing through the layer.
+  """
+  return _nf4_forward(x, stored, shape)[0]
+
+
+def _nf4_forward(x, stored, shape):
+  x, stored = jax.lax.optimization_barrier((x, stored))
+  return x @ nf4.dequantize(stored, shape, x.dtype), stored
+
+
+def _nf4_backward(shape, stored, upstream):
+  upstream, stored = jax.lax.optimization_barrier((upstream, stored))
+  kernel = nf4.dequantize(stored, shape, upstream.dtype)
+  return upstream @ kernel.T, jax.tree.map(jnp.zeros_like, stored)  # the codes get no gradient
+
+
+_nf4_matmul.defvjp(lambda x, stored, shape: _nf4_forward(x, stored, shape), _nf4_backward)
 
 
 def settings(peft_cfg: ConfigDict, module_path: str) -> dict[str, Any]:

@@ -80,23 +80,31 @@ def test_source_dedups_pads_and_packs(tokenizer_dir, tmp_path):
   assert len(with_duplicates.splits["train"]) == 5
 
 
-def test_sft_trains_a_llama_shaped_model_on_responses_only(tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("model,peft", [("llama", ""), ("llama", "qlora"), ("gpt2", "lora")])
+def test_sft_trains_a_decoder_on_responses_only(model, peft, tokenizer_dir, tmp_path):
   torch = pytest.importorskip("torch")
   from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
   from conftest import REPO  # pylint: disable=g-import-not-at-top
   from finetune.config import load_config  # pylint: disable=g-import-not-at-top
   _write(tmp_path / "sft.jsonl", RECORDS * 3 + [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(40)])
-  checkpoint = tmp_path / "tiny_llama"
+  checkpoint = tmp_path / f"tiny_{model}"
   torch.manual_seed(0)
-  transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-      vocab_size=30522, max_position_embeddings=64)).save_pretrained(checkpoint)
+  if model == "llama":
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=30522, max_position_embeddings=64)).save_pretrained(checkpoint)
+  else:
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=30522, n_positions=64)).save_pretrained(checkpoint)
   transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(checkpoint)
   config = load_config(f"{REPO / 'configs' / 'llama_sft_smoke.py'}:checkpoint={checkpoint},"
-                       f"data={tmp_path / 'sft.jsonl'}")
+                       f"data={tmp_path / 'sft.jsonl'},model={model},peft={peft}")
   summary = train_lib.train_and_evaluate(config, str(tmp_path / "run"))["train"]
   validation = summary["final"]["validation"]
   assert validation["num_examples"] == 9  # 44 unique conversations (duplicates of RECORDS dropped), 20% held out
   assert 0 < validation["num_tokens"] < validation["num_examples"] * 31  # response tokens only
   losses = [json.loads(l)["loss"] for l in open(tmp_path / "run" / "metrics.jsonl") if '"train"' in l]
   assert losses[-1] < losses[0]
+  if peft:  # adapters only: well under 10% of the parameters train
+    assert summary["peft"]["trainable_percent"] < 10 and summary["peft"]["adapted_modules"] == 2 * (
+        2 if model == "llama" else 1)

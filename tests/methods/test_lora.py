@@ -249,3 +249,42 @@ def test_adapter_loads_onto_the_base_and_adapters_switch_and_combine(tmp_path):
   wrong = {**first, "blocks/0/attention/query/lora_a": np.zeros((16, 2), np.float32)}
   with pytest.raises(FinetuneError, match="different base model or rank"):
     bank.add("wrong", wrong)
+
+
+def test_qlora_gradients_equal_those_through_the_dequantized_kernel():
+  """The hand-written VJP of the NF4 matmul (no float kernel kept between passes) is the exact gradient."""
+  rng = np.random.default_rng(0)
+  stored = nf4.quantize(jnp.asarray(rng.normal(size=(16, 24)), jnp.float32), 8)
+  kernel = nf4.dequantize(stored, (16, 24))
+  x = jnp.asarray(rng.normal(size=(5, 16)), jnp.float32)
+  a, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((16, 4), (4, 24)))
+  magnitude = jnp.asarray(rng.uniform(0.5, 2.0, size=24), jnp.float32)
+  for dora in (None, magnitude):
+    def loss(x, a, b, source, magnitude=dora):
+      y = lora._apply(x, x, source, a, b, magnitude, None, scaling=0.5, shape=(16, 24), dropped=False)
+      return jnp.sum(jnp.sin(y))
+    quantized = jax.grad(loss, argnums=(0, 1, 2))(x, a, b, stored)
+    reference = jax.grad(loss, argnums=(0, 1, 2))(x, a, b, kernel)
+    for got, want in zip(quantized, reference):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_qlora_run_with_dropout_resumes_to_the_same_parameters(tmp_path):
+  """Quantized base kernels (model state) and LoRA dropout keys come back exactly from a checkpoint."""
+  import shutil
+  config = tiny_config(model=VIT, peft={"method": "lora", "targets": ("query", "value", "mlp_in"), "rank": 2,
+                                        "quantize": "nf4", "quant_block_size": 16, "dropout": 0.2,
+                                        "modules_to_save": ("^head/",)},
+                       train={"steps": 8, "log_every": 4, "checkpoint_every": 4, "keep_checkpoints": 3})
+  train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  final = read_checkpoint_arrays(str(tmp_path / "run" / "checkpoints" / "8"))
+  shutil.rmtree(tmp_path / "run" / "checkpoints" / "8")
+  (tmp_path / "run" / "summary.json").unlink()
+  summary = train_lib.train_and_evaluate(config, str(tmp_path / "run"))["train"]
+  assert summary["init"]["resumed_from_step"] == 4
+  again = read_checkpoint_arrays(str(tmp_path / "run" / "checkpoints" / "8"))
+  for part in ("params", "model_state"):
+    assert sorted(again[part]) == sorted(final[part])
+    for path in final[part]:
+      np.testing.assert_array_equal(again[part][path], final[part][path])
+  assert any(p.endswith("kernel_codes") for p in final["model_state"])
