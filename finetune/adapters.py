@@ -32,8 +32,11 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from finetune.checkpoint import load_into, read_checkpoint_arrays, resolve_checkpoint
 from finetune.errors import FinetuneError
-from finetune.partition import path_str
+from finetune.methods import nf4
+from finetune.models import build_model
+from finetune.partition import flatten, map_with_path, path_str, require_matches
 from finetune.registry import Registry
 
 
@@ -44,8 +47,10 @@ class PeftMethod:
   trains_base: Callable[[str], bool] = lambda path: False
   # Learning-rate multiplier of a trainable path (LoRA+: B faster than A); composes with lr_multipliers.
   lr_multiplier: Callable[[str, ConfigDict], float] = lambda path, cfg: 1.0
-  # Checkpoint arrays of the plain model -> those this adapted model reads (QLoRA: quantize kernels on load).
-  convert_checkpoint: Callable[[dict, list, ConfigDict], dict] = lambda arrays, state_paths, cfg: arrays
+  # Checkpoint arrays of the plain model -> those this adapted model reads: (arrays, param paths, model-state
+  # paths, config.peft) -> arrays. QLoRA quantizes kernels; adapter values that derive from base weights (DoRA's
+  # magnitudes, prompt tuning's initial prompt) are set from the *loaded* weights, not the random initial ones.
+  convert_checkpoint: Callable[[dict, list, list, ConfigDict], dict] = lambda arrays, params, state, cfg: arrays
   # (abstract adapted model, flat params, flat model state) -> the plain model's (params, model state) with the
   # adaptation folded in, or None where the method changes the computation in a way no plain model can hold.
   merge: Callable[[nnx.Module, dict, dict], tuple[dict, dict]] | None = None
@@ -67,9 +72,16 @@ def apply(model: nnx.Module, peft_cfg: ConfigDict, rngs: nnx.Rngs) -> nnx.Module
   return model
 
 
+def prepare_checkpoint(peft_cfg: ConfigDict, arrays: dict[str, dict[str, Any]], param_paths: list[str],
+                       state_paths: list[str]) -> dict[str, dict[str, Any]]:
+  """A base checkpoint's arrays as the adapted model reads them (see `PeftMethod.convert_checkpoint`)."""
+  if not enabled(peft_cfg):
+    return arrays
+  return PEFT_METHODS.get(peft_cfg.method).convert_checkpoint(arrays, param_paths, state_paths, peft_cfg)
+
+
 def abstract_model(model_cfg: ConfigDict, peft_cfg: ConfigDict, num_classes: int) -> nnx.Module:
   """The adapted model's structure and shapes, nothing allocated (what merge and export read settings from)."""
-  from finetune.models import build_model  # pylint: disable=g-import-not-at-top
   return nnx.eval_shape(lambda: apply(build_model(model_cfg, num_classes, nnx.Rngs(params=0)), peft_cfg,
                                       nnx.Rngs(params=1)))
 
@@ -78,9 +90,6 @@ def load_model(model_cfg: ConfigDict, peft_cfg: ConfigDict, num_classes: int, ch
                adapter: str = "", seed: int = 0) -> nnx.Module:
   """A ready model for notebooks and tests: the adapted model, base weights from `checkpoint` (a run, step folder
   or Hugging Face directory; QLoRA quantizes them), then an adapter (ours or PEFT's) loaded onto it."""
-  from finetune.checkpoint import load_into, read_checkpoint_arrays, resolve_checkpoint  # pylint: disable=g-import-not-at-top
-  from finetune.models import build_model  # pylint: disable=g-import-not-at-top
-  from finetune.partition import flatten, map_with_path  # pylint: disable=g-import-not-at-top
 
   base = build_model(model_cfg, num_classes, nnx.Rngs(params=seed))
   base_paths = frozenset(flatten(nnx.state(base, nnx.Param).to_pure_dict()))
@@ -90,8 +99,7 @@ def load_model(model_cfg: ConfigDict, peft_cfg: ConfigDict, num_classes: int, ch
   if checkpoint:
     step_dir = resolve_checkpoint(checkpoint, os.getcwd())
     arrays = read_checkpoint_arrays(step_dir)
-    if enabled(peft_cfg):
-      arrays = PEFT_METHODS.get(peft_cfg.method).convert_checkpoint(arrays, list(flatten(rest)), peft_cfg)
+    arrays = prepare_checkpoint(peft_cfg, arrays, list(flatten(params)), list(flatten(rest)))
     added = frozenset(flatten(params)) - base_paths
     params, _, _ = load_into(params, arrays["params"], (), "parameter", step_dir, added)
     rest, _, _ = load_into(rest, arrays.get("model_state", {}), (), "model state", step_dir)
@@ -110,7 +118,6 @@ class AdapterBank:
   adapter is only its own tensors ({path: array}, as `load_adapter` / `read_any_adapter` return)."""
 
   def __init__(self, model_cfg: ConfigDict, peft_cfg: ConfigDict, num_classes: int, checkpoint: str = ""):
-    from finetune.partition import flatten  # pylint: disable=g-import-not-at-top
     self.model_cfg, self.peft_cfg, self.num_classes = model_cfg, peft_cfg, num_classes
     model = load_model(model_cfg, peft_cfg, num_classes, checkpoint)
     self.abstract = nnx.eval_shape(lambda: model)
@@ -141,7 +148,6 @@ class AdapterBank:
 
   def model(self, name: str) -> nnx.Module:
     """The base with adapter `name` active."""
-    from finetune.partition import map_with_path  # pylint: disable=g-import-not-at-top
     flat = {**self.base, **self._get(name)}
     params = map_with_path(lambda path, leaf: flat[path], nnx.state(self.abstract, nnx.Param).to_pure_dict())
     return nnx.merge(self.graphdef, params, self.rest)
@@ -150,7 +156,6 @@ class AdapterBank:
     """The plain base model with sum_i w_i * (adapter i's update W_i' - W) folded in (plain LoRA adapters).
 
     Parameters an adapter trains fully (its head) combine the same way: base + sum_i w_i (theirs_i - base)."""
-    from finetune.partition import flatten, map_with_path  # pylint: disable=g-import-not-at-top
     chosen = [(self._get(n), float(w)) for n, w in weights.items()]
     merged = lora.merge_weighted(self.abstract, self.base, chosen)
     for path in {p for adapter, _ in chosen for p in adapter if p in merged}:
@@ -269,7 +274,6 @@ def trainable_paths(peft_cfg: ConfigDict, paths: Sequence[str], base_paths: set[
   method = PEFT_METHODS.get(peft_cfg.method)
   added = [p for p in paths if p not in base_paths]
   adapted_modules = {p.rsplit("/", 1)[0] for p in added}
-  from finetune.partition import require_matches  # pylint: disable=g-import-not-at-top
   require_matches(peft_cfg.modules_to_save, list(paths), "config.peft.modules_to_save")
   keep = [re.compile(p) for p in peft_cfg.modules_to_save]
   trainable = set(added)
@@ -298,7 +302,6 @@ def report(peft_cfg: ConfigDict, shapes: dict[str, tuple[int, ...]], trainable: 
           "trainable_percent": 100.0 * count / max(total, 1),
           "adapted_modules": len({p.rsplit("/", 1)[0] for p in added})}
   if quantized:
-    from finetune.methods import nf4  # pylint: disable=g-import-not-at-top
     kernels = nf4.memory_report(list(quantized), peft_cfg.quant_block_size, peft_cfg.double_quant)
     rest = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in (abstract_params or {}).values())
     info["stored_bytes"] = {"stored": kernels["nf4"] + rest, "float32": 4 * total, "bfloat16": 2 * total,

@@ -117,6 +117,9 @@ def export_peft(model_cfg: ConfigDict, peft_cfg: ConfigDict, abstract_model: nnx
       tensors[f"{PREFIX}{module_path}.lora_magnitude_vector"] = np.asarray(params[f"{path}/lora_magnitude"])
   adapter_paths = {f"{p}/{leaf}" for p in modules for leaf in ("lora_a", "lora_b", "lora_magnitude")}
   saved_modules, biases = [], []
+  task_type = _task_type(name, kwargs)
+  if task_type == "SEQ_CLS":  # PEFT always wraps the classifier of a SEQ_CLS model and expects its weights
+    trainable = sorted(set(trainable) | {p for p in params if p.startswith("head/")})
   for path in trainable:
     if path in adapter_paths:
       continue
@@ -143,7 +146,7 @@ def export_peft(model_cfg: ConfigDict, peft_cfg: ConfigDict, abstract_model: nnx
     target_modules = sorted(modules.values())
   rank, alpha = int(peft_cfg.rank), float(peft_cfg.alpha)
   config = {
-      "peft_type": "LORA", "task_type": _task_type(name, kwargs), "base_model_name_or_path": base_model or None,
+      "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model or None,
       "r": rank, "lora_alpha": alpha, "lora_dropout": float(peft_cfg.dropout), "use_rslora": bool(peft_cfg.rslora),
       "use_dora": bool(peft_cfg.dora), "target_modules": target_modules,
       "modules_to_save": sorted(set(saved_modules)) or None, "bias": peft_cfg.bias,

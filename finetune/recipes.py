@@ -12,7 +12,9 @@ from typing import Any
 from finetune.errors import FinetuneError
 
 RECIPES = ("full", "linear_probe", "frozen_n", "discriminative", "gradual", "chain_thaw", "probe_then_finetune",
-           "ulmfit", "lora", "dora", "qlora")
+           "ulmfit")
+# LoRA-family recipes: for models with dense layers to adapt (transformers); `lora` names the targets.
+PEFT_RECIPES = ("lora", "dora", "qlora")
 # Everything outside head/ frozen: the linear probe / frozen backbone.
 PROBE_FREEZE = {"patterns": ("^(?!head/)",)}
 
@@ -23,8 +25,8 @@ def target_stages(recipe: str, target: dict[str, Any], *, n: int = 2, unfreeze_e
   """The stages that adapt a pretrained model with `recipe`, given the plain target stage's overrides `target`
   (data, steps, init_from, dont_load, ...). LoRA recipes take `lora` (config.peft overrides: targets, rank, alpha,
   modules_to_save, ...) and their own learning rate: adapters train at rates ~10-100x full fine-tuning's."""
-  if recipe not in RECIPES:
-    raise FinetuneError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
+  if recipe not in RECIPES + PEFT_RECIPES:
+    raise FinetuneError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES + PEFT_RECIPES)}")
   # On cached features a head update costs microseconds, so probes get their own (long) budget.
   probe = dict(target, freeze=PROBE_FREEZE, features={"cache": True}, train={"steps": probe_steps},
                optimizer={"learning_rate": probe_lr, "warmup_steps": 0})
@@ -43,7 +45,7 @@ def target_stages(recipe: str, target: dict[str, Any], *, n: int = 2, unfreeze_e
   if recipe == "probe_then_finetune":
     finetune = {k: v for k, v in target.items() if k not in ("init_from", "dont_load")}
     return {"probe": probe, "probe_then_finetune": dict(finetune, init_from="stage:probe")}
-  if recipe in ("lora", "dora", "qlora"):
+  if recipe in PEFT_RECIPES:
     peft = {"method": "lora", "rank": 8, "alpha": 16.0, "dropout": 0.1, **(lora or {}),
             "dora": recipe == "dora", "quantize": "nf4" if recipe == "qlora" else ""}
     optimizer = dict(target.get("optimizer", {}), learning_rate=lora_lr)

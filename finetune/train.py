@@ -204,9 +204,8 @@ def initial_state(stage: Stage, cfg: ConfigDict, workdir: str) -> tuple[TrainSta
     require_matches(cfg.dont_load, [*flatten(state.params), *flatten(state.model_state)], "config.dont_load")
     # Parameters a PEFT method added are new by construction: a base checkpoint never holds them.
     added = frozenset(flatten(state.params)) - stage.base_paths
-    if adapters.enabled(cfg.peft):
-      arrays = adapters.PEFT_METHODS.get(cfg.peft.method).convert_checkpoint(
-          arrays, list(flatten(state.model_state)), cfg.peft)
+    arrays = adapters.prepare_checkpoint(cfg.peft, arrays, list(flatten(state.params)),
+                                         list(flatten(state.model_state)))
     params, loaded, fresh = load_into(state.params, arrays["params"], cfg.dont_load, "parameter", step_dir, added)
     model_state, loaded_stats, _ = load_into(state.model_state, arrays.get("model_state", {}), cfg.dont_load,
                                              "model state", step_dir)

