@@ -70,3 +70,47 @@ def run_python_with_args(code, args):
          "PYTHONPATH": str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", "")}
   return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=300)
+
+
+PEFT_RUN = '''
+import json, sys
+import jax
+from conftest import tiny_config
+from finetune import train as train_lib
+from finetune.sharding import describe
+mesh = json.loads(sys.argv[1]); workdir = sys.argv[2]; peft = json.loads(sys.argv[3])
+config = tiny_config(mesh=mesh, model={vit}, peft=peft,
+                     train={{"steps": {steps}, "log_every": 1, "checkpoint_every": 0}},
+                     data={{"batch_size": 32, "eval_batch_size": 64}})
+stage = train_lib.build_stage(config)
+print(json.dumps({{**describe(stage.params_sharding), **describe(stage.model_state_sharding)}}))
+train_lib.train_and_evaluate(config, workdir)
+'''
+VIT = {"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 2, "num_heads": 2, "mlp_dim": 32}
+PEFTS = {
+    "dora": {"method": "lora", "targets": ["query", "value", "mlp_in"], "rank": 2, "dora": True, "dropout": 0.1,
+             "modules_to_save": ["^head/"]},
+    "qlora": {"method": "lora", "targets": ["query", "mlp_in"], "rank": 2, "quantize": "nf4", "quant_block_size": 8,
+              "modules_to_save": ["^head/"]},
+}
+
+
+@pytest.mark.parametrize("name,mesh", [("dora", {"data": 2, "fsdp": 4}), ("qlora", {"data": 1, "fsdp": 8})])
+def test_lora_on_a_sharded_model_matches_one_device(name, mesh, tmp_path):
+  """Adapters are created sharded along their base kernel's axes, and the run equals the one-device run."""
+  config = tiny_config(model=VIT, peft=PEFTS[name], train={"steps": STEPS, "log_every": 1, "checkpoint_every": 0},
+                       data={"batch_size": 32, "eval_batch_size": 64})
+  train_lib.train_and_evaluate(config, str(tmp_path / "one"))
+  code = PEFT_RUN.format(vit=repr(VIT), steps=STEPS)
+  result = run_python_with_args(code, [json.dumps(mesh), str(tmp_path / "eight"), json.dumps(PEFTS[name])])
+  assert result.returncode == 0, result.stderr[-3000:]
+  shardings = json.loads(result.stdout.strip().splitlines()[0])
+  assert shardings["blocks/0/attention/query/lora_a"] == "P('fsdp', None)"
+  if name == "qlora":
+    assert shardings["blocks/0/attention/query/kernel_codes"] == "P('fsdp', None)"
+  np.testing.assert_allclose(_losses(tmp_path / "eight"), _losses(tmp_path / "one"), rtol=1e-5, atol=1e-6)
+  ours = read_checkpoint_arrays(f"{tmp_path}/eight/checkpoints/{STEPS}")
+  reference = read_checkpoint_arrays(f"{tmp_path}/one/checkpoints/{STEPS}")
+  for collection in ("params", "model_state"):
+    for path, value in reference[collection].items():
+      np.testing.assert_allclose(ours[collection][path], value, rtol=1e-5, atol=1e-5, err_msg=path)
