@@ -79,7 +79,9 @@ def export(workdir: str, out: str, fmt: str = "hf", stage: str = "") -> str:
                             base_model=base or "base_model")
     if not base:
       os.replace(staged_base, os.path.join(out, "base_model"))
-    return "PEFT LoRA adapter" + ("" if base else " + base_model/")
+    note = " (mean-pooled BERT: the base is a BertModel, the trained head is left out)" \
+        if cfg.model.name == "bert" and cfg.model.get("pooling", "cls") == "mean" else ""
+    return "PEFT LoRA adapter" + ("" if base else " + base_model/") + note
   if adapters.enabled(peft_cfg):  # the plain model with the adapters folded in
     params, _ = adapters.merge(adapters.abstract_model(cfg.model, peft_cfg, num_classes), peft_cfg, params,
                                arrays.get("model_state", {}))

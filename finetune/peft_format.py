@@ -120,6 +120,8 @@ def export_peft(model_cfg: ConfigDict, peft_cfg: ConfigDict, abstract_model: nnx
   task_type = _task_type(name, kwargs)
   if task_type == "SEQ_CLS":  # PEFT always wraps the classifier of a SEQ_CLS model and expects its weights
     trainable = sorted(set(trainable) | {p for p in params if p.startswith("head/")})
+  if task_type == "FEATURE_EXTRACTION":  # a mean-pooled BERT exports as BertModel, which has no classifier
+    trainable = [p for p in trainable if not p.startswith("head/")]
   for path in trainable:
     if path in adapter_paths:
       continue
