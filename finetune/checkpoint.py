@@ -51,6 +51,9 @@ class Checkpointer:
                           "--workdir, or delete that step folder to resume from the one before") from None
     return restored[STATE_ITEM]
 
+  def delete(self, step: int) -> None:
+    self._manager.delete(step)
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

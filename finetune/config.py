@@ -54,6 +54,11 @@ def defaults() -> ConfigDict:
       "checkpoint_every": 500,
       "keep_checkpoints": 2,
       "label_smoothing": 0.0,
+      # Stop when `metric` ('<split>/<key>', e.g. 'validation/accuracy'; evaluated every eval_every steps) has not
+      # improved for `patience` evaluations, and end the stage on its best checkpoint.
+      "early_stopping": ConfigDict({"metric": "", "patience": 0, "mode": "max"}),
+      # After the stage, evaluate the earlier tasks of its lineage (init_from chain) with its backbone: forgetting.
+      "evaluate_sources": True,
   })
   c.optimizer = ConfigDict({
       "name": "adamw",
@@ -112,6 +117,15 @@ def defaults() -> ConfigDict:
       # An adapter to load onto the base: an adapter folder written by a PEFT stage or a PEFT (PyTorch) folder.
       "load_adapter": "",
   })
+  # Forgetting regularizers (finetune/regularizers/, one file each), active when their weight is > 0.
+  c.regularize = ConfigDict({
+      "ewc": ConfigDict({"weight": 0.0, "label_mode": "empirical", "num_examples": 1000, "batch_size": 50,
+                         "online": False, "gamma": 1.0}),
+      "l2sp": ConfigDict({"alpha": 0.0, "beta": 0.0, "fisher": False}),
+      "lwf": ConfigDict({"weight": 0.0, "temperature": 2.0}),
+  })
+  # Rehearsal: this fraction of every training batch is source-task examples, scored by the source head.
+  c.rehearsal = ConfigDict({"fraction": 0.0, "weight": 1.0})
   c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
   c.sharding_rules = ()
   c.init_from = ""
@@ -269,6 +283,15 @@ def validate(config: ConfigDict) -> None:
     _validate_stage(stage, where)
 
 
+def with_values(config: ConfigDict, **sections: Any) -> ConfigDict:
+  """An unlocked copy of a resolved config with whole sections replaced (e.g. another stage's `data` to evaluate
+  this stage's weights on that stage's task)."""
+  copy = ConfigDict(json.loads(to_json(config)))
+  for key, value in sections.items():
+    copy[key] = ConfigDict(json.loads(to_json(value))) if isinstance(value, ConfigDict) else value
+  return copy
+
+
 def to_json(config: ConfigDict) -> str:
   return config.to_json(indent=2)
 
@@ -353,6 +376,25 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
        "config.peft.load_adapter needs config.peft.method (and the adapter's targets and rank) set")
   need(not (c.peft.method and c.features.cache),
        "config.features.cache needs a frozen backbone; PEFT methods train inside it: drop one of them")
+  from finetune.regularizers.fisher import LABEL_MODES  # pylint: disable=g-import-not-at-top
+  need(c.regularize.ewc.label_mode in LABEL_MODES,
+       f"config.regularize.ewc.label_mode={c.regularize.ewc.label_mode!r}; valid: {', '.join(LABEL_MODES)}")
+  need(c.regularize.ewc.weight >= 0 and c.regularize.lwf.weight >= 0 and c.regularize.l2sp.alpha >= 0 and
+       c.regularize.l2sp.beta >= 0, "config.regularize weights (ewc.weight, l2sp.alpha/beta, lwf.weight) must be >= 0")
+  need(c.regularize.ewc.num_examples >= 1 and c.regularize.ewc.batch_size >= 1 and 0 < c.regularize.ewc.gamma <= 1,
+       "config.regularize.ewc: num_examples and batch_size must be >= 1 and gamma in (0, 1]")
+  need(c.regularize.lwf.temperature > 0, "config.regularize.lwf.temperature must be > 0 (the paper uses 2)")
+  need(0.0 <= c.rehearsal.fraction < 1.0, "config.rehearsal.fraction must be in [0, 1)")
+  uses_heads = c.regularize.lwf.weight > 0 or c.rehearsal.fraction > 0
+  need(not (uses_heads and c.task != "classification"),
+       "LwF and rehearsal score the source head: they need task='classification'")
+  need(not (uses_heads and c.features.cache), "LwF and rehearsal need the backbone's features every step: "
+       "drop config.features.cache")
+  stopping = c.train.early_stopping
+  need(stopping.mode in ("max", "min"), "config.train.early_stopping.mode must be 'max' or 'min'")
+  need(not stopping.metric or ("/" in stopping.metric and stopping.patience >= 1 and c.train.eval_every > 0),
+       "config.train.early_stopping needs metric='<split>/<key>' (e.g. 'validation/accuracy'), patience >= 1 and "
+       "config.train.eval_every > 0")
   for key in ("rank_pattern", "alpha_pattern"):
     for rule in c.peft[key]:
       need(isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)

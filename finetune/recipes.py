@@ -53,3 +53,24 @@ def target_stages(recipe: str, target: dict[str, Any], *, n: int = 2, unfreeze_e
   # ulmfit: discriminative rates, slanted triangular learning rates and gradual unfreezing together.
   return {"ulmfit": dict(target, optimizer={"lr_factor": lr_factor, "schedule": "stlr", "warmup_steps": 0},
                          unfreeze={"mode": "gradual", "every_steps": unfreeze_every})}
+
+
+# Forgetting comparisons (configs/*_forgetting.py): plain fine-tuning and each regularizer from one source stage.
+FORGETTING_VARIANTS = ("finetune", "ewc", "l2sp", "lwf", "rehearsal")
+
+
+def forgetting_stages(variant: str, target: dict, *, ewc_weight: float, l2sp_alpha: float, lwf_weight: float,
+                      rehearsal_fraction: float) -> dict[str, dict]:
+  """{stage name: overrides} for one variant (or all) of a forgetting comparison, from the plain target stage."""
+  settings = {
+      "finetune": {},
+      "ewc": {"regularize": {"ewc": {"weight": ewc_weight}}},
+      "l2sp": {"regularize": {"l2sp": {"alpha": l2sp_alpha, "beta": 1e-4}}, "optimizer": {"weight_decay": 0.0}},
+      "lwf": {"regularize": {"lwf": {"weight": lwf_weight}}},
+      "rehearsal": {"rehearsal": {"fraction": rehearsal_fraction}},
+  }
+  chosen = FORGETTING_VARIANTS if variant == "all" else (variant,)
+  for name in chosen:
+    if name not in settings:
+      raise FinetuneError(f"unknown variant {name!r}; valid: all, {', '.join(FORGETTING_VARIANTS)}")
+  return {name: {**target, **settings[name]} for name in chosen}

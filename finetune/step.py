@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from finetune import adapters
 from finetune.methods import prompt_tuning
-from finetune.partition import combine, map_with_path, path_str, select
+from finetune.partition import combine, flatten, map_with_path, path_str, select
 from finetune.sharding import batch_sharding, replicated
 from finetune.tasks import TASKS
 
@@ -33,8 +33,12 @@ class TrainState:
   model_state: Any  # other model collections (BatchNorm statistics), pure dict
   opt_state: optax.OptState
   rng: jax.Array  # uint32[2] key; the key of step s is fold_in(rng, s), so resumption reproduces it
+  # Constants of the forgetting regularizers (earlier tasks' weights, Fisher, heads; finetune/regularizers), passed
+  # into the step as arguments. Never updated and not checkpointed: rebuilt from the source stages on resumption.
+  anchors: Any = None
 
   def as_dict(self) -> dict[str, Any]:
+    """What a checkpoint holds (everything but the anchors)."""
     return {"step": self.step, "params": self.params, "model_state": self.model_state,
             "opt_state": self.opt_state, "rng": self.rng}
 
@@ -64,10 +68,32 @@ def classify(model: nnx.Module, batch: dict[str, jax.Array], *, train: bool = Fa
   return outputs[:, virtual:] if virtual and outputs.ndim == 3 else outputs
 
 
+def classify_with_features(model: nnx.Module, batch: dict[str, jax.Array], *, train: bool = False,
+                           rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+  """(logits, features): the model as `head(embed(x))`, for regularizers that also score the features with
+  another task's head (LwF, rehearsal). Classifiers only."""
+  inputs, _ = prompt_tuning.prompted_inputs(model, model_inputs(model, batch))
+  with adapters.call_context(model, train, rngs):
+    features = model.embed(*inputs, train=train, rngs=rngs)
+    return model.head(features).astype(jnp.float32), features
+
+
+def embed_fn(graphdef: nnx.GraphDef, template: Any, batch: dict[str, jax.Array]):
+  """(flat params, flat model state) -> features of `batch` in inference mode, for a model of `graphdef`."""
+  def embed(params: dict[str, jax.Array], model_state: dict[str, jax.Array]) -> jax.Array:
+    params_tree = map_with_path(lambda path, _: params[path], template["params"])
+    state_tree = map_with_path(lambda path, _: model_state[path], template["model_state"])
+    model = nnx.merge(graphdef, params_tree, state_tree)
+    inputs, _ = prompt_tuning.prompted_inputs(model, model_inputs(model, batch))
+    return model.embed(*inputs, train=False)
+  return embed
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     lr_by_label: dict[str, Callable[[Any], Any]], trainable: frozenset[str],
                     frozen_batch_norm: tuple[str, ...] = (), label_smoothing: float = 0.0,
                     forward: Callable[..., jax.Array] = classify, task: str = "classification",
+                    penalty: Callable | None = None, needs_features: bool = False,
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)` for batches of model inputs (e.g. {'image': (B, ...)}
   or {'input_ids': (B, L), 'attention_mask': (B, L)}) and 'label': (B,).
@@ -75,6 +101,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   Only the parameters in `trainable` are differentiated: the frozen ones enter the loss as constants, so autodiff
   does no backward pass through layers that lead only to frozen parameters. They receive no update and the
   optimizer keeps no state for them ('frozen' partition entry).
+
+  `penalty(flat params, state.anchors, regularizers.Aux) -> (value, metrics)` adds the forgetting regularizers'
+  terms (finetune/regularizers); with `needs_features` the forward pass also returns the head's input. Examples with
+  batch['source_mask'] = 1 (rehearsal) are left out of the task loss; the rehearsal regularizer scores them.
   """
   is_trainable = lambda path: path in trainable
   score = TASKS.get(task)
@@ -88,15 +118,31 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       params = combine(state.params, trainable_params, frozen_params)
       model = nnx.merge(graphdef, params, state.model_state)
       inference_mode_batch_norm(model, frozen_batch_norm)
-      logits = forward(model, batch, train=True, rngs=nnx.Rngs(dropout=dropout_key))
+      rngs = nnx.Rngs(dropout=dropout_key)
+      if needs_features:
+        logits, features = classify_with_features(model, batch, train=True, rngs=rngs)
+      else:
+        logits, features = forward(model, batch, train=True, rngs=rngs), None
       scored = score(logits, batch, label_smoothing)
-      total_weight = jnp.maximum(scored.weights.sum(), 1.0)
-      loss = (scored.losses * scored.weights).sum() / total_weight
-      accuracy = (scored.correct * scored.weights).sum() / total_weight
+      weights = scored.weights
+      if "source_mask" in batch:  # rehearsed source examples: scored by the rehearsal regularizer instead
+        weights = weights * (1.0 - batch["source_mask"].astype(weights.dtype))
+      total_weight = jnp.maximum(weights.sum(), 1.0)
+      task_loss = (scored.losses * weights).sum() / total_weight
+      accuracy = (scored.correct * weights).sum() / total_weight
       _, _, new_model_state = nnx.split(model, nnx.Param, ...)
-      return loss, (accuracy, new_model_state.to_pure_dict())
+      extra = {}
+      loss = task_loss
+      if penalty is not None:
+        from finetune.regularizers import Aux  # pylint: disable=g-import-not-at-top
+        template = {"params": state.params, "model_state": state.model_state}
+        value, extra = penalty(flatten(params), state.anchors,
+                               Aux(batch, features, embed_fn(graphdef, template, batch)))
+        loss = task_loss + value
+        extra = {"task_loss": task_loss, **extra}
+      return loss, (accuracy, new_model_state.to_pure_dict(), extra)
 
-    (loss, (accuracy, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable_params)
+    (loss, (accuracy, model_state, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable_params)
     # The optimizer sees the full tree; frozen leaves get zeros that its 'frozen' entry (set_to_zero) ignores, so
     # XLA removes them.
     full_grads = combine(state.params, grads, jax.tree.map(jnp.zeros_like, frozen_params))
@@ -108,6 +154,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         "loss": loss,
         "accuracy": accuracy,
         "grad_norm": optax.global_norm(grads),
+        **extra,
     }
     for label, lr_fn in lr_by_label.items():
       metrics[f"learning_rate/{label}"] = jnp.asarray(lr_fn(state.step), jnp.float32)

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -25,8 +26,11 @@ from ml_collections import ConfigDict
 
 from finetune import adapters
 from finetune import config as config_lib
+from finetune import regularizers
+from finetune.regularizers import fisher as fisher_lib
 from finetune.checkpoint import Checkpointer, load_into, read_checkpoint_arrays, resolve_checkpoint
-from finetune.data.pipeline import InputPipeline, build_pipeline, to_global
+from finetune.data.pipeline import InputPipeline, build_pipeline, to_global, with_rehearsal
+from finetune.data.dataset import SubsetSplit
 from finetune.errors import FinetuneError
 from finetune.models import build_model, model_kwargs
 from finetune.optim import build_optimizer, carry_over
@@ -81,6 +85,7 @@ class Stage:
   abstract_model: nnx.Module = None
   base_paths: frozenset[str] = frozenset()  # parameter paths of the model without PEFT adapters
   peft_info: dict = dataclasses.field(default_factory=dict)
+  anchors: Any = None  # abstract constants of the forgetting regularizers (finetune/regularizers), if any
   forward: Callable[..., jax.Array] = classify  # feature caching swaps in the head alone
   _cache: dict = dataclasses.field(default_factory=dict)
 
@@ -99,8 +104,15 @@ class Stage:
       abstract_opt = jax.eval_shape(tx.init, self.abstract_params)
       opt_sharding = optimizer_state_shardings(abstract_opt, self.params_sharding, self.abstract_params, self.mesh)
       return TrainState(step=replicated(self.mesh), params=self.params_sharding,
-                        model_state=self.model_state_sharding, opt_state=opt_sharding, rng=replicated(self.mesh))
+                        model_state=self.model_state_sharding, opt_state=opt_sharding, rng=replicated(self.mesh),
+                        anchors=self.anchor_shardings())
     return self._cached(("shardings", phase), make)
+
+  def anchor_shardings(self) -> Any:
+    """Regularizer constants mirror parameters (an anchor under a parameter's path shares its sharding)."""
+    if self.anchors is None:
+      return None
+    return optimizer_state_shardings(self.anchors, self.params_sharding, self.abstract_params, self.mesh)
 
   def init_state(self, phase: int = 0):
     """jitted: seed key -> TrainState, created already sharded."""
@@ -114,12 +126,12 @@ class Stage:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=rest.to_pure_dict(),
                           opt_state=tx.init(params), rng=jax.random.fold_in(seed_key, 1))
 
-      return jax.jit(init, out_shardings=self.state_shardings(phase))
+      return jax.jit(init, out_shardings=self.state_shardings(phase).replace(anchors=None))
     return self._cached(("init", phase), make)
 
   def abstract_state(self, phase: int = 0) -> TrainState:
     """Shapes, dtypes and shardings of the train state in `phase`, without allocating it."""
-    shapes = jax.eval_shape(self.init_state(phase), jax.random.PRNGKey(0))
+    shapes = jax.eval_shape(self.init_state(phase), jax.random.PRNGKey(0)).replace(anchors=self.anchors)
     return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
                         shapes, self.state_shardings(phase))
 
@@ -129,7 +141,8 @@ class Stage:
       tx, lr_by_label = self.optimizer(phase)
       step = make_train_step(self.graphdef, tx, lr_by_label, self.strategy.trainable(phase),
                              self.strategy.frozen_batch_norm(phase), self.cfg.train.label_smoothing, self.forward,
-                             self.cfg.task)
+                             self.cfg.task, regularizers.make_penalty(self.cfg),
+                             regularizers.needs_features(self.cfg))
       return compile_train_step(step, self.abstract_state(phase), abstract_batch(self.pipeline.train_batch(0),
                                                                                  self.mesh), self.mesh)
     return self._cached(("train_step", phase), make)
@@ -227,6 +240,97 @@ def initial_state(stage: Stage, cfg: ConfigDict, workdir: str) -> tuple[TrainSta
   return state, report
 
 
+def attach_regularizers(stage: Stage, state: TrainState, cfg: ConfigDict, workdir: str,
+                        sources: list[regularizers.Source]) -> tuple[Stage, TrainState]:
+  """Builds the regularizers' anchors (and the rehearsal data mix) and puts them into the stage and the state."""
+  names = regularizers.active(cfg)
+  params = flatten(state.params)
+  reinitialised = frozenset(p for p in params if p not in stage.base_paths or any(
+      re.search(pattern, p) for pattern in cfg.dont_load))
+  start, start_state = {}, {}
+  if "lwf" in names:  # the stage's starting point, rebuilt (identically) also when resuming
+    initial, _ = initial_state(stage, cfg, workdir)
+    start, start_state = jax.device_get(flatten(initial.params)), jax.device_get(flatten(initial.model_state))
+  context = regularizers.Context(
+      cfg=cfg, shapes={p: tuple(v.shape) for p, v in params.items()}, reinitialised=reinitialised, sources=sources,
+      fisher=lambda source: source_fisher(cfg, source), start=start, start_state=start_state)
+  anchors = regularizers.build_anchors(context)
+  stage = dataclasses.replace(stage, anchors=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), anchors),
+                              _cache={})
+  if "rehearsal" in names:
+    source = context.nearest("rehearsal")
+    if source.cfg is None:
+      raise FinetuneError(f"rehearsal needs the earlier task's data, but {source.name} has no task config")
+    source_train = build_pipeline(source.cfg.data, source.cfg.seed).train
+    stage = dataclasses.replace(stage, pipeline=with_rehearsal(stage.pipeline, source_train, cfg.rehearsal.fraction))
+  return stage, state.replace(anchors=jax.device_put(anchors, stage.anchor_shardings()))
+
+
+def source_fisher(cfg: ConfigDict, source: regularizers.Source) -> dict[str, np.ndarray]:
+  """The diagonal Fisher of an earlier task at its final weights, from its own training data: loaded from
+  `<source run>/fisher-<mode>-<N>.safetensors` when an earlier stage or run computed it, else computed and saved."""
+  ewc = cfg.regularize.ewc
+  path = os.path.join(source.run_dir, f"fisher-{ewc.label_mode}-{ewc.num_examples}.safetensors")
+  saved = fisher_lib.load(path)
+  if saved is not None:
+    return saved[0]
+  source_stage = build_stage(source.cfg)
+  pipeline = dataclasses.replace(source_stage.pipeline, eval_batch_size=ewc.batch_size, process_count=1,
+                                 process_index=0)
+  train = pipeline.train
+  # A fixed random subset: training splits are often stored sorted by class.
+  chosen = np.sort(np.random.default_rng(0).permutation(len(train))[:ewc.num_examples])
+  params = map_with_path(lambda p, _: np.asarray(source.params[p]), source_stage.abstract_params)
+  model_state = map_with_path(lambda p, _: np.asarray(source.model_state[p]), source_stage.model_state_sharding)
+  forward = source_stage.forward
+
+  def apply(params, batch):
+    return forward(nnx.merge(source_stage.graphdef, params, model_state), batch, train=False)
+
+  started = time.perf_counter()
+  fisher = fisher_lib.estimate(apply, params, pipeline.ordered_batches(SubsetSplit(train, chosen)), ewc.label_mode,
+                               jax.random.PRNGKey(source.cfg.seed), ewc.num_examples)
+  if jax.process_index() == 0:
+    fisher_lib.save(path, fisher, {"label_mode": ewc.label_mode, "num_examples": int(min(len(chosen),
+                                                                                          ewc.num_examples)),
+                                   "seconds": time.perf_counter() - started})
+  return fisher
+
+
+def evaluate_sources(cfg: ConfigDict, state: TrainState, sources: list[regularizers.Source], stage: Stage,
+                     log: MetricsLog) -> dict[str, Any]:
+  """Forgetting: each earlier task of the lineage evaluated with this stage's weights and that task's own head
+  (the parameters this stage re-initialised, `dont_load`, come from the source). {source: {split: {before, after,
+  drop}}}; also written to metrics.jsonl as split 'forgetting/<source>/<split>'."""
+  report = {}
+  params = jax.device_get(flatten(state.params))
+  for source in sources:
+    summary_path = os.path.join(source.run_dir, SUMMARY_FILE)
+    if source.cfg is None or not os.path.isfile(summary_path):
+      continue
+    before = json.load(open(summary_path))["final"]
+    eval_cfg = config_lib.with_values(cfg, data=source.cfg.data)
+    eval_stage = build_stage(eval_cfg)
+    shapes = {p: tuple(x.shape) for p, x in flatten(eval_stage.abstract_params).items()}
+
+    def pick(path: str, _) -> np.ndarray:
+      own = params.get(path)
+      if own is not None and tuple(own.shape) == shapes[path] and not any(re.search(r, path) for r in cfg.dont_load):
+        return own
+      return source.params[path]
+
+    weights = {"params": jax.device_put(map_with_path(pick, eval_stage.abstract_params), eval_stage.params_sharding),
+               "model_state": state.model_state}
+    report[source.name] = {}
+    for split in eval_stage.pipeline.eval_splits:
+      after = evaluate(eval_stage.eval_step(), weights, eval_stage.pipeline, split, eval_stage.mesh)
+      log.write(stage.total_steps, f"forgetting/{source.name}/{split}", after)
+      if split in before:
+        report[source.name][split] = {"before": before[split]["accuracy"], "after": after["accuracy"],
+                                      "drop": before[split]["accuracy"] - after["accuracy"]}
+  return report
+
+
 # Keys that may change between a run and its resumption: they do not change what is computed.
 _RESUMABLE_KEYS = ("wandb.", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints")
 
@@ -302,6 +406,11 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
       write_json(init_path, init_report)
     # Records after the restored step are recomputed identically; final evaluations are always redone.
     log.truncate_after(start, drop_evaluations_at=stage.total_steps)
+    sources = regularizers.lineage(cfg, workdir) if cfg.init_from and (
+        regularizers.active(cfg) or cfg.train.evaluate_sources) else []
+    if regularizers.active(cfg):
+      stage, state = attach_regularizers(stage, state, cfg, workdir, sources)
+      pipeline = stage.pipeline
     extraction_seconds = None
     if cfg.features.cache:
       feature_cache.check_cacheable(stage.strategy, pipeline, cfg.freeze.train_bn, cfg.model.get("dropout", 0.0))
@@ -310,11 +419,13 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
                                                cfg.features.max_memory_mb)
       extraction_seconds = time.perf_counter() - began
       stage = dataclasses.replace(stage, pipeline=pipeline, forward=feature_cache.classify_features, _cache={})
-    state, train_seconds, train_steps_timed = _train_loop(stage, state, start, saved_phase, checkpoints, log, name)
+    state, train_seconds, train_steps_timed, stopping = _train_loop(stage, state, start, saved_phase, checkpoints,
+                                                                     log, name, run_dir)
     final = {split: evaluate(stage.eval_step(), _weights(state), pipeline, split, stage.mesh)
              for split in pipeline.eval_splits}
     for split, metrics in final.items():
       log.write(stage.total_steps, split, metrics)
+    forgetting = evaluate_sources(cfg, state, sources, stage, log) if cfg.train.evaluate_sources else {}
     closed_form = {}
     if cfg.features.closed_form:
       features = pipeline if cfg.features.cache else feature_cache.cached_pipeline(
@@ -343,6 +454,9 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
                    for p in stage.strategy.phases],
         "init": init_report,
         "peft": stage.peft_info,
+        "regularizers": regularizers.active(cfg),
+        "forgetting": forgetting,
+        "early_stopping": stopping,
         "final": final,
         "closed_form_probes": closed_form,
         "feature_extraction_seconds": extraction_seconds,
@@ -356,10 +470,13 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
 
 
 def _train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoints: Checkpointer,
-                log: MetricsLog, name: str) -> tuple[TrainState, float, int]:
-  """Steps `start`..total from a state in `phase`. Returns (state, seconds, steps) of training.
+                log: MetricsLog, name: str, run_dir: str) -> tuple[TrainState, float, int, dict[str, Any]]:
+  """Steps `start`..total from a state in `phase`. Returns (state, seconds, steps of training, early stopping).
 
-  Steps are compiled ahead of time (one program per unfreezing phase), so the timings exclude compilation.
+  Steps are compiled ahead of time (one program per unfreezing phase), so the timings exclude compilation. With
+  `train.early_stopping` the best state (by its metric, at evaluations) is kept in `<run>/best/`; when the metric
+  has not improved for `patience` evaluations, or at the end, the stage ends on that state, saved as its final
+  checkpoint (step = total steps), so later stages and exports read the best weights.
   """
   cfg, pipeline, total = stage.cfg, stage.pipeline, stage.total_steps
   batch_spec = batch_sharding(stage.mesh)
@@ -367,6 +484,7 @@ def _train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpo
   progress = Progress(total, start, name)
   train_fn = None
   interval_start, train_seconds, train_steps = time.perf_counter(), 0.0, 0
+  stopping = _EarlyStopping(cfg.train.early_stopping, os.path.join(run_dir, "best"))
   try:
     for step in range(start, total):
       step_phase = stage.strategy.phase_index(step)
@@ -391,18 +509,80 @@ def _train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpo
         progress.update(len(host), {"loss": averaged["loss"], "accuracy": averaged["accuracy"],
                                     "ex/s": examples_per_s})
         pending = []
-        if save_now or done == total:
+        if save_now or (done == total and not stopping.enabled):  # early stopping saves its final state itself
           checkpoints.save(done, state.as_dict())
         interval_start = time.perf_counter()
       if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total:
-        for split in pipeline.eval_splits:
-          log.write(done, split, evaluate(stage.eval_step(), _weights(state), pipeline, split, stage.mesh))
+        results = {split: evaluate(stage.eval_step(), _weights(state), pipeline, split, stage.mesh)
+                   for split in pipeline.eval_splits}
+        for split, metrics in results.items():
+          log.write(done, split, metrics)
+        if stopping.enabled and stopping.update(done, results, state) >= stopping.patience:
+          break
         interval_start = time.perf_counter()
-    if start == total and checkpoints.latest_step() != total:
+    if stopping.enabled:
+      state = stopping.finish(state, stage, total, checkpoints)
+    elif start == total and checkpoints.latest_step() != total:
       checkpoints.save(total, state.as_dict())
   finally:
     progress.close()
-  return state, train_seconds, train_steps
+  return state, train_seconds, train_steps, stopping.report()
+
+
+class _EarlyStopping:
+  """Best-so-far tracking for `config.train.early_stopping` (see `_train_loop`)."""
+
+  def __init__(self, cfg: ConfigDict, directory: str):
+    self.enabled = bool(cfg.metric)
+    self.split, _, self.key = cfg.metric.partition("/")
+    self.patience, self.sign = cfg.patience, 1.0 if cfg.mode == "max" else -1.0
+    self.directory = directory
+    self.best_step, self.best_value, self.stopped_at, self.since_best = None, None, None, 0
+    if self.enabled and os.path.isfile(os.path.join(directory, "best.json")):  # resuming
+      with open(os.path.join(directory, "best.json")) as f:
+        saved = json.load(f)
+      self.best_step, self.best_value = saved["step"], saved["value"]
+
+  def update(self, step: int, results: dict[str, dict[str, float]], state: TrainState) -> int:
+    """Records an evaluation; returns the number of evaluations since the best."""
+    if self.split not in results or self.key not in results[self.split]:
+      raise FinetuneError(f"config.train.early_stopping.metric={self.split}/{self.key!r} is not evaluated; "
+                          f"evaluated: {', '.join(f'{s}/{k}' for s in results for k in results[s])}")
+    value = results[self.split][self.key]
+    if self.best_value is None or self.sign * (value - self.best_value) > 0:
+      self.best_step, self.best_value, self.since_best = step, value, 0
+      best = Checkpointer(self.directory, 1, async_save=False)
+      best.save(step, state.as_dict())
+      best.close()
+      write_json(os.path.join(self.directory, "best.json"), {"step": step, "value": value})
+    else:
+      self.since_best += 1
+    if self.since_best >= self.patience:
+      self.stopped_at = step
+    return self.since_best
+
+  def finish(self, state: TrainState, stage: "Stage", total: int, checkpoints: Checkpointer) -> TrainState:
+    """The stage ends on its best state (or on the last one if it never evaluated), saved at step `total`."""
+    if self.best_step is not None:
+      best = Checkpointer(self.directory, 1, async_save=False)
+      phase = stage.strategy.phase_index(max(self.best_step - 1, 0))
+      restored = best.restore(self.best_step, stage.abstract_state(phase).as_dict())
+      best.close()
+      state = TrainState(**restored, anchors=state.anchors)
+      final_phase = stage.strategy.phase_index(total - 1)
+      if final_phase != phase:  # the final checkpoint holds the optimizer state of the last phase
+        state = stage.enter_phase(state, final_phase)
+    checkpoints.wait()
+    if checkpoints.latest_step() == total:
+      checkpoints.delete(total)  # replaced by the best state
+    checkpoints.save(total, state.as_dict())
+    return state
+
+  def report(self) -> dict[str, Any]:
+    if not self.enabled:
+      return {}
+    return {"metric": f"{self.split}/{self.key}", "best_step": self.best_step, "best_value": self.best_value,
+            "stopped_at": self.stopped_at}
 
 
 def _weights(state: TrainState) -> dict[str, Any]:

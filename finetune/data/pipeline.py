@@ -208,3 +208,45 @@ def build_pipeline(data_cfg: ConfigDict, seed: int) -> InputPipeline:
 def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
   """Assembles each process's numpy part into one global array sharded over the data-parallel axes."""
   return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()}
+
+
+@dataclasses.dataclass
+class RehearsalPipeline(InputPipeline):
+  """Training batches whose last `source_count` (global) examples come from an earlier task's training split.
+
+  Those rows carry `source_mask` = 1 and the source task's labels; the train step leaves them out of the task loss
+  and the rehearsal regularizer scores them with the source head. Source examples are visited in a per-epoch
+  permutation of their own (seed, step), so over an epoch of the source every example is replayed once, and resumption
+  and multi-process slicing stay exact. Evaluation batches are the target task's, unchanged.
+  """
+
+  source: Split | None = None
+  source_count: int = 0
+
+  def train_batch(self, step: int) -> dict[str, np.ndarray]:
+    batch = super().train_batch(step)
+    first_source = self.batch_size - self.source_count  # global position of the first rehearsed example
+    local_positions = self._local(np.arange(self.batch_size))
+    rows = np.nonzero(local_positions >= first_source)[0]
+    positions = step * self.source_count + (local_positions[rows] - first_source)
+    epochs, offsets = np.divmod(positions, len(self.source))
+    orders = {e: np.random.default_rng([self.seed, 2, e]).permutation(len(self.source)) for e in set(epochs)}
+    indices = np.array([orders[e][o] for e, o in zip(epochs, offsets)], dtype=np.int64)
+    rehearsed = _prepare(self.source.take(indices))
+    for key in batch:
+      if key not in rehearsed:
+        raise FinetuneError(f"rehearsal: the source task's examples have no {key!r}; source and target data must "
+                            "have the same fields")
+      batch[key][rows] = rehearsed[key].astype(batch[key].dtype)
+    batch["source_mask"] = np.zeros(len(local_positions), np.int32)
+    batch["source_mask"][rows] = 1
+    return batch
+
+
+def with_rehearsal(pipeline: InputPipeline, source: Split, fraction: float) -> RehearsalPipeline:
+  count = int(round(fraction * pipeline.batch_size))
+  if not 0 < count < pipeline.batch_size:
+    raise FinetuneError(f"config.rehearsal.fraction={fraction} of batch size {pipeline.batch_size} rehearses "
+                        f"{count} examples per batch; choose a fraction giving 1..{pipeline.batch_size - 1}")
+  fields = {f.name: getattr(pipeline, f.name) for f in dataclasses.fields(InputPipeline)}
+  return RehearsalPipeline(**fields, source=source, source_count=count)

@@ -1,0 +1,41 @@
+"""L2-SP (Li, Grandvalet & Davoine 2018): keep fine-tuned weights near their starting point, not near zero.
+
+    (alpha/2) ||w_S - w0_S||^2 + (beta/2) ||w_new||^2
+
+w_S are the parameters loaded from the source (same path and shape, not re-initialised), w0_S their source values;
+w_new every other parameter (a new head, PEFT adapters). With `fisher=True` the first term is weighted by the
+source task's diagonal Fisher (as EWC, with `config.regularize.ewc`'s label mode and example count), the paper's
+"L2-SP-Fisher". Use it with plain weight decay off (`optimizer.weight_decay=0`), as the paper replaces it.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from finetune.regularizers import REGULARIZERS, Aux, Context, Regularizer, squared_distance
+
+
+def anchors(context: Context):
+  cfg = context.cfg.regularize.l2sp
+  source = context.nearest("L2-SP")
+  shared = context.shared(source)
+  anchor = {"alpha": float(cfg.alpha), "beta": float(cfg.beta), "start": {p: source.params[p] for p in shared}}
+  if cfg.fisher:
+    fisher = context.fisher(source)
+    anchor["fisher"] = {p: fisher[p] for p in shared}
+  return anchor
+
+
+def penalty(params, anchor, aux: Aux):
+  del aux
+  toward_start = squared_distance(params, anchor["start"], anchor.get("fisher"))
+  new = jnp.zeros((), jnp.float32)
+  for path, value in params.items():
+    if path not in anchor["start"]:
+      new = new + jnp.sum(value.astype(jnp.float32) ** 2)
+  return 0.5 * anchor["alpha"] * toward_start + 0.5 * anchor["beta"] * new, {"distance": toward_start}
+
+
+REGULARIZERS.register("l2sp")(Regularizer(
+    active=lambda cfg: cfg.regularize.l2sp.alpha > 0 or cfg.regularize.l2sp.beta > 0, anchors=anchors,
+    penalty=penalty))

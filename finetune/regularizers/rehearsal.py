@@ -1,0 +1,34 @@
+"""Rehearsal (experience replay): source-task examples mixed into target batches (`config.rehearsal.fraction` of
+each batch, drawn by `finetune.data.pipeline.RehearsalPipeline` and marked by `batch['source_mask']`).
+
+Their loss is the cross-entropy of the source task's head (frozen, from the source checkpoint) on the current
+features: the backbone must keep serving the old task. The target loss covers the other examples only.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from finetune.regularizers import REGULARIZERS, Aux, Context, Regularizer
+from finetune.regularizers.lwf import source_head
+
+
+def anchors(context: Context):
+  return {"weight": float(context.cfg.rehearsal.weight), "head": source_head(context, "rehearsal")}
+
+
+def penalty(params, anchor, aux: Aux):
+  del params
+  head = anchor["head"]
+  logits = aux.features @ head["kernel"] + head["bias"]
+  rows = aux.batch["source_mask"].astype(jnp.float32)
+  losses = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), aux.batch["label"][:, None], axis=-1)[:, 0]
+  correct = (jnp.argmax(logits, axis=-1) == aux.batch["label"]).astype(jnp.float32)
+  count = jnp.maximum(rows.sum(), 1.0)
+  loss = jnp.sum(losses * rows) / count
+  return anchor["weight"] * loss, {"loss": loss, "accuracy": jnp.sum(correct * rows) / count}
+
+
+REGULARIZERS.register("rehearsal")(Regularizer(active=lambda cfg: cfg.rehearsal.fraction > 0, anchors=anchors,
+                                               penalty=penalty, needs_features=True))
