@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from finetune import adapters
 from finetune.methods import prompt_tuning
 from finetune.partition import combine, flatten, map_with_path, path_str, select
+from finetune.regularizers import Aux
 from finetune.sharding import batch_sharding, replicated
 from finetune.tasks import TASKS
 
@@ -134,7 +135,6 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       extra = {}
       loss = task_loss
       if penalty is not None:
-        from finetune.regularizers import Aux  # pylint: disable=g-import-not-at-top
         template = {"params": state.params, "model_state": state.model_state}
         value, extra = penalty(flatten(params), state.anchors,
                                Aux(batch, features, embed_fn(graphdef, template, batch)))

@@ -233,3 +233,32 @@ def test_ewc_retains_more_of_the_source_task_than_plain_fine_tuning(tmp_path):
   ewc_run = summaries["ewc"]["forgetting"]["pretrain"]["validation"]
   assert plain["drop"] > 0.3  # catastrophic forgetting without a regularizer
   assert ewc_run["after"] > plain["after"] + 0.3
+
+
+def test_regularizers_compose_with_freezing_lora_and_discriminative_rates(tmp_path):
+  vit = {"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 2, "num_heads": 2, "mlp_dim": 32}
+  config = tiny_config(
+      model=vit,
+      stages={"pretrain": {"data": {"classes": (0, 1, 2, 3, 4)}, "train": {"steps": 12}},
+              "lora_lwf": {"data": {"classes": (5, 6, 7, 8, 9)}, "init_from": "stage:pretrain",
+                           "dont_load": ("^head/",), "optimizer": {"lr_factor": 2.0},
+                           "peft": {"method": "lora", "targets": ("query", "value"), "rank": 2,
+                                    "modules_to_save": ("^head/",)},
+                           "regularize": {"lwf": {"weight": 1.0}, "l2sp": {"beta": 0.01}}},
+              "frozen_ewc": {"data": {"classes": (5, 6, 7, 8, 9)}, "init_from": "stage:pretrain",
+                             "dont_load": ("^head/",), "freeze": {"first_n": 1},
+                             "regularize": {"ewc": {"weight": 10.0, "num_examples": 64}}}},
+      train={"steps": 8, "log_every": 4, "checkpoint_every": 0})
+  summaries = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert summaries["lora_lwf"]["regularizers"] == ["l2sp", "lwf"] and summaries["lora_lwf"]["peft"]
+  assert summaries["frozen_ewc"]["regularizers"] == ["ewc"]
+  record = json.loads(open(tmp_path / "lora_lwf" / "metrics.jsonl").readline())
+  assert record["penalty/lwf"] >= 0 and record["learning_rate/block_1"] < record["learning_rate/head"]
+  # LwF's source model is the stage's starting point: LoRA's B = 0 there, so at step 0 the source and current
+  # features differ only by train-mode dropout (none here): the first distillation term is ~0.
+  assert record["lwf/kl"] < 0.05
+  before = read_checkpoint_arrays(str(tmp_path / "pretrain" / "checkpoints" / "12"))["params"]
+  after = read_checkpoint_arrays(str(tmp_path / "frozen_ewc" / "checkpoints" / "8"))["params"]
+  for path in before:
+    if path.startswith(("patch_embed/", "cls_token", "position_embedding")):  # the frozen first group
+      np.testing.assert_array_equal(after[path], before[path])

@@ -44,7 +44,14 @@ def test_main_config_smoke_run_writes_every_output(tmp_path):
     assert [r["step"] for r in train_records] == [3, 6]
     for record in train_records:
       assert TRAIN_KEYS | {"examples_per_s"} <= set(record), record
-    assert {r["split"] for r in records} == {"train", "validation", "test"}
+    # The fine-tuned stage also re-evaluates its source task (forgetting); the from-scratch control has no source.
+    forgetting = {"forgetting/pretrain/validation", "forgetting/pretrain/test"} if stage == "finetune" else set()
+    assert {r["split"] for r in records} == {"train", "validation", "test"} | forgetting
+    if stage == "finetune":
+      drop = summary["forgetting"]["pretrain"]["test"]
+      assert drop["before"] == json.load(open(tmp_path / "pretrain" / "summary.json"))["final"]["test"]["accuracy"]
+    else:
+      assert summary["forgetting"] == {}
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["3", "6"]
   assert summaries["finetune"]["init"]["fresh"] == ["head/bias", "head/kernel"]
   assert summaries["scratch"]["init"] == {}
