@@ -7,7 +7,7 @@ forgetting_stages; see configs/mnist_forgetting.py for the variants).
     finetune train --config configs/cifar10_forgetting.py:variant=lwf,lwf_weight=0.3 --workdir /tmp/cifar10_forgetting
 
 Measured (2 CPU cores, seed 0; official test images of each class set; task A at 0.7874 after pretraining; all
-variants in about 19 minutes), target accuracy on B / accuracy on A after fine-tuning:
+variants in about 16 minutes), target accuracy on B / accuracy on A after fine-tuning:
   finetune 0.8398 / 0.0686 | ewc (lambda 100) 0.7636 / 0.6260 | l2sp (alpha 0.1) 0.7736 / 0.3076 |
   lwf (w 1) 0.8390 / 0.7674 | rehearsal (25%) 0.6748 / 0.7598.
 Plain fine-tuning leaves task A below chance (its head reads features that now mean B's classes); LwF keeps A
