@@ -54,6 +54,9 @@ def defaults() -> ConfigDict:
       "checkpoint_every": 500,
       "keep_checkpoints": 2,
       "label_smoothing": 0.0,
+      # Gradient accumulation: each batch runs as this many micro-batches inside one step (same update, less
+      # activation memory).
+      "grad_accum_steps": 1,
       # Stop when `metric` ('<split>/<key>', e.g. 'validation/accuracy'; evaluated every eval_every steps) has not
       # improved for `patience` evaluations, and end the stage on its best checkpoint.
       "early_stopping": ConfigDict({"metric": "", "patience": 0, "mode": "max"}),
@@ -349,6 +352,9 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
   need(not (c.train.steps > 0 and c.train.epochs > 0),
        "set only one of config.train.steps and config.train.epochs")
   need(c.data.batch_size > 0 and c.data.eval_batch_size > 0, "config.data.batch_size and eval_batch_size must be > 0")
+  need(c.train.grad_accum_steps >= 1 and c.data.batch_size % c.train.grad_accum_steps == 0,
+       f"config.train.grad_accum_steps={c.train.grad_accum_steps} must be >= 1 and divide config.data.batch_size="
+       f"{c.data.batch_size}")
   need(0.0 <= c.data.validation_fraction < 1.0, "config.data.validation_fraction must be in [0, 1)")
   need(c.optimizer.learning_rate >= 0, "config.optimizer.learning_rate must be >= 0")
   need(c.train.log_every > 0, "config.train.log_every must be > 0")

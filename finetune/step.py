@@ -94,7 +94,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     lr_by_label: dict[str, Callable[[Any], Any]], trainable: frozenset[str],
                     frozen_batch_norm: tuple[str, ...] = (), label_smoothing: float = 0.0,
                     forward: Callable[..., jax.Array] = classify, task: str = "classification",
-                    penalty: Callable | None = None, needs_features: bool = False,
+                    penalty: Callable | None = None, needs_features: bool = False, accumulate: int = 1,
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)` for batches of model inputs (e.g. {'image': (B, ...)}
   or {'input_ids': (B, L), 'attention_mask': (B, L)}) and 'label': (B,).
@@ -106,6 +106,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   `penalty(flat params, state.anchors, regularizers.Aux) -> (value, metrics)` adds the forgetting regularizers'
   terms (finetune/regularizers); with `needs_features` the forward pass also returns the head's input. Examples with
   batch['source_mask'] = 1 (rehearsal) are left out of the task loss; the rehearsal regularizer scores them.
+  `accumulate` > 1 splits each batch into that many micro-batches (gradient accumulation).
   """
   is_trainable = lambda path: path in trainable
   score = TASKS.get(task)
@@ -115,9 +116,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     trainable_params = select(state.params, is_trainable)
     frozen_params = select(state.params, lambda path: not is_trainable(path))
 
-    def loss_fn(trainable_params):
+    def loss_fn(trainable_params, batch, model_state, dropout_key):
       params = combine(state.params, trainable_params, frozen_params)
-      model = nnx.merge(graphdef, params, state.model_state)
+      model = nnx.merge(graphdef, params, model_state)
       inference_mode_batch_norm(model, frozen_batch_norm)
       rngs = nnx.Rngs(dropout=dropout_key)
       if needs_features:
@@ -135,14 +136,35 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       extra = {}
       loss = task_loss
       if penalty is not None:
-        template = {"params": state.params, "model_state": state.model_state}
+        template = {"params": state.params, "model_state": model_state}
         value, extra = penalty(flatten(params), state.anchors,
                                Aux(batch, features, embed_fn(graphdef, template, batch)))
         loss = task_loss + value
         extra = {"task_loss": task_loss, **extra}
       return loss, (accuracy, new_model_state.to_pure_dict(), extra)
 
-    (loss, (accuracy, model_state, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable_params)
+    gradient = jax.value_and_grad(loss_fn, has_aux=True)
+    if accumulate == 1:
+      (loss, (accuracy, model_state, extra)), grads = gradient(trainable_params, batch, state.model_state,
+                                                               dropout_key)
+    else:
+      # Gradient accumulation: the batch as `accumulate` micro-batches, one after another inside this program
+      # (lax.scan), so activation memory is that of one micro-batch. Losses and gradients are the mean over
+      # micro-batches (for equal-weight items, exactly the full batch's); BatchNorm statistics update per micro-batch.
+      micro = jax.tree.map(lambda x: x.reshape(accumulate, x.shape[0] // accumulate, *x.shape[1:]), batch)
+
+      def one(carry, inputs):
+        grads_sum, model_state = carry
+        index, micro_batch = inputs
+        (loss, (accuracy, model_state, extra)), grads = gradient(
+            trainable_params, micro_batch, model_state, jax.random.fold_in(dropout_key, index))
+        return (jax.tree.map(jnp.add, grads_sum, grads), model_state), (loss, accuracy, extra)
+
+      zeros = jax.tree.map(jnp.zeros_like, trainable_params)
+      (grads, model_state), (losses, accuracies, extras) = jax.lax.scan(
+          one, (zeros, state.model_state), (jnp.arange(accumulate), micro))
+      grads = jax.tree.map(lambda g: g / accumulate, grads)
+      loss, accuracy, extra = losses.mean(), accuracies.mean(), jax.tree.map(jnp.mean, extras)
     # The optimizer sees the full tree; frozen leaves get zeros that its 'frozen' entry (set_to_zero) ignores, so
     # XLA removes them.
     full_grads = combine(state.params, grads, jax.tree.map(jnp.zeros_like, frozen_params))

@@ -142,7 +142,7 @@ class Stage:
       step = make_train_step(self.graphdef, tx, lr_by_label, self.strategy.trainable(phase),
                              self.strategy.frozen_batch_norm(phase), self.cfg.train.label_smoothing, self.forward,
                              self.cfg.task, regularizers.make_penalty(self.cfg),
-                             regularizers.needs_features(self.cfg))
+                             regularizers.needs_features(self.cfg), self.cfg.train.grad_accum_steps)
       return compile_train_step(step, self.abstract_state(phase), abstract_batch(self.pipeline.train_batch(0),
                                                                                  self.mesh), self.mesh)
     return self._cached(("train_step", phase), make)
@@ -176,6 +176,10 @@ def build_stage(cfg: ConfigDict) -> Stage:
   rules = rules_from_config(cfg.sharding_rules)
   pipeline = build_pipeline(cfg.data, cfg.seed)
   parallel = data_parallel_size(mesh)
+  if cfg.data.batch_size % (parallel * cfg.train.grad_accum_steps):
+    raise FinetuneError(f"config.data.batch_size={cfg.data.batch_size} must split into {cfg.train.grad_accum_steps} "
+                        f"micro-batches (train.grad_accum_steps) that divide over the {parallel} data-parallel "
+                        "devices; pick a multiple of their product")
   for key in ("batch_size", "eval_batch_size"):
     if cfg.data[key] % parallel or cfg.data[key] % jax.process_count():
       raise FinetuneError(f"config.data.{key}={cfg.data[key]} is not divisible by the {parallel} data-parallel "

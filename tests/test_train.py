@@ -181,3 +181,22 @@ def test_a_new_framework_key_at_its_default_does_not_block_resumption(tmp_path):
   del saved["task"]  # as written by a version of finetune before the key existed
   (tmp_path / "config.json").write_text(json.dumps(saved))
   train_lib.train_and_evaluate(tiny_config(train={"steps": 2}), str(tmp_path))  # no refusal
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+  """k micro-batches inside the step give the update of the whole batch (an MLP: no BatchNorm, no dropout)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from finetune.checkpoint import read_checkpoint_arrays  # pylint: disable=g-import-not-at-top
+  results = {}
+  for accumulate in (1, 4):
+    config = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (32,)},
+                         train={"steps": 5, "log_every": 1, "checkpoint_every": 0, "grad_accum_steps": accumulate})
+    train_lib.train_and_evaluate(config, str(tmp_path / str(accumulate)))
+    results[accumulate] = (read_checkpoint_arrays(str(tmp_path / str(accumulate) / "checkpoints" / "5"))["params"],
+                           _records(tmp_path / str(accumulate)))
+  (big, big_records), (small, small_records) = results[1], results[4]
+  for path in big:
+    np.testing.assert_allclose(small[path], big[path], rtol=1e-5, atol=1e-6)
+  for a, b in zip(big_records, small_records):
+    if a["split"] == "train":
+      assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
