@@ -1,7 +1,8 @@
 """`finetune <command>`: parses flags and calls the library; nothing here that a notebook could not call.
 
     finetune train --config configs/<file>.py[:arg] --workdir DIR [--config.key=value ...]
-    finetune export --workdir DIR --format hf --out OUT [--stage NAME]
+    finetune export --workdir DIR --format hf|peft --out OUT [--stage NAME]
+    finetune plan --config configs/<file>.py[:arg] [--mesh data=4,fsdp=2] [--devices N] [--config.key=value ...]
 
 A `FinetuneError` (any user error) prints one line `finetune: error: ...` to stderr and exits with status 2.
 """
@@ -33,11 +34,19 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--workdir", required=True, help="output folder; re-running the same command resumes")
   export = commands.add_parser("export", help="write a run's parameters as a Hugging Face checkpoint")
   export.add_argument("--workdir", required=True, help="a run directory made by `finetune train`")
-  export.add_argument("--format", default="hf", 
+  export.add_argument("--format", default="hf",
                       help="hf (config.json + model.safetensors + tokenizer; PEFT runs merged) or peft "
                       "(a LoRA adapter for peft.PeftModel)")
   export.add_argument("--out", required=True, help="output folder (replaced if it exists)")
   export.add_argument("--stage", default="", help="stage of a multi-stage run (default: the last)")
+  plan = commands.add_parser("plan", help="per-device memory and FLOPs of a config's train step, from shapes only",
+                             description="Compile every stage's train step from abstract shapes (nothing is "
+                             "allocated) and print per-device parameter / optimizer bytes, XLA's memory analysis "
+                             "and FLOPs per step.")
+  plan.add_argument("--config", required=True, help="configs/<file>.py[:arg]")
+  plan.add_argument("--mesh", default="", help="mesh axes, e.g. data=4,fsdp=2 (overrides config.mesh)")
+  plan.add_argument("--devices", type=int, default=0,
+                    help="fake this many host devices (CPU) to stand in for the target accelerators")
   return parser
 
 
@@ -73,6 +82,29 @@ def run_train(config_spec: str, workdir: str, overrides: Sequence[str]) -> int:
   return 0
 
 
+def run_plan(config_spec: str, mesh: str, devices: int, overrides: Sequence[str]) -> int:
+  if devices:
+    # Must precede jax's backend initialisation (the first device query), which nothing has triggered yet.
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+  mesh_overrides = []
+  for item in filter(None, mesh.split(",")):
+    axis, sep, size = item.partition("=")
+    if not sep or not size.strip().lstrip("-").isdigit():
+      raise FinetuneError(f"--mesh {mesh!r}: write axis=size pairs such as data=4,fsdp=2")
+    mesh_overrides.append(f"mesh.{axis.strip()}={int(size)}")
+  from finetune.config import load_config  # pylint: disable=g-import-not-at-top
+  from finetune.plan import plan, table  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  if devices and jax.device_count() != devices:
+    raise FinetuneError(f"--devices {devices}: jax already sees {jax.device_count()} devices (XLA_FLAGS is read "
+                        "once per process); run `finetune plan` in a fresh process")
+  config = load_config(config_spec, [*overrides, *mesh_overrides])
+  print(f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
+  print(table(plan(config)))
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
@@ -80,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(rest)
     if args.command == "train":
       return run_train(args.config, args.workdir, overrides)
+    if args.command == "plan":
+      return run_plan(args.config, args.mesh, args.devices, overrides)
     if args.command == "export":
       if overrides:
         raise FinetuneError(f"export takes no --config overrides (got --config.{overrides[0]})")

@@ -12,3 +12,4 @@ from finetune.data import hf_files  # noqa: E402,F401
 from finetune.data import tfds  # noqa: E402,F401
 from finetune.data import text  # noqa: E402,F401
 from finetune.data import instructions  # noqa: E402,F401
+from finetune.data import synthetic  # noqa: E402,F401
