@@ -336,7 +336,9 @@ def evaluate_sources(cfg: ConfigDict, state: TrainState, sources: list[regulariz
 
 
 # Keys that may change between a run and its resumption: they do not change what is computed.
-_RESUMABLE_KEYS = ("wandb.", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints")
+# The mesh and sharding rules may change too: a checkpoint restores onto any mesh (orbax reshards on restore).
+_RESUMABLE_KEYS = ("wandb.", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+                   "mesh.", "sharding_rules")
 
 
 def _check_same_config(path: str, cfg: ConfigDict) -> None:
