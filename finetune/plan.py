@@ -4,7 +4,7 @@ Each stage is built from abstract shapes (`nnx.eval_shape`; parameters never exi
 compiled ahead of time for the configured mesh exactly as `finetune train` would run it, and the compiled program's
 own accounting read back: per-device bytes of parameters and optimizer state (from their shardings), XLA's
 `memory_analysis()` (arguments, temporaries: activations kept for the backward pass, gradients, workspace) and
-`cost_analysis()` FLOPs per step. With `--devices N` on a CPU machine, N fake host devices stand in for the
+`cost_analysis()` FLOPs per step and device (the partitioned program's: 1/N of the step's total on N devices). With `--devices N` on a CPU machine, N fake host devices stand in for the
 target mesh; the byte figures for parameters and optimizer state are exact for any backend, while temporaries and
 FLOPs are the CPU compiler's (GPU/TPU compilers fuse and schedule differently; see docs/architecture.md).
 """
@@ -49,7 +49,7 @@ def plan_stage(cfg: ConfigDict) -> dict[str, Any]:
       "optimizer_bytes_per_device": _per_device_bytes(state.opt_state),
       "argument_bytes": int(memory.argument_size_in_bytes), "temporary_bytes": int(memory.temp_size_in_bytes),
       "output_bytes": int(memory.output_size_in_bytes), "alias_bytes": int(memory.alias_size_in_bytes),
-      "flops_per_step": float(cost.get("flops", float("nan"))),
+      "flops_per_step": float(cost.get("flops", float("nan"))),  # per device: the partitioned program's
   }
 
 
@@ -61,7 +61,7 @@ def plan(config: ConfigDict) -> dict[str, dict[str, Any]]:
 def table(plans: dict[str, dict[str, Any]]) -> str:
   gib = 2 ** 30
   rows = [("stage", "mesh", "params", "trainable", "params/dev GiB", "opt/dev GiB", "args GiB", "temps GiB",
-           "TFLOP/step")]
+           "TFLOP/dev/step")]
   for name, p in plans.items():
     mesh = ",".join(f"{k}={v}" for k, v in p["mesh"].items() if v > 1) or "1 device"
     rows.append((name, mesh, f"{p['params']:,}", f"{p['trainable']:,} ({p['trainable_percent']:.2f}%)",
