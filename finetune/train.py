@@ -412,7 +412,7 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
       write_json(init_path, init_report)
     # Records after the restored step are recomputed identically; final evaluations are always redone.
     log.truncate_after(start, drop_evaluations_at=stage.total_steps)
-    sources = regularizers.lineage(cfg, workdir) if cfg.init_from and (
+    sources = regularizers.lineage(cfg, workdir, hf_weights=bool(regularizers.active(cfg))) if cfg.init_from and (
         regularizers.active(cfg) or cfg.train.evaluate_sources) else []
     if regularizers.active(cfg):
       stage, state = attach_regularizers(stage, state, cfg, workdir, sources)

@@ -105,9 +105,10 @@ def needs_features(cfg: ConfigDict) -> bool:
   return any(REGULARIZERS.get(name).needs_features for name in active(cfg))
 
 
-def lineage(cfg: ConfigDict, workdir: str) -> list[Source]:
+def lineage(cfg: ConfigDict, workdir: str, hf_weights: bool = True) -> list[Source]:
   """The earlier tasks of a stage, nearest first: follow `init_from` through stages of this run and run
-  directories of this framework (their config.json), ending at a Hugging Face checkpoint or a fresh start."""
+  directories of this framework (their config.json), ending at a Hugging Face checkpoint or a fresh start.
+  `hf_weights=False` leaves a Hugging Face checkpoint out (no task to evaluate; its weights may be large)."""
   sources, seen, current = [], set(), cfg
   while current is not None and current.get("init_from"):
     spec = current.init_from
@@ -116,6 +117,8 @@ def lineage(cfg: ConfigDict, workdir: str) -> list[Source]:
       break
     seen.add(step_dir)
     if hf.is_hf_checkpoint(step_dir):
+      if not hf_weights:
+        break
       arrays, run_dir, source_cfg = hf.read_params(step_dir), step_dir, None
     else:
       arrays = read_checkpoint_arrays(step_dir)
