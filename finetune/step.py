@@ -95,6 +95,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     frozen_batch_norm: tuple[str, ...] = (), label_smoothing: float = 0.0,
                     forward: Callable[..., jax.Array] = classify, task: str = "classification",
                     penalty: Callable | None = None, needs_features: bool = False, accumulate: int = 1,
+                    compute_dtype: str = "float32",
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)` for batches of model inputs (e.g. {'image': (B, ...)}
   or {'input_ids': (B, L), 'attention_mask': (B, L)}) and 'label': (B,).
@@ -107,6 +108,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   terms (finetune/regularizers); with `needs_features` the forward pass also returns the head's input. Examples with
   batch['source_mask'] = 1 (rehearsal) are left out of the task loss; the rehearsal regularizer scores them.
   `accumulate` > 1 splits each batch into that many micro-batches (gradient accumulation).
+  `compute_dtype='bfloat16'`: mixed precision. The forward and backward passes run on bfloat16 copies of the
+  parameters and float inputs; the parameters themselves (the master weights), their gradients, the optimizer state,
+  BatchNorm statistics, logits and the loss stay float32.
   """
   is_trainable = lambda path: path in trainable
   score = TASKS.get(task)
@@ -118,7 +122,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     def loss_fn(trainable_params, batch, model_state, dropout_key):
       params = combine(state.params, trainable_params, frozen_params)
-      model = nnx.merge(graphdef, params, model_state)
+      model = nnx.merge(graphdef, to_compute_dtype(params, compute_dtype), model_state)
+      batch = to_compute_dtype(batch, compute_dtype)
       inference_mode_batch_norm(model, frozen_batch_norm)
       rngs = nnx.Rngs(dropout=dropout_key)
       if needs_features:
@@ -186,17 +191,26 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   return train_step
 
 
+def to_compute_dtype(tree: Any, compute_dtype: str) -> Any:
+  """Floating-point leaves cast to the compute dtype (mixed precision); integer ids, masks and labels unchanged."""
+  if compute_dtype == "float32":
+    return tree
+  dtype = jnp.dtype(compute_dtype)
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def make_eval_step(graphdef: nnx.GraphDef, label_smoothing: float = 0.0,
                    forward: Callable[..., jax.Array] = classify,
-                   task: str = "classification") -> Callable[[dict, dict], dict]:
+                   task: str = "classification", compute_dtype: str = "float32") -> Callable[[dict, dict], dict]:
   """Builds `eval_step(weights, batch) -> sums` over a padded batch with a 0/1 'mask' (padding never counts).
 
   `weights` is {'params': ..., 'model_state': ...}: evaluation needs no optimizer state.
   """
 
   def eval_step(weights: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    model = nnx.merge(graphdef, weights["params"], weights["model_state"])
-    scored = TASKS.get(task)(forward(model, batch, train=False), batch, label_smoothing)
+    model = nnx.merge(graphdef, to_compute_dtype(weights["params"], compute_dtype), weights["model_state"])
+    logits = forward(model, to_compute_dtype(batch, compute_dtype), train=False).astype(jnp.float32)
+    scored = TASKS.get(task)(logits, batch, label_smoothing)
     example_mask = batch["mask"].astype(jnp.float32)
     # (B,) padding mask over items of shape (B,) or (B, L-1)
     weights = scored.weights * example_mask.reshape(example_mask.shape + (1,) * (scored.weights.ndim - 1))

@@ -142,7 +142,8 @@ class Stage:
       step = make_train_step(self.graphdef, tx, lr_by_label, self.strategy.trainable(phase),
                              self.strategy.frozen_batch_norm(phase), self.cfg.train.label_smoothing, self.forward,
                              self.cfg.task, regularizers.make_penalty(self.cfg),
-                             regularizers.needs_features(self.cfg), self.cfg.train.grad_accum_steps)
+                             regularizers.needs_features(self.cfg), self.cfg.train.grad_accum_steps,
+                             self.cfg.train.compute_dtype)
       return compile_train_step(step, self.abstract_state(phase), abstract_batch(self.pipeline.train_batch(0),
                                                                                  self.mesh), self.mesh)
     return self._cached(("train_step", phase), make)
@@ -154,7 +155,7 @@ class Stage:
       first_split = next(iter(self.pipeline.eval_splits))
       batch = abstract_batch(next(iter(self.pipeline.eval_batches(first_split))), self.mesh)
       return compile_eval_step(make_eval_step(self.graphdef, self.cfg.train.label_smoothing, self.forward,
-                                              self.cfg.task), weights, batch, self.mesh)
+                                              self.cfg.task, self.cfg.train.compute_dtype), weights, batch, self.mesh)
     return self._cached(("eval_step",), make)
 
   def enter_phase(self, state: TrainState, phase: int) -> TrainState:

@@ -200,3 +200,27 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
   for a, b in zip(big_records, small_records):
     if a["split"] == "train":
       assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("model", [None, {"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 2,
+                                          "num_heads": 2, "mlp_dim": 32}])
+def test_bfloat16_compute_stays_close_to_float32(model, tmp_path):
+  """Mixed precision: bfloat16 forward/backward, float32 master weights, optimizer state and statistics. Over 12
+  steps the training losses stay within 3% of the float32 run's (measured on the CNN: 0.03% at most)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from finetune.checkpoint import read_checkpoint_arrays  # pylint: disable=g-import-not-at-top
+  runs = {}
+  for dtype in ("float32", "bfloat16"):
+    sections = {"train": {"steps": 12, "log_every": 2, "checkpoint_every": 0, "compute_dtype": dtype}}
+    if model:
+      sections["model"] = model
+    summary = train_lib.train_and_evaluate(tiny_config(**sections), str(tmp_path / dtype))["train"]
+    arrays = read_checkpoint_arrays(str(tmp_path / dtype / "checkpoints" / "12"))
+    runs[dtype] = ([r["loss"] for r in _records(tmp_path / dtype) if r["split"] == "train"], arrays, summary)
+  (f32_losses, f32_arrays, _), (bf16_losses, bf16_arrays, bf16_summary) = runs["float32"], runs["bfloat16"]
+  np.testing.assert_allclose(bf16_losses, f32_losses, rtol=0.03)
+  for collection in ("params", "model_state"):
+    for path, value in bf16_arrays[collection].items():
+      assert value.dtype == f32_arrays[collection][path].dtype == np.float32, path
+  assert bf16_summary["final"]["validation"]["loss"] == pytest.approx(
+      runs["float32"][2]["final"]["validation"]["loss"], rel=0.05)
