@@ -59,6 +59,8 @@ def defaults() -> ConfigDict:
       "grad_accum_steps": 1,
       # Mixed precision: 'bfloat16' runs forward and backward on bfloat16 copies of the float32 master weights.
       "compute_dtype": "float32",
+      # Rematerialisation per block: '' (off), 'block' (keep each block's input only) or 'dots' (keep matmuls).
+      "remat": "",
       # Stop when `metric` ('<split>/<key>', e.g. 'validation/accuracy'; evaluated every eval_every steps) has not
       # improved for `patience` evaluations, and end the stage on its best checkpoint.
       "early_stopping": ConfigDict({"metric": "", "patience": 0, "mode": "max"}),
@@ -354,6 +356,7 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
   need(not (c.train.steps > 0 and c.train.epochs > 0),
        "set only one of config.train.steps and config.train.epochs")
   need(c.data.batch_size > 0 and c.data.eval_batch_size > 0, "config.data.batch_size and eval_batch_size must be > 0")
+  need(c.train.remat in ("", "block", "dots"), f"config.train.remat={c.train.remat!r}; valid: '' (off), block, dots")
   need(c.train.compute_dtype in ("float32", "bfloat16"),
        f"config.train.compute_dtype={c.train.compute_dtype!r}; valid: float32, bfloat16")
   need(c.train.grad_accum_steps >= 1 and c.data.batch_size % c.train.grad_accum_steps == 0,

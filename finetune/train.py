@@ -190,6 +190,8 @@ def build_stage(cfg: ConfigDict) -> Stage:
 
   def create_model(key: jax.Array) -> nnx.Module:
     model = build_model(cfg.model, pipeline.num_classes, nnx.Rngs(params=key))
+    if cfg.train.remat:
+      model.remat = cfg.train.remat  # read by models.layers.run_block in every block loop
     # Adapters draw from their own key, so the base weights are those of the same seed without PEFT.
     return adapters.apply(model, cfg.peft, nnx.Rngs(params=jax.random.fold_in(key, 1)))
 

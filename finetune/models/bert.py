@@ -14,7 +14,7 @@ from flax import nnx
 
 from finetune.errors import FinetuneError
 from finetune.models import MODELS
-from finetune.models.layers import attend, layer_norm, numbered_groups, padding_bias, transformer_dense
+from finetune.models.layers import attend, layer_norm, numbered_groups, padding_bias, run_block, transformer_dense
 
 
 def _embedding(num: int, features: int, rngs: nnx.Rngs, axis: str) -> nnx.Embed:
@@ -117,7 +117,7 @@ class Bert(nnx.Module):
     x = self.embeddings(input_ids, token_type_ids, train, rngs)
     mask_bias = padding_bias(attention_mask, x.dtype)
     for layer in self.layers:
-      x = layer(x, mask_bias, train, rngs)
+      x = run_block(self, layer, x, mask_bias, train, rngs)
     return x
 
   def pool(self, hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from finetune.models import MODELS
-from finetune.models.layers import batch_norm, conv, linear, normalize, numbered_groups
+from finetune.models.layers import batch_norm, conv, linear, normalize, numbered_groups, run_block
 
 
 class ConvBlock(nnx.Module):
@@ -51,7 +51,7 @@ class CNN(nnx.Module):
   def embed(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
     x = self.stem(x, train)
     for stage in self.stages:
-      x = stage(x, train)
+      x = run_block(self, stage, x, train)
     x = x.mean(axis=(1, 2))  # (B, H, W, C) -> (B, C)
     return self.dropout(x, deterministic=not train, rngs=rngs)
 

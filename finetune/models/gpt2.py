@@ -12,7 +12,7 @@ from flax import nnx
 
 from finetune.errors import FinetuneError
 from finetune.models import MODELS
-from finetune.models.layers import attend, causal_bias, layer_norm, numbered_groups, transformer_dense
+from finetune.models.layers import attend, causal_bias, layer_norm, numbered_groups, run_block, transformer_dense
 
 
 class Block(nnx.Module):
@@ -71,7 +71,7 @@ class GPT2(nnx.Module):
     x = self.dropout(x, deterministic=not train, rngs=rngs)
     mask_bias = causal_bias(attention_mask, x.dtype)
     for block in self.blocks:
-      x = block(x, mask_bias, train, rngs)
+      x = run_block(self, block, x, mask_bias, train, rngs)
     return self.ln_f(x)
 
   def embed(self, input_ids, attention_mask=None, *, train: bool = False, rngs: nnx.Rngs | None = None):

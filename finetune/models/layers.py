@@ -93,3 +93,23 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = No
   if dropout is not None:
     weights = dropout(weights, deterministic=not train, rngs=rngs)
   return jnp.einsum("bhlm,bmhd->blhd", weights, v)
+
+
+# Rematerialisation policies for `run_block` (config.train.remat): what a block keeps for the backward pass.
+REMAT_POLICIES = {
+    "block": jax.checkpoint_policies.nothing_saveable,  # only the block's input; recompute everything inside
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs, recompute the rest
+}
+
+
+def run_block(owner: nnx.Module, block: nnx.Module, *args):
+  """`block(*args)`, rematerialised per block when the model's `remat` attribute names a policy (set from
+  config.train.remat): activations inside the block are recomputed in the backward pass instead of stored, so
+  activation memory grows with the number of blocks by one block input each. Python values among `args` (the
+  `train` flag, a missing `rngs`) are static."""
+  policy = getattr(owner, "remat", "")
+  if not policy:
+    return block(*args)
+  static = tuple(i + 1 for i, a in enumerate(args) if isinstance(a, bool) or a is None)
+  return nnx.remat(lambda module, *inputs: module(*inputs), policy=REMAT_POLICIES[policy],
+                   static_argnums=static)(block, *args)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from finetune.models import MODELS
-from finetune.models.layers import attend, causal_bias, numbered_groups, transformer_dense
+from finetune.models.layers import attend, causal_bias, numbered_groups, run_block, transformer_dense
 
 
 def _rms_norm(features: int, eps: float, rngs: nnx.Rngs) -> nnx.RMSNorm:
@@ -112,7 +112,7 @@ class Llama(nnx.Module):
     cos, sin = rotary(jnp.arange(length), self.head_dim, self.rope_theta)
     mask_bias = causal_bias(attention_mask, x.dtype)
     for layer in self.layers:
-      x = layer(x, cos, sin, mask_bias)
+      x = run_block(self, layer, x, cos, sin, mask_bias)
     return self.norm(x)
 
   def embed(self, input_ids, attention_mask=None, *, train: bool = False, rngs: nnx.Rngs | None = None):

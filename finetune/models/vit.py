@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from finetune.models import MODELS
-from finetune.models.layers import attend, conv, layer_norm, linear, numbered_groups
+from finetune.models.layers import attend, conv, layer_norm, linear, numbered_groups, run_block
 
 
 class SelfAttention(nnx.Module):
@@ -83,7 +83,7 @@ class ViT(nnx.Module):
     cls = jnp.broadcast_to(self.cls_token[...], (batch, 1, width))
     tokens = jnp.concatenate([cls, tokens], axis=1) + self.position_embedding[...]
     for block in self.blocks:
-      tokens = block(tokens, train, rngs)
+      tokens = run_block(self, block, tokens, train, rngs)
     tokens = self.norm(tokens)
     return tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(axis=1)
 
