@@ -72,6 +72,8 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def run_train(config_spec: str, workdir: str, overrides: Sequence[str]) -> int:
   # Imported here so `finetune --help` and argument errors do not wait for jax.
+  from finetune import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize()  # before anything queries devices
   from finetune.config import load_config  # pylint: disable=g-import-not-at-top
   from finetune.train import results_table, train_and_evaluate  # pylint: disable=g-import-not-at-top
 

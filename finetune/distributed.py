@@ -1,0 +1,48 @@
+"""Multi-host runs: every host (TPU VM worker, GPU node) runs the same `finetune train` command; this module
+connects the processes before anything touches a device.
+
+`initialize()` calls `jax.distributed.initialize` when the environment describes a multi-process job:
+* explicitly: FINETUNE_COORDINATOR=host:port, FINETUNE_NUM_PROCESSES=n, FINETUNE_PROCESS_ID=i (any cluster, and
+  the two-process test on one machine);
+* or a cluster JAX recognises itself: a TPU pod slice (more than one host in TPU_WORKER_HOSTNAMES), SLURM
+  (SLURM_NTASKS > 1) or Open MPI (OMPI_COMM_WORLD_SIZE > 1).
+After it, each process loads only its part of every batch (`data.pipeline`: process_index / process_count) and
+`jax.make_array_from_process_local_data` assembles the global arrays; orbax saves and restores sharded arrays from
+every process; only process 0 writes metrics, summaries and wandb.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from finetune.errors import FinetuneError
+
+EXPLICIT = ("FINETUNE_COORDINATOR", "FINETUNE_NUM_PROCESSES", "FINETUNE_PROCESS_ID")
+
+
+def _cluster_detected() -> bool:
+  hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+  return (len(hosts) > 1 or int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 or
+          int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1)
+
+
+def initialize() -> bool:
+  """Connects this process to the others of a multi-process job; returns whether it did (False: single process)."""
+  given = [name for name in EXPLICIT if os.environ.get(name)]
+  if given and len(given) != len(EXPLICIT):
+    missing = [name for name in EXPLICIT if name not in given]
+    raise FinetuneError(f"multi-process run: {', '.join(given)} set but {', '.join(missing)} missing; set all three")
+  if not given and not _cluster_detected():
+    return False
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    # Host-only processes (the simulated test, CPU clusters) need a cross-process collectives backend.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if given:
+    jax.distributed.initialize(coordinator_address=os.environ["FINETUNE_COORDINATOR"],
+                               num_processes=int(os.environ["FINETUNE_NUM_PROCESSES"]),
+                               process_id=int(os.environ["FINETUNE_PROCESS_ID"]))
+  else:
+    jax.distributed.initialize()  # TPU pod, SLURM or Open MPI: JAX reads the cluster's own environment
+  return True

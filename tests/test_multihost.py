@@ -1,0 +1,59 @@
+"""Two processes on one machine (a local coordinator, 2 CPU devices each) train and checkpoint one run together,
+equal to the same run in one process with 4 devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import REPO
+from finetune.checkpoint import read_checkpoint_arrays
+
+CONFIG = '''
+def get_config(arg=None):
+  return dict(model=dict(name="mlp", input_size=64, hidden=(16,)),
+              data=dict(name="digits", batch_size=32, eval_batch_size=64, eval_splits=("validation",)),
+              train=dict(steps=6, log_every=2, checkpoint_every=3))
+'''
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _launch(config, workdir, devices, process_id=None, port=None):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  if process_id is not None:
+    env.update(FINETUNE_COORDINATOR=f"localhost:{port}", FINETUNE_NUM_PROCESSES="2",
+               FINETUNE_PROCESS_ID=str(process_id))
+  return subprocess.Popen([sys.executable, "-m", "finetune", "train", "--config", str(config), "--workdir",
+                           str(workdir)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_processes_train_and_checkpoint_like_one(tmp_path):
+  config = tmp_path / "tiny.py"
+  config.write_text(CONFIG)
+  port = _free_port()
+  workers = [_launch(config, tmp_path / "two", 2, i, port) for i in range(2)]
+  outputs = [w.communicate(timeout=300) for w in workers]
+  for worker, (out, err) in zip(workers, outputs):
+    assert worker.returncode == 0, err[-3000:]
+  single = _launch(config, tmp_path / "one", 4)
+  out, err = single.communicate(timeout=300)
+  assert single.returncode == 0, err[-3000:]
+  ours = read_checkpoint_arrays(str(tmp_path / "two" / "checkpoints" / "6"))
+  reference = read_checkpoint_arrays(str(tmp_path / "one" / "checkpoints" / "6"))
+  for path, value in reference["params"].items():
+    np.testing.assert_allclose(ours["params"][path], value, rtol=1e-5, atol=1e-6, err_msg=path)
+  # Process 0 alone writes the records: the same lines as the one-process run, none twice.
+  def steps(run):
+    return [(r["step"], r["split"]) for r in map(json.loads, open(tmp_path / run / "metrics.jsonl"))]
+  assert steps("two") == steps("one") and len(set(steps("two"))) == len(steps("two"))
+  assert "outputs:" in outputs[0][0]
