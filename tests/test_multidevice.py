@@ -153,3 +153,67 @@ def test_checkpoint_restores_onto_another_mesh(single_device_run, tmp_path):
   for collection in ("params", "model_state"):
     for path, value in reference[collection].items():
       np.testing.assert_allclose(ours[collection][path], value, rtol=1e-5, atol=1e-5, err_msg=path)
+
+
+TRANSFORMERS = {
+    "bert": dict(task="classification", model={"name": "bert", "vocab_size": 64, "hidden_size": 16, "num_layers": 2,
+                                               "num_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32,
+                                               "dropout": 0.0}),
+    "llama": dict(task="causal_lm", model={"name": "llama", "vocab_size": 64, "hidden_size": 16,
+                                           "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                           "num_key_value_heads": 2}),
+}
+STRATEGIES = {
+    "full": {},
+    "frozen_n": {"freeze": {"first_n": 1}},
+    "discriminative": {"optimizer": {"lr_factor": 2.0}},
+    "lora": {"peft": {"method": "lora", "targets": ["query", "value", "q_proj", "v_proj"], "rank": 2,
+                      "modules_to_save": ["^head/", "^lm_head/"]}},
+}
+MESH_RUN = '''
+import json, sys
+from finetune import train as train_lib
+from finetune.config import build_config
+sys.path.insert(0, "tests")
+from test_multidevice import transformer_config
+mesh = json.loads(sys.argv[1]); workdir = sys.argv[2]
+for kind in ("bert", "llama"):
+  train_lib.train_and_evaluate(transformer_config(kind, mesh), f"{workdir}/{kind}")
+'''
+
+
+def transformer_config(kind, mesh):
+  from finetune.config import build_config  # pylint: disable=g-import-not-at-top
+  spec = TRANSFORMERS[kind]
+  stages = {}
+  for name, overrides in STRATEGIES.items():
+    overrides = json.loads(json.dumps(overrides))
+    if "peft" in overrides:  # each model has its own projection names
+      names = ("query", "value") if kind == "bert" else ("q_proj", "v_proj")
+      overrides["peft"]["targets"] = list(names)
+      overrides["peft"]["modules_to_save"] = ["^head/"] if kind == "bert" else []
+    stages[name] = overrides
+  return build_config({
+      "task": spec["task"], "model": spec["model"], "mesh": mesh, "stages": stages,
+      "data": {"name": "synthetic", "batch_size": 8, "eval_batch_size": 8, "validation_fraction": 0.0,
+               "eval_splits": ("test",), "options": {"kind": "tokens", "length": 16, "vocab_size": 64,
+                                                       "num_classes": 3, "num_examples": 32}},
+      "train": {"steps": 3, "log_every": 1, "checkpoint_every": 0},
+  })
+
+
+def test_transformers_with_every_strategy_match_across_meshes(tmp_path):
+  """BERT- and Llama-shaped models with full fine-tuning, frozen-n, discriminative rates and LoRA: the same losses
+  and parameters on 1 device and on 8 (data=8; fsdp=8; data=2 x fsdp=2 x tensor=2)."""
+  for kind in ("bert", "llama"):
+    train_lib.train_and_evaluate(transformer_config(kind, {"data": 1}), str(tmp_path / "one" / kind))
+  for index, mesh in enumerate(({"data": 8}, {"data": 1, "fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2})):
+    result = run_python_with_args(MESH_RUN, [json.dumps(mesh), str(tmp_path / str(index))])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for kind in ("bert", "llama"):
+      for stage in STRATEGIES:
+        ours, reference = tmp_path / str(index) / kind / stage, tmp_path / "one" / kind / stage
+        np.testing.assert_allclose(_losses(ours), _losses(reference), rtol=1e-5, atol=1e-6, err_msg=f"{mesh} {stage}")
+        mine = read_checkpoint_arrays(f"{ours}/checkpoints/3")["params"]
+        for path, value in read_checkpoint_arrays(f"{reference}/checkpoints/3")["params"].items():
+          np.testing.assert_allclose(mine[path], value, rtol=1e-5, atol=1e-5, err_msg=f"{mesh} {kind} {stage} {path}")
