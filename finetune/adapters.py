@@ -105,11 +105,15 @@ def load_model(model_cfg: ConfigDict, peft_cfg: ConfigDict, num_classes: int, ch
     rest, _, _ = load_into(rest, arrays.get("model_state", {}), (), "model state", step_dir)
   if adapter:
     from finetune import peft_format  # pylint: disable=g-import-not-at-top
-    arrays, source = peft_format.read_any_adapter(adapter, model_cfg, peft_cfg, model, num_classes)
-    check_adapter_fits({}, arrays, {p: tuple(v.shape) for p, v in flatten(params).items()}, source)
-    params = map_with_path(lambda path, leaf: np.asarray(arrays[path], leaf.dtype) if path in arrays else leaf,
-                           params)
+    arrays, _ = peft_format.read_any_adapter(adapter, model_cfg, peft_cfg, model, num_classes)
+    params = with_arrays(params, arrays)
   return nnx.merge(graphdef, params, rest)
+
+
+def with_arrays(tree: Any, arrays: dict[str, np.ndarray]) -> Any:
+  """`tree` (of jax arrays) with the leaves named in `arrays` replaced, each keeping its dtype and sharding."""
+  return map_with_path(lambda path, leaf: jax.device_put(np.asarray(arrays[path], leaf.dtype), leaf.sharding)
+                       if path in arrays else leaf, tree)
 
 
 class AdapterBank:
@@ -131,11 +135,11 @@ class AdapterBank:
       raise FinetuneError(f"an adapter named {name!r} is already loaded; pick another name")
     if isinstance(source, str):
       from finetune import peft_format  # pylint: disable=g-import-not-at-top
-      arrays, source = peft_format.read_any_adapter(source, self.model_cfg, self.peft_cfg, self.abstract,
-                                                    self.num_classes)
+      arrays, _ = peft_format.read_any_adapter(source, self.model_cfg, self.peft_cfg, self.abstract,
+                                               self.num_classes)
     else:
-      arrays, source = source, name
-    check_adapter_fits({}, arrays, {p: tuple(v.shape) for p, v in self.base.items()}, source)
+      arrays = source
+      check_adapter_fits({}, arrays, {p: tuple(v.shape) for p, v in self.base.items()}, name)
     self.adapters[name] = {p: np.asarray(v) for p, v in arrays.items()}
 
   def names(self) -> list[str]:

@@ -256,7 +256,8 @@ def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 def read_any_adapter(path: str, model_cfg: ConfigDict, peft_cfg: ConfigDict, abstract_model: nnx.Module,
                      num_classes: int) -> tuple[dict[str, np.ndarray], str]:
-  """Our adapter folder (`<run>/adapter`) or a PEFT folder -> ({path: array}, resolved source)."""
+  """Our adapter folder (`<run>/adapter`, or the run directory) or a PEFT folder -> ({path: array}, resolved
+  source), checked against the adapted model: an adapter for another base model or rank is an error naming why."""
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.isdir(os.path.join(path, "adapter")) and not adapters.is_adapter_dir(path):
     path = os.path.join(path, "adapter")  # a run directory
@@ -264,8 +265,11 @@ def read_any_adapter(path: str, model_cfg: ConfigDict, peft_cfg: ConfigDict, abs
     meta, arrays = adapters.load_adapter(path)
     if meta.get("model", {}).get("name") not in (None, model_cfg.name):
       raise FinetuneError(f"adapter {path} was made for model {meta['model']['name']!r}, not {model_cfg.name!r}")
-    return dict(arrays), path
-  if is_peft_dir(path):
-    return read_peft_adapter(path, model_cfg, peft_cfg, abstract_model, num_classes), path
-  raise FinetuneError(f"{path} is neither an adapter folder ({adapters.ADAPTER_WEIGHTS} + {adapters.ADAPTER_CONFIG}) "
-                      f"nor a PEFT adapter ({PEFT_WEIGHTS} + {PEFT_CONFIG}); check config.peft.load_adapter")
+  elif is_peft_dir(path):
+    meta, arrays = {}, read_peft_adapter(path, model_cfg, peft_cfg, abstract_model, num_classes)
+  else:
+    raise FinetuneError(f"{path} is neither an adapter folder ({adapters.ADAPTER_WEIGHTS} + {adapters.ADAPTER_CONFIG})"
+                        f" nor a PEFT adapter ({PEFT_WEIGHTS} + {PEFT_CONFIG}); check config.peft.load_adapter")
+  shapes = {p: tuple(x.shape) for p, x in _flat_paths(abstract_model)}
+  adapters.check_adapter_fits(meta, arrays, shapes, path)
+  return dict(arrays), path

@@ -235,11 +235,7 @@ def initial_state(stage: Stage, cfg: ConfigDict, workdir: str) -> tuple[TrainSta
     from finetune import peft_format  # pylint: disable=g-import-not-at-top
     arrays, source = peft_format.read_any_adapter(cfg.peft.load_adapter, cfg.model, cfg.peft, stage.abstract_model,
                                                   stage.pipeline.num_classes)
-    params = flatten(state.params)
-    adapters.check_adapter_fits({}, arrays, {p: tuple(v.shape) for p, v in params.items()}, source)
-    state = state.replace(params=map_with_path(
-        lambda path, leaf: jax.device_put(np.asarray(arrays[path], leaf.dtype), leaf.sharding)
-        if path in arrays else leaf, state.params))
+    state = state.replace(params=adapters.with_arrays(state.params, arrays))
     report["adapter"] = {"source": source, "loaded": len(arrays)}
   if report:
     tx, _ = stage.optimizer(0)

@@ -246,6 +246,14 @@ def test_adapter_loads_onto_the_base_and_adapters_switch_and_combine(tmp_path):
                              np.asarray(bank.model("blend")(images)), atol=1e-5)
   with pytest.raises(FinetuneError, match="no adapter named 'third'; loaded: first, second, blend"):
     bank.model("third")
+  # The same through a stage's config: peft.load_adapter after init_from.
+  stage_cfg = tiny_config(model=VIT, peft={**peft_cfg.to_dict(), "load_adapter": str(tmp_path / "a" / "lora")},
+                          init_from=base)
+  state, report = train_lib.initial_state(train_lib.build_stage(stage_cfg), stage_cfg, str(tmp_path))
+  assert report["adapter"]["loaded"] == len(first)
+  loaded_params = jax.device_get(flatten(state.params))
+  for path, value in first.items():
+    np.testing.assert_array_equal(loaded_params[path], value)
   wrong = {**first, "blocks/0/attention/query/lora_a": np.zeros((16, 2), np.float32)}
   with pytest.raises(FinetuneError, match="different base model or rank"):
     bank.add("wrong", wrong)
