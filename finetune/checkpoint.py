@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from finetune import scan
 from finetune.errors import FinetuneError
 from finetune.models import hf
 from finetune.partition import flatten, map_with_path
@@ -122,7 +123,9 @@ def read_checkpoint_arrays(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
     raise FinetuneError(f"cannot read checkpoint {step_dir}: {type(e).__name__}: {e}; check the path") from None
   finally:
     absl_logger.setLevel(previous_level)
-  return {k: flatten(v) for k, v in restored.items()}
+  # A scanned run's checkpoint holds stacked layers; every reader gets the unrolled layout (finetune/scan.py).
+  arrays = {k: flatten(v) for k, v in restored.items()}
+  return scan.unroll_checkpoint(arrays, os.path.dirname(os.path.abspath(step_dir)))
 
 
 def _compile(patterns: Sequence[str]) -> list[re.Pattern]:

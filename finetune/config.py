@@ -61,6 +61,9 @@ def defaults() -> ConfigDict:
       "compute_dtype": "float32",
       # Rematerialisation per block: '' (off), 'block' (keep each block's input only) or 'dots' (keep matmuls).
       "remat": "",
+      # Scanned layers: the model's block stack stored with a leading layer axis and run by jax.lax.scan, so
+      # compile time does not grow with depth (finetune/scan.py). Strategies and checkpoints stay per layer.
+      "scan_layers": False,
       # Stop when `metric` ('<split>/<key>', e.g. 'validation/accuracy'; evaluated every eval_every steps) has not
       # improved for `patience` evaluations, and end the stage on its best checkpoint.
       "early_stopping": ConfigDict({"metric": "", "patience": 0, "mode": "max"}),
@@ -135,6 +138,7 @@ def defaults() -> ConfigDict:
   c.rehearsal = ConfigDict({"fraction": 0.0, "weight": 1.0})
   c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
   c.sharding_rules = ()
+  c.activation_rules = ()  # ((activation logical name, mesh axis or axes or None), ...): see sharding.py
   c.init_from = ""
   c.dont_load = ()
   c.wandb = ConfigDict({"mode": "disabled", "project": "finetune", "entity": "", "name": "", "tags": ()})
@@ -177,16 +181,7 @@ def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
   """Loads `path/to/file.py[:arg]`, applies `key.sub=value` overrides, validates, and returns it locked."""
   path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise FinetuneError(f"config file {path!r} does not exist; pass --config configs/<file>.py")
-  module_spec = importlib.util.spec_from_file_location(f"finetune_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  try:
-    module_spec.loader.exec_module(module)
-  except FinetuneError:
-    raise
-  except Exception as e:  # A broken config file: show where, in one line.
-    raise FinetuneError(f"config file {path} failed to import: {type(e).__name__}: {e}") from e
+  module = import_config_file(path)
   if not hasattr(module, "get_config"):
     raise FinetuneError(f"config file {path} has no get_config(arg=None) function; define one")
   takes_arg = bool(inspect.signature(module.get_config).parameters)
@@ -204,6 +199,21 @@ class _ConfigArg(str):
   """The `:arg` text, remembering whether `parse_arg` read it (an unread argument is an error, never ignored)."""
 
   parsed = False
+
+
+def import_config_file(path: str):
+  """The experiment file as a module (its get_config, and get_sweep where it defines one)."""
+  if not os.path.isfile(path):
+    raise FinetuneError(f"config file {path!r} does not exist; pass --config configs/<file>.py")
+  module_spec = importlib.util.spec_from_file_location(f"finetune_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except FinetuneError:
+    raise
+  except Exception as e:  # A broken config file: show where, in one line.
+    raise FinetuneError(f"config file {path} failed to import: {type(e).__name__}: {e}") from e
+  return module
 
 
 def build_config(raw: ConfigDict | dict, overrides: Sequence[str] = ()) -> ConfigDict:

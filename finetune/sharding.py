@@ -8,6 +8,7 @@ data-parallel axes ('data' and 'fsdp': FSDP shards parameters *and* the batch).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -34,6 +35,18 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
 )
 
+# Activations have their own names and rules (as in MaxText/Levanter), so that parameter and activation layouts
+# change independently. Models constrain the residual stream (B, L, hidden) to `BLOCK_ACTIVATION` at every block
+# boundary (models.layers.run_blocks). The default keeps the batch split over the data-parallel axes, the length
+# over 'sequence' and the hidden width replicated (Megatron-style tensor parallelism: each tensor-parallel group
+# holds whole activations between blocks).
+DEFAULT_ACTIVATION_RULES: tuple[tuple[str, Any], ...] = (
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", "sequence"),
+    ("activation_embed", None),
+)
+BLOCK_ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+
 Rules = dict[str, Any]
 
 
@@ -59,18 +72,42 @@ def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[jax.Device] | None = None)
   return Mesh(np.asarray(devices).reshape(sizes), tuple(names))
 
 
-def rules_from_config(sharding_rules: Sequence[Sequence[Any]]) -> Rules:
-  rules = dict(DEFAULT_RULES)
+def rules_from_config(sharding_rules: Sequence[Sequence[Any]], defaults: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+                      key: str = "sharding_rules") -> Rules:
+  """`defaults` overridden name by name by `config.<key>` entries (logical name, mesh axis or axes or None)."""
+  rules = dict(defaults)
   for rule in sharding_rules:
     if len(rule) != 2:
-      raise FinetuneError(f"config.sharding_rules entry {rule!r} must be (logical_name, mesh_axis_or_axes_or_None)")
+      raise FinetuneError(f"config.{key} entry {rule!r} must be (logical_name, mesh_axis_or_axes_or_None)")
     name, target = rule
     for axis in (target if isinstance(target, (tuple, list)) else (target,)):
       if axis is not None and axis not in MESH_AXES:
-        raise FinetuneError(f"config.sharding_rules maps {name!r} to unknown mesh axis {axis!r}; "
+        raise FinetuneError(f"config.{key} maps {name!r} to unknown mesh axis {axis!r}; "
                             f"valid: {', '.join(MESH_AXES)}")
     rules[name] = tuple(target) if isinstance(target, list) else target
   return rules
+
+
+def activation_rules_from_config(activation_rules: Sequence[Sequence[Any]]) -> Rules:
+  rules = rules_from_config(activation_rules, DEFAULT_ACTIVATION_RULES, "activation_rules")
+  unknown = sorted(set(rules) - {name for name, _ in DEFAULT_ACTIVATION_RULES})
+  if unknown:
+    raise FinetuneError(f"config.activation_rules names unknown activation axis {unknown[0]!r}; valid: "
+                        f"{', '.join(name for name, _ in DEFAULT_ACTIVATION_RULES)}")
+  return rules
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationSharding:
+  """The mesh and activation rules a model constrains its block-boundary activations with (hashable: it is a
+  static attribute of the model, set from config by the train stage)."""
+
+  mesh: Mesh
+  rules: tuple[tuple[str, Any], ...]
+
+  def constrain(self, x: jax.Array, logical: Sequence[str | None] = BLOCK_ACTIVATION) -> jax.Array:
+    spec = logical_to_spec(logical, x.shape, self.mesh, dict(self.rules))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
 
 def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> P:

@@ -21,6 +21,7 @@ from finetune import adapters
 from finetune.methods import prompt_tuning
 from finetune.partition import combine, flatten, map_with_path, path_str, select
 from finetune.regularizers import Aux
+from finetune.scan import Layout
 from finetune.sharding import batch_sharding, replicated
 from finetune.tasks import TASKS
 
@@ -95,7 +96,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     frozen_batch_norm: tuple[str, ...] = (), label_smoothing: float = 0.0,
                     forward: Callable[..., jax.Array] = classify, task: str = "classification",
                     penalty: Callable | None = None, needs_features: bool = False, accumulate: int = 1,
-                    compute_dtype: str = "float32",
+                    compute_dtype: str = "float32", layout: Layout = Layout(),
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)` for batches of model inputs (e.g. {'image': (B, ...)}
   or {'input_ids': (B, L), 'attention_mask': (B, L)}) and 'label': (B,).
@@ -111,8 +112,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   `compute_dtype='bfloat16'`: mixed precision. The forward and backward passes run on bfloat16 copies of the
   parameters and float inputs; the parameters themselves (the master weights), their gradients, the optimizer state,
   BatchNorm statistics, logits and the loss stay float32.
+  Scanned layers (`layout`): `trainable`, the optimizer and the penalty are written over the unrolled view of the
+  parameters (finetune/scan.py). A stacked parameter is differentiated when any of its layers trains; its gradient is
+  sliced per layer, so a frozen layer's slice reaches only the optimizer's 'frozen' entry.
   """
-  is_trainable = lambda path: path in trainable
+  stored_trainable = layout.stored_paths(trainable)
+  is_trainable = lambda path: path in stored_trainable
   score = TASKS.get(task)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -142,7 +147,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       loss = task_loss
       if penalty is not None:
         template = {"params": state.params, "model_state": model_state}
-        value, extra = penalty(flatten(params), state.anchors,
+        value, extra = penalty(flatten(layout.view(params)), state.anchors,
                                Aux(batch, features, embed_fn(graphdef, template, batch)))
         loss = task_loss + value
         extra = {"task_loss": task_loss, **extra}
@@ -172,15 +177,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       loss, accuracy, extra = losses.mean(), accuracies.mean(), jax.tree.map(jnp.mean, extras)
     # The optimizer sees the full tree; frozen leaves get zeros that its 'frozen' entry (set_to_zero) ignores, so
     # XLA removes them.
-    full_grads = combine(state.params, grads, jax.tree.map(jnp.zeros_like, frozen_params))
-    updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+    full_grads = layout.view(combine(state.params, grads, jax.tree.map(jnp.zeros_like, frozen_params)))
+    view_params = layout.view(state.params)
+    updates, opt_state = tx.update(full_grads, state.opt_state, view_params)
     # Frozen leaves are passed through untouched (not p + 0, which would turn -0.0 into 0.0): bit-identical.
-    params = map_with_path(lambda path, p, u: p + u.astype(p.dtype) if is_trainable(path) else p,
-                           state.params, updates)
+    params = layout.unview(map_with_path(lambda path, p, u: p + u.astype(p.dtype) if path in trainable else p,
+                                         view_params, updates))
     metrics = {
         "loss": loss,
         "accuracy": accuracy,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.global_norm(select(full_grads, lambda path: path in trainable)),
         **extra,
     }
     for label, lr_fn in lr_by_label.items():

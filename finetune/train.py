@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from finetune import adapters
+from finetune import adapters, scan
 from finetune import config as config_lib
 from finetune import regularizers
 from finetune.regularizers import fisher as fisher_lib
@@ -37,7 +37,8 @@ from finetune.optim import build_optimizer, carry_over
 from finetune.partition import flatten, map_with_path, require_matches
 from finetune.reporting import MetricsLog, Progress, write_json
 from finetune.sharding import (batch_sharding, data_parallel_size, make_mesh, optimizer_state_shardings, replicated,
-                               rules_from_config, state_shardings)
+                               rules_from_config, state_shardings, ActivationSharding,
+                               activation_rules_from_config)
 from finetune.methods import feature_cache
 from finetune.step import (TrainState, classify, compile_eval_step, compile_train_step, make_eval_step,
                            make_train_step)
@@ -54,7 +55,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
   single = len(stages) == 1 and not len(config.stages)
   run_dirs = {name: workdir if single else os.path.join(workdir, name) for name, _ in stages}
   for name, stage_cfg in stages:  # refuse before anything is written
-    _check_same_config(os.path.join(run_dirs[name], "config.json"), stage_cfg)
+    check_same_config(os.path.join(run_dirs[name], "config.json"), stage_cfg)
   if not single:  # (a single stage writes workdir/config.json itself)
     write_text(os.path.join(workdir, "config.json"), config_lib.to_json(config))
   summaries = {}
@@ -80,9 +81,10 @@ class Stage:
   total_steps: int
   params_sharding: Any
   model_state_sharding: Any
-  abstract_params: Any  # pure dict of ShapeDtypeStruct
+  abstract_params: Any  # pure dict of ShapeDtypeStruct, in the stored layout (stacked when scan_layers)
   create_model: Callable[[jax.Array], nnx.Module]
-  abstract_model: nnx.Module = None
+  abstract_model: nnx.Module = None  # unrolled (scanned layers shown layer by layer), for path-based choices
+  layout: scan.Layout = scan.Layout()  # stacked layers (config.train.scan_layers); empty otherwise
   base_paths: frozenset[str] = frozenset()  # parameter paths of the model without PEFT adapters
   peft_info: dict = dataclasses.field(default_factory=dict)
   anchors: Any = None  # abstract constants of the forgetting regularizers (finetune/regularizers), if any
@@ -94,15 +96,25 @@ class Stage:
       self._cache[key] = make()
     return self._cache[key]
 
+  @property
+  def view_params(self) -> Any:
+    """Abstract parameters in the unrolled layout that strategies, optimizers and regularizers are written in."""
+    return self.layout.view_shapes(self.abstract_params)
+
+  @property
+  def view_shardings(self) -> Any:
+    return self.layout.view_shardings(self.params_sharding)
+
   def optimizer(self, phase: int) -> tuple[optax.GradientTransformation, dict[str, Callable]]:
+    """Over the unrolled view of the parameters (`scan.Layout.view`; the parameters themselves when unscanned)."""
     return self._cached(("optimizer", phase), lambda: build_optimizer(
-        self.cfg.optimizer, self.strategy, phase, self.total_steps, self.abstract_params))
+        self.cfg.optimizer, self.strategy, phase, self.total_steps, self.view_params))
 
   def state_shardings(self, phase: int) -> TrainState:
     def make():
       tx, _ = self.optimizer(phase)
-      abstract_opt = jax.eval_shape(tx.init, self.abstract_params)
-      opt_sharding = optimizer_state_shardings(abstract_opt, self.params_sharding, self.abstract_params, self.mesh)
+      abstract_opt = jax.eval_shape(tx.init, self.view_params)
+      opt_sharding = optimizer_state_shardings(abstract_opt, self.view_shardings, self.view_params, self.mesh)
       return TrainState(step=replicated(self.mesh), params=self.params_sharding,
                         model_state=self.model_state_sharding, opt_state=opt_sharding, rng=replicated(self.mesh),
                         anchors=self.anchor_shardings())
@@ -112,7 +124,7 @@ class Stage:
     """Regularizer constants mirror parameters (an anchor under a parameter's path shares its sharding)."""
     if self.anchors is None:
       return None
-    return optimizer_state_shardings(self.anchors, self.params_sharding, self.abstract_params, self.mesh)
+    return optimizer_state_shardings(self.anchors, self.view_shardings, self.view_params, self.mesh)
 
   def init_state(self, phase: int = 0):
     """jitted: seed key -> TrainState, created already sharded."""
@@ -124,7 +136,7 @@ class Stage:
         _, params, rest = nnx.split(model, nnx.Param, ...)
         params = params.to_pure_dict()
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=rest.to_pure_dict(),
-                          opt_state=tx.init(params), rng=jax.random.fold_in(seed_key, 1))
+                          opt_state=tx.init(self.layout.view(params)), rng=jax.random.fold_in(seed_key, 1))
 
       return jax.jit(init, out_shardings=self.state_shardings(phase).replace(anchors=None))
     return self._cached(("init", phase), make)
@@ -143,7 +155,7 @@ class Stage:
                              self.strategy.frozen_batch_norm(phase), self.cfg.train.label_smoothing, self.forward,
                              self.cfg.task, regularizers.make_penalty(self.cfg),
                              regularizers.needs_features(self.cfg), self.cfg.train.grad_accum_steps,
-                             self.cfg.train.compute_dtype)
+                             self.cfg.train.compute_dtype, self.layout)
       return compile_train_step(step, self.abstract_state(phase), abstract_batch(self.pipeline.train_batch(0),
                                                                                  self.mesh), self.mesh)
     return self._cached(("train_step", phase), make)
@@ -161,7 +173,8 @@ class Stage:
   def enter_phase(self, state: TrainState, phase: int) -> TrainState:
     """Moves a state into `phase`: fresh optimizer state for newly trainable labels, the rest carried over."""
     tx, _ = self.optimizer(phase)
-    fresh = jax.jit(tx.init, out_shardings=self.state_shardings(phase).opt_state)(state.params)
+    fresh = jax.jit(lambda params: tx.init(self.layout.view(params)),
+                    out_shardings=self.state_shardings(phase).opt_state)(state.params)
     return state.replace(opt_state=carry_over(state.opt_state, fresh))
 
 
@@ -175,6 +188,7 @@ def abstract_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) 
 def build_stage(cfg: ConfigDict) -> Stage:
   mesh = make_mesh(cfg.mesh)
   rules = rules_from_config(cfg.sharding_rules)
+  activations = ActivationSharding(mesh, tuple(activation_rules_from_config(cfg.activation_rules).items()))
   pipeline = build_pipeline(cfg.data, cfg.seed)
   parallel = data_parallel_size(mesh)
   if cfg.data.batch_size % (parallel * cfg.train.grad_accum_steps):
@@ -188,16 +202,24 @@ def build_stage(cfg: ConfigDict) -> Stage:
   total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * pipeline.steps_per_epoch))
   model_kwargs(cfg.model, pipeline.num_classes)  # Checked here: errors raised inside eval_shape carry jax noise.
 
-  def create_model(key: jax.Array) -> nnx.Module:
+  def create_unrolled(key: jax.Array) -> nnx.Module:
     model = build_model(cfg.model, pipeline.num_classes, nnx.Rngs(params=key))
     if cfg.train.remat:
-      model.remat = cfg.train.remat  # read by models.layers.run_block in every block loop
+      model.remat = cfg.train.remat  # read by models.layers.run_blocks in every block loop
+    model.activation_sharding = activations  # block-boundary constraints, also read by run_blocks
     # Adapters draw from their own key, so the base weights are those of the same seed without PEFT.
     return adapters.apply(model, cfg.peft, nnx.Rngs(params=jax.random.fold_in(key, 1)))
 
-  abstract_model = nnx.eval_shape(lambda: create_model(jax.random.PRNGKey(0)))
-  graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
-  params = abstract_params.to_pure_dict()
+  def create_model(key: jax.Array) -> nnx.Module:
+    # Scanned: the same layers (adapters included) stacked, so the initial weights equal the unrolled model's.
+    model = create_unrolled(key)
+    return scan.scan_model(model) if cfg.train.scan_layers else model
+
+  abstract_model = nnx.eval_shape(lambda: create_unrolled(jax.random.PRNGKey(0)))
+  stored_model = nnx.eval_shape(lambda: create_model(jax.random.PRNGKey(0))) if cfg.train.scan_layers \
+      else abstract_model
+  graphdef, abstract_params, abstract_rest = nnx.split(stored_model, nnx.Param, ...)
+  params = nnx.state(abstract_model, nnx.Param).to_pure_dict()  # unrolled: what strategies are written in
   peft_trainable, base_paths, peft_info = None, frozenset(flatten(params)), {}
   if adapters.enabled(cfg.peft):
     base_model = nnx.eval_shape(lambda: build_model(cfg.model, pipeline.num_classes, nnx.Rngs(params=0)))
@@ -209,37 +231,41 @@ def build_stage(cfg: ConfigDict) -> Stage:
   return Stage(cfg=cfg, pipeline=pipeline, mesh=mesh, graphdef=graphdef, strategy=strategy, total_steps=total_steps,
                params_sharding=state_shardings(abstract_params, mesh, rules),
                model_state_sharding=state_shardings(abstract_rest, mesh, rules),
-               abstract_params=params, create_model=create_model, abstract_model=abstract_model,
-               base_paths=base_paths, peft_info=peft_info)
+               abstract_params=abstract_params.to_pure_dict(), create_model=create_model,
+               abstract_model=abstract_model, layout=scan.Layout.of(stored_model), base_paths=base_paths,
+               peft_info=peft_info)
 
 
 def initial_state(stage: Stage, cfg: ConfigDict, workdir: str) -> tuple[TrainState, dict[str, Any]]:
   """A fresh train state (phase 0), with parameters from `cfg.init_from` where given. Returns (state, report)."""
   state = stage.init_state(0)(jax.random.PRNGKey(cfg.seed))
   report: dict[str, Any] = {}
+  # Checkpoints and adapters are read in the unrolled layout (scan.py), so they load into the view.
+  params, model_state = stage.layout.view(state.params), stage.layout.view(state.model_state)
   if cfg.init_from:
     step_dir = resolve_checkpoint(cfg.init_from, workdir)
     arrays = read_checkpoint_arrays(step_dir)
     # Every dont_load regex must match something: a pattern matching nothing is a typo.
-    require_matches(cfg.dont_load, [*flatten(state.params), *flatten(state.model_state)], "config.dont_load")
+    require_matches(cfg.dont_load, [*flatten(params), *flatten(model_state)], "config.dont_load")
     # Parameters a PEFT method added are new by construction: a base checkpoint never holds them.
-    added = frozenset(flatten(state.params)) - stage.base_paths
-    arrays = adapters.prepare_checkpoint(cfg.peft, arrays, list(flatten(state.params)),
-                                         list(flatten(state.model_state)))
-    params, loaded, fresh = load_into(state.params, arrays["params"], cfg.dont_load, "parameter", step_dir, added)
-    model_state, loaded_stats, _ = load_into(state.model_state, arrays.get("model_state", {}), cfg.dont_load,
+    added = frozenset(flatten(params)) - stage.base_paths
+    arrays = adapters.prepare_checkpoint(cfg.peft, arrays, list(flatten(params)), list(flatten(model_state)))
+    params, loaded, fresh = load_into(params, arrays["params"], cfg.dont_load, "parameter", step_dir, added)
+    model_state, loaded_stats, _ = load_into(model_state, arrays.get("model_state", {}), cfg.dont_load,
                                              "model state", step_dir)
-    state = state.replace(params=params, model_state=model_state)
     report = {"source": step_dir, "loaded": len(loaded) + len(loaded_stats), "fresh": fresh}
   if cfg.peft.load_adapter:
     from finetune import peft_format  # pylint: disable=g-import-not-at-top
     arrays, source = peft_format.read_any_adapter(cfg.peft.load_adapter, cfg.model, cfg.peft, stage.abstract_model,
                                                   stage.pipeline.num_classes)
-    state = state.replace(params=adapters.with_arrays(state.params, arrays))
+    params = adapters.with_arrays(params, arrays)
     report["adapter"] = {"source": source, "loaded": len(arrays)}
   if report:
+    state = state.replace(params=jax.device_put(stage.layout.unview(params), stage.params_sharding),
+                          model_state=jax.device_put(stage.layout.unview(model_state), stage.model_state_sharding))
     tx, _ = stage.optimizer(0)
-    state = state.replace(opt_state=jax.jit(tx.init, out_shardings=stage.state_shardings(0).opt_state)(state.params))
+    state = state.replace(opt_state=jax.jit(lambda params: tx.init(stage.layout.view(params)),
+                                            out_shardings=stage.state_shardings(0).opt_state)(state.params))
   return state, report
 
 
@@ -247,13 +273,14 @@ def attach_regularizers(stage: Stage, state: TrainState, cfg: ConfigDict, workdi
                         sources: list[regularizers.Source]) -> tuple[Stage, TrainState]:
   """Builds the regularizers' anchors (and the rehearsal data mix) and puts them into the stage and the state."""
   names = regularizers.active(cfg)
-  params = flatten(state.params)
+  params = flatten(stage.layout.view(state.params))
   reinitialised = frozenset(p for p in params if p not in stage.base_paths or any(
       re.search(pattern, p) for pattern in cfg.dont_load))
   start, start_state = {}, {}
   if "lwf" in names:  # the stage's starting point, rebuilt (identically) also when resuming
     initial, _ = initial_state(stage, cfg, workdir)
-    start, start_state = jax.device_get(flatten(initial.params)), jax.device_get(flatten(initial.model_state))
+    start = jax.device_get(flatten(stage.layout.view(initial.params)))
+    start_state = jax.device_get(flatten(stage.layout.view(initial.model_state)))
   context = regularizers.Context(
       cfg=cfg, shapes={p: tuple(v.shape) for p, v in params.items()}, reinitialised=reinitialised, sources=sources,
       fisher=lambda source: source_fisher(cfg, source), start=start, start_state=start_state)
@@ -283,12 +310,14 @@ def source_fisher(cfg: ConfigDict, source: regularizers.Source) -> dict[str, np.
   train = pipeline.train
   # A fixed random subset: training splits are often stored sorted by class.
   chosen = np.sort(np.random.default_rng(0).permutation(len(train))[:ewc.num_examples])
-  params = map_with_path(lambda p, _: np.asarray(source.params[p]), source_stage.abstract_params)
-  model_state = map_with_path(lambda p, _: np.asarray(source.model_state[p]), source_stage.model_state_sharding)
+  layout = source_stage.layout  # the Fisher is keyed by unrolled paths, like the source checkpoint's arrays
+  params = map_with_path(lambda p, _: np.asarray(source.params[p]), source_stage.view_params)
+  model_state = layout.unview(map_with_path(lambda p, _: np.asarray(source.model_state[p]),
+                                            layout.view_shardings(source_stage.model_state_sharding)))
   forward = source_stage.forward
 
   def apply(params, batch):
-    return forward(nnx.merge(source_stage.graphdef, params, model_state), batch, train=False)
+    return forward(nnx.merge(source_stage.graphdef, layout.unview(params), model_state), batch, train=False)
 
   started = time.perf_counter()
   fisher = fisher_lib.estimate(apply, params, pipeline.ordered_batches(SubsetSplit(train, chosen)), ewc.label_mode,
@@ -306,7 +335,7 @@ def evaluate_sources(cfg: ConfigDict, state: TrainState, sources: list[regulariz
   (the parameters this stage re-initialised, `dont_load`, come from the source). {source: {split: {before, after,
   drop}}}; also written to metrics.jsonl as split 'forgetting/<source>/<split>'."""
   report = {}
-  params = jax.device_get(flatten(state.params))
+  params = jax.device_get(flatten(stage.layout.view(state.params)))
   for source in sources:
     summary_path = os.path.join(source.run_dir, SUMMARY_FILE)
     if source.cfg is None or not os.path.isfile(summary_path):
@@ -314,7 +343,7 @@ def evaluate_sources(cfg: ConfigDict, state: TrainState, sources: list[regulariz
     before = json.load(open(summary_path))["final"]
     eval_cfg = config_lib.with_values(cfg, data=source.cfg.data)
     eval_stage = build_stage(eval_cfg)
-    shapes = {p: tuple(x.shape) for p, x in flatten(eval_stage.abstract_params).items()}
+    shapes = {p: tuple(x.shape) for p, x in flatten(eval_stage.view_params).items()}
 
     def pick(path: str, _) -> np.ndarray:
       own = params.get(path)
@@ -322,7 +351,8 @@ def evaluate_sources(cfg: ConfigDict, state: TrainState, sources: list[regulariz
         return own
       return source.params[path]
 
-    weights = {"params": jax.device_put(map_with_path(pick, eval_stage.abstract_params), eval_stage.params_sharding),
+    weights = {"params": jax.device_put(eval_stage.layout.unview(map_with_path(pick, eval_stage.view_params)),
+                                        eval_stage.params_sharding),
                "model_state": state.model_state}
     report[source.name] = {}
     for split in eval_stage.pipeline.eval_splits:
@@ -337,10 +367,10 @@ def evaluate_sources(cfg: ConfigDict, state: TrainState, sources: list[regulariz
 # Keys that may change between a run and its resumption: they do not change what is computed.
 # The mesh and sharding rules may change too: a checkpoint restores onto any mesh (orbax reshards on restore).
 _RESUMABLE_KEYS = ("wandb.", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-                   "mesh.", "sharding_rules")
+                   "mesh.", "sharding_rules", "activation_rules")
 
 
-def _check_same_config(path: str, cfg: ConfigDict) -> None:
+def check_same_config(path: str, cfg: ConfigDict) -> None:
   """Resuming with a different config would silently mix two experiments in one directory: refuse.
 
   Only a run that has progressed (a checkpoint or a summary) is protected: a run that failed before its first
@@ -382,7 +412,7 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
   evaluation split, training throughput, parameter counts and what was initialised from where.
   """
   os.makedirs(run_dir, exist_ok=True)
-  _check_same_config(os.path.join(run_dir, "config.json"), cfg)
+  check_same_config(os.path.join(run_dir, "config.json"), cfg)
   summary_path = os.path.join(run_dir, SUMMARY_FILE)
   if os.path.exists(summary_path):  # Completed earlier: a re-run resumes after it.
     with open(summary_path) as f:
@@ -394,6 +424,7 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
     print(f"[{name}] {adapters.describe(stage.peft_info)}", flush=True)
   pipeline = stage.pipeline
   checkpoints = Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.train.keep_checkpoints)
+  stage.layout.write(checkpoints.directory)
   log = MetricsLog(run_dir, cfg.wandb, name, cfg.to_dict())
   try:
     start = checkpoints.latest_step()
@@ -438,9 +469,10 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
       closed_form = feature_cache.closed_form_probes(tuple(cfg.features.closed_form), features, cfg.features.l2)
     checkpoints.wait()
     if adapters.enabled(cfg.peft) and jax.process_index() == 0:
+      unrolled = flatten(stage.layout.view(state.params))
       trained = sorted(stage.strategy.trainable(stage.strategy.phase_index(stage.total_steps - 1)) |
-                       {p for p in flatten(state.params) if p not in stage.base_paths})
-      adapters.save_adapter(os.path.join(run_dir, "adapter"), jax.device_get(flatten(state.params)), trained, cfg.peft,
+                       {p for p in unrolled if p not in stage.base_paths})
+      adapters.save_adapter(os.path.join(run_dir, "adapter"), jax.device_get(unrolled), trained, cfg.peft,
                             cfg.model)
     last_phase = stage.strategy.phase_index(stage.total_steps - 1)
     summary = {

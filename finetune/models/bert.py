@@ -14,7 +14,8 @@ from flax import nnx
 
 from finetune.errors import FinetuneError
 from finetune.models import MODELS
-from finetune.models.layers import attend, layer_norm, numbered_groups, padding_bias, run_block, transformer_dense
+from finetune.models.layers import (attend, layer_norm, numbered_groups, padding_bias, run_blocks,
+                                     transformer_dense)
 
 
 def _embedding(num: int, features: int, rngs: nnx.Rngs, axis: str) -> nnx.Embed:
@@ -89,6 +90,7 @@ class Embeddings(nnx.Module):
 class Bert(nnx.Module):
   """Encoder + pooling + classification head. `encode` gives the token states (for parity with transformers)."""
 
+  scan_blocks = "layers"  # the stack of identical blocks that config.train.scan_layers stacks
   input_keys = ("input_ids", "attention_mask")
 
   def __init__(self, *, num_classes: int, vocab_size: int = 30522, hidden_size: int = 768, num_layers: int = 12,
@@ -116,8 +118,7 @@ class Bert(nnx.Module):
       token_type_ids = jnp.zeros_like(input_ids)
     x = self.embeddings(input_ids, token_type_ids, train, rngs)
     mask_bias = padding_bias(attention_mask, x.dtype)
-    for layer in self.layers:
-      x = run_block(self, layer, x, mask_bias, train, rngs)
+    x = run_blocks(self, self.layers, x, mask_bias, train, rngs)
     return x
 
   def pool(self, hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:

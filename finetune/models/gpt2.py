@@ -12,7 +12,7 @@ from flax import nnx
 
 from finetune.errors import FinetuneError
 from finetune.models import MODELS
-from finetune.models.layers import attend, causal_bias, layer_norm, numbered_groups, run_block, transformer_dense
+from finetune.models.layers import attend, causal_bias, layer_norm, numbered_groups, run_blocks, transformer_dense
 
 
 class Block(nnx.Module):
@@ -44,6 +44,7 @@ class Block(nnx.Module):
 class GPT2(nnx.Module):
   """Token + position embeddings -> blocks -> LayerNorm -> tied LM head. Outputs (B, L, vocab) logits."""
 
+  scan_blocks = "blocks"  # the stack of identical blocks that config.train.scan_layers stacks
   input_keys = ("input_ids", "attention_mask")
 
   def __init__(self, *, num_classes: int = 0, vocab_size: int = 50257, n_positions: int = 1024, n_embd: int = 768,
@@ -70,8 +71,7 @@ class GPT2(nnx.Module):
     x = self.wte(input_ids) + self.wpe(jnp.arange(length)[None, :])
     x = self.dropout(x, deterministic=not train, rngs=rngs)
     mask_bias = causal_bias(attention_mask, x.dtype)
-    for block in self.blocks:
-      x = run_block(self, block, x, mask_bias, train, rngs)
+    x = run_blocks(self, self.blocks, x, mask_bias, train, rngs)
     return self.ln_f(x)
 
   def embed(self, input_ids, attention_mask=None, *, train: bool = False, rngs: nnx.Rngs | None = None):

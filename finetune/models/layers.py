@@ -8,7 +8,7 @@ names a mesh axis.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -113,3 +113,86 @@ def run_block(owner: nnx.Module, block: nnx.Module, *args):
   static = tuple(i + 1 for i, a in enumerate(args) if isinstance(a, bool) or a is None)
   return nnx.remat(lambda module, *inputs: module(*inputs), policy=REMAT_POLICIES[policy],
                    static_argnums=static)(block, *args)
+
+
+# ----------------------------------------------------------------------------------------------- scanned layers
+# A model's stack of identical blocks (`nnx.List`) may be replaced by one block whose variables carry a leading
+# layer axis (`stack_blocks`, applied by finetune/scan.py when config.train.scan_layers is set). `run_blocks` then
+# runs it with `jax.lax.scan`: the block is traced and compiled once, whatever the depth.
+
+SCAN_LENGTH = "scan_length"  # attribute marking a stacked block: the number of layers it holds
+LAYER_AXIS = "layers"  # logical name of the stacked layer axis (replicated by default: every device holds all layers)
+
+
+def stack_blocks(blocks: Sequence[nnx.Module]) -> nnx.Module:
+  """One module holding `blocks` (identical in structure) with every variable stacked along a new leading axis."""
+  splits = [nnx.split(block) for block in blocks]
+  graphdef = splits[0][0]
+  for index, (other, _) in enumerate(splits[1:], start=1):
+    if other != graphdef:
+      raise ValueError(f"block {index} differs in structure from block 0 (a per-layer LoRA rank_pattern or "
+                       "targets covering only some layers?); scanned layers need identical blocks")
+  flat_states = [nnx.to_flat_state(state) for _, state in splits]
+  stacked = []
+  for entries in zip(*flat_states):
+    path, variable = entries[0]
+    value = jnp.stack([v.get_value() for _, v in entries])
+    variable = variable.replace(value)
+    metadata = variable.get_metadata()
+    for key in ("out_sharding", "sharding_names", "sharding"):
+      if metadata.get(key):
+        variable.set_metadata(key, (LAYER_AXIS, *metadata[key]))
+    stacked.append((path, variable))
+  module = nnx.merge(graphdef, nnx.from_flat_state(stacked))
+  setattr(module, SCAN_LENGTH, len(blocks))
+  return module
+
+
+def run_blocks(owner: nnx.Module, blocks, x: jax.Array, *args) -> jax.Array:
+  """x through every block in order: `x = block(x, *args)`; `blocks` is an `nnx.List` or a stacked block.
+
+  The stacked form runs under `jax.lax.scan` (rematerialised per block with the owner's `remat` policy). Its dropout
+  keys are split per layer from one draw of `rngs`, so with dropout the random masks differ from the unrolled
+  model's; without dropout the two compute the same function.
+
+  At every block boundary x is constrained to the owner's `activation_sharding` (`sharding.ActivationSharding`, set
+  from config.activation_rules by the train stage), so the layout of the residual stream between blocks is chosen
+  by config rather than left to the compiler's propagation.
+  """
+  activations = getattr(owner, "activation_sharding", None)
+  constrain = activations.constrain if activations is not None else (lambda y: y)
+  x = constrain(x)
+  length = getattr(blocks, SCAN_LENGTH, None)
+  if length is None:
+    for block in blocks:
+      x = constrain(run_block(owner, block, x, *args))
+    return x
+  rngs = next((a for a in args if isinstance(a, nnx.Rngs)), None)
+  keys = jax.random.split(rngs.dropout(), length) if rngs is not None and "dropout" in rngs else None
+  # Adapter layers read their dropout rngs from attributes set for the call (adapters.call_context); clear them
+  # while splitting (an Rngs object is state, not a stacked array) and set per-layer ones inside the scan.
+  contexts = [node for _, node in nnx.iter_graph(blocks) if hasattr(node, "context_rngs")]
+  context_train = any(node.context_train for node in contexts)
+  for node in contexts:
+    node.context_train, node.context_rngs = False, None
+  graphdef, state = nnx.split(blocks)
+
+  def body(carry: jax.Array, layer: tuple[Any, jax.Array | None]) -> tuple[jax.Array, None]:
+    layer_state, key = layer
+    block = nnx.merge(graphdef, layer_state)
+    layer_rngs = nnx.Rngs(dropout=key) if key is not None else None
+    for _, node in nnx.iter_graph(block):
+      if hasattr(node, "context_rngs"):
+        node.context_train, node.context_rngs = context_train, layer_rngs
+    call_args = [layer_rngs if isinstance(a, nnx.Rngs) else a for a in args]
+    return constrain(block(carry, *call_args)), None
+
+  policy = getattr(owner, "remat", "")
+  if policy:
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[policy])
+  try:
+    x, _ = jax.lax.scan(body, x, (state, keys))
+  finally:
+    for node in contexts:
+      node.context_train, node.context_rngs = context_train, rngs
+  return x

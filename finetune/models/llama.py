@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from finetune.models import MODELS
-from finetune.models.layers import attend, causal_bias, numbered_groups, run_block, transformer_dense
+from finetune.models.layers import attend, causal_bias, numbered_groups, run_blocks, transformer_dense
 
 
 def _rms_norm(features: int, eps: float, rngs: nnx.Rngs) -> nnx.RMSNorm:
@@ -85,6 +85,7 @@ class DecoderLayer(nnx.Module):
 class Llama(nnx.Module):
   """Embeddings -> decoder layers -> RMSNorm -> LM head (tied to the embeddings or not). (B, L, vocab) logits."""
 
+  scan_blocks = "layers"  # the stack of identical blocks that config.train.scan_layers stacks
   input_keys = ("input_ids", "attention_mask")
 
   def __init__(self, *, num_classes: int = 0, vocab_size: int = 32000, hidden_size: int = 4096,
@@ -111,8 +112,7 @@ class Llama(nnx.Module):
     x = self.embed_tokens(input_ids)
     cos, sin = rotary(jnp.arange(length), self.head_dim, self.rope_theta)
     mask_bias = causal_bias(attention_mask, x.dtype)
-    for layer in self.layers:
-      x = run_block(self, layer, x, cos, sin, mask_bias)
+    x = run_blocks(self, self.layers, x, cos, sin, mask_bias)
     return self.norm(x)
 
   def embed(self, input_ids, attention_mask=None, *, train: bool = False, rngs: nnx.Rngs | None = None):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from finetune.models import MODELS
-from finetune.models.layers import attend, conv, layer_norm, linear, numbered_groups, run_block
+from finetune.models.layers import attend, conv, layer_norm, linear, numbered_groups, run_blocks
 
 
 class SelfAttention(nnx.Module):
@@ -57,6 +57,8 @@ class Block(nnx.Module):
 class ViT(nnx.Module):
   """Patches -> [class token; patch tokens] + positions -> blocks -> LayerNorm -> head."""
 
+  scan_blocks = "blocks"  # the stack of identical blocks that config.train.scan_layers stacks
+
   def __init__(self, *, num_classes: int, image_size: int = 28, in_channels: int = 1, patch_size: int = 7,
                width: int = 64, depth: int = 4, num_heads: int = 4, mlp_dim: int = 128, dropout: float = 0.0,
                pool: str = "cls", layer_norm_eps: float = 1e-6, hf_config: str = "", rngs: nnx.Rngs):
@@ -82,8 +84,7 @@ class ViT(nnx.Module):
     tokens = patches.reshape(batch, -1, width)  # (B, H/p, W/p, width) -> (B, num_patches, width)
     cls = jnp.broadcast_to(self.cls_token[...], (batch, 1, width))
     tokens = jnp.concatenate([cls, tokens], axis=1) + self.position_embedding[...]
-    for block in self.blocks:
-      tokens = run_block(self, block, tokens, train, rngs)
+    tokens = run_blocks(self, self.blocks, tokens, train, rngs)
     tokens = self.norm(tokens)
     return tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(axis=1)
 

@@ -1,0 +1,134 @@
+"""Scanned layers (`config.train.scan_layers`): a model's stack of identical blocks stored and run as one.
+
+`scan_model` replaces the model's block list (the attribute its class names in `scan_blocks`) by one block whose
+variables carry a leading layer axis (`models.layers.stack_blocks`); the forward pass runs it under `jax.lax.scan`
+(`models.layers.run_blocks`), so compile time stops growing with depth.
+
+Everything written in parameter paths keeps the *unrolled* vocabulary (`layers/3/attention/query/kernel`): layer
+groups, freezing, discriminative and per-group learning rates, gradual unfreezing, LoRA targets, regularizer anchors,
+adapters and exports. `Layout.view` presents the stacked parameters as that unrolled tree (layer i of a stacked
+leaf is the slice [i]) and `Layout.unview` stacks it back. The optimizer works on the view, so its partition labels
+and state are exactly the unrolled model's (a frozen layer keeps no optimizer state, a layer with its own
+learning rate gets it), and the train step differentiates the stacked parameters and slices the gradient.
+
+Checkpoints hold the stacked arrays; `layout.json` next to them records the stacks, and `read_checkpoint_arrays`
+returns every checkpoint unrolled, so a checkpoint converts between the two forms wherever it is loaded
+(`init_from`, export, regularizer anchors).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from finetune.errors import FinetuneError
+from finetune.models.layers import SCAN_LENGTH, stack_blocks
+
+LAYOUT_FILE = "layout.json"
+
+
+def scan_model(model: nnx.Module) -> nnx.Module:
+  """`model` with its block list (class attribute `scan_blocks`) replaced by one stacked block, in place."""
+  attribute = getattr(type(model), "scan_blocks", None)
+  if attribute is None:
+    raise FinetuneError(f"model {type(model).__name__} has no stack of identical blocks to scan; set "
+                        "config.train.scan_layers=False")
+  try:
+    setattr(model, attribute, stack_blocks(list(getattr(model, attribute))))
+  except ValueError as e:
+    raise FinetuneError(f"config.train.scan_layers: {e}") from None
+  return model
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Which top-level entries of the parameter tree are stacked, and how many layers each holds."""
+
+  stacks: tuple[tuple[str, int], ...] = ()
+
+  @classmethod
+  def of(cls, model: nnx.Module) -> "Layout":
+    return cls(tuple((name, getattr(node, SCAN_LENGTH)) for name, node in vars(model).items()
+                     if isinstance(node, nnx.Module) and hasattr(node, SCAN_LENGTH)))
+
+  def __bool__(self) -> bool:
+    return bool(self.stacks)
+
+  def view(self, tree: Any, take: Callable[[Any, int], Any] = lambda leaf, i: leaf[i]) -> Any:
+    """The unrolled form of a nested-dict tree (parameters, gradients, shardings, shapes): each stacked entry
+    {name: {...: (L, ...)}} becomes {name: {0: {...}, ..., L-1: {...}}}, leaf i being `take(leaf, i)`."""
+    if not self.stacks:
+      return tree
+    tree = dict(tree)
+    for name, length in self.stacks:
+      if name in tree:
+        tree[name] = {i: jax.tree.map(lambda leaf, i=i: take(leaf, i), tree[name]) for i in range(length)}
+    return tree
+
+  def unview(self, tree: Any) -> Any:
+    """Inverse of `view` for arrays: the per-layer entries stacked again along a new leading axis."""
+    if not self.stacks:
+      return tree
+    tree = dict(tree)
+    for name, length in self.stacks:
+      if name in tree:
+        tree[name] = jax.tree.map(lambda *layers: jnp.stack(layers), *[tree[name][i] for i in range(length)])
+    return tree
+
+  def stored_paths(self, unrolled_paths: frozenset[str]) -> frozenset[str]:
+    """The stored parameter paths holding `unrolled_paths` (`layers/3/x/kernel` -> `layers/x/kernel`)."""
+    stacked = {name for name, _ in self.stacks}
+    result = set()
+    for path in unrolled_paths:
+      parts = path.split("/")
+      if len(parts) > 2 and parts[0] in stacked and parts[1].isdigit():
+        path = "/".join([parts[0], *parts[2:]])
+      result.add(path)
+    return frozenset(result)
+
+  def view_shardings(self, shardings: Any) -> Any:
+    return self.view(shardings, lambda s, _: NamedSharding(s.mesh, P(*s.spec[1:])))
+
+  def view_shapes(self, shapes: Any) -> Any:
+    return self.view(shapes, lambda leaf, _: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype))
+
+  def write(self, directory: str) -> None:
+    """Records the stacks next to a run's checkpoints (read back by `unroll_checkpoint`)."""
+    if self.stacks and jax.process_index() == 0:
+      os.makedirs(directory, exist_ok=True)
+      with open(os.path.join(directory, LAYOUT_FILE), "w") as f:
+        json.dump({"stacks": [list(s) for s in self.stacks]}, f)
+
+
+def unroll_checkpoint(arrays: dict[str, dict[str, np.ndarray]], checkpoints_dir: str) -> dict[str, dict[str, Any]]:
+  """Flat checkpoint arrays ({collection: {path: array}}) in the unrolled layout, whichever way they were saved."""
+  layout_path = os.path.join(checkpoints_dir, LAYOUT_FILE)
+  if not os.path.isfile(layout_path):
+    return arrays
+  with open(layout_path) as f:
+    stacks = dict(json.load(f)["stacks"])
+  result = {}
+  for collection, flat in arrays.items():
+    if not isinstance(flat, dict):
+      result[collection] = flat
+      continue
+    unrolled = {}
+    for path, value in flat.items():
+      head, _, rest = path.partition("/")
+      if head in stacks and rest:
+        if np.shape(value)[:1] != (stacks[head],):
+          raise FinetuneError(f"checkpoint array {path!r} has shape {np.shape(value)} but {layout_path} records "
+                              f"{stacks[head]} stacked layers; the checkpoint is damaged")
+        unrolled.update({f"{head}/{i}/{rest}": value[i] for i in range(stacks[head])})
+      else:
+        unrolled[path] = value
+    result[collection] = unrolled
+  return result

@@ -1,0 +1,160 @@
+"""Scanned layers (config.train.scan_layers): the same training as the unrolled model, for every strategy, on one
+device and on a sharded mesh; checkpoints convert between the two layouts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import tiny_config
+from finetune import train as train_lib
+from finetune.checkpoint import read_checkpoint_arrays
+from finetune.config import build_config, stage_configs
+from finetune.errors import FinetuneError
+from finetune.export import export
+from finetune.partition import flatten
+from test_multidevice import _losses, run_python_with_args, transformer_config
+
+STEPS = 4
+STAGES = ("full", "frozen_n", "discriminative", "lora", "gradual")
+
+
+def scan_config(kind: str, mesh: dict, scanned: bool, remat: str = ""):
+  """The BERT/Llama strategy stages of test_multidevice plus gradual unfreezing, scanned or unrolled."""
+  raw = transformer_config(kind, mesh).to_dict()
+  raw["stages"]["frozen_n"] = {"freeze": {"first_n": 2}}  # the embeddings and the first layer
+  raw["stages"]["gradual"] = {"unfreeze": {"mode": "gradual", "every_steps": 1}, "optimizer": {"lr_factor": 2.0}}
+  raw["train"].update(steps=STEPS, scan_layers=scanned, remat=remat)
+  return build_config(raw)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """{(kind, scanned): workdir} on one device; the scanned runs also rematerialise each layer."""
+  root = tmp_path_factory.mktemp("scan")
+  result = {}
+  for kind in ("bert", "llama"):
+    for scanned in (False, True):
+      workdir = root / f"{kind}-{scanned}"
+      train_lib.train_and_evaluate(scan_config(kind, {"data": 1}, scanned, "block" if scanned else ""), str(workdir))
+      result[kind, scanned] = workdir
+  return result
+
+
+def _assert_same_run(ours, reference, what):
+  np.testing.assert_allclose(_losses(ours), _losses(reference), rtol=1e-5, atol=1e-6, err_msg=what)
+  mine = read_checkpoint_arrays(f"{ours}/checkpoints/{STEPS}")["params"]
+  theirs = read_checkpoint_arrays(f"{reference}/checkpoints/{STEPS}")["params"]
+  assert set(mine) == set(theirs), what
+  for path, value in theirs.items():
+    np.testing.assert_allclose(mine[path], value, rtol=1e-5, atol=1e-5, err_msg=f"{what} {path}")
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_scanned_layers_train_like_unrolled_for_every_strategy(kind, runs):
+  """Full FT, frozen first layer, per-layer learning rates, LoRA and gradual unfreezing: equal losses and
+  parameters, the same partition table, and optimizer state only for what trains (as unrolled)."""
+  for stage in STAGES:
+    scanned, unrolled = runs[kind, True] / stage, runs[kind, False] / stage
+    _assert_same_run(scanned, unrolled, f"{kind} {stage}")
+    assert (scanned / "partition.tsv").read_text() == (unrolled / "partition.tsv").read_text()
+    ours, reference = (json.loads((d / "summary.json").read_text()) for d in (scanned, unrolled))
+    assert ours["optimizer_state_bytes"] == reference["optimizer_state_bytes"], stage
+    assert ours["trainable_params"] == reference["trainable_params"]
+  # The stored parameters really are stacked, with the layer axis first.
+  stored = flatten(train_lib.build_stage(scan_config(kind, {"data": 1}, True)).abstract_params)
+  name = "layers/attention/query/kernel" if kind == "bert" else "layers/self_attn/q_proj/kernel"
+  assert stored[name].shape == (2, 16, 16)
+  assert not any(path.startswith("layers/0/") for path in stored)
+  # The frozen first layer stays bit-identical inside the stacked arrays; the second one trains.
+  stage_cfg = dict(stage_configs(scan_config(kind, {"data": 1}, True)))["frozen_n"]
+  stage = train_lib.build_stage(stage_cfg)
+  before = flatten(stage.layout.view(train_lib.initial_state(stage, stage_cfg, "")[0].params))
+  after = read_checkpoint_arrays(f"{runs[kind, True]}/frozen_n/checkpoints/{STEPS}")["params"]
+  first_layer = [p for p in after if p.startswith("layers/0/")]
+  assert first_layer and all(np.array_equal(np.asarray(before[p]), after[p]) for p in first_layer)
+  assert not any(np.array_equal(np.asarray(before[p]), after[p]) for p in after if p.startswith("layers/1/"))
+
+
+SHARDED_RUN = '''
+import json, sys
+import jax, jax.numpy as jnp
+sys.path.insert(0, "tests")
+from finetune import train as train_lib
+from finetune.sharding import describe
+from test_scan import scan_config
+from finetune.config import build_config, stage_configs
+workdir = sys.argv[1]
+mesh = {"data": 2, "fsdp": 2, "tensor": 2}
+shardings = {}
+for kind in ("bert", "llama"):
+  config = scan_config(kind, mesh, True)
+  shardings.update(describe(train_lib.build_stage(config).params_sharding))
+  train_lib.train_and_evaluate(config, f"{workdir}/{kind}")
+# The residual stream between blocks split over 'tensor' instead of replicated: a layout choice, same numbers.
+config = scan_config("llama", mesh, True).to_dict()
+config["stages"] = {"full": {}}
+config["activation_rules"] = [["activation_embed", "tensor"]]
+config = build_config(config)
+stage = train_lib.build_stage(dict(stage_configs(config))["full"])
+activations = stage.abstract_model.activation_sharding  # what run_blocks applies between blocks
+x = jax.ShapeDtypeStruct((8, 16, 16), jnp.float32)
+lowered = jax.jit(activations.constrain).lower(x)
+constraint = {"spec": str(lowered.compile().output_shardings.spec),
+              "constraint_in_program": "sharding_constraint" in lowered.as_text() or "@Sharding" in lowered.as_text()}
+train_lib.train_and_evaluate(config, f"{workdir}/embed_on_tensor")
+print(json.dumps(constraint))
+print(json.dumps(shardings))
+'''
+
+
+def test_scanned_layers_on_a_sharded_mesh_match_one_unrolled_device(runs, tmp_path):
+  """data=2 x fsdp=2 x tensor=2 on 8 fake devices: stacked parameters shard along their logical axes (the layer
+  axis replicated), and every strategy trains as the unrolled model on one device."""
+  result = run_python_with_args(SHARDED_RUN, [str(tmp_path)])
+  assert result.returncode == 0, result.stderr[-3000:]
+  shardings = json.loads(result.stdout.strip().splitlines()[-1])
+  assert shardings["layers/self_attn/q_proj/kernel"] == "P(None, 'fsdp', 'tensor')"
+  assert shardings["layers/intermediate/kernel"] == "P(None, 'fsdp', 'tensor')"
+  for kind in ("bert", "llama"):
+    for stage in STAGES:
+      _assert_same_run(tmp_path / kind / stage, runs[kind, False] / stage, f"{kind} {stage} on 8 devices")
+  # config.activation_rules moves the block-boundary activations onto the tensor axis; the result is unchanged.
+  assert json.loads(result.stdout.strip().splitlines()[-2]) == {
+      "spec": "P(('data', 'fsdp'), None, 'tensor')", "constraint_in_program": True}
+  _assert_same_run(tmp_path / "embed_on_tensor" / "full", runs["llama", False] / "full", "activations on tensor")
+
+
+def test_checkpoints_convert_between_scanned_and_unrolled(runs, tmp_path):
+  """A scanned run's checkpoint initialises an unrolled model and vice versa; exports are the same files."""
+  scanned_run, unrolled_run = runs["bert", True] / "full", runs["bert", False] / "full"
+  for source, scanned in ((scanned_run, False), (unrolled_run, True)):
+    raw = scan_config("bert", {"data": 1}, scanned).to_dict()
+    del raw["stages"]
+    config = build_config({**raw, "init_from": str(source)})
+    stage = train_lib.build_stage(config)
+    state, report = train_lib.initial_state(stage, config, str(tmp_path))
+    assert report["loaded"] == len(flatten(stage.view_params))
+    loaded = flatten(stage.layout.view(state.params))
+    for path, value in read_checkpoint_arrays(f"{source}/checkpoints/{STEPS}")["params"].items():
+      np.testing.assert_array_equal(np.asarray(loaded[path]), value, err_msg=path)
+  for run in (scanned_run, unrolled_run):
+    export(str(run), str(tmp_path / run.parent.name), "hf")
+  ours, reference = (load_file(str(tmp_path / run.parent.name / "model.safetensors"))
+                     for run in (scanned_run, unrolled_run))
+  assert set(ours) == set(reference)
+  for name, value in reference.items():
+    np.testing.assert_allclose(ours[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_scanning_needs_identical_blocks():
+  with pytest.raises(FinetuneError, match="has no stack of identical blocks to scan"):
+    train_lib.build_stage(tiny_config(train={"scan_layers": True}))
+  raw = scan_config("llama", {"data": 1}, True).to_dict()
+  del raw["stages"]
+  raw["peft"] = {"method": "lora", "targets": ["q_proj"], "rank": 2, "rank_pattern": [[r"^layers/0/", 4]]}
+  with pytest.raises(FinetuneError, match="block 1 differs in structure from block 0"):
+    train_lib.build_stage(build_config(raw))
