@@ -22,6 +22,15 @@ Measured (2 CPU cores, seed 0; official test images; source = digits 0-4 at 0.97
 
 from finetune.config import ConfigDict, parse_arg
 from finetune.recipes import forgetting_stages
+from finetune.sweep import product, seeds, zipped
+
+# Regularizer strengths of the trade-off study (experiments/forgetting): weakest to strongest, one column each.
+STRENGTHS = {
+    ":ewc_weight": [10.0, 100.0, 1000.0, 10000.0],
+    ":l2sp_alpha": [0.01, 0.1, 1.0, 10.0],
+    ":lwf_weight": [0.1, 0.3, 1.0, 3.0],
+    ":rehearsal_fraction": [0.0625, 0.125, 0.25, 0.5],
+}
 
 def get_config(arg=None):
   args = parse_arg(arg, variant="all", steps=300, target_steps=100, ewc_weight=1000.0, l2sp_alpha=1.0,
@@ -41,3 +50,14 @@ def get_config(arg=None):
                                        rehearsal_fraction=args.rehearsal_fraction).items():
     config.stages[name] = stage
   return config
+
+
+def get_sweep(arg=None):
+  """The forgetting trade-off study: every regularizer at 4 strengths (weakest together, ..., strongest together;
+  each point runs pretrain + all variants) x 3 seeds = 12 points. See experiments/forgetting/README.md:
+
+      finetune sweep --config configs/mnist_forgetting.py --workdir /tmp/forgetting_sweep \
+        --metric test/accuracy --metric forgetting/pretrain/test/after
+  """
+  del arg  # the points set the file's arguments themselves
+  return product(zipped(STRENGTHS), seeds(3))

@@ -3,6 +3,8 @@
     finetune train --config configs/<file>.py[:arg] --workdir DIR [--config.key=value ...]
     finetune export --workdir DIR --format hf|peft --out OUT [--stage NAME]
     finetune plan --config configs/<file>.py[:arg] [--mesh data=4,fsdp=2] [--devices N] [--config.key=value ...]
+    finetune sweep --config configs/<file>.py[:arg] --workdir DIR [--parallel N] [--dry-run] [--metric split/key ...]
+                   [--seed-key KEY] [--wandb-sweep OUT.yaml] [--config.key=value ...]
 
 A `FinetuneError` (any user error) prints one line `finetune: error: ...` to stderr and exits with status 2.
 """
@@ -47,6 +49,22 @@ def _parser() -> argparse.ArgumentParser:
   plan.add_argument("--mesh", default="", help="mesh axes, e.g. data=4,fsdp=2 (overrides config.mesh)")
   plan.add_argument("--devices", type=int, default=0,
                     help="fake this many host devices (CPU) to stand in for the target accelerators")
+  sweep = commands.add_parser("sweep", help="run every point of a config's get_sweep() and tabulate the results",
+                              description="Run each point of the config file's get_sweep(arg) (a list of "
+                              "{config key: value}) as `finetune train` in DIR/<point>, skipping points finished "
+                              "earlier; write DIR/points.json, results.csv and results.md. --config.key=value "
+                              "overrides apply to every point.")
+  sweep.add_argument("--config", required=True, help="configs/<file>.py[:arg], a file defining get_sweep")
+  sweep.add_argument("--workdir", required=True, help="sweep folder: one run folder per point, plus the results")
+  sweep.add_argument("--parallel", type=int, default=1,
+                     help="points run at once (CPU, or a GPU with memory for several runs; a TPU holds one)")
+  sweep.add_argument("--dry-run", action="store_true", help="print one `finetune train` command per point; run none")
+  sweep.add_argument("--metric", action="append", default=[],
+                     help="a path into each stage's summary.json, e.g. test/accuracy, test/loss, "
+                     "forgetting/pretrain/test/drop; repeatable (default: every split's accuracy)")
+  sweep.add_argument("--seed-key", default="seed", help="the config key results.md averages over (default: seed)")
+  sweep.add_argument("--wandb-sweep", default="", metavar="OUT.yaml",
+                     help="write the points as a wandb grid sweep definition instead of running them")
   return parser
 
 
@@ -107,6 +125,29 @@ def run_plan(config_spec: str, mesh: str, devices: int, overrides: Sequence[str]
   return 0
 
 
+def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metrics: Sequence[str], seed_key: str,
+              wandb_out: str, overrides: Sequence[str]) -> int:
+  from finetune import sweep  # pylint: disable=g-import-not-at-top
+
+  points = sweep.load_sweep(config_spec, overrides)
+  if dry_run:
+    print("\n".join(sweep.dry_run_commands(points, workdir)))
+  if wandb_out:
+    sweep.write_wandb_sweep(wandb_out, points, workdir, config_spec, overrides)
+    print(f"wrote {wandb_out}: `wandb sweep {wandb_out}` creates the sweep, `wandb agent <sweep id>` runs it",
+          file=sys.stderr if dry_run else sys.stdout)  # (stdout stays one command per line)
+  if dry_run or wandb_out:
+    return 0
+  outcomes = sweep.run_sweep(points, workdir, parallel)
+  print(sweep.aggregate(points, workdir, metrics, seed_key))
+  print(f"results: {os.path.join(os.path.abspath(workdir), 'results.csv')} and results.md")
+  failed = [o for o in outcomes if o.status == "failed"]
+  for outcome in failed:
+    print(f"failed: {outcome.point.name} (exit status {outcome.returncode}); see "
+          f"{os.path.join(workdir, outcome.point.name, sweep.LOG_FILE)}", file=sys.stderr)
+  return 1 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
@@ -116,6 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       return run_train(args.config, args.workdir, overrides)
     if args.command == "plan":
       return run_plan(args.config, args.mesh, args.devices, overrides)
+    if args.command == "sweep":
+      return run_sweep(args.config, args.workdir, args.parallel, args.dry_run, args.metric, args.seed_key,
+                       args.wandb_sweep, overrides)
     if args.command == "export":
       if overrides:
         raise FinetuneError(f"export takes no --config overrides (got --config.{overrides[0]})")

@@ -1,0 +1,491 @@
+"""Sweeps: a config file's `get_sweep(arg=None)` lists points, each run as its own `finetune train`.
+
+    from finetune.sweep import product, seeds, zipped
+
+    def get_sweep(arg=None):  # 2 learning rates x 3 seeds = 6 points
+      return product({"optimizer.learning_rate": [1e-3, 3e-3]}, seeds(3))
+
+A point is a dict of dotted config keys -> values, applied as `--config.<key>=<value>`; a key starting with ':' is
+a config-file argument instead (`{":variant": "ewc"}` runs `configs/x.py:variant=ewc`). Every point is loaded and
+validated before anything runs. `run_sweep` runs each in `<workdir>/<point name>` as a subprocess (so a crash or
+leaked device memory stays inside one point), skipping points finished earlier; `aggregate` tabulates the stages'
+`summary.json` into `results.csv` (a row per point) and `results.md` (mean ± sample std over seeds).
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import concurrent.futures
+import csv
+import dataclasses
+import functools
+import hashlib
+import inspect
+import io
+import itertools
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Iterable, Sequence
+
+from ml_collections import ConfigDict
+
+from finetune import config as config_lib
+from finetune.errors import FinetuneError
+
+POINTS_FILE = "points.json"
+LOG_FILE = "sweep.log"
+_MAX_NAME = 80
+
+# ------------------------------------------------------------------------------------------ building points
+
+
+def product(*parts: list[dict] | dict[str, Sequence], **axes: Sequence) -> list[dict[str, Any]]:
+  """Every combination of the parts, the first varying slowest. A part is a list of points (`seeds(3)`,
+  `zipped(...)`) or a dict {key: [values]}, itself a grid over its keys; keyword arguments are one more dict."""
+  points = [{}]
+  for _, part in _parts(parts, axes):
+    points = [_merged(a, b) for a in points for b in part]
+  return points
+
+
+def zipped(*parts: list[dict] | dict[str, Sequence], **axes: Sequence) -> list[dict[str, Any]]:
+  """Parts taken in parallel: point i merges the i-th point of every part. A dict {key: [values]} is a part per
+  key, so `zipped({"optimizer.learning_rate": [1e-3, 1e-2], "train.steps": [400, 100]})` is 2 points."""
+  labelled = _parts(parts, axes)
+  if len({len(part) for _, part in labelled}) > 1:
+    lengths = ", ".join(f"{label} has {len(part)}" for label, part in labelled)
+    raise FinetuneError(f"zipped(...) needs parts of equal length: {lengths}")
+  return [functools.reduce(_merged, row, {}) for row in zip(*(part for _, part in labelled))] if labelled else [{}]
+
+
+def seeds(n_or_values: int | Iterable[int], key: str = "seed") -> list[dict[str, Any]]:
+  """`seeds(3)` = [{'seed': 0}, {'seed': 1}, {'seed': 2}]; `seeds([7, 8])` takes the given values."""
+  values = range(n_or_values) if isinstance(n_or_values, int) else n_or_values
+  return [{key: value} for value in values]
+
+
+def _parts(parts: tuple, axes: dict) -> list[tuple[str, list[dict]]]:
+  """(label for messages, list of points) per part, a dict part giving one per key (its grid is their product)."""
+  result = []
+  for index, part in enumerate([*parts, axes] if axes else parts):
+    if isinstance(part, dict):
+      for key, values in part.items():
+        if not isinstance(key, str) or not isinstance(values, (list, tuple, range)):
+          raise FinetuneError(f"sweep axis {key!r} needs a list of values, got {values!r}")
+        result.append((key, [{key: value} for value in values]))
+    elif isinstance(part, (list, tuple)) and all(isinstance(point, dict) for point in part):
+      result.append((f"part {index + 1}", list(part)))
+    else:
+      raise FinetuneError(f"a sweep part must be a list of points (dicts) or a dict {{key: [values]}}, got {part!r}")
+  return result
+
+
+def _merged(a: dict, b: dict) -> dict:
+  twice = [key for key in b if key in a]
+  if twice:
+    raise FinetuneError(f"sweep key {twice[0]!r} is set twice in one point ({a[twice[0]]!r} and {b[twice[0]]!r}); "
+                        "combine parts that name different keys")
+  return {**a, **b}
+
+
+# ------------------------------------------------------------------------------------------ loading a sweep
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  """One run of a sweep."""
+
+  name: str  # its folder under the sweep's workdir
+  values: dict[str, Any]  # as get_sweep gave them: dotted config keys, ':'-prefixed config-file arguments
+  config_spec: str  # `file.py[:arg]` with this point's arguments merged in
+  overrides: tuple[str, ...]  # `key=value` texts (what follows --config.): the command line's, then the point's
+  config: ConfigDict  # resolved and validated
+
+  @property
+  def stage_dirs(self) -> dict[str, str]:
+    """{stage: its run folder relative to the point's folder}, laid out as `train.train_and_evaluate` does."""
+    names = config_lib.ordered_keys(self.config.stages)
+    return {name: name for name in names} if names else {"train": ""}
+
+
+def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
+  """The points of `file.py[:arg]`'s `get_sweep(arg)`, each loaded with `load_config` (so a typo in any key fails
+  here, before anything runs). `overrides` (`key=value`) apply to every point, before the point's own values."""
+  path, _, arg = spec.partition(":")
+  get_sweep = getattr(config_lib.import_config_file(path), "get_sweep", None)
+  if get_sweep is None:
+    raise FinetuneError(f"config file {path} has no get_sweep(arg=None) function; define one returning a list of "
+                        "dicts {config key: value} (finetune.sweep.product, zipped and seeds build them)")
+  raw = get_sweep(arg or None) if inspect.signature(get_sweep).parameters else get_sweep()
+  if not isinstance(raw, (list, tuple)):
+    raise FinetuneError(f"get_sweep in {path} must return a list of dicts {{config key: value}}, got "
+                        f"{type(raw).__name__}")
+  if not raw:
+    raise FinetuneError(f"get_sweep in {path} returned no points")
+  for index, values in enumerate(raw):
+    if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
+      raise FinetuneError(f"get_sweep in {path}: point {index} is {values!r}, not a dict {{config key: value}}")
+  raw = [{key: _plain(value) for key, value in values.items()} for values in raw]
+  points, seen = [], {}
+  for values, name in zip(raw, point_names(raw)):
+    point_spec = _with_config_args(spec, {k[1:]: v for k, v in values.items() if k.startswith(":")})
+    point_overrides = (*overrides, *(f"{k}={_value_text(v)}" for k, v in values.items() if not k.startswith(":")))
+    try:
+      config = config_lib.load_config(point_spec, point_overrides)
+    except FinetuneError as e:
+      raise FinetuneError(f"sweep point {name}: {e}") from None
+    resolved = config_lib.to_json(config)
+    if resolved in seen:
+      raise FinetuneError(f"sweep points {seen[resolved]} and {name} resolve to the same config; drop one")
+    seen[resolved] = name
+    points.append(Point(name, values, point_spec, tuple(point_overrides), config))
+  return points
+
+
+def point_names(points: Sequence[dict[str, Any]]) -> list[str]:
+  """Folder names, `key=value` joined by ',' (e.g. `learning_rate=0.001,seed=1`), each key shortened to its
+  shortest dotted suffix that no other key of the sweep shares; characters outside [A-Za-z0-9._=,+-] become '_'.
+  A name over 80 characters, or one two points share, keeps at most 60 and ends in a hash of the point's values."""
+  keys = list(dict.fromkeys(key.lstrip(":") for point in points for key in point))
+  short = {key: _shortest_suffix(key, keys) for key in keys}
+  names = ["".join(c if c.isascii() and (c.isalnum() or c in "._=,+-") else "_" for c in
+                   ",".join(f"{short[key.lstrip(':')]}={_name_text(value)}" for key, value in point.items()))
+           or "default" for point in points]
+  counts = collections.Counter(names)
+  return [f"{name[:60]}-{_digest(point)}" if len(name) > _MAX_NAME or counts[name] > 1 else name
+          for name, point in zip(names, points)]
+
+
+def _shortest_suffix(key: str, keys: list[str]) -> str:
+  parts = key.split(".")
+  for n in range(1, len(parts)):
+    if not any(other != key and other.split(".")[-n:] == parts[-n:] for other in keys):
+      return ".".join(parts[-n:])
+  return key
+
+
+def _digest(point: dict[str, Any]) -> str:
+  text = json.dumps(sorted((key, _value_text(value)) for key, value in point.items()))
+  return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def _plain(value: Any) -> Any:
+  # numpy values (np.logspace(...) in a get_sweep) would print as `np.float64(0.001)`.
+  return value.tolist() if hasattr(value, "tolist") else value
+
+
+def _value_text(value: Any) -> str:
+  """`value` as override text, which config.py reads as a Python literal, else as a plain string."""
+  if not isinstance(value, str):
+    return repr(value)
+  try:
+    reads_as = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    reads_as = value
+  return value if reads_as == value and value.strip().lower() not in ("true", "false") else repr(value)
+
+
+def _name_text(value: Any) -> str:
+  return value if isinstance(value, str) else repr(value).replace(" ", "")
+
+
+def _with_config_args(spec: str, args: dict[str, Any]) -> str:
+  """`file.py:a=1` with args {'a': 2, 'b': 3} -> `file.py:a=2,b=3` (the point's value replaces the command's)."""
+  if not args:
+    return spec
+  path, _, arg = spec.partition(":")
+  kept = [item for item in arg.split(",") if item and item.partition("=")[0].strip() not in args]
+  for key, value in args.items():
+    text = _value_text(value)
+    if "," in text:
+      raise FinetuneError(f"sweep config-file argument :{key}={text} contains ',', which separates arguments")
+    kept.append(f"{key}={text}")
+  return f"{path}:{','.join(kept)}"
+
+
+# ---------------------------------------------------------------------------------------------------- running
+
+
+def train_argv(point: Point, workdir: str) -> list[str]:
+  """The `finetune train ...` arguments (after `finetune`) that run `point` in `<workdir>/<point name>`."""
+  return ["train", "--config", point.config_spec, "--workdir", os.path.join(workdir, point.name),
+          *(f"--config.{override}" for override in point.overrides)]
+
+
+def dry_run_commands(points: Sequence[Point], workdir: str) -> list[str]:
+  """One shell-quoted `finetune train ...` line per point, for a cluster scheduler or a pod launcher."""
+  return [shlex.join(["finetune", *train_argv(point, workdir)]) for point in points]
+
+
+def finished(point: Point, workdir: str) -> bool:
+  """Every stage's summary.json exists, and `finetune train` would accept the folder as this point's run: after,
+  say, a change of the command's `:arg`, the folder of the point's name holds another experiment."""
+  # train's own test of "same experiment" (it ignores resumable keys such as wandb.* and keys added since).
+  from finetune.train import SUMMARY_FILE, check_same_config  # pylint: disable=g-import-not-at-top
+  run_dir = os.path.join(workdir, point.name)
+  for name, stage_cfg in config_lib.stage_configs(point.config):
+    stage_dir = os.path.join(run_dir, point.stage_dirs[name])
+    if not os.path.isfile(os.path.join(stage_dir, SUMMARY_FILE)):
+      return False
+    try:
+      check_same_config(os.path.join(stage_dir, "config.json"), stage_cfg)
+    except FinetuneError:
+      return False
+  return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+  """What became of one point: 'finished' (ran now), 'skipped' (finished earlier) or 'failed'."""
+
+  point: Point
+  status: str
+  returncode: int = 0
+  seconds: float = 0.0
+  log_tail: tuple[str, ...] = ()
+
+
+def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1) -> list[Outcome]:
+  """Runs every unfinished point as `python -m finetune train` in `<workdir>/<point name>`, up to `parallel` at a
+  time, its output appended to `sweep.log` there; writes points.json first. A failed point does not stop the
+  others. Prints a line per start, skip and end."""
+  if parallel < 1:
+    raise FinetuneError(f"--parallel {parallel}: run at least one point at a time")
+  os.makedirs(workdir, exist_ok=True)
+  _write(os.path.join(workdir, POINTS_FILE), json.dumps(
+      [{"name": p.name, "values": p.values, "config": p.config_spec, "overrides": list(p.overrides),
+        "command": command} for p, command in zip(points, dry_run_commands(points, workdir))], indent=2, default=str))
+  env = dict(os.environ, PYTHONUNBUFFERED="1")  # so `tail -f sweep.log` follows a running point
+  memory_settings = ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION")
+  if parallel > 1 and not any(name in env for name in memory_settings):
+    # On a GPU each process would reserve 75% of its memory at the first operation and the second would run out
+    # (JAX's "GPU memory allocation" notes); unless told how to share it, allocate on demand.
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  lock, counts = threading.Lock(), collections.Counter()
+
+  def say(message: str) -> None:
+    with lock:
+      print(f"[{counts['done']}/{len(points)} done, {counts['failed']} failed] {message}", flush=True)
+
+  def run(point: Point) -> Outcome:
+    say(f"running {point.name}")
+    command = [sys.executable, "-m", "finetune", *train_argv(point, workdir)]
+    log_path = os.path.join(workdir, point.name, LOG_FILE)
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    began = time.perf_counter()
+    with open(log_path, "a") as log:
+      log.write(f"$ {shlex.join(command)}\n")
+      log.flush()
+      returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
+    seconds = time.perf_counter() - began
+    if returncode == 0 and finished(point, workdir):
+      return Outcome(point, "finished", 0, seconds)
+    with open(log_path, errors="replace") as log:
+      tail = tuple(line.rstrip() for line in log.readlines()[-8:] if line.strip())
+    if returncode == 0:
+      tail += ("(it exited 0, yet its summary.json files are missing or were written for another config)",)
+    return Outcome(point, "failed", returncode, seconds, tail)
+
+  def run_and_report(point: Point) -> Outcome:
+    outcome = run(point)
+    with lock:  # (counted and printed here, before this thread starts another point, so lines come in order)
+      counts["done"] += 1
+      counts["failed"] += outcome.status == "failed"
+    if outcome.status == "finished":
+      say(f"finished {point.name} in {outcome.seconds:.1f} s")
+    else:
+      say(f"FAILED {point.name} (exit status {outcome.returncode}); last lines of "
+          f"{os.path.join(workdir, point.name, LOG_FILE)}:\n" + "\n".join(f"    {line}" for line in outcome.log_tail))
+    return outcome
+
+  outcomes = {}
+  todo = []
+  for point in points:
+    if finished(point, workdir):
+      counts["done"] += 1
+      outcomes[point.name] = Outcome(point, "skipped")
+      say(f"skipped (finished) {point.name}")
+    else:
+      todo.append(point)
+  pool = concurrent.futures.ThreadPoolExecutor(parallel)
+  try:
+    for future in concurrent.futures.as_completed([pool.submit(run_and_report, point) for point in todo]):
+      outcome = future.result()
+      outcomes[outcome.point.name] = outcome
+  finally:
+    pool.shutdown(cancel_futures=True)  # on Ctrl-C: start nothing more (running points got the signal too)
+  return [outcomes[point.name] for point in points]
+
+
+# ------------------------------------------------------------------------------------------------ aggregation
+
+
+def collect(points: Sequence[Point], workdir: str, metrics: Sequence[str] = ()) -> tuple[list[str], list[dict]]:
+  """(metric columns, one row per point). A row holds `point`, the point's values by key, `status` ('finished' or
+  'incomplete') and a `<stage>/<metric>` column per stage and metric found.
+
+  A metric is a '/'-path into a stage's summary.json: `test/accuracy` (short for `final/test/accuracy`),
+  `forgetting/pretrain/test/drop`, `train_examples_per_s`. The default is every evaluated split's accuracy."""
+  from finetune.train import SUMMARY_FILE  # pylint: disable=g-import-not-at-top
+  summaries = {}  # point name -> {stage: summary}
+  for point in points:
+    if finished(point, workdir):
+      summaries[point.name] = {}
+      for stage, stage_dir in point.stage_dirs.items():
+        with open(os.path.join(workdir, point.name, stage_dir, SUMMARY_FILE)) as f:
+          summaries[point.name][stage] = json.load(f)
+  every_summary = [s for stages in summaries.values() for s in stages.values()]
+  metrics = list(metrics) or list(dict.fromkeys(f"{split}/accuracy" for s in every_summary for split in s["final"]))
+  for metric in metrics:
+    if every_summary and all(_metric(s, metric) is None for s in every_summary):
+      raise FinetuneError(f"metric {metric!r} is a number in no stage summary under {workdir}; metrics are paths "
+                          f"into summary.json such as {', '.join(_example_metrics(every_summary[0]))}")
+  stages = list(dict.fromkeys(stage for stages in summaries.values() for stage in stages))
+  columns = [f"{stage}/{metric}" for stage in stages for metric in metrics
+             if any(_metric(s.get(stage, {}), metric) is not None for s in summaries.values())]
+  rows = []
+  for point in points:
+    row = {"point": point.name, **point.values, "status": "finished" if point.name in summaries else "incomplete"}
+    for column in columns:
+      stage, _, metric = column.partition("/")
+      row[column] = _metric(summaries.get(point.name, {}).get(stage, {}), metric)
+    rows.append(row)
+  return columns, rows
+
+
+def aggregate(points: Sequence[Point], workdir: str, metrics: Sequence[str] = (), seed_key: str = "seed") -> str:
+  """Writes `results.csv` (one row per point) and `results.md` (points that differ only in `seed_key` grouped:
+  mean ± sample standard deviation, and n); returns the markdown table."""
+  columns, rows = collect(points, workdir, metrics)
+  keys = list(dict.fromkeys(key for point in points for key in point.values))
+  text = io.StringIO()
+  writer = csv.writer(text)
+  writer.writerow(["point", *keys, "status", *columns])
+  for row in rows:
+    writer.writerow([row["point"], *(_csv_text(row.get(key)) for key in keys), row["status"],
+                     *("" if row[c] is None else row[c] for c in columns)])
+  _write(os.path.join(workdir, "results.csv"), text.getvalue())
+  table = grouped_table(rows, [key for key in keys if key != seed_key], columns)
+  finished_count = sum(row["status"] == "finished" for row in rows)
+  _write(os.path.join(workdir, "results.md"),
+         f"# Sweep results\n\n{len(rows)} points in {workdir}, {finished_count} finished. Cells are the mean ± sample "
+         f"standard deviation over `{seed_key}` of the n finished runs (one run: its value); '-' for a key: the "
+         f"points do not set it.\n\n{table}\n")
+  return table
+
+
+def grouped_table(rows: Sequence[dict], keys: Sequence[str], columns: Sequence[str]) -> str:
+  """A markdown table with a row per distinct combination of `keys` (first appearance order) over finished rows."""
+  groups = collections.defaultdict(list)
+  for row in rows:
+    groups[tuple(_csv_text(row.get(key)) for key in keys)].append(row)
+  lines = ["| " + " | ".join([*keys, *columns, "n"]) + " |", "|" + "---|" * (len(keys) + len(columns) + 1)]
+  for values, members in groups.items():
+    done = [row for row in members if row["status"] == "finished"]
+    key_cells = [(value or "-").replace("|", "\\|") for value in values]  # (a bare '|' would end the cell)
+    means = [_mean_std([row[c] for row in done if row[c] is not None]) for c in columns]
+    lines.append("| " + " | ".join([*key_cells, *means, str(len(done))]) + " |")
+  return "\n".join(lines)
+
+
+def _mean_std(values: list[float]) -> str:
+  if not values:
+    return "-"
+  mean = statistics.mean(values)
+  # Four decimals for accuracies and losses, whole numbers for throughputs; the std as precise as its mean.
+  digits = 4 if abs(mean) < 1000 else 0
+  if len(values) == 1:
+    return f"{mean:,.{digits}f}"
+  return f"{mean:,.{digits}f} ± {statistics.stdev(values):,.{digits}f}"
+
+
+def _csv_text(value: Any) -> str:
+  if value is None:
+    return ""
+  return value if isinstance(value, str) else repr(value)
+
+
+def _metric(summary: dict, metric: str) -> float | None:
+  node: Any = summary
+  parts = metric.split("/")
+  if parts[0] not in summary:
+    node = summary.get("final", {})
+  for part in parts:
+    node = node.get(part) if isinstance(node, dict) else None
+  return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+
+
+def _example_metrics(summary: dict) -> list[str]:
+  examples = [f"{split}/{key}" for split, values in summary["final"].items() for key in values][:3]
+  for source, splits in summary.get("forgetting", {}).items():
+    examples += [f"forgetting/{source}/{split}/drop" for split in splits][:1]
+  return examples + ["train_examples_per_s"]
+
+
+def _write(path: str, text: str) -> None:
+  tmp = path + ".tmp"  # (temp file + rename: never a half-written file)
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------- wandb
+
+
+def wandb_sweep(points: Sequence[Point], workdir: str, spec: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+  """A wandb sweep definition (method: grid) running the same points, for `wandb sweep` + `wandb agent`.
+
+  wandb's grid runs every combination of per-parameter values, so the points must be exactly such a product
+  (`product(...)` is; a `zipped(...)` sweep is not: use `--dry-run` commands with a scheduler instead), and only
+  config keys can be parameters (wandb passes `--<parameter>=<value>`; parameter `config.seed` becomes
+  `--config.seed=1`). Each run's workdir is `<workdir>/wandb/<wandb run id>`, which is only known when the agent
+  starts the run, hence the `sh -c` in the command."""
+  keys = list(dict.fromkeys(key for point in points for key in point.values))
+  if any(key.startswith(":") for key in keys):
+    raise FinetuneError("--wandb-sweep: wandb can only set config keys (--config.key=value), not config-file "
+                        f"arguments ({', '.join(k for k in keys if k.startswith(':'))}); sweep config keys instead")
+  axes = {key: {_value_text(p.values[key]): p.values[key] for p in points if key in p.values} for key in keys}
+  grid = set(itertools.product(*axes.values()))  # (over the value texts)
+  given = {tuple(_value_text(p.values[k]) for k in keys) for p in points if all(k in p.values for k in keys)}
+  if given != grid or len(points) != len(grid):
+    raise FinetuneError(f"--wandb-sweep: the {len(points)} points are not every combination of their keys' values "
+                        f"({len(grid)} combinations), which is all a wandb grid can run; write get_sweep as a "
+                        "product(...), or run these points with `finetune sweep` or its --dry-run commands")
+  run = " ".join(["exec python -m finetune train --config", shlex.quote(spec), "--workdir",
+                  shlex.quote(os.path.join(workdir, "wandb")) + '/"$WANDB_RUN_ID"', "--config.wandb.mode=online",
+                  *(shlex.quote(f"--config.{override}") for override in overrides), '"$@"'])
+  wandb_cfg = points[0].config.wandb
+  definition = {"name": os.path.basename(os.path.normpath(workdir)), "project": wandb_cfg.project}
+  if wandb_cfg.entity:
+    definition["entity"] = wandb_cfg.entity
+  definition.update({
+      "program": spec.partition(":")[0],  # informational: the command below says how it runs
+      "method": "grid",
+      "parameters": {f"config.{key}": {"values": [_yaml_value(v) for v in axes[key].values()]} for key in keys},
+      # sh's $0 is 'finetune'; "$@" is wandb's --config.key=value arguments.
+      "command": ["${env}", "sh", "-c", run, "finetune", "${args}"],
+  })
+  return definition
+
+
+def write_wandb_sweep(path: str, points: Sequence[Point], workdir: str, spec: str, overrides: Sequence[str] = ()):
+  """Writes `wandb_sweep(...)` as YAML with a comment saying how to start it."""
+  import yaml  # pylint: disable=g-import-not-at-top  (PyYAML comes with transformers and datasets)
+  definition = wandb_sweep(points, workdir, spec, overrides)
+  header = (f"# {len(points)} points of {spec} as a wandb grid sweep. From the directory `finetune sweep` ran in:\n"
+            f"#   wandb sweep {path}   # prints the sweep id\n#   wandb agent <entity/project/sweep id>\n")
+  if os.path.dirname(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  _write(path, header + yaml.safe_dump(definition, sort_keys=False, width=1000))
+
+
+def _yaml_value(value: Any) -> Any:
+  # YAML has lists, not tuples; the override reads a list back and the config turns it into its tuple.
+  return [_yaml_value(v) for v in value] if isinstance(value, (list, tuple)) else value

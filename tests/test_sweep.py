@@ -1,0 +1,305 @@
+"""Sweeps: get_sweep points, their names and commands, running them as `finetune train`, skipping finished ones,
+reporting failures, aggregating over seeds, and the wandb grid definition."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO
+from finetune import cli
+from finetune import config as config_lib
+from finetune.errors import FinetuneError
+from finetune.sweep import aggregate, load_sweep, point_names, product, seeds, zipped
+
+CONFIG = '''
+from finetune.config import parse_arg
+from finetune.sweep import product, seeds, zipped
+
+def get_config(arg=None):
+  args = parse_arg(arg, steps=3)
+  return dict(model=dict(name="mlp", input_size=64, hidden=(16,)),
+              data=dict(name="digits", batch_size=32, eval_batch_size=64, eval_splits=("validation",)),
+              train=dict(steps=args.steps, log_every=1, checkpoint_every=0){extra})
+
+def get_sweep(arg=None):
+  return {sweep}
+'''
+
+TWO_STAGES = ''',
+              stages=dict(pre=dict(data=dict(classes=(0, 1, 2, 3, 4))),
+                          ft=dict(data=dict(classes=(5, 6, 7, 8, 9)), init_from="stage:pre", dont_load=("^head/",)))'''
+
+
+def write_config(tmp_path, sweep: str, extra: str = "", name: str = "swept.py") -> str:
+  path = tmp_path / name
+  path.write_text(CONFIG.format(sweep=sweep, extra=extra))
+  return str(path)
+
+
+def sweep_cli(capsys, *argv) -> tuple[int, str, str]:
+  status = cli.main(["sweep", *argv])
+  captured = capsys.readouterr()
+  return status, captured.out, captured.err
+
+
+def read_csv(path) -> list[dict[str, str]]:
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------------------ expansion
+
+
+def test_product_zipped_seeds_and_their_combination():
+  assert product({"optimizer.learning_rate": [1e-3, 1e-2]}, seeds(2)) == [
+      {"optimizer.learning_rate": 1e-3, "seed": 0}, {"optimizer.learning_rate": 1e-3, "seed": 1},
+      {"optimizer.learning_rate": 1e-2, "seed": 0}, {"optimizer.learning_rate": 1e-2, "seed": 1}]
+  assert product({"a.x": [1, 2], "a.y": ["p", "q"]}) == product({"a.x": [1, 2]}, {"a.y": ["p", "q"]})
+  assert product(seed=[3, 4]) == seeds([3, 4]) == [{"seed": 3}, {"seed": 4}]
+  assert product() == [{}]
+  assert seeds(2, key="data.seed") == [{"data.seed": 0}, {"data.seed": 1}]
+  assert zipped({"optimizer.learning_rate": [1e-3, 1e-2], "train.steps": [400, 100]}) == [
+      {"optimizer.learning_rate": 1e-3, "train.steps": 400}, {"optimizer.learning_rate": 1e-2, "train.steps": 100}]
+  combined = product(zipped({"a": [1, 2], "b": [3, 4]}), seeds(3))
+  assert len(combined) == 6
+  assert combined[0] == {"a": 1, "b": 3, "seed": 0} and combined[5] == {"a": 2, "b": 4, "seed": 2}
+  assert zipped(seeds(2), [{"a": 5}, {"a": 6}]) == [{"seed": 0, "a": 5}, {"seed": 1, "a": 6}]
+
+
+def test_bad_axes_are_errors():
+  with pytest.raises(FinetuneError, match="zipped.* needs parts of equal length: optimizer.learning_rate has 3, "
+                     "train.steps has 2"):
+    zipped({"optimizer.learning_rate": [1e-3, 3e-3, 1e-2], "train.steps": [400, 100]})
+  with pytest.raises(FinetuneError, match="sweep axis 'seed' needs a list of values, got 3"):
+    product({"seed": 3})
+  with pytest.raises(FinetuneError, match="sweep key 'seed' is set twice in one point"):
+    product(seeds(2), seeds(2))
+  with pytest.raises(FinetuneError, match="a sweep part must be a list of points"):
+    product([1, 2])
+
+
+def test_point_names_are_readable_unique_and_deterministic():
+  points = product({"optimizer.learning_rate": [1e-3, 3e-3]}, seeds(2))
+  assert point_names(points) == ["learning_rate=0.001,seed=0", "learning_rate=0.001,seed=1",
+                                 "learning_rate=0.003,seed=0", "learning_rate=0.003,seed=1"]
+  assert point_names(points) == point_names([dict(p) for p in points])
+  # Keys keep as much of their path as tells them apart; config-file arguments lose their ':'.
+  assert point_names([{"train.steps": 1, "stages.ft.train.steps": 2, ":variant": "ewc"}]) == [
+      "train.steps=1,ft.train.steps=2,variant=ewc"]
+  assert point_names([{"data.classes": (0, 1)}, {}]) == ["classes=_0,1_", "default"]
+  # Sanitising can make two names equal: both then end in a hash of their values.
+  clashing = point_names([{"data.path": "a/b"}, {"data.path": "a b"}])
+  assert clashing[0] != clashing[1] and all(name.startswith("path=a_b-") for name in clashing)
+  long = point_names([{"data.path": "/very/long/" + "x" * 100}, {"data.path": "/very/long/" + "x" * 101}])
+  assert all(len(name) == 69 for name in long) and long[0] != long[1]
+  assert long == point_names([{"data.path": "/very/long/" + "x" * 100}, {"data.path": "/very/long/" + "x" * 101}])
+
+
+def test_load_sweep_validates_every_point_before_anything_runs(tmp_path, capsys):
+  def error(sweep: str) -> str:
+    with pytest.raises(FinetuneError) as e:
+      load_sweep(write_config(tmp_path, sweep))
+    return str(e.value)
+
+  assert "sweep point learnin_rate=0.1: unknown config key 'optimizer.learnin_rate' (did you mean " \
+         "'optimizer.learning_rate'?)" in error('[{"seed": 1}, {"optimizer.learnin_rate": 0.1}]')
+  assert "sweep point seed=-1: config.seed must be >= 0" in error("seeds([1, -1])")
+  assert "get_sweep in" in error('{"seed": [0, 1]}') and "must return a list of dicts" in error('{"seed": 1}')
+  assert "point 1 is 'seed=1', not a dict" in error('[{"seed": 0}, "seed=1"]')
+  assert "returned no points" in error("[]")
+  # seed 0 is the default: the two points are one experiment.
+  assert "sweep points seed=0 and default resolve to the same config; drop one" in error('[{"seed": 0}, {}]')
+  assert "ignored its argument" not in error('[{":steps": "x"}]')  # a wrong :arg value is the config's error
+  assert "expects int" in error('[{":steps": "x"}]')
+  no_sweep = tmp_path / "plain.py"
+  no_sweep.write_text("def get_config(arg=None):\n  return {}\n")
+  status, _, err = sweep_cli(capsys, "--config", str(no_sweep), "--workdir", str(tmp_path / "w"))
+  assert status == 2 and err.count("\n") == 1
+  assert err.startswith(f"finetune: error: config file {no_sweep} has no get_sweep(arg=None) function")
+  assert not (tmp_path / "w").exists()
+
+
+def test_dry_run_prints_commands_that_finetune_train_accepts(tmp_path, capsys):
+  path = write_config(tmp_path, '''product({"optimizer.schedule": ["constant", "cosine"], "data.classes": [(0, 1, 2)],
+                                            ":steps": [4], "optimizer.learning_rate": [0.5],
+                                            "wandb.name": ["True"]})''')
+  workdir = tmp_path / "sweep dir"
+  status, out, _ = sweep_cli(capsys, "--config", path + ":steps=2", "--workdir", str(workdir), "--dry-run",
+                             "--config.train.log_every=2")
+  assert status == 0 and not workdir.exists()  # a dry run writes nothing
+  lines = out.strip().splitlines()
+  points = load_sweep(path + ":steps=2", ["train.log_every=2"])
+  assert len(lines) == len(points) == 2
+  for line, point in zip(lines, points):
+    argv = shlex.split(line)
+    assert argv[0] == "finetune"
+    rest, overrides = cli.split_overrides(argv[1:])
+    args = cli._parser().parse_args(rest)  # pylint: disable=protected-access
+    assert args.command == "train" and args.workdir == str(workdir / point.name)
+    config = config_lib.load_config(args.config, overrides)
+    assert config_lib.to_json(config) == config_lib.to_json(point.config)
+    assert config.train.steps == 4 and config.train.log_every == 2 and config.data.classes == (0, 1, 2)
+    assert config.wandb.name == "True"  # a string that reads as another literal is quoted
+  assert [config_lib.load_config(p.config_spec, p.overrides).optimizer.schedule for p in points] == [
+      "constant", "cosine"]
+
+
+# ---------------------------------------------------------------------------------------------------- running
+
+
+def test_sweep_runs_points_writes_results_and_skips_them_when_rerun(tmp_path, capsys):
+  path = write_config(tmp_path, "seeds(2)")
+  workdir = tmp_path / "sweep"
+  status, out, err = sweep_cli(capsys, "--config", path, "--workdir", str(workdir))
+  assert status == 0, (out, err)
+  assert "[0/2 done, 0 failed] running seed=0" in out and "[2/2 done, 0 failed] finished seed=1 in" in out
+  summaries = [json.loads((workdir / f"seed={s}" / "summary.json").read_text()) for s in (0, 1)]
+  accuracies = [s["final"]["validation"]["accuracy"] for s in summaries]
+  assert summaries[0]["steps"] == 3 and accuracies[0] != accuracies[1]  # two seeds really ran
+  rows = read_csv(workdir / "results.csv")
+  assert [(r["point"], r["seed"], r["status"]) for r in rows] == [("seed=0", "0", "finished"),
+                                                                  ("seed=1", "1", "finished")]
+  assert [float(r["train/validation/accuracy"]) for r in rows] == accuracies
+  expected = f"{statistics.mean(accuracies):.4f} ± {statistics.stdev(accuracies):.4f}"
+  table = ["| train/validation/accuracy | n |", "|---|---|", f"| {expected} | 2 |"]
+  assert out.split("results:")[0].strip().splitlines()[-3:] == table
+  assert (workdir / "results.md").read_text().strip().splitlines()[-3:] == table
+  assert [p["name"] for p in json.loads((workdir / "points.json").read_text())] == ["seed=0", "seed=1"]
+  assert (workdir / "seed=1" / "sweep.log").read_text().startswith(f"$ {sys.executable} -m finetune train")
+
+  modified = [(workdir / f"seed={s}" / "summary.json").stat().st_mtime_ns for s in (0, 1)]
+  status, out, _ = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--metric", "validation/loss")
+  assert status == 0
+  assert out.splitlines()[:2] == ["[1/2 done, 0 failed] skipped (finished) seed=0",
+                                  "[2/2 done, 0 failed] skipped (finished) seed=1"]
+  assert "running" not in out
+  assert [(workdir / f"seed={s}" / "summary.json").stat().st_mtime_ns for s in (0, 1)] == modified
+  assert [float(r["train/validation/loss"]) for r in read_csv(workdir / "results.csv")] == [
+      s["final"]["validation"]["loss"] for s in summaries]
+  # The same folder under another :arg holds another experiment: not finished, and train refuses to mix them.
+  status, out, err = sweep_cli(capsys, "--config", path + ":steps=4", "--workdir", str(workdir))
+  assert status == 1 and "skipped" not in out and "holds a run whose config differs (train.steps: 3 then" in out
+
+
+def test_parallel_sweep_continues_past_a_failed_point(tmp_path, capsys):
+  # data.classes=(0, 99) passes config validation; the data pipeline rejects it when the run starts.
+  path = write_config(tmp_path, '[{"seed": 0}, {"data.classes": (0, 99)}, {"seed": 1}]')
+  workdir = tmp_path / "sweep"
+  status, out, err = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--parallel", "2")
+  assert status == 1
+  bad = "classes=_0,99_"
+  assert all(line.startswith("[0/3 done, 0 failed] running") for line in out.splitlines()[:2])  # two at once
+  assert f"FAILED {bad} (exit status 2); last lines of {workdir / bad / 'sweep.log'}:" in out
+  assert "    finetune: error: config.data.classes" in out  # the point's own one-line error
+  assert "[3/3 done, 1 failed]" in out
+  assert err.strip().splitlines() == [f"failed: {bad} (exit status 2); see {workdir / bad / 'sweep.log'}"]
+  rows = read_csv(workdir / "results.csv")
+  assert [(r["point"], r["status"]) for r in rows] == [("seed=0", "finished"), (bad, "incomplete"),
+                                                       ("seed=1", "finished")]
+  assert rows[1]["train/validation/accuracy"] == "" and rows[0]["train/validation/accuracy"]
+  table = (workdir / "results.md").read_text()
+  assert "| data.classes | train/validation/accuracy | n |" in table
+  assert "| (0, 99) | - | 0 |" in table and "| - | " in table and " ± " in table
+
+
+def test_aggregate_means_and_sample_stds_over_seeds(tmp_path):
+  path = write_config(tmp_path, 'product({"optimizer.learning_rate": [0.1, 0.2]}, seeds(3))', extra=TWO_STAGES)
+  points = load_sweep(path)
+  workdir = tmp_path / "sweep"
+  accuracies = {(0.1, 0): (0.5, 0.2), (0.1, 1): (0.7, 0.4), (0.1, 2): (0.9, 0.3), (0.2, 0): (0.4, 0.1)}
+  def write_run(folder, point, summaries, older_run=False):  # as train_and_evaluate lays out a two-stage run
+    for (stage, stage_cfg), summary in zip(config_lib.stage_configs(point.config), summaries):
+      saved = json.loads(config_lib.to_json(stage_cfg))
+      if older_run:  # a key added since (at its default) and a resumable key changed: still this experiment
+        del saved["rehearsal"]
+        saved["train"]["log_every"] = 99
+      (folder / stage).mkdir(parents=True)
+      (folder / stage / "config.json").write_text(json.dumps(saved))
+      (folder / stage / "summary.json").write_text(json.dumps(summary))
+
+  for point in points:
+    key = (point.values["optimizer.learning_rate"], point.values["seed"])
+    if key in accuracies:  # (the others did not run: incomplete)
+      pre, ft = accuracies[key]
+      write_run(workdir / point.name, point, [
+          {"final": {"validation": {"accuracy": pre, "loss": 1.0}}, "steps": 3},
+          {"final": {"validation": {"accuracy": ft, "loss": 1.0}}, "steps": 3,
+           "forgetting": {"pre": {"validation": {"before": pre, "after": pre / 2, "drop": pre / 2}}}}],
+                older_run=key == (0.1, 1))
+  # A folder holding another experiment's run (seed 1's, under seed 2's name) is not that point's result.
+  write_run(workdir / points[5].name, points[4], [{"final": {"validation": {"accuracy": 0.0}}}] * 2)
+
+  table = aggregate(points, str(workdir), ["validation/accuracy", "forgetting/pre/validation/drop"])
+  assert table.splitlines() == [
+      "| optimizer.learning_rate | pre/validation/accuracy | ft/validation/accuracy | "
+      "ft/forgetting/pre/validation/drop | n |",
+      "|---|---|---|---|---|",
+      "| 0.1 | 0.7000 ± 0.2000 | 0.3000 ± 0.1000 | 0.3500 ± 0.1000 | 3 |",
+      "| 0.2 | 0.4000 | 0.1000 | 0.2000 | 1 |"]
+  assert (workdir / "results.md").read_text().endswith(table + "\n")
+  rows = read_csv(workdir / "results.csv")
+  assert list(rows[0]) == ["point", "optimizer.learning_rate", "seed", "status", "pre/validation/accuracy",
+                           "ft/validation/accuracy", "ft/forgetting/pre/validation/drop"]
+  assert [r["status"] for r in rows] == ["finished"] * 4 + ["incomplete"] * 2
+  assert float(rows[2]["ft/validation/accuracy"]) == 0.3 and rows[5]["pre/validation/accuracy"] == ""
+  with pytest.raises(FinetuneError, match="metric 'validation/acuracy' is a number in no stage summary"):
+    aggregate(points, str(workdir), ["validation/acuracy"])
+  # Default metrics: every split's accuracy; grouping over another key.
+  table = aggregate(points, str(workdir), seed_key="optimizer.learning_rate")
+  assert table.splitlines()[0] == "| seed | pre/validation/accuracy | ft/validation/accuracy | n |"
+  assert table.splitlines()[2] == "| 0 | 0.4500 ± 0.0707 | 0.1500 ± 0.0707 | 2 |"
+
+
+# ------------------------------------------------------------------------------------------------------ wandb
+
+
+def test_wandb_sweep_definition_runs_the_same_points(tmp_path, capsys):
+  from wandb.sdk.launch.sweeps.utils import create_sweep_command_args  # how the agent formats ${args}
+
+  path = write_config(tmp_path, 'product({"optimizer.learning_rate": [1e-3, 1e-2]}, seeds(2))')
+  workdir, out_file = tmp_path / "sweep", tmp_path / "defs" / "sweep.yaml"
+  status, out, _ = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--wandb-sweep", str(out_file),
+                             "--config.train.steps=2")
+  assert status == 0 and out.startswith(f"wrote {out_file}") and not workdir.exists()
+  definition = yaml.safe_load(out_file.read_text())
+  assert definition["method"] == "grid" and definition["project"] == "finetune"
+  assert definition["parameters"] == {"config.optimizer.learning_rate": {"values": [0.001, 0.01]},
+                                      "config.seed": {"values": [0, 1]}}
+  command = definition["command"]
+  assert command[0] == "${env}" and command[-1] == "${args}"
+  points = {(p.values["optimizer.learning_rate"], p.values["seed"]): p
+            for p in load_sweep(path, ["train.steps=2"])}
+  for lr, seed in itertools.product([0.001, 0.01], [0, 1]):
+    flags = create_sweep_command_args({"args": {"config.optimizer.learning_rate": {"value": lr},
+                                               "config.seed": {"value": seed}}})["args"]
+    argv = shlex.split(command[3].split("exec python -m finetune ", 1)[1].replace('"$@"', shlex.join(flags)))
+    rest, overrides = cli.split_overrides(argv)
+    parsed = cli._parser().parse_args(rest)  # pylint: disable=protected-access
+    config = config_lib.load_config(parsed.config, overrides)
+    point = points[(lr, seed)]
+    expected = config_lib.load_config(point.config_spec, [*point.overrides, "wandb.mode=online"])
+    assert config_lib.to_json(config) == config_lib.to_json(expected)
+  # As the agent runs it (its ${env}, a run id in the environment), with wandb switched back off for the test.
+  env = {**os.environ, "WANDB_RUN_ID": "run7", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+  result = subprocess.run(["/usr/bin/env", *command[1:-1], *flags, "--config.wandb.mode=disabled"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  saved = json.loads((workdir / "wandb" / "run7" / "config.json").read_text())
+  assert (saved["optimizer"]["learning_rate"], saved["seed"], saved["train"]["steps"]) == (0.01, 1, 2)
+
+  not_a_grid = write_config(tmp_path, 'zipped(seeds(2), [{"train.steps": 2}, {"train.steps": 3}])')
+  status, _, err = sweep_cli(capsys, "--config", not_a_grid, "--workdir", str(workdir), "--wandb-sweep", str(out_file))
+  assert status == 2 and "the 2 points are not every combination of their keys' values (4 combinations)" in err
+  status, _, err = sweep_cli(capsys, "--config", write_config(tmp_path, '[{":steps": 2}]'), "--workdir",
+                             str(workdir), "--wandb-sweep", str(out_file))
+  assert status == 2 and "not config-file arguments (:steps)" in err
