@@ -120,8 +120,8 @@ def label_schedule(cfg: ConfigDict, peak: float, start: int, total_steps: int,
   return factory(cfg, peak, total_steps)
 
 
-def build_optimizer(cfg: ConfigDict, strategy, phase: int, total_steps: int,
-                    params: Any) -> tuple[optax.GradientTransformation, dict[str, Callable[[Any], Any]]]:
+def build_optimizer(cfg: ConfigDict, strategy, phase: int, total_steps: int, params: Any,
+                    path_of: Callable[[str], str] = lambda path: path) -> tuple[optax.GradientTransformation, dict[str, Callable[[Any], Any]]]:
   """The optimizer for `phase` of `strategy`, and {label: learning rate as a function of the global step} (0 for
   labels resting in this phase).
 
@@ -140,7 +140,7 @@ def build_optimizer(cfg: ConfigDict, strategy, phase: int, total_steps: int,
     global_lr = label_schedule(cfg, peak, start, total_steps, strategy.restart_schedules)
     lr_by_label[label] = global_lr
     transforms[label] = base(cfg, lambda count, fn=global_lr, offset=start: fn(count + offset))
-  partitioned = optax.partition(transforms, strategy.labels_tree(params, phase))
+  partitioned = optax.partition(transforms, strategy.labels_tree(params, phase, path_of))
   clip = optax.clip_by_global_norm(cfg.grad_clip_norm) if cfg.grad_clip_norm > 0 else optax.identity()
   return optax.chain(clip, partitioned), lr_by_label
 

@@ -7,9 +7,14 @@ variables carry a leading layer axis (`models.layers.stack_blocks`); the forward
 Everything written in parameter paths keeps the *unrolled* vocabulary (`layers/3/attention/query/kernel`): layer
 groups, freezing, discriminative and per-group learning rates, gradual unfreezing, LoRA targets, regularizer anchors,
 adapters and exports. `Layout.view` presents the stacked parameters as that unrolled tree (layer i of a stacked
-leaf is the slice [i]) and `Layout.unview` stacks it back. The optimizer works on the view, so its partition labels
-and state are exactly the unrolled model's (a frozen layer keeps no optimizer state, a layer with its own
-learning rate gets it), and the train step differentiates the stacked parameters and slices the gradient.
+leaf is the slice [i]) and `Layout.unview` stacks it back.
+
+The optimizer sees *segments*: runs of consecutive layers that the strategy treats identically (same trainability
+in every phase, peak learning rate and start), each one slice [a:b] of the stack under the key 'a-(b-1)'. A segment
+takes the optimizer label of its first layer. Full fine-tuning or LoRA gives one segment per stack, so the optimizer
+update does not grow with depth either; freezing the first n layers gives two; per-layer learning rates or gradual
+unfreezing give one per layer, which is what they need: each frozen layer has no optimizer state and each thawed
+one starts its own, exactly as unrolled (`with_segments`).
 
 Checkpoints hold the stacked arrays; `layout.json` next to them records the stacks, and `read_checkpoint_arrays`
 returns every checkpoint unrolled, so a checkpoint converts between the two forms wherever it is loaded
@@ -53,6 +58,8 @@ class Layout:
   """Which top-level entries of the parameter tree are stacked, and how many layers each holds."""
 
   stacks: tuple[tuple[str, int], ...] = ()
+  # Optimizer segments per stack: ((name, ((start, end), ...)), ...); default one per layer.
+  segments: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
 
   @classmethod
   def of(cls, model: nnx.Module) -> "Layout":
@@ -82,6 +89,73 @@ class Layout:
       if name in tree:
         tree[name] = jax.tree.map(lambda *layers: jnp.stack(layers), *[tree[name][i] for i in range(length)])
     return tree
+
+  def with_segments(self, strategy) -> "Layout":
+    """This layout with optimizer segments: maximal runs of layers whose every parameter has the same treatment
+    under `strategy` (a `strategy.Strategy` over unrolled paths) in every phase."""
+    if not self.stacks:
+      return self
+    phases = range(len(strategy.phases))
+    trainable = [strategy.trainable(q) for q in phases]
+
+    def treatment(name: str, layer: int) -> tuple:
+      prefix = f"{name}/{layer}/"
+      result = []
+      for path in sorted(p for p in strategy.group_of if p.startswith(prefix)):
+        label = None if path in strategy.frozen else strategy.label(path)
+        result.append((path[len(prefix):], label is None or label.endswith(":bn"),
+                       None if label is None else strategy.peak_lr(path),
+                       tuple(strategy.label_start(label, q) if path in trainable[q] else -1 for q in phases)))
+      return tuple(result)
+
+    segments = []
+    for name, length in self.stacks:
+      bounds, start = [], 0
+      for layer in range(1, length + 1):
+        if layer == length or treatment(name, layer) != treatment(name, start):
+          bounds.append((start, layer))
+          start = layer
+      segments.append((name, tuple(bounds)))
+    return dataclasses.replace(self, segments=tuple(segments))
+
+  def _bounds(self, name: str, length: int) -> tuple[tuple[int, int], ...]:
+    return dict(self.segments).get(name, tuple((i, i + 1) for i in range(length)))
+
+  def opt_view(self, tree: Any, take: Callable[[Any, int, int], Any] = lambda leaf, a, b: leaf[a:b]) -> Any:
+    """The optimizer's form of a nested-dict tree: each stacked entry {name: {...: (L, ...)}} becomes
+    {name: {'a-(b-1)': {...: take(leaf, a, b)}, ...}}, one entry per segment."""
+    if not self.stacks:
+      return tree
+    tree = dict(tree)
+    for name, length in self.stacks:
+      if name in tree:
+        tree[name] = {f"{a}-{b - 1}": jax.tree.map(lambda leaf, a=a, b=b: take(leaf, a, b), tree[name])
+                      for a, b in self._bounds(name, length)}
+    return tree
+
+  def opt_unview(self, tree: Any) -> Any:
+    """Inverse of `opt_view` for arrays: segments concatenated along the layer axis."""
+    if not self.stacks:
+      return tree
+    tree = dict(tree)
+    for name, length in self.stacks:
+      if name in tree:
+        parts = [tree[name][f"{a}-{b - 1}"] for a, b in self._bounds(name, length)]
+        tree[name] = parts[0] if len(parts) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+    return tree
+
+  def opt_view_shapes(self, shapes: Any) -> Any:
+    return self.opt_view(shapes, lambda leaf, a, b: jax.ShapeDtypeStruct((b - a, *leaf.shape[1:]), leaf.dtype))
+
+  def opt_view_shardings(self, shardings: Any) -> Any:
+    return self.opt_view(shardings, lambda sharding, a, b: sharding)  # the layer axis is never split
+
+  def path_of(self, opt_path: str) -> str:
+    """The unrolled parameter path whose label an optimizer-view path takes: 'layers/4-7/x' -> 'layers/4/x'."""
+    parts = opt_path.split("/")
+    if len(parts) > 2 and parts[0] in dict(self.stacks) and "-" in parts[1]:
+      parts[1] = parts[1].split("-")[0]
+    return "/".join(parts)
 
   def stored_paths(self, unrolled_paths: frozenset[str]) -> frozenset[str]:
     """The stored parameter paths holding `unrolled_paths` (`layers/3/x/kernel` -> `layers/x/kernel`)."""

@@ -112,9 +112,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   `compute_dtype='bfloat16'`: mixed precision. The forward and backward passes run on bfloat16 copies of the
   parameters and float inputs; the parameters themselves (the master weights), their gradients, the optimizer state,
   BatchNorm statistics, logits and the loss stay float32.
-  Scanned layers (`layout`): `trainable`, the optimizer and the penalty are written over the unrolled view of the
-  parameters (finetune/scan.py). A stacked parameter is differentiated when any of its layers trains; its gradient is
-  sliced per layer, so a frozen layer's slice reaches only the optimizer's 'frozen' entry.
+  Scanned layers (`layout`): `trainable` and the penalty are written over the unrolled view of the parameters, the
+  optimizer over its segments (finetune/scan.py). A stacked parameter is differentiated when any of its layers
+  trains; its gradient is sliced into segments, so a frozen segment reaches only the optimizer's 'frozen' entry.
   """
   stored_trainable = layout.stored_paths(trainable)
   is_trainable = lambda path: path in stored_trainable
@@ -177,16 +177,17 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       loss, accuracy, extra = losses.mean(), accuracies.mean(), jax.tree.map(jnp.mean, extras)
     # The optimizer sees the full tree; frozen leaves get zeros that its 'frozen' entry (set_to_zero) ignores, so
     # XLA removes them.
-    full_grads = layout.view(combine(state.params, grads, jax.tree.map(jnp.zeros_like, frozen_params)))
-    view_params = layout.view(state.params)
-    updates, opt_state = tx.update(full_grads, state.opt_state, view_params)
+    full_grads = layout.opt_view(combine(state.params, grads, jax.tree.map(jnp.zeros_like, frozen_params)))
+    opt_params = layout.opt_view(state.params)
+    updates, opt_state = tx.update(full_grads, state.opt_state, opt_params)
+    trains = lambda path: layout.path_of(path) in trainable
     # Frozen leaves are passed through untouched (not p + 0, which would turn -0.0 into 0.0): bit-identical.
-    params = layout.unview(map_with_path(lambda path, p, u: p + u.astype(p.dtype) if path in trainable else p,
-                                         view_params, updates))
+    params = layout.opt_unview(map_with_path(lambda path, p, u: p + u.astype(p.dtype) if trains(path) else p,
+                                             opt_params, updates))
     metrics = {
         "loss": loss,
         "accuracy": accuracy,
-        "grad_norm": optax.global_norm(select(full_grads, lambda path: path in trainable)),
+        "grad_norm": optax.global_norm(select(full_grads, trains)),
         **extra,
     }
     for label, lr_fn in lr_by_label.items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 from flax import nnx
@@ -91,11 +91,16 @@ class Strategy:
       phase -= 1
     return self.phases[phase].start
 
-  def labels_tree(self, params: Any, phase: int) -> Any:
-    """The optax partition labels for `params` in `phase` ('frozen' for everything not trained in it)."""
+  def labels_tree(self, params: Any, phase: int, path_of: Callable[[str], str] = lambda path: path) -> Any:
+    """The optax partition labels for `params` in `phase` ('frozen' for everything not trained in it). `path_of`
+    maps a leaf's path to the parameter path whose label it takes (scanned layers: a segment of a stack)."""
     trainable = self.trainable(phase)
-    return jax.tree_util.tree_map_with_path(
-        lambda keypath, _: self.label(path_str(keypath)) if path_str(keypath) in trainable else FROZEN, params)
+
+    def label(keypath) -> str:
+      path = path_of(path_str(keypath))
+      return self.label(path) if path in trainable else FROZEN
+
+    return jax.tree_util.tree_map_with_path(lambda keypath, _: label(keypath), params)
 
   def frozen_batch_norm(self, phase: int) -> tuple[str, ...]:
     """BatchNorm modules run in inference mode in `phase`: those with no parameter training in it."""

@@ -106,15 +106,19 @@ class Stage:
     return self.layout.view_shardings(self.params_sharding)
 
   def optimizer(self, phase: int) -> tuple[optax.GradientTransformation, dict[str, Callable]]:
-    """Over the unrolled view of the parameters (`scan.Layout.view`; the parameters themselves when unscanned)."""
+    """Over the optimizer's view of the parameters (`scan.Layout.opt_view`: the parameters themselves unless
+    scanned)."""
     return self._cached(("optimizer", phase), lambda: build_optimizer(
-        self.cfg.optimizer, self.strategy, phase, self.total_steps, self.view_params))
+        self.cfg.optimizer, self.strategy, phase, self.total_steps, self.layout.opt_view_shapes(self.abstract_params),
+        self.layout.path_of))
 
   def state_shardings(self, phase: int) -> TrainState:
     def make():
       tx, _ = self.optimizer(phase)
-      abstract_opt = jax.eval_shape(tx.init, self.view_params)
-      opt_sharding = optimizer_state_shardings(abstract_opt, self.view_shardings, self.view_params, self.mesh)
+      opt_params = self.layout.opt_view_shapes(self.abstract_params)
+      abstract_opt = jax.eval_shape(tx.init, opt_params)
+      opt_sharding = optimizer_state_shardings(abstract_opt, self.layout.opt_view_shardings(self.params_sharding),
+                                               opt_params, self.mesh)
       return TrainState(step=replicated(self.mesh), params=self.params_sharding,
                         model_state=self.model_state_sharding, opt_state=opt_sharding, rng=replicated(self.mesh),
                         anchors=self.anchor_shardings())
@@ -136,7 +140,7 @@ class Stage:
         _, params, rest = nnx.split(model, nnx.Param, ...)
         params = params.to_pure_dict()
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=rest.to_pure_dict(),
-                          opt_state=tx.init(self.layout.view(params)), rng=jax.random.fold_in(seed_key, 1))
+                          opt_state=tx.init(self.layout.opt_view(params)), rng=jax.random.fold_in(seed_key, 1))
 
       return jax.jit(init, out_shardings=self.state_shardings(phase).replace(anchors=None))
     return self._cached(("init", phase), make)
@@ -173,7 +177,7 @@ class Stage:
   def enter_phase(self, state: TrainState, phase: int) -> TrainState:
     """Moves a state into `phase`: fresh optimizer state for newly trainable labels, the rest carried over."""
     tx, _ = self.optimizer(phase)
-    fresh = jax.jit(lambda params: tx.init(self.layout.view(params)),
+    fresh = jax.jit(lambda params: tx.init(self.layout.opt_view(params)),
                     out_shardings=self.state_shardings(phase).opt_state)(state.params)
     return state.replace(opt_state=carry_over(state.opt_state, fresh))
 
@@ -232,7 +236,8 @@ def build_stage(cfg: ConfigDict) -> Stage:
                params_sharding=state_shardings(abstract_params, mesh, rules),
                model_state_sharding=state_shardings(abstract_rest, mesh, rules),
                abstract_params=abstract_params.to_pure_dict(), create_model=create_model,
-               abstract_model=abstract_model, layout=scan.Layout.of(stored_model), base_paths=base_paths,
+               abstract_model=abstract_model, layout=scan.Layout.of(stored_model).with_segments(strategy),
+               base_paths=base_paths,
                peft_info=peft_info)
 
 
@@ -264,7 +269,7 @@ def initial_state(stage: Stage, cfg: ConfigDict, workdir: str) -> tuple[TrainSta
     state = state.replace(params=jax.device_put(stage.layout.unview(params), stage.params_sharding),
                           model_state=jax.device_put(stage.layout.unview(model_state), stage.model_state_sharding))
     tx, _ = stage.optimizer(0)
-    state = state.replace(opt_state=jax.jit(lambda params: tx.init(stage.layout.view(params)),
+    state = state.replace(opt_state=jax.jit(lambda params: tx.init(stage.layout.opt_view(params)),
                                             out_shardings=stage.state_shardings(0).opt_state)(state.params))
   return state, report
 

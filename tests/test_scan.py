@@ -69,8 +69,15 @@ def test_scanned_layers_train_like_unrolled_for_every_strategy(kind, runs):
   name = "layers/attention/query/kernel" if kind == "bert" else "layers/self_attn/q_proj/kernel"
   assert stored[name].shape == (2, 16, 16)
   assert not any(path.startswith("layers/0/") for path in stored)
+  # The optimizer sees one segment per run of identically treated layers: the whole stack for full fine-tuning
+  # and LoRA (its update does not grow with depth), one per layer where rates or phases differ per layer.
+  stage_cfgs = dict(stage_configs(scan_config(kind, {"data": 1}, True)))
+  expected = {"full": ((0, 2),), "lora": ((0, 2),), "frozen_n": ((0, 1), (1, 2)), "discriminative": ((0, 1), (1, 2)),
+              "gradual": ((0, 1), (1, 2))}
+  for stage_name, bounds in expected.items():
+    assert train_lib.build_stage(stage_cfgs[stage_name]).layout.segments == (("layers", bounds),), stage_name
   # The frozen first layer stays bit-identical inside the stacked arrays; the second one trains.
-  stage_cfg = dict(stage_configs(scan_config(kind, {"data": 1}, True)))["frozen_n"]
+  stage_cfg = stage_cfgs["frozen_n"]
   stage = train_lib.build_stage(stage_cfg)
   before = flatten(stage.layout.view(train_lib.initial_state(stage, stage_cfg, "")[0].params))
   after = read_checkpoint_arrays(f"{runs[kind, True]}/frozen_n/checkpoints/{STEPS}")["params"]
