@@ -59,6 +59,9 @@ def defaults() -> ConfigDict:
       "grad_accum_steps": 1,
       # Mixed precision: 'bfloat16' runs forward and backward on bfloat16 copies of the float32 master weights.
       "compute_dtype": "float32",
+      # Under bfloat16 compute, parameters whose paths match these regexes stay float32 in the forward pass too
+      # (e.g. norms or embeddings, where bfloat16 rounding hurts most).
+      "float32_params": (),
       # Rematerialisation per block: '' (off), 'block' (keep each block's input only) or 'dots' (keep matmuls).
       "remat": "",
       # Scanned layers: the model's block stack stored with a leading layer axis and run by jax.lax.scan, so

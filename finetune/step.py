@@ -8,6 +8,7 @@ explicit shardings and donates the train state.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import flax.struct
@@ -96,7 +97,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     frozen_batch_norm: tuple[str, ...] = (), label_smoothing: float = 0.0,
                     forward: Callable[..., jax.Array] = classify, task: str = "classification",
                     penalty: Callable | None = None, needs_features: bool = False, accumulate: int = 1,
-                    compute_dtype: str = "float32", layout: Layout = Layout(),
+                    compute_dtype: str = "float32", layout: Layout = Layout(), keep_float32: tuple[str, ...] = (),
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)` for batches of model inputs (e.g. {'image': (B, ...)}
   or {'input_ids': (B, L), 'attention_mask': (B, L)}) and 'label': (B,).
@@ -111,7 +112,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   `accumulate` > 1 splits each batch into that many micro-batches (gradient accumulation).
   `compute_dtype='bfloat16'`: mixed precision. The forward and backward passes run on bfloat16 copies of the
   parameters and float inputs; the parameters themselves (the master weights), their gradients, the optimizer state,
-  BatchNorm statistics, logits and the loss stay float32.
+  BatchNorm statistics, logits and the loss stay float32, and so do the parameters whose paths match a regex in
+  `keep_float32` (e.g. norms, embeddings) in the forward pass too.
   Scanned layers (`layout`): `trainable` and the penalty are written over the unrolled view of the parameters, the
   optimizer over its segments (finetune/scan.py). A stacked parameter is differentiated when any of its layers
   trains; its gradient is sliced into segments, so a frozen segment reaches only the optimizer's 'frozen' entry.
@@ -127,7 +129,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     def loss_fn(trainable_params, batch, model_state, dropout_key):
       params = combine(state.params, trainable_params, frozen_params)
-      model = nnx.merge(graphdef, to_compute_dtype(params, compute_dtype), model_state)
+      model = nnx.merge(graphdef, to_compute_dtype(params, compute_dtype, keep_float32), model_state)
       batch = to_compute_dtype(batch, compute_dtype)
       inference_mode_batch_norm(model, frozen_batch_norm)
       rngs = nnx.Rngs(dropout=dropout_key)
@@ -198,24 +200,34 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   return train_step
 
 
-def to_compute_dtype(tree: Any, compute_dtype: str) -> Any:
-  """Floating-point leaves cast to the compute dtype (mixed precision); integer ids, masks and labels unchanged."""
+def to_compute_dtype(tree: Any, compute_dtype: str, keep: tuple[str, ...] = ()) -> Any:
+  """Floating-point leaves cast to the compute dtype (mixed precision), except those whose path matches a regex in
+  `keep`; integer ids, masks and labels unchanged."""
   if compute_dtype == "float32":
     return tree
   dtype = jnp.dtype(compute_dtype)
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+  kept = [re.compile(pattern) for pattern in keep]
+
+  def cast(path: str, x: jax.Array) -> jax.Array:
+    if not jnp.issubdtype(x.dtype, jnp.floating) or any(r.search(path) for r in kept):
+      return x
+    return x.astype(dtype)
+
+  return map_with_path(cast, tree)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, label_smoothing: float = 0.0,
                    forward: Callable[..., jax.Array] = classify,
-                   task: str = "classification", compute_dtype: str = "float32") -> Callable[[dict, dict], dict]:
+                   task: str = "classification", compute_dtype: str = "float32",
+                   keep_float32: tuple[str, ...] = ()) -> Callable[[dict, dict], dict]:
   """Builds `eval_step(weights, batch) -> sums` over a padded batch with a 0/1 'mask' (padding never counts).
 
   `weights` is {'params': ..., 'model_state': ...}: evaluation needs no optimizer state.
   """
 
   def eval_step(weights: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    model = nnx.merge(graphdef, to_compute_dtype(weights["params"], compute_dtype), weights["model_state"])
+    model = nnx.merge(graphdef, to_compute_dtype(weights["params"], compute_dtype, keep_float32),
+                      weights["model_state"])
     logits = forward(model, to_compute_dtype(batch, compute_dtype), train=False).astype(jnp.float32)
     scored = TASKS.get(task)(logits, batch, label_smoothing)
     example_mask = batch["mask"].astype(jnp.float32)

@@ -159,7 +159,7 @@ class Stage:
                              self.strategy.frozen_batch_norm(phase), self.cfg.train.label_smoothing, self.forward,
                              self.cfg.task, regularizers.make_penalty(self.cfg),
                              regularizers.needs_features(self.cfg), self.cfg.train.grad_accum_steps,
-                             self.cfg.train.compute_dtype, self.layout)
+                             self.cfg.train.compute_dtype, self.layout, tuple(self.cfg.train.float32_params))
       return compile_train_step(step, self.abstract_state(phase), abstract_batch(self.pipeline.train_batch(0),
                                                                                  self.mesh), self.mesh)
     return self._cached(("train_step", phase), make)
@@ -171,7 +171,8 @@ class Stage:
       first_split = next(iter(self.pipeline.eval_splits))
       batch = abstract_batch(next(iter(self.pipeline.eval_batches(first_split))), self.mesh)
       return compile_eval_step(make_eval_step(self.graphdef, self.cfg.train.label_smoothing, self.forward,
-                                              self.cfg.task, self.cfg.train.compute_dtype), weights, batch, self.mesh)
+                                              self.cfg.task, self.cfg.train.compute_dtype,
+                                              tuple(self.cfg.train.float32_params)), weights, batch, self.mesh)
     return self._cached(("eval_step",), make)
 
   def enter_phase(self, state: TrainState, phase: int) -> TrainState:
@@ -232,6 +233,8 @@ def build_stage(cfg: ConfigDict) -> Stage:
     peft_info = adapters.report(cfg.peft, {p: tuple(x.shape) for p, x in flatten(params).items()}, peft_trainable,
                                 base_paths, adapters.quantized_shapes(abstract_model), flatten(params))
   strategy = resolve_strategy(cfg, abstract_model, params, total_steps, pipeline.steps_per_epoch, peft_trainable)
+  stored_paths = list(flatten(abstract_params.to_pure_dict()))
+  require_matches(cfg.train.float32_params, stored_paths, "config.train.float32_params")
   return Stage(cfg=cfg, pipeline=pipeline, mesh=mesh, graphdef=graphdef, strategy=strategy, total_steps=total_steps,
                params_sharding=state_shardings(abstract_params, mesh, rules),
                model_state_sharding=state_shardings(abstract_rest, mesh, rules),

@@ -249,3 +249,24 @@ def test_rematerialised_blocks_compute_the_same_run(model, policy, tmp_path):
       # atol: attention key biases have a zero true gradient (softmax ignores a per-query constant); Adam turns
       # the recomputation's float noise in it into ~1e-5 moves.
       np.testing.assert_allclose(remat[collection][path], value, rtol=1e-5, atol=3e-5, err_msg=path)
+
+
+def test_float32_params_stay_float32_under_bfloat16_compute():
+  """train.float32_params: matching parameters enter the bfloat16 forward pass in float32; a regex matching no
+  parameter is an error."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from finetune.errors import FinetuneError  # pylint: disable=g-import-not-at-top
+  from finetune.step import to_compute_dtype  # pylint: disable=g-import-not-at-top
+  tree = {"blocks": {"0": {"norm": {"scale": jnp.ones(3)}, "dense": {"kernel": jnp.ones((3, 3))}}},
+          "ids": jnp.ones(3, jnp.int32)}
+  cast = to_compute_dtype(tree, "bfloat16", (r"/norm/",))
+  assert cast["blocks"]["0"]["norm"]["scale"].dtype == jnp.float32
+  assert cast["blocks"]["0"]["dense"]["kernel"].dtype == jnp.bfloat16
+  assert cast["ids"].dtype == jnp.int32
+  assert to_compute_dtype(tree, "bfloat16")["blocks"]["0"]["norm"]["scale"].dtype == jnp.bfloat16
+  vit = {"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 2, "num_heads": 2, "mlp_dim": 32}
+  stage = train_lib.build_stage(tiny_config(model=vit, train={"compute_dtype": "bfloat16",
+                                                              "float32_params": ["norm"]}))
+  assert stage.train_step(0) is not None
+  with pytest.raises(FinetuneError, match="config.train.float32_params: pattern 'layernorm' matches no parameter"):
+    train_lib.build_stage(tiny_config(model=vit, train={"compute_dtype": "bfloat16", "float32_params": ["layernorm"]}))
