@@ -31,6 +31,7 @@ import os
 from finetune import recipes
 from finetune.config import ConfigDict, parse_arg
 from finetune.errors import FinetuneError
+from finetune.sweep import product, seeds
 
 TASKS = {
     "sst2": dict(train_file="stsa.binary.train", validation_file="stsa.binary.dev", test_file="stsa.binary.test"),
@@ -73,3 +74,25 @@ def get_config(arg=None):
       stage = dict(stage, model=dict(dropout=0.0))
     config.stages[name] = stage
   return config
+
+
+LORA_RANKS = (1, 4, 8, 16)
+
+
+def get_sweep(arg=None):
+  """LoRA vs full fine-tuning vs linear probe (experiments/lora_vs_full): per task, the cached-feature probe, full
+  fine-tuning, LoRA with r in LORA_RANKS (alpha = 2r, so the update scale alpha/r stays 2 as in the r=8 recipe) and
+  DoRA (r=8), times `seeds` seeds. `:task=sst2` or `trec` runs one task; `:seeds=3` three seeds.
+
+      finetune sweep --config configs/minilm_sst2.py:task=sst2 --workdir /tmp/lora_vs_full \
+        --metric test/accuracy --metric trainable_params --metric optimizer_state_bytes \
+        --metric train_examples_per_s
+  """
+  args = parse_arg(arg, task="both", seeds=1)
+  tasks = list(TASKS) if args.task == "both" else [args.task]
+  if not set(tasks) <= set(TASKS):
+    raise FinetuneError(f"unknown task {args.task!r}; valid: both, {', '.join(TASKS)}")
+  variants = [{":variant": "linear_probe"}, {":variant": "full"}]
+  variants += [{":variant": "lora", "stages.lora.peft.rank": r, "stages.lora.peft.alpha": 2.0 * r} for r in LORA_RANKS]
+  variants += [{":variant": "dora"}]
+  return product([{":task": task} for task in tasks], variants, seeds(args.seeds))

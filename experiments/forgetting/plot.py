@@ -1,0 +1,82 @@
+"""The forgetting trade-off plot from a sweep's results.csv (`finetune sweep` over configs/*_forgetting.py).
+
+    python experiments/forgetting/plot.py experiments/forgetting/mnist_results.csv experiments/forgetting/mnist.png
+
+One curve per regularizer: target-task test accuracy (x) against source-task test accuracy after fine-tuning (y),
+one marker per strength (mean over seeds, bars: sample std), plain fine-tuning as a single point and the source
+accuracy before fine-tuning as a dashed line. The notebook notebooks/forgetting.ipynb calls `tradeoff` too.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import statistics
+import sys
+
+METHODS = {"ewc": ":ewc_weight", "l2sp": ":l2sp_alpha", "lwf": ":lwf_weight", "rehearsal": ":rehearsal_fraction"}
+LABELS = {"ewc": "EWC (λ)", "l2sp": "L2-SP (α)", "lwf": "LwF (weight)", "rehearsal": "rehearsal (fraction)"}
+
+
+def _mean_std(values):
+  return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(csv_path: str) -> dict:
+  """{method: [(strength, (target mean, std), (source mean, std), n), ...]} plus 'finetune' and 'before' entries,
+  from the finished rows of a forgetting sweep's results.csv."""
+  with open(csv_path) as f:
+    rows = [row for row in csv.DictReader(f) if row["status"] == "finished"]
+  if not rows:
+    raise ValueError(f"{csv_path} has no finished points")
+  result = {}
+  for method, key in METHODS.items():
+    by_strength = collections.defaultdict(list)
+    for row in rows:
+      by_strength[float(row[key])].append(row)
+    result[method] = [(strength,
+                       _mean_std([float(r[f"{method}/test/accuracy"]) for r in members]),
+                       _mean_std([float(r[f"{method}/forgetting/pretrain/test/after"]) for r in members]),
+                       len(members))
+                      for strength, members in sorted(by_strength.items())]
+  result["finetune"] = (_mean_std([float(r["finetune/test/accuracy"]) for r in rows]),
+                        _mean_std([float(r["finetune/forgetting/pretrain/test/after"]) for r in rows]), len(rows))
+  result["before"] = _mean_std([float(r["pretrain/test/accuracy"]) for r in rows])
+  return result
+
+
+def tradeoff(csv_path: str, png_path: str | None = None, title: str = ""):
+  """Draws the trade-off plot; saves it to `png_path` when given. Returns the matplotlib figure."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  if png_path:
+    matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  summary = summarize(csv_path)
+  fig, ax = plt.subplots(figsize=(6.4, 4.8))
+  for method in METHODS:
+    points = summary[method]
+    xs, ys = [p[1][0] for p in points], [p[2][0] for p in points]
+    ax.errorbar(xs, ys, xerr=[p[1][1] for p in points], yerr=[p[2][1] for p in points], marker="o", capsize=2,
+                label=LABELS[method])
+    for strength, x, y in zip((p[0] for p in points), xs, ys):
+      ax.annotate(f"{strength:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+  (target, target_std), (source, source_std), _ = summary["finetune"]
+  ax.errorbar([target], [source], xerr=[target_std], yerr=[source_std], marker="*", markersize=12, color="black",
+              linestyle="none", label="plain fine-tuning")
+  ax.axhline(summary["before"][0], color="gray", linestyle="--", linewidth=1, label="source accuracy before")
+  ax.set_xlabel("target task test accuracy (after fine-tuning)")
+  ax.set_ylabel("source task test accuracy (after fine-tuning)")
+  ax.set_title(title or "Forgetting vs. learning: regularizer strength sweep")
+  ax.legend(fontsize=8, loc="lower left")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  if png_path:
+    fig.savefig(png_path, dpi=120)
+  return fig
+
+
+if __name__ == "__main__":
+  if len(sys.argv) != 3:
+    sys.exit(__doc__.splitlines()[2].strip())
+  tradeoff(sys.argv[1], sys.argv[2])
+  print(f"wrote {sys.argv[2]}")

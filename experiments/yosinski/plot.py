@@ -1,0 +1,164 @@
+"""Figure 2 of Yosinski et al. 2014 from a sweep's results.csv (`finetune sweep` over configs/cifar10_yosinski.py).
+
+    python experiments/yosinski/plot.py /tmp/yosinski_sweep/results.csv /tmp/yosinski_sweep/figure2.png
+
+Test accuracy on B (y) against the number n of layer groups copied from a base network (x): baseB at n = 0, then
+BnB, BnB+, AnB and AnB+ at each n; one marker per condition and n at the mean over the finished points (bars: sample
+standard deviation), each point's own value as a faint dot. The man-made vs natural split is a different
+experiment from the random 5/5 splits (the paper's Figure 3 vs Figure 2), so each split kind in the file (the
+`:split` column) gets its own panel. `figure2` and `summarize` are meant for notebooks too.
+
+results.csv is written by `finetune.sweep.aggregate`: columns `point`, the swept keys (`:split`, `:split_seed`,
+`:seed`), `status`, then one `<stage>/<metric>` column per stage and metric, e.g. `AnB_plus_3/test/accuracy`.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import re
+import statistics
+import sys
+from typing import NamedTuple
+
+# Conditions in the paper's notation -> (source base, fine-tuned); their stages are `<prefix>_<n>`.
+CONDITIONS = {"BnB": "BnB", "BnB+": "BnB_plus", "AnB": "AnB", "AnB+": "AnB_plus"}
+# The paper's colours: B-sourced blue, A-sourced red; the fine-tuned (+) variants lighter.
+STYLE = {"baseB": dict(color="black", markerfacecolor="white", marker="o"),
+         "BnB": dict(color="#1f4e9c", marker="o"), "BnB+": dict(color="#7fa7e0", marker="P"),
+         "AnB": dict(color="#b22222", marker="D"), "AnB+": dict(color="#f08080", marker="X")}
+SPLIT_COLUMNS = (":split", "split")
+
+
+class Stat(NamedTuple):
+  """Mean and sample standard deviation (0 for one value) of `values`, one per finished point."""
+
+  mean: float
+  std: float
+  count: int
+  values: tuple[float, ...]
+
+  @classmethod
+  def of(cls, values) -> "Stat":
+    values = tuple(values)
+    return cls(statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values), values)
+
+
+def _number(text: str | None) -> float | None:
+  try:
+    return float(text) if text not in (None, "") else None
+  except ValueError:
+    return None
+
+
+def summarize(csv_path: str, metric: str = "test/accuracy") -> dict[str, dict]:
+  """{split kind: {'baseA': Stat, 'baseB': Stat, 'BnB': {n: Stat}, 'BnB+': ..., 'AnB': ..., 'AnB+': ...}} over
+  the finished rows of results.csv, per value of its `:split` column ('all' when it has none). A stage's value is
+  `<stage>/<metric>`; rows where it is empty are left out of that stage's Stat, and conditions or bases with no
+  value at all are left out of the result."""
+  with open(csv_path, newline="") as f:
+    reader = csv.DictReader(f)
+    columns = reader.fieldnames or []
+    rows = [row for row in reader if row.get("status") == "finished"]
+  if not rows:
+    raise ValueError(f"{csv_path} has no finished points")
+  split_column = next((c for c in SPLIT_COLUMNS if c in columns), None)
+  suffix = "/" + metric
+  pattern = re.compile(r"^(?P<prefix>AnB_plus|BnB_plus|AnB|BnB)_(?P<n>\d+)$")
+  stage_columns = {}  # column -> (condition, n) or (base, None)
+  for column in columns:
+    if not column.endswith(suffix):
+      continue
+    stage = column[:-len(suffix)]
+    if stage in ("baseA", "baseB"):
+      stage_columns[column] = (stage, None)
+    elif (match := pattern.match(stage)):
+      condition = next(k for k, v in CONDITIONS.items() if v == match["prefix"])
+      stage_columns[column] = (condition, int(match["n"]))
+  if not any(key == "baseB" for key, _ in stage_columns.values()):
+    raise ValueError(f"{csv_path} has no baseB/{metric} column; is it the results.csv of a "
+                     f"configs/cifar10_yosinski.py sweep (and was --metric {metric} among its metrics)?")
+  by_split = collections.defaultdict(list)
+  for row in rows:
+    by_split[row[split_column] if split_column else "all"].append(row)
+  result = {}
+  for split, members in by_split.items():
+    values = collections.defaultdict(list)  # (key, n) -> values
+    for row in members:
+      for column, key in stage_columns.items():
+        value = _number(row.get(column))
+        if value is not None:
+          values[key].append(value)
+    summary: dict = {}
+    for (key, n), found in sorted(values.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
+      if n is None:
+        summary[key] = Stat.of(found)
+      else:
+        summary.setdefault(key, {})[n] = Stat.of(found)
+    result[split] = summary
+  return result
+
+
+def table(summary: dict[str, dict]) -> str:
+  """The summary as text: a block per split kind, a row per condition, a column per n (mean ± std (count))."""
+  lines = []
+  for split, conditions in summary.items():
+    ns = sorted({n for key in CONDITIONS for n in conditions.get(key, {})})
+    lines.append(f"split {split}: " + ", ".join(f"{base} {conditions[base].mean:.4f} ± {conditions[base].std:.4f} "
+                                                 f"({conditions[base].count})"
+                                                 for base in ("baseA", "baseB") if base in conditions))
+    lines.append("  " + "n".ljust(6) + "".join(str(n).ljust(24) for n in ns))
+    for key in CONDITIONS:
+      cells = [conditions.get(key, {}).get(n) for n in ns]
+      lines.append("  " + key.ljust(6) + "".join(
+          (f"{c.mean:.4f} ± {c.std:.4f} ({c.count})" if c else "-").ljust(24) for c in cells))
+  return "\n".join(lines)
+
+
+def figure2(csv_path: str, png_path: str | None = None, title: str = "", metric: str = "test/accuracy"):
+  """Draws the Figure 2-style plot (one panel per split kind); saves it to `png_path` when given. Returns the
+  matplotlib figure."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  if png_path:
+    matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  summary = summarize(csv_path, metric)
+  fig, axes = plt.subplots(1, len(summary), figsize=(6.4 * len(summary), 4.8), squeeze=False)
+  offsets = {"baseB": 0.0, "BnB": -0.15, "BnB+": -0.05, "AnB": 0.05, "AnB+": 0.15}  # side by side at each n
+  for ax, (split, conditions) in zip(axes[0], summary.items()):
+    base = conditions["baseB"]
+    ax.axhline(base.mean, color="gray", linestyle="--", linewidth=1)
+    ax.errorbar([0], [base.mean], yerr=[base.std], capsize=3, linestyle="none", label="baseB",
+                **STYLE["baseB"])
+    ax.plot([0] * base.count, base.values, linestyle="none", marker=".", color="black", alpha=0.25)
+    for key in CONDITIONS:
+      stats = conditions.get(key, {})
+      if not stats:
+        continue
+      ns = sorted(stats)
+      xs = [n + offsets[key] for n in ns]
+      ax.errorbar(xs, [stats[n].mean for n in ns], yerr=[stats[n].std for n in ns], capsize=3, label=key,
+                  **STYLE[key])
+      for x, n in zip(xs, ns):
+        ax.plot([x] * stats[n].count, stats[n].values, linestyle="none", marker=".", color=STYLE[key]["color"],
+                alpha=0.3)
+    all_ns = sorted({n for key in CONDITIONS for n in conditions.get(key, {})})
+    ax.set_xticks([0, *all_ns])
+    ax.set_xlabel("layer groups n copied from the base network (0: baseB)")
+    ax.set_ylabel(f"{metric} on B")
+    name = {"random": "random 5/5 class splits", "manmade": "man-made (A) vs natural (B)"}.get(split, split)
+    ax.set_title(f"{title} — {name}" if title else name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+  fig.tight_layout()
+  if png_path:
+    fig.savefig(png_path, dpi=120)
+  return fig
+
+
+if __name__ == "__main__":
+  if len(sys.argv) != 3:
+    sys.exit(__doc__.splitlines()[2].strip())
+  print(table(summarize(sys.argv[1])))
+  figure2(sys.argv[1], sys.argv[2])
+  print(f"wrote {sys.argv[2]}")

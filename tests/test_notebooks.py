@@ -1,0 +1,29 @@
+"""Every notebook in notebooks/ runs top to bottom (they load committed results or train for seconds), so they
+cannot rot."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPO
+
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+
+
+def test_there_are_notebooks():
+  names = {path.stem for path in NOTEBOOKS}
+  assert {"quickstart", "forgetting"} <= names, names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_notebook_executes(path):
+  nbclient = pytest.importorskip("nbclient")
+  import nbformat  # pylint: disable=g-import-not-at-top
+  notebook = nbformat.read(str(path), as_version=4)
+  client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                   resources={"metadata": {"path": str(path.parent)}})
+  client.execute()  # raises CellExecutionError, naming the cell, on any error
+  outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
+  assert not [o for o in outputs if o.get("output_type") == "error"]
+  assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs), \
+      f"{path.name} drew no figure"
