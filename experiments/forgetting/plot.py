@@ -39,9 +39,13 @@ def summarize(csv_path: str) -> dict:
                        _mean_std([float(r[f"{method}/forgetting/pretrain/test/after"]) for r in members]),
                        len(members))
                       for strength, members in sorted(by_strength.items())]
-  result["finetune"] = (_mean_std([float(r["finetune/test/accuracy"]) for r in rows]),
-                        _mean_std([float(r["finetune/forgetting/pretrain/test/after"]) for r in rows]), len(rows))
-  result["before"] = _mean_std([float(r["pretrain/test/accuracy"]) for r in rows])
+  # Plain fine-tuning and the source network do not depend on the strengths: every point of a seed reruns them
+  # identically, so they are averaged over seeds (one row each), not over points.
+  one_per_seed = list({row["seed"]: row for row in rows}.values())
+  result["finetune"] = (_mean_std([float(r["finetune/test/accuracy"]) for r in one_per_seed]),
+                        _mean_std([float(r["finetune/forgetting/pretrain/test/after"]) for r in one_per_seed]),
+                        len(one_per_seed))
+  result["before"] = _mean_std([float(r["pretrain/test/accuracy"]) for r in one_per_seed])
   return result
 
 
