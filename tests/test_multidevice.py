@@ -217,3 +217,65 @@ def test_transformers_with_every_strategy_match_across_meshes(tmp_path):
         mine = read_checkpoint_arrays(f"{ours}/checkpoints/3")["params"]
         for path, value in read_checkpoint_arrays(f"{reference}/checkpoints/3")["params"].items():
           np.testing.assert_allclose(mine[path], value, rtol=1e-5, atol=1e-5, err_msg=f"{mesh} {kind} {stage} {path}")
+
+
+# Every model of the zoo, tiny, on synthetic inputs of its kind: (task, model, data options).
+_TOKENS = {"kind": "tokens", "length": 16, "vocab_size": 64, "num_classes": 3, "num_examples": 32}
+_IMAGES = {"kind": "images", "image_shape": (8, 8, 1), "num_classes": 4, "num_examples": 32}
+ZOO = {
+    "mlp": ("classification", {"name": "mlp", "input_size": 64, "hidden": (32, 32), "dropout": 0.0}, _IMAGES),
+    "cnn": ("classification", {"name": "cnn", "in_channels": 1, "stem_width": 8, "widths": (8, 16)}, _IMAGES),
+    "vit": ("classification", {"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 2,
+                               "num_heads": 2, "mlp_dim": 32}, _IMAGES),
+    "bert": ("classification", TRANSFORMERS["bert"]["model"], _TOKENS),
+    "gpt2": ("causal_lm", {"name": "gpt2", "vocab_size": 64, "n_positions": 32, "n_embd": 16, "n_layer": 2,
+                           "n_head": 2, "dropout": 0.0}, _TOKENS),
+    "llama": ("causal_lm", TRANSFORMERS["llama"]["model"], _TOKENS),
+}
+
+
+def zoo_config(name, mesh):
+  from finetune.config import build_config  # pylint: disable=g-import-not-at-top
+  task, model, options = ZOO[name]
+  return build_config({
+      "task": task, "model": model, "mesh": mesh,
+      "data": {"name": "synthetic", "batch_size": 8, "eval_batch_size": 8, "validation_fraction": 0.0,
+               "eval_splits": ("test",), "options": options},
+      "train": {"steps": 3, "log_every": 1, "checkpoint_every": 0},
+  })
+
+
+ZOO_RUN = '''
+import json, sys
+sys.path.insert(0, "tests")
+from finetune import train as train_lib
+from finetune.sharding import describe
+from test_multidevice import ZOO, zoo_config
+workdir = sys.argv[1]
+specs = {}
+for name in ZOO:
+  config = zoo_config(name, {"data": 2, "fsdp": 2, "tensor": 2})
+  specs[name] = describe(train_lib.build_stage(config).params_sharding)
+  train_lib.train_and_evaluate(config, f"{workdir}/{name}")
+print(json.dumps(specs))
+'''
+
+
+def test_every_model_of_the_zoo_shards_and_matches_one_device(tmp_path):
+  """MLP, CNN, ViT, BERT, GPT-2 and Llama on data=2 x fsdp=2 x tensor=2: parameters split over fsdp (and tensor where
+  a model has hidden/head axes), and 3 steps give the one-device losses and parameters."""
+  for name in ZOO:
+    train_lib.train_and_evaluate(zoo_config(name, {"data": 1}), str(tmp_path / "one" / name))
+  result = run_python_with_args(ZOO_RUN, [str(tmp_path / "eight")])
+  assert result.returncode == 0, result.stderr[-3000:]
+  specs = json.loads(result.stdout.strip().splitlines()[-1])
+  for name in ZOO:
+    axes = " ".join(specs[name].values())
+    assert "'fsdp'" in axes, (name, specs[name])
+    if name in ("vit", "bert", "gpt2", "llama"):
+      assert "'tensor'" in axes, (name, specs[name])
+    ours, reference = tmp_path / "eight" / name, tmp_path / "one" / name
+    np.testing.assert_allclose(_losses(ours), _losses(reference), rtol=1e-5, atol=1e-6, err_msg=name)
+    mine = read_checkpoint_arrays(f"{ours}/checkpoints/3")["params"]
+    for path, value in read_checkpoint_arrays(f"{reference}/checkpoints/3")["params"].items():
+      np.testing.assert_allclose(mine[path], value, rtol=1e-5, atol=1e-5, err_msg=f"{name} {path}")
