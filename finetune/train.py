@@ -346,7 +346,8 @@ def evaluate_sources(cfg: ConfigDict, state: TrainState, sources: list[regulariz
   params = jax.device_get(flatten(stage.layout.view(state.params)))
   for source in sources:
     summary_path = os.path.join(source.run_dir, SUMMARY_FILE)
-    if source.cfg is None or not os.path.isfile(summary_path):
+    # A source of another task (a language model under a classifier, say) has no head this model could read.
+    if source.cfg is None or not os.path.isfile(summary_path) or source.cfg.task != cfg.task:
       continue
     before = json.load(open(summary_path))["final"]
     eval_cfg = config_lib.with_values(cfg, data=source.cfg.data)

@@ -29,6 +29,7 @@ from finetune.models import bert  # noqa: E402,F401
 from finetune.models import cnn  # noqa: E402,F401
 from finetune.models import gpt2  # noqa: E402,F401
 from finetune.models import llama  # noqa: E402,F401
+from finetune.models import lstm  # noqa: E402,F401
 from finetune.models import mlp  # noqa: E402,F401
 from finetune.models import vit  # noqa: E402,F401
 
