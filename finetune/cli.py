@@ -173,6 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     message = str(e).split("\n--------------------")[0].replace("\n", " ")
     print(f"finetune: error: {message}", file=sys.stderr)
     return 2
+  except BrokenPipeError:
+    # Output piped into `head` and the like: the reader left, which is not an error (Python's documented recipe:
+    # point stdout at devnull so the interpreter's final flush does not raise again).
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
   except KeyboardInterrupt:
     print("finetune: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
     return 130

