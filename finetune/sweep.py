@@ -399,8 +399,9 @@ def _mean_std(values: list[float]) -> str:
   if not values:
     return "-"
   mean = statistics.mean(values)
-  # Four decimals for accuracies and losses, whole numbers for throughputs; the std as precise as its mean.
-  digits = 4 if abs(mean) < 1000 else 0
+  # Four decimals for accuracies and losses, whole numbers for counts and throughputs; the std as precise as its
+  # mean.
+  digits = 0 if abs(mean) >= 1000 or all(float(v).is_integer() for v in values) else 4
   if len(values) == 1:
     return f"{mean:,.{digits}f}"
   return f"{mean:,.{digits}f} ± {statistics.stdev(values):,.{digits}f}"

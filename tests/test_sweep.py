@@ -19,6 +19,7 @@ from conftest import REPO
 from finetune import cli
 from finetune import config as config_lib
 from finetune.errors import FinetuneError
+from finetune import sweep
 from finetune.sweep import aggregate, load_sweep, point_names, product, seeds, zipped
 
 CONFIG = '''
@@ -303,3 +304,9 @@ def test_wandb_sweep_definition_runs_the_same_points(tmp_path, capsys):
   status, _, err = sweep_cli(capsys, "--config", write_config(tmp_path, '[{":steps": 2}]'), "--workdir",
                              str(workdir), "--wandb-sweep", str(out_file))
   assert status == 2 and "not config-file arguments (:steps)" in err
+
+
+def test_counts_print_as_whole_numbers_and_rates_with_four_decimals():
+  assert sweep._mean_std([770.0, 770.0]) == "770 ± 0"
+  assert sweep._mean_std([0.5, 0.7]) == "0.6000 ± 0.1414"
+  assert sweep._mean_std([18874.2]) == "18,874"
