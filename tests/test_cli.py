@@ -47,7 +47,7 @@ def test_user_error_is_one_line_without_traceback(tiny_file, tmp_path):
                           text=True, timeout=120)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
-      "finetune: error: unknown model 'resnet'; valid model names: bert, cnn, gpt2, llama, mlp, vit"]
+      "finetune: error: unknown model 'resnet'; valid model names: bert, cnn, gpt2, llama, lstm, mlp, vit"]
 
 
 def _error(capsys, argv) -> str:

@@ -45,8 +45,8 @@ def models() -> dict[str, nnx.Module]:
 
 
 def test_registered_models():
-  # Image models are tested here; the text models in test_bert_parity.py and test_gpt2_parity.py.
-  assert MODELS.names() == sorted(ALL_MODELS + ["bert", "gpt2", "llama"])
+  # Image models are tested here; the text models in test_bert_parity.py, test_gpt2_parity.py and test_ulmfit.py.
+  assert MODELS.names() == sorted(ALL_MODELS + ["bert", "gpt2", "llama", "lstm"])
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
@@ -194,5 +194,5 @@ def test_num_classes_mismatch():
 
 def test_unknown_model_name():
   with pytest.raises(FinetuneError, match=r"unknown model 'cnnn' \(did you mean 'cnn'\?\); valid model names: "
-                     r"bert, cnn, gpt2, llama, mlp, vit"):
+                     r"bert, cnn, gpt2, llama, lstm, mlp, vit"):
     _build("cnnn")
