@@ -121,12 +121,16 @@ def label_schedule(cfg: ConfigDict, peak: float, start: int, total_steps: int,
 
 
 def build_optimizer(cfg: ConfigDict, strategy, phase: int, total_steps: int, params: Any,
-                    path_of: Callable[[str], str] = lambda path: path) -> tuple[optax.GradientTransformation, dict[str, Callable[[Any], Any]]]:
+                    path_of: Callable[[str], str] = lambda path: path, lr_scale: Any = None,
+                    ) -> tuple[optax.GradientTransformation, dict[str, Callable[[Any], Any]]]:
   """The optimizer for `phase` of `strategy`, and {label: learning rate as a function of the global step} (0 for
   labels resting in this phase).
 
   Each label's optax state counts its own updates from 0 (the step from which it has trained without a break), so
   its schedule is the global-step schedule shifted by that start.
+  `lr_scale` (a scalar, possibly traced) multiplies every label's learning rate: `finetune.vmap` trains points
+  that differ in `optimizer.learning_rate` with one optimizer and a per-point scale, which is exact because every
+  schedule shape is linear in its peak (tests/test_optim.py checks each registered one).
   """
   base = OPTIMIZERS.get(cfg.name)
   trainable_labels = {strategy.label(p) for p in strategy.trainable(phase)}
@@ -138,6 +142,8 @@ def build_optimizer(cfg: ConfigDict, strategy, phase: int, total_steps: int, par
       continue
     start = strategy.label_start(label, phase)
     global_lr = label_schedule(cfg, peak, start, total_steps, strategy.restart_schedules)
+    if lr_scale is not None:
+      global_lr = lambda step, unscaled=global_lr: lr_scale * unscaled(step)
     lr_by_label[label] = global_lr
     transforms[label] = base(cfg, lambda count, fn=global_lr, offset=start: fn(count + offset))
   partitioned = optax.partition(transforms, strategy.labels_tree(params, phase, path_of))

@@ -151,18 +151,26 @@ class Stage:
     return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
                         shapes, self.state_shardings(phase))
 
+  def step_fn(self, phase: int, lr_scale: Any = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The pure train step of `phase`, not compiled. `lr_scale` (possibly traced) multiplies every learning rate
+    (`finetune.vmap`: one program for points that differ in learning rate)."""
+    if lr_scale is None:
+      tx, lr_by_label = self.optimizer(phase)
+    else:
+      tx, lr_by_label = build_optimizer(self.cfg.optimizer, self.strategy, phase, self.total_steps,
+                                        self.layout.opt_view_shapes(self.abstract_params), self.layout.path_of,
+                                        lr_scale)
+    return make_train_step(self.graphdef, tx, lr_by_label, self.strategy.trainable(phase),
+                           self.strategy.frozen_batch_norm(phase), self.cfg.train.label_smoothing, self.forward,
+                           self.cfg.task, regularizers.make_penalty(self.cfg), regularizers.needs_features(self.cfg),
+                           self.cfg.train.grad_accum_steps, self.cfg.train.compute_dtype, self.layout,
+                           tuple(self.cfg.train.float32_params))
+
   def train_step(self, phase: int):
     """The train step of `phase`, compiled ahead of time."""
-    def make():
-      tx, lr_by_label = self.optimizer(phase)
-      step = make_train_step(self.graphdef, tx, lr_by_label, self.strategy.trainable(phase),
-                             self.strategy.frozen_batch_norm(phase), self.cfg.train.label_smoothing, self.forward,
-                             self.cfg.task, regularizers.make_penalty(self.cfg),
-                             regularizers.needs_features(self.cfg), self.cfg.train.grad_accum_steps,
-                             self.cfg.train.compute_dtype, self.layout, tuple(self.cfg.train.float32_params))
-      return compile_train_step(step, self.abstract_state(phase), abstract_batch(self.pipeline.train_batch(0),
-                                                                                 self.mesh), self.mesh)
-    return self._cached(("train_step", phase), make)
+    return self._cached(("train_step", phase), lambda: compile_train_step(
+        self.step_fn(phase), self.abstract_state(phase), abstract_batch(self.pipeline.train_batch(0), self.mesh),
+        self.mesh))
 
   def eval_step(self):
     def make():
@@ -375,7 +383,7 @@ def evaluate_sources(cfg: ConfigDict, state: TrainState, sources: list[regulariz
 
 # Keys that may change between a run and its resumption: they do not change what is computed.
 # The mesh and sharding rules may change too: a checkpoint restores onto any mesh (orbax reshards on restore).
-_RESUMABLE_KEYS = ("wandb.", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+RESUMABLE_KEYS = ("wandb.", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
                    "mesh.", "sharding_rules", "activation_rules")
 
 
@@ -392,26 +400,49 @@ def check_same_config(path: str, cfg: ConfigDict) -> None:
   if not progressed or not os.path.exists(path):
     return
   with open(path) as f:
-    before = _dotted(json.load(f))
-  now = _dotted(json.loads(config_lib.to_json(cfg)))
+    before = dotted(json.load(f))
+  now = dotted(json.loads(config_lib.to_json(cfg)))
   # A key added to the framework after the run was written is no difference while it keeps its default.
-  default = _dotted(json.loads(config_lib.defaults().to_json_best_effort()))
+  default = dotted(json.loads(config_lib.defaults().to_json_best_effort()))
   for key in sorted(set(before) | set(now)):
-    if key.startswith(_RESUMABLE_KEYS) or (key not in before and key in default and now.get(key) == default[key]):
+    if key.startswith(RESUMABLE_KEYS) or (key not in before and key in default and now.get(key) == default[key]):
       continue
     if before.get(key) != now.get(key):
       raise FinetuneError(f"{os.path.dirname(path)} holds a run whose config differs ({key}: {before.get(key)!r} "
                           f"then, {now.get(key)!r} now); use a new --workdir, or restore the original value")
 
 
-def _dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
+def dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
   flat = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      flat.update(_dotted(value, f"{prefix}{key}."))
+      flat.update(dotted(value, f"{prefix}{key}."))
     else:
       flat[f"{prefix}{key}"] = value
   return flat
+
+
+@dataclasses.dataclass
+class OpenStage:
+  """One stage of one run between its set-up and its summary: what `run_stage` and `vmap.train_points` (several
+  runs' stages trained together) share, so both write the same run directories."""
+
+  cfg: ConfigDict
+  name: str
+  run_dir: str
+  stage: Stage
+  state: TrainState
+  start: int  # the step training continues from (0 when fresh)
+  phase: int  # the unfreezing phase of the state's optimizer structure
+  checkpoints: Checkpointer
+  log: MetricsLog
+  init_report: dict[str, Any]
+  sources: list
+  extraction_seconds: float | None
+
+  def close(self) -> None:
+    self.checkpoints.close()
+    self.log.close()
 
 
 def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") -> dict[str, Any]:
@@ -420,6 +451,21 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
   The summary holds `final` = {split: {'loss', 'accuracy', 'examples_per_s', 'num_examples'}} for every
   evaluation split, training throughput, parameter counts and what was initialised from where.
   """
+  opened = open_stage(cfg, run_dir, workdir, name)
+  if isinstance(opened, dict):  # completed earlier
+    return opened
+  try:
+    state, train_seconds, train_steps, stopping = train_loop(opened.stage, opened.state, opened.start, opened.phase,
+                                                              opened.checkpoints, opened.log, name, run_dir)
+    return finish_stage(opened, state, train_seconds, train_steps, stopping)
+  finally:
+    opened.close()
+
+
+def open_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") -> OpenStage | dict[str, Any]:
+  """Everything before a stage's loop: its run directory, the stage, and its state (restored from the latest
+  checkpoint, or initialised), regularizer anchors and cached features attached. A stage completed earlier
+  returns its summary instead. The caller closes the returned `OpenStage`."""
   os.makedirs(run_dir, exist_ok=True)
   check_same_config(os.path.join(run_dir, "config.json"), cfg)
   summary_path = os.path.join(run_dir, SUMMARY_FILE)
@@ -460,62 +506,70 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
     if cfg.features.cache:
       feature_cache.check_cacheable(stage.strategy, pipeline, cfg.freeze.train_bn, cfg.model.get("dropout", 0.0))
       began = time.perf_counter()
-      pipeline = feature_cache.cached_pipeline(stage.graphdef, _weights(state), pipeline, stage.mesh, run_dir,
+      pipeline = feature_cache.cached_pipeline(stage.graphdef, weights_of(state), pipeline, stage.mesh, run_dir,
                                                cfg.features.max_memory_mb)
       extraction_seconds = time.perf_counter() - began
       stage = dataclasses.replace(stage, pipeline=pipeline, forward=feature_cache.classify_features, _cache={})
-    state, train_seconds, train_steps_timed, stopping = _train_loop(stage, state, start, saved_phase, checkpoints,
-                                                                     log, name, run_dir)
-    final = {split: evaluate(stage.eval_step(), _weights(state), pipeline, split, stage.mesh)
-             for split in pipeline.eval_splits}
-    for split, metrics in final.items():
-      log.write(stage.total_steps, split, metrics)
-    forgetting = evaluate_sources(cfg, state, sources, stage, log) if cfg.train.evaluate_sources else {}
-    closed_form = {}
-    if cfg.features.closed_form:
-      features = pipeline if cfg.features.cache else feature_cache.cached_pipeline(
-          stage.graphdef, _weights(state), pipeline, stage.mesh, run_dir, cfg.features.max_memory_mb)
-      closed_form = feature_cache.closed_form_probes(tuple(cfg.features.closed_form), features, cfg.features.l2)
-    checkpoints.wait()
-    if adapters.enabled(cfg.peft) and jax.process_index() == 0:
-      unrolled = flatten(stage.layout.view(state.params))
-      trained = sorted(stage.strategy.trainable(stage.strategy.phase_index(stage.total_steps - 1)) |
-                       {p for p in unrolled if p not in stage.base_paths})
-      adapters.save_adapter(os.path.join(run_dir, "adapter"), jax.device_get(unrolled), trained, cfg.peft,
-                            cfg.model)
-    last_phase = stage.strategy.phase_index(stage.total_steps - 1)
-    summary = {
-        "stage": name,
-        "dataset": pipeline.dataset_name,
-        "classes": list(pipeline.class_names),
-        "class_filter": bool(cfg.data.classes),
-        "num_train_examples": len(pipeline.train),
-        "steps": stage.total_steps,
-        "train_examples_per_s": (train_steps_timed * pipeline.batch_size / train_seconds) if train_seconds else None,
-        "num_params": stage.strategy.counts(last_phase)["params"],
-        "trainable_params": stage.strategy.counts(last_phase)["trainable"],
-        "frozen_params": stage.strategy.counts(last_phase)["frozen"],
-        "optimizer_state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(state.opt_state))),
-        "phases": [{"start": p.start, "trainable_groups": list(p.trainable_groups)}
-                   for p in stage.strategy.phases],
-        "init": init_report,
-        "peft": stage.peft_info,
-        "regularizers": regularizers.active(cfg),
-        "forgetting": forgetting,
-        "early_stopping": stopping,
-        "final": final,
-        "closed_form_probes": closed_form,
-        "feature_extraction_seconds": extraction_seconds,
-        "run_dir": run_dir,
-    }
-    write_json(summary_path, summary)
-    return summary
-  finally:
+  except BaseException:
     checkpoints.close()
     log.close()
+    raise
+  return OpenStage(cfg, name, run_dir, stage, state, start, saved_phase, checkpoints, log, init_report, sources,
+                   extraction_seconds)
 
 
-def _train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoints: Checkpointer,
+def finish_stage(opened: OpenStage, state: TrainState, train_seconds: float, train_steps_timed: int,
+                 stopping: dict[str, Any]) -> dict[str, Any]:
+  """Everything after a stage's loop: final evaluation, forgetting, probes, adapter files and `summary.json`."""
+  cfg, stage, name, run_dir = opened.cfg, opened.stage, opened.name, opened.run_dir
+  pipeline, checkpoints, log = stage.pipeline, opened.checkpoints, opened.log
+  final = {split: evaluate(stage.eval_step(), weights_of(state), pipeline, split, stage.mesh)
+           for split in pipeline.eval_splits}
+  for split, metrics in final.items():
+    log.write(stage.total_steps, split, metrics)
+  forgetting = evaluate_sources(cfg, state, opened.sources, stage, log) if cfg.train.evaluate_sources else {}
+  closed_form = {}
+  if cfg.features.closed_form:
+    features = pipeline if cfg.features.cache else feature_cache.cached_pipeline(
+        stage.graphdef, weights_of(state), pipeline, stage.mesh, run_dir, cfg.features.max_memory_mb)
+    closed_form = feature_cache.closed_form_probes(tuple(cfg.features.closed_form), features, cfg.features.l2)
+  checkpoints.wait()
+  if adapters.enabled(cfg.peft) and jax.process_index() == 0:
+    unrolled = flatten(stage.layout.view(state.params))
+    trained = sorted(stage.strategy.trainable(stage.strategy.phase_index(stage.total_steps - 1)) |
+                     {p for p in unrolled if p not in stage.base_paths})
+    adapters.save_adapter(os.path.join(run_dir, "adapter"), jax.device_get(unrolled), trained, cfg.peft,
+                          cfg.model)
+  last_phase = stage.strategy.phase_index(stage.total_steps - 1)
+  summary = {
+      "stage": name,
+      "dataset": pipeline.dataset_name,
+      "classes": list(pipeline.class_names),
+      "class_filter": bool(cfg.data.classes),
+      "num_train_examples": len(pipeline.train),
+      "steps": stage.total_steps,
+      "train_examples_per_s": (train_steps_timed * pipeline.batch_size / train_seconds) if train_seconds else None,
+      "num_params": stage.strategy.counts(last_phase)["params"],
+      "trainable_params": stage.strategy.counts(last_phase)["trainable"],
+      "frozen_params": stage.strategy.counts(last_phase)["frozen"],
+      "optimizer_state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(state.opt_state))),
+      "phases": [{"start": p.start, "trainable_groups": list(p.trainable_groups)}
+                 for p in stage.strategy.phases],
+      "init": opened.init_report,
+      "peft": stage.peft_info,
+      "regularizers": regularizers.active(cfg),
+      "forgetting": forgetting,
+      "early_stopping": stopping,
+      "final": final,
+      "closed_form_probes": closed_form,
+      "feature_extraction_seconds": opened.extraction_seconds,
+      "run_dir": run_dir,
+  }
+  write_json(os.path.join(run_dir, SUMMARY_FILE), summary)
+  return summary
+
+
+def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoints: Checkpointer,
                 log: MetricsLog, name: str, run_dir: str) -> tuple[TrainState, float, int, dict[str, Any]]:
   """Steps `start`..total from a state in `phase`. Returns (state, seconds, steps of training, early stopping).
 
@@ -547,7 +601,7 @@ def _train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpo
       if done % cfg.train.log_every == 0 or done == total or save_now:
         host = jax.device_get(pending)
         now = time.perf_counter()
-        _check_finite(host, done, checkpoints)
+        check_finite(host, done, checkpoints)
         train_seconds += now - interval_start
         train_steps += len(host)
         examples_per_s = len(host) * pipeline.batch_size / max(now - interval_start, 1e-9)
@@ -559,7 +613,7 @@ def _train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpo
           checkpoints.save(done, state.as_dict())
         interval_start = time.perf_counter()
       if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total:
-        results = {split: evaluate(stage.eval_step(), _weights(state), pipeline, split, stage.mesh)
+        results = {split: evaluate(stage.eval_step(), weights_of(state), pipeline, split, stage.mesh)
                    for split in pipeline.eval_splits}
         for split, metrics in results.items():
           log.write(done, split, metrics)
@@ -576,7 +630,7 @@ def _train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpo
 
 
 class _EarlyStopping:
-  """Best-so-far tracking for `config.train.early_stopping` (see `_train_loop`)."""
+  """Best-so-far tracking for `config.train.early_stopping` (see `train_loop`)."""
 
   def __init__(self, cfg: ConfigDict, directory: str):
     self.enabled = bool(cfg.metric)
@@ -631,7 +685,7 @@ class _EarlyStopping:
             "stopped_at": self.stopped_at}
 
 
-def _weights(state: TrainState) -> dict[str, Any]:
+def weights_of(state: TrainState) -> dict[str, Any]:
   """What evaluation and feature extraction read: parameters and model collections, no optimizer state."""
   return {"params": state.params, "model_state": state.model_state}
 
@@ -656,7 +710,7 @@ def log_interval(log: MetricsLog, step: int, host_metrics: list[dict[str, Any]],
   return averaged
 
 
-def _check_finite(host_metrics: list[dict[str, Any]], step: int, checkpoints: Checkpointer):
+def check_finite(host_metrics: list[dict[str, Any]], step: int, checkpoints: Checkpointer):
   for offset, metrics in enumerate(host_metrics):
     loss = float(metrics["loss"])
     if not math.isfinite(loss):

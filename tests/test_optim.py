@@ -136,6 +136,31 @@ def test_schedule_matches_closed_form(name, formula, warmup, end):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", SCHEDULES.names())
+def test_every_schedule_is_linear_in_its_peak(name):
+  # finetune.vmap trains points that differ in learning rate with one optimizer and a per-point lr_scale; that is
+  # exact only if schedule(c * peak) == c * schedule(peak) at every step. A new schedule that breaks this (a
+  # floor, an additive offset) fails here.
+  cfg = _cfg(schedule=name, warmup_steps=10, end_learning_rate_factor=0.1)
+  for scale in (0.1, 3.0):
+    base = SCHEDULES.get(name)(cfg, 0.2, 100)
+    scaled = SCHEDULES.get(name)(cfg, 0.2 * scale, 100)
+    np.testing.assert_allclose([float(scaled(s)) for s in STEPS], [scale * float(base(s)) for s in STEPS],
+                               rtol=1e-5, atol=1e-9)
+
+
+def test_lr_scale_multiplies_every_update():
+  params = _params()
+  grads = [jax.tree.map(lambda p, i=i: jnp.sin(p + i), params) for i in range(4)]
+  cfg = _cfg(schedule="cosine", learning_rate=0.03, warmup_steps=1, weight_decay=0.1)
+  strategy = Strategy.single_group(params, 0.03)
+  scaled, lr_scaled = optim.build_optimizer(cfg, strategy, 0, 4, params, lr_scale=jnp.float32(2.0))
+  cfg_doubled = _cfg(schedule="cosine", learning_rate=0.06, warmup_steps=1, weight_decay=0.1)
+  doubled, lr_doubled = optim.build_optimizer(cfg_doubled, Strategy.single_group(params, 0.06), 0, 4, params)
+  jax.tree.map(lambda a, b: _close(a, b, rtol=1e-5), _apply(scaled, params, grads), _apply(doubled, params, grads))
+  _close(lr_scaled["all"](2), lr_doubled["all"](2))
+
+
 def test_schedule_endpoints():
   lr = 0.3
   _, cosine = build_optimizer(_cfg(schedule="cosine", learning_rate=lr, warmup_steps=10,

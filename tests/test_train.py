@@ -246,9 +246,11 @@ def test_rematerialised_blocks_compute_the_same_run(model, policy, tmp_path):
   np.testing.assert_allclose(remat_losses, plain_losses, rtol=1e-5)
   for collection in ("params", "model_state"):
     for path, value in plain[collection].items():
-      # atol: attention key biases have a zero true gradient (softmax ignores a per-query constant); Adam turns
-      # the recomputation's float noise in it into ~1e-5 moves.
-      np.testing.assert_allclose(remat[collection][path], value, rtol=1e-5, atol=3e-5, err_msg=path)
+      # Attention key biases have a zero true gradient (softmax ignores a per-query constant): Adam turns the
+      # recomputation's float noise in that gradient into moves of up to ~lr/10 per step, so only their size is
+      # comparable (jax 0.10.2: 4e-5 apart after 6 steps at lr 3e-3).
+      atol = 3e-4 if path.endswith("key/bias") else 3e-5
+      np.testing.assert_allclose(remat[collection][path], value, rtol=1e-5, atol=atol, err_msg=path)
 
 
 def test_float32_params_stay_float32_under_bfloat16_compute():
