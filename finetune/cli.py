@@ -3,7 +3,8 @@
     finetune train --config configs/<file>.py[:arg] --workdir DIR [--config.key=value ...]
     finetune export --workdir DIR --format hf|peft --out OUT [--stage NAME]
     finetune plan --config configs/<file>.py[:arg] [--mesh data=4,fsdp=2] [--devices N] [--config.key=value ...]
-    finetune sweep --config configs/<file>.py[:arg] --workdir DIR [--parallel N] [--dry-run] [--metric split/key ...]
+    finetune sweep --config configs/<file>.py[:arg] --workdir DIR [--parallel N] [--vmap K] [--dry-run]
+                   [--metric split/key ...]
                    [--seed-key KEY] [--wandb-sweep OUT.yaml] [--config.key=value ...]
 
 A `FinetuneError` (any user error) prints one line `finetune: error: ...` to stderr and exits with status 2.
@@ -58,7 +59,14 @@ def _parser() -> argparse.ArgumentParser:
   sweep.add_argument("--workdir", required=True, help="sweep folder: one run folder per point, plus the results")
   sweep.add_argument("--parallel", type=int, default=1,
                      help="points run at once (CPU, or a GPU with memory for several runs; a TPU holds one)")
-  sweep.add_argument("--dry-run", action="store_true", help="print one `finetune train` command per point; run none")
+  sweep.add_argument("--vmap", type=int, default=1, metavar="K",
+                     help="train up to K points that differ only in seed, learning rate or regularizer strength "
+                          "together, in one process and one jitted program (vmap over points; finetune/vmap.py)")
+  sweep.add_argument("--together", action="append", default=[], metavar="NAME",
+                     help="train just the named points (repeat the flag) together in this process (what --vmap "
+                          "launches)")
+  sweep.add_argument("--dry-run", action="store_true",
+                     help="print one `finetune train` command per point (with --vmap: one per group); run none")
   sweep.add_argument("--metric", action="append", default=[],
                      help="a path into each stage's summary.json, e.g. test/accuracy, test/loss, "
                      "forgetting/pretrain/test/drop; repeatable (default: every split's accuracy)")
@@ -126,19 +134,28 @@ def run_plan(config_spec: str, mesh: str, devices: int, overrides: Sequence[str]
 
 
 def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metrics: Sequence[str], seed_key: str,
-              wandb_out: str, overrides: Sequence[str]) -> int:
+              wandb_out: str, overrides: Sequence[str], vmap: int = 1, together: Sequence[str] = ()) -> int:
   from finetune import sweep  # pylint: disable=g-import-not-at-top
 
   points = sweep.load_sweep(config_spec, overrides)
+  if together:
+    from finetune import vmap as vmap_lib  # pylint: disable=g-import-not-at-top
+    by_name = {point.name: point for point in points}
+    unknown = [name for name in together if name not in by_name]
+    if unknown:
+      raise FinetuneError(f"--together: no point named {unknown[0]!r} in this sweep; points: {', '.join(by_name)}")
+    chosen = [by_name[name] for name in together]
+    vmap_lib.train_points([p.config for p in chosen], [os.path.join(workdir, p.name) for p in chosen])
+    return 0
   if dry_run:
-    print("\n".join(sweep.dry_run_commands(points, workdir)))
+    print("\n".join(sweep.dry_run_commands(points, workdir, vmap, config_spec, overrides)))
   if wandb_out:
     sweep.write_wandb_sweep(wandb_out, points, workdir, config_spec, overrides)
     print(f"wrote {wandb_out}: `wandb sweep {wandb_out}` creates the sweep, `wandb agent <sweep id>` runs it",
           file=sys.stderr if dry_run else sys.stdout)  # (stdout stays one command per line)
   if dry_run or wandb_out:
     return 0
-  outcomes = sweep.run_sweep(points, workdir, parallel)
+  outcomes = sweep.run_sweep(points, workdir, parallel, vmap, config_spec, overrides)
   print(sweep.aggregate(points, workdir, metrics, seed_key))
   print(f"results: {os.path.join(os.path.abspath(workdir), 'results.csv')} and results.md")
   failed = [o for o in outcomes if o.status == "failed"]
@@ -159,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return run_plan(args.config, args.mesh, args.devices, overrides)
     if args.command == "sweep":
       return run_sweep(args.config, args.workdir, args.parallel, args.dry_run, args.metric, args.seed_key,
-                       args.wandb_sweep, overrides)
+                       args.wandb_sweep, overrides, args.vmap, args.together)
     if args.command == "export":
       if overrides:
         raise FinetuneError(f"export takes no --config overrides (got --config.{overrides[0]})")

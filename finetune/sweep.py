@@ -219,9 +219,13 @@ def train_argv(point: Point, workdir: str) -> list[str]:
           *(f"--config.{override}" for override in point.overrides)]
 
 
-def dry_run_commands(points: Sequence[Point], workdir: str) -> list[str]:
-  """One shell-quoted `finetune train ...` line per point, for a cluster scheduler or a pod launcher."""
-  return [shlex.join(["finetune", *train_argv(point, workdir)]) for point in points]
+def dry_run_commands(points: Sequence[Point], workdir: str, vmap: int = 1, spec: str = "",
+                     overrides: Sequence[str] = ()) -> list[str]:
+  """One shell-quoted `finetune train ...` line per point, for a cluster scheduler or a pod launcher; with
+  `vmap` > 1 one `finetune sweep ... --together` line per group of points that train together."""
+  return [shlex.join(["finetune", *(train_argv(group[0], workdir) if len(group) == 1 else
+                                    together_argv(group, workdir, spec, overrides))])
+          for group in plan_groups(points, vmap)]
 
 
 def finished(point: Point, workdir: str) -> bool:
@@ -252,10 +256,32 @@ class Outcome:
   log_tail: tuple[str, ...] = ()
 
 
-def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1) -> list[Outcome]:
+def together_argv(group: Sequence[Point], workdir: str, spec: str, overrides: Sequence[str]) -> list[str]:
+  """The `finetune sweep ... --together a --together b` arguments that train `group` in one program
+  (finetune/vmap.py)."""
+  return ["sweep", "--config", spec, "--workdir", workdir, *(arg for p in group for arg in ("--together", p.name)),
+          *(f"--config.{override}" for override in overrides)]
+
+
+def plan_groups(points: Sequence[Point], vmap: int) -> list[list[Point]]:
+  """The points in groups of at most `vmap` that can train together (`finetune.vmap.groups`); singletons alone."""
+  if vmap < 1:
+    raise FinetuneError(f"--vmap {vmap}: train at least one point per program")
+  if vmap == 1:
+    return [[point] for point in points]
+  from finetune import vmap as vmap_lib  # pylint: disable=g-import-not-at-top  (imports jax)
+  return [[points[i] for i in group] for group in vmap_lib.groups([p.config for p in points], vmap)]
+
+
+def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: int = 1, spec: str = "",
+              overrides: Sequence[str] = ()) -> list[Outcome]:
   """Runs every unfinished point as `python -m finetune train` in `<workdir>/<point name>`, up to `parallel` at a
   time, its output appended to `sweep.log` there; writes points.json first. A failed point does not stop the
-  others. Prints a line per start, skip and end."""
+  others. Prints a line per start, skip and end.
+
+  `vmap` > 1: unfinished points that can train together (same shapes; they differ only in seed, learning rate or
+  regularizer strength, finetune/vmap.py) run in groups of up to `vmap` as one process and one jitted program,
+  `finetune sweep --config spec --together a --together b ...` (the group's output goes to the first point's sweep.log)."""
   if parallel < 1:
     raise FinetuneError(f"--parallel {parallel}: run at least one point at a time")
   os.makedirs(workdir, exist_ok=True)
@@ -274,36 +300,51 @@ def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1) -> list[
     with lock:
       print(f"[{counts['done']}/{len(points)} done, {counts['failed']} failed] {message}", flush=True)
 
-  def run(point: Point) -> Outcome:
-    say(f"running {point.name}")
-    command = [sys.executable, "-m", "finetune", *train_argv(point, workdir)]
-    log_path = os.path.join(workdir, point.name, LOG_FILE)
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+  def run(group: list[Point]) -> list[Outcome]:
+    names = ", ".join(p.name for p in group)
+    say(f"running {names}" + (f" together ({len(group)} points, one program)" if len(group) > 1 else ""))
+    if len(group) == 1:
+      command = [sys.executable, "-m", "finetune", *train_argv(group[0], workdir)]
+    else:
+      command = [sys.executable, "-m", "finetune", *together_argv(group, workdir, spec, overrides)]
+    log_path = os.path.join(workdir, group[0].name, LOG_FILE)
+    for point in group:
+      os.makedirs(os.path.join(workdir, point.name), exist_ok=True)
+      if point is not group[0]:
+        with open(os.path.join(workdir, point.name, LOG_FILE), "a") as log:
+          log.write(f"(trained together with {names}: output in {log_path})\n")
     began = time.perf_counter()
     with open(log_path, "a") as log:
       log.write(f"$ {shlex.join(command)}\n")
       log.flush()
       returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
     seconds = time.perf_counter() - began
-    if returncode == 0 and finished(point, workdir):
-      return Outcome(point, "finished", 0, seconds)
     with open(log_path, errors="replace") as log:
       tail = tuple(line.rstrip() for line in log.readlines()[-8:] if line.strip())
-    if returncode == 0:
-      tail += ("(it exited 0, yet its summary.json files are missing or were written for another config)",)
-    return Outcome(point, "failed", returncode, seconds, tail)
+    outcomes = []
+    for point in group:
+      if finished(point, workdir):
+        outcomes.append(Outcome(point, "finished", returncode, seconds))
+      else:
+        note = ("(it exited 0, yet its summary.json files are missing or were written for another config)",) \
+            if returncode == 0 else ()
+        outcomes.append(Outcome(point, "failed", returncode or 1, seconds, tail + note))
+    return outcomes
 
-  def run_and_report(point: Point) -> Outcome:
-    outcome = run(point)
-    with lock:  # (counted and printed here, before this thread starts another point, so lines come in order)
-      counts["done"] += 1
-      counts["failed"] += outcome.status == "failed"
-    if outcome.status == "finished":
-      say(f"finished {point.name} in {outcome.seconds:.1f} s")
-    else:
-      say(f"FAILED {point.name} (exit status {outcome.returncode}); last lines of "
-          f"{os.path.join(workdir, point.name, LOG_FILE)}:\n" + "\n".join(f"    {line}" for line in outcome.log_tail))
-    return outcome
+  def run_and_report(group: list[Point]) -> list[Outcome]:
+    outcomes = run(group)
+    for outcome in outcomes:
+      point = outcome.point
+      with lock:  # (counted and printed here, before this thread starts another group, so lines come in order)
+        counts["done"] += 1
+        counts["failed"] += outcome.status == "failed"
+      if outcome.status == "finished":
+        say(f"finished {point.name} in {outcome.seconds:.1f} s")
+      else:
+        say(f"FAILED {point.name} (exit status {outcome.returncode}); last lines of "
+            f"{os.path.join(workdir, group[0].name, LOG_FILE)}:\n" +
+            "\n".join(f"    {line}" for line in outcome.log_tail))
+    return outcomes
 
   outcomes = {}
   todo = []
@@ -316,9 +357,10 @@ def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1) -> list[
       todo.append(point)
   pool = concurrent.futures.ThreadPoolExecutor(parallel)
   try:
-    for future in concurrent.futures.as_completed([pool.submit(run_and_report, point) for point in todo]):
-      outcome = future.result()
-      outcomes[outcome.point.name] = outcome
+    futures = [pool.submit(run_and_report, group) for group in plan_groups(todo, vmap)]
+    for future in concurrent.futures.as_completed(futures):
+      for outcome in future.result():
+        outcomes[outcome.point.name] = outcome
   finally:
     pool.shutdown(cancel_futures=True)  # on Ctrl-C: start nothing more (running points got the signal too)
   return [outcomes[point.name] for point in points]

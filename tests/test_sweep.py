@@ -213,6 +213,35 @@ def test_parallel_sweep_continues_past_a_failed_point(tmp_path, capsys):
   assert "| (0, 99) | - | 0 |" in table and "| - | " in table and " ± " in table
 
 
+def test_vmap_sweep_trains_compatible_points_together(tmp_path, capsys):
+  # Seeds and learning rates share a program; another class subset (other data) cannot, so it runs alone.
+  path = write_config(tmp_path, '''[{"seed": 0}, {"seed": 1}, {"data.classes": (0, 1, 2)},
+                                    {"optimizer.learning_rate": 0.01, "seed": 2}]''')
+  workdir = tmp_path / "sweep"
+  status, out, _ = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--vmap", "4", "--dry-run",
+                             "--config.train.log_every=3")
+  lines = [shlex.split(line) for line in out.strip().splitlines()]
+  names = [p.name for p in load_sweep(path)]
+  assert status == 0 and len(lines) == 2
+  assert lines[0] == ["finetune", "sweep", "--config", path, "--workdir", str(workdir), "--together", names[0],
+                      "--together", names[1], "--together", names[3], "--config.train.log_every=3"]
+  assert lines[1][:2] == ["finetune", "train"] and lines[1][lines[1].index("--workdir") + 1] == str(workdir / names[2])
+  for argv in lines:  # both parse as CLI invocations
+    cli._parser().parse_args(cli.split_overrides(argv[1:])[0])  # pylint: disable=protected-access
+
+  status, out, err = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--vmap", "4")
+  assert status == 0, (out, err)
+  assert f"running {names[0]}, {names[1]}, {names[3]} together (3 points, one program)" in out
+  assert [r["status"] for r in read_csv(workdir / "results.csv")] == ["finished"] * 4
+  assert f"-m finetune sweep --config {path}" in (workdir / names[0] / "sweep.log").read_text()
+  assert "trained together with" in (workdir / names[1] / "sweep.log").read_text()
+  # Each point's run folder is a complete `finetune train` run: re-running skips all four.
+  status, out, _ = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--vmap", "4")
+  assert status == 0 and out.count("skipped (finished)") == 4
+  status, _, err = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--together", "nope")
+  assert status == 2 and "no point named 'nope'" in err
+
+
 def test_aggregate_means_and_sample_stds_over_seeds(tmp_path):
   path = write_config(tmp_path, 'product({"optimizer.learning_rate": [0.1, 0.2]}, seeds(3))', extra=TWO_STAGES)
   points = load_sweep(path)

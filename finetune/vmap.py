@@ -1,0 +1,311 @@
+"""Several runs trained together in one jitted program: `jax.vmap` of the train step over a leading point axis.
+
+A small model cannot fill a machine one run at a time: its step is dominated by per-op dispatch and small matrix
+products. Sweep points that share one model shape and differ only in what the step takes as data can instead run
+as one program over stacked train states, K points per step:
+
+* `seed`: initial weights, dropout keys and data order are all functions of the seed, and each point's state
+  (rng) and batches (its own pipeline) are its own;
+* `optimizer.learning_rate`: the step is built once with a per-point `lr_scale` (lr_k / lr_0) multiplying every
+  label's schedule, which equals the point's own optimizer because every schedule shape is linear in its peak
+  (tests/test_optim.py checks each registered one);
+* the forgetting regularizers' strengths (`regularize.ewc.weight`, `regularize.lwf.weight`,
+  `regularize.l2sp.alpha/beta`, `rehearsal.weight`): they already ride in `TrainState.anchors` as numbers.
+
+Everything else (model, data, strategy, steps, schedule shape, which regularizers are on) must be equal, else
+`incompatibility` says which key differs. Each point keeps its own run directories, exactly as `finetune train`
+writes them (config.json, metrics.jsonl, checkpoints, summary.json): only the loop between `train.open_stage` and
+`train.finish_stage` is shared, so a point trained together resumes, exports and aggregates like a solo run, and
+its results equal the solo run's up to float rounding (tests/test_vmap.py). A point whose loss turns non-finite
+stops alone; the others go on. Unsupported together (run solo): early stopping (points would stop at different
+steps) and cached features.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
+
+from finetune import config as config_lib
+from finetune import regularizers
+from finetune import train as train_lib
+from finetune.data.pipeline import to_global
+from finetune.errors import FinetuneError
+from finetune.reporting import Progress, write_json
+from finetune.sharding import batch_sharding, replicated
+from finetune.step import TrainState
+
+# Config keys in which points trained together may differ (see the module docstring for why each is exact).
+POINT_KEYS = ("seed", "optimizer.learning_rate", "regularize.ewc.weight", "regularize.lwf.weight",
+              "regularize.l2sp.alpha", "regularize.l2sp.beta", "rehearsal.weight")
+# Keys each point reads for itself (its wandb run, its own checkpoints); all others are the group's.
+_IGNORED = ("wandb.", "train.checkpoint_every", "train.keep_checkpoints")
+
+
+def incompatibility(a: ConfigDict, b: ConfigDict) -> str:
+  """Why runs of configs `a` and `b` cannot train together in one program; '' when they can."""
+  stages_a, stages_b = config_lib.stage_configs(a), config_lib.stage_configs(b)
+  if [name for name, _ in stages_a] != [name for name, _ in stages_b]:
+    return "their stages differ"
+  for (name, cfg_a), (_, cfg_b) in zip(stages_a, stages_b):
+    where = "" if name == "train" else f"stage {name}: "
+    flat_a = train_lib.dotted(json.loads(config_lib.to_json(cfg_a)))
+    flat_b = train_lib.dotted(json.loads(config_lib.to_json(cfg_b)))
+    for cfg in (cfg_a, cfg_b):
+      if cfg.train.early_stopping.metric:
+        return f"{where}early stopping would stop points at different steps"
+      if cfg.features.cache:
+        return f"{where}cached features are not supported together"
+      if cfg.optimizer.learning_rate <= 0:
+        return f"{where}optimizer.learning_rate must be > 0 to scale it per point"
+    for key in sorted(set(flat_a) | set(flat_b)):
+      if key not in POINT_KEYS and not key.startswith(_IGNORED) and flat_a.get(key) != flat_b.get(key):
+        return f"{where}{key} differs ({flat_a.get(key)!r} vs {flat_b.get(key)!r})"
+    if regularizers.active(cfg_a) != regularizers.active(cfg_b):
+      return (f"{where}different regularizers are on ({', '.join(regularizers.active(cfg_a)) or 'none'} vs "
+              f"{', '.join(regularizers.active(cfg_b)) or 'none'})")
+  return ""
+
+
+def groups(configs: Sequence[ConfigDict], size: int) -> list[list[int]]:
+  """Indices of `configs` in groups of at most `size` that can train together, in order (greedy: each config joins
+  the first open group it is compatible with)."""
+  result: list[list[int]] = []
+  for index, cfg in enumerate(configs):
+    for group in result:
+      if len(group) < size and not incompatibility(configs[group[0]], cfg):
+        group.append(index)
+        break
+    else:
+      result.append([index])
+  return result
+
+
+def train_points(configs: Sequence[ConfigDict], workdirs: Sequence[str]) -> list[dict[str, dict[str, Any]]]:
+  """`train.train_and_evaluate(configs[k], workdirs[k])` for every k, with the stages of all points trained
+  together (one vmapped program per stage and phase). Returns each point's {stage: summary}.
+
+  Points whose stage was completed earlier skip it; points resuming from different steps train in separate
+  groups. A point that fails (a non-finite loss) is left out of the rest and reported at the end: FinetuneError
+  naming it, after every other point finished."""
+  if len(configs) != len(workdirs) or not configs:
+    raise FinetuneError("train_points needs one workdir per config, and at least one point")
+  for cfg in configs[1:]:
+    reason = incompatibility(configs[0], cfg)
+    if reason:
+      raise FinetuneError(f"these points cannot train together: {reason}; only {', '.join(POINT_KEYS)} may differ "
+                          "(run them as separate `finetune train` commands)")
+  workdirs = [os.path.abspath(os.path.expanduser(w)) for w in workdirs]
+  if len(set(workdirs)) != len(workdirs):
+    raise FinetuneError("train_points: two points share a workdir")
+  layouts = []
+  for cfg, workdir in zip(configs, workdirs):  # as train_and_evaluate: refuse before anything is written
+    os.makedirs(workdir, exist_ok=True)
+    stages = config_lib.stage_configs(cfg)
+    single = len(stages) == 1 and not len(cfg.stages)
+    run_dirs = {name: workdir if single else os.path.join(workdir, name) for name, _ in stages}
+    for name, stage_cfg in stages:
+      train_lib.check_same_config(os.path.join(run_dirs[name], "config.json"), stage_cfg)
+    if not single:
+      train_lib.write_text(os.path.join(workdir, "config.json"), config_lib.to_json(cfg))
+    layouts.append((stages, run_dirs))
+  summaries: list[dict[str, Any]] = [{} for _ in configs]
+  failed: dict[int, str] = {}
+  for stage_index, (name, _) in enumerate(layouts[0][0]):
+    live = [k for k in range(len(configs)) if k not in failed]
+    opened: dict[int, train_lib.OpenStage] = {}
+    try:
+      for k in live:
+        stage_cfg = layouts[k][0][stage_index][1]
+        result = train_lib.open_stage(stage_cfg, layouts[k][1][name], workdirs[k], name)
+        if isinstance(result, dict):
+          summaries[k][name] = result
+        else:
+          opened[k] = result
+      by_start = collections.defaultdict(list)
+      for k, stage_run in opened.items():
+        by_start[stage_run.start].append(k)
+      for start, members in by_start.items():
+        if len(members) == 1 or start == opened[members[0]].stage.total_steps:
+          for k in members:  # alone: exactly `finetune train`'s loop
+            stage_run = opened[k]
+            outcome = train_lib.train_loop(stage_run.stage, stage_run.state, stage_run.start,
+                                            stage_run.phase, stage_run.checkpoints, stage_run.log, name,
+                                            stage_run.run_dir)
+            summaries[k][name] = train_lib.finish_stage(stage_run, *outcome)
+          continue
+        outcomes, errors = train_together([opened[k] for k in members], name)
+        for k, outcome, error in zip(members, outcomes, errors):
+          if error:
+            failed[k] = error
+          else:
+            summaries[k][name] = train_lib.finish_stage(opened[k], *outcome)
+    finally:
+      for stage_run in opened.values():
+        stage_run.close()
+  for k, workdir in enumerate(workdirs):
+    if k not in failed:
+      write_json(os.path.join(workdir, "results.json"), summaries[k])
+  if failed:
+    raise FinetuneError("; ".join(f"{workdirs[k]}: {error}" for k, error in failed.items()) +
+                        (f" (the other {len(configs) - len(failed)} points finished)" if len(failed) < len(configs)
+                         else ""))
+  return summaries
+
+
+def stacked(sharding: NamedSharding) -> NamedSharding:
+  """The sharding of the same array with a leading point axis (not split: each device holds every point's part)."""
+  return NamedSharding(sharding.mesh, P(None, *sharding.spec))
+
+
+def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list[Any], list[str]]:
+  """The loop of `train.train_loop` for several runs of one stage at once (same start step). Returns, per run,
+  (state, train seconds, train steps, early-stopping report) or its error text ('' when it finished)."""
+  runs = list(runs)
+  errors = [""] * len(runs)
+  states = [run.state for run in runs]
+  active = list(range(len(runs)))
+  reference = runs[0].stage
+  total, start, phase = reference.total_steps, runs[0].start, runs[0].phase
+  for run in runs:
+    _check_same_shapes(reference, run.stage, phase)
+  scales_all = np.asarray([run.cfg.optimizer.learning_rate / runs[0].cfg.optimizer.learning_rate for run in runs],
+                          np.float32)
+  for run, scale in zip(runs, scales_all):
+    _check_scaled_rates(reference, run.stage, float(scale))
+  mesh = reference.mesh
+  batch_spec = stacked(batch_sharding(mesh))
+  compiled: dict[tuple[int, int], Any] = {}
+
+  def step_program(phase: int, count: int):
+    """The vmapped train step of `phase` for `count` points, compiled ahead of time (one per phase and count)."""
+    if (phase, count) not in compiled:
+      shardings = jax.tree.map(stacked, reference.state_shardings(phase))
+      abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct((count, *leaf.shape), leaf.dtype,
+                                                                sharding=stacked(leaf.sharding)),
+                              reference.abstract_state(phase))
+      batch = {key: jax.ShapeDtypeStruct((count, value.shape[0] * jax.process_count(), *value.shape[1:]),
+                                         value.dtype, sharding=batch_spec)
+               for key, value in reference.pipeline.train_batch(0).items()}
+
+      def point_step(state: TrainState, batch: dict, lr_scale: jax.Array):
+        return reference.step_fn(phase, lr_scale)(state, batch)
+
+      program = jax.jit(jax.vmap(point_step), in_shardings=(shardings, batch_spec, replicated(mesh)),
+                        out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+      scales = jax.ShapeDtypeStruct((count,), jnp.float32, sharding=replicated(mesh))
+      compiled[(phase, count)] = program.lower(abstract, batch, scales).compile()
+    return compiled[(phase, count)]
+
+  def stack(members: list[int]) -> TrainState:
+    shardings = jax.tree.map(stacked, reference.state_shardings(phase))
+    return jax.device_put(jax.tree.map(lambda *leaves: jnp.stack(leaves), *[states[k] for k in members]), shardings)
+
+  def unstack(together: TrainState, members: list[int]) -> None:
+    for position, k in enumerate(members):
+      states[k] = jax.device_put(jax.tree.map(lambda leaf: leaf[position], together),
+                                 runs[k].stage.state_shardings(phase))
+
+  together = stack(active)
+  program = step_program(phase, len(active))
+  scales = jax.device_put(scales_all[active], replicated(mesh))
+  pending: list[dict[str, jax.Array]] = []
+  progress = Progress(total, start, f"{name} ({len(runs)} points)")
+  interval_start, train_seconds, train_steps = time.perf_counter(), 0.0, 0
+  try:
+    for step in range(start, total):
+      step_phase = reference.strategy.phase_index(step)
+      if step_phase != phase:  # an unfreezing boundary: each point enters the phase as it would alone
+        unstack(together, active)
+        for k in active:
+          states[k] = runs[k].stage.enter_phase(states[k], step_phase)
+        phase = step_phase
+        together, program = stack(active), step_program(phase, len(active))
+        interval_start = time.perf_counter()
+      # (points, per-process batch, ...): each point's own batch of this step
+      batch = _point_batches(runs, active, step)
+      together, metrics = program(together, to_global(batch, batch_spec), scales)
+      pending.append(metrics)
+      done = step + 1
+      save_now = any(runs[k].cfg.train.checkpoint_every and done % runs[k].cfg.train.checkpoint_every == 0
+                     for k in active)
+      log_now = done % reference.cfg.train.log_every == 0 or done == total or save_now
+      if log_now:
+        host = jax.device_get(pending)
+        now = time.perf_counter()
+        train_seconds += now - interval_start
+        train_steps += len(host)
+        examples_per_s = len(host) * reference.pipeline.batch_size / max(now - interval_start, 1e-9)
+        unfinished = []
+        for position, k in enumerate(active):
+          own = [{key: value[position] for key, value in m.items()} for m in host]
+          try:
+            train_lib.check_finite(own, done, runs[k].checkpoints)
+          except FinetuneError as e:
+            errors[k] = str(e)
+            continue
+          averaged = train_lib.log_interval(runs[k].log, done, own, examples_per_s,
+                                            train_lib.top_label(runs[k].stage.strategy))
+          unfinished.append((position, k, averaged))
+        progress.update(len(host), {"loss": float(np.mean([a["loss"] for _, _, a in unfinished] or [np.nan])),
+                                    "points": len(unfinished)})
+        pending = []
+        if len(unfinished) != len(active) or save_now or done == total:
+          unstack(together, active)
+          for _, k, _ in unfinished:
+            if done == total or (runs[k].cfg.train.checkpoint_every and
+                                 done % runs[k].cfg.train.checkpoint_every == 0):
+              runs[k].checkpoints.save(done, states[k].as_dict())
+          if len(unfinished) != len(active):  # a point failed: the others go on without it
+            active = [k for _, k, _ in unfinished]
+            if not active:
+              break
+            together, program = stack(active), step_program(phase, len(active))
+            scales = jax.device_put(scales_all[active], replicated(mesh))
+        interval_start = time.perf_counter()
+      eval_every = reference.cfg.train.eval_every
+      if eval_every and done % eval_every == 0 and done != total:
+        unstack(together, active)
+        for k in active:
+          stage = runs[k].stage
+          for split in stage.pipeline.eval_splits:
+            runs[k].log.write(done, split, train_lib.evaluate(stage.eval_step(), train_lib.weights_of(states[k]),
+                                                              stage.pipeline, split, stage.mesh))
+        interval_start = time.perf_counter()
+    unstack(together, active)
+  finally:
+    progress.close()
+  return [(states[k], train_seconds, train_steps, {}) for k in range(len(runs))], errors
+
+
+def _point_batches(runs: Sequence[train_lib.OpenStage], active: list[int], step: int) -> dict[str, np.ndarray]:
+  """(points, per-process batch, ...) arrays: each active point's own training batch of `step`."""
+  batches = [runs[k].stage.pipeline.train_batch(step) for k in active]
+  return {key: np.stack([batch[key] for batch in batches]) for key in batches[0]}
+
+
+def _check_same_shapes(reference: train_lib.Stage, other: train_lib.Stage, phase: int) -> None:
+  """The configs matched; this guards the state itself (shapes, dtypes, tree structure, anchors included)."""
+  describe = lambda stage: jax.tree.map(lambda leaf: (tuple(leaf.shape), str(leaf.dtype)),
+                                        stage.abstract_state(phase))
+  if jax.tree.structure(describe(reference)) != jax.tree.structure(describe(other)) or \
+      jax.tree.leaves(describe(reference)) != jax.tree.leaves(describe(other)):
+    raise FinetuneError(f"{other.cfg.seed=}: its train state differs in shape from the first point's; run it alone")
+
+
+def _check_scaled_rates(reference: train_lib.Stage, other: train_lib.Stage, scale: float) -> None:
+  """Every optimizer label's peak rate of `other` must be `scale` times the reference's (lr_scale is exact)."""
+  mine, theirs = reference.strategy.labels(), other.strategy.labels()
+  if list(mine) != list(theirs) or not all(np.isclose(theirs[label], scale * mine[label], rtol=1e-6)
+                                           for label in mine):
+    raise FinetuneError("points trained together must have per-label learning rates in one ratio; got "
+                        f"{dict(theirs)} vs {scale} x {dict(mine)}")

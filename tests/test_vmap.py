@@ -1,0 +1,156 @@
+"""Points trained together (finetune/vmap.py) equal the same points trained alone, stage by stage."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import run_python, tiny_config
+from finetune import train as train_lib
+from finetune import vmap
+from finetune.checkpoint import read_checkpoint_arrays
+from finetune.config import build_config
+from finetune.errors import FinetuneError
+from finetune.partition import flatten
+
+# Float rounding only: lr_k * schedule vs lr_0 * schedule * (lr_k / lr_0), and batched vs single matmuls.
+RTOL, ATOL = 2e-4, 2e-6
+
+
+def with_values(cfg, **sections):
+  """`cfg` with nested values merged in (e.g. seed=1, optimizer={'learning_rate': 0.01})."""
+  raw = json.loads(cfg.to_json())
+
+  def merge(into: dict, values: dict) -> None:
+    for key, value in values.items():
+      if isinstance(value, dict) and isinstance(into.get(key), dict):
+        merge(into[key], value)
+      else:
+        into[key] = value
+
+  merge(raw, sections)
+  return build_config(raw)
+
+
+def _final_params(run_dir: str) -> dict[str, np.ndarray]:
+  checkpoints = os.path.join(run_dir, "checkpoints")
+  last = max(int(name) for name in os.listdir(checkpoints) if name.isdigit())
+  return flatten(read_checkpoint_arrays(os.path.join(checkpoints, str(last)))["params"])
+
+
+def _losses(run_dir: str) -> list[float]:
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    return [r["loss"] for r in map(json.loads, f) if r["split"] == "train"]
+
+
+def _assert_same_run(together_dir: str, alone_dir: str) -> None:
+  np.testing.assert_allclose(_losses(together_dir), _losses(alone_dir), rtol=RTOL, atol=ATOL)
+  mine, theirs = _final_params(together_dir), _final_params(alone_dir)
+  assert mine.keys() == theirs.keys()
+  for path in mine:
+    np.testing.assert_allclose(mine[path], theirs[path], rtol=RTOL, atol=ATOL, err_msg=path)
+  with open(os.path.join(together_dir, "summary.json")) as f:
+    together = json.load(f)
+  with open(os.path.join(alone_dir, "summary.json")) as f:
+    alone = json.load(f)
+  for split, metrics in alone["final"].items():
+    assert together["final"][split]["loss"] == pytest.approx(metrics["loss"], rel=1e-3)
+  assert together["optimizer_state_bytes"] == alone["optimizer_state_bytes"]
+
+
+def test_points_differing_in_seed_and_learning_rate_equal_their_solo_runs(tmp_path):
+  # Dropout on, a cosine schedule with warmup, discriminative rates (two labels scaled together) and gradual
+  # unfreezing (a phase boundary inside the loop): everything the vmapped loop must carry per point.
+  base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (16, 16), "dropout": 0.1},
+                     optimizer={"learning_rate": 3e-3, "warmup_steps": 2, "lr_factor": 2.0},
+                     unfreeze={"mode": "gradual", "every_steps": 5}, train={"steps": 12, "log_every": 4, "checkpoint_every": 6})
+  configs = [with_values(base, seed=0), with_values(base, seed=1),
+             with_values(base, seed=1, optimizer={"learning_rate": 1e-2})]
+  together = [str(tmp_path / "together" / str(k)) for k in range(3)]
+  vmap.train_points(configs, together)
+  for k, cfg in enumerate(configs):
+    alone = str(tmp_path / "alone" / str(k))
+    train_lib.train_and_evaluate(cfg, alone)
+    _assert_same_run(together[k], alone)
+  # Seeds and rates really differ between the points (the test would pass vacuously otherwise).
+  assert _losses(together[0]) != _losses(together[1]) != _losses(together[2])
+  # Checkpoints are kept per point as `finetune train` keeps them, so a finished point is skipped on a re-run.
+  assert sorted(os.listdir(os.path.join(together[0], "checkpoints")))[:2] == ["12", "6"]
+  assert vmap.train_points(configs, together)[0]["train"]["final"] == \
+      json.load(open(os.path.join(together[0], "summary.json")))["final"]
+
+
+def test_regularizer_strengths_train_together_across_stages(tmp_path):
+  # The forgetting sweep's shape: a source stage, then EWC at several strengths. The strengths ride in the
+  # anchors, so one program serves them all.
+  base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (16,)}, stages={
+      "pretrain": {"data": {"classes": (0, 1, 2, 3, 4)}, "train": {"steps": 8}},
+      "target": {"data": {"classes": (5, 6, 7, 8, 9)}, "init_from": "stage:pretrain", "dont_load": (r"^head/",),
+                 "train": {"steps": 8}, "regularize": {"ewc": {"weight": 1.0, "num_examples": 64}}}})
+  configs = [base, with_values(base, stages={"target": {"regularize": {"ewc": {"weight": 30.0}}}})]
+  together = [str(tmp_path / "together" / str(k)) for k in range(2)]
+  vmap.train_points(configs, together)
+  for k, cfg in enumerate(configs):
+    alone = str(tmp_path / "alone" / str(k))
+    train_lib.train_and_evaluate(cfg, alone)
+    for stage in ("pretrain", "target"):
+      _assert_same_run(os.path.join(together[k], stage), os.path.join(alone, stage))
+  distances = [np.linalg.norm(_final_params(os.path.join(d, "target"))["layers/0/kernel"] -
+                              _final_params(os.path.join(d, "pretrain"))["layers/0/kernel"]) for d in together]
+  assert distances[1] < distances[0]  # the stronger pull stayed closer to the source weights
+
+
+def test_incompatible_points_are_refused_with_the_differing_key(tmp_path):
+  base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)})
+  assert vmap.incompatibility(base, with_values(base, seed=3, optimizer={"learning_rate": 1.0})) == ""
+  reason = vmap.incompatibility(base, with_values(base, data={"batch_size": 16}))
+  assert "data.batch_size" in reason
+  with pytest.raises(FinetuneError, match="data.batch_size"):
+    vmap.train_points([base, with_values(base, data={"batch_size": 16})], [str(tmp_path / "a"), str(tmp_path / "b")])
+  assert "early stopping" in vmap.incompatibility(
+      base, with_values(base, train={"early_stopping": {"metric": "validation/accuracy", "patience": 2},
+                                  "eval_every": 4}))
+  assert vmap.groups([base, with_values(base, seed=1), with_values(base, data={"batch_size": 16}),
+                      with_values(base, seed=2)], size=2) == [[0, 1], [2], [3]]
+
+
+def test_a_point_whose_loss_diverges_stops_alone(tmp_path):
+  base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)}, optimizer={"grad_clip_norm": 0.0, "warmup_steps": 0},
+                     train={"steps": 8, "log_every": 2, "checkpoint_every": 0})
+  configs = [base, with_values(base, optimizer={"learning_rate": 1e30})]
+  dirs = [str(tmp_path / "ok"), str(tmp_path / "diverges")]
+  with pytest.raises(FinetuneError, match="diverges.*loss is"):
+    vmap.train_points(configs, dirs)
+  assert os.path.isfile(os.path.join(dirs[0], "summary.json"))
+  assert not os.path.exists(os.path.join(dirs[1], "summary.json"))
+
+
+def test_points_together_on_a_sharded_mesh_equal_their_solo_runs():
+  # data=2 x fsdp=2 x tensor=2 on 8 host devices: the point axis is stacked in front of every sharded axis. (A solo
+  # run on that mesh equals one device: tests/test_multidevice.py.)
+  code = r"""
+import os, tempfile
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import sys; sys.path.insert(0, "tests")
+import numpy as np
+from conftest import tiny_config
+from finetune import train, vmap
+from test_vmap import _final_params, with_values
+base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (16, 16)}, train={"steps": 6, "log_every": 3},
+                   mesh={"data": 2, "fsdp": 2, "tensor": 2})
+configs = [with_values(base, seed=0), with_values(base, seed=1, optimizer={"learning_rate": 0.01})]
+out = tempfile.mkdtemp()
+vmap.train_points(configs, [f"{out}/together0", f"{out}/together1"])
+for k in range(2):
+  train.train_and_evaluate(configs[k], f"{out}/alone{k}")
+  a, b = _final_params(f"{out}/together{k}"), _final_params(f"{out}/alone{k}")
+  for path in a:
+    np.testing.assert_allclose(a[path], b[path], rtol=2e-4, atol=2e-6, err_msg=path)
+print("OK")
+"""
+  result = run_python(code)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "OK" in result.stdout
