@@ -1,14 +1,19 @@
 """K sweep points trained together (one vmapped program, finetune/vmap.py) vs one after another.
 
-    python benchmarks/vmap_sweep.py [--config configs/mnist_forgetting.py:variant=finetune] [--points 4]
-                                    [--config.key=value ...]
+    python benchmarks/vmap_sweep.py [--config configs/<file>.py[:arg]] [--points 4] [--config.key=value ...]
 
+Default config: an MLP (784-256-256-10) on the MNIST test images of ../shared/data/mnist, batch 64, 300 steps.
 The K points are the config with seeds 0..K-1, and learning rates alternating x1 / x0.5 (so the per-point
 learning-rate scale is exercised too). "one after another" runs `train.train_and_evaluate` for each point in this
 process (no process start-up, which a `finetune sweep` would add per point); "together" runs
 `vmap.train_points` on the same K configs. Both write fresh temporary workdirs. Prints wall seconds (everything:
 data, compile, training, evaluation, checkpoints), training-loop examples/s summed over the points, the ratio, and
 the largest difference in final test/validation accuracy between a point's two runs. Asserts nothing.
+
+`--step-only`: instead, the compiled train step of the first stage alone vs vmapped over K points (the same
+program `vmap.train_together` runs), milliseconds per step on one fixed batch, e.g. for the MNIST CNN:
+
+    python benchmarks/vmap_sweep.py --step-only --points 2 --config configs/mnist_forgetting.py:variant=finetune
 """
 
 from __future__ import annotations
@@ -17,22 +22,40 @@ import argparse
 import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
+
 from finetune import train as train_lib
 from finetune import vmap
 from finetune.cli import split_overrides
-from finetune.config import load_config
+from finetune.config import build_config, load_config, stage_configs
+from finetune.data.pipeline import to_global
+from finetune.sharding import batch_sharding
+
+MLP_MNIST = {
+    "model": {"name": "mlp", "input_size": 784, "hidden": (256, 256)},
+    "data": {"name": "mnist", "path": "../shared/data/mnist", "batch_size": 64, "eval_batch_size": 500,
+             "eval_splits": ("test",)},
+    "train": {"steps": 300, "log_every": 25, "checkpoint_every": 0},
+    "optimizer": {"learning_rate": 1e-3, "warmup_steps": 20},
+}
 
 
 def point_configs(spec: str, count: int, overrides: list[str]):
-  base_lr = load_config(spec, overrides).optimizer.learning_rate
-  return [load_config(spec, [*overrides, f"seed={k}", f"optimizer.learning_rate={base_lr * (1.0 if k % 2 == 0 else 0.5)}"])
+  load = (lambda extra: load_config(spec, [*overrides, *extra])) if spec else \
+      (lambda extra: build_config(MLP_MNIST, [*overrides, *extra]))
+  base_lr = load([]).optimizer.learning_rate
+  return [load([f"seed={k}", f"optimizer.learning_rate={base_lr * (1.0 if k % 2 == 0 else 0.5)}"])
           for k in range(count)]
 
 
-def loop_throughput(summaries: list[dict]) -> float:
-  """Training examples/s summed over the points, for the last stage (each point's own examples over its loop's
-  wall time; points trained together share that time, so the sum is the group's throughput)."""
-  return sum(list(s.values())[-1]["train_examples_per_s"] for s in summaries)
+def loop_throughput(summaries: list[dict], shared_time: bool) -> float:
+  """Training examples per second of all points' loops (last stage): every example trained over the loops' wall
+  time, which is the sum of the points' loop times one after another, and one shared loop time together."""
+  last = [list(s.values())[-1] for s in summaries]
+  seconds = [s["steps"] / s["train_examples_per_s"] for s in last]  # x batch size, which cancels (equal for all)
+  return sum(s["train_examples_per_s"] * t for s, t in zip(last, seconds)) / (max(seconds) if shared_time else
+                                                                              sum(seconds))
 
 
 def final_accuracies(summaries: list[dict]) -> list[float]:
@@ -43,13 +66,41 @@ def final_accuracies(summaries: list[dict]) -> list[float]:
   return out
 
 
+def step_times(cfg, count: int, repeats: int = 10) -> tuple[float, float]:
+  """Seconds per step of the first stage's train step alone, and vmapped over `count` copies of its state."""
+  stage = train_lib.build_stage(stage_configs(cfg)[0][1])
+  state = stage.init_state(0)(jax.random.PRNGKey(0))
+  batch = to_global(stage.pipeline.train_batch(0), batch_sharding(stage.mesh))
+  together = jax.jit(jax.vmap(lambda s, b, scale: stage.step_fn(0, scale)(s, b)), donate_argnums=0)
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[state] * count)
+  stacked_batch = {key: jnp.stack([value] * count) for key, value in batch.items()}
+  scales = jnp.ones(count)
+  runs = {"alone": (stage.train_step(0), (state, batch)), "together": (together, (stacked, stacked_batch, scales))}
+  seconds = {}
+  for mode, (step, args) in runs.items():
+    carry, metrics = step(*args)  # warm-up (and compile, for the jitted vmap)
+    jax.block_until_ready(metrics)
+    started = time.perf_counter()
+    for _ in range(repeats):
+      carry, metrics = step(carry, *args[1:])
+    jax.block_until_ready(metrics)
+    seconds[mode] = (time.perf_counter() - started) / repeats
+  return seconds["alone"], seconds["together"]
+
+
 def main() -> None:
   rest, overrides = split_overrides(__import__("sys").argv[1:])
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", default="configs/mnist_forgetting.py:variant=finetune")
+  parser.add_argument("--config", default="", help="configs/<file>.py[:arg] (default: the MLP above)")
   parser.add_argument("--points", type=int, default=4)
+  parser.add_argument("--step-only", action="store_true", help="time the compiled step only (see above)")
   args = parser.parse_args(rest)
   configs = point_configs(args.config, args.points, overrides)
+  if args.step_only:
+    alone, together = step_times(configs[0], args.points)
+    print(f"{args.config or 'the MLP on MNIST'}: {alone * 1e3:.1f} ms/step alone, {together * 1e3:.1f} ms/step for "
+          f"{args.points} points together: {args.points * alone / together:.2f}x the throughput of one after another")
+    return
   root = tempfile.mkdtemp(prefix="vmap_bench_")
 
   started = time.perf_counter()
@@ -60,9 +111,10 @@ def main() -> None:
   together = vmap.train_points(configs, [f"{root}/together/{k}" for k in range(len(configs))])
   together_seconds = time.perf_counter() - started
 
-  alone_rate, together_rate = loop_throughput(alone), loop_throughput(together)
+  alone_rate, together_rate = loop_throughput(alone, False), loop_throughput(together, True)
   gap = max(abs(a - b) for a, b in zip(final_accuracies(alone), final_accuracies(together)))
-  print(f"\n{args.points} points of {args.config} {' '.join('--config.' + o for o in overrides)}")
+  print(f"\n{args.points} points of {args.config or 'the MLP on MNIST'} "
+        f"{' '.join('--config.' + o for o in overrides)}")
   print("| mode | wall s (all stages) | training examples/s (last stage, all points) |")
   print("|---|---|---|")
   print(f"| one after another | {alone_seconds:.1f} | {alone_rate:,.0f} |")

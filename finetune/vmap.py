@@ -19,6 +19,11 @@ writes them (config.json, metrics.jsonl, checkpoints, summary.json): only the lo
 its results equal the solo run's up to float rounding (tests/test_vmap.py). A point whose loss turns non-finite
 stops alone; the others go on. Unsupported together (run solo): early stopping (points would stop at different
 steps) and cached features.
+
+Speed (benchmarks/vmap_sweep.py, README "Sweeps"): what one program over K points saves is per-step dispatch, a
+process start and a compile per point, and on an accelerator the idle width of a small model. On XLA:CPU the
+convolutions of a vmapped step leave the fast path (a warning says so), so convolutional models should be swept
+point by point there.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
@@ -182,6 +188,11 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
                           np.float32)
   for run, scale in zip(runs, scales_all):
     _check_scaled_rates(reference, run.stage, float(scale))
+  if jax.default_backend() == "cpu" and any(isinstance(node, nnx.Conv)
+                                            for _, node in nnx.iter_graph(reference.abstract_model)):
+    print(f"[{name}] warning: XLA:CPU runs the convolutions of a vmapped step far slower than K separate steps "
+          "(benchmarks/vmap_sweep.py measured 0.13x for the MNIST CNN); on CPU, sweep convolutional models without "
+          "--vmap", flush=True)
   mesh = reference.mesh
   batch_spec = stacked(batch_sharding(mesh))
   compiled: dict[tuple[int, int], Any] = {}
@@ -299,7 +310,8 @@ def _check_same_shapes(reference: train_lib.Stage, other: train_lib.Stage, phase
                                         stage.abstract_state(phase))
   if jax.tree.structure(describe(reference)) != jax.tree.structure(describe(other)) or \
       jax.tree.leaves(describe(reference)) != jax.tree.leaves(describe(other)):
-    raise FinetuneError(f"{other.cfg.seed=}: its train state differs in shape from the first point's; run it alone")
+    raise FinetuneError(f"the point with seed {other.cfg.seed} has a train state of other shapes than the first "
+                        "point's; run it alone (without --vmap)")
 
 
 def _check_scaled_rates(reference: train_lib.Stage, other: train_lib.Stage, scale: float) -> None:
