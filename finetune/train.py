@@ -49,20 +49,27 @@ SUMMARY_FILE = "summary.json"
 
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
   """Runs every stage of `config` under `workdir`; returns {stage: summary} (see `run_stage`)."""
+  workdir, stages = prepare_workdir(config, workdir)
+  summaries = {}
+  for name, stage_cfg, run_dir in stages:
+    summaries[name] = run_stage(stage_cfg, run_dir, workdir, name)
+  write_json(os.path.join(workdir, "results.json"), summaries)
+  return summaries
+
+
+def prepare_workdir(config: ConfigDict, workdir: str) -> tuple[str, list[tuple[str, ConfigDict, str]]]:
+  """(absolute workdir, [(stage, stage config, run dir)]): checks every stage's earlier run before anything is
+  written (a changed config is refused), then writes workdir/config.json for a multi-stage run."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   stages = config_lib.stage_configs(config)
   single = len(stages) == 1 and not len(config.stages)
-  run_dirs = {name: workdir if single else os.path.join(workdir, name) for name, _ in stages}
-  for name, stage_cfg in stages:  # refuse before anything is written
-    check_same_config(os.path.join(run_dirs[name], "config.json"), stage_cfg)
+  layout = [(name, stage_cfg, workdir if single else os.path.join(workdir, name)) for name, stage_cfg in stages]
+  for _, stage_cfg, run_dir in layout:  # refuse before anything is written
+    check_same_config(os.path.join(run_dir, "config.json"), stage_cfg)
   if not single:  # (a single stage writes workdir/config.json itself)
     write_text(os.path.join(workdir, "config.json"), config_lib.to_json(config))
-  summaries = {}
-  for name, stage_cfg in stages:
-    summaries[name] = run_stage(stage_cfg, run_dirs[name], workdir, name)
-  write_json(os.path.join(workdir, "results.json"), summaries)
-  return summaries
+  return workdir, layout
 
 
 @dataclasses.dataclass
@@ -105,12 +112,12 @@ class Stage:
   def view_shardings(self) -> Any:
     return self.layout.view_shardings(self.params_sharding)
 
-  def optimizer(self, phase: int) -> tuple[optax.GradientTransformation, dict[str, Callable]]:
+  def optimizer(self, phase: int, lr_scale: Any = None) -> tuple[optax.GradientTransformation, dict[str, Callable]]:
     """Over the optimizer's view of the parameters (`scan.Layout.opt_view`: the parameters themselves unless
-    scanned)."""
-    return self._cached(("optimizer", phase), lambda: build_optimizer(
-        self.cfg.optimizer, self.strategy, phase, self.total_steps, self.layout.opt_view_shapes(self.abstract_params),
-        self.layout.path_of))
+    scanned). `lr_scale` (possibly traced; not cached) multiplies every learning rate."""
+    make = lambda: build_optimizer(self.cfg.optimizer, self.strategy, phase, self.total_steps,
+                                   self.layout.opt_view_shapes(self.abstract_params), self.layout.path_of, lr_scale)
+    return make() if lr_scale is not None else self._cached(("optimizer", phase), make)
 
   def state_shardings(self, phase: int) -> TrainState:
     def make():
@@ -154,12 +161,7 @@ class Stage:
   def step_fn(self, phase: int, lr_scale: Any = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The pure train step of `phase`, not compiled. `lr_scale` (possibly traced) multiplies every learning rate
     (`finetune.vmap`: one program for points that differ in learning rate)."""
-    if lr_scale is None:
-      tx, lr_by_label = self.optimizer(phase)
-    else:
-      tx, lr_by_label = build_optimizer(self.cfg.optimizer, self.strategy, phase, self.total_steps,
-                                        self.layout.opt_view_shapes(self.abstract_params), self.layout.path_of,
-                                        lr_scale)
+    tx, lr_by_label = self.optimizer(phase, lr_scale)
     return make_train_step(self.graphdef, tx, lr_by_label, self.strategy.trainable(phase),
                            self.strategy.frozen_batch_norm(phase), self.cfg.train.label_smoothing, self.forward,
                            self.cfg.task, regularizers.make_penalty(self.cfg), regularizers.needs_features(self.cfg),
@@ -383,8 +385,8 @@ def evaluate_sources(cfg: ConfigDict, state: TrainState, sources: list[regulariz
 
 # Keys that may change between a run and its resumption: they do not change what is computed.
 # The mesh and sharding rules may change too: a checkpoint restores onto any mesh (orbax reshards on restore).
-RESUMABLE_KEYS = ("wandb.", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-                   "mesh.", "sharding_rules", "activation_rules")
+_RESUMABLE_KEYS = ("wandb.", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+                  "mesh.", "sharding_rules", "activation_rules")
 
 
 def check_same_config(path: str, cfg: ConfigDict) -> None:
@@ -405,7 +407,7 @@ def check_same_config(path: str, cfg: ConfigDict) -> None:
   # A key added to the framework after the run was written is no difference while it keeps its default.
   default = dotted(json.loads(config_lib.defaults().to_json_best_effort()))
   for key in sorted(set(before) | set(now)):
-    if key.startswith(RESUMABLE_KEYS) or (key not in before and key in default and now.get(key) == default[key]):
+    if key.startswith(_RESUMABLE_KEYS) or (key not in before and key in default and now.get(key) == default[key]):
       continue
     if before.get(key) != now.get(key):
       raise FinetuneError(f"{os.path.dirname(path)} holds a run whose config differs ({key}: {before.get(key)!r} "

@@ -113,26 +113,16 @@ def train_points(configs: Sequence[ConfigDict], workdirs: Sequence[str]) -> list
   workdirs = [os.path.abspath(os.path.expanduser(w)) for w in workdirs]
   if len(set(workdirs)) != len(workdirs):
     raise FinetuneError("train_points: two points share a workdir")
-  layouts = []
-  for cfg, workdir in zip(configs, workdirs):  # as train_and_evaluate: refuse before anything is written
-    os.makedirs(workdir, exist_ok=True)
-    stages = config_lib.stage_configs(cfg)
-    single = len(stages) == 1 and not len(cfg.stages)
-    run_dirs = {name: workdir if single else os.path.join(workdir, name) for name, _ in stages}
-    for name, stage_cfg in stages:
-      train_lib.check_same_config(os.path.join(run_dirs[name], "config.json"), stage_cfg)
-    if not single:
-      train_lib.write_text(os.path.join(workdir, "config.json"), config_lib.to_json(cfg))
-    layouts.append((stages, run_dirs))
+  layouts = [train_lib.prepare_workdir(cfg, workdir)[1] for cfg, workdir in zip(configs, workdirs)]
   summaries: list[dict[str, Any]] = [{} for _ in configs]
   failed: dict[int, str] = {}
-  for stage_index, (name, _) in enumerate(layouts[0][0]):
+  for stage_index, (name, _, _) in enumerate(layouts[0]):
     live = [k for k in range(len(configs)) if k not in failed]
     opened: dict[int, train_lib.OpenStage] = {}
     try:
       for k in live:
-        stage_cfg = layouts[k][0][stage_index][1]
-        result = train_lib.open_stage(stage_cfg, layouts[k][1][name], workdirs[k], name)
+        _, stage_cfg, run_dir = layouts[k][stage_index]
+        result = train_lib.open_stage(stage_cfg, run_dir, workdirs[k], name)
         if isinstance(result, dict):
           summaries[k][name] = result
         else:
