@@ -16,6 +16,20 @@ almost intact at no cost to B.
 
 from finetune.config import ConfigDict, parse_arg
 from finetune.recipes import forgetting_stages
+from finetune.sweep import product, seeds, zipped
+
+# The trade-off sweep's strengths, weakest to strongest, one point per column (each point pretrains once and
+# runs plain fine-tuning and every regularizer at that column's strength). The middle column is get_config's
+# default; the others are a step weaker and stronger (a factor 10, or 3 for LwF, 2 for rehearsal).
+STRENGTHS = {
+    ":ewc_weight": [10.0, 100.0, 1000.0],
+    ":l2sp_alpha": [0.01, 0.1, 1.0],
+    ":lwf_weight": [0.3, 1.0, 3.0],
+    ":rehearsal_fraction": [0.125, 0.25, 0.5],
+}
+# One seed: a point takes 16 (2026-11-28) to ~40 (2026-11-30) minutes on the development machines' 2 CPU cores.
+# Raise it where CPU time allows; the plot and results.md then show the spread over seeds.
+SWEEP_SEEDS = 1
 
 CLASSES_A = ("airplane", "automobile", "bird", "cat", "deer")
 CLASSES_B = ("dog", "frog", "horse", "ship", "truck")
@@ -39,3 +53,15 @@ def get_config(arg=None):
                                        rehearsal_fraction=args.rehearsal_fraction).items():
     config.stages[name] = stage
   return config
+
+
+def get_sweep(arg=None):
+  """The CIFAR-10 forgetting trade-off: every regularizer at 3 strengths (STRENGTHS, zipped) x SWEEP_SEEDS seeds.
+  See experiments/forgetting/README.md:
+
+      finetune sweep --config configs/cifar10_forgetting.py --workdir /tmp/cifar10_forgetting_sweep \
+        --metric test/accuracy --metric forgetting/pretrain/test/after
+      python experiments/forgetting/plot.py /tmp/cifar10_forgetting_sweep/results.csv cifar10_tradeoff.png
+  """
+  del arg  # the points set the file's arguments themselves
+  return product(zipped(STRENGTHS), seeds(SWEEP_SEEDS))
