@@ -16,7 +16,7 @@ almost intact at no cost to B.
 
 from finetune.config import ConfigDict, parse_arg
 from finetune.recipes import forgetting_stages
-from finetune.sweep import product, seeds, zipped
+from finetune.sweep import parse_sweep_arg, product, seeds, zipped
 
 # The trade-off sweep's strengths, weakest to strongest, one point per column (each point pretrains once and
 # runs plain fine-tuning and every regularizer at that column's strength). The middle column is get_config's
@@ -27,17 +27,17 @@ STRENGTHS = {
     ":lwf_weight": [0.3, 1.0, 3.0],
     ":rehearsal_fraction": [0.125, 0.25, 0.5],
 }
-# One seed: a point takes 16 (2026-11-28) to ~40 (2026-11-30) minutes on the development machines' 2 CPU cores.
-# Raise it where CPU time allows; the plot and results.md then show the spread over seeds.
-SWEEP_SEEDS = 1
 
 CLASSES_A = ("airplane", "automobile", "bird", "cat", "deer")
 CLASSES_B = ("dog", "frog", "horse", "ship", "truck")
 
 
+ARGS = dict(variant="all", steps=800, target_steps=300, ewc_weight=100.0, l2sp_alpha=0.1, lwf_weight=1.0,
+            rehearsal_fraction=0.25, data_path="../shared/data/cifar10")
+
+
 def get_config(arg=None):
-  args = parse_arg(arg, variant="all", steps=800, target_steps=300, ewc_weight=100.0, l2sp_alpha=0.1,
-                   lwf_weight=1.0, rehearsal_fraction=0.25, data_path="../shared/data/cifar10")
+  args = parse_arg(arg, **ARGS)
   config = ConfigDict()
   config.model = dict(name="cnn", in_channels=3, stem_width=32, widths=(32, 64, 128), blocks_per_stage=1)
   config.data = dict(name="cifar10", path=args.data_path, batch_size=128, eval_batch_size=500,
@@ -56,12 +56,13 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  """The CIFAR-10 forgetting trade-off: every regularizer at 3 strengths (STRENGTHS, zipped) x SWEEP_SEEDS seeds.
-  See experiments/forgetting/README.md:
+  """The CIFAR-10 forgetting trade-off: every regularizer at 3 strengths (STRENGTHS, zipped) x `:seeds=` seeds
+  (default 1: a point takes 16 to ~40 minutes on the development machines' 2 CPU cores; with more seeds the plot
+  and results.md show the spread). See experiments/forgetting/README.md:
 
       finetune sweep --config configs/cifar10_forgetting.py --workdir /tmp/cifar10_forgetting_sweep \
         --metric test/accuracy --metric forgetting/pretrain/test/after
       python experiments/forgetting/plot.py /tmp/cifar10_forgetting_sweep/results.csv cifar10_tradeoff.png
   """
-  del arg  # the points set the file's arguments themselves
-  return product(zipped(STRENGTHS), seeds(SWEEP_SEEDS))
+  args = parse_sweep_arg(arg, own=dict(seeds=1), **ARGS)  # the strengths are the points'; the rest reach them
+  return product(zipped(STRENGTHS), seeds(args.seeds))

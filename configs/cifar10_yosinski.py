@@ -27,10 +27,9 @@ Scales (`:scale=`): `reduced` (default; N = 4, 500 steps of 64 per network, size
 `:steps=` (base networks) and `:target_steps=` (each transfer network) override the scale's step counts, `:ns=`
 the n values (`+`-separated, e.g. `ns=1+3`; default all of 1..N).
 
-Seeds: `:seed=K` (the sweep's seed axis). Every stage sets its own `seed` from it, the base networks K and the
-transfer networks K + 1000, so the re-initialised groups of a transfer network do not start from the very
-values its base network started from (the paper re-initialised them randomly). `--config.seed` therefore has no
-effect here; use `:seed=`.
+Seeds: `--config.seed=K` (the sweep's seed axis). The base networks run with seed K and the transfer networks
+with K + 1000 (`seed_offset`), so the re-initialised groups of a transfer network do not start from the very
+values its base network started from (the paper re-initialised them randomly).
 
 Single run (one split, one seed; all 2 + 4N stages in one workdir, re-running resumes):
 
@@ -41,7 +40,7 @@ Single run (one split, one seed; all 2 + 4N stages in one workdir, re-running re
 The sweep (get_sweep below; results.csv + results.md averaged over the seed axis), then Figure 2:
 
     finetune sweep --config configs/cifar10_yosinski.py:scale=reduced --workdir /tmp/yosinski_sweep \
-      --metric test/accuracy --seed-key :seed
+      --metric test/accuracy
     python experiments/yosinski/plot.py /tmp/yosinski_sweep/results.csv /tmp/yosinski_sweep/figure2.png
     (on a GPU: the same with scale=full)
 
@@ -84,7 +83,7 @@ SCALES = {
                  batch_size=16, steps=2, target_steps=2, eval_splits=("test",), ns=None),
 }
 
-ARGS = dict(scale="reduced", split="random", split_seed=0, seed=0, steps=0, target_steps=0, ns="",
+ARGS = dict(scale="reduced", split="random", split_seed=0, steps=0, target_steps=0, ns="",
             data_path="../shared/data/cifar10")
 
 
@@ -129,7 +128,7 @@ def parse_ns(text: str, num_groups: int, default: list[int] | None) -> list[int]
 
 
 def condition_stages(groups: list[tuple[str, str]], head_regex: str, n: int, classes_b: tuple[str, ...],
-                     steps: int, seed: int) -> dict[str, dict]:
+                     steps: int) -> dict[str, dict]:
   """The four transfer networks at n, {stage name: overrides}: BnB_n, BnB_plus_n, AnB_n, AnB_plus_n."""
   dont_load = tuple(regex for _, regex in groups[n:]) + (head_regex,)  # groups n+1..N and the head: fresh
   stages = {}
@@ -137,7 +136,7 @@ def condition_stages(groups: list[tuple[str, str]], head_regex: str, n: int, cla
     for plus in (False, True):
       stages[f"{source}nB_plus_{n}" if plus else f"{source}nB_{n}"] = dict(
           data=dict(classes=classes_b), init_from=f"stage:base{source}", dont_load=dont_load,
-          freeze=dict(first_n=0 if plus else n), seed=seed,
+          freeze=dict(first_n=0 if plus else n), seed_offset=TRANSFER_SEED_OFFSET,
           # (evaluate_sources off: the source task's accuracy after transfer is not part of this experiment)
           train=dict(steps=steps, evaluate_sources=False), optimizer=dict(warmup_steps=min(30, steps // 10)))
   return stages
@@ -154,7 +153,6 @@ def get_config(arg=None):
   steps, target_steps = args.steps or scale["steps"], args.target_steps or scale["target_steps"]
 
   config = ConfigDict()
-  config.seed = args.seed
   config.model = dict(scale["model"])
   config.data = dict(name="cifar10", path=args.data_path, batch_size=scale["batch_size"], eval_batch_size=500,
                      validation_fraction=0.1, eval_splits=scale["eval_splits"], augment=dict(flip=True))
@@ -164,24 +162,23 @@ def get_config(arg=None):
   config.optimizer = dict(name="adamw", learning_rate=3e-3, warmup_steps=min(30, steps // 10), weight_decay=5e-4,
                           grad_clip_norm=1.0)
   config.stages = ConfigDict()
-  config.stages.baseA = dict(data=dict(classes=classes_a), seed=args.seed)
-  config.stages.baseB = dict(data=dict(classes=classes_b), seed=args.seed)
+  config.stages.baseA = dict(data=dict(classes=classes_a))
+  config.stages.baseB = dict(data=dict(classes=classes_b))
   for n in ns:
-    for name, stage in condition_stages(groups, head_regex, n, classes_b, target_steps,
-                                        args.seed + TRANSFER_SEED_OFFSET).items():
+    for name, stage in condition_stages(groups, head_regex, n, classes_b, target_steps).items():
       config.stages[name] = stage
   return config
 
 
 def get_sweep(arg=None):
-  """The points: random 5/5 splits (`split_seed`) and the man-made vs natural split, times seeds (`:seed`).
+  """The points: random 5/5 splits (`split_seed`) and the man-made vs natural split, times seeds (`seed`).
   `reduced`: split seeds 0, 1 and manmade, seed 0 (3 points); `full`: split seeds 0..4 and manmade, seeds 0..2
   (18 points). Every point runs all 2 + 4N stages; the command line's `:arg` (scale, steps, ...) applies to all.
 
       finetune sweep --config configs/cifar10_yosinski.py:scale=reduced --workdir /tmp/yosinski_sweep \
-        --metric test/accuracy --seed-key :seed
+        --metric test/accuracy
   """
   args = parse_arg(arg, **ARGS)
   split_seeds, num_seeds = ((0, 1), 1) if args.scale in ("reduced", "tiny") else ((0, 1, 2, 3, 4), 3)
   splits = [{":split": "random", ":split_seed": s} for s in split_seeds] + [{":split": "manmade"}]
-  return product(splits, seeds(num_seeds, key=":seed"))
+  return product(splits, seeds(num_seeds))

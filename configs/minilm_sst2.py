@@ -31,7 +31,7 @@ from finetune import recipes
 from finetune.config import ConfigDict, parse_arg
 from finetune.errors import FinetuneError
 from finetune.models import hf
-from finetune.sweep import product, seeds
+from finetune.sweep import parse_sweep_arg, product, seeds
 
 TASKS = {
     "sst2": dict(train_file="stsa.binary.train", validation_file="stsa.binary.dev", test_file="stsa.binary.test"),
@@ -39,9 +39,11 @@ TASKS = {
 }
 
 
+ARGS = dict(variant="linear_probe", task="sst2", checkpoint="", steps=300, data_path="../shared/data/text")
+
+
 def get_config(arg=None):
-  args = parse_arg(arg, variant="linear_probe", task="sst2", checkpoint="", steps=300,
-                   data_path="../shared/data/text")
+  args = parse_arg(arg, **ARGS)
   if args.task not in TASKS:
     raise FinetuneError(f"unknown task {args.task!r}; valid: {', '.join(TASKS)}")
   checkpoint = args.checkpoint or hf.packaged_minilm_dir()
@@ -79,7 +81,9 @@ def get_sweep(arg=None):
         --metric test/accuracy --metric trainable_params --metric optimizer_state_bytes \
         --metric train_examples_per_s
   """
-  args = parse_arg(arg, task="both", seeds=1)
+  # `task` and `seeds` choose the points; `checkpoint`, `steps` and `data_path` reach every point.
+  args = parse_sweep_arg(arg, own=dict(task="both", seeds=1),
+                         **{key: value for key, value in ARGS.items() if key not in ("task", "variant")})
   tasks = list(TASKS) if args.task == "both" else [args.task]
   if not set(tasks) <= set(TASKS):
     raise FinetuneError(f"unknown task {args.task!r}; valid: both, {', '.join(TASKS)}")

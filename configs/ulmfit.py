@@ -44,7 +44,7 @@ from finetune import recipes
 from finetune.config import ConfigDict, parse_arg
 from finetune.errors import FinetuneError
 from finetune.models import hf
-from finetune.sweep import product, seeds
+from finetune.sweep import parse_sweep_arg, product, seeds
 
 TASKS = {
     # max_length covers 99% of the tokenised training sentences (TREC: 28 tokens, SST-2: 55).
@@ -90,16 +90,13 @@ def stage_name(variant: str, labels: int) -> str:
   return f"{variant}_{labels or 'all'}"
 
 
-def parse_args(arg):
-  """The file's arguments (get_config and get_sweep receive the same text, so both accept all of them; `seeds` and
-  `share` matter to get_sweep only)."""
-  return parse_arg(arg, variant="all", task="trec", labels="0", scale="small", seed=0, lm_steps=0, ft_steps=0,
-                   clf_steps=0, lr=5e-3, lm_lr=3e-3, data_path="../shared/data/text", lm_path="../shared/data/lm",
-                   tokenizer="", seeds=1, share=True)
+# The file's arguments; get_sweep also takes `seeds` and `share`, which shape its points and never reach them.
+ARGS = dict(variant="all", task="trec", labels="0", scale="small", seed=0, lm_steps=0, ft_steps=0, clf_steps=0,
+            lr=5e-3, lm_lr=3e-3, data_path="../shared/data/text", lm_path="../shared/data/lm", tokenizer="")
 
 
 def get_config(arg=None):
-  args = parse_args(arg)
+  args = parse_arg(arg, **ARGS)
   if args.task not in TASKS:
     raise FinetuneError(f"unknown task {args.task!r}; valid: {', '.join(TASKS)}")
   if args.scale not in SCALES:
@@ -181,7 +178,8 @@ def get_sweep(arg=None):
 
       finetune sweep --config configs/ulmfit.py --workdir /tmp/ulmfit_sweep --metric test/accuracy
   """
-  args = parse_args(arg)  # the other arguments (task, scale, steps, paths) reach every point unchanged
+  # The other arguments (task, scale, steps, paths) reach every point unchanged.
+  args = parse_sweep_arg(arg, own=dict(seeds=1, share=True), **ARGS)
   if args.share:
     return product([{":variant": "all", ":labels": "+".join(str(n) for n in LABEL_CURVE)}], seeds(args.seeds))
   return product({":variant": list(VARIANTS), ":labels": [str(n) for n in LABEL_CURVE]}, seeds(args.seeds))

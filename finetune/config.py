@@ -32,6 +32,10 @@ def defaults() -> ConfigDict:
   """Every config key with its default. The README's "Config reference" table describes each."""
   c = ConfigDict()
   c.seed = 0
+  # Added to `seed` for the stage that sets it (stage_configs resolves it: a stage's config.json records the seed
+  # it ran with and an offset of 0). Lets stages differ in seed while `--config.seed` (and a sweep's seed axis)
+  # still moves every stage: e.g. re-initialised layers of a transfer stage not starting from its source's init.
+  c.seed_offset = 0
   c.task = "classification"
   c.model = ConfigDict({"name": "cnn"})
   c.data = ConfigDict({
@@ -156,14 +160,15 @@ def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
   """Parses a config file's `:key=value,key2=value2` argument against `spec` (the keys and their defaults).
 
   Values take the type of their default. An unknown key is an error, so `:arg` never passes unnoticed.
-  A bare word `:foo` sets the first key whose default is a string (e.g. a variant name).
+  A bare word `:foo` sets the first key whose default is a string (e.g. a variant name). Commas inside brackets
+  or quotes belong to the value: `:sizes=(100,500),variant=ewc` is two arguments.
   """
   result = ConfigDict(dict(spec))
-  if isinstance(arg, _ConfigArg):
+  if isinstance(arg, ConfigArg):
     arg.parsed = True
   if not arg:
     return result
-  for item in arg.split(","):
+  for item in split_config_arg(arg):
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep:
@@ -178,6 +183,27 @@ def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
   return result
 
 
+def split_config_arg(text: str) -> list[str]:
+  """The items of a `:arg` text: `text` split at the commas outside brackets and quotes. (Hand-written: neither
+  ml_collections' config_flags nor ast parse `key=value,key=value`; a plain split would cut `sizes=(100,500)`.)"""
+  items, depth, quote, start = [], 0, "", 0
+  for index, char in enumerate(text):
+    if quote:
+      quote = "" if char == quote else quote
+    elif char in "'\"":
+      quote = char
+    elif char in "([{":
+      depth += 1
+    elif char in ")]}":
+      depth -= 1
+    elif char == "," and depth == 0:
+      items.append(text[start:index])
+      start = index + 1
+  if depth or quote:
+    raise FinetuneError(f"config argument {text!r} has an unclosed {'quote' if quote else 'bracket'}; close it")
+  return [*items, text[start:]]
+
+
 # ---------------------------------------------------------------------------------------------------- loading
 
 
@@ -190,7 +216,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
   takes_arg = bool(inspect.signature(module.get_config).parameters)
   if arg and not takes_arg:
     raise FinetuneError(f"config file {path} takes no argument but got ':{arg}'; drop ':{arg}'")
-  config_arg = _ConfigArg(arg) if arg else None
+  config_arg = ConfigArg(arg) if arg else None
   raw = module.get_config(config_arg) if takes_arg else module.get_config()
   if config_arg is not None and not config_arg.parsed:
     raise FinetuneError(f"config file {path} ignored its argument ':{arg}'; drop it, or read it in get_config "
@@ -198,10 +224,12 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
   return build_config(raw, overrides)
 
 
-class _ConfigArg(str):
-  """The `:arg` text, remembering whether `parse_arg` read it (an unread argument is an error, never ignored)."""
+class ConfigArg(str):
+  """The `:arg` text, remembering whether `parse_arg` read it (an unread argument is an error, never ignored) and,
+  for get_sweep, which of its keys are the sweep's alone (`finetune.sweep.parse_sweep_arg`)."""
 
   parsed = False
+  sweep_only: frozenset[str] = frozenset()
 
 
 def import_config_file(path: str):
@@ -269,7 +297,7 @@ def stage_configs(config: ConfigDict) -> list[tuple[str, ConfigDict]]:
   names = ordered_keys(config.stages)
   del base["stages"]
   if not names:
-    return [("train", _frozen(base))]
+    return [("train", _frozen(_with_seed_offset(base)))]
   result = []
   for index, name in enumerate(names):
     stage = ConfigDict(base.to_dict())
@@ -277,6 +305,7 @@ def stage_configs(config: ConfigDict) -> list[tuple[str, ConfigDict]]:
       _merge(stage, config.stages[name], prefix="")
     except FinetuneError as e:
       raise FinetuneError(f"in config.stages.{name}: {e}") from None
+    _with_seed_offset(stage)
     init_from = stage.init_from
     if init_from.startswith("stage:"):
       source = init_from[len("stage:"):]
@@ -285,6 +314,13 @@ def stage_configs(config: ConfigDict) -> list[tuple[str, ConfigDict]]:
                             f"earlier stages: {', '.join(names[:index]) or '(none)'}")
     result.append((name, _frozen(stage)))
   return result
+
+
+def _with_seed_offset(stage: ConfigDict) -> ConfigDict:
+  if not isinstance(stage.seed_offset, int) or stage.seed_offset < 0:
+    raise FinetuneError(f"config.seed_offset must be an int >= 0, got {stage.seed_offset!r}")
+  stage.seed, stage.seed_offset = stage.seed + stage.seed_offset, 0
+  return stage
 
 
 def ordered_keys(section: ConfigDict | dict | None) -> list[str]:
@@ -548,5 +584,5 @@ def _raise(error: Exception):
   raise error
 
 
-__all__ = ["defaults", "parse_arg", "load_config", "build_config", "apply_override", "stage_configs",
-           "validate", "to_json", "ml_collections"]
+__all__ = ["defaults", "parse_arg", "split_config_arg", "load_config", "build_config", "apply_override",
+           "stage_configs", "validate", "to_json", "ml_collections"]

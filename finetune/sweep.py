@@ -123,7 +123,13 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
   if get_sweep is None:
     raise FinetuneError(f"config file {path} has no get_sweep(arg=None) function; define one returning a list of "
                         "dicts {config key: value} (finetune.sweep.product, zipped and seeds build them)")
-  raw = get_sweep(arg or None) if inspect.signature(get_sweep).parameters else get_sweep()
+  sweep_arg = config_lib.ConfigArg(arg) if arg else None
+  raw = get_sweep(sweep_arg) if inspect.signature(get_sweep).parameters else get_sweep()
+  if sweep_arg is not None and sweep_arg.sweep_only:
+    # The sweep's own arguments (e.g. `seeds=3`) shape the list of points; get_config never sees them.
+    kept = [item for item in config_lib.split_config_arg(arg) if item.partition("=")[0].strip() not in
+            sweep_arg.sweep_only]
+    spec = f"{path}:{','.join(kept)}" if kept else path
   if not isinstance(raw, (list, tuple)):
     raise FinetuneError(f"get_sweep in {path} must return a list of dicts {{config key: value}}, got "
                         f"{type(raw).__name__}")
@@ -147,6 +153,24 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
     seen[resolved] = name
     points.append(Point(name, values, point_spec, tuple(point_overrides), config))
   return points
+
+
+def parse_sweep_arg(arg: str | None, own: dict[str, Any], **shared: Any) -> ConfigDict:
+  """get_sweep's `:arg`, parsed like `config.parse_arg` over the keys of `own` and `shared` together. The keys of
+  `own` (e.g. `seeds=1`) are the sweep's alone: they choose the points and are removed from the `:arg` the points'
+  get_config receives; `shared` keys (task, scale, ...) reach every point unchanged.
+
+      def get_sweep(arg=None):
+        args = parse_sweep_arg(arg, own=dict(seeds=1), task="sst2")
+        return product(..., seeds(args.seeds))
+  """
+  overlap = set(own) & set(shared)
+  if overlap:
+    raise FinetuneError(f"parse_sweep_arg: {', '.join(sorted(overlap))} both the sweep's own and shared; pick one")
+  args = config_lib.parse_arg(arg, **shared, **own)
+  if isinstance(arg, config_lib.ConfigArg):
+    arg.sweep_only = frozenset(own)
+  return args
 
 
 def point_names(points: Sequence[dict[str, Any]]) -> list[str]:
@@ -201,11 +225,13 @@ def _with_config_args(spec: str, args: dict[str, Any]) -> str:
   if not args:
     return spec
   path, _, arg = spec.partition(":")
-  kept = [item for item in arg.split(",") if item and item.partition("=")[0].strip() not in args]
+  kept = [item for item in config_lib.split_config_arg(arg) if item and item.partition("=")[0].strip() not in args]
   for key, value in args.items():
-    text = _value_text(value)
-    if "," in text:
-      raise FinetuneError(f"sweep config-file argument :{key}={text} contains ',', which separates arguments")
+    # parse_arg splits at commas outside brackets and quotes: a tuple prints bracketed, a string with a comma quoted.
+    if isinstance(value, str):
+      text = repr(value) if "," in value else _value_text(value)
+    else:
+      text = _name_text(value)
     kept.append(f"{key}={text}")
   return f"{path}:{','.join(kept)}"
 

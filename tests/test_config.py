@@ -37,6 +37,16 @@ def test_stage_order_is_the_order_written_not_alphabetical():
     tiny_config(stages={"zeta": {"init_from": "stage:alpha"}, "alpha": {}})
 
 
+def test_a_stage_seed_offset_moves_with_the_global_seed():
+  stages = {"base": {}, "transfer": {"init_from": "stage:base", "seed_offset": 1000}}
+  config = build_config({**tiny_config().to_dict(), "stages": stages}, ["seed=3"])
+  resolved = dict(stage_configs(config))
+  # Resolved once: the stage's config (and so its config.json) holds the seed it runs with and no offset.
+  assert [(cfg.seed, cfg.seed_offset) for cfg in resolved.values()] == [(3, 0), (1003, 0)]
+  with pytest.raises(FinetuneError, match="seed_offset must be an int >= 0, got -1"):
+    tiny_config(seed_offset=-1)
+
+
 def test_overrides_are_typed_and_strict():
   config = load_config(str(REPO / "configs/mnist_transfer.py"),
                        ["train.steps=7", "optimizer.learning_rate=1", "data.classes=(1,2)", "model.dropout=0.5",
@@ -94,6 +104,11 @@ def test_parse_arg_rejects_leftovers_and_types():
     parse_arg("step=5", steps=1)
   with pytest.raises(FinetuneError, match="expects int"):
     parse_arg("steps=five", steps=1)
+  # Commas inside brackets or quotes belong to the value.
+  parsed = parse_arg("sizes=(100,500),name='a,b',steps=2", sizes=(1,), name="", steps=1)
+  assert parsed.to_dict() == {"sizes": (100, 500), "name": "a,b", "steps": 2}
+  with pytest.raises(FinetuneError, match="unclosed bracket"):
+    parse_arg("sizes=(100,500", sizes=(1,))
 
 
 def test_config_file_errors(tmp_path):

@@ -155,6 +155,37 @@ def test_dry_run_prints_commands_that_finetune_train_accepts(tmp_path, capsys):
       "constant", "cosine"]
 
 
+def test_config_file_arguments_may_hold_commas_in_brackets_and_quotes(tmp_path, capsys):
+  path = tmp_path / "args.py"
+  path.write_text(CONFIG.replace("parse_arg(arg, steps=3)", "parse_arg(arg, steps=3, classes=(0, 1), tag='t')")
+                  .replace('batch_size=32,', 'batch_size=32, classes=args.classes,')
+                  .replace("{extra}", ", wandb=dict(name=args.tag)")
+                  .format(sweep='product({":classes": [(0, 1, 2), (3, 4)]}, {":tag": ["a,b"]})'))
+  status, out, _ = sweep_cli(capsys, "--config", f"{path}:classes=(5,6),steps=2", "--workdir", str(tmp_path / "w"),
+                             "--dry-run")
+  assert status == 0
+  configs = []
+  for line in out.strip().splitlines():
+    rest, overrides = cli.split_overrides(shlex.split(line)[1:])
+    spec = cli._parser().parse_args(rest).config  # pylint: disable=protected-access
+    configs.append(config_lib.load_config(spec, overrides))
+  assert [(c.data.classes, c.wandb.name, c.train.steps) for c in configs] == [((0, 1, 2), "a,b", 2), ((3, 4), "a,b", 2)]
+
+
+def test_a_sweeps_own_arguments_choose_points_and_never_reach_them(tmp_path):
+  path = tmp_path / "own.py"
+  path.write_text(CONFIG.format(extra="", sweep="product({':steps': [4]}, seeds(args.seeds))").replace(
+      "def get_sweep(arg=None):\n", "def get_sweep(arg=None):\n  args = sweep.parse_sweep_arg(arg, own=dict(seeds=1), "
+      "steps=3)\n").replace("from finetune.sweep import", "from finetune import sweep\nfrom finetune.sweep import"))
+  points = load_sweep(f"{path}:seeds=3,steps=2")
+  assert [p.values for p in points] == [{":steps": 4, "seed": s} for s in range(3)]
+  assert {p.config_spec for p in points} == {f"{path}:steps=4"}  # `seeds` stripped, the point's `steps` wins
+  with pytest.raises(FinetuneError, match="unknown config argument 'seed'"):
+    load_sweep(f"{path}:seed=3")  # a typo of the sweep's own key is still an error
+  with pytest.raises(FinetuneError, match="both the sweep's own and shared"):
+    sweep.parse_sweep_arg("", own=dict(seeds=1), seeds=2)
+
+
 # ---------------------------------------------------------------------------------------------------- running
 
 

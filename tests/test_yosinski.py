@@ -47,7 +47,7 @@ def _stage_names(ns):
 @pytest.mark.parametrize("scale", ["reduced", "full"])
 @pytest.mark.parametrize("split", ["random", "manmade"])
 def test_config_has_both_bases_and_four_conditions_for_every_n(scale, split):
-  config = load_config(f"{CONFIG}:scale={scale},split={split},seed=3")
+  config = load_config(f"{CONFIG}:scale={scale},split={split}", ["seed=3"])
   groups = GROUPS[scale]
   assert ordered_keys(config.stages) == _stage_names(range(1, len(groups) + 1))
   stages = dict(stage_configs(config))
@@ -142,15 +142,15 @@ def test_transfer_network_copies_the_first_n_groups_and_freezes_exactly_them(tmp
 def test_sweep_points_all_load():
   reduced = load_sweep(f"{CONFIG}:scale=reduced")
   assert [p.values for p in reduced] == [
-      {":split": "random", ":split_seed": 0, ":seed": 0}, {":split": "random", ":split_seed": 1, ":seed": 0},
-      {":split": "manmade", ":seed": 0}]
+      {":split": "random", ":split_seed": 0, "seed": 0}, {":split": "random", ":split_seed": 1, "seed": 0},
+      {":split": "manmade", "seed": 0}]
   assert [p.name for p in reduced] == ["split=random,split_seed=0,seed=0", "split=random,split_seed=1,seed=0",
                                        "split=manmade,seed=0"]
   assert all(p.config_spec.startswith(f"{CONFIG}:scale=reduced,") for p in reduced)
   assert all(list(p.stage_dirs) == _stage_names(range(1, 5)) for p in reduced)
   full = load_sweep(f"{CONFIG}:scale=full")
   assert len(full) == 18 and len({p.name for p in full}) == 18
-  assert {(p.values[":split"], p.values.get(":split_seed"), p.values[":seed"]) for p in full} == {
+  assert {(p.values[":split"], p.values.get(":split_seed"), p.values["seed"]) for p in full} == {
       *((("random", s, k) for s in range(5) for k in range(3))), *((("manmade", None, k) for k in range(3)))}
 
 
@@ -161,7 +161,7 @@ def test_plot_summarizes_and_draws_figure2(tmp_path):
   pytest.importorskip("matplotlib")
   plot = _load_module(str(REPO / "experiments" / "yosinski" / "plot.py"))
   stages = ["baseA", "baseB"] + [f"{c}_{n}" for n in (1, 2) for c in ("BnB", "BnB_plus", "AnB", "AnB_plus")]
-  header = ["point", ":split", ":split_seed", ":seed", "status", *(f"{s}/test/accuracy" for s in stages)]
+  header = ["point", ":split", ":split_seed", "seed", "status", *(f"{s}/test/accuracy" for s in stages)]
 
   def row(name, split, split_seed, seed, status, offset):
     values = {s: 0.5 + 0.01 * i + offset for i, s in enumerate(stages)}
@@ -209,7 +209,7 @@ def test_plot_reads_the_results_csv_that_sweep_aggregate_writes(tmp_path):
       (run_dir / "config.json").write_text(to_json(stage_cfg))
       accuracy = 0.25 if name.startswith("AnB_") else 0.5 + 0.1 * index
       (run_dir / "summary.json").write_text(f'{{"final": {{"test": {{"accuracy": {accuracy}}}}}}}')
-  table = aggregate(points, str(tmp_path), ["test/accuracy"], seed_key=":seed")
+  table = aggregate(points, str(tmp_path), ["test/accuracy"])
   assert "AnB_plus_3/test/accuracy" in table
   summary = plot.summarize(str(tmp_path / "results.csv"))
   assert list(summary) == ["random", "manmade"]

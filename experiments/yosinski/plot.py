@@ -9,7 +9,7 @@ experiment from the random 5/5 splits (the paper's Figure 3 vs Figure 2), so eac
 `:split` column) gets its own panel. `figure2` and `summarize` are meant for notebooks too.
 
 results.csv is written by `finetune.sweep.aggregate`: columns `point`, the swept keys (`:split`, `:split_seed`,
-`:seed`), `status`, then one `<stage>/<metric>` column per stage and metric, e.g. `AnB_plus_3/test/accuracy`.
+`seed`), `status`, then one `<stage>/<metric>` column per stage and metric, e.g. `AnB_plus_3/test/accuracy`.
 """
 
 from __future__ import annotations
