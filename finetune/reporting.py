@@ -130,3 +130,22 @@ def staged_directory(out: str) -> Iterator[str]:
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
+
+
+def pyplot(to_file: bool):
+  """matplotlib.pyplot for the experiments' plot scripts: the non-interactive Agg backend when the figure goes to a
+  file (scripts, CI), the notebook's own backend otherwise. matplotlib is imported here, not at module import,
+  because training never needs it."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  if to_file:
+    matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def save_figure(fig, png_path: str | None):
+  """Lays `fig` out and, when `png_path` is given, writes it there (120 dpi, the committed plots' resolution)."""
+  fig.tight_layout()
+  if png_path:
+    fig.savefig(png_path, dpi=120)
+  return fig

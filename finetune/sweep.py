@@ -458,21 +458,44 @@ def grouped_table(rows: Sequence[dict], keys: Sequence[str], columns: Sequence[s
   for values, members in groups.items():
     done = [row for row in members if row["status"] == "finished"]
     key_cells = [(value or "-").replace("|", "\\|") for value in values]  # (a bare '|' would end the cell)
-    means = [_mean_std([row[c] for row in done if row[c] is not None]) for c in columns]
+    means = [_mean_std_text([row[c] for row in done if row[c] is not None]) for c in columns]
     lines.append("| " + " | ".join([*key_cells, *means, str(len(done))]) + " |")
   return "\n".join(lines)
 
 
-def _mean_std(values: list[float]) -> str:
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+  """(mean, sample standard deviation) of `values`, the spread every table here reports; one value has std 0."""
+  values = list(values)
+  if not values:
+    raise ValueError("mean_std of no values")
+  return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def read_results(csv_path: str) -> list[dict[str, str]]:
+  """The finished rows of a sweep's `results.csv` (as `aggregate` wrote it), for the experiments' plot scripts and
+  notebooks. Raises ValueError when no point finished."""
+  with open(csv_path, newline="") as f:
+    rows = [row for row in csv.DictReader(f) if row.get("status") == "finished"]
+  if not rows:
+    raise ValueError(f"{csv_path} has no finished points")
+  return rows
+
+
+def number(text: str | None) -> float | None:
+  """A results.csv cell as a float; None for an empty cell (a metric the stage did not report)."""
+  return None if text in (None, "") else float(text)
+
+
+def _mean_std_text(values: list[float]) -> str:
   if not values:
     return "-"
-  mean = statistics.mean(values)
+  mean, std = mean_std(values)
   # Four decimals for accuracies and losses, whole numbers for counts and throughputs; the std as precise as its
   # mean.
   digits = 0 if abs(mean) >= 1000 or all(float(v).is_integer() for v in values) else 4
   if len(values) == 1:
     return f"{mean:,.{digits}f}"
-  return f"{mean:,.{digits}f} ± {statistics.stdev(values):,.{digits}f}"
+  return f"{mean:,.{digits}f} ± {std:,.{digits}f}"
 
 
 def _csv_text(value: Any) -> str:

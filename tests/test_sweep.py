@@ -324,6 +324,19 @@ def test_aggregate_means_and_sample_stds_over_seeds(tmp_path):
 # ------------------------------------------------------------------------------------------------------ wandb
 
 
+def test_results_csv_helpers_for_plot_scripts(tmp_path):
+  path = tmp_path / "results.csv"
+  path.write_text("point,seed,status,ft/test/accuracy\na,0,finished,0.5\nb,1,incomplete,\nc,2,finished,\n")
+  rows = sweep.read_results(str(path))
+  assert [row["point"] for row in rows] == ["a", "c"]  # finished rows only
+  assert [sweep.number(row["ft/test/accuracy"]) for row in rows] == [0.5, None]
+  assert sweep.mean_std([0.5]) == (0.5, 0.0)
+  assert sweep.mean_std([1.0, 2.0, 4.0]) == pytest.approx((7 / 3, (7 / 3) ** 0.5))  # sample std: sum of squares 42/9 over n-1
+  path.write_text("point,seed,status\na,0,failed\n")
+  with pytest.raises(ValueError, match="has no finished points"):
+    sweep.read_results(str(path))
+
+
 def test_wandb_sweep_definition_runs_the_same_points(tmp_path, capsys):
   from wandb.sdk.launch.sweeps.utils import create_sweep_command_args  # how the agent formats ${args}
 

@@ -10,51 +10,42 @@ accuracy before fine-tuning as a dashed line. The notebook notebooks/forgetting.
 from __future__ import annotations
 
 import collections
-import csv
-import statistics
 import sys
+
+from finetune import reporting
+from finetune.sweep import mean_std, read_results
 
 METHODS = {"ewc": ":ewc_weight", "l2sp": ":l2sp_alpha", "lwf": ":lwf_weight", "rehearsal": ":rehearsal_fraction"}
 LABELS = {"ewc": "EWC (λ)", "l2sp": "L2-SP (α)", "lwf": "LwF (weight)", "rehearsal": "rehearsal (fraction)"}
 
 
-def _mean_std(values):
-  return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarize(csv_path: str) -> dict:
   """{method: [(strength, (target mean, std), (source mean, std), n), ...]} plus 'finetune' and 'before' entries,
   from the finished rows of a forgetting sweep's results.csv."""
-  with open(csv_path) as f:
-    rows = [row for row in csv.DictReader(f) if row["status"] == "finished"]
-  if not rows:
-    raise ValueError(f"{csv_path} has no finished points")
+  rows = read_results(csv_path)
   result = {}
   for method, key in METHODS.items():
     by_strength = collections.defaultdict(list)
     for row in rows:
       by_strength[float(row[key])].append(row)
     result[method] = [(strength,
-                       _mean_std([float(r[f"{method}/test/accuracy"]) for r in members]),
-                       _mean_std([float(r[f"{method}/forgetting/pretrain/test/after"]) for r in members]),
+                       mean_std([float(r[f"{method}/test/accuracy"]) for r in members]),
+                       mean_std([float(r[f"{method}/forgetting/pretrain/test/after"]) for r in members]),
                        len(members))
                       for strength, members in sorted(by_strength.items())]
   # Plain fine-tuning and the source network do not depend on the strengths: every point of a seed reruns them
   # identically, so they are averaged over seeds (one row each), not over points.
   one_per_seed = list({row["seed"]: row for row in rows}.values())
-  result["finetune"] = (_mean_std([float(r["finetune/test/accuracy"]) for r in one_per_seed]),
-                        _mean_std([float(r["finetune/forgetting/pretrain/test/after"]) for r in one_per_seed]),
+  result["finetune"] = (mean_std([float(r["finetune/test/accuracy"]) for r in one_per_seed]),
+                        mean_std([float(r["finetune/forgetting/pretrain/test/after"]) for r in one_per_seed]),
                         len(one_per_seed))
-  result["before"] = _mean_std([float(r["pretrain/test/accuracy"]) for r in one_per_seed])
+  result["before"] = mean_std([float(r["pretrain/test/accuracy"]) for r in one_per_seed])
   return result
 
 
 def tradeoff(csv_path: str, png_path: str | None = None, title: str = ""):
   """Draws the trade-off plot; saves it to `png_path` when given. Returns the matplotlib figure."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  if png_path:
-    matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = reporting.pyplot(to_file=bool(png_path))
   summary = summarize(csv_path)
   fig, ax = plt.subplots(figsize=(6.4, 4.8))
   for method in METHODS:
@@ -73,10 +64,7 @@ def tradeoff(csv_path: str, png_path: str | None = None, title: str = ""):
   ax.set_title(title or "Forgetting vs. learning: regularizer strength sweep")
   ax.legend(fontsize=8, loc="lower left")
   ax.grid(alpha=0.3)
-  fig.tight_layout()
-  if png_path:
-    fig.savefig(png_path, dpi=120)
-  return fig
+  return reporting.save_figure(fig, png_path)
 
 
 if __name__ == "__main__":

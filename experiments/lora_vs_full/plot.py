@@ -11,9 +11,10 @@ seeds of test accuracy, and the trainable parameters, optimizer-state bytes and 
 from __future__ import annotations
 
 import collections
-import csv
-import statistics
 import sys
+
+from finetune import reporting
+from finetune.sweep import mean_std, number, read_results
 
 STAGES = ("linear_probe", "full", "lora", "dora")
 RANK_KEY = "stages.lora.peft.rank"
@@ -21,19 +22,12 @@ RANK_KEY = "stages.lora.peft.rank"
 
 def _mean_std(values):
   values = [v for v in values if v is not None]
-  if not values:
-    return None, None
-  return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _number(text):
-  return float(text) if text not in ("", None) else None
+  return mean_std(values) if values else (None, None)
 
 
 def summarize(csv_path: str) -> list[dict]:
   """[{task, method, accuracy: (mean, std), trainable_params, optimizer_state_bytes, examples_per_s, n}, ...]"""
-  with open(csv_path) as f:
-    rows = [row for row in csv.DictReader(f) if row["status"] == "finished"]
+  rows = read_results(csv_path)
   groups = collections.defaultdict(list)
   for row in rows:
     stage = row[":variant"]
@@ -43,7 +37,7 @@ def summarize(csv_path: str) -> list[dict]:
   result = []
   for (task, method, stage), members in groups.items():
     def column(metric, members=members, stage=stage):
-      return [_number(r.get(f"{stage}/{metric}")) for r in members]
+      return [number(r.get(f"{stage}/{metric}")) for r in members]
     result.append({"task": task, "method": method, "accuracy": _mean_std(column("test/accuracy")),
                    "trainable_params": _mean_std(column("trainable_params"))[0],
                    "optimizer_state_bytes": _mean_std(column("optimizer_state_bytes"))[0],
@@ -69,10 +63,7 @@ def table(csv_path: str) -> str:
 
 def plot(csv_path: str, png_path: str | None = None):
   """Test accuracy against trainable parameters (log scale), one panel per task. Returns the figure."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  if png_path:
-    matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = reporting.pyplot(to_file=bool(png_path))
   rows = summarize(csv_path)
   tasks = list(dict.fromkeys(r["task"] for r in rows))
   fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
@@ -86,10 +77,7 @@ def plot(csv_path: str, png_path: str | None = None):
     ax.set_title(f"MiniLM-L6 on {task.upper()}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  if png_path:
-    fig.savefig(png_path, dpi=120)
-  return fig
+  return reporting.save_figure(fig, png_path)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ percent, mean ± sample std over the finished rows (seeds).
 from __future__ import annotations
 
 import collections
-import csv
 import math
 import re
-import statistics
 import sys
+
+from finetune import reporting
+from finetune.sweep import mean_std, read_results
 
 VARIANTS = ("scratch", "full", "discr", "stlr", "ulmfit")
 LABELS = {"scratch": "from scratch", "full": "full", "discr": "full + discr", "stlr": "full + discr + stlr",
@@ -25,17 +26,10 @@ _COLUMN = re.compile(r"^(?P<variant>[a-z]+)_(?P<labels>\d+|all)/test/accuracy$")
 ALL = 0  # the label count of `<variant>_all` stages
 
 
-def _mean_std(values):
-  return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarize(csv_path: str) -> dict[str, list[tuple[int, tuple[float, float], int]]]:
   """{variant: [(labelled examples (0 = all), (test error % mean, std), n), ...] sorted by count, all last}, from the
   finished rows of an ulmfit sweep's results.csv."""
-  with open(csv_path) as f:
-    rows = [row for row in csv.DictReader(f) if row["status"] == "finished"]
-  if not rows:
-    raise ValueError(f"{csv_path} has no finished points")
+  rows = read_results(csv_path)
   errors = collections.defaultdict(list)  # (variant, labels) -> [error %, one per row]
   for row in rows:
     for column, value in row.items():
@@ -49,7 +43,7 @@ def summarize(csv_path: str) -> dict[str, list[tuple[int, tuple[float, float], i
   for variant in VARIANTS:
     counts = sorted((n for v, n in errors if v == variant), key=lambda n: math.inf if n == ALL else n)
     if counts:
-      result[variant] = [(n, _mean_std(errors[variant, n]), len(errors[variant, n])) for n in counts]
+      result[variant] = [(n, mean_std(errors[variant, n]), len(errors[variant, n])) for n in counts]
   return result
 
 
@@ -69,10 +63,7 @@ def figure3(csv_path: str, png_path: str | None = None, title: str = "", all_exa
   """Test error (%) against the number of labelled training examples (log scale), one curve per variant, as the
   paper's Figure 3; saved to `png_path` when given. `all_examples`: where to put the `all` point on the x axis
   (default: one step right of the largest count, labelled 'all'). Returns the matplotlib figure."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  if png_path:
-    matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = reporting.pyplot(to_file=bool(png_path))
   summary = summarize(csv_path)
   counts = sorted({n for points in summary.values() for n, _, _ in points if n != ALL})
   all_x = all_examples or (counts[-1] * 3 if counts else 1)
@@ -92,10 +83,7 @@ def figure3(csv_path: str, png_path: str | None = None, title: str = "", all_exa
   ax.set_title(title or "ULMFiT ablation: test error vs. labelled examples")
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
-  fig.tight_layout()
-  if png_path:
-    fig.savefig(png_path, dpi=120)
-  return fig
+  return reporting.save_figure(fig, png_path)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ results.csv is written by `finetune.sweep.aggregate`: columns `point`, the swept
 from __future__ import annotations
 
 import collections
-import csv
 import re
-import statistics
 import sys
 from typing import NamedTuple
+
+from finetune import reporting
+from finetune.sweep import mean_std, number, read_results
 
 # Conditions in the paper's notation -> (source base, fine-tuned); their stages are `<prefix>_<n>`.
 CONDITIONS = {"BnB": "BnB", "BnB+": "BnB_plus", "AnB": "AnB", "AnB+": "AnB_plus"}
@@ -41,14 +42,7 @@ class Stat(NamedTuple):
   @classmethod
   def of(cls, values) -> "Stat":
     values = tuple(values)
-    return cls(statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values), values)
-
-
-def _number(text: str | None) -> float | None:
-  try:
-    return float(text) if text not in (None, "") else None
-  except ValueError:
-    return None
+    return cls(*mean_std(values), len(values), values)
 
 
 def summarize(csv_path: str, metric: str = "test/accuracy") -> dict[str, dict]:
@@ -56,12 +50,8 @@ def summarize(csv_path: str, metric: str = "test/accuracy") -> dict[str, dict]:
   the finished rows of results.csv, per value of its `:split` column ('all' when it has none). A stage's value is
   `<stage>/<metric>`; rows where it is empty are left out of that stage's Stat, and conditions or bases with no
   value at all are left out of the result."""
-  with open(csv_path, newline="") as f:
-    reader = csv.DictReader(f)
-    columns = reader.fieldnames or []
-    rows = [row for row in reader if row.get("status") == "finished"]
-  if not rows:
-    raise ValueError(f"{csv_path} has no finished points")
+  rows = read_results(csv_path)
+  columns = list(rows[0])
   split_column = next((c for c in SPLIT_COLUMNS if c in columns), None)
   suffix = "/" + metric
   pattern = re.compile(r"^(?P<prefix>AnB_plus|BnB_plus|AnB|BnB)_(?P<n>\d+)$")
@@ -86,7 +76,7 @@ def summarize(csv_path: str, metric: str = "test/accuracy") -> dict[str, dict]:
     values = collections.defaultdict(list)  # (key, n) -> values
     for row in members:
       for column, key in stage_columns.items():
-        value = _number(row.get(column))
+        value = number(row.get(column))
         if value is not None:
           values[key].append(value)
     summary: dict = {}
@@ -118,10 +108,7 @@ def table(summary: dict[str, dict]) -> str:
 def figure2(csv_path: str, png_path: str | None = None, title: str = "", metric: str = "test/accuracy"):
   """Draws the Figure 2-style plot (one panel per split kind); saves it to `png_path` when given. Returns the
   matplotlib figure."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  if png_path:
-    matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = reporting.pyplot(to_file=bool(png_path))
   summary = summarize(csv_path, metric)
   fig, axes = plt.subplots(1, len(summary), figsize=(6.4 * len(summary), 4.8), squeeze=False)
   offsets = {"baseB": 0.0, "BnB": -0.15, "BnB+": -0.05, "AnB": 0.05, "AnB+": 0.15}  # side by side at each n
@@ -150,10 +137,7 @@ def figure2(csv_path: str, png_path: str | None = None, title: str = "", metric:
     ax.set_title(f"{title} — {name}" if title else name)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
-  fig.tight_layout()
-  if png_path:
-    fig.savefig(png_path, dpi=120)
-  return fig
+  return reporting.save_figure(fig, png_path)
 
 
 if __name__ == "__main__":
