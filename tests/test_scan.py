@@ -53,6 +53,19 @@ def _assert_same_run(ours, reference, what):
     np.testing.assert_allclose(mine[path], value, rtol=1e-5, atol=1e-5, err_msg=f"{what} {path}")
 
 
+def test_scanned_llama_with_frozen_first_layer_trains_like_unrolled(tmp_path):
+  """The fast suite's scan check (the slow tests below cover every strategy, BERT and a sharded mesh): Llama with
+  its embeddings and first layer frozen, scanned and rematerialised vs unrolled, equal losses and parameters."""
+  for scanned in (False, True):
+    raw = scan_config("llama", {"data": 1}, scanned, "block" if scanned else "").to_dict()
+    raw["stages"] = {"frozen_n": raw["stages"]["frozen_n"]}
+    train_lib.train_and_evaluate(build_config(raw), str(tmp_path / str(scanned)))
+  _assert_same_run(tmp_path / "True" / "frozen_n", tmp_path / "False" / "frozen_n", "llama frozen_n")
+
+
+# The `runs` fixture trains 20 small stages (two models x scanned/unrolled x five strategies): the tests that read
+# it are slow.
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_scanned_layers_train_like_unrolled_for_every_strategy(kind, runs):
   """Full FT, frozen first layer, per-layer learning rates, LoRA and gradual unfreezing: equal losses and
@@ -118,6 +131,7 @@ print(json.dumps(shardings))
 '''
 
 
+@pytest.mark.slow
 def test_scanned_layers_on_a_sharded_mesh_match_one_unrolled_device(runs, tmp_path):
   """data=2 x fsdp=2 x tensor=2 on 8 fake devices: stacked parameters shard along their logical axes (the layer
   axis replicated), and every strategy trains as the unrolled model on one device."""
@@ -135,6 +149,7 @@ def test_scanned_layers_on_a_sharded_mesh_match_one_unrolled_device(runs, tmp_pa
   _assert_same_run(tmp_path / "embed_on_tensor" / "full", runs["llama", False] / "full", "activations on tensor")
 
 
+@pytest.mark.slow
 def test_checkpoints_convert_between_scanned_and_unrolled(runs, tmp_path):
   """A scanned run's checkpoint initialises an unrolled model and vice versa; exports are the same files."""
   scanned_run, unrolled_run = runs["bert", True] / "full", runs["bert", False] / "full"
