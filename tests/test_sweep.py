@@ -324,6 +324,23 @@ def test_aggregate_means_and_sample_stds_over_seeds(tmp_path):
 # ------------------------------------------------------------------------------------------------------ wandb
 
 
+SWEEP_FILES = sorted(p.name for p in (REPO / "configs").glob("*.py") if "def get_sweep" in p.read_text())
+
+
+@pytest.mark.parametrize("name", SWEEP_FILES)
+def test_every_config_files_sweep_loads(name):
+  points = load_sweep(str(REPO / "configs" / name))
+  assert points and len({p.name for p in points}) == len(points)
+
+
+@pytest.mark.parametrize("name, arg, count", [("minilm_sst2.py", "task=trec,seeds=2,steps=10", 7 * 2),
+                                              ("cifar10_forgetting.py", "seeds=2,steps=5", 3 * 2)])
+def test_seeds_argument_of_the_reproduction_sweeps(name, arg, count):
+  points = load_sweep(f"{REPO / 'configs' / name}:{arg}")
+  assert len(points) == count and {p.values["seed"] for p in points} == {0, 1}
+  assert all("seeds=" not in p.config_spec and "steps=" in p.config_spec for p in points)
+
+
 def test_results_csv_helpers_for_plot_scripts(tmp_path):
   path = tmp_path / "results.csv"
   path.write_text("point,seed,status,ft/test/accuracy\na,0,finished,0.5\nb,1,incomplete,\nc,2,finished,\n")
