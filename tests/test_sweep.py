@@ -397,6 +397,6 @@ def test_wandb_sweep_definition_runs_the_same_points(tmp_path, capsys):
 
 
 def test_counts_print_as_whole_numbers_and_rates_with_four_decimals():
-  assert sweep._mean_std([770.0, 770.0]) == "770 ± 0"
-  assert sweep._mean_std([0.5, 0.7]) == "0.6000 ± 0.1414"
-  assert sweep._mean_std([18874.2]) == "18,874"
+  assert sweep._mean_std_text([770.0, 770.0]) == "770 ± 0"
+  assert sweep._mean_std_text([0.5, 0.7]) == "0.6000 ± 0.1414"
+  assert sweep._mean_std_text([18874.2]) == "18,874"
