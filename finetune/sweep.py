@@ -127,8 +127,7 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
   raw = get_sweep(sweep_arg) if inspect.signature(get_sweep).parameters else get_sweep()
   if sweep_arg is not None and sweep_arg.sweep_only:
     # The sweep's own arguments (e.g. `seeds=3`) shape the list of points; get_config never sees them.
-    kept = [item for item in config_lib.split_config_arg(arg) if item.partition("=")[0].strip() not in
-            sweep_arg.sweep_only]
+    kept = _arg_items_without(arg, sweep_arg.sweep_only)
     spec = f"{path}:{','.join(kept)}" if kept else path
   if not isinstance(raw, (list, tuple)):
     raise FinetuneError(f"get_sweep in {path} must return a list of dicts {{config key: value}}, got "
@@ -220,12 +219,17 @@ def _name_text(value: Any) -> str:
   return value if isinstance(value, str) else repr(value).replace(" ", "")
 
 
+def _arg_items_without(arg: str, keys) -> list[str]:
+  """The `key=value` items of a `:arg` text, less those whose key is in `keys`."""
+  return [item for item in config_lib.split_config_arg(arg) if item and item.partition("=")[0].strip() not in keys]
+
+
 def _with_config_args(spec: str, args: dict[str, Any]) -> str:
   """`file.py:a=1` with args {'a': 2, 'b': 3} -> `file.py:a=2,b=3` (the point's value replaces the command's)."""
   if not args:
     return spec
   path, _, arg = spec.partition(":")
-  kept = [item for item in config_lib.split_config_arg(arg) if item and item.partition("=")[0].strip() not in args]
+  kept = _arg_items_without(arg, args)
   for key, value in args.items():
     # parse_arg splits at commas outside brackets and quotes: a tuple prints bracketed, a string with a comma quoted.
     if isinstance(value, str):
