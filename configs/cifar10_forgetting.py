@@ -57,12 +57,12 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
   """The CIFAR-10 forgetting trade-off: every regularizer at 3 strengths (STRENGTHS, zipped) x `:seeds=` seeds
-  (default 1: a point takes 16 to ~40 minutes on the development machines' 2 CPU cores; with more seeds the plot
+  (a count or the values, e.g. `(1,2)`; default 1: a point takes 16 to ~40 minutes on the development machines' 2 CPU cores; with more seeds the plot
   and results.md show the spread). See experiments/forgetting/README.md:
 
       finetune sweep --config configs/cifar10_forgetting.py --workdir /tmp/cifar10_forgetting_sweep \
         --metric test/accuracy --metric forgetting/pretrain/test/after
       python experiments/forgetting/plot.py /tmp/cifar10_forgetting_sweep/results.csv cifar10_tradeoff.png
   """
-  args = parse_sweep_arg(arg, own=dict(seeds=1), **ARGS)  # the strengths are the points'; the rest reach them
-  return product(zipped(STRENGTHS), seeds(args.seeds))
+  args = parse_sweep_arg(arg, own=dict(seeds=None), **ARGS)  # the strengths are the points'; the rest reach them
+  return product(zipped(STRENGTHS), seeds(1 if args.seeds is None else args.seeds))

@@ -59,7 +59,7 @@ import numpy as np
 
 from finetune.config import ConfigDict, parse_arg
 from finetune.errors import FinetuneError
-from finetune.sweep import product, seeds
+from finetune.sweep import parse_sweep_arg, product, seeds
 
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MANMADE = ("airplane", "automobile", "ship", "truck")
@@ -173,12 +173,13 @@ def get_config(arg=None):
 def get_sweep(arg=None):
   """The points: random 5/5 splits (`split_seed`) and the man-made vs natural split, times seeds (`seed`).
   `reduced`: split seeds 0, 1 and manmade, seed 0 (3 points); `full`: split seeds 0..4 and manmade, seeds 0..2
-  (18 points). Every point runs all 2 + 4N stages; the command line's `:arg` (scale, steps, ...) applies to all.
+  (18 points). `:seeds=3` (a count) or `:seeds=(1,2)` (the values) overrides the scale's seeds. Every point runs
+  all 2 + 4N stages; the command line's other `:arg` items (scale, steps, ...) apply to all.
 
       finetune sweep --config configs/cifar10_yosinski.py:scale=reduced --workdir /tmp/yosinski_sweep \
         --metric test/accuracy
   """
-  args = parse_arg(arg, **ARGS)
+  args = parse_sweep_arg(arg, own=dict(seeds=None), **ARGS)
   split_seeds, num_seeds = ((0, 1), 1) if args.scale in ("reduced", "tiny") else ((0, 1, 2, 3, 4), 3)
   splits = [{":split": "random", ":split_seed": s} for s in split_seeds] + [{":split": "manmade"}]
-  return product(splits, seeds(num_seeds))
+  return product(splits, seeds(num_seeds if args.seeds is None else args.seeds))

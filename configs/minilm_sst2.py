@@ -75,14 +75,15 @@ LORA_RANKS = (1, 4, 8, 16)
 def get_sweep(arg=None):
   """LoRA vs full fine-tuning vs linear probe (experiments/lora_vs_full): per task, the cached-feature probe, full
   fine-tuning, LoRA with r in LORA_RANKS (alpha = 2r, so the update scale alpha/r stays 2 as in the r=8 recipe) and
-  DoRA (r=8), times `seeds` seeds. `:task=sst2` or `trec` runs one task; `:seeds=3` three seeds.
+  DoRA (r=8), times `seeds` seeds. `:task=sst2` or `trec` runs one task; `:seeds=3` three seeds, `:seeds=(1,2)`
+  seeds 1 and 2 only.
 
       finetune sweep --config configs/minilm_sst2.py:task=sst2 --workdir /tmp/lora_vs_full \
         --metric test/accuracy --metric trainable_params --metric optimizer_state_bytes \
         --metric train_examples_per_s
   """
   # `task` and `seeds` choose the points; `checkpoint`, `steps` and `data_path` reach every point.
-  args = parse_sweep_arg(arg, own=dict(task="both", seeds=1),
+  args = parse_sweep_arg(arg, own=dict(task="both", seeds=None),
                          **{key: value for key, value in ARGS.items() if key not in ("task", "variant")})
   tasks = list(TASKS) if args.task == "both" else [args.task]
   if not set(tasks) <= set(TASKS):
@@ -90,4 +91,4 @@ def get_sweep(arg=None):
   variants = [{":variant": "linear_probe"}, {":variant": "full"}]
   variants += [{":variant": "lora", "stages.lora.peft.rank": r, "stages.lora.peft.alpha": 2.0 * r} for r in LORA_RANKS]
   variants += [{":variant": "dora"}]
-  return product([{":task": task} for task in tasks], variants, seeds(args.seeds))
+  return product([{":task": task} for task in tasks], variants, seeds(1 if args.seeds is None else args.seeds))

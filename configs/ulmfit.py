@@ -174,12 +174,13 @@ def get_sweep(arg=None):
   language-model stages once and then every variant at every label count in LABEL_CURVE as its own stage (the
   cheap layout; results.csv columns `<variant>_<n>/test/accuracy`). `:share=False`: the grid variants x label counts
   x seeds as separate points (each reruns the language-model stages, except `scratch`; for a cluster). `:seeds=3`
-  sets the seeds; the other arguments (`:task=sst2`, `:scale=tiny`, step counts) apply to every point.
+  sets the seeds (`:seeds=(1,2)`: just seeds 1 and 2); the other arguments (`:task=sst2`, `:scale=tiny`, step counts) apply to every point.
 
       finetune sweep --config configs/ulmfit.py --workdir /tmp/ulmfit_sweep --metric test/accuracy
   """
   # The other arguments (task, scale, steps, paths) reach every point unchanged.
-  args = parse_sweep_arg(arg, own=dict(seeds=1, share=True), **ARGS)
+  args = parse_sweep_arg(arg, own=dict(seeds=None, share=True), **ARGS)
+  seed_points = seeds(1 if args.seeds is None else args.seeds)
   if args.share:
-    return product([{":variant": "all", ":labels": "+".join(str(n) for n in LABEL_CURVE)}], seeds(args.seeds))
-  return product({":variant": list(VARIANTS), ":labels": [str(n) for n in LABEL_CURVE]}, seeds(args.seeds))
+    return product([{":variant": "all", ":labels": "+".join(str(n) for n in LABEL_CURVE)}], seed_points)
+  return product({":variant": list(VARIANTS), ":labels": [str(n) for n in LABEL_CURVE]}, seed_points)

@@ -66,8 +66,16 @@ def zipped(*parts: list[dict] | dict[str, Sequence], **axes: Sequence) -> list[d
 
 
 def seeds(n_or_values: int | Iterable[int], key: str = "seed") -> list[dict[str, Any]]:
-  """`seeds(3)` = [{'seed': 0}, {'seed': 1}, {'seed': 2}]; `seeds([7, 8])` takes the given values."""
-  values = range(n_or_values) if isinstance(n_or_values, int) else n_or_values
+  """`seeds(3)` = [{'seed': 0}, {'seed': 1}, {'seed': 2}]; `seeds([7, 8])` takes the given values. A sweep's
+  `:seeds=` argument passes either: `:seeds=3`, or `:seeds=(1,2)` to add seeds 1 and 2 to a sweep whose seed 0
+  ran elsewhere (the point names are the same as with `:seeds=3`, so the folders can be merged)."""
+  if isinstance(n_or_values, int) and not isinstance(n_or_values, bool):
+    if n_or_values < 1:
+      raise FinetuneError(f"seeds: {n_or_values} seeds gives no points; pass a count >= 1 or the seed values")
+    return [{key: value} for value in range(n_or_values)]
+  values = list(n_or_values) if isinstance(n_or_values, (list, tuple, range)) else None
+  if not values or any(isinstance(v, bool) or not isinstance(v, int) for v in values) or len(set(values)) < len(values):
+    raise FinetuneError(f"seeds: expected a count (like 3) or distinct integer seeds (like (1,2)), got {n_or_values!r}")
   return [{key: value} for value in values]
 
 
@@ -156,12 +164,14 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
 
 def parse_sweep_arg(arg: str | None, own: dict[str, Any], **shared: Any) -> ConfigDict:
   """get_sweep's `:arg`, parsed like `config.parse_arg` over the keys of `own` and `shared` together. The keys of
-  `own` (e.g. `seeds=1`) are the sweep's alone: they choose the points and are removed from the `:arg` the points'
-  get_config receives; `shared` keys (task, scale, ...) reach every point unchanged.
+  `own` (e.g. `seeds`) are the sweep's alone: they choose the points and are removed from the `:arg` the points'
+  get_config receives; `shared` keys (task, scale, ...) reach every point unchanged. As in `parse_arg`, a value
+  takes its default's type, and a None default takes any literal: `seeds=None` accepts `:seeds=3` and
+  `:seeds=(1,2)` alike (`seeds()` checks them).
 
       def get_sweep(arg=None):
-        args = parse_sweep_arg(arg, own=dict(seeds=1), task="sst2")
-        return product(..., seeds(args.seeds))
+        args = parse_sweep_arg(arg, own=dict(seeds=None), task="sst2")
+        return product(..., seeds(1 if args.seeds is None else args.seeds))
   """
   overlap = set(own) & set(shared)
   if overlap:

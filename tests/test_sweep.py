@@ -87,6 +87,11 @@ def test_bad_axes_are_errors():
     product(seeds(2), seeds(2))
   with pytest.raises(FinetuneError, match="a sweep part must be a list of points"):
     product([1, 2])
+  with pytest.raises(FinetuneError, match="seeds: 0 seeds gives no points"):
+    seeds(0)
+  for bad in ((1, 1), (1, "2"), (), (True,), "3", 2.0):
+    with pytest.raises(FinetuneError, match="seeds: expected a count .* or distinct integer seeds"):
+      seeds(bad)
 
 
 def test_point_names_are_readable_unique_and_deterministic():
@@ -333,12 +338,23 @@ def test_every_config_files_sweep_loads(name):
   assert points and len({p.name for p in points}) == len(points)
 
 
-@pytest.mark.parametrize("name, arg, count", [("minilm_sst2.py", "task=trec,seeds=2,steps=10", 7 * 2),
-                                              ("cifar10_forgetting.py", "seeds=2,steps=5", 3 * 2)])
-def test_seeds_argument_of_the_reproduction_sweeps(name, arg, count):
+@pytest.mark.parametrize("name, arg, count, seed_values", [
+    ("minilm_sst2.py", "task=trec,seeds=2,steps=10", 7 * 2, {0, 1}),
+    ("cifar10_forgetting.py", "seeds=2,steps=5", 3 * 2, {0, 1}),
+    ("cifar10_yosinski.py", "scale=reduced,seeds=(1,2),steps=5", 3 * 2, {1, 2}),
+    ("ulmfit.py", "seeds=(2,),lm_steps=5", 1, {2})])
+def test_seeds_argument_of_the_reproduction_sweeps(name, arg, count, seed_values):
   points = load_sweep(f"{REPO / 'configs' / name}:{arg}")
-  assert len(points) == count and {p.values["seed"] for p in points} == {0, 1}
+  assert len(points) == count and {p.values["seed"] for p in points} == seed_values
   assert all("seeds=" not in p.config_spec and "steps=" in p.config_spec for p in points)
+
+
+def test_seed_values_name_points_like_a_seed_count():
+  """`:seeds=(1,2)` runs the same point folders as seeds 1 and 2 of `:seeds=3`, so results can be merged."""
+  config = REPO / "configs" / "cifar10_yosinski.py"
+  all_three = {p.name for p in load_sweep(f"{config}:scale=reduced,seeds=3")}
+  later_two = {p.name for p in load_sweep(f"{config}:scale=reduced,seeds=(1,2)")}
+  assert later_two < all_three and all_three - later_two == {p.name for p in load_sweep(f"{config}:scale=reduced")}
 
 
 def test_results_csv_helpers_for_plot_scripts(tmp_path):
