@@ -57,8 +57,8 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
   """The CIFAR-10 forgetting trade-off: every regularizer at 3 strengths (STRENGTHS, zipped) x `:seeds=` seeds
-  (a count or the values, e.g. `(1,2)`; default 1: a point takes 16 to ~40 minutes on the development machines' 2 CPU cores; with more seeds the plot
-  and results.md show the spread). See experiments/forgetting/README.md:
+  (a count or the values, e.g. `(1,2)`; default 1: a point takes 16 to ~40 minutes on the development machines'
+  2 CPU cores; with more seeds the plot and results.md show the spread). See experiments/forgetting/README.md:
 
       finetune sweep --config configs/cifar10_forgetting.py --workdir /tmp/cifar10_forgetting_sweep \
         --metric test/accuracy --metric forgetting/pretrain/test/after

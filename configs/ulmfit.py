@@ -174,7 +174,8 @@ def get_sweep(arg=None):
   language-model stages once and then every variant at every label count in LABEL_CURVE as its own stage (the
   cheap layout; results.csv columns `<variant>_<n>/test/accuracy`). `:share=False`: the grid variants x label counts
   x seeds as separate points (each reruns the language-model stages, except `scratch`; for a cluster). `:seeds=3`
-  sets the seeds (`:seeds=(1,2)`: just seeds 1 and 2); the other arguments (`:task=sst2`, `:scale=tiny`, step counts) apply to every point.
+  sets the seeds (`:seeds=(1,2)`: just seeds 1 and 2); the other arguments (`:task=sst2`, `:scale=tiny`, step
+  counts) apply to every point.
 
       finetune sweep --config configs/ulmfit.py --workdir /tmp/ulmfit_sweep --metric test/accuracy
   """

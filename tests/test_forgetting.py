@@ -263,3 +263,40 @@ def test_regularizers_compose_with_freezing_lora_and_discriminative_rates(tmp_pa
   for path in before:
     if path.startswith(("patch_embed/", "cls_token", "position_embedding")):  # the frozen first group
       np.testing.assert_array_equal(after[path], before[path])
+
+
+def test_plot_summarize_averages_strengths_over_seeds_and_tables_them(tmp_path):
+  """experiments/forgetting/plot.py: per method and strength, mean ± sample std over seeds; plain fine-tuning and
+  the source accuracy once per seed (every point of a seed reran them identically)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("forgetting_plot", REPO / "experiments" / "forgetting" / "plot.py")
+  plot = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(plot)
+  methods = list(plot.METHODS)
+  header = ["point", *plot.METHODS.values(), "seed", "status", "pretrain/test/accuracy", "finetune/test/accuracy",
+            "finetune/forgetting/pretrain/test/after"]
+  header += [f"{m}/{metric}" for m in methods for metric in ("test/accuracy", "forgetting/pretrain/test/after")]
+  rows = []
+  for strength in (1.0, 10.0):
+    for seed in (0, 1):
+      target = 0.5 + 0.1 * seed + (0.2 if strength == 1.0 else 0.0)  # the weaker strength learns the target more
+      values = [f"p{strength}-{seed}", *[strength] * 4, seed, "finished", 0.9 + 0.02 * seed, 0.8, 0.1 + 0.1 * seed]
+      rows.append(values + [x for _ in methods for x in (target, 1.0 - target)])
+  rows.append(["failed", *[100.0] * 4, 0, "failed", *[""] * (len(header) - 7)])
+  path = tmp_path / "results.csv"
+  path.write_text("\n".join(",".join(str(v) for v in row) for row in [header, *rows]) + "\n")
+
+  summary = plot.summarize(str(path))
+  assert summary["before"] == pytest.approx((0.91, 0.02 / np.sqrt(2)))
+  (target, source, n) = summary["finetune"]
+  assert n == 2 and target == pytest.approx((0.8, 0.0)) and source == pytest.approx((0.15, 0.1 / np.sqrt(2)))
+  for method in methods:
+    (weak, weak_target, weak_source, weak_n), (strong, strong_target, _, _) = summary[method]
+    assert (weak, strong, weak_n) == (1.0, 10.0, 2)  # the failed point's strength 100 is left out
+    assert weak_target == pytest.approx((0.75, 0.1 / np.sqrt(2)))
+    assert weak_source == pytest.approx((0.25, 0.1 / np.sqrt(2)))
+    assert strong_target[0] == pytest.approx(0.55)
+  table = plot.table(summary).splitlines()
+  assert table[0] == ("Source test accuracy before fine-tuning: 0.9100 ± 0.0141. Plain fine-tuning: target "
+                      "0.8000 ± 0.0000, source after 0.1500 ± 0.0707 (n = 2).")
+  assert "| EWC | λ = 1 | 0.7500 ± 0.0707 | 0.2500 ± 0.0707 | 2 |" in table and len(table) == 4 + 2 * len(methods)

@@ -2,9 +2,10 @@
 
     python experiments/forgetting/plot.py experiments/forgetting/mnist_results.csv experiments/forgetting/mnist.png
 
-One curve per regularizer: target-task test accuracy (x) against source-task test accuracy after fine-tuning (y),
-one marker per strength (mean over seeds, bars: sample std), plain fine-tuning as a single point and the source
-accuracy before fine-tuning as a dashed line. The notebook notebooks/forgetting.ipynb calls `tradeoff` too.
+prints the README's table (`table`) and draws the plot (`tradeoff`). One curve per regularizer: target-task test
+accuracy (x) against source-task test accuracy after fine-tuning (y), one marker per strength (mean over seeds,
+bars: sample std), plain fine-tuning as a single point and the source accuracy before fine-tuning as a dashed
+line. The notebook notebooks/forgetting.ipynb calls `summarize`, `table` and `tradeoff` too.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from finetune.sweep import mean_std, read_results
 
 METHODS = {"ewc": ":ewc_weight", "l2sp": ":l2sp_alpha", "lwf": ":lwf_weight", "rehearsal": ":rehearsal_fraction"}
 LABELS = {"ewc": "EWC (λ)", "l2sp": "L2-SP (α)", "lwf": "LwF (weight)", "rehearsal": "rehearsal (fraction)"}
+TABLE_NAMES = {"ewc": ("EWC", "λ"), "l2sp": ("L2-SP", "α"), "lwf": ("LwF", "w"), "rehearsal": ("rehearsal", "f")}
 
 
 def summarize(csv_path: str) -> dict:
@@ -41,6 +43,21 @@ def summarize(csv_path: str) -> dict:
                         len(one_per_seed))
   result["before"] = mean_std([float(r["pretrain/test/accuracy"]) for r in one_per_seed])
   return result
+
+
+def table(summary: dict) -> str:
+  """The README's markdown: the source accuracy before and plain fine-tuning's line, then one row per method and
+  strength (mean ± sample std over seeds, n = seeds)."""
+  def cell(mean_and_std):
+    return f"{mean_and_std[0]:.4f} ± {mean_and_std[1]:.4f}"
+  (target, source, n) = summary["finetune"]
+  lines = [f"Source test accuracy before fine-tuning: {cell(summary['before'])}. Plain fine-tuning: target "
+           f"{cell(target)}, source after {cell(source)} (n = {n}).", "",
+           "| method | strength | target accuracy | source accuracy after | n |", "|---|---|---|---|---|"]
+  for method, (name, symbol) in TABLE_NAMES.items():
+    for strength, target, source, n in summary[method]:
+      lines.append(f"| {name} | {symbol} = {strength:g} | {cell(target)} | {cell(source)} | {n} |")
+  return "\n".join(lines)
 
 
 def tradeoff(csv_path: str, png_path: str | None = None, title: str = ""):
@@ -70,5 +87,6 @@ def tradeoff(csv_path: str, png_path: str | None = None, title: str = ""):
 if __name__ == "__main__":
   if len(sys.argv) != 3:
     sys.exit(__doc__.splitlines()[2].strip())
+  print(table(summarize(sys.argv[1])))
   tradeoff(sys.argv[1], sys.argv[2])
   print(f"wrote {sys.argv[2]}")
