@@ -185,6 +185,9 @@ def test_plot_summarizes_and_draws_figure2(tmp_path):
   assert sorted(random["AnB+"]) == [1, 2] and random["AnB+"][2].mean == pytest.approx(0.5 + 0.01 * 9 + 0.05)
   assert summary["manmade"]["BnB"][1].values == (pytest.approx(0.72),)
   assert "AnB+" in plot.table(summary)
+  per_split = plot.summarize(str(path), per_split_seed=True)
+  assert list(per_split) == ["random split_seed=0", "random split_seed=1", "manmade"]
+  assert per_split["random split_seed=1"]["baseB"].values == (pytest.approx(0.61),)
   png = tmp_path / "figure2.png"
   fig = plot.figure2(str(path), str(png), title="test")
   assert png.stat().st_size > 1000 and len(fig.axes) == 2

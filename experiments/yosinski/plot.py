@@ -29,6 +29,7 @@ STYLE = {"baseB": dict(color="black", markerfacecolor="white", marker="o"),
          "BnB": dict(color="#1f4e9c", marker="o"), "BnB+": dict(color="#7fa7e0", marker="P"),
          "AnB": dict(color="#b22222", marker="D"), "AnB+": dict(color="#f08080", marker="X")}
 SPLIT_COLUMNS = (":split", "split")
+SPLIT_SEED_COLUMNS = (":split_seed", "split_seed")
 
 
 class Stat(NamedTuple):
@@ -45,14 +46,16 @@ class Stat(NamedTuple):
     return cls(*mean_std(values), len(values), values)
 
 
-def summarize(csv_path: str, metric: str = "test/accuracy") -> dict[str, dict]:
+def summarize(csv_path: str, metric: str = "test/accuracy", per_split_seed: bool = False) -> dict[str, dict]:
   """{split kind: {'baseA': Stat, 'baseB': Stat, 'BnB': {n: Stat}, 'BnB+': ..., 'AnB': ..., 'AnB+': ...}} over
-  the finished rows of results.csv, per value of its `:split` column ('all' when it has none). A stage's value is
-  `<stage>/<metric>`; rows where it is empty are left out of that stage's Stat, and conditions or bases with no
-  value at all are left out of the result."""
+  the finished rows of results.csv, per value of its `:split` column ('all' when it has none); with
+  `per_split_seed`, per split and `:split_seed` ('random split_seed=0', ..., 'manmade'), so the Stats are over
+  seeds only. A stage's value is `<stage>/<metric>`; rows where it is empty are left out of that stage's Stat,
+  and conditions or bases with no value at all are left out of the result."""
   rows = read_results(csv_path)
   columns = list(rows[0])
   split_column = next((c for c in SPLIT_COLUMNS if c in columns), None)
+  split_seed_column = next((c for c in SPLIT_SEED_COLUMNS if c in columns), None) if per_split_seed else None
   suffix = "/" + metric
   pattern = re.compile(r"^(?P<prefix>AnB_plus|BnB_plus|AnB|BnB)_(?P<n>\d+)$")
   stage_columns = {}  # column -> (condition, n) or (base, None)
@@ -70,7 +73,10 @@ def summarize(csv_path: str, metric: str = "test/accuracy") -> dict[str, dict]:
                      f"configs/cifar10_yosinski.py sweep (and was --metric {metric} among its metrics)?")
   by_split = collections.defaultdict(list)
   for row in rows:
-    by_split[row[split_column] if split_column else "all"].append(row)
+    group = row[split_column] if split_column else "all"
+    if split_seed_column and row[split_seed_column] not in ("", None):
+      group += f" split_seed={row[split_seed_column]}"
+    by_split[group].append(row)
   result = {}
   for split, members in by_split.items():
     values = collections.defaultdict(list)  # (key, n) -> values
@@ -143,6 +149,7 @@ def figure2(csv_path: str, png_path: str | None = None, title: str = "", metric:
 if __name__ == "__main__":
   if len(sys.argv) != 3:
     sys.exit(__doc__.splitlines()[2].strip())
-  print(table(summarize(sys.argv[1])))
+  print(table(summarize(sys.argv[1], per_split_seed=True)))  # the README's table: each split over seeds
+  print(table(summarize(sys.argv[1])))  # the figure's panels: all random splits together
   figure2(sys.argv[1], sys.argv[2])
   print(f"wrote {sys.argv[2]}")
