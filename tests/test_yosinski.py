@@ -188,6 +188,11 @@ def test_plot_summarizes_and_draws_figure2(tmp_path):
   per_split = plot.summarize(str(path), per_split_seed=True)
   assert list(per_split) == ["random split_seed=0", "random split_seed=1", "manmade"]
   assert per_split["random split_seed=1"]["baseB"].values == (pytest.approx(0.61),)
+  lines = plot.markdown(summary).splitlines()
+  assert lines[0] == "| split | network | n = 1 | n = 2 |" and len(lines) == 2 + 4 * 2
+  assert lines[2] == (f"| random (baseA 0.5500 ± {np.std([0.50, 0.60], ddof=1):.4f}, baseB 0.5600 ± "
+                      f"{np.std([0.51, 0.61], ddof=1):.4f}; runs: 2) | BnB | 0.5700 ± 0.0707 | 0.6100 ± 0.0707 |")
+  assert lines[6].startswith("| manmade (baseA 0.7000, baseB 0.7100; runs: 1) | BnB | 0.7200 |")
   png = tmp_path / "figure2.png"
   fig = plot.figure2(str(path), str(png), title="test")
   assert png.stat().st_size > 1000 and len(fig.axes) == 2

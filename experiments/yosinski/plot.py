@@ -111,6 +111,24 @@ def table(summary: dict[str, dict]) -> str:
   return "\n".join(lines)
 
 
+def markdown(summary: dict[str, dict]) -> str:
+  """The README's table: a block of rows per group (split), a column per n; cells `mean ± std` over the group's
+  rows (just the mean for one row), the bases' values in the group's first cell."""
+  def cell(stat: Stat) -> str:
+    return f"{stat.mean:.4f}" if stat.count == 1 else f"{stat.mean:.4f} ± {stat.std:.4f}"
+  ns = sorted({n for conditions in summary.values() for key in CONDITIONS for n in conditions.get(key, {})})
+  lines = ["| split | network | " + " | ".join(f"n = {n}" for n in ns) + " |", "|---|---|" + "---|" * len(ns)]
+  for group, conditions in summary.items():
+    bases = ", ".join(f"{base} {cell(conditions[base])}" for base in ("baseA", "baseB") if base in conditions)
+    counts = {conditions[base].count for base in ("baseA", "baseB") if base in conditions}
+    label = f"{group} ({bases}; runs: {'/'.join(str(c) for c in sorted(counts))})"  # ("n" names the columns)
+    for index, key in enumerate(CONDITIONS):
+      stats = conditions.get(key, {})
+      lines.append(f"| {label if index == 0 else ''} | {key} | " +
+                   " | ".join(cell(stats[n]) if n in stats else "-" for n in ns) + " |")
+  return "\n".join(lines)
+
+
 def figure2(csv_path: str, png_path: str | None = None, title: str = "", metric: str = "test/accuracy"):
   """Draws the Figure 2-style plot (one panel per split kind); saves it to `png_path` when given. Returns the
   matplotlib figure."""
@@ -149,7 +167,7 @@ def figure2(csv_path: str, png_path: str | None = None, title: str = "", metric:
 if __name__ == "__main__":
   if len(sys.argv) != 3:
     sys.exit(__doc__.splitlines()[2].strip())
-  print(table(summarize(sys.argv[1], per_split_seed=True)))  # the README's table: each split over seeds
+  print(markdown(summarize(sys.argv[1], per_split_seed=True)))  # the README's table: each split over seeds
   print(table(summarize(sys.argv[1])))  # the figure's panels: all random splits together
   figure2(sys.argv[1], sys.argv[2])
   print(f"wrote {sys.argv[2]}")
