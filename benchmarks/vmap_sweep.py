@@ -11,7 +11,8 @@ data, compile, training, evaluation, checkpoints), training-loop examples/s summ
 the largest difference in final test/validation accuracy between a point's two runs. Asserts nothing.
 
 `--step-only`: instead, the compiled train step of the first stage alone vs vmapped over K points (the same
-program `vmap.train_together` runs), milliseconds per step on one fixed batch, e.g. for the MNIST CNN:
+programs `vmap.train_together` chooses between: `jax.vmap`, and the unrolled loop it uses on CPU for convolutional
+models), milliseconds per step on one fixed batch, e.g. for the MNIST CNN:
 
     python benchmarks/vmap_sweep.py --step-only --points 2 --config configs/mnist_forgetting.py:variant=finetune
 """
@@ -66,26 +67,30 @@ def final_accuracies(summaries: list[dict]) -> list[float]:
   return out
 
 
-def step_times(cfg, count: int, repeats: int = 10) -> tuple[float, float]:
-  """Seconds per step of the first stage's train step alone, and vmapped over `count` copies of its state."""
+def step_times(cfg, count: int, repeats: int = 10) -> tuple[dict[str, float], bool]:
+  """Seconds per step of the first stage's train step alone, and over `count` copies of its state in one program,
+  mapped by `jax.vmap` and by the unrolled loop (`vmap.point_map`); and whether `train_together` unrolls here."""
   stage = train_lib.build_stage(stage_configs(cfg)[0][1])
   state = stage.init_state(0)(jax.random.PRNGKey(0))
   batch = to_global(stage.pipeline.train_batch(0), batch_sharding(stage.mesh))
-  together = jax.jit(jax.vmap(lambda s, b, scale: stage.step_fn(0, scale)(s, b)), donate_argnums=0)
   stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[state] * count)
   stacked_batch = {key: jnp.stack([value] * count) for key, value in batch.items()}
   scales = jnp.ones(count)
-  runs = {"alone": (stage.train_step(0), (state, batch)), "together": (together, (stacked, stacked_batch, scales))}
+  runs = {"alone": (stage.train_step(0), (state, batch))}
+  for mode, unroll in (("vmap", False), ("unrolled", True)):
+    together = jax.jit(vmap.point_map(lambda s, b, scale: stage.step_fn(0, scale)(s, b), count, unroll),
+                       donate_argnums=0)
+    runs[mode] = (together, (jax.tree.map(jnp.copy, stacked), stacked_batch, scales))
   seconds = {}
   for mode, (step, args) in runs.items():
-    carry, metrics = step(*args)  # warm-up (and compile, for the jitted vmap)
+    carry, metrics = step(*args)  # warm-up (and compile, for the mapped programs)
     jax.block_until_ready(metrics)
     started = time.perf_counter()
     for _ in range(repeats):
       carry, metrics = step(carry, *args[1:])
     jax.block_until_ready(metrics)
     seconds[mode] = (time.perf_counter() - started) / repeats
-  return seconds["alone"], seconds["together"]
+  return seconds, vmap.unroll_points(stage.abstract_model)
 
 
 def main() -> None:
@@ -97,9 +102,12 @@ def main() -> None:
   args = parser.parse_args(rest)
   configs = point_configs(args.config, args.points, overrides)
   if args.step_only:
-    alone, together = step_times(configs[0], args.points)
-    print(f"{args.config or 'the MLP on MNIST'}: {alone * 1e3:.1f} ms/step alone, {together * 1e3:.1f} ms/step for "
-          f"{args.points} points together: {args.points * alone / together:.2f}x the throughput of one after another")
+    seconds, unrolls = step_times(configs[0], args.points)
+    print(f"{args.config or 'the MLP on MNIST'}: {seconds['alone'] * 1e3:.1f} ms/step alone")
+    for mode in ("vmap", "unrolled"):
+      print(f"  {args.points} points together ({mode}): {seconds[mode] * 1e3:.1f} ms/step, "
+            f"{args.points * seconds['alone'] / seconds[mode]:.2f}x the throughput of one after another")
+    print(f"  (train_together uses {'unrolled' if unrolls else 'vmap'} here)")
     return
   root = tempfile.mkdtemp(prefix="vmap_bench_")
 

@@ -1,4 +1,5 @@
-"""Several runs trained together in one jitted program: `jax.vmap` of the train step over a leading point axis.
+"""Several runs trained together in one jitted program: the train step mapped over a leading point axis
+(`jax.vmap`; on XLA:CPU for convolutional models a loop over the points inside the program, `unroll_points`).
 
 A small model cannot fill a machine one run at a time: its step is dominated by per-op dispatch and small matrix
 products. Sweep points that share one model shape and differ only in what the step takes as data can instead run
@@ -21,9 +22,9 @@ stops alone; the others go on. Unsupported together (run solo): early stopping (
 steps) and cached features.
 
 Speed (benchmarks/vmap_sweep.py, README "Sweeps"): what one program over K points saves is per-step dispatch, a
-process start and a compile per point, and on an accelerator the idle width of a small model. On XLA:CPU the
-convolutions of a vmapped step leave the fast path (a warning says so), so convolutional models should be swept
-point by point there.
+process start and a compile per point, and on an accelerator the idle width of a small model. On XLA:CPU vmap
+turns each convolution with per-point kernels into a grouped convolution, which leaves the fast path, so there
+the points of a convolutional model are unrolled instead (`point_map`).
 """
 
 from __future__ import annotations
@@ -163,6 +164,28 @@ def stacked(sharding: NamedSharding) -> NamedSharding:
   return NamedSharding(sharding.mesh, P(None, *sharding.spec))
 
 
+def unroll_points(model: nnx.Module) -> bool:
+  """Whether `train_together` maps the step over points with a loop inside the program instead of `jax.vmap`: on
+  XLA:CPU for models with convolutions. vmap over per-point kernels makes every convolution one grouped
+  convolution (feature_group_count = points), which XLA:CPU runs off its fast path: the MNIST CNN's step took
+  4,806 ms for 2 points against 321 ms for one (benchmarks/vmap_sweep.py, before this choice existed). Elsewhere
+  (accelerators, dense models) vmap's batched matmuls are the point of training together."""
+  return jax.default_backend() == "cpu" and any(isinstance(node, nnx.Conv) for _, node in nnx.iter_graph(model))
+
+
+def point_map(fn, count: int, unroll: bool):
+  """`fn` mapped over the leading (point) axis of every argument and result: `jax.vmap(fn)`, or with `unroll` a
+  Python loop over the `count` points traced into the same program (each point's ops exactly as in its solo step;
+  XLA may still overlap the independent points). Same results either way, up to float rounding."""
+  if not unroll:
+    return jax.vmap(fn)
+
+  def unrolled(*args):
+    outs = [fn(*jax.tree.map(lambda leaf, k=k: leaf[k], args)) for k in range(count)]
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *outs)
+  return unrolled
+
+
 def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list[Any], list[str]]:
   """The loop of `train.train_loop` for several runs of one stage at once (same start step). Returns, per run,
   (state, train seconds, train steps, early-stopping report) or its error text ('' when it finished)."""
@@ -178,11 +201,10 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
                           np.float32)
   for run, scale in zip(runs, scales_all):
     _check_scaled_rates(reference, run.stage, float(scale))
-  if jax.default_backend() == "cpu" and any(isinstance(node, nnx.Conv)
-                                            for _, node in nnx.iter_graph(reference.abstract_model)):
-    print(f"[{name}] warning: XLA:CPU runs the convolutions of a vmapped step far slower than K separate steps "
-          "(benchmarks/vmap_sweep.py measured 0.13x for the MNIST CNN); on CPU, sweep convolutional models without "
-          "--vmap", flush=True)
+  unroll = unroll_points(reference.abstract_model)
+  if unroll:
+    print(f"[{name}] XLA:CPU and convolutions: the {len(runs)} points' steps run one after another inside one "
+          "program (vmap would turn each convolution into a far slower grouped one)", flush=True)
   mesh = reference.mesh
   batch_spec = stacked(batch_sharding(mesh))
   compiled: dict[tuple[int, int], Any] = {}
@@ -201,7 +223,7 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
       def point_step(state: TrainState, batch: dict, lr_scale: jax.Array):
         return reference.step_fn(phase, lr_scale)(state, batch)
 
-      program = jax.jit(jax.vmap(point_step), in_shardings=(shardings, batch_spec, replicated(mesh)),
+      program = jax.jit(point_map(point_step, count, unroll), in_shardings=(shardings, batch_spec, replicated(mesh)),
                         out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
       scales = jax.ShapeDtypeStruct((count,), jnp.float32, sharding=replicated(mesh))
       compiled[(phase, count)] = program.lower(abstract, batch, scales).compile()

@@ -83,6 +83,40 @@ def test_points_differing_in_seed_and_learning_rate_equal_their_solo_runs(tmp_pa
       json.load(open(os.path.join(together[0], "summary.json")))["final"]
 
 
+def test_point_map_unrolled_equals_vmap():
+  import jax
+  import jax.numpy as jnp
+
+  def fn(tree, scale):
+    return {"y": tree["w"] @ tree["x"] * scale}, jnp.sum(tree["x"])
+
+  args = ({"w": np.arange(24.0).reshape(2, 3, 4), "x": np.arange(8.0).reshape(2, 4)}, np.array([1.0, -2.0]))
+  by_vmap = jax.jit(vmap.point_map(fn, 2, unroll=False))(*args)
+  unrolled = jax.jit(vmap.point_map(fn, 2, unroll=True))(*args)
+  assert jax.tree.structure(by_vmap) == jax.tree.structure(unrolled)
+  for a, b in zip(jax.tree.leaves(by_vmap), jax.tree.leaves(unrolled)):
+    np.testing.assert_allclose(a, b)
+  assert unrolled[0]["y"].shape == (2, 3) and unrolled[1][1] == 22.0  # 4 + 5 + 6 + 7
+
+
+def test_convolutional_points_unroll_on_cpu_and_equal_their_solo_runs(tmp_path, capsys):
+  # XLA:CPU would run vmap's grouped convolutions far slower; the unrolled program must still equal the solo runs.
+  base = tiny_config(train={"steps": 6, "log_every": 3, "checkpoint_every": 0})  # the CNN
+  stage = train_lib.build_stage(base)
+  assert vmap.unroll_points(stage.abstract_model)
+  assert not vmap.unroll_points(train_lib.build_stage(
+      tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)})).abstract_model)
+  configs = [with_values(base, seed=0), with_values(base, seed=1, optimizer={"learning_rate": 1e-2})]
+  together = [str(tmp_path / "together" / str(k)) for k in range(2)]
+  vmap.train_points(configs, together)
+  assert "run one after another inside one program" in capsys.readouterr().out
+  for k, cfg in enumerate(configs):
+    alone = str(tmp_path / "alone" / str(k))
+    train_lib.train_and_evaluate(cfg, alone)
+    _assert_same_run(together[k], alone)
+  assert _losses(together[0]) != _losses(together[1])
+
+
 def test_regularizer_strengths_train_together_across_stages(tmp_path):
   # The forgetting sweep's shape: a source stage, then EWC at several strengths. The strengths ride in the
   # anchors, so one program serves them all.
