@@ -47,16 +47,16 @@ def summarize(csv_path: str) -> dict:
 
 def table(summary: dict) -> str:
   """The README's markdown: the source accuracy before and plain fine-tuning's line, then one row per method and
-  strength (mean ± sample std over seeds, n = seeds)."""
-  def cell(mean_and_std):
-    return f"{mean_and_std[0]:.4f} ± {mean_and_std[1]:.4f}"
+  strength (mean ± sample std over seeds, n = seeds; one seed shows its value alone, having no spread)."""
+  def cell(mean_and_std, n):
+    return f"{mean_and_std[0]:.4f}" if n == 1 else f"{mean_and_std[0]:.4f} ± {mean_and_std[1]:.4f}"
   (target, source, n) = summary["finetune"]
-  lines = [f"Source test accuracy before fine-tuning: {cell(summary['before'])}. Plain fine-tuning: target "
-           f"{cell(target)}, source after {cell(source)} (n = {n}).", "",
+  lines = [f"Source test accuracy before fine-tuning: {cell(summary['before'], n)}. Plain fine-tuning: target "
+           f"{cell(target, n)}, source after {cell(source, n)} (n = {n}).", "",
            "| method | strength | target accuracy | source accuracy after | n |", "|---|---|---|---|---|"]
   for method, (name, symbol) in TABLE_NAMES.items():
     for strength, target, source, n in summary[method]:
-      lines.append(f"| {name} | {symbol} = {strength:g} | {cell(target)} | {cell(source)} | {n} |")
+      lines.append(f"| {name} | {symbol} = {strength:g} | {cell(target, n)} | {cell(source, n)} | {n} |")
   return "\n".join(lines)
 
 
