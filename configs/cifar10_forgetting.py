@@ -67,4 +67,4 @@ def get_sweep(arg=None):
       python experiments/forgetting/plot.py /tmp/cifar10_forgetting_sweep/results.csv cifar10_tradeoff.png
   """
   args = parse_sweep_arg(arg, own=dict(seeds=None), **ARGS)  # the strengths are the points'; the rest reach them
-  return product(zipped(STRENGTHS), seeds(1 if args.seeds is None else args.seeds))
+  return product(zipped(STRENGTHS), seeds(args.seeds, default=1))

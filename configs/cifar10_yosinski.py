@@ -182,4 +182,4 @@ def get_sweep(arg=None):
   args = parse_sweep_arg(arg, own=dict(seeds=None), **ARGS)
   split_seeds, num_seeds = ((0, 1), 1) if args.scale in ("reduced", "tiny") else ((0, 1, 2, 3, 4), 3)
   splits = [{":split": "random", ":split_seed": s} for s in split_seeds] + [{":split": "manmade"}]
-  return product(splits, seeds(num_seeds if args.seeds is None else args.seeds))
+  return product(splits, seeds(args.seeds, default=num_seeds))

@@ -91,4 +91,4 @@ def get_sweep(arg=None):
   variants = [{":variant": "linear_probe"}, {":variant": "full"}]
   variants += [{":variant": "lora", "stages.lora.peft.rank": r, "stages.lora.peft.alpha": 2.0 * r} for r in LORA_RANKS]
   variants += [{":variant": "dora"}]
-  return product([{":task": task} for task in tasks], variants, seeds(1 if args.seeds is None else args.seeds))
+  return product([{":task": task} for task in tasks], variants, seeds(args.seeds, default=1))

@@ -183,7 +183,7 @@ def get_sweep(arg=None):
   """
   # The other arguments (task, scale, steps, paths) reach every point unchanged.
   args = parse_sweep_arg(arg, own=dict(seeds=None, share=True), **ARGS)
-  seed_points = seeds(1 if args.seeds is None else args.seeds)
+  seed_points = seeds(args.seeds, default=1)
   if args.share:
     return product([{":variant": "all", ":labels": "+".join(str(n) for n in LABEL_CURVE)}], seed_points)
   return product({":variant": list(VARIANTS), ":labels": [str(n) for n in LABEL_CURVE]}, seed_points)

@@ -65,10 +65,14 @@ def zipped(*parts: list[dict] | dict[str, Sequence], **axes: Sequence) -> list[d
   return [functools.reduce(_merged, row, {}) for row in zip(*(part for _, part in labelled))] if labelled else [{}]
 
 
-def seeds(n_or_values: int | Iterable[int], key: str = "seed") -> list[dict[str, Any]]:
+def seeds(n_or_values: int | Iterable[int] | None, key: str = "seed", default: int | None = None
+          ) -> list[dict[str, Any]]:
   """`seeds(3)` = [{'seed': 0}, {'seed': 1}, {'seed': 2}]; `seeds([7, 8])` takes the given values. A sweep's
   `:seeds=` argument passes either: `:seeds=3`, or `:seeds=(1,2)` to add seeds 1 and 2 to a sweep whose seed 0
-  ran elsewhere (the point names are the same as with `:seeds=3`, so the folders can be merged)."""
+  ran elsewhere (the point names are the same as with `:seeds=3`, so the folders can be merged). An unset
+  argument (None) takes `default` seeds: `seeds(args.seeds, default=1)`."""
+  if n_or_values is None and default is not None:
+    n_or_values = default
   if isinstance(n_or_values, int) and not isinstance(n_or_values, bool):
     if n_or_values < 1:
       raise FinetuneError(f"seeds: {n_or_values} seeds gives no points; pass a count >= 1 or the seed values")
@@ -171,7 +175,7 @@ def parse_sweep_arg(arg: str | None, own: dict[str, Any], **shared: Any) -> Conf
 
       def get_sweep(arg=None):
         args = parse_sweep_arg(arg, own=dict(seeds=None), task="sst2")
-        return product(..., seeds(1 if args.seeds is None else args.seeds))
+        return product(..., seeds(args.seeds, default=1))
   """
   overlap = set(own) & set(shared)
   if overlap:

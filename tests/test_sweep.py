@@ -69,6 +69,7 @@ def test_product_zipped_seeds_and_their_combination():
   assert product(seed=[3, 4]) == seeds([3, 4]) == [{"seed": 3}, {"seed": 4}]
   assert product() == [{}]
   assert seeds(2, key="data.seed") == [{"data.seed": 0}, {"data.seed": 1}]
+  assert seeds(None, default=2) == seeds(2) and seeds((5,), default=2) == [{"seed": 5}]  # an unset :seeds= argument
   assert zipped({"optimizer.learning_rate": [1e-3, 1e-2], "train.steps": [400, 100]}) == [
       {"optimizer.learning_rate": 1e-3, "train.steps": 400}, {"optimizer.learning_rate": 1e-2, "train.steps": 100}]
   combined = product(zipped({"a": [1, 2], "b": [3, 4]}), seeds(3))
