@@ -175,23 +175,25 @@ def test_plot_summarizes_and_draws_figure2(tmp_path):
     writer.writerow(header)
     writer.writerow(row("split=random,split_seed=0,seed=0", "random", "0", "0", "finished", 0.0))
     writer.writerow(row("split=random,split_seed=1,seed=0", "random", "1", "0", "finished", 0.1))
+    writer.writerow(row("split=random,split_seed=1,seed=1", "random", "1", "1", "finished", 0.14))
     writer.writerow(row("split=random,split_seed=2,seed=0", "random", "2", "0", "incomplete", 0.0))
     writer.writerow(row("split=manmade,seed=0", "manmade", "", "0", "finished", 0.2))
   summary = plot.summarize(str(path))
   assert list(summary) == ["random", "manmade"]
   random = summary["random"]
-  assert random["baseB"].count == 2 and random["baseB"].mean == pytest.approx(0.56)
-  assert random["baseB"].std == pytest.approx(np.std([0.51, 0.61], ddof=1))
-  assert sorted(random["AnB+"]) == [1, 2] and random["AnB+"][2].mean == pytest.approx(0.5 + 0.01 * 9 + 0.05)
+  # split 1's two seeds (offsets 0.1, 0.14) are averaged first: the splits count once each, at 0.51 and 0.63
+  assert random["baseB"].count == 2 and random["baseB"].mean == pytest.approx(0.57)
+  assert random["baseB"].std == pytest.approx(np.std([0.51, 0.63], ddof=1))
+  assert sorted(random["AnB+"]) == [1, 2] and random["AnB+"][2].mean == pytest.approx(0.5 + 0.01 * 9 + 0.06)
   assert summary["manmade"]["BnB"][1].values == (pytest.approx(0.72),)
   assert "AnB+" in plot.table(summary)
   per_split = plot.summarize(str(path), per_split_seed=True)
   assert list(per_split) == ["random split_seed=0", "random split_seed=1", "manmade"]
-  assert per_split["random split_seed=1"]["baseB"].values == (pytest.approx(0.61),)
+  assert per_split["random split_seed=1"]["baseB"].values == (pytest.approx(0.61), pytest.approx(0.65))
   lines = plot.markdown(summary).splitlines()
   assert lines[0] == "| split | network | n = 1 | n = 2 |" and len(lines) == 2 + 4 * 2
-  assert lines[2] == (f"| random (baseA 0.5500 ± {np.std([0.50, 0.60], ddof=1):.4f}, baseB 0.5600 ± "
-                      f"{np.std([0.51, 0.61], ddof=1):.4f}; runs: 2) | BnB | 0.5700 ± 0.0707 | 0.6100 ± 0.0707 |")
+  assert lines[2] == (f"| random (baseA 0.5600 ± {np.std([0.50, 0.62], ddof=1):.4f}, baseB 0.5700 ± "
+                      f"{np.std([0.51, 0.63], ddof=1):.4f}; runs: 2) | BnB | 0.5800 ± 0.0849 | 0.6200 ± 0.0849 |")
   assert lines[6].startswith("| manmade (baseA 0.7000, baseB 0.7100; runs: 1) | BnB | 0.7200 |")
   png = tmp_path / "figure2.png"
   fig = plot.figure2(str(path), str(png), title="test")

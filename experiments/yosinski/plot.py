@@ -3,10 +3,11 @@
     python experiments/yosinski/plot.py /tmp/yosinski_sweep/results.csv /tmp/yosinski_sweep/figure2.png
 
 Test accuracy on B (y) against the number n of layer groups copied from a base network (x): baseB at n = 0, then
-BnB, BnB+, AnB and AnB+ at each n; one marker per condition and n at the mean over the finished points (bars: sample
-standard deviation), each point's own value as a faint dot. The man-made vs natural split is a different
-experiment from the random 5/5 splits (the paper's Figure 3 vs Figure 2), so each split kind in the file (the
-`:split` column) gets its own panel. `figure2` and `summarize` are meant for notebooks too.
+BnB, BnB+, AnB and AnB+ at each n; one marker per condition and n at the mean over the random class splits (each
+split's seeds averaged first; bars: sample standard deviation between splits), each split's mean as a faint dot
+(for a split kind with one class split, such as man-made, over its seeds and each seed's value). The man-made vs
+natural split is a different experiment from the random 5/5 splits (the paper's Figure 3 vs Figure 2), so each
+split kind in the file (the `:split` column) gets its own panel. `figure2` and `summarize` are meant for notebooks too.
 
 results.csv is written by `finetune.sweep.aggregate`: columns `point`, the swept keys (`:split`, `:split_seed`,
 `seed`), `status`, then one `<stage>/<metric>` column per stage and metric, e.g. `AnB_plus_3/test/accuracy`.
@@ -50,8 +51,10 @@ def summarize(csv_path: str, metric: str = "test/accuracy", per_split_seed: bool
   """{split kind: {'baseA': Stat, 'baseB': Stat, 'BnB': {n: Stat}, 'BnB+': ..., 'AnB': ..., 'AnB+': ...}} over
   the finished rows of results.csv, per value of its `:split` column ('all' when it has none); with
   `per_split_seed`, per split and `:split_seed` ('random split_seed=0', ..., 'manmade'), so the Stats are over
-  seeds only. A stage's value is `<stage>/<metric>`; rows where it is empty are left out of that stage's Stat,
-  and conditions or bases with no value at all are left out of the result."""
+  seeds only. Without it, a split kind with several class splits (`:split_seed` values) gets Stats over the
+  splits' seed means (each split counts once); one with a single split, over its seeds. A stage's value is
+  `<stage>/<metric>`; rows where it is empty are left out of that stage's Stat, and conditions or bases with no
+  value at all are left out of the result."""
   rows = read_results(csv_path)
   columns = list(rows[0])
   split_column = next((c for c in SPLIT_COLUMNS if c in columns), None)
@@ -71,20 +74,28 @@ def summarize(csv_path: str, metric: str = "test/accuracy", per_split_seed: bool
   if not any(key == "baseB" for key, _ in stage_columns.values()):
     raise ValueError(f"{csv_path} has no baseB/{metric} column; is it the results.csv of a "
                      f"configs/cifar10_yosinski.py sweep (and was --metric {metric} among its metrics)?")
-  by_split = collections.defaultdict(list)
+  all_split_seeds_column = next((c for c in SPLIT_SEED_COLUMNS if c in columns), None)
+  by_split = collections.defaultdict(lambda: collections.defaultdict(list))  # group -> split seed -> rows
   for row in rows:
     group = row[split_column] if split_column else "all"
-    if split_seed_column and row[split_seed_column] not in ("", None):
-      group += f" split_seed={row[split_seed_column]}"
-    by_split[group].append(row)
+    split_seed = (row.get(all_split_seeds_column) or "") if all_split_seeds_column else ""
+    if split_seed_column and split_seed:
+      group += f" split_seed={split_seed}"
+    by_split[group][split_seed].append(row)
   result = {}
-  for split, members in by_split.items():
+  for split, members_by_split_seed in by_split.items():
+    # With several class splits in a group, each split counts once (its seeds averaged first), so a split that
+    # ran more seeds does not outweigh the others and the spread is between splits.
     values = collections.defaultdict(list)  # (key, n) -> values
-    for row in members:
-      for column, key in stage_columns.items():
-        value = number(row.get(column))
-        if value is not None:
-          values[key].append(value)
+    for members in members_by_split_seed.values():
+      split_values = collections.defaultdict(list)
+      for row in members:
+        for column, key in stage_columns.items():
+          value = number(row.get(column))
+          if value is not None:
+            split_values[key].append(value)
+      for key, found in split_values.items():
+        values[key].extend([sum(found) / len(found)] if len(members_by_split_seed) > 1 else found)
     summary: dict = {}
     for (key, n), found in sorted(values.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
       if n is None:
@@ -113,7 +124,7 @@ def table(summary: dict[str, dict]) -> str:
 
 def markdown(summary: dict[str, dict]) -> str:
   """The README's table: a block of rows per group (split), a column per n; cells `mean ± std` over the group's
-  rows (just the mean for one row), the bases' values in the group's first cell."""
+  Stat values (seeds, or a pooled group's class splits; just the mean for one), the bases' in its first cell."""
   def cell(stat: Stat) -> str:
     return f"{stat.mean:.4f}" if stat.count == 1 else f"{stat.mean:.4f} ± {stat.std:.4f}"
   ns = sorted({n for conditions in summary.values() for key in CONDITIONS for n in conditions.get(key, {})})
