@@ -3,7 +3,7 @@
     finetune train --config configs/<file>.py[:arg] --workdir DIR [--config.key=value ...]
     finetune export --workdir DIR --format hf|peft --out OUT [--stage NAME]
     finetune plan --config configs/<file>.py[:arg] [--mesh data=4,fsdp=2] [--devices N] [--config.key=value ...]
-    finetune sweep --config configs/<file>.py[:arg] --workdir DIR [--parallel N] [--vmap K] [--dry-run]
+    finetune sweep --config configs/<file>.py[:arg] --workdir DIR [--parallel N] [--vmap K] [--dry-run | --aggregate-only]
                    [--metric split/key ...]
                    [--seed-key KEY] [--wandb-sweep OUT.yaml] [--config.key=value ...]
 
@@ -65,8 +65,12 @@ def _parser() -> argparse.ArgumentParser:
   sweep.add_argument("--together", action="append", default=[], metavar="NAME",
                      help="train just the named points (repeat the flag) together in this process (what --vmap "
                           "launches)")
-  sweep.add_argument("--dry-run", action="store_true",
-                     help="print one `finetune train` command per point (with --vmap: one per group); run none")
+  run_none = sweep.add_mutually_exclusive_group()
+  run_none.add_argument("--dry-run", action="store_true",
+                        help="print one `finetune train` command per point (with --vmap: one per group); run none")
+  run_none.add_argument("--aggregate-only", action="store_true",
+                        help="write results.csv and results.md from the points finished so far and run none (e.g. "
+                             "after copying point folders made elsewhere, such as more seeds, into DIR)")
   sweep.add_argument("--metric", action="append", default=[],
                      help="a path into each stage's summary.json, e.g. test/accuracy, test/loss, "
                      "forgetting/pretrain/test/drop; repeatable (default: every split's accuracy)")
@@ -134,7 +138,8 @@ def run_plan(config_spec: str, mesh: str, devices: int, overrides: Sequence[str]
 
 
 def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metrics: Sequence[str], seed_key: str,
-              wandb_out: str, overrides: Sequence[str], vmap: int = 1, together: Sequence[str] = ()) -> int:
+              wandb_out: str, overrides: Sequence[str], vmap: int = 1, together: Sequence[str] = (),
+              aggregate_only: bool = False) -> int:
   from finetune import sweep  # pylint: disable=g-import-not-at-top
 
   points = sweep.load_sweep(config_spec, overrides)
@@ -154,6 +159,12 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
     print(f"wrote {wandb_out}: `wandb sweep {wandb_out}` creates the sweep, `wandb agent <sweep id>` runs it",
           file=sys.stderr if dry_run else sys.stdout)  # (stdout stays one command per line)
   if dry_run or wandb_out:
+    return 0
+  if aggregate_only:
+    if not os.path.isdir(workdir):
+      raise FinetuneError(f"--aggregate-only: {workdir} does not exist; run the sweep first (without the flag)")
+    print(sweep.aggregate(points, workdir, metrics, seed_key))
+    print(f"results: {os.path.join(os.path.abspath(workdir), 'results.csv')} and results.md")
     return 0
   outcomes = sweep.run_sweep(points, workdir, parallel, vmap, config_spec, overrides)
   print(sweep.aggregate(points, workdir, metrics, seed_key))
@@ -176,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return run_plan(args.config, args.mesh, args.devices, overrides)
     if args.command == "sweep":
       return run_sweep(args.config, args.workdir, args.parallel, args.dry_run, args.metric, args.seed_key,
-                       args.wandb_sweep, overrides, args.vmap, args.together)
+                       args.wandb_sweep, overrides, args.vmap, args.together, args.aggregate_only)
     if args.command == "export":
       if overrides:
         raise FinetuneError(f"export takes no --config overrides (got --config.{overrides[0]})")

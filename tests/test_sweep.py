@@ -229,6 +229,24 @@ def test_sweep_runs_points_writes_results_and_skips_them_when_rerun(tmp_path, ca
   assert status == 1 and "skipped" not in out and "holds a run whose config differs (train.steps: 3 then" in out
 
 
+def test_aggregate_only_tabulates_finished_points_and_runs_none(tmp_path, capsys):
+  """Seeds run elsewhere are merged by copying their point folders into one sweep folder and tabulating it."""
+  workdir = tmp_path / "sweep"
+  status, out, err = sweep_cli(capsys, "--config", write_config(tmp_path, "seeds(1)"), "--workdir", str(workdir))
+  assert status == 0, (out, err)
+  more_seeds = write_config(tmp_path, "seeds(2)", name="more_seeds.py")
+  status, out, err = sweep_cli(capsys, "--config", more_seeds, "--workdir", str(workdir), "--aggregate-only")
+  assert status == 0, (out, err)
+  assert "running" not in out and not (workdir / "seed=1").exists()
+  assert [(r["point"], r["status"]) for r in read_csv(workdir / "results.csv")] == [("seed=0", "finished"),
+                                                                                    ("seed=1", "incomplete")]
+  assert "1 finished" in (workdir / "results.md").read_text()
+  status, _, err = sweep_cli(capsys, "--config", more_seeds, "--workdir", str(workdir), "--aggregate-only", "--dry-run")
+  assert status != 0 and "not allowed with argument --aggregate-only" in err
+  status, _, err = sweep_cli(capsys, "--config", more_seeds, "--workdir", str(tmp_path / "none"), "--aggregate-only")
+  assert status != 0 and "does not exist; run the sweep first" in err
+
+
 def test_parallel_sweep_continues_past_a_failed_point(tmp_path, capsys):
   # data.classes=(0, 99) passes config validation; the data pipeline rejects it when the run starts.
   path = write_config(tmp_path, '[{"seed": 0}, {"data.classes": (0, 99)}, {"seed": 1}]')
