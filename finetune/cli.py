@@ -3,8 +3,8 @@
     finetune train --config configs/<file>.py[:arg] --workdir DIR [--config.key=value ...]
     finetune export --workdir DIR --format hf|peft --out OUT [--stage NAME]
     finetune plan --config configs/<file>.py[:arg] [--mesh data=4,fsdp=2] [--devices N] [--config.key=value ...]
-    finetune sweep --config configs/<file>.py[:arg] --workdir DIR [--parallel N] [--vmap K] [--dry-run | --aggregate-only]
-                   [--metric split/key ...]
+    finetune sweep --config configs/<file>.py[:arg] --workdir DIR [--parallel N] [--vmap K]
+                   [--dry-run | --aggregate-only] [--metric split/key ...]
                    [--seed-key KEY] [--wandb-sweep OUT.yaml] [--config.key=value ...]
 
 A `FinetuneError` (any user error) prints one line `finetune: error: ...` to stderr and exits with status 2.
@@ -160,13 +160,9 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
           file=sys.stderr if dry_run else sys.stdout)  # (stdout stays one command per line)
   if dry_run or wandb_out:
     return 0
-  if aggregate_only:
-    if not os.path.isdir(workdir):
-      raise FinetuneError(f"--aggregate-only: {workdir} does not exist; run the sweep first (without the flag)")
-    print(sweep.aggregate(points, workdir, metrics, seed_key))
-    print(f"results: {os.path.join(os.path.abspath(workdir), 'results.csv')} and results.md")
-    return 0
-  outcomes = sweep.run_sweep(points, workdir, parallel, vmap, config_spec, overrides)
+  if aggregate_only and not os.path.isdir(workdir):
+    raise FinetuneError(f"--aggregate-only: {workdir} does not exist; run the sweep first (without the flag)")
+  outcomes = [] if aggregate_only else sweep.run_sweep(points, workdir, parallel, vmap, config_spec, overrides)
   print(sweep.aggregate(points, workdir, metrics, seed_key))
   print(f"results: {os.path.join(os.path.abspath(workdir), 'results.csv')} and results.md")
   failed = [o for o in outcomes if o.status == "failed"]

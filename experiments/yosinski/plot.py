@@ -7,7 +7,8 @@ BnB, BnB+, AnB and AnB+ at each n; one marker per condition and n at the mean ov
 split's seeds averaged first; bars: sample standard deviation between splits), each split's mean as a faint dot
 (for a split kind with one class split, such as man-made, over its seeds and each seed's value). The man-made vs
 natural split is a different experiment from the random 5/5 splits (the paper's Figure 3 vs Figure 2), so each
-split kind in the file (the `:split` column) gets its own panel. `figure2` and `summarize` are meant for notebooks too.
+split kind in the file (the `:split` column) gets its own panel. `figure2` and `summarize` are meant for notebooks
+too.
 
 results.csv is written by `finetune.sweep.aggregate`: columns `point`, the swept keys (`:split`, `:split_seed`,
 `seed`), `status`, then one `<stage>/<metric>` column per stage and metric, e.g. `AnB_plus_3/test/accuracy`.
