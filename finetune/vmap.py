@@ -168,8 +168,8 @@ def unroll_points(model: nnx.Module) -> bool:
   """Whether `train_together` maps the step over points with a loop inside the program instead of `jax.vmap`: on
   XLA:CPU for models with convolutions. vmap over per-point kernels makes every convolution one grouped
   convolution (feature_group_count = points), which XLA:CPU runs off its fast path: the MNIST CNN's step took
-  5,503 ms for 2 points vmapped, 676 ms unrolled, against 353 ms for one (benchmarks/vmap_sweep.py --step-only). Elsewhere
-  (accelerators, dense models) vmap's batched matmuls are the point of training together."""
+  5,503 ms for 2 points vmapped, 676 ms unrolled, against 353 ms for one (benchmarks/vmap_sweep.py --step-only).
+  Elsewhere (accelerators, dense models) vmap's batched matmuls are the point of training together."""
   return jax.default_backend() == "cpu" and any(isinstance(node, nnx.Conv) for _, node in nnx.iter_graph(model))
 
 
