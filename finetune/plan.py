@@ -4,9 +4,10 @@ Each stage is built from abstract shapes (`nnx.eval_shape`; parameters never exi
 compiled ahead of time for the configured mesh exactly as `finetune train` would run it, and the compiled program's
 own accounting read back: per-device bytes of parameters and optimizer state (from their shardings), XLA's
 `memory_analysis()` (arguments, temporaries: activations kept for the backward pass, gradients, workspace) and
-`cost_analysis()` FLOPs per step and device (the partitioned program's: 1/N of the step's total on N devices). With `--devices N` on a CPU machine, N fake host devices stand in for the
-target mesh; the byte figures for parameters and optimizer state are exact for any backend, while temporaries and
-FLOPs are the CPU compiler's (GPU/TPU compilers fuse and schedule differently; see docs/architecture.md).
+`cost_analysis()` FLOPs per step and device (the partitioned program's: 1/N of the step's total on N devices).
+With `--devices N` on a CPU machine, N fake host devices stand in for the target mesh; the byte figures for
+parameters and optimizer state are exact for any backend, while temporaries and FLOPs are the CPU compiler's
+(GPU/TPU compilers fuse and schedule differently; see docs/architecture.md).
 """
 
 from __future__ import annotations

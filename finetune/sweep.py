@@ -325,7 +325,8 @@ def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: in
 
   `vmap` > 1: unfinished points that can train together (same shapes; they differ only in seed, learning rate or
   regularizer strength, finetune/vmap.py) run in groups of up to `vmap` as one process and one jitted program,
-  `finetune sweep --config spec --together a --together b ...` (the group's output goes to the first point's sweep.log)."""
+  `finetune sweep --config spec --together a --together b ...` (the group's output goes to the first point's
+  sweep.log)."""
   if parallel < 1:
     raise FinetuneError(f"--parallel {parallel}: run at least one point at a time")
   os.makedirs(workdir, exist_ok=True)

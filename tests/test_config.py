@@ -76,7 +76,8 @@ def test_config_is_locked_and_json_round_trips(tmp_path):
 
 
 def test_unknown_names_list_the_valid_ones():
-  with pytest.raises(FinetuneError, match=r"unknown model 'resnet'; valid model names: bert, cnn, gpt2, llama, lstm, mlp, vit"):
+  with pytest.raises(FinetuneError,
+                     match=r"unknown model 'resnet'; valid model names: bert, cnn, gpt2, llama, lstm, mlp, vit"):
     tiny_config(model={"name": "resnet"})
   with pytest.raises(FinetuneError, match=r"unknown data source 'mnsit' \(did you mean 'mnist'\?\)"):
     tiny_config(data={"name": "mnsit"})

@@ -58,7 +58,8 @@ def test_custom_groups_and_bad_partitions_are_errors():
   cases = [
       ({"groups": (("a", "^stem/"), ("b", "^stem/|^stages/"), ("c", "^head/"))},
        "parameter 'stem/conv/kernel' is in several groups (a, b)"),
-      ({"groups": (("a", "^stem/"), ("c", "^head/"))}, "parameter 'stages/0/blocks/0/conv/kernel' is in no layer group"),
+      ({"groups": (("a", "^stem/"), ("c", "^head/"))},
+       "parameter 'stages/0/blocks/0/conv/kernel' is in no layer group"),
       ({"groups": (("a", "^(stem|stages)/"), ("x", "^nothing/"), ("c", "^head/"))}, "group 'x' matches no parameter"),
       ({"freeze": {"first_n": 5}}, "config.freeze.first_n=5 but the model has 4 layer groups"),
       ({"freeze": {"patterns": ("^stme/",)}}, "config.freeze.patterns: pattern '^stme/' matches no parameter"),

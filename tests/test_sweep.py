@@ -383,7 +383,8 @@ def test_results_csv_helpers_for_plot_scripts(tmp_path):
   assert [row["point"] for row in rows] == ["a", "c"]  # finished rows only
   assert [sweep.number(row["ft/test/accuracy"]) for row in rows] == [0.5, None]
   assert sweep.mean_std([0.5]) == (0.5, 0.0)
-  assert sweep.mean_std([1.0, 2.0, 4.0]) == pytest.approx((7 / 3, (7 / 3) ** 0.5))  # sample std: sum of squares 42/9 over n-1
+  # sample std: squared deviations sum to 42/9, over n - 1 = 2
+  assert sweep.mean_std([1.0, 2.0, 4.0]) == pytest.approx((7 / 3, (7 / 3) ** 0.5))
   path.write_text("point,seed,status\na,0,failed\n")
   with pytest.raises(ValueError, match="has no finished points"):
     sweep.read_results(str(path))

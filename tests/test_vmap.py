@@ -66,7 +66,8 @@ def test_points_differing_in_seed_and_learning_rate_equal_their_solo_runs(tmp_pa
   # unfreezing (a phase boundary inside the loop): everything the vmapped loop must carry per point.
   base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (16, 16), "dropout": 0.1},
                      optimizer={"learning_rate": 3e-3, "warmup_steps": 2, "lr_factor": 2.0},
-                     unfreeze={"mode": "gradual", "every_steps": 5}, train={"steps": 12, "log_every": 4, "checkpoint_every": 6})
+                     unfreeze={"mode": "gradual", "every_steps": 5},
+                     train={"steps": 12, "log_every": 4, "checkpoint_every": 6})
   configs = [with_values(base, seed=0), with_values(base, seed=1),
              with_values(base, seed=1, optimizer={"learning_rate": 1e-2})]
   together = [str(tmp_path / "together" / str(k)) for k in range(3)]
@@ -152,7 +153,8 @@ def test_incompatible_points_are_refused_with_the_differing_key(tmp_path):
 
 
 def test_a_point_whose_loss_diverges_stops_alone(tmp_path):
-  base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)}, optimizer={"grad_clip_norm": 0.0, "warmup_steps": 0},
+  base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)},
+                     optimizer={"grad_clip_norm": 0.0, "warmup_steps": 0},
                      train={"steps": 8, "log_every": 2, "checkpoint_every": 0})
   configs = [base, with_values(base, optimizer={"learning_rate": 1e30})]
   dirs = [str(tmp_path / "ok"), str(tmp_path / "diverges")]

@@ -1,7 +1,8 @@
 """LoRA vs full fine-tuning vs linear probe: table and plot from a sweep's results.csv (configs/minilm_sst2.py
 `get_sweep`).
 
-    python experiments/lora_vs_full/plot.py experiments/lora_vs_full/results.csv experiments/lora_vs_full/lora_vs_full.png
+    python experiments/lora_vs_full/plot.py experiments/lora_vs_full/results.csv \
+        experiments/lora_vs_full/lora_vs_full.png
 
 Each point of that sweep runs one stage, named after its variant (linear_probe, full, lora, dora); LoRA points
 differ in `stages.lora.peft.rank`. `summarize` returns one row per (task, method) with the mean and sample std over

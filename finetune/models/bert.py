@@ -105,7 +105,8 @@ class Bert(nnx.Module):
                                  position_offset, dropout, rngs)
     self.layers = nnx.List([Layer(hidden_size, num_heads, intermediate_size, layer_norm_eps, dropout, rngs)
                             for _ in range(num_layers)])
-    self.pooler = transformer_dense(hidden_size, hidden_size, ("embed", "embed_out"), rngs) if pooling == "cls" else None
+    self.pooler = (transformer_dense(hidden_size, hidden_size, ("embed", "embed_out"), rngs)
+                   if pooling == "cls" else None)
     self.dropout = nnx.Dropout(dropout)
     self.head = transformer_dense(hidden_size, num_classes, ("embed", "classes"), rngs)
 
