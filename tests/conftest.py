@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -24,6 +25,15 @@ if os.environ.get("FINETUNE_TEST_JAX_CACHE", "1") != "0":
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def load_script(relative_path: str):
+  """Imports a repository file that is not in a package (an experiment's plot.py, a config) as a module."""
+  path = REPO / relative_path
+  spec = importlib.util.spec_from_file_location(path.parent.name + "_" + path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def shared_data(name: str) -> pathlib.Path:

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from ml_collections import ConfigDict
 
-from conftest import REPO, tiny_config
+from conftest import REPO, load_script, tiny_config
 from finetune import regularizers
 from finetune import train as train_lib
 from finetune.checkpoint import read_checkpoint_arrays
@@ -268,10 +268,7 @@ def test_regularizers_compose_with_freezing_lora_and_discriminative_rates(tmp_pa
 def test_plot_summarize_averages_strengths_over_seeds_and_tables_them(tmp_path):
   """experiments/forgetting/plot.py: per method and strength, mean ± sample std over seeds; plain fine-tuning and
   the source accuracy once per seed (every point of a seed reran them identically)."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("forgetting_plot", REPO / "experiments" / "forgetting" / "plot.py")
-  plot = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(plot)
+  plot = load_script("experiments/forgetting/plot.py")
   methods = list(plot.METHODS)
   header = ["point", *plot.METHODS.values(), "seed", "status", "pretrain/test/accuracy", "finetune/test/accuracy",
             "finetune/forgetting/pretrain/test/after"]

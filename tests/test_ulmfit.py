@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from ml_collections import ConfigDict
 
-from conftest import REPO
+from conftest import REPO, load_script
 from finetune import train as train_lib
 from finetune.config import load_config, stage_configs
 from finetune.errors import FinetuneError
@@ -170,10 +170,7 @@ c,all,100+0,2,incomplete,,,,,,
 
 
 def test_plot_summarize_table_and_figure(tmp_path):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("ulmfit_plot", REPO / "experiments" / "ulmfit" / "plot.py")
-  plot = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(plot)
+  plot = load_script("experiments/ulmfit/plot.py")
   path = tmp_path / "results.csv"
   path.write_text(RESULTS)
   summary = plot.summarize(str(path))

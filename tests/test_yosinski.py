@@ -5,7 +5,6 @@ sweep's points, and the Figure 2 plot from a hand-written results.csv."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 
 import jax
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 import conftest
-from conftest import REPO
+from conftest import REPO, load_script
 from finetune.checkpoint import read_checkpoint_arrays, resolve_checkpoint
 from finetune.config import load_config, ordered_keys, stage_configs
 from finetune.errors import FinetuneError
@@ -28,13 +27,6 @@ GROUPS = {"reduced": ("stem", "stage_1", "stage_2", "stage_3"),
           "full": ("stem", "stage_1", "stage_2", "stage_3", "stage_4"),
           "tiny": ("stem", "stage_1", "stage_2")}
 GROUP_REGEX = {"stem": "^stem/", **{f"stage_{i + 1}": f"^stages/{i}/" for i in range(5)}}
-
-
-def _load_module(path):
-  spec = importlib.util.spec_from_file_location(f"yosinski_{os.path.basename(path)}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _stage_names(ns):
@@ -82,7 +74,7 @@ def test_random_splits_are_disjoint_five_five_and_fixed_by_split_seed():
     assert list(classes_a) == sorted(classes_a, key=CLASSES.index)  # class-index order
   assert split(2) == splits[2]  # deterministic
   assert len(set(splits)) == 4  # the split seed chooses the split
-  yosinski = _load_module(CONFIG)
+  yosinski = load_script("configs/cifar10_yosinski.py")
   assert yosinski.class_split("random", 1) == splits[1]
   assert yosinski.class_split("manmade", 7) == (VEHICLES, ANIMALS)
 
@@ -159,7 +151,7 @@ def test_sweep_points_all_load():
 
 def test_plot_summarizes_and_draws_figure2(tmp_path):
   pytest.importorskip("matplotlib")
-  plot = _load_module(str(REPO / "experiments" / "yosinski" / "plot.py"))
+  plot = load_script("experiments/yosinski/plot.py")
   stages = ["baseA", "baseB"] + [f"{c}_{n}" for n in (1, 2) for c in ("BnB", "BnB_plus", "AnB", "AnB_plus")]
   header = ["point", ":split", ":split_seed", "seed", "status", *(f"{s}/test/accuracy" for s in stages)]
 
@@ -210,7 +202,7 @@ def test_plot_reads_the_results_csv_that_sweep_aggregate_writes(tmp_path):
   pytest.importorskip("matplotlib")
   from finetune.config import to_json  # pylint: disable=g-import-not-at-top
   from finetune.sweep import aggregate  # pylint: disable=g-import-not-at-top
-  plot = _load_module(str(REPO / "experiments" / "yosinski" / "plot.py"))
+  plot = load_script("experiments/yosinski/plot.py")
   points = load_sweep(f"{CONFIG}:scale=tiny")
   for index, point in enumerate(points):
     for name, stage_cfg in stage_configs(point.config):
