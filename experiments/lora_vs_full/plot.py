@@ -46,7 +46,8 @@ def summarize(csv_path: str) -> list[dict]:
                    "trainable_params": _mean_std(column("trainable_params"))[0],
                    "optimizer_state_bytes": _mean_std(column("optimizer_state_bytes"))[0],
                    "examples_per_s": max((v for v in column("train_examples_per_s") if v is not None),
-                                         default=None), "n": len(members)})
+                                         default=None),
+                   "n": len(members)})
   order = {name: i for i, name in enumerate(["linear probe (cached features)", "LoRA r=1", "LoRA r=4", "LoRA r=8",
                                              "LoRA r=16", "DoRA r=8", "full fine-tuning"])}
   return sorted(result, key=lambda r: (r["task"], order.get(r["method"], 99)))
@@ -87,7 +88,7 @@ def plot(csv_path: str, png_path: str | None = None):
 
 if __name__ == "__main__":
   if len(sys.argv) != 3:
-    sys.exit(__doc__.splitlines()[3].strip())
+    sys.exit("usage: python experiments/lora_vs_full/plot.py RESULTS_CSV OUTPUT_PNG")
   plot(sys.argv[1], sys.argv[2])
   print(table(sys.argv[1]))
   print(f"wrote {sys.argv[2]}")
