@@ -142,6 +142,9 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
               aggregate_only: bool = False) -> int:
   from finetune import sweep  # pylint: disable=g-import-not-at-top
 
+  if aggregate_only and (wandb_out or together):
+    # Each of those returns before tabulating: the flag would be silently ignored.
+    raise FinetuneError("--aggregate-only only tabulates finished points; run --wandb-sweep / --together without it")
   points = sweep.load_sweep(config_spec, overrides)
   if together:
     from finetune import vmap as vmap_lib  # pylint: disable=g-import-not-at-top

@@ -245,6 +245,9 @@ def test_aggregate_only_tabulates_finished_points_and_runs_none(tmp_path, capsys
   assert status != 0 and "not allowed with argument --aggregate-only" in err
   status, _, err = sweep_cli(capsys, "--config", more_seeds, "--workdir", str(tmp_path / "none"), "--aggregate-only")
   assert status != 0 and "does not exist; run the sweep first" in err
+  status, _, err = sweep_cli(capsys, "--config", more_seeds, "--workdir", str(workdir), "--aggregate-only",
+                             "--wandb-sweep", str(tmp_path / "sweep.yaml"))
+  assert status != 0 and "--aggregate-only only tabulates" in err and not (tmp_path / "sweep.yaml").exists()
 
 
 def test_parallel_sweep_continues_past_a_failed_point(tmp_path, capsys):
