@@ -22,7 +22,7 @@ Measured (2 CPU cores, seed 0; official test images; source = digits 0-4 at 0.97
 
 from finetune.config import ConfigDict, parse_arg
 from finetune.recipes import forgetting_stages
-from finetune.sweep import product, seeds, zipped
+from finetune.sweep import parse_sweep_arg, product, seeds, zipped
 
 # Regularizer strengths of the trade-off study (experiments/forgetting): weakest to strongest, one column each.
 STRENGTHS = {
@@ -32,9 +32,12 @@ STRENGTHS = {
     ":rehearsal_fraction": [0.0625, 0.125, 0.25, 0.5],
 }
 
+ARGS = dict(variant="all", steps=300, target_steps=100, ewc_weight=1000.0, l2sp_alpha=1.0, lwf_weight=1.0,
+            rehearsal_fraction=0.25, data_path="../shared/data/mnist")
+
+
 def get_config(arg=None):
-  args = parse_arg(arg, variant="all", steps=300, target_steps=100, ewc_weight=1000.0, l2sp_alpha=1.0,
-                   lwf_weight=1.0, rehearsal_fraction=0.25, data_path="../shared/data/mnist")
+  args = parse_arg(arg, **ARGS)
   config = ConfigDict()
   config.model = dict(name="cnn", in_channels=1, stem_width=32, widths=(32, 64), blocks_per_stage=1)
   config.data = dict(name="mnist", path=args.data_path, batch_size=64, eval_batch_size=500,
@@ -54,10 +57,11 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
   """The forgetting trade-off study: every regularizer at 4 strengths (weakest together, ..., strongest together;
-  each point runs pretrain + all variants) x 3 seeds = 12 points. See experiments/forgetting/README.md:
+  each point runs pretrain + all variants) x `:seeds=` seeds (a count or the values, e.g. `(3,4)`; default 3,
+  making 12 points). See experiments/forgetting/README.md:
 
       finetune sweep --config configs/mnist_forgetting.py --workdir /tmp/forgetting_sweep \
         --metric test/accuracy --metric forgetting/pretrain/test/after
   """
-  del arg  # the points set the file's arguments themselves
-  return product(zipped(STRENGTHS), seeds(3))
+  args = parse_sweep_arg(arg, own=dict(seeds=None), **ARGS)  # the strengths are the points'; the rest reach them
+  return product(zipped(STRENGTHS), seeds(args.seeds, default=3))

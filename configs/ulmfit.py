@@ -58,7 +58,8 @@ LABEL_CURVE = (100, 500, 0)  # the low-data curve of get_sweep; 0 = every traini
 
 # Sizes and step counts. 'small' is sized so that one seed of the whole ablation (lm stages + 5 variants x 3 label
 # counts on TREC) fits in an hour on 2 CPU cores (estimated ~42 min from timed short runs, experiments/ulmfit/
-# README.md); 'paper' is AWD-LSTM's size (400/1152/3), for an accelerator; 'tiny' is for tests.
+# README.md); 'paper' is AWD-LSTM's size (400/1150/3, hidden rounded up to 1152 = 9 x 128), for an accelerator;
+# 'tiny' is for tests.
 SCALES = {
     "tiny": dict(embed_size=16, hidden_size=32, num_layers=2, head_hidden=8, block_size=16, max_length=16,
                  lm_batch=8, clf_batch=8, lm_steps=4, ft_steps=4, clf_steps=10),

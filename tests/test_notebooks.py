@@ -10,9 +10,12 @@ from conftest import REPO
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
 
-def test_there_are_notebooks():
+def test_every_reproduction_has_its_notebook():
+  """The quick start and one notebook per reproduction in experiments/ (renaming one must not drop it silently)."""
   names = {path.stem for path in NOTEBOOKS}
-  assert {"quickstart", "forgetting"} <= names, names
+  reproductions = {path.name for path in (REPO / "experiments").iterdir() if (path / "README.md").exists()}
+  assert reproductions == {"yosinski", "ulmfit", "lora_vs_full", "forgetting"}, reproductions
+  assert names >= {"quickstart"} | reproductions, names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)

@@ -363,6 +363,7 @@ def test_every_config_files_sweep_loads(name):
 @pytest.mark.parametrize("name, arg, count, seed_values", [
     ("minilm_sst2.py", "task=trec,seeds=2,steps=10", 7 * 2, {0, 1}),
     ("cifar10_forgetting.py", "seeds=2,steps=5", 3 * 2, {0, 1}),
+    ("mnist_forgetting.py", "seeds=(3,),steps=5", 4, {3}),
     ("cifar10_yosinski.py", "scale=reduced,seeds=(1,2),steps=5", 3 * 2, {1, 2}),
     ("ulmfit.py", "seeds=(2,),lm_steps=5", 1, {2})])
 def test_seeds_argument_of_the_reproduction_sweeps(name, arg, count, seed_values):

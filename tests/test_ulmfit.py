@@ -185,3 +185,15 @@ def test_plot_summarize_table_and_figure(tmp_path):
   assert "| from scratch | 45.00 ± 7.07 (n=2) | 9.00 ± 1.41 (n=2) |" in text and "| full | 30.00 | - |" in text
   fig = plot.figure3(str(path), str(tmp_path / "figure3.png"))
   assert (tmp_path / "figure3.png").stat().st_size > 0 and len(fig.axes[0].lines) >= 3
+  assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["100", "all"]
+
+
+def test_plot_command_line_sets_the_all_point_and_title(tmp_path, capsys):
+  plot = load_script("experiments/ulmfit/plot.py")
+  path = tmp_path / "results.csv"
+  path.write_text(RESULTS)
+  fig = plot.main([str(path), str(tmp_path / "f.png"), "--all-examples", "6920", "--title", "SST-2"])
+  assert (tmp_path / "f.png").stat().st_size > 0 and fig.axes[0].get_title() == "SST-2"
+  assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["100", "6920 (all)"]
+  assert "| from scratch | 45.00 ± 7.07 (n=2) |" in capsys.readouterr().out
+  assert plot.main([str(path)]) is None  # the table alone
