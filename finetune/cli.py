@@ -102,8 +102,9 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def run_train(config_spec: str, workdir: str, overrides: Sequence[str]) -> int:
   # Imported here so `finetune --help` and argument errors do not wait for jax.
-  from finetune import distributed  # pylint: disable=g-import-not-at-top
+  from finetune import compile_cache, distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize()  # before anything queries devices
+  compile_cache.enable()  # before the first compilation
   from finetune.config import load_config  # pylint: disable=g-import-not-at-top
   from finetune.train import results_table, train_and_evaluate  # pylint: disable=g-import-not-at-top
 
@@ -147,7 +148,8 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
     raise FinetuneError("--aggregate-only only tabulates finished points; run --wandb-sweep / --together without it")
   points = sweep.load_sweep(config_spec, overrides)
   if together:
-    from finetune import vmap as vmap_lib  # pylint: disable=g-import-not-at-top
+    from finetune import compile_cache, vmap as vmap_lib  # pylint: disable=g-import-not-at-top
+    compile_cache.enable()
     by_name = {point.name: point for point in points}
     unknown = [name for name in together if name not in by_name]
     if unknown:
