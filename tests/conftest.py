@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -59,6 +60,22 @@ def tiny_checkpoint(tmp_path_factory):
   transformers.BertModel(config).save_pretrained(path)
   transformers.AutoTokenizer.from_pretrained(minilm).save_pretrained(path)
   return str(path)
+
+
+def run_first_sweep_point(capsys, config_spec: str, workdir: pathlib.Path, *metrics: str) -> pathlib.Path:
+  """A cluster user's path through a config file's sweep, on its first point: `finetune sweep --dry-run` prints
+  the point's `finetune train` command, that command trains it (in this process), and `--aggregate-only` tabulates
+  the sweep (the other points 'incomplete'). Returns the results.csv path."""
+  from finetune import cli
+
+  assert cli.main(["sweep", "--config", config_spec, "--workdir", str(workdir), "--dry-run"]) == 0
+  command = shlex.split(capsys.readouterr().out.splitlines()[0])
+  assert command[:2] == ["finetune", "train"], command
+  assert cli.main(command[1:]) == 0, capsys.readouterr()
+  metric_flags = [flag for metric in metrics for flag in ("--metric", metric)]
+  assert cli.main(["sweep", "--config", config_spec, "--workdir", str(workdir), "--aggregate-only",
+                   *metric_flags]) == 0, capsys.readouterr()
+  return workdir / "results.csv"
 
 
 def tiny_config(**sections):

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 from ml_collections import ConfigDict
 
+import conftest
 from conftest import REPO, load_script, tiny_config
 from finetune import regularizers
 from finetune import train as train_lib
@@ -297,3 +298,22 @@ def test_plot_summarize_averages_strengths_over_seeds_and_tables_them(tmp_path):
   assert table[0] == ("Source test accuracy before fine-tuning: 0.9100 ± 0.0141. Plain fine-tuning: target "
                       "0.8000 ± 0.0000, source after 0.1500 ± 0.0707 (n = 2).")
   assert "| EWC | λ = 1 | 0.7500 ± 0.0707 | 0.2500 ± 0.0707 | 2 |" in table and len(table) == 4 + 2 * len(methods)
+
+
+@pytest.mark.slow
+def test_cifar10_sweep_point_trains_every_variant_and_plots(tmp_path, capsys):
+  """configs/cifar10_forgetting.py's first point (the weakest strengths) at 2 steps a stage, end to end: pretrain and
+  the five variants trained by the command `--dry-run` prints, tabulated by `--aggregate-only`, read by plot.py."""
+  data = conftest.shared_data("cifar10")
+  spec = f"{REPO / 'configs' / 'cifar10_forgetting.py'}:steps=2,target_steps=2,data_path={data}"
+  results = conftest.run_first_sweep_point(capsys, spec, tmp_path / "sweep", "test/accuracy",
+                                           "forgetting/pretrain/test/after")
+  plot = load_script("experiments/forgetting/plot.py")
+  summary = plot.summarize(str(results))
+  assert [(s[0], s[3]) for s in summary["ewc"]] == [(10.0, 1)] and summary["finetune"][2] == 1
+  for method in ("ewc", "l2sp", "lwf", "rehearsal"):
+    (_, (target, _), (source, _), _), = summary[method]
+    assert 0.0 <= target <= 1.0 and 0.0 <= source <= 1.0
+  assert "| EWC | λ = 10 |" in plot.table(summary)
+  plot.tradeoff(str(results), str(tmp_path / "tradeoff.png"))
+  assert (tmp_path / "tradeoff.png").stat().st_size > 0

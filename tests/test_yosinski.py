@@ -219,3 +219,23 @@ def test_plot_reads_the_results_csv_that_sweep_aggregate_writes(tmp_path):
   assert summary["random"]["AnB"][3].mean == pytest.approx(0.25) and sorted(summary["manmade"]["BnB+"]) == [1, 2, 3]
   plot.figure2(str(tmp_path / "results.csv"), str(tmp_path / "figure2.png"))
   assert (tmp_path / "figure2.png").exists()
+
+
+@pytest.mark.slow
+def test_smallest_sweep_point_trains_all_conditions_and_plots(tmp_path, capsys):
+  """`scale=tiny,ns=1`'s first point (a random split) end to end: baseA, baseB and the four n = 1 networks trained
+  by the command `--dry-run` prints, tabulated by `--aggregate-only`, drawn by plot.py."""
+  data = conftest.shared_data("cifar10")
+  results = conftest.run_first_sweep_point(capsys, f"{CONFIG}:scale=tiny,ns=1,data_path={data}", tmp_path / "sweep",
+                                           "test/accuracy")
+  with open(results, newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert [row["status"] for row in rows] == ["finished", "incomplete", "incomplete"]
+  names = ["baseA", "baseB", "BnB_1", "BnB_plus_1", "AnB_1", "AnB_plus_1"]
+  assert all(0.0 <= float(rows[0][f"{name}/test/accuracy"]) <= 1.0 for name in names)
+  plot = load_script("experiments/yosinski/plot.py")
+  summary = plot.summarize(str(results))
+  assert list(summary) == ["random"] and summary["random"]["AnB+"][1].mean == pytest.approx(
+      float(rows[0]["AnB_plus_1/test/accuracy"]))
+  plot.figure2(str(results), str(tmp_path / "figure2.png"))
+  assert (tmp_path / "figure2.png").stat().st_size > 0
