@@ -8,9 +8,16 @@ compile options, the jax/XLA versions and the backend, so a later run of the sam
 compiling it and gets the same executable (no stale or approximate result). JAX leaves the cache off unless told
 where to keep it; this module tells it.
 
-Where: `$FINETUNE_COMPILATION_CACHE` if set (`off` disables it), else `$XDG_CACHE_HOME/finetune/jax` (default
-`~/.cache/finetune/jax`). A `JAX_COMPILATION_CACHE_DIR` the user set wins: JAX reads it itself, and we leave it.
-Only compilations over JAX's `jax_persistent_cache_min_compile_time_secs` (1 s by default) are stored.
+Where: `$FINETUNE_COMPILATION_CACHE` if set and not empty (`off` disables the cache), else
+`$XDG_CACHE_HOME/finetune/jax` (default `~/.cache/finetune/jax`). A non-empty `JAX_COMPILATION_CACHE_DIR` wins: JAX
+reads it itself, and we leave it. Only compilations over JAX's `jax_persistent_cache_min_compile_time_secs` (1 s
+by default) are stored. Things to know:
+- The folder has no size limit (JAX's default): entries of old jax versions stay until you delete the folder.
+- On a multi-host job only process 0 writes entries; give every host the same shared folder
+  (`FINETUNE_COMPILATION_CACHE=/shared/path`) or the other hosts never find one.
+- `finetune sweep --parallel N` processes may read an entry another one is still writing; JAX then warns and
+  compiles, so results are unaffected.
+- Library users (notebooks, scripts) call `finetune.compile_cache.enable()` themselves before their first jit.
 """
 
 from __future__ import annotations
@@ -19,8 +26,8 @@ import os
 
 import jax
 
-ENV = "FINETUNE_COMPILATION_CACHE"
-OFF = ("off", "0", "false", "")
+CACHE_DIR_VARIABLE = "FINETUNE_COMPILATION_CACHE"
+OFF_VALUES = ("off", "0", "false")
 
 
 def default_dir() -> str:
@@ -29,12 +36,14 @@ def default_dir() -> str:
 
 
 def enable() -> str | None:
-  """Points JAX's persistent compilation cache at the folder above (before the first compilation). Returns the
-  folder in use, or None when the cache is off."""
-  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  """Points JAX's persistent compilation cache at the folder above (call it before the first compilation).
+  Returns the folder in use, or None when the cache is off."""
+  if not jax.config.jax_enable_compilation_cache:  # JAX_ENABLE_COMPILATION_CACHE=false: the user turned it off
+    return None
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR", "").strip():
     return os.environ["JAX_COMPILATION_CACHE_DIR"]
-  path = os.environ.get(ENV)
-  if path is not None and path.strip().lower() in OFF:
+  path = os.environ.get(CACHE_DIR_VARIABLE, "").strip()
+  if path.lower() in OFF_VALUES:
     return None
   path = os.path.expanduser(path) if path else default_dir()
   jax.config.update("jax_compilation_cache_dir", path)

@@ -23,6 +23,8 @@ if os.environ.get("FINETUNE_TEST_JAX_CACHE", "1") != "0":
                         os.path.join(tempfile.gettempdir(), f"finetune-tests-jax-cache-{os.getuid()}"))
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+else:  # and `finetune train` (finetune/compile_cache.py) must not fall back to ~/.cache
+  os.environ.setdefault("FINETUNE_COMPILATION_CACHE", "off")
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -197,3 +197,6 @@ def test_plot_command_line_sets_the_all_point_and_title(tmp_path, capsys):
   assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["100", "6920 (all)"]
   assert "| from scratch | 45.00 ± 7.07 (n=2) |" in capsys.readouterr().out
   assert plot.main([str(path)]) is None  # the table alone
+  with pytest.raises(SystemExit):
+    plot.main([str(path), str(tmp_path / "g.png"), "--all-examples", "0"])
+  assert "give the training-set size" in capsys.readouterr().err and not (tmp_path / "g.png").exists()

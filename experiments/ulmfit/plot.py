@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None):
                       help="the x position and label of the 'all labels' point (the training-set size)")
   parser.add_argument("--title", default="", help="the figure's title")
   args = parser.parse_args(argv)
+  if args.all_examples is not None and args.all_examples < 1:
+    parser.error(f"--all-examples {args.all_examples}: give the training-set size (a positive count)")
   print(table(args.csv))
   if args.png:
     fig = figure3(args.csv, args.png, title=args.title, all_examples=args.all_examples)
