@@ -3,6 +3,8 @@ cannot rot."""
 
 from __future__ import annotations
 
+import nbclient  # the `test` extra installs nbclient, nbformat and ipykernel: a missing one is an error, not a skip
+import nbformat
 import pytest
 
 from conftest import REPO
@@ -20,8 +22,6 @@ def test_every_reproduction_has_its_notebook():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_notebook_executes(path):
-  nbclient = pytest.importorskip("nbclient")
-  import nbformat  # pylint: disable=g-import-not-at-top
   notebook = nbformat.read(str(path), as_version=4)
   client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                    resources={"metadata": {"path": str(path.parent)}})
