@@ -268,7 +268,8 @@ def test_regularizers_compose_with_freezing_lora_and_discriminative_rates(tmp_pa
 
 def test_plot_summarize_averages_strengths_over_seeds_and_tables_them(tmp_path):
   """experiments/forgetting/plot.py: per method and strength, mean ± sample std over seeds; plain fine-tuning and
-  the source accuracy once per seed (every point of a seed reran them identically)."""
+  the source accuracy once per run: identical rows of one seed (its points reran them identically) count once, a
+  rerun of the seed with other values counts again."""
   plot = load_script("experiments/forgetting/plot.py")
   methods = list(plot.METHODS)
   header = ["point", *plot.METHODS.values(), "seed", "status", "pretrain/test/accuracy", "finetune/test/accuracy",
@@ -281,23 +282,27 @@ def test_plot_summarize_averages_strengths_over_seeds_and_tables_them(tmp_path):
       values = [f"p{strength}-{seed}", *[strength] * 4, seed, "finished", 0.9 + 0.02 * seed, 0.8, 0.1 + 0.1 * seed]
       rows.append(values + [x for _ in methods for x in (target, 1.0 - target)])
   rows.append(["failed", *[100.0] * 4, 0, "failed", *[""] * (len(header) - 7)])
+  # seed 1 rerun elsewhere for a third strength: its own pretrain/fine-tune values make it a third run
+  rows.append(["p100-1-rerun", *[100.0] * 4, 1, "finished", 0.94, 0.86, 0.3] + [0.4, 0.6] * len(methods))
   path = tmp_path / "results.csv"
   path.write_text("\n".join(",".join(str(v) for v in row) for row in [header, *rows]) + "\n")
 
   summary = plot.summarize(str(path))
-  assert summary["before"] == pytest.approx((0.91, 0.02 / np.sqrt(2)))
+  assert summary["before"] == pytest.approx((0.92, 0.02))  # runs 0.90, 0.92, 0.94
   (target, source, n) = summary["finetune"]
-  assert n == 2 and target == pytest.approx((0.8, 0.0)) and source == pytest.approx((0.15, 0.1 / np.sqrt(2)))
+  assert n == 3 and target == pytest.approx((0.82, np.std([0.8, 0.8, 0.86], ddof=1)))
+  assert source == pytest.approx((0.2, 0.1))  # 0.1, 0.2, 0.3
   for method in methods:
-    (weak, weak_target, weak_source, weak_n), (strong, strong_target, _, _) = summary[method]
-    assert (weak, strong, weak_n) == (1.0, 10.0, 2)  # the failed point's strength 100 is left out
+    (weak, weak_target, weak_source, weak_n), (strong, strong_target, _, _), (rerun, *_, rerun_n) = summary[method]
+    assert (weak, strong, weak_n, rerun, rerun_n) == (1.0, 10.0, 2, 100.0, 1)  # the failed point is left out
     assert weak_target == pytest.approx((0.75, 0.1 / np.sqrt(2)))
     assert weak_source == pytest.approx((0.25, 0.1 / np.sqrt(2)))
     assert strong_target[0] == pytest.approx(0.55)
   table = plot.table(summary).splitlines()
-  assert table[0] == ("Source test accuracy before fine-tuning: 0.9100 ± 0.0141. Plain fine-tuning: target "
-                      "0.8000 ± 0.0000, source after 0.1500 ± 0.0707 (n = 2).")
-  assert "| EWC | λ = 1 | 0.7500 ± 0.0707 | 0.2500 ± 0.0707 | 2 |" in table and len(table) == 4 + 2 * len(methods)
+  assert table[0] == ("Source test accuracy before fine-tuning: 0.9200 ± 0.0200. Plain fine-tuning: target "
+                      "0.8200 ± 0.0346, source after 0.2000 ± 0.1000 (n = 3).")
+  assert "| EWC | λ = 1 | 0.7500 ± 0.0707 | 0.2500 ± 0.0707 | 2 |" in table and len(table) == 4 + 3 * len(methods)
+  assert "| EWC | λ = 100 | 0.4000 | 0.6000 | 1 |" in table
 
 
 @pytest.mark.slow

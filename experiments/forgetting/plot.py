@@ -35,19 +35,23 @@ def summarize(csv_path: str) -> dict:
                        mean_std([float(r[f"{method}/forgetting/pretrain/test/after"]) for r in members]),
                        len(members))
                       for strength, members in sorted(by_strength.items())]
-  # Plain fine-tuning and the source network do not depend on the strengths: every point of a seed reruns them
-  # identically, so they are averaged over seeds (one row each), not over points.
-  one_per_seed = list({row["seed"]: row for row in rows}.values())
-  result["finetune"] = (mean_std([float(r["finetune/test/accuracy"]) for r in one_per_seed]),
-                        mean_std([float(r["finetune/forgetting/pretrain/test/after"]) for r in one_per_seed]),
-                        len(one_per_seed))
-  result["before"] = mean_std([float(r["pretrain/test/accuracy"]) for r in one_per_seed])
+  # Plain fine-tuning and the source network do not depend on the strengths: the points of one seed rerun them
+  # identically (or share one stage folder), so rows with equal values count once, as one run, and are averaged
+  # over runs, not over points. The same seed rerun elsewhere (another host or install: XLA's CPU results are
+  # not bit-identical across them) can differ slightly; such a rerun counts as a run of its own.
+  runs = list({(row["seed"], row["pretrain/test/accuracy"], row["finetune/test/accuracy"],
+                row["finetune/forgetting/pretrain/test/after"]): row for row in rows}.values())
+  result["finetune"] = (mean_std([float(r["finetune/test/accuracy"]) for r in runs]),
+                        mean_std([float(r["finetune/forgetting/pretrain/test/after"]) for r in runs]),
+                        len(runs))
+  result["before"] = mean_std([float(r["pretrain/test/accuracy"]) for r in runs])
   return result
 
 
 def table(summary: dict) -> str:
   """The README's markdown: the source accuracy before and plain fine-tuning's line, then one row per method and
-  strength (mean ± sample std over seeds, n = seeds; one seed shows its value alone, having no spread)."""
+  strength (mean ± sample std over seeds, n = seeds, for plain fine-tuning n = runs; one seed shows its value
+  alone, having no spread)."""
   def cell(mean_and_std, n):
     return f"{mean_and_std[0]:.4f}" if n == 1 else f"{mean_and_std[0]:.4f} ± {mean_and_std[1]:.4f}"
   (target, source, n) = summary["finetune"]
