@@ -5,6 +5,7 @@ sweep's points, and the Figure 2 plot from a hand-written results.csv."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 import jax
@@ -239,3 +240,23 @@ def test_smallest_sweep_point_trains_all_conditions_and_plots(tmp_path, capsys):
       float(rows[0]["AnB_plus_1/test/accuracy"]))
   plot.figure2(str(results), str(tmp_path / "figure2.png"))
   assert (tmp_path / "figure2.png").stat().st_size > 0
+
+
+def test_full_grid_estimate_sums_every_stage_of_every_point(tmp_path, capsys):
+  """benchmarks/yosinski_full_estimate.py: 18 points x (2 bases + 4 conditions x 5 n) x 4,000 steps of 128."""
+  estimate = load_script("benchmarks/yosinski_full_estimate.py")
+  # Every stage at 128 examples/s = 1 s/step, except the frozen n = 5 stages at 256/s (0.5 s/step).
+  stages = {"baseA": 128, "baseB": 128}
+  for condition in ("BnB", "BnB_plus", "AnB", "AnB_plus"):
+    stages[f"{condition}_1"] = 128
+    stages[f"{condition}_5"] = 256 if condition in ("BnB", "AnB") else 128
+  for name, rate in stages.items():
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "summary.json").write_text(json.dumps({"train_examples_per_s": rate}))
+  estimate.main(str(tmp_path))
+  # Per point: bases 2 x 4000 s; BnB+ and AnB+ 5 x 4000 s each; BnB and AnB: n=1 1 s, n=5 0.5 s, n=2..4 0.75 s
+  # each, so 3.75 x 4000 s each. Total per point 4000 x 19.5 s; 18 points = 390 h.
+  assert "about 390.0 h" in capsys.readouterr().out
+  (tmp_path / "AnB_5" / "summary.json").unlink()
+  with pytest.raises(SystemExit, match="no summary.json for AnB_5"):
+    estimate.main(str(tmp_path))
