@@ -3,40 +3,68 @@
     python benchmarks/yosinski_full_estimate.py WORKDIR
 
 WORKDIR is a `finetune train --config configs/cifar10_yosinski.py:scale=full,ns=1+5,...` run (benchmarks/
-device_kit.sh makes one). The full grid is 18 points x (2 base + 4 conditions x N=5 transfer networks) x 4,000
-steps of 128. n = 2..4 are not run, so each condition's step time there is the mean of its n = 1 and n = 5
-(frozen groups get no gradient computation, so the step time falls as n grows). Prints the per-stage rates and
-the estimate; compilation, evaluation and process start-up are not in it. Asserts nothing.
+device_kit.sh makes one). The grid itself (its points, each point's stages, their step counts and batch sizes)
+is read from the config file's `scale=full` sweep, so this follows the config. A stage's step time is its batch
+size / its measured training examples/s; stages that were not run (n = 2..4) are interpolated linearly in n
+between the same condition's nearest measured n (frozen groups get no gradient computation, so step time falls
+as n grows). Prints the per-stage rates and the estimate; compilation, evaluation and process start-up are not
+in it. Asserts nothing.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
-BATCH, STEPS, POINTS, N = 128, 4000, 18, 5
+from finetune.config import stage_configs
+from finetune.sweep import load_sweep
+
+FULL_GRID = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                         "cifar10_yosinski.py") + ":scale=full"
 
 
-def main(workdir: str) -> None:
+def measured_rates(workdir: str) -> dict[str, float]:
+  """{stage: training examples/s} from each stage's summary.json."""
   rates = {}
   for name in sorted(os.listdir(workdir)):
     summary = os.path.join(workdir, name, "summary.json")
     if os.path.isfile(summary):
       with open(summary) as file:
         rates[name] = json.load(file)["train_examples_per_s"]
-  step_s = {name: BATCH / rate for name, rate in rates.items()}
+  return rates
+
+
+def stage_rate(name: str, rates: dict[str, float], workdir: str) -> float:
+  """The measured rate, or for `<condition>_<n>` one interpolated in n between measured neighbours."""
+  if name in rates:
+    return rates[name]
+  match = re.fullmatch(r"(.+)_(\d+)", name)
+  measured = {} if match is None else {
+      int(other.rpartition("_")[2]): rate for other, rate in rates.items()
+      if re.fullmatch(re.escape(match[1]) + r"_\d+", other)}
+  n = int(match[2]) if match else 0
+  below, above = [m for m in measured if m < n], [m for m in measured if m > n]
+  if not below or not above:
+    raise SystemExit(f"{workdir}: stage {name} was not run, and no smaller and larger n of it were to interpolate "
+                     "from; run the config with ns=1+5 (the smallest and largest n)")
+  low, high = max(below), min(above)
+  # Step times, not rates, are linear in the number of trained groups, so interpolate those.
+  step_low, step_high = 1 / measured[low], 1 / measured[high]
+  return 1 / (step_low + (step_high - step_low) * (n - low) / (high - low))
+
+
+def main(workdir: str, grid: str = FULL_GRID) -> None:
+  rates = measured_rates(workdir)
+  points = load_sweep(grid)
+  total_s = 0.0
+  for point in points:
+    for name, stage in stage_configs(point.config):
+      total_s += stage.train.steps * stage.data.batch_size / stage_rate(name, rates, workdir)
   for name, rate in rates.items():
-    print(f"{name:12s} {rate:10,.0f} train examples/s  {1000 * step_s[name]:8.2f} ms/step")
-  missing = [name for name in ("baseA", "baseB", *(f"{c}_{n}" for c in ("BnB", "BnB_plus", "AnB", "AnB_plus")
-                                                    for n in (1, N))) if name not in step_s]
-  if missing:
-    raise SystemExit(f"{workdir} has no summary.json for {', '.join(missing)}; run the config with ns=1+{N}")
-  per_point = STEPS * (step_s["baseA"] + step_s["baseB"])
-  for condition in ("BnB", "BnB_plus", "AnB", "AnB_plus"):
-    first, last = step_s[f"{condition}_1"], step_s[f"{condition}_{N}"]
-    per_point += STEPS * (first + last + (N - 2) * (first + last) / 2)
-  print(f"full grid ({POINTS} points): about {POINTS * per_point / 3600:.1f} h of training steps on this device, "
+    print(f"{name:12s} {rate:10,.0f} train examples/s")
+  print(f"full grid ({len(points)} points): about {total_s / 3600:.1f} h of training steps on this device, "
         "before compilation, evaluation and process start-up")
 
 
