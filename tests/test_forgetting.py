@@ -203,18 +203,27 @@ def test_errors_name_the_problem():
     tiny_config(regularize={"ewc": {"label_mode": "fisher"}})
 
 
-def test_early_stopping_ends_on_the_best_checkpoint(tmp_path):
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_early_stopping_ends_on_the_best_checkpoint(mode, tmp_path):
+  """mode='min' on validation loss improves through most of the run (the stage ends on its best checkpoint);
+  mode='max' on the same falling loss makes the first evaluation the best, so training must stop `patience`
+  evaluations later and never step again."""
   config = tiny_config(train={"steps": 40, "log_every": 4, "checkpoint_every": 0, "eval_every": 4,
-                              "early_stopping": {"metric": "validation/loss", "patience": 2, "mode": "min"}},
+                              "early_stopping": {"metric": "validation/loss", "patience": 2, "mode": mode}},
                        optimizer={"learning_rate": 0.05, "warmup_steps": 0, "schedule": "constant"})
   summary = train_lib.train_and_evaluate(config, str(tmp_path))["train"]
   stopping = summary["early_stopping"]
-  evaluations = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if '"validation"' in l]
-  losses = {r["step"]: r["loss"] for r in evaluations if r["step"] < 40}
-  assert stopping["best_step"] == min(losses, key=losses.get)
-  assert stopping["best_value"] == pytest.approx(min(losses.values()))
-  if stopping["stopped_at"] is not None:  # stopped: patience evaluations after the best, none later
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  losses = {r["step"]: r["loss"] for r in records if r["split"] == "validation" and r["step"] < 40}
+  pick = min if mode == "min" else max
+  assert stopping["best_step"] == pick(losses, key=losses.get)
+  assert stopping["best_value"] == pytest.approx(pick(losses.values()))
+  if mode == "max":
+    assert losses[4] > losses[8] > losses[12], "the premise: validation loss falls over the first evaluations"
+    assert stopping["best_step"] == 4 and stopping["stopped_at"] == 4 + 2 * 4
+  if stopping["stopped_at"] is not None:  # stopped: patience evaluations after the best, no training after it
     assert stopping["stopped_at"] == stopping["best_step"] + 2 * 4 and max(losses) == stopping["stopped_at"]
+    assert max(r["step"] for r in records if r["split"] == "train") == stopping["stopped_at"]
   final = read_checkpoint_arrays(str(tmp_path / "checkpoints" / "40"))["params"]
   best = read_checkpoint_arrays(str(tmp_path / "best" / str(stopping["best_step"])))["params"]
   for path in best:
