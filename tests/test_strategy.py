@@ -153,6 +153,10 @@ def test_regex_multiplier_scales_only_its_parameters(tmp_path):
   record = _records(tmp_path)[-1]
   assert math.isclose(record["learning_rate/head"], 3e-3, rel_tol=1e-6)
   assert math.isclose(record["learning_rate/head*0.1"], 3e-4, rel_tol=1e-6)
+  rows = [line.split("\t") for line in open(tmp_path / "partition.tsv").read().splitlines()[1:]]
+  assert {r[0] for r in rows if r[0].endswith("/bias")}, "the premise: the model has biases"
+  for path, group, *_, label in rows:  # every bias, in every group, and nothing else gets the multiplier
+    assert label == (f"{group}*0.1" if path.endswith("/bias") else group), (path, label)
 
 
 def test_slanted_triangular_matches_the_paper():
