@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import REPO, tiny_config
-from finetune.config import apply_override, build_config, defaults, load_config, parse_arg, stage_configs
+from finetune.config import apply_override, build_config, defaults, load_config, parse_arg, stage_configs, to_json
 from finetune.errors import FinetuneError
 
 CONFIG_FILES = sorted((REPO / "configs").glob("*.py"))
@@ -72,7 +72,9 @@ def test_config_is_locked_and_json_round_trips(tmp_path):
   config = tiny_config()
   with pytest.raises(AttributeError):
     config.train.new_key = 1
-  assert json.loads(config.to_json())["model"]["name"] == "cnn"
+  text = to_json(config)
+  assert json.loads(text)["model"]["name"] == "cnn"
+  assert to_json(build_config(json.loads(text))) == text  # what a resume compares against
 
 
 def test_unknown_names_list_the_valid_ones():

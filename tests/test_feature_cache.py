@@ -91,6 +91,8 @@ def test_closed_form_probes_in_the_summary(tmp_path):
   config = tiny_config(features={"closed_form": ("ridge", "logistic")}, train={"steps": 4, "checkpoint_every": 0})
   summary = train_lib.train_and_evaluate(config, str(tmp_path))["train"]
   assert set(summary["closed_form_probes"]) == {"ridge", "logistic"}
-  assert all(0.0 <= acc <= 1.0 for acc in summary["closed_form_probes"]["ridge"].values())
+  for probe in ("ridge", "logistic"):
+    accuracies = summary["closed_form_probes"][probe]
+    assert "validation" in accuracies and all(0.0 <= acc <= 1.0 for acc in accuracies.values()), (probe, accuracies)
   with pytest.raises(FinetuneError, match="unknown closed-form probe 'lasso'.*valid: ridge, logistic"):
     tiny_config(features={"closed_form": ("lasso",)})  # caught when the config loads, before any training

@@ -52,7 +52,7 @@ def test_causal_lm_fine_tuning_lowers_perplexity(tiny_gpt2, tmp_path):
       "data": {"name": "lm_text", "path": str(folder), "batch_size": 16, "eval_batch_size": 32,
                "validation_fraction": 0.05, "eval_splits": ("validation",),
                "options": {"train_file": "wikitext2.valid.txt", "tokenizer": tiny_gpt2, "block_size": 32}},
-      "train": {"steps": 30, "log_every": 10, "checkpoint_every": 0},
+      "train": {"steps": 30, "log_every": 10, "checkpoint_every": 0, "eval_every": 10},
       "optimizer": {"learning_rate": 3e-3, "warmup_steps": 5},
       "init_from": tiny_gpt2,
   })
@@ -60,6 +60,9 @@ def test_causal_lm_fine_tuning_lowers_perplexity(tiny_gpt2, tmp_path):
   final = summary["final"]["validation"]
   assert final["num_tokens"] == final["num_examples"] * 31  # 31 predicted tokens per 32-token block
   assert final["perplexity"] == pytest.approx(math.exp(final["loss"]))
-  losses = [json.loads(l)["loss"] for l in open(tmp_path / "metrics.jsonl") if '"train"' in l]
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  losses = [r["loss"] for r in records if r["split"] == "train"]
   assert losses[-1] < losses[0] - 1.0  # a random 30k-vocabulary model learns quickly at first
+  perplexities = [r["perplexity"] for r in records if r["split"] == "validation"]  # steps 10, 20, 30
+  assert len(perplexities) == 3 and perplexities[2] < perplexities[1] < perplexities[0]
   assert summary["init"]["loaded"] > 0 and summary["init"]["fresh"] == []

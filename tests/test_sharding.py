@@ -106,7 +106,7 @@ def test_make_mesh_two_fill_axes():
 
 
 def test_make_mesh_zero_axis_with_fill():
-  with pytest.raises(FinetuneError):
+  with pytest.raises(FinetuneError, match=r"config.mesh.fsdp=0: a mesh axis size must be -1 .* or >= 1"):
     make_mesh(ConfigDict({"data": -1, "fsdp": 0}), _one_device())
 
 
@@ -129,6 +129,7 @@ def test_make_mesh_bad_sizes(multi):
 
 def test_make_mesh_negative_sizes(multi):
   assert multi["negative"].get("error") == "FinetuneError"
+  assert "a mesh axis size must be -1 (all remaining devices) or >= 1" in multi["negative"]["message"]
 
 
 # ------------------------------------------------------------------------------------------------------ rules

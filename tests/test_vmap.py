@@ -183,6 +183,7 @@ vmap.train_points(configs, [f"{out}/together0", f"{out}/together1"])
 for k in range(2):
   train.train_and_evaluate(configs[k], f"{out}/alone{k}")
   a, b = _final_params(f"{out}/together{k}"), _final_params(f"{out}/alone{k}")
+  assert a and sorted(a) == sorted(b)
   for path in a:
     np.testing.assert_allclose(a[path], b[path], rtol=2e-4, atol=2e-6, err_msg=path)
 print("OK")
