@@ -59,8 +59,9 @@ def get_config(arg=None):
 def get_sweep(arg=None):
   """The CIFAR-10 forgetting trade-off: every regularizer at 3 strengths (STRENGTHS, zipped) x `:seeds=` seeds
   (a count or the values, e.g. `(1,2)`; default 1: a point takes 16 to ~40 minutes on the development machines'
-  2 CPU cores; with more seeds the plot and results.md show the spread). Measured with seeds 0 and 1 (seed 0
-  only at the strongest settings): the table and plot in experiments/forgetting/README.md.
+  2 CPU cores; with more seeds the plot and results.md show the spread). Measured with seeds 0-2 at every strength
+  (plain fine-tuning over 4 runs: seed 1 ran twice, on two hosts): the table and plot in
+  experiments/forgetting/README.md.
 
       finetune sweep --config configs/cifar10_forgetting.py --workdir /tmp/cifar10_forgetting_sweep \
         --metric test/accuracy --metric forgetting/pretrain/test/after
