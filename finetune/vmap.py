@@ -135,10 +135,13 @@ def train_points(configs: Sequence[ConfigDict], workdirs: Sequence[str]) -> list
         if len(members) == 1 or start == opened[members[0]].stage.total_steps:
           for k in members:  # alone: exactly `finetune train`'s loop
             stage_run = opened[k]
-            outcome = train_lib.train_loop(stage_run.stage, stage_run.state, stage_run.start,
-                                            stage_run.phase, stage_run.checkpoints, stage_run.log, name,
-                                            stage_run.run_dir)
-            summaries[k][name] = train_lib.finish_stage(stage_run, *outcome)
+            try:
+              outcome = train_lib.train_loop(stage_run.stage, stage_run.state, stage_run.start,
+                                              stage_run.phase, stage_run.checkpoints, stage_run.log, name,
+                                              stage_run.run_dir)
+              summaries[k][name] = train_lib.finish_stage(stage_run, *outcome)
+            except FinetuneError as e:  # like a point of the group: reported at the end, the others go on
+              failed[k] = str(e)
           continue
         outcomes, errors = train_together([opened[k] for k in members], name)
         for k, outcome, error in zip(members, outcomes, errors):

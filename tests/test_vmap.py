@@ -164,6 +164,31 @@ def test_a_point_whose_loss_diverges_stops_alone(tmp_path):
   assert not os.path.exists(os.path.join(dirs[1], "summary.json"))
 
 
+def test_a_point_training_alone_that_diverges_stops_alone(tmp_path, monkeypatch):
+  """A point whose resume step differs from the others' trains alone; its failure is reported at the end too,
+  after the points behind it have trained."""
+  base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)},
+                     optimizer={"grad_clip_norm": 0.0, "warmup_steps": 0},
+                     train={"steps": 12, "log_every": 2, "checkpoint_every": 6})
+  configs = [with_values(base, optimizer={"learning_rate": 1e30}), base]
+  dirs = [str(tmp_path / "diverges"), str(tmp_path / "ok")]
+  real_log_interval = train_lib.log_interval
+
+  def interrupted_at_step_8(log, step, *args, **kwargs):
+    if step == 8:
+      raise KeyboardInterrupt
+    return real_log_interval(log, step, *args, **kwargs)
+
+  monkeypatch.setattr(train_lib, "log_interval", interrupted_at_step_8)
+  with pytest.raises(KeyboardInterrupt):  # the healthy point was stopped after its step-6 checkpoint
+    train_lib.train_and_evaluate(configs[1], dirs[1])
+  monkeypatch.setattr(train_lib, "log_interval", real_log_interval)
+  with pytest.raises(FinetuneError, match="diverges.*loss is.*the other 1 points finished"):
+    vmap.train_points(configs, dirs)  # starts 0 and 6: each trains alone, the diverging one first
+  assert os.path.isfile(os.path.join(dirs[1], "summary.json"))
+  assert not os.path.exists(os.path.join(dirs[0], "summary.json"))
+
+
 def test_points_together_on_a_sharded_mesh_equal_their_solo_runs():
   # data=2 x fsdp=2 x tensor=2 on 8 host devices: the point axis is stacked in front of every sharded axis. (A solo
   # run on that mesh equals one device: tests/test_multidevice.py.)
