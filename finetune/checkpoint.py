@@ -29,7 +29,8 @@ STATE_ITEM = "state"
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` for one run directory's train state."""
 
-  def __init__(self, directory: str, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, keep: int | None, async_save: bool = True):
+    """`keep`: how many of the latest steps orbax keeps (None: all of them)."""
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
@@ -37,6 +38,9 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
 
   def save(self, step: int, state: dict[str, Any]) -> None:
     self._manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state)}), force=True)

@@ -406,8 +406,11 @@ def check_same_config(path: str, cfg: ConfigDict) -> None:
   now = dotted(json.loads(config_lib.to_json(cfg)))
   # A key added to the framework after the run was written is no difference while it keeps its default.
   default = dotted(json.loads(config_lib.defaults().to_json_best_effort()))
+  # With early stopping, evaluations decide where the run ends: their cadence is part of the result.
+  stops_early = bool(before.get("train.early_stopping.metric") or now.get("train.early_stopping.metric"))
   for key in sorted(set(before) | set(now)):
-    if key.startswith(_RESUMABLE_KEYS) or (key not in before and key in default and now.get(key) == default[key]):
+    resumable = key.startswith(_RESUMABLE_KEYS) and not (stops_early and key == "train.eval_every")
+    if resumable or (key not in before and key in default and now.get(key) == default[key]):
       continue
     if before.get(key) != now.get(key):
       raise FinetuneError(f"{os.path.dirname(path)} holds a run whose config differs ({key}: {before.get(key)!r} "
@@ -586,7 +589,7 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
   progress = Progress(total, start, name)
   train_fn = None
   interval_start, train_seconds, train_steps = time.perf_counter(), 0.0, 0
-  stopping = _EarlyStopping(cfg.train.early_stopping, os.path.join(run_dir, "best"))
+  stopping = _EarlyStopping(cfg.train.early_stopping, os.path.join(run_dir, "best"), start)
   try:
     for step in range(start, total):
       step_phase = stage.strategy.phase_index(step)
@@ -611,8 +614,11 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
         progress.update(len(host), {"loss": averaged["loss"], "accuracy": averaged["accuracy"],
                                     "ex/s": examples_per_s})
         pending = []
-        if save_now or (done == total and not stopping.enabled):  # early stopping saves its final state itself
+        if stopping.enabled and done == total:
+          pass  # early stopping saves the final state (the best one) itself, at step `total`
+        elif save_now or done == total:
           checkpoints.save(done, state.as_dict())
+          stopping.checkpointed(done)
         interval_start = time.perf_counter()
       if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total:
         results = {split: evaluate(stage.eval_step(), weights_of(state), pipeline, split, stage.mesh)
@@ -632,41 +638,97 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
 
 
 class _EarlyStopping:
-  """Best-so-far tracking for `config.train.early_stopping` (see `train_loop`)."""
+  """Best-so-far tracking for `config.train.early_stopping` (see `train_loop`).
 
-  def __init__(self, cfg: ConfigDict, directory: str):
+  `best/best.json` lists every evaluation of the metric; `best/<step>/` holds the state of the best one, and also
+  the best as of each of the last two regular checkpoints (the latest may still be saving), so a run resumed from
+  its checkpoint finds the best state it had then. On resume, evaluations after the checkpoint are forgotten and
+  replayed, so a resumed run stops where an uninterrupted one does and ends on the same weights.
+  """
+
+  def __init__(self, cfg: ConfigDict, directory: str, start: int):
     self.enabled = bool(cfg.metric)
     self.split, _, self.key = cfg.metric.partition("/")
     self.patience, self.sign = cfg.patience, 1.0 if cfg.mode == "max" else -1.0
     self.directory = directory
+    self.history: list[tuple[int, float]] = []  # (step, value) of every evaluation
+    self.checkpoint_steps = [start]  # regular checkpoints a resume may restore (start: the one this run did)
     self.best_step, self.best_value, self.stopped_at, self.since_best = None, None, None, 0
-    if self.enabled and os.path.isfile(os.path.join(directory, "best.json")):  # resuming
-      with open(os.path.join(directory, "best.json")) as f:
-        saved = json.load(f)
-      self.best_step, self.best_value = saved["step"], saved["value"]
+    if not self.enabled:
+      return
+    saved_path = os.path.join(directory, "best.json")
+    saved = []
+    if start > 0 and os.path.isfile(saved_path):
+      with open(saved_path) as f:
+        saved = json.load(f).get("history", [])
+    elif os.path.isfile(saved_path) and jax.process_index() == 0:
+      os.remove(saved_path)  # from an attempt killed before its first checkpoint: this run starts over
+    for step, value in saved:
+      if step <= start:  # later evaluations were not kept by the checkpoint we resume from: replayed
+        self._record(step, value)
+    best = self._checkpointer()
+    for step in best.all_steps():
+      if step != self.best_step:  # from evaluations after `start`, or an older best; a replay rewrites them
+        best.delete(step)
+    missing = self.best_step is not None and self.best_step not in best.all_steps()
+    best.close()
+    if missing:
+      raise FinetuneError(f"{directory}/{self.best_step}, the best state as of checkpoint step {start}, is missing, "
+                          "so early stopping cannot resume; delete the stage folder to retrain it, or use a new "
+                          "--workdir")
+
+  def _checkpointer(self) -> Checkpointer:
+    return Checkpointer(self.directory, None, async_save=False)  # keeps every step: pruned by `_prune`
+
+  def _record(self, step: int, value: float) -> bool:
+    """Adds one evaluation; returns whether it is the new best."""
+    self.history.append((step, value))
+    improved = self.best_value is None or self.sign * (value - self.best_value) > 0
+    if improved:
+      self.best_step, self.best_value, self.since_best = step, value, 0
+    else:
+      self.since_best += 1
+    if self.since_best >= self.patience and self.stopped_at is None:
+      self.stopped_at = step
+    return improved
+
+  def _best_as_of(self, checkpoint_step: int) -> int | None:
+    best_step, best_value = None, None
+    for step, value in self.history:
+      if step <= checkpoint_step and (best_value is None or self.sign * (value - best_value) > 0):
+        best_step, best_value = step, value
+    return best_step
+
+  def checkpointed(self, step: int) -> None:
+    """A regular checkpoint was saved at `step`."""
+    if self.enabled:
+      self.checkpoint_steps = [self.checkpoint_steps[-1], step]
 
   def update(self, step: int, results: dict[str, dict[str, float]], state: TrainState) -> int:
     """Records an evaluation; returns the number of evaluations since the best."""
     if self.split not in results or self.key not in results[self.split]:
       raise FinetuneError(f"config.train.early_stopping.metric={self.split}/{self.key!r} is not evaluated; "
                           f"evaluated: {', '.join(f'{s}/{k}' for s in results for k in results[s])}")
-    value = results[self.split][self.key]
-    if self.best_value is None or self.sign * (value - self.best_value) > 0:
-      self.best_step, self.best_value, self.since_best = step, value, 0
-      best = Checkpointer(self.directory, 1, async_save=False)
-      best.save(step, state.as_dict())
+    best = self._checkpointer()
+    try:
+      # Order matters for a kill at any point: the new best state, then the record naming it, then the pruning.
+      if self._record(step, results[self.split][self.key]):
+        best.save(step, state.as_dict())
+      write_json(os.path.join(self.directory, "best.json"), {
+          "metric": f"{self.split}/{self.key}", "best_step": self.best_step, "best_value": self.best_value,
+          "history": self.history})
+      needed = {self.best_step, *(self._best_as_of(c) for c in self.checkpoint_steps)}
+      for kept in best.all_steps():
+        if kept not in needed:
+          best.delete(kept)
+    finally:
       best.close()
-      write_json(os.path.join(self.directory, "best.json"), {"step": step, "value": value})
-    else:
-      self.since_best += 1
-    if self.since_best >= self.patience:
-      self.stopped_at = step
     return self.since_best
 
   def finish(self, state: TrainState, stage: "Stage", total: int, checkpoints: Checkpointer) -> TrainState:
     """The stage ends on its best state (or on the last one if it never evaluated), saved at step `total`."""
     if self.best_step is not None:
-      best = Checkpointer(self.directory, 1, async_save=False)
+      best = self._checkpointer()
       phase = stage.strategy.phase_index(max(self.best_step - 1, 0))
       restored = best.restore(self.best_step, stage.abstract_state(phase).as_dict())
       best.close()
@@ -675,9 +737,14 @@ class _EarlyStopping:
       if final_phase != phase:  # the final checkpoint holds the optimizer state of the last phase
         state = stage.enter_phase(state, final_phase)
     checkpoints.wait()
-    if checkpoints.latest_step() == total:
-      checkpoints.delete(total)  # replaced by the best state
-    checkpoints.save(total, state.as_dict())
+    if checkpoints.latest_step() != total:  # (step `total` holds only ever this state: train_loop leaves it to us)
+      checkpoints.save(total, state.as_dict())
+      checkpoints.wait()
+    best = self._checkpointer()  # a resume now starts at `total`: only the best state is needed
+    for step in best.all_steps():
+      if step != self.best_step:
+        best.delete(step)
+    best.close()
     return state
 
   def report(self) -> dict[str, Any]:

