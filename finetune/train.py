@@ -532,6 +532,7 @@ def finish_stage(opened: OpenStage, state: TrainState, train_seconds: float, tra
            for split in pipeline.eval_splits}
   for split, metrics in final.items():
     log.write(stage.total_steps, split, metrics)
+  check_finite_evaluation(final, stage.total_steps)  # before summary.json: a diverged stage is not finished
   forgetting = evaluate_sources(cfg, state, opened.sources, stage, log) if cfg.train.evaluate_sources else {}
   closed_form = {}
   if cfg.features.closed_form:
@@ -625,6 +626,7 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
                    for split in pipeline.eval_splits}
         for split, metrics in results.items():
           log.write(done, split, metrics)
+        check_finite_evaluation(results, done)
         if stopping.enabled and stopping.update(done, results, state) >= stopping.patience:
           break
         interval_start = time.perf_counter()
@@ -785,11 +787,23 @@ def check_finite(host_metrics: list[dict[str, Any]], step: int, checkpoints: Che
     if not math.isfinite(loss):
       bad_step = step - len(host_metrics) + offset + 1
       checkpoints.wait()  # a save already in flight holds a good state: let it finish
-      kept = checkpoints.latest_step()
-      where = f"the last good checkpoint (step {kept}) in {checkpoints.directory} is intact" if kept is not None \
-          else "no checkpoint had been written yet"
+      # The loss of step s is computed on the weights after s - 1 updates: checkpoint s - 1 made this loss.
+      good = [s for s in checkpoints.all_steps() if s < bad_step - 1]
+      where = (f"the last good checkpoint (step {good[-1]}) in {checkpoints.directory} is intact" if good
+               else "no good checkpoint had been written yet")
+      if bad_step - 1 in checkpoints.all_steps():
+        where += f" (step {bad_step - 1} holds the weights that gave this loss)"
       raise FinetuneError(f"loss is {loss} at step {bad_step}; training stopped and {where}. Lower "
-                          "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm")
+                          "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm, in a new --workdir")
+
+
+def check_finite_evaluation(results: dict[str, dict[str, float]], step: int) -> None:
+  """Evaluations see the weights after the last update, which no training loss has checked yet."""
+  for split, metrics in results.items():
+    if not math.isfinite(metrics["loss"]):
+      raise FinetuneError(f"{split} loss is {metrics['loss']} at step {step}: the weights diverged in the last "
+                          "updates. Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm, in "
+                          "a new --workdir")
 
 
 def evaluate(eval_fn, weights: dict[str, Any], pipeline: InputPipeline, split: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax
@@ -122,6 +123,20 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
   restored = read_checkpoint_arrays(str(tmp_path / "checkpoints" / "6"))["params"]
   assert all(np.isfinite(v).all() for v in restored.values())
+  assert not (tmp_path / "summary.json").exists()
+  checkpoint_before = tiny_config(train={"steps": 12, "log_every": 1, "checkpoint_every": 7})
+  with pytest.raises(FinetuneError, match=r"loss is nan at step 8.*no good checkpoint.*\(step 7 holds the weights"):
+    train_lib.train_and_evaluate(checkpoint_before, str(tmp_path / "7"))
+
+
+def test_weights_that_diverge_in_the_last_update_do_not_finish_the_stage(tmp_path):
+  """No training loss sees the weights after the last update; the final evaluation does, and must refuse them."""
+  config = tiny_config(train={"steps": 1, "log_every": 1, "checkpoint_every": 0},
+                       optimizer={"learning_rate": 1e9, "warmup_steps": 0, "grad_clip_norm": 0.0,
+                                  "schedule": "constant"})
+  with pytest.raises(FinetuneError, match=r"validation loss is nan at step 1: the weights diverged.*new --workdir"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  assert math.isfinite(_records(tmp_path)[0]["loss"])  # the premise: the one training loss was finite
   assert not (tmp_path / "summary.json").exists()
 
 
