@@ -1,7 +1,7 @@
 """`finetune <command>`: parses flags and calls the library; nothing here that a notebook could not call.
 
     finetune train --config configs/<file>.py[:arg] --workdir DIR [--config.key=value ...]
-    finetune export --workdir DIR --format hf|peft --out OUT [--stage NAME]
+    finetune export --workdir DIR --format hf|peft --out OUT [--stage NAME] [--unfinished]
     finetune plan --config configs/<file>.py[:arg] [--mesh data=4,fsdp=2] [--devices N] [--config.key=value ...]
     finetune sweep --config configs/<file>.py[:arg] --workdir DIR [--parallel N] [--vmap K]
                    [--dry-run | --aggregate-only] [--metric split/key ...]
@@ -40,8 +40,11 @@ def _parser() -> argparse.ArgumentParser:
   export.add_argument("--format", default="hf",
                       help="hf (config.json + model.safetensors + tokenizer; PEFT runs merged) or peft "
                       "(a LoRA adapter for peft.PeftModel)")
-  export.add_argument("--out", required=True, help="output folder (replaced if it exists)")
+  export.add_argument("--out", required=True,
+                      help="output folder (an earlier export there is replaced; any other non-empty folder is refused)")
   export.add_argument("--stage", default="", help="stage of a multi-stage run (default: the last)")
+  export.add_argument("--unfinished", action="store_true",
+                      help="export the latest checkpoint of a stage that has not finished (default: refuse)")
   plan = commands.add_parser("plan", help="per-device memory and FLOPs of a config's train step, from shapes only",
                              description="Compile every stage's train step from abstract shapes (nothing is "
                              "allocated) and print per-device parameter / optimizer bytes, XLA's memory analysis "
@@ -116,6 +119,8 @@ def run_train(config_spec: str, workdir: str, overrides: Sequence[str]) -> int:
 
 
 def run_plan(config_spec: str, mesh: str, devices: int, overrides: Sequence[str]) -> int:
+  if devices < 0:
+    raise FinetuneError(f"--devices {devices}: give a number of devices >= 1 (or leave it out: the real ones)")
   if devices:
     # Must precede jax's backend initialisation (the first device query), which nothing has triggered yet.
     flags = os.environ.get("XLA_FLAGS", "")
@@ -193,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       if overrides:
         raise FinetuneError(f"export takes no --config overrides (got --config.{overrides[0]})")
       from finetune.export import export  # pylint: disable=g-import-not-at-top
-      architecture = export(args.workdir, args.out, args.format, args.stage)
+      architecture = export(args.workdir, args.out, args.format, args.stage, args.unfinished)
       print(f"wrote {architecture} to {os.path.abspath(args.out)}")
       return 0
     raise AssertionError(args.command)
@@ -210,6 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   except KeyboardInterrupt:
     print("finetune: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
     return 130
+  except OSError as e:  # a path that is a file where a folder is needed, no permission, a full disk: name it
+    where = f": {e.filename}" if e.filename else ""
+    print(f"finetune: error: {e.strerror or e}{where}; check that path (--workdir, --out, the config's paths)",
+          file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import difflib
 import importlib.util
 import inspect
 import json
+import math
 import os
 import re
 from typing import Any, Iterable, Sequence
@@ -217,7 +218,15 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
   if arg and not takes_arg:
     raise FinetuneError(f"config file {path} takes no argument but got ':{arg}'; drop ':{arg}'")
   config_arg = ConfigArg(arg) if arg else None
-  raw = module.get_config(config_arg) if takes_arg else module.get_config()
+  try:
+    raw = module.get_config(config_arg) if takes_arg else module.get_config()
+  except FinetuneError:
+    raise
+  except Exception as e:  # A bug in the config file: one line naming it (its traceback is chained for debugging).
+    raise FinetuneError(f"config file {path}: get_config raised {type(e).__name__}: {e}") from e
+  if not isinstance(raw, (dict, ConfigDict)):
+    raise FinetuneError(f"config file {path}: get_config returned {type(raw).__name__}; return an "
+                        "ml_collections.ConfigDict (or a dict)")
   if config_arg is not None and not config_arg.parsed:
     raise FinetuneError(f"config file {path} ignored its argument ':{arg}'; drop it, or read it in get_config "
                         "with finetune.config.parse_arg(arg, key=default, ...)")
@@ -236,6 +245,8 @@ def import_config_file(path: str):
   """The experiment file as a module (its get_config, and get_sweep where it defines one)."""
   if not os.path.isfile(path):
     raise FinetuneError(f"config file {path!r} does not exist; pass --config configs/<file>.py")
+  if not path.endswith(".py"):
+    raise FinetuneError(f"config file {path!r} is not a Python file; pass --config configs/<file>.py")
   module_spec = importlib.util.spec_from_file_location(f"finetune_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(module_spec)
   try:
@@ -413,6 +424,8 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
        f"{c.data.batch_size}")
   need(0.0 <= c.data.validation_fraction < 1.0, "config.data.validation_fraction must be in [0, 1)")
   need(c.optimizer.learning_rate >= 0, "config.optimizer.learning_rate must be >= 0")
+  need(c.optimizer.weight_decay >= 0, "config.optimizer.weight_decay must be >= 0 (0: off)")
+  need(0.0 <= c.train.label_smoothing < 1.0, "config.train.label_smoothing must be in [0, 1)")
   need(c.train.log_every > 0, "config.train.log_every must be > 0")
   need(c.train.checkpoint_every >= 0 and c.train.keep_checkpoints >= 1,
        "config.train.checkpoint_every must be >= 0 and config.train.keep_checkpoints >= 1")
@@ -562,6 +575,8 @@ def _coerce(value: Any, default: Any, dotted: str) -> Any:
   if isinstance(default, float):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise bad()
+    if not math.isfinite(value):  # (1e400 parses as inf) a non-finite setting only surfaces later as a NaN loss
+      raise FinetuneError(f"config key {dotted!r} must be a finite number, got {value!r}")
     return float(value)
   if isinstance(default, str):
     if not isinstance(value, str):

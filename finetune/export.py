@@ -11,7 +11,6 @@ half-written.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 
 from ml_collections import ConfigDict
@@ -20,7 +19,7 @@ from finetune import adapters
 from finetune.checkpoint import read_checkpoint_arrays, resolve_checkpoint
 from finetune.errors import FinetuneError
 from finetune.models import MODELS, hf, model_kwargs
-from finetune.reporting import staged_directory
+from finetune.reporting import read_json, staged_directory
 
 FORMATS = ("hf", "peft")
 
@@ -33,32 +32,49 @@ def full_model_kwargs(model_cfg: ConfigDict, num_classes: int) -> dict:
   return {**defaults, **model_kwargs(model_cfg, num_classes)}
 
 
+def _stages(workdir: str) -> list[str]:
+  config_path = os.path.join(workdir, "config.json")
+  return list(read_json(config_path).get("stages", {})) if os.path.isfile(config_path) else []
+
+
 def _run_dir(workdir: str, stage: str) -> str:
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if stage:
     run_dir = os.path.join(workdir, stage)
+    if not os.path.isdir(run_dir) and _stages(workdir):
+      raise FinetuneError(f"--stage {stage!r}: {workdir} has no such stage; its stages: "
+                          f"{', '.join(_stages(workdir))}")
   elif os.path.isdir(os.path.join(workdir, "checkpoints")):
     run_dir = workdir
   else:  # a multi-stage run: the last stage written in its config
     if not os.path.isfile(os.path.join(workdir, "config.json")):
       raise FinetuneError(f"{workdir} is not a run directory made by `finetune train` (no config.json)")
-    with open(os.path.join(workdir, "config.json")) as f:
-      stages = list(json.load(f).get("stages", {}))
+    stages = _stages(workdir)
     if not stages:
       raise FinetuneError(f"{workdir} holds no run (no checkpoints/ and no stages in config.json)")
     run_dir = os.path.join(workdir, stages[-1])
   if not os.path.isfile(os.path.join(run_dir, "config.json")):
+    if os.path.basename(run_dir) in _stages(workdir):
+      raise FinetuneError(f"stage {os.path.basename(run_dir)!r} of {workdir} has not run yet; finish it with "
+                          "`finetune train` on the same --workdir, or export another --stage")
     raise FinetuneError(f"{run_dir} is not a run directory (no config.json); check --workdir and --stage")
   return run_dir
 
 
-def export(workdir: str, out: str, fmt: str = "hf", stage: str = "") -> str:
-  """Exports the latest checkpoint of `workdir` (or of its `stage`); returns the architecture written."""
+def export(workdir: str, out: str, fmt: str = "hf", stage: str = "", unfinished: bool = False) -> str:
+  """Exports the final checkpoint of `workdir` (or of its `stage`); returns the architecture written.
+  `unfinished=True` exports the latest checkpoint of a stage that has not finished."""
   if fmt not in FORMATS:
     raise FinetuneError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
   run_dir = _run_dir(workdir, stage)
-  with open(os.path.join(run_dir, "config.json")) as f:
-    cfg = ConfigDict(json.load(f))
+  out_path = os.path.abspath(os.path.expanduser(out))
+  if run_dir == out_path or run_dir.startswith(out_path.rstrip(os.sep) + os.sep):
+    raise FinetuneError(f"--out {out_path} holds the run being exported ({run_dir}) and would be replaced by the "
+                        "export; choose a folder outside it")
+  if not unfinished and not os.path.isfile(os.path.join(run_dir, "summary.json")):
+    raise FinetuneError(f"{run_dir} has not finished (no summary.json); finish it with `finetune train` on the same "
+                        "--workdir, or pass --unfinished to export its latest checkpoint")
+  cfg = ConfigDict(read_json(os.path.join(run_dir, "config.json")))
   arrays = read_checkpoint_arrays(resolve_checkpoint(run_dir, run_dir))
   params = arrays["params"]
   num_classes = params["head/kernel"].shape[1] if "head/kernel" in params else 0  # language models: no head
@@ -98,7 +114,7 @@ def _base_paths(cfg: ConfigDict, num_classes: int) -> set[str]:
 def _write_hf(cfg: ConfigDict, params: dict, num_classes: int, run_dir: str, out: str) -> str:
   kwargs = full_model_kwargs(cfg.model, num_classes)
   summary_path = os.path.join(run_dir, "summary.json")
-  class_names = json.load(open(summary_path))["classes"] if os.path.exists(summary_path) else \
+  class_names = read_json(summary_path)["classes"] if os.path.exists(summary_path) else \
       [str(i) for i in range(num_classes)]
   base = hf.read_config(hf.resolve_hf(cfg.model.hf_config)) if cfg.model.get("hf_config") else None
   with staged_directory(out) as staging:

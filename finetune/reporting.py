@@ -19,6 +19,8 @@ from typing import Any, Iterator
 import jax
 from ml_collections import ConfigDict
 
+from finetune.errors import FinetuneError
+
 
 def _clean(value: Any) -> Any:
   value = float(value) if hasattr(value, "item") or isinstance(value, float) else value
@@ -108,22 +110,52 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
   """Writes JSON atomically (temp file + rename): a crash never leaves a half-written file."""
   if jax.process_index() != 0:
     return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, default=_clean)
-    f.write("\n")
-  os.replace(tmp, path)
+  # A unique temp name: processes writing the same file at once (sweep points sharing a source run) must not
+  # move each other's half-written temp into place.
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", dir=os.path.dirname(os.path.abspath(path)))
+  try:
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are read by others
+    with os.fdopen(fd, "w") as f:
+      json.dump(payload, f, indent=2, default=_clean)
+      f.write("\n")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def read_json(path: str) -> Any:
+  """A JSON file this framework wrote; a damaged one is a one-line error naming it."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise FinetuneError(f"{path} is damaged (not valid JSON: {e}); restore it, or delete its run folder to "
+                        "redo that run") from None
+
+
+EXPORT_MARKER = ".finetune-export"  # marks a folder that staged_directory wrote, so a later export may replace it
 
 
 @contextlib.contextmanager
 def staged_directory(out: str) -> Iterator[str]:
   """Yields an empty sibling folder of `out` to write into; on success it replaces `out`, on any failure it is
-  removed, so an export never leaves a half-written folder (nor destroys the previous one before it is done)."""
+  removed, so an export never leaves a half-written folder (nor destroys the previous one before it is done).
+
+  Only an empty folder or an earlier export (it holds EXPORT_MARKER) is replaced: `--out` pointing at anything else
+  by mistake (a run, a home folder) is an error, not a deletion."""
   out = os.path.abspath(os.path.expanduser(out))
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise FinetuneError(f"--out {out} is a file; give a folder to write the export into")
+  if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, EXPORT_MARKER)):
+    raise FinetuneError(f"--out {out} is a non-empty folder that no earlier export wrote; it would be replaced: "
+                        "choose a new folder, or delete this one first")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-", dir=os.path.dirname(out))
   try:
     yield staging
+    open(os.path.join(staging, EXPORT_MARKER), "w").close()
     if os.path.exists(out):
       shutil.rmtree(out)
     os.replace(staging, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -85,6 +86,63 @@ def test_bad_inputs_each_give_one_line(capsys, tiny_file, tmp_path):
   assert "does not exist" in _error(capsys, ["train", "--config", "configs/nope.py", "--workdir", workdir])
   assert "required: --workdir" in _error(capsys, ["train", "--config", tiny_file])
   assert "invalid choice" in _error(capsys, ["trian"])
+
+
+def test_broken_config_files_and_paths_are_one_line(capsys, tiny_file, tmp_path):
+  broken = {"raises.py": "def get_config(arg=None):\n  raise ValueError('boom')\n",
+            "returns_int.py": "def get_config(arg=None):\n  return 42\n"}
+  for name, text in broken.items():
+    (tmp_path / name).write_text(text)
+  a_file = tmp_path / "a_file.txt"
+  a_file.write_text("not a folder")
+  workdir = str(tmp_path / "w")
+  assert _error(capsys, ["train", "--config", str(tmp_path / "raises.py"), "--workdir", workdir]) == (
+      f"config file {tmp_path / 'raises.py'}: get_config raised ValueError: boom")
+  assert "get_config returned int; return an ml_collections.ConfigDict" in _error(
+      capsys, ["train", "--config", str(tmp_path / "returns_int.py"), "--workdir", workdir])
+  assert "is not a Python file" in _error(capsys, ["train", "--config", str(a_file), "--workdir", workdir])
+  for bad_workdir in (a_file, a_file / "run"):  # a file where the run folder (or its parent) should be
+    assert str(a_file) in _error(capsys, ["train", "--config", tiny_file, "--workdir", str(bad_workdir)])
+  assert "--devices -2: give a number of devices >= 1" in _error(
+      capsys, ["plan", "--config", tiny_file, "--devices", "-2"])
+  for override, expected in [("optimizer.learning_rate=1e400", "must be a finite number, got inf"),
+                             ("optimizer.weight_decay=-1.0", "weight_decay must be >= 0"),
+                             ("train.label_smoothing=-0.1", "label_smoothing must be in [0, 1)")]:
+    assert expected in _error(capsys, ["train", "--config", tiny_file, "--workdir", workdir, f"--config.{override}"])
+
+
+VIT = TINY.replace('model=dict(name="mlp", input_size=64, hidden=(16,))',
+                   'model=dict(name="vit", image_size=8, patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32)')
+
+
+def test_export_replaces_only_an_earlier_export_and_only_finished_runs(capsys, tmp_path):
+  (tmp_path / "vit.py").write_text(VIT)
+  run = tmp_path / "run"
+  assert cli.main(["train", "--config", str(tmp_path / "vit.py"), "--workdir", str(run)]) == 0
+  before = sorted(os.listdir(run))
+  for out in (run, tmp_path):  # --out the run itself, or a folder holding it
+    assert "holds the run being exported" in _error(capsys, ["export", "--workdir", str(run), "--out", str(out)])
+  notes = tmp_path / "notes"
+  notes.mkdir()
+  (notes / "keep.txt").write_text("mine")
+  assert "non-empty folder that no earlier export wrote" in _error(
+      capsys, ["export", "--workdir", str(run), "--out", str(notes)])
+  (tmp_path / "a_file").write_text("x")
+  assert "is a file" in _error(capsys, ["export", "--workdir", str(run), "--out", str(tmp_path / "a_file")])
+  assert (notes / "keep.txt").read_text() == "mine" and sorted(os.listdir(run)) == before
+  out = tmp_path / "exported"
+  for _ in range(2):  # the second export replaces the first
+    assert cli.main(["export", "--workdir", str(run), "--out", str(out)]) == 0
+  assert (out / "model.safetensors").is_file()
+  os.remove(run / "summary.json")  # as if it had been stopped before its end
+  assert "has not finished (no summary.json)" in _error(capsys, ["export", "--workdir", str(run), "--out", str(out)])
+  assert cli.main(["export", "--workdir", str(run), "--out", str(out), "--unfinished"]) == 0
+  stages = tmp_path / "stages"
+  stages.mkdir()
+  (stages / "config.json").write_text('{"stages": {"pretrain": {}, "finetune": {}}}')
+  assert "stage 'finetune' of" in _error(capsys, ["export", "--workdir", str(stages), "--out", str(out)])
+  assert "its stages: pretrain, finetune" in _error(
+      capsys, ["export", "--workdir", str(stages), "--stage", "nosuch", "--out", str(out)])
 
 
 def test_unreadable_checkpoint_is_one_line(capsys, tiny_file, tmp_path):
