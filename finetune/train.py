@@ -35,7 +35,7 @@ from finetune.errors import FinetuneError
 from finetune.models import build_model, model_kwargs
 from finetune.optim import build_optimizer, carry_over
 from finetune.partition import flatten, map_with_path, require_matches
-from finetune.reporting import MetricsLog, Progress, write_json
+from finetune.reporting import MetricsLog, Progress, read_json, write_json
 from finetune.sharding import (batch_sharding, data_parallel_size, make_mesh, optimizer_state_shardings, replicated,
                                rules_from_config, state_shardings, ActivationSharding,
                                activation_rules_from_config)
@@ -65,7 +65,8 @@ def prepare_workdir(config: ConfigDict, workdir: str) -> tuple[str, list[tuple[s
   stages = config_lib.stage_configs(config)
   single = len(stages) == 1 and not len(config.stages)
   layout = [(name, stage_cfg, workdir if single else os.path.join(workdir, name)) for name, stage_cfg in stages]
-  for _, stage_cfg, run_dir in layout:  # refuse before anything is written
+  _check_same_layout(workdir, single, [name for name, _ in stages])  # refuse before anything is written
+  for _, stage_cfg, run_dir in layout:
     check_same_config(os.path.join(run_dir, "config.json"), stage_cfg)
   if not single:  # (a single stage writes workdir/config.json itself)
     write_text(os.path.join(workdir, "config.json"), config_lib.to_json(config))
@@ -359,7 +360,7 @@ def evaluate_sources(cfg: ConfigDict, state: TrainState, sources: list[regulariz
     # A source of another task (a language model under a classifier, say) has no head this model could read.
     if source.cfg is None or not os.path.isfile(summary_path) or source.cfg.task != cfg.task:
       continue
-    before = json.load(open(summary_path))["final"]
+    before = read_json(summary_path)["final"]
     eval_cfg = config_lib.with_values(cfg, data=source.cfg.data)
     eval_stage = build_stage(eval_cfg)
     shapes = {p: tuple(x.shape) for p, x in flatten(eval_stage.view_params).items()}
@@ -389,20 +390,36 @@ _RESUMABLE_KEYS = ("wandb.", "train.log_every", "train.eval_every", "train.check
                   "mesh.", "sharding_rules", "activation_rules")
 
 
+def _has_progressed(run_dir: str) -> bool:
+  checkpoint_dir = os.path.join(run_dir, "checkpoints")
+  has_checkpoint = os.path.isdir(checkpoint_dir) and any(name.isdigit() for name in os.listdir(checkpoint_dir))
+  return has_checkpoint or os.path.exists(os.path.join(run_dir, SUMMARY_FILE))
+
+
+def _check_same_layout(workdir: str, single: bool, stages: list[str]) -> None:
+  """A single-stage run lives in the workdir itself, a multi-stage one in a folder per stage: writing one over the
+  other would overwrite the earlier run's config.json and results.json and leave neither usable."""
+  if not single and _has_progressed(workdir):
+    raise FinetuneError(f"{workdir} holds a single-stage run and this config has stages ({', '.join(stages)}); "
+                        "use a new --workdir")
+  top_config = os.path.join(workdir, "config.json")
+  if single and os.path.isfile(top_config):
+    earlier = [name for name in read_json(top_config).get("stages", {}) or {}
+               if _has_progressed(os.path.join(workdir, name))]
+    if earlier:
+      raise FinetuneError(f"{workdir} holds a multi-stage run (stages {', '.join(earlier)}) and this config has one "
+                          "stage; use a new --workdir")
+
+
 def check_same_config(path: str, cfg: ConfigDict) -> None:
   """Resuming with a different config would silently mix two experiments in one directory: refuse.
 
   Only a run that has progressed (a checkpoint or a summary) is protected: a run that failed before its first
   checkpoint (say, a wrong data path) can be re-run with the config fixed.
   """
-  run_dir = os.path.dirname(path)
-  checkpoint_dir = os.path.join(run_dir, "checkpoints")
-  has_checkpoint = os.path.isdir(checkpoint_dir) and any(name.isdigit() for name in os.listdir(checkpoint_dir))
-  progressed = has_checkpoint or os.path.exists(os.path.join(run_dir, SUMMARY_FILE))
-  if not progressed or not os.path.exists(path):
+  if not _has_progressed(os.path.dirname(path)) or not os.path.exists(path):
     return
-  with open(path) as f:
-    before = dotted(json.load(f))
+  before = dotted(read_json(path))
   now = dotted(json.loads(config_lib.to_json(cfg)))
   # A key added to the framework after the run was written is no difference while it keeps its default.
   default = dotted(json.loads(config_lib.defaults().to_json_best_effort()))
@@ -475,8 +492,7 @@ def open_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train")
   check_same_config(os.path.join(run_dir, "config.json"), cfg)
   summary_path = os.path.join(run_dir, SUMMARY_FILE)
   if os.path.exists(summary_path):  # Completed earlier: a re-run resumes after it.
-    with open(summary_path) as f:
-      return json.load(f)
+    return read_json(summary_path)
   write_text(os.path.join(run_dir, "config.json"), config_lib.to_json(cfg))
   stage = build_stage(cfg)
   write_table(stage.strategy, run_dir, name)
@@ -494,8 +510,7 @@ def open_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train")
       # The saved optimizer state has the structure of the phase of the last update made, step start - 1.
       saved_phase = stage.strategy.phase_index(max(start - 1, 0))
       state = TrainState(**checkpoints.restore(start, stage.abstract_state(saved_phase).as_dict()))
-      with open(init_path) as f:
-        init_report = {**json.load(f), "resumed_from_step": start}
+      init_report = {**read_json(init_path), "resumed_from_step": start}
     else:
       start, saved_phase = 0, 0
       state, init_report = initial_state(stage, cfg, workdir)
@@ -661,8 +676,7 @@ class _EarlyStopping:
     saved_path = os.path.join(directory, "best.json")
     saved = []
     if start > 0 and os.path.isfile(saved_path):
-      with open(saved_path) as f:
-        saved = json.load(f).get("history", [])
+      saved = read_json(saved_path).get("history", [])
     elif os.path.isfile(saved_path) and jax.process_index() == 0:
       os.remove(saved_path)  # from an attempt killed before its first checkpoint: this run starts over
     for step, value in saved:

@@ -185,6 +185,22 @@ def test_refused_rerun_leaves_saved_configs_alone(tmp_path):
   assert (tmp_path / "config.json").read_text() == before
 
 
+def test_a_workdir_holding_the_other_layout_or_a_damaged_file_is_refused(tmp_path):
+  single = tiny_config(train={"steps": 2})
+  stages = tiny_config(stages={"a": {"train": {"steps": 2}}, "b": {"init_from": "stage:a", "train": {"steps": 2}}})
+  train_lib.train_and_evaluate(single, str(tmp_path / "single"))
+  train_lib.train_and_evaluate(stages, str(tmp_path / "multi"))
+  written = {p: p.read_text() for p in tmp_path.glob("*/*.json")}
+  with pytest.raises(FinetuneError, match=r"holds a single-stage run and this config has stages \(a, b\); use a new"):
+    train_lib.train_and_evaluate(stages, str(tmp_path / "single"))
+  with pytest.raises(FinetuneError, match=r"holds a multi-stage run \(stages a, b\) and this config has one stage"):
+    train_lib.train_and_evaluate(single, str(tmp_path / "multi"))
+  assert {p: p.read_text() for p in tmp_path.glob("*/*.json")} == written and not (tmp_path / "single" / "a").exists()
+  (tmp_path / "single" / "summary.json").write_text('{"final": ')  # cut short (a disk filled up, say)
+  with pytest.raises(FinetuneError, match=r"single/summary.json is damaged \(not valid JSON"):
+    train_lib.train_and_evaluate(single, str(tmp_path / "single"))
+
+
 def test_validation_examples_do_not_depend_on_the_class_subset():
   from finetune.data.pipeline import build_pipeline  # pylint: disable=g-import-not-at-top
   everything = tiny_config().data

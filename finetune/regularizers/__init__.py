@@ -20,7 +20,6 @@ that the stage did not re-initialise (`dont_load`, e.g. a new head).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable
 
@@ -33,6 +32,7 @@ from finetune.checkpoint import read_checkpoint_arrays, resolve_checkpoint
 from finetune.errors import FinetuneError
 from finetune.models import hf
 from finetune.registry import Registry
+from finetune.reporting import read_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +124,7 @@ def lineage(cfg: ConfigDict, workdir: str, hf_weights: bool = True) -> list[Sour
       arrays = read_checkpoint_arrays(step_dir)
       run_dir = os.path.dirname(os.path.dirname(step_dir))  # <run>/checkpoints/<step>
       config_path = os.path.join(run_dir, "config.json")
-      source_cfg = ConfigDict(json.load(open(config_path))) if os.path.isfile(config_path) else None
+      source_cfg = ConfigDict(read_json(config_path)) if os.path.isfile(config_path) else None
     name = spec[len("stage:"):] if spec.startswith("stage:") else spec
     sources.append(Source(name, run_dir, source_cfg, dict(arrays["params"]), dict(arrays.get("model_state", {}))))
     current = source_cfg

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from typing import Any, Callable
 
 import jax
@@ -95,12 +96,19 @@ def save(path: str, fisher: dict[str, np.ndarray], meta: dict[str, Any]) -> None
   """Fisher next to the source stage's checkpoints (safetensors + json), written atomically, reused by later
   stages and re-runs."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  tmp = path + ".tmp"
-  save_file({k: np.ascontiguousarray(v) for k, v in fisher.items()}, tmp)
-  with open(path + ".json.tmp", "w") as f:
-    json.dump(meta, f, indent=2)
-  os.replace(path + ".json.tmp", path + ".json")
-  os.replace(tmp, path)
+  # Unique temp names: sweep points that start from one source run may save its Fisher at the same time (same
+  # content, so the last one to land wins); a shared temp name would let one move the other's half-written file.
+  tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex}.tmp"
+  try:
+    save_file({k: np.ascontiguousarray(v) for k, v in fisher.items()}, tmp)
+    with open(tmp + ".json", "w") as f:
+      json.dump(meta, f, indent=2)
+    os.replace(tmp + ".json", path + ".json")
+    os.replace(tmp, path)
+  finally:
+    for leftover in (tmp, tmp + ".json"):
+      if os.path.exists(leftover):
+        os.remove(leftover)
 
 
 def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
