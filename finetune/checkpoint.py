@@ -51,8 +51,8 @@ class Checkpointer:
       restored = self._manager.restore(
           step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
     except Exception as e:  # orbax/tensorstore raise many types for damaged or mismatched checkpoints
-      raise FinetuneError(f"cannot restore checkpoint {self.directory}/{step}: {type(e).__name__}: {e}; the config "
-                          "may have changed since it was written, or the checkpoint is damaged: use a new "
+      raise FinetuneError(f"cannot restore checkpoint {self.directory}/{step}: {type(e).__name__}: {_short(e)}; the "
+                          "config may have changed since it was written, or the checkpoint is damaged: use a new "
                           "--workdir, or delete that step folder to resume from the one before") from None
     return restored[STATE_ITEM]
 
@@ -65,6 +65,13 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _short(error: Exception, limit: int = 200) -> str:
+  """The first line of a storage library's message, cut to `limit` characters (tensorstore's messages carry the
+  whole JSON spec of the array, kilobytes long)."""
+  text = (str(error).strip().splitlines() or [""])[0]
+  return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _step_dirs(directory: str) -> list[int]:
@@ -97,7 +104,8 @@ def resolve_checkpoint(source: str, workdir: str) -> str:
   stages = [d for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d, "checkpoints"))] \
       if os.path.isdir(path) else []
   hint = f"; it holds stages {', '.join(stages)}: use {source.rstrip('/')}/<stage>" if stages else ""
-  raise FinetuneError(f"init_from {source!r} holds no checkpoint{hint}")
+  raise FinetuneError(f"init_from {source!r} holds no checkpoint{hint or '; train that run first, or point at one'}"
+                      f"{'' if hint else ' that has a checkpoints/<step> folder'}")
 
 
 def read_checkpoint_arrays(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
@@ -116,7 +124,11 @@ def read_checkpoint_arrays(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
   try:
     with ocp.PyTreeCheckpointer() as checkpointer:
       metadata = checkpointer.metadata(item)
-      tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
+      metadata = getattr(metadata, "item_metadata", metadata)
+      if metadata is None:  # orbax's answer when the folder's index files are gone
+        raise FinetuneError(f"cannot read checkpoint {step_dir}: it is damaged or incomplete (orbax finds no "
+                            "metadata); use another step folder, or re-run the stage that wrote it")
+      tree = metadata.tree
       wanted = {k: tree[k] for k in ("params", "model_state") if k in tree}
       restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
       restored = checkpointer.restore(
@@ -124,7 +136,8 @@ def read_checkpoint_arrays(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
   except FinetuneError:
     raise
   except Exception as e:  # orbax raises many types for unreadable folders; the user needs one line.
-    raise FinetuneError(f"cannot read checkpoint {step_dir}: {type(e).__name__}: {e}; check the path") from None
+    raise FinetuneError(f"cannot read checkpoint {step_dir}: {type(e).__name__}: {_short(e)}; check the path, or "
+                        "use another step folder if this one is damaged") from None
   finally:
     absl_logger.setLevel(previous_level)
   # A scanned run's checkpoint holds stacked layers; every reader gets the unrolled layout (finetune/scan.py).

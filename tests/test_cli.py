@@ -154,6 +154,26 @@ def test_unreadable_checkpoint_is_one_line(capsys, tiny_file, tmp_path):
   assert message.startswith(f"cannot read checkpoint {tmp_path / 'broken' / 'checkpoints' / '5'}")
 
 
+def test_damaged_checkpoints_are_named_in_one_short_line(capsys, tiny_file, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  from finetune.checkpoint import Checkpointer, read_checkpoint_arrays  # pylint: disable=g-import-not-at-top
+  from finetune.errors import FinetuneError  # pylint: disable=g-import-not-at-top
+  assert cli.main(["train", "--config", tiny_file, "--workdir", str(tmp_path / "run")]) == 0
+  state = tmp_path / "run" / "checkpoints" / "3" / "state"
+  shutil.rmtree(state / "ocdbt.process_0")
+  (state / "manifest.ocdbt").unlink()  # the index of the arrays: gone
+  with pytest.raises(FinetuneError, match=r"checkpoints/3: it is damaged or incomplete .*use another step folder"):
+    read_checkpoint_arrays(str(state.parent))
+  with pytest.raises(FinetuneError) as error:
+    Checkpointer(str(tmp_path / "run" / "checkpoints"), 1).restore(3, {"params": {"x": 0}})
+  assert "cannot restore checkpoint" in str(error.value) and "\n" not in str(error.value)
+  assert len(str(error.value)) < 600  # tensorstore's own message (the array's whole JSON spec) is cut short
+  (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+  assert "holds no checkpoint; train that run first" in _error(
+      capsys, ["train", "--config", tiny_file, "--workdir", str(tmp_path / "w"),
+               f"--config.init_from={tmp_path / 'empty'}"])
+
+
 def test_leftover_config_argument_is_an_error(capsys, tmp_path):
   message = _error(capsys, ["train", "--config", "configs/mnist_transfer.py:stepz=3", "--workdir",
                             str(tmp_path)])
