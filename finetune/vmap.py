@@ -54,8 +54,10 @@ from finetune.step import TrainState
 # Config keys in which points trained together may differ (see the module docstring for why each is exact).
 POINT_KEYS = ("seed", "optimizer.learning_rate", "regularize.ewc.weight", "regularize.lwf.weight",
               "regularize.l2sp.alpha", "regularize.l2sp.beta", "rehearsal.weight")
-# Keys each point reads for itself (its wandb run, its own checkpoints); all others are the group's.
-_IGNORED = ("wandb.", "train.checkpoint_every", "train.keep_checkpoints")
+# Keys each point reads for itself (its wandb run, how many checkpoints it keeps); all others are the group's.
+# (Not checkpoint_every: a checkpoint step is also a logging step, so one point's cadence would add records to the
+# others' metrics.jsonl and change how their intervals are averaged.)
+_IGNORED = ("wandb.", "train.keep_checkpoints")
 
 
 def incompatibility(a: ConfigDict, b: ConfigDict) -> str:

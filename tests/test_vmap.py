@@ -150,6 +150,10 @@ def test_incompatible_points_are_refused_with_the_differing_key(tmp_path):
                                   "eval_every": 4}))
   assert vmap.groups([base, with_values(base, seed=1), with_values(base, data={"batch_size": 16}),
                       with_values(base, seed=2)], size=2) == [[0, 1], [2], [3]]
+  # Each point's checkpoint steps are also logging steps for the whole group: its metrics would differ from solo.
+  assert "train.checkpoint_every differs" in vmap.incompatibility(
+      base, with_values(base, train={"checkpoint_every": base.train.checkpoint_every + 1}))
+  assert vmap.incompatibility(base, with_values(base, train={"keep_checkpoints": 5}, seed=3)) == ""
 
 
 def test_a_point_whose_loss_diverges_stops_alone(tmp_path):
