@@ -573,6 +573,8 @@ def _coerce(value: Any, default: Any, dotted: str) -> Any:
       raise bad()
     return value
   if isinstance(default, float):
+    if isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+      raise FinetuneError(f"config key {dotted!r} must be a finite number, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise bad()
     if not math.isfinite(value):  # (1e400 parses as inf) a non-finite setting only surfaces later as a NaN loss

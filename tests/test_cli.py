@@ -106,6 +106,7 @@ def test_broken_config_files_and_paths_are_one_line(capsys, tiny_file, tmp_path)
   assert "--devices -2: give a number of devices >= 1" in _error(
       capsys, ["plan", "--config", tiny_file, "--devices", "-2"])
   for override, expected in [("optimizer.learning_rate=1e400", "must be a finite number, got inf"),
+                             ("optimizer.learning_rate=nan", "must be a finite number, got 'nan'"),
                              ("optimizer.weight_decay=-1.0", "weight_decay must be >= 0"),
                              ("train.label_smoothing=-0.1", "label_smoothing must be in [0, 1)")]:
     assert expected in _error(capsys, ["train", "--config", tiny_file, "--workdir", workdir, f"--config.{override}"])
