@@ -152,6 +152,7 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
     # Each of those returns before tabulating: the flag would be silently ignored.
     raise FinetuneError("--aggregate-only only tabulates finished points; run --wandb-sweep / --together without it")
   points = sweep.load_sweep(config_spec, overrides)
+  sweep.check_seed_key(points, seed_key)  # before any point runs, not after the sweep
   if together:
     from finetune import compile_cache, vmap as vmap_lib  # pylint: disable=g-import-not-at-top
     compile_cache.enable()

@@ -25,11 +25,13 @@ import inspect
 import io
 import itertools
 import json
+import math
 import os
 import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Iterable, Sequence
@@ -136,7 +138,13 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
     raise FinetuneError(f"config file {path} has no get_sweep(arg=None) function; define one returning a list of "
                         "dicts {config key: value} (finetune.sweep.product, zipped and seeds build them)")
   sweep_arg = config_lib.ConfigArg(arg) if arg else None
-  raw = get_sweep(sweep_arg) if inspect.signature(get_sweep).parameters else get_sweep()
+  try:
+    raw = get_sweep(sweep_arg) if inspect.signature(get_sweep).parameters else get_sweep()
+  except FinetuneError:
+    raise
+  except Exception as e:  # A bug in the config file: name it in one line, as import_config_file does.
+    message = " ".join(str(e).split("\n"))
+    raise FinetuneError(f"{path}: get_sweep raised {type(e).__name__}: {message}") from e
   if sweep_arg is not None and sweep_arg.sweep_only:
     # The sweep's own arguments (e.g. `seeds=3`) shape the list of points; get_config never sees them.
     kept = _arg_items_without(arg, sweep_arg.sweep_only)
@@ -152,9 +160,9 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
   raw = [{key: _plain(value) for key, value in values.items()} for values in raw]
   points, seen = [], {}
   for values, name in zip(raw, point_names(raw)):
-    point_spec = _with_config_args(spec, {k[1:]: v for k, v in values.items() if k.startswith(":")})
     point_overrides = (*overrides, *(f"{k}={_value_text(v)}" for k, v in values.items() if not k.startswith(":")))
     try:
+      point_spec = _with_config_args(spec, {k[1:]: v for k, v in values.items() if k.startswith(":")})
       config = config_lib.load_config(point_spec, point_overrides)
     except FinetuneError as e:
       raise FinetuneError(f"sweep point {name}: {e}") from None
@@ -244,14 +252,47 @@ def _with_config_args(spec: str, args: dict[str, Any]) -> str:
     return spec
   path, _, arg = spec.partition(":")
   kept = _arg_items_without(arg, args)
-  for key, value in args.items():
-    # parse_arg splits at commas outside brackets and quotes: a tuple prints bracketed, a string with a comma quoted.
-    if isinstance(value, str):
-      text = repr(value) if "," in value else _value_text(value)
-    else:
-      text = _name_text(value)
-    kept.append(f"{key}={text}")
+  kept += [f"{key}={_arg_value_text(key, value)}" for key, value in args.items()]
   return f"{path}:{','.join(kept)}"
+
+
+def _arg_value_text(key: str, value: Any) -> str:
+  """`value` as the text after `key=` in a `:arg`, such that parse_arg reads back exactly `value`: one item for
+  split_config_arg (commas split items outside brackets and quotes, and a lone quote or bracket is an error), then
+  the same literal. A plain string stays bare (`variant=ewc`), any other is quoted."""
+  if isinstance(value, str):
+    # (Bare only where a reader sees the value: not empty, no separator, quote, edge space or control character.)
+    plain = value and value.isprintable() and value == value.strip() and not set(value) & set(",()[]{}'\"")
+    bare = [_value_text(value)] if plain else []
+    candidates = [*bare, _quoted(value)]
+  else:
+    candidates = [repr(value)]
+  for text in candidates:
+    if _reads_back(text, value):
+      return text
+  raise FinetuneError(f"sweep value {value!r} of config-file argument ':{key}' has no `:{key}=...` text that reads "
+                      "back as the same value; sweep a simpler value (a number, string, or tuple of them)")
+
+
+def _quoted(text: str) -> str:
+  """`text` as a Python string literal that split_config_arg reads as one item. It knows no backslash escapes, so
+  a quote inside a literal must be of the other kind; a string holding both kinds becomes adjacent literals, which
+  Python joins (`'say "hi", it'"'s"` is `say "hi", it's`)."""
+  pieces = [""]
+  for char in text:
+    if char in "'\"" and ({"'", '"'} - {char}) & set(pieces[-1]):
+      pieces.append("")
+    pieces[-1] += char
+  return "".join(repr(piece) for piece in pieces)
+
+
+def _reads_back(text: str, value: Any) -> bool:
+  try:
+    items = config_lib.split_config_arg(text)
+  except FinetuneError:  # an unclosed quote or bracket
+    return False
+  read = config_lib._parse_literal(text)  # pylint: disable=protected-access  (parse_arg's reading of a value)
+  return items == [text] and type(read) is type(value) and read == value
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -309,12 +350,36 @@ def together_argv(group: Sequence[Point], workdir: str, spec: str, overrides: Se
 
 def plan_groups(points: Sequence[Point], vmap: int) -> list[list[Point]]:
   """The points in groups of at most `vmap` that can train together (`finetune.vmap.groups`); singletons alone."""
-  if vmap < 1:
-    raise FinetuneError(f"--vmap {vmap}: train at least one point per program")
+  _check_vmap(vmap)
   if vmap == 1:
     return [[point] for point in points]
   from finetune import vmap as vmap_lib  # pylint: disable=g-import-not-at-top  (imports jax)
   return [[points[i] for i in group] for group in vmap_lib.groups([p.config for p in points], vmap)]
+
+
+def _check_vmap(vmap: int) -> None:
+  if vmap < 1:
+    raise FinetuneError(f"--vmap {vmap}: train at least one point per program; pass --vmap 1 or more")
+
+
+def check_workdir(points: Sequence[Point], workdir: str) -> None:
+  """Refuses a sweep folder whose point folders hold runs of other configs (say, the sweep re-run with another
+  --config.key or :arg), before anything is written: each point would fail on it in `finetune train`, after
+  points.json and the results had been overwritten with a table of incomplete rows. The test is train's own
+  (`prepare_workdir`'s, per stage folder), so a run that had not progressed, or a changed resumable key, passes."""
+  from finetune.train import check_same_config  # pylint: disable=g-import-not-at-top
+  differing = []  # (point, its error)
+  for point in points:
+    for name, stage_cfg in config_lib.stage_configs(point.config):
+      try:
+        check_same_config(os.path.join(workdir, point.name, point.stage_dirs[name], "config.json"), stage_cfg)
+      except FinetuneError as e:
+        differing.append((point, e))
+        break
+  if differing:
+    point, error = differing[0]
+    more = f" (and {len(differing) - 1} more of the {len(points)} points)" if len(differing) > 1 else ""
+    raise FinetuneError(f"sweep point {point.name}{more}: {error} (nothing was run or written)")
 
 
 def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: int = 1, spec: str = "",
@@ -327,8 +392,11 @@ def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: in
   regularizer strength, finetune/vmap.py) run in groups of up to `vmap` as one process and one jitted program,
   `finetune sweep --config spec --together a --together b ...` (the group's output goes to the first point's
   sweep.log)."""
+  # Every refusal before the first write: a run that stops here leaves the folder as it was.
   if parallel < 1:
-    raise FinetuneError(f"--parallel {parallel}: run at least one point at a time")
+    raise FinetuneError(f"--parallel {parallel}: run at least one point at a time; pass --parallel 1 or more")
+  _check_vmap(vmap)
+  check_workdir(points, workdir)
   os.makedirs(workdir, exist_ok=True)
   _write(os.path.join(workdir, POINTS_FILE), json.dumps(
       [{"name": p.name, "values": p.values, "config": p.config_spec, "overrides": list(p.overrides),
@@ -450,6 +518,7 @@ def collect(points: Sequence[Point], workdir: str, metrics: Sequence[str] = ()) 
 def aggregate(points: Sequence[Point], workdir: str, metrics: Sequence[str] = (), seed_key: str = "seed") -> str:
   """Writes `results.csv` (one row per point) and `results.md` (points that differ only in `seed_key` grouped:
   mean ± sample standard deviation, and n); returns the markdown table."""
+  check_seed_key(points, seed_key)
   columns, rows = collect(points, workdir, metrics)
   keys = list(dict.fromkeys(key for point in points for key in point.values))
   text = io.StringIO()
@@ -463,9 +532,20 @@ def aggregate(points: Sequence[Point], workdir: str, metrics: Sequence[str] = ()
   finished_count = sum(row["status"] == "finished" for row in rows)
   _write(os.path.join(workdir, "results.md"),
          f"# Sweep results\n\n{len(rows)} points in {workdir}, {finished_count} finished. Cells are the mean ± sample "
-         f"standard deviation over `{seed_key}` of the n finished runs (one run: its value); '-' for a key: the "
-         f"points do not set it.\n\n{table}\n")
+         f"standard deviation over `{seed_key}` of the n finished runs (one run: its value); a cell's own (n=k): "
+         "only k of them have a finite value there, the mean is over those and the others are counted beside it "
+         f"(nan, inf); '-' for a key: the points do not set it.\n\n{table}\n")
   return table
+
+
+def check_seed_key(points: Sequence[Point], seed_key: str) -> None:
+  """A `seed_key` that is no key of any point would silently average nothing: an error. The default 'seed' is
+  allowed regardless, for a sweep without seeds (each point is then its own row)."""
+  keys = list(dict.fromkeys(key for point in points for key in point.values))
+  if seed_key != "seed" and seed_key not in keys:
+    fix = f"pass one of: {', '.join(keys)}" if keys else "the points set no keys, so leave --seed-key out"
+    raise FinetuneError(f"--seed-key {seed_key!r} is no key of this sweep's points, so results.md would average "
+                        f"nothing; {fix}")
 
 
 def grouped_table(rows: Sequence[dict], keys: Sequence[str], columns: Sequence[str]) -> str:
@@ -477,17 +557,23 @@ def grouped_table(rows: Sequence[dict], keys: Sequence[str], columns: Sequence[s
   for values, members in groups.items():
     done = [row for row in members if row["status"] == "finished"]
     key_cells = [(value or "-").replace("|", "\\|") for value in values]  # (a bare '|' would end the cell)
-    means = [_mean_std_text([row[c] for row in done if row[c] is not None]) for c in columns]
+    means = [_cell([row[c] for row in done if row[c] is not None], len(done)) for c in columns]
     lines.append("| " + " | ".join([*key_cells, *means, str(len(done))]) + " |")
   return "\n".join(lines)
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
-  """(mean, sample standard deviation) of `values`, the spread every table here reports; one value has std 0."""
+  """(mean, sample standard deviation) of `values`, the spread every table here reports; one value has std 0.
+  With a nan or inf among several, the mean is what float arithmetic gives (nan, or that inf) and the std nan;
+  results.md leaves them out of its means and counts them instead."""
   values = list(values)
   if not values:
     raise ValueError("mean_std of no values")
-  return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+  if len(values) == 1:
+    return values[0], 0.0
+  if not all(math.isfinite(v) for v in values):  # (statistics' exact arithmetic fails on them)
+    return sum(values) / len(values), math.nan
+  return statistics.mean(values), statistics.stdev(values)
 
 
 def read_results(csv_path: str) -> list[dict[str, str]]:
@@ -505,16 +591,42 @@ def number(text: str | None) -> float | None:
   return None if text in (None, "") else float(text)
 
 
+def _cell(values: list[float], runs: int) -> str:
+  """A results.md cell: a column's values over a group's `runs` finished runs. Non-finite values (a diverged
+  seed's nan loss) are left out of the mean and std, which would be nan and hide the other seeds, and shown
+  beside them with their count: `0.5000 ± 0.0100 (n=2, 1 nan)`. (n=k) says the mean is over k values, fewer than
+  the row's n (a run that did not report the metric, or a non-finite value)."""
+  finite = [v for v in values if math.isfinite(v)]
+  non_finite = collections.Counter(repr(float(v)) for v in values if not math.isfinite(v))  # 'nan', 'inf', '-inf'
+  if not finite:
+    return ", ".join(label if count == 1 else f"{count} {label}" for label, count in non_finite.items()) or "-"
+  notes = [f"n={len(finite)}"] if len(finite) != runs else []
+  notes += [f"{count} {label}" for label, count in non_finite.items()]
+  return _mean_std_text(finite) + (f" ({', '.join(notes)})" if notes else "")
+
+
 def _mean_std_text(values: list[float]) -> str:
   if not values:
     return "-"
   mean, std = mean_std(values)
-  # Four decimals for accuracies and losses, whole numbers for counts and throughputs; the std as precise as its
-  # mean.
-  digits = 0 if abs(mean) >= 1000 or all(float(v).is_integer() for v in values) else 4
+  digits = _decimals(float(mean), float(std))
+  style = f",.{digits}f" if digits <= 8 else ".3g"  # (eight zeros after the point: unreadable, in exponent form)
   if len(values) == 1:
-    return f"{mean:,.{digits}f}"
-  return f"{mean:,.{digits}f} ± {std:,.{digits}f}"
+    return f"{mean:{style}}"
+  return f"{mean:{style}} ± {std:{style}}"
+
+
+def _decimals(mean: float, std: float) -> int:
+  """Decimals to print a mean and std with: none for whole numbers (counts, steps); else four below 1000
+  (accuracies, losses) and none from 1000 (throughputs), but always enough for two significant digits of the std
+  and of a small mean, so that neither rounds to another value ([2, 3] is 2.5000 ± 0.7071, not 2 ± 1)."""
+  if not (math.isfinite(mean) and math.isfinite(std)) or (mean.is_integer() and std.is_integer()):
+    return 0
+  digits = 4 if abs(mean) < 1000 else 0
+  for value in (std, abs(mean)):
+    if 0 < value < 1000:
+      digits = max(digits, 1 - math.floor(math.log10(value)))
+  return digits
 
 
 def _csv_text(value: Any) -> str:
@@ -541,10 +653,19 @@ def _example_metrics(summary: dict) -> list[str]:
 
 
 def _write(path: str, text: str) -> None:
-  tmp = path + ".tmp"  # (temp file + rename: never a half-written file)
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  """Writes `text` to `path` via a temp file and a rename: never a half-written file. The temp name is unique (two
+  processes tabulating one sweep folder would otherwise move each other's temp file into place half-written, or
+  fail to find their own)."""
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", dir=os.path.dirname(os.path.abspath(path)))
+  try:
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are read by others
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 # ----------------------------------------------------------------------------------------------------- wandb

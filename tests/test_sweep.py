@@ -178,6 +178,46 @@ def test_config_file_arguments_may_hold_commas_in_brackets_and_quotes(tmp_path, 
   assert [(c.data.classes, c.wandb.name, c.train.steps) for c in configs] == [((0, 1, 2), "a,b", 2), ((3, 4), "a,b", 2)]
 
 
+def test_config_file_argument_values_reach_the_config_exactly(tmp_path, capsys):
+  """A `:key` value is written into the point's `file.py:arg` so that parse_arg reads back the same value: spaces
+  kept, and strings with quotes, brackets, commas, edge spaces or a newline quoted (both quote kinds: adjacent
+  literals), in load_sweep's points and in the --dry-run commands alike."""
+  values = [("it's", ("hello world", "b")), ("x)", ("y",)), ('say "hi", it\'s', ("it's", 'c"d')), ("(", ()),
+            ("True", ("a,b",)), (" spaced ", ("[",)), ("", ("}",)), ("new\nline", ("p q",)), ("plain", ("x",))]
+  path = tmp_path / "args.py"
+  path.write_text(CONFIG.replace("parse_arg(arg, steps=3)", "parse_arg(arg, steps=3, tag='t', tags=('x',))")
+                  .replace("{extra}", ", wandb=dict(name=args.tag, tags=args.tags)")
+                  .format(sweep=f"zipped({{':tag': {[t for t, _ in values]!r}, ':tags': {[t for _, t in values]!r}}})"))
+  spec = f"{path}:tag=command,steps=2"  # (the point's own values replace the command's)
+  points = load_sweep(spec)
+  assert [(p.config.wandb.name, p.config.wandb.tags) for p in points] == values
+  assert all(config_lib.load_config(p.config_spec).wandb.name == name for p, (name, _) in zip(points, values))
+  assert points[-1].config_spec == f"{path}:steps=2,tag=plain,tags=('x',)"  # a plain string stays bare
+  status, out, _ = sweep_cli(capsys, "--config", spec, "--workdir", str(tmp_path / "w"), "--dry-run")
+  assert status == 0
+  read = []
+  for line in out.strip().splitlines():
+    rest, overrides = cli.split_overrides(shlex.split(line)[1:])
+    line_spec = cli._parser().parse_args(rest).config  # pylint: disable=protected-access
+    config = config_lib.load_config(line_spec, overrides)
+    read.append((config.wandb.name, config.wandb.tags, config.train.steps))
+  assert read == [(name, tags, 2) for name, tags in values]
+  with pytest.raises(FinetuneError, match="sweep point steps=nan: sweep value nan of config-file argument ':steps' "
+                     "has no `:steps=...` text that reads back as the same value"):
+    load_sweep(write_config(tmp_path, '[{":steps": float("nan")}]'))
+
+
+def test_an_error_inside_get_sweep_is_one_line(tmp_path, capsys):
+  path = write_config(tmp_path, "seeds(1)")
+  with open(path, "a") as f:
+    f.write("\ndef get_sweep(arg=None):\n  raise RuntimeError('oops\\nsecond line')\n")
+  status, _, err = sweep_cli(capsys, "--config", path, "--workdir", str(tmp_path / "w"))
+  assert status == 2 and err == f"finetune: error: {path}: get_sweep raised RuntimeError: oops second line\n"
+  assert not (tmp_path / "w").exists()
+  with pytest.raises(FinetuneError, match="^seeds: 0 seeds gives no points"):  # the framework's own errors as they are
+    load_sweep(write_config(tmp_path, "seeds(0)"))
+
+
 def test_a_sweeps_own_arguments_choose_points_and_never_reach_them(tmp_path):
   path = tmp_path / "own.py"
   path.write_text(CONFIG.format(extra="", sweep="product({':steps': [4]}, seeds(args.seeds))").replace(
@@ -224,9 +264,13 @@ def test_sweep_runs_points_writes_results_and_skips_them_when_rerun(tmp_path, ca
   assert [(workdir / f"seed={s}" / "summary.json").stat().st_mtime_ns for s in (0, 1)] == modified
   assert [float(r["train/validation/loss"]) for r in read_csv(workdir / "results.csv")] == [
       s["final"]["validation"]["loss"] for s in summaries]
-  # The same folder under another :arg holds another experiment: not finished, and train refuses to mix them.
+  # The same folder under another :arg holds another experiment: refused before anything runs or is written.
+  written = {name: (workdir / name).read_bytes() for name in ("points.json", "results.csv", "results.md")}
   status, out, err = sweep_cli(capsys, "--config", path + ":steps=4", "--workdir", str(workdir))
-  assert status == 1 and "skipped" not in out and "holds a run whose config differs (train.steps: 3 then" in out
+  assert status == 2 and out == "" and err.count("\n") == 1
+  assert err.startswith("finetune: error: sweep point seed=0 (and 1 more of the 2 points): ") and \
+      "holds a run whose config differs (train.steps: 3 then, 4 now); use a new --workdir" in err
+  assert {name: (workdir / name).read_bytes() for name in written} == written
 
 
 def test_aggregate_only_tabulates_finished_points_and_runs_none(tmp_path, capsys):
@@ -300,6 +344,48 @@ def test_vmap_sweep_trains_compatible_points_together(tmp_path, capsys):
   assert status == 2 and "no point named 'nope'" in err
 
 
+def fake_run(folder, point, summaries):
+  """A finished run of `point` in `folder`, laid out as train_and_evaluate writes it (one summary per stage)."""
+  for (stage, stage_cfg), summary in zip(config_lib.stage_configs(point.config), summaries):
+    run_dir = folder / point.stage_dirs[stage]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(config_lib.to_json(stage_cfg))
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.mark.parametrize("extra, override, differs", [
+    ("", "optimizer.learning_rate=0.5", "optimizer.learning_rate: 0.001 then, 0.5 now"),
+    (TWO_STAGES, "stages.ft.train.steps=5", "train.steps: 3 then, 5 now")])
+def test_a_changed_config_on_a_finished_sweep_is_refused_before_anything_is_written(tmp_path, capsys, extra,
+                                                                                    override, differs):
+  path = write_config(tmp_path, "seeds(2)", extra=extra)
+  workdir = tmp_path / "sweep"
+  points = load_sweep(path)
+  summary = {"final": {"validation": {"accuracy": 0.5}}}
+  for point in points:
+    fake_run(workdir / point.name, point, [summary] * len(point.stage_dirs))
+  status, out, err = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--parallel", "0")
+  assert status == 2 and "--parallel 0: run at least one point at a time" in err
+  status, out, err = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--vmap", "0")
+  assert status == 2 and "--vmap 0: train at least one point per program" in err
+  assert sorted(os.listdir(workdir)) == ["seed=0", "seed=1"]  # (neither wrote points.json)
+  status, out, _ = sweep_cli(capsys, "--config", path, "--workdir", str(workdir))
+  assert status == 0 and out.count("skipped (finished)") == 2
+  written = {name: (workdir / name).read_bytes() for name in ("points.json", "results.csv", "results.md")}
+  files = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+
+  status, out, err = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), f"--config.{override}")
+  stage = "/ft" if extra else ""
+  assert status == 2 and out == "" and err == (
+      f"finetune: error: sweep point seed=0 (and 1 more of the 2 points): {workdir}/seed=0{stage} holds a run whose "
+      f"config differs ({differs}); use a new --workdir, or restore the original value (nothing was run or "
+      "written)\n")
+  assert {name: (workdir / name).read_bytes() for name in written} == written
+  assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == files  # no sweep.log, no new folder
+  # A point whose folder holds no progressed run (here: none at all) may run under the new config.
+  sweep.check_workdir(load_sweep(path, [override]), str(tmp_path / "elsewhere"))
+
+
 def test_aggregate_means_and_sample_stds_over_seeds(tmp_path):
   path = write_config(tmp_path, 'product({"optimizer.learning_rate": [0.1, 0.2]}, seeds(3))', extra=TWO_STAGES)
   points = load_sweep(path)
@@ -346,6 +432,64 @@ def test_aggregate_means_and_sample_stds_over_seeds(tmp_path):
   table = aggregate(points, str(workdir), seed_key="optimizer.learning_rate")
   assert table.splitlines()[0] == "| seed | pre/validation/accuracy | ft/validation/accuracy | n |"
   assert table.splitlines()[2] == "| 0 | 0.4500 ± 0.0707 | 0.1500 ± 0.0707 | 2 |"
+
+
+def test_non_finite_and_missing_metrics_are_counted_in_their_cells(tmp_path, capsys):
+  """A diverged seed's nan loss, an inf, and a run that reported no loss: each cell's mean and std are over the
+  finite values it has, and says so, and nothing raises on the way (results.md is written)."""
+  path = write_config(tmp_path, 'product({"optimizer.learning_rate": [0.1, 0.2, 0.3]}, seeds(3))')
+  points = load_sweep(path)
+  workdir = tmp_path / "sweep"
+  nan, inf = float("nan"), float("inf")
+  losses = [nan, 0.5, 0.7, 0.4, None, inf, nan, nan, -inf]
+  for point, loss in zip(points, losses):
+    final = {"accuracy": 0.5} if loss is None else {"accuracy": 0.5, "loss": loss}
+    fake_run(workdir / point.name, point, [{"final": {"validation": final}}])
+  status, out, err = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--aggregate-only",
+                               "--metric", "validation/loss", "--metric", "validation/accuracy")
+  assert status == 0, err
+  table = ["| optimizer.learning_rate | train/validation/loss | train/validation/accuracy | n |",
+           "|---|---|---|---|",
+           "| 0.1 | 0.6000 ± 0.1414 (n=2, 1 nan) | 0.5000 ± 0.0000 | 3 |",
+           "| 0.2 | 0.4000 (n=1, 1 inf) | 0.5000 ± 0.0000 | 3 |",
+           "| 0.3 | 2 nan, -inf | 0.5000 ± 0.0000 | 3 |"]
+  assert (workdir / "results.md").read_text().strip().splitlines()[-5:] == table
+  assert [r["train/validation/loss"] for r in read_csv(workdir / "results.csv")] == [
+      "nan", "0.5", "0.7", "0.4", "", "inf", "nan", "nan", "-inf"]
+  mean, std = sweep.mean_std([nan, 0.5])  # (plot scripts: nan in, nan out, no exception)
+  assert mean != mean and std != std and sweep.mean_std([inf, 1.0])[0] == inf
+
+
+def test_seed_key_must_name_a_key_of_the_points(tmp_path, capsys):
+  path = write_config(tmp_path, 'product({"optimizer.learning_rate": [0.1, 0.2]}, seeds(2))')
+  workdir = tmp_path / "sweep"
+  workdir.mkdir()
+  status, _, err = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--aggregate-only",
+                             "--seed-key", "sed")
+  assert status == 2 and err == ("finetune: error: --seed-key 'sed' is no key of this sweep's points, so results.md "
+                                 "would average nothing; pass one of: optimizer.learning_rate, seed\n")
+  assert not os.listdir(workdir)
+  assert aggregate(load_sweep(path), str(workdir), seed_key="optimizer.learning_rate").startswith("| seed | n |")
+  # The default 'seed' serves a sweep without seeds too: a row per point.
+  no_seeds = load_sweep(write_config(tmp_path, '[{"optimizer.learning_rate": 0.1}, {"optimizer.learning_rate": 0.2}]',
+                                     name="no_seeds.py"))
+  assert aggregate(no_seeds, str(workdir)).splitlines()[2:] == ["| 0.1 | 0 |", "| 0.2 | 0 |"]
+  with pytest.raises(FinetuneError, match="--seed-key 'data.seed' .*; the points set no keys, so leave --seed-key out"):
+    aggregate(load_sweep(write_config(tmp_path, "[{}]", name="none.py")), str(workdir), seed_key="data.seed")
+
+
+def test_results_files_are_replaced_through_unique_temp_files(tmp_path, monkeypatch):
+  """Two processes tabulating one sweep folder at once: each writes its own temp file, so neither moves the other's
+  (half-written) into place, or fails to find its own. Simulated: another write lands inside this one's rename."""
+  path, replace = str(tmp_path / "results.md"), os.replace
+  def replace_after_another_write(source, target):
+    monkeypatch.setattr(os, "replace", replace)
+    sweep._write(path, "the other process's table\n")  # pylint: disable=protected-access
+    replace(source, target)
+  monkeypatch.setattr(os, "replace", replace_after_another_write)
+  sweep._write(path, "this table\n")  # pylint: disable=protected-access
+  assert (tmp_path / "results.md").read_text() == "this table\n"
+  assert os.listdir(tmp_path) == ["results.md"] and (os.stat(path).st_mode & 0o777) == 0o644
 
 
 # ------------------------------------------------------------------------------------------------------ wandb
@@ -440,3 +584,21 @@ def test_counts_print_as_whole_numbers_and_rates_with_four_decimals():
   assert sweep._mean_std_text([770.0, 770.0]) == "770 ± 0"
   assert sweep._mean_std_text([0.5, 0.7]) == "0.6000 ± 0.1414"
   assert sweep._mean_std_text([18874.2]) == "18,874"
+  assert sweep._mean_std_text([2.0, 4.0, 6.0]) == "4 ± 2"
+
+
+def test_mean_and_std_print_with_the_decimals_they_need():
+  """Decimals follow the mean and std, not the inputs: whole inputs can have a fractional mean or std."""
+  assert sweep._mean_std_text([0.0, 1.0]) == "0.5000 ± 0.7071"
+  assert sweep._mean_std_text([2, 3]) == "2.5000 ± 0.7071"
+  assert sweep._mean_std_text([1000.0, 1001.0]) == "1,000.50 ± 0.71"  # a throughput's spread below 1
+  assert sweep._mean_std_text([18874.2, 18900.7]) == "18,887 ± 19"
+  assert sweep._mean_std_text([1e-5, 2e-5]) == "0.0000150 ± 0.0000071"  # not 0.0000 ± 0.0000
+  assert sweep._mean_std_text([1e-20, 2e-20]) == "1.5e-20 ± 7.07e-21"
+
+
+def test_a_cells_count_is_its_own_when_some_runs_lack_the_metric():
+  rows = [{"point": f"p{i}", "seed": i, "status": "finished", "a": a, "b": 0.25}
+          for i, a in enumerate([0.5, None, 0.7])]
+  assert sweep.grouped_table(rows, [], ["a", "b"]).splitlines()[2] == (
+      "| 0.6000 ± 0.1414 (n=2) | 0.2500 ± 0.0000 | 3 |")
