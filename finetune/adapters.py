@@ -199,8 +199,10 @@ def select_modules(model: nnx.Module, targets: Sequence[str], what: str = "confi
   if not targets:
     raise FinetuneError(f"{what} is empty; name the layers to adapt, e.g. ('query', 'value') or a regex over "
                         "module paths")
+  # `exclude` holds parameter-path regexes (modules_to_save: '^head/'): searched in the module path and in it with a
+  # trailing '/', which is how the module's parameter paths begin.
   candidates = [(p, m) for p, m in module_paths(model, kind)
-                if not any(re.search(pattern, p) for pattern in exclude)]
+                if not any(re.search(pattern, p) or re.search(pattern, p + "/") for pattern in exclude)]
   chosen: dict[str, nnx.Module] = {}
   for target in targets:
     if re.fullmatch(r"\w+", target):

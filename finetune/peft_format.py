@@ -126,15 +126,16 @@ def export_peft(model_cfg: ConfigDict, peft_cfg: ConfigDict, abstract_model: nnx
     if path in adapter_paths:
       continue
     hf_param, layout = hf.transformers_name(name, path, kwargs)
+    leaf = hf_param.rsplit(".", 1)[1]
     if path.endswith("/bias") and path.rsplit("/", 1)[0] in modules:  # bias of a LoRA layer (bias=lora_only/all)
       biases.append(path)
+      leaf = "base_layer.bias"  # PEFT saves and loads a wrapped layer's bias there; '<module>.bias' it ignores
     elif path.endswith("/bias") and peft_cfg.bias == "all" and not any(re.search(p, path)
                                                                        for p in peft_cfg.modules_to_save):
       biases.append(path)
     else:
       saved_modules.append(module_name(name, hf_param, naming))
-    tensors[PREFIX + module_name(name, hf_param, naming) + "." + hf_param.rsplit(".", 1)[1]] = \
-        hf.to_torch_layout(params[path], layout)
+    tensors[PREFIX + module_name(name, hf_param, naming) + "." + leaf] = hf.to_torch_layout(params[path], layout)
   if biases and peft_cfg.bias == "none":
     raise FinetuneError(f"biases {biases[:3]} trained but config.peft.bias='none'; PEFT could not load them")
   # target_modules: the leaf names when they pick exactly the adapted modules in the transformers model, else full

@@ -97,14 +97,19 @@ CASES = {
     "llama": dict(targets=("q_proj", "v_proj", "down_proj"), rank=4, alpha=8.0,
                   rank_pattern=(("mlp/down_proj", 2),)),
     "vit": dict(targets=("query", "value"), modules_to_save=("^head/",), rank=4, alpha=8.0),
+    # Trained biases: PEFT keeps a wrapped layer's under '<module>.base_layer.bias' and ignores '<module>.bias'.
+    "bert-lora_only_bias": dict(targets=("query", "value"), modules_to_save=("^head/",), rank=4, alpha=8.0,
+                                bias="lora_only"),
+    "gpt2-all_bias": dict(targets=("c_attn", "attn_proj"), rank=4, alpha=16.0, rslora=True, bias="all"),
 }
 
 
-@pytest.mark.parametrize("kind", list(CASES))
-def test_export_loads_in_peft_with_equal_logits(kind, tmp_path):
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_loads_in_peft_with_equal_logits(case, tmp_path):
+  kind = case.split("-")[0]
   torch_model, model_cfg = save_base(kind, tmp_path / "base")
   model_cfg = ConfigDict(model_cfg)
-  cfg = peft_config(method="lora", **CASES[kind])
+  cfg = peft_config(method="lora", **CASES[case])
   num_classes = 3 if kind in ("bert", "vit") else 0
   model = adapters.load_model(model_cfg, cfg, num_classes, checkpoint=str(tmp_path / "base"))
   params = flatten(nnx.state(model, nnx.Param).to_pure_dict())
@@ -116,8 +121,10 @@ def test_export_loads_in_peft_with_equal_logits(kind, tmp_path):
   config = peft_format.export_peft(model_cfg, cfg, model, params, trained, num_classes, str(tmp_path / "adapter"),
                                    base_model=str(tmp_path / "base"))
   on_disk = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
-  assert on_disk == config and on_disk["r"] == 4 and on_disk["lora_alpha"] == CASES[kind]["alpha"]
-  assert on_disk["use_dora"] == (kind == "bert") and on_disk["use_rslora"] == (kind == "gpt2")
+  assert on_disk == config and on_disk["r"] == 4 and on_disk["lora_alpha"] == CASES[case]["alpha"]
+  assert on_disk["use_dora"] == CASES[case].get("dora", False)
+  assert on_disk["use_rslora"] == CASES[case].get("rslora", False)
+  assert on_disk["bias"] == CASES[case].get("bias", "none")
   assert on_disk["fan_in_fan_out"] == (kind == "gpt2")
   if kind == "llama":
     assert on_disk["rank_pattern"] and list(on_disk["rank_pattern"].values()) == [2, 2]

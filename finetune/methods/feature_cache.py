@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from finetune.data.dataset import ArraySplit, Split
 from finetune.data.pipeline import InputPipeline, to_global
 from finetune.errors import FinetuneError
+from finetune.methods import prompt_tuning
 from finetune.sharding import batch_sharding
 from finetune.step import model_inputs
 
@@ -60,7 +61,8 @@ def extract(graphdef: nnx.GraphDef, weights: dict[str, Any], pipeline: InputPipe
 
   def embed(weights, batch):
     model = nnx.merge(graphdef, weights["params"], weights["model_state"])
-    return model.embed(*model_inputs(model, batch), train=False)
+    inputs, _ = prompt_tuning.prompted_inputs(model, model_inputs(model, batch))  # as step.embed_fn: the prompt too
+    return model.embed(*inputs, train=False)
 
   embed_fn = jax.jit(embed, out_shardings=spec)
   chunks = []

@@ -155,6 +155,13 @@ def test_nf4_base_is_dequantized_on_the_fly_and_merges():
   assert report["nf4"] < report["bfloat16"] < report["float32"]
 
 
+@pytest.mark.parametrize("modules_to_save", [("^head/",), ("head",), ("head/",)])
+def test_modules_to_save_get_no_adapter_even_when_a_target_matches_them(modules_to_save):
+  model = adapted(peft_config(targets=(r"(query|value|head)$",), rank=2, modules_to_save=modules_to_save))
+  assert not isinstance(model.head, lora.LoRALinear)  # trained in full instead
+  assert isinstance(model.layers[0].attention.query, lora.LoRALinear)
+
+
 def test_target_errors_are_one_clear_line():
   with pytest.raises(FinetuneError, match=r"'qkv' matches no Linear layer .* named like head, layers/0/"):
     adapted(peft_config(targets=("qkv",)))

@@ -109,6 +109,26 @@ def test_prompt_tuning_prepends_virtual_tokens(model_cfg):
   assert np.abs(np.asarray(outputs) - np.asarray(base_outputs)).max() > 1e-4
 
 
+def test_cached_features_of_a_prompt_tuned_model_include_the_prompt():
+  """feature_cache.extract (closed-form probes, cached features) sees the model as training does: prompt and all."""
+  from finetune.data.dataset import ArraySplit  # pylint: disable=g-import-not-at-top
+  from finetune.data.pipeline import InputPipeline  # pylint: disable=g-import-not-at-top
+  from finetune.methods import feature_cache, prompt_tuning  # pylint: disable=g-import-not-at-top
+  from finetune.sharding import make_mesh  # pylint: disable=g-import-not-at-top
+  model = perturb(build(BERT, peft_config(method="prompt", num_virtual_tokens=4)), "soft_prompt")
+  inputs = {k: np.asarray(v) for k, v in batch().items()}
+  data = ArraySplit({**inputs, "label": np.zeros(2, np.int64)})
+  pipeline = InputPipeline("t", ("0",), data, {}, 2, 2, 0)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  weights = {"params": params.to_pure_dict(), "model_state": rest.to_pure_dict()}
+  features = feature_cache.extract(graphdef, weights, pipeline, data, make_mesh(ConfigDict({"data": 1}),
+                                                                                 jax.devices()[:1]), None, "t")
+  prompted, _ = prompt_tuning.prompted_inputs(model, model_inputs(model, batch()))
+  np.testing.assert_allclose(features, np.asarray(model.embed(*prompted, train=False)), atol=1e-5)
+  unprompted = np.asarray(model.embed(*model_inputs(model, batch()), train=False))
+  assert np.abs(features - unprompted).max() > 1e-3  # the premise: the prompt changes the features
+
+
 def test_prompt_tuning_matches_peft_on_gpt2():
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
