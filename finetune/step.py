@@ -180,9 +180,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     # The optimizer sees the full tree; frozen leaves get zeros that its 'frozen' entry (set_to_zero) ignores, so
     # XLA removes them.
     full_grads = layout.opt_view(combine(state.params, grads, jax.tree.map(jnp.zeros_like, frozen_params)))
+    trains = lambda path: layout.path_of(path) in trainable
+    # A stacked parameter is differentiated whole, so a frozen segment of it carries a real gradient: zero it, or
+    # transformations that see every leaf (clip_by_global_norm) would count it and scanned runs would differ from
+    # unrolled ones.
+    full_grads = map_with_path(lambda path, g: g if trains(path) else jnp.zeros_like(g), full_grads)
     opt_params = layout.opt_view(state.params)
     updates, opt_state = tx.update(full_grads, state.opt_state, opt_params)
-    trains = lambda path: layout.path_of(path) in trainable
     # Frozen leaves are passed through untouched (not p + 0, which would turn -0.0 into 0.0): bit-identical.
     params = layout.opt_unview(map_with_path(lambda path, p, u: p + u.astype(p.dtype) if trains(path) else p,
                                              opt_params, updates))
