@@ -193,7 +193,9 @@ def build_pipeline(data_cfg: ConfigDict, seed: int) -> InputPipeline:
   splits: dict[str, Split] = {}
   # Validation examples are drawn from the whole training split before class filtering, so a stage on a subset of
   # the classes never validates on examples that a stage on other or all classes trained on.
-  if data_cfg.validation_fraction > 0:
+  # A source's own 'validation' split is the validation split: nothing is carved from 'train' then (carved examples
+  # would be replaced by it and never used).
+  if data_cfg.validation_fraction > 0 and "validation" not in dataset.splits:
     order = np.random.default_rng(_VALIDATION_SEED).permutation(len(full_train))
     num_validation = int(round(data_cfg.validation_fraction * len(full_train)))
     splits["validation"] = _filter(SubsetSplit(full_train, np.sort(order[:num_validation])), label_map)

@@ -4,8 +4,8 @@ local json/jsonl/csv/parquet tables read with `datasets`), tokenised once with t
 
 Options: `train_file` (required), `test_file` and `validation_file` (optional), relative to `config.data.path`;
 `tokenizer`: a Hugging Face checkpoint directory (or hub id) with tokenizer files; `max_length`: every sequence is
-padded or truncated to it, with an attention mask. A source-provided validation split replaces the one carved from
-'train' when `config.data.validation_fraction` is 0.
+padded or truncated to it, with an attention mask. A source-provided validation split is the validation split:
+`config.data.validation_fraction` then carves nothing from 'train'.
 """
 
 from __future__ import annotations

@@ -32,6 +32,28 @@ def _animals(path: str = "", cache_dir: str = "") -> Dataset:
 if _ANIMAL_SOURCE not in SOURCES:
   SOURCES.register(_ANIMAL_SOURCE)(_animals)
 
+_VALIDATING_SOURCE = "test_pipeline_animals_with_validation"
+
+
+def _animals_with_validation(path: str = "", cache_dir: str = "") -> Dataset:
+  """The animals, plus a 'validation' split of their own (as text_classification's validation_file gives)."""
+  animals = _animals(path, cache_dir)
+  validation = ArraySplit({"image": (200 + np.arange(3, dtype=np.uint8)).reshape(3, 1, 1, 1),
+                           "label": np.arange(3)})
+  return Dataset("animals", {**animals.splits, "validation": validation}, ANIMALS)
+
+
+if _VALIDATING_SOURCE not in SOURCES:
+  SOURCES.register(_VALIDATING_SOURCE)(_animals_with_validation)
+
+
+def test_a_sources_validation_split_is_used_and_nothing_is_carved_from_train():
+  cfg = _data_cfg(name=_VALIDATING_SOURCE, batch_size=4, eval_splits=("validation",))
+  assert cfg.validation_fraction > 0  # the default
+  pipeline = build_pipeline(cfg, seed=0)
+  assert len(pipeline.train) == 12  # every training example trains
+  assert pipeline.eval_splits["validation"].take(np.arange(3))["image"].ravel().tolist() == [200, 201, 202]
+
 
 def _data_cfg(**overrides):
   cfg = defaults().data
