@@ -247,6 +247,19 @@ def _check_scaling(config: dict[str, Any], peft_cfg: ConfigDict, loras: dict[str
                           "alpha (or rank_pattern / alpha_pattern) to the adapter's")
 
 
+# Settings that change what an adapter's tensors compute (rank is checked by their shapes), as a PEFT folder's are
+# by `_check_scaling`: the same tensors under another alpha, rsLoRA or DoRA give another model.
+_FUNCTIONAL_SETTINGS = ("method", "alpha", "rslora", "dora", "alpha_pattern", "rank_pattern")
+
+
+def _check_settings(saved: dict[str, Any], peft_cfg: ConfigDict, directory: str) -> None:
+  ours = json.loads(json.dumps(peft_cfg.to_dict(), default=list))  # tuples as the saved JSON has them: lists
+  for key in _FUNCTIONAL_SETTINGS:
+    if key in saved and key in ours and saved[key] != ours[key]:
+      raise FinetuneError(f"adapter {directory} was trained with peft.{key}={saved[key]!r} but config.peft.{key}="
+                          f"{ours[key]!r}; set config.peft.{key} to the adapter's value")
+
+
 def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
   # PEFT: the first pattern p with re.match(rf"(.*\.)?{p}$", module) (see peft.tuners.tuners_utils).
   for pattern, value in patterns.items():
@@ -266,6 +279,7 @@ def read_any_adapter(path: str, model_cfg: ConfigDict, peft_cfg: ConfigDict, abs
     meta, arrays = adapters.load_adapter(path)
     if meta.get("model", {}).get("name") not in (None, model_cfg.name):
       raise FinetuneError(f"adapter {path} was made for model {meta['model']['name']!r}, not {model_cfg.name!r}")
+    _check_settings(meta.get("peft", {}), peft_cfg, path)
   elif is_peft_dir(path):
     meta, arrays = {}, read_peft_adapter(path, model_cfg, peft_cfg, abstract_model, num_classes)
   else:

@@ -162,6 +162,21 @@ def test_modules_to_save_get_no_adapter_even_when_a_target_matches_them(modules_
   assert isinstance(model.layers[0].attention.query, lora.LoRALinear)
 
 
+def test_our_adapter_loads_only_under_the_settings_it_was_trained_with(tmp_path):
+  """Same tensors, other alpha / rsLoRA / DoRA: another model. Refused, as a PEFT folder's are."""
+  from finetune import peft_format  # pylint: disable=g-import-not-at-top
+  trained_with = peft_config(alpha=8.0)
+  flat = {k: np.asarray(v) for k, v in flatten(nnx.state(adapted(trained_with), nnx.Param).to_pure_dict()).items()}
+  adapters.save_adapter(str(tmp_path / "adapter"), flat, [k for k in flat if "lora_" in k], trained_with,
+                        ConfigDict(BERT))
+  read = lambda cfg: peft_format.read_any_adapter(str(tmp_path), ConfigDict(BERT), cfg,
+                                                  adapters.abstract_model(ConfigDict(BERT), cfg, 3), 3)
+  assert read(peft_config(alpha=8.0))[0]  # the same settings load
+  for changed, key in [({"alpha": 32.0}, "alpha"), ({"rslora": True}, "rslora"), ({"dora": True}, "dora")]:
+    with pytest.raises(FinetuneError, match=rf"trained with peft.{key}=.* set config.peft.{key} to the adapter's"):
+      read(peft_config(**{"alpha": 8.0, **changed}))
+
+
 def test_target_errors_are_one_clear_line():
   with pytest.raises(FinetuneError, match=r"'qkv' matches no Linear layer .* named like head, layers/0/"):
     adapted(peft_config(targets=("qkv",)))
