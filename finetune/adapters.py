@@ -80,6 +80,27 @@ def prepare_checkpoint(peft_cfg: ConfigDict, arrays: dict[str, dict[str, Any]], 
   return PEFT_METHODS.get(peft_cfg.method).convert_checkpoint(arrays, param_paths, state_paths, peft_cfg)
 
 
+def fold_source_adapters(step_dir: str, arrays: dict[str, dict[str, Any]], peft_cfg: ConfigDict,
+                         param_paths: Sequence[str]) -> dict[str, dict[str, Any]]:
+  """A checkpoint of one of our PEFT runs, read by a stage with another (or no) PEFT method: its adapters folded
+  into the base weights (`merge`), so the stage starts from the function the source trained. Loading only the
+  base weights would silently drop what the adapters learned. Other checkpoints are returned as they are."""
+  run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))), "config.json")
+  extra = set(arrays.get("params", {})) - set(param_paths)
+  if not extra or not os.path.isfile(run_config):
+    return arrays
+  with open(run_config) as f:
+    source = ConfigDict(json.load(f))
+  source_peft = source.get("peft", ConfigDict({"method": ""}))
+  if not enabled(source_peft) or source_peft.method == peft_cfg.method:
+    return arrays
+  params = arrays["params"]
+  num_classes = params["head/kernel"].shape[-1] if "head/kernel" in params else 0
+  merged, model_state = merge(abstract_model(source.model, source_peft, num_classes), source_peft, params,
+                              arrays.get("model_state", {}))
+  return {**arrays, "params": merged, "model_state": model_state}
+
+
 def abstract_model(model_cfg: ConfigDict, peft_cfg: ConfigDict, num_classes: int) -> nnx.Module:
   """The adapted model's structure and shapes, nothing allocated (what merge and export read settings from)."""
   return nnx.eval_shape(lambda: apply(build_model(model_cfg, num_classes, nnx.Rngs(params=0)), peft_cfg,

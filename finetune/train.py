@@ -263,7 +263,8 @@ def initial_state(stage: Stage, cfg: ConfigDict, workdir: str) -> tuple[TrainSta
   params, model_state = stage.layout.view(state.params), stage.layout.view(state.model_state)
   if cfg.init_from:
     step_dir = resolve_checkpoint(cfg.init_from, workdir)
-    arrays = read_checkpoint_arrays(step_dir)
+    arrays = adapters.fold_source_adapters(step_dir, read_checkpoint_arrays(step_dir), cfg.peft,
+                                           list(flatten(params)))
     # Every dont_load regex must match something: a pattern matching nothing is a typo.
     require_matches(cfg.dont_load, [*flatten(params), *flatten(model_state)], "config.dont_load")
     # Parameters a PEFT method added are new by construction: a base checkpoint never holds them.

@@ -177,6 +177,26 @@ def test_our_adapter_loads_only_under_the_settings_it_was_trained_with(tmp_path)
       read(peft_config(**{"alpha": 8.0, **changed}))
 
 
+def test_a_plain_stage_from_a_lora_run_starts_from_its_merged_weights(tmp_path):
+  """init_from a LoRA run into a stage without LoRA folds the adapters in: kernel + alpha/r * A @ B. (Loading only
+  the base kernels would silently drop what the adapters learned.)"""
+  from finetune.config import stage_configs  # pylint: disable=g-import-not-at-top
+  config = tiny_config(model=VIT, peft={"method": "lora", "targets": ("query", "value"), "rank": 2, "alpha": 8.0,
+                                        "modules_to_save": ("^head/",)},  # (ViT's zero head must train)
+                       stages={"lora": {}, "full": {"init_from": "stage:lora", "peft": {"method": ""}}},
+                       train={"steps": 4, "log_every": 4, "checkpoint_every": 0})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  source = read_checkpoint_arrays(str(tmp_path / "lora" / "checkpoints" / "4"))["params"]
+  full_cfg = dict(stage_configs(config))["full"]
+  state, report = train_lib.initial_state(train_lib.build_stage(full_cfg), full_cfg, str(tmp_path))
+  start = flatten(jax.device_get(state.params))
+  for module in ("blocks/0/attention/query", "blocks/1/attention/value"):
+    update = 4.0 * source[f"{module}/lora_a"] @ source[f"{module}/lora_b"]
+    assert np.abs(update).max() > 1e-4, "the premise: the adapter learned something"
+    np.testing.assert_allclose(start[f"{module}/kernel"], source[f"{module}/kernel"] + update, atol=1e-6)
+  assert report["fresh"] == []
+
+
 def test_target_errors_are_one_clear_line():
   with pytest.raises(FinetuneError, match=r"'qkv' matches no Linear layer .* named like head, layers/0/"):
     adapted(peft_config(targets=("qkv",)))
