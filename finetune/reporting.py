@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import jax
 from ml_collections import ConfigDict
 
+from finetune import files
 from finetune.errors import FinetuneError
 
 
@@ -107,22 +108,10 @@ class Progress:
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
-  """Writes JSON atomically (temp file + rename): a crash never leaves a half-written file."""
+  """Writes JSON atomically (finetune/files.py), on process 0."""
   if jax.process_index() != 0:
     return
-  # A unique temp name: processes writing the same file at once (sweep points sharing a source run) must not
-  # move each other's half-written temp into place.
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", dir=os.path.dirname(os.path.abspath(path)))
-  try:
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are read by others
-    with os.fdopen(fd, "w") as f:
-      json.dump(payload, f, indent=2, default=_clean)
-      f.write("\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  files.write_text(path, json.dumps(payload, indent=2, default=_clean) + "\n")
 
 
 def read_json(path: str) -> Any:

@@ -31,7 +31,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import Any, Iterable, Sequence
@@ -39,6 +38,7 @@ from typing import Any, Iterable, Sequence
 from ml_collections import ConfigDict
 
 from finetune import config as config_lib
+from finetune import files
 from finetune.errors import FinetuneError
 
 POINTS_FILE = "points.json"
@@ -398,7 +398,7 @@ def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: in
   _check_vmap(vmap)
   check_workdir(points, workdir)
   os.makedirs(workdir, exist_ok=True)
-  _write(os.path.join(workdir, POINTS_FILE), json.dumps(
+  files.write_text(os.path.join(workdir, POINTS_FILE), json.dumps(
       [{"name": p.name, "values": p.values, "config": p.config_spec, "overrides": list(p.overrides),
         "command": command} for p, command in zip(points, dry_run_commands(points, workdir))], indent=2, default=str))
   env = dict(os.environ, PYTHONUNBUFFERED="1")  # so `tail -f sweep.log` follows a running point
@@ -527,10 +527,10 @@ def aggregate(points: Sequence[Point], workdir: str, metrics: Sequence[str] = ()
   for row in rows:
     writer.writerow([row["point"], *(_csv_text(row.get(key)) for key in keys), row["status"],
                      *("" if row[c] is None else row[c] for c in columns)])
-  _write(os.path.join(workdir, "results.csv"), text.getvalue())
+  files.write_text(os.path.join(workdir, "results.csv"), text.getvalue())
   table = grouped_table(rows, [key for key in keys if key != seed_key], columns)
   finished_count = sum(row["status"] == "finished" for row in rows)
-  _write(os.path.join(workdir, "results.md"),
+  files.write_text(os.path.join(workdir, "results.md"),
          f"# Sweep results\n\n{len(rows)} points in {workdir}, {finished_count} finished. Cells are the mean ± sample "
          f"standard deviation over `{seed_key}` of the n finished runs (one run: its value); a cell's own (n=k): "
          "only k of them have a finite value there, the mean is over those and the others are counted beside it "
@@ -652,22 +652,6 @@ def _example_metrics(summary: dict) -> list[str]:
   return examples + ["train_examples_per_s"]
 
 
-def _write(path: str, text: str) -> None:
-  """Writes `text` to `path` via a temp file and a rename: never a half-written file. The temp name is unique (two
-  processes tabulating one sweep folder would otherwise move each other's temp file into place half-written, or
-  fail to find their own)."""
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", dir=os.path.dirname(os.path.abspath(path)))
-  try:
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are read by others
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 # ----------------------------------------------------------------------------------------------------- wandb
 
 
@@ -715,7 +699,7 @@ def write_wandb_sweep(path: str, points: Sequence[Point], workdir: str, spec: st
             f"#   wandb sweep {path}   # prints the sweep id\n#   wandb agent <entity/project/sweep id>\n")
   if os.path.dirname(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-  _write(path, header + yaml.safe_dump(definition, sort_keys=False, width=1000))
+  files.write_text(path, header + yaml.safe_dump(definition, sort_keys=False, width=1000))
 
 
 def _yaml_value(value: Any) -> Any:

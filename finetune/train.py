@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from finetune import adapters, scan
+from finetune import adapters, files, scan
 from finetune import config as config_lib
 from finetune import regularizers
 from finetune.regularizers import fisher as fisher_lib
@@ -683,12 +683,8 @@ class _EarlyStopping:
     for step, value in saved:
       if step <= start:  # later evaluations were not kept by the checkpoint we resume from: replayed
         self._record(step, value)
-    best = self._checkpointer()
-    for step in best.all_steps():
-      if step != self.best_step:  # from evaluations after `start`, or an older best; a replay rewrites them
-        best.delete(step)
-    missing = self.best_step is not None and self.best_step not in best.all_steps()
-    best.close()
+    # Bests from evaluations after `start` (a replay rewrites them), or older than the best as of `start`.
+    missing = self.best_step is not None and self.best_step not in self._prune({self.best_step})
     if missing:
       raise FinetuneError(f"{directory}/{self.best_step}, the best state as of checkpoint step {start}, is missing, "
                           "so early stopping cannot resume; delete the stage folder to retrain it, or use a new "
@@ -697,10 +693,23 @@ class _EarlyStopping:
   def _checkpointer(self) -> Checkpointer:
     return Checkpointer(self.directory, None, async_save=False)  # keeps every step: pruned by `_prune`
 
+  def _prune(self, keep: set[int | None]) -> list[int]:
+    """Deletes the best states of steps not in `keep`; returns the steps left."""
+    best = self._checkpointer()
+    for step in best.all_steps():
+      if step not in keep:
+        best.delete(step)
+    left = best.all_steps()
+    best.close()
+    return left
+
+  def _improves(self, value: float, best_value: float | None) -> bool:
+    return best_value is None or self.sign * (value - best_value) > 0
+
   def _record(self, step: int, value: float) -> bool:
     """Adds one evaluation; returns whether it is the new best."""
     self.history.append((step, value))
-    improved = self.best_value is None or self.sign * (value - self.best_value) > 0
+    improved = self._improves(value, self.best_value)
     if improved:
       self.best_step, self.best_value, self.since_best = step, value, 0
     else:
@@ -712,7 +721,7 @@ class _EarlyStopping:
   def _best_as_of(self, checkpoint_step: int) -> int | None:
     best_step, best_value = None, None
     for step, value in self.history:
-      if step <= checkpoint_step and (best_value is None or self.sign * (value - best_value) > 0):
+      if step <= checkpoint_step and self._improves(value, best_value):
         best_step, best_value = step, value
     return best_step
 
@@ -726,20 +735,15 @@ class _EarlyStopping:
     if self.split not in results or self.key not in results[self.split]:
       raise FinetuneError(f"config.train.early_stopping.metric={self.split}/{self.key!r} is not evaluated; "
                           f"evaluated: {', '.join(f'{s}/{k}' for s in results for k in results[s])}")
-    best = self._checkpointer()
-    try:
-      # Order matters for a kill at any point: the new best state, then the record naming it, then the pruning.
-      if self._record(step, results[self.split][self.key]):
-        best.save(step, state.as_dict())
-      write_json(os.path.join(self.directory, "best.json"), {
-          "metric": f"{self.split}/{self.key}", "best_step": self.best_step, "best_value": self.best_value,
-          "history": self.history})
-      needed = {self.best_step, *(self._best_as_of(c) for c in self.checkpoint_steps)}
-      for kept in best.all_steps():
-        if kept not in needed:
-          best.delete(kept)
-    finally:
+    # Order matters for a kill at any point: the new best state, then the record naming it, then the pruning.
+    if self._record(step, results[self.split][self.key]):
+      best = self._checkpointer()
+      best.save(step, state.as_dict())
       best.close()
+    write_json(os.path.join(self.directory, "best.json"), {
+        "metric": f"{self.split}/{self.key}", "best_step": self.best_step, "best_value": self.best_value,
+        "history": self.history})
+    self._prune({self.best_step, *(self._best_as_of(c) for c in self.checkpoint_steps)})
     return self.since_best
 
   def finish(self, state: TrainState, stage: "Stage", total: int, checkpoints: Checkpointer) -> TrainState:
@@ -757,11 +761,7 @@ class _EarlyStopping:
     if checkpoints.latest_step() != total:  # (step `total` holds only ever this state: train_loop leaves it to us)
       checkpoints.save(total, state.as_dict())
       checkpoints.wait()
-    best = self._checkpointer()  # a resume now starts at `total`: only the best state is needed
-    for step in best.all_steps():
-      if step != self.best_step:
-        best.delete(step)
-    best.close()
+    self._prune({self.best_step})  # a resume now starts at `total`: only the best state is needed
     return state
 
   def report(self) -> dict[str, Any]:
@@ -843,10 +843,7 @@ def evaluate(eval_fn, weights: dict[str, Any], pipeline: InputPipeline, split: s
 def write_text(path: str, text: str) -> None:
   if jax.process_index() != 0:
     return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text + "\n")
-  os.replace(tmp, path)
+  files.write_text(path, text + "\n")
 
 
 def results_table(summaries: dict[str, dict[str, Any]]) -> str:

@@ -18,6 +18,7 @@ import yaml
 from conftest import REPO
 from finetune import cli
 from finetune import config as config_lib
+from finetune import files
 from finetune.errors import FinetuneError
 from finetune import sweep
 from finetune.sweep import aggregate, load_sweep, point_names, product, seeds, zipped
@@ -484,10 +485,10 @@ def test_results_files_are_replaced_through_unique_temp_files(tmp_path, monkeypa
   path, replace = str(tmp_path / "results.md"), os.replace
   def replace_after_another_write(source, target):
     monkeypatch.setattr(os, "replace", replace)
-    sweep._write(path, "the other process's table\n")  # pylint: disable=protected-access
+    files.write_text(path, "the other process's table\n")
     replace(source, target)
   monkeypatch.setattr(os, "replace", replace_after_another_write)
-  sweep._write(path, "this table\n")  # pylint: disable=protected-access
+  files.write_text(path, "this table\n")
   assert (tmp_path / "results.md").read_text() == "this table\n"
   assert os.listdir(tmp_path) == ["results.md"] and (os.stat(path).st_mode & 0o777) == 0o644
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from finetune import files
 from finetune.errors import FinetuneError
 from finetune.partition import flatten
 
@@ -96,19 +96,11 @@ def save(path: str, fisher: dict[str, np.ndarray], meta: dict[str, Any]) -> None
   """Fisher next to the source stage's checkpoints (safetensors + json), written atomically, reused by later
   stages and re-runs."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  # Unique temp names: sweep points that start from one source run may save its Fisher at the same time (same
-  # content, so the last one to land wins); a shared temp name would let one move the other's half-written file.
-  tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex}.tmp"
-  try:
+  # Sweep points that start from one source run may save its Fisher at the same time: the same content, so the
+  # last one to land wins (finetune/files.py).
+  files.write_text(path + ".json", json.dumps(meta, indent=2))
+  with files.atomic_path(path) as tmp:
     save_file({k: np.ascontiguousarray(v) for k, v in fisher.items()}, tmp)
-    with open(tmp + ".json", "w") as f:
-      json.dump(meta, f, indent=2)
-    os.replace(tmp + ".json", path + ".json")
-    os.replace(tmp, path)
-  finally:
-    for leftover in (tmp, tmp + ".json"):
-      if os.path.exists(leftover):
-        os.remove(leftover)
 
 
 def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
