@@ -32,12 +32,14 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from finetune import files
 from finetune.checkpoint import load_into, read_checkpoint_arrays, resolve_checkpoint
 from finetune.errors import FinetuneError
 from finetune.methods import nf4
 from finetune.models import build_model
 from finetune.partition import flatten, map_with_path, path_str, require_matches
 from finetune.registry import Registry
+from finetune.reporting import read_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +91,7 @@ def fold_source_adapters(step_dir: str, arrays: dict[str, dict[str, Any]], peft_
   extra = set(arrays.get("params", {})) - set(param_paths)
   if not extra or not os.path.isfile(run_config):
     return arrays
-  with open(run_config) as f:
-    source = ConfigDict(json.load(f))
+  source = ConfigDict(read_json(run_config))
   source_peft = source.get("peft", ConfigDict({"method": ""}))
   if not enabled(source_peft) or source_peft.method == peft_cfg.method:
     return arrays
@@ -362,12 +363,9 @@ def save_adapter(directory: str, params: dict[str, np.ndarray], trainable: Seque
   tensors = {path: np.ascontiguousarray(np.asarray(params[path])) for path in trainable}
   shapes = {path: list(value.shape) for path, value in params.items()}
   meta = {"name": name, "peft": peft_cfg.to_dict(), "model": model_cfg.to_dict(), "base_shapes": shapes}
-  tmp_weights, tmp_meta = (os.path.join(directory, f".{n}.tmp") for n in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))
-  save_file(tensors, tmp_weights)
-  with open(tmp_meta, "w") as f:
-    json.dump(meta, f, indent=2, default=list)
-  os.replace(tmp_weights, os.path.join(directory, ADAPTER_WEIGHTS))
-  os.replace(tmp_meta, os.path.join(directory, ADAPTER_CONFIG))
+  with files.atomic_path(os.path.join(directory, ADAPTER_WEIGHTS)) as tmp_weights:
+    save_file(tensors, tmp_weights)
+  files.write_text(os.path.join(directory, ADAPTER_CONFIG), json.dumps(meta, indent=2, default=list))
   return directory
 
 
@@ -382,8 +380,7 @@ def load_adapter(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]
   if not is_adapter_dir(directory):
     raise FinetuneError(f"{directory} is not an adapter directory (needs {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}); "
                         "adapters are written to <run>/adapter/ at the end of a PEFT stage")
-  with open(os.path.join(directory, ADAPTER_CONFIG)) as f:
-    meta = json.load(f)
+  meta = read_json(os.path.join(directory, ADAPTER_CONFIG))
   return meta, load_file(os.path.join(directory, ADAPTER_WEIGHTS))
 
 

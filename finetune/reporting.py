@@ -58,10 +58,7 @@ class MetricsLog:
         final_evaluation = record.get("split") != "train" and record.get("step") == drop_evaluations_at
         if record.get("step", 0) <= step and not final_evaluation:
           kept.append(json.dumps(record) + "\n")
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
+    files.write_text(self.path, "".join(kept))
 
   def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
     if not self.enabled:

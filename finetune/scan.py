@@ -34,8 +34,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from finetune import files
 from finetune.errors import FinetuneError
 from finetune.models.layers import SCAN_LENGTH, stack_blocks
+from finetune.reporting import read_json
 
 LAYOUT_FILE = "layout.json"
 
@@ -178,8 +180,7 @@ class Layout:
     """Records the stacks next to a run's checkpoints (read back by `unroll_checkpoint`)."""
     if self.stacks and jax.process_index() == 0:
       os.makedirs(directory, exist_ok=True)
-      with open(os.path.join(directory, LAYOUT_FILE), "w") as f:
-        json.dump({"stacks": [list(s) for s in self.stacks]}, f)
+      files.write_text(os.path.join(directory, LAYOUT_FILE), json.dumps({"stacks": [list(s) for s in self.stacks]}))
 
 
 def unroll_checkpoint(arrays: dict[str, dict[str, np.ndarray]], checkpoints_dir: str) -> dict[str, dict[str, Any]]:
@@ -187,8 +188,7 @@ def unroll_checkpoint(arrays: dict[str, dict[str, np.ndarray]], checkpoints_dir:
   layout_path = os.path.join(checkpoints_dir, LAYOUT_FILE)
   if not os.path.isfile(layout_path):
     return arrays
-  with open(layout_path) as f:
-    stacks = dict(json.load(f)["stacks"])
+  stacks = dict(read_json(layout_path)["stacks"])
   result = {}
   for collection, flat in arrays.items():
     if not isinstance(flat, dict):

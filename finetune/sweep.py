@@ -488,14 +488,14 @@ def collect(points: Sequence[Point], workdir: str, metrics: Sequence[str] = ()) 
 
   A metric is a '/'-path into a stage's summary.json: `test/accuracy` (short for `final/test/accuracy`),
   `forgetting/pretrain/test/drop`, `train_examples_per_s`. The default is every evaluated split's accuracy."""
+  from finetune.reporting import read_json  # pylint: disable=g-import-not-at-top
   from finetune.train import SUMMARY_FILE  # pylint: disable=g-import-not-at-top
   summaries = {}  # point name -> {stage: summary}
   for point in points:
     if finished(point, workdir):
       summaries[point.name] = {}
       for stage, stage_dir in point.stage_dirs.items():
-        with open(os.path.join(workdir, point.name, stage_dir, SUMMARY_FILE)) as f:
-          summaries[point.name][stage] = json.load(f)
+        summaries[point.name][stage] = read_json(os.path.join(workdir, point.name, stage_dir, SUMMARY_FILE))
   every_summary = [s for stages in summaries.values() for s in stages.values()]
   metrics = list(metrics) or list(dict.fromkeys(f"{split}/accuracy" for s in every_summary for split in s["final"]))
   for metric in metrics:

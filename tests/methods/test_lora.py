@@ -175,6 +175,9 @@ def test_our_adapter_loads_only_under_the_settings_it_was_trained_with(tmp_path)
   for changed, key in [({"alpha": 32.0}, "alpha"), ({"rslora": True}, "rslora"), ({"dora": True}, "dora")]:
     with pytest.raises(FinetuneError, match=rf"trained with peft.{key}=.* set config.peft.{key} to the adapter's"):
       read(peft_config(**{"alpha": 8.0, **changed}))
+  (tmp_path / "adapter" / adapters.ADAPTER_CONFIG).write_text('{"name": ')  # cut short
+  with pytest.raises(FinetuneError, match=r"adapter/adapter.json is damaged \(not valid JSON"):
+    read(trained_with)
 
 
 def test_a_plain_stage_from_a_lora_run_starts_from_its_merged_weights(tmp_path):
@@ -195,6 +198,9 @@ def test_a_plain_stage_from_a_lora_run_starts_from_its_merged_weights(tmp_path):
     assert np.abs(update).max() > 1e-4, "the premise: the adapter learned something"
     np.testing.assert_allclose(start[f"{module}/kernel"], source[f"{module}/kernel"] + update, atol=1e-6)
   assert report["fresh"] == []
+  (tmp_path / "lora" / "config.json").write_text('{"model": ')  # the source run's config, cut short
+  with pytest.raises(FinetuneError, match=r"lora/config.json is damaged \(not valid JSON"):
+    train_lib.initial_state(train_lib.build_stage(full_cfg), full_cfg, str(tmp_path))
 
 
 def test_target_errors_are_one_clear_line():
