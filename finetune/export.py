@@ -89,7 +89,9 @@ def export(workdir: str, out: str, fmt: str = "hf", stage: str = "", unfinished:
     out = os.path.abspath(os.path.expanduser(out))
     staged_base = out.rstrip("/") + ".base-staging"
     if not base:  # no Hugging Face checkpoint to name as the base: write ours next to the adapter
-      plain = {p: v for p, v in params.items() if p in _base_paths(cfg, num_classes)}
+      from finetune.methods import lora  # pylint: disable=g-import-not-at-top
+      base_params, _ = lora.dequantized_base(abstract, params, arrays.get("model_state", {}))  # QLoRA: NF4 -> float
+      plain = {p: v for p, v in base_params.items() if p in _base_paths(cfg, num_classes)}
       _write_hf(cfg, plain, num_classes, run_dir, staged_base)
     peft_format.export_peft(cfg.model, peft_cfg, abstract, params, sorted(trained), num_classes, out,
                             base_model=base or "base_model")

@@ -208,15 +208,18 @@ def test_import_refuses_an_adapter_for_other_settings(tmp_path):
                           adapter=str(tmp_path / "adapter"))
 
 
-def test_cli_exports_a_lora_run_merged_and_as_a_peft_adapter(tmp_path):
+@pytest.mark.parametrize("variant", [{"dora": True}, {"quantize": "nf4", "quant_block_size": 16}],
+                         ids=["dora", "qlora"])
+def test_cli_exports_a_lora_run_merged_and_as_a_peft_adapter(variant, tmp_path):
   """`finetune export` of a LoRA run: --format hf writes the merged model, --format peft the adapter (plus the base
-  it belongs to, since this run did not start from a Hugging Face checkpoint); both give the run's logits."""
+  it belongs to, since this run did not start from a Hugging Face checkpoint: for QLoRA its NF4 kernels
+  dequantised); both give the run's logits."""
   from conftest import tiny_config
   from finetune import cli, train as train_lib
   config = tiny_config(model={"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 2,
                               "num_heads": 2, "mlp_dim": 32},
                        peft={"method": "lora", "targets": ("query", "value", "mlp_in"), "rank": 2, "alpha": 4.0,
-                             "dora": True, "modules_to_save": ("^head/",)},
+                             "modules_to_save": ("^head/",), **variant},
                        train={"steps": 10, "log_every": 5, "checkpoint_every": 0})
   train_lib.train_and_evaluate(config, str(tmp_path / "run"))
   assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0

@@ -72,9 +72,11 @@ class LoRALinear(adapters.UsesCallContext, nnx.Module):
     axes = adapters.logical_axes_of(base.kernel)
     kernel = base.kernel.get_value()
     if quantize:
-      for key, value in nf4.quantize(kernel, block_size, double_quant).items():
+      stored = nf4.quantize(kernel, block_size, double_quant)
+      for key, value in stored.items():
         setattr(self, f"kernel_{key}", Quantized(value, sharding=axes if value.ndim == 2 else (None,) * value.ndim))
       self.kernel = None
+      kernel = nf4.dequantize(stored, kernel.shape, kernel.dtype)  # what the layer computes with (DoRA's norm)
     else:
       self.kernel = base.kernel
     self.bias = base.bias
@@ -211,20 +213,28 @@ def _delta(module: LoRALinear, a, b) -> np.ndarray:
   return module.scaling * (np.asarray(a, np.float64) @ np.asarray(b, np.float64))
 
 
+def dequantized_base(abstract_model: nnx.Module, params: dict[str, Any], model_state: dict[str, Any]
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Flat params / model state with every QLoRA layer's NF4 arrays (model state `kernel_*`) replaced by the float
+  `kernel` param they dequantise to: the base weights as a plain model reads them."""
+  params = {p: np.asarray(v) for p, v in params.items()}
+  model_state = {p: np.asarray(v) for p, v in model_state.items()}
+  for path, module in lora_modules(abstract_model).items():
+    if module.quantize:
+      stored = {key[len(path) + len("/kernel_"):]: jnp.asarray(model_state.pop(key)) for key in list(model_state)
+                if key.startswith(f"{path}/kernel_")}
+      params[f"{path}/kernel"] = np.asarray(nf4.dequantize(stored, module.kernel_shape))
+  return params, model_state
+
+
 def merge(abstract_model: nnx.Module, params: dict[str, Any], model_state: dict[str, Any]
           ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """Flat {path: array} of the adapted model -> those of the plain model with every update folded into `kernel`
   (QLoRA kernels dequantised first). The plain model's outputs equal the adapted model's."""
-  params = {p: np.asarray(v) for p, v in params.items()}
-  model_state = {p: np.asarray(v) for p, v in model_state.items()}
+  params, model_state = dequantized_base(abstract_model, params, model_state)
   for path, module in lora_modules(abstract_model).items():
     a, b = params.pop(f"{path}/lora_a"), params.pop(f"{path}/lora_b")
-    if module.quantize:
-      stored = {key[len(path) + len("/kernel_"):]: model_state.pop(key) for key in list(model_state)
-                if key.startswith(f"{path}/kernel_")}
-      kernel = np.asarray(nf4.dequantize({k: jnp.asarray(v) for k, v in stored.items()}, module.kernel_shape))
-    else:
-      kernel = params[f"{path}/kernel"]
+    kernel = params[f"{path}/kernel"]
     merged = np.asarray(kernel, np.float64) + _delta(module, a, b)
     if module.dora:
       magnitude = np.asarray(params.pop(f"{path}/lora_magnitude"), np.float64)

@@ -82,6 +82,17 @@ def test_adapted_model_equals_the_base_at_step_zero(options):
     assert np.abs(a).max() <= 1 / math.sqrt(16) and np.abs(a).max() > 0.8 / math.sqrt(16)
 
 
+def test_qlora_dora_starts_from_the_norms_of_the_nf4_kernel():
+  """Without a checkpoint, DoRA's magnitude is the column norm of the kernel the layer computes with (the NF4 one
+  under QLoRA), so the model equals plain QLoRA at step 0; the float kernel's norms would rescale every column."""
+  base = nnx.Linear(32, 16, rngs=nnx.Rngs(0))
+  with nnx.use_eager_sharding(False):
+    qdora, qlora = (lora.LoRALinear(base, rank=2, alpha=4.0, dora=dora, quantize="nf4", block_size=16,
+                                    rngs=nnx.Rngs(1)) for dora in (True, False))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32)), jnp.float32)
+  np.testing.assert_allclose(np.asarray(qdora(x)), np.asarray(qlora(x)), atol=1e-5)
+
+
 @pytest.mark.parametrize("rslora,expected", [(False, 8.0 / 4), (True, 8.0 / 2)])
 def test_scaling_alpha_over_r_or_sqrt_r(rslora, expected):
   rng = np.random.default_rng(0)
