@@ -218,7 +218,7 @@ def read_peft_adapter(directory: str, model_cfg: ConfigDict, peft_cfg: ConfigDic
         arrays[f"{path}/lora_magnitude"] = value
     elif short in by_param:
       path, layout = by_param[short]
-      arrays[path] = np.ascontiguousarray(value.T) if layout is True else value
+      arrays[path] = hf.from_torch_layout(value, layout)
     else:
       raise FinetuneError(f"adapter {directory}: tensor {key} has no counterpart in model {name!r}; the adapter "
                           "belongs to another architecture")

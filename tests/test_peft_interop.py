@@ -173,13 +173,18 @@ PEFT_MADE = {
               dict(targets=("q_proj", "k_proj", "o_proj"), rank=4, alpha=4.0, rslora=True)),
     "vit": (dict(target_modules=["q_proj", "v_proj"], r=2, lora_alpha=8, modules_to_save=["classifier"]),
             dict(targets=("query", "value"), rank=2, alpha=8.0, modules_to_save=("^head/",))),
+    # A saved Conv2d (torch (out, in, kh, kw)) must come back in flax's (kh, kw, in, out).
+    "vit-patch_embed": (dict(target_modules=["q_proj"], r=2, lora_alpha=8,
+                             modules_to_save=["classifier", "projection"]),
+                        dict(targets=("query",), rank=2, alpha=8.0, modules_to_save=("^head/", "^patch_embed/"))),
 }
 
 
-@pytest.mark.parametrize("kind", list(PEFT_MADE))
-def test_adapter_made_by_peft_imports_with_equal_logits(kind, tmp_path):
+@pytest.mark.parametrize("case", list(PEFT_MADE))
+def test_adapter_made_by_peft_imports_with_equal_logits(case, tmp_path):
+  kind = case.split("-")[0]
   torch_model, model_cfg = save_base(kind, tmp_path / "base")
-  theirs, ours = PEFT_MADE[kind]
+  theirs, ours = PEFT_MADE[case]
   torch.manual_seed(1)
   peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(init_lora_weights=False, **theirs))
   with torch.no_grad():  # DoRA magnitudes and the saved head away from their initial values too

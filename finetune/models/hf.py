@@ -250,11 +250,7 @@ def read_params(path: str) -> dict[str, dict[str, np.ndarray]]:
     for regex, template, transpose in compiled:
       match = regex.match(short)
       if match:
-        if transpose == "conv":  # torch Conv2d (out, in, kh, kw) -> flax (kh, kw, in, out)
-          value = np.ascontiguousarray(value.transpose(2, 3, 1, 0))
-        elif transpose:
-          value = np.ascontiguousarray(value.T)
-        params[match.expand(template)] = value
+        params[match.expand(template)] = from_torch_layout(value, transpose)
         break
     else:
       (unused if re.fullmatch(leftovers, short) else unexpected).append(name)
@@ -407,6 +403,13 @@ def transformers_name(model_name: str, path: str, kwargs: dict[str, Any]) -> tup
       name = match.expand(template).replace(".scale", ".weight")
       return (name if name.startswith("classifier.") else prefix + name), layout
   raise FinetuneError(f"parameter {path!r} has no transformers name; cannot export it")
+
+
+def from_torch_layout(value: np.ndarray, layout: Any) -> np.ndarray:
+  """A transformers tensor in our layout (see `transformers_name`); the inverse of `to_torch_layout`."""
+  if layout == "conv":  # torch Conv2d (out, in, kh, kw) -> flax (kh, kw, in, out)
+    return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
+  return np.ascontiguousarray(value.T) if layout else value
 
 
 def to_torch_layout(value: Any, layout: Any) -> np.ndarray:
