@@ -29,7 +29,7 @@ from finetune import config as config_lib
 from finetune import regularizers
 from finetune.regularizers import fisher as fisher_lib
 from finetune.checkpoint import Checkpointer, load_into, read_checkpoint_arrays, resolve_checkpoint
-from finetune.data.pipeline import InputPipeline, build_pipeline, to_global, with_rehearsal
+from finetune.data.pipeline import InputPipeline, build_pipeline, rehearsal_count, to_global, with_rehearsal
 from finetune.data.dataset import SubsetSplit
 from finetune.errors import FinetuneError
 from finetune.models import build_model, model_kwargs
@@ -215,7 +215,11 @@ def build_stage(cfg: ConfigDict) -> Stage:
     if cfg.data[key] % parallel or cfg.data[key] % jax.process_count():
       raise FinetuneError(f"config.data.{key}={cfg.data[key]} is not divisible by the {parallel} data-parallel "
                           f"devices (mesh data x fsdp) and {jax.process_count()} processes; pick a multiple")
-  total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * pipeline.steps_per_epoch))
+  steps_per_epoch = pipeline.steps_per_epoch
+  if cfg.rehearsal.fraction > 0:  # the batches attach_regularizers will mix: fewer target rows, more steps per epoch
+    target_rows = cfg.data.batch_size - rehearsal_count(cfg.rehearsal.fraction, cfg.data.batch_size)
+    steps_per_epoch = len(pipeline.train) // target_rows
+  total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
   model_kwargs(cfg.model, pipeline.num_classes)  # Checked here: errors raised inside eval_shape carry jax noise.
 
   def create_unrolled(key: jax.Array) -> nnx.Module:
@@ -243,7 +247,7 @@ def build_stage(cfg: ConfigDict) -> Stage:
     peft_trainable = adapters.trainable_paths(cfg.peft, list(flatten(params)), base_paths)
     peft_info = adapters.report(cfg.peft, {p: tuple(x.shape) for p, x in flatten(params).items()}, peft_trainable,
                                 base_paths, adapters.quantized_shapes(abstract_model), flatten(params))
-  strategy = resolve_strategy(cfg, abstract_model, params, total_steps, pipeline.steps_per_epoch, peft_trainable)
+  strategy = resolve_strategy(cfg, abstract_model, params, total_steps, steps_per_epoch, peft_trainable)
   stored_paths = list(flatten(abstract_params.to_pure_dict()))
   require_matches(cfg.train.float32_params, stored_paths, "config.train.float32_params")
   return Stage(cfg=cfg, pipeline=pipeline, mesh=mesh, graphdef=graphdef, strategy=strategy, total_steps=total_steps,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -196,6 +197,21 @@ def test_rehearsal_with_gradient_accumulation_equals_one_big_batch(tmp_path):
   np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
   for path in finals[0]:
     np.testing.assert_allclose(finals[1][path], finals[0][path], rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+def test_an_epoch_with_rehearsal_counts_the_target_rows_of_a_batch():
+  """A rehearsal batch holds batch_size - source rows of the target, so a target epoch takes more steps; the
+  schedule length (train.epochs) and unfreeze.every_epochs count those, not batch_size-row steps."""
+  from finetune.config import stage_configs  # pylint: disable=g-import-not-at-top
+  target = {"train": {"steps": 0, "epochs": 2.0}, "unfreeze": {"mode": "gradual", "every_epochs": 0.5}}
+  plain, rehearsed = (dict(stage_configs(two_task_config(**target, **extra)))["target"]
+                      for extra in ({}, {"rehearsal": {"fraction": 0.25}}))
+  plain_stage, rehearsal_stage = train_lib.build_stage(plain), train_lib.build_stage(rehearsed)
+  examples = len(plain_stage.pipeline.train)  # the digits' classes 5-9 less validation: 700 or so
+  assert plain_stage.total_steps == math.ceil(2 * (examples // 32))
+  assert rehearsal_stage.total_steps == math.ceil(2 * (examples // 24)) > plain_stage.total_steps
+  after_half_an_epoch = rehearsal_stage.strategy.phases[1].start
+  assert after_half_an_epoch == round(0.5 * (examples // 24)) > plain_stage.strategy.phases[1].start
 
 
 def two_task_config(**target):

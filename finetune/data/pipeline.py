@@ -276,10 +276,16 @@ class RehearsalPipeline(InputPipeline):
     return batch
 
 
+def rehearsal_count(fraction: float, batch_size: int) -> int:
+  """Source rows per training batch under `config.rehearsal.fraction`."""
+  count = int(round(fraction * batch_size))
+  if not 0 < count < batch_size:
+    raise FinetuneError(f"config.rehearsal.fraction={fraction} of batch size {batch_size} rehearses "
+                        f"{count} examples per batch; choose a fraction giving 1..{batch_size - 1}")
+  return count
+
+
 def with_rehearsal(pipeline: InputPipeline, source: Split, fraction: float) -> RehearsalPipeline:
-  count = int(round(fraction * pipeline.batch_size))
-  if not 0 < count < pipeline.batch_size:
-    raise FinetuneError(f"config.rehearsal.fraction={fraction} of batch size {pipeline.batch_size} rehearses "
-                        f"{count} examples per batch; choose a fraction giving 1..{pipeline.batch_size - 1}")
+  count = rehearsal_count(fraction, pipeline.batch_size)
   fields = {f.name: getattr(pipeline, f.name) for f in dataclasses.fields(InputPipeline)}
   return RehearsalPipeline(**fields, source=source, source_count=count)
