@@ -684,7 +684,7 @@ def wandb_sweep(points: Sequence[Point], workdir: str, spec: str, overrides: Seq
   definition.update({
       "program": spec.partition(":")[0],  # informational: the command below says how it runs
       "method": "grid",
-      "parameters": {f"config.{key}": {"values": [_yaml_value(v) for v in axes[key].values()]} for key in keys},
+      "parameters": {f"config.{key}": {"values": [_wandb_value(v) for v in axes[key].values()]} for key in keys},
       # sh's $0 is 'finetune'; "$@" is wandb's --config.key=value arguments.
       "command": ["${env}", "sh", "-c", run, "finetune", "${args}"],
   })
@@ -702,6 +702,11 @@ def write_wandb_sweep(path: str, points: Sequence[Point], workdir: str, spec: st
   files.write_text(path, header + yaml.safe_dump(definition, sort_keys=False, width=1000))
 
 
-def _yaml_value(value: Any) -> Any:
-  # YAML has lists, not tuples; the override reads a list back and the config turns it into its tuple.
-  return [_yaml_value(v) for v in value] if isinstance(value, (list, tuple)) else value
+def _wandb_value(value: Any) -> Any:
+  """A parameter value the agent passes as `--config.key={str(value)}` and the override reads back as `value`."""
+  if isinstance(value, str):  # a string reading as another literal ('True', '1') goes as its quoted text
+    return _value_text(value)
+  # YAML has lists, not tuples; the override reads a list back and the config turns it into its tuple. (Inside a
+  # list, str() quotes strings itself.)
+  return [_wandb_value(v) if not isinstance(v, str) else v for v in value] if isinstance(value, (list, tuple)) \
+      else value

@@ -573,6 +573,23 @@ def test_wandb_sweep_definition_runs_the_same_points(tmp_path, capsys):
   saved = json.loads((workdir / "wandb" / "run7" / "config.json").read_text())
   assert (saved["optimizer"]["learning_rate"], saved["seed"], saved["train"]["steps"]) == (0.01, 1, 2)
 
+  # Values whose text reads as another literal, and strings inside tuples, reach the config exactly.
+  tricky = write_config(tmp_path, 'product({"wandb.name": ["True", "1", "a b", "x"]}, '
+                                  '{"wandb.tags": [("1", "True"), ("t",)]})', name="tricky.py")
+  status, _, _ = sweep_cli(capsys, "--config", tricky, "--workdir", str(workdir), "--wandb-sweep", str(out_file))
+  definition = yaml.safe_load(out_file.read_text())
+  parameters = definition["parameters"]
+  run, read = definition["command"][3].split("exec python -m finetune ", 1)[1], []
+  for name, tags in itertools.product(parameters["config.wandb.name"]["values"],
+                                      parameters["config.wandb.tags"]["values"]):
+    flags = create_sweep_command_args({"args": {"config.wandb.name": {"value": name},
+                                               "config.wandb.tags": {"value": tags}}})["args"]
+    rest, overrides = cli.split_overrides(shlex.split(run.replace('"$@"', shlex.join(flags))))
+    parsed = cli._parser().parse_args(rest)  # pylint: disable=protected-access
+    config = config_lib.load_config(parsed.config, overrides)
+    read.append((config.wandb.name, config.wandb.tags))
+  assert status == 0 and read == list(itertools.product(["True", "1", "a b", "x"], [("1", "True"), ("t",)]))
+
   not_a_grid = write_config(tmp_path, 'zipped(seeds(2), [{"train.steps": 2}, {"train.steps": 3}])')
   status, _, err = sweep_cli(capsys, "--config", not_a_grid, "--workdir", str(workdir), "--wandb-sweep", str(out_file))
   assert status == 2 and "the 2 points are not every combination of their keys' values (4 combinations)" in err
