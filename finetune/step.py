@@ -81,11 +81,12 @@ def classify_with_features(model: nnx.Module, batch: dict[str, jax.Array], *, tr
     return model.head(features).astype(jnp.float32), features
 
 
-def embed_fn(graphdef: nnx.GraphDef, template: Any, batch: dict[str, jax.Array]):
-  """(flat params, flat model state) -> features of `batch` in inference mode, for a model of `graphdef`."""
+def embed_fn(graphdef: nnx.GraphDef, template: Any, batch: dict[str, jax.Array], layout: Layout = Layout()):
+  """(flat params, flat model state) -> features of `batch` in inference mode, for a model of `graphdef`. The flat
+  dicts use unrolled paths (as penalties and anchors do); `template` is in the stored `layout` (scanned layers)."""
   def embed(params: dict[str, jax.Array], model_state: dict[str, jax.Array]) -> jax.Array:
-    params_tree = map_with_path(lambda path, _: params[path], template["params"])
-    state_tree = map_with_path(lambda path, _: model_state[path], template["model_state"])
+    params_tree = layout.unview(map_with_path(lambda path, _: params[path], layout.view(template["params"])))
+    state_tree = layout.unview(map_with_path(lambda path, _: model_state[path], layout.view(template["model_state"])))
     model = nnx.merge(graphdef, params_tree, state_tree)
     inputs, _ = prompt_tuning.prompted_inputs(model, model_inputs(model, batch))
     return model.embed(*inputs, train=False)
@@ -150,7 +151,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       if penalty is not None:
         template = {"params": state.params, "model_state": model_state}
         value, extra = penalty(flatten(layout.view(params)), state.anchors,
-                               Aux(batch, features, embed_fn(graphdef, template, batch)))
+                               Aux(batch, features, embed_fn(graphdef, template, batch, layout)))
         loss = task_loss + value
         extra = {"task_loss": task_loss, **extra}
       return loss, (accuracy, new_model_state.to_pure_dict(), extra)

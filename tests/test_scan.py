@@ -64,6 +64,25 @@ def test_scanned_llama_with_frozen_first_layer_trains_like_unrolled(tmp_path):
   _assert_same_run(tmp_path / "True" / "frozen_n", tmp_path / "False" / "frozen_n", "llama frozen_n")
 
 
+def test_lwf_on_scanned_layers_trains_like_unrolled(tmp_path):
+  """LwF embeds the batch with its anchored weights, which are kept unrolled; on scanned layers they are stacked
+  again before the model reads them (before, the step stopped on a missing parameter path)."""
+  vit = {"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 2, "num_heads": 2, "mlp_dim": 32}
+  train = {"steps": STEPS, "log_every": 1, "checkpoint_every": 0}
+  train_lib.train_and_evaluate(tiny_config(model=vit, data={"classes": (0, 1, 2, 3, 4)}, train=train),
+                               str(tmp_path / "pretrain"))
+  for scanned in (False, True):  # both from the one source run (Adam would amplify float-level differences in it)
+    config = tiny_config(model=vit, data={"classes": (5, 6, 7, 8, 9)}, init_from=str(tmp_path / "pretrain"),
+                         dont_load=("^head/",), regularize={"lwf": {"weight": 1.0}},
+                         train={**train, "scan_layers": scanned})
+    train_lib.train_and_evaluate(config, str(tmp_path / str(scanned)))
+  np.testing.assert_allclose(_losses(tmp_path / "True"), _losses(tmp_path / "False"), rtol=1e-5)
+  scanned, unrolled = (read_checkpoint_arrays(str(tmp_path / name / "checkpoints" / str(STEPS)))["params"]
+                       for name in ("True", "False"))
+  for path, value in unrolled.items():  # (the key biases, which get no gradient, differ by Adam-amplified noise)
+    np.testing.assert_allclose(scanned[path], value, atol=1e-4, err_msg=path)
+
+
 # The `runs` fixture trains 20 small stages (two models x scanned/unrolled x five strategies): the tests that read
 # it are slow.
 @pytest.mark.slow
