@@ -322,9 +322,10 @@ def attach_regularizers(stage: Stage, state: TrainState, cfg: ConfigDict, workdi
 
 def source_fisher(cfg: ConfigDict, source: regularizers.Source) -> dict[str, np.ndarray]:
   """The diagonal Fisher of an earlier task at its final weights, from its own training data: loaded from
-  `<source run>/fisher-<mode>-<N>.safetensors` when an earlier stage or run computed it, else computed and saved."""
+  `<source run>/fisher-<mode>-<N>-at-<step>.safetensors` when an earlier stage or run computed it at the same
+  checkpoint step, else computed and saved."""
   ewc = cfg.regularize.ewc
-  path = os.path.join(source.run_dir, f"fisher-{ewc.label_mode}-{ewc.num_examples}.safetensors")
+  path = os.path.join(source.run_dir, f"fisher-{ewc.label_mode}-{ewc.num_examples}-at-{source.step}.safetensors")
   saved = fisher_lib.load(path)
   if saved is not None:
     return saved[0]
@@ -372,7 +373,8 @@ def evaluate_sources(cfg: ConfigDict, state: TrainState, sources: list[regulariz
 
     def pick(path: str, _) -> np.ndarray:
       own = params.get(path)
-      if own is not None and tuple(own.shape) == shapes[path] and not any(re.search(r, path) for r in cfg.dont_load):
+      if own is not None and tuple(own.shape) == shapes[path] and source.carried(path) and \
+          not any(re.search(r, path) for r in cfg.dont_load):
         return own
       return source.params[path]
 

@@ -17,7 +17,7 @@ from conftest import REPO, load_script, tiny_config
 from finetune import regularizers
 from finetune import train as train_lib
 from finetune.checkpoint import read_checkpoint_arrays
-from finetune.config import defaults, load_config
+from finetune.config import defaults, load_config, stage_configs
 from finetune.data.dataset import ArraySplit
 from finetune.data.pipeline import InputPipeline, with_rehearsal
 from finetune.errors import FinetuneError
@@ -202,7 +202,6 @@ def test_rehearsal_with_gradient_accumulation_equals_one_big_batch(tmp_path):
 def test_an_epoch_with_rehearsal_counts_the_target_rows_of_a_batch():
   """A rehearsal batch holds batch_size - source rows of the target, so a target epoch takes more steps; the
   schedule length (train.epochs) and unfreeze.every_epochs count those, not batch_size-row steps."""
-  from finetune.config import stage_configs  # pylint: disable=g-import-not-at-top
   target = {"train": {"steps": 0, "epochs": 2.0}, "unfreeze": {"mode": "gradual", "every_epochs": 0.5}}
   plain, rehearsed = (dict(stage_configs(two_task_config(**target, **extra)))["target"]
                       for extra in ({}, {"rehearsal": {"fraction": 0.25}}))
@@ -237,7 +236,7 @@ def test_each_regularizer_runs_and_reports_forgetting(target, key, tmp_path):
   assert forgetting["drop"] == pytest.approx(forgetting["before"] - forgetting["after"])
   assert any(r["split"] == "forgetting/pretrain/validation" for r in records)
   if "ewc" in target.get("regularize", {}):
-    assert (tmp_path / "pretrain" / "fisher-true-100.safetensors").exists()  # saved with the source, reused
+    assert (tmp_path / "pretrain" / "fisher-true-100-at-30.safetensors").exists()  # saved with the source, reused
 
 
 def test_errors_name_the_problem():
@@ -440,3 +439,71 @@ def test_cifar10_sweep_point_trains_every_variant_and_plots(tmp_path, capsys):
   assert "| EWC | λ = 10 |" in plot.table(summary)
   plot.tradeoff(str(results), str(tmp_path / "tradeoff.png"))
   assert (tmp_path / "tradeoff.png").stat().st_size > 0
+
+
+DIGITS_MLP = {"name": "mlp", "input_size": 64, "hidden": (16,)}
+
+
+def test_lineage_follows_later_stages_reinitialisation_and_other_workdirs(tmp_path):
+  """A (0-9) -> B (5-9, new head) -> C (B's task, learning rate ~0, online EWC). C's weights are B's, so C reports
+  A's accuracy as B did: with A's own head, which B replaced (before, C scored A with B's head, and online EWC
+  stopped on the heads' other shapes). A stage of another workdir is a source too, its `stage:` links resolved
+  in its own workdir."""
+  config = tiny_config(model=DIGITS_MLP, stages={
+      "a": {"train": {"steps": 30}},  # all ten digits: a head of another shape than B's
+      "b": {"data": {"classes": (5, 6, 7, 8, 9)}, "init_from": "stage:a", "dont_load": ("^head/",)},
+      "c": {"data": {"classes": (5, 6, 7, 8, 9)}, "init_from": "stage:b", "optimizer": {"learning_rate": 1e-12},
+            "regularize": {"ewc": {"weight": 1.0, "num_examples": 64, "online": True}}}},
+      train={"steps": 10, "log_every": 5, "checkpoint_every": 0})
+  summaries = train_lib.train_and_evaluate(config, str(tmp_path / "w"))
+  assert summaries["c"]["forgetting"]["a"]["validation"]["after"] == \
+      summaries["b"]["forgetting"]["a"]["validation"]["after"]
+  a, b = (read_checkpoint_arrays(str(tmp_path / "w" / s / "checkpoints" / n))["params"] for s, n in (("a", "30"), ("b", "10")))
+  assert a["head/kernel"].shape != b["head/kernel"].shape
+  c_cfg = dict(stage_configs(config))["c"]
+  sources = regularizers.lineage(c_cfg, str(tmp_path / "w"))
+  assert [(s.name, s.carried("head/kernel"), s.carried("layer_1/kernel")) for s in sources] == [
+      ("b", True, True), ("a", False, True)]
+  elsewhere = tiny_config(model=DIGITS_MLP, data={"classes": (5, 6, 7, 8, 9)}, init_from=str(tmp_path / "w" / "c"),
+                          train={"steps": 2, "log_every": 1, "checkpoint_every": 0})
+  report = train_lib.train_and_evaluate(elsewhere, str(tmp_path / "other"))["train"]["forgetting"]
+  assert list(report) == [str(tmp_path / "w" / "c"), "b", "a"]
+
+
+def test_saved_fisher_belongs_to_the_checkpoint_step_it_was_computed_at(tmp_path):
+  source = tmp_path / "source"
+  train_lib.train_and_evaluate(tiny_config(model=DIGITS_MLP, train={"steps": 12, "log_every": 4,
+                                                                    "checkpoint_every": 6}), str(source))
+  ewc_cfg = {"ewc": {"weight": 1.0, "num_examples": 64}}
+  early, final = (tiny_config(model=DIGITS_MLP, init_from=str(spec), regularize=ewc_cfg)
+                  for spec in (source / "checkpoints" / "6", source))
+  f_early = train_lib.source_fisher(early, regularizers.lineage(early, str(tmp_path))[0])
+  f_final = train_lib.source_fisher(final, regularizers.lineage(final, str(tmp_path))[0])
+  assert sorted(p.name for p in source.glob("fisher-*.safetensors")) == ["fisher-empirical-64-at-12.safetensors",
+                                                                         "fisher-empirical-64-at-6.safetensors"]
+  assert np.abs(f_early["head/kernel"] - f_final["head/kernel"]).max() > 1e-4
+
+
+def test_anchors_of_a_lora_source_are_the_weights_the_stage_starts_from(tmp_path):
+  """A stage without LoRA from a LoRA stage starts from W + BA (adapters folded in); L2-SP anchors there too."""
+  vit = {"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 2, "num_heads": 2, "mlp_dim": 32}
+  config = tiny_config(model=vit, stages={
+      "a": {"peft": {"method": "lora", "targets": ("query", "value"), "rank": 2, "modules_to_save": ("^head/",)},
+            "optimizer": {"learning_rate": 3e-2}, "train": {"steps": 12}},
+      "b": {"init_from": "stage:a", "regularize": {"l2sp": {"alpha": 1.0}}}},
+      train={"steps": 2, "log_every": 1, "checkpoint_every": 0})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  first = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl") if '"train"' in line][0]
+  assert first["step"] == 1 and first["l2sp/distance"] == 0.0  # measured at the starting weights
+
+
+def test_fisher_weighted_l2sp_needs_a_source_with_task_data(tmp_path):
+  from finetune.export import export  # pylint: disable=g-import-not-at-top
+  vit = {"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 2, "num_heads": 2, "mlp_dim": 32}
+  train_lib.train_and_evaluate(tiny_config(model=vit, train={"steps": 2, "log_every": 1, "checkpoint_every": 0}),
+                               str(tmp_path / "source"))
+  export(str(tmp_path / "source"), str(tmp_path / "hf"))
+  config = tiny_config(model=vit, init_from=str(tmp_path / "hf"), regularize={"l2sp": {"alpha": 0.1, "fisher": True}},
+                       train={"steps": 2, "log_every": 1, "checkpoint_every": 0})
+  with pytest.raises(FinetuneError, match=r"l2sp.fisher needs the earlier task's data .* or set fisher=False"):
+    train_lib.train_and_evaluate(config, str(tmp_path / "target"))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Callable
 
 import jax
@@ -42,8 +43,16 @@ class Source:
   name: str
   run_dir: str
   cfg: ConfigDict | None  # None for a Hugging Face checkpoint (weights, no task data)
-  params: dict[str, np.ndarray]
+  params: dict[str, np.ndarray]  # a PEFT source's adapters folded in unless the stage uses the same method
   model_state: dict[str, np.ndarray]
+  step: str | None = None  # the checkpoint step folder read (None for a Hugging Face checkpoint)
+  # dont_load patterns of the stages between this source and the current one: what they re-initialised (a new
+  # head, say) is no longer this task's, even where the current stage loads it from its own source.
+  reinitialised_after: tuple[str, ...] = ()
+
+  def carried(self, path: str) -> bool:
+    """Whether `path` still holds this task's weights in the stage's source (no later stage re-initialised it)."""
+    return not any(re.search(pattern, path) for pattern in self.reinitialised_after)
 
 
 @dataclasses.dataclass
@@ -61,7 +70,7 @@ class Context:
   def shared(self, source: Source) -> list[str]:
     """Paths present in the stage and in `source` with equal shapes, and loaded (not re-initialised)."""
     return [p for p, shape in self.shapes.items() if p not in self.reinitialised and p in source.params
-            and tuple(source.params[p].shape) == tuple(shape)]
+            and tuple(source.params[p].shape) == tuple(shape) and source.carried(p)]
 
   def nearest(self, what: str) -> Source:
     if not self.sources:
@@ -108,8 +117,10 @@ def needs_features(cfg: ConfigDict) -> bool:
 def lineage(cfg: ConfigDict, workdir: str, hf_weights: bool = True) -> list[Source]:
   """The earlier tasks of a stage, nearest first: follow `init_from` through stages of this run and run
   directories of this framework (their config.json), ending at a Hugging Face checkpoint or a fresh start.
-  `hf_weights=False` leaves a Hugging Face checkpoint out (no task to evaluate; its weights may be large)."""
-  sources, seen, current = [], set(), cfg
+  `hf_weights=False` leaves a Hugging Face checkpoint out (no task to evaluate; its weights may be large).
+  A source's own `stage:NAME` link is resolved in the workdir that source ran in, which may not be this one."""
+  from finetune import adapters  # pylint: disable=g-import-not-at-top  (adapters imports the model registry)
+  sources, seen, current, reinitialised_after = [], set(), cfg, ()
   while current is not None and current.get("init_from"):
     spec = current.init_from
     step_dir = resolve_checkpoint(spec, workdir)
@@ -119,14 +130,20 @@ def lineage(cfg: ConfigDict, workdir: str, hf_weights: bool = True) -> list[Sour
     if hf.is_hf_checkpoint(step_dir):
       if not hf_weights:
         break
-      arrays, run_dir, source_cfg = hf.read_params(step_dir), step_dir, None
+      arrays, run_dir, source_cfg, step = hf.read_params(step_dir), step_dir, None, None
     else:
-      arrays = read_checkpoint_arrays(step_dir)
+      # The weights the stage started from: a PEFT source's adapters folded in, as initial_state loads them.
+      arrays = adapters.fold_source_adapters(step_dir, read_checkpoint_arrays(step_dir), cfg.peft, ())
       run_dir = os.path.dirname(os.path.dirname(step_dir))  # <run>/checkpoints/<step>
       config_path = os.path.join(run_dir, "config.json")
       source_cfg = ConfigDict(read_json(config_path)) if os.path.isfile(config_path) else None
+      step = os.path.basename(step_dir)
+      workdir = os.path.dirname(run_dir)  # a stage's folder is <its workdir>/<stage name>
+    if current is not cfg:  # what the stages in between re-initialised (the stage's own is Context.reinitialised)
+      reinitialised_after += tuple(current.get("dont_load", ()))
     name = spec[len("stage:"):] if spec.startswith("stage:") else spec
-    sources.append(Source(name, run_dir, source_cfg, dict(arrays["params"]), dict(arrays.get("model_state", {}))))
+    sources.append(Source(name, run_dir, source_cfg, dict(arrays["params"]), dict(arrays.get("model_state", {})),
+                          step, reinitialised_after))
     current = source_cfg
   return sources
 

@@ -2,7 +2,8 @@
 
 F is the diagonal Fisher information of an earlier task at its final weights theta* (`fisher.py`: per-example
 gradients, squared, then averaged; `label_mode` true / empirical / expected), computed once from `num_examples`
-training examples of that task and saved next to its checkpoints (`<source run>/fisher-<mode>-<N>.safetensors`).
+training examples of that task and saved next to its checkpoints
+(`<source run>/fisher-<mode>-<N>-at-<step>.safetensors`).
 
 * Offline (default): one term per earlier task of the lineage, each with its own F and theta*.
 * Online (`online=True`, Schwarz et al. 2018): one term with the running Fisher F~ = gamma F~_older + F_nearest and
@@ -34,12 +35,15 @@ def anchors(context: Context) -> dict[str, Any]:
   cfg: ConfigDict = context.cfg.regularize.ewc
   tasks = _tasks(context)
   if cfg.online:
-    nearest = tasks[0]
-    shared = context.shared(nearest)
+    nearest, fishers = tasks[0], [context.fisher(source) for source in tasks]
+    shared = [p for p in context.shared(nearest) if p in fishers[0]]
     running: dict = {}
-    for source in reversed(tasks):  # oldest first: F~ <- gamma F~ + F_task
-      fisher = context.fisher(source)
-      running = {p: cfg.gamma * running.get(p, 0.0) + fisher[p] for p in shared if p in fisher}
+    for source, fisher in reversed(list(zip(tasks, fishers))):  # oldest first: F~ <- gamma F~ + F_task
+      # An older task contributes only where its weights were carried forward (not where a later stage put a new
+      # head, say, which may also have another shape).
+      own = set(context.shared(source))
+      running = {p: cfg.gamma * running.get(p, 0.0) + (fisher[p] if p in own and p in fisher else 0.0)
+                 for p in shared}
     terms = [{"theta": {p: nearest.params[p] for p in running}, "fisher": running}]
   else:
     terms = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from finetune.errors import FinetuneError
 from finetune.regularizers import REGULARIZERS, Aux, Context, Regularizer, squared_distance
 
 
@@ -21,6 +22,10 @@ def anchors(context: Context):
   shared = context.shared(source)
   anchor = {"alpha": float(cfg.alpha), "beta": float(cfg.beta), "start": {p: source.params[p] for p in shared}}
   if cfg.fisher:
+    if source.cfg is None:
+      raise FinetuneError(f"config.regularize.l2sp.fisher needs the earlier task's data to estimate its Fisher "
+                          f"information, but {source.name} is a checkpoint without a task config; initialise from a "
+                          "stage or run of this framework, or set fisher=False")
     fisher = context.fisher(source)
     anchor["fisher"] = {p: fisher[p] for p in shared}
   return anchor
