@@ -29,10 +29,11 @@ from finetune import config as config_lib
 from finetune import regularizers
 from finetune.regularizers import fisher as fisher_lib
 from finetune.checkpoint import Checkpointer, load_into, read_checkpoint_arrays, resolve_checkpoint
-from finetune.data.pipeline import InputPipeline, build_pipeline, rehearsal_count, to_global, with_rehearsal
+from finetune.data.pipeline import (InputPipeline, build_pipeline, check_token_ids, rehearsal_count, to_global,
+                                    with_rehearsal)
 from finetune.data.dataset import SubsetSplit
 from finetune.errors import FinetuneError
-from finetune.models import build_model, model_kwargs
+from finetune.models import build_model, model_kwargs, vocab_size
 from finetune.optim import build_optimizer, carry_over
 from finetune.partition import flatten, map_with_path, require_matches
 from finetune.reporting import MetricsLog, Progress, read_json, write_json
@@ -221,6 +222,9 @@ def build_stage(cfg: ConfigDict) -> Stage:
     steps_per_epoch = len(pipeline.train) // target_rows
   total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
   model_kwargs(cfg.model, pipeline.num_classes)  # Checked here: errors raised inside eval_shape carry jax noise.
+  vocabulary = vocab_size(cfg.model, pipeline.num_classes)
+  if vocabulary is not None:
+    check_token_ids(pipeline, vocabulary)
 
   def create_unrolled(key: jax.Array) -> nnx.Module:
     model = build_model(cfg.model, pipeline.num_classes, nnx.Rngs(params=key))

@@ -108,3 +108,20 @@ def test_export_errors(tmp_path, capsys):
   assert cli.main(["export", "--workdir", str(tmp_path), "--format", "onnx", "--out", str(tmp_path / "o")]) == 2
   assert "unknown export format 'onnx'; valid: hf" in capsys.readouterr().err
   assert not (tmp_path / "o").exists()
+
+
+def test_token_ids_beyond_the_vocabulary_are_named_before_training(tmp_path):
+  """(A tokenizer of another checkpoint: the embedding lookup gave NaN and the error blamed the learning rate.)"""
+  from finetune.errors import FinetuneError  # pylint: disable=g-import-not-at-top
+  config = build_config({
+      "model": {"name": "bert", "vocab_size": 60, "hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                "intermediate_size": 32, "max_position_embeddings": 16},
+      "data": {"name": "synthetic", "batch_size": 8, "eval_batch_size": 8, "eval_splits": ("test",),
+               "options": {"kind": "tokens", "length": 8, "vocab_size": 100, "num_classes": 2, "num_examples": 16}},
+      "train": {"steps": 1, "log_every": 1, "checkpoint_every": 0},
+  })
+  with pytest.raises(FinetuneError, match=r"the train data holds token id 9\d but the model's vocabulary has 60 ids"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+  config.model.vocab_size = 100
+  assert train_lib.train_and_evaluate(config, str(tmp_path))["train"]["final"]["test"]["num_examples"] == 16

@@ -224,6 +224,23 @@ def build_pipeline(data_cfg: ConfigDict, seed: int) -> InputPipeline:
       process_index=jax.process_index(), process_count=jax.process_count())
 
 
+def check_token_ids(pipeline: InputPipeline, vocab_size: int) -> None:
+  """Token ids the embedding cannot look up read as NaN on accelerators and garbage on CPU, and training then stops
+  on a NaN loss that seems to blame the learning rate: name the real cause before anything runs."""
+  for name, split in {"train": pipeline.train, **pipeline.eval_splits}.items():
+    if not len(split):
+      continue
+    ids = split.take(np.arange(len(split))).get("input_ids")  # text splits are small token arrays in memory
+    if ids is None:
+      continue
+    bad = int(ids.max()) if ids.max() >= vocab_size else int(ids.min()) if ids.min() < 0 else None
+    if bad is not None:
+      raise FinetuneError(f"the {name} data holds token id {bad} but the model's vocabulary has {vocab_size} "
+                          "ids (config.model.vocab_size, or its "
+                          "hf_config); use the tokenizer of that checkpoint (config.data.options.tokenizer) or set "
+                          "the model's vocab_size to the tokenizer's")
+
+
 def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
   """Assembles each process's numpy part into one global array sharded over the data-parallel axes."""
   return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()}

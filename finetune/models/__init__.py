@@ -59,6 +59,15 @@ def model_kwargs(model_cfg: ConfigDict, num_classes: int) -> dict[str, Any]:
   return kwargs
 
 
+def vocab_size(model_cfg: ConfigDict, num_classes: int) -> int | None:
+  """The token vocabulary of a text model as configured (config.model, hf_config, or the constructor's default);
+  None for models that read no token ids."""
+  parameter = inspect.signature(MODELS.get(model_cfg.name).__init__).parameters.get("vocab_size")
+  if parameter is None:
+    return None
+  return int(model_kwargs(model_cfg, num_classes).get("vocab_size", parameter.default))
+
+
 def build_model(model_cfg: ConfigDict, num_classes: int, rngs: nnx.Rngs) -> nnx.Module:
   """Constructs the model named by `config.model.name`. Wrap in `nnx.eval_shape` to get shapes only."""
   cls = MODELS.get(model_cfg.name)

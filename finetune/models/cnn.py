@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from finetune.models import MODELS
-from finetune.models.layers import batch_norm, conv, linear, normalize, numbered_groups, run_block
+from finetune.models.layers import batch_norm, check_input, conv, linear, normalize, numbered_groups, run_block
 
 
 class ConvBlock(nnx.Module):
@@ -42,13 +42,14 @@ class CNN(nnx.Module):
   def __init__(self, *, num_classes: int, in_channels: int = 1, stem_width: int = 32,
                widths: tuple[int, ...] = (32, 64), blocks_per_stage: int = 1, dropout: float = 0.0,
                rngs: nnx.Rngs):
-    self.stem = ConvBlock(in_channels, stem_width, rngs)
+    self.stem, self.in_channels = ConvBlock(in_channels, stem_width, rngs), in_channels
     channels = (stem_width, *widths)
     self.stages = nnx.List([Stage(a, b, blocks_per_stage, rngs) for a, b in zip(channels[:-1], channels[1:])])
     self.dropout = nnx.Dropout(dropout)
     self.head = linear(channels[-1], num_classes, ("conv_out", "classes"), rngs)
 
   def embed(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+    check_input(x, (*x.shape[1:-1], self.in_channels), "config.model.in_channels")
     x = self.stem(x, train)
     for stage in self.stages:
       x = run_block(self, stage, x, train)

@@ -192,6 +192,9 @@ def read_config(path: str) -> dict[str, Any]:
     raise FinetuneError(f"{path}/config.json has model_type {model_type!r}; supported: {', '.join(ARCHITECTURES)}")
   if model_type in ("bert", "roberta") and config.get("hidden_act", "gelu") != "gelu":
     raise FinetuneError(f"{path}: hidden_act {config['hidden_act']!r} is not supported (only 'gelu')")
+  if model_type in ("bert", "roberta") and (config.get("is_decoder") or config.get("add_cross_attention")):
+    raise FinetuneError(f"{path}: a {model_type} decoder (is_decoder / add_cross_attention: causal or cross "
+                        "attention) is not supported; only encoders are")
   if model_type == "vit" and (config.get("hidden_act", "gelu") != "gelu" or not config.get("qkv_bias", True)):
     raise FinetuneError(f"{path}: ViT variants with hidden_act other than gelu or without qkv biases are not "
                         "supported")

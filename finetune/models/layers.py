@@ -8,13 +8,26 @@ names a mesh axis.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from finetune.errors import FinetuneError
+
 LogicalAxes = tuple[str | None, ...]
+
+
+def check_input(x: jax.Array, expected: tuple[int, ...], settings: str, flattened: bool = False) -> None:
+  """Data of another shape than the model was built for fails deep inside XLA with a shape traceback: name both
+  shapes and the settings instead. (At trace time: shapes are static, so this costs nothing per step.)
+  `flattened`: only the number of values per example must match."""
+  given = (math.prod(x.shape[1:]),) if flattened else tuple(x.shape[1:])
+  if given != tuple(expected):
+    raise FinetuneError(f"the model expects inputs of shape {tuple(expected)} ({settings}) but the data gives "
+                        f"{tuple(x.shape[1:])}; set config.model to the data's shape, or resize the data")
 
 
 def linear(in_features: int, out_features: int, axes: tuple[str, str], rngs: nnx.Rngs,

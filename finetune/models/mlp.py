@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from finetune.models import MODELS
-from finetune.models.layers import linear, numbered_groups
+from finetune.models.layers import check_input, linear, numbered_groups
 
 
 @MODELS.register("mlp")
@@ -16,12 +16,13 @@ class MLP(nnx.Module):
 
   def __init__(self, *, num_classes: int, input_size: int = 784, hidden: tuple[int, ...] = (256, 256),
                dropout: float = 0.0, rngs: nnx.Rngs):
-    sizes = (input_size, *hidden)
+    sizes, self.input_size = (input_size, *hidden), input_size
     self.layers = nnx.List([linear(a, b, ("embed", "mlp"), rngs) for a, b in zip(sizes[:-1], sizes[1:])])
     self.dropout = nnx.Dropout(dropout)
     self.head = linear(sizes[-1], num_classes, ("mlp", "classes"), rngs)
 
   def embed(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+    check_input(x, (self.input_size,), "config.model.input_size: values per example", flattened=True)
     x = x.reshape(x.shape[0], -1)  # (B, H, W, C) -> (B, H*W*C)
     for layer in self.layers:
       x = self.dropout(jax.nn.relu(layer(x)), deterministic=not train, rngs=rngs)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from finetune.models import MODELS
-from finetune.models.layers import attend, conv, layer_norm, linear, numbered_groups, run_blocks
+from finetune.models.layers import attend, check_input, conv, layer_norm, linear, numbered_groups, run_blocks
 
 
 class SelfAttention(nnx.Module):
@@ -67,7 +67,7 @@ class ViT(nnx.Module):
       raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
     if pool not in ("cls", "mean"):
       raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
-    self.pool = pool
+    self.pool, self.input_shape = pool, (image_size, image_size, in_channels)
     num_patches = (image_size // patch_size) ** 2
     self.patch_embed = conv(in_channels, width, (patch_size, patch_size), rngs, strides=patch_size, padding="VALID")
     self.cls_token = nnx.Param(jnp.zeros((1, 1, width)), sharding=(None, None, "embed"))
@@ -79,6 +79,7 @@ class ViT(nnx.Module):
     self.head = linear(width, num_classes, ("embed", "classes"), rngs, kernel_init=nnx.initializers.zeros_init())
 
   def embed(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+    check_input(x, self.input_shape, "config.model.image_size, in_channels; from hf_config when it is set")
     patches = self.patch_embed(x)  # (B, H/p, W/p, width)
     batch, _, _, width = patches.shape
     tokens = patches.reshape(batch, -1, width)  # (B, H/p, W/p, width) -> (B, num_patches, width)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -128,6 +129,10 @@ def test_checkpoint_errors_name_the_tensor(tmp_path):
     hf.read_params(str(tmp_path / "odd"))
   with pytest.raises(FinetuneError, match=r"model_type 'gpt_neo'; supported: bert, roberta, gpt2, llama, vit"):
     (tmp_path / "odd" / "config.json").write_text('{"model_type": "gpt_neo"}')
+    hf.read_config(str(tmp_path / "odd"))
+  # transformers makes a BERT with is_decoder causal; ours is an encoder: refused, not silently bidirectional.
+  (tmp_path / "odd" / "config.json").write_text(json.dumps({**config.to_dict(), "is_decoder": True}))
+  with pytest.raises(FinetuneError, match=r"a bert decoder \(is_decoder / add_cross_attention"):
     hf.read_config(str(tmp_path / "odd"))
 
 

@@ -180,6 +180,19 @@ def test_non_default_cnn_and_vit_shapes():
   assert vit.position_embedding.shape == (1, 17, 16)
 
 
+@pytest.mark.parametrize("name,shape,settings", [
+    ("mlp", (28, 28, 3), r"\(784,\) \(config.model.input_size"),
+    ("cnn", (28, 28, 3), r"\(28, 28, 1\) \(config.model.in_channels"),
+    ("vit", (32, 32, 1), r"\(28, 28, 1\) \(config.model.image_size, in_channels"),
+])
+def test_inputs_of_another_shape_are_a_one_line_error(models, name, shape, settings):
+  """(Before, XLA stopped on a broadcasting or convolution shape error deep in the forward pass.)"""
+  x = jax.ShapeDtypeStruct((2, *shape), jnp.float32)
+  with pytest.raises(FinetuneError, match=rf"the model expects inputs of shape {settings}.* but the data gives "
+                     rf"\({shape[0]}, {shape[1]}, {shape[2]}\); set config.model"):
+    nnx.eval_shape(lambda m, x: m(x), models[name], x)
+
+
 def test_unknown_model_kwarg_lists_valid_kwargs():
   with pytest.raises(FinetuneError) as info:
     _build("cnn", widht=(8,))
