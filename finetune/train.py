@@ -535,7 +535,7 @@ def open_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train")
       pipeline = stage.pipeline
     extraction_seconds = None
     if cfg.features.cache:
-      feature_cache.check_cacheable(stage.strategy, pipeline, cfg.freeze.train_bn, cfg.model.get("dropout", 0.0))
+      feature_cache.check_cacheable(stage.strategy, pipeline, cfg.freeze.train_bn, stage.abstract_model)
       began = time.perf_counter()
       pipeline = feature_cache.cached_pipeline(stage.graphdef, weights_of(state), pipeline, stage.mesh, run_dir,
                                                cfg.features.max_memory_mb)

@@ -14,6 +14,12 @@ from finetune.errors import FinetuneError
 from finetune.methods import feature_cache
 
 PROBE = {"patterns": ("^(?!head/)",)}  # everything but the head frozen
+TINY_BERT = {"name": "bert", "vocab_size": 50, "hidden_size": 16, "num_layers": 1, "num_heads": 2,
+             "intermediate_size": 32, "max_position_embeddings": 16}
+TINY_LSTM = {"name": "lstm", "vocab_size": 50, "embed_size": 8, "hidden_size": 12, "num_layers": 2, "head_hidden": 6,
+             "embed_dropout": 0.0, "input_dropout": 0.0, "weight_dropout": 0.0, "hidden_dropout": 0.0}
+TOKENS = {"name": "synthetic", "batch_size": 8, "eval_batch_size": 8, "eval_splits": ("test",),
+          "validation_fraction": 0.0, "options": {"kind": "tokens", "num_examples": 64, "length": 8, "vocab_size": 50}}
 
 
 def _probe_config(cache: bool, **extra):
@@ -53,11 +59,30 @@ def test_caching_refuses_setups_where_it_would_differ():
       ({}, "needs every parameter outside head/ frozen"),
       ({"freeze": PROBE, "data": {"augment": {"flip": True}}}, "augmentation cannot apply"),
       ({"freeze": {**PROBE, "train_bn": True}}, "BatchNorm cannot train"),
+      # BERT's dropout defaults to 0.1: the default counts, not only a value set in config.model.
+      ({"freeze": PROBE, "model": TINY_BERT, "data": TOKENS},
+       r"the backbone drops out \(dropout \(0.1\), embeddings/dropout \(0.1\), .*set the model's dropout rates to 0"),
+      ({"freeze": PROBE, "model": {**TINY_LSTM, "embed_dropout": 0.1}, "data": TOKENS}, r"embed_dropout \(0.1\)"),
   ]:
     config = tiny_config(features={"cache": True}, **sections)
     stage = train_lib.build_stage(config)
     with pytest.raises(FinetuneError, match=message):
-      feature_cache.check_cacheable(stage.strategy, stage.pipeline, config.freeze.train_bn)
+      feature_cache.check_cacheable(stage.strategy, stage.pipeline, config.freeze.train_bn, stage.abstract_model)
+
+
+def test_a_head_with_batchnorm_and_dropout_learns_the_same_from_cached_features(tmp_path):
+  """ULMFiT's pooling head trains its BatchNorm and drops out: the cached step runs it in training mode too."""
+  runs = {}
+  for cache in (False, True):
+    config = tiny_config(model=TINY_LSTM, data=TOKENS, freeze=PROBE, features={"cache": cache},
+                         train={"steps": 6, "log_every": 3, "checkpoint_every": 0})
+    train_lib.train_and_evaluate(config, str(tmp_path / str(cache)))
+    runs[cache] = read_checkpoint_arrays(str(tmp_path / str(cache) / "checkpoints" / "6"))
+  for collection in ("params", "model_state"):
+    for path, value in runs[False][collection].items():
+      if path.startswith("head/"):
+        np.testing.assert_allclose(runs[True][collection][path], value, rtol=1e-4, atol=1e-5, err_msg=path)
+  assert np.abs(runs[True]["model_state"]["head/norm_1/mean"]).max() > 0  # (the premise: its BatchNorm trained)
 
 
 def _features_pipeline(train_x, train_y, eval_x, eval_y, num_classes):

@@ -18,6 +18,7 @@ researchers report next to fine-tuning.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from typing import Any
 
@@ -35,11 +36,23 @@ from finetune.sharding import batch_sharding
 from finetune.step import model_inputs
 
 
-def check_cacheable(strategy, pipeline: InputPipeline, train_bn: bool, dropout: float = 0.0) -> None:
+def backbone_dropout(model: nnx.Module) -> list[str]:
+  """'path (rate)' of every active dropout outside the head: nnx.Dropout layers, and a model's own stochastic
+  rates (`embed_dropout`, LSTM's whole-word embedding dropout). Read from the built model, so defaults count."""
+  found = [f"{'/'.join(map(str, path))} ({node.rate})" for path, node in nnx.iter_graph(model)
+           if isinstance(node, nnx.Dropout) and node.rate > 0 and path and path[0] != "head"]
+  if getattr(model, "embed_dropout", 0.0) > 0:
+    found.append(f"embed_dropout ({model.embed_dropout})")
+  return found
+
+
+def check_cacheable(strategy, pipeline: InputPipeline, train_bn: bool, model: nnx.Module) -> None:
   """Caching is exact only when nothing but the head trains and inputs are neither augmented nor dropped out."""
-  if dropout:
-    raise FinetuneError(f"config.features.cache computes features once, without dropout; set "
-                        f"config.model.dropout=0 (now {dropout})")
+  dropouts = backbone_dropout(model)
+  if dropouts:
+    raise FinetuneError(f"config.features.cache computes features once, without dropout, but the backbone drops "
+                        f"out ({', '.join(dropouts[:3])}{', ...' if len(dropouts) > 3 else ''}); set the model's "
+                        "dropout rates to 0 in config.model (its defaults count too)")
   if train_bn:
     raise FinetuneError("config.features.cache computes features once, so BatchNorm cannot train: set "
                         "config.freeze.train_bn=False")
@@ -143,6 +156,8 @@ def _logistic(x: np.ndarray, y: np.ndarray, l2: float):
 
 def classify_features(model: nnx.Module, batch: dict[str, jax.Array], *, train: bool = False,
                       rngs: nnx.Rngs | None = None) -> jax.Array:
-  """The forward pass of a cached stage: the head on precomputed features."""
-  del train, rngs
+  """The forward pass of a cached stage: the head on precomputed features, in training mode when the head has one
+  (ULMFiT's pooling head: BatchNorm and dropout), as the uncached step runs it."""
+  if "train" in inspect.signature(type(model.head).__call__).parameters:
+    return model.head(batch["features"], train=train, rngs=rngs).astype(jnp.float32)
   return model.head(batch["features"]).astype(jnp.float32)
