@@ -121,14 +121,17 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   """
   stored_trainable = layout.stored_paths(trainable)
   is_trainable = lambda path: path in stored_trainable
-  score = TASKS.get(task)
+  score = TASKS.get(task).score
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
     dropout_key = jax.random.fold_in(state.rng, state.step)
     trainable_params = select(state.params, is_trainable)
     frozen_params = select(state.params, lambda path: not is_trainable(path))
 
-    def loss_fn(trainable_params, batch, model_state, dropout_key):
+    def loss_fn(trainable_params, batch, model_state, dropout_key, totals=None):
+      """`totals`: the whole batch's row_totals when `batch` is one of `accumulate` micro-batches. Its means are
+      then taken over the whole batch's items (times `accumulate`), so the mean over micro-batches is exactly the
+      whole batch's loss however unevenly padding, loss masks or rehearsed rows fall into them."""
       params = combine(state.params, trainable_params, frozen_params)
       model = nnx.merge(graphdef, to_compute_dtype(params, compute_dtype, keep_float32), model_state)
       batch = to_compute_dtype(batch, compute_dtype)
@@ -139,19 +142,18 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       else:
         logits, features = forward(model, batch, train=True, rngs=rngs), None
       scored = score(logits, batch, label_smoothing)
-      weights = scored.weights
-      if "source_mask" in batch:  # rehearsed source examples: scored by the rehearsal regularizer instead
-        weights = weights * (1.0 - batch["source_mask"].astype(weights.dtype))
-      total_weight = jnp.maximum(weights.sum(), 1.0)
-      task_loss = (scored.losses * weights).sum() / total_weight
-      accuracy = (scored.correct * weights).sum() / total_weight
+      weights = task_weights(scored.weights, batch)
+      share = accumulate if totals is not None else 1
+      total_weight = jnp.maximum(weights.sum() if totals is None else totals["task"], 1.0)
+      task_loss = share * (scored.losses * weights).sum() / total_weight
+      accuracy = share * (scored.correct * weights).sum() / total_weight
       _, _, new_model_state = nnx.split(model, nnx.Param, ...)
       extra = {}
       loss = task_loss
       if penalty is not None:
         template = {"params": state.params, "model_state": model_state}
         value, extra = penalty(flatten(layout.view(params)), state.anchors,
-                               Aux(batch, features, embed_fn(graphdef, template, batch, layout)))
+                               Aux(batch, features, embed_fn(graphdef, template, batch, layout), totals, share))
         loss = task_loss + value
         extra = {"task_loss": task_loss, **extra}
       return loss, (accuracy, new_model_state.to_pure_dict(), extra)
@@ -162,15 +164,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                                                                dropout_key)
     else:
       # Gradient accumulation: the batch as `accumulate` micro-batches, one after another inside this program
-      # (lax.scan), so activation memory is that of one micro-batch. Losses and gradients are the mean over
-      # micro-batches (for equal-weight items, exactly the full batch's); BatchNorm statistics update per micro-batch.
-      micro = jax.tree.map(lambda x: x.reshape(accumulate, x.shape[0] // accumulate, *x.shape[1:]), batch)
+      # (lax.scan), so activation memory is that of one micro-batch. Micro-batch i is rows i, i + k, ...: each
+      # data-parallel device holds its share of every micro-batch (contiguous rows would sit on a few devices and
+      # be gathered). Means are over the whole batch's items (`row_totals`), so losses and gradients equal the
+      # whole batch's; BatchNorm statistics update per micro-batch.
+      totals = row_totals(batch, TASKS.get(task).weights(batch))
+      micro = jax.tree.map(  # (B, ...) -> (B/k, k, ...) -> (k, B/k, ...): micro-batch i = rows i::k
+          lambda x: x.reshape(x.shape[0] // accumulate, accumulate, *x.shape[1:]).swapaxes(0, 1), batch)
 
       def one(carry, inputs):
         grads_sum, model_state = carry
         index, micro_batch = inputs
         (loss, (accuracy, model_state, extra)), grads = gradient(
-            trainable_params, micro_batch, model_state, jax.random.fold_in(dropout_key, index))
+            trainable_params, micro_batch, model_state, jax.random.fold_in(dropout_key, index), totals)
         return (jax.tree.map(jnp.add, grads_sum, grads), model_state), (loss, accuracy, extra)
 
       zeros = jax.tree.map(jnp.zeros_like, trainable_params)
@@ -205,6 +211,21 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   return train_step
 
 
+def task_weights(weights: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+  """A task's item weights with rehearsed source rows (scored by the rehearsal regularizer instead) left out."""
+  if "source_mask" not in batch:
+    return weights
+  source = batch["source_mask"].astype(weights.dtype)
+  return weights * (1.0 - source).reshape(source.shape + (1,) * (weights.ndim - 1))  # (B,) over (B,) or (B, L-1)
+
+
+def row_totals(batch: dict[str, jax.Array], weights: jax.Array) -> dict[str, jax.Array]:
+  """What the whole batch's means divide by: the task's item weight, and its target and rehearsed source rows."""
+  source = batch["source_mask"].astype(jnp.float32) if "source_mask" in batch else \
+      jnp.zeros(weights.shape[0], jnp.float32)
+  return {"task": task_weights(weights, batch).sum(), "source": source.sum(), "target": (1.0 - source).sum()}
+
+
 def to_compute_dtype(tree: Any, compute_dtype: str, keep: tuple[str, ...] = ()) -> Any:
   """Floating-point leaves cast to the compute dtype (mixed precision), except those whose path matches a regex in
   `keep`; integer ids, masks and labels unchanged."""
@@ -234,7 +255,7 @@ def make_eval_step(graphdef: nnx.GraphDef, label_smoothing: float = 0.0,
     model = nnx.merge(graphdef, to_compute_dtype(weights["params"], compute_dtype, keep_float32),
                       weights["model_state"])
     logits = forward(model, to_compute_dtype(batch, compute_dtype), train=False).astype(jnp.float32)
-    scored = TASKS.get(task)(logits, batch, label_smoothing)
+    scored = TASKS.get(task).score(logits, batch, label_smoothing)
     example_mask = batch["mask"].astype(jnp.float32)
     # (B,) padding mask over items of shape (B,) or (B, L-1)
     weights = scored.weights * example_mask.reshape(example_mask.shape + (1,) * (scored.weights.ndim - 1))

@@ -22,7 +22,13 @@ class Scored(NamedTuple):
   correct: jax.Array  # same shape; 1 where the arg-max prediction is right
 
 
-Task = Callable[[jax.Array, dict[str, jax.Array], float], Scored]
+class Task(NamedTuple):
+  score: Callable[[jax.Array, dict[str, jax.Array], float], Scored]  # (logits, batch, label smoothing)
+  # The items' weights from the batch alone (they never depend on the outputs): gradient accumulation totals them
+  # over the whole batch before its micro-batches run, so the accumulated loss is the whole batch's mean.
+  weights: Callable[[dict[str, jax.Array]], jax.Array]
+
+
 TASKS: Registry[Task] = Registry("task")
 
 
@@ -32,20 +38,29 @@ def _cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float
                                      else one_hot)
 
 
-@TASKS.register("classification")
+def _classification_weights(batch: dict[str, jax.Array]) -> jax.Array:
+  return jnp.ones(batch["label"].shape, jnp.float32)
+
+
 def classification(logits: jax.Array, batch: dict[str, jax.Array], label_smoothing: float = 0.0) -> Scored:
   """One label per example: logits (B, C), batch['label'] (B,)."""
   labels = batch["label"]
   correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  return Scored(_cross_entropy(logits, labels, label_smoothing), jnp.ones_like(correct), correct)
+  return Scored(_cross_entropy(logits, labels, label_smoothing), _classification_weights(batch), correct)
 
 
-@TASKS.register("causal_lm")
+def _causal_lm_weights(batch: dict[str, jax.Array]) -> jax.Array:
+  return batch.get("loss_mask", batch["attention_mask"])[:, 1:].astype(jnp.float32)
+
+
 def causal_lm(logits: jax.Array, batch: dict[str, jax.Array], label_smoothing: float = 0.0) -> Scored:
   """Next-token prediction: logits (B, L, V) at position t predict input_ids[t + 1]. Tokens count where
   batch['loss_mask'] (response tokens of instruction data; else the attention mask) is 1."""
   targets = batch["input_ids"][:, 1:]
   predictions = logits[:, :-1]
-  weights = batch.get("loss_mask", batch["attention_mask"])[:, 1:].astype(jnp.float32)
   correct = (jnp.argmax(predictions, -1) == targets).astype(jnp.float32)
-  return Scored(_cross_entropy(predictions, targets, label_smoothing), weights, correct)
+  return Scored(_cross_entropy(predictions, targets, label_smoothing), _causal_lm_weights(batch), correct)
+
+
+TASKS.register("classification")(Task(classification, _classification_weights))
+TASKS.register("causal_lm")(Task(causal_lm, _causal_lm_weights))

@@ -180,8 +180,9 @@ def test_rehearsal_mix_ratio_holds_over_an_epoch():
 
 
 def test_rehearsal_with_gradient_accumulation_equals_one_big_batch(tmp_path):
-  """The rehearsed rows are spread over the batch, so each micro-batch holds its share and the accumulated update
-  is the whole batch's (before, they filled the last micro-batch, which halved the task loss at fraction 0.5)."""
+  """At fraction 0.5 the rehearsed rows are every other row, so with 2 micro-batches (rows i::2) one holds all of
+  them and the other none; means over the whole batch's rows keep the accumulated update the whole batch's
+  (once, the source rows filled the last micro-batch and halved the task loss)."""
   finals, losses = [], []
   for accumulate in (1, 2):
     config = tiny_config(

@@ -241,6 +241,36 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
       assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
+def test_gradient_accumulation_is_exact_when_micro_batches_count_different_numbers_of_tokens():
+  """Causal LM with padding: rows 1-3 predict 2 tokens, row 0 15, so the micro-batches count 17 and 4 tokens (however
+  the rows are split). Means are over the whole batch's tokens, so the update is the whole batch's (before, each micro-batch's mean counted
+  equally: a parameter moved 0.48 further with SGD at learning rate 1)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from finetune.step import make_train_step  # pylint: disable=g-import-not-at-top
+  config = tiny_config(
+      task="causal_lm", model={"name": "gpt2", "vocab_size": 64, "n_positions": 16, "n_embd": 16, "n_layer": 1,
+                               "n_head": 2, "dropout": 0.0},
+      data={"name": "synthetic", "batch_size": 4, "eval_batch_size": 4, "validation_fraction": 0.0,
+            "eval_splits": ("test",), "options": {"kind": "tokens", "length": 16, "vocab_size": 64, "num_examples": 16}},
+      optimizer={"name": "sgd", "learning_rate": 1.0, "warmup_steps": 0, "schedule": "constant", "momentum": 0.0})
+  stage = train_lib.build_stage(config)
+  state = stage.init_state(0)(jax.random.PRNGKey(0))
+  mask = np.ones((4, 16), np.int32)
+  mask[1:, 3:] = 0  # rows 1-3: 3 tokens, 2 predicted
+  batch = {"input_ids": jnp.asarray(np.random.default_rng(0).integers(0, 64, (4, 16)), jnp.int32),
+           "attention_mask": jnp.asarray(mask), "label": jnp.zeros(4, jnp.int32)}
+  tx, lr = stage.optimizer(0)
+  results = {}
+  for accumulate in (1, 2):
+    step = make_train_step(stage.graphdef, tx, lr, stage.strategy.trainable(0), task="causal_lm",
+                           accumulate=accumulate)
+    new_state, metrics = jax.jit(step)(state, batch)
+    results[accumulate] = (flatten(jax.device_get(new_state.params)), float(metrics["loss"]))
+  assert results[2][1] == pytest.approx(results[1][1], rel=1e-6)
+  for path, value in results[1][0].items():
+    np.testing.assert_allclose(results[2][0][path], value, atol=1e-6, err_msg=path)
+
+
 @pytest.mark.parametrize("model", [None, {"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 2,
                                           "num_heads": 2, "mlp_dim": 32}])
 def test_bfloat16_compute_stays_close_to_float32(model, tmp_path):

@@ -87,12 +87,23 @@ class Aux:
   features: jax.Array | None  # the model's features (its head's input) when a regularizer asked for them
   # (flat params, flat model state) -> features of this batch from the same model with those weights, inference mode
   embed_with: Callable[[dict, dict], jax.Array] | None = None
+  # Gradient accumulation: the whole batch's row counts ({'source', 'target'}, `step.row_totals`) and the number of
+  # micro-batches; `batch` is then one micro-batch.
+  totals: dict[str, jax.Array] | None = None
+  micro_batches: int = 1
 
-  def target_rows(self) -> jax.Array:
-    """1.0 for examples of the stage's own task, 0.0 for rehearsed source examples."""
-    if "source_mask" in self.batch:
-      return 1.0 - self.batch["source_mask"].astype(jnp.float32)
-    return jnp.ones(self.batch["label"].shape[0], jnp.float32)
+  def rows(self, kind: str) -> jax.Array:
+    """1.0 for the batch's 'target' rows (the stage's own task) or its 'source' rows (rehearsed), else 0.0."""
+    source = self.batch["source_mask"].astype(jnp.float32) if "source_mask" in self.batch else \
+        jnp.zeros(self.batch["label"].shape[0], jnp.float32)
+    return 1.0 - source if kind == "target" else source
+
+  def mean_over(self, values: jax.Array, kind: str) -> jax.Array:
+    """The mean of per-row `values` over the 'target' or 'source' rows. On a micro-batch: its share of the whole
+    batch's mean (times the number of micro-batches), so the mean over micro-batches is the whole batch's."""
+    rows = self.rows(kind)
+    total = rows.sum() if self.totals is None else self.totals[kind]
+    return self.micro_batches * jnp.sum(values * rows) / jnp.maximum(total, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)

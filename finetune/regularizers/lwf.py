@@ -42,8 +42,7 @@ def penalty(params, anchor, aux: Aux):
   targets = jax.nn.softmax((source_features @ head["kernel"] + head["bias"]) / temperature, axis=-1)
   log_current = jax.nn.log_softmax((aux.features @ head["kernel"] + head["bias"]) / temperature, axis=-1)
   kl = jnp.sum(targets * (jnp.log(jnp.clip(targets, 1e-12)) - log_current), axis=-1)  # (B,)
-  rows = aux.target_rows()
-  distillation = jnp.sum(kl * rows) / jnp.maximum(rows.sum(), 1.0)
+  distillation = aux.mean_over(kl, "target")
   return anchor["weight"] * temperature ** 2 * distillation, {"kl": distillation}
 
 

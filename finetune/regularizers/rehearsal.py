@@ -22,12 +22,10 @@ def penalty(params, anchor, aux: Aux):
   del params
   head = anchor["head"]
   logits = aux.features @ head["kernel"] + head["bias"]
-  rows = aux.batch["source_mask"].astype(jnp.float32)
   losses = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), aux.batch["label"][:, None], axis=-1)[:, 0]
   correct = (jnp.argmax(logits, axis=-1) == aux.batch["label"]).astype(jnp.float32)
-  count = jnp.maximum(rows.sum(), 1.0)
-  loss = jnp.sum(losses * rows) / count
-  return anchor["weight"] * loss, {"loss": loss, "accuracy": jnp.sum(correct * rows) / count}
+  loss = aux.mean_over(losses, "source")
+  return anchor["weight"] * loss, {"loss": loss, "accuracy": aux.mean_over(correct, "source")}
 
 
 REGULARIZERS.register("rehearsal")(Regularizer(active=lambda cfg: cfg.rehearsal.fraction > 0, anchors=anchors,
