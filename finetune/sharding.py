@@ -27,7 +27,7 @@ BATCH_AXES = ("data", "fsdp")
 # Parameters: FSDP shards the model-width axes, tensor parallelism the hidden/head axes. A rule for a name that is
 # missing here leaves that axis replicated.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),
+    ("batch", BATCH_AXES),  # (what batch_sharding does; a config rule for it is refused: check_rule_names)
     ("embed", "fsdp"),
     ("conv_out", "fsdp"),
     ("mlp", "tensor"),
@@ -86,6 +86,19 @@ def rules_from_config(sharding_rules: Sequence[Sequence[Any]], defaults: Sequenc
                             f"valid: {', '.join(MESH_AXES)}")
     rules[name] = tuple(target) if isinstance(target, list) else target
   return rules
+
+
+def check_rule_names(sharding_rules: Sequence[Sequence[Any]], abstract_state: Any) -> None:
+  """A rule naming an axis no parameter has does nothing: a misspelt name would otherwise leave the intended axis
+  at its default silently."""
+  used = sorted({name for names in logical_axes(abstract_state).values() for name in names if name})
+  for rule in sharding_rules:
+    if rule[0] == "batch":
+      raise FinetuneError("config.sharding_rules cannot place the batch: batches are always split over the "
+                          f"data-parallel mesh axes ({', '.join(BATCH_AXES)}); size those in config.mesh")
+    if rule[0] not in used:
+      raise FinetuneError(f"config.sharding_rules names logical axis {rule[0]!r}, which no parameter of this model "
+                          f"has; its parameters' axes: {', '.join(used)}")
 
 
 def activation_rules_from_config(activation_rules: Sequence[Sequence[Any]]) -> Rules:

@@ -38,7 +38,7 @@ from finetune.optim import build_optimizer, carry_over
 from finetune.partition import flatten, map_with_path, require_matches
 from finetune.reporting import MetricsLog, Progress, read_json, write_json
 from finetune.sharding import (batch_sharding, data_parallel_size, make_mesh, optimizer_state_shardings, replicated,
-                               rules_from_config, state_shardings, ActivationSharding,
+                               rules_from_config, state_shardings, ActivationSharding, check_rule_names,
                                activation_rules_from_config)
 from finetune.methods import feature_cache
 from finetune.step import (TrainState, classify, compile_eval_step, compile_train_step, make_eval_step,
@@ -212,6 +212,11 @@ def build_stage(cfg: ConfigDict) -> Stage:
     raise FinetuneError(f"config.data.batch_size={cfg.data.batch_size} must split into {cfg.train.grad_accum_steps} "
                         f"micro-batches (train.grad_accum_steps) that divide over the {parallel} data-parallel "
                         "devices; pick a multiple of their product")
+  if parallel % jax.process_count():
+    # Each process feeds its own slice of the batch (pipeline._local), which needs every process to hold a distinct
+    # part of the data-parallel axes.
+    raise FinetuneError(f"config.mesh {dict(mesh.shape)} has {parallel} data-parallel devices (data x fsdp) for "
+                        f"{jax.process_count()} processes; make data x fsdp a multiple of the process count")
   for key in ("batch_size", "eval_batch_size"):
     if cfg.data[key] % parallel or cfg.data[key] % jax.process_count():
       raise FinetuneError(f"config.data.{key}={cfg.data[key]} is not divisible by the {parallel} data-parallel "
@@ -254,6 +259,7 @@ def build_stage(cfg: ConfigDict) -> Stage:
   strategy = resolve_strategy(cfg, abstract_model, params, total_steps, steps_per_epoch, peft_trainable)
   stored_paths = list(flatten(abstract_params.to_pure_dict()))
   require_matches(cfg.train.float32_params, stored_paths, "config.train.float32_params")
+  check_rule_names(cfg.sharding_rules, nnx.state(stored_model))
   return Stage(cfg=cfg, pipeline=pipeline, mesh=mesh, graphdef=graphdef, strategy=strategy, total_steps=total_steps,
                params_sharding=state_shardings(abstract_params, mesh, rules),
                model_state_sharding=state_shardings(abstract_rest, mesh, rules),

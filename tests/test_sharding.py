@@ -144,6 +144,24 @@ def test_rules_from_config_overrides_by_name():
   assert rules["batch"] == BATCH_AXES
 
 
+def test_sharding_rules_must_name_axes_the_model_has(monkeypatch):
+  """A misspelt logical name (or a rule for the batch) would otherwise be accepted and change nothing."""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
+  cnn = {"name": "cnn", "widths": (8,), "stem_width": 8}
+  assert train_lib.build_stage(tiny_config(model=cnn, sharding_rules=(("conv_out", None),)))
+  for rules, message in [((("conv_ot", None),), r"names logical axis 'conv_ot', which no parameter of this model "
+                                                 r"has; its parameters' axes: classes, conv_in, conv_out"),
+                         ((("batch", "data"),), r"cannot place the batch: batches are always split over the "
+                                                r"data-parallel mesh axes \(data, fsdp\)")]:
+    with pytest.raises(FinetuneError, match=message):
+      train_lib.build_stage(tiny_config(model=cnn, sharding_rules=rules))
+  # Every process feeds its own slice of the batch: the data-parallel axes must split over the processes.
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(FinetuneError, match=r"has 1 data-parallel devices \(data x fsdp\) for 2 processes"):
+    train_lib.build_stage(tiny_config(model=cnn))
+
+
 def test_rules_from_config_errors():
   with pytest.raises(FinetuneError, match=r"unknown mesh axis 'model'"):
     rules_from_config((("embed", "model"),))
