@@ -209,11 +209,19 @@ def build_pipeline(data_cfg: ConfigDict, seed: int) -> InputPipeline:
     if name in data_cfg.eval_splits and not len(split):
       raise FinetuneError(f"evaluation split {name!r} has no examples; raise config.data.validation_fraction or "
                           "remove it from config.data.eval_splits")
+  for name in data_cfg.eval_splits:  # 'validation' and 'test' may be absent (no carving, no test set); others not
+    if name not in splits and name not in ("validation", "test"):
+      raise FinetuneError(f"config.data.eval_splits names {name!r}, which {data_cfg.name!r} does not have "
+                          f"(available: {', '.join(splits) or 'none'})")
   eval_splits = {name: splits[name] for name in data_cfg.eval_splits if name in splits}
   if not eval_splits:
     raise FinetuneError(f"none of config.data.eval_splits {tuple(data_cfg.eval_splits)} exists for "
                         f"{data_cfg.name!r} (available: {', '.join(splits) or 'none'}); set "
                         "config.data.validation_fraction > 0 or point config.data.path at a test set")
+  if (data_cfg.augment.crop_padding or data_cfg.augment.flip) and len(train) and \
+      "image" not in train.take(np.arange(1)):
+    raise FinetuneError(f"config.data.augment (crop_padding, flip) applies to images, and {data_cfg.name!r} has none; "
+                        "set config.data.augment.crop_padding=0 and flip=False")
   if len(train) < data_cfg.batch_size:
     raise FinetuneError(f"only {len(train)} training examples but config.data.batch_size={data_cfg.batch_size}; "
                         "lower the batch size")

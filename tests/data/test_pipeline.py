@@ -360,6 +360,18 @@ def test_no_eval_split_available():
     build_pipeline(_data_cfg(eval_splits=("test",)), seed=0)
 
 
+def test_a_misspelt_eval_split_or_augmenting_tokens_is_an_error():
+  """(Before: the misspelt split was silently not evaluated; augmenting token data stopped on a KeyError.)"""
+  with pytest.raises(FinetuneError, match=r"eval_splits names 'tset', which 'digits' does not have \(available: "
+                                          r"validation\)"):
+    build_pipeline(_data_cfg(eval_splits=("validation", "tset")), seed=0)
+  tokens = ConfigDict({**_data_cfg().to_dict(), "name": "synthetic", "eval_splits": ("test",),
+                       "options": {"kind": "tokens", "length": 8, "vocab_size": 50, "num_examples": 64},
+                       "batch_size": 8, "augment": {"crop_padding": 0, "flip": True}})
+  with pytest.raises(FinetuneError, match=r"augment \(crop_padding, flip\) applies to images, and 'synthetic'"):
+    build_pipeline(tokens, seed=0)
+
+
 def test_batch_bigger_than_dataset():
   with pytest.raises(FinetuneError, match=rf"only {NUM_DIGITS - 180} training examples but "
                      r"config.data.batch_size=2000"):
