@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from finetune import adapters
 from finetune.methods import prompt_tuning
 from finetune.partition import combine, flatten, map_with_path, path_str, select
-from finetune.regularizers import Aux
+from finetune.regularizers import Aux, source_rows
 from finetune.scan import Layout
 from finetune.sharding import batch_sharding, replicated
 from finetune.tasks import TASKS
@@ -215,14 +215,13 @@ def task_weights(weights: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
   """A task's item weights with rehearsed source rows (scored by the rehearsal regularizer instead) left out."""
   if "source_mask" not in batch:
     return weights
-  source = batch["source_mask"].astype(weights.dtype)
+  source = source_rows(batch).astype(weights.dtype)
   return weights * (1.0 - source).reshape(source.shape + (1,) * (weights.ndim - 1))  # (B,) over (B,) or (B, L-1)
 
 
 def row_totals(batch: dict[str, jax.Array], weights: jax.Array) -> dict[str, jax.Array]:
   """What the whole batch's means divide by: the task's item weight, and its target and rehearsed source rows."""
-  source = batch["source_mask"].astype(jnp.float32) if "source_mask" in batch else \
-      jnp.zeros(weights.shape[0], jnp.float32)
+  source = source_rows(batch)
   return {"task": task_weights(weights, batch).sum(), "source": source.sum(), "target": (1.0 - source).sum()}
 
 

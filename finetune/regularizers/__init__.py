@@ -79,6 +79,13 @@ class Context:
     return self.sources[0]
 
 
+def source_rows(batch: dict[str, jax.Array]) -> jax.Array:
+  """(B,): 1.0 for a batch's rehearsed source rows (`source_mask`), 0.0 for the stage's own."""
+  if "source_mask" in batch:
+    return batch["source_mask"].astype(jnp.float32)
+  return jnp.zeros(next(iter(batch.values())).shape[0], jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class Aux:
   """Inputs a penalty may use besides the parameters."""
@@ -94,8 +101,7 @@ class Aux:
 
   def rows(self, kind: str) -> jax.Array:
     """1.0 for the batch's 'target' rows (the stage's own task) or its 'source' rows (rehearsed), else 0.0."""
-    source = self.batch["source_mask"].astype(jnp.float32) if "source_mask" in self.batch else \
-        jnp.zeros(self.batch["label"].shape[0], jnp.float32)
+    source = source_rows(self.batch)
     return 1.0 - source if kind == "target" else source
 
   def mean_over(self, values: jax.Array, kind: str) -> jax.Array:
