@@ -46,17 +46,26 @@ def _find(folder: str, stem: str) -> str | None:
 def read_idx(filename: str) -> np.ndarray:
   """Reads one IDX file (the MNIST container format: magic, dims, then raw uint8 data)."""
   opener = gzip.open if filename.endswith(".gz") else open
-  with opener(filename, "rb") as f:
-    raw = f.read()
+  try:
+    with opener(filename, "rb") as f:
+      raw = f.read()
+  except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError; a cut-off .gz stream is an EOFError.
+    raise FinetuneError(f"cannot read {filename} ({type(error).__name__}: {error}); the file is damaged or not "
+                        "what its name says: re-download or re-copy it") from None
   magic = int.from_bytes(raw[0:4], "big")
-  if magic >> 8 != 0x08:  # 0x08 = unsigned byte data; MNIST uses nothing else.
+  if len(raw) < 4 or magic >> 8 != 0x08:  # 0x08 = unsigned byte data; MNIST uses nothing else.
     raise FinetuneError(f"{filename} is not an IDX file of unsigned bytes (magic {magic:#x}); "
                         "point config.data.path at the original MNIST files")
   num_dims = magic & 0xFF
+  header_size = 4 + 4 * num_dims
+  if len(raw) < header_size:
+    raise FinetuneError(f"{filename} is truncated: its header needs {header_size} bytes, the file has {len(raw)}; "
+                        "re-download or re-copy the file")
   dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(num_dims)]
-  data = np.frombuffer(raw, np.uint8, offset=4 + 4 * num_dims)
+  data = np.frombuffer(raw, np.uint8, offset=header_size)
   if data.size != int(np.prod(dims)):
-    raise FinetuneError(f"{filename} is truncated: header says {dims}, found {data.size} bytes; "
+    problem = "truncated" if data.size < int(np.prod(dims)) else "longer than its header says"
+    raise FinetuneError(f"{filename} is {problem}: header says {dims}, found {data.size} bytes; "
                         "re-download or re-copy the file")
   return data.reshape(dims)
 
@@ -68,8 +77,19 @@ def _idx_split(folder: str, split: str) -> ArraySplit | None:
     return None
   if label_file is None:
     raise FinetuneError(f"{image_file} has no labels file {label_stem}(.gz) beside it; copy it into {folder}")
-  images = read_idx(image_file)[..., None]  # (N, 28, 28) -> (N, 28, 28, 1)
-  labels = read_idx(label_file).astype(np.int64)
+  images, labels = read_idx(image_file), read_idx(label_file)
+  if images.ndim != 3 or labels.ndim != 1:
+    raise FinetuneError(f"{image_file} holds an array of shape {images.shape} and {label_file} one of shape "
+                        f"{labels.shape}; MNIST needs (N, 28, 28) images and (N,) labels: check that the files "
+                        "are not swapped")
+  if len(images) != len(labels):
+    raise FinetuneError(f"{image_file} has {len(images)} images but {label_file} has {len(labels)} labels; one "
+                        "of them is from another download: re-copy both")
+  if labels.size and labels.max() >= 10:
+    raise FinetuneError(f"{label_file} has label {labels.max()}; MNIST labels are digits 0-9: re-copy the "
+                        "original labels file")
+  images = images[..., None]  # (N, 28, 28) -> (N, 28, 28, 1)
+  labels = labels.astype(np.int64)
   return ArraySplit({"image": images, "label": labels})
 
 

@@ -155,3 +155,28 @@ def test_gz_file_is_preferred_over_raw(tmp_path):
   test = mnist(str(tmp_path)).splits["test"]
   assert test.take(np.array([0]))["image"].max() == 2
   assert test.labels().tolist() == [2]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: gzip.compress(data)[:-12], r"cannot read .*t10k-images-idx3-ubyte.gz \(EOFError"),
+    (lambda data: data, r"cannot read .*t10k-images-idx3-ubyte.gz \(BadGzipFile"),  # not gzip despite .gz
+    (lambda data: gzip.compress(data[:6]), r"is truncated: its header needs 16 bytes, the file has 6"),
+    (lambda data: gzip.compress(data + b"\x00"), r"is longer than its header says: header says \[2, 28, 28\]"),
+], ids=["cut-off-gzip", "not-gzip", "short-header", "extra-bytes"])
+def test_damaged_idx_files_are_one_line_errors(tmp_path, damage, message):
+  (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(damage(_idx_bytes(np.zeros((2, 28, 28)))))
+  _write(tmp_path / "t10k-labels-idx1-ubyte", np.array([1, 2]), compress=True)
+  with pytest.raises(FinetuneError, match=message):
+    mnist(str(tmp_path))
+
+
+@pytest.mark.parametrize("images, labels, message", [
+    (np.zeros((3, 28, 28)), np.array([1, 2]), r"has 3 images but .*t10k-labels-idx1-ubyte.gz has 2 labels"),
+    (np.zeros((2, 28, 28)), np.array([1, 10]), r"has label 10; MNIST labels are digits 0-9"),
+    (np.zeros(2), np.zeros((2, 28, 28)), r"MNIST needs \(N, 28, 28\) images and \(N,\) labels"),
+], ids=["count-mismatch", "label-10", "swapped-files"])
+def test_inconsistent_idx_files_are_one_line_errors(tmp_path, images, labels, message):
+  _write(tmp_path / "t10k-images-idx3-ubyte", images, compress=True)
+  _write(tmp_path / "t10k-labels-idx1-ubyte", labels, compress=True)
+  with pytest.raises(FinetuneError, match=message):
+    mnist(str(tmp_path))
