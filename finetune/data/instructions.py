@@ -105,8 +105,14 @@ def instructions(path: str = "", cache_dir: str = "", train_file: str = "", test
       continue
     filename = data_file(path, name, split)
     conversations, seen = [], set()
-    with open(filename, encoding="utf-8") as f:
-      for number, line in enumerate(f, 1):
+    with open(filename, "rb") as f:
+      for number, raw_line in enumerate(f, 1):
+        # JSON text is UTF-8 (RFC 8259), so another encoding is an error here, not something to guess around.
+        try:
+          line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise FinetuneError(f"{filename}:{number} is not UTF-8 (byte {raw_line[e.start]:#x} at column "
+                              f"{e.start + 1}); save the file as UTF-8") from None
         if not line.strip():
           continue
         try:

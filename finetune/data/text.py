@@ -22,6 +22,8 @@ from finetune.errors import FinetuneError
 def read_labelled_lines(filename: str) -> tuple[list[str], np.ndarray]:
   """(sentences, integer labels) from `<label> <sentence>` lines; blank lines are skipped."""
   sentences, labels = [], []
+  # errors="replace": real corpora carry stray bytes (../shared/data/text/TREC.train.all has a Latin-1 byte in an
+  # otherwise ASCII file); one replaced character in a sentence is better than refusing the dataset.
   with open(filename, encoding="utf-8", errors="replace") as f:
     for number, line in enumerate(f, 1):
       line = line.strip()

@@ -80,6 +80,17 @@ def test_source_dedups_pads_and_packs(tokenizer_dir, tmp_path):
   assert len(with_duplicates.splits["train"]) == 5
 
 
+@pytest.mark.parametrize("second_line, message", [
+    ('{"instruction": "Caf\xe9?", "output": "Oui."}\n'.encode("latin-1"),
+     r"train.jsonl:2 is not UTF-8 \(byte 0xe9 at column 21\); save the file as UTF-8"),
+    (b'{"instruction": "x", \n', r"train.jsonl:2 is not JSON"),
+], ids=["latin-1", "cut-off-json"])
+def test_unreadable_lines_are_one_line_errors(tokenizer_dir, tmp_path, second_line, message):
+  (tmp_path / "train.jsonl").write_bytes(json.dumps(RECORDS[0]).encode() + b"\n" + second_line)
+  with pytest.raises(FinetuneError, match=message):
+    instructions(str(tmp_path), train_file="train.jsonl", tokenizer=tokenizer_dir)
+
+
 @pytest.mark.parametrize("model,peft", [("llama", ""), ("llama", "qlora"), ("gpt2", "lora")])
 def test_sft_trains_a_decoder_on_responses_only(model, peft, tokenizer_dir, tmp_path):
   torch = pytest.importorskip("torch")
