@@ -1,8 +1,9 @@
-"""Image classification data from local JSON / JSON Lines / CSV / Parquet files, read with Hugging Face `datasets`.
+"""Image classification data from local JSON / JSON Lines / CSV / Parquet files, read with Hugging Face `datasets`
+(offline, compressed files too; see `tables`).
 
-`datasets.load_dataset(<format>, data_files=...)` reads local files without the Hub, so this works offline. It
-also handles compressed files (`.jsonl.gz`, `.csv.gz`, ...) and the `Image` / `ClassLabel` features that
-`datasets` writes into Parquet metadata.
+Splits: a folder `config.data.path` supplies its train* / test* / validation* (or valid*, val*, dev*) files, or the
+train_files / test_files / validation_files options name them by glob. A validation split from files is the
+validation split: `config.data.validation_fraction` then carves nothing from 'train'.
 
 Images arrive in many shapes, all turned into one numpy array (N, H, W, C):
 - nested lists or arrays of numbers (H, W) or (H, W, C), e.g. a JSON list of rows;
@@ -24,19 +25,14 @@ import numpy as np
 
 from finetune.data import SOURCES
 from finetune.data.dataset import ArraySplit, Dataset
+from finetune.data.tables import class_label_names, class_names_and_labels, file_format, load_tables
 from finetune.errors import FinetuneError
 
-_FORMAT_OF_EXTENSION = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-_COMPRESSION_EXTENSIONS = (".gz", ".bz2", ".xz", ".zst")
 ALL_OTHER_COLUMNS = "*"
-
-
-def _file_format(filename: str) -> str | None:
-  """'json' / 'csv' / 'parquet' from the extension (after any compression extension), or None."""
-  stem = filename
-  for compression in _COMPRESSION_EXTENSIONS:
-    stem = stem.removesuffix(compression)
-  return _FORMAT_OF_EXTENSION.get(os.path.splitext(stem)[1].lower())
+# File-name prefixes of each split in a folder, as Hugging Face `datasets` names splits of local data files; a
+# prefix counts when the name goes on with a separator, a digit or the extension (so 'values.csv' is no split).
+_SPLIT_PREFIXES = {"train": ("train", "training"), "test": ("test", "testing"),
+                   "validation": ("validation", "valid", "val", "dev")}
 
 
 def _expand(patterns: str | Sequence[str], folder: str, option: str) -> list[str]:
@@ -52,14 +48,18 @@ def _expand(patterns: str | Sequence[str], folder: str, option: str) -> list[str
   return files
 
 
-def _files_in_folder(folder: str, prefix: str) -> list[str]:
+def _files_in_folder(folder: str, split: str) -> list[str]:
+  def is_split_file(name: str) -> bool:
+    return bool(file_format(name)) and any(re.match(re.escape(prefix) + r"([-_.0-9]|$)", name.lower())
+                                           for prefix in _SPLIT_PREFIXES[split])
   return sorted(os.path.join(folder, name) for name in os.listdir(folder)
-                if name.startswith(prefix) and _file_format(name) and os.path.isfile(os.path.join(folder, name)))
+                if is_split_file(name) and os.path.isfile(os.path.join(folder, name)))
 
 
-def _split_files(path: str, train_files: str | Sequence[str],
-                 test_files: str | Sequence[str]) -> dict[str, list[str]]:
-  """{'train': [...], 'test': [...]} from the options; a folder `path` supplies its train*/test* files by default."""
+def _split_files(path: str, train_files: str | Sequence[str], test_files: str | Sequence[str],
+                 validation_files: str | Sequence[str]) -> dict[str, list[str]]:
+  """{'train': [...], 'test': [...], 'validation': [...]} (the splits that have files) from the options; a folder
+  `path` supplies its train* / test* / validation* files by default."""
   folder = path if path and os.path.isdir(path) else ""
   if path and not folder and train_files:
     raise FinetuneError(f"both config.data.path ({path!r}, not a folder) and train_files are set; make path the "
@@ -76,15 +76,17 @@ def _split_files(path: str, train_files: str | Sequence[str],
   else:
     raise FinetuneError("the hf_files source needs data files: set config.data.path to a folder with train.* / "
                         "test.* files, or set the train_files option to a glob")
-  if test_files:
-    test = _expand(test_files, folder, "test_files")
-  else:
-    test = _files_in_folder(folder, "test") if folder else []
-  return {"train": train, "test": test} if test else {"train": train}
+  files = {"train": train}
+  for split, patterns in (("test", test_files), ("validation", validation_files)):
+    found = _expand(patterns, folder, f"{split}_files") if patterns else (
+        _files_in_folder(folder, split) if folder else [])
+    if found:
+      files[split] = found
+  return files
 
 
 def _infer_format(files: list[str]) -> str:
-  formats = {_file_format(f) for f in files}
+  formats = {file_format(f) for f in files}
   if len(formats) != 1 or None in formats:
     raise FinetuneError(f"cannot tell the file format of {files[:3]}{' ...' if len(files) > 3 else ''} from their "
                         "extensions; set the format option to 'json', 'csv' or 'parquet'")
@@ -195,58 +197,22 @@ def _read_split(table: Any, image_key: str, label_key: str, image_shape: tuple[i
   return _to_images(values, image_shape, where), labels
 
 
-def _class_names_and_labels(raw: dict[str, np.ndarray], names: Sequence[str] | None,
-                            label_key: str) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
-  """Class names and int64 labels per split: ClassLabel names, else sorted string labels, else str(0..max)."""
-  if any(value is None for values in raw.values() if values.dtype == object for value in values):
-    raise FinetuneError(f"some rows have no value in label column {label_key!r}; drop or label them")
-  if names is None and any(values.dtype.kind in "OUS" for values in raw.values()):
-    names = sorted({str(value) for values in raw.values() for value in values})
-    index = {name: i for i, name in enumerate(names)}
-    return tuple(names), {split: np.array([index[str(v)] for v in values], np.int64) for split, values in raw.items()}
-  labels = {}
-  for split, values in raw.items():
-    if values.dtype.kind not in "iub" and not np.all(np.equal(np.mod(values, 1), 0)):
-      raise FinetuneError(f"{split} labels in column {label_key!r} are not whole numbers; set label_key to the "
-                          "class column")
-    labels[split] = values.astype(np.int64)
-    if labels[split].size and labels[split].min() < 0:
-      raise FinetuneError(f"{split} labels in column {label_key!r} include {labels[split].min()}; labels must be "
-                          "class indices 0..K-1, so drop unlabeled rows or set label_key to the class column")
-  if names is None:
-    num_classes = max((int(values.max()) + 1 for values in labels.values() if values.size), default=0)
-    names = [str(i) for i in range(num_classes)]
-  return tuple(names), labels
-
-
 @SOURCES.register("hf_files")
 def hf_files(path: str = "", cache_dir: str = "", format: str = "",  # pylint: disable=redefined-builtin
-             train_files: str | Sequence[str] = "", test_files: str | Sequence[str] = "", image_key: str = "image",
-             label_key: str = "label", image_shape: Sequence[int] = ()) -> Dataset:
+             train_files: str | Sequence[str] = "", test_files: str | Sequence[str] = "",
+             validation_files: str | Sequence[str] = "", image_key: str = "image", label_key: str = "label",
+             image_shape: Sequence[int] = ()) -> Dataset:
   """Local json/jsonl/csv/parquet files; `cache_dir` (optional) holds the Arrow cache `datasets` writes."""
-  import datasets  # pylint: disable=g-import-not-at-top
-
-  files = _split_files(path, train_files, test_files)
+  files = _split_files(path, train_files, test_files, validation_files)
   if not format:
     format = _infer_format([f for split_files in files.values() for f in split_files])
-  if format not in ("json", "csv", "parquet"):
-    raise FinetuneError(f"unsupported format {format!r}; set the format option to 'json', 'csv' or 'parquet' "
-                        "(or to '' to infer it from the file extensions)")
-  try:
-    loaded = datasets.load_dataset(format, data_files=files,
-                                   cache_dir=os.path.join(cache_dir, "hf_datasets") if cache_dir else None)
-  except datasets.exceptions.DatasetGenerationError as error:
-    cause = error.__cause__ or error
-    reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-    raise FinetuneError(f"could not read {files} as {format}: {reason}; fix the files or set the format "
-                        "option") from error
-
+  loaded = load_tables(files, format, cache_dir)
   image_shape = tuple(int(size) for size in image_shape)
   images, raw_labels = {}, {}
   for split, table in loaded.items():
     images[split], raw_labels[split] = _read_split(table, image_key, label_key, image_shape, f"{split} files")
-  label_feature = loaded["train"].features.get(label_key)
-  names = label_feature.names if isinstance(label_feature, datasets.ClassLabel) else None
-  class_names, labels = _class_names_and_labels(raw_labels, names, label_key)
+  class_names, labels = class_names_and_labels(
+      raw_labels, class_label_names(loaded["train"], label_key),
+      {split: f"label column {label_key!r} of the {split} files" for split in loaded})
   splits = {split: ArraySplit({"image": images[split], "label": labels[split]}) for split in loaded}
   return Dataset("hf_files", splits, class_names)

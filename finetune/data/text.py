@@ -16,6 +16,7 @@ import numpy as np
 
 from finetune.data import SOURCES
 from finetune.data.dataset import ArraySplit, Dataset
+from finetune.data.tables import class_label_names, class_names_and_labels, file_format, load_tables
 from finetune.errors import FinetuneError
 
 
@@ -72,20 +73,20 @@ def tokenize(tokenizer, sentences: list[str], max_length: int) -> dict[str, np.n
           "attention_mask": encoded["attention_mask"].astype(np.int32)}
 
 
-_TABLE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-def read_table(filename: str, text_key: str, label_key: str) -> tuple[list[str], list]:
-  """(texts, raw labels) from a local json/jsonl/csv/parquet file, read with `datasets` (offline)."""
-  import datasets  # pylint: disable=g-import-not-at-top
-
-  table = datasets.load_dataset(_TABLE_FORMATS[os.path.splitext(filename)[1].lower()], data_files=filename,
-                                split="train")
+def read_table(filename: str, text_key: str, label_key: str) -> tuple[list[str], np.ndarray, tuple[str, ...] | None]:
+  """(texts, raw label column, ClassLabel names or None) from a local json/jsonl/csv/parquet file (also
+  compressed), read with `datasets` (offline)."""
+  table = load_tables({"train": [filename]}, file_format(filename))["train"]
   for key in (text_key, label_key):
     if key not in table.column_names:
       raise FinetuneError(f"{filename} has no column {key!r} (columns: {', '.join(table.column_names)}); set "
                           "config.data.options.text_key / label_key")
-  return [str(t) for t in table[text_key]], list(table[label_key])
+  arrow = table.with_format("arrow")[:]  # A pyarrow.Table, rows in file order.
+  texts = arrow.column(text_key).to_pylist()
+  if None in texts:
+    raise FinetuneError(f"row {texts.index(None)} of {filename} has no {text_key!r} text; drop the row or fill it in")
+  return ([str(text) for text in texts], arrow.column(label_key).to_numpy(zero_copy_only=False),
+          class_label_names(table, label_key))
 
 
 @SOURCES.register("text_classification")
@@ -93,33 +94,27 @@ def text_classification(path: str = "", cache_dir: str = "", train_file: str = "
                         validation_file: str = "", tokenizer: str = "", max_length: int = 64, text_key: str = "text",
                         label_key: str = "label") -> Dataset:
   """Files are `<label> <sentence>` lines, or json/jsonl/csv/parquet tables with `text_key` and `label_key`
-  columns (labels: integers, or strings numbered in sorted order)."""
+  columns (labels: integers, or strings numbered in sorted order, or a ClassLabel feature's names)."""
   del cache_dir  # tokenising a few thousand sentences takes well under a second
   if not train_file:
     raise FinetuneError("config.data.options.train_file is empty; name the training file (e.g. stsa.binary.train)")
   files = {"train": train_file, "test": test_file, "validation": validation_file}
   tok = load_tokenizer(tokenizer)
-  raw = {}
+  texts, raw_labels, where, names = {}, {}, {}, None
   for split, name in files.items():
     if not name:
       continue
     filename = data_file(path, name, split)
-    if os.path.splitext(filename)[1].lower() in _TABLE_FORMATS:
-      raw[split] = read_table(filename, text_key, label_key)
+    if file_format(filename):
+      texts[split], raw_labels[split], split_names = read_table(filename, text_key, label_key)
+      where[split] = f"column {label_key!r} of {filename}"
+      names = split_names if split == "train" else names
     else:
-      raw[split] = read_labelled_lines(filename)
-  all_labels = [label for _, labels in raw.values() for label in labels]
-  if any(isinstance(label, str) for label in all_labels):
-    class_names = tuple(sorted({str(label) for label in all_labels}))
-    to_index = {name: i for i, name in enumerate(class_names)}
-    raw = {k: (texts, np.asarray([to_index[str(l)] for l in labels], np.int64)) for k, (texts, labels) in raw.items()}
-  else:
-    labels = np.asarray(all_labels, np.int64)
-    if labels.min() < 0:
-      raise FinetuneError(f"negative label {labels.min()} in {train_file}; labels must be 0..K-1")
-    class_names = tuple(str(i) for i in range(int(labels.max()) + 1))
-  splits = {split: ArraySplit({**tokenize(tok, texts, max_length), "label": np.asarray(labels, np.int64)})
-            for split, (texts, labels) in raw.items()}
+      texts[split], raw_labels[split] = read_labelled_lines(filename)
+      where[split] = filename
+  class_names, labels = class_names_and_labels(raw_labels, names, where)
+  splits = {split: ArraySplit({**tokenize(tok, texts[split], max_length), "label": labels[split]})
+            for split in texts}
   return Dataset(os.path.basename(train_file).split(".")[0], splits, class_names)
 
 

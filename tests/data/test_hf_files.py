@@ -129,3 +129,42 @@ def test_ragged_and_flat_images_without_image_shape_are_user_errors(tmp_path):
   _write_jsonl(tmp_path / "train.jsonl", [{"image": [1, 2, 3, 4], "label": 0}])
   with pytest.raises(FinetuneError, match="flat lists of 4 numbers; set image_shape"):
     _load(tmp_path, path=str(tmp_path))
+
+
+def test_validation_files_become_the_validation_split(tmp_path):
+  images = _images(5, (2, 2), 8)
+  _write_jsonl(tmp_path / "train.jsonl", [{"image": images[i].tolist(), "label": i % 2} for i in range(3)])
+  _write_jsonl(tmp_path / "dev.jsonl", [{"image": images[3].tolist(), "label": 1}])
+  _write_jsonl(tmp_path / "values.jsonl", [{"image": images[4].tolist(), "label": 0}])  # 'val' + letters: no split
+  dataset = _load(tmp_path, path=str(tmp_path))
+  assert sorted(dataset.splits) == ["train", "validation"]
+  np.testing.assert_array_equal(dataset.splits["validation"].take(np.array([0]))["image"][..., 0], images[3:4])
+  dataset = _load(tmp_path, path=str(tmp_path), validation_files="values.jsonl")
+  np.testing.assert_array_equal(dataset.splits["validation"].labels(), [0])
+  # The pipeline keeps the source's validation split and carves nothing from 'train'.
+  from finetune.config import defaults  # pylint: disable=g-import-not-at-top
+  from finetune.data.pipeline import build_pipeline  # pylint: disable=g-import-not-at-top
+  data = defaults().data
+  data.name, data.path, data.validation_fraction, data.batch_size = "hf_files", str(tmp_path), 0.5, 1
+  data.cache_dir = str(tmp_path / "cache")
+  pipeline = build_pipeline(data, seed=0)
+  assert len(pipeline.train) == 3 and len(pipeline.eval_splits["validation"]) == 1
+
+
+@pytest.mark.parametrize("split, labels, message", [
+    ("test", [0, None], r"row 1 of label column 'label' of the test files has no label \(1 such rows\)"),
+    ("test", [0, -1], r"labels in label column 'label' of the test files include -1"),
+    # Alone, since `datasets` gives all splits the train files' schema (int64 labels would refuse 1.5 itself).
+    ("train", [0, 1.5], r"labels in label column 'label' of the train files are not whole numbers \(e.g. 1.5\)"),
+], ids=["null", "negative", "fraction"])
+def test_bad_labels_name_their_split(tmp_path, split, labels, message):
+  _write_jsonl(tmp_path / "train.jsonl", [{"image": [[1]], "label": 0}, {"image": [[2]], "label": 1}])
+  _write_jsonl(tmp_path / f"{split}.jsonl", [{"image": [[1]], "label": label} for label in labels])
+  with pytest.raises(FinetuneError, match=message):
+    _load(tmp_path, path=str(tmp_path))
+
+
+def test_empty_csv_label_cell_is_a_missing_label(tmp_path):
+  (tmp_path / "train.csv").write_text("label,p0,p1\n1,0,255\n,3,4\n")
+  with pytest.raises(FinetuneError, match=r"row 1 of label column 'label' of the train files has no label"):
+    _load(tmp_path, path=str(tmp_path), image_key="*", image_shape=(1, 2, 1))

@@ -85,3 +85,43 @@ def test_tables_through_datasets_with_string_labels(tmp_path, extension):
   assert batch["input_ids"].shape == (4, 8)
   with pytest.raises(FinetuneError, match="has no column 'text'"):
     text_classification(str(tmp_path), train_file=filename.name, tokenizer=_minilm_dir(), label_key="sentiment")
+
+
+@pytest.mark.parametrize("train_text, test_text, message", [
+    ('{"text": "fine", "label": 1}\n{"text": "dull", "label": \n', None,
+     r"could not read .*train.jsonl.* as json"),
+    ('{"text": "fine", "label": 1}\n{"text": "dull", "label": null}\n', None,
+     r"row 1 of column 'label' of .*train.jsonl has no label \(1 such rows\)"),
+    ('{"text": "fine", "label": 1.0}\n{"text": "dull", "label": 1.7}\n', None,
+     r"labels in column 'label' of .*train.jsonl are not whole numbers \(e.g. 1.7\)"),
+    ('{"text": "fine", "label": 1}\n{"text": null, "label": 0}\n', None,
+     r"row 1 of .*train.jsonl has no 'text' text"),
+    ('{"text": "fine", "label": 1}\n', "1 good\n-2 bad\n", r"labels in .*test.txt include -2"),
+], ids=["cut-off-json", "null-label", "fractional-label", "null-text", "negative-test-label"])
+def test_bad_tables_and_labels_are_one_line_errors(tmp_path, train_text, test_text, message):
+  (tmp_path / "train.jsonl").write_text(train_text)
+  options = {"train_file": "train.jsonl"}
+  if test_text is not None:
+    (tmp_path / "test.txt").write_text(test_text)
+    options["test_file"] = "test.txt"
+  with pytest.raises(FinetuneError, match=message):
+    text_classification(str(tmp_path), tokenizer=_minilm_dir(), **options)
+
+
+def test_compressed_table_and_class_label_names(tmp_path):
+  import datasets  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+
+  with gzip.open(tmp_path / "train.jsonl.gz", "wt") as f:
+    f.write('{"text": "fine", "label": "pos"}\n{"text": "dull", "label": "neg"}\n')
+  dataset = text_classification(str(tmp_path), train_file="train.jsonl.gz", tokenizer=_minilm_dir())
+  assert dataset.class_names == ("neg", "pos")
+  np.testing.assert_array_equal(dataset.splits["train"].labels(), [1, 0])
+  # A ClassLabel feature's names keep their order (not sorted) and number the integer labels.
+  features = datasets.Features({"text": datasets.Value("string"),
+                                "label": datasets.ClassLabel(names=["pos", "neg"])})
+  datasets.Dataset.from_dict({"text": ["fine", "dull"], "label": [0, 1]}, features=features).to_parquet(
+      str(tmp_path / "train.parquet"))
+  dataset = text_classification(str(tmp_path), train_file="train.parquet", tokenizer=_minilm_dir())
+  assert dataset.class_names == ("pos", "neg")
+  np.testing.assert_array_equal(dataset.splits["train"].labels(), [0, 1])

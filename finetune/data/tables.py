@@ -1,0 +1,91 @@
+"""Local json / jsonl / csv / parquet tables read with Hugging Face `datasets`, and their class labels: what the
+hf_files (images) and text_classification (sentences) sources share.
+
+`datasets.load_dataset(<format>, data_files=...)` reads local files without the Hub, so this works offline. It
+also handles compressed files (`.jsonl.gz`, `.csv.gz`, ...) and the `ClassLabel` feature that `datasets` writes
+into Parquet metadata.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from finetune.errors import FinetuneError
+
+_FORMAT_OF_EXTENSION = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+_COMPRESSION_EXTENSIONS = (".gz", ".bz2", ".xz", ".zst")
+FORMATS = ("json", "csv", "parquet")
+
+
+def file_format(filename: str) -> str | None:
+  """'json' / 'csv' / 'parquet' from the extension (after any compression extension), or None."""
+  stem = filename
+  for compression in _COMPRESSION_EXTENSIONS:
+    stem = stem.removesuffix(compression)
+  return _FORMAT_OF_EXTENSION.get(os.path.splitext(stem)[1].lower())
+
+
+def load_tables(files: dict[str, list[str]], format: str, cache_dir: str = "") -> Any:  # pylint: disable=redefined-builtin
+  """{split: files} -> a `datasets.DatasetDict` with those splits; unreadable files are one FinetuneError."""
+  import datasets  # pylint: disable=g-import-not-at-top
+
+  if format not in FORMATS:
+    raise FinetuneError(f"unsupported format {format!r}; set the format option to 'json', 'csv' or 'parquet' "
+                        "(or to '' to infer it from the file extensions)")
+  try:
+    return datasets.load_dataset(format, data_files=files,
+                                 cache_dir=os.path.join(cache_dir, "hf_datasets") if cache_dir else None)
+  except datasets.exceptions.DatasetGenerationError as error:
+    cause = error.__cause__ or error
+    reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    raise FinetuneError(f"could not read {files} as {format}: {reason}; fix the files or set the format "
+                        "option") from error
+
+
+def class_label_names(table: Any, label_key: str) -> tuple[str, ...] | None:
+  """The names of a `datasets.ClassLabel` column, or None for a plain column."""
+  import datasets  # pylint: disable=g-import-not-at-top
+
+  feature = table.features.get(label_key)
+  return tuple(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def _missing(values: np.ndarray) -> np.ndarray:
+  """Which rows hold no value: None in an object column, NaN in a float one (how a CSV's empty cell arrives)."""
+  if values.dtype == object:
+    return np.array([value is None for value in values], bool)
+  if values.dtype.kind == "f":
+    return np.isnan(values)
+  return np.zeros(len(values), bool)
+
+
+def class_names_and_labels(raw: dict[str, np.ndarray], names: Sequence[str] | None,
+                           where: dict[str, str]) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
+  """Class names and int64 labels per split: `names` (a ClassLabel's), else the sorted string labels, else
+  str(0..max). `where[split]` says where that split's labels come from, for the error messages."""
+  for split, values in raw.items():
+    missing = _missing(values)
+    if missing.any():
+      raise FinetuneError(f"row {int(np.argmax(missing))} of {where[split]} has no label ({int(missing.sum())} "
+                          "such rows); drop those rows or label them")
+  if names is None and any(values.dtype.kind in "OUS" for values in raw.values()):
+    names = sorted({str(value) for values in raw.values() for value in values})
+    index = {name: i for i, name in enumerate(names)}
+    return tuple(names), {split: np.array([index[str(v)] for v in values], np.int64) for split, values in raw.items()}
+  labels = {}
+  for split, values in raw.items():
+    if values.dtype.kind not in "iub" and not np.all(np.equal(np.mod(values, 1), 0)):
+      example = values[np.argmax(np.mod(values, 1) != 0)]
+      raise FinetuneError(f"labels in {where[split]} are not whole numbers (e.g. {example}); labels are class "
+                          "indices 0..K-1 or class names: point the label option at the class column")
+    labels[split] = values.astype(np.int64)
+    if labels[split].size and labels[split].min() < 0:
+      raise FinetuneError(f"labels in {where[split]} include {labels[split].min()}; labels are class indices "
+                          "0..K-1, so drop unlabelled rows or point the label option at the class column")
+  if names is None:
+    num_classes = max((int(values.max()) + 1 for values in labels.values() if values.size), default=0)
+    names = [str(i) for i in range(num_classes)]
+  return tuple(names), labels
