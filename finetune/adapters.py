@@ -83,13 +83,17 @@ def prepare_checkpoint(peft_cfg: ConfigDict, arrays: dict[str, dict[str, Any]], 
 
 
 def fold_source_adapters(step_dir: str, arrays: dict[str, dict[str, Any]], peft_cfg: ConfigDict,
-                         param_paths: Sequence[str]) -> dict[str, dict[str, Any]]:
+                         param_paths: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
   """A checkpoint of one of our PEFT runs, read by a stage with another (or no) PEFT method: its adapters folded
   into the base weights (`merge`), so the stage starts from the function the source trained. Loading only the
-  base weights would silently drop what the adapters learned. Other checkpoints are returned as they are."""
+  base weights would silently drop what the adapters learned. Other checkpoints are returned as they are.
+
+  `param_paths`: the stage's parameters; a checkpoint whose parameters the stage all holds (it has slots for the
+  adapters) is returned as is. None (the forgetting lineage's anchors, which have no stage layout): fold whenever
+  the source's PEFT method is not `peft_cfg`'s."""
   run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))), "config.json")
-  extra = set(arrays.get("params", {})) - set(param_paths)
-  if not extra or not os.path.isfile(run_config):
+  fits_stage = param_paths is not None and set(arrays.get("params", {})) <= set(param_paths)
+  if fits_stage or not os.path.isfile(run_config):
     return arrays
   source = ConfigDict(read_json(run_config))
   source_peft = source.get("peft", ConfigDict({"method": ""}))

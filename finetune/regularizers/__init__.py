@@ -150,7 +150,7 @@ def lineage(cfg: ConfigDict, workdir: str, hf_weights: bool = True) -> list[Sour
       arrays, run_dir, source_cfg, step = hf.read_params(step_dir), step_dir, None, None
     else:
       # The weights the stage started from: a PEFT source's adapters folded in, as initial_state loads them.
-      arrays = adapters.fold_source_adapters(step_dir, read_checkpoint_arrays(step_dir), cfg.peft, ())
+      arrays = adapters.fold_source_adapters(step_dir, read_checkpoint_arrays(step_dir), cfg.peft)
       run_dir = os.path.dirname(os.path.dirname(step_dir))  # <run>/checkpoints/<step>
       config_path = os.path.join(run_dir, "config.json")
       source_cfg = ConfigDict(read_json(config_path)) if os.path.isfile(config_path) else None
