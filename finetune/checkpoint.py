@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from typing import Any, Sequence
 
 import jax
@@ -51,6 +52,7 @@ class Checkpointer:
       restored = self._manager.restore(
           step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
     except Exception as e:  # orbax/tensorstore raise many types for damaged or mismatched checkpoints
+      _silence_abandoned_reads()
       raise FinetuneError(f"cannot restore checkpoint {self.directory}/{step}: {type(e).__name__}: {_short(e)}; the "
                           "config may have changed since it was written, or the checkpoint is damaged: use a new "
                           "--workdir, or delete that step folder to resume from the one before") from None
@@ -65,6 +67,35 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _is_abandoned_read(unraisable: Any) -> bool:
+  """An 'Event loop is closed' raised by asyncio's call_soon_threadsafe: a tensorstore read finishing after orbax
+  closed the event loop it was started from."""
+  if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+    return False
+  frame = unraisable.exc_traceback
+  while frame is not None and frame.tb_frame.f_code.co_name != "call_soon_threadsafe":
+    frame = frame.tb_next
+  return frame is not None
+
+
+def _silence_abandoned_reads() -> None:
+  """Keeps a damaged checkpoint's error to its one line. When one of several concurrent tensorstore reads fails,
+  orbax's `asyncio.gather` raises at once and orbax closes its per-call event loop (orbax 0.12,
+  asyncio_utils._run_sync_via_new_loop) while the other reads are still in flight; each of them then reports
+  'Event loop is closed' through sys.unraisablehook as it finishes, a traceback per array. Installed only on the
+  failure path; every other unraisable exception still goes to the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_finetune_filter", False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    if not _is_abandoned_read(unraisable):
+      previous(unraisable)
+
+  hook._finetune_filter = True  # type: ignore[attr-defined]
+  sys.unraisablehook = hook
 
 
 def _short(error: Exception, limit: int = 200) -> str:
@@ -110,6 +141,7 @@ def resolve_checkpoint(source: str, workdir: str) -> str:
 
 def read_checkpoint_arrays(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
   """{'params': {path: array}, 'model_state': {path: array}} from a checkpoint step folder, on the host."""
+  step_dir = os.path.abspath(os.path.expanduser(step_dir))  # orbax finds no metadata under a relative path
   if hf.is_hf_checkpoint(step_dir):
     return hf.read_params(step_dir)
   item = os.path.join(step_dir, STATE_ITEM)
@@ -126,6 +158,7 @@ def read_checkpoint_arrays(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
       metadata = checkpointer.metadata(item)
       metadata = getattr(metadata, "item_metadata", metadata)
       if metadata is None:  # orbax's answer when the folder's index files are gone
+        _silence_abandoned_reads()
         raise FinetuneError(f"cannot read checkpoint {step_dir}: it is damaged or incomplete (orbax finds no "
                             "metadata); use another step folder, or re-run the stage that wrote it")
       tree = metadata.tree
@@ -136,6 +169,7 @@ def read_checkpoint_arrays(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
   except FinetuneError:
     raise
   except Exception as e:  # orbax raises many types for unreadable folders; the user needs one line.
+    _silence_abandoned_reads()
     raise FinetuneError(f"cannot read checkpoint {step_dir}: {type(e).__name__}: {_short(e)}; check the path, or "
                         "use another step folder if this one is damaged") from None
   finally:

@@ -123,6 +123,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
   restored = read_checkpoint_arrays(str(tmp_path / "checkpoints" / "6"))["params"]
   assert all(np.isfinite(v).all() for v in restored.values())
+  monkeypatch.chdir(tmp_path)  # a relative step folder reads the same arrays
+  relative = read_checkpoint_arrays(os.path.join("checkpoints", "6"))["params"]
+  assert all(np.array_equal(relative[path], value) for path, value in restored.items())
   assert not (tmp_path / "summary.json").exists()
   checkpoint_before = tiny_config(train={"steps": 12, "log_every": 1, "checkpoint_every": 7})
   with pytest.raises(FinetuneError, match=r"loss is nan at step 8.*no good checkpoint.*\(step 7 holds the weights"):
