@@ -205,7 +205,9 @@ def merge(abstract: nnx.Module, peft_cfg: ConfigDict, params: dict[str, Any], mo
   method = PEFT_METHODS.get(peft_cfg.method)
   if method.merge is None:
     raise FinetuneError(f"PEFT method {peft_cfg.method!r} cannot be folded into the base weights (it adds "
-                        "computation a plain model lacks); export its adapter instead")
+                        "computation a plain model lacks); use such a run through its adapter (<run>/adapter/, "
+                        "finetune.adapters.load_model(..., adapter=...)), or continue from it with the same "
+                        "config.peft")
   return method.merge(abstract, params, model_state)
 
 

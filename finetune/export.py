@@ -16,6 +16,7 @@ import os
 from ml_collections import ConfigDict
 
 from finetune import adapters
+from finetune.adapters import PEFT_METHODS
 from finetune.checkpoint import read_checkpoint_arrays, resolve_checkpoint
 from finetune.errors import FinetuneError
 from finetune.models import MODELS, hf, model_kwargs
@@ -80,30 +81,65 @@ def export(workdir: str, out: str, fmt: str = "hf", stage: str = "", unfinished:
   num_classes = params["head/kernel"].shape[1] if "head/kernel" in params else 0  # language models: no head
   peft_cfg = cfg.get("peft", ConfigDict({"method": ""}))
   if fmt == "peft":
-    if not adapters.enabled(peft_cfg):
-      raise FinetuneError(f"{run_dir} is not a PEFT run (config.peft.method is empty); use --format hf")
-    from finetune import peft_format  # pylint: disable=g-import-not-at-top
-    _, trained = adapters.load_adapter(os.path.join(run_dir, "adapter"))
-    abstract = adapters.abstract_model(cfg.model, peft_cfg, num_classes)
-    base = cfg.model.get("hf_config", "") or (cfg.init_from if hf.is_hf_checkpoint(cfg.init_from) else "")
-    out = os.path.abspath(os.path.expanduser(out))
-    staged_base = out.rstrip("/") + ".base-staging"
-    if not base:  # no Hugging Face checkpoint to name as the base: write ours next to the adapter
-      from finetune.methods import lora  # pylint: disable=g-import-not-at-top
-      base_params, _ = lora.dequantized_base(abstract, params, arrays.get("model_state", {}))  # QLoRA: NF4 -> float
-      plain = {p: v for p, v in base_params.items() if p in _base_paths(cfg, num_classes)}
-      _write_hf(cfg, plain, num_classes, run_dir, staged_base)
-    peft_format.export_peft(cfg.model, peft_cfg, abstract, params, sorted(trained), num_classes, out,
-                            base_model=base or "base_model")
-    if not base:
-      os.replace(staged_base, os.path.join(out, "base_model"))
-    note = " (mean-pooled BERT: the base is a BertModel, the trained head is left out)" \
-        if cfg.model.name == "bert" and cfg.model.get("pooling", "cls") == "mean" else ""
-    return "PEFT LoRA adapter" + ("" if base else " + base_model/") + note
+    return _export_peft(cfg, arrays, num_classes, run_dir, out_path)
   if adapters.enabled(peft_cfg):  # the plain model with the adapters folded in
+    if PEFT_METHODS.get(peft_cfg.method).merge is None:
+      raise FinetuneError(f"{run_dir} trained config.peft.method={peft_cfg.method!r}, which adds computation a plain "
+                          f"transformers model lacks, so it has no --format hf export; its adapter is "
+                          f"{os.path.join(run_dir, 'adapter')}, loaded with "
+                          "finetune.adapters.load_model(..., adapter=...)")
     params, _ = adapters.merge(adapters.abstract_model(cfg.model, peft_cfg, num_classes), peft_cfg, params,
                                arrays.get("model_state", {}))
   return _write_hf(cfg, params, num_classes, run_dir, out)
+
+
+def _export_peft(cfg: ConfigDict, arrays: dict, num_classes: int, run_dir: str, out: str) -> str:
+  """The run's LoRA adapter in PEFT's format, with the base it belongs to: the Hugging Face checkpoint it started
+  from when its frozen weights are that checkpoint's, else the run's own base written to OUT/base_model/."""
+  from finetune import peft_format  # pylint: disable=g-import-not-at-top
+  from finetune.methods import lora  # pylint: disable=g-import-not-at-top
+
+  peft_cfg, params = cfg.get("peft", ConfigDict({"method": ""})), arrays["params"]
+  if not adapters.enabled(peft_cfg):
+    raise FinetuneError(f"{run_dir} is not a PEFT run (config.peft.method is empty); use --format hf")
+  if peft_cfg.method != "lora":  # checked before anything is written
+    merges = PEFT_METHODS.get(peft_cfg.method).merge is not None
+    raise FinetuneError(f"--format peft exports LoRA adapters (and DoRA, rsLoRA); this run used config.peft.method="
+                        f"{peft_cfg.method!r}: " + ("use --format hf, which folds it into the weights" if merges else
+                                                   f"its adapter is {os.path.join(run_dir, 'adapter')}, loaded with "
+                                                   "finetune.adapters.load_model(..., adapter=...)"))
+  base_paths = _base_paths(cfg, num_classes)
+  adapter_dir = os.path.join(run_dir, "adapter")
+  if adapters.is_adapter_dir(adapter_dir):
+    trained = sorted(adapters.load_adapter(adapter_dir)[1])
+  else:  # an unfinished run (--unfinished): the adapter folder is written when the stage ends
+    trained = sorted(adapters.trainable_paths(peft_cfg, list(params), base_paths))
+  abstract = adapters.abstract_model(cfg.model, peft_cfg, num_classes)
+  base = _hf_base(run_dir, trained)
+  tensors, adapter_config = peft_format.peft_adapter(cfg.model, peft_cfg, abstract, params, trained, num_classes,
+                                                     base_model=base or "base_model")
+  with staged_directory(out) as staging:  # adapter and base_model/ appear together or not at all
+    peft_format.write_adapter(staging, tensors, adapter_config)
+    if not base:  # no Hugging Face checkpoint holds these frozen weights: write ours next to the adapter
+      base_params, _ = lora.dequantized_base(abstract, params, arrays.get("model_state", {}))  # QLoRA: NF4 -> float
+      _write_hf(cfg, {p: v for p, v in base_params.items() if p in base_paths}, num_classes, run_dir,
+                os.path.join(staging, "base_model"))
+  note = " (mean-pooled BERT: the base is a BertModel, the trained head is left out)" \
+      if cfg.model.name == "bert" and cfg.model.get("pooling", "cls") == "mean" else ""
+  return "PEFT LoRA adapter" + ("" if base else " + base_model/") + note
+
+
+def _hf_base(run_dir: str, trained: list[str]) -> str:
+  """The Hugging Face checkpoint whose weights are the run's frozen base, or '' when there is none: the run must
+  have started from it directly (init.json's source), and everything it re-initialised must be trained (so in the
+  adapter). `config.model.hf_config` alone says nothing: it gives the architecture, and an earlier stage (or a
+  random start) may have given the weights."""
+  init_path = os.path.join(run_dir, "init.json")
+  init = read_json(init_path) if os.path.isfile(init_path) else {}
+  source = init.get("source", "")
+  if not source or not hf.is_hf_checkpoint(source) or set(init.get("fresh", ())) - set(trained):
+    return ""
+  return source
 
 
 def _base_paths(cfg: ConfigDict, num_classes: int) -> set[str]:

@@ -91,15 +91,33 @@ def _task_type(model_name: str, kwargs: dict[str, Any]) -> str | None:
 def export_peft(model_cfg: ConfigDict, peft_cfg: ConfigDict, abstract_model: nnx.Module, params: dict[str, Any],
                 trainable: list[str], num_classes: int, out: str, base_model: str = "",
                 naming: str = "installed") -> dict[str, Any]:
-  """Writes a PEFT LoRA adapter folder for the adapted model's flat `params`; returns adapter_config.
+  """Writes a PEFT LoRA adapter folder for the adapted model's flat `params` (atomically); returns adapter_config.
 
   A QLoRA run's adapter is written the same way; PEFT applies it to the float base (or to a bitsandbytes 4-bit
   one), whose outputs differ from our NF4 base by the quantisation error."""
+  tensors, config = peft_adapter(model_cfg, peft_cfg, abstract_model, params, trainable, num_classes, base_model,
+                                 naming)
+  with staged_directory(out) as staging:
+    write_adapter(staging, tensors, config)
+  return config
+
+
+def write_adapter(directory: str, tensors: dict[str, np.ndarray], config: dict[str, Any]) -> None:
+  """PEFT's two files of an adapter, into an existing folder."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
+  save_file(tensors, os.path.join(directory, PEFT_WEIGHTS), metadata={"format": "pt"})
+  with open(os.path.join(directory, PEFT_CONFIG), "w") as f:
+    json.dump(config, f, indent=2)
+
+
+def peft_adapter(model_cfg: ConfigDict, peft_cfg: ConfigDict, abstract_model: nnx.Module, params: dict[str, Any],
+                 trainable: list[str], num_classes: int, base_model: str = "",
+                 naming: str = "installed") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """(adapter_model tensors, adapter_config) in PEFT's names for a LoRA run (see `export_peft`)."""
   if peft_cfg.method != "lora":
-    raise FinetuneError(f"--format peft exports LoRA adapters (and DoRA, rsLoRA); this run used "
-                        f"config.peft.method={peft_cfg.method!r}: use --format adapter or --format hf")
+    raise FinetuneError(f"PEFT's format holds LoRA adapters (and DoRA, rsLoRA); config.peft.method is "
+                        f"{peft_cfg.method!r}")
   name = model_cfg.name
   if name not in _BASE_CLASSES:
     raise FinetuneError(f"model {name!r} has no transformers counterpart; PEFT export supports "
@@ -159,11 +177,7 @@ def export_peft(model_cfg: ConfigDict, peft_cfg: ConfigDict, abstract_model: nnx
       "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha},
       "layers_to_transform": None, "layers_pattern": None, "revision": None,
   }
-  with staged_directory(out) as staging:
-    save_file(tensors, os.path.join(staging, PEFT_WEIGHTS), metadata={"format": "pt"})
-    with open(os.path.join(staging, PEFT_CONFIG), "w") as f:
-      json.dump(config, f, indent=2)
-  return config
+  return tensors, config
 
 
 def read_peft_adapter(directory: str, model_cfg: ConfigDict, peft_cfg: ConfigDict, abstract_model: nnx.Module,

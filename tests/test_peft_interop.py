@@ -9,6 +9,7 @@ names differ between checkpoint files and transformers 5 classes).
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -301,3 +302,78 @@ def test_adapter_values_derived_from_the_base_use_the_loaded_weights(tmp_path):
   vocabulary = np.asarray(params["embeddings/word_embeddings/embedding"])
   for row in np.asarray(params["embeddings/word_embeddings/soft_prompt"]):
     assert np.any(np.all(vocabulary == row, axis=1))
+
+
+def _llama_logits_after_peft(adapter_dir, base_dir, ids):
+  with torch.no_grad():
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir)).eval()
+    return peft.PeftModel.from_pretrained(base, str(adapter_dir)).eval()(input_ids=torch.tensor(ids)).logits.numpy()
+
+
+def test_peft_export_names_the_hf_base_only_when_the_frozen_weights_are_its(tmp_path):
+  """A LoRA stage straight from a Hugging Face checkpoint names it as the base; a LoRA stage after a full
+  fine-tuning stage writes its own base_model/ (naming the original checkpoint would apply the adapter to other
+  weights). Either way PEFT computes the run's logits. An interrupted run exports from its latest checkpoint."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from finetune import cli, train as train_lib  # pylint: disable=g-import-not-at-top
+  from finetune.config import build_config  # pylint: disable=g-import-not-at-top
+  _, model_cfg = save_base("llama", tmp_path / "hf")
+  lora = {"method": "lora", "targets": ("q_proj", "v_proj"), "rank": 2, "alpha": 4.0}
+  config = build_config({
+      "task": "causal_lm", "model": model_cfg,
+      "data": {"name": "synthetic", "batch_size": 8, "eval_batch_size": 8, "validation_fraction": 0.0,
+               "eval_splits": ("test",), "options": {"kind": "tokens", "length": 16, "vocab_size": 120,
+                                                     "num_examples": 16}},
+      "train": {"steps": 4, "log_every": 4, "checkpoint_every": 0},
+      "optimizer": {"name": "adamw", "learning_rate": 3e-2, "warmup_steps": 0},
+      "stages": {"full": {"init_from": str(tmp_path / "hf")},
+                 "lora_after_full": {"init_from": "stage:full", "peft": lora},
+                 "lora_from_hf": {"init_from": str(tmp_path / "hf"), "peft": lora}}})
+  train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  ids = np.random.default_rng(0).integers(1, 120, size=(2, 10))
+  logits = {}
+  for stage, named_base in (("lora_after_full", None), ("lora_from_hf", tmp_path / "hf")):
+    out = tmp_path / f"peft_{stage}"
+    assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--stage", stage, "--format", "peft", "--out",
+                     str(out)]) == 0
+    written = json.load(open(out / "adapter_config.json"))["base_model_name_or_path"]
+    assert written == (str(named_base) if named_base else "base_model")
+    assert (out / "base_model").is_dir() == (named_base is None)
+    stage_cfg = ConfigDict(json.load(open(tmp_path / "run" / stage / "config.json")))
+    model = adapters.load_model(stage_cfg.model, stage_cfg.peft, 0, checkpoint=str(tmp_path / "run" / stage))
+    logits[stage] = np.asarray(model(ids, np.ones_like(ids)))
+    np.testing.assert_allclose(_llama_logits_after_peft(out, named_base or out / "base_model", ids), logits[stage],
+                               atol=1e-4, rtol=1e-4)
+  # Interrupted: no adapter/ folder and no summary.json yet; the adapter comes from the latest checkpoint.
+  stage_dir = tmp_path / "run" / "lora_after_full"
+  shutil.rmtree(stage_dir / "adapter")
+  (stage_dir / "summary.json").unlink()
+  assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--stage", "lora_after_full", "--unfinished",
+                   "--format", "peft", "--out", str(tmp_path / "unfinished")]) == 0
+  np.testing.assert_allclose(_llama_logits_after_peft(tmp_path / "unfinished", tmp_path / "unfinished" / "base_model",
+                                                      ids), logits["lora_after_full"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("bottleneck", {"bottleneck_size": 4, "targets": ("mlp_out",)},
+     r"its adapter is .*/run/adapter, loaded with finetune.adapters.load_model"),
+    ("ia3", {"targets": ("value", "mlp_out")}, r"use --format hf, which folds it into the weights"),
+])
+def test_peft_export_of_another_method_says_what_to_do_and_writes_nothing(method, options, message, tmp_path,
+                                                                           capsys):
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from finetune import cli, train as train_lib  # pylint: disable=g-import-not-at-top
+  config = tiny_config(model={"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 1,
+                              "num_heads": 2, "mlp_dim": 32},
+                       peft={"method": method, "modules_to_save": ("^head/",), **options},
+                       train={"steps": 2, "log_every": 2, "checkpoint_every": 0})
+  train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  before = sorted(p.name for p in tmp_path.iterdir())
+  assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--format", "peft", "--out",
+                   str(tmp_path / "out")]) != 0
+  assert re.search(message, capsys.readouterr().err)
+  assert sorted(p.name for p in tmp_path.iterdir()) == before  # no OUT, no staging folder beside it
+  if method == "bottleneck":
+    assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--format", "hf", "--out",
+                     str(tmp_path / "out")]) != 0
+    assert "has no --format hf export; its adapter is" in capsys.readouterr().err
