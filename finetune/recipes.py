@@ -35,24 +35,30 @@ def target_stages(recipe: str, target: dict[str, Any], *, n: int = 2, unfreeze_e
   if recipe == "linear_probe":
     return {"linear_probe": dict(probe, features={"cache": True, "closed_form": ("ridge", "logistic")})}
   if recipe == "frozen_n":
-    return {f"frozen_{n}": dict(target, freeze={"first_n": n})}
+    return {f"frozen_{n}": _merged(target, freeze={"first_n": n})}
   if recipe == "discriminative":
-    return {"discriminative": dict(target, optimizer={"lr_factor": lr_factor})}
+    return {"discriminative": _merged(target, optimizer={"lr_factor": lr_factor})}
   if recipe == "gradual":
-    return {"gradual": dict(target, unfreeze={"mode": "gradual", "every_steps": unfreeze_every})}
+    return {"gradual": _merged(target, unfreeze={"mode": "gradual", "every_steps": unfreeze_every})}
   if recipe == "chain_thaw":
-    return {"chain_thaw": dict(target, unfreeze={"mode": "chain_thaw", "every_steps": unfreeze_every})}
+    return {"chain_thaw": _merged(target, unfreeze={"mode": "chain_thaw", "every_steps": unfreeze_every})}
   if recipe == "probe_then_finetune":
     finetune = {k: v for k, v in target.items() if k not in ("init_from", "dont_load")}
     return {"probe": probe, "probe_then_finetune": dict(finetune, init_from="stage:probe")}
   if recipe in PEFT_RECIPES:
     peft = {"method": "lora", "rank": 8, "alpha": 16.0, "dropout": 0.1, **(lora or {}),
             "dora": recipe == "dora", "quantize": "nf4" if recipe == "qlora" else ""}
-    optimizer = dict(target.get("optimizer", {}), learning_rate=lora_lr)
-    return {recipe: dict(target, peft=peft, optimizer=optimizer)}
+    return {recipe: _merged(target, peft=peft, optimizer={"learning_rate": lora_lr})}
   # ulmfit: discriminative rates, slanted triangular learning rates and gradual unfreezing together.
-  return {"ulmfit": dict(target, optimizer={"lr_factor": lr_factor, "schedule": "stlr", "warmup_steps": 0},
-                         unfreeze={"mode": "gradual", "every_steps": unfreeze_every})}
+  return {"ulmfit": _merged(target, optimizer={"lr_factor": lr_factor, "schedule": "stlr", "warmup_steps": 0},
+                            unfreeze={"mode": "gradual", "every_steps": unfreeze_every})}
+
+
+def _merged(target: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any]:
+  """`target` with each section's keys set inside the target's own section: a recipe adds lr_factor or first_n,
+  it does not drop the learning rate, schedule or train_bn the target chose (a stage's section replaces the
+  target's, and only the base config is merged under it)."""
+  return {**target, **{name: {**target.get(name, {}), **values} for name, values in sections.items()}}
 
 
 # Forgetting comparisons (configs/*_forgetting.py): plain fine-tuning and each regularizer from one source stage.

@@ -33,6 +33,20 @@ def test_recipes_expand_to_their_settings():
     recipes.target_stages("lorra", TARGET)
 
 
+@pytest.mark.parametrize("recipe", ["full", "frozen_n", "discriminative", "gradual", "chain_thaw", "ulmfit", "lora"])
+def test_recipes_keep_the_target_stages_own_settings(recipe):
+  """A recipe adds its keys to the target's sections: the stage still trains at the target's learning rate (not
+  the pretraining stage's), and keeps its weight decay and train_bn."""
+  from finetune.config import build_config  # pylint: disable=g-import-not-at-top
+  target = {**TARGET, "optimizer": {"learning_rate": 1e-4, "weight_decay": 0.0}, "freeze": {"train_bn": True}}
+  base = {"model": {"name": "mlp", "input_size": 64, "hidden": (16,)}, "data": {"name": "digits"},
+          "train": {"steps": 5},
+          "optimizer": {"learning_rate": 3e-3, "weight_decay": 1e-4}}
+  stages = recipes.target_stages(recipe, target, lora={"targets": ("hidden_0",)}, lora_lr=1e-4)
+  (_, _), (_, stage) = stage_configs(build_config({**base, "stages": {"pretrain": {}, **stages}}))
+  assert (stage.optimizer.learning_rate, stage.optimizer.weight_decay, stage.freeze.train_bn) == (1e-4, 0.0, True)
+
+
 @pytest.mark.parametrize("config_file", ["mnist_strategies.py", "cifar10_strategies.py"])
 @pytest.mark.parametrize("variant", recipes.RECIPES)
 def test_every_variant_of_the_strategy_configs_validates(config_file, variant):

@@ -28,7 +28,8 @@ def file_format(filename: str) -> str | None:
   return _FORMAT_OF_EXTENSION.get(os.path.splitext(stem)[1].lower())
 
 
-def load_tables(files: dict[str, list[str]], format: str, cache_dir: str = "") -> Any:  # pylint: disable=redefined-builtin
+def load_tables(files: dict[str, list[str]], format: str,  # pylint: disable=redefined-builtin
+                cache_dir: str = "") -> Any:
   """{split: files} -> a `datasets.DatasetDict` with those splits; unreadable files are one FinetuneError."""
   import datasets  # pylint: disable=g-import-not-at-top
 
