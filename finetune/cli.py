@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Sequence
 
@@ -128,7 +129,7 @@ def run_plan(config_spec: str, mesh: str, devices: int, overrides: Sequence[str]
   mesh_overrides = []
   for item in filter(None, mesh.split(",")):
     axis, sep, size = item.partition("=")
-    if not sep or not size.strip().lstrip("-").isdigit():
+    if not sep or not re.fullmatch(r"-?\d+", size.strip()):
       raise FinetuneError(f"--mesh {mesh!r}: write axis=size pairs such as data=4,fsdp=2")
     mesh_overrides.append(f"mesh.{axis.strip()}={int(size)}")
   from finetune.config import load_config  # pylint: disable=g-import-not-at-top

@@ -8,18 +8,25 @@ own accounting read back: per-device bytes of parameters and optimizer state (fr
 With `--devices N` on a CPU machine, N fake host devices stand in for the target mesh; the byte figures for
 parameters and optimizer state are exact for any backend, while temporaries and FLOPs are the CPU compiler's
 (GPU/TPU compilers fuse and schedule differently; see docs/architecture.md).
+
+As `finetune train` runs the stage: every unfreezing phase is compiled (figures are the peak over phases), a
+cached-feature stage compiles the head on features, and a regularised stage carries its anchors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
 from finetune import config as config_lib
+from finetune import regularizers
+from finetune.partition import flatten
 
 
 def _per_device_bytes(tree: Any) -> int:
@@ -32,20 +39,61 @@ def _per_device_bytes(tree: Any) -> int:
 
 
 def plan_stage(cfg: ConfigDict) -> dict[str, Any]:
+  """The stage's figures; with unfreezing phases, each figure is its peak over the phases (the last phase trains
+  most, but a figure is reported as the worst any phase reaches), and `phases` lists every phase's."""
+  from finetune.methods import feature_cache  # pylint: disable=g-import-not-at-top
   from finetune.train import build_stage  # pylint: disable=g-import-not-at-top
   stage = build_stage(cfg)
+  if cfg.features.cache:  # as run_stage: the head alone, on features of the backbone's width
+    feature_cache.check_cacheable(stage.strategy, stage.pipeline, cfg.freeze.train_bn, stage.abstract_model)
+    state = stage.abstract_state(0)
+    pipeline = feature_cache.feature_shaped_pipeline(
+        stage.graphdef, {"params": state.params, "model_state": state.model_state}, stage.pipeline)
+    stage = dataclasses.replace(stage, pipeline=pipeline, forward=feature_cache.classify_features, _cache={})
+  names = regularizers.active(cfg)
+  if names:
+    stage = dataclasses.replace(stage, anchors=_planned_anchors(stage, cfg), _cache={})
+  phases = [_plan_phase(stage, phase) for phase in range(len(stage.strategy.phases))]
+  total = stage.peft_info.get("total_params", stage.strategy.counts(0)["params"])
+  peak = {key: max(p[key] for p in phases) for key in phases[0]}
+  return {
+      "mesh": dict(stage.mesh.shape), "devices": stage.mesh.size, "params": total,
+      "trainable_percent": 100.0 * peak["trainable"] / max(total, 1), "batch_size": cfg.data.batch_size,
+      "regularizers": names, **peak, "phases": phases,
+  }
+
+
+def _planned_anchors(stage: Any, cfg: ConfigDict) -> Any:
+  """The regularizers' anchors as shapes, for an earlier task assumed to have this stage's parameter shapes (its
+  weights and Fisher information): plan runs before that task's checkpoint need exist. The anchors' bytes and the
+  penalty's work are then those of the run, except that several earlier tasks (EWC without `online`) each add
+  their own copy."""
+  import re  # pylint: disable=g-import-not-at-top
   state = stage.abstract_state(0)
-  compiled = stage.train_step(0)
+
+  def anchors(params: Any, model_state: Any) -> dict[str, Any]:
+    flat, flat_state = flatten(stage.layout.view(params)), flatten(stage.layout.view(model_state))
+    source = regularizers.Source("(planned earlier task)", "", cfg, flat, flat_state)
+    reinitialised = frozenset(p for p in flat if p not in stage.base_paths or any(
+        re.search(pattern, p) for pattern in cfg.dont_load))
+    context = regularizers.Context(
+        cfg=cfg, shapes={p: tuple(v.shape) for p, v in flat.items()}, reinitialised=reinitialised,
+        sources=[source], fisher=lambda source: source.params, start=flat, start_state=flat_state)
+    return {name: regularizers.REGULARIZERS.get(name).anchors(context) for name in regularizers.active(cfg)}
+
+  shapes = jax.eval_shape(anchors, state.params, state.model_state)
+  return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
+      leaf.shape, jnp.float32 if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf.dtype), shapes)
+
+
+def _plan_phase(stage: Any, phase: int) -> dict[str, Any]:
+  state = stage.abstract_state(phase)
+  compiled = stage.train_step(phase)
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  counts = stage.strategy.counts(0)
-  total = stage.peft_info.get("total_params", counts["params"])
-  trainable = counts["trainable"]
   return {
-      "mesh": dict(stage.mesh.shape), "devices": stage.mesh.size,
-      "params": total, "trainable": trainable, "trainable_percent": 100.0 * trainable / max(total, 1),
-      "batch_size": cfg.data.batch_size,
+      "trainable": stage.strategy.counts(phase)["trainable"],
       "param_bytes_per_device": _per_device_bytes(state.params) + _per_device_bytes(state.model_state),
       "optimizer_bytes_per_device": _per_device_bytes(state.opt_state),
       "argument_bytes": int(memory.argument_size_in_bytes), "temporary_bytes": int(memory.temp_size_in_bytes),
@@ -60,16 +108,24 @@ def plan(config: ConfigDict) -> dict[str, dict[str, Any]]:
 
 
 def table(plans: dict[str, dict[str, Any]]) -> str:
+  """One row per stage; a stage with unfreezing phases shows each figure's peak over them."""
   gib = 2 ** 30
   rows = [("stage", "mesh", "params", "trainable", "params/dev GiB", "opt/dev GiB", "args GiB", "temps GiB",
            "TFLOP/dev/step")]
   for name, p in plans.items():
     mesh = ",".join(f"{k}={v}" for k, v in p["mesh"].items() if v > 1) or "1 device"
-    rows.append((name, mesh, f"{p['params']:,}", f"{p['trainable']:,} ({p['trainable_percent']:.2f}%)",
-                 f"{p['param_bytes_per_device'] / gib:.3f}", f"{p['optimizer_bytes_per_device'] / gib:.3f}",
-                 f"{p['argument_bytes'] / gib:.3f}", f"{p['temporary_bytes'] / gib:.3f}",
-                 f"{p['flops_per_step'] / 1e12:.3f}"))
+    label = name + "".join(f" +{r}" for r in p.get("regularizers", ())) + (
+        f" (peak of {len(p['phases'])} phases)" if len(p.get("phases", ())) > 1 else "")
+    rows.append((label, mesh, f"{p['params']:,}", f"{p['trainable']:,} ({p['trainable_percent']:.2f}%)",
+                 _figure(p["param_bytes_per_device"] / gib), _figure(p["optimizer_bytes_per_device"] / gib),
+                 _figure(p["argument_bytes"] / gib), _figure(p["temporary_bytes"] / gib),
+                 _figure(p["flops_per_step"] / 1e12)))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
   lines.insert(1, "  ".join("-" * w for w in widths))
   return "\n".join(lines)
+
+
+def _figure(value: float) -> str:
+  """Three decimals, or two significant digits for a small model's figures that would all read 0.000."""
+  return f"{value:.3f}" if value == 0 or abs(value) >= 1e-3 or value != value else f"{value:.1e}"

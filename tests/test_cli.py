@@ -105,6 +105,9 @@ def test_broken_config_files_and_paths_are_one_line(capsys, tiny_file, tmp_path)
     assert str(a_file) in _error(capsys, ["train", "--config", tiny_file, "--workdir", str(bad_workdir)])
   assert "--devices -2: give a number of devices >= 1" in _error(
       capsys, ["plan", "--config", tiny_file, "--devices", "-2"])
+  for mesh in ("data=--2", "data=two", "data"):
+    assert "write axis=size pairs such as data=4,fsdp=2" in _error(
+        capsys, ["plan", "--config", tiny_file, "--mesh", mesh])
   for override, expected in [("optimizer.learning_rate=1e400", "must be a finite number, got inf"),
                              ("optimizer.learning_rate=nan", "must be a finite number, got 'nan'"),
                              ("optimizer.weight_decay=-1.0", "weight_decay must be >= 0"),

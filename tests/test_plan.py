@@ -45,3 +45,42 @@ def test_plan_reports_sharded_bytes_and_lora_savings():
   assert tensor["mesh"]["tensor"] == 8 and tensor["param_bytes_per_device"] < 0.6 * total_bytes
   header = next(l for l in lines if l.startswith("stage"))
   assert "params/dev GiB" in header and any(l.startswith("train  data=2,fsdp=4") for l in lines)
+
+
+def test_plan_takes_the_peak_over_unfreezing_phases_and_runs_cached_probes_as_train_does():
+  """Gradual unfreezing: phase 0 trains the head only, the last phase everything, and the plan reports the last
+  phase's optimizer state and FLOPs. A cached-feature probe compiles the head on features, as `finetune train`
+  runs it, not the backbone."""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from finetune.plan import plan_stage, table  # pylint: disable=g-import-not-at-top
+  gradual = plan_stage(tiny_config(unfreeze={"mode": "gradual", "every_steps": 3}))
+  phases = gradual["phases"]
+  assert len(phases) > 2 and phases[0]["trainable"] < phases[-1]["trainable"] == gradual["params"]
+  assert gradual["trainable"] == gradual["params"] and gradual["trainable_percent"] == 100.0
+  for key in ("optimizer_bytes_per_device", "temporary_bytes", "flops_per_step"):
+    assert gradual[key] == max(p[key] for p in phases) > phases[0][key]
+  assert "(peak of" in table({"train": gradual})
+  probe = {"freeze": {"patterns": ("^(?!head/)",)}}
+  uncached = plan_stage(tiny_config(**probe))
+  cached = plan_stage(tiny_config(**probe, features={"cache": True}))
+  assert cached["trainable"] == uncached["trainable"]
+  # A 16 -> 10 head on 32 rows: ~2 x 32 x 16 x 10 FLOPs forward, a few times that with the backward pass.
+  assert 0 < cached["flops_per_step"] < 10 * 2 * 32 * 16 * 10 < uncached["flops_per_step"]
+
+
+def test_plan_of_a_regularised_stage_holds_its_anchors():
+  """EWC keeps the earlier task's weights and Fisher information (2 copies of the parameters) as step arguments,
+  L2-SP its weights (1 copy); planned before that earlier task has run."""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from finetune.config import stage_configs  # pylint: disable=g-import-not-at-top
+  from finetune.plan import plan_stage  # pylint: disable=g-import-not-at-top
+  after = {"init_from": "stage:pretrain"}
+  config = tiny_config(stages={"pretrain": {}, "plain": after,
+                               "ewc": {**after, "regularize": {"ewc": {"weight": 10.0}}},
+                               "l2sp": {**after, "regularize": {"l2sp": {"alpha": 0.1}}}})
+  plans = {name: plan_stage(stage_cfg) for name, stage_cfg in stage_configs(config)}
+  assert plans["ewc"]["regularizers"] == ["ewc"] and plans["plain"]["regularizers"] == []
+  param_bytes = 4 * plans["plain"]["params"]  # float32 parameters (the BatchNorm statistics are not anchored)
+  for name, copies in (("ewc", 2), ("l2sp", 1)):
+    extra = plans[name]["argument_bytes"] - plans["plain"]["argument_bytes"]
+    assert copies * param_bytes <= extra < copies * param_bytes + 64, name  # + a few scalars (weights, alpha)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -71,17 +71,10 @@ def extract(graphdef: nnx.GraphDef, weights: dict[str, Any], pipeline: InputPipe
             mesh: jax.sharding.Mesh, disk_dir: str | None, name: str) -> np.ndarray:
   """Backbone features of every example of `data`, in order: (N, feature_dim) float32."""
   spec = batch_sharding(mesh)
-
-  def embed(weights, batch):
-    model = nnx.merge(graphdef, weights["params"], weights["model_state"])
-    inputs, _ = prompt_tuning.prompted_inputs(model, model_inputs(model, batch))  # as step.embed_fn: the prompt too
-    return model.embed(*inputs, train=False)
-
-  embed_fn = jax.jit(embed, out_shardings=spec)
+  embed_fn = jax.jit(_embed(graphdef), out_shardings=spec)
   chunks = []
   for batch in pipeline.ordered_batches(data):
-    inputs = {k: v for k, v in batch.items() if k not in ("label", "mask")}
-    features = embed_fn(weights, to_global(inputs, spec))
+    features = embed_fn(weights, to_global(_inputs(batch), spec))
     features = multihost_utils.process_allgather(features, tiled=True) if jax.process_count() > 1 else features
     chunks.append(np.asarray(jax.device_get(features), np.float32))
   result = np.concatenate(chunks)[:len(data)]
@@ -92,6 +85,32 @@ def extract(graphdef: nnx.GraphDef, weights: dict[str, Any], pipeline: InputPipe
     os.replace(path + ".tmp.npy", path)
     result = np.load(path, mmap_mode="r")
   return result
+
+
+def _embed(graphdef: nnx.GraphDef) -> Callable[[dict[str, Any], dict[str, jax.Array]], jax.Array]:
+  def embed(weights, batch):
+    model = nnx.merge(graphdef, weights["params"], weights["model_state"])
+    inputs, _ = prompt_tuning.prompted_inputs(model, model_inputs(model, batch))  # as step.embed_fn: the prompt too
+    return model.embed(*inputs, train=False)
+  return embed
+
+
+def _inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {k: v for k, v in batch.items() if k not in ("label", "mask")}
+
+
+def feature_shaped_pipeline(graphdef: nnx.GraphDef, abstract_weights: dict[str, Any],
+                            pipeline: InputPipeline) -> InputPipeline:
+  """What `cached_pipeline` returns, with zero features of the backbone's width and nothing computed: the shapes
+  `finetune plan` compiles a cached stage's step from (the width comes from `jax.eval_shape`)."""
+  width = jax.eval_shape(_embed(graphdef), abstract_weights, _inputs(_first(pipeline.train).features)).shape[-1]
+
+  def zeros(split: Split) -> ArraySplit:  # a read-only view of one row: no memory per example
+    return ArraySplit({"features": np.broadcast_to(np.zeros(width, np.float32), (len(split), width)),
+                       "label": split.labels()})
+
+  return dataclasses.replace(pipeline, train=zeros(pipeline.train),
+                             eval_splits={k: zeros(v) for k, v in pipeline.eval_splits.items()})
 
 
 def cached_pipeline(graphdef: nnx.GraphDef, weights: dict[str, Any], pipeline: InputPipeline,
