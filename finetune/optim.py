@@ -22,6 +22,7 @@ from finetune.registry import Registry
 
 # A schedule shape: (config.optimizer, peak learning rate, number of steps) -> optax schedule over 0..steps.
 ScheduleFactory = Callable[[ConfigDict, float, int], optax.Schedule]
+# An optimizer: (config.optimizer, learning-rate schedule, weight-decay mask: params -> tree of bools) -> optax.
 OPTIMIZERS: Registry[Callable[..., optax.GradientTransformation]] = Registry("optimizer")
 SCHEDULES: Registry[ScheduleFactory] = Registry("learning-rate schedule")
 
@@ -79,29 +80,35 @@ def one_cycle(cfg: ConfigDict, peak: float, steps: int) -> optax.Schedule:
                                         final_div_factor=cfg.final_div_factor)
 
 
-def _decay_mask(cfg: ConfigDict) -> Callable[[Any], Any]:
-  """Weight decay everywhere except parameters matching config.optimizer.no_decay (biases, norm scales).
+def decays(cfg: ConfigDict, path: str) -> bool:
+  """Whether weight decay applies to the parameter at (unrolled) `path`: everywhere except parameters matching
+  config.optimizer.no_decay (biases, norm scales)."""
+  return not any(re.search(pattern, path) for pattern in cfg.no_decay)
 
-  A function of the (partitioned) params so it works inside `optax.partition`, where other labels' leaves are
-  masked out.
-  """
-  patterns = [re.compile(p) for p in cfg.no_decay]
+
+def _decay_mask(cfg: ConfigDict, path_of: Callable[[str], str]) -> Callable[[Any], Any]:
+  """`decays` as a mask over the optimizer's params. A function of the (partitioned) params so it works inside
+  `optax.partition`, where other labels' leaves are masked out; `path_of` maps a scanned stack's segment path
+  ('layers/0-3/...') to the layer path the regexes are written for ('layers/0/...'; segments never mix layers that
+  decay with ones that do not, see scan.Layout.with_segments)."""
   return lambda params: jax.tree_util.tree_map_with_path(
-      lambda keypath, _: not any(r.search(path_str(keypath)) for r in patterns), params)
+      lambda keypath, _: decays(cfg, path_of(path_str(keypath))), params)
 
 
 @OPTIMIZERS.register("adamw")
-def adamw(cfg: ConfigDict, learning_rate: optax.Schedule) -> optax.GradientTransformation:
+def adamw(cfg: ConfigDict, learning_rate: optax.Schedule, decay_mask: Callable[[Any], Any]
+          ) -> optax.GradientTransformation:
   return optax.adamw(learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                     mask=_decay_mask(cfg))
+                     mask=decay_mask)
 
 
 @OPTIMIZERS.register("sgd")
-def sgd(cfg: ConfigDict, learning_rate: optax.Schedule) -> optax.GradientTransformation:
+def sgd(cfg: ConfigDict, learning_rate: optax.Schedule, decay_mask: Callable[[Any], Any]
+        ) -> optax.GradientTransformation:
   """SGD with (Nesterov) momentum; weight decay is coupled (added to the gradient), as in classic SGD papers."""
   parts = []
   if cfg.weight_decay:
-    parts.append(optax.masked(optax.add_decayed_weights(cfg.weight_decay), _decay_mask(cfg)))
+    parts.append(optax.masked(optax.add_decayed_weights(cfg.weight_decay), decay_mask))
   parts.append(optax.sgd(learning_rate, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
   return optax.chain(*parts)
 
@@ -133,6 +140,7 @@ def build_optimizer(cfg: ConfigDict, strategy, phase: int, total_steps: int, par
   schedule shape is linear in its peak (tests/test_optim.py checks each registered one).
   """
   base = OPTIMIZERS.get(cfg.name)
+  decay_mask = _decay_mask(cfg, path_of)
   trainable_labels = {strategy.label(p) for p in strategy.trainable(phase)}
   lr_by_label = {}
   transforms: dict[str, optax.GradientTransformation] = {"frozen": optax.set_to_zero()}
@@ -145,7 +153,7 @@ def build_optimizer(cfg: ConfigDict, strategy, phase: int, total_steps: int, par
     if lr_scale is not None:
       global_lr = lambda step, unscaled=global_lr: lr_scale * unscaled(step)
     lr_by_label[label] = global_lr
-    transforms[label] = base(cfg, lambda count, fn=global_lr, offset=start: fn(count + offset))
+    transforms[label] = base(cfg, lambda count, fn=global_lr, offset=start: fn(count + offset), decay_mask)
   partitioned = optax.partition(transforms, strategy.labels_tree(params, phase, path_of))
   clip = optax.clip_by_global_norm(cfg.grad_clip_norm) if cfg.grad_clip_norm > 0 else optax.identity()
   return optax.chain(clip, partitioned), lr_by_label

@@ -73,6 +73,11 @@ def assign_groups(paths: Sequence[str], groups: Sequence[tuple[str, str]], sourc
   """
   compiled = []
   for name, pattern in groups:
+    # Optimizer labels are a group's name, 'name*multiplier' or 'name:bn', and 'frozen' is the frozen parameters'
+    # label: a group named so would share an optimizer entry with another.
+    if name == "frozen" or "*" in name or ":" in name:
+      raise FinetuneError(f"{source}: group name {name!r} is reserved or holds '*' or ':' (optimizer labels are "
+                          "built from group names); rename the group")
     try:
       compiled.append((name, re.compile(pattern)))
     except re.error as e:

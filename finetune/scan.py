@@ -92,9 +92,10 @@ class Layout:
         tree[name] = jax.tree.map(lambda *layers: jnp.stack(layers), *[tree[name][i] for i in range(length)])
     return tree
 
-  def with_segments(self, strategy) -> "Layout":
+  def with_segments(self, strategy, decays: Callable[[str], bool] = lambda path: True) -> "Layout":
     """This layout with optimizer segments: maximal runs of layers whose every parameter has the same treatment
-    under `strategy` (a `strategy.Strategy` over unrolled paths) in every phase."""
+    under `strategy` (a `strategy.Strategy` over unrolled paths) in every phase, and the same weight decay
+    (`decays(path)`: config.optimizer.no_decay may name layers)."""
     if not self.stacks:
       return self
     phases = range(len(strategy.phases))
@@ -105,7 +106,7 @@ class Layout:
       result = []
       for path in sorted(p for p in strategy.group_of if p.startswith(prefix)):
         label = None if path in strategy.frozen else strategy.label(path)
-        result.append((path[len(prefix):], label is None or label.endswith(":bn"),
+        result.append((path[len(prefix):], label is None or label.endswith(":bn"), decays(path),
                        None if label is None else strategy.peak_lr(path),
                        tuple(strategy.label_start(label, q) if path in trainable[q] else -1 for q in phases)))
       return tuple(result)

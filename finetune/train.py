@@ -34,7 +34,7 @@ from finetune.data.pipeline import (InputPipeline, build_pipeline, check_token_i
 from finetune.data.dataset import SubsetSplit
 from finetune.errors import FinetuneError
 from finetune.models import build_model, model_kwargs, vocab_size
-from finetune.optim import build_optimizer, carry_over
+from finetune.optim import build_optimizer, carry_over, decays
 from finetune.partition import flatten, map_with_path, require_matches
 from finetune.reporting import MetricsLog, Progress, read_json, write_json
 from finetune.sharding import (batch_sharding, data_parallel_size, make_mesh, optimizer_state_shardings, replicated,
@@ -257,6 +257,11 @@ def build_stage(cfg: ConfigDict) -> Stage:
     peft_info = adapters.report(cfg.peft, {p: tuple(x.shape) for p, x in flatten(params).items()}, peft_trainable,
                                 base_paths, adapters.quantized_shapes(abstract_model), flatten(params))
   strategy = resolve_strategy(cfg, abstract_model, params, total_steps, steps_per_epoch, peft_trainable)
+  # A no_decay regex of the config's own that matches nothing is a typo; the defaults (biases, norm scales) may
+  # match nothing in a model without them (Llama has no biases).
+  default_no_decay = config_lib.defaults().optimizer.no_decay
+  require_matches([p for p in cfg.optimizer.no_decay if p not in default_no_decay], list(flatten(params)),
+                  "config.optimizer.no_decay")
   stored_paths = list(flatten(abstract_params.to_pure_dict()))
   require_matches(cfg.train.float32_params, stored_paths, "config.train.float32_params")
   check_rule_names(cfg.sharding_rules, nnx.state(stored_model))
@@ -264,7 +269,8 @@ def build_stage(cfg: ConfigDict) -> Stage:
                params_sharding=state_shardings(abstract_params, mesh, rules),
                model_state_sharding=state_shardings(abstract_rest, mesh, rules),
                abstract_params=abstract_params.to_pure_dict(), create_model=create_model,
-               abstract_model=abstract_model, layout=scan.Layout.of(stored_model).with_segments(strategy),
+               abstract_model=abstract_model, layout=scan.Layout.of(stored_model).with_segments(
+                   strategy, lambda path: decays(cfg.optimizer, path)),
                base_paths=base_paths,
                peft_info=peft_info)
 

@@ -64,6 +64,28 @@ def test_scanned_llama_with_frozen_first_layer_trains_like_unrolled(tmp_path):
   _assert_same_run(tmp_path / "True" / "frozen_n", tmp_path / "False" / "frozen_n", "llama frozen_n")
 
 
+def test_no_decay_naming_a_layer_applies_to_that_layer_when_scanned():
+  """config.optimizer.no_decay is written for layer paths ('layers/1/...'); under scan_layers the optimizer sees
+  segments ('layers/0-1/...'), which must split where decay changes. One AdamW update with zero gradients leaves
+  only the decay: layer 0 shrinks, layer 1 does not, scanned as unrolled."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  after = {}
+  for scanned in (False, True):
+    raw = scan_config("llama", {"data": 1}, scanned).to_dict()
+    raw["optimizer"].update(weight_decay=0.5, learning_rate=1.0, schedule="constant", warmup_steps=0,
+                            no_decay=(r"^layers/1/",))
+    stage = train_lib.build_stage(build_config({k: v for k, v in raw.items() if k != "stages"}))
+    tx, _ = stage.optimizer(0)
+    params = stage.layout.opt_view(jax.tree.map(jnp.ones_like, stage.abstract_params))
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    new = stage.layout.view(stage.layout.opt_unview(optax.apply_updates(params, updates)))
+    after[scanned] = {p: float(v.reshape(-1)[0]) for p, v in flatten(new).items()}
+  assert after[True] == after[False]
+  assert after[True]["layers/0/self_attn/q_proj/kernel"] == 0.5 and after[True]["layers/1/self_attn/q_proj/kernel"] == 1
+
+
 def test_lwf_on_scanned_layers_trains_like_unrolled(tmp_path):
   """LwF embeds the batch with its anchored weights, which are kept unrolled; on scanned layers they are stacked
   again before the model reads them (before, the step stopped on a missing parameter path)."""

@@ -68,6 +68,11 @@ def test_custom_groups_and_bad_partitions_are_errors():
       ({"optimizer": {"lr_range": (1e-3, 1e-4)}}, "must be (lo, hi) with 0 < lo <= hi"),
       ({"unfreeze": {"mode": "gradual"}}, "set exactly one of config.unfreeze.every_steps"),
       ({"unfreeze": {"mode": "gradual", "every_steps": 5}}, "needs more than 15 steps to reach all 4 groups"),
+      ({"optimizer": {"no_decay": (r"(^|/)bias$", r"(^|/)biass$")}},
+       "config.optimizer.no_decay: pattern '(^|/)biass$' matches no parameter"),
+      # 'frozen' is the frozen parameters' optimizer label: such a group gave them AdamW moments.
+      ({"groups": (("frozen", "^(stem|stages)/"), ("head", "^head/"))}, "group name 'frozen' is reserved"),
+      ({"groups": (("low*2", "^(stem|stages)/"), ("head", "^head/"))}, "group name 'low*2' is reserved or holds"),
   ]
   for sections, message in cases:
     with pytest.raises(FinetuneError) as info:
