@@ -18,10 +18,11 @@ Variants (layer groups of the CNN, input to output: stem, stage_1, stage_2, head
   probe_then_finetune  a head-only stage (cached features, 2,000 steps), then full fine-tuning from it
   ulmfit               discriminative rates + slanted triangular schedule + gradual unfreezing
 
-Measured test accuracy on digits 5-9 (4,861 official test images; 2 CPU cores; pretrain 0-4 test 0.9759):
-  full 0.9319 | linear_probe 0.8301 (closed-form ridge 0.8918, logistic 0.9048) | frozen_n: n=1 0.9311,
-  n=2 0.8735, n=3 0.4567 | discriminative 0.8688 | gradual 0.9041 | chain_thaw 0.7908 |
-  probe_then_finetune 0.9597 | ulmfit 0.7918.
+Measured test accuracy on digits 5-9 (4,861 official test images; 2 CPU cores, 2026-12-03, commit a6a6f4c;
+pretrain 0-4 test 0.9778):
+  full 0.9331 | linear_probe 0.8301 (closed-form ridge 0.8932, logistic 0.9105) | frozen_n: n=1 0.9327,
+  n=2 0.8722, n=3 0.4602 | discriminative 0.8690 | gradual 0.9039 | chain_thaw 0.7914 |
+  probe_then_finetune 0.9601 | ulmfit 0.7928.
 At this small budget, a converged head before fine-tuning helps most; freezing the first group costs little and
 freezing deeper groups more (features become specific, as in Yosinski et al.); schemes that hold most groups back
 for most of the 100 steps (chain-thaw, ULMFiT's combination) lose. Every run is deterministic (seed 0).
