@@ -15,6 +15,7 @@ import math
 import os
 import re
 import time
+import uuid
 from typing import Any, Callable
 
 import jax
@@ -67,8 +68,10 @@ def prepare_workdir(config: ConfigDict, workdir: str) -> tuple[str, list[tuple[s
   single = len(stages) == 1 and not len(config.stages)
   layout = [(name, stage_cfg, workdir if single else os.path.join(workdir, name)) for name, stage_cfg in stages]
   _check_same_layout(workdir, single, [name for name, _ in stages])  # refuse before anything is written
-  for _, stage_cfg, run_dir in layout:
+  for name, stage_cfg, run_dir in layout:
     check_same_config(os.path.join(run_dir, "config.json"), stage_cfg)
+    if stage_cfg.init_from.startswith("stage:"):  # (others are checked when the stage opens)
+      check_same_source(run_dir, stage_cfg, workdir, name)
   if not single:  # (a single stage writes workdir/config.json itself)
     write_text(os.path.join(workdir, "config.json"), config_lib.to_json(config))
   return workdir, layout
@@ -294,6 +297,9 @@ def initial_state(stage: Stage, cfg: ConfigDict, workdir: str) -> tuple[TrainSta
     model_state, loaded_stats, _ = load_into(model_state, arrays.get("model_state", {}), cfg.dont_load,
                                              "model state", step_dir)
     report = {"source": step_dir, "loaded": len(loaded) + len(loaded_stats), "fresh": fresh}
+    source_run_id = _run_id(os.path.dirname(os.path.dirname(step_dir)))  # <run>/checkpoints/<step>
+    if source_run_id:
+      report["source_run_id"] = source_run_id
   if cfg.peft.load_adapter:
     from finetune import peft_format  # pylint: disable=g-import-not-at-top
     arrays, source = peft_format.read_any_adapter(cfg.peft.load_adapter, cfg.model, cfg.peft, stage.abstract_model,
@@ -457,6 +463,38 @@ def check_same_config(path: str, cfg: ConfigDict) -> None:
                           f"then, {now.get(key)!r} now); use a new --workdir, or restore the original value")
 
 
+def _run_id(run_dir: str | None) -> str | None:
+  """The identity of the run in `run_dir` (init.json's run_id), or None (not a run of ours, not started)."""
+  path = os.path.join(run_dir, "init.json") if run_dir else ""
+  return read_json(path).get("run_id") if path and os.path.isfile(path) else None
+
+
+def _source_run_dir(init_from: str, workdir: str) -> str | None:
+  """The run folder of ours that `init_from` names: 'stage:NAME', a run, its checkpoints/ or one step folder."""
+  if init_from.startswith("stage:"):
+    return os.path.join(workdir, init_from[len("stage:"):])
+  path = os.path.abspath(os.path.expanduser(init_from))
+  for candidate in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+    if os.path.isfile(os.path.join(candidate, "init.json")) and os.path.isdir(os.path.join(candidate, "checkpoints")):
+      return candidate
+  return None
+
+
+def check_same_source(run_dir: str, cfg: ConfigDict, workdir: str, name: str) -> None:
+  """A stage that has progressed started from one run of its source (`init_from`). Continuing or reusing it after
+  that source was retrained (or deleted) would mix two experiments: refuse, naming the stage to delete."""
+  init_path = os.path.join(run_dir, "init.json")
+  if not cfg.init_from or not _has_progressed(run_dir) or not os.path.isfile(init_path):
+    return
+  recorded = read_json(init_path).get("source_run_id")
+  if recorded is None:  # a Hugging Face checkpoint, or a stage written before run ids
+    return
+  if _run_id(_source_run_dir(cfg.init_from, workdir)) != recorded:
+    raise FinetuneError(f"stage {name!r} ({run_dir}) was trained from an earlier run of {cfg.init_from}, which "
+                        f"has since been retrained or deleted; delete {run_dir} to train it again from the new one, "
+                        "or use a new --workdir")
+
+
 def dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
   flat = {}
   for key, value in tree.items():
@@ -513,6 +551,7 @@ def open_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train")
   returns its summary instead. The caller closes the returned `OpenStage`."""
   os.makedirs(run_dir, exist_ok=True)
   check_same_config(os.path.join(run_dir, "config.json"), cfg)
+  check_same_source(run_dir, cfg, workdir, name)
   summary_path = os.path.join(run_dir, SUMMARY_FILE)
   if os.path.exists(summary_path):  # Completed earlier: a re-run resumes after it.
     return read_json(summary_path)
@@ -537,6 +576,8 @@ def open_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train")
     else:
       start, saved_phase = 0, 0
       state, init_report = initial_state(stage, cfg, workdir)
+      # This attempt's identity: a later stage records its source's, so retraining the source is noticed.
+      init_report = {"run_id": uuid.uuid4().hex, **init_report}
       write_json(init_path, init_report)
     # Records after the restored step are recomputed identically; final evaluations are always redone.
     log.truncate_after(start, drop_evaluations_at=stage.total_steps)
@@ -653,21 +694,26 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
         progress.update(len(host), {"loss": averaged["loss"], "accuracy": averaged["accuracy"],
                                     "ex/s": examples_per_s})
         pending = []
-        if stopping.enabled and done == total:
-          pass  # early stopping saves the final state (the best one) itself, at step `total`
-        elif save_now or done == total:
-          checkpoints.save(done, state.as_dict())
-          stopping.checkpointed(done)
         interval_start = time.perf_counter()
-      if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total:
+      # Evaluations come before the checkpoint of the same step: a run killed in between resumes from the checkpoint
+      # before and replays the evaluation (one after the checkpoint would be lost: the resumed loop starts after it).
+      # With early stopping the final weights are a candidate too.
+      evaluate_now = cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total
+      if evaluate_now or (stopping.enabled and done == total):
         results = {split: evaluate(stage.eval_step(), weights_of(state), pipeline, split, stage.mesh)
                    for split in pipeline.eval_splits}
         for split, metrics in results.items():
-          log.write(done, split, metrics)
+          if done != total:  # (at the end, metrics.jsonl gets the final evaluation: of the weights the stage keeps)
+            log.write(done, split, metrics)
         check_finite_evaluation(results, done)
-        if stopping.enabled and stopping.update(done, results, state) >= stopping.patience:
+        if stopping.enabled and stopping.update(done, results, state) >= stopping.patience and done != total:
           break
         interval_start = time.perf_counter()
+      if stopping.enabled and done == total:
+        pass  # early stopping saves the final state (the best one) itself, at step `total`
+      elif save_now or done == total:
+        checkpoints.save(done, state.as_dict())
+        stopping.checkpointed(done)
     if stopping.enabled:
       state = stopping.finish(state, stage, total, checkpoints)
     elif start == total and checkpoints.latest_step() != total:
@@ -705,8 +751,9 @@ class _EarlyStopping:
     for step, value in saved:
       if step <= start:  # later evaluations were not kept by the checkpoint we resume from: replayed
         self._record(step, value)
-    # Bests from evaluations after `start` (a replay rewrites them), or older than the best as of `start`.
-    missing = self.best_step is not None and self.best_step not in self._prune({self.best_step})
+    # Bests from evaluations after `start` (a replay rewrites them), or older than the best as of `start`; with no
+    # evaluation up to `start`, every best a killed attempt saved.
+    missing = self.best_step not in self._prune({self.best_step}) and self.best_step is not None
     if missing:
       raise FinetuneError(f"{directory}/{self.best_step}, the best state as of checkpoint step {start}, is missing, "
                           "so early stopping cannot resume; delete the stage folder to retrain it, or use a new "

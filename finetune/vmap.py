@@ -287,28 +287,30 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
         progress.update(len(host), {"loss": float(np.mean([a["loss"] for _, _, a in unfinished] or [np.nan])),
                                     "points": len(unfinished)})
         pending = []
-        if len(unfinished) != len(active) or save_now or done == total:
-          unstack(together, active)
-          for _, k, _ in unfinished:
-            if done == total or (runs[k].cfg.train.checkpoint_every and
-                                 done % runs[k].cfg.train.checkpoint_every == 0):
-              runs[k].checkpoints.save(done, states[k].as_dict())
-          if len(unfinished) != len(active):  # a point failed: the others go on without it
-            active = [k for _, k, _ in unfinished]
-            if not active:
-              break
-            together, program = stack(active), step_program(phase, len(active))
-            scales = jax.device_put(scales_all[active], replicated(mesh))
-        interval_start = time.perf_counter()
+      # As train_loop: evaluations before the checkpoint of the same step, so a resume replays them.
       eval_every = reference.cfg.train.eval_every
       if eval_every and done % eval_every == 0 and done != total:
         unstack(together, active)
         for k in active:
+          if errors[k]:  # diverged at this step: it stops below
+            continue
           stage = runs[k].stage
           for split in stage.pipeline.eval_splits:
             runs[k].log.write(done, split, train_lib.evaluate(stage.eval_step(), train_lib.weights_of(states[k]),
                                                               stage.pipeline, split, stage.mesh))
-        interval_start = time.perf_counter()
+      if log_now and (len(unfinished) != len(active) or save_now or done == total):
+        unstack(together, active)
+        for _, k, _ in unfinished:
+          if done == total or (runs[k].cfg.train.checkpoint_every and
+                               done % runs[k].cfg.train.checkpoint_every == 0):
+            runs[k].checkpoints.save(done, states[k].as_dict())
+        if len(unfinished) != len(active):  # a point failed: the others go on without it
+          active = [k for _, k, _ in unfinished]
+          if not active:
+            break
+          together, program = stack(active), step_program(phase, len(active))
+          scales = jax.device_put(scales_all[active], replicated(mesh))
+      interval_start = time.perf_counter()
     unstack(together, active)
   finally:
     progress.close()

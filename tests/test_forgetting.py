@@ -312,11 +312,26 @@ def _kill_between_best_state_and_record(n):
   return "write_json", write_json
 
 
+def _kill_during_evaluation(n):
+  """Patches: a KeyboardInterrupt inside the n-th evaluation (the 4th is at step 16, a checkpoint step when
+  checkpoint_every=8: the evaluation must come before that checkpoint, or the resumed run never makes it)."""
+  real, calls = train_lib.evaluate, []
+
+  def evaluate(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == n:
+      raise KeyboardInterrupt("killed while evaluating")
+    return real(*args, **kwargs)
+  return "evaluate", evaluate
+
+
 @pytest.mark.parametrize("checkpoint_every,kill", [
     (0, _kill_after_evaluation(5)),  # no checkpoint: starts over
+    (0, _kill_after_evaluation(1)),  # starts over and saves best/4 again (the killed attempt's must be gone)
     (16, _kill_after_evaluation(6)),  # resumes at 16: the evaluations at 20 and 24 are replayed
     (16, _kill_between_best_state_and_record(5)),
     (8, _kill_after_evaluation(9)),
+    (8, _kill_during_evaluation(4)),
 ])
 def test_early_stopping_resumed_after_a_kill_equals_the_uninterrupted_run(checkpoint_every, kill, tmp_path,
                                                                          monkeypatch):
@@ -338,6 +353,25 @@ def test_early_stopping_resumed_after_a_kill_equals_the_uninterrupted_run(checkp
     np.testing.assert_array_equal(final["killed"][path], final["clean"][path])
   best_steps = sorted(int(d.name) for d in (tmp_path / "killed" / "best").iterdir() if d.name.isdigit())
   assert best_steps == [clean["early_stopping"]["best_step"]]  # nothing else left behind
+  evaluations = {run: [(r["step"], r["loss"]) for r in map(json.loads, open(tmp_path / run / "metrics.jsonl"))
+                       if r["split"] == "validation"] for run in ("clean", "killed")}
+  assert evaluations["killed"] == evaluations["clean"]
+
+
+def test_early_stopping_counts_the_final_weights_as_a_candidate(tmp_path):
+  """The validation loss still falls at the last step: the stage ends on its final weights, not on the best of the
+  evaluations before (which would throw the last steps' training away)."""
+  config = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (16,)},
+                       train={"steps": 24, "log_every": 4, "checkpoint_every": 0, "eval_every": 8,
+                              "early_stopping": {"metric": "validation/loss", "patience": 100, "mode": "min"}},
+                       optimizer={"learning_rate": 0.01, "warmup_steps": 0, "schedule": "constant"})
+  summary = train_lib.train_and_evaluate(config, str(tmp_path))["train"]
+  history = json.load(open(tmp_path / "best" / "best.json"))["history"]
+  assert [step for step, _ in history] == [8, 16, 24] and history[2][1] < history[1][1]
+  assert summary["early_stopping"]["best_step"] == 24
+  assert summary["final"]["validation"]["loss"] == pytest.approx(history[2][1], rel=1e-6)
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert len([r for r in records if r["split"] == "validation" and r["step"] == 24]) == 1  # the final evaluation
 
 
 @pytest.mark.slow

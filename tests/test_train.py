@@ -55,7 +55,8 @@ def test_main_config_smoke_run_writes_every_output(tmp_path):
       assert summary["forgetting"] == {}
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["3", "6"]
   assert summaries["finetune"]["init"]["fresh"] == ["head/bias", "head/kernel"]
-  assert summaries["scratch"]["init"] == {}
+  assert list(summaries["scratch"]["init"]) == ["run_id"]  # this run's identity; nothing loaded
+  assert summaries["finetune"]["init"]["source_run_id"] == summaries["pretrain"]["init"]["run_id"]
 
 
 def test_stage_initialises_from_earlier_stage_except_dont_load(tmp_path):
@@ -186,6 +187,30 @@ def test_refused_rerun_leaves_saved_configs_alone(tmp_path):
   with pytest.raises(FinetuneError, match="holds a run whose config differs"):
     train_lib.train_and_evaluate(tiny_config(stages=stages, optimizer={"learning_rate": 0.5}), str(tmp_path))
   assert (tmp_path / "config.json").read_text() == before
+
+
+def test_a_stage_whose_source_was_retrained_is_refused(tmp_path):
+  """A finished later stage is not reused after the stage (or run) it started from was trained again: its weights
+  came from the old source. Refused before anything trains, naming the stage to delete."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  stages = {"a": {"train": {"steps": 2}}, "b": {"init_from": "stage:a", "train": {"steps": 2}}}
+  train_lib.train_and_evaluate(tiny_config(stages=stages), str(tmp_path / "w"))
+  train_lib.train_and_evaluate(tiny_config(stages=stages), str(tmp_path / "w"))  # unchanged: reused as it is
+  shutil.rmtree(tmp_path / "w" / "a")
+  with pytest.raises(FinetuneError, match=r"stage 'b' .* was trained from an earlier run of stage:a, which has since "
+                                          r"been retrained or deleted; delete .*/w/b to train it again"):
+    train_lib.train_and_evaluate(tiny_config(stages=stages), str(tmp_path / "w"))
+  assert not (tmp_path / "w" / "a").exists()  # refused before retraining a
+  shutil.rmtree(tmp_path / "w" / "b")
+  train_lib.train_and_evaluate(tiny_config(stages=stages), str(tmp_path / "w"))
+  # A source in another workdir, retrained: noticed when the stage opens.
+  train_lib.train_and_evaluate(tiny_config(init_from=str(tmp_path / "w" / "a"), train={"steps": 2}),
+                               str(tmp_path / "other"))
+  shutil.rmtree(tmp_path / "w" / "a")
+  train_lib.train_and_evaluate(tiny_config(stages={"a": stages["a"]}), str(tmp_path / "w"))
+  with pytest.raises(FinetuneError, match="was trained from an earlier run of"):
+    train_lib.train_and_evaluate(tiny_config(init_from=str(tmp_path / "w" / "a"), train={"steps": 2}),
+                                 str(tmp_path / "other"))
 
 
 def test_a_workdir_holding_the_other_layout_or_a_damaged_file_is_refused(tmp_path):

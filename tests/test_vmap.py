@@ -84,6 +84,34 @@ def test_points_differing_in_seed_and_learning_rate_equal_their_solo_runs(tmp_pa
       json.load(open(os.path.join(together[0], "summary.json")))["final"]
 
 
+def test_points_killed_while_evaluating_at_a_checkpoint_step_resume_with_every_evaluation(tmp_path, monkeypatch):
+  """An evaluation at a checkpoint step runs before that checkpoint is saved: killed inside it, the points resume
+  from the checkpoint before and evaluate again, so metrics.jsonl equals an uninterrupted run's."""
+  base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)},
+                     train={"steps": 12, "log_every": 4, "checkpoint_every": 4, "eval_every": 4})
+  configs = [base, with_values(base, seed=1)]
+  clean = [str(tmp_path / "clean" / str(k)) for k in range(2)]
+  killed = [str(tmp_path / "killed" / str(k)) for k in range(2)]
+  vmap.train_points(configs, clean)
+  real_evaluate, calls = train_lib.evaluate, []
+
+  def killed_in_the_third_evaluation(*args, **kwargs):  # step 8's, of the first point
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return real_evaluate(*args, **kwargs)
+
+  monkeypatch.setattr(train_lib, "evaluate", killed_in_the_third_evaluation)
+  with pytest.raises(KeyboardInterrupt):
+    vmap.train_points(configs, killed)
+  monkeypatch.setattr(train_lib, "evaluate", real_evaluate)
+  vmap.train_points(configs, killed)
+  for k in range(2):
+    evaluations = [[(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(run, "metrics.jsonl")))
+                    if r["split"] == "validation"] for run in (clean[k], killed[k])]
+    assert evaluations[1] == evaluations[0] and [step for step, _ in evaluations[0]] == [4, 8, 12]
+
+
 def test_point_map_unrolled_equals_vmap():
   import jax
   import jax.numpy as jnp
