@@ -4,8 +4,8 @@ connects the processes before anything touches a device.
 `initialize()` calls `jax.distributed.initialize` when the environment describes a multi-process job:
 * explicitly: FINETUNE_COORDINATOR=host:port, FINETUNE_NUM_PROCESSES=n, FINETUNE_PROCESS_ID=i (any cluster, and
   the two-process test on one machine);
-* or a cluster JAX recognises itself: a TPU pod slice (more than one host in TPU_WORKER_HOSTNAMES), SLURM
-  (SLURM_NTASKS > 1) or Open MPI (OMPI_COMM_WORLD_SIZE > 1).
+* or a cluster JAX recognises itself: a TPU pod slice (more than one host in TPU_WORKER_HOSTNAMES), a task of a
+  SLURM step with more than one task (srun's variables) or Open MPI (OMPI_COMM_WORLD_SIZE > 1).
 After it, each process loads only its part of every batch (`data.pipeline`: process_index / process_count) and
 `jax.make_array_from_process_local_data` assembles the global arrays; orbax saves and restores sharded arrays from
 every process; only process 0 writes metrics, summaries and wandb.
@@ -22,10 +22,27 @@ from finetune.errors import FinetuneError
 EXPLICIT = ("FINETUNE_COORDINATOR", "FINETUNE_NUM_PROCESSES", "FINETUNE_PROCESS_ID")
 
 
+# What JAX's own SLURM detection needs (jax._src.clusters.slurm_cluster): the variables `srun` sets for each task of
+# a step. A shell inside an allocation (sbatch's batch script, salloc) has SLURM_NTASKS > 1 without them, and a
+# `finetune train` started there is one process.
+_SLURM_TASK_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+def _count(name: str) -> int:
+  value = os.environ.get(name, "1") or "1"
+  return int(value) if value.isdigit() else 1
+
+
+def _slurm_task() -> bool:
+  """A task of a SLURM step that has several (srun's variables, which JAX's detection reads)."""
+  if not all(name in os.environ for name in _SLURM_TASK_VARIABLES) or _count("SLURM_NTASKS") <= 1:
+    return False
+  return _count("SLURM_STEP_NUM_TASKS") > 1 if "SLURM_STEP_NUM_TASKS" in os.environ else True
+
+
 def _cluster_detected() -> bool:
   hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-  return (len(hosts) > 1 or int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 or
-          int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1)
+  return len(hosts) > 1 or _slurm_task() or _count("OMPI_COMM_WORLD_SIZE") > 1
 
 
 def initialize() -> bool:
@@ -39,10 +56,16 @@ def initialize() -> bool:
   if os.environ.get("JAX_PLATFORMS", "") == "cpu":
     # Host-only processes (the simulated test, CPU clusters) need a cross-process collectives backend.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if given:
-    jax.distributed.initialize(coordinator_address=os.environ["FINETUNE_COORDINATOR"],
-                               num_processes=int(os.environ["FINETUNE_NUM_PROCESSES"]),
-                               process_id=int(os.environ["FINETUNE_PROCESS_ID"]))
-  else:
-    jax.distributed.initialize()  # TPU pod, SLURM or Open MPI: JAX reads the cluster's own environment
+  try:
+    if given:
+      jax.distributed.initialize(coordinator_address=os.environ["FINETUNE_COORDINATOR"],
+                                 num_processes=int(os.environ["FINETUNE_NUM_PROCESSES"]),
+                                 process_id=int(os.environ["FINETUNE_PROCESS_ID"]))
+    else:
+      jax.distributed.initialize()  # TPU pod, SLURM or Open MPI: JAX reads the cluster's own environment
+  except (ValueError, RuntimeError) as e:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise FinetuneError(f"could not connect the processes of a multi-process run ({reason}); start one process per "
+                        "host (srun, mpirun, the TPU VM's workers) or set FINETUNE_COORDINATOR, "
+                        "FINETUNE_NUM_PROCESSES and FINETUNE_PROCESS_ID") from None
   return True

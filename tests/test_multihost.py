@@ -57,3 +57,32 @@ def test_two_processes_train_and_checkpoint_like_one(tmp_path):
     return [(r["step"], r["split"]) for r in map(json.loads, open(tmp_path / run / "metrics.jsonl"))]
   assert steps("two") == steps("one") and len(set(steps("two"))) == len(steps("two"))
   assert "outputs:" in outputs[0][0]
+
+
+def test_cluster_detection_and_connection_errors(monkeypatch):
+  """A shell inside a SLURM allocation (SLURM_NTASKS > 1 without srun's per-task variables) is one process, as in
+  JAX's own detection; a task of a multi-task srun step is not. A failed connection is one line naming the fix."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  from finetune import distributed  # pylint: disable=g-import-not-at-top
+  from finetune.errors import FinetuneError  # pylint: disable=g-import-not-at-top
+  for name in [*distributed.EXPLICIT, "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS",
+               *distributed._SLURM_TASK_VARIABLES]:  # pylint: disable=protected-access
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv("SLURM_JOB_ID", "123")
+  monkeypatch.setenv("SLURM_NTASKS", "2")
+  assert distributed.initialize() is False  # sbatch's batch script or salloc's shell: nothing to connect to
+  task = {"SLURM_STEP_NODELIST": "node[01-02]", "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
+  for name, value in task.items():
+    monkeypatch.setenv(name, value)
+  monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # a one-task step inside a two-task allocation
+  assert distributed.initialize() is False
+  monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+
+  def no_coordinator(*args, **kwargs):
+    raise ValueError("coordinator_address should be defined.")
+
+  monkeypatch.setattr(jax.distributed, "initialize", no_coordinator)
+  with pytest.raises(FinetuneError, match=r"could not connect the processes of a multi-process run \(coordinator_"
+                                          r"address should be defined.\); start one process per host"):
+    distributed.initialize()
