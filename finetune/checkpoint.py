@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from finetune import scan
+from finetune import interrupts, scan
 from finetune.errors import FinetuneError
 from finetune.models import hf
 from finetune.partition import flatten, map_with_path
@@ -43,8 +43,11 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  # Writing, deleting and finalising hold Ctrl-C / SIGTERM back until orbax is done (finetune/interrupts.py).
+
   def save(self, step: int, state: dict[str, Any]) -> None:
-    self._manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state)}), force=True)
+    with interrupts.deferred():
+      self._manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state)}), force=True)
 
   def restore(self, step: int, abstract_state: dict[str, Any]) -> dict[str, Any]:
     """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with `.sharding`)."""
@@ -59,14 +62,17 @@ class Checkpointer:
     return restored[STATE_ITEM]
 
   def delete(self, step: int) -> None:
-    self._manager.delete(step)
+    with interrupts.deferred():
+      self._manager.delete(step)
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with interrupts.deferred():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    with interrupts.deferred():
+      self._manager.wait_until_finished()
+      self._manager.close()
 
 
 def _is_abandoned_read(unraisable: Any) -> bool:

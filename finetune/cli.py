@@ -18,6 +18,7 @@ import re
 import sys
 from typing import Sequence
 
+from finetune import interrupts
 from finetune.errors import FinetuneError
 
 
@@ -186,6 +187,11 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
+  with interrupts.termination_as_interrupt():  # a preempted job ends like Ctrl-C: files closed, one line
+    return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
   try:
     rest, overrides = split_overrides(argv)
     args = _parser().parse_args(rest)

@@ -209,3 +209,41 @@ def test_leftover_config_argument_is_an_error(capsys, tmp_path):
   message = _error(capsys, ["train", "--config", "configs/mnist_transfer.py:stepz=3", "--workdir",
                             str(tmp_path)])
   assert message.startswith("unknown config argument 'stepz' (did you mean 'steps'?)")
+
+
+def test_signals_are_held_back_while_a_checkpoint_is_written():
+  import signal  # pylint: disable=g-import-not-at-top
+  from finetune import interrupts  # pylint: disable=g-import-not-at-top
+  reached_the_end_of_the_block = False
+  with pytest.raises(KeyboardInterrupt):
+    with interrupts.deferred():
+      os.kill(os.getpid(), signal.SIGINT)
+      reached_the_end_of_the_block = True
+  assert reached_the_end_of_the_block
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_interrupted_or_preempted_training_prints_one_line_and_resumes(signal_name, tmp_path):
+  """Ctrl-C or a scheduler's SIGTERM while checkpoints are written every step: exit 130, one line (before, orbax's
+  thread tracebacks for SIGINT; for SIGTERM, death without closing anything), and the same command resumes."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  config = tmp_path / "every_step.py"
+  config.write_text(TINY.replace("steps=3, log_every=1, checkpoint_every=0",
+                                 "steps=200, log_every=1, checkpoint_every=1, keep_checkpoints=2"))
+  command = [sys.executable, "-m", "finetune", "train", "--config", str(config), "--workdir", str(tmp_path / "run")]
+  process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+  while process.poll() is None and not (tmp_path / "run" / "checkpoints" / "3").is_dir():
+    time.sleep(0.01)
+  process.send_signal(getattr(signal, signal_name))
+  _, err = process.communicate(timeout=120)
+  assert process.returncode == 130 and err == ("finetune: interrupted; re-run the same command to resume from the "
+                                               "last checkpoint\n"), err[-3000:]
+  steps = sorted(int(name) for name in os.listdir(tmp_path / "run" / "checkpoints") if name.isdigit())
+  assert len(steps) <= 2 and steps[-1] >= 3  # keep_checkpoints held, no deletion cut short
+  resumed = subprocess.run([*command, "--config.train.checkpoint_every=0"], cwd=REPO, capture_output=True, text=True,
+                           timeout=300, stdin=subprocess.DEVNULL)  # (a cadence, which may change on resumption)
+  assert resumed.returncode == 0 and "resumed_from_step" in (tmp_path / "run" / "summary.json").read_text(), \
+      resumed.stderr[-3000:]
