@@ -215,12 +215,15 @@ def test_signals_are_held_back_while_a_checkpoint_is_written():
   import signal  # pylint: disable=g-import-not-at-top
   from finetune import interrupts  # pylint: disable=g-import-not-at-top
   reached_the_end_of_the_block = False
+  # Python's own Ctrl-C handler, whatever the test runner set (pytest-xdist workers ignore SIGINT).
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
   with pytest.raises(KeyboardInterrupt):
     with interrupts.deferred():
       os.kill(os.getpid(), signal.SIGINT)
       reached_the_end_of_the_block = True
   assert reached_the_end_of_the_block
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+  signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
@@ -233,8 +236,11 @@ def test_interrupted_or_preempted_training_prints_one_line_and_resumes(signal_na
   config.write_text(TINY.replace("steps=3, log_every=1, checkpoint_every=0",
                                  "steps=200, log_every=1, checkpoint_every=1, keep_checkpoints=2"))
   command = [sys.executable, "-m", "finetune", "train", "--config", str(config), "--workdir", str(tmp_path / "run")]
+  # An ignored SIGINT is inherited (pytest-xdist workers ignore it): the child gets the default disposition back,
+  # as a terminal's process has.
   process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   while process.poll() is None and not (tmp_path / "run" / "checkpoints" / "3").is_dir():
     time.sleep(0.01)
   process.send_signal(getattr(signal, signal_name))
