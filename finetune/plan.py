@@ -68,16 +68,15 @@ def _planned_anchors(stage: Any, cfg: ConfigDict) -> Any:
   weights and Fisher information): plan runs before that task's checkpoint need exist. The anchors' bytes and the
   penalty's work are then those of the run, except that several earlier tasks (EWC without `online`) each add
   their own copy."""
-  import re  # pylint: disable=g-import-not-at-top
+  from finetune.train import reinitialised_paths  # pylint: disable=g-import-not-at-top
   state = stage.abstract_state(0)
 
   def anchors(params: Any, model_state: Any) -> dict[str, Any]:
     flat, flat_state = flatten(stage.layout.view(params)), flatten(stage.layout.view(model_state))
     source = regularizers.Source("(planned earlier task)", "", cfg, flat, flat_state)
-    reinitialised = frozenset(p for p in flat if p not in stage.base_paths or any(
-        re.search(pattern, p) for pattern in cfg.dont_load))
     context = regularizers.Context(
-        cfg=cfg, shapes={p: tuple(v.shape) for p, v in flat.items()}, reinitialised=reinitialised,
+        cfg=cfg, shapes={p: tuple(v.shape) for p, v in flat.items()},
+        reinitialised=reinitialised_paths(stage, cfg, flat),
         sources=[source], fisher=lambda source: source.params, start=flat, start_state=flat_state)
     return {name: regularizers.REGULARIZERS.get(name).anchors(context) for name in regularizers.active(cfg)}
 

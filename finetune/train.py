@@ -315,13 +315,18 @@ def initial_state(stage: Stage, cfg: ConfigDict, workdir: str) -> tuple[TrainSta
   return state, report
 
 
+def reinitialised_paths(stage: Stage, cfg: ConfigDict, paths: Any) -> frozenset[str]:
+  """What the stage does not load from its source: parameters a PEFT method added, and `dont_load` matches."""
+  return frozenset(p for p in paths if p not in stage.base_paths or any(re.search(pattern, p)
+                                                                         for pattern in cfg.dont_load))
+
+
 def attach_regularizers(stage: Stage, state: TrainState, cfg: ConfigDict, workdir: str,
                         sources: list[regularizers.Source]) -> tuple[Stage, TrainState]:
   """Builds the regularizers' anchors (and the rehearsal data mix) and puts them into the stage and the state."""
   names = regularizers.active(cfg)
   params = flatten(stage.layout.view(state.params))
-  reinitialised = frozenset(p for p in params if p not in stage.base_paths or any(
-      re.search(pattern, p) for pattern in cfg.dont_load))
+  reinitialised = reinitialised_paths(stage, cfg, params)
   start, start_state = {}, {}
   if "lwf" in names:  # the stage's starting point, rebuilt (identically) also when resuming
     initial, _ = initial_state(stage, cfg, workdir)
