@@ -377,3 +377,19 @@ def test_peft_export_of_another_method_says_what_to_do_and_writes_nothing(method
     assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--format", "hf", "--out",
                      str(tmp_path / "out")]) != 0
     assert "has no --format hf export; its adapter is" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["hf", "peft"])
+def test_export_of_a_model_without_a_hugging_face_format_says_so_in_either_format(fmt, tmp_path, capsys):
+  """(An MLP run exported with --format peft was told to use --format hf, which cannot export an MLP either.)"""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from finetune import cli, train as train_lib  # pylint: disable=g-import-not-at-top
+  config = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)},
+                       train={"steps": 2, "log_every": 2, "checkpoint_every": 0})
+  train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--format", fmt, "--out",
+                   str(tmp_path / "out")]) != 0
+  err = capsys.readouterr().err
+  assert "model 'mlp' cannot be exported to Hugging Face format; exportable: bert, gpt2, llama, vit" in err, err
+  assert "use --format" not in err
+  assert not (tmp_path / "out").exists()

@@ -424,14 +424,19 @@ def to_torch_layout(value: Any, layout: Any) -> np.ndarray:
   return np.ascontiguousarray(value)
 
 
+def check_exportable(model_name: str) -> None:
+  """Raises unless `export_params` can write `model_name` as a transformers checkpoint."""
+  if model_name != "bert" and model_name not in _EXPORTS:
+    raise FinetuneError(f"model {model_name!r} cannot be exported to Hugging Face format; exportable: bert, "
+                        f"{', '.join(_EXPORTS)}")
+
+
 def export_params(model_name: str, params: dict[str, np.ndarray], kwargs: dict[str, Any], class_names: list[str],
                   out: str, base_config: dict[str, Any] | None = None) -> str:
   """Writes a transformers checkpoint directory for any exportable model; returns the architecture written."""
+  check_exportable(model_name)
   if model_name == "bert":
     return export_bert(params, kwargs, class_names, out, base_config)
-  if model_name not in _EXPORTS:
-    raise FinetuneError(f"model {model_name!r} cannot be exported to Hugging Face format; exportable: bert, "
-                        f"{', '.join(_EXPORTS)}")
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
   model_type, _, fixed = _EXPORTS[model_name]
