@@ -36,6 +36,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM,))
+    self.keep = keep
+    self._written = set(self._manager.all_steps())  # found or saved here: tells "never written" from "removed"
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -43,11 +45,16 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def removed_steps(self) -> list[int]:
+    """Steps this Checkpointer saw or wrote that orbax has since removed to keep the latest `keep`."""
+    return sorted(self._written - set(self._manager.all_steps()))
+
   # Writing, deleting and finalising hold Ctrl-C / SIGTERM back until orbax is done (finetune/interrupts.py).
 
   def save(self, step: int, state: dict[str, Any]) -> None:
     with interrupts.deferred():
       self._manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state)}), force=True)
+    self._written.add(step)
 
   def restore(self, step: int, abstract_state: dict[str, Any]) -> dict[str, Any]:
     """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with `.sharding`)."""
@@ -64,6 +71,7 @@ class Checkpointer:
   def delete(self, step: int) -> None:
     with interrupts.deferred():
       self._manager.delete(step)
+    self._written.discard(step)
 
   def wait(self) -> None:
     with interrupts.deferred():

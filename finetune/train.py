@@ -878,8 +878,14 @@ def check_finite(host_metrics: list[dict[str, Any]], step: int, checkpoints: Che
       checkpoints.wait()  # a save already in flight holds a good state: let it finish
       # The loss of step s is computed on the weights after s - 1 updates: checkpoint s - 1 made this loss.
       good = [s for s in checkpoints.all_steps() if s < bad_step - 1]
-      where = (f"the last good checkpoint (step {good[-1]}) in {checkpoints.directory} is intact" if good
-               else "no good checkpoint had been written yet")
+      removed = [s for s in checkpoints.removed_steps() if s < bad_step - 1]
+      if good:
+        where = f"the last good checkpoint (step {good[-1]}) in {checkpoints.directory} is intact"
+      elif removed:
+        where = (f"no good checkpoint is left: config.train.keep_checkpoints={checkpoints.keep} removed step "
+                 f"{removed[-1]}")
+      else:
+        where = "no good checkpoint had been written yet"
       if bad_step - 1 in checkpoints.all_steps():
         where += f" (step {bad_step - 1} holds the weights that gave this loss)"
       raise FinetuneError(f"loss is {loss} at step {bad_step}; training stopped and {where}. Lower "

@@ -133,6 +133,26 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     train_lib.train_and_evaluate(checkpoint_before, str(tmp_path / "7"))
 
 
+def test_non_finite_loss_says_when_keep_checkpoints_removed_the_good_ones(tmp_path, monkeypatch):
+  """(With keep_checkpoints=1 the message said no good checkpoint had been written yet, when one had been and was
+  then removed to keep the latest.)"""
+  original = train_lib.InputPipeline.train_batch
+
+  def poisoned(self, step):
+    batch = original(self, step)
+    if step >= 6:  # the 7th update sees NaN inputs: checkpoint 6 holds the weights that gave its loss
+      batch["image"] = np.full_like(batch["image"], np.nan)
+    return batch
+
+  monkeypatch.setattr(train_lib.InputPipeline, "train_batch", poisoned)
+  config = tiny_config(train={"steps": 12, "log_every": 1, "checkpoint_every": 3, "keep_checkpoints": 1})
+  with pytest.raises(FinetuneError, match=r"loss is nan at step 7; training stopped and no good checkpoint is left: "
+                                          r"config.train.keep_checkpoints=1 removed step 3 \(step 6 holds the "
+                                          r"weights that gave this loss\)"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["6"]
+
+
 def test_weights_that_diverge_in_the_last_update_do_not_finish_the_stage(tmp_path):
   """No training loss sees the weights after the last update; the final evaluation does, and must refuse them."""
   config = tiny_config(train={"steps": 1, "log_every": 1, "checkpoint_every": 0},
