@@ -99,6 +99,14 @@ def tiny_config(**sections):
   return build_config(raw)
 
 
+def fake_devices_xla_flags(devices: int) -> str:
+  """XLA_FLAGS for `devices` host devices in a test's subprocess. XLA's CPU collectives abort the process when one
+  device's thread is 40 s late to an all-reduce (a deadlock guard). Eight device threads on CI's 2 busy cores can be
+  that late without any deadlock: a CI run aborted this way in test_scan. The guard is raised to 20 minutes, the
+  subprocesses' own timeout."""
+  return f"--xla_force_host_platform_device_count={devices} --xla_cpu_collective_call_terminate_timeout_seconds=1200"
+
+
 def run_python(code: str, env_extra: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
   """Runs `code` in a fresh interpreter (needed for XLA_FLAGS, which must be set before jax is imported)."""
   env = {**os.environ, **(env_extra or {})}

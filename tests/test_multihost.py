@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from conftest import REPO
+from conftest import REPO, fake_devices_xla_flags
 from finetune.checkpoint import read_checkpoint_arrays
 
 CONFIG = '''
@@ -29,7 +29,7 @@ def _free_port() -> int:
 
 
 def _launch(config, workdir, devices, process_id=None, port=None):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": fake_devices_xla_flags(devices)}
   if process_id is not None:
     env.update(FINETUNE_COORDINATOR=f"localhost:{port}", FINETUNE_NUM_PROCESSES="2",
                FINETUNE_PROCESS_ID=str(process_id))

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import run_python, tiny_config
+from conftest import fake_devices_xla_flags, run_python, tiny_config
 from finetune import train as train_lib
 from finetune import vmap
 from finetune.checkpoint import read_checkpoint_arrays
@@ -226,7 +226,6 @@ def test_points_together_on_a_sharded_mesh_equal_their_solo_runs():
   # run on that mesh equals one device: tests/test_multidevice.py.)
   code = r"""
 import os, tempfile
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import sys; sys.path.insert(0, "tests")
 import numpy as np
 from conftest import tiny_config
@@ -245,6 +244,6 @@ for k in range(2):
     np.testing.assert_allclose(a[path], b[path], rtol=2e-4, atol=2e-6, err_msg=path)
 print("OK")
 """
-  result = run_python(code)
+  result = run_python(code, {"XLA_FLAGS": fake_devices_xla_flags(8)})
   assert result.returncode == 0, result.stderr[-3000:]
   assert "OK" in result.stdout
