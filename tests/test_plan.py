@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_python
+from conftest import fake_devices_xla_flags, run_python
 
 SMALL = ["model.hidden_size=256", "model.intermediate_size=512", "model.num_attention_heads=4",
          "model.num_key_value_heads=2", "model.vocab_size=1024", "data.options.vocab_size=1024"]
@@ -26,7 +26,7 @@ assert cli.main(["plan", "--config", "configs/llama_plan.py:layers=2,length=64,p
 
 
 def test_plan_reports_sharded_bytes_and_lora_savings():
-  result = run_python(CODE.format(small=repr(SMALL)), {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  result = run_python(CODE.format(small=repr(SMALL)), {"XLA_FLAGS": fake_devices_xla_flags(8)})
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.strip().splitlines()
   full, lora, tensor = json.loads(lines[0])
@@ -84,3 +84,37 @@ def test_plan_of_a_regularised_stage_holds_its_anchors():
   for name, copies in (("ewc", 2), ("l2sp", 1)):
     extra = plans[name]["argument_bytes"] - plans["plain"]["argument_bytes"]
     assert copies * param_bytes <= extra < copies * param_bytes + 64, name  # + a few scalars (weights, alpha)
+
+
+def test_plan_gives_offline_ewc_one_anchor_per_earlier_task_of_the_stage_chain():
+  """(Plan assumed one earlier task: offline EWC after two stages keeps two (weights, Fisher) terms, online EWC one,
+  so plan undercounted the offline stage's arguments by two copies of the parameters.)"""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from finetune.plan import plan  # pylint: disable=g-import-not-at-top
+  ewc = {"weight": 10.0}
+  config = tiny_config(stages={"first": {}, "second": {"init_from": "stage:first"},
+                               "plain": {"init_from": "stage:second"},
+                               "offline": {"init_from": "stage:second", "regularize": {"ewc": ewc}},
+                               "online": {"init_from": "stage:second",
+                                          "regularize": {"ewc": {**ewc, "online": True}}},
+                               "after_first": {"init_from": "stage:first", "regularize": {"ewc": ewc}}})
+  plans = plan(config)
+  param_bytes = 4 * plans["plain"]["params"]
+  for name, copies in (("offline", 4), ("online", 2), ("after_first", 2)):
+    extra = plans[name]["argument_bytes"] - plans["plain"]["argument_bytes"]
+    assert copies * param_bytes <= extra < copies * param_bytes + 64, (name, extra / param_bytes)
+
+
+def test_earlier_tasks_count_a_run_outside_the_config_but_not_a_hugging_face_checkpoint(tmp_path):
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from finetune.config import stage_configs  # pylint: disable=g-import-not-at-top
+  from finetune.plan import _earlier_tasks  # pylint: disable=g-import-not-at-top
+  hf_dir = tmp_path / "hf"
+  hf_dir.mkdir()
+  (hf_dir / "config.json").write_text("{}")
+  (hf_dir / "model.safetensors").write_bytes(b"")
+  for root, expected in ((str(hf_dir), 1), (str(tmp_path / "an_earlier_run"), 2), ("", 1)):
+    config = tiny_config(stages={"first": {"init_from": root}, "second": {"init_from": "stage:first"}})
+    stages = dict(stage_configs(config))
+    assert _earlier_tasks(stages["second"], stages) == expected, root
+    assert _earlier_tasks(stages["first"], stages) == expected - 1, root
