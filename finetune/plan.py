@@ -39,10 +39,11 @@ def _per_device_bytes(tree: Any) -> int:
   return total
 
 
-def plan_stage(cfg: ConfigDict, earlier_tasks: int = 1) -> dict[str, Any]:
+def plan_stage(cfg: ConfigDict, lineage: tuple[bool, ...] = (True,)) -> dict[str, Any]:
   """The stage's figures; with unfreezing phases, each figure is its peak over the phases (the last phase trains
   most, but a figure is reported as the worst any phase reaches), and `phases` lists every phase's.
-  `earlier_tasks`: how many tasks precede the stage (offline EWC keeps one term for each); `plan` counts them."""
+  `lineage`: what the stage starts from, nearest first (True: a task of this framework, False: a Hugging Face
+  checkpoint); offline EWC keeps one term per task. `plan` reads it from the config's stages."""
   from finetune.methods import feature_cache  # pylint: disable=g-import-not-at-top
   from finetune.train import build_stage  # pylint: disable=g-import-not-at-top
   stage = build_stage(cfg)
@@ -54,7 +55,7 @@ def plan_stage(cfg: ConfigDict, earlier_tasks: int = 1) -> dict[str, Any]:
     stage = dataclasses.replace(stage, pipeline=pipeline, forward=feature_cache.classify_features, _cache={})
   names = regularizers.active(cfg)
   if names:
-    stage = dataclasses.replace(stage, anchors=_planned_anchors(stage, cfg, earlier_tasks), _cache={})
+    stage = dataclasses.replace(stage, anchors=_planned_anchors(stage, cfg, lineage), _cache={})
   phases = [_plan_phase(stage, phase) for phase in range(len(stage.strategy.phases))]
   total = stage.peft_info.get("total_params", stage.strategy.counts(0)["params"])
   peak = {key: max(p[key] for p in phases) for key in phases[0]}
@@ -65,18 +66,19 @@ def plan_stage(cfg: ConfigDict, earlier_tasks: int = 1) -> dict[str, Any]:
   }
 
 
-def _planned_anchors(stage: Any, cfg: ConfigDict, earlier_tasks: int) -> Any:
-  """The regularizers' anchors as shapes, for `earlier_tasks` earlier tasks assumed to have this stage's parameter
-  shapes (their weights and Fisher information): plan runs before their checkpoints need exist. The anchors' bytes
-  and the penalty's work are then those of the run, or an upper bound where an older task's head has another
-  shape (its head is then not anchored)."""
+def _planned_anchors(stage: Any, cfg: ConfigDict, lineage: tuple[bool, ...]) -> Any:
+  """The regularizers' anchors as shapes, for the earlier tasks and checkpoints of `lineage`, assumed to have this
+  stage's parameter shapes (their weights and Fisher information): plan runs before their checkpoints need exist.
+  The anchors' bytes and the penalty's work are then those of the run, or an upper bound where an older task's head
+  has another shape (its head is then not anchored). What the run would refuse (EWC after a Hugging Face
+  checkpoint, a regularizer with nothing before it) raises the run's error."""
   from finetune.train import reinitialised_paths  # pylint: disable=g-import-not-at-top
   state = stage.abstract_state(0)
 
   def anchors(params: Any, model_state: Any) -> dict[str, Any]:
     flat, flat_state = flatten(stage.layout.view(params)), flatten(stage.layout.view(model_state))
-    sources = [regularizers.Source(f"(planned earlier task {i + 1})", "", cfg, flat, flat_state)
-               for i in range(max(earlier_tasks, 1))]
+    sources = [regularizers.Source(f"(planned earlier task {i + 1})" if task else "(a Hugging Face checkpoint)", "",
+                                   cfg if task else None, flat, flat_state) for i, task in enumerate(lineage)]
     context = regularizers.Context(
         cfg=cfg, shapes={p: tuple(v.shape) for p, v in flat.items()},
         reinitialised=reinitialised_paths(stage, cfg, flat),
@@ -107,21 +109,21 @@ def _plan_phase(stage: Any, phase: int) -> dict[str, Any]:
 def plan(config: ConfigDict) -> dict[str, dict[str, Any]]:
   """{stage: plan} for every stage of a loaded config."""
   stages = dict(config_lib.stage_configs(config))
-  return {name: plan_stage(stage_cfg, _earlier_tasks(stage_cfg, stages)) for name, stage_cfg in stages.items()}
+  return {name: plan_stage(stage_cfg, _lineage(stage_cfg, stages)) for name, stage_cfg in stages.items()}
 
 
-def _earlier_tasks(cfg: ConfigDict, stages: dict[str, ConfigDict]) -> int:
-  """The tasks before a stage, as `regularizers.lineage` will find them: its `init_from` chain through this
-  config's stages. A link out of the config counts as one task (a run of this framework; its own earlier tasks are
-  not read at plan time), a Hugging Face checkpoint as none (EWC has no task data for it)."""
+def _lineage(cfg: ConfigDict, stages: dict[str, ConfigDict]) -> tuple[bool, ...]:
+  """What `regularizers.lineage` will find before a stage, nearest first (True: a task of this framework, False: a
+  Hugging Face checkpoint): its `init_from` chain through this config's stages. A link out of the config is one
+  task (a run of this framework; its own earlier tasks are not read at plan time) or a Hugging Face checkpoint."""
   from finetune.models import hf  # pylint: disable=g-import-not-at-top
-  count = 0
+  found: list[bool] = []
   while cfg.init_from:
     if not cfg.init_from.startswith("stage:"):
-      path = os.path.expanduser(cfg.init_from)
-      return count + (0 if hf.is_hf_checkpoint(path) else 1)
-    count, cfg = count + 1, stages[cfg.init_from[len("stage:"):]]
-  return count
+      return (*found, not hf.is_hf_checkpoint(os.path.expanduser(cfg.init_from)))
+    found.append(True)
+    cfg = stages[cfg.init_from[len("stage:"):]]
+  return tuple(found)
 
 
 def table(plans: dict[str, dict[str, Any]]) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import fake_devices_xla_flags, run_python
 
 SMALL = ["model.hidden_size=256", "model.intermediate_size=512", "model.num_attention_heads=4",
@@ -11,6 +13,8 @@ SMALL = ["model.hidden_size=256", "model.intermediate_size=512", "model.num_atte
 
 CODE = '''
 import json
+
+import pytest
 from finetune import cli
 from finetune.config import load_config
 from finetune.plan import plan
@@ -105,16 +109,24 @@ def test_plan_gives_offline_ewc_one_anchor_per_earlier_task_of_the_stage_chain()
     assert copies * param_bytes <= extra < copies * param_bytes + 64, (name, extra / param_bytes)
 
 
-def test_earlier_tasks_count_a_run_outside_the_config_but_not_a_hugging_face_checkpoint(tmp_path):
+def test_plan_follows_the_stage_chain_to_a_run_or_a_hugging_face_checkpoint(tmp_path):
+  """L2-SP after a Hugging Face checkpoint is planned; EWC there is refused as `finetune train` refuses it."""
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   from finetune.config import stage_configs  # pylint: disable=g-import-not-at-top
-  from finetune.plan import _earlier_tasks  # pylint: disable=g-import-not-at-top
+  from finetune.errors import FinetuneError  # pylint: disable=g-import-not-at-top
+  from finetune.plan import _lineage, plan_stage  # pylint: disable=g-import-not-at-top
   hf_dir = tmp_path / "hf"
   hf_dir.mkdir()
   (hf_dir / "config.json").write_text("{}")
   (hf_dir / "model.safetensors").write_bytes(b"")
-  for root, expected in ((str(hf_dir), 1), (str(tmp_path / "an_earlier_run"), 2), ("", 1)):
+  for root, expected in ((str(hf_dir), (True, False)), (str(tmp_path / "an_earlier_run"), (True, True)), ("", (True,))):
     config = tiny_config(stages={"first": {"init_from": root}, "second": {"init_from": "stage:first"}})
     stages = dict(stage_configs(config))
-    assert _earlier_tasks(stages["second"], stages) == expected, root
-    assert _earlier_tasks(stages["first"], stages) == expected - 1, root
+    assert _lineage(stages["second"], stages) == expected, root
+    assert _lineage(stages["first"], stages) == expected[1:], root
+  after_hf = dict(stage_configs(tiny_config(init_from=str(hf_dir), regularize={"l2sp": {"alpha": 0.1}})))["train"]
+  assert plan_stage(after_hf, (False,))["regularizers"] == ["l2sp"]
+  after_hf.unlock()
+  after_hf.regularize.ewc.weight, after_hf.regularize.l2sp.alpha = 1.0, 0.0
+  with pytest.raises(FinetuneError, match="EWC needs the earlier task's data"):
+    plan_stage(after_hf, (False,))
