@@ -47,6 +47,12 @@ from finetune.step import (TrainState, classify, compile_eval_step, compile_trai
 from finetune.strategy import Strategy, resolve_strategy, write_table
 
 SUMMARY_FILE = "summary.json"
+# At most this many dispatched steps (or evaluation batches) wait unfinished: the loops block on the oldest beyond
+# it. XLA's CPU client hangs when many multi-device programs are queued: on 8 host devices a small sharded step
+# dispatched 600 times without waiting hung in a collective until XLA aborted the process (50 times, with other
+# work on the 2 cores); waiting on the step 2, 4 or 8 back ran the 600 in 3 s (benchmarks/cpu_steps_in_flight.py).
+# GPUs and TPUs need only a couple of queued steps to stay busy.
+MAX_STEPS_IN_FLIGHT = 4
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
@@ -686,6 +692,8 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
       batch = to_global(pipeline.train_batch(step), batch_spec)
       state, metrics = train_fn(state, batch)
       pending.append(metrics)
+      if len(pending) > MAX_STEPS_IN_FLIGHT:
+        jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT - 1])
       done = step + 1
       save_now = cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0
       if done % cfg.train.log_every == 0 or done == total or save_now:
@@ -907,9 +915,11 @@ def evaluate(eval_fn, weights: dict[str, Any], pipeline: InputPipeline, split: s
   spec = batch_sharding(mesh)
   start = time.perf_counter()
   totals = None
-  for batch in pipeline.eval_batches(split):
+  for index, batch in enumerate(pipeline.eval_batches(split)):
     sums = eval_fn(weights, to_global(batch, spec))
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+    if (index + 1) % MAX_STEPS_IN_FLIGHT == 0:
+      jax.block_until_ready(totals)
   totals = jax.device_get(totals)
   seconds = time.perf_counter() - start
   count, examples = max(float(totals["count"]), 1.0), float(totals["examples"])

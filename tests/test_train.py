@@ -108,6 +108,28 @@ def test_completed_run_is_not_rerun(tmp_path):
   assert again == json.loads(json.dumps(first)) and os.path.getmtime(tmp_path / "summary.json") == mtime
 
 
+def test_training_and_evaluation_wait_once_more_than_a_few_steps_are_in_flight(tmp_path, monkeypatch):
+  """XLA's CPU client hangs when many multi-device steps are queued unfinished; the loops wait on the step (or
+  evaluation batch) MAX_STEPS_IN_FLIGHT back, not only at logging."""
+  waited = []
+  real = jax.block_until_ready
+
+  def recording(tree):
+    waited.append(tree)
+    return real(tree)
+
+  monkeypatch.setattr(train_lib.jax, "block_until_ready", recording)
+  limit = train_lib.MAX_STEPS_IN_FLIGHT
+  config = tiny_config(train={"steps": 12, "log_every": 12, "checkpoint_every": 0},
+                       data={"eval_batch_size": 16})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  steps = [tree for tree in waited if isinstance(tree, dict) and "loss" in tree]
+  assert len(steps) == 12 - limit and all(np.ndim(tree["loss"]) == 0 for tree in steps)
+  eval_batches = -(-360 // 16)  # the validation split: 20% of the 1797 digits, rounded down
+  sums = [tree for tree in waited if isinstance(tree, dict) and "loss_sum" in tree]
+  assert len(sums) == eval_batches // limit, len(sums)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   original = train_lib.InputPipeline.train_batch
 

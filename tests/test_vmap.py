@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -82,6 +83,20 @@ def test_points_differing_in_seed_and_learning_rate_equal_their_solo_runs(tmp_pa
   assert sorted(os.listdir(os.path.join(together[0], "checkpoints")))[:2] == ["12", "6"]
   assert vmap.train_points(configs, together)[0]["train"]["final"] == \
       json.load(open(os.path.join(together[0], "summary.json")))["final"]
+
+
+def test_points_together_wait_once_more_than_a_few_steps_are_in_flight(tmp_path, monkeypatch):
+  """As train_loop: the vmapped loop waits on the step MAX_STEPS_IN_FLIGHT back, not only at logging."""
+  waited = []
+  real = jax.block_until_ready
+  monkeypatch.setattr(vmap.jax, "block_until_ready", lambda tree: (waited.append(tree), real(tree))[1])
+  base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (16,)},
+                     train={"steps": 12, "log_every": 12, "checkpoint_every": 0})
+  vmap.train_points([with_values(base, seed=0), with_values(base, seed=1)],
+                    [str(tmp_path / "a"), str(tmp_path / "b")])
+  steps = [tree for tree in waited if isinstance(tree, dict) and "loss" in tree]
+  assert len(steps) == 12 - train_lib.MAX_STEPS_IN_FLIGHT
+  assert all(np.shape(tree["loss"]) == (2,) for tree in steps)  # one loss per point: the vmapped step's
 
 
 def test_points_killed_while_evaluating_at_a_checkpoint_step_resume_with_every_evaluation(tmp_path, monkeypatch):
