@@ -153,6 +153,9 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
   if aggregate_only and (wandb_out or together):
     # Each of those returns before tabulating: the flag would be silently ignored.
     raise FinetuneError("--aggregate-only only tabulates finished points; run --wandb-sweep / --together without it")
+  if together and (dry_run or wandb_out):  # --together trains its points at once: the other flag would be ignored
+    raise FinetuneError("--together trains the named points now; --dry-run and --wandb-sweep go without it (with "
+                        "--vmap N, --dry-run prints the --together commands)")
   points = sweep.load_sweep(config_spec, overrides)
   sweep.check_seed_key(points, seed_key)  # before any point runs, not after the sweep
   if together:
@@ -180,8 +183,8 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
   print(f"results: {os.path.join(os.path.abspath(workdir), 'results.csv')} and results.md")
   failed = [o for o in outcomes if o.status == "failed"]
   for outcome in failed:
-    print(f"failed: {outcome.point.name} (exit status {outcome.returncode}); see "
-          f"{os.path.join(workdir, outcome.point.name, sweep.LOG_FILE)}", file=sys.stderr)
+    print(f"failed: {outcome.point.name} (exit status {outcome.returncode}); see {outcome.log_path}",
+          file=sys.stderr)
   return 1 if failed else 0
 
 

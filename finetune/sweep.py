@@ -222,8 +222,15 @@ def _digest(point: dict[str, Any]) -> str:
 
 
 def _plain(value: Any) -> Any:
-  # numpy values (np.logspace(...) in a get_sweep) would print as `np.float64(0.001)`.
-  return value.tolist() if hasattr(value, "tolist") else value
+  """numpy values (np.logspace(...) in a get_sweep, also inside tuples, lists and dicts) as Python's: they would
+  print as `np.float64(0.001)`, which no config reads back."""
+  if hasattr(value, "tolist"):
+    return value.tolist()
+  if isinstance(value, (tuple, list)):
+    return type(value)(_plain(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  return value
 
 
 def _value_text(value: Any) -> str:
@@ -339,6 +346,7 @@ class Outcome:
   returncode: int = 0
   seconds: float = 0.0
   log_tail: tuple[str, ...] = ()
+  log_path: str = ""  # where its output is: the first point's sweep.log, for points trained together
 
 
 def together_argv(group: Sequence[Point], workdir: str, spec: str, overrides: Sequence[str]) -> list[str]:
@@ -437,11 +445,11 @@ def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: in
     outcomes = []
     for point in group:
       if finished(point, workdir):
-        outcomes.append(Outcome(point, "finished", returncode, seconds))
+        outcomes.append(Outcome(point, "finished", returncode, seconds, log_path=log_path))
       else:
         note = ("(it exited 0, yet its summary.json files are missing or were written for another config)",) \
             if returncode == 0 else ()
-        outcomes.append(Outcome(point, "failed", returncode or 1, seconds, tail + note))
+        outcomes.append(Outcome(point, "failed", returncode or 1, seconds, tail + note, log_path))
     return outcomes
 
   def run_and_report(group: list[Point]) -> list[Outcome]:
@@ -454,8 +462,7 @@ def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: in
       if outcome.status == "finished":
         say(f"finished {point.name} in {outcome.seconds:.1f} s")
       else:
-        say(f"FAILED {point.name} (exit status {outcome.returncode}); last lines of "
-            f"{os.path.join(workdir, group[0].name, LOG_FILE)}:\n" +
+        say(f"FAILED {point.name} (exit status {outcome.returncode}); last lines of {outcome.log_path}:\n" +
             "\n".join(f"    {line}" for line in outcome.log_tail))
     return outcomes
 
@@ -674,7 +681,9 @@ def wandb_sweep(points: Sequence[Point], workdir: str, spec: str, overrides: Seq
     raise FinetuneError(f"--wandb-sweep: the {len(points)} points are not every combination of their keys' values "
                         f"({len(grid)} combinations), which is all a wandb grid can run; write get_sweep as a "
                         "product(...), or run these points with `finetune sweep` or its --dry-run commands")
-  run = " ".join(["exec python -m finetune train --config", shlex.quote(spec), "--workdir",
+  # The points' own spec: the command's `:arg` less the sweep's own arguments (`seeds=`), which get_config refuses.
+  # (Points cannot set `:arg` keys here, so they all have the same one.)
+  run = " ".join(["exec python -m finetune train --config", shlex.quote(points[0].config_spec), "--workdir",
                   shlex.quote(os.path.join(workdir, "wandb")) + '/"$WANDB_RUN_ID"', "--config.wandb.mode=online",
                   *(shlex.quote(f"--config.{override}") for override in overrides), '"$@"'])
   wandb_cfg = points[0].config.wandb

@@ -233,6 +233,19 @@ def test_a_sweeps_own_arguments_choose_points_and_never_reach_them(tmp_path):
     sweep.parse_sweep_arg("", own=dict(seeds=1), seeds=2)
 
 
+def test_numpy_values_inside_tuples_reach_the_points_as_numbers(tmp_path):
+  """(A tuple of numpy integers became one string, passed every check and failed only when the point ran.)"""
+  path = tmp_path / "numbers.py"
+  path.write_text(CONFIG.format(extra="", sweep='product({"data.classes": [tuple(np.arange(3)), (np.int64(4), 5)],'
+                                ' "optimizer.learning_rate": list(np.array([1e-3]))})').replace(
+      "from finetune.config import parse_arg", "import numpy as np\nfrom finetune.config import parse_arg"))
+  points = load_sweep(str(path))
+  assert [p.config.data.classes for p in points] == [(0, 1, 2), (4, 5)]
+  assert [p.values["data.classes"] for p in points] == [(0, 1, 2), (4, 5)]
+  assert all(p.config.optimizer.learning_rate == 1e-3 for p in points)
+  assert "np." not in " ".join(sweep.dry_run_commands(points, str(tmp_path / "w")))
+
+
 # ---------------------------------------------------------------------------------------------------- running
 
 
@@ -343,6 +356,24 @@ def test_vmap_sweep_trains_compatible_points_together(tmp_path, capsys):
   assert status == 0 and out.count("skipped (finished)") == 4
   status, _, err = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--together", "nope")
   assert status == 2 and "no point named 'nope'" in err
+
+
+def test_a_failed_group_points_at_the_log_holding_its_output_and_together_takes_no_dry_run(tmp_path, capsys):
+  """(Each point of a failed --vmap group was sent to its own sweep.log, which holds only a pointer to the first
+  point's; and --together with --dry-run trained instead of printing.)"""
+  path = write_config(tmp_path, 'product({"data.classes": [(0, 99)]}, seeds(2))')
+  workdir = tmp_path / "sweep"
+  first, second = [p.name for p in load_sweep(path)]
+  status, out, err = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--vmap", "2")
+  assert status == 1 and "together (2 points, one program)" in out
+  log = workdir / first / "sweep.log"
+  assert err.strip().splitlines() == [f"failed: {name} (exit status 2); see {log}" for name in (first, second)]
+  assert "finetune: error: config.data.classes" in log.read_text()
+  for flag in (["--dry-run"], ["--wandb-sweep", str(tmp_path / "sweep.yaml")]):
+    status, out, err = sweep_cli(capsys, "--config", path, "--workdir", str(tmp_path / "t"), "--together", first,
+                                 *flag)
+    assert status == 2 and "--together trains the named points now" in err, err
+    assert not (tmp_path / "t").exists() and not (tmp_path / "sweep.yaml").exists()
 
 
 def fake_run(folder, point, summaries):
@@ -537,6 +568,24 @@ def test_results_csv_helpers_for_plot_scripts(tmp_path):
   path.write_text("point,seed,status\na,0,failed\n")
   with pytest.raises(ValueError, match="has no finished points"):
     sweep.read_results(str(path))
+
+
+def test_wandb_sweep_command_leaves_out_the_sweeps_own_arguments(tmp_path, capsys):
+  """(The runs' command passed `:seeds=2` on to `finetune train`, whose get_config refused it: every run failed.)"""
+  path = tmp_path / "own.py"
+  path.write_text(CONFIG.format(extra="", sweep="product({'optimizer.learning_rate': [1e-3]}, seeds(args.seeds))")
+                  .replace("def get_sweep(arg=None):\n", "def get_sweep(arg=None):\n  args = sweep.parse_sweep_arg("
+                           "arg, own=dict(seeds=1), steps=3)\n")
+                  .replace("from finetune.sweep import", "from finetune import sweep\nfrom finetune.sweep import"))
+  out_file = tmp_path / "sweep.yaml"
+  status, _, err = sweep_cli(capsys, "--config", f"{path}:seeds=2,steps=2", "--workdir", str(tmp_path / "w"),
+                             "--wandb-sweep", str(out_file))
+  assert status == 0, err
+  run = yaml.safe_load(out_file.read_text())["command"][3].split("exec python -m finetune ", 1)[1]
+  rest, overrides = cli.split_overrides(shlex.split(run.replace('"$@"', "--config.seed=1")))
+  parsed = cli._parser().parse_args(rest)  # pylint: disable=protected-access
+  assert parsed.config == f"{path}:steps=2"
+  assert config_lib.load_config(parsed.config, overrides).train.steps == 2
 
 
 def test_wandb_sweep_definition_runs_the_same_points(tmp_path, capsys):
