@@ -82,22 +82,38 @@ def prepare_checkpoint(peft_cfg: ConfigDict, arrays: dict[str, dict[str, Any]], 
   return PEFT_METHODS.get(peft_cfg.method).convert_checkpoint(arrays, param_paths, state_paths, peft_cfg)
 
 
+# The PEFT settings that shape an adapted model's function and its stored arrays (dropout, init, LoRA+ and bias
+# only change training). A checkpoint is read as it is only by a stage whose settings are these same ones.
+_FUNCTION_SETTINGS = ("method", "targets", "rank", "alpha", "rank_pattern", "alpha_pattern", "rslora", "dora",
+                      "quantize", "quant_block_size", "double_quant", "num_virtual_tokens", "bottleneck_size",
+                      "feedforward")
+
+
+def _same_adapters(a: ConfigDict, b: ConfigDict) -> bool:
+  as_json = lambda cfg, key: json.dumps(cfg.get(key), sort_keys=True, default=list)  # (tuples and lists alike)
+  return all(as_json(a, key) == as_json(b, key) for key in _FUNCTION_SETTINGS)
+
+
 def fold_source_adapters(step_dir: str, arrays: dict[str, dict[str, Any]], peft_cfg: ConfigDict,
                          param_paths: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
-  """A checkpoint of one of our PEFT runs, read by a stage with another (or no) PEFT method: its adapters folded
-  into the base weights (`merge`), so the stage starts from the function the source trained. Loading only the
-  base weights would silently drop what the adapters learned. Other checkpoints are returned as they are.
+  """A checkpoint of one of our PEFT runs, read by a stage with other PEFT settings (another method, other
+  targets, rank, alpha, DoRA, quantisation, ... or none): its adapters folded into the (dequantised) base weights
+  (`merge`), so the stage starts from the function the source trained and its own adapters start at zero. Loading
+  the arrays as they are would silently drop adapters the stage does not have, rescale those it has or combine
+  them with other magnitudes. Checkpoints of runs without PEFT, or with the stage's own settings, are returned as
+  they are.
 
-  `param_paths`: the stage's parameters; a checkpoint whose parameters the stage all holds (it has slots for the
-  adapters) is returned as is. None (the forgetting lineage's anchors, which have no stage layout): fold whenever
-  the source's PEFT method is not `peft_cfg`'s."""
+  `param_paths`: the stage's parameters; the checkpoint is returned as is only if the stage holds all of its
+  parameters. None (the forgetting lineage's anchors, which have no stage layout): the settings alone decide."""
   run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))), "config.json")
-  fits_stage = param_paths is not None and set(arrays.get("params", {})) <= set(param_paths)
-  if fits_stage or not os.path.isfile(run_config):
+  if not os.path.isfile(run_config):
     return arrays
   source = ConfigDict(read_json(run_config))
   source_peft = source.get("peft", ConfigDict({"method": ""}))
-  if not enabled(source_peft) or source_peft.method == peft_cfg.method:
+  if not enabled(source_peft):
+    return arrays
+  fits_stage = param_paths is None or set(arrays.get("params", {})) <= set(param_paths)
+  if fits_stage and _same_adapters(source_peft, peft_cfg):
     return arrays
   params = arrays["params"]
   num_classes = params["head/kernel"].shape[-1] if "head/kernel" in params else 0
@@ -124,7 +140,8 @@ def load_model(model_cfg: ConfigDict, peft_cfg: ConfigDict, num_classes: int, ch
   params, rest = params.to_pure_dict(), rest.to_pure_dict()
   if checkpoint:
     step_dir = resolve_checkpoint(checkpoint, os.getcwd())
-    arrays = read_checkpoint_arrays(step_dir)
+    # A PEFT run's checkpoint read with other settings (or none): its adapters folded in, as `init_from` does.
+    arrays = fold_source_adapters(step_dir, read_checkpoint_arrays(step_dir), peft_cfg, list(flatten(params)))
     arrays = prepare_checkpoint(peft_cfg, arrays, list(flatten(params)), list(flatten(rest)))
     added = frozenset(flatten(params)) - base_paths
     params, _, _ = load_into(params, arrays["params"], (), "parameter", step_dir, added)

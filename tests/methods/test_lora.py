@@ -214,6 +214,37 @@ def test_a_plain_stage_from_a_lora_run_starts_from_its_merged_weights(tmp_path):
     train_lib.initial_state(train_lib.build_stage(full_cfg), full_cfg, str(tmp_path))
 
 
+QLORA = {"quantize": "nf4", "quant_block_size": 16}
+
+
+@pytest.mark.parametrize("first, second", [({}, {"targets": ("query",)}), ({}, {"alpha": 32.0}), ({}, {"dora": True}),
+                                           (QLORA, {"quantize": ""}), (QLORA, {"quant_block_size": 8})])
+def test_a_lora_stage_with_other_settings_starts_from_the_source_runs_function(tmp_path, first, second):
+  """(A LoRA stage from a LoRA run loaded A and B as they were: with other targets an adapter was dropped, with
+  another alpha rescaled, with DoRA the magnitudes were taken from the bare base kernels, and a QLoRA source with
+  other quantisation settings was refused with advice to re-initialise the base. Now the source's adapters are
+  folded into its (dequantised) base and the stage's own adapters start at zero, unless the settings are the same.)"""
+  from finetune.config import stage_configs  # pylint: disable=g-import-not-at-top
+  lora_cfg = {"method": "lora", "targets": ("query", "value"), "rank": 2, "alpha": 8.0, "modules_to_save": ("^head/",),
+              **first}
+  common = {"model": VIT, "peft": lora_cfg, "train": {"steps": 4, "log_every": 4, "checkpoint_every": 0}}
+  train_lib.train_and_evaluate(tiny_config(**common, stages={"lora": {}}), str(tmp_path))
+  stages = dict(stage_configs(tiny_config(**common, stages={"lora": {}, "again": {"init_from": "stage:lora",
+                                                                                  "peft": second}})))
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 1)), jnp.float32)
+  checkpoint = str(tmp_path / "lora" / "checkpoints" / "4")
+  expected = np.asarray(adapters.load_model(stages["lora"].model, stages["lora"].peft, 10, checkpoint)(images))
+  stage = train_lib.build_stage(stages["again"])
+  state, _ = train_lib.initial_state(stage, stages["again"], str(tmp_path))
+  start = nnx.merge(stage.graphdef, state.params, state.model_state)
+  # NF4 re-quantises the folded kernels: 4-bit levels, a few percent of the logits
+  atol = 0.1 * np.abs(expected).max() if stages["again"].peft.quantize else 1e-5
+  np.testing.assert_allclose(np.asarray(start(images)), expected, atol=atol)
+  plain = adapters.load_model(stages["lora"].model, ConfigDict({**defaults().peft.to_dict(), "method": ""}), 10,
+                              checkpoint)
+  np.testing.assert_allclose(np.asarray(plain(images)), expected, atol=1e-5)  # load_model folds them too
+
+
 def test_target_errors_are_one_clear_line():
   with pytest.raises(FinetuneError, match=r"'qkv' matches no Linear layer .* named like head, layers/0/"):
     adapted(peft_config(targets=("qkv",)))
