@@ -56,6 +56,9 @@ class PeftMethod:
   # (abstract adapted model, flat params, flat model state) -> the plain model's (params, model state) with the
   # adaptation folded in, or None where the method changes the computation in a way no plain model can hold.
   merge: Callable[[nnx.Module, dict, dict], tuple[dict, dict]] | None = None
+  # The config.peft keys only this method reads (beyond method, targets, modules_to_save, bias, load_adapter): under
+  # another method each must keep its default, or the config check refuses it as silently ignored.
+  settings: tuple[str, ...] = ()
 
 
 PEFT_METHODS: Registry[PeftMethod] = Registry("peft method")
@@ -318,13 +321,25 @@ def call_context(model: nnx.Module, train: bool, rngs: nnx.Rngs | None) -> Itera
 # ------------------------------------------------------------------------------------- what trains, counts
 
 
+def _adapted_modules(added: Sequence[str], base_paths: set[str]) -> set[str]:
+  """The base model's modules that the added parameters belong to: for each, its longest path prefix that is a
+  module of the base (`.../query` for `.../query/lora_a` and for a bottleneck's `.../query/adapter_down/kernel`)."""
+  base_modules = {"/".join(parts[:i]) for parts in (b.split("/") for b in base_paths) for i in range(1, len(parts))}
+  modules = set()
+  for path in added:
+    parts = path.split("/")
+    modules.add(next(("/".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)
+                      if "/".join(parts[:i]) in base_modules), path.rsplit("/", 1)[0]))
+  return modules
+
+
 def trainable_paths(peft_cfg: ConfigDict, paths: Sequence[str], base_paths: set[str]) -> frozenset[str]:
   """The parameters a PEFT stage trains (see the module docstring); all others are frozen for the stage."""
   if peft_cfg.bias not in BIAS_MODES:
     raise FinetuneError(f"config.peft.bias={peft_cfg.bias!r}; valid: {', '.join(BIAS_MODES)}")
   method = PEFT_METHODS.get(peft_cfg.method)
   added = [p for p in paths if p not in base_paths]
-  adapted_modules = {p.rsplit("/", 1)[0] for p in added}
+  adapted_modules = _adapted_modules(added, base_paths)
   require_matches(peft_cfg.modules_to_save, list(paths), "config.peft.modules_to_save")
   keep = [re.compile(p) for p in peft_cfg.modules_to_save]
   trainable = set(added)
@@ -351,7 +366,7 @@ def report(peft_cfg: ConfigDict, shapes: dict[str, tuple[int, ...]], trainable: 
   added = [p for p in shapes if p not in base_paths]
   info = {"method": peft_cfg.method, "trainable_params": count, "total_params": total,
           "trainable_percent": 100.0 * count / max(total, 1),
-          "adapted_modules": len({p.rsplit("/", 1)[0] for p in added})}
+          "adapted_modules": len(_adapted_modules(added, base_paths))}
   if quantized:
     kernels = nf4.memory_report(list(quantized), peft_cfg.quant_block_size, peft_cfg.double_quant)
     rest = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in (abstract_params or {}).values())

@@ -447,6 +447,13 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
   need(c.peft.lora_plus_ratio >= 0, "config.peft.lora_plus_ratio must be >= 0 (0: off)")
   need(c.peft.num_virtual_tokens >= 1 and c.peft.bottleneck_size >= 1,
        "config.peft.num_virtual_tokens and bottleneck_size must be >= 1")
+  if c.peft.method:  # a setting of another method would be ignored silently (e.g. quantize='nf4' under ia3)
+    own, default = PEFT_METHODS.get(c.peft.method).settings, defaults().peft
+    for name in PEFT_METHODS.names():
+      for key in (k for k in PEFT_METHODS.get(name).settings if k not in own):
+        need(_as_json(c.peft[key]) == _as_json(default[key]),
+             f"config.peft.{key} is a setting of method {name!r}; method={c.peft.method!r} would ignore it: drop it "
+             "(or choose that method)")
   need(not (c.peft.load_adapter and not c.peft.method),
        "config.peft.load_adapter needs config.peft.method (and the adapter's targets and rank) set")
   need(not (c.peft.method and c.features.cache),
@@ -475,8 +482,16 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
       need(isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
            and isinstance(rule[1], (int, float)) and rule[1] > 0,
            f"config.peft.{key} entry {rule!r} must be (regex over module paths, value > 0)")
+      try:
+        re.compile(rule[0])
+      except re.error as e:
+        need(False, f"config.peft.{key}: {rule[0]!r} is not a valid regex ({e})")
   for axis, size in c.mesh.items():
     need(size == -1 or size >= 1, f"config.mesh.{axis} must be -1 (all remaining devices) or >= 1")
+
+
+def _as_json(value: Any) -> str:
+  return json.dumps(value, sort_keys=True, default=list)  # (tuples and lists alike)
 
 
 def _frozen(config: ConfigDict) -> ConfigDict:

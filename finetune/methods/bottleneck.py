@@ -38,4 +38,4 @@ def inject(model: nnx.Module, peft_cfg: ConfigDict, rngs: nnx.Rngs) -> None:
     adapters.replace_module(model, path, BottleneckAdapter(module, peft_cfg.bottleneck_size, rngs))
 
 
-adapters.PEFT_METHODS.register("bottleneck")(adapters.PeftMethod(inject=inject))
+adapters.PEFT_METHODS.register("bottleneck")(adapters.PeftMethod(inject=inject, settings=("bottleneck_size",)))

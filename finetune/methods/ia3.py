@@ -17,6 +17,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from finetune import adapters
+from finetune.errors import FinetuneError
 
 
 class IA3Linear(nnx.Module):
@@ -45,7 +46,14 @@ def inject(model: nnx.Module, peft_cfg: ConfigDict, rngs: nnx.Rngs) -> None:
   del rngs  # ones: nothing random
   chosen = adapters.select_modules(model, peft_cfg.targets)
   if peft_cfg.feedforward:
-    adapters.select_modules(model, peft_cfg.feedforward, "config.peft.feedforward")  # each must match a layer
+    feedforward = adapters.select_modules(model, peft_cfg.feedforward, "config.peft.feedforward")  # each matches
+    # As PEFT's IA3Config: feedforward layers are a subset of the targets (else they would silently get no vector).
+    left_out = sorted({path for path, _ in feedforward} - {path for path, _ in chosen})
+    if left_out:
+      raise FinetuneError(f"config.peft.feedforward names {left_out[0]}"
+                          f"{f' (and {len(left_out) - 1} more)' if len(left_out) > 1 else ''}, which "
+                          "config.peft.targets does not adapt; feedforward layers must also be targets (add them "
+                          "to config.peft.targets)")
   for path, module in chosen:
     adapters.replace_module(model, path, IA3Linear(module, _is_feedforward(peft_cfg, path)))
 
@@ -64,4 +72,4 @@ def merge(abstract_model: nnx.Module, params: dict, model_state: dict) -> tuple[
   return params, model_state
 
 
-adapters.PEFT_METHODS.register("ia3")(adapters.PeftMethod(inject=inject, merge=merge))
+adapters.PEFT_METHODS.register("ia3")(adapters.PeftMethod(inject=inject, merge=merge, settings=("feedforward",)))

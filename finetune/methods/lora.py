@@ -44,13 +44,14 @@ class Quantized(nnx.Variable):
   """Compressed frozen base weights: model state, not a parameter (never differentiated, no optimizer state)."""
 
 
-def _pattern_value(patterns, module_path: str, default: float, what: str) -> float:
+def _pattern_rule(patterns, module_path: str, what: str) -> tuple[str, float] | None:
+  """The first (regex, value) of `patterns` whose regex is found in `module_path`, or None."""
   for rule in patterns:
     if len(rule) != 2 or not isinstance(rule[1], (int, float)):
       raise FinetuneError(f"config.peft.{what} entry {tuple(rule)!r} must be (regex over module paths, number)")
     if re.search(rule[0], module_path):
-      return rule[1]
-  return default
+      return tuple(rule)
+  return None
 
 
 class LoRALinear(adapters.UsesCallContext, nnx.Module):
@@ -58,12 +59,14 @@ class LoRALinear(adapters.UsesCallContext, nnx.Module):
 
   def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, rslora: bool = False, dropout: float = 0.0,
                init: str = "kaiming", dora: bool = False, quantize: str = "", block_size: int = 64,
-               double_quant: bool = True, rngs: nnx.Rngs, path: str = ""):
+               double_quant: bool = True, rngs: nnx.Rngs, path: str = "", rank_from: str = ""):
     in_features, out_features = base.in_features, base.out_features
     if not 1 <= rank <= min(in_features, out_features):
-      raise FinetuneError(f"config.peft.rank={rank} for {path or 'a layer'} of shape ({in_features}, {out_features}):"
-                          f" the rank must be between 1 and {min(in_features, out_features)}; lower the rank or use "
-                          "config.peft.rank_pattern for this layer")
+      raise FinetuneError(f"{rank_from or f'config.peft.rank={rank}'} for {path or 'a layer'} of shape "
+                          f"({in_features}, {out_features}): the rank must be between 1 and "
+                          f"{min(in_features, out_features)}; " + ("lower that entry's rank" if rank_from else
+                                                                   "lower the rank or use config.peft.rank_pattern "
+                                                                   "for this layer"))
     self.in_features, self.out_features, self.rank, self.alpha = in_features, out_features, rank, float(alpha)
     self.scaling = float(alpha) / (math.sqrt(rank) if rslora else rank)
     self.dropout_rate, self.dora, self.quantize = float(dropout), bool(dora), quantize
@@ -155,20 +158,35 @@ _nf4_matmul.defvjp(lambda x, stored, shape: _nf4_forward(x, stored, shape), _nf4
 
 def settings(peft_cfg: ConfigDict, module_path: str) -> dict[str, Any]:
   """Rank and alpha of one module after `rank_pattern` / `alpha_pattern` (first matching regex wins)."""
-  rank = int(_pattern_value(peft_cfg.rank_pattern, module_path, peft_cfg.rank, "rank_pattern"))
-  alpha = float(_pattern_value(peft_cfg.alpha_pattern, module_path, peft_cfg.alpha, "alpha_pattern"))
-  return {"rank": rank, "alpha": alpha}
+  rank_rule = _pattern_rule(peft_cfg.rank_pattern, module_path, "rank_pattern")
+  alpha_rule = _pattern_rule(peft_cfg.alpha_pattern, module_path, "alpha_pattern")
+  return {"rank": int(rank_rule[1] if rank_rule else peft_cfg.rank),
+          "alpha": float(alpha_rule[1] if alpha_rule else peft_cfg.alpha)}
+
+
+def _check_patterns_match(peft_cfg: ConfigDict, module_paths: list[str]) -> None:
+  """Every rank_pattern / alpha_pattern regex must name an adapted layer: one matching nothing is a typo (or a
+  layer left out of `targets`), and PEFT would ignore it silently."""
+  for key in ("rank_pattern", "alpha_pattern"):
+    for regex, _ in peft_cfg[key]:
+      if not any(re.search(regex, path) for path in module_paths):
+        raise FinetuneError(f"config.peft.{key} regex {regex!r} matches no adapted layer; the adapted layers: "
+                            f"{', '.join(module_paths[:4])}{', ...' if len(module_paths) > 4 else ''}")
 
 
 def inject(model: nnx.Module, peft_cfg: ConfigDict, rngs: nnx.Rngs) -> None:
   if peft_cfg.quantize not in QUANTIZATIONS:
     raise FinetuneError(f"config.peft.quantize={peft_cfg.quantize!r}; valid: '' (none) or 'nf4' (QLoRA)")
   exclude = [re.escape(p.rstrip("/")) if re.fullmatch(r"[\w/]+", p) else p for p in peft_cfg.modules_to_save]
-  for path, module in adapters.select_modules(model, peft_cfg.targets, exclude=exclude):
+  selected = adapters.select_modules(model, peft_cfg.targets, exclude=exclude)
+  _check_patterns_match(peft_cfg, [path for path, _ in selected])
+  for path, module in selected:
+    rank_rule = _pattern_rule(peft_cfg.rank_pattern, path, "rank_pattern")
     adapters.replace_module(model, path, LoRALinear(
         module, **settings(peft_cfg, path), rslora=peft_cfg.rslora, dropout=peft_cfg.dropout, init=peft_cfg.init,
         dora=peft_cfg.dora, quantize=peft_cfg.quantize, block_size=peft_cfg.quant_block_size,
-        double_quant=peft_cfg.double_quant, rngs=rngs, path=path))
+        double_quant=peft_cfg.double_quant, rngs=rngs, path=path,
+        rank_from=f"config.peft.rank_pattern entry {rank_rule!r}" if rank_rule else ""))
 
 
 def lr_multiplier(path: str, peft_cfg: ConfigDict) -> float:
@@ -274,4 +292,6 @@ def merge_weighted(abstract_model: nnx.Module, base: dict[str, Any], weighted: l
 
 
 adapters.PEFT_METHODS.register("lora")(adapters.PeftMethod(
-    inject=inject, lr_multiplier=lr_multiplier, convert_checkpoint=from_base_checkpoint, merge=merge))
+    inject=inject, lr_multiplier=lr_multiplier, convert_checkpoint=from_base_checkpoint, merge=merge,
+    settings=("rank", "alpha", "rslora", "dora", "dropout", "init", "rank_pattern", "alpha_pattern", "lora_plus_ratio",
+              "quantize", "quant_block_size", "double_quant")))

@@ -82,4 +82,5 @@ def from_base_checkpoint(arrays: dict, param_paths: list[str], state_paths: list
   return {**arrays, "params": params}
 
 
-adapters.PEFT_METHODS.register("prompt")(adapters.PeftMethod(inject=inject, convert_checkpoint=from_base_checkpoint))
+adapters.PEFT_METHODS.register("prompt")(adapters.PeftMethod(inject=inject, convert_checkpoint=from_base_checkpoint,
+                                                               settings=("num_virtual_tokens",)))

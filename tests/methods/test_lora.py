@@ -254,6 +254,20 @@ def test_target_errors_are_one_clear_line():
     adapted(peft_config(rank=32))
   with pytest.raises(FinetuneError, match="config.peft.targets is empty"):
     adapted(peft_config(targets=()))
+  # rank_pattern / alpha_pattern: a regex naming no adapted layer is an error (a typo trained silently), a bad rank
+  # names the entry that set it, and an invalid regex is one line from the config check.
+  with pytest.raises(FinetuneError, match=r"config.peft.rank_pattern regex 'querry' matches no adapted layer; the "
+                                          r"adapted layers: layers/0/attention/query"):
+    adapted(peft_config(rank_pattern=(("querry", 2),)))
+  with pytest.raises(FinetuneError, match=r"config.peft.alpha_pattern regex 'intermediate' matches no adapted"):
+    adapted(peft_config(alpha_pattern=(("intermediate", 64.0),)))
+  with pytest.raises(FinetuneError, match=r"config.peft.rank_pattern entry \('value', 64\) for layers/0/attention/"
+                                          r"value of shape \(16, 16\): the rank must be between 1 and 16; lower "
+                                          r"that entry's rank"):
+    adapted(peft_config(rank=2, rank_pattern=(("value", 64),)))
+  from finetune.config import build_config  # pylint: disable=g-import-not-at-top
+  with pytest.raises(FinetuneError, match=r"config.peft.rank_pattern: '\(query' is not a valid regex"):
+    build_config({"train": {"steps": 1}, "peft": {"rank_pattern": (("(query", 4),)}})
 
 
 def test_trainable_set_bias_modes_and_modules_to_save():

@@ -88,6 +88,39 @@ def test_ia3_scales_outputs_or_feedforward_inputs_and_merges():
                              np.asarray(model.encode(batch()["input_ids"])), atol=1e-5)
 
 
+@pytest.mark.parametrize("method, setting", [("ia3", {"quantize": "nf4"}), ("bottleneck", {"dora": True}),
+                                             ("lora", {"bottleneck_size": 8}), ("prompt", {"feedforward": ("x",)})])
+def test_a_setting_of_another_peft_method_is_refused(method, setting):
+  """(quantize='nf4', dora, rslora, ... under ia3 or bottleneck were accepted and ignored: no QLoRA, no DoRA.)"""
+  from finetune.config import build_config  # pylint: disable=g-import-not-at-top
+  key = next(iter(setting))
+  with pytest.raises(FinetuneError, match=rf"config.peft.{key} is a setting of method '\w+'; method={method!r} "
+                                          r"would ignore it"):
+    build_config({"train": {"steps": 1}, "peft": {"method": method, "targets": ("query",), **setting}})
+  build_config({"train": {"steps": 1}, "peft": {"method": "", **setting}})  # no PEFT: the section is unused
+
+
+def test_ia3_feedforward_layers_must_be_targets():
+  """(As PEFT's IA3Config: a feedforward layer left out of targets got no vector, silently.)"""
+  with pytest.raises(FinetuneError, match=r"config.peft.feedforward names layers/0/output \(and 1 more\), which "
+                                          r"config.peft.targets does not adapt"):
+    build(BERT, peft_config(method="ia3", targets=("key", "value"), feedforward=("layers/\\d+/output$",)))
+
+
+@pytest.mark.parametrize("method, options", [("lora", {}), ("ia3", {}), ("bottleneck", {"bottleneck_size": 4})])
+def test_lora_only_bias_trains_the_adapted_layers_biases_and_they_are_counted_once(method, options):
+  """(Bottleneck parameters sit a level deeper, .../query/adapter_down/kernel: with bias='lora_only' no bias
+  trained, and each adapted layer was counted twice.)"""
+  cfg = peft_config(method=method, targets=("query", "value"), bias="lora_only", **options)
+  model = build(BERT, cfg)
+  shapes = {p: tuple(v.shape) for p, v in params_of(model).items()}
+  base = set(params_of(build(BERT)))
+  trainable = adapters.trainable_paths(cfg, list(shapes), base)
+  adapted = {f"layers/{i}/attention/{m}" for i in (0, 1) for m in ("query", "value")}
+  assert {p for p in trainable if p in base} == {f"{m}/bias" for m in adapted}
+  assert adapters.report(cfg, shapes, trainable, base)["adapted_modules"] == len(adapted)
+
+
 def test_bottleneck_adapters_cannot_merge():
   cfg = peft_config(**IDENTITY_AT_INIT["bottleneck"])
   model = build(BERT, cfg)
