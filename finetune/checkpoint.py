@@ -140,6 +140,11 @@ def resolve_checkpoint(source: str, workdir: str) -> str:
   if not os.path.exists(path):
     raise FinetuneError(f"init_from {source!r} does not exist; give a run directory, its checkpoints/ folder or "
                         "one checkpoint step folder")
+  if os.path.isfile(os.path.join(path, "config.json")) and any(
+      os.path.isfile(os.path.join(path, name)) for name in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+    raise FinetuneError(f"init_from {source!r} is a Hugging Face folder with PyTorch weights only "
+                        "(pytorch_model.bin), and only safetensors are read: save it again with transformers, e.g. "
+                        "`AutoModel.from_pretrained(DIR).save_pretrained(DIR)` (safetensors is its default)")
   if os.path.isdir(os.path.join(path, STATE_ITEM)):
     return path
   for candidate in (os.path.join(path, "checkpoints"), path):

@@ -300,9 +300,17 @@ def initial_state(stage: Stage, cfg: ConfigDict, workdir: str) -> tuple[TrainSta
     added = frozenset(flatten(params)) - stage.base_paths
     arrays = adapters.prepare_checkpoint(cfg.peft, arrays, list(flatten(params)), list(flatten(model_state)))
     params, loaded, fresh = load_into(params, arrays["params"], cfg.dont_load, "parameter", step_dir, added)
-    model_state, loaded_stats, _ = load_into(model_state, arrays.get("model_state", {}), cfg.dont_load,
-                                             "model state", step_dir)
+    model_state, loaded_stats, fresh_stats = load_into(model_state, arrays.get("model_state", {}), cfg.dont_load,
+                                                       "model state", step_dir)
     report = {"source": step_dir, "loaded": len(loaded) + len(loaded_stats), "fresh": fresh}
+    # Arrays the checkpoint holds but this model has no place for (layers beyond model.num_layers, an LM's output
+    # layer under a classifier, a pooler the pooling does not use) are left out: said here and kept in init.json.
+    unused = sorted((set(arrays["params"]) - set(loaded) - set(fresh)) |
+                    (set(arrays.get("model_state", {})) - set(loaded_stats) - set(fresh_stats)))
+    if unused:
+      report["unused"] = unused
+      print(f"init_from {step_dir}: {len(unused)} checkpoint array(s) have no place in this model and were not "
+            f"loaded: {', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}")
     source_run_id = _run_id(os.path.dirname(os.path.dirname(step_dir)))  # <run>/checkpoints/<step>
     if source_run_id:
       report["source_run_id"] = source_run_id

@@ -130,6 +130,19 @@ def test_training_and_evaluation_wait_once_more_than_a_few_steps_are_in_flight(t
   assert len(sums) == eval_batches // limit, len(sums)
 
 
+def test_checkpoint_arrays_the_model_has_no_place_for_are_reported(tmp_path, capsys):
+  """(Layers beyond a shallower model's depth, say, were dropped without a word.)"""
+  config = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (16, 16)},
+                       stages={"deep": {}, "shallow": {"init_from": "stage:deep", "model": {"hidden": (16,)},
+                                                       "dont_load": ("^head/",)}},
+                       train={"steps": 2, "log_every": 2, "checkpoint_every": 0})
+  summaries = train_lib.train_and_evaluate(config, str(tmp_path))
+  unused = summaries["shallow"]["init"]["unused"]
+  assert unused == ["layers/1/bias", "layers/1/kernel"]  # the second hidden layer
+  assert f"{len(unused)} checkpoint array(s) have no place in this model and were not loaded" in capsys.readouterr().out
+  assert "unused" not in summaries["deep"]["init"]
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   original = train_lib.InputPipeline.train_batch
 

@@ -55,7 +55,9 @@ _BERT_RULES = [
     (r"classifier\.bias", "head/bias", False),
 ]
 # Tensors a BERT checkpoint may hold that this model does not use: buffers and pretraining heads.
-_BERT_LEFTOVERS = r"(embeddings\.position_ids|cls\..*|lm_head\..*)"  # lm_head: RoBERTa's masked-LM head
+# lm_head: RoBERTa's masked-LM head; classifier.dense / out_proj: RoBERTa's two-layer classification head, which our
+# one-layer head cannot hold (a stage from such a checkpoint trains a new head: dont_load=('^head/',)).
+_BERT_LEFTOVERS = r"(embeddings\.position_ids|cls\..*|lm_head\..*|classifier\.(dense|out_proj)\..*)"
 
 _GPT2_CONFIG = {
     "vocab_size": "vocab_size", "n_positions": "n_positions", "n_embd": "n_embd", "n_layer": "n_layer",
@@ -161,9 +163,8 @@ def resolve_hf(path_or_id: str) -> str:
   """A local checkpoint directory for `path_or_id` (a folder, or a hub id downloaded where the network allows)."""
   path = os.path.expanduser(path_or_id)
   if os.path.isdir(path):
-    if not is_hf_checkpoint(path):
-      raise FinetuneError(f"{path} is not a Hugging Face checkpoint: it needs config.json and model.safetensors "
-                          "(or model.safetensors.index.json with its shards)")
+    if not os.path.isfile(os.path.join(path, "config.json")):  # (the architecture is all hf_config reads)
+      raise FinetuneError(f"{path} is not a Hugging Face model folder: it has no config.json")
     return path
   try:
     from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
@@ -185,8 +186,12 @@ def packaged_minilm_dir() -> str:
 
 
 def read_config(path: str) -> dict[str, Any]:
-  with open(os.path.join(path, "config.json")) as f:
-    config = json.load(f)
+  try:
+    with open(os.path.join(path, "config.json")) as f:
+      config = json.load(f)
+  except json.JSONDecodeError as e:
+    raise FinetuneError(f"{path}/config.json is damaged (not valid JSON: {e}); download or save the checkpoint "
+                        "again") from None
   model_type = config.get("model_type")
   if model_type not in ARCHITECTURES:
     raise FinetuneError(f"{path}/config.json has model_type {model_type!r}; supported: {', '.join(ARCHITECTURES)}")
@@ -238,7 +243,11 @@ def _load_tensors(path: str) -> dict[str, np.ndarray]:
     file = os.path.join(path, name)
     if not os.path.isfile(file):
       raise FinetuneError(f"{path}: shard {name} named in model.safetensors.index.json is missing")
-    tensors.update(load_file(file))
+    try:
+      tensors.update(load_file(file))
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for damaged files
+      raise FinetuneError(f"{file} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          "download or save the checkpoint again") from None
   return tensors
 
 

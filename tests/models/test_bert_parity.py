@@ -136,6 +136,39 @@ def test_checkpoint_errors_name_the_tensor(tmp_path):
     hf.read_config(str(tmp_path / "odd"))
 
 
+def test_damaged_pytorch_only_and_config_only_folders(tmp_path):
+  """(A cut-off model.safetensors or config.json crashed with a traceback; a pytorch_model.bin folder was called a
+  run without checkpoints; hf_config refused a folder holding only config.json, all it reads; RoBERTa's
+  two-layer classification head made its encoder unloadable.)"""
+  from finetune.checkpoint import resolve_checkpoint  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  config = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20,
+                                   vocab_size=30)
+  transformers.BertModel(config).save_pretrained(tmp_path / "cut")
+  weights = tmp_path / "cut" / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])
+  with pytest.raises(FinetuneError, match=r"cut/model.safetensors is damaged \(SafetensorError: .*\); download or "
+                                          r"save the checkpoint again"):
+    hf.read_params(str(tmp_path / "cut"))
+  (tmp_path / "cut" / "config.json").write_text('{"model_type": "be')
+  with pytest.raises(FinetuneError, match=r"cut/config.json is damaged \(not valid JSON"):
+    hf.read_config(str(tmp_path / "cut"))
+  config.save_pretrained(tmp_path / "torch_only")  # (transformers 5 saves safetensors only: the old format by hand)
+  torch.save(transformers.BertModel(config).state_dict(), tmp_path / "torch_only" / "pytorch_model.bin")
+  with pytest.raises(FinetuneError, match=r"is a Hugging Face folder with PyTorch weights only \(pytorch_model.bin\)"):
+    resolve_checkpoint(str(tmp_path / "torch_only"), str(tmp_path))
+  config.save_pretrained(tmp_path / "config_only")
+  model = build_model(ConfigDict({"name": "bert", "hf_config": str(tmp_path / "config_only")}), 2, nnx.Rngs(0))
+  assert model.layers[0].attention.query.kernel.shape == (16, 16)
+  roberta = transformers.RobertaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=20, vocab_size=30, max_position_embeddings=20,
+                                       pad_token_id=1, num_labels=3)
+  transformers.RobertaForSequenceClassification(roberta).save_pretrained(tmp_path / "roberta")
+  _, arrays, fresh = model_from_hf("bert", str(tmp_path / "roberta"), 3, ("^head/", "^pooler/"), dropout=0.0)
+  assert "layers/0/attention/query/kernel" in arrays["params"] and sorted(fresh) == [
+      "head/bias", "head/kernel", "pooler/bias", "pooler/kernel"]
+
+
 def test_sharded_checkpoint_reads_like_a_single_file(tmp_path):
   torch.manual_seed(0)
   config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40,
