@@ -15,8 +15,9 @@ RECIPES = ("full", "linear_probe", "frozen_n", "discriminative", "gradual", "cha
            "ulmfit")
 # LoRA-family recipes: for models with dense layers to adapt (transformers); `lora` names the targets.
 PEFT_RECIPES = ("lora", "dora", "qlora")
-# Everything outside head/ frozen: the linear probe / frozen backbone.
-PROBE_FREEZE = {"patterns": ("^(?!head/)",)}
+# Everything outside head/ frozen: the linear probe / frozen backbone. Every key is set: a stage's section replaces
+# the target's, and the base config's own keys (first_n, train_bn) would come back under it.
+PROBE_FREEZE = {"patterns": ("^(?!head/)",), "first_n": 0, "train_bn": False}
 
 
 def target_stages(recipe: str, target: dict[str, Any], *, n: int = 2, unfreeze_every: int = 25,
@@ -28,8 +29,9 @@ def target_stages(recipe: str, target: dict[str, Any], *, n: int = 2, unfreeze_e
   if recipe not in RECIPES + PEFT_RECIPES:
     raise FinetuneError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES + PEFT_RECIPES)}")
   # On cached features a head update costs microseconds, so probes get their own (long) budget.
-  probe = dict(target, freeze=PROBE_FREEZE, features={"cache": True}, train={"steps": probe_steps},
-               optimizer={"learning_rate": probe_lr, "warmup_steps": 0})
+  # (epochs and unfreezing set too, for the same reason: a base config's would make the probe invalid.)
+  probe = dict(target, freeze=PROBE_FREEZE, features={"cache": True}, train={"steps": probe_steps, "epochs": 0.0},
+               unfreeze={"mode": "none"}, optimizer={"learning_rate": probe_lr, "warmup_steps": 0})
   if recipe == "full":
     return {"full": target}
   if recipe == "linear_probe":

@@ -22,7 +22,7 @@ def test_recipes_expand_to_their_settings():
   assert ulmfit["optimizer"]["lr_factor"] == 2.6 and ulmfit["optimizer"]["schedule"] == "stlr"
   staged = recipes.target_stages("probe_then_finetune", TARGET, probe_steps=50)
   assert list(staged) == ["probe", "probe_then_finetune"]
-  assert staged["probe"]["features"] == {"cache": True} and staged["probe"]["train"] == {"steps": 50}
+  assert staged["probe"]["features"] == {"cache": True} and staged["probe"]["train"] == {"steps": 50, "epochs": 0.0}
   assert staged["probe_then_finetune"]["init_from"] == "stage:probe"
   assert "dont_load" not in staged["probe_then_finetune"]  # the probe already has the new head
   qlora = recipes.target_stages("qlora", TARGET, lora={"targets": ("query",)}, lora_lr=2e-3)["qlora"]
@@ -45,6 +45,22 @@ def test_recipes_keep_the_target_stages_own_settings(recipe):
   stages = recipes.target_stages(recipe, target, lora={"targets": ("hidden_0",)}, lora_lr=1e-4)
   (_, _), (_, stage) = stage_configs(build_config({**base, "stages": {"pretrain": {}, **stages}}))
   assert (stage.optimizer.learning_rate, stage.optimizer.weight_decay, stage.freeze.train_bn) == (1e-4, 0.0, True)
+
+
+@pytest.mark.parametrize("recipe", ["linear_probe", "probe_then_finetune"])
+def test_probe_stages_ignore_the_base_configs_epochs_freezing_and_unfreezing(recipe, tmp_path):
+  """(A base config with train.epochs, freeze.train_bn or gradual unfreezing made the probe stage invalid: its
+  partial train/freeze sections let those keys back in.)"""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
+  target = {"init_from": "stage:pretrain", "dont_load": ("^head/",), "train": {"epochs": 0.2}}
+  config = tiny_config(train={"steps": 0, "epochs": 0.05, "log_every": 2, "checkpoint_every": 0},
+                       freeze={"train_bn": True, "first_n": 1}, unfreeze={"mode": "gradual", "every_steps": 2},
+                       stages={"pretrain": {"freeze": {"train_bn": False, "first_n": 0}, "unfreeze": {"mode": "none"}},
+                               **recipes.target_stages(recipe, target, probe_steps=4)})
+  summaries = train_lib.train_and_evaluate(config, str(tmp_path))
+  probe = summaries["linear_probe" if recipe == "linear_probe" else "probe"]
+  assert probe["steps"] == 4, probe["steps"]
 
 
 @pytest.mark.parametrize("config_file", ["mnist_strategies.py", "cifar10_strategies.py"])
