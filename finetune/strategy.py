@@ -9,6 +9,7 @@ trainable in the current phase. The table is written to `partition.tsv` in the r
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -135,8 +136,13 @@ class Strategy:
       if not live:
         state = "frozen"
       else:
-        start = self.label_start(self.label(live[0]))
-        state = f"trains from step {start}" if start else "trains"
+        starts = collections.Counter(self.label_start(self.label(p)) for p in live)
+        if len(starts) == 1:
+          start = next(iter(starts))
+          state = f"trains from step {start}" if start else "trains"
+        else:  # e.g. train_bn under gradual unfreezing: the group's BatchNorm trains before its kernels
+          state = "trains in parts: " + ", ".join(f"{n} tensor{'s' if n > 1 else ''} from step {step}"
+                                                  for step, n in sorted(starts.items()))
         if len(live) < len(paths):
           state += f" ({len(paths) - len(live)} of {len(paths)} tensors frozen)"
         state += f", peak lr {self.group_lr[group]:.3g}"

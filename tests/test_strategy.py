@@ -323,3 +323,7 @@ def test_train_bn_trains_batch_norm_of_groups_not_yet_unfrozen(tmp_path):
   assert np.array_equal(after["params"]["stem/conv/kernel"], params0["stem/conv/kernel"])
   assert not np.array_equal(after["params"]["stem/norm/scale"], params0["stem/norm/scale"])
   assert not np.array_equal(after["model_state"]["stem/norm/mean"], stats0["stem/norm/mean"])
+  # The start-of-stage summary says so: the stem's BatchNorm from step 0, its kernel when the stem unfreezes. (It
+  # used to give one tensor's start for the whole group.)
+  stem = next(line for line in stage.strategy.short().splitlines() if line.split()[0] == "stem")
+  assert "trains in parts: 2 tensors from step 0, 1 tensor from step 9" in stem, stem
