@@ -42,10 +42,17 @@ def model_kwargs(model_cfg: ConfigDict, num_classes: int) -> dict[str, Any]:
   if kwargs.get("hf_config"):
     # Architecture from a Hugging Face config.json; keys set in config.model win.
     from finetune.models import hf  # pylint: disable=g-import-not-at-top
-    hf_name, hf_kwargs = hf.model_kwargs(hf.resolve_hf(kwargs["hf_config"]))
+    hf_path = hf.resolve_hf(kwargs["hf_config"])
+    hf_name, hf_kwargs = hf.model_kwargs(hf_path)
     if hf_name != model_cfg.name:
       raise FinetuneError(f"config.model.hf_config is a {hf_name!r} checkpoint but config.model.name is "
                           f"{model_cfg.name!r}; set config.model.name={hf_name!r}")
+    rates = hf.dropout_rates(hf_path)
+    if rates and "dropout" not in kwargs:  # the checkpoint's dropout, as transformers would train it
+      if len(set(rates.values())) > 1:
+        raise FinetuneError(f"{hf_path}/config.json sets dropout rates {rates}, but model {hf_name!r} has one rate "
+                            "for all of them: set config.model.dropout")
+      hf_kwargs["dropout"] = next(iter(rates.values()))
     kwargs = {**hf_kwargs, **kwargs}
   accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "rngs")]
   for key in kwargs:

@@ -221,12 +221,25 @@ def read_config(path: str) -> dict[str, Any]:
   return config
 
 
+# The dropout rates a config.json gives, per model_type; our models have one `dropout` for all of them.
+_DROPOUT_KEYS = {"bert": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+                 "roberta": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+                 "vit": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+                 "gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+
+
 def model_kwargs(path: str) -> tuple[str, dict[str, Any]]:
   """(our model name, constructor kwargs) from a checkpoint's config.json."""
   config = read_config(path)
   name, config_map, _, _, _, extra = ARCHITECTURES[config["model_type"]]
   kwargs = {ours: config[theirs] for theirs, ours in config_map.items() if config.get(theirs) is not None}
   return name, {**kwargs, **extra(config)}
+
+
+def dropout_rates(path: str) -> dict[str, float]:
+  """{config.json key: rate} of the checkpoint's dropout settings (empty for models without dropout)."""
+  config = read_config(path)
+  return {key: float(config[key]) for key in _DROPOUT_KEYS.get(config["model_type"], ()) if key in config}
 
 
 def _load_tensors(path: str) -> dict[str, np.ndarray]:

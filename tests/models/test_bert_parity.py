@@ -169,6 +169,24 @@ def test_damaged_pytorch_only_and_config_only_folders(tmp_path):
       "head/bias", "head/kernel", "pooler/bias", "pooler/kernel"]
 
 
+def test_the_checkpoints_dropout_rate_applies_unless_config_model_sets_one(tmp_path):
+  """(config.json's hidden_dropout_prob / attention_probs_dropout_prob were ignored: our default 0.1 trained.)"""
+  from finetune.models import model_kwargs  # pylint: disable=g-import-not-at-top
+  base = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20, vocab_size=30)
+  transformers.BertConfig(**base, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).save_pretrained(
+      tmp_path / "none")
+  transformers.BertConfig(**base, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.1).save_pretrained(
+      tmp_path / "mixed")
+  assert model_kwargs(ConfigDict({"name": "bert", "hf_config": str(tmp_path / "none")}), 2)["dropout"] == 0.0
+  assert model_kwargs(ConfigDict({"name": "bert", "hf_config": str(tmp_path / "none"), "dropout": 0.3}),
+                      2)["dropout"] == 0.3
+  with pytest.raises(FinetuneError, match=r"mixed/config.json sets dropout rates \{'hidden_dropout_prob': 0.2, "
+                                          r"'attention_probs_dropout_prob': 0.1\}, but model 'bert' has one rate"):
+    model_kwargs(ConfigDict({"name": "bert", "hf_config": str(tmp_path / "mixed")}), 2)
+  assert model_kwargs(ConfigDict({"name": "bert", "hf_config": str(tmp_path / "mixed"), "dropout": 0.1}),
+                      2)["dropout"] == 0.1
+
+
 def test_sharded_checkpoint_reads_like_a_single_file(tmp_path):
   torch.manual_seed(0)
   config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40,
