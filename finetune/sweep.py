@@ -390,9 +390,6 @@ def check_workdir(points: Sequence[Point], workdir: str) -> None:
     raise FinetuneError(f"sweep point {point.name}{more}: {error} (nothing was run or written)")
 
 
-_RESIGNAL_SECONDS = 5.0  # between SIGTERMs to a point that has not ended (see run_sweep)
-
-
 def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: int = 1, spec: str = "",
               overrides: Sequence[str] = ()) -> list[Outcome]:
   """Runs every unfinished point as `python -m finetune train` in `<workdir>/<point name>`, up to `parallel` at a
@@ -501,20 +498,11 @@ def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: in
     # A terminal's Ctrl-C reaches the running points too (one process group), but `kill PID` or a container's
     # SIGTERM reaches only this process: pass SIGTERM on, which each `finetune train` ends on cleanly, after the
     # checkpoint it is writing (a point that got both ends once). Without it the sweep waited for them to finish.
-    # A signal that lands while the point runs a garbage-collection callback (jax registers one) is swallowed
-    # there ("Exception ignored in ... _xla_gc_callback"), so it is sent again until the points have ended.
     with lock:
       interrupted.set()
-    while True:
-      with lock:
-        alive = [process for process in running if process.poll() is None]
-      if not alive:
-        break
-      for process in alive:
-        process.terminate()
-      deadline = time.monotonic() + _RESIGNAL_SECONDS
-      while time.monotonic() < deadline and any(process.poll() is None for process in alive):
-        time.sleep(0.1)
+      for process in running:
+        if process.poll() is None:
+          process.terminate()
     raise
   finally:
     pool.shutdown(cancel_futures=True)  # start nothing more; wait for the running points to end
