@@ -38,7 +38,7 @@ from typing import Any, Iterable, Sequence
 from ml_collections import ConfigDict
 
 from finetune import config as config_lib
-from finetune import files
+from finetune import files, interrupts
 from finetune.errors import FinetuneError
 
 POINTS_FILE = "points.json"
@@ -416,6 +416,8 @@ def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: in
     # (JAX's "GPU memory allocation" notes); unless told how to share it, allocate on demand.
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   lock, counts = threading.Lock(), collections.Counter()
+  running: set[subprocess.Popen] = set()
+  interrupted = threading.Event()
 
   def say(message: str) -> None:
     with lock:
@@ -438,7 +440,16 @@ def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: in
     with open(log_path, "a") as log:
       log.write(f"$ {shlex.join(command)}\n")
       log.flush()
-      returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
+      with lock:
+        if interrupted.is_set():  # Ctrl-C / SIGTERM came while this thread was getting ready: start nothing
+          return []
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        running.add(process)
+      try:
+        returncode = process.wait()
+      finally:
+        with lock:
+          running.discard(process)
     seconds = time.perf_counter() - began
     with open(log_path, errors="replace") as log:
       tail = tuple(line.rstrip() for line in log.readlines()[-8:] if line.strip())
@@ -454,6 +465,8 @@ def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: in
 
   def run_and_report(group: list[Point]) -> list[Outcome]:
     outcomes = run(group)
+    if interrupted.is_set():  # its points were stopped on purpose: not failures to report
+      return []
     for outcome in outcomes:
       point = outcome.point
       with lock:  # (counted and printed here, before this thread starts another group, so lines come in order)
@@ -477,12 +490,27 @@ def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: in
       todo.append(point)
   pool = concurrent.futures.ThreadPoolExecutor(parallel)
   try:
-    futures = [pool.submit(run_and_report, group) for group in plan_groups(todo, vmap)]
-    for future in concurrent.futures.as_completed(futures):
-      for outcome in future.result():
-        outcomes[outcome.point.name] = outcome
+    futures = set(pool.submit(run_and_report, group) for group in plan_groups(todo, vmap))
+    while futures:
+      # Waits a second at a time so that a Ctrl-C a library dropped is still seen (finetune/interrupts.py).
+      done, futures = concurrent.futures.wait(futures, timeout=1.0, return_when=concurrent.futures.FIRST_COMPLETED)
+      for future in done:
+        for outcome in future.result():
+          outcomes[outcome.point.name] = outcome
+      interrupts.raise_if_requested()
+  except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI raises it for both)
+    # A terminal's Ctrl-C reaches the running points too (one process group), but `kill PID` or a container's
+    # SIGTERM reaches only this process: pass SIGTERM on, which each `finetune train` ends on cleanly, after the
+    # checkpoint it is writing (a point that gets both takes them as one request: finetune/interrupts.py). Without
+    # it the sweep waited for them to finish.
+    with lock:
+      interrupted.set()
+      for process in running:
+        if process.poll() is None:
+          process.terminate()
+    raise
   finally:
-    pool.shutdown(cancel_futures=True)  # on Ctrl-C: start nothing more (running points got the signal too)
+    pool.shutdown(cancel_futures=True)  # start nothing more; wait for the running points to end
   return [outcomes[point.name] for point in points]
 
 

@@ -16,7 +16,7 @@ import os
 import re
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from finetune import adapters, files, scan
+from finetune import adapters, files, interrupts, scan
 from finetune import config as config_lib
 from finetune import regularizers
 from finetune.regularizers import fisher as fisher_lib
@@ -53,6 +53,14 @@ SUMMARY_FILE = "summary.json"
 # work on the 2 cores); waiting on the step 2, 4 or 8 back ran the 600 in 3 s (benchmarks/cpu_steps_in_flight.py).
 # GPUs and TPUs need only a couple of queued steps to stay busy.
 MAX_STEPS_IN_FLIGHT = 4
+
+
+def pace(pending: Sequence[Any]) -> None:
+  """Called after each dispatched step or batch, `pending` holding the outputs so far: waits on the one
+  MAX_STEPS_IN_FLIGHT back, and ends the loop on a Ctrl-C/SIGTERM that a library dropped (finetune/interrupts.py)."""
+  if len(pending) > MAX_STEPS_IN_FLIGHT:
+    jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT - 1])
+  interrupts.raise_if_requested()
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
@@ -700,8 +708,7 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
       batch = to_global(pipeline.train_batch(step), batch_spec)
       state, metrics = train_fn(state, batch)
       pending.append(metrics)
-      if len(pending) > MAX_STEPS_IN_FLIGHT:
-        jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT - 1])
+      pace(pending)
       done = step + 1
       save_now = cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0
       if done % cfg.train.log_every == 0 or done == total or save_now:
@@ -922,12 +929,12 @@ def evaluate(eval_fn, weights: dict[str, Any], pipeline: InputPipeline, split: s
   """Loss and accuracy over every example of `split` (padding masked out), and examples per second."""
   spec = batch_sharding(mesh)
   start = time.perf_counter()
-  totals = None
-  for index, batch in enumerate(pipeline.eval_batches(split)):
+  totals, pending = None, []
+  for batch in pipeline.eval_batches(split):
     sums = eval_fn(weights, to_global(batch, spec))
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-    if (index + 1) % MAX_STEPS_IN_FLIGHT == 0:
-      jax.block_until_ready(totals)
+    pending.append(totals)
+    pace(pending)
   totals = jax.device_get(totals)
   seconds = time.perf_counter() - start
   count, examples = max(float(totals["count"]), 1.0), float(totals["examples"])

@@ -263,8 +263,7 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
       batch = _point_batches(runs, active, step)
       together, metrics = program(together, to_global(batch, batch_spec), scales)
       pending.append(metrics)
-      if len(pending) > train_lib.MAX_STEPS_IN_FLIGHT:
-        jax.block_until_ready(pending[-train_lib.MAX_STEPS_IN_FLIGHT - 1])
+      train_lib.pace(pending)
       done = step + 1
       save_now = any(runs[k].cfg.train.checkpoint_every and done % runs[k].cfg.train.checkpoint_every == 0
                      for k in active)

@@ -226,6 +226,26 @@ def test_signals_are_held_back_while_a_checkpoint_is_written():
   signal.signal(signal.SIGINT, previous)
 
 
+def test_a_signal_delivered_twice_interrupts_once_and_a_later_one_again(monkeypatch):
+  """(A terminal's Ctrl-C reaches a sweep's point, and the sweep passes it on as SIGTERM: the second, raised while
+  the run was closing, could cut its closing short. A user's later Ctrl-C must still break out.)"""
+  import signal  # pylint: disable=g-import-not-at-top
+  from finetune import interrupts  # pylint: disable=g-import-not-at-top
+  clock = [100.0]
+  monkeypatch.setattr(interrupts.time, "monotonic", lambda: clock[0])
+  with interrupts.termination_as_interrupt():
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGTERM)
+    clock[0] += 1.0
+    os.kill(os.getpid(), signal.SIGTERM)  # the same request again: nothing raised
+    with pytest.raises(KeyboardInterrupt):  # ... but the loops still see the pending one
+      interrupts.raise_if_requested()
+    clock[0] += 5.0
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGTERM)
+  interrupts.raise_if_requested()  # cleared when the command ends
+
+
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
 def test_interrupted_or_preempted_training_prints_one_line_and_resumes(signal_name, tmp_path):
   """Ctrl-C or a scheduler's SIGTERM while checkpoints are written every step: exit 130, one line (before, orbax's
@@ -253,3 +273,39 @@ def test_interrupted_or_preempted_training_prints_one_line_and_resumes(signal_na
                            timeout=300, stdin=subprocess.DEVNULL)  # (a cadence, which may change on resumption)
   assert resumed.returncode == 0 and "resumed_from_step" in (tmp_path / "run" / "summary.json").read_text(), \
       resumed.stderr[-3000:]
+
+
+def test_an_interrupt_a_library_swallowed_still_ends_the_run(tiny_file, tmp_path, monkeypatch, capsys):
+  """A SIGTERM or Ctrl-C whose KeyboardInterrupt is raised inside a garbage-collector callback (jax registers one)
+  is printed as "Exception ignored" with a traceback and dropped by Python; the run trained on to its end. The next
+  step ends it, and the one line is all that is printed."""
+  import gc  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  from finetune import train  # pylint: disable=g-import-not-at-top
+  from finetune import interrupts  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)  # Python's own, which prints (pytest's warns)
+
+  def signal_inside_a_gc_callback(phase, info):
+    del info
+    if phase == "start":
+      os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, inside the callback, which swallows it
+
+  def to_global(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+      gc.callbacks.append(signal_inside_a_gc_callback)
+      try:
+        gc.collect()
+      finally:
+        gc.callbacks.remove(signal_inside_a_gc_callback)
+      assert interrupts._requested_at[0] is not None  # (the handler ran and raised, and here we are: dropped)
+    return original(*args, **kwargs)
+
+  original = train.to_global
+  monkeypatch.setattr(train, "to_global", to_global)
+  assert cli.main(["train", "--config", tiny_file, "--workdir", str(tmp_path / "run"),
+                   "--config.train.steps=50", "--config.train.checkpoint_every=10"]) == 130
+  assert capsys.readouterr().err == "finetune: interrupted; re-run the same command to resume from the last checkpoint\n"
+  assert len(calls) == 3 and not (tmp_path / "run" / "summary.json").exists()
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back

@@ -376,6 +376,41 @@ def test_a_failed_group_points_at_the_log_holding_its_output_and_together_takes_
     assert not (tmp_path / "t").exists() and not (tmp_path / "sweep.yaml").exists()
 
 
+@pytest.mark.parametrize("how", ["SIGTERM to the sweep alone", "Ctrl-C to the process group"])
+def test_a_signalled_sweep_stops_its_running_point(tmp_path, how):
+  """(SIGTERM sent to the sweep's process only, as `kill PID` or a container stop sends it, left the running point
+  training to its end: the sweep waited for it. A terminal's Ctrl-C reaches both; the point must still end once.)"""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  path = write_config(tmp_path, "seeds(2)")
+  workdir = tmp_path / "sweep"
+  command = [sys.executable, "-m", "finetune", "sweep", "--config", f"{path}", "--workdir", str(workdir),
+             "--config.train.steps=1000000", "--config.train.log_every=100000"]
+  # Its own session: the test signals its group alone; SIGINT back to the default (pytest-xdist workers ignore it).
+  process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  log = workdir / "seed=0" / "sweep.log"
+  while process.poll() is None and "parameters train at step 0" not in (log.read_text() if log.exists() else ""):
+    time.sleep(0.1)  # until the point has begun
+  if how.startswith("SIGTERM"):
+    process.send_signal(signal.SIGTERM)
+  else:
+    os.killpg(process.pid, signal.SIGINT)
+  try:
+    out, err = process.communicate(timeout=120)  # (the point alone would train for hours)
+  finally:  # (a failed test leaves nothing running: the sweep and its point share this group)
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(process.pid, signal.SIGKILL)
+  assert process.returncode == 130, err[-3000:]
+  assert err.strip().splitlines()[-1].startswith("finetune: interrupted"), err[-3000:]
+  assert "FAILED" not in out and not (workdir / "seed=1").exists()  # nothing reported failed, nothing more started
+  point_log = log.read_text()
+  assert point_log.count("finetune: interrupted") == 1 and "Traceback" not in point_log, point_log[-3000:]
+  assert not (workdir / "seed=0" / "summary.json").exists()
+
+
 def fake_run(folder, point, summaries):
   """A finished run of `point` in `folder`, laid out as train_and_evaluate writes it (one summary per stage)."""
   for (stage, stage_cfg), summary in zip(config_lib.stage_configs(point.config), summaries):

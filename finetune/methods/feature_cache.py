@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from finetune import interrupts
 from finetune.data.dataset import ArraySplit, Split
 from finetune.data.pipeline import InputPipeline, to_global
 from finetune.errors import FinetuneError
@@ -77,6 +78,7 @@ def extract(graphdef: nnx.GraphDef, weights: dict[str, Any], pipeline: InputPipe
     features = embed_fn(weights, to_global(_inputs(batch), spec))
     features = multihost_utils.process_allgather(features, tiled=True) if jax.process_count() > 1 else features
     chunks.append(np.asarray(jax.device_get(features), np.float32))
+    interrupts.raise_if_requested()  # (a Ctrl-C that a library dropped; see finetune/interrupts.py)
   result = np.concatenate(chunks)[:len(data)]
   if disk_dir:
     os.makedirs(disk_dir, exist_ok=True)

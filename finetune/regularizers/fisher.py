@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from finetune import files
+from finetune import files, interrupts
 from finetune.errors import FinetuneError
 from finetune.partition import flatten
 
@@ -87,6 +87,7 @@ def estimate(apply: Callable[[Any, dict], jax.Array], params: Any, batches, labe
     sums = fisher_batch(params, batch, jax.random.fold_in(key, index))
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     seen += take
+    interrupts.raise_if_requested()  # (a Ctrl-C that a library dropped; see finetune/interrupts.py)
   if not seen:
     raise FinetuneError("no examples to estimate the Fisher information from; check the source stage's data")
   return {path: np.asarray(value) / seen for path, value in flatten(jax.device_get(total)).items()}
