@@ -4,11 +4,11 @@ checkpoint.
 The CLI turns SIGTERM into the KeyboardInterrupt that Ctrl-C raises (`termination_as_interrupt`), so both close
 the run's files and print one line. A KeyboardInterrupt raised while Python runs a garbage-collector callback (jax
 registers one) is printed as "Exception ignored" and dropped, and the run trained on to its end; so the handler also
-records the signal, and the training and evaluation loops raise it again at their next step (`raise_if_requested`). While orbax writes or finalises a checkpoint, a signal is held back and raised
-when that is done (`deferred`): raised inside orbax, it printed orbax's thread tracebacks and could abort the
-process (`terminate called after throwing`), and an interrupted deletion left more checkpoints than
-`train.keep_checkpoints`. Python has no such guard of its own; signal handlers can only be set from the main thread,
-so elsewhere `deferred` does nothing.
+records the signal, and the training and evaluation loops raise it again at their next step (`raise_if_requested`).
+While orbax writes or finalises a checkpoint, a signal is held back and raised when that is done (`deferred`):
+raised inside orbax, it printed orbax's thread tracebacks and could abort the process (`terminate called after
+throwing`), and an interrupted deletion left more checkpoints than `train.keep_checkpoints`. Python has no such
+guard of its own; signal handlers can only be set from the main thread, so elsewhere `deferred` does nothing.
 """
 
 from __future__ import annotations

@@ -365,7 +365,8 @@ def attach_regularizers(stage: Stage, state: TrainState, cfg: ConfigDict, workdi
     if source.cfg is None:
       raise FinetuneError(f"rehearsal needs the earlier task's data, but {source.name} has no task config")
     source_train = build_pipeline(source.cfg.data, source.cfg.seed).train
-    stage = dataclasses.replace(stage, pipeline=with_rehearsal(stage.pipeline, source_train, cfg.rehearsal.fraction))
+    stage = dataclasses.replace(stage, pipeline=with_rehearsal(stage.pipeline, source_train, cfg.rehearsal.fraction,
+                                                                 cfg.train.grad_accum_steps))
   return stage, state.replace(anchors=jax.device_put(anchors, stage.anchor_shardings()))
 
 

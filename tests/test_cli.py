@@ -306,6 +306,7 @@ def test_an_interrupt_a_library_swallowed_still_ends_the_run(tiny_file, tmp_path
   monkeypatch.setattr(train, "to_global", to_global)
   assert cli.main(["train", "--config", tiny_file, "--workdir", str(tmp_path / "run"),
                    "--config.train.steps=50", "--config.train.checkpoint_every=10"]) == 130
-  assert capsys.readouterr().err == "finetune: interrupted; re-run the same command to resume from the last checkpoint\n"
+  assert capsys.readouterr().err == ("finetune: interrupted; re-run the same command to resume from the last "
+                                     "checkpoint\n")
   assert len(calls) == 3 and not (tmp_path / "run" / "summary.json").exists()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back

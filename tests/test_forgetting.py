@@ -162,7 +162,7 @@ def test_rehearsal_mix_ratio_holds_over_an_epoch():
   for step in range(10):  # 10 steps x 4 rehearsed = one pass over the 40 source examples
     batch = pipeline.train_batch(step)
     rows = batch["source_mask"] == 1
-    assert np.flatnonzero(rows).tolist() == [0, 4, 8, 12]  # spread: each micro-batch of 4 holds one
+    assert np.flatnonzero(rows).tolist() == [0, 4, 8, 12]  # spread evenly over the batch
     ids = batch["image"][:, 0].astype(int)
     np.testing.assert_array_equal(batch["label"][rows], (-1 - ids[rows]) % 5)
     np.testing.assert_array_equal(batch["label"][~rows], ids[~rows] // 16)
@@ -179,10 +179,31 @@ def test_rehearsal_mix_ratio_holds_over_an_epoch():
     with_rehearsal(InputPipeline("t", ("0",), target, {}, 16, 16, 0), source_split, 0.01)
 
 
+@pytest.mark.parametrize("micro_batches, fraction", [(2, 0.25), (4, 0.25), (2, 0.5), (4, 0.5)])
+def test_rehearsed_rows_are_shared_by_the_micro_batches_of_gradient_accumulation(micro_batches, fraction):
+  """(Micro-batch i is rows i::k. Every (batch / source)-th row put all the rehearsed rows in micro-batch 0 when k
+  divides batch / source: BatchNorm statistics per micro-batch were skewed.)"""
+  target = ArraySplit({"image": np.zeros((64, 2), np.float32), "label": np.zeros(64, np.int32)})
+  source = ArraySplit({"image": np.ones((40, 2), np.float32), "label": np.zeros(40, np.int32)})
+  pipeline = with_rehearsal(InputPipeline("t", ("0",), target, {}, 16, 16, 0), source, fraction, micro_batches)
+  mask = pipeline.train_batch(3)["source_mask"]
+  per_micro_batch = [int(mask[i::micro_batches].sum()) for i in range(micro_batches)]
+  assert per_micro_batch == [pipeline.source_count // micro_batches] * micro_batches, per_micro_batch
+  within = np.flatnonzero(mask[0::micro_batches])
+  assert len(within) < 2 or len(set(np.diff(within))) == 1  # and evenly spread within each
+
+
+def test_rehearsal_between_examples_of_other_shapes_is_one_error():
+  target = ArraySplit({"input_ids": np.zeros((64, 32), np.int32), "label": np.zeros(64, np.int32)})
+  source = ArraySplit({"input_ids": np.zeros((40, 64), np.int32), "label": np.zeros(40, np.int32)})
+  with pytest.raises(FinetuneError, match=r"'input_ids' examples are shaped \(64,\), the target's \(32,\); give "
+                                          "both tasks the same config.data.options.max_length"):
+    with_rehearsal(InputPipeline("t", ("0",), target, {}, 16, 16, 0), source, 0.25)
+
+
 def test_rehearsal_with_gradient_accumulation_equals_one_big_batch(tmp_path):
-  """At fraction 0.5 the rehearsed rows are every other row, so with 2 micro-batches (rows i::2) one holds all of
-  them and the other none; means over the whole batch's rows keep the accumulated update the whole batch's
-  (once, the source rows filled the last micro-batch and halved the task loss)."""
+  """Means over the whole batch's rows keep the accumulated update the whole batch's, however the rehearsed rows
+  fall into micro-batches (once, the source rows filled the last micro-batch and halved the task loss)."""
   finals, losses = [], []
   for accumulate in (1, 2):
     config = tiny_config(

@@ -212,7 +212,7 @@ def hf_files(path: str = "", cache_dir: str = "", format: str = "",  # pylint: d
   for split, table in loaded.items():
     images[split], raw_labels[split] = _read_split(table, image_key, label_key, image_shape, f"{split} files")
   class_names, labels = class_names_and_labels(
-      raw_labels, class_label_names(loaded["train"], label_key),
+      raw_labels, {split: class_label_names(table, label_key) for split, table in loaded.items()},
       {split: f"label column {label_key!r} of the {split} files" for split in loaded})
   splits = {split: ArraySplit({"image": images[split], "label": labels[split]}) for split in loaded}
   return Dataset("hf_files", splits, class_names)

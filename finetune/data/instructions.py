@@ -21,7 +21,7 @@ import numpy as np
 
 from finetune.data import SOURCES
 from finetune.data.dataset import ArraySplit, Dataset
-from finetune.data.text import data_file, load_tokenizer
+from finetune.data.text import data_file, load_tokenizer, require_length
 from finetune.errors import FinetuneError
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -97,6 +97,7 @@ def instructions(path: str = "", cache_dir: str = "", train_file: str = "", test
   del cache_dir
   if not train_file:
     raise FinetuneError("config.data.options.train_file is empty; name the JSONL file of conversations")
+  require_length("max_length", max_length, 2)  # (a token to predict and one before it)
   tok = load_tokenizer(tokenizer)
   pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
   splits = {}

@@ -261,22 +261,29 @@ class RehearsalPipeline(InputPipeline):
   Each step takes `batch_size - source_count` target examples from the target epoch's permutation (so every target
   example is trained on once per target epoch) and `source_count` source examples from a per-epoch permutation of
   the source (every source example replayed once per source epoch); resumption and multi-process slicing stay
-  exact. The source rows sit at evenly spread positions, so the micro-batches of gradient accumulation hold equal
-  shares of them (when `grad_accum_steps` divides `source_count`). They carry `source_mask` = 1 and the source
-  task's labels; the train step leaves them out of the task loss and the rehearsal regularizer scores them with
-  the source head. Augmentation applies to the whole batch. Evaluation batches are the target task's, unchanged.
+  exact. The source rows are spread evenly over the `micro_batches` micro-batches of gradient accumulation (rows
+  i::micro_batches; equal shares when it divides `source_count`) and within each. They carry `source_mask` = 1 and
+  the source task's labels; the train step leaves them out of the task loss and the rehearsal regularizer scores
+  them with the source head. Augmentation applies to the whole batch. Evaluation batches are the target task's,
+  unchanged.
   """
 
   source: Split | None = None
   source_count: int = 0
+  micro_batches: int = 1
 
   @property
   def steps_per_epoch(self) -> int:
     return len(self.train) // (self.batch_size - self.source_count)
 
   def source_positions(self) -> np.ndarray:
-    """Global rows of the batch that hold source examples: every (batch_size / source_count)-th."""
-    return np.arange(self.source_count) * self.batch_size // self.source_count
+    """Global rows of the batch that hold source examples: every (batch_size / source_count)-th of the batch laid
+    out micro-batch after micro-batch. (Every (batch_size / source_count)-th row of the batch itself put them all
+    in the first micro-batch whenever micro_batches divides batch_size / source_count.)"""
+    per_micro_batch = self.batch_size // self.micro_batches
+    spread = np.arange(self.source_count) * self.batch_size // self.source_count  # in micro-batch-major order
+    micro_batch, within = np.divmod(spread, per_micro_batch)
+    return within * self.micro_batches + micro_batch  # micro-batch i is rows i::micro_batches
 
   def _train_rows(self, step: int) -> dict[str, np.ndarray]:
     is_source = np.zeros(self.batch_size, bool)
@@ -310,7 +317,14 @@ def rehearsal_count(fraction: float, batch_size: int) -> int:
   return count
 
 
-def with_rehearsal(pipeline: InputPipeline, source: Split, fraction: float) -> RehearsalPipeline:
+def with_rehearsal(pipeline: InputPipeline, source: Split, fraction: float,
+                   micro_batches: int = 1) -> RehearsalPipeline:
   count = rehearsal_count(fraction, pipeline.batch_size)
+  source_example, target_example = source.take(np.array([0])), pipeline.train.take(np.array([0]))
+  for key in set(source_example) & set(target_example):
+    if source_example[key].shape[1:] != target_example[key].shape[1:]:
+      raise FinetuneError(f"rehearsal: the source task's {key!r} examples are shaped "
+                          f"{source_example[key].shape[1:]}, the target's {target_example[key].shape[1:]}; give "
+                          "both tasks the same config.data.options.max_length (text) or image size")
   fields = {f.name: getattr(pipeline, f.name) for f in dataclasses.fields(InputPipeline)}
-  return RehearsalPipeline(**fields, source=source, source_count=count)
+  return RehearsalPipeline(**fields, source=source, source_count=count, micro_batches=micro_batches)

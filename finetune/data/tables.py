@@ -36,14 +36,24 @@ def load_tables(files: dict[str, list[str]], format: str,  # pylint: disable=red
   if format not in FORMATS:
     raise FinetuneError(f"unsupported format {format!r}; set the format option to 'json', 'csv' or 'parquet' "
                         "(or to '' to infer it from the file extensions)")
-  try:
-    return datasets.load_dataset(format, data_files=files,
-                                 cache_dir=os.path.join(cache_dir, "hf_datasets") if cache_dir else None)
-  except datasets.exceptions.DatasetGenerationError as error:
-    cause = error.__cause__ or error
-    reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-    raise FinetuneError(f"could not read {files} as {format}: {reason}; fix the files or set the format "
-                        "option") from error
+  tables = {}
+  for split, split_files in files.items():
+    # One split at a time: loaded together, every split takes the first one's features, so a ClassLabel numbered
+    # per split (`class_encode_column` on each file) kept its own numbers under the train split's names.
+    try:
+      tables[split] = datasets.load_dataset(format, data_files={split: split_files}, split=split,
+                                            cache_dir=os.path.join(cache_dir, "hf_datasets") if cache_dir else None)
+    except datasets.exceptions.DatasetGenerationError as error:
+      cause = error.__cause__ or error
+      reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+      raise FinetuneError(f"could not read {split_files} as {format}: {reason}; fix the files or set the format "
+                          "option") from error
+    except ValueError as error:
+      if "corresponds to no data" not in str(error):
+        raise
+      raise FinetuneError(f"the {split} files {split_files} hold no rows; fill them in or leave that split's file "
+                          "option empty") from None
+  return datasets.DatasetDict(tables)
 
 
 def class_label_names(table: Any, label_key: str) -> tuple[str, ...] | None:
@@ -52,6 +62,26 @@ def class_label_names(table: Any, label_key: str) -> tuple[str, ...] | None:
 
   feature = table.features.get(label_key)
   return tuple(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def _renumbered(values: np.ndarray, own_names: Sequence[str] | None, train_names: Sequence[str] | None,
+                where: str) -> np.ndarray:
+  """A split's ClassLabel indices in the train split's numbering. `class_encode_column` run on each split alone
+  numbers each split's own classes (a test file without 'neu' has 'pos' = 1 where train has 'pos' = 2): read
+  against train's names, its labels were silently wrong."""
+  if own_names is None or train_names is None or tuple(own_names) == tuple(train_names):
+    return values
+  train_index = {name: i for i, name in enumerate(train_names)}
+  unknown = sorted(set(own_names) - set(train_index))
+  if unknown:
+    raise FinetuneError(f"{where} has classes the train split does not have ({', '.join(map(repr, unknown))}; train "
+                        f"has {', '.join(map(repr, train_names))}); give every split the same ClassLabel names")
+  mapping = np.array([train_index[name] for name in own_names], np.int64)
+  out_of_range = (values < 0) | (values >= len(own_names))
+  if out_of_range.any():
+    raise FinetuneError(f"{where} holds label {values[np.argmax(out_of_range)]}, outside its ClassLabel's "
+                        f"{len(own_names)} names; drop unlabelled rows (-1) or fix the column")
+  return mapping[values.astype(np.int64)]
 
 
 def _missing(values: np.ndarray) -> np.ndarray:
@@ -63,15 +93,19 @@ def _missing(values: np.ndarray) -> np.ndarray:
   return np.zeros(len(values), bool)
 
 
-def class_names_and_labels(raw: dict[str, np.ndarray], names: Sequence[str] | None,
+def class_names_and_labels(raw: dict[str, np.ndarray], names: dict[str, Sequence[str] | None],
                            where: dict[str, str]) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
-  """Class names and int64 labels per split: `names` (a ClassLabel's), else the sorted string labels, else
-  str(0..max). `where[split]` says where that split's labels come from, for the error messages."""
+  """Class names and int64 labels per split: the train split's ClassLabel names (`names[split]`, None for a plain
+  column), else the sorted string labels, else str(0..max). `where[split]` says where that split's labels come
+  from, for the error messages."""
   for split, values in raw.items():
     missing = _missing(values)
     if missing.any():
       raise FinetuneError(f"row {int(np.argmax(missing))} of {where[split]} has no label ({int(missing.sum())} "
                           "such rows); drop those rows or label them")
+  raw = {split: _renumbered(values, names.get(split), names.get("train"), where[split])
+         for split, values in raw.items()}
+  names = names.get("train")
   if names is None and any(values.dtype.kind in "OUS" for values in raw.values()):
     names = sorted({str(value) for values in raw.values() for value in values})
     index = {name: i for i, name in enumerate(names)}

@@ -67,16 +67,25 @@ def load_tokenizer(name_or_path: str):
   return tokenizer
 
 
+def require_length(option: str, value: int, minimum: int) -> None:
+  """A sequence-length option must leave room for the special tokens and some text (0 divided by zero or was
+  taken as it came; 1 failed inside the tokenizer)."""
+  if value < minimum:
+    raise FinetuneError(f"config.data.options.{option}={value} is too short: it must be at least {minimum} tokens "
+                        "(the special tokens and some text); raise it")
+
+
 def tokenize(tokenizer, sentences: list[str], max_length: int) -> dict[str, np.ndarray]:
   encoded = tokenizer(sentences, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
   return {"input_ids": encoded["input_ids"].astype(np.int32),
           "attention_mask": encoded["attention_mask"].astype(np.int32)}
 
 
-def read_table(filename: str, text_key: str, label_key: str) -> tuple[list[str], np.ndarray, tuple[str, ...] | None]:
-  """(texts, raw label column, ClassLabel names or None) from a local json/jsonl/csv/parquet file (also
-  compressed), read with `datasets` (offline)."""
-  table = load_tables({"train": [filename]}, file_format(filename))["train"]
+def read_table(filename: str, split: str, text_key: str, label_key: str,
+               cache_dir: str = "") -> tuple[list[str], np.ndarray, tuple[str, ...] | None]:
+  """(texts, raw label column, ClassLabel names or None) of `split` from a local json/jsonl/csv/parquet file (also
+  compressed), read with `datasets` (offline; its Arrow cache under `cache_dir` when given)."""
+  table = load_tables({split: [filename]}, file_format(filename), cache_dir)[split]
   for key in (text_key, label_key):
     if key not in table.column_names:
       raise FinetuneError(f"{filename} has no column {key!r} (columns: {', '.join(table.column_names)}); set "
@@ -95,20 +104,19 @@ def text_classification(path: str = "", cache_dir: str = "", train_file: str = "
                         label_key: str = "label") -> Dataset:
   """Files are `<label> <sentence>` lines, or json/jsonl/csv/parquet tables with `text_key` and `label_key`
   columns (labels: integers, or strings numbered in sorted order, or a ClassLabel feature's names)."""
-  del cache_dir  # tokenising a few thousand sentences takes well under a second
   if not train_file:
     raise FinetuneError("config.data.options.train_file is empty; name the training file (e.g. stsa.binary.train)")
   files = {"train": train_file, "test": test_file, "validation": validation_file}
   tok = load_tokenizer(tokenizer)
-  texts, raw_labels, where, names = {}, {}, {}, None
+  require_length("max_length", max_length, tok.num_special_tokens_to_add() + 1)
+  texts, raw_labels, where, names = {}, {}, {}, {}
   for split, name in files.items():
     if not name:
       continue
     filename = data_file(path, name, split)
     if file_format(filename):
-      texts[split], raw_labels[split], split_names = read_table(filename, text_key, label_key)
+      texts[split], raw_labels[split], names[split] = read_table(filename, split, text_key, label_key, cache_dir)
       where[split] = f"column {label_key!r} of {filename}"
-      names = split_names if split == "train" else names
     else:
       texts[split], raw_labels[split] = read_labelled_lines(filename)
       where[split] = filename
@@ -127,6 +135,7 @@ def lm_text(path: str = "", cache_dir: str = "", train_file: str = "", test_file
   del cache_dir
   if not train_file:
     raise FinetuneError("config.data.options.train_file is empty; name the text file (e.g. tinyshakespeare.txt)")
+  require_length("block_size", block_size, 2)  # (a token to predict and one before it)
   tok = load_tokenizer(tokenizer)
   splits = {}
   for split, name in (("train", train_file), ("test", test_file)):

@@ -46,6 +46,20 @@ def test_jsonl_folder_with_nested_grayscale_lists(tmp_path):
   np.testing.assert_array_equal(dataset.splits["test"].labels(), [1, 1])
 
 
+
+def test_a_split_with_its_own_class_label_numbering_is_renumbered(tmp_path):
+  """(Loaded in one `load_dataset` call, every split took the train split's features, so a test file whose own
+  ClassLabel lacks a class kept its numbers under train's names.)"""
+  import datasets  # pylint: disable=g-import-not-at-top
+  for name, names, labels in (("train", ["no", "maybe", "yes"], [2, 0, 1]), ("test", ["no", "yes"], [1, 0])):
+    features = datasets.Features({"image": datasets.Array3D((4, 4, 3), "uint8"),
+                                  "label": datasets.ClassLabel(names=names)})
+    datasets.Dataset.from_dict({"image": _images(len(labels), (4, 4, 3), 5), "label": labels},
+                               features=features).to_parquet(str(tmp_path / f"{name}.parquet"))
+  dataset = _load(tmp_path, path=str(tmp_path), train_files="train.parquet", test_files="test.parquet")
+  np.testing.assert_array_equal(dataset.splits["test"].labels(), [2, 0])  # yes, no
+
+
 def test_json_flat_float_pixels_reshaped_by_image_shape(tmp_path):
   pixels = np.random.default_rng(2).random((3, 2 * 2 * 3)).astype(np.float32)
   _write_jsonl(tmp_path / "all.json", [{"pixels": row.tolist(), "y": 1} for row in pixels])

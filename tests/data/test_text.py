@@ -125,3 +125,34 @@ def test_compressed_table_and_class_label_names(tmp_path):
   dataset = text_classification(str(tmp_path), train_file="train.parquet", tokenizer=_minilm_dir())
   assert dataset.class_names == ("pos", "neg")
   np.testing.assert_array_equal(dataset.splits["train"].labels(), [0, 1])
+
+
+
+def test_each_split_s_class_label_numbers_its_own_classes(tmp_path):
+  """`class_encode_column` on each split numbers that split's classes: a test file without 'neu' stores 'pos' as
+  1. Read against the train split's names it became 'neu' (test accuracy silently wrong)."""
+  import datasets  # pylint: disable=g-import-not-at-top
+  for split, labels in (("train", ["neg", "neu", "pos"]), ("test", ["neg", "pos", "pos"]), ("odd", ["neg", "meh"])):
+    table = datasets.Dataset.from_dict({"text": ["a"] * len(labels), "label": labels}).class_encode_column("label")
+    table.to_parquet(str(tmp_path / f"{split}.parquet"))
+  assert datasets.Dataset.from_parquet(str(tmp_path / "test.parquet"))["label"] == [0, 1, 1]  # (as described)
+  dataset = text_classification(str(tmp_path), train_file="train.parquet", test_file="test.parquet",
+                                tokenizer=_minilm_dir(), cache_dir=str(tmp_path / "cache"))
+  assert (tmp_path / "cache" / "hf_datasets").is_dir()  # config.data.cache_dir holds the Arrow files (was ignored)
+  assert dataset.class_names == ("neg", "neu", "pos")
+  np.testing.assert_array_equal(dataset.splits["test"].labels(), [0, 2, 2])
+  with pytest.raises(FinetuneError, match=r"odd.parquet has classes the train split does not have \('meh'; train "):
+    text_classification(str(tmp_path), train_file="train.parquet", test_file="odd.parquet", tokenizer=_minilm_dir())
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"test_file": "empty.csv"}, r"the test files \[.*empty.csv'\] hold no rows; fill them in"),
+    ({"max_length": 2}, r"config.data.options.max_length=2 is too short: it must be at least 3 tokens"),
+])
+def test_empty_files_and_too_short_sequences_are_one_line_errors(tmp_path, options, message):
+  """(An empty table was datasets' 'Instruction "train" corresponds to no data', for any split; max_length 0 or 1
+  failed inside numpy or the tokenizer.)"""
+  (tmp_path / "train.csv").write_text("text,label\nfine,1\ndull,0\n")
+  (tmp_path / "empty.csv").write_text("text,label\n")
+  with pytest.raises(FinetuneError, match=message):
+    text_classification(str(tmp_path), train_file="train.csv", tokenizer=_minilm_dir(), **options)
