@@ -462,7 +462,8 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
   need(c.regularize.ewc.label_mode in LABEL_MODES,
        f"config.regularize.ewc.label_mode={c.regularize.ewc.label_mode!r}; valid: {', '.join(LABEL_MODES)}")
   need(c.regularize.ewc.weight >= 0 and c.regularize.lwf.weight >= 0 and c.regularize.l2sp.alpha >= 0 and
-       c.regularize.l2sp.beta >= 0, "config.regularize weights (ewc.weight, l2sp.alpha/beta, lwf.weight) must be >= 0")
+       c.regularize.l2sp.beta >= 0 and c.rehearsal.weight >= 0,
+       "config.regularize weights (ewc.weight, l2sp.alpha/beta, lwf.weight) and config.rehearsal.weight must be >= 0")
   need(c.regularize.ewc.num_examples >= 1 and c.regularize.ewc.batch_size >= 1 and 0 < c.regularize.ewc.gamma <= 1,
        "config.regularize.ewc: num_examples and batch_size must be >= 1 and gamma in (0, 1]")
   need(c.regularize.lwf.temperature > 0, "config.regularize.lwf.temperature must be > 0 (the paper uses 2)")

@@ -72,7 +72,7 @@ def _planned_anchors(stage: Any, cfg: ConfigDict, lineage: tuple[bool, ...]) -> 
   The anchors' bytes and the penalty's work are then those of the run, or an upper bound where an older task's head
   has another shape (its head is then not anchored). What the run would refuse (EWC after a Hugging Face
   checkpoint, a regularizer with nothing before it) raises the run's error."""
-  from finetune.train import reinitialised_paths  # pylint: disable=g-import-not-at-top
+  from finetune.train import check_anchored_parameters_train, reinitialised_paths  # pylint: disable=g-import-not-at-top
   state = stage.abstract_state(0)
 
   def anchors(params: Any, model_state: Any) -> dict[str, Any]:
@@ -82,7 +82,9 @@ def _planned_anchors(stage: Any, cfg: ConfigDict, lineage: tuple[bool, ...]) -> 
     context = regularizers.Context(
         cfg=cfg, shapes={p: tuple(v.shape) for p, v in flat.items()},
         reinitialised=reinitialised_paths(stage, cfg, flat),
-        sources=sources, fisher=lambda source: source.params, start=flat, start_state=flat_state)
+        sources=sources, fisher=lambda source: source.params, start=flat, start_state=flat_state,
+        peft_added=frozenset(p for p in flat if p not in stage.base_paths))
+    check_anchored_parameters_train(stage, context)
     return {name: regularizers.REGULARIZERS.get(name).anchors(context) for name in regularizers.active(cfg)}
 
   shapes = jax.eval_shape(anchors, state.params, state.model_state)

@@ -337,10 +337,12 @@ def initial_state(stage: Stage, cfg: ConfigDict, workdir: str) -> tuple[TrainSta
   return state, report
 
 
-def reinitialised_paths(stage: Stage, cfg: ConfigDict, paths: Any) -> frozenset[str]:
-  """What the stage does not load from its source: parameters a PEFT method added, and `dont_load` matches."""
-  return frozenset(p for p in paths if p not in stage.base_paths or any(re.search(pattern, p)
-                                                                         for pattern in cfg.dont_load))
+def reinitialised_paths(stage: Stage, cfg: ConfigDict, paths: Any,
+                        source_paths: Any = frozenset()) -> frozenset[str]:
+  """What the stage does not load from its source: `dont_load` matches, and parameters a PEFT method added unless
+  the source has them (`source_paths`: a run with the same PEFT settings, whose adapters the stage loads)."""
+  return frozenset(p for p in paths if (p not in stage.base_paths and p not in source_paths)
+                   or any(re.search(pattern, p) for pattern in cfg.dont_load))
 
 
 def attach_regularizers(stage: Stage, state: TrainState, cfg: ConfigDict, workdir: str,
@@ -348,7 +350,7 @@ def attach_regularizers(stage: Stage, state: TrainState, cfg: ConfigDict, workdi
   """Builds the regularizers' anchors (and the rehearsal data mix) and puts them into the stage and the state."""
   names = regularizers.active(cfg)
   params = flatten(stage.layout.view(state.params))
-  reinitialised = reinitialised_paths(stage, cfg, params)
+  reinitialised = reinitialised_paths(stage, cfg, params, sources[0].params if sources else frozenset())
   start, start_state = {}, {}
   if "lwf" in names:  # the stage's starting point, rebuilt (identically) also when resuming
     initial, _ = initial_state(stage, cfg, workdir)
@@ -356,7 +358,9 @@ def attach_regularizers(stage: Stage, state: TrainState, cfg: ConfigDict, workdi
     start_state = jax.device_get(flatten(stage.layout.view(initial.model_state)))
   context = regularizers.Context(
       cfg=cfg, shapes={p: tuple(v.shape) for p, v in params.items()}, reinitialised=reinitialised, sources=sources,
-      fisher=lambda source: source_fisher(cfg, source), start=start, start_state=start_state)
+      fisher=lambda source: source_fisher(cfg, source), start=start, start_state=start_state,
+      peft_added=frozenset(p for p in params if p not in stage.base_paths))
+  check_anchored_parameters_train(stage, context)
   anchors = regularizers.build_anchors(context)
   stage = dataclasses.replace(stage, anchors=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), anchors),
                               _cache={})
@@ -370,6 +374,35 @@ def attach_regularizers(stage: Stage, state: TrainState, cfg: ConfigDict, workdi
   return stage, state.replace(anchors=jax.device_put(anchors, stage.anchor_shardings()))
 
 
+def check_anchored_parameters_train(stage: Stage, context: regularizers.Context) -> None:
+  """EWC and L2-SP's alpha term pull the parameters loaded from the source towards their source values: when none
+  of them trains (a PEFT stage trains only new adapters, a frozen backbone only a new head) they do nothing, and
+  the run would have reported a regularized result that was not."""
+  l2sp = context.cfg.regularize.l2sp
+  anchoring = [name for name, on in (("config.regularize.ewc", "ewc" in regularizers.active(context.cfg)),
+                                     ("config.regularize.l2sp.alpha", l2sp.alpha > 0)) if on]
+  if not anchoring or not context.sources:
+    return
+  ever_trained = set().union(*(stage.strategy.trainable(i) for i in range(len(stage.strategy.phases))))
+  if not set(context.shared(context.nearest(anchoring[0]))) & ever_trained:
+    verb = "anchors" if len(anchoring) == 1 else "anchor"
+    raise FinetuneError(
+        f"{' and '.join(anchoring)} {verb} the parameters loaded from {context.sources[0].name}, but none of them "
+        "trains in this stage (a PEFT method trains only its new adapters; a frozen backbone only a new head): the "
+        "penalty would be 0. Drop it, train some loaded parameters, or use regularize.lwf or rehearsal, which act "
+        "on the model's outputs")
+
+
+def on_this_stage_s_devices(source_cfg: ConfigDict, cfg: ConfigDict) -> ConfigDict:
+  """An earlier task's config on this stage's mesh, batch sizes and micro-batches, to rebuild that task here: its
+  own could not split over these devices (batch 30 on a 4-way data axis), and the stage failed after training."""
+  return config_lib.with_values(
+      source_cfg, mesh=cfg.mesh, sharding_rules=cfg.sharding_rules, activation_rules=cfg.activation_rules,
+      data={**source_cfg.data.to_dict(), "batch_size": cfg.data.batch_size,
+            "eval_batch_size": cfg.data.eval_batch_size},
+      train={**source_cfg.train.to_dict(), "grad_accum_steps": cfg.train.grad_accum_steps})
+
+
 def source_fisher(cfg: ConfigDict, source: regularizers.Source) -> dict[str, np.ndarray]:
   """The diagonal Fisher of an earlier task at its final weights, from its own training data: loaded from
   `<source run>/fisher-<mode>-<N>-at-<step>.safetensors` when an earlier stage or run computed it at the same
@@ -379,7 +412,16 @@ def source_fisher(cfg: ConfigDict, source: regularizers.Source) -> dict[str, np.
   saved = fisher_lib.load(path)
   if saved is not None:
     return saved[0]
-  source_stage = build_stage(source.cfg)
+  if source.cfg.task != "classification":
+    raise FinetuneError(f"the Fisher information (config.regularize.ewc, l2sp.fisher) is estimated from a "
+                        f"classifier's outputs; {source.name} is a {source.cfg.task!r} stage. Drop the regularizer "
+                        "or use l2sp with fisher=False, which needs no Fisher")
+  source_cfg = on_this_stage_s_devices(source.cfg, cfg)
+  source_stage = build_stage(source_cfg)
+  if set(flatten(source_stage.view_params)) - set(source.params):
+    # A PEFT source whose adapters were folded into its base (the stage has other PEFT settings, or none): its
+    # function is the plain model's with those weights, and dL/dW of the folded kernel is dL/dW_eff.
+    source_stage = build_stage(config_lib.with_values(source_cfg, peft=config_lib.defaults().peft))
   pipeline = dataclasses.replace(source_stage.pipeline, eval_batch_size=ewc.batch_size, process_count=1,
                                  process_index=0)
   train = pipeline.train
@@ -417,7 +459,7 @@ def evaluate_sources(cfg: ConfigDict, state: TrainState, sources: list[regulariz
     if source.cfg is None or not os.path.isfile(summary_path) or source.cfg.task != cfg.task:
       continue
     before = read_json(summary_path)["final"]
-    eval_cfg = config_lib.with_values(cfg, data=source.cfg.data)
+    eval_cfg = config_lib.with_values(cfg, data=on_this_stage_s_devices(source.cfg, cfg).data)
     eval_stage = build_stage(eval_cfg)
     shapes = {p: tuple(x.shape) for p, x in flatten(eval_stage.view_params).items()}
 

@@ -17,7 +17,7 @@ from conftest import REPO, load_script, tiny_config
 from finetune import regularizers
 from finetune import train as train_lib
 from finetune.checkpoint import read_checkpoint_arrays
-from finetune.config import defaults, load_config, stage_configs
+from finetune.config import defaults, load_config, stage_configs, with_values
 from finetune.data.dataset import ArraySplit
 from finetune.data.pipeline import InputPipeline, with_rehearsal
 from finetune.errors import FinetuneError
@@ -563,3 +563,47 @@ def test_fisher_weighted_l2sp_needs_a_source_with_task_data(tmp_path):
                        train={"steps": 2, "log_every": 1, "checkpoint_every": 0})
   with pytest.raises(FinetuneError, match=r"l2sp.fisher needs the earlier task's data .* or set fisher=False"):
     train_lib.train_and_evaluate(config, str(tmp_path / "target"))
+
+
+VIT = {"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 2, "num_heads": 2, "mlp_dim": 32}
+LORA = {"method": "lora", "targets": ("query", "value"), "rank": 2, "modules_to_save": ("^head/",)}
+
+
+def test_regularizers_after_a_lora_run(tmp_path):
+  """After a LoRA stage: (chain) a stage with the same LoRA settings loads its adapters, and L2-SP anchors them (they
+  counted as new, so the penalty was 0 and they drifted freely); (full) EWC in a stage without PEFT takes the
+  Fisher of the folded source (a KeyError traceback: the Fisher model had adapters the folded weights lack);
+  (dora) L2-SP's beta leaves DoRA's magnitudes alone (it pulled them, which start at ||W||, towards 0)."""
+  config = tiny_config(model=VIT, stages={
+      "a": {"peft": LORA, "train": {"steps": 4}},
+      "chain": {"init_from": "stage:a", "peft": LORA, "regularize": {"l2sp": {"alpha": 1e3}}},
+      "full": {"init_from": "stage:a", "regularize": {"ewc": {"weight": 1.0, "num_examples": 32}}},
+      "dora": {"init_from": "stage:a", "peft": {**LORA, "dora": True}, "regularize": {"l2sp": {"beta": 0.01}}}},
+      train={"steps": 2, "log_every": 1, "checkpoint_every": 0}, optimizer={"learning_rate": 3e-2, "warmup_steps": 0})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+
+  def logged(stage, key):
+    return [json.loads(line)[key] for line in open(tmp_path / stage / "metrics.jsonl") if '"train"' in line]
+
+  assert logged("chain", "penalty/l2sp")[-1] > 0  # the loaded adapters moved and are pulled back
+  assert logged("full", "penalty/ewc")[-1] > 0
+  assert logged("dora", "penalty/l2sp") == [0.0, 0.0]  # nothing new but the magnitudes, which are not pulled
+
+
+def test_ewc_or_l2sp_with_no_loaded_parameter_training_is_refused(tmp_path):
+  """(A frozen backbone under a new head, or LoRA over a trained model: the penalty was 0 and the run reported a
+  regularized result that was not.)"""
+  config = two_task_config(freeze={"patterns": ("^(?!head/)",)}, regularize={"l2sp": {"alpha": 1.0}},
+                           train={"steps": 2})
+  with pytest.raises(FinetuneError, match=r"config.regularize.l2sp.alpha anchors the parameters loaded from "
+                                          r"pretrain, but none of them trains in this stage"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+
+
+def test_the_fisher_of_a_language_model_stage_is_refused(tmp_path):
+  """(EWC after a ULMFiT-style language-model stage failed inside jax: 'Gradient only defined for scalar-output
+  functions'.)"""
+  source_cfg = with_values(tiny_config(), task="causal_lm")
+  source = regularizers.Source("lm", str(tmp_path), source_cfg, {}, {}, "4")
+  with pytest.raises(FinetuneError, match="estimated from a classifier's outputs; lm is a 'causal_lm' stage"):
+    train_lib.source_fisher(tiny_config(regularize={"ewc": {"weight": 1.0}}), source)

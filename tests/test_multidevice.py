@@ -284,3 +284,30 @@ def test_every_model_of_the_zoo_shards_and_matches_one_device(tmp_path):
     mine = read_checkpoint_arrays(f"{ours}/checkpoints/3")["params"]
     for path, value in read_checkpoint_arrays(f"{reference}/checkpoints/3")["params"].items():
       np.testing.assert_allclose(mine[path], value, rtol=1e-5, atol=1e-5, err_msg=f"{name} {path}")
+
+
+FORGETTING_RUN = '''
+import json, sys
+from conftest import tiny_config
+from finetune import train as train_lib
+config = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (16,)}, data={"classes": (5, 6, 7, 8, 9)},
+                     init_from=sys.argv[1], dont_load=("^head/",),
+                     regularize={"ewc": {"weight": 10.0, "num_examples": 64}},
+                     train={"steps": 4, "log_every": 2, "checkpoint_every": 0})
+print(json.dumps(train_lib.train_and_evaluate(config, sys.argv[2])["train"]["forgetting"]))
+'''
+
+
+def test_an_earlier_task_trained_on_one_device_is_evaluated_and_its_fisher_taken_on_eight(tmp_path):
+  """(The source's Fisher and its forgetting evaluation rebuilt the source's own batch size, 30, on the stage's 8
+  devices: the stage failed after training, and every re-run the same way.)"""
+  source = tmp_path / "source"
+  train_lib.train_and_evaluate(tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (16,)},
+                                           data={"classes": (0, 1, 2, 3, 4), "batch_size": 30, "eval_batch_size": 30},
+                                           train={"steps": 6, "log_every": 3, "checkpoint_every": 0}), str(source))
+  result = run_python_with_args(FORGETTING_RUN, [str(source), str(tmp_path / "target")])
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])[str(source)]["validation"]
+  before = json.loads((source / "summary.json").read_text())["final"]["validation"]["accuracy"]
+  assert report["before"] == before and 0 <= report["after"] <= 1
+  assert any(path.name.startswith("fisher-") for path in source.iterdir())  # (EWC's, computed on 8 devices)

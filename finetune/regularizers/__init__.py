@@ -66,6 +66,7 @@ class Context:
   fisher: Callable[[Source], dict[str, np.ndarray]]  # the diagonal Fisher of a source (computed once, saved)
   start: dict[str, np.ndarray]  # the stage's initial parameters (after init_from), flat
   start_state: dict[str, np.ndarray]  # and model state (BatchNorm statistics)
+  peft_added: frozenset[str] = frozenset()  # parameters a PEFT method added (adapters, DoRA magnitudes, IA3 scales)
 
   def shared(self, source: Source) -> list[str]:
     """Paths present in the stage and in `source` with equal shapes, and loaded (not re-initialised)."""

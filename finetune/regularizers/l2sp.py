@@ -3,14 +3,18 @@
     (alpha/2) ||w_S - w0_S||^2 + (beta/2) ||w_new||^2
 
 w_S are the parameters loaded from the source (same path and shape, not re-initialised), w0_S their source values;
-w_new every other parameter (a new head, PEFT adapters). With `fisher=True` the first term is weighted by the
-source task's diagonal Fisher (as EWC, with `config.regularize.ewc`'s label mode and example count), the paper's
-"L2-SP-Fisher". Use it with plain weight decay off (`optimizer.weight_decay=0`), as the paper replaces it.
+w_new every other parameter of the model (a new head). Parameters a PEFT method adds are w_S when the stage loads
+them (it continues a run with the same PEFT settings), else in neither: DoRA magnitudes start at ||W|| and IA3
+scales at 1, so pulling them towards 0 would shrink the pretrained function.
+With `fisher=True` the first term is weighted by the source task's diagonal Fisher (as EWC, with
+`config.regularize.ewc`'s label mode and example count), the paper's "L2-SP-Fisher". Use it with plain weight
+decay off (`optimizer.weight_decay=0`), as the paper replaces it.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from finetune.errors import FinetuneError
 from finetune.regularizers import REGULARIZERS, Aux, Context, Regularizer, squared_distance
@@ -20,7 +24,10 @@ def anchors(context: Context):
   cfg = context.cfg.regularize.l2sp
   source = context.nearest("L2-SP")
   shared = context.shared(source)
-  anchor = {"alpha": float(cfg.alpha), "beta": float(cfg.beta), "start": {p: source.params[p] for p in shared}}
+  anchor = {"alpha": float(cfg.alpha), "beta": float(cfg.beta), "start": {p: source.params[p] for p in shared},
+            # (a dict of the paths, as anchors are pytrees of arrays that go into the train state)
+            "new": {p: np.zeros((), np.float32) for p in context.shapes
+                    if p not in shared and p not in context.peft_added}}
   if cfg.fisher:
     if source.cfg is None:
       raise FinetuneError(f"config.regularize.l2sp.fisher needs the earlier task's data to estimate its Fisher "
@@ -35,9 +42,8 @@ def penalty(params, anchor, aux: Aux):
   del aux
   toward_start = squared_distance(params, anchor["start"], anchor.get("fisher"))
   new = jnp.zeros((), jnp.float32)
-  for path, value in params.items():
-    if path not in anchor["start"]:
-      new = new + jnp.sum(value.astype(jnp.float32) ** 2)
+  for path in anchor["new"]:
+    new = new + jnp.sum(params[path].astype(jnp.float32) ** 2)
   return 0.5 * anchor["alpha"] * toward_start + 0.5 * anchor["beta"] * new, {"distance": toward_start}
 
 
