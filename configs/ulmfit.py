@@ -8,8 +8,8 @@ Stages, in one workdir (the language-model stages are the expensive part, so eve
   lm_finetune   causal LM on the target task's training sentences (the `text_classification` source with task
                 'causal_lm': its (input_ids, attention_mask) are one padded sentence per row, the labels unused;
                 the `lm_text` source would read the `<label> <sentence>` lines raw, label digits included),
-                discriminative rates + slanted triangular LR as in the paper; all training sentences are used
-                whatever `labels` is (the paper's "semi-supervised" setting)
+                discriminative rates + slanted triangular LR as in the paper; 90% of the training sentences are
+                used whatever `labels` is (10% held out for perplexity; the paper's "semi-supervised" setting)
   <variant>_<n> the classifier on n labelled examples (`all` = the whole training split), one per variant:
     scratch   the same network from random initialisation, no language model, plain (cosine) schedule
     full      initialised from lm_finetune (head fresh), every layer at one rate, cosine schedule
@@ -137,7 +137,8 @@ def get_config(arg=None):
                   options=dict(train_file="wikitext2.valid.txt", tokenizer=tokenizer,
                                block_size=scale["block_size"])),
         optimizer=dict(learning_rate=args.lm_lr, warmup_steps=max(1, lm_steps // 20)))
-    # Target-task LM fine-tuning: the paper's discriminative + slanted triangular rates, on every training sentence.
+    # Target-task LM fine-tuning: the paper's discriminative + slanted triangular rates, on 90% of the training
+    # sentences (10% held out for perplexity).
     config.stages.lm_finetune = dict(
         task="causal_lm", model=lm_model, train=dict(steps=ft_steps), init_from="stage:lm_pretrain",
         data=dict(path=args.data_path, batch_size=scale["lm_batch"], eval_batch_size=32, validation_fraction=0.1,

@@ -127,7 +127,7 @@ def test_training_and_evaluation_wait_once_more_than_a_few_steps_are_in_flight(t
   assert len(steps) == 12 - limit and all(np.ndim(tree["loss"]) == 0 for tree in steps)
   eval_batches = -(-360 // 16)  # the validation split: 20% of the 1797 digits, rounded down
   sums = [tree for tree in waited if isinstance(tree, dict) and "loss_sum" in tree]
-  assert len(sums) == eval_batches // limit, len(sums)
+  assert len(sums) == eval_batches - limit, len(sums)
 
 
 def test_checkpoint_arrays_the_model_has_no_place_for_are_reported(tmp_path, capsys):

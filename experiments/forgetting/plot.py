@@ -1,6 +1,7 @@
 """The forgetting trade-off plot from a sweep's results.csv (`finetune sweep` over configs/*_forgetting.py).
 
-    python experiments/forgetting/plot.py experiments/forgetting/mnist_results.csv experiments/forgetting/mnist.png
+    python experiments/forgetting/plot.py experiments/forgetting/mnist_results.csv \
+        experiments/forgetting/mnist_tradeoff.png
 
 prints the README's table (`table`) and draws the plot (`tradeoff`). One curve per regularizer: target-task test
 accuracy (x) against source-task test accuracy after fine-tuning (y), one marker per strength (mean over seeds,

@@ -207,8 +207,10 @@ def build_pipeline(data_cfg: ConfigDict, seed: int) -> InputPipeline:
       splits[name] = _filter(split, label_map)
   for name, split in splits.items():
     if name in data_cfg.eval_splits and not len(split):
-      raise FinetuneError(f"evaluation split {name!r} has no examples; raise config.data.validation_fraction or "
-                          "remove it from config.data.eval_splits")
+      fix = ("raise config.data.validation_fraction" if name == "validation" else
+             "check that its file holds examples of config.data.classes")
+      raise FinetuneError(f"evaluation split {name!r} has no examples; {fix} or remove it from "
+                          "config.data.eval_splits")
   for name in data_cfg.eval_splits:  # 'validation' and 'test' may be absent (no carving, no test set); others not
     if name not in splits and name not in ("validation", "test"):
       raise FinetuneError(f"config.data.eval_splits names {name!r}, which {data_cfg.name!r} does not have "
