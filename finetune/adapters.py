@@ -56,6 +56,10 @@ class PeftMethod:
   # (abstract adapted model, flat params, flat model state) -> the plain model's (params, model state) with the
   # adaptation folded in, or None where the method changes the computation in a way no plain model can hold.
   merge: Callable[[nnx.Module, dict, dict], tuple[dict, dict]] | None = None
+  # (abstract adapted model, unrolled) -> a traceable function from the flat params to the weights the adapted
+  # layers compute with, under the plain model's paths (adapter entries dropped): what EWC and L2-SP compare with
+  # an earlier task's (folded) weights. None: the regularizers see the parameters as they are.
+  effective: Callable[[nnx.Module], Callable[[dict], dict]] | None = None
   # The config.peft keys only this method reads (beyond method, targets, modules_to_save, bias, load_adapter): under
   # another method each must keep its default, or the config check refuses it as silently ignored.
   settings: tuple[str, ...] = ()
@@ -67,6 +71,13 @@ BIAS_MODES = ("none", "all", "lora_only")
 
 def enabled(peft_cfg: ConfigDict) -> bool:
   return bool(peft_cfg.method)
+
+
+def effective_weights(abstract_model: nnx.Module, peft_cfg: ConfigDict) -> Callable[[dict], dict] | None:
+  """`PeftMethod.effective` of the stage's method for its (unrolled) abstract model, or None."""
+  if not enabled(peft_cfg) or PEFT_METHODS.get(peft_cfg.method).effective is None:
+    return None
+  return PEFT_METHODS.get(peft_cfg.method).effective(abstract_model)
 
 
 def apply(model: nnx.Module, peft_cfg: ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
@@ -98,7 +109,8 @@ def _same_adapters(a: ConfigDict, b: ConfigDict) -> bool:
 
 
 def fold_source_adapters(step_dir: str, arrays: dict[str, dict[str, Any]], peft_cfg: ConfigDict,
-                         param_paths: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+                         param_paths: Sequence[str] | None = None,
+                         whenever_possible: bool = False) -> dict[str, dict[str, Any]]:
   """A checkpoint of one of our PEFT runs, read by a stage with other PEFT settings (another method, other
   targets, rank, alpha, DoRA, quantisation, ... or none): its adapters folded into the (dequantised) base weights
   (`merge`), so the stage starts from the function the source trained and its own adapters start at zero. Loading
@@ -107,7 +119,8 @@ def fold_source_adapters(step_dir: str, arrays: dict[str, dict[str, Any]], peft_
   they are.
 
   `param_paths`: the stage's parameters; the checkpoint is returned as is only if the stage holds all of its
-  parameters. None (the forgetting lineage's anchors, which have no stage layout): the settings alone decide."""
+  parameters. None: the settings alone decide. `whenever_possible`: folded whenever the source's method can be
+  (the forgetting lineage: EWC and L2-SP compare the weights layers compute with, `PeftMethod.effective`)."""
   run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))), "config.json")
   if not os.path.isfile(run_config):
     return arrays
@@ -116,7 +129,8 @@ def fold_source_adapters(step_dir: str, arrays: dict[str, dict[str, Any]], peft_
   if not enabled(source_peft):
     return arrays
   fits_stage = param_paths is None or set(arrays.get("params", {})) <= set(param_paths)
-  if fits_stage and _same_adapters(source_peft, peft_cfg):
+  foldable = PEFT_METHODS.get(source_peft.method).merge is not None
+  if fits_stage and _same_adapters(source_peft, peft_cfg) and not (whenever_possible and foldable):
     return arrays
   params = arrays["params"]
   num_classes = params["head/kernel"].shape[-1] if "head/kernel" in params else 0

@@ -183,7 +183,10 @@ class Stage:
     tx, lr_by_label = self.optimizer(phase, lr_scale)
     return make_train_step(self.graphdef, tx, lr_by_label, self.strategy.trainable(phase),
                            self.strategy.frozen_batch_norm(phase), self.cfg.train.label_smoothing, self.forward,
-                           self.cfg.task, regularizers.make_penalty(self.cfg), regularizers.needs_features(self.cfg),
+                           self.cfg.task,
+                           regularizers.make_penalty(self.cfg, adapters.effective_weights(self.abstract_model,
+                                                                                          self.cfg.peft)),
+                           regularizers.needs_features(self.cfg),
                            self.cfg.train.grad_accum_steps, self.cfg.train.compute_dtype, self.layout,
                            tuple(self.cfg.train.float32_params))
 
@@ -375,22 +378,26 @@ def attach_regularizers(stage: Stage, state: TrainState, cfg: ConfigDict, workdi
 
 
 def check_anchored_parameters_train(stage: Stage, context: regularizers.Context) -> None:
-  """EWC and L2-SP's alpha term pull the parameters loaded from the source towards their source values: when none
-  of them trains (a PEFT stage trains only new adapters, a frozen backbone only a new head) they do nothing, and
-  the run would have reported a regularized result that was not."""
+  """EWC and L2-SP's alpha term pull the parameters loaded from the source towards their source values (for LoRA,
+  the weights its layers compute with): when none of them trains (a frozen backbone under a new head; a PEFT
+  method without `effective` that trains only its own parameters, as IA3) they do nothing, and the run would have
+  reported a regularized result that was not."""
   l2sp = context.cfg.regularize.l2sp
   anchoring = [name for name, on in (("config.regularize.ewc", "ewc" in regularizers.active(context.cfg)),
                                      ("config.regularize.l2sp.alpha", l2sp.alpha > 0)) if on]
   if not anchoring or not context.sources:
     return
   ever_trained = set().union(*(stage.strategy.trainable(i) for i in range(len(stage.strategy.phases))))
+  if adapters.effective_weights(stage.abstract_model, context.cfg.peft) is not None:
+    # The penalties see the weights adapted layers compute with: a kernel changes when its adapters train.
+    ever_trained |= {path.rsplit("/", 1)[0] + "/kernel" for path in ever_trained if path in context.peft_added}
   if not set(context.shared(context.nearest(anchoring[0]))) & ever_trained:
     verb = "anchors" if len(anchoring) == 1 else "anchor"
     raise FinetuneError(
         f"{' and '.join(anchoring)} {verb} the parameters loaded from {context.sources[0].name}, but none of them "
-        "trains in this stage (a PEFT method trains only its new adapters; a frozen backbone only a new head): the "
-        "penalty would be 0. Drop it, train some loaded parameters, or use regularize.lwf or rehearsal, which act "
-        "on the model's outputs")
+        "trains in this stage (a frozen backbone trains only a new head; IA3 or prompt tuning only their own "
+        "parameters, which act on no anchored weight): the penalty would be 0. Drop it, train some loaded "
+        "parameters (LoRA acts on them), or use regularize.lwf or rehearsal, which act on the model's outputs")
 
 
 def on_this_stage_s_devices(source_cfg: ConfigDict, cfg: ConfigDict) -> ConfigDict:
@@ -419,8 +426,8 @@ def source_fisher(cfg: ConfigDict, source: regularizers.Source) -> dict[str, np.
   source_cfg = on_this_stage_s_devices(source.cfg, cfg)
   source_stage = build_stage(source_cfg)
   if set(flatten(source_stage.view_params)) - set(source.params):
-    # A PEFT source whose adapters were folded into its base (the stage has other PEFT settings, or none): its
-    # function is the plain model's with those weights, and dL/dW of the folded kernel is dL/dW_eff.
+    # A PEFT source whose adapters the lineage folded into its base (whenever its method can be): its function is
+    # the plain model's with those weights, and dL/dW of the folded kernel is dL/dW_eff.
     source_stage = build_stage(config_lib.with_values(source_cfg, peft=config_lib.defaults().peft))
   pipeline = dataclasses.replace(source_stage.pipeline, eval_batch_size=ewc.batch_size, process_count=1,
                                  process_index=0)

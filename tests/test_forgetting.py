@@ -570,11 +570,15 @@ LORA = {"method": "lora", "targets": ("query", "value"), "rank": 2, "modules_to_
 
 
 def test_regularizers_after_a_lora_run(tmp_path):
-  """After a LoRA stage: (chain) a stage with the same LoRA settings loads its adapters, and L2-SP anchors them (they
-  counted as new, so the penalty was 0 and they drifted freely); (full) EWC in a stage without PEFT takes the
-  Fisher of the folded source (a KeyError traceback: the Fisher model had adapters the folded weights lack);
-  (dora) L2-SP's beta leaves DoRA's magnitudes alone (it pulled them, which start at ||W||, towards 0)."""
+  """EWC and L2-SP compare the weights LoRA layers compute with, W + s A B, with the source's (its adapters folded
+  in): (lora) LoRA over a trained model is regularized through A and B (the frozen W gave the penalty nothing: 0);
+  (chain) so is a stage continuing a LoRA run with its settings (its loaded adapters counted as new: penalty 0);
+  (full) EWC in a stage without PEFT takes the Fisher of the folded source (a KeyError traceback: the Fisher model
+  had adapters the folded weights lack); (dora) L2-SP's beta leaves DoRA's magnitudes alone (it pulled them, which
+  start at ||W||, towards 0)."""
   config = tiny_config(model=VIT, stages={
+      "plain": {"train": {"steps": 4}},
+      "lora": {"init_from": "stage:plain", "peft": LORA, "regularize": {"ewc": {"weight": 1e3, "num_examples": 32}}},
       "a": {"peft": LORA, "train": {"steps": 4}},
       "chain": {"init_from": "stage:a", "peft": LORA, "regularize": {"l2sp": {"alpha": 1e3}}},
       "full": {"init_from": "stage:a", "regularize": {"ewc": {"weight": 1.0, "num_examples": 32}}},
@@ -585,14 +589,16 @@ def test_regularizers_after_a_lora_run(tmp_path):
   def logged(stage, key):
     return [json.loads(line)[key] for line in open(tmp_path / stage / "metrics.jsonl") if '"train"' in line]
 
-  assert logged("chain", "penalty/l2sp")[-1] > 0  # the loaded adapters moved and are pulled back
+  assert logged("lora", "penalty/ewc")[0] == 0 < logged("lora", "penalty/ewc")[-1]  # s A B moved W's effect
+  first, last = logged("chain", "penalty/l2sp")
+  assert first < 1e-9 and last > 1.0  # (first: the source's fold in float64 against the step's float32)
   assert logged("full", "penalty/ewc")[-1] > 0
   assert logged("dora", "penalty/l2sp") == [0.0, 0.0]  # nothing new but the magnitudes, which are not pulled
 
 
 def test_ewc_or_l2sp_with_no_loaded_parameter_training_is_refused(tmp_path):
-  """(A frozen backbone under a new head, or LoRA over a trained model: the penalty was 0 and the run reported a
-  regularized result that was not.)"""
+  """(A frozen backbone under a new head: the penalty was 0 and the run reported a regularized result that was
+  not.)"""
   config = two_task_config(freeze={"patterns": ("^(?!head/)",)}, regularize={"l2sp": {"alpha": 1.0}},
                            train={"steps": 2})
   with pytest.raises(FinetuneError, match=r"config.regularize.l2sp.alpha anchors the parameters loaded from "
@@ -607,3 +613,21 @@ def test_the_fisher_of_a_language_model_stage_is_refused(tmp_path):
   source = regularizers.Source("lm", str(tmp_path), source_cfg, {}, {}, "4")
   with pytest.raises(FinetuneError, match="estimated from a classifier's outputs; lm is a 'causal_lm' stage"):
     train_lib.source_fisher(tiny_config(regularize={"ewc": {"weight": 1.0}}), source)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_the_weights_lora_layers_compute_with_equal_the_merged_model_s(dora):
+  """`PeftMethod.effective` (traced inside the train step, for EWC and L2-SP) is `merge` (exact, float64)."""
+  from finetune import adapters  # pylint: disable=g-import-not-at-top
+  peft = ConfigDict({**defaults().peft.to_dict(), **LORA, "dora": dora, "modules_to_save": ()})
+  model = adapters.apply(build_model(ConfigDict({**defaults().model.to_dict(), **VIT}), 3, nnx.Rngs(params=0)),
+                         peft, nnx.Rngs(params=1))
+  params = {p: np.asarray(v) for p, v in flatten(nnx.state(model, nnx.Param).to_pure_dict()).items()}
+  rng = np.random.default_rng(0)
+  params = {p: v + 0.1 * rng.standard_normal(v.shape).astype(v.dtype) if "lora" in p else v
+            for p, v in params.items()}  # (B starts at 0: move every adapter away from its start)
+  merged, _ = adapters.merge(model, peft, params, {})
+  effective = jax.jit(adapters.effective_weights(model, peft))(params)
+  assert set(effective) == set(merged)
+  for path in merged:
+    np.testing.assert_allclose(effective[path], merged[path], rtol=2e-5, atol=1e-6, err_msg=path)

@@ -261,6 +261,27 @@ def merge(abstract_model: nnx.Module, params: dict[str, Any], model_state: dict[
   return params, model_state
 
 
+def effective(abstract_model: nnx.Module) -> Callable[[dict[str, Any]], dict[str, Any]]:
+  """`merge` as a traceable function of the flat params, for EWC and L2-SP inside the train step: each float LoRA
+  layer's `kernel` becomes W + s A B (DoRA: rescaled to its magnitudes), its adapter entries dropped. QLoRA layers
+  keep their base in model state, not in params: left as they are (their base is not anchored)."""
+  layers = {path: module for path, module in lora_modules(abstract_model).items() if not module.quantize}
+
+  def weights(params: dict[str, Any]) -> dict[str, Any]:
+    params = dict(params)
+    for path, module in layers.items():
+      a, b = params.pop(f"{path}/lora_a"), params.pop(f"{path}/lora_b")
+      kernel = params[f"{path}/kernel"].astype(jnp.float32)
+      merged = kernel + module.scaling * (a.astype(jnp.float32) @ b.astype(jnp.float32))
+      if module.dora:
+        magnitude = params.pop(f"{path}/lora_magnitude").astype(jnp.float32)
+        merged = merged * (magnitude / jnp.linalg.norm(merged, axis=0))
+      params[f"{path}/kernel"] = merged
+    return params
+
+  return weights
+
+
 def unmerge(abstract_model: nnx.Module, merged: dict[str, Any], adapter: dict[str, Any]) -> dict[str, np.ndarray]:
   """The base kernels back from merged ones and the adapter that was merged (plain LoRA; DoRA's rescaling cannot
   be undone without the base norms, so it is refused)."""
@@ -293,5 +314,6 @@ def merge_weighted(abstract_model: nnx.Module, base: dict[str, Any], weighted: l
 
 adapters.PEFT_METHODS.register("lora")(adapters.PeftMethod(
     inject=inject, lr_multiplier=lr_multiplier, convert_checkpoint=from_base_checkpoint, merge=merge,
+    effective=effective,
     settings=("rank", "alpha", "rslora", "dora", "dropout", "init", "rank_pattern", "alpha_pattern", "lora_plus_ratio",
               "quantize", "quant_block_size", "double_quant")))

@@ -43,7 +43,7 @@ class Source:
   name: str
   run_dir: str
   cfg: ConfigDict | None  # None for a Hugging Face checkpoint (weights, no task data)
-  params: dict[str, np.ndarray]  # a PEFT source's adapters folded in unless the stage uses the same method
+  params: dict[str, np.ndarray]  # a PEFT source's adapters folded in whenever its method can be
   model_state: dict[str, np.ndarray]
   step: str | None = None  # the checkpoint step folder read (None for a Hugging Face checkpoint)
   # dont_load patterns of the stages between this source and the current one: what they re-initialised (a new
@@ -150,8 +150,10 @@ def lineage(cfg: ConfigDict, workdir: str, hf_weights: bool = True) -> list[Sour
         break
       arrays, run_dir, source_cfg, step = hf.read_params(step_dir), step_dir, None, None
     else:
-      # The weights the stage started from: a PEFT source's adapters folded in, as initial_state loads them.
-      arrays = adapters.fold_source_adapters(step_dir, read_checkpoint_arrays(step_dir), cfg.peft)
+      # The weights the source's layers computed with: a PEFT source's adapters folded in (whenever its method can
+      # be), as the stage's own are in the penalty (`make_penalty`'s `effective`).
+      arrays = adapters.fold_source_adapters(step_dir, read_checkpoint_arrays(step_dir), cfg.peft,
+                                             whenever_possible=True)
       run_dir = os.path.dirname(os.path.dirname(step_dir))  # <run>/checkpoints/<step>
       config_path = os.path.join(run_dir, "config.json")
       source_cfg = ConfigDict(read_json(config_path)) if os.path.isfile(config_path) else None
@@ -175,14 +177,19 @@ def build_anchors(context: Context) -> dict[str, Any]:
   return anchors
 
 
-def make_penalty(cfg: ConfigDict) -> Callable[[dict, dict, Aux], tuple[jax.Array, dict]] | None:
-  """The sum of the active regularizers' penalties, or None when none is active."""
+def make_penalty(cfg: ConfigDict, effective: Callable[[dict], dict] | None = None
+                 ) -> Callable[[dict, dict, Aux], tuple[jax.Array, dict]] | None:
+  """The sum of the active regularizers' penalties, or None when none is active. `effective` (a PEFT stage's,
+  `adapters.effective_weights`) maps the parameters to the weights the adapted layers compute with, which is what
+  the penalties see: EWC and L2-SP then pull W + s A B towards the source's weights through A and B (the frozen W
+  alone would give them nothing to act on)."""
   names = active(cfg)
   if not names:
     return None
 
   def penalty(params: dict[str, jax.Array], anchors: dict[str, Any], aux: Aux):
     total, metrics = jnp.zeros((), jnp.float32), {}
+    params = effective(params) if effective is not None else params
     for name in names:
       value, extra = REGULARIZERS.get(name).penalty(params, anchors[name], aux)
       total = total + value
