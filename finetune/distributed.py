@@ -22,9 +22,9 @@ from finetune.errors import FinetuneError
 EXPLICIT = ("FINETUNE_COORDINATOR", "FINETUNE_NUM_PROCESSES", "FINETUNE_PROCESS_ID")
 
 
-# What JAX's own SLURM detection needs (jax._src.clusters.slurm_cluster): the variables `srun` sets for each task of
-# a step. A shell inside an allocation (sbatch's batch script, salloc) has SLURM_NTASKS > 1 without them, and a
-# `finetune train` started there is one process.
+# What JAX's own SLURM detection needs (jax._src.clusters.slurm_cluster, checked against jax 0.10's list): the
+# variables `srun` sets for each task of a step. A shell inside an allocation (sbatch's batch script, salloc) has
+# SLURM_NTASKS > 1 without them, and a `finetune train` started there is one process.
 _SLURM_TASK_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
 
@@ -53,6 +53,12 @@ def initialize() -> bool:
     raise FinetuneError(f"multi-process run: {', '.join(given)} set but {', '.join(missing)} missing; set all three")
   if not given and not _cluster_detected():
     return False
+  if not given and _count("OMPI_COMM_WORLD_SIZE") > 1 and "OMPI_MCA_orte_hnp_uri" not in os.environ:
+    # JAX finds Open MPI's coordinator in OMPI_MCA_orte_hnp_uri (jax._src.clusters.ompi_cluster, as of jax 0.10),
+    # which Open MPI 5's launcher (PRRTE) no longer sets: initialize() would fail with "coordinator_address".
+    raise FinetuneError("an Open MPI launch without OMPI_MCA_orte_hnp_uri (Open MPI 5), whose coordinator JAX "
+                        "cannot find: set FINETUNE_COORDINATOR=<rank 0's host>:<free port>, "
+                        "FINETUNE_NUM_PROCESSES=$OMPI_COMM_WORLD_SIZE and FINETUNE_PROCESS_ID=$OMPI_COMM_WORLD_RANK")
   if os.environ.get("JAX_PLATFORMS", "") == "cpu":
     # Host-only processes (the simulated test, CPU clusters) need a cross-process collectives backend.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

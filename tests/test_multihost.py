@@ -67,6 +67,7 @@ def test_cluster_detection_and_connection_errors(monkeypatch):
   from finetune import distributed  # pylint: disable=g-import-not-at-top
   from finetune.errors import FinetuneError  # pylint: disable=g-import-not-at-top
   for name in [*distributed.EXPLICIT, "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS",
+               "OMPI_MCA_orte_hnp_uri",
                *distributed._SLURM_TASK_VARIABLES]:  # pylint: disable=protected-access
     monkeypatch.delenv(name, raising=False)
   monkeypatch.setenv("SLURM_JOB_ID", "123")
@@ -85,4 +86,13 @@ def test_cluster_detection_and_connection_errors(monkeypatch):
   monkeypatch.setattr(jax.distributed, "initialize", no_coordinator)
   with pytest.raises(FinetuneError, match=r"could not connect the processes of a multi-process run \(coordinator_"
                                           r"address should be defined.\); start one process per host"):
+    distributed.initialize()
+  for name in distributed._SLURM_TASK_VARIABLES:  # pylint: disable=protected-access
+    monkeypatch.delenv(name)
+  monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")  # Open MPI 5's mpirun: JAX's detection needs the ORTE URI
+  with pytest.raises(FinetuneError, match=r"Open MPI launch without OMPI_MCA_orte_hnp_uri .* set "
+                                          r"FINETUNE_COORDINATOR=<rank 0's host>:<free port>"):
+    distributed.initialize()
+  monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "1531576320.0;tcp://10.96.0.1:34911")  # Open MPI 4: JAX's own
+  with pytest.raises(FinetuneError, match="could not connect the processes"):
     distributed.initialize()
