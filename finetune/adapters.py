@@ -103,7 +103,7 @@ _FUNCTION_SETTINGS = ("method", "targets", "rank", "alpha", "rank_pattern", "alp
                       "feedforward")
 
 
-def _same_adapters(a: ConfigDict, b: ConfigDict) -> bool:
+def same_adapters(a: ConfigDict, b: ConfigDict) -> bool:
   as_json = lambda cfg, key: json.dumps(cfg.get(key), sort_keys=True, default=list)  # (tuples and lists alike)
   return all(as_json(a, key) == as_json(b, key) for key in _FUNCTION_SETTINGS)
 
@@ -119,8 +119,8 @@ def fold_source_adapters(step_dir: str, arrays: dict[str, dict[str, Any]], peft_
   they are.
 
   `param_paths`: the stage's parameters; the checkpoint is returned as is only if the stage holds all of its
-  parameters. None: the settings alone decide. `whenever_possible`: folded whenever the source's method can be
-  (the forgetting lineage: EWC and L2-SP compare the weights layers compute with, `PeftMethod.effective`)."""
+  parameters. None: the settings alone decide. `whenever_possible`: folded also under the stage's own settings when
+  the method has `effective` (the forgetting lineage: EWC and L2-SP compare the weights layers compute with)."""
   run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))), "config.json")
   if not os.path.isfile(run_config):
     return arrays
@@ -129,8 +129,11 @@ def fold_source_adapters(step_dir: str, arrays: dict[str, dict[str, Any]], peft_
   if not enabled(source_peft):
     return arrays
   fits_stage = param_paths is None or set(arrays.get("params", {})) <= set(param_paths)
-  foldable = PEFT_METHODS.get(source_peft.method).merge is not None
-  if fits_stage and _same_adapters(source_peft, peft_cfg) and not (whenever_possible and foldable):
+  method = PEFT_METHODS.get(source_peft.method)
+  # (Only where the stage's penalty folds its own adapters too, `effective`: a continued IA3 run, folded here but
+  # compared unfolded, was pulled towards W diag(l) and its scales left unanchored.)
+  fold_anyway = whenever_possible and method.merge is not None and method.effective is not None
+  if fits_stage and same_adapters(source_peft, peft_cfg) and not fold_anyway:
     return arrays
   params = arrays["params"]
   num_classes = params["head/kernel"].shape[-1] if "head/kernel" in params else 0

@@ -39,11 +39,13 @@ def _per_device_bytes(tree: Any) -> int:
   return total
 
 
-def plan_stage(cfg: ConfigDict, lineage: tuple[bool, ...] = (True,)) -> dict[str, Any]:
+def plan_stage(cfg: ConfigDict, lineage: tuple[bool, ...] = (True,), continues_adapters: bool = False
+               ) -> dict[str, Any]:
   """The stage's figures; with unfreezing phases, each figure is its peak over the phases (the last phase trains
   most, but a figure is reported as the worst any phase reaches), and `phases` lists every phase's.
   `lineage`: what the stage starts from, nearest first (True: a task of this framework, False: a Hugging Face
-  checkpoint); offline EWC keeps one term per task. `plan` reads it from the config's stages."""
+  checkpoint); offline EWC keeps one term per task. `continues_adapters`: the nearest is a run with this stage's
+  PEFT settings, whose adapters the stage loads. `plan` reads both from the config's stages."""
   from finetune.methods import feature_cache  # pylint: disable=g-import-not-at-top
   from finetune.train import build_stage  # pylint: disable=g-import-not-at-top
   stage = build_stage(cfg)
@@ -55,7 +57,7 @@ def plan_stage(cfg: ConfigDict, lineage: tuple[bool, ...] = (True,)) -> dict[str
     stage = dataclasses.replace(stage, pipeline=pipeline, forward=feature_cache.classify_features, _cache={})
   names = regularizers.active(cfg)
   if names:
-    stage = dataclasses.replace(stage, anchors=_planned_anchors(stage, cfg, lineage), _cache={})
+    stage = dataclasses.replace(stage, anchors=_planned_anchors(stage, cfg, lineage, continues_adapters), _cache={})
   phases = [_plan_phase(stage, phase) for phase in range(len(stage.strategy.phases))]
   total = stage.peft_info.get("total_params", stage.strategy.counts(0)["params"])
   peak = {key: max(p[key] for p in phases) for key in phases[0]}
@@ -66,14 +68,17 @@ def plan_stage(cfg: ConfigDict, lineage: tuple[bool, ...] = (True,)) -> dict[str
   }
 
 
-def _planned_anchors(stage: Any, cfg: ConfigDict, lineage: tuple[bool, ...]) -> Any:
+def _planned_anchors(stage: Any, cfg: ConfigDict, lineage: tuple[bool, ...], continues_adapters: bool) -> Any:
   """The regularizers' anchors as shapes, for the earlier tasks and checkpoints of `lineage`, assumed to have this
   stage's parameter shapes (their weights and Fisher information): plan runs before their checkpoints need exist.
   The anchors' bytes and the penalty's work are then those of the run, or an upper bound where an older task's head
   has another shape (its head is then not anchored). What the run would refuse (EWC after a Hugging Face
   checkpoint, a regularizer with nothing before it) raises the run's error."""
+  from finetune import adapters  # pylint: disable=g-import-not-at-top
   from finetune.train import check_anchored_parameters_train, reinitialised_paths  # pylint: disable=g-import-not-at-top
   state = stage.abstract_state(0)
+  # As the lineage folds: a continued run's adapters stay its own unless the penalty folds the stage's (effective).
+  folds = adapters.effective_weights(stage.abstract_model, cfg.peft) is not None
 
   def anchors(params: Any, model_state: Any) -> dict[str, Any]:
     flat, flat_state = flatten(stage.layout.view(params)), flatten(stage.layout.view(model_state))
@@ -81,7 +86,7 @@ def _planned_anchors(stage: Any, cfg: ConfigDict, lineage: tuple[bool, ...]) -> 
                                    cfg if task else None, flat, flat_state) for i, task in enumerate(lineage)]
     context = regularizers.Context(
         cfg=cfg, shapes={p: tuple(v.shape) for p, v in flat.items()},
-        reinitialised=reinitialised_paths(stage, cfg, flat),
+        reinitialised=reinitialised_paths(stage, cfg, flat, flat if continues_adapters and not folds else ()),
         sources=sources, fisher=lambda source: source.params, start=flat, start_state=flat_state,
         peft_added=frozenset(p for p in flat if p not in stage.base_paths))
     check_anchored_parameters_train(stage, context)
@@ -111,7 +116,16 @@ def _plan_phase(stage: Any, phase: int) -> dict[str, Any]:
 def plan(config: ConfigDict) -> dict[str, dict[str, Any]]:
   """{stage: plan} for every stage of a loaded config."""
   stages = dict(config_lib.stage_configs(config))
-  return {name: plan_stage(stage_cfg, _lineage(stage_cfg, stages)) for name, stage_cfg in stages.items()}
+  return {name: plan_stage(stage_cfg, _lineage(stage_cfg, stages), _continues_adapters(stage_cfg, stages))
+          for name, stage_cfg in stages.items()}
+
+
+def _continues_adapters(cfg: ConfigDict, stages: dict[str, ConfigDict]) -> bool:
+  """Whether the stage starts from a stage of this config with its own PEFT settings (it loads its adapters)."""
+  from finetune import adapters  # pylint: disable=g-import-not-at-top
+  if not cfg.peft.method or not cfg.init_from.startswith("stage:"):
+    return False
+  return adapters.same_adapters(stages[cfg.init_from[len("stage:"):]].peft, cfg.peft)
 
 
 def _lineage(cfg: ConfigDict, stages: dict[str, ConfigDict]) -> tuple[bool, ...]:

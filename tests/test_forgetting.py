@@ -631,3 +631,21 @@ def test_the_weights_lora_layers_compute_with_equal_the_merged_model_s(dora):
   assert set(effective) == set(merged)
   for path in merged:
     np.testing.assert_allclose(effective[path], merged[path], rtol=2e-5, atol=1e-6, err_msg=path)
+
+
+def test_continuing_an_ia3_or_bottleneck_run_anchors_its_own_parameters(tmp_path):
+  """Methods without `effective` are compared unfolded, so their sources are not folded: (ia3) a continued IA3 run
+  started 5.4 away from its anchor (the source folded to W diag(l), the stage's W compared as it is); (bottleneck)
+  `plan` counted a continued run's adapters as new and refused what `train` regularizes."""
+  from finetune import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  ia3 = {"method": "ia3", "targets": ("query", "value"), "modules_to_save": ("^head/",), "bias": "all"}
+  bottleneck = {"method": "bottleneck", "targets": ("mlp_out",), "bottleneck_size": 4, "modules_to_save": ("^head/",)}
+  for name, peft in (("ia3", ia3), ("bottleneck", bottleneck)):
+    config = tiny_config(model=VIT, stages={
+        "a": {"peft": peft, "train": {"steps": 2}},
+        "chain": {"init_from": "stage:a", "peft": peft, "regularize": {"l2sp": {"alpha": 1.0}}}},
+        train={"steps": 2, "log_every": 1, "checkpoint_every": 0}, optimizer={"learning_rate": 3e-2, "warmup_steps": 0})
+    assert plan_lib.plan(config)["chain"]["regularizers"] == ["l2sp"]
+    train_lib.train_and_evaluate(config, str(tmp_path / name))
+    logged = [json.loads(line) for line in open(tmp_path / name / "chain" / "metrics.jsonl") if '"train"' in line]
+    assert logged[0]["l2sp/distance"] == 0 < logged[1]["l2sp/distance"], (name, logged)

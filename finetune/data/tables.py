@@ -103,6 +103,11 @@ def class_names_and_labels(raw: dict[str, np.ndarray], names: dict[str, Sequence
     if missing.any():
       raise FinetuneError(f"row {int(np.argmax(missing))} of {where[split]} has no label ({int(missing.sum())} "
                           "such rows); drop those rows or label them")
+  if names.get("train") is None and "train" in raw and raw["train"].dtype.kind in "OUS":
+    # Train's labels are class names: a split with a ClassLabel gives its names too (its integers, read as names
+    # "0", "1", ..., became classes of their own).
+    raw = {split: np.array([names[split][int(v)] for v in values], object) if names.get(split) and
+           values.dtype.kind in "iu" else values for split, values in raw.items()}
   raw = {split: _renumbered(values, names.get(split), names.get("train"), where[split])
          for split, values in raw.items()}
   names = names.get("train")

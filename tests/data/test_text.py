@@ -143,6 +143,12 @@ def test_each_split_s_class_label_numbers_its_own_classes(tmp_path):
   np.testing.assert_array_equal(dataset.splits["test"].labels(), [0, 2, 2])
   with pytest.raises(FinetuneError, match=r"odd.parquet has classes the train split does not have \('meh'; train "):
     text_classification(str(tmp_path), train_file="train.parquet", test_file="odd.parquet", tokenizer=_minilm_dir())
+  # Train's labels plain strings, test's a ClassLabel: matched by name (test's integers became classes "0", "1").
+  (tmp_path / "train.csv").write_text("text,label\na,neg\nb,neu\nc,pos\n")
+  dataset = text_classification(str(tmp_path), train_file="train.csv", test_file="test.parquet",
+                                tokenizer=_minilm_dir())
+  assert dataset.class_names == ("neg", "neu", "pos")
+  np.testing.assert_array_equal(dataset.splits["test"].labels(), [0, 2, 2])
 
 
 @pytest.mark.parametrize("options, message", [
