@@ -601,8 +601,10 @@ class OpenStage:
   extraction_seconds: float | None
 
   def close(self) -> None:
-    self.checkpoints.close()
-    self.log.close()
+    try:
+      self.checkpoints.close()
+    finally:  # (a second Ctrl-C while the checkpoint closes must not leave the metrics log unflushed)
+      self.log.close()
 
 
 def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") -> dict[str, Any]:

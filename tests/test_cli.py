@@ -310,3 +310,19 @@ def test_an_interrupt_a_library_swallowed_still_ends_the_run(tiny_file, tmp_path
                                      "checkpoint\n")
   assert len(calls) == 3 and not (tmp_path / "run" / "summary.json").exists()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+
+
+def test_a_stage_closes_its_log_even_when_an_interrupt_cuts_its_checkpoint_close_short():
+  """(A second Ctrl-C, re-raised when orbax's finalisation ended, skipped the log's close: wandb never finished.)"""
+  import types  # pylint: disable=g-import-not-at-top
+  from finetune import train  # pylint: disable=g-import-not-at-top
+  closed = []
+
+  def interrupted_close():
+    raise KeyboardInterrupt
+
+  opened = types.SimpleNamespace(checkpoints=types.SimpleNamespace(close=interrupted_close),
+                                 log=types.SimpleNamespace(close=lambda: closed.append("log")))
+  with pytest.raises(KeyboardInterrupt):
+    train.OpenStage.close(opened)
+  assert closed == ["log"]
