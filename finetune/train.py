@@ -424,11 +424,11 @@ def source_fisher(cfg: ConfigDict, source: regularizers.Source) -> dict[str, np.
                         f"classifier's outputs; {source.name} is a {source.cfg.task!r} stage. Drop the regularizer "
                         "or use l2sp with fisher=False, which needs no Fisher")
   source_cfg = on_this_stage_s_devices(source.cfg, cfg)
+  if source.folded:
+    # A PEFT source whose adapters the lineage folded into its base: its function is the plain model's with those
+    # weights, and dL/dW of the folded kernel is dL/dW_eff.
+    source_cfg = config_lib.with_values(source_cfg, peft=config_lib.defaults().peft)
   source_stage = build_stage(source_cfg)
-  if set(flatten(source_stage.view_params)) - set(source.params):
-    # A PEFT source whose adapters the lineage folded into its base (whenever its method can be): its function is
-    # the plain model's with those weights, and dL/dW of the folded kernel is dL/dW_eff.
-    source_stage = build_stage(config_lib.with_values(source_cfg, peft=config_lib.defaults().peft))
   pipeline = dataclasses.replace(source_stage.pipeline, eval_batch_size=ewc.batch_size, process_count=1,
                                  process_index=0)
   train = pipeline.train
@@ -987,6 +987,8 @@ def evaluate(eval_fn, weights: dict[str, Any], pipeline: InputPipeline, split: s
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     pending.append(totals)
     pace(pending)
+    if len(pending) > MAX_STEPS_IN_FLIGHT:
+      pending.pop(0)  # (waited on: only the last few are needed)
   totals = jax.device_get(totals)
   seconds = time.perf_counter() - start
   count, examples = max(float(totals["count"]), 1.0), float(totals["examples"])

@@ -49,6 +49,7 @@ class Source:
   # dont_load patterns of the stages between this source and the current one: what they re-initialised (a new
   # head, say) is no longer this task's, even where the current stage loads it from its own source.
   reinitialised_after: tuple[str, ...] = ()
+  folded: bool = False  # its PEFT adapters were folded in: `params` are the plain model's
 
   def carried(self, path: str) -> bool:
     """Whether `path` still holds this task's weights in the stage's source (no later stage re-initialised it)."""
@@ -152,8 +153,8 @@ def lineage(cfg: ConfigDict, workdir: str, hf_weights: bool = True) -> list[Sour
     else:
       # The weights the source's layers computed with: a PEFT source's adapters folded in (whenever its method can
       # be), as the stage's own are in the penalty (`make_penalty`'s `effective`).
-      arrays = adapters.fold_source_adapters(step_dir, read_checkpoint_arrays(step_dir), cfg.peft,
-                                             whenever_possible=True)
+      stored = read_checkpoint_arrays(step_dir)
+      arrays = adapters.fold_source_adapters(step_dir, stored, cfg.peft, whenever_possible=True)
       run_dir = os.path.dirname(os.path.dirname(step_dir))  # <run>/checkpoints/<step>
       config_path = os.path.join(run_dir, "config.json")
       source_cfg = ConfigDict(read_json(config_path)) if os.path.isfile(config_path) else None
@@ -163,7 +164,7 @@ def lineage(cfg: ConfigDict, workdir: str, hf_weights: bool = True) -> list[Sour
       reinitialised_after += tuple(current.get("dont_load", ()))
     name = spec[len("stage:"):] if spec.startswith("stage:") else spec
     sources.append(Source(name, run_dir, source_cfg, dict(arrays["params"]), dict(arrays.get("model_state", {})),
-                          step, reinitialised_after))
+                          step, reinitialised_after, folded=source_cfg is not None and arrays is not stored))
     current = source_cfg
   return sources
 
