@@ -82,8 +82,10 @@ def _start_wandb(cfg: ConfigDict, run_dir: str, run_name: str, config: dict | No
   if mode == "online" and not (os.environ.get("WANDB_API_KEY") or os.path.exists(os.path.expanduser("~/.netrc"))):
     print("finetune: wandb has no API key; logging offline (sync later with `wandb sync`)", file=sys.stderr)
     mode = "offline"
+  # create_new: points trained together (vmap.py) hold one run each at once, logged through the returned objects;
+  # each stage finishes its own run (MetricsLog.close), so none is left open.
   return wandb.init(project=cfg.project, entity=cfg.entity or None, name=cfg.name or run_name,
-                    tags=list(cfg.tags), mode=mode, dir=run_dir, config=config, reinit="finish_previous")
+                    tags=list(cfg.tags), mode=mode, dir=run_dir, config=config, reinit="create_new")
 
 
 class Progress:

@@ -76,6 +76,10 @@ def incompatibility(a: ConfigDict, b: ConfigDict) -> str:
         return f"{where}cached features are not supported together"
       if cfg.optimizer.learning_rate <= 0:
         return f"{where}optimizer.learning_rate must be > 0 to scale it per point"
+      if cfg.optimizer.lr_range and cfg_a.optimizer.learning_rate != cfg_b.optimizer.learning_rate:
+        # (the range sets every group's rate, so lr_scale = lr_k / lr_0 would not be the points' ratio)
+        return (f"{where}optimizer.learning_rate differs, but optimizer.lr_range sets every group's rate itself "
+                "(learning_rate is unused)")
     for key in sorted(set(flat_a) | set(flat_b)):
       if key not in POINT_KEYS and not key.startswith(_IGNORED) and flat_a.get(key) != flat_b.get(key):
         return f"{where}{key} differs ({flat_a.get(key)!r} vs {flat_b.get(key)!r})"
@@ -125,7 +129,11 @@ def train_points(configs: Sequence[ConfigDict], workdirs: Sequence[str]) -> list
     try:
       for k in live:
         _, stage_cfg, run_dir = layouts[k][stage_index]
-        result = train_lib.open_stage(stage_cfg, run_dir, workdirs[k], name)
+        try:
+          result = train_lib.open_stage(stage_cfg, run_dir, workdirs[k], name)
+        except FinetuneError as e:  # (an unreadable checkpoint of one point): the others go on
+          failed[k] = str(e)
+          continue
         if isinstance(result, dict):
           summaries[k][name] = result
         else:
@@ -149,8 +157,11 @@ def train_points(configs: Sequence[ConfigDict], workdirs: Sequence[str]) -> list
         for k, outcome, error in zip(members, outcomes, errors):
           if error:
             failed[k] = error
-          else:
+            continue
+          try:  # (a non-finite final evaluation fails this point only, as alone)
             summaries[k][name] = train_lib.finish_stage(opened[k], *outcome)
+          except FinetuneError as e:
+            failed[k] = str(e)
     finally:
       for stage_run in opened.values():
         stage_run.close()
@@ -288,7 +299,9 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
         progress.update(len(host), {"loss": float(np.mean([a["loss"] for _, _, a in unfinished] or [np.nan])),
                                     "points": len(unfinished)})
         pending = []
-      # As train_loop: evaluations before the checkpoint of the same step, so a resume replays them.
+        interval_start = time.perf_counter()
+      # As train_loop: evaluations before the checkpoint of the same step, so a resume replays them, and a
+      # non-finite one fails its point before its diverged weights are saved.
       eval_every = reference.cfg.train.eval_every
       if eval_every and done % eval_every == 0 and done != total:
         unstack(together, active)
@@ -296,22 +309,30 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
           if errors[k]:  # diverged at this step: it stops below
             continue
           stage = runs[k].stage
-          for split in stage.pipeline.eval_splits:
-            runs[k].log.write(done, split, train_lib.evaluate(stage.eval_step(), train_lib.weights_of(states[k]),
-                                                              stage.pipeline, split, stage.mesh))
-      if log_now and (len(unfinished) != len(active) or save_now or done == total):
+          results = {split: train_lib.evaluate(stage.eval_step(), train_lib.weights_of(states[k]), stage.pipeline,
+                                               split, stage.mesh)
+                     for split in stage.pipeline.eval_splits}
+          for split, metrics in results.items():
+            runs[k].log.write(done, split, metrics)
+          try:
+            train_lib.check_finite_evaluation(results, done)
+          except FinetuneError as e:
+            errors[k] = str(e)
+        interval_start = time.perf_counter()
+      survivors = [k for k in active if not errors[k]]
+      if len(survivors) != len(active) or save_now or done == total:
         unstack(together, active)
-        for _, k, _ in unfinished:
+        for k in survivors:
           if done == total or (runs[k].cfg.train.checkpoint_every and
                                done % runs[k].cfg.train.checkpoint_every == 0):
             runs[k].checkpoints.save(done, states[k].as_dict())
-        if len(unfinished) != len(active):  # a point failed: the others go on without it
-          active = [k for _, k, _ in unfinished]
+        if len(survivors) != len(active):  # a point failed: the others go on without it
+          active = survivors
           if not active:
             break
           together, program = stack(active), step_program(phase, len(active))
           scales = jax.device_put(scales_all[active], replicated(mesh))
-      interval_start = time.perf_counter()
+          interval_start = time.perf_counter()  # (the recompilation is not training time)
     unstack(together, active)
   finally:
     progress.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import types
 
 import jax
 import numpy as np
@@ -197,6 +199,10 @@ def test_incompatible_points_are_refused_with_the_differing_key(tmp_path):
   assert "train.checkpoint_every differs" in vmap.incompatibility(
       base, with_values(base, train={"checkpoint_every": base.train.checkpoint_every + 1}))
   assert vmap.incompatibility(base, with_values(base, train={"keep_checkpoints": 5}, seed=3)) == ""
+  # An absolute lr_range sets every group's rate: a per-point learning_rate would be unused, not scaled.
+  ranged = with_values(base, optimizer={"lr_range": (1e-4, 1e-3)})
+  assert "optimizer.lr_range" in vmap.incompatibility(ranged, with_values(ranged, optimizer={"learning_rate": 0.5}))
+  assert vmap.incompatibility(ranged, with_values(ranged, seed=2)) == ""
 
 
 def test_a_point_whose_loss_diverges_stops_alone(tmp_path):
@@ -209,6 +215,68 @@ def test_a_point_whose_loss_diverges_stops_alone(tmp_path):
     vmap.train_points(configs, dirs)
   assert os.path.isfile(os.path.join(dirs[0], "summary.json"))
   assert not os.path.exists(os.path.join(dirs[1], "summary.json"))
+
+
+def test_a_point_whose_evaluation_is_not_finite_stops_alone_before_saving_it(tmp_path):
+  """lr 1e30 without clipping: step 1's training loss is finite, the evaluation after its update is not. As alone,
+  the point stops at that evaluation (mid-run with eval_every, or the final one) and its diverged weights are not
+  checkpointed; the other point finishes."""
+  base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)},
+                     optimizer={"grad_clip_norm": 0.0, "warmup_steps": 0, "schedule": "constant"},
+                     train={"steps": 4, "log_every": 2, "checkpoint_every": 1, "eval_every": 1})
+  for name, cfg in (("mid_run", base), ("final", with_values(base, train={"steps": 1, "eval_every": 0}))):
+    dirs = [str(tmp_path / name / "diverges"), str(tmp_path / name / "ok")]
+    with pytest.raises(FinetuneError, match="diverges: validation loss is nan at step 1.*the other 1 points finished"):
+      vmap.train_points([with_values(cfg, optimizer={"learning_rate": 1e30}), with_values(cfg, seed=1)], dirs)
+    assert os.path.isfile(os.path.join(dirs[1], "summary.json"))
+    assert not os.path.exists(os.path.join(dirs[0], "summary.json"))
+    if name == "mid_run":
+      assert not os.listdir(os.path.join(dirs[0], "checkpoints"))
+
+
+def test_a_point_that_cannot_open_its_stage_fails_alone(tmp_path):
+  base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)}, train={"steps": 4})
+  dirs = [str(tmp_path / "broken"), str(tmp_path / "ok")]
+  os.makedirs(os.path.join(dirs[0], "checkpoints", "2", "state"))  # an empty, unreadable checkpoint to resume from
+  with pytest.raises(FinetuneError, match="broken: cannot restore checkpoint.*the other 1 points finished"):
+    vmap.train_points([base, with_values(base, seed=1)], dirs)
+  assert os.path.isfile(os.path.join(dirs[1], "summary.json"))
+
+
+def test_points_together_time_every_step_of_an_interval(tmp_path, monkeypatch):
+  """Throughput counts all steps of each logging interval over all of its time (a clock that advances one second
+  per step: 8 steps take 8 s, whatever the logging cadence)."""
+  clock = [0.0]
+
+  def pace_and_tick(pending):
+    clock[0] += 1.0
+    return real_pace(pending)
+
+  real_pace = train_lib.pace
+  monkeypatch.setattr(train_lib, "pace", pace_and_tick)
+  monkeypatch.setattr(vmap, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))  # vmap's clock only
+  base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)},
+                     train={"steps": 8, "log_every": 4, "checkpoint_every": 0})
+  dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
+  summaries = vmap.train_points([base, with_values(base, seed=1)], dirs)
+  for summary in summaries:
+    assert summary["train"]["train_examples_per_s"] == pytest.approx(base.data.batch_size)  # 1 step per second
+  with open(os.path.join(dirs[0], "metrics.jsonl")) as f:
+    rates = [r["examples_per_s"] for r in map(json.loads, f) if r["split"] == "train"]
+  assert rates == pytest.approx([base.data.batch_size] * 2)
+
+
+def test_points_together_each_log_to_their_own_wandb_run(tmp_path, monkeypatch):
+  """Each point holds its wandb run while the group trains (opening one must not finish another's)."""
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)}, wandb={"mode": "offline"},
+                     train={"steps": 4, "log_every": 2})
+  dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
+  vmap.train_points([base, with_values(base, seed=1)], dirs)
+  for run_dir in dirs:
+    assert os.path.isfile(os.path.join(run_dir, "summary.json"))
+    runs = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "*.wandb"))
+    assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
 
 
 def test_a_point_training_alone_that_diverges_stops_alone(tmp_path, monkeypatch):
