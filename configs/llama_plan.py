@@ -2,7 +2,7 @@
 step before anything is allocated), full fine-tuning or LoRA.
 
     finetune plan --config configs/llama_plan.py:size=1b,peft=lora --devices 8 --mesh fsdp=8
-    finetune plan --config configs/llama_plan.py:size=7b --devices 8 --mesh data=2,fsdp=4
+    finetune plan --config configs/llama_plan.py:size=7b --devices 8 --mesh fsdp=8
 
 Expected result (2026-12-03, 2 CPU cores standing in for 8 devices; per device, float32, batch 8 x 512 tokens):
     size=1b,peft=lora: 1,112,664,064 params, 12,615,680 trainable (1.13%); params 0.543 GiB, optimizer state

@@ -3,6 +3,8 @@ cannot rot."""
 
 from __future__ import annotations
 
+import re
+
 import nbclient  # the `test` extra installs nbclient, nbformat and ipykernel: a missing one is an error, not a skip
 import nbformat
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from conftest import REPO
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+FIGURE_CALL = re.compile(r"\bplt\.subplots?\(|\bplot\.(tradeoff|figure\d|plot)\(")
 
 
 def test_every_reproduction_has_its_notebook():
@@ -26,7 +29,13 @@ def test_notebook_executes(path):
   client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                    resources={"metadata": {"path": str(path.parent)}})
   client.execute()  # raises CellExecutionError, naming the cell, on any error
-  outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
-  assert not [o for o in outputs if o.get("output_type") == "error"]
-  assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs), \
-      f"{path.name} drew no figure"
+  code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+  assert not [o for cell in code_cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+  # Every cell that draws (a plot module's figure function or pyplot) shows its own figure: one figure that
+  # stopped rendering must not hide behind another cell's.
+  drawing_cells = [index for index, cell in enumerate(code_cells) if FIGURE_CALL.search(cell.source)]
+  assert drawing_cells, f"{path.name} draws no figure"
+  for index in drawing_cells:
+    images = [o for o in code_cells[index].get("outputs", [])
+              if o.get("output_type") in ("display_data", "execute_result") and "image/png" in o.get("data", {})]
+    assert len(images) == 1, f"{path.name}: code cell {index} drew {len(images)} figures, expected 1"
