@@ -31,13 +31,14 @@ class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` for one run directory's train state."""
 
   def __init__(self, directory: str, keep: int | None, async_save: bool = True):
-    """`keep`: how many of the latest steps orbax keeps (None: all of them)."""
+    """`keep`: how many of the latest steps to keep (None: all of them). While a run trains, orbax keeps at least
+    two: the newest checkpoint's weights are checked only by the next step's loss, so with `keep=1` a divergence
+    right after a save would leave nothing good. `prune` drops the extra one once the stage's end checked it."""
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    options = ocp.CheckpointManagerOptions(max_to_keep=None if keep is None else max(keep, 2), create=True,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM,))
     self.keep = keep
-    self._written = set(self._manager.all_steps())  # found or saved here: tells "never written" from "removed"
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -45,16 +46,11 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def removed_steps(self) -> list[int]:
-    """Steps this Checkpointer saw or wrote that orbax has since removed to keep the latest `keep`."""
-    return sorted(self._written - set(self._manager.all_steps()))
-
   # Writing, deleting and finalising hold Ctrl-C / SIGTERM back until orbax is done (finetune/interrupts.py).
 
   def save(self, step: int, state: dict[str, Any]) -> None:
     with interrupts.deferred():
       self._manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state)}), force=True)
-    self._written.add(step)
 
   def restore(self, step: int, abstract_state: dict[str, Any]) -> dict[str, Any]:
     """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with `.sharding`)."""
@@ -71,7 +67,13 @@ class Checkpointer:
   def delete(self, step: int) -> None:
     with interrupts.deferred():
       self._manager.delete(step)
-    self._written.discard(step)
+
+  def prune(self) -> None:
+    """Down to the latest `keep` steps, once the newest is known good (the stage's final evaluation was finite)."""
+    self.wait()
+    if self.keep is not None:
+      for step in self.all_steps()[:-self.keep]:
+        self.delete(step)
 
   def wait(self) -> None:
     with interrupts.deferred():

@@ -697,7 +697,7 @@ def finish_stage(opened: OpenStage, state: TrainState, train_seconds: float, tra
     features = pipeline if cfg.features.cache else feature_cache.cached_pipeline(
         stage.graphdef, weights_of(state), pipeline, stage.mesh, run_dir, cfg.features.max_memory_mb)
     closed_form = feature_cache.closed_form_probes(tuple(cfg.features.closed_form), features, cfg.features.l2)
-  checkpoints.wait()
+  checkpoints.prune()  # (after the final evaluation checked the newest checkpoint)
   if adapters.enabled(cfg.peft) and jax.process_index() == 0:
     unrolled = flatten(stage.layout.view(state.params))
     trained = sorted(stage.strategy.trainable(stage.strategy.phase_index(stage.total_steps - 1)) |
@@ -953,12 +953,8 @@ def check_finite(host_metrics: list[dict[str, Any]], step: int, checkpoints: Che
       checkpoints.wait()  # a save already in flight holds a good state: let it finish
       # The loss of step s is computed on the weights after s - 1 updates: checkpoint s - 1 made this loss.
       good = [s for s in checkpoints.all_steps() if s < bad_step - 1]
-      removed = [s for s in checkpoints.removed_steps() if s < bad_step - 1]
       if good:
         where = f"the last good checkpoint (step {good[-1]}) in {checkpoints.directory} is intact"
-      elif removed:
-        where = (f"no good checkpoint is left: config.train.keep_checkpoints={checkpoints.keep} removed step "
-                 f"{removed[-1]}")
       else:
         where = "no good checkpoint had been written yet"
       if bad_step - 1 in checkpoints.all_steps():

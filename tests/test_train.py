@@ -168,9 +168,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     train_lib.train_and_evaluate(checkpoint_before, str(tmp_path / "7"))
 
 
-def test_non_finite_loss_says_when_keep_checkpoints_removed_the_good_ones(tmp_path, monkeypatch):
-  """(With keep_checkpoints=1 the message said no good checkpoint had been written yet, when one had been and was
-  then removed to keep the latest.)"""
+def test_keep_checkpoints_1_keeps_the_good_checkpoint_until_the_next_one_is_checked(tmp_path, monkeypatch):
+  """(With keep_checkpoints=1, saving step 6 removed step 3, and the loss of step 7, the first to see step 6's
+  weights, was NaN: no good checkpoint was left.) The newest checkpoint counts only once it is checked: during
+  training one more is kept, and a finished stage keeps `keep_checkpoints`."""
   original = train_lib.InputPipeline.train_batch
 
   def poisoned(self, step):
@@ -181,11 +182,13 @@ def test_non_finite_loss_says_when_keep_checkpoints_removed_the_good_ones(tmp_pa
 
   monkeypatch.setattr(train_lib.InputPipeline, "train_batch", poisoned)
   config = tiny_config(train={"steps": 12, "log_every": 1, "checkpoint_every": 3, "keep_checkpoints": 1})
-  with pytest.raises(FinetuneError, match=r"loss is nan at step 7; training stopped and no good checkpoint is left: "
-                                          r"config.train.keep_checkpoints=1 removed step 3 \(step 6 holds the "
-                                          r"weights that gave this loss\)"):
-    train_lib.train_and_evaluate(config, str(tmp_path))
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["6"]
+  with pytest.raises(FinetuneError, match=r"loss is nan at step 7; training stopped and the last good checkpoint "
+                                          r"\(step 3\) .* is intact \(step 6 holds the weights that gave this loss\)"):
+    train_lib.train_and_evaluate(config, str(tmp_path / "diverged"))
+  assert sorted(os.listdir(tmp_path / "diverged" / "checkpoints")) == ["3", "6"]
+  monkeypatch.setattr(train_lib.InputPipeline, "train_batch", original)
+  train_lib.train_and_evaluate(config, str(tmp_path / "finished"))
+  assert sorted(os.listdir(tmp_path / "finished" / "checkpoints")) == ["12"]
 
 
 def test_weights_that_diverge_in_the_last_update_do_not_finish_the_stage(tmp_path):
