@@ -152,6 +152,13 @@ def resolve_checkpoint(source: str, workdir: str) -> str:
   for candidate in (os.path.join(path, "checkpoints"), path):
     steps = _step_dirs(candidate)
     if steps:
+      # A run's latest checkpoint is its result only once it finished: an unfinished run's may be mid-training or
+      # the weights that diverged (as `finetune export` refuses it). A step folder named outright is taken as is.
+      run_dir = path if candidate != path else os.path.dirname(path)
+      if not os.path.isfile(os.path.join(run_dir, "summary.json")):
+        raise FinetuneError(f"init_from {source!r}: that run has not finished (no summary.json in {run_dir}); "
+                            f"finish it with `finetune train` on its --workdir, or name one of its step folders "
+                            f"({os.path.join(candidate, str(steps[-1]))}) to start from that checkpoint")
       return os.path.join(candidate, str(steps[-1]))
   stages = [d for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d, "checkpoints"))] \
       if os.path.isdir(path) else []
