@@ -234,6 +234,12 @@ def load_into(tree: Any, loaded: dict[str, np.ndarray], dont_load: Sequence[str]
       fresh_paths.append(path)
       return leaf
     if path not in loaded:
+      parts = path.split("/")
+      stacked = "/".join(parts[:1] + parts[2:]) if len(parts) > 2 and parts[1].isdigit() else ""
+      if stacked in loaded:  # e.g. 'blocks/attention/...' for 'blocks/0/attention/...'
+        raise FinetuneError(f"checkpoint {source} holds scanned (stacked) layers, such as {stacked!r}, but no "
+                            f"{scan.LAYOUT_FILE} beside it says how to unroll them; copy the {scan.LAYOUT_FILE} of "
+                            "the run's checkpoints/ folder next to that step folder")
       raise FinetuneError(f"{what} {path!r} is not in checkpoint {source}; add a regex matching it to "
                           "config.dont_load to initialise it fresh")
     value = loaded[path]

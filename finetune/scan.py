@@ -178,10 +178,16 @@ class Layout:
     return self.view(shapes, lambda leaf, _: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype))
 
   def write(self, directory: str) -> None:
-    """Records the stacks next to a run's checkpoints (read back by `unroll_checkpoint`)."""
-    if self.stacks and jax.process_index() == 0:
+    """Records the stacks next to a run's checkpoints (read back by `unroll_checkpoint`). Unscanned, removes the
+    file an earlier scanned attempt left before writing any checkpoint (it would unroll this run's arrays)."""
+    if jax.process_index() != 0:
+      return
+    path = os.path.join(directory, LAYOUT_FILE)
+    if self.stacks:
       os.makedirs(directory, exist_ok=True)
-      files.write_text(os.path.join(directory, LAYOUT_FILE), json.dumps({"stacks": [list(s) for s in self.stacks]}))
+      files.write_text(path, json.dumps({"stacks": [list(s) for s in self.stacks]}))
+    elif os.path.isfile(path) and not any(name.isdigit() for name in os.listdir(directory)):
+      os.remove(path)
 
 
 def unroll_checkpoint(arrays: dict[str, dict[str, np.ndarray]], checkpoints_dir: str) -> dict[str, dict[str, Any]]:

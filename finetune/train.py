@@ -749,6 +749,8 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
   train_fn = None
   interval_start, train_seconds, train_steps = time.perf_counter(), 0.0, 0
   stopping = _EarlyStopping(cfg.train.early_stopping, os.path.join(run_dir, "best"), start)
+  if stopping.enabled:
+    stage.layout.write(stopping.directory)  # best/<step> folders are init_from sources too
   try:
     for step in range(start, total):
       step_phase = stage.strategy.phase_index(step)
