@@ -54,11 +54,11 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: dict[str, Any]) -> dict[str, Any]:
     """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with `.sharding`)."""
+    _silence_abandoned_reads()
     try:
       restored = self._manager.restore(
           step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
     except Exception as e:  # orbax/tensorstore raise many types for damaged or mismatched checkpoints
-      _silence_abandoned_reads()
       raise FinetuneError(f"cannot restore checkpoint {self.directory}/{step}: {type(e).__name__}: {_short(e)}; the "
                           "config may have changed since it was written, or the checkpoint is damaged: use a new "
                           "--workdir, or delete that step folder to resume from the one before") from None
@@ -100,8 +100,9 @@ def _silence_abandoned_reads() -> None:
   """Keeps a damaged checkpoint's error to its one line. When one of several concurrent tensorstore reads fails,
   orbax's `asyncio.gather` raises at once and orbax closes its per-call event loop (orbax 0.12,
   asyncio_utils._run_sync_via_new_loop) while the other reads are still in flight; each of them then reports
-  'Event loop is closed' through sys.unraisablehook as it finishes, a traceback per array. Installed only on the
-  failure path; every other unraisable exception still goes to the previous hook."""
+  'Event loop is closed' through sys.unraisablehook as it finishes, a traceback per array. Installed before the
+  first read, since such a read may finish before orbax's error reaches us (printed ahead of our one line: seen
+  under load); every other unraisable exception still goes to the previous hook."""
   previous = sys.unraisablehook
   if getattr(previous, "_finetune_filter", False):
     return
@@ -178,6 +179,7 @@ def read_checkpoint_arrays(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
                         "its checkpoints/ folder or one of its step folders")
   # orbax warns that the item folder has no _CHECKPOINT_METADATA: the CheckpointManager keeps that file one level
   # up, in the step folder. Harmless, and it would print on every init_from, so it is silenced here only.
+  _silence_abandoned_reads()
   absl_logger = logging.getLogger("absl")
   previous_level = absl_logger.level
   absl_logger.setLevel(logging.ERROR)
@@ -186,7 +188,6 @@ def read_checkpoint_arrays(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
       metadata = checkpointer.metadata(item)
       metadata = getattr(metadata, "item_metadata", metadata)
       if metadata is None:  # orbax's answer when the folder's index files are gone
-        _silence_abandoned_reads()
         raise FinetuneError(f"cannot read checkpoint {step_dir}: it is damaged or incomplete (orbax finds no "
                             "metadata); use another step folder, or re-run the stage that wrote it")
       tree = metadata.tree
@@ -197,7 +198,6 @@ def read_checkpoint_arrays(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
   except FinetuneError:
     raise
   except Exception as e:  # orbax raises many types for unreadable folders; the user needs one line.
-    _silence_abandoned_reads()
     raise FinetuneError(f"cannot read checkpoint {step_dir}: {type(e).__name__}: {_short(e)}; check the path, or "
                         "use another step folder if this one is damaged") from None
   finally:

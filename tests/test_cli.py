@@ -246,6 +246,28 @@ def test_a_signal_delivered_twice_interrupts_once_and_a_later_one_again(monkeypa
   interrupts.raise_if_requested()  # cleared when the command ends
 
 
+def test_the_filter_of_abandoned_checkpoint_reads_outlives_the_command(monkeypatch):
+  """(The CLI's interrupt hook was put back when a command ended, dropping checkpoint.py's filter installed inside
+  it: the tensorstore reads orbax abandons on a damaged checkpoint, finishing later, printed a traceback each.)"""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  from finetune import checkpoint, interrupts  # pylint: disable=g-import-not-at-top
+  printed = []  # what Python's own hook would print
+  monkeypatch.setattr(sys, "unraisablehook", printed.append)
+  loop = asyncio.new_event_loop()
+  loop.close()
+  try:
+    loop.call_soon_threadsafe(print)
+  except RuntimeError as e:  # what a late tensorstore read raises
+    abandoned = types.SimpleNamespace(exc_value=e, exc_traceback=e.__traceback__)
+  with interrupts.termination_as_interrupt():
+    checkpoint._silence_abandoned_reads()  # pylint: disable=protected-access
+  other = types.SimpleNamespace(exc_value=RuntimeError("something else"), exc_traceback=None)
+  sys.unraisablehook(abandoned)
+  sys.unraisablehook(other)
+  assert printed == [other]
+
+
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
 def test_interrupted_or_preempted_training_prints_one_line_and_resumes(signal_name, tmp_path):
   """Ctrl-C or a scheduler's SIGTERM while checkpoints are written every step: exit 130, one line (before, orbax's
