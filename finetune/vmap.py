@@ -17,9 +17,9 @@ Everything else (model, data, strategy, steps, schedule shape, which regularizer
 `incompatibility` says which key differs. Each point keeps its own run directories, exactly as `finetune train`
 writes them (config.json, metrics.jsonl, checkpoints, summary.json): only the loop between `train.open_stage` and
 `train.finish_stage` is shared, so a point trained together resumes, exports and aggregates like a solo run, and
-its results equal the solo run's up to float rounding (tests/test_vmap.py). A point whose loss turns non-finite
-stops alone; the others go on. Unsupported together (run solo): early stopping (points would stop at different
-steps) and cached features.
+its results equal the solo run's up to float rounding (tests/test_vmap.py). A point whose loss or evaluation turns
+non-finite, or whose stage cannot open (a damaged checkpoint), stops alone; the others go on. Unsupported together
+(run solo): early stopping (points would stop at different steps) and cached features.
 
 Speed (benchmarks/vmap_sweep.py, README "Sweeps"): what one program over K points saves is per-step dispatch, a
 process start and a compile per point, and on an accelerator the idle width of a small model. On XLA:CPU vmap
