@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import jax
 from ml_collections import ConfigDict
 
-from finetune import files
+from finetune import files, interrupts
 from finetune.errors import FinetuneError
 
 
@@ -144,9 +144,21 @@ def staged_directory(out: str) -> Iterator[str]:
   try:
     yield staging
     open(os.path.join(staging, EXPORT_MARKER), "w").close()
-    if os.path.exists(out):
-      shutil.rmtree(out)
-    os.replace(staging, out)
+    # Two renames, then the old copy's deletion: at every moment a complete export exists under `out` or beside
+    # it (deleting the old one first would leave none if the process died before the rename).
+    with interrupts.deferred():
+      previous = None
+      if os.path.exists(out):
+        previous = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-old-", dir=os.path.dirname(out))
+        os.replace(out, previous)  # (onto the empty folder just made: a rename, nothing copied)
+      try:
+        os.replace(staging, out)
+      except BaseException:
+        if previous:
+          os.replace(previous, out)
+        raise
+    if previous:
+      shutil.rmtree(previous, ignore_errors=True)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise

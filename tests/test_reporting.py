@@ -6,9 +6,11 @@ import glob
 import json
 import os
 
+import pytest
+
 from conftest import tiny_config
 from finetune import train as train_lib
-from finetune.reporting import MetricsLog, write_json
+from finetune.reporting import MetricsLog, staged_directory, write_json
 
 
 def test_metrics_log_appends_and_truncates(tmp_path):
@@ -39,3 +41,24 @@ def test_wandb_online_without_key_logs_offline(tmp_path, monkeypatch, capsys):
   assert "logging offline" in capsys.readouterr().err
   runs = glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "*.wandb"))
   assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
+
+
+def test_an_export_replaces_the_previous_one_only_once_it_is_complete(tmp_path, monkeypatch):
+  out = tmp_path / "export"
+  for version in ("1", "2"):
+    with staged_directory(str(out)) as staging:
+      open(os.path.join(staging, "model.txt"), "w").write(version)
+  assert (out / "model.txt").read_text() == "2" and os.listdir(tmp_path) == ["export"]
+  # The move of the new export into place fails: the previous one is back where it was, nothing else is left.
+  real_replace = os.replace
+
+  def failing(source, destination):
+    if os.path.basename(source).startswith(".export-") and "-old-" not in source:
+      raise OSError("disk full")
+    return real_replace(source, destination)
+
+  monkeypatch.setattr(os, "replace", failing)
+  with pytest.raises(OSError, match="disk full"):
+    with staged_directory(str(out)) as staging:
+      open(os.path.join(staging, "model.txt"), "w").write("3")
+  assert (out / "model.txt").read_text() == "2" and os.listdir(tmp_path) == ["export"]
