@@ -128,12 +128,13 @@ def _step_dirs(directory: str) -> list[int]:
   return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
-def resolve_checkpoint(source: str, workdir: str) -> str:
+def resolve_checkpoint(source: str, workdir: str, unfinished: bool = False) -> str:
   """The checkpoint step folder that `init_from=source` names.
 
-  Accepted: 'stage:NAME' (the final checkpoint of an earlier stage of this run), a run directory (with a
-  `checkpoints/` folder), a `checkpoints/` folder (latest step), one step folder (`.../checkpoints/1200`), or a
-  Hugging Face checkpoint directory (config.json + safetensors).
+  Accepted: 'stage:NAME' (the final checkpoint of an earlier stage of this run), a finished run directory (with a
+  `checkpoints/` folder), its `checkpoints/` folder (latest step), one step folder (`.../checkpoints/1200`), or a
+  Hugging Face checkpoint directory (config.json + safetensors). `unfinished`: a run directory's latest step even
+  before the run finished (`finetune export --unfinished`).
   """
   if source.startswith("stage:"):
     source = os.path.join(workdir, source[len("stage:"):])
@@ -156,7 +157,7 @@ def resolve_checkpoint(source: str, workdir: str) -> str:
       # A run's latest checkpoint is its result only once it finished: an unfinished run's may be mid-training or
       # the weights that diverged (as `finetune export` refuses it). A step folder named outright is taken as is.
       run_dir = path if candidate != path else os.path.dirname(path)
-      if not os.path.isfile(os.path.join(run_dir, "summary.json")):
+      if not unfinished and not os.path.isfile(os.path.join(run_dir, "summary.json")):
         raise FinetuneError(f"init_from {source!r}: that run has not finished (no summary.json in {run_dir}); "
                             f"finish it with `finetune train` on its --workdir, or name one of its step folders "
                             f"({os.path.join(candidate, str(steps[-1]))}) to start from that checkpoint")

@@ -77,7 +77,7 @@ def export(workdir: str, out: str, fmt: str = "hf", stage: str = "", unfinished:
                         "--workdir, or pass --unfinished to export its latest checkpoint")
   cfg = ConfigDict(read_json(os.path.join(run_dir, "config.json")))
   hf.check_exportable(cfg.model.name)  # both formats write a transformers model (PEFT's: its base)
-  arrays = read_checkpoint_arrays(resolve_checkpoint(run_dir, run_dir))
+  arrays = read_checkpoint_arrays(resolve_checkpoint(run_dir, run_dir, unfinished=True))  # (checked just above)
   params = arrays["params"]
   num_classes = params["head/kernel"].shape[1] if "head/kernel" in params else 0  # language models: no head
   peft_cfg = cfg.get("peft", ConfigDict({"method": ""}))
