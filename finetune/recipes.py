@@ -7,6 +7,7 @@ names carry the recipe, so several recipes can share one workdir and its pretrai
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from finetune.errors import FinetuneError
@@ -25,7 +26,8 @@ def target_stages(recipe: str, target: dict[str, Any], *, n: int = 2, unfreeze_e
                   lora: dict[str, Any] | None = None, lora_lr: float = 1e-3) -> dict[str, dict]:
   """The stages that adapt a pretrained model with `recipe`, given the plain target stage's overrides `target`
   (data, steps, init_from, dont_load, ...). LoRA recipes take `lora` (config.peft overrides: targets, rank, alpha,
-  modules_to_save, ...) and their own learning rate: adapters train at rates ~10-100x full fine-tuning's."""
+  modules_to_save, ...) and their own learning rate: adapters train at rates ~10-100x full fine-tuning's; a head
+  the target re-initialises is trained fully unless `lora` sets modules_to_save."""
   if recipe not in RECIPES + PEFT_RECIPES:
     raise FinetuneError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES + PEFT_RECIPES)}")
   # On cached features a head update costs microseconds, so probes get their own (long) budget.
@@ -48,7 +50,11 @@ def target_stages(recipe: str, target: dict[str, Any], *, n: int = 2, unfreeze_e
     finetune = {k: v for k, v in target.items() if k not in ("init_from", "dont_load")}
     return {"probe": probe, "probe_then_finetune": dict(finetune, init_from="stage:probe")}
   if recipe in PEFT_RECIPES:
-    peft = {"method": "lora", "rank": 8, "alpha": 16.0, "dropout": 0.1, **(lora or {}),
+    # A head the target re-initialises (dont_load) must train, or it keeps its initial weights (ViT's zeros: the
+    # adapters then get no gradient either): trained fully, as PEFT's sequence-classification task type does.
+    new_head = any(re.search(pattern, "head/kernel") for pattern in target.get("dont_load", ()))
+    peft = {"method": "lora", "rank": 8, "alpha": 16.0, "dropout": 0.1,
+            **({"modules_to_save": ("^head/",)} if new_head else {}), **(lora or {}),
             "dora": recipe == "dora", "quantize": "nf4" if recipe == "qlora" else ""}
     return {recipe: _merged(target, peft=peft, optimizer={"learning_rate": lora_lr})}
   # ulmfit: discriminative rates, slanted triangular learning rates and gradual unfreezing together.

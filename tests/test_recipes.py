@@ -29,6 +29,10 @@ def test_recipes_expand_to_their_settings():
   assert qlora["peft"]["quantize"] == "nf4" and qlora["peft"]["targets"] == ("query",) and not qlora["peft"]["dora"]
   assert qlora["optimizer"]["learning_rate"] == 2e-3
   assert recipes.target_stages("dora", TARGET)["dora"]["peft"]["dora"]
+  # (A LoRA recipe over a re-initialised head left it frozen at its initial weights: ViT's zero head learnt nothing.)
+  assert qlora["peft"]["modules_to_save"] == ("^head/",)
+  assert "modules_to_save" not in recipes.target_stages("lora", {"train": {"steps": 10}})["lora"]["peft"]
+  assert recipes.target_stages("lora", TARGET, lora={"modules_to_save": ()})["lora"]["peft"]["modules_to_save"] == ()
   with pytest.raises(FinetuneError, match="unknown recipe 'lorra'"):
     recipes.target_stages("lorra", TARGET)
 
