@@ -32,6 +32,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("conv_out", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),  # Llama's key/value projections (grouped-query: fewer heads than the queries')
     ("vocab", "tensor"),
 )
 

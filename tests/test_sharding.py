@@ -176,6 +176,7 @@ MESH = AbstractMesh((2, 4, 2), ("data", "fsdp", "tensor"))
 @pytest.mark.parametrize("logical,shape,expected", [
     (("embed", "mlp"), (16, 32), P("fsdp", "tensor")),
     (("mlp", "embed"), (32, 16), P("tensor", "fsdp")),
+    (("embed", "kv_heads"), (16, 8), P("fsdp", "tensor")),  # (Llama's k/v projections were replicated)
     ((None, None, "conv_in", "conv_out"), (3, 3, 8, 64), P(None, None, None, "fsdp")),
     (("batch", None), (16, 5), P(("data", "fsdp"), None)),
     (("classes",), (10,), P(None)),  # No rule for 'classes': replicated.
