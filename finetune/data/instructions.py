@@ -9,13 +9,16 @@ plain "### User: / ### Assistant:" template with an end-of-text token after each
 answer tokens (`loss_mask`), found by rendering the conversation prefix by prefix: an answer is what its turn adds
 after the assistant header (the prefix rendered with the generation prompt). Exact duplicate
 conversations are dropped; with `pack=True` conversations are concatenated into full `max_length` blocks (fewer
-padding tokens; attention still spans the block, as in common SFT packing).
+padding tokens; attention still spans the block, as in common SFT packing). Packing applies to the test split
+too, so its loss is over the answer tokens of full blocks (the tail is dropped, and a block's first token is not
+predicted): compare test losses between runs packed the same way.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -57,10 +60,14 @@ def _to_messages(record: dict, where: str) -> list[dict[str, str]]:
                       f"(messages); keys: {', '.join(sorted(record))}")
 
 
-def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False, where: str = "") -> str:
   """The conversation as text; with `add_generation_prompt`, followed by the header that opens an assistant turn."""
   if getattr(tokenizer, "chat_template", None):
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+      return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja2 raises what a template's raise_exception says (e.g. no system role)
+      raise FinetuneError(f"{where or 'a conversation'}: the tokenizer's chat template refused it: "
+                          f"{type(e).__name__}: {e}") from None
   # No template: a plain one, with the end-of-text token after each answer so the model learns to stop.
   end = tokenizer.eos_token or tokenizer.sep_token or ""
   text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}{end if m['role'] == 'assistant' else ''}\n\n"
@@ -68,26 +75,44 @@ def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: boo
   return text + ("### Assistant:\n" if add_generation_prompt else "")
 
 
-def tokenize_conversation(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+def tokenize_conversation(tokenizer, messages: list[dict[str, str]], where: str = "") -> tuple[list[int], list[int]]:
   """(token ids, loss mask): 1 on the tokens of assistant answers, 0 on prompts and on the template's headers.
 
   Each turn is found by rendering the conversation prefix by prefix; for an assistant turn, the prefix rendered
-  with the generation prompt ends where the answer starts, so the role header is not trained on.
+  with the generation prompt ends where the answer starts, so the role header is not trained on. The answers are
+  character spans of the whole conversation's text, which is tokenized once and its tokens marked by their offsets:
+  tokenizing the prefixes instead would not give prefixes of the tokens (GPT-2's BPE writes a final "\n\n" as one
+  token, and as two when "###" follows). Tokenizers without offsets (slow ones) tokenize prefix by prefix.
   """
-  ids: list[int] = []
-  mask: list[int] = []
+  text, answers = "", []  # answers: (start, stop) character spans in the final text
 
-  def extend(text: str, weight: int):
-    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokens[:len(ids)] != ids:  # a template that rewrites earlier turns when one is added
-      raise FinetuneError("the chat template changes earlier turns when a turn is added; cannot mark responses")
-    mask.extend([weight] * (len(tokens) - len(ids)))
-    ids.extend(tokens[len(ids):])
+  def grow(longer: str) -> str:
+    if not longer.startswith(text):  # a template that rewrites earlier turns when one is added
+      raise FinetuneError(f"{where or 'a conversation'}: the chat template changes earlier turns when a turn is "
+                          "added; cannot mark responses")
+    return longer
 
   for end in range(1, len(messages) + 1):
     if messages[end - 1]["role"] == "assistant":
-      extend(render(tokenizer, messages[:end - 1], add_generation_prompt=True), 0)
-    extend(render(tokenizer, messages[:end]), 1 if messages[end - 1]["role"] == "assistant" else 0)
+      text = grow(render(tokenizer, messages[:end - 1], add_generation_prompt=True, where=where))
+    full = grow(render(tokenizer, messages[:end], where=where))
+    if messages[end - 1]["role"] == "assistant":  # (without the newlines a template puts after the end token)
+      answers.append((len(text), len(full.rstrip())))
+    text = full
+  if getattr(tokenizer, "is_fast", False):
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(start <= first < stop for start, stop in answers)) for first, _ in encoded["offset_mapping"]]
+    return list(encoded["input_ids"]), mask
+  ids: list[int] = []
+  mask = []
+  for start, stop in [(0, 0)] + answers + [(len(text), len(text))]:
+    for piece_end, weight in ((start, 0), (stop, 1)):
+      tokens = tokenizer(text[:piece_end], add_special_tokens=False)["input_ids"]
+      if tokens[:len(ids)] != ids:
+        raise FinetuneError(f"{where or 'a conversation'}: the tokenizer splits the text differently once a turn "
+                            "is added, and has no offsets to mark answers by (use its fast version)")
+      mask.extend([weight] * (len(tokens) - len(ids)))
+      ids.extend(tokens[len(ids):])
   return ids, mask
 
 
@@ -124,18 +149,21 @@ def instructions(path: str = "", cache_dir: str = "", train_file: str = "", test
         if deduplicate and key in seen:
           continue
         seen.add(key)
-        conversations.append(tokenize_conversation(tok, messages))
-    splits[split] = _arrays(conversations, max_length, pack, pad_id)
+        conversations.append(tokenize_conversation(tok, messages, f"{filename}:{number}"))
+    splits[split] = _arrays(conversations, max_length, pack, pad_id, filename)
   return Dataset(os.path.basename(train_file).split(".")[0], splits, ())
 
 
-def _arrays(conversations: list[tuple[list[int], list[int]]], max_length: int, pack: bool, pad_id: int) -> ArraySplit:
+def _arrays(conversations: list[tuple[list[int], list[int]]], max_length: int, pack: bool, pad_id: int,
+            filename: str) -> ArraySplit:
   if pack:  # one stream, cut into full blocks; the tail shorter than a block is dropped
     ids = [t for conversation, _ in conversations for t in conversation]
     mask = [m for _, conversation_mask in conversations for m in conversation_mask]
     blocks = len(ids) // max_length
     if not blocks:
       raise FinetuneError(f"the conversations hold {len(ids)} tokens, fewer than one packed block of {max_length}")
+    if not any(mask[:blocks * max_length]):
+      raise FinetuneError(f"{filename}: the packed blocks hold no answer token")
     shape = (blocks, max_length)
     input_ids = np.asarray(ids[:blocks * max_length], np.int32).reshape(shape)  # (N * T,) -> (N, T)
     return ArraySplit({"input_ids": input_ids, "attention_mask": np.ones(shape, np.int32),
@@ -148,4 +176,13 @@ def _arrays(conversations: list[tuple[list[int], list[int]]], max_length: int, p
     input_ids[row, :len(ids)] = ids
     attention[row, :len(ids)] = 1
     loss_mask[row, :len(ids)] = mask
+  # A conversation whose answers all lie beyond max_length teaches nothing (and a split of only those would train
+  # on a zero loss); the loss mask's first token is never predicted, hence [:, 1:].
+  unanswered = int((loss_mask[:, 1:].sum(axis=1) == 0).sum())
+  if unanswered == len(conversations):
+    raise FinetuneError(f"{filename}: no conversation keeps an answer token within data.options.max_length="
+                        f"{max_length}; raise max_length")
+  if unanswered:
+    print(f"finetune: {filename}: {unanswered} of {len(conversations)} conversations keep no answer token within "
+          f"max_length={max_length} (truncated on the right); they add nothing", file=sys.stderr)
   return ArraySplit({"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask})

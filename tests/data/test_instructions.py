@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from finetune.data.instructions import instructions, to_messages, tokenize_conversation
+from finetune.data.instructions import instructions, render, to_messages, tokenize_conversation
 from finetune.errors import FinetuneError
 
 transformers = pytest.importorskip("transformers")
@@ -60,6 +60,46 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(tokenizer_dir):
               {"messages": [{"role": "robot", "content": "x"}]}):
     with pytest.raises(FinetuneError, match="x: "):
       to_messages(bad, "x")
+
+
+@pytest.fixture(scope="module")
+def byte_level_bpe():
+  """A GPT-2-style tokenizer (byte-level BPE, no chat template) trained here on a few sentences, with GPT-2's
+  merge of "\n\n" into one token."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  bpe = Tokenizer(models.BPE())
+  bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  bpe.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  bpe.train_from_iterator([json.dumps(RECORDS)] + ["\n\n"] * 200 + ["### User:\n", "### Assistant:\n"] * 50, trainer)
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+
+
+def test_gpt2_style_bpe_without_a_template_marks_the_answers(byte_level_bpe):
+  """(Every conversation failed with 'the chat template changes earlier turns': "\n\n" ending a prefix is one
+  token, and two once "### Assistant:" follows, so the prefixes' tokens were not prefixes of the whole.)"""
+  tok = byte_level_bpe
+  assert tok("x\n\n", add_special_tokens=False)["input_ids"][-1:] != tok("x\n\n###", add_special_tokens=False)[
+      "input_ids"][-2:-1]  # the premise: the merge differs at the end of a prefix
+  ids, mask = tokenize_conversation(tok, to_messages(RECORDS[2], "x"))
+  assert ids == tok(render(tok, to_messages(RECORDS[2], "x")), add_special_tokens=False)["input_ids"]
+  answers = tok.decode([t for t, m in zip(ids, mask) if m])
+  assert answers == "Hello there.<|endoftext|>Goodbye.<|endoftext|>", answers  # not the "\n\n" after each
+  slow_path = type("Slow", (), {"is_fast": False, "chat_template": None, "eos_token": tok.eos_token,
+                                "__call__": lambda self, text, **kw: tok(text, **kw)})()
+  assert tokenize_conversation(slow_path, to_messages(RECORDS[2], "x")) == (ids, mask)  # prefix by prefix, no offsets
+
+
+def test_a_template_that_refuses_a_conversation_or_answers_cut_off_are_named(tokenizer_dir, tmp_path):
+  tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+  tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                       "{% endif %}{% for m in messages %}{{ m['content'] }} {% endfor %}")
+  with pytest.raises(FinetuneError, match="line 4: the tokenizer's chat template refused it: .*System role"):
+    tokenize_conversation(tok, to_messages(RECORDS[3], "x"), "line 4")
+  _write(tmp_path / "train.jsonl", RECORDS)
+  with pytest.raises(FinetuneError, match="no conversation keeps an answer token within .*max_length=6"):
+    instructions(str(tmp_path), train_file="train.jsonl", tokenizer=tokenizer_dir, max_length=6)
 
 
 def test_source_dedups_pads_and_packs(tokenizer_dir, tmp_path):
