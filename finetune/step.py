@@ -241,26 +241,31 @@ def to_compute_dtype(tree: Any, compute_dtype: str, keep: tuple[str, ...] = ()) 
   return map_with_path(cast, tree)
 
 
-def make_eval_step(graphdef: nnx.GraphDef, label_smoothing: float = 0.0,
-                   forward: Callable[..., jax.Array] = classify,
+def make_eval_step(graphdef: nnx.GraphDef, forward: Callable[..., jax.Array] = classify,
                    task: str = "classification", compute_dtype: str = "float32",
                    keep_float32: tuple[str, ...] = ()) -> Callable[[dict, dict], dict]:
   """Builds `eval_step(weights, batch) -> sums` over a padded batch with a 0/1 'mask' (padding never counts).
 
-  `weights` is {'params': ..., 'model_state': ...}: evaluation needs no optimizer state.
+  `weights` is {'params': ..., 'model_state': ...}: evaluation needs no optimizer state. The loss is the plain
+  negative log-likelihood whatever `train.label_smoothing` is: it is what perplexity, early stopping and
+  comparisons across runs need (smoothing adds the cross-entropy against the uniform distribution).
   """
 
   def eval_step(weights: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     model = nnx.merge(graphdef, to_compute_dtype(weights["params"], compute_dtype, keep_float32),
                       weights["model_state"])
     logits = forward(model, to_compute_dtype(batch, compute_dtype), train=False).astype(jnp.float32)
-    scored = TASKS.get(task).score(logits, batch, label_smoothing)
+    scored = score(logits, batch, 0.0)
     example_mask = batch["mask"].astype(jnp.float32)
     # (B,) padding mask over items of shape (B,) or (B, L-1)
     weights = scored.weights * example_mask.reshape(example_mask.shape + (1,) * (scored.weights.ndim - 1))
-    return {"loss_sum": jnp.sum(scored.losses * weights), "correct": jnp.sum(scored.correct * weights),
+    sums = {"loss_sum": jnp.sum(scored.losses * weights), "correct": jnp.sum(scored.correct * weights),
             "count": jnp.sum(weights), "examples": jnp.sum(example_mask)}
+    if per_token:
+      sums["tokens"] = sums["count"]
+    return sums
 
+  score, per_token = TASKS.get(task).score, TASKS.get(task).per_token
   return eval_step
 
 

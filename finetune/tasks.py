@@ -27,6 +27,7 @@ class Task(NamedTuple):
   # The items' weights from the batch alone (they never depend on the outputs): gradient accumulation totals them
   # over the whole batch before its micro-batches run, so the accumulated loss is the whole batch's mean.
   weights: Callable[[dict[str, jax.Array]], jax.Array]
+  per_token: bool = False  # items are tokens: evaluation also reports num_tokens and perplexity
 
 
 TASKS: Registry[Task] = Registry("task")
@@ -63,4 +64,4 @@ def causal_lm(logits: jax.Array, batch: dict[str, jax.Array], label_smoothing: f
 
 
 TASKS.register("classification")(Task(classification, _classification_weights))
-TASKS.register("causal_lm")(Task(causal_lm, _causal_lm_weights))
+TASKS.register("causal_lm")(Task(causal_lm, _causal_lm_weights, per_token=True))

@@ -202,9 +202,9 @@ class Stage:
       weights = {"params": state.params, "model_state": state.model_state}
       first_split = next(iter(self.pipeline.eval_splits))
       batch = abstract_batch(next(iter(self.pipeline.eval_batches(first_split))), self.mesh)
-      return compile_eval_step(make_eval_step(self.graphdef, self.cfg.train.label_smoothing, self.forward,
-                                              self.cfg.task, self.cfg.train.compute_dtype,
-                                              tuple(self.cfg.train.float32_params)), weights, batch, self.mesh)
+      return compile_eval_step(make_eval_step(self.graphdef, self.forward, self.cfg.task,
+                                              self.cfg.train.compute_dtype, tuple(self.cfg.train.float32_params)),
+                               weights, batch, self.mesh)
     return self._cached(("eval_step",), make)
 
   def enter_phase(self, state: TrainState, phase: int) -> TrainState:
@@ -989,10 +989,13 @@ def evaluate(eval_fn, weights: dict[str, Any], pipeline: InputPipeline, split: s
       pending.pop(0)  # (waited on: only the last few are needed)
   totals = jax.device_get(totals)
   seconds = time.perf_counter() - start
-  count, examples = max(float(totals["count"]), 1.0), float(totals["examples"])
+  if not float(totals["count"]):
+    raise FinetuneError(f"the {split} split has nothing to score (no example, or no token the loss counts: every "
+                        "answer cut off by data.options.max_length?)")
+  count, examples = float(totals["count"]), float(totals["examples"])
   metrics = {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count,
              "num_examples": int(examples), "examples_per_s": examples / seconds}
-  if count != examples:  # token-level task: also report tokens and perplexity
+  if "tokens" in totals:  # token-level task (the task's per_token): also tokens and perplexity
     metrics.update(num_tokens=int(count), perplexity=math.exp(min(metrics["loss"], 50.0)))
   return metrics
 

@@ -44,6 +44,28 @@ def test_blocks_are_consecutive_tokens(tiny_gpt2, tmp_path):
     lm_text(str(tmp_path), train_file="corpus.txt", tokenizer=tiny_gpt2, block_size=64)
 
 
+def test_evaluation_is_the_plain_token_likelihood_with_perplexity_whatever_the_sizes(tiny_gpt2, tmp_path):
+  """(With train.label_smoothing the evaluation loss and perplexity included the smoothing term; and with one
+  predicted token per example, tokens == examples, perplexity and num_tokens were left out.)"""
+  import jax  # pylint: disable=g-import-not-at-top
+  (tmp_path / "corpus.txt").write_text("the cat sat on the mat and the dog sat too on a mat by the door\n")
+  results = []
+  for smoothing in (0.0, 0.4):
+    stage = train_lib.build_stage(build_config({
+        "task": "causal_lm", "model": {"name": "gpt2", "hf_config": tiny_gpt2},
+        "data": {"name": "lm_text", "path": str(tmp_path), "batch_size": 2, "eval_batch_size": 4,
+                 "validation_fraction": 0.3, "eval_splits": ("validation",),
+                 "options": {"train_file": "corpus.txt", "tokenizer": tiny_gpt2, "block_size": 2}},
+        "train": {"steps": 1, "label_smoothing": smoothing}}))
+    state = stage.init_state(0)(jax.random.PRNGKey(0))
+    results.append(train_lib.evaluate(stage.eval_step(), train_lib.weights_of(state), stage.pipeline, "validation",
+                                      stage.mesh))
+  plain, smoothed = results
+  assert plain["num_tokens"] == plain["num_examples"] > 0  # block_size 2: one predicted token per block
+  assert smoothed["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+  assert smoothed["perplexity"] == pytest.approx(math.exp(plain["loss"]), rel=1e-6)
+
+
 def test_causal_lm_fine_tuning_lowers_perplexity(tiny_gpt2, tmp_path):
   folder = shared_data("lm")
   config = build_config({
