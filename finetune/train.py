@@ -705,6 +705,8 @@ def finish_stage(opened: OpenStage, state: TrainState, train_seconds: float, tra
     adapters.save_adapter(os.path.join(run_dir, "adapter"), jax.device_get(unrolled), trained, cfg.peft,
                           cfg.model)
   last_phase = stage.strategy.phase_index(stage.total_steps - 1)
+  counts = stage.strategy.counts(last_phase)
+  num_params = stage.peft_info.get("total_params", counts["params"]) if stage.peft_info else counts["params"]
   summary = {
       "stage": name,
       "dataset": pipeline.dataset_name,
@@ -713,9 +715,10 @@ def finish_stage(opened: OpenStage, state: TrainState, train_seconds: float, tra
       "num_train_examples": len(pipeline.train),
       "steps": stage.total_steps,
       "train_examples_per_s": (train_steps_timed * pipeline.batch_size / train_seconds) if train_seconds else None,
-      "num_params": stage.strategy.counts(last_phase)["params"],
-      "trainable_params": stage.strategy.counts(last_phase)["trainable"],
-      "frozen_params": stage.strategy.counts(last_phase)["frozen"],
+      # (QLoRA's 4-bit base kernels are not nnx.Params: counted from peft_info, as `finetune plan` does)
+      "num_params": num_params,
+      "trainable_params": counts["trainable"],
+      "frozen_params": num_params - counts["trainable"],
       "optimizer_state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(state.opt_state))),
       "phases": [{"start": p.start, "trainable_groups": list(p.trainable_groups)}
                  for p in stage.strategy.phases],

@@ -394,6 +394,9 @@ def test_qlora_run_with_dropout_resumes_to_the_same_parameters(tmp_path):
   (tmp_path / "run" / "summary.json").unlink()
   summary = train_lib.train_and_evaluate(config, str(tmp_path / "run"))["train"]
   assert summary["init"]["resumed_from_step"] == 4
+  # The 4-bit base kernels are parameters too (they were left out of num_params and frozen_params).
+  assert summary["num_params"] == summary["peft"]["total_params"] > summary["trainable_params"]
+  assert summary["frozen_params"] == summary["num_params"] - summary["trainable_params"]
   again = read_checkpoint_arrays(str(tmp_path / "run" / "checkpoints" / "8"))
   for part in ("params", "model_state"):
     assert sorted(again[part]) == sorted(final[part])
