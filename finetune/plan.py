@@ -27,6 +27,7 @@ from ml_collections import ConfigDict
 
 from finetune import config as config_lib
 from finetune import regularizers
+from finetune.data.pipeline import with_rehearsal
 from finetune.partition import flatten
 
 
@@ -58,6 +59,10 @@ def plan_stage(cfg: ConfigDict, lineage: tuple[bool, ...] = (True,), continues_a
   names = regularizers.active(cfg)
   if names:
     stage = dataclasses.replace(stage, anchors=_planned_anchors(stage, cfg, lineage, continues_adapters), _cache={})
+  if "rehearsal" in names:  # its batches carry source_mask: the stage's own examples stand in for the source's
+    stage = dataclasses.replace(stage, pipeline=with_rehearsal(stage.pipeline, stage.pipeline.train,
+                                                               cfg.rehearsal.fraction, cfg.train.grad_accum_steps),
+                                _cache={})
   phases = [_plan_phase(stage, phase) for phase in range(len(stage.strategy.phases))]
   total = stage.peft_info.get("total_params", stage.strategy.counts(0)["params"])
   peak = {key: max(p[key] for p in phases) for key in phases[0]}

@@ -130,3 +130,22 @@ def test_plan_follows_the_stage_chain_to_a_run_or_a_hugging_face_checkpoint(tmp_
   after_hf.regularize.ewc.weight, after_hf.regularize.l2sp.alpha = 1.0, 0.0
   with pytest.raises(FinetuneError, match="EWC needs the earlier task's data"):
     plan_stage(after_hf, (False,))
+
+
+def test_plan_of_a_rehearsal_stage_is_the_program_the_run_compiles(tmp_path):
+  """(Plan compiled the rehearsal stage's step without the batch's source_mask: another program than the run's.)"""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
+  from finetune.config import stage_configs  # pylint: disable=g-import-not-at-top
+  from finetune.plan import plan  # pylint: disable=g-import-not-at-top
+  config = tiny_config(train={"steps": 2}, stages={"pretrain": {}, "rehearsal": {
+      "init_from": "stage:pretrain", "rehearsal": {"fraction": 0.25}}})
+  planned = plan(config)["rehearsal"]
+  (_, pretrain_cfg), (_, rehearsal_cfg) = stage_configs(config)
+  train_lib.run_stage(pretrain_cfg, str(tmp_path / "pretrain"), str(tmp_path), "pretrain")
+  opened = train_lib.open_stage(rehearsal_cfg, str(tmp_path / "rehearsal"), str(tmp_path), "rehearsal")
+  try:
+    memory = opened.stage.train_step(0).memory_analysis()
+  finally:
+    opened.close()
+  assert planned["argument_bytes"] == memory.argument_size_in_bytes
