@@ -28,6 +28,7 @@ from ml_collections import ConfigDict
 from finetune import config as config_lib
 from finetune import regularizers
 from finetune.data.pipeline import with_rehearsal
+from finetune.errors import FinetuneError
 from finetune.partition import flatten
 
 
@@ -46,7 +47,7 @@ def plan_stage(cfg: ConfigDict, lineage: tuple[bool, ...] = (True,), continues_a
   most, but a figure is reported as the worst any phase reaches), and `phases` lists every phase's.
   `lineage`: what the stage starts from, nearest first (True: a task of this framework, False: a Hugging Face
   checkpoint); offline EWC keeps one term per task. `continues_adapters`: the nearest is a run with this stage's
-  PEFT settings, whose adapters the stage loads. `plan` reads both from the config's stages."""
+  PEFT settings, whose adapters the stage loads. `plan` reads both from the config's stages and runs on disk."""
   from finetune.methods import feature_cache  # pylint: disable=g-import-not-at-top
   from finetune.train import build_stage  # pylint: disable=g-import-not-at-top
   stage = build_stage(cfg)
@@ -126,25 +127,51 @@ def plan(config: ConfigDict) -> dict[str, dict[str, Any]]:
 
 
 def _continues_adapters(cfg: ConfigDict, stages: dict[str, ConfigDict]) -> bool:
-  """Whether the stage starts from a stage of this config with its own PEFT settings (it loads its adapters)."""
+  """Whether the stage starts from a run with its own PEFT settings (it loads its adapters): a stage of this config,
+  or a run directory of this framework that exists already (its config.json)."""
   from finetune import adapters  # pylint: disable=g-import-not-at-top
-  if not cfg.peft.method or not cfg.init_from.startswith("stage:"):
+  if not cfg.peft.method or not cfg.init_from:
     return False
-  return adapters.same_adapters(stages[cfg.init_from[len("stage:"):]].peft, cfg.peft)
+  source = next(iter(_earlier_configs(cfg, stages)), None)
+  return source is not None and source[1] is not None and adapters.same_adapters(source[1].peft, cfg.peft)
 
 
 def _lineage(cfg: ConfigDict, stages: dict[str, ConfigDict]) -> tuple[bool, ...]:
   """What `regularizers.lineage` will find before a stage, nearest first (True: a task of this framework, False: a
-  Hugging Face checkpoint): its `init_from` chain through this config's stages. A link out of the config is one
-  task (a run of this framework; its own earlier tasks are not read at plan time) or a Hugging Face checkpoint."""
+  Hugging Face checkpoint): its `init_from` chain through this config's stages, then through the config.json of
+  runs that exist already (a run not trained yet counts as one task)."""
+  return tuple(task for task, _ in _earlier_configs(cfg, stages))
+
+
+def _earlier_configs(cfg: ConfigDict, stages: dict[str, ConfigDict]):
+  """(is a task of this framework, its config or None when unknown), nearest first, along `init_from`: this
+  config's stages, then the run directories on disk as `regularizers.lineage` follows them, reading no arrays."""
+  from finetune.checkpoint import resolve_checkpoint  # pylint: disable=g-import-not-at-top
   from finetune.models import hf  # pylint: disable=g-import-not-at-top
-  found: list[bool] = []
-  while cfg.init_from:
-    if not cfg.init_from.startswith("stage:"):
-      return (*found, not hf.is_hf_checkpoint(os.path.expanduser(cfg.init_from)))
-    found.append(True)
-    cfg = stages[cfg.init_from[len("stage:"):]]
-  return tuple(found)
+  from finetune.reporting import read_json  # pylint: disable=g-import-not-at-top
+  workdir, seen = None, set()  # workdir: None while in this config's own stages
+  while cfg is not None and cfg.get("init_from"):
+    spec = cfg.init_from
+    if spec.startswith("stage:") and workdir is None:
+      cfg = stages[spec[len("stage:"):]]
+      yield True, cfg
+      continue
+    try:
+      step_dir = resolve_checkpoint(spec, workdir or os.getcwd())
+    except FinetuneError:  # not trained yet: one task of this framework, its own sources unknown
+      yield not hf.is_hf_checkpoint(os.path.expanduser(spec)), None
+      return
+    if hf.is_hf_checkpoint(step_dir):
+      yield False, None
+      return
+    run_dir = os.path.dirname(os.path.dirname(step_dir))  # <run>/checkpoints/<step>
+    config_path = os.path.join(run_dir, "config.json")
+    if step_dir in seen:
+      return
+    seen.add(step_dir)
+    cfg = ConfigDict(read_json(config_path)) if os.path.isfile(config_path) else None
+    yield True, cfg
+    workdir = os.path.dirname(run_dir)  # a source's `stage:NAME` is a folder of its own workdir
 
 
 def table(plans: dict[str, dict[str, Any]]) -> str:

@@ -149,3 +149,18 @@ def test_plan_of_a_rehearsal_stage_is_the_program_the_run_compiles(tmp_path):
   finally:
     opened.close()
   assert planned["argument_bytes"] == memory.argument_size_in_bytes
+
+
+def test_plan_follows_the_chain_into_runs_that_exist(tmp_path):
+  """(A link out of the config was planned as one task: offline EWC after a run that itself came from an earlier
+  stage keeps two (weights, Fisher) terms, as `finetune train` finds through that run's config.json.)"""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
+  from finetune.plan import plan  # pylint: disable=g-import-not-at-top
+  train_lib.train_and_evaluate(tiny_config(train={"steps": 2}, stages={
+      "first": {}, "second": {"init_from": "stage:first"}}), str(tmp_path / "earlier"))
+  after = {"init_from": str(tmp_path / "earlier" / "second")}
+  plans = plan(tiny_config(stages={"plain": after, "offline": {**after, "regularize": {"ewc": {"weight": 10.0}}}}))
+  param_bytes = 4 * plans["plain"]["params"]
+  extra = plans["offline"]["argument_bytes"] - plans["plain"]["argument_bytes"]
+  assert 4 * param_bytes <= extra < 4 * param_bytes + 64, extra / param_bytes
