@@ -60,7 +60,9 @@ def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[jax.Device] | None = None)
     if size != -1 and size < 1:
       raise FinetuneError(f"config.mesh.{name}={size}: a mesh axis size must be -1 (all remaining devices) or >= 1")
   if sizes.count(-1) > 1:
-    raise FinetuneError("only one config.mesh axis may be -1 (all remaining devices)")
+    filled = [name for name, size in zip(names, sizes) if size == -1]
+    raise FinetuneError(f"config.mesh.{' and config.mesh.'.join(filled)} are all -1, and only one axis may take "
+                        "the remaining devices (data is -1 by default): set the others, e.g. config.mesh.data=1")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:

@@ -102,7 +102,8 @@ def test_make_mesh_too_many_devices_requested():
 
 
 def test_make_mesh_two_fill_axes():
-  with pytest.raises(FinetuneError, match=r"only one config.mesh axis may be -1"):
+  with pytest.raises(FinetuneError, match=r"config.mesh.data and config.mesh.fsdp are all -1.*data is -1 by default.*"
+                                          r"config.mesh.data=1"):
     make_mesh(ConfigDict({"data": -1, "fsdp": -1}), _one_device())
 
 
