@@ -458,6 +458,15 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
        "config.peft.load_adapter needs config.peft.method (and the adapter's targets and rank) set")
   need(not (c.peft.method and c.features.cache),
        "config.features.cache needs a frozen backbone; PEFT methods train inside it: drop one of them")
+  # What feature_cache.check_cacheable refuses when the stage opens, refused here when the config alone decides it,
+  # so a multi-stage run does not fail after its earlier stages trained. (Backbone dropout needs the model.)
+  need(not (c.features.cache and (c.data.augment.crop_padding or c.data.augment.flip)),
+       "config.features.cache computes each example's features once, so augmentation cannot apply: set "
+       "config.data.augment.crop_padding=0 and flip=False")
+  need(not (c.features.cache and c.freeze.train_bn),
+       "config.features.cache computes features once, so BatchNorm cannot train: set config.freeze.train_bn=False")
+  need(not (c.features.cache and c.unfreeze.mode != "none"),
+       "config.features.cache needs the backbone frozen for the whole stage: set config.unfreeze.mode='none'")
   from finetune.regularizers.fisher import LABEL_MODES  # pylint: disable=g-import-not-at-top
   need(c.regularize.ewc.label_mode in LABEL_MODES,
        f"config.regularize.ewc.label_mode={c.regularize.ewc.label_mode!r}; valid: {', '.join(LABEL_MODES)}")

@@ -32,8 +32,10 @@ def target_stages(recipe: str, target: dict[str, Any], *, n: int = 2, unfreeze_e
     raise FinetuneError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES + PEFT_RECIPES)}")
   # On cached features a head update costs microseconds, so probes get their own (long) budget.
   # (epochs and unfreezing set too, for the same reason: a base config's would make the probe invalid.)
+  # Augmentation off too: features are computed once per example (a base config's augmentation would refuse it).
   probe = dict(target, freeze=PROBE_FREEZE, features={"cache": True}, train={"steps": probe_steps, "epochs": 0.0},
-               unfreeze={"mode": "none"}, optimizer={"learning_rate": probe_lr, "warmup_steps": 0})
+               unfreeze={"mode": "none"}, optimizer={"learning_rate": probe_lr, "warmup_steps": 0},
+               data={**target.get("data", {}), "augment": {"crop_padding": 0, "flip": False}})
   if recipe == "full":
     return {"full": target}
   if recipe == "linear_probe":

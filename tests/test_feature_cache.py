@@ -63,11 +63,16 @@ def test_caching_refuses_setups_where_it_would_differ():
       ({"freeze": PROBE, "model": TINY_BERT, "data": TOKENS},
        r"the backbone drops out \(dropout \(0.1\), embeddings/dropout \(0.1\), .*set the model's dropout rates to 0"),
       ({"freeze": PROBE, "model": {**TINY_LSTM, "embed_dropout": 0.1}, "data": TOKENS}, r"embed_dropout \(0.1\)"),
+      ({"freeze": PROBE, "unfreeze": {"mode": "gradual", "every_steps": 2}}, "unfreeze.mode='none'"),
   ]:
-    config = tiny_config(features={"cache": True}, **sections)
-    stage = train_lib.build_stage(config)
-    with pytest.raises(FinetuneError, match=message):
+    with pytest.raises(FinetuneError, match=message):  # (what the config alone decides, when it is loaded)
+      config = tiny_config(features={"cache": True}, **sections)
+      stage = train_lib.build_stage(config)
       feature_cache.check_cacheable(stage.strategy, stage.pipeline, config.freeze.train_bn, stage.abstract_model)
+  # A later stage's augmentation is refused before the first stage trains (it failed when the probe opened).
+  with pytest.raises(FinetuneError, match="augmentation cannot apply.*stage 'probe'"):
+    tiny_config(data={"augment": {"flip": True}}, stages={"pretrain": {}, "probe": {
+        "init_from": "stage:pretrain", "freeze": PROBE, "features": {"cache": True}}})
 
 
 def test_a_head_with_batchnorm_and_dropout_learns_the_same_from_cached_features(tmp_path):

@@ -53,13 +53,14 @@ def test_recipes_keep_the_target_stages_own_settings(recipe):
 
 @pytest.mark.parametrize("recipe", ["linear_probe", "probe_then_finetune"])
 def test_probe_stages_ignore_the_base_configs_epochs_freezing_and_unfreezing(recipe, tmp_path):
-  """(A base config with train.epochs, freeze.train_bn or gradual unfreezing made the probe stage invalid: its
-  partial train/freeze sections let those keys back in.)"""
+  """(A base config with train.epochs, freeze.train_bn, gradual unfreezing or augmentation made the probe stage
+  invalid: its partial train/freeze sections let those keys back in.)"""
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
   target = {"init_from": "stage:pretrain", "dont_load": ("^head/",), "train": {"epochs": 0.2}}
   config = tiny_config(train={"steps": 0, "epochs": 0.05, "log_every": 2, "checkpoint_every": 0},
                        freeze={"train_bn": True, "first_n": 1}, unfreeze={"mode": "gradual", "every_steps": 2},
+                       data={"augment": {"flip": True}},
                        stages={"pretrain": {"freeze": {"train_bn": False, "first_n": 0}, "unfreeze": {"mode": "none"}},
                                **recipes.target_stages(recipe, target, probe_steps=4)})
   summaries = train_lib.train_and_evaluate(config, str(tmp_path))
