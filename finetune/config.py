@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import sys
 from typing import Any, Iterable, Sequence
 
 import ml_collections
@@ -264,9 +265,40 @@ def build_config(raw: ConfigDict | dict, overrides: Sequence[str] = ()) -> Confi
   _merge(config, raw, prefix="")
   for override in overrides:
     apply_override(config, override)
+  _check_overrides_reach_a_stage(config, overrides)
   validate(config)
   config.lock()
   return config
+
+
+def _check_overrides_reach_a_stage(config: ConfigDict, overrides: Sequence[str]) -> None:
+  """A base-config override that a stage sets for itself does not reach that stage (the stage's keys win): an
+  error when no stage takes it (it would change nothing but config.json), a warning naming the stages that ignore
+  it otherwise."""
+  names = ordered_keys(config.stages)
+  for override in overrides:
+    dotted = override.partition("=")[0]
+    if not names or dotted == "stages" or dotted.startswith("stages."):
+      continue
+    shadowing = [name for name in names if _sets(config.stages[name], dotted.split("."))]
+    if not shadowing:
+      continue
+    fix = f"--config.stages.{shadowing[0]}.{dotted}=VALUE"
+    if len(shadowing) == len(names):
+      raise FinetuneError(f"--config.{dotted} reaches no stage: every stage sets its own ({', '.join(names)}); "
+                          f"override it per stage, e.g. {fix}")
+    print(f"finetune: --config.{dotted} does not reach stage{'s' if len(shadowing) > 1 else ''} "
+          f"{', '.join(shadowing)}, which {'set their' if len(shadowing) > 1 else 'sets its'} own ({fix} to change it)",
+          file=sys.stderr)
+
+
+def _sets(section: Any, keys: list[str]) -> bool:
+  """Whether a stage's section sets the dotted key `keys` (or a value above it that replaces it)."""
+  for key in keys:
+    if not isinstance(section, (dict, ConfigDict)) or key not in section:
+      return False
+    section = section[key]
+  return True
 
 
 def apply_override(config: ConfigDict, override: str) -> None:

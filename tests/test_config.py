@@ -65,10 +65,11 @@ def test_a_stage_seed_offset_moves_with_the_global_seed():
 
 def test_overrides_are_typed_and_strict():
   config = load_config(str(REPO / "configs/mnist_transfer.py"),
-                       ["train.steps=7", "optimizer.learning_rate=1", "data.classes=(1,2)", "model.dropout=0.5",
+                       ["train.steps=7", "optimizer.learning_rate=1", "stages.pretrain.data.classes=(1,2)",
+                        "model.dropout=0.5",
                         "stages.finetune.train.steps=3", "wandb.mode=offline"])
   assert config.train.steps == 7 and isinstance(config.optimizer.learning_rate, float)
-  assert tuple(config.data.classes) == (1, 2) and config.model.dropout == 0.5
+  assert tuple(config.stages.pretrain.data.classes) == (1, 2) and config.model.dropout == 0.5
   assert dict(stage_configs(config))["finetune"].train.steps == 3
   assert dict(stage_configs(config))["pretrain"].train.steps == 7
   assert dict(stage_configs(config))["scratch"].train.steps == 100  # the stage's own value wins over the base
@@ -175,3 +176,17 @@ def test_an_override_cannot_invent_a_stage():
   with pytest.raises(FinetuneError, match=r"names stage 'fintune', which the config does not declare \(did you "
                                           r"mean 'finetune'\?\); stages: pretrain, finetune, scratch"):
     load_config(str(REPO / "configs/mnist_transfer.py"), ["stages.fintune.optimizer.learning_rate=1e-4"])
+
+
+def test_a_base_override_that_stages_set_themselves_is_refused_or_named(capsys):
+  """(Overrides of keys the stages set were accepted and silently reached no stage: only config.json changed.)"""
+  main = str(REPO / "configs/mnist_transfer.py")
+  with pytest.raises(FinetuneError, match=r"--config.data.classes reaches no stage: every stage sets its own "
+                                          r"\(pretrain, finetune, scratch\).*--config.stages.pretrain.data.classes="):
+    load_config(main, ["data.classes=(5,6)"])
+  config = load_config(main, ["train.steps=7"])  # pretrain takes it; finetune and scratch set their own
+  assert [stage.train.steps for _, stage in stage_configs(config)] == [7, 100, 100]
+  assert ("--config.train.steps does not reach stages finetune, scratch, which set their own "
+          "(--config.stages.finetune.train.steps=VALUE to change it)") in capsys.readouterr().err
+  load_config(main, ["optimizer.learning_rate=3e-4", "stages.finetune.data.classes=(5,6)"])  # reach every stage
+  assert capsys.readouterr().err == ""
