@@ -14,14 +14,33 @@ import tempfile
 from typing import Iterator
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def make_readable(path: str) -> None:
+  """Gives `path` (and, for a folder, everything in it) the modes a plain `open`/`mkdir` would have: mkstemp,
+  mkdtemp and safetensors' writer make files 0600 and folders 0700, which others on a shared cluster cannot read."""
+  mask = _umask()
+  if not os.path.isdir(path):
+    os.chmod(path, 0o666 & ~mask)
+    return
+  for root, _, names in os.walk(path):
+    os.chmod(root, 0o777 & ~mask)
+    for name in names:
+      os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
   """A unique temp path beside `path` to write to; renamed onto `path` when the block succeeds, removed if not."""
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", dir=os.path.dirname(os.path.abspath(path)))
   os.close(fd)
-  os.chmod(tmp, 0o644)  # mkstemp makes it private; results are read by others
   try:
     yield tmp
+    make_readable(tmp)  # after the block: a writer may have replaced the file (safetensors writes 0600)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

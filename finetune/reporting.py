@@ -144,6 +144,7 @@ def staged_directory(out: str) -> Iterator[str]:
   try:
     yield staging
     open(os.path.join(staging, EXPORT_MARKER), "w").close()
+    files.make_readable(staging)  # (mkdtemp's folder is private, safetensors' files too)
     # Two renames, then the old copy's deletion: at every moment a complete export exists under `out` or beside
     # it (deleting the old one first would leave none if the process died before the rename).
     with interrupts.deferred():

@@ -62,3 +62,19 @@ def test_an_export_replaces_the_previous_one_only_once_it_is_complete(tmp_path, 
     with staged_directory(str(out)) as staging:
       open(os.path.join(staging, "model.txt"), "w").write("3")
   assert (out / "model.txt").read_text() == "2" and os.listdir(tmp_path) == ["export"]
+
+
+def test_exports_and_atomic_files_are_readable_by_others(tmp_path):
+  """(mkdtemp's staging folder and safetensors' writer left exports and adapter files 0700/0600.)"""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from finetune import files  # pylint: disable=g-import-not-at-top
+  with staged_directory(str(tmp_path / "export")) as staging:
+    save_file({"w": np.zeros(2)}, os.path.join(staging, "model.safetensors"))
+  with files.atomic_path(str(tmp_path / "adapter.safetensors")) as tmp:
+    save_file({"w": np.zeros(2)}, tmp)
+  mask = os.umask(0)
+  os.umask(mask)
+  assert os.stat(tmp_path / "export").st_mode & 0o777 == 0o777 & ~mask
+  for path in (tmp_path / "export" / "model.safetensors", tmp_path / "adapter.safetensors"):
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask, path
