@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                               "--config.<key>=<value> (e.g. --config.train.steps=100); the README lists every key.")
   train.add_argument("--config", required=True, help="configs/<file>.py[:arg]")
   train.add_argument("--workdir", required=True, help="output folder; re-running the same command resumes")
-  export = commands.add_parser("export", help="write a run's parameters as a Hugging Face checkpoint")
+  export = commands.add_parser("export", help="write a run's parameters as a Hugging Face checkpoint",
+                               description="Write a finished run's latest checkpoint as a Hugging Face checkpoint "
+                               "(BERT, ViT, GPT-2, Llama; PEFT runs merged) or as a PEFT LoRA adapter.")
   export.add_argument("--workdir", required=True, help="a run directory made by `finetune train`")
   export.add_argument("--format", default="hf",
                       help="hf (config.json + model.safetensors + tokenizer; PEFT runs merged) or peft "

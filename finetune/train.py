@@ -239,8 +239,9 @@ def build_stage(cfg: ConfigDict) -> Stage:
                         f"{jax.process_count()} processes; make data x fsdp a multiple of the process count")
   for key in ("batch_size", "eval_batch_size"):
     if cfg.data[key] % parallel or cfg.data[key] % jax.process_count():
+      processes = "" if jax.process_count() == 1 else f" and the {jax.process_count()} processes"
       raise FinetuneError(f"config.data.{key}={cfg.data[key]} is not divisible by the {parallel} data-parallel "
-                          f"devices (mesh data x fsdp) and {jax.process_count()} processes; pick a multiple")
+                          f"devices (mesh data x fsdp){processes}; pick a multiple")
   steps_per_epoch = pipeline.steps_per_epoch
   if cfg.rehearsal.fraction > 0:  # the batches attach_regularizers will mix: fewer target rows, more steps per epoch
     target_rows = cfg.data.batch_size - rehearsal_count(cfg.rehearsal.fraction, cfg.data.batch_size)
