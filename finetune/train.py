@@ -441,12 +441,12 @@ def source_fisher(cfg: ConfigDict, source: regularizers.Source) -> dict[str, np.
                                             layout.view_shardings(source_stage.model_state_sharding)))
   forward = source_stage.forward
 
-  def apply(params, batch):
+  def apply(params, batch, model_state):  # (the state is an argument: jit would compile a captured one in)
     return forward(nnx.merge(source_stage.graphdef, layout.unview(params), model_state), batch, train=False)
 
   started = time.perf_counter()
   fisher = fisher_lib.estimate(apply, params, pipeline.ordered_batches(SubsetSplit(train, chosen)), ewc.label_mode,
-                               jax.random.PRNGKey(source.cfg.seed), ewc.num_examples)
+                               jax.random.PRNGKey(source.cfg.seed), ewc.num_examples, constants=model_state)
   if jax.process_index() == 0:
     fisher_lib.save(path, fisher, {"label_mode": ewc.label_mode, "num_examples": int(min(len(chosen),
                                                                                           ewc.num_examples)),

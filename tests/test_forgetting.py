@@ -32,12 +32,31 @@ def tiny_classifier():
   model = build_model(ConfigDict(MLP), 3, nnx.Rngs(params=0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-  def apply(params, batch):
+  def apply(params, batch, constants=None):
+    del constants  # (an MLP has no BatchNorm statistics)
     return nnx.merge(graphdef, params, rest)(batch["image"])
 
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(7, 6)).astype(np.float32), "label": rng.integers(0, 3, 7).astype(np.int32)}
   return apply, params.to_pure_dict(), batch
+
+
+def test_fisher_takes_the_models_other_state_as_an_argument():
+  """(The source model's BatchNorm statistics were closed over by the jitted Fisher step: compiled in as constants.)
+  What `constants` holds reaches `apply` traced, never as concrete arrays."""
+  model_apply, params, batch = tiny_classifier()
+  seen = []
+
+  def apply(params, batch, constants):
+    seen.append(isinstance(constants["statistics"], jax.core.Tracer))
+    return model_apply(params, batch) + constants["statistics"].sum() * 0.0
+
+  constants = {"statistics": np.ones(4096, np.float32)}
+  fisher.estimate(apply, params, [batch], "empirical", jax.random.PRNGKey(0), 7, constants=constants)
+  lowered = jax.jit(fisher.make_fisher_batch(apply, "empirical")).lower(params, batch, jax.random.PRNGKey(0),
+                                                                         constants)
+  assert seen and all(seen)
+  assert not [line for line in lowered.as_text().splitlines() if "constant" in line and "4096" in line]
 
 
 @pytest.mark.parametrize("mode", fisher.LABEL_MODES)

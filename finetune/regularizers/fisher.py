@@ -36,22 +36,24 @@ def sampled_labels(logits: jax.Array, key: jax.Array) -> jax.Array:
   return jax.random.categorical(key, logits.astype(jnp.float32), axis=-1)
 
 
-def make_fisher_batch(apply: Callable[[Any, dict], jax.Array], label_mode: str) -> Callable:
-  """`(params, batch, key) -> {path: sum over the batch of squared per-example gradients}`.
+def make_fisher_batch(apply: Callable[[Any, dict, Any], jax.Array], label_mode: str) -> Callable:
+  """`(params, batch, key, constants) -> {path: sum over the batch of squared per-example gradients}`.
 
-  `apply(params, single_example_batch) -> logits (1, C)`; `params` are the parameters differentiated (a pytree).
+  `apply(params, single_example_batch, constants) -> logits (1, C)`; `params` are the parameters differentiated (a
+  pytree), `constants` what the model reads without being differentiated (BatchNorm statistics): an argument, as
+  arrays a jitted function closed over would be compiled into the program as constants.
   Examples with batch['mask'] == 0 (padding) contribute nothing.
   """
   if label_mode not in LABEL_MODES:
     raise FinetuneError(f"config.regularize.ewc.label_mode={label_mode!r}; valid: {', '.join(LABEL_MODES)}")
 
-  def one_example(params, example, key):
+  def one_example(params, example, key, constants):
     batch = jax.tree.map(lambda x: x[None], example)
-    logits = apply(params, batch)[0]
+    logits = apply(params, batch, constants)[0]
     probabilities = jax.nn.softmax(logits.astype(jnp.float32))
 
     def grad_for(label):
-      return jax.grad(lambda p: -log_likelihoods(apply(p, batch))[0, label])(params)
+      return jax.grad(lambda p: -log_likelihoods(apply(p, batch, constants))[0, label])(params)
 
     if label_mode == "expected":
       grads = jax.vmap(grad_for)(jnp.arange(logits.shape[-1]))  # (C, ...) per leaf
@@ -62,19 +64,19 @@ def make_fisher_batch(apply: Callable[[Any, dict], jax.Array], label_mode: str) 
     weight = example["mask"].astype(jnp.float32) if "mask" in example else 1.0
     return jax.tree.map(lambda s: s * weight, squared)
 
-  def fisher_batch(params, batch, key):
+  def fisher_batch(params, batch, key, constants):
     count = batch["label"].shape[0]
     keys = jax.random.split(key, count)
-    per_example = jax.vmap(one_example, in_axes=(None, 0, 0))(params, batch, keys)
+    per_example = jax.vmap(one_example, in_axes=(None, 0, 0, None))(params, batch, keys, constants)
     return jax.tree.map(lambda s: s.sum(axis=0), per_example)
 
   return fisher_batch
 
 
-def estimate(apply: Callable[[Any, dict], jax.Array], params: Any, batches, label_mode: str, key: jax.Array,
-             num_examples: int) -> dict[str, np.ndarray]:
+def estimate(apply: Callable[[Any, dict, Any], jax.Array], params: Any, batches, label_mode: str, key: jax.Array,
+             num_examples: int, constants: Any = None) -> dict[str, np.ndarray]:
   """The diagonal Fisher over the first `num_examples` examples of `batches` (dicts with 'label', optional 'mask'):
-  {path: array shaped like the parameter}."""
+  {path: array shaped like the parameter}. `apply` and `constants` as in `make_fisher_batch`."""
   fisher_batch = jax.jit(make_fisher_batch(apply, label_mode))
   total, seen = None, 0
   for index, batch in enumerate(batches):
@@ -84,7 +86,7 @@ def estimate(apply: Callable[[Any, dict], jax.Array], params: Any, batches, labe
     batch = {k: v[:take] for k, v in batch.items()}
     if "mask" in batch:
       take = int(np.sum(batch["mask"]))
-    sums = fisher_batch(params, batch, jax.random.fold_in(key, index))
+    sums = fisher_batch(params, batch, jax.random.fold_in(key, index), constants)
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     seen += take
     interrupts.raise_if_requested()  # (a Ctrl-C that a library dropped; see finetune/interrupts.py)
