@@ -215,16 +215,12 @@ def test_checkpoints_convert_between_scanned_and_unrolled(runs, tmp_path):
     np.testing.assert_allclose(ours[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-def test_scanned_checkpoints_away_from_their_layout_file(runs, tmp_path):
+def test_scanned_checkpoints_away_from_their_layout_file(tmp_path):
   """(A copied step folder of a scanned run failed with advice to add its layers to dont_load; an early-stopping
   best/<step> folder could not be loaded at all; and the layout.json of a scanned attempt that failed before its
   first checkpoint made the unscanned run finished in the same workdir unreadable.)"""
   raw = scan_config("bert", {"data": 1}, True).to_dict()
   del raw["stages"]
-  shutil.copytree(runs["bert", True] / "full" / "checkpoints" / str(STEPS), tmp_path / "copied" / str(STEPS))
-  copied = build_config({**raw, "init_from": str(tmp_path / "copied" / str(STEPS))})
-  with pytest.raises(FinetuneError, match=r"holds scanned \(stacked\) layers.*copy the layout.json"):
-    train_lib.initial_state(train_lib.build_stage(copied), copied, str(tmp_path / "a"))
   # Early stopping keeps its best state in best/<step>: a source like any checkpoint.
   train = {**raw["train"], "eval_every": 2}
   train["early_stopping"] = {**train["early_stopping"], "metric": "test/loss", "mode": "min", "patience": 5}
@@ -232,6 +228,11 @@ def test_scanned_checkpoints_away_from_their_layout_file(runs, tmp_path):
   config = build_config({**raw, "init_from": str(tmp_path / "stopped" / "best")})
   stage = train_lib.build_stage(config)
   assert train_lib.initial_state(stage, config, str(tmp_path / "b"))[1]["loaded"] == len(flatten(stage.view_params))
+  # A step folder copied away from checkpoints/layout.json.
+  shutil.copytree(tmp_path / "stopped" / "checkpoints" / str(STEPS), tmp_path / "copied" / str(STEPS))
+  copied = build_config({**raw, "init_from": str(tmp_path / "copied" / str(STEPS))})
+  with pytest.raises(FinetuneError, match=r"holds scanned \(stacked\) layers.*copy the layout.json"):
+    train_lib.initial_state(train_lib.build_stage(copied), copied, str(tmp_path / "a"))
   # A scanned attempt that failed before any checkpoint, then the unscanned run in the same workdir.
   with pytest.raises(FinetuneError, match="does not exist"):
     train_lib.train_and_evaluate(build_config({**raw, "init_from": str(tmp_path / "nope")}), str(tmp_path / "w"))
