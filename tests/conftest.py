@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pathlib
@@ -129,3 +130,22 @@ def model_from_hf(name: str, checkpoint_dir: str, num_classes: int = 0, dont_loa
   arrays = read_checkpoint_arrays(checkpoint_dir)
   loaded, _, fresh = load_into(params.to_pure_dict(), arrays["params"], tuple(dont_load), "parameter", checkpoint_dir)
   return nnx.merge(graphdef, loaded, rest.to_pure_dict()), arrays, fresh
+
+
+@contextlib.contextmanager
+def killed_at_step(step: int):
+  """Inside the block, training stops with KeyboardInterrupt (a Ctrl-C) when it logs step `step`: after the
+  checkpoints of earlier steps, as a run killed there."""
+  from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
+  real_log_interval = train_lib.log_interval
+
+  def interrupted(log, at, *args, **kwargs):
+    if at == step:
+      raise KeyboardInterrupt
+    return real_log_interval(log, at, *args, **kwargs)
+
+  train_lib.log_interval = interrupted
+  try:
+    yield
+  finally:
+    train_lib.log_interval = real_log_interval

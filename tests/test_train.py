@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, shared_data, tiny_config
+from conftest import REPO, killed_at_step, shared_data, tiny_config
 from finetune import train as train_lib
 from finetune.checkpoint import read_checkpoint_arrays, resolve_checkpoint
 from finetune.config import load_config
@@ -101,20 +101,11 @@ def test_init_from_missing_parameter_and_unmatched_dont_load(tmp_path):
     train_lib.train_and_evaluate(tiny_config(init_from=str(tmp_path / "nope")), str(tmp_path / "d"))
 
 
-def test_init_from_an_unfinished_run_is_refused_unless_a_step_folder_is_named(tmp_path, monkeypatch):
+def test_init_from_an_unfinished_run_is_refused_unless_a_step_folder_is_named(tmp_path):
   """(A run stopped at step 2 of 4, by a kill or a divergence, gave its latest checkpoint silently.)"""
-  real_log_interval = train_lib.log_interval
-
-  def interrupted_at_step_3(log, step, *args, **kwargs):
-    if step == 3:
-      raise KeyboardInterrupt
-    return real_log_interval(log, step, *args, **kwargs)
-
-  monkeypatch.setattr(train_lib, "log_interval", interrupted_at_step_3)
-  with pytest.raises(KeyboardInterrupt):
+  with killed_at_step(3), pytest.raises(KeyboardInterrupt):
     train_lib.train_and_evaluate(tiny_config(train={"steps": 4, "log_every": 1, "checkpoint_every": 2}),
                                  str(tmp_path / "a"))
-  monkeypatch.setattr(train_lib, "log_interval", real_log_interval)
   for source in (tmp_path / "a", tmp_path / "a" / "checkpoints"):
     with pytest.raises(FinetuneError, match=r"has not finished \(no summary.json in .*/a\).*a/checkpoints/2\)"):
       train_lib.train_and_evaluate(tiny_config(init_from=str(source)), str(tmp_path / "b"))

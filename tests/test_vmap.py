@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import fake_devices_xla_flags, run_python, tiny_config
+from conftest import fake_devices_xla_flags, killed_at_step, run_python, tiny_config
 from finetune import train as train_lib
 from finetune import vmap
 from finetune.checkpoint import read_checkpoint_arrays
@@ -279,7 +279,7 @@ def test_points_together_each_log_to_their_own_wandb_run(tmp_path, monkeypatch):
     assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
 
 
-def test_a_point_training_alone_that_diverges_stops_alone(tmp_path, monkeypatch):
+def test_a_point_training_alone_that_diverges_stops_alone(tmp_path):
   """A point whose resume step differs from the others' trains alone; its failure is reported at the end too,
   after the points behind it have trained."""
   base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)},
@@ -287,17 +287,8 @@ def test_a_point_training_alone_that_diverges_stops_alone(tmp_path, monkeypatch)
                      train={"steps": 12, "log_every": 2, "checkpoint_every": 6})
   configs = [with_values(base, optimizer={"learning_rate": 1e30}), base]
   dirs = [str(tmp_path / "diverges"), str(tmp_path / "ok")]
-  real_log_interval = train_lib.log_interval
-
-  def interrupted_at_step_8(log, step, *args, **kwargs):
-    if step == 8:
-      raise KeyboardInterrupt
-    return real_log_interval(log, step, *args, **kwargs)
-
-  monkeypatch.setattr(train_lib, "log_interval", interrupted_at_step_8)
-  with pytest.raises(KeyboardInterrupt):  # the healthy point was stopped after its step-6 checkpoint
+  with killed_at_step(8), pytest.raises(KeyboardInterrupt):  # the healthy point stopped after its step-6 checkpoint
     train_lib.train_and_evaluate(configs[1], dirs[1])
-  monkeypatch.setattr(train_lib, "log_interval", real_log_interval)
   with pytest.raises(FinetuneError, match="diverges.*loss is.*the other 1 points finished"):
     vmap.train_points(configs, dirs)  # starts 0 and 6: each trains alone, the diverging one first
   assert os.path.isfile(os.path.join(dirs[1], "summary.json"))
