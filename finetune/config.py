@@ -293,7 +293,8 @@ def _check_overrides_reach_a_stage(config: ConfigDict, overrides: Sequence[str])
 
 
 def _sets(section: Any, keys: list[str]) -> bool:
-  """Whether a stage's section sets the dotted key `keys` (or a value above it that replaces it)."""
+  """Whether a stage's section sets the dotted key `keys` (stages merge section by section, so only the key itself
+  set in the stage shadows the base config's)."""
   for key in keys:
     if not isinstance(section, (dict, ConfigDict)) or key not in section:
       return False

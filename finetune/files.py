@@ -14,16 +14,19 @@ import tempfile
 from typing import Iterator
 
 
-def _umask() -> int:
-  mask = os.umask(0)
+def _read_umask() -> int:
+  mask = os.umask(0)  # (the only way to read it is to set it; done once, at import, before any writer thread)
   os.umask(mask)
   return mask
+
+
+_UMASK = _read_umask()
 
 
 def make_readable(path: str) -> None:
   """Gives `path` (and, for a folder, everything in it) the modes a plain `open`/`mkdir` would have: mkstemp,
   mkdtemp and safetensors' writer make files 0600 and folders 0700, which others on a shared cluster cannot read."""
-  mask = _umask()
+  mask = _UMASK
   if not os.path.isdir(path):
     os.chmod(path, 0o666 & ~mask)
     return
