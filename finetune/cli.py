@@ -18,7 +18,7 @@ import re
 import sys
 from typing import Sequence
 
-from finetune import interrupts
+from finetune import host_devices, interrupts
 from finetune.errors import FinetuneError
 
 
@@ -127,8 +127,7 @@ def run_plan(config_spec: str, mesh: str, devices: int, overrides: Sequence[str]
     raise FinetuneError(f"--devices {devices}: give a number of devices >= 1 (or leave it out: the real ones)")
   if devices:
     # Must precede jax's backend initialisation (the first device query), which nothing has triggered yet.
-    flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    os.environ.update(host_devices.environment(devices))
   mesh_overrides = []
   for item in filter(None, mesh.split(",")):
     axis, sep, size = item.partition("=")
@@ -192,6 +191,7 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
+  host_devices.size_client_threads()  # before jax creates its CPU client, which reads it
   with interrupts.termination_as_interrupt():  # a preempted job ends like Ctrl-C: files closed, one line
     return _main(argv)
 

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
+from finetune import host_devices
 from finetune.errors import FinetuneError
 from finetune.partition import flatten, map_with_path, path_str
 
@@ -54,6 +55,7 @@ Rules = dict[str, Any]
 def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh over `devices` (default: all) shaped by `config.mesh`; one axis may be -1 (= the remaining devices)."""
   devices = list(jax.devices() if devices is None else devices)
+  host_devices.warn_if_short_of_threads(devices)
   names = [axis for axis in MESH_AXES if axis in mesh_cfg]
   sizes = [int(mesh_cfg[axis]) for axis in names]
   for name, size in zip(names, sizes):

@@ -48,10 +48,10 @@ from finetune.strategy import Strategy, resolve_strategy, write_table
 
 SUMMARY_FILE = "summary.json"
 # At most this many dispatched steps (or evaluation batches) wait unfinished: the loops block on the oldest beyond
-# it. XLA's CPU client hangs when many multi-device programs are queued: on 8 host devices a small sharded step
-# dispatched 600 times without waiting hung in a collective until XLA aborted the process (50 times, with other
-# work on the 2 cores); waiting on the step 2, 4 or 8 back ran the 600 in 3 s (benchmarks/cpu_steps_in_flight.py).
-# GPUs and TPUs need only a couple of queued steps to stay busy.
+# it. Accelerators need only a couple of queued steps to stay busy, and the host does not pile up batches. On fake
+# host devices it also keeps XLA's CPU client away from the queue depth (about 32 programs) at which its thread pool can
+# run out and hang in a collective; the pool is sized so that it cannot (finetune/host_devices.py), as a burst of
+# small programs outside these loops can still queue that many (benchmarks/cpu_host_device_threads.py).
 MAX_STEPS_IN_FLIGHT = 4
 
 

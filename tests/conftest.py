@@ -100,12 +100,16 @@ def tiny_config(**sections):
   return build_config(raw)
 
 
-def fake_devices_xla_flags(devices: int) -> str:
-  """XLA_FLAGS for `devices` host devices in a test's subprocess. XLA's CPU collectives abort the process when one
-  device's thread is 40 s late to an all-reduce (a deadlock guard). Eight device threads on CI's 2 busy cores can be
-  that late without any deadlock: a CI run aborted this way in test_scan. The guard is raised to 20 minutes, the
-  subprocesses' own timeout."""
-  return f"--xla_force_host_platform_device_count={devices} --xla_cpu_collective_call_terminate_timeout_seconds=1200"
+def fake_devices_env(devices: int) -> dict[str, str]:
+  """This process's environment for a test's subprocess with `devices` host devices: XLA_FLAGS asks for them and
+  PJRT_NPROC gives XLA's CPU client the threads they need not to hang (finetune/host_devices.py). XLA's CPU
+  collectives abort the process when a device is 40 s late to a rendezvous; 8 device threads on CI's 2 busy cores
+  were once thought to be that late, but that abort and a later 20-minute hang were the client's thread pool
+  running out (now sized). The abort is kept at 5 minutes: a hang fails a test in minutes, slow progress does not."""
+  from finetune import host_devices  # pylint: disable=g-import-not-at-top
+  env = host_devices.environment(devices)
+  env["XLA_FLAGS"] += " --xla_cpu_collective_call_terminate_timeout_seconds=300"
+  return env
 
 
 def run_python(code: str, env_extra: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -65,8 +65,8 @@ def test_eight_fake_devices_match_one_device(mesh, single_device_run, tmp_path):
 
 def run_python_with_args(code, args):
   import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-import
-  from conftest import REPO, fake_devices_xla_flags  # pylint: disable=g-import-not-at-top
-  env = {**os.environ, "XLA_FLAGS": fake_devices_xla_flags(8),
+  from conftest import REPO, fake_devices_env  # pylint: disable=g-import-not-at-top
+  env = {**fake_devices_env(8),
          "PYTHONPATH": str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", "")}
   # The timeout only guards against a hang: a slow machine may take several minutes for the larger meshes.
   return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
@@ -134,10 +134,10 @@ print(json.dumps(summary["init"]))
 def test_checkpoint_restores_onto_another_mesh(single_device_run, tmp_path):
   """Written on 8 devices (data=8), resumed on 4 (fsdp=4): orbax reshards; the run equals one device's."""
   import os, shutil, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-import
-  from conftest import REPO, fake_devices_xla_flags  # pylint: disable=g-import-not-at-top
+  from conftest import REPO, fake_devices_env  # pylint: disable=g-import-not-at-top
 
   def run(devices, mesh):
-    env = {**os.environ, "XLA_FLAGS": fake_devices_xla_flags(devices),
+    env = {**fake_devices_env(devices),
            "PYTHONPATH": str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-c", RESUME, json.dumps(mesh), str(tmp_path), str(devices)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)

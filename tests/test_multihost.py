@@ -4,14 +4,13 @@ equal to the same run in one process with 4 devices."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 
 import numpy as np
 
-from conftest import REPO, fake_devices_xla_flags
+from conftest import REPO, fake_devices_env
 from finetune.checkpoint import read_checkpoint_arrays
 
 CONFIG = '''
@@ -29,7 +28,7 @@ def _free_port() -> int:
 
 
 def _launch(config, workdir, devices, process_id=None, port=None):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": fake_devices_xla_flags(devices)}
+  env = {**fake_devices_env(devices), "JAX_PLATFORMS": "cpu"}
   if process_id is not None:
     env.update(FINETUNE_COORDINATOR=f"localhost:{port}", FINETUNE_NUM_PROCESSES="2",
                FINETUNE_PROCESS_ID=str(process_id))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import fake_devices_xla_flags, run_python
+from conftest import fake_devices_env, run_python
 
 SMALL = ["model.hidden_size=256", "model.intermediate_size=512", "model.num_attention_heads=4",
          "model.num_key_value_heads=2", "model.vocab_size=1024", "data.options.vocab_size=1024"]
@@ -30,7 +30,7 @@ assert cli.main(["plan", "--config", "configs/llama_plan.py:layers=2,length=64,p
 
 
 def test_plan_reports_sharded_bytes_and_lora_savings():
-  result = run_python(CODE.format(small=repr(SMALL)), {"XLA_FLAGS": fake_devices_xla_flags(8)})
+  result = run_python(CODE.format(small=repr(SMALL)), fake_devices_env(8))
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.strip().splitlines()
   full, lora, tensor = json.loads(lines[0])

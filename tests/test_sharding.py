@@ -6,7 +6,6 @@ Multi-device checks run in a subprocess with 8 fake CPU devices (XLA_FLAGS must 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,7 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 from ml_collections import ConfigDict
 
-from conftest import fake_devices_xla_flags
+from conftest import fake_devices_env
 from finetune.errors import FinetuneError
 from finetune.sharding import (BATCH_AXES, DEFAULT_RULES, logical_to_spec, make_mesh, rules_from_config)
 
@@ -68,7 +67,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def multi() -> dict:
-  env = dict(os.environ, XLA_FLAGS=fake_devices_xla_flags(8), JAX_PLATFORMS="cpu")
+  env = dict(fake_devices_env(8), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", _MULTI_DEVICE_SCRIPT], env=env, capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import fake_devices_xla_flags, killed_at_step, run_python, tiny_config
+from conftest import fake_devices_env, killed_at_step, run_python, tiny_config
 from finetune import train as train_lib
 from finetune import vmap
 from finetune.checkpoint import read_checkpoint_arrays
@@ -318,6 +318,6 @@ for k in range(2):
     np.testing.assert_allclose(a[path], b[path], rtol=2e-4, atol=2e-6, err_msg=path)
 print("OK")
 """
-  result = run_python(code, {"XLA_FLAGS": fake_devices_xla_flags(8)})
+  result = run_python(code, fake_devices_env(8))
   assert result.returncode == 0, result.stderr[-3000:]
   assert "OK" in result.stdout
