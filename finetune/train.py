@@ -9,6 +9,7 @@ from another run (`init_from` + `dont_load`); then loops the pure jitted train s
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -980,18 +981,27 @@ def check_finite_evaluation(results: dict[str, dict[str, float]], step: int) -> 
 
 def evaluate(eval_fn, weights: dict[str, Any], pipeline: InputPipeline, split: str,
              mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """Loss and accuracy over every example of `split` (padding masked out), and examples per second."""
+  """Loss and accuracy over every example of `split` (padding masked out), and examples per second.
+
+  Each batch's sums are added on the host in float64 once that batch is done (the loop waits on the batch
+  MAX_STEPS_IN_FLIGHT back anyway): a float32 running total on the device stops counting at 2^24 tokens, and its
+  loss sum loses digits long before, on the evaluation sets of language models."""
   spec = batch_sharding(mesh)
   start = time.perf_counter()
-  totals, pending = None, []
+  totals: dict[str, float] = collections.defaultdict(float)
+  pending = []
+
+  def add(sums: dict[str, jax.Array]) -> None:
+    for key, value in jax.device_get(sums).items():
+      totals[key] += float(value)
+
   for batch in pipeline.eval_batches(split):
-    sums = eval_fn(weights, to_global(batch, spec))
-    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-    pending.append(totals)
+    pending.append(eval_fn(weights, to_global(batch, spec)))
     pace(pending)
     if len(pending) > MAX_STEPS_IN_FLIGHT:
-      pending.pop(0)  # (waited on: only the last few are needed)
-  totals = jax.device_get(totals)
+      add(pending.pop(0))  # (finished: pace waited on it)
+  for sums in pending:
+    add(sums)
   seconds = time.perf_counter() - start
   if not float(totals["count"]):
     raise FinetuneError(f"the {split} split has nothing to score (no example, or no token the loss counts: every "

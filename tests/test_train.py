@@ -446,3 +446,27 @@ def test_float32_params_stay_float32_under_bfloat16_compute():
   assert bfloat16_casts([]) - bfloat16_casts(["norm"]) >= 10
   with pytest.raises(FinetuneError, match="config.train.float32_params: pattern 'layernorm' matches no parameter"):
     train_lib.build_stage(tiny_config(model=vit, train={"compute_dtype": "bfloat16", "float32_params": ["layernorm"]}))
+
+
+def test_evaluation_adds_batches_in_float64_past_float32_counts():
+  """A float32 running total of the batches' sums on the device stopped counting at 2^24 (2^24 + 1 == 2^24):
+  language models' evaluation sets have more tokens than that. Sums are added on the host in float64."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
+  from finetune.sharding import make_mesh  # pylint: disable=g-import-not-at-top
+
+  class Batches:  # what evaluate reads of an InputPipeline
+    def eval_batches(self, split):
+      for _ in range(8):
+        yield {"mask": np.ones(1, np.float32)}
+
+  counts = iter([2.0 ** 24] + [1.0] * 7)
+
+  def eval_fn(weights, batch):
+    count = jnp.float32(next(counts))
+    return {"loss_sum": 2 * count, "correct": count, "count": count, "examples": jnp.sum(batch["mask"]),
+            "tokens": count}
+
+  metrics = train_lib.evaluate(eval_fn, {}, Batches(), "test", make_mesh(ConfigDict({"data": 1})))
+  assert metrics["num_tokens"] == 2 ** 24 + 7 and metrics["num_examples"] == 8
+  assert metrics["loss"] == 2.0 and metrics["accuracy"] == 1.0
