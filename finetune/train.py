@@ -382,8 +382,8 @@ def attach_regularizers(stage: Stage, state: TrainState, cfg: ConfigDict, workdi
 def check_anchored_parameters_train(stage: Stage, context: regularizers.Context) -> None:
   """EWC and L2-SP's alpha term pull the parameters loaded from the source towards their source values (for LoRA,
   the weights its layers compute with): when none of them trains (a frozen backbone under a new head; a PEFT
-  method without `effective` that trains only its own parameters, as IA3) they do nothing, and the run would have
-  reported a regularized result that was not."""
+  method without `effective` that trains only its own parameters, as prompt tuning) they do nothing, and the run
+  would have reported a regularized result that was not."""
   l2sp = context.cfg.regularize.l2sp
   anchoring = [name for name, on in (("config.regularize.ewc", "ewc" in regularizers.active(context.cfg)),
                                      ("config.regularize.l2sp.alpha", l2sp.alpha > 0)) if on]
@@ -397,9 +397,10 @@ def check_anchored_parameters_train(stage: Stage, context: regularizers.Context)
     verb = "anchors" if len(anchoring) == 1 else "anchor"
     raise FinetuneError(
         f"{' and '.join(anchoring)} {verb} the parameters loaded from {context.sources[0].name}, but none of them "
-        "trains in this stage (a frozen backbone trains only a new head; IA3 or prompt tuning only their own "
-        "parameters, which act on no anchored weight): the penalty would be 0. Drop it, train some loaded "
-        "parameters (LoRA acts on them), or use regularize.lwf or rehearsal, which act on the model's outputs")
+        "trains in this stage (a frozen backbone trains only a new head; prompt, prefix or bottleneck tuning only "
+        "their own parameters, which act on no anchored weight): the penalty would be 0. Drop it, train some "
+        "loaded parameters (LoRA and IA3 act on them), or use regularize.lwf or rehearsal, which act on the "
+        "model's outputs")
 
 
 def on_this_stage_s_devices(source_cfg: ConfigDict, cfg: ConfigDict) -> ConfigDict:

@@ -9,6 +9,7 @@ y = (x * l) W + b with l: (in,) (the FFN's second projection). Both fold into W 
 from __future__ import annotations
 
 import re
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -72,4 +73,27 @@ def merge(abstract_model: nnx.Module, params: dict, model_state: dict) -> tuple[
   return params, model_state
 
 
-adapters.PEFT_METHODS.register("ia3")(adapters.PeftMethod(inject=inject, merge=merge, settings=("feedforward",)))
+def effective(abstract_model: nnx.Module) -> Callable[[dict[str, Any]], dict[str, Any]]:
+  """`merge` as a traceable function of the flat params, for EWC and L2-SP inside the train step: each IA3 layer's
+  kernel (and, when its output is scaled, bias) as scaled by its vector, the vector dropped. Without it the
+  penalties saw only the frozen kernels, and IA3 over a trained model could not be regularized."""
+  layers = dict(adapters.module_paths(abstract_model, IA3Linear))
+
+  def weights(params: dict[str, Any]) -> dict[str, Any]:
+    params = dict(params)
+    for path, module in layers.items():
+      scale = params.pop(f"{path}/ia3_scale").astype(jnp.float32)
+      kernel = params[f"{path}/kernel"].astype(jnp.float32)
+      if module.feedforward:
+        params[f"{path}/kernel"] = kernel * scale[:, None]
+      else:
+        params[f"{path}/kernel"] = kernel * scale[None, :]
+        if f"{path}/bias" in params:
+          params[f"{path}/bias"] = params[f"{path}/bias"].astype(jnp.float32) * scale
+    return params
+
+  return weights
+
+
+adapters.PEFT_METHODS.register("ia3")(adapters.PeftMethod(inject=inject, merge=merge, effective=effective,
+                                                          settings=("feedforward",)))
