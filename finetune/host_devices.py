@@ -29,7 +29,10 @@ THREADS_VARIABLE = "PJRT_NPROC"
 
 
 def requested_devices(environ: Mapping[str, str]) -> int:
-  """The host device count XLA_FLAGS asks for (XLA takes the last of repeated flags); 1 when it asks for none."""
+  """The host device count asked for: JAX_NUM_CPU_DEVICES (jax's config, which takes precedence), else XLA_FLAGS
+  (XLA takes the last of repeated flags); 1 when neither asks."""
+  if environ.get("JAX_NUM_CPU_DEVICES", "").isdigit():
+    return int(environ["JAX_NUM_CPU_DEVICES"])
   counts = re.findall(rf"{DEVICE_COUNT_FLAG}=(\d+)", environ.get("XLA_FLAGS", ""))
   return int(counts[-1]) if counts else 1
 
@@ -44,8 +47,8 @@ def _cores() -> int:
 
 
 def size_client_threads(environ: MutableMapping[str, str] | None = None) -> None:
-  """Sets PJRT_NPROC for the host devices XLA_FLAGS asks for, unless the user set it; warns when theirs is too
-  small. Call before jax's first device query (the CLI does, first thing)."""
+  """Sets PJRT_NPROC for the host devices asked for (`requested_devices`), unless the user set it; warns when
+  theirs is too small. Call before jax's first device query (the CLI does, first thing)."""
   environ = os.environ if environ is None else environ
   devices = requested_devices(environ)
   if devices <= 1:
@@ -66,6 +69,7 @@ def environment(devices: int, environ: Mapping[str, str] | None = None) -> dict[
   queried them."""
   result = dict(os.environ if environ is None else environ)
   result["XLA_FLAGS"] = f"{result.get('XLA_FLAGS', '')} {DEVICE_COUNT_FLAG}={devices}".strip()
+  result.pop("JAX_NUM_CPU_DEVICES", None)  # (it would take precedence over the flag)
   given = result.get(THREADS_VARIABLE, "")
   if devices > 1 and not (given.isdigit() and int(given) >= threads_needed(devices)):
     result[THREADS_VARIABLE] = str(max(threads_needed(devices), _cores()))

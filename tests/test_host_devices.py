@@ -52,10 +52,12 @@ def environ():
   return {"PATH": os.environ.get("PATH", "")}
 
 
-def test_requested_devices_reads_the_last_flag(environ):
+def test_requested_devices_reads_jax_s_setting_else_the_last_flag(environ):
   assert host_devices.requested_devices(environ) == 1
   environ["XLA_FLAGS"] = f"--xla_dump_to=/tmp/x {FLAG}=4 {FLAG}=8"
   assert host_devices.requested_devices(environ) == 8
+  environ["JAX_NUM_CPU_DEVICES"] = "4"  # jax's own setting wins over XLA_FLAGS
+  assert host_devices.requested_devices(environ) == 4
 
 
 def test_client_threads_are_sized_for_the_requested_devices(environ, capsys):
@@ -75,9 +77,10 @@ def test_client_threads_are_sized_for_the_requested_devices(environ, capsys):
 
 def test_environment_asks_for_the_devices_and_their_threads(environ):
   environ["XLA_FLAGS"] = "--xla_cpu_enable_fast_math=false"
-  environ["PJRT_NPROC"] = "4"
+  environ["PJRT_NPROC"], environ["JAX_NUM_CPU_DEVICES"] = "4", "2"
   env = host_devices.environment(8, environ)
-  assert env["XLA_FLAGS"] == f"--xla_cpu_enable_fast_math=false {FLAG}=8"
+  assert env["XLA_FLAGS"] == f"--xla_cpu_enable_fast_math=false {FLAG}=8" and "JAX_NUM_CPU_DEVICES" not in env
+  assert host_devices.requested_devices(env) == 8
   assert int(env["PJRT_NPROC"]) >= 16
   assert environ["PJRT_NPROC"] == "4" and FLAG not in environ["XLA_FLAGS"]  # a copy
   environ["PJRT_NPROC"] = "64"
