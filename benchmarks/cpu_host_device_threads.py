@@ -5,7 +5,7 @@ training loops also bound the steps in flight (finetune.train.MAX_STEPS_IN_FLIGH
 
 Each case runs in a fresh process with 8 host devices and prints one line: finished (seconds) or hung (XLA's own
 abort of a collective that some device never joined, or killed at --timeout). Two workloads, each with the client's
-default pool (max(cores, devices) threads: 8 on a 2-core machine) and with PJRT_NPROC=2 x devices, the setting
+default pool (max(cores, devices) threads: 8 on a 2-core machine) and with 2 x devices threads, the setting
 `host_devices` makes:
 * `burst`: one slow sharded program, then `--programs` cheap ones with an all-reduce each, dispatched without
   waiting (what a tree.map of small sharded operations does).
@@ -63,13 +63,19 @@ print(float(losses[-1]))
 """
 
 
-def run_case(code: str, args: list[str], sized: bool, timeout: float) -> str:
+def case_environment(sized: bool) -> dict[str, str]:
   env = host_devices.environment(8)
   env["JAX_PLATFORMS"] = "cpu"
   # XLA aborts a collective some device has not joined after 40 s by default; 30 s keeps a hung case short.
   env["XLA_FLAGS"] += " --xla_cpu_collective_call_terminate_timeout_seconds=30"
   if not sized:
-    env.pop(host_devices.THREADS_VARIABLE)
+    env.pop(host_devices.THREADS_VARIABLE, None)
+    env.pop("NPROC", None)
+  return env
+
+
+def run_case(code: str, args: list[str], sized: bool, timeout: float) -> str:
+  env = case_environment(sized)
   start = time.perf_counter()
   try:
     result = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
@@ -89,8 +95,10 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=600)
   parser.add_argument("--timeout", type=float, default=120.0)
   args = parser.parse_args()
-  threads = host_devices.environment(8)[host_devices.THREADS_VARIABLE]
-  pools = {False: "default pool", True: f"{host_devices.THREADS_VARIABLE}={threads}"}
+  pools = {}
+  for sized in (False, True):
+    threads = host_devices.client_threads(8, case_environment(sized))
+    pools[sized] = f"{'sized' if sized else 'default'} pool of {threads} threads"
   for sized in (False, True):
     for programs in (32, 33, args.programs):
       outcome = run_case(BURST, [str(programs)], sized, args.timeout)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import warnings
 from typing import Any, Mapping, MutableMapping, Sequence
 
@@ -46,33 +45,42 @@ def _cores() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def client_threads(devices: int, environ: Mapping[str, str]) -> int:
+  """The thread pool XLA's CPU client will have for `devices` (its DefaultThreadPoolSize): PJRT_NPROC, else NPROC,
+  else the cores; never fewer than the devices."""
+  given = next((int(environ[name]) for name in (THREADS_VARIABLE, "NPROC") if environ.get(name, "").isdigit()), 0)
+  return max(given or _cores(), devices)
+
+
+def _warn_if_short(devices: int, environ: Mapping[str, str]) -> None:
+  threads, needed = client_threads(devices, environ), threads_needed(devices)
+  if devices > 1 and threads < needed:
+    warnings.warn(f"{devices} CPU devices with {threads} XLA client threads: XLA's CPU client can hang in a "
+                  f"collective when the host runs ahead (finetune/host_devices.py). Start the process with "
+                  f"{THREADS_VARIABLE}={needed} (the `finetune` command sets it), or call "
+                  "finetune.host_devices.size_client_threads() before jax's first device query", stacklevel=3)
+
+
 def size_client_threads(environ: MutableMapping[str, str] | None = None) -> None:
-  """Sets PJRT_NPROC for the host devices asked for (`requested_devices`), unless the user set it; warns when
-  theirs is too small. Call before jax's first device query (the CLI does, first thing)."""
+  """Sets PJRT_NPROC for the host devices asked for (`requested_devices`) when the client would otherwise have too
+  few threads; a PJRT_NPROC the user set is kept (warned about when too small). Call before jax's first device
+  query (the CLI does, first thing)."""
   environ = os.environ if environ is None else environ
   devices = requested_devices(environ)
-  if devices <= 1:
-    return
-  needed = threads_needed(devices)
-  given = environ.get(THREADS_VARIABLE, "")
-  if not given:
-    environ[THREADS_VARIABLE] = str(max(needed, _cores()))
-  elif not given.isdigit() or int(given) < needed:
-    print(f"warning: {THREADS_VARIABLE}={given} with {devices} host devices: XLA's CPU client can hang in a "
-          f"collective with fewer than {needed} threads; unset it or set {THREADS_VARIABLE}={needed}",
-          file=sys.stderr)
+  if THREADS_VARIABLE not in environ and client_threads(devices, environ) < threads_needed(devices):
+    environ[THREADS_VARIABLE] = str(threads_needed(devices))
+  _warn_if_short(devices, environ)
 
 
 def environment(devices: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:
   """A copy of `environ` (default: this process's) for a process with `devices` host devices: XLA_FLAGS asks
-  for them and PJRT_NPROC is sized for them. For subprocesses; this process's devices exist already once jax has
-  queried them."""
+  for them and PJRT_NPROC is sized for them (raised if set too small). For subprocesses; this process's devices
+  exist already once jax has queried them."""
   result = dict(os.environ if environ is None else environ)
   result["XLA_FLAGS"] = f"{result.get('XLA_FLAGS', '')} {DEVICE_COUNT_FLAG}={devices}".strip()
   result.pop("JAX_NUM_CPU_DEVICES", None)  # (it would take precedence over the flag)
-  given = result.get(THREADS_VARIABLE, "")
-  if devices > 1 and not (given.isdigit() and int(given) >= threads_needed(devices)):
-    result[THREADS_VARIABLE] = str(max(threads_needed(devices), _cores()))
+  if client_threads(devices, result) < threads_needed(devices):
+    result[THREADS_VARIABLE] = str(threads_needed(devices))
   return result
 
 
@@ -80,15 +88,5 @@ def warn_if_short_of_threads(devices: Sequence[Any], environ: Mapping[str, str] 
   """Warns when `devices` (jax devices) are several CPU devices whose client has fewer threads than they need.
   The client exists already (it made them), so the fix is for the next process: library code that sets XLA_FLAGS
   itself, rather than through the `finetune` command, gets told. (Python shows a warning once per place.)"""
-  if len(devices) <= 1 or devices[0].platform != "cpu":
-    return
-  environ = os.environ if environ is None else environ
-  # XLA's DefaultThreadPoolSize: PJRT_NPROC, else NPROC, else the cores; never fewer than the devices.
-  given = next((int(environ[name]) for name in (THREADS_VARIABLE, "NPROC") if environ.get(name, "").isdigit()), 0)
-  threads = max(given or _cores(), len(devices))
-  needed = threads_needed(len(devices))
-  if threads < needed:
-    warnings.warn(f"{len(devices)} CPU devices with {threads} XLA client threads: XLA's CPU client can hang in a "
-                  f"collective when the host runs ahead (finetune/host_devices.py). Start the process with "
-                  f"{THREADS_VARIABLE}={needed} (the `finetune` command sets it), or call "
-                  "finetune.host_devices.size_client_threads() before jax's first device query", stacklevel=3)
+  if devices and devices[0].platform == "cpu":
+    _warn_if_short(len(devices), os.environ if environ is None else environ)

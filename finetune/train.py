@@ -50,9 +50,9 @@ from finetune.strategy import Strategy, resolve_strategy, write_table
 SUMMARY_FILE = "summary.json"
 # At most this many dispatched steps (or evaluation batches) wait unfinished: the loops block on the oldest beyond
 # it. Accelerators need only a couple of queued steps to stay busy, and the host does not pile up batches. On fake
-# host devices it also keeps XLA's CPU client away from the queue depth (about 32 programs) at which its thread pool can
-# run out and hang in a collective; the pool is sized so that it cannot (finetune/host_devices.py), as a burst of
-# small programs outside these loops can still queue that many (benchmarks/cpu_host_device_threads.py).
+# host devices it also keeps XLA's CPU client away from the queue depth (about 32 programs) at which its thread
+# pool can run out and hang in a collective; the pool is sized so that it cannot (finetune/host_devices.py), as a
+# burst of small programs outside these loops can still queue that many (benchmarks/cpu_host_device_threads.py).
 MAX_STEPS_IN_FLIGHT = 4
 
 

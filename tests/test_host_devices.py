@@ -48,8 +48,8 @@ def test_a_host_far_ahead_of_eight_host_devices_does_not_hang():
 
 @pytest.fixture
 def environ():
-  """A clean environment to size: no XLA_FLAGS, no PJRT_NPROC."""
-  return {"PATH": os.environ.get("PATH", "")}
+  """A clean environment to size, as on a 2-core machine (NPROC, which XLA reads when PJRT_NPROC is unset)."""
+  return {"PATH": os.environ.get("PATH", ""), "NPROC": "2"}
 
 
 def test_requested_devices_reads_jax_s_setting_else_the_last_flag(environ):
@@ -60,19 +60,26 @@ def test_requested_devices_reads_jax_s_setting_else_the_last_flag(environ):
   assert host_devices.requested_devices(environ) == 4
 
 
-def test_client_threads_are_sized_for_the_requested_devices(environ, capsys):
-  host_devices.size_client_threads(environ)
-  assert "PJRT_NPROC" not in environ  # one device: nothing to size
-  environ["XLA_FLAGS"] = f"{FLAG}=8"
-  host_devices.size_client_threads(environ)
-  assert int(environ["PJRT_NPROC"]) == max(16, len(os.sched_getaffinity(0)))
-  environ["PJRT_NPROC"] = "64"  # the user's own, larger: kept, silently
-  host_devices.size_client_threads(environ)
-  assert environ["PJRT_NPROC"] == "64" and capsys.readouterr().err == ""
+def test_client_threads_are_sized_for_the_requested_devices(environ):
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    host_devices.size_client_threads(environ)
+    assert "PJRT_NPROC" not in environ  # one device: nothing to size
+    environ["XLA_FLAGS"] = f"{FLAG}=8"
+    assert host_devices.client_threads(8, environ) == 8  # the client's default on 2 cores: max(cores, devices)
+    host_devices.size_client_threads(environ)
+    assert environ["PJRT_NPROC"] == "16" and host_devices.client_threads(8, environ) == 16
+    environ["PJRT_NPROC"] = "64"  # the user's own, larger: kept, silently
+    host_devices.size_client_threads(environ)
+    assert environ["PJRT_NPROC"] == "64"
+    del environ["PJRT_NPROC"]
+    environ["NPROC"] = "32"  # enough threads anyway: nothing set
+    host_devices.size_client_threads(environ)
+    assert "PJRT_NPROC" not in environ
   environ["PJRT_NPROC"] = "4"  # the user's own, too small: kept, with a warning naming the fix
-  host_devices.size_client_threads(environ)
+  with pytest.warns(UserWarning, match="8 CPU devices with 8 XLA client threads.*PJRT_NPROC=16"):
+    host_devices.size_client_threads(environ)
   assert environ["PJRT_NPROC"] == "4"
-  assert "PJRT_NPROC=4 with 8 host devices" in capsys.readouterr().err
 
 
 def test_environment_asks_for_the_devices_and_their_threads(environ):
@@ -81,7 +88,7 @@ def test_environment_asks_for_the_devices_and_their_threads(environ):
   env = host_devices.environment(8, environ)
   assert env["XLA_FLAGS"] == f"--xla_cpu_enable_fast_math=false {FLAG}=8" and "JAX_NUM_CPU_DEVICES" not in env
   assert host_devices.requested_devices(env) == 8
-  assert int(env["PJRT_NPROC"]) >= 16
+  assert env["PJRT_NPROC"] == "16"
   assert environ["PJRT_NPROC"] == "4" and FLAG not in environ["XLA_FLAGS"]  # a copy
   environ["PJRT_NPROC"] = "64"
   assert host_devices.environment(8, environ)["PJRT_NPROC"] == "64"
@@ -90,9 +97,10 @@ def test_environment_asks_for_the_devices_and_their_threads(environ):
 def test_the_cli_sizes_the_threads_before_anything_else(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", f"{FLAG}=8")
   monkeypatch.delenv("PJRT_NPROC", raising=False)
+  monkeypatch.setenv("NPROC", "2")  # (as on a 2-core machine; read by XLA only when it creates a client)
   with pytest.raises(SystemExit):
     cli.main(["train", "--help"])
-  assert int(os.environ["PJRT_NPROC"]) >= 16
+  assert os.environ["PJRT_NPROC"] == "16"
 
 
 def test_too_few_client_threads_for_the_cpu_devices_are_reported(environ):
