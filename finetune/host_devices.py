@@ -52,24 +52,14 @@ def client_threads(devices: int, environ: Mapping[str, str]) -> int:
   return max(given or _cores(), devices)
 
 
-def _warn_if_short(devices: int, environ: Mapping[str, str]) -> None:
-  threads, needed = client_threads(devices, environ), threads_needed(devices)
-  if devices > 1 and threads < needed:
-    warnings.warn(f"{devices} CPU devices with {threads} XLA client threads: XLA's CPU client can hang in a "
-                  f"collective when the host runs ahead (finetune/host_devices.py). Start the process with "
-                  f"{THREADS_VARIABLE}={needed} (the `finetune` command sets it), or call "
-                  "finetune.host_devices.size_client_threads() before jax's first device query", stacklevel=3)
-
-
 def size_client_threads(environ: MutableMapping[str, str] | None = None) -> None:
   """Sets PJRT_NPROC for the host devices asked for (`requested_devices`) when the client would otherwise have too
-  few threads; a PJRT_NPROC the user set is kept (warned about when too small). Call before jax's first device
-  query (the CLI does, first thing)."""
+  few threads; a PJRT_NPROC the user set is kept (`sharding.make_mesh` warns when it is too small). Call before
+  jax's first device query (the CLI does, first thing)."""
   environ = os.environ if environ is None else environ
   devices = requested_devices(environ)
   if THREADS_VARIABLE not in environ and client_threads(devices, environ) < threads_needed(devices):
     environ[THREADS_VARIABLE] = str(threads_needed(devices))
-  _warn_if_short(devices, environ)
 
 
 def environment(devices: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -88,5 +78,12 @@ def warn_if_short_of_threads(devices: Sequence[Any], environ: Mapping[str, str] 
   """Warns when `devices` (jax devices) are several CPU devices whose client has fewer threads than they need.
   The client exists already (it made them), so the fix is for the next process: library code that sets XLA_FLAGS
   itself, rather than through the `finetune` command, gets told. (Python shows a warning once per place.)"""
-  if devices and devices[0].platform == "cpu":
-    _warn_if_short(len(devices), os.environ if environ is None else environ)
+  if not devices or devices[0].platform != "cpu":
+    return
+  threads = client_threads(len(devices), os.environ if environ is None else environ)
+  needed = threads_needed(len(devices))
+  if threads < needed:
+    warnings.warn(f"{len(devices)} CPU devices with {threads} XLA client threads: XLA's CPU client can hang in a "
+                  f"collective when the host runs ahead (finetune/host_devices.py). Start the process with "
+                  f"{THREADS_VARIABLE}={needed} (the `finetune` command sets it unless it is set), or call "
+                  "finetune.host_devices.size_client_threads() before jax's first device query", stacklevel=2)
