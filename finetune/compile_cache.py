@@ -17,7 +17,10 @@ by default) are stored. Things to know:
   (`FINETUNE_COMPILATION_CACHE=/shared/path`) or the other hosts never find one.
 - `finetune sweep --parallel N` processes may read an entry another one is still writing; JAX then warns and
   compiles, so results are unaffected.
-- Library users (notebooks, scripts) call `finetune.compile_cache.enable()` themselves before their first jit.
+- Library users (notebooks, scripts) call `finetune.compile_cache.enable()` themselves before their first jit
+  (and after `jax.distributed.initialize`: it asks jax for the devices).
+- Not on several CPU devices (host devices, or CPU processes of a multi-process job): there a program loaded from
+  the cache can hang in its collectives (measured, finetune/host_devices.py), so `enable()` turns the cache off.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from __future__ import annotations
 import os
 
 import jax
+
+from finetune import host_devices
 
 CACHE_DIR_VARIABLE = "FINETUNE_COMPILATION_CACHE"
 OFF_VALUES = ("off", "0", "false")
@@ -39,6 +44,9 @@ def enable() -> str | None:
   """Points JAX's persistent compilation cache at the folder above (call it before the first compilation).
   Returns the folder in use, or None when the cache is off."""
   if not jax.config.jax_enable_compilation_cache:  # JAX_ENABLE_COMPILATION_CACHE=false: the user turned it off
+    return None
+  if host_devices.several_cpu_devices():  # loaded multi-device CPU programs can hang (finetune/host_devices.py)
+    jax.config.update("jax_enable_compilation_cache", False)  # also when JAX_COMPILATION_CACHE_DIR names a folder
     return None
   if os.environ.get("JAX_COMPILATION_CACHE_DIR", "").strip():
     return os.environ["JAX_COMPILATION_CACHE_DIR"]

@@ -1,5 +1,5 @@
-"""Fake CPU devices (XLA's --xla_force_host_platform_device_count), for trying a mesh on one machine, and the
-thread count XLA's CPU client needs so that they do not hang.
+"""Fake CPU devices (XLA's --xla_force_host_platform_device_count), for trying a mesh on one machine, and what they
+need so that they do not hang: enough threads in XLA's CPU client, and no programs from the compilation cache.
 
 Why the threads: XLA's CPU client (xla/pjrt/cpu/cpu_client.cc, jaxlib 0.10) launches a multi-device program by
 scheduling one launch task per device on its thread pool, and later runs each device's part on the same pool. A
@@ -14,6 +14,18 @@ With 2 x devices threads one is always free for the program that must finish fir
 block at a time (the host waits for a program's launches before dispatching the next) and at most `devices - 1`
 parts wait in a collective (programs with collectives run one at a time). PJRT_NPROC sets the pool's size; XLA
 reads it once, when jax creates the CPU client at its first device query.
+
+Why no compilation cache: with jaxlib 0.10 a multi-device CPU program that JAX loads from its persistent compilation
+cache can hang in its collectives where the same program compiled in the process runs. Measured on the 2-core
+machine with 8 host devices: tests/test_scan.py's Llama stage with the residual stream split over 'tensor' hung in
+its first train steps in all 9 runs that loaded every program from the cache (3 of them with synchronous dispatch,
+so one program alone hangs), and finished in all 4 runs that compiled them and in 4 that compiled one of them. In
+the hang two devices wait for each other in two
+different collectives of one program run (op 2 and op 70 of devices [0, 2]); a program whose collectives run in
+one order on every device cannot do that. How the loaded program loses that order is not established. This hang
+refused two CI runs: the development runs started from an empty cache and passed, CI's found it filled. So on
+several CPU devices the cache stays off: `environment()` turns it off for a subprocess, and
+`compile_cache.enable()` (the `finetune` command) for this process.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from typing import Any, Mapping, MutableMapping, Sequence
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 THREADS_VARIABLE = "PJRT_NPROC"
+CACHE_SWITCH_VARIABLE = "JAX_ENABLE_COMPILATION_CACHE"  # jax's own switch for its persistent compilation cache
 
 
 def requested_devices(environ: Mapping[str, str]) -> int:
@@ -64,14 +77,24 @@ def size_client_threads(environ: MutableMapping[str, str] | None = None) -> None
 
 def environment(devices: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:
   """A copy of `environ` (default: this process's) for a process with `devices` host devices: XLA_FLAGS asks
-  for them and PJRT_NPROC is sized for them (raised if set too small). For subprocesses; this process's devices
-  exist already once jax has queried them."""
+  for them, PJRT_NPROC is sized for them (raised if set too small) and, for several, the compilation cache is off.
+  For subprocesses; this process's devices exist already once jax has queried them."""
   result = dict(os.environ if environ is None else environ)
   result["XLA_FLAGS"] = f"{result.get('XLA_FLAGS', '')} {DEVICE_COUNT_FLAG}={devices}".strip()
   result.pop("JAX_NUM_CPU_DEVICES", None)  # (it would take precedence over the flag)
   if client_threads(devices, result) < threads_needed(devices):
     result[THREADS_VARIABLE] = str(threads_needed(devices))
+  if devices > 1:
+    result[CACHE_SWITCH_VARIABLE] = "false"  # (see the module docstring)
   return result
+
+
+def several_cpu_devices() -> bool:
+  """Whether this process computes on several CPU devices (host devices, or the CPU processes of a multi-process
+  job), where programs have collectives and must not come from the compilation cache. Queries jax's devices: call
+  it after `jax.distributed.initialize`."""
+  import jax  # pylint: disable=g-import-not-at-top  (this module is imported before jax may be configured)
+  return jax.default_backend() == "cpu" and jax.device_count() > 1
 
 
 def warn_if_short_of_threads(devices: Sequence[Any], environ: Mapping[str, str] | None = None) -> None:
@@ -87,3 +110,18 @@ def warn_if_short_of_threads(devices: Sequence[Any], environ: Mapping[str, str] 
                   f"collective when the host runs ahead (finetune/host_devices.py). Start the process with "
                   f"{THREADS_VARIABLE}={needed} (the `finetune` command sets it unless it is set), or call "
                   "finetune.host_devices.size_client_threads() before jax's first device query", stacklevel=2)
+
+
+def warn_if_cache_is_on(devices: Sequence[Any]) -> None:
+  """Warns when `devices` (jax devices) are several CPU devices and jax's persistent compilation cache is on: a
+  program loaded from it can hang (see the module docstring). For library code that turned the cache on itself;
+  `compile_cache.enable()` (the `finetune` command) leaves it off there."""
+  if len(devices) < 2 or devices[0].platform != "cpu":
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir:
+    warnings.warn(f"{len(devices)} CPU devices with jax's persistent compilation cache on "
+                  f"({jax.config.jax_compilation_cache_dir}): a multi-device CPU program loaded from it can hang in "
+                  f"its collectives (finetune/host_devices.py). Set {CACHE_SWITCH_VARIABLE}=false, or call "
+                  "finetune.compile_cache.enable() (which leaves it off here) instead of turning it on",
+                  stacklevel=2)

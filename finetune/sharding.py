@@ -56,6 +56,7 @@ def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[jax.Device] | None = None)
   """A mesh over `devices` (default: all) shaped by `config.mesh`; one axis may be -1 (= the remaining devices)."""
   devices = list(jax.devices() if devices is None else devices)
   host_devices.warn_if_short_of_threads(devices)
+  host_devices.warn_if_cache_is_on(devices)
   names = [axis for axis in MESH_AXES if axis in mesh_cfg]
   sizes = [int(mesh_cfg[axis]) for axis in names]
   for name, size in zip(names, sizes):

@@ -101,11 +101,12 @@ def tiny_config(**sections):
 
 
 def fake_devices_env(devices: int) -> dict[str, str]:
-  """This process's environment for a test's subprocess with `devices` host devices: XLA_FLAGS asks for them and
-  PJRT_NPROC gives XLA's CPU client the threads they need not to hang (finetune/host_devices.py). XLA's CPU
-  collectives abort the process when a device is 40 s late to a rendezvous; 8 device threads on CI's 2 busy cores
-  were once thought to be that late, but that abort and a later 20-minute hang were the client's thread pool
-  running out (now sized). The abort is kept at 5 minutes: a hang fails a test in minutes, slow progress does not."""
+  """This process's environment for a test's subprocess with `devices` host devices: XLA_FLAGS asks for them,
+  PJRT_NPROC gives XLA's CPU client the threads they need, and the compilation cache is off for several (a loaded
+  multi-device program can hang; finetune/host_devices.py). XLA's CPU collectives abort the process when a device
+  is 40 s late to a rendezvous; 8 device threads on CI's 2 busy cores were once thought to be that late, but those
+  aborts and hangs were the client's thread pool running out and then programs loaded from the cache. The abort is
+  kept at 5 minutes: a hang fails a test in minutes, slow progress does not."""
   from finetune import host_devices  # pylint: disable=g-import-not-at-top
   env = host_devices.environment(devices)
   env["XLA_FLAGS"] += " --xla_cpu_collective_call_terminate_timeout_seconds=300"

@@ -55,6 +55,15 @@ def test_jaxs_own_off_switch_wins(monkeypatch, tmp_path):
     compile_cache.jax.config.update("jax_enable_compilation_cache", was)
 
 
+def test_several_cpu_devices_keep_the_cache_off(config_updates, monkeypatch, tmp_path):
+  """Loaded multi-device CPU programs can hang (finetune/host_devices.py): off, even where jax was given a folder."""
+  monkeypatch.setattr(compile_cache.host_devices, "several_cpu_devices", lambda: True)
+  assert compile_cache.enable() is None
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path))
+  assert compile_cache.enable() is None
+  assert config_updates == [("jax_enable_compilation_cache", False)] * 2
+
+
 def test_a_second_process_loads_the_program_the_first_compiled(tmp_path):
   code = """
 import logging

@@ -93,6 +93,12 @@ def test_environment_asks_for_the_devices_and_their_threads(environ):
   assert host_devices.environment(8, environ)["PJRT_NPROC"] == "64"
 
 
+def test_environment_turns_the_compilation_cache_off_for_several_devices(environ):
+  environ["JAX_COMPILATION_CACHE_DIR"] = "/some/cache"
+  assert host_devices.environment(8, environ)["JAX_ENABLE_COMPILATION_CACHE"] == "false"
+  assert "JAX_ENABLE_COMPILATION_CACHE" not in host_devices.environment(1, environ)  # no collectives: cache kept
+
+
 def test_the_cli_sizes_the_threads_before_anything_else(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", f"{FLAG}=8")
   monkeypatch.delenv("PJRT_NPROC", raising=False)
@@ -113,3 +119,23 @@ def test_too_few_client_threads_for_the_cpu_devices_are_reported(environ):
     host_devices.warn_if_short_of_threads(cpus[:1], environ)  # one device: no collectives
     environ["PJRT_NPROC"] = "16"
     host_devices.warn_if_short_of_threads(cpus, environ)
+
+
+def test_a_compilation_cache_on_several_cpu_devices_is_reported():
+  import jax  # pylint: disable=g-import-not-at-top
+  cpus, gpus = [types.SimpleNamespace(platform="cpu")] * 8, [types.SimpleNamespace(platform="gpu")] * 8
+  was = jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update("jax_compilation_cache_dir", "/some/cache")
+    jax.config.update("jax_enable_compilation_cache", True)
+    with pytest.warns(UserWarning, match=r"8 CPU devices with jax's persistent compilation cache on \(/some/cache\)"):
+      host_devices.warn_if_cache_is_on(cpus)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      host_devices.warn_if_cache_is_on(gpus)  # not XLA's CPU runtime
+      host_devices.warn_if_cache_is_on(cpus[:1])  # one device: no collectives
+      jax.config.update("jax_enable_compilation_cache", False)  # as compile_cache.enable() leaves it there
+      host_devices.warn_if_cache_is_on(cpus)
+  finally:
+    jax.config.update("jax_enable_compilation_cache", was[0])
+    jax.config.update("jax_compilation_cache_dir", was[1])

@@ -192,6 +192,41 @@ def test_scanned_layers_on_a_sharded_mesh_match_one_unrolled_device(runs, tmp_pa
   _assert_same_run(tmp_path / "embed_on_tensor" / "full", runs["llama", False] / "full", "activations on tensor")
 
 
+# The stage that hung when its programs came from the persistent compilation cache (finetune/host_devices.py): the
+# scanned Llama with its residual stream split over 'tensor', started as `finetune train` starts (cache, then jit).
+CACHED_RUN = '''
+import sys
+sys.path.insert(0, "tests")
+from finetune import compile_cache, train as train_lib
+from finetune.config import build_config
+from test_scan import scan_config
+print("cache", compile_cache.enable())
+config = scan_config("llama", {"data": 2, "fsdp": 2, "tensor": 2}, True).to_dict()
+config["stages"] = {"full": {}}
+config["activation_rules"] = [["activation_embed", "tensor"]]
+train_lib.train_and_evaluate(build_config(config), sys.argv[1])
+'''
+
+
+@pytest.mark.slow
+def test_a_sharded_cpu_run_never_loads_programs_from_the_compilation_cache(tmp_path):
+  """Run twice with a cache folder: before, the second run loaded every program and hung in its first train steps
+  (9 of 9 tries); now the cache stays off on several CPU devices and nothing is stored."""
+  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-import
+  from conftest import REPO, fake_devices_env  # pylint: disable=g-import-not-at-top
+  cache = tmp_path / "cache"
+  env = {**fake_devices_env(8), "JAX_COMPILATION_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO / "tests"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+  env.pop("JAX_ENABLE_COMPILATION_CACHE")  # what a user's shell has: only the library keeps the cache off
+  env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("seconds=300", "seconds=60")  # the hang aborted within a minute
+  for attempt in range(2):
+    result = subprocess.run([sys.executable, "-c", CACHED_RUN, str(tmp_path / str(attempt))], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"run {attempt}: {result.stderr[-3000:]}"
+    assert "cache None" in result.stdout
+  assert not cache.exists() or not os.listdir(cache)
+
+
 @pytest.mark.slow
 def test_checkpoints_convert_between_scanned_and_unrolled(runs, tmp_path):
   """A scanned run's checkpoint initialises an unrolled model and vice versa; exports are the same files."""
