@@ -19,13 +19,13 @@ Why no compilation cache: with jaxlib 0.10 a multi-device CPU program that JAX l
 cache can hang in its collectives where the same program compiled in the process runs. Measured on the 2-core
 machine with 8 host devices: tests/test_scan.py's Llama stage with the residual stream split over 'tensor' hung in
 its first train steps in all 9 runs that loaded every program from the cache (3 of them with synchronous dispatch,
-so one program alone hangs), and finished in all 4 runs that compiled them and in 4 that compiled one of them. In
-the hang two devices wait for each other in two
-different collectives of one program run (op 2 and op 70 of devices [0, 2]); a program whose collectives run in
-one order on every device cannot do that. How the loaded program loses that order is not established. This hang
-refused two CI runs: the development runs started from an empty cache and passed, CI's found it filled. So on
-several CPU devices the cache stays off: `environment()` turns it off for a subprocess, and
-`compile_cache.enable()` (the `finetune` command) for this process.
+so one program alone hangs), and finished in all 4 runs that compiled them and in 6 that compiled some of them. In
+the hang two devices wait for each other in two different collectives of one program run (op 2 and op 70 of
+devices [0, 2]); a program whose collectives run in one order on every device cannot do that. How the loaded
+program loses that order is not established. This hang refused the last CI run (most likely the one before too):
+the development runs had started from an empty cache and passed, CI's found it filled. So on several CPU devices
+the cache stays off: `environment()` turns it off for a subprocess, and `compile_cache.enable()` (the `finetune`
+command) for this process.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ def test_every_reproduction_has_its_notebook():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
-def test_notebook_executes(path):
+def test_notebook_executes(path, tmp_path, monkeypatch):
+  monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel's temporary folders (the quick start's workdir) go here
   notebook = nbformat.read(str(path), as_version=4)
   client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                    resources={"metadata": {"path": str(path.parent)}})
