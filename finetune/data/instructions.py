@@ -9,9 +9,9 @@ plain "### User: / ### Assistant:" template with an end-of-text token after each
 answer tokens (`loss_mask`), found by rendering the conversation prefix by prefix: an answer is what its turn adds
 after the assistant header (the prefix rendered with the generation prompt). Exact duplicate
 conversations are dropped; with `pack=True` conversations are concatenated into full `max_length` blocks (fewer
-padding tokens; attention still spans the block, as in common SFT packing). Packing applies to the test split
-too, so its loss is over the answer tokens of full blocks (the tail is dropped, and a block's first token is not
-predicted): compare test losses between runs packed the same way.
+padding tokens; attention still spans the block, as in common SFT packing). Only the train split is packed: the
+test split keeps one conversation per row, so its loss is over every answer token (packing would drop the tail and
+leave each block's first token unpredicted) and test losses compare between packed and unpacked runs.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def instructions(path: str = "", cache_dir: str = "", train_file: str = "", test
           continue
         seen.add(key)
         conversations.append(tokenize_conversation(tok, messages, f"{filename}:{number}"))
-    splits[split] = _arrays(conversations, max_length, pack, pad_id, filename)
+    splits[split] = _arrays(conversations, max_length, pack and split == "train", pad_id, filename)
   return Dataset(os.path.basename(train_file).split(".")[0], splits, ())
 
 

@@ -118,6 +118,14 @@ def test_source_dedups_pads_and_packs(tokenizer_dir, tmp_path):
   with_duplicates = instructions(str(tmp_path), train_file="train.jsonl", tokenizer=tokenizer_dir, max_length=48,
                                  deduplicate=False)
   assert len(with_duplicates.splits["train"]) == 5
+  # The test split is never packed: one conversation per row, as unpacked, so test losses compare across runs.
+  _write(tmp_path / "test.jsonl", RECORDS)
+  both = instructions(str(tmp_path), train_file="train.jsonl", test_file="test.jsonl", tokenizer=tokenizer_dir,
+                      max_length=48, pack=True)
+  assert both.splits["train"].take(np.arange(len(both.splits["train"])))["attention_mask"].all()  # packed
+  test = both.splits["test"].take(np.arange(len(both.splits["test"])))
+  for key, value in train.items():  # (train.jsonl deduplicated is RECORDS)
+    np.testing.assert_array_equal(test[key], value, err_msg=key)
 
 
 @pytest.mark.parametrize("second_line, message", [
