@@ -18,7 +18,8 @@ import pytest
 # again: every stage and test builds fresh jitted functions, and identical ones are now read back, not recompiled
 # (4 tests of test_train.py: 106 s -> 58 s with an empty cache on the 2-core development machine). Entries are keyed
 # on the program, compile options, jax/XLA versions and backend, so a reused cache cannot serve a stale program.
-# FINETUNE_TEST_JAX_CACHE=0 turns it off (e.g. to time compilation).
+# FINETUNE_TEST_JAX_CACHE=0 turns it off (e.g. to time compilation). Subprocesses with several host devices run
+# without it (fake_devices_env): a multi-device CPU program loaded from it can hang (finetune/host_devices.py).
 if os.environ.get("FINETUNE_TEST_JAX_CACHE", "1") != "0":
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                         os.path.join(tempfile.gettempdir(), f"finetune-tests-jax-cache-{os.getuid()}"))
