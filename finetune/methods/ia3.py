@@ -59,40 +59,32 @@ def inject(model: nnx.Module, peft_cfg: ConfigDict, rngs: nnx.Rngs) -> None:
     adapters.replace_module(model, path, IA3Linear(module, _is_feedforward(peft_cfg, path)))
 
 
-def merge(abstract_model: nnx.Module, params: dict, model_state: dict) -> tuple[dict, dict]:
-  params = {p: np.asarray(v) for p, v in params.items()}
-  for path, module in adapters.module_paths(abstract_model, IA3Linear):
-    scale = params.pop(f"{path}/ia3_scale")
-    kernel = params[f"{path}/kernel"]
+def _fold(layers: list[tuple[str, IA3Linear]], params: dict[str, Any], as_array: Callable) -> dict[str, Any]:
+  """Each IA3 layer's kernel (and, when its output is scaled, bias) as its vector scales it, the vector dropped.
+  `as_array` converts each operand (numpy for `merge`, float32 jax arrays inside the train step)."""
+  params = dict(params)
+  for path, module in layers:
+    scale = as_array(params.pop(f"{path}/ia3_scale"))
+    kernel = as_array(params[f"{path}/kernel"])
     if module.feedforward:  # (x * l) W = x (diag(l) W): scale the kernel's rows
       params[f"{path}/kernel"] = kernel * scale[:, None]
     else:  # (x W + b) * l: scale the kernel's columns and the bias
       params[f"{path}/kernel"] = kernel * scale[None, :]
       if f"{path}/bias" in params:
-        params[f"{path}/bias"] = params[f"{path}/bias"] * scale
-  return params, model_state
+        params[f"{path}/bias"] = as_array(params[f"{path}/bias"]) * scale
+  return params
+
+
+def merge(abstract_model: nnx.Module, params: dict, model_state: dict) -> tuple[dict, dict]:
+  params = {p: np.asarray(v) for p, v in params.items()}
+  return _fold(list(adapters.module_paths(abstract_model, IA3Linear)), params, np.asarray), model_state
 
 
 def effective(abstract_model: nnx.Module) -> Callable[[dict[str, Any]], dict[str, Any]]:
-  """`merge` as a traceable function of the flat params, for EWC and L2-SP inside the train step: each IA3 layer's
-  kernel (and, when its output is scaled, bias) as scaled by its vector, the vector dropped. Without it the
+  """`merge` as a traceable function of the flat params, for EWC and L2-SP inside the train step. Without it the
   penalties saw only the frozen kernels, and IA3 over a trained model could not be regularized."""
-  layers = dict(adapters.module_paths(abstract_model, IA3Linear))
-
-  def weights(params: dict[str, Any]) -> dict[str, Any]:
-    params = dict(params)
-    for path, module in layers.items():
-      scale = params.pop(f"{path}/ia3_scale").astype(jnp.float32)
-      kernel = params[f"{path}/kernel"].astype(jnp.float32)
-      if module.feedforward:
-        params[f"{path}/kernel"] = kernel * scale[:, None]
-      else:
-        params[f"{path}/kernel"] = kernel * scale[None, :]
-        if f"{path}/bias" in params:
-          params[f"{path}/bias"] = params[f"{path}/bias"].astype(jnp.float32) * scale
-    return params
-
-  return weights
+  layers = list(adapters.module_paths(abstract_model, IA3Linear))
+  return lambda params: _fold(layers, params, lambda value: value.astype(jnp.float32))
 
 
 adapters.PEFT_METHODS.register("ia3")(adapters.PeftMethod(inject=inject, merge=merge, effective=effective,
