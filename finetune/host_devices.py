@@ -50,8 +50,9 @@ def requested_devices(environ: Mapping[str, str]) -> int:
 
 
 def threads_needed(devices: int) -> int:
-  """Client threads that `devices` host devices need never to hang (see the module docstring)."""
-  return 2 * devices
+  """Client threads that `devices` host devices need never to hang (see the module docstring); one device runs no
+  collective, so any pool does."""
+  return 2 * devices if devices > 1 else 1
 
 
 def _cores() -> int:
@@ -94,14 +95,18 @@ def several_cpu_devices() -> bool:
   job), where programs have collectives and must not come from the compilation cache. Queries jax's devices: call
   it after `jax.distributed.initialize`."""
   import jax  # pylint: disable=g-import-not-at-top  (this module is imported before jax may be configured)
-  return jax.default_backend() == "cpu" and jax.device_count() > 1
+  return _several_cpu(jax.devices())
+
+
+def _several_cpu(devices: Sequence[Any]) -> bool:
+  return len(devices) > 1 and devices[0].platform == "cpu"
 
 
 def warn_if_short_of_threads(devices: Sequence[Any], environ: Mapping[str, str] | None = None) -> None:
   """Warns when `devices` (jax devices) are several CPU devices whose client has fewer threads than they need.
   The client exists already (it made them), so the fix is for the next process: library code that sets XLA_FLAGS
   itself, rather than through the `finetune` command, gets told. (Python shows a warning once per place.)"""
-  if not devices or devices[0].platform != "cpu":
+  if not _several_cpu(devices):
     return
   threads = client_threads(len(devices), os.environ if environ is None else environ)
   needed = threads_needed(len(devices))
@@ -116,7 +121,7 @@ def warn_if_cache_is_on(devices: Sequence[Any]) -> None:
   """Warns when `devices` (jax devices) are several CPU devices and jax's persistent compilation cache is on: a
   program loaded from it can hang (see the module docstring). For library code that turned the cache on itself;
   `compile_cache.enable()` (the `finetune` command) leaves it off there."""
-  if len(devices) < 2 or devices[0].platform != "cpu":
+  if not _several_cpu(devices):
     return
   import jax  # pylint: disable=g-import-not-at-top
   if jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir:

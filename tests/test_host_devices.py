@@ -65,6 +65,9 @@ def test_client_threads_are_sized_for_the_requested_devices(environ):
     warnings.simplefilter("error")
     host_devices.size_client_threads(environ)
     assert "PJRT_NPROC" not in environ  # one device: nothing to size
+    one_core = {"NPROC": "1"}
+    host_devices.size_client_threads(one_core)
+    assert "PJRT_NPROC" not in one_core and "PJRT_NPROC" not in host_devices.environment(1, one_core)
     environ["XLA_FLAGS"] = f"{FLAG}=8"
     assert host_devices.client_threads(8, environ) == 8  # the client's default on 2 cores: max(cores, devices)
     host_devices.size_client_threads(environ)
@@ -117,6 +120,7 @@ def test_too_few_client_threads_for_the_cpu_devices_are_reported(environ):
     warnings.simplefilter("error")
     host_devices.warn_if_short_of_threads(gpus, environ)  # not XLA's CPU client
     host_devices.warn_if_short_of_threads(cpus[:1], environ)  # one device: no collectives
+    host_devices.warn_if_short_of_threads(cpus[:1], {"NPROC": "1"})  # not even on one core
     environ["PJRT_NPROC"] = "16"
     host_devices.warn_if_short_of_threads(cpus, environ)
 
