@@ -7,7 +7,8 @@ Loss only on assistant tokens; Alpaca, ShareGPT or OpenAI-chat records (see fine
     finetune train --config configs/llama_sft_smoke.py:checkpoint=DIR,data=FILE.jsonl,peft=lora --workdir /tmp/sft_lora
 
 `peft=lora` (or `qlora`) trains rank-8 LoRA adapters on the attention projections (Llama: q_proj, v_proj; GPT-2:
-its fused c_attn) with the base frozen; `finetune export --format peft` then writes the PEFT adapter.
+its fused c_attn) with the base frozen; `finetune export --format peft` then writes the PEFT adapter. `pack=True`
+concatenates the training conversations into full `max_length` blocks, each conversation attending only to itself.
 
 Expected result: no real Llama or GPT-2 checkpoint installs offline here, so this config was measured on what
 tests/data/test_instructions.py builds: a random 2-layer Llama (hidden 32) with MiniLM's tokenizer and a generated
@@ -24,14 +25,15 @@ from finetune.errors import FinetuneError
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, checkpoint="", data="sft.jsonl", model="llama", steps=12, max_length=32, peft="")
+  args = parse_arg(arg, checkpoint="", data="sft.jsonl", model="llama", steps=12, max_length=32, peft="",
+                    pack=False)
   config = ConfigDict()
   config.task = "causal_lm"
   config.model = dict(name=args.model, hf_config=args.checkpoint)
   config.data = dict(name="instructions", path=os.path.dirname(args.data), batch_size=8, eval_batch_size=8,
                      validation_fraction=0.2, eval_splits=("validation",),
                      options=dict(train_file=os.path.basename(args.data), tokenizer=args.checkpoint,
-                                  max_length=args.max_length))
+                                  max_length=args.max_length, pack=args.pack))
   config.train = dict(steps=args.steps, log_every=4, checkpoint_every=0)
   config.optimizer = dict(learning_rate=3e-3)
   config.init_from = args.checkpoint

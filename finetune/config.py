@@ -489,6 +489,9 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
              "(or choose that method)")
   need(not (c.peft.load_adapter and not c.peft.method),
        "config.peft.load_adapter needs config.peft.method (and the adapter's targets and rank) set")
+  need(not (c.peft.method == "prompt" and c.data.options.get("pack", False)),
+       "config.peft.method='prompt' prepends one prompt per row, but config.data.options.pack=True puts several "
+       "conversations in a row and only the first would see it: set pack=False")
   need(not (c.peft.method and c.features.cache),
        "config.features.cache needs a frozen backbone; PEFT methods train inside it: drop one of them")
   # What feature_cache.check_cacheable refuses when the stage opens, refused here when the config alone decides it,

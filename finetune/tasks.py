@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from finetune.models.layers import segment_starts
 from finetune.registry import Registry
 
 
@@ -51,12 +52,17 @@ def classification(logits: jax.Array, batch: dict[str, jax.Array], label_smoothi
 
 
 def _causal_lm_weights(batch: dict[str, jax.Array]) -> jax.Array:
-  return batch.get("loss_mask", batch["attention_mask"])[:, 1:].astype(jnp.float32)
+  mask = batch["attention_mask"]
+  counted = batch["loss_mask"] > 0 if "loss_mask" in batch else mask > 0
+  # A packed row's first token of each conversation cannot be predicted from the one before (another
+  # conversation), as a row's very first token is never predicted: neither is counted.
+  return (counted & ~segment_starts(mask))[:, 1:].astype(jnp.float32)
 
 
 def causal_lm(logits: jax.Array, batch: dict[str, jax.Array], label_smoothing: float = 0.0) -> Scored:
   """Next-token prediction: logits (B, L, V) at position t predict input_ids[t + 1]. Tokens count where
-  batch['loss_mask'] (response tokens of instruction data; else the attention mask) is 1."""
+  batch['loss_mask'] (response tokens of instruction data; else the attention mask) is nonzero, except where a
+  packed row's next conversation begins."""
   targets = batch["input_ids"][:, 1:]
   predictions = logits[:, :-1]
   correct = (jnp.argmax(predictions, -1) == targets).astype(jnp.float32)

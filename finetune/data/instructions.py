@@ -9,7 +9,10 @@ plain "### User: / ### Assistant:" template with an end-of-text token after each
 answer tokens (`loss_mask`), found by rendering the conversation prefix by prefix: an answer is what its turn adds
 after the assistant header (the prefix rendered with the generation prompt). Exact duplicate
 conversations are dropped; with `pack=True` conversations are concatenated into full `max_length` blocks (fewer
-padding tokens; attention still spans the block, as in common SFT packing). Only the train split is packed: the
+padding tokens) whose attention mask numbers the conversations 1, 2, ... instead of holding ones: each token attends
+only to its own conversation, positions and LSTM state restart with each, and no conversation's first token is
+predicted from the one before, so a packed conversation is computed as it would be alone (the first one of a block
+may begin mid-conversation, and the last may be cut). Only the train split is packed: the
 test split keeps one conversation per row, so its loss is over every answer token (packing would drop the tail and
 leave each block's first token unpredicted) and test losses compare between packed and unpacked runs.
 """
@@ -159,6 +162,7 @@ def _arrays(conversations: list[tuple[list[int], list[int]]], max_length: int, p
   if pack:  # one stream, cut into full blocks; the tail shorter than a block is dropped
     ids = [t for conversation, _ in conversations for t in conversation]
     mask = [m for _, conversation_mask in conversations for m in conversation_mask]
+    conversation = [number for number, (tokens, _) in enumerate(conversations) for _ in tokens]
     blocks = len(ids) // max_length
     if not blocks:
       raise FinetuneError(f"the conversations hold {len(ids)} tokens, fewer than one packed block of {max_length}")
@@ -166,7 +170,11 @@ def _arrays(conversations: list[tuple[list[int], list[int]]], max_length: int, p
       raise FinetuneError(f"{filename}: the packed blocks hold no answer token")
     shape = (blocks, max_length)
     input_ids = np.asarray(ids[:blocks * max_length], np.int32).reshape(shape)  # (N * T,) -> (N, T)
-    return ArraySplit({"input_ids": input_ids, "attention_mask": np.ones(shape, np.int32),
+    # The attention mask numbers each block's conversations 1, 2, ... (models attend within one, restart
+    # positions and recurrent state at the next; see finetune/models/layers.py:causal_bias).
+    conversation = np.asarray(conversation[:blocks * max_length], np.int32).reshape(shape)
+    segments = conversation - conversation[:, :1] + 1
+    return ArraySplit({"input_ids": input_ids, "attention_mask": segments,
                        "loss_mask": np.asarray(mask[:blocks * max_length], np.int32).reshape(shape)})
   input_ids = np.full((len(conversations), max_length), pad_id, np.int32)
   attention = np.zeros_like(input_ids)

@@ -12,7 +12,8 @@ from flax import nnx
 
 from finetune.errors import FinetuneError
 from finetune.models import MODELS
-from finetune.models.layers import attend, causal_bias, layer_norm, numbered_groups, run_blocks, transformer_dense
+from finetune.models.layers import (attend, causal_bias, layer_norm, numbered_groups, positions, run_blocks,
+                                    transformer_dense)
 
 
 class Block(nnx.Module):
@@ -68,7 +69,7 @@ class GPT2(nnx.Module):
     if length > self.wpe.num_embeddings:  # an out-of-range embedding lookup would give NaN, not an error
       raise FinetuneError(f"sequences of {length} tokens exceed the model's {self.wpe.num_embeddings} positions; "
                           "lower config.data.options.block_size / max_length")
-    x = self.wte(input_ids) + self.wpe(jnp.arange(length)[None, :])
+    x = self.wte(input_ids) + self.wpe(positions(attention_mask))  # restarting at each packed conversation
     x = self.dropout(x, deterministic=not train, rngs=rngs)
     mask_bias = causal_bias(attention_mask, x.dtype)
     x = run_blocks(self, self.blocks, x, mask_bias, train, rngs)
@@ -79,7 +80,7 @@ class GPT2(nnx.Module):
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     states = self.hidden_states(input_ids, attention_mask, train=train, rngs=rngs)
-    last = jnp.maximum(attention_mask.sum(1) - 1, 0)
+    last = jnp.maximum((attention_mask > 0).sum(1) - 1, 0)
     return states[jnp.arange(states.shape[0]), last]
 
   def __call__(self, input_ids, attention_mask=None, *, train: bool = False, rngs: nnx.Rngs | None = None):

@@ -83,10 +83,33 @@ def padding_bias(attention_mask: jax.Array, dtype) -> jax.Array:
 
 
 def causal_bias(attention_mask: jax.Array, dtype) -> jax.Array:
-  """(B, L) 0/1 mask -> (B, 1, L, L) additive bias allowing each position its unmasked past and itself."""
+  """(B, L) mask -> (B, 1, L, L) additive bias allowing each position its unmasked past and itself.
+
+  The mask is 0 for padding and, for packed rows, the segment (conversation) number 1, 2, ... of each token: a
+  token then sees only earlier tokens of its own segment. A 0/1 mask is the one-segment case. Padding queries see
+  every real past key as before (their outputs are ignored; a row with nothing to attend to would be a uniform
+  average over masked scores).
+  """
   length = attention_mask.shape[1]
-  allowed = jnp.tril(jnp.ones((length, length), bool))[None, None] & (attention_mask[:, None, None, :] > 0)
+  keys, queries = attention_mask[:, None, None, :], attention_mask[:, None, :, None]
+  same_segment = (keys == queries) | (queries == 0)
+  allowed = jnp.tril(jnp.ones((length, length), bool))[None, None] & (keys > 0) & same_segment
   return jnp.where(allowed, 0.0, jnp.finfo(dtype).min).astype(dtype)
+
+
+def segment_starts(attention_mask: jax.Array) -> jax.Array:
+  """(B, L) bool: True where a packed row's next segment begins (a nonzero segment number right after another
+  one). Padding never starts a segment, so a 0/1 mask, padded left or right, has no starts."""
+  previous = jnp.pad(attention_mask[:, :-1], ((0, 0), (1, 0)))
+  return (attention_mask > 0) & (previous > 0) & (attention_mask != previous)
+
+
+def positions(attention_mask: jax.Array) -> jax.Array:
+  """(B, L) position of each token: 0, 1, ... along the row, restarting at 0 where a packed segment starts, so a
+  conversation in a packed row is numbered as if it were alone (a 0/1 mask gives arange(L) in every row)."""
+  index = jnp.broadcast_to(jnp.arange(attention_mask.shape[1]), attention_mask.shape)
+  start = jax.lax.cummax(jnp.where(segment_starts(attention_mask), index, 0), axis=1)  # latest start so far
+  return index - start
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None,

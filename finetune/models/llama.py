@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from finetune.models import MODELS
-from finetune.models.layers import attend, causal_bias, numbered_groups, run_blocks, transformer_dense
+from finetune.models.layers import attend, causal_bias, numbered_groups, positions, run_blocks, transformer_dense
 
 
 def _rms_norm(features: int, eps: float, rngs: nnx.Rngs) -> nnx.RMSNorm:
@@ -21,18 +21,18 @@ def _rms_norm(features: int, eps: float, rngs: nnx.Rngs) -> nnx.RMSNorm:
 
 
 def rotary(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-  """cos, sin of shape (L, head_dim): frequencies theta^(-2i/d) repeated for both halves."""
+  """(B, L) positions -> cos, sin of shape (B, L, head_dim): frequencies theta^(-2i/d) repeated for both halves."""
   inverse_frequency = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  angles = positions[:, None].astype(jnp.float32) * inverse_frequency[None, :]  # (L, d/2)
-  angles = jnp.concatenate([angles, angles], axis=-1)  # (L, d/2) -> (L, d)
+  angles = positions[..., None].astype(jnp.float32) * inverse_frequency  # (B, L, d/2)
+  angles = jnp.concatenate([angles, angles], axis=-1)  # (B, L, d/2) -> (B, L, d)
   return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """x: (B, L, heads, d). Rotates pairs (i, i + d/2): x * cos + rotate_half(x) * sin."""
+  """x: (B, L, heads, d), cos/sin (B, L, d). Rotates pairs (i, i + d/2): x * cos + rotate_half(x) * sin."""
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+  return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
 class Attention(nnx.Module):
@@ -108,9 +108,10 @@ class Llama(nnx.Module):
   def hidden_states(self, input_ids, attention_mask=None):
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
-    length = input_ids.shape[1]
     x = self.embed_tokens(input_ids)
-    cos, sin = rotary(jnp.arange(length), self.head_dim, self.rope_theta)
+    # Rotary attention depends on position differences only, so restarting positions at packed segments changes
+    # nothing within a segment in exact arithmetic; it keeps a packed conversation's numbers those of its own row.
+    cos, sin = rotary(positions(attention_mask), self.head_dim, self.rope_theta)
     mask_bias = causal_bias(attention_mask, x.dtype)
     x = run_blocks(self, self.layers, x, cos, sin, mask_bias)
     return self.norm(x)
@@ -121,7 +122,7 @@ class Llama(nnx.Module):
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     states = self.hidden_states(input_ids, attention_mask)
-    return states[jnp.arange(states.shape[0]), jnp.maximum(attention_mask.sum(1) - 1, 0)]
+    return states[jnp.arange(states.shape[0]), jnp.maximum((attention_mask > 0).sum(1) - 1, 0)]
 
   def __call__(self, input_ids, attention_mask=None, *, train: bool = False, rngs: nnx.Rngs | None = None):
     del train, rngs  # Llama has no dropout

@@ -24,7 +24,8 @@ projection of the whole sequence is one (B*L, in) x (in, 4H) matmul before the s
 (the library cell recomputes the input projection per step inside its scan); (2) weight drop needs the recurrent
 matrix masked once per forward pass before the scan, which the library cell, owning its kernel, cannot do without
 mutating the module inside the train step; (3) the padding mask freezes the carry at padded steps, so outputs at real
-positions do not depend on padding on either side. The parameters are plain `nnx.Linear`/`nnx.Param` with logical
+positions do not depend on padding on either side, and a packed row's next segment (attention_mask numbering
+conversations 1, 2, ...) starts from a zero state. The parameters are plain `nnx.Linear`/`nnx.Param` with logical
 axes: 'vocab'/'embed' for the embedding, ('embed', 'mlp') for the input and recurrent kernels (input width x fused
 gates), 'mlp' for gate biases, 'vocab' for the decoder bias, ('embed' | 'mlp', 'classes') in the classifier head
 and its BatchNorms' feature axis ('embed' on the pooled features, 'mlp' on the hidden layer).
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from finetune.models import MODELS
-from finetune.models.layers import batch_norm, linear, normalize, numbered_groups, run_blocks
+from finetune.models.layers import batch_norm, linear, normalize, numbered_groups, run_blocks, segment_starts
 
 OUTPUTS = ("auto", "lm", "classifier")
 
@@ -82,10 +83,12 @@ class LSTMLayer(nnx.Module):
     gates_x = self.wi(x)  # (B, L, 4H): the input projection of every step at once
     wh = self.weight_dropout(self.wh[...].astype(gates_x.dtype), deterministic=not train, rngs=rngs)
     keep = (mask > 0)[..., None]  # (B, L, 1)
+    fresh = segment_starts(mask)[..., None]  # (B, L, 1): a packed row's next conversation starts from zeros
 
     def step(carry, inputs):
       h, c = carry
-      gx, m = inputs
+      gx, m, start = inputs
+      h, c = jnp.where(start, 0.0, h), jnp.where(start, 0.0, c)
       i, f, g, o = jnp.split(gx + h @ wh, 4, axis=-1)
       c_new = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
       h_new = jax.nn.sigmoid(o) * jnp.tanh(c_new)
@@ -94,7 +97,8 @@ class LSTMLayer(nnx.Module):
       return (h_new, c_new), h_new
 
     zeros = jnp.zeros((batch, self.hidden), gates_x.dtype)
-    _, outputs = jax.lax.scan(step, (zeros, zeros), (jnp.swapaxes(gates_x, 0, 1), jnp.swapaxes(keep, 0, 1)))
+    time_major = [jnp.swapaxes(a, 0, 1) for a in (gates_x, keep, fresh)]  # (B, L, .) -> (L, B, .)
+    _, outputs = jax.lax.scan(step, (zeros, zeros), time_major)
     return self.dropout(jnp.swapaxes(outputs, 0, 1), deterministic=not train, rngs=rngs)
 
 

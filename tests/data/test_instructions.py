@@ -110,9 +110,14 @@ def test_source_dedups_pads_and_packs(tokenizer_dir, tmp_path):
   assert np.all(train["loss_mask"] <= train["attention_mask"]) and train["loss_mask"].sum() > 0
   packed = instructions(str(tmp_path), train_file="train.jsonl", tokenizer=tokenizer_dir, max_length=16, pack=True)
   blocks = packed.splits["train"].take(np.arange(len(packed.splits["train"])))
-  assert blocks["attention_mask"].all() and blocks["input_ids"].shape[1] == 16
-  total = int(train["attention_mask"].sum())  # no truncation at 48 tokens: every token of every conversation
-  assert blocks["input_ids"].size == total // 16 * 16
+  assert blocks["input_ids"].shape[1] == 16
+  lengths = train["attention_mask"].sum(1)  # no truncation at 48 tokens: every token of every conversation
+  assert blocks["input_ids"].size == lengths.sum() // 16 * 16
+  # The attention mask numbers each block's conversations from 1: the conversation of every token in the stream,
+  # less that of the block's first token, plus one.
+  conversation = np.repeat(np.arange(len(lengths)), lengths)[:blocks["input_ids"].size].reshape(-1, 16)
+  np.testing.assert_array_equal(blocks["attention_mask"], conversation - conversation[:, :1] + 1)
+  assert blocks["attention_mask"].max() > 1  # some block holds more than one conversation
   np.testing.assert_array_equal(blocks["input_ids"].reshape(-1), train["input_ids"][train["attention_mask"] == 1]
                                 [:blocks["input_ids"].size])
   with_duplicates = instructions(str(tmp_path), train_file="train.jsonl", tokenizer=tokenizer_dir, max_length=48,
@@ -122,7 +127,7 @@ def test_source_dedups_pads_and_packs(tokenizer_dir, tmp_path):
   _write(tmp_path / "test.jsonl", RECORDS)
   both = instructions(str(tmp_path), train_file="train.jsonl", test_file="test.jsonl", tokenizer=tokenizer_dir,
                       max_length=48, pack=True)
-  assert both.splits["train"].take(np.arange(len(both.splits["train"])))["attention_mask"].all()  # packed
+  assert both.splits["train"].take(np.arange(len(both.splits["train"])))["attention_mask"].max() > 1  # packed
   test = both.splits["test"].take(np.arange(len(both.splits["test"])))
   for key, value in train.items():  # (train.jsonl deduplicated is RECORDS)
     np.testing.assert_array_equal(test[key], value, err_msg=key)
@@ -139,8 +144,9 @@ def test_unreadable_lines_are_one_line_errors(tokenizer_dir, tmp_path, second_li
     instructions(str(tmp_path), train_file="train.jsonl", tokenizer=tokenizer_dir)
 
 
-@pytest.mark.parametrize("model,peft", [("llama", ""), ("llama", "qlora"), ("gpt2", "lora")])
-def test_sft_trains_a_decoder_on_responses_only(model, peft, tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("model,peft,pack", [("llama", "", False), ("llama", "qlora", False), ("gpt2", "lora", False),
+                                             ("gpt2", "", True)])
+def test_sft_trains_a_decoder_on_responses_only(model, peft, pack, tokenizer_dir, tmp_path):
   torch = pytest.importorskip("torch")
   from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
   from conftest import REPO  # pylint: disable=g-import-not-at-top
@@ -157,10 +163,11 @@ def test_sft_trains_a_decoder_on_responses_only(model, peft, tokenizer_dir, tmp_
         n_embd=32, n_layer=2, n_head=4, vocab_size=30522, n_positions=64)).save_pretrained(checkpoint)
   transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(checkpoint)
   config = load_config(f"{REPO / 'configs' / 'llama_sft_smoke.py'}:checkpoint={checkpoint},"
-                       f"data={tmp_path / 'sft.jsonl'},model={model},peft={peft}")
+                       f"data={tmp_path / 'sft.jsonl'},model={model},peft={peft},pack={pack}")
   summary = train_lib.train_and_evaluate(config, str(tmp_path / "run"))["train"]
   validation = summary["final"]["validation"]
-  assert validation["num_examples"] == 9  # 44 unique conversations (duplicates of RECORDS dropped), 20% held out
+  if not pack:
+    assert validation["num_examples"] == 9  # 44 unique conversations (duplicates of RECORDS dropped), 20% held out
   assert 0 < validation["num_tokens"] < validation["num_examples"] * 31  # response tokens only
   losses = [json.loads(l)["loss"] for l in open(tmp_path / "run" / "metrics.jsonl") if '"train"' in l]
   assert losses[-1] < losses[0]

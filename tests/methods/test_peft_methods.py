@@ -100,6 +100,17 @@ def test_a_setting_of_another_peft_method_is_refused(method, setting):
   build_config({"train": {"steps": 1}, "peft": {"method": "", **setting}})  # no PEFT: the section is unused
 
 
+def test_prompt_tuning_refuses_packed_rows():
+  """(A packed row holds several conversations; only the first would see the one prompt prepended to the row.)"""
+  from finetune.config import build_config  # pylint: disable=g-import-not-at-top
+  prompt = {"method": "prompt", "targets": ("wte",)}
+  with pytest.raises(FinetuneError, match=r"config.peft.method='prompt' .* set pack=False"):
+    build_config({"train": {"steps": 1}, "peft": prompt, "data": {"options": {"pack": True}}})
+  build_config({"train": {"steps": 1}, "peft": prompt, "data": {"options": {"pack": False}}})
+  build_config({"train": {"steps": 1}, "peft": {"method": "lora", "targets": ("c_attn",)},
+                "data": {"options": {"pack": True}}})
+
+
 def test_ia3_feedforward_layers_must_be_targets():
   """(As PEFT's IA3Config: a feedforward layer left out of targets got no vector, silently.)"""
   with pytest.raises(FinetuneError, match=r"config.peft.feedforward names layers/0/output \(and 1 more\), which "
