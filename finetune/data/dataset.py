@@ -14,7 +14,7 @@ order as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Protocol
+from typing import Callable, Mapping, Protocol
 
 import numpy as np
 
@@ -88,6 +88,11 @@ class Dataset:
   name: str
   splits: Mapping[str, Split]
   class_names: tuple[str, ...]
+  # Builds the split that trains from the rows of splits['train'] that train (after validation is carved from them),
+  # for sources whose training examples are not those rows: packed instruction data concatenates the kept
+  # conversations into blocks, and a block carved into validation would hold parts of trained conversations.
+  # None: the rows themselves train.
+  train_from_rows: Callable[[np.ndarray], Split] | None = None
 
   @property
   def num_classes(self) -> int:

@@ -12,13 +12,16 @@ conversations are dropped; with `pack=True` conversations are concatenated into 
 padding tokens) whose attention mask numbers the conversations 1, 2, ... instead of holding ones: each token attends
 only to its own conversation, positions and LSTM state restart with each, and no conversation's first token is
 predicted from the one before, so a packed conversation is computed as it would be alone (the first one of a block
-may begin mid-conversation, and the last may be cut). Only the train split is packed: the
-test split keeps one conversation per row, so its loss is over every answer token (packing would drop the tail and
-leave each block's first token unpredicted) and test losses compare between packed and unpacked runs.
+may begin mid-conversation, and the last may be cut). Only what trains is packed: the test split and validation
+(carved from the train file's conversations before the rest are packed, via `Dataset.train_from_rows`) keep one
+conversation per row, so their loss is over every answer token (packing would drop the tail and leave each block's
+first token unpredicted), validation shares no conversation with training, and their losses compare between packed
+and unpacked runs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -128,7 +131,7 @@ def instructions(path: str = "", cache_dir: str = "", train_file: str = "", test
   require_length("max_length", max_length, 2)  # (a token to predict and one before it)
   tok = load_tokenizer(tokenizer)
   pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-  splits = {}
+  splits, train_from_rows = {}, None
   for split, name in (("train", train_file), ("test", test_file)):
     if not name:
       continue
@@ -153,29 +156,41 @@ def instructions(path: str = "", cache_dir: str = "", train_file: str = "", test
           continue
         seen.add(key)
         conversations.append(tokenize_conversation(tok, messages, f"{filename}:{number}"))
-    splits[split] = _arrays(conversations, max_length, pack and split == "train", pad_id, filename)
-  return Dataset(os.path.basename(train_file).split(".")[0], splits, ())
+    # Packed, the train rows serve only to carve validation from (conversations longer than max_length stay
+    # whole in the blocks, so their truncation as rows is no reason to warn or fail).
+    packed_train = pack and split == "train"
+    splits[split] = _rows(conversations, max_length, pad_id, filename, check=not packed_train)
+    if packed_train:
+      train_from_rows = functools.partial(_packed, conversations, max_length, filename)
+  return Dataset(os.path.basename(train_file).split(".")[0], splits, (), train_from_rows)
 
 
-def _arrays(conversations: list[tuple[list[int], list[int]]], max_length: int, pack: bool, pad_id: int,
-            filename: str) -> ArraySplit:
-  if pack:  # one stream, cut into full blocks; the tail shorter than a block is dropped
-    ids = [t for conversation, _ in conversations for t in conversation]
-    mask = [m for _, conversation_mask in conversations for m in conversation_mask]
-    conversation = [number for number, (tokens, _) in enumerate(conversations) for _ in tokens]
-    blocks = len(ids) // max_length
-    if not blocks:
-      raise FinetuneError(f"the conversations hold {len(ids)} tokens, fewer than one packed block of {max_length}")
-    if not any(mask[:blocks * max_length]):
-      raise FinetuneError(f"{filename}: the packed blocks hold no answer token")
-    shape = (blocks, max_length)
-    input_ids = np.asarray(ids[:blocks * max_length], np.int32).reshape(shape)  # (N * T,) -> (N, T)
-    # The attention mask numbers each block's conversations 1, 2, ... (models attend within one, restart
-    # positions and recurrent state at the next; see finetune/models/layers.py:causal_bias).
-    conversation = np.asarray(conversation[:blocks * max_length], np.int32).reshape(shape)
-    segments = conversation - conversation[:, :1] + 1
-    return ArraySplit({"input_ids": input_ids, "attention_mask": segments,
-                       "loss_mask": np.asarray(mask[:blocks * max_length], np.int32).reshape(shape)})
+def _packed(all_conversations: list[tuple[list[int], list[int]]], max_length: int, filename: str,
+            rows: np.ndarray) -> ArraySplit:
+  """Conversations `rows` as one stream cut into full blocks (the tail shorter than a block is dropped)."""
+  conversations = [all_conversations[row] for row in rows]
+  ids = [t for conversation, _ in conversations for t in conversation]
+  mask = [m for _, conversation_mask in conversations for m in conversation_mask]
+  conversation = [number for number, (tokens, _) in enumerate(conversations) for _ in tokens]
+  blocks = len(ids) // max_length
+  if not blocks:
+    raise FinetuneError(f"{filename}: the training conversations hold {len(ids)} tokens, fewer than one packed "
+                        f"block of {max_length}; lower data.options.max_length or set pack=False")
+  if not any(mask[:blocks * max_length]):
+    raise FinetuneError(f"{filename}: the packed blocks hold no answer token")
+  shape = (blocks, max_length)
+  input_ids = np.asarray(ids[:blocks * max_length], np.int32).reshape(shape)  # (N * T,) -> (N, T)
+  # The attention mask numbers each block's conversations 1, 2, ... (models attend within one, restart
+  # positions and recurrent state at the next; see finetune/models/layers.py:causal_bias).
+  conversation = np.asarray(conversation[:blocks * max_length], np.int32).reshape(shape)
+  segments = conversation - conversation[:, :1] + 1
+  return ArraySplit({"input_ids": input_ids, "attention_mask": segments,
+                     "loss_mask": np.asarray(mask[:blocks * max_length], np.int32).reshape(shape)})
+
+
+def _rows(conversations: list[tuple[list[int], list[int]]], max_length: int, pad_id: int, filename: str,
+          check: bool = True) -> ArraySplit:
+  """One conversation per row, truncated on the right and padded to max_length."""
   input_ids = np.full((len(conversations), max_length), pad_id, np.int32)
   attention = np.zeros_like(input_ids)
   loss_mask = np.zeros_like(input_ids)
@@ -187,10 +202,10 @@ def _arrays(conversations: list[tuple[list[int], list[int]]], max_length: int, p
   # A conversation whose answers all lie beyond max_length teaches nothing (and a split of only those would train
   # on a zero loss); the loss mask's first token is never predicted, hence [:, 1:].
   unanswered = int((loss_mask[:, 1:].sum(axis=1) == 0).sum())
-  if unanswered == len(conversations):
+  if check and unanswered == len(conversations):
     raise FinetuneError(f"{filename}: no conversation keeps an answer token within data.options.max_length="
                         f"{max_length}; raise max_length")
-  if unanswered:
+  if check and unanswered:
     print(f"finetune: {filename}: {unanswered} of {len(conversations)} conversations keep no answer token within "
           f"max_length={max_length} (truncated on the right); they add nothing", file=sys.stderr)
   return ArraySplit({"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask})

@@ -199,7 +199,13 @@ def build_pipeline(data_cfg: ConfigDict, seed: int) -> InputPipeline:
     order = np.random.default_rng(_VALIDATION_SEED).permutation(len(full_train))
     num_validation = int(round(data_cfg.validation_fraction * len(full_train)))
     splits["validation"] = _filter(SubsetSplit(full_train, np.sort(order[:num_validation])), label_map)
-    train = _filter(SubsetSplit(full_train, np.sort(order[num_validation:])), label_map)
+    training_rows = np.sort(order[num_validation:])
+  else:
+    training_rows = np.arange(len(full_train))
+  if dataset.train_from_rows is not None:  # (a source whose rows are not its training examples: no labels)
+    train = dataset.train_from_rows(training_rows)
+  elif len(training_rows) < len(full_train):
+    train = _filter(SubsetSplit(full_train, training_rows), label_map)
   else:
     train = _filter(full_train, label_map)
   for name, split in dataset.splits.items():

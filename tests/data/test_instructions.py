@@ -109,7 +109,8 @@ def test_source_dedups_pads_and_packs(tokenizer_dir, tmp_path):
   assert train["input_ids"].shape == (4, 48)
   assert np.all(train["loss_mask"] <= train["attention_mask"]) and train["loss_mask"].sum() > 0
   packed = instructions(str(tmp_path), train_file="train.jsonl", tokenizer=tokenizer_dir, max_length=16, pack=True)
-  blocks = packed.splits["train"].take(np.arange(len(packed.splits["train"])))
+  assert padded.train_from_rows is None and len(packed.splits["train"]) == 4  # rows, to carve validation from
+  blocks = packed.train_from_rows(np.arange(4)).take(np.arange(len(packed.train_from_rows(np.arange(4)))))
   assert blocks["input_ids"].shape[1] == 16
   lengths = train["attention_mask"].sum(1)  # no truncation at 48 tokens: every token of every conversation
   assert blocks["input_ids"].size == lengths.sum() // 16 * 16
@@ -127,10 +128,35 @@ def test_source_dedups_pads_and_packs(tokenizer_dir, tmp_path):
   _write(tmp_path / "test.jsonl", RECORDS)
   both = instructions(str(tmp_path), train_file="train.jsonl", test_file="test.jsonl", tokenizer=tokenizer_dir,
                       max_length=48, pack=True)
-  assert both.splits["train"].take(np.arange(len(both.splits["train"])))["attention_mask"].max() > 1  # packed
   test = both.splits["test"].take(np.arange(len(both.splits["test"])))
   for key, value in train.items():  # (train.jsonl deduplicated is RECORDS)
     np.testing.assert_array_equal(test[key], value, err_msg=key)
+
+
+def test_packed_training_shares_no_conversation_with_validation(tokenizer_dir, tmp_path):
+  """(Validation was carved from the packed blocks: every validation block held parts of trained conversations.)"""
+  from finetune.config import build_config  # pylint: disable=g-import-not-at-top
+  from finetune.data.pipeline import build_pipeline  # pylint: disable=g-import-not-at-top
+  _write(tmp_path / "train.jsonl", [{"instruction": f"Say {i}.", "output": f"{i} and {i + 1}"} for i in range(40)])
+  config = build_config({"task": "causal_lm", "train": {"steps": 1}, "data": dict(
+      name="instructions", path=str(tmp_path), batch_size=2, eval_batch_size=2, validation_fraction=0.25,
+      eval_splits=("validation",), options=dict(train_file="train.jsonl", tokenizer=tokenizer_dir, max_length=24,
+                                                pack=True))})
+  pipeline = build_pipeline(config.data, seed=0)
+  validation = pipeline.eval_splits["validation"]
+  rows = validation.take(np.arange(len(validation)))
+  assert len(validation) == 10 and rows["attention_mask"].max() == 1  # ten conversations, one per row
+  held_out = {tuple(ids[mask > 0]) for ids, mask in zip(rows["input_ids"], rows["attention_mask"])}
+  blocks = pipeline.train.take(np.arange(len(pipeline.train)))
+  assert blocks["attention_mask"].max() > 1  # packed
+  # The training stream is exactly the other 30 conversations, in file order.
+  everything = instructions(str(tmp_path), train_file="train.jsonl", tokenizer=tokenizer_dir, max_length=24)
+  all_rows = everything.splits["train"].take(np.arange(40))
+  conversations = [tuple(ids[mask > 0]) for ids, mask in zip(all_rows["input_ids"], all_rows["attention_mask"])]
+  trained = [c for c in conversations if c not in held_out]
+  assert len(trained) == 30
+  stream = np.concatenate(trained)
+  np.testing.assert_array_equal(blocks["input_ids"].reshape(-1), stream[:blocks["input_ids"].size])
 
 
 @pytest.mark.parametrize("second_line, message", [
