@@ -189,6 +189,10 @@ def _read_split(table: Any, image_key: str, label_key: str, image_shape: tuple[i
   labels = arrow.column(label_key).to_numpy(zero_copy_only=False)
   if image_key == ALL_OTHER_COLUMNS:
     pixel_columns = [column for column in columns if column != label_key]
+    empty = [column for column in pixel_columns if arrow.column(column).null_count]
+    if empty:  # (an empty CSV cell: the column became float with NaN, and its split would skip the /255 scaling)
+      raise FinetuneError(f"{where} has missing (empty) pixel values in column {empty[0]!r}"
+                          f"{f' and {len(empty) - 1} more' if len(empty) > 1 else ''}; fill them in or drop those rows")
     values = np.stack([arrow.column(column).to_numpy(zero_copy_only=False) for column in pixel_columns], axis=1)
   else:
     values = _nested_lists_to_array(arrow.column(image_key), where)

@@ -55,10 +55,14 @@ def _to_messages(record: dict, where: str) -> list[dict[str, str]]:
   if "messages" in record:
     return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
   if "conversations" in record:
-    try:
-      return [{"role": _SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in record["conversations"]]
-    except KeyError as e:
-      raise FinetuneError(f"{where}: ShareGPT turn with unknown speaker {e}; use human/gpt/system") from None
+    messages = []
+    for turn in record["conversations"]:
+      if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+        raise FinetuneError(f"{where}: a ShareGPT turn needs 'from' and 'value' keys; got {turn!r}")
+      if turn["from"] not in _SHAREGPT_ROLES:
+        raise FinetuneError(f"{where}: ShareGPT turn with unknown speaker {turn['from']!r}; use human/gpt/system")
+      messages.append({"role": _SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return messages
   if "instruction" in record and "output" in record:
     prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]

@@ -111,7 +111,18 @@ def class_names_and_labels(raw: dict[str, np.ndarray], names: dict[str, Sequence
   raw = {split: _renumbered(values, names.get(split), names.get("train"), where[split])
          for split, values in raw.items()}
   names = names.get("train")
-  if names is None and any(values.dtype.kind in "OUS" for values in raw.values()):
+  named = {split for split, values in raw.items() if values.dtype.kind in "OUS"}
+  if names is not None:  # train's ClassLabel: another split's string labels are its names
+    raw = {split: _indices(values, names, where[split]) if split in named else values
+           for split, values in raw.items()}
+  elif named and len(named) < len(raw):
+    if not all(_is_whole_number(value) for split in named for value in raw[split]):
+      numbered = sorted(set(raw) - named)
+      raise FinetuneError(f"labels in {where[sorted(named)[0]]} are class names but those in {where[numbered[0]]} "
+                          "are numbers, so they cannot be matched; give every split the same kind of label column")
+    raw = {split: np.array([int(v) for v in values], np.int64) if split in named else values
+           for split, values in raw.items()}  # "3" in one file, 3 in another: the same class
+  elif named:
     names = sorted({str(value) for values in raw.values() for value in values})
     index = {name: i for i, name in enumerate(names)}
     return tuple(names), {split: np.array([index[str(v)] for v in values], np.int64) for split, values in raw.items()}
@@ -125,7 +136,27 @@ def class_names_and_labels(raw: dict[str, np.ndarray], names: dict[str, Sequence
     if labels[split].size and labels[split].min() < 0:
       raise FinetuneError(f"labels in {where[split]} include {labels[split].min()}; labels are class indices "
                           "0..K-1, so drop unlabelled rows or point the label option at the class column")
+    if names is not None and labels[split].size and labels[split].max() >= len(names):
+      raise FinetuneError(f"labels in {where[split]} include {labels[split].max()}, but the train split's ClassLabel "
+                          f"has {len(names)} classes ({', '.join(map(repr, names))}); fix the column or its file")
   if names is None:
     num_classes = max((int(values.max()) + 1 for values in labels.values() if values.size), default=0)
     names = [str(i) for i in range(num_classes)]
   return tuple(names), labels
+
+
+def _indices(values: np.ndarray, names: Sequence[str], where: str) -> np.ndarray:
+  """String labels as indices of the train split's ClassLabel names."""
+  index = {name: i for i, name in enumerate(names)}
+  unknown = sorted({str(v) for v in values} - set(index))
+  if unknown:
+    raise FinetuneError(f"labels in {where} include {', '.join(map(repr, unknown[:3]))}, not among the train "
+                        f"split's ClassLabel names ({', '.join(map(repr, names))}); fix the column or its file")
+  return np.array([index[str(v)] for v in values], np.int64)
+
+
+def _is_whole_number(value: Any) -> bool:
+  try:
+    return str(int(str(value))) == str(value).strip()
+  except ValueError:
+    return False

@@ -182,3 +182,11 @@ def test_empty_csv_label_cell_is_a_missing_label(tmp_path):
   (tmp_path / "train.csv").write_text("label,p0,p1\n1,0,255\n,3,4\n")
   with pytest.raises(FinetuneError, match=r"row 1 of label column 'label' of the train files has no label"):
     _load(tmp_path, path=str(tmp_path), image_key="*", image_shape=(1, 2, 1))
+
+
+def test_an_empty_pixel_cell_is_refused(tmp_path):
+  """(With image_key='*' the column became float with NaN, so the whole split skipped the /255 scaling.)"""
+  (tmp_path / "train.csv").write_text("label,p0,p1\n1,0,255\n0,3,4\n")
+  (tmp_path / "test.csv").write_text("label,p0,p1\n1,0,\n0,3,4\n")
+  with pytest.raises(FinetuneError, match=r"test files has missing \(empty\) pixel values in column 'p1'"):
+    _load(tmp_path, path=str(tmp_path), image_key="*", image_shape=(1, 2, 1))

@@ -40,6 +40,11 @@ def test_formats_become_the_same_messages():
   assert to_messages(RECORDS[3], "x")[0] == {"role": "system", "content": "Be brief."}
   with pytest.raises(FinetuneError, match="x: not Alpaca"):
     to_messages({"prompt": "a"}, "x")
+  # (A turn written with role/content keys was reported as a turn with unknown speaker 'from'.)
+  with pytest.raises(FinetuneError, match=r"x: a ShareGPT turn needs 'from' and 'value' keys; got \{'role'"):
+    to_messages({"conversations": [{"role": "user", "content": "Hi"}]}, "x")
+  with pytest.raises(FinetuneError, match=r"x: ShareGPT turn with unknown speaker 'bot'"):
+    to_messages({"conversations": [{"from": "bot", "value": "Hi"}]}, "x")
 
 
 def test_loss_mask_covers_exactly_the_assistant_tokens(tokenizer_dir):
