@@ -179,13 +179,17 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
     return 0
   if aggregate_only and not os.path.isdir(workdir):
     raise FinetuneError(f"--aggregate-only: {workdir} does not exist; run the sweep first (without the flag)")
+  if os.path.isdir(workdir):  # a mistyped --metric fails now when some point has finished, not after the sweep
+    sweep.collect(points, workdir, metrics)
   outcomes = [] if aggregate_only else sweep.run_sweep(points, workdir, parallel, vmap, config_spec, overrides)
-  print(sweep.aggregate(points, workdir, metrics, seed_key))
-  print(f"results: {os.path.join(os.path.abspath(workdir), 'results.csv')} and results.md")
   failed = [o for o in outcomes if o.status == "failed"]
-  for outcome in failed:
-    print(f"failed: {outcome.point.name} (exit status {outcome.returncode}); see {outcome.log_path}",
-          file=sys.stderr)
+  try:
+    print(sweep.aggregate(points, workdir, metrics, seed_key))
+    print(f"results: {os.path.join(os.path.abspath(workdir), 'results.csv')} and results.md")
+  finally:  # the failed points are named even when tabulating fails
+    for outcome in failed:
+      print(f"failed: {outcome.point.name} (exit status {outcome.returncode}); see {outcome.log_path}",
+            file=sys.stderr)
   return 1 if failed else 0
 
 

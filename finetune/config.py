@@ -173,6 +173,8 @@ def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
   for item in split_config_arg(arg):
     key, sep, text = item.partition("=")
     key = key.strip()
+    if not item.strip():  # (read as a bare word, it set the first string setting to '')
+      raise FinetuneError(f"config argument {str(arg)!r} has an empty item (a stray comma); remove it")
     if not sep:
       string_keys = [k for k, v in spec.items() if isinstance(v, str)]
       if not string_keys:
@@ -308,6 +310,10 @@ def apply_override(config: ConfigDict, override: str) -> None:
   if not sep:
     raise FinetuneError(f"override --config.{override} has no value; write --config.{dotted}=VALUE")
   *parents, leaf = dotted.split(".")
+  if not parents and leaf == "stages":
+    raise FinetuneError("override --config.stages would replace the config's stages; change one stage's key with "
+                        "--config.stages.<stage>.<key>=VALUE (stages: "
+                        f"{', '.join(ordered_keys(config.stages)) or '(none)'})")
   if len(parents) >= 2 and parents[0] == "stages" and parents[1] not in config.stages:
     # An override may change a stage the config declares, never create one: a typo would silently add a stage.
     raise FinetuneError(f"override --config.{dotted} names stage {parents[1]!r}, which the config does not declare"
@@ -402,7 +408,8 @@ def to_json(config: ConfigDict) -> str:
 def _validate_stage(c: ConfigDict, where: str) -> None:
   # Imported here: the registries pull in jax/flax, which `parse_arg` users in config files do not need.
   from finetune.data import SOURCES  # pylint: disable=g-import-not-at-top
-  from finetune.models import MODELS  # pylint: disable=g-import-not-at-top
+  from finetune.data.pipeline import check_options  # pylint: disable=g-import-not-at-top
+  from finetune.models import MODELS, check_arguments  # pylint: disable=g-import-not-at-top
   from finetune.optim import OPTIMIZERS, SCHEDULES  # pylint: disable=g-import-not-at-top
 
   from finetune.tasks import TASKS  # pylint: disable=g-import-not-at-top
@@ -410,6 +417,11 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
   TASKS.get(c.task)
   MODELS.get(c.model.name)
   SOURCES.get(c.data.name)
+  try:
+    check_arguments(c.model.name, [key for key in c.model if key != "name"])
+    check_options(c.data)
+  except FinetuneError as e:
+    raise FinetuneError(f"{e}{where}") from None
   OPTIMIZERS.get(c.optimizer.name)
   SCHEDULES.get(c.optimizer.schedule)
 
@@ -573,6 +585,10 @@ def _merge(base: ConfigDict, update: ConfigDict | dict, prefix: str) -> None:
   for key, value in items:
     dotted = f"{prefix}.{key}" if prefix else key
     if prefix == "" and key == "stages":
+      if not isinstance(value, (dict, ConfigDict)):
+        raise FinetuneError(f"config.stages must be a ConfigDict of stages (name -> overrides), got {value!r}")
+      if "stages" not in base:  # (merging a stage's overrides into its copy of the base config)
+        raise FinetuneError("a stage cannot hold stages of its own; declare every stage in config.stages")
       for stage_name in ordered_keys(value):
         stage = value[stage_name]
         if not isinstance(stage, (dict, ConfigDict)):

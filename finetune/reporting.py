@@ -118,7 +118,7 @@ def read_json(path: str) -> Any:
   try:
     with open(path) as f:
       return json.load(f)
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:  # (bytes that are not UTF-8 are damage too)
     raise FinetuneError(f"{path} is damaged (not valid JSON: {e}); restore it, or delete its run folder to "
                         "redo that run") from None
 

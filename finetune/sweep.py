@@ -131,7 +131,8 @@ class Point:
 
 def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
   """The points of `file.py[:arg]`'s `get_sweep(arg)`, each loaded with `load_config` (so a typo in any key fails
-  here, before anything runs). `overrides` (`key=value`) apply to every point, before the point's own values."""
+  here, before anything runs). `overrides` (`key=value`) apply to every point; one on a key the points set is
+  refused, as the point's value would replace it."""
   path, _, arg = spec.partition(":")
   get_sweep = getattr(config_lib.import_config_file(path), "get_sweep", None)
   if get_sweep is None:
@@ -158,6 +159,14 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
     if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
       raise FinetuneError(f"get_sweep in {path}: point {index} is {values!r}, not a dict {{config key: value}}")
   raw = [{key: _plain(value) for key, value in values.items()} for values in raw]
+  swept = {key for values in raw for key in values if not key.startswith(":")}
+  for override in overrides:  # the point's own value would replace it silently
+    dotted = override.partition("=")[0]
+    clash = next((key for key in sorted(swept) if f"{key}.".startswith(f"{dotted}.")
+                  or f"{dotted}.".startswith(f"{key}.")), None)
+    if clash is not None:
+      raise FinetuneError(f"--config.{dotted} would not reach the points: the sweep sets {clash} in each of them; "
+                          "drop the override, or change the values get_sweep gives")
   points, seen = [], {}
   for values, name in zip(raw, point_names(raw)):
     point_overrides = (*overrides, *(f"{k}={_value_text(v)}" for k, v in values.items() if not k.startswith(":")))
@@ -530,7 +539,12 @@ def collect(points: Sequence[Point], workdir: str, metrics: Sequence[str] = ()) 
     if finished(point, workdir):
       summaries[point.name] = {}
       for stage, stage_dir in point.stage_dirs.items():
-        summaries[point.name][stage] = read_json(os.path.join(workdir, point.name, stage_dir, SUMMARY_FILE))
+        path = os.path.join(workdir, point.name, stage_dir, SUMMARY_FILE)
+        summary = read_json(path)
+        if not isinstance(summary, dict) or not isinstance(summary.get("final"), dict):
+          raise FinetuneError(f"{path} is not a run summary (no 'final' evaluations); restore it, or delete its run "
+                              "folder to redo that run")
+        summaries[point.name][stage] = summary
   every_summary = [s for stages in summaries.values() for s in stages.values()]
   metrics = list(metrics) or list(dict.fromkeys(f"{split}/accuracy" for s in every_summary for split in s["final"]))
   for metric in metrics:

@@ -132,6 +132,10 @@ def test_parse_arg_rejects_leftovers_and_types():
   assert parsed.to_dict() == {"sizes": (100, 500), "name": "a,b", "steps": 2}
   with pytest.raises(FinetuneError, match="unclosed bracket"):
     parse_arg("sizes=(100,500", sizes=(1,))
+  # (A stray comma was read as a bare word and set the first string setting, e.g. data_path, to ''.)
+  for stray in ("steps=5,", "steps=5,,data_path=y", ",steps=5"):
+    with pytest.raises(FinetuneError, match=r"has an empty item \(a stray comma\); remove it"):
+      parse_arg(stray, steps=1, data_path="x")
 
 
 def test_config_file_errors(tmp_path):
@@ -179,6 +183,35 @@ def test_an_override_cannot_invent_a_stage():
   with pytest.raises(FinetuneError, match=r"names stage 'fintune', which the config does not declare \(did you "
                                           r"mean 'finetune'\?\); stages: pretrain, finetune, scratch"):
     load_config(str(REPO / "configs/mnist_transfer.py"), ["stages.fintune.optimizer.learning_rate=1e-4"])
+
+
+def test_stages_are_declared_once_as_a_section_of_stages(tmp_path):
+  """(`--config.stages={...}` added stages, a typo among them training as a stage of its own; `stages=foo`, a stage
+  holding stages and `config.stages = ()` ended in AttributeError tracebacks.)"""
+  main = str(REPO / "configs/mnist_transfer.py")
+  for override in ("stages={'finetnue': {'train': {'steps': 5}}}", "stages=foo"):
+    with pytest.raises(FinetuneError, match=r"override --config.stages would replace the config's stages; .* "
+                                            r"\(stages: pretrain, finetune, scratch\)"):
+      load_config(main, [override])
+  with pytest.raises(FinetuneError, match=r"in config.stages.finetune: a stage cannot hold stages of its own"):
+    load_config(main, ["stages.finetune.stages.x.seed=1"])
+  empty = tmp_path / "empty_stages.py"
+  empty.write_text("def get_config(arg=None):\n  return {'train': {'steps': 1}, 'stages': ()}\n")
+  with pytest.raises(FinetuneError, match=r"config.stages must be a ConfigDict of stages \(name -> overrides\), "
+                                          r"got \(\)"):
+    load_config(str(empty))
+
+
+def test_a_later_stage_s_model_or_data_option_typo_fails_before_any_stage_trains():
+  """(They surfaced when the stage was built: in a multi-stage run, after the earlier stages had trained; and a
+  sweep's dry run printed every command.)"""
+  main = str(REPO / "configs/mnist_transfer.py")
+  with pytest.raises(FinetuneError, match=r"config.model.widht is not an argument of model 'cnn'; valid: .*"
+                                          r"\(stage 'finetune'\)"):
+    load_config(main, ["stages.finetune.model.widht=3"])
+  with pytest.raises(FinetuneError, match=r"config.data.options.num_exmaples is not an option of data source "
+                                          r"'mnist'; valid: \(none\) \(stage 'scratch'\)"):
+    load_config(main, ["stages.scratch.data.options.num_exmaples=3"])
 
 
 def test_a_base_override_that_stages_set_themselves_is_refused_or_named(capsys):

@@ -137,6 +137,16 @@ def test_load_sweep_validates_every_point_before_anything_runs(tmp_path, capsys)
   assert not (tmp_path / "w").exists()
 
 
+def test_an_override_of_a_key_the_points_set_is_refused(tmp_path):
+  """(The point's value came after the command line's and replaced it silently.)"""
+  path = write_config(tmp_path, 'product({"optimizer.learning_rate": [0.1, 0.2]}, seeds(2))')
+  for override in ("seed=5", "optimizer.learning_rate=0.5", "optimizer={'learning_rate': 0.5}"):
+    with pytest.raises(FinetuneError, match=r"--config.(seed|optimizer.learning_rate|optimizer) would not reach the "
+                                            r"points: the sweep sets (seed|optimizer.learning_rate) in each of them"):
+      load_sweep(path, [override])
+  assert len(load_sweep(path, ["optimizer.weight_decay=0.01"])) == 4  # a key no point sets reaches them all
+
+
 def test_dry_run_prints_commands_that_finetune_train_accepts(tmp_path, capsys):
   path = write_config(tmp_path, '''product({"optimizer.schedule": ["constant", "cosine"], "data.classes": [(0, 1, 2)],
                                             ":steps": [4], "optimizer.learning_rate": [0.5],
@@ -327,6 +337,17 @@ def test_parallel_sweep_continues_past_a_failed_point(tmp_path, capsys):
   table = (workdir / "results.md").read_text()
   assert "| data.classes | train/validation/accuracy | n |" in table
   assert "| (0, 99) | - | 0 |" in table and "| - | " in table and " ± " in table
+  # A mistyped metric fails before the failed point runs again (it was found after the sweep, which then skipped
+  # naming its failed points).
+  status, out, err = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--metric", "tset/accuracy")
+  assert status == 2 and out == "" and "metric 'tset/accuracy' is a number in no stage summary" in err
+  # With nothing finished beforehand it fails after the sweep, still naming the failed point.
+  fresh = tmp_path / "fresh"
+  status, out, err = sweep_cli(capsys, "--config", path, "--workdir", str(fresh), "--parallel", "2",
+                               "--metric", "tset/accuracy")
+  assert status == 2 and "[3/3 done, 1 failed]" in out
+  assert err.splitlines()[0] == f"failed: {bad} (exit status 2); see {fresh / bad / 'sweep.log'}"
+  assert "metric 'tset/accuracy' is a number in no stage summary" in err.splitlines()[1]
 
 
 def test_vmap_sweep_trains_compatible_points_together(tmp_path, capsys):
@@ -495,6 +516,13 @@ def test_aggregate_means_and_sample_stds_over_seeds(tmp_path):
   assert float(rows[2]["ft/validation/accuracy"]) == 0.3 and rows[5]["pre/validation/accuracy"] == ""
   with pytest.raises(FinetuneError, match="metric 'validation/acuracy' is a number in no stage summary"):
     aggregate(points, str(workdir), ["validation/acuracy"])
+  # A summary that is not UTF-8, or JSON of another shape, is a one-line error naming the file (was a traceback).
+  summary = workdir / points[0].name / "pre" / "summary.json"
+  for damage, message in ((b"\xff{}", "is damaged"), (b"{}", "is not a run summary")):
+    summary.write_bytes(damage)
+    with pytest.raises(FinetuneError, match=f"{summary}.*{message}"):
+      aggregate(points, str(workdir))
+  summary.write_text(json.dumps({"final": {"validation": {"accuracy": 0.5, "loss": 1.0}}, "steps": 3}))
   # Default metrics: every split's accuracy; grouping over another key.
   table = aggregate(points, str(workdir), seed_key="optimizer.learning_rate")
   assert table.splitlines()[0] == "| seed | pre/validation/accuracy | ft/validation/accuracy | n |"

@@ -173,17 +173,23 @@ def _filter(split: Split, label_map: np.ndarray | None) -> Split:
   return SubsetSplit(split, keep, label_map)
 
 
-def build_pipeline(data_cfg: ConfigDict, seed: int) -> InputPipeline:
-  """Loads `config.data.name` and prepares train / validation / test for this process."""
-  source = SOURCES.get(data_cfg.name)
-  options = dict(data_cfg.options)
-  accepted = [p for p in inspect.signature(source).parameters if p not in ("path", "cache_dir")]
-  for key in options:
+def check_options(data_cfg: ConfigDict) -> None:
+  """Every key of config.data.options must be an argument of the data source (checked with the config, before any
+  stage trains, and again when the source loads)."""
+  accepted = [p for p in inspect.signature(SOURCES.get(data_cfg.name)).parameters if p not in ("path", "cache_dir")]
+  for key in data_cfg.options:
     if key in ("path", "cache_dir"):
       raise FinetuneError(f"config.data.options.{key}: set config.data.{key} instead")
     if key not in accepted:
       raise FinetuneError(f"config.data.options.{key} is not an option of data source {data_cfg.name!r}; "
                           f"valid: {', '.join(accepted) or '(none)'}")
+
+
+def build_pipeline(data_cfg: ConfigDict, seed: int) -> InputPipeline:
+  """Loads `config.data.name` and prepares train / validation / test for this process."""
+  source = SOURCES.get(data_cfg.name)
+  options = dict(data_cfg.options)
+  check_options(data_cfg)
   dataset = source(path=os.path.expanduser(data_cfg.path) if data_cfg.path else "",
                    cache_dir=os.path.expanduser(data_cfg.cache_dir) if data_cfg.cache_dir else "", **options)
   if "train" not in dataset.splits:

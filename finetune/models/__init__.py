@@ -34,9 +34,19 @@ from finetune.models import mlp  # noqa: E402,F401
 from finetune.models import vit  # noqa: E402,F401
 
 
+def check_arguments(name: str, keys) -> None:
+  """Every key must be an argument of model `name`'s constructor (the config check runs this before any stage
+  trains, so a typo in a later stage's config.model does not surface after the earlier stages' training)."""
+  accepted = [p for p in inspect.signature(MODELS.get(name).__init__).parameters if p not in ("self", "rngs")]
+  for key in keys:
+    if key not in accepted:
+      raise FinetuneError(f"config.model.{key} is not an argument of model {name!r}; "
+                          f"valid: {', '.join(a for a in accepted if a != 'num_classes')}")
+
+
 def model_kwargs(model_cfg: ConfigDict, num_classes: int) -> dict[str, Any]:
   """Constructor kwargs from `config.model`, checked against the model's signature."""
-  cls = MODELS.get(model_cfg.name)
+  MODELS.get(model_cfg.name)  # an unknown name fails first, listing the valid ones
   kwargs = {k: v for k, v in model_cfg.items() if k != "name"}
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
   if kwargs.get("hf_config"):
@@ -54,11 +64,7 @@ def model_kwargs(model_cfg: ConfigDict, num_classes: int) -> dict[str, Any]:
                             "for all of them: set config.model.dropout")
       hf_kwargs["dropout"] = next(iter(rates.values()))
     kwargs = {**hf_kwargs, **kwargs}
-  accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "rngs")]
-  for key in kwargs:
-    if key not in accepted:
-      raise FinetuneError(f"config.model.{key} is not an argument of model {model_cfg.name!r}; "
-                          f"valid: {', '.join(a for a in accepted if a != 'num_classes')}")
+  check_arguments(model_cfg.name, kwargs)
   if "num_classes" in kwargs and kwargs["num_classes"] != num_classes:
     raise FinetuneError(f"config.model.num_classes={kwargs['num_classes']} but the data has {num_classes} classes; "
                         "drop config.model.num_classes (it is taken from the data) or change config.data.classes")
