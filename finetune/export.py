@@ -116,7 +116,7 @@ def _export_peft(cfg: ConfigDict, arrays: dict, num_classes: int, run_dir: str, 
   else:  # an unfinished run (--unfinished): the adapter folder is written when the stage ends
     trained = sorted(adapters.trainable_paths(peft_cfg, list(params), base_paths))
   abstract = adapters.abstract_model(cfg.model, peft_cfg, num_classes)
-  base = _hf_base(run_dir, trained)
+  base = _hf_base(run_dir, trained, full_model_kwargs(cfg.model, num_classes))
   tensors, adapter_config = peft_format.peft_adapter(cfg.model, peft_cfg, abstract, params, trained, num_classes,
                                                      base_model=base or "base_model")
   with staged_directory(out) as staging:  # adapter and base_model/ appear together or not at all
@@ -130,15 +130,21 @@ def _export_peft(cfg: ConfigDict, arrays: dict, num_classes: int, run_dir: str, 
   return "PEFT LoRA adapter" + ("" if base else " + base_model/") + note
 
 
-def _hf_base(run_dir: str, trained: list[str]) -> str:
+def _hf_base(run_dir: str, trained: list[str], run_kwargs: dict) -> str:
   """The Hugging Face checkpoint whose weights are the run's frozen base, or '' when there is none: the run must
-  have started from it directly (init.json's source), and everything it re-initialised must be trained (so in the
-  adapter). `config.model.hf_config` alone says nothing: it gives the architecture, and an earlier stage (or a
-  random start) may have given the weights."""
+  have started from it directly (init.json's source), everything it re-initialised must be trained (so in the
+  adapter), and its architecture must be the checkpoint's (`run_kwargs`: the run's model arguments). A run that
+  changed it (`config.model.num_layers=1` on a 2-layer checkpoint) left checkpoint arrays unused: PEFT would load
+  the adapter onto the whole checkpoint, warn only of missing adapter keys and compute another function.
+  `config.model.hf_config` alone says nothing: it gives the architecture, and an earlier stage (or a random
+  start) may have given the weights."""
   init_path = os.path.join(run_dir, "init.json")
   init = read_json(init_path) if os.path.isfile(init_path) else {}
   source = init.get("source", "")
   if not source or not hf.is_hf_checkpoint(source) or set(init.get("fresh", ())) - set(trained):
+    return ""
+  _, architecture = hf.model_kwargs(source)
+  if any(run_kwargs.get(key) != value for key, value in architecture.items()):
     return ""
   return source
 

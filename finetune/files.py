@@ -1,4 +1,5 @@
-"""Atomic file writes: every file the framework writes appears whole or not at all.
+"""Atomic file writes: every file the framework writes appears whole or not at all (and `read_json`, which
+reports a damaged JSON file in one line).
 
 A temp file with a unique name beside the target, renamed onto it (`os.replace` is atomic within one file
 system): a crash never leaves a half-written file, and processes writing the same file at once (sweep points
@@ -9,9 +10,12 @@ Written by hand because the standard library has no atomic replace-write.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
-from typing import Iterator
+from typing import Any, Iterator
+
+from finetune.errors import FinetuneError
 
 
 def _read_umask() -> int:
@@ -54,3 +58,12 @@ def write_text(path: str, text: str) -> None:
   with atomic_path(path) as tmp:
     with open(tmp, "w") as f:
       f.write(text)
+
+
+def read_json(path: str, fix: str) -> Any:
+  """A JSON file; a damaged one (not UTF-8, not JSON) is a one-line error naming it and saying `fix`."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise FinetuneError(f"{path} is damaged (not valid JSON: {e}); {fix}") from None

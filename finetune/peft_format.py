@@ -28,6 +28,7 @@ from ml_collections import ConfigDict
 
 from finetune import adapters
 from finetune.errors import FinetuneError
+from finetune.files import read_json
 from finetune.methods.lora import LoRALinear, lora_modules
 from finetune.models import hf
 from finetune.reporting import staged_directory
@@ -123,6 +124,11 @@ def peft_adapter(model_cfg: ConfigDict, peft_cfg: ConfigDict, abstract_model: nn
     raise FinetuneError(f"model {name!r} has no transformers counterpart; PEFT export supports "
                         f"{', '.join(_BASE_CLASSES)}")
   kwargs = _model_kwargs(model_cfg, num_classes)
+  if name == "bert" and kwargs.get("position_offset") and kwargs.get("pooling", "cls") == "cls":
+    # RobertaForSequenceClassification names its encoder `roberta` and has a two-layer classifier: an adapter in
+    # BERT's names would fail to load in PEFT (as --format hf refuses RoBERTa-style models).
+    raise FinetuneError("PEFT export of a RoBERTa-style classifier (position offsets) is not supported yet; "
+                        "export a BERT model, or use pooling='mean' (the base is then the encoder alone)")
   tensors, modules, ranks, alphas = {}, {}, {}, {}
   for path, module in lora_modules(abstract_model).items():
     hf_param, _ = hf.transformers_name(name, f"{path}/kernel", kwargs)
@@ -187,13 +193,12 @@ def read_peft_adapter(directory: str, model_cfg: ConfigDict, peft_cfg: ConfigDic
   The adapter's r / lora_alpha / use_rslora / use_dora must equal config.peft's (per module, after rank and alpha
   patterns), or the outputs would differ silently: a mismatch is an error naming both values.
   """
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-
-  with open(os.path.join(directory, PEFT_CONFIG)) as f:
-    config = json.load(f)
+  config = read_json(os.path.join(directory, PEFT_CONFIG), "save or download the adapter again")
+  if not isinstance(config, dict):
+    raise FinetuneError(f"{os.path.join(directory, PEFT_CONFIG)} is not a PEFT adapter config (a JSON object)")
   if config.get("peft_type", "LORA") != "LORA":
     raise FinetuneError(f"{directory} is a {config.get('peft_type')} adapter; only LoRA adapters can be imported")
-  tensors = load_file(os.path.join(directory, PEFT_WEIGHTS))
+  tensors = hf.load_safetensors(os.path.join(directory, PEFT_WEIGHTS), "save or download the adapter again")
   name = model_cfg.name
   kwargs = _model_kwargs(model_cfg, num_classes)
   loras = lora_modules(abstract_model)

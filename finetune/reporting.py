@@ -115,12 +115,7 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
 
 def read_json(path: str) -> Any:
   """A JSON file this framework wrote; a damaged one is a one-line error naming it."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:  # (bytes that are not UTF-8 are damage too)
-    raise FinetuneError(f"{path} is damaged (not valid JSON: {e}); restore it, or delete its run folder to "
-                        "redo that run") from None
+  return files.read_json(path, "restore it, or delete its run folder to redo that run")
 
 
 EXPORT_MARKER = ".finetune-export"  # marks a folder that staged_directory wrote, so a later export may replace it

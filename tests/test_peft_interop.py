@@ -212,6 +212,15 @@ def test_import_refuses_an_adapter_for_other_settings(tmp_path):
     with pytest.raises(FinetuneError, match=message):
       adapters.load_model(model_cfg, peft_config(method="lora", **ours), 0, checkpoint=str(tmp_path / "base"),
                           adapter=str(tmp_path / "adapter"))
+  # Damaged files are one-line errors naming them (the config was a JSONDecodeError traceback).
+  ours = peft_config(method="lora", targets=("q_proj",), rank=4, alpha=8.0)
+  weights = tmp_path / "adapter" / "adapter_model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:40])
+  with pytest.raises(FinetuneError, match=r"adapter_model.safetensors is damaged .*save or download the adapter"):
+    adapters.load_model(model_cfg, ours, 0, checkpoint=str(tmp_path / "base"), adapter=str(tmp_path / "adapter"))
+  (tmp_path / "adapter" / "adapter_config.json").write_text('{"peft_type": "LO')
+  with pytest.raises(FinetuneError, match=r"adapter_config.json is damaged \(not valid JSON"):
+    adapters.load_model(model_cfg, ours, 0, checkpoint=str(tmp_path / "base"), adapter=str(tmp_path / "adapter"))
 
 
 @pytest.mark.parametrize("variant", [{"dora": True}, {"quantize": "nf4", "quant_block_size": 16}],
@@ -313,7 +322,7 @@ def _llama_logits_after_peft(adapter_dir, base_dir, ids):
 def test_peft_export_names_the_hf_base_only_when_the_frozen_weights_are_its(tmp_path):
   """A LoRA stage straight from a Hugging Face checkpoint names it as the base; a LoRA stage after a full
   fine-tuning stage writes its own base_model/ (naming the original checkpoint would apply the adapter to other
-  weights). Either way PEFT computes the run's logits. An interrupted run exports from its latest checkpoint."""
+  weights), as does one that changed the architecture. Either way PEFT computes the run's logits. An interrupted run exports from its latest checkpoint."""
   import shutil  # pylint: disable=g-import-not-at-top
   from finetune import cli, train as train_lib  # pylint: disable=g-import-not-at-top
   from finetune.config import build_config  # pylint: disable=g-import-not-at-top
@@ -328,11 +337,16 @@ def test_peft_export_names_the_hf_base_only_when_the_frozen_weights_are_its(tmp_
       "optimizer": {"name": "adamw", "learning_rate": 3e-2, "warmup_steps": 0},
       "stages": {"full": {"init_from": str(tmp_path / "hf")},
                  "lora_after_full": {"init_from": "stage:full", "peft": lora},
-                 "lora_from_hf": {"init_from": str(tmp_path / "hf"), "peft": lora}}})
+                 "lora_from_hf": {"init_from": str(tmp_path / "hf"), "peft": lora},
+                 # One of the checkpoint's two layers: the checkpoint is not this run's base (it was named, and
+                 # PEFT applied the adapter to both layers, warning only of missing adapter keys).
+                 "lora_from_hf_one_layer": {"init_from": str(tmp_path / "hf"), "peft": lora,
+                                            "model": {"num_hidden_layers": 1}}}})
   train_lib.train_and_evaluate(config, str(tmp_path / "run"))
   ids = np.random.default_rng(0).integers(1, 120, size=(2, 10))
   logits = {}
-  for stage, named_base in (("lora_after_full", None), ("lora_from_hf", tmp_path / "hf")):
+  for stage, named_base in (("lora_after_full", None), ("lora_from_hf", tmp_path / "hf"),
+                            ("lora_from_hf_one_layer", None)):
     out = tmp_path / f"peft_{stage}"
     assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--stage", stage, "--format", "peft", "--out",
                      str(out)]) == 0
@@ -393,3 +407,24 @@ def test_export_of_a_model_without_a_hugging_face_format_says_so_in_either_forma
   assert "model 'mlp' cannot be exported to Hugging Face format; exportable: bert, gpt2, llama, vit" in err, err
   assert "use --format" not in err
   assert not (tmp_path / "out").exists()
+
+
+def test_peft_export_refuses_a_roberta_style_classifier(tmp_path):
+  """(It wrote BERT names and a one-layer classifier, which PEFT failed to load onto RobertaForSequenceClassification
+  with a KeyError; --format hf refused such models already.)"""
+  config = transformers.RobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      intermediate_size=48, vocab_size=120, max_position_embeddings=70, num_labels=3)
+  transformers.RobertaForSequenceClassification(config).save_pretrained(tmp_path / "base")
+  lora = peft_config(method="lora", targets=("query", "value"), rank=2, alpha=4.0)
+  for pooling, refused in (("cls", True), ("mean", False)):
+    model_cfg = ConfigDict({"name": "bert", "hf_config": str(tmp_path / "base"), "pooling": pooling})
+    model = adapters.load_model(model_cfg, lora, 3)
+    params = flatten(nnx.state(model, nnx.Param).to_pure_dict())
+    trained = [path for path in params if "lora" in path]
+    if refused:
+      with pytest.raises(FinetuneError, match=r"PEFT export of a RoBERTa-style classifier \(position offsets\) is "
+                                              r"not supported yet"):
+        peft_format.peft_adapter(model_cfg, lora, model, params, trained, 3, base_model=str(tmp_path / "base"))
+    else:  # the encoder alone: names PEFT finds on RobertaModel
+      tensors, _ = peft_format.peft_adapter(model_cfg, lora, model, params, trained, 3, base_model="b")
+      assert "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight" in tensors

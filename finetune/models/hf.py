@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from finetune.errors import FinetuneError
+from finetune.files import read_json
 
 # config.json field -> our model kwarg, per model_type.
 _BERT_CONFIG = {
@@ -186,12 +187,7 @@ def packaged_minilm_dir() -> str:
 
 
 def read_config(path: str) -> dict[str, Any]:
-  try:
-    with open(os.path.join(path, "config.json")) as f:
-      config = json.load(f)
-  except json.JSONDecodeError as e:
-    raise FinetuneError(f"{path}/config.json is damaged (not valid JSON: {e}); download or save the checkpoint "
-                        "again") from None
+  config = read_json(os.path.join(path, "config.json"), "download or save the checkpoint again")
   model_type = config.get("model_type")
   if model_type not in ARCHITECTURES:
     raise FinetuneError(f"{path}/config.json has model_type {model_type!r}; supported: {', '.join(ARCHITECTURES)}")
@@ -243,12 +239,14 @@ def dropout_rates(path: str) -> dict[str, float]:
 
 
 def _load_tensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.isfile(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
+    contents = read_json(index, "download or save the checkpoint again")
+    weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
+    if not isinstance(weight_map, dict):
+      raise FinetuneError(f"{index} has no weight_map (tensor name -> shard file); download or save the "
+                          "checkpoint again")
+    files = sorted(set(weight_map.values()))
   else:
     files = ["model.safetensors"]
   tensors = {}
@@ -256,12 +254,18 @@ def _load_tensors(path: str) -> dict[str, np.ndarray]:
     file = os.path.join(path, name)
     if not os.path.isfile(file):
       raise FinetuneError(f"{path}: shard {name} named in model.safetensors.index.json is missing")
-    try:
-      tensors.update(load_file(file))
-    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for damaged files
-      raise FinetuneError(f"{file} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                          "download or save the checkpoint again") from None
+    tensors.update(load_safetensors(file, "download or save the checkpoint again"))
   return tensors
+
+
+def load_safetensors(file: str, fix: str) -> dict[str, np.ndarray]:
+  """A safetensors file's arrays; a damaged one is a one-line error naming it and saying `fix`."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  try:
+    return load_file(file)
+  except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for damaged files
+    raise FinetuneError(f"{file} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        f"{fix}") from None
 
 
 def read_params(path: str) -> dict[str, dict[str, np.ndarray]]:

@@ -153,6 +153,15 @@ def test_damaged_pytorch_only_and_config_only_folders(tmp_path):
   (tmp_path / "cut" / "config.json").write_text('{"model_type": "be')
   with pytest.raises(FinetuneError, match=r"cut/config.json is damaged \(not valid JSON"):
     hf.read_config(str(tmp_path / "cut"))
+  # (A damaged shard index was a JSONDecodeError / KeyError traceback.)
+  transformers.BertModel(config).save_pretrained(tmp_path / "sharded")
+  index = tmp_path / "sharded" / "model.safetensors.index.json"
+  for text, message in (('{"weight_map": {"a": "m', r"is damaged \(not valid JSON"), ('{"metadata": {}}',
+                                                                                       r"has no weight_map")):
+    index.write_text(text)
+    with pytest.raises(FinetuneError, match=rf"sharded/model.safetensors.index.json {message}.*download or save the "
+                                            r"checkpoint again"):
+      hf.read_params(str(tmp_path / "sharded"))
   config.save_pretrained(tmp_path / "torch_only")  # (transformers 5 saves safetensors only: the old format by hand)
   torch.save(transformers.BertModel(config).state_dict(), tmp_path / "torch_only" / "pytorch_model.bin")
   with pytest.raises(FinetuneError, match=r"is a Hugging Face folder with PyTorch weights only \(pytorch_model.bin\)"):
