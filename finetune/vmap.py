@@ -32,7 +32,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import time
 from typing import Any, Sequence
 
 import jax
@@ -259,17 +258,18 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
   scales = jax.device_put(scales_all[active], replicated(mesh))
   pending: list[dict[str, jax.Array]] = []
   progress = Progress(total, start, f"{name} ({len(runs)} points)")
-  interval_start, train_seconds, train_steps = time.perf_counter(), 0.0, 0
+  timer, train_seconds, train_steps = train_lib.IntervalTimer(), 0.0, 0
   try:
     for step in range(start, total):
       step_phase = reference.strategy.phase_index(step)
       if step_phase != phase:  # an unfreezing boundary: each point enters the phase as it would alone
+        timer.pause(pending)
         unstack(together, active)
         for k in active:
           states[k] = runs[k].stage.enter_phase(states[k], step_phase)
         phase = step_phase
         together, program = stack(active), step_program(phase, len(active))
-        interval_start = time.perf_counter()
+        timer.resume()
       # (points, per-process batch, ...): each point's own batch of this step
       batch = _point_batches(runs, active, step)
       together, metrics = program(together, to_global(batch, batch_spec), scales)
@@ -281,10 +281,10 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
       log_now = done % reference.cfg.train.log_every == 0 or done == total or save_now
       if log_now:
         host = jax.device_get(pending)
-        now = time.perf_counter()
-        train_seconds += now - interval_start
+        seconds = timer.lap()
+        train_seconds += seconds
         train_steps += len(host)
-        examples_per_s = len(host) * reference.pipeline.batch_size / max(now - interval_start, 1e-9)
+        examples_per_s = len(host) * reference.pipeline.batch_size / max(seconds, 1e-9)
         unfinished = []
         for position, k in enumerate(active):
           own = [{key: value[position] for key, value in m.items()} for m in host]
@@ -299,11 +299,11 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
         progress.update(len(host), {"loss": float(np.mean([a["loss"] for _, _, a in unfinished] or [np.nan])),
                                     "points": len(unfinished)})
         pending = []
-        interval_start = time.perf_counter()
       # As train_loop: evaluations before the checkpoint of the same step, so a resume replays them, and a
       # non-finite one fails its point before its diverged weights are saved.
       eval_every = reference.cfg.train.eval_every
       if eval_every and done % eval_every == 0 and done != total:
+        timer.pause(pending)
         unstack(together, active)
         for k in active:
           if errors[k]:  # diverged at this step: it stops below
@@ -318,9 +318,10 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
             train_lib.check_finite_evaluation(results, done)
           except FinetuneError as e:
             errors[k] = str(e)
-        interval_start = time.perf_counter()
+        timer.resume()
       survivors = [k for k in active if not errors[k]]
       if len(survivors) != len(active) or save_now or done == total:
+        timer.pause(pending)
         unstack(together, active)
         for k in survivors:
           if done == total or (runs[k].cfg.train.checkpoint_every and
@@ -332,7 +333,7 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
             break
           together, program = stack(active), step_program(phase, len(active))
           scales = jax.device_put(scales_all[active], replicated(mesh))
-          interval_start = time.perf_counter()  # (the recompilation is not training time)
+        timer.resume()  # (checkpoints and a recompilation are not training time)
     unstack(together, active)
   finally:
     progress.close()

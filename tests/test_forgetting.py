@@ -319,6 +319,17 @@ def test_early_stopping_ends_on_the_best_checkpoint(mode, tmp_path):
   assert summary["final"]["validation"]["loss"] == pytest.approx(stopping["best_value"], rel=1e-5)
 
 
+def test_early_stopping_between_log_lines_logs_the_steps_since_the_last(tmp_path):
+  """(The steps after the last log line were dropped unlogged, and unchecked for NaN, when the run stopped.)"""
+  config = tiny_config(train={"steps": 40, "log_every": 5, "checkpoint_every": 0, "eval_every": 4,
+                              "early_stopping": {"metric": "validation/loss", "patience": 2, "mode": "max"}},
+                       optimizer={"learning_rate": 0.05, "warmup_steps": 0, "schedule": "constant"})
+  stopping = train_lib.train_and_evaluate(config, str(tmp_path))["train"]["early_stopping"]
+  assert stopping["stopped_at"] == 12  # (as above: the first evaluation is the best under mode='max')
+  train_steps = [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl") if '"train"' in l]
+  assert train_steps == [5, 10, 12]
+
+
 def _stopping_config(checkpoint_every: int):
   return tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (16,)},
                      train={"steps": 60, "log_every": 4, "checkpoint_every": checkpoint_every, "eval_every": 4,

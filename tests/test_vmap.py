@@ -254,7 +254,8 @@ def test_points_together_time_every_step_of_an_interval(tmp_path, monkeypatch):
 
   real_pace = train_lib.pace
   monkeypatch.setattr(train_lib, "pace", pace_and_tick)
-  monkeypatch.setattr(vmap, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))  # vmap's clock only
+  # The interval timer's clock only (train.py reads no other clock).
+  monkeypatch.setattr(train_lib, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
   base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)},
                      train={"steps": 8, "log_every": 4, "checkpoint_every": 0})
   dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
