@@ -240,6 +240,20 @@ def test_rehearsal_with_gradient_accumulation_equals_one_big_batch(tmp_path):
     np.testing.assert_allclose(finals[1][path], finals[0][path], rtol=1e-5, atol=1e-6, err_msg=path)
 
 
+def test_rehearsal_onto_a_task_with_more_classes_than_the_source_trains(tmp_path):
+  """(Target labels beyond the source head's 3 classes made its lookup NaN in the target rows, NaN * 0 stayed NaN,
+  and the run stopped at step 1 with advice to lower the learning rate.)"""
+  config = tiny_config(
+      model={"name": "mlp", "input_size": 64, "hidden": (16,)},
+      stages={"pretrain": {"data": {"classes": (0, 1, 2)}, "train": {"steps": 2}},
+              "target": {"data": {"classes": (3, 4, 5, 6, 7, 8, 9)}, "init_from": "stage:pretrain",
+                         "dont_load": ("^head/",), "rehearsal": {"fraction": 0.25}}},
+      train={"steps": 3, "log_every": 1, "checkpoint_every": 0})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  records = [json.loads(l) for l in open(tmp_path / "target" / "metrics.jsonl") if '"train"' in l]
+  assert len(records) == 3 and all(np.isfinite(r["loss"]) and np.isfinite(r["rehearsal/loss"]) for r in records)
+
+
 def test_an_epoch_with_rehearsal_counts_the_target_rows_of_a_batch():
   """A rehearsal batch holds batch_size - source rows of the target, so a target epoch takes more steps; the
   schedule length (train.epochs) and unfreeze.every_epochs count those, not batch_size-row steps."""

@@ -22,8 +22,12 @@ def penalty(params, anchor, aux: Aux):
   del params
   head = anchor["head"]
   logits = aux.features @ head["kernel"] + head["bias"]
-  losses = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), aux.batch["label"][:, None], axis=-1)[:, 0]
-  correct = (jnp.argmax(logits, axis=-1) == aux.batch["label"]).astype(jnp.float32)
+  # Target rows carry target-task labels, which may exceed the source head's classes: the lookup of such a label
+  # gives NaN (jnp.take_along_axis fills out-of-range indices), and NaN * 0 row weight is NaN. Their loss is unused,
+  # so they look up class 0.
+  labels = jnp.where(aux.rows("source") > 0, aux.batch["label"], 0)
+  losses = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=-1)[:, 0]
+  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
   loss = aux.mean_over(losses, "source")
   return anchor["weight"] * loss, {"loss": loss, "accuracy": aux.mean_over(correct, "source")}
 
