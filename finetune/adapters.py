@@ -223,6 +223,9 @@ class AdapterBank:
     """The plain base model with sum_i w_i * (adapter i's update W_i' - W) folded in (plain LoRA adapters).
 
     Parameters an adapter trains fully (its head) combine the same way: base + sum_i w_i (theirs_i - base)."""
+    if self.peft_cfg.method != "lora":  # (another method's bank combined to the plain base, silently)
+      raise FinetuneError(f"combining adapters adds weighted LoRA updates; this bank holds "
+                          f"{self.peft_cfg.method!r} adapters: use model(name) for each")
     chosen = [(self._get(n), float(w)) for n, w in weights.items()]
     merged = lora.merge_weighted(self.abstract, self.base, chosen)
     for path in {p for adapter, _ in chosen for p in adapter if p in merged}:

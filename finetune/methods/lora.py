@@ -307,7 +307,9 @@ def merge_weighted(abstract_model: nnx.Module, base: dict[str, Any], weighted: l
     kernel = params[f"{path}/kernel"]
     total = np.asarray(kernel, np.float64)
     for adapter, weight in weighted:
-      total = total + weight * _delta(module, adapter[f"{path}/lora_a"], adapter[f"{path}/lora_b"])
+      # A layer an adapter does not hold keeps the base's factors, as `AdapterBank.model` reads it.
+      factors = [adapter.get(f"{path}/{name}", base[f"{path}/{name}"]) for name in ("lora_a", "lora_b")]
+      total = total + weight * _delta(module, *factors)
     params[f"{path}/kernel"] = total.astype(kernel.dtype)
   return params
 

@@ -403,3 +403,19 @@ def test_qlora_run_with_dropout_resumes_to_the_same_parameters(tmp_path):
     for path in final[part]:
       np.testing.assert_array_equal(again[part][path], final[part][path])
   assert any(p.endswith("kernel_codes") for p in final["model_state"])
+
+
+def test_combining_adapters_refuses_other_methods_and_reads_missing_layers_from_the_base():
+  """(An IA3 bank combined to the plain base silently; an adapter lacking one LoRA layer's factors, which
+  model(name) takes from the base, raised a KeyError in combined.)"""
+  mlp = ConfigDict({"name": "mlp", "input_size": 6, "hidden": (5, 4)})
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 6)), jnp.float32)
+  ia3 = adapters.AdapterBank(mlp, peft_config(method="ia3", targets=("layers/0",)), 3)
+  ia3.add("a", {"layers/0/ia3_scale": np.full((5,), 3.0, np.float32)})
+  with pytest.raises(FinetuneError, match=r"combining adapters adds weighted LoRA updates; this bank holds 'ia3' "
+                                          r"adapters: use model\(name\) for each"):
+    ia3.combined({"a": 1.0})
+  bank = adapters.AdapterBank(mlp, peft_config(method="lora", targets=("layers/0", "layers/1"), rank=2), 3)
+  bank.add("only_first", {"layers/0/lora_b": np.ones((2, 5), np.float32)})
+  np.testing.assert_allclose(np.asarray(bank.combined({"only_first": 1.0})(x)),
+                             np.asarray(bank.model("only_first")(x)), atol=1e-5)
