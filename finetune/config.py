@@ -409,10 +409,11 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
   # Imported here: the registries pull in jax/flax, which `parse_arg` users in config files do not need.
   from finetune.data import SOURCES  # pylint: disable=g-import-not-at-top
   from finetune.data.pipeline import check_options  # pylint: disable=g-import-not-at-top
+  from finetune.methods.discriminative import check_settings as check_lr_settings  # pylint: disable=g-import-not-at-top
   from finetune.models import MODELS, check_arguments  # pylint: disable=g-import-not-at-top
   from finetune.optim import OPTIMIZERS, SCHEDULES  # pylint: disable=g-import-not-at-top
 
-  from finetune.tasks import TASKS  # pylint: disable=g-import-not-at-top
+  from finetune.tasks import TASKS, evaluation_keys  # pylint: disable=g-import-not-at-top
 
   TASKS.get(c.task)
   MODELS.get(c.model.name)
@@ -420,6 +421,7 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
   try:
     check_arguments(c.model.name, [key for key in c.model if key != "name"])
     check_options(c.data)
+    check_lr_settings(c.optimizer)
   except FinetuneError as e:
     raise FinetuneError(f"{e}{where}") from None
   OPTIMIZERS.get(c.optimizer.name)
@@ -440,6 +442,18 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
        "config.optimizer.cut_frac must be in (0, 1) and ratio > 0 (ULMFiT: 0.1 and 32)")
   need(0 < c.optimizer.pct_start < 1 and c.optimizer.div_factor > 0 and c.optimizer.final_div_factor > 0,
        "config.optimizer.pct_start must be in (0, 1), div_factor and final_div_factor > 0")
+  # (a negative end factor made the learning rate negative, gradient ascent; a negative warm-up or clip norm was
+  # taken silently)
+  need(c.optimizer.warmup_steps >= 0 and c.optimizer.end_learning_rate_factor >= 0
+       and c.optimizer.grad_clip_norm >= 0,
+       "config.optimizer.warmup_steps, end_learning_rate_factor and grad_clip_norm must be >= 0 (0: none)")
+  for group in c.groups:
+    need(isinstance(group, (tuple, list)) and len(group) == 2 and all(isinstance(g, str) for g in group),
+         f"config.groups entry {group!r} must be (group name, regex over parameter paths)")
+    try:
+      re.compile(group[1])
+    except re.error as e:
+      need(False, f"config.groups: {group[1]!r} is not a valid regex ({e})")
   need(not (c.optimizer.schedule in ("stlr", "onecycle") and c.optimizer.warmup_steps),
        f"schedule {c.optimizer.schedule!r} has its own warm-up: set config.optimizer.warmup_steps=0")
   need(not (c.dont_load and not c.init_from), "config.dont_load has no effect without config.init_from; set both")
@@ -535,6 +549,12 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
   need(not stopping.metric or ("/" in stopping.metric and stopping.patience >= 1 and c.train.eval_every > 0),
        "config.train.early_stopping needs metric='<split>/<key>' (e.g. 'validation/accuracy'), patience >= 1 and "
        "config.train.eval_every > 0")
+  if stopping.metric:  # (found at the first evaluation, after checkpoints whose config then refused the fix)
+    split, _, key = stopping.metric.partition("/")
+    keys = evaluation_keys(TASKS.get(c.task))
+    need(split in c.data.eval_splits and key in keys,
+         f"config.train.early_stopping.metric={stopping.metric!r} is not evaluated: splits "
+         f"{', '.join(c.data.eval_splits) or '(none)'} (config.data.eval_splits), metrics {', '.join(keys)}")
   for key in ("rank_pattern", "alpha_pattern"):
     for rule in c.peft[key]:
       need(isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)

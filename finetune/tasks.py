@@ -29,9 +29,16 @@ class Task(NamedTuple):
   # over the whole batch before its micro-batches run, so the accumulated loss is the whole batch's mean.
   weights: Callable[[dict[str, jax.Array]], jax.Array]
   per_token: bool = False  # items are tokens: evaluation also reports num_tokens and perplexity
+  batch_keys: tuple[str, ...] = ("label",)  # the batch entries `score` and `weights` read
 
 
 TASKS: Registry[Task] = Registry("task")
+
+
+def evaluation_keys(task: Task) -> tuple[str, ...]:
+  """The metrics an evaluation of a split reports (`train.evaluate`), which early stopping may watch."""
+  return ("loss", "accuracy", "num_examples", "examples_per_s") + (("num_tokens", "perplexity") if task.per_token
+                                                                   else ())
 
 
 def _cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float) -> jax.Array:
@@ -70,4 +77,5 @@ def causal_lm(logits: jax.Array, batch: dict[str, jax.Array], label_smoothing: f
 
 
 TASKS.register("classification")(Task(classification, _classification_weights))
-TASKS.register("causal_lm")(Task(causal_lm, _causal_lm_weights, per_token=True))
+TASKS.register("causal_lm")(Task(causal_lm, _causal_lm_weights, per_token=True,
+                                 batch_keys=("input_ids", "attention_mask")))

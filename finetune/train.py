@@ -35,7 +35,7 @@ from finetune.data.pipeline import (InputPipeline, build_pipeline, check_token_i
                                     with_rehearsal)
 from finetune.data.dataset import SubsetSplit
 from finetune.errors import FinetuneError
-from finetune.models import build_model, model_kwargs, vocab_size
+from finetune.models import MODELS, build_model, model_kwargs, vocab_size
 from finetune.optim import build_optimizer, carry_over, decays
 from finetune.partition import flatten, map_with_path, require_matches
 from finetune.reporting import MetricsLog, Progress, read_json, write_json
@@ -46,6 +46,7 @@ from finetune.methods import feature_cache
 from finetune.step import (TrainState, classify, compile_eval_step, compile_train_step, make_eval_step,
                            make_train_step)
 from finetune.strategy import Strategy, resolve_strategy, write_table
+from finetune.tasks import TASKS
 
 SUMMARY_FILE = "summary.json"
 # At most this many dispatched steps (or evaluation batches) wait unfinished: the loops block on the oldest beyond
@@ -223,6 +224,18 @@ def abstract_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) 
                                     sharding=spec) for key, value in local_batch.items()}
 
 
+def check_batch_keys(cfg: ConfigDict, pipeline: InputPipeline) -> None:
+  """The task and the model read batch entries the data gives (else a KeyError deep inside tracing the step)."""
+  given = set(pipeline.train.take(np.arange(1)))
+  needs = {f"config.task={cfg.task!r}": TASKS.get(cfg.task).batch_keys,
+           f"model {cfg.model.name!r}": getattr(MODELS.get(cfg.model.name), "input_keys", ("image",))}
+  for who, keys in needs.items():
+    missing = [key for key in keys if key not in given]
+    if missing:
+      raise FinetuneError(f"{who} reads batch entries {', '.join(keys)}, but data source {cfg.data.name!r} gives "
+                          f"{', '.join(sorted(given))}: choose a task and model for this data")
+
+
 def build_stage(cfg: ConfigDict) -> Stage:
   mesh = make_mesh(cfg.mesh)
   rules = rules_from_config(cfg.sharding_rules)
@@ -249,6 +262,7 @@ def build_stage(cfg: ConfigDict) -> Stage:
     steps_per_epoch = len(pipeline.train) // target_rows
   total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
   model_kwargs(cfg.model, pipeline.num_classes)  # Checked here: errors raised inside eval_shape carry jax noise.
+  check_batch_keys(cfg, pipeline)
   vocabulary = vocab_size(cfg.model, pipeline.num_classes)
   if vocabulary is not None:
     check_token_ids(pipeline, vocabulary)
@@ -1042,6 +1056,7 @@ def evaluate(eval_fn, weights: dict[str, Any], pipeline: InputPipeline, split: s
     raise FinetuneError(f"the {split} split has nothing to score (no example, or no token the loss counts: every "
                         "answer cut off by data.options.max_length?)")
   count, examples = float(totals["count"]), float(totals["examples"])
+  # (tasks.evaluation_keys lists these keys for the config check of early stopping's metric)
   metrics = {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count,
              "num_examples": int(examples), "examples_per_s": examples / seconds}
   if "tokens" in totals:  # token-level task (the task's per_token): also tokens and perplexity

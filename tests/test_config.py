@@ -172,6 +172,22 @@ def test_more_value_checks_give_one_line_errors():
       ({"dont_load": ("^head/",)}, "config.dont_load has no effect without config.init_from"),
       ({"data": {"augment": {"crop_padding": -1}}}, "crop_padding must be >= 0"),
       ({"train": {"steps": -1, "epochs": 1.0}}, "to a positive number"),
+      # (A negative end factor was a negative learning rate, gradient ascent; the others were taken silently.)
+      ({"optimizer": {"end_learning_rate_factor": -1.0}}, "end_learning_rate_factor and grad_clip_norm must be >= 0"),
+      ({"optimizer": {"warmup_steps": -3}}, "warmup_steps, end_learning_rate_factor and grad_clip_norm must be >= 0"),
+      ({"optimizer": {"grad_clip_norm": -1.0}}, "grad_clip_norm must be >= 0"),
+      # (These were TypeError / ValueError tracebacks when the stage was built.)
+      ({"groups": (("a",),)}, "config.groups entry ('a',) must be (group name, regex over parameter paths)"),
+      ({"groups": (("a", "^layer"), ("head", 5))}, "config.groups entry ('head', 5) must be (group name, regex"),
+      ({"groups": (("a", "["),)}, "config.groups: '[' is not a valid regex"),
+      ({"optimizer": {"lr_range": (1e-5, "x")}}, "lr_range=(1e-05, 'x') must be (lo, hi) with 0 < lo <= hi"),
+      # (A metric no evaluation reports was found at the first evaluation, after checkpoints whose config then
+      # refused the corrected key.)
+      ({"train": {"steps": 8, "eval_every": 4, "early_stopping": {"metric": "validation/acc", "patience": 1}}},
+       "early_stopping.metric='validation/acc' is not evaluated: splits validation (config.data.eval_splits), "
+       "metrics loss, accuracy, num_examples, examples_per_s"),
+      ({"train": {"steps": 8, "eval_every": 4, "early_stopping": {"metric": "train/loss", "patience": 1}}},
+       "early_stopping.metric='train/loss' is not evaluated"),
   ]
   for sections, message in cases:
     with pytest.raises(FinetuneError) as info:

@@ -487,3 +487,13 @@ def test_the_interval_timer_leaves_pauses_out_and_keeps_the_steps_before_them(mo
   timer.pause(pending)  # t=20
   timer.resume()  # t=20
   assert timer.lap() == 5.0  # t=25
+
+
+def test_a_task_or_model_reading_entries_the_data_lacks_is_one_error():
+  """(config.task='causal_lm' on images was a KeyError deep inside tracing the train step.)"""
+  with pytest.raises(FinetuneError, match=r"config.task='causal_lm' reads batch entries input_ids, attention_mask, "
+                                          r"but data source 'digits' gives image, label"):
+    train_lib.build_stage(tiny_config(task="causal_lm"))
+  with pytest.raises(FinetuneError, match=r"model 'gpt2' reads batch entries input_ids, attention_mask, but data "
+                                          r"source 'digits' gives image, label"):
+    train_lib.build_stage(tiny_config(model={"name": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}))

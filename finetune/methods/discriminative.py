@@ -18,19 +18,26 @@ from finetune.errors import FinetuneError
 from finetune.partition import require_matches
 
 
-def group_peak_lrs(opt_cfg: ConfigDict, groups: Sequence[str]) -> dict[str, float]:
-  """{group: peak learning rate}."""
-  n = len(groups)
+def check_settings(opt_cfg: ConfigDict) -> None:
+  """lr_range and lr_factor as `group_peak_lrs` needs them (also run by the config check, before any stage)."""
   if opt_cfg.lr_range and opt_cfg.lr_factor:
     raise FinetuneError("set only one of config.optimizer.lr_range and config.optimizer.lr_factor")
   if opt_cfg.lr_range:
-    if len(opt_cfg.lr_range) != 2 or not 0 < opt_cfg.lr_range[0] <= opt_cfg.lr_range[1]:
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in opt_cfg.lr_range)
+    if len(opt_cfg.lr_range) != 2 or not numbers or not 0 < opt_cfg.lr_range[0] <= opt_cfg.lr_range[1]:
       raise FinetuneError(f"config.optimizer.lr_range={tuple(opt_cfg.lr_range)} must be (lo, hi) with 0 < lo <= hi")
+  if opt_cfg.lr_factor and opt_cfg.lr_factor <= 0:
+    raise FinetuneError("config.optimizer.lr_factor must be > 0 (ULMFiT uses 2.6)")
+
+
+def group_peak_lrs(opt_cfg: ConfigDict, groups: Sequence[str]) -> dict[str, float]:
+  """{group: peak learning rate}."""
+  n = len(groups)
+  check_settings(opt_cfg)
+  if opt_cfg.lr_range:
     lo, hi = (float(v) for v in opt_cfg.lr_range)
     return {g: lo * (hi / lo) ** (i / (n - 1)) if n > 1 else hi for i, g in enumerate(groups)}
   if opt_cfg.lr_factor:
-    if opt_cfg.lr_factor <= 0:
-      raise FinetuneError("config.optimizer.lr_factor must be > 0 (ULMFiT uses 2.6)")
     return {g: opt_cfg.learning_rate / opt_cfg.lr_factor ** (n - 1 - i) for i, g in enumerate(groups)}
   return {g: opt_cfg.learning_rate for g in groups}
 
