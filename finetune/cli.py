@@ -128,6 +128,9 @@ def run_plan(config_spec: str, mesh: str, devices: int, overrides: Sequence[str]
   if devices:
     # Must precede jax's backend initialisation (the first device query), which nothing has triggered yet.
     os.environ.update(host_devices.environment(devices))
+    import jax  # pylint: disable=g-import-not-at-top
+    # jax read JAX_NUM_CPU_DEVICES when it was imported, and prefers it to the flag: set it to the same number.
+    jax.config.update("jax_num_cpu_devices", devices)
   mesh_overrides = []
   for item in filter(None, mesh.split(",")):
     axis, sep, size = item.partition("=")
@@ -160,7 +163,8 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
   points = sweep.load_sweep(config_spec, overrides)
   sweep.check_seed_key(points, seed_key)  # before any point runs, not after the sweep
   if together:
-    from finetune import compile_cache, vmap as vmap_lib  # pylint: disable=g-import-not-at-top
+    from finetune import compile_cache, distributed, vmap as vmap_lib  # pylint: disable=g-import-not-at-top
+    distributed.initialize()  # as `finetune train` does: a launcher's processes train the group as one job
     compile_cache.enable()
     by_name = {point.name: point for point in points}
     unknown = [name for name in together if name not in by_name]

@@ -53,6 +53,12 @@ def initialize() -> bool:
     raise FinetuneError(f"multi-process run: {', '.join(given)} set but {', '.join(missing)} missing; set all three")
   if not given and not _cluster_detected():
     return False
+  for name in given[1:]:  # the process count and id (a bad one was reported as a failure to connect)
+    if not os.environ[name].strip().isdigit():
+      raise FinetuneError(f"multi-process run: {name}={os.environ[name]!r} is not a whole number")
+  if given and int(os.environ["FINETUNE_PROCESS_ID"]) >= int(os.environ["FINETUNE_NUM_PROCESSES"]):
+    raise FinetuneError(f"multi-process run: FINETUNE_PROCESS_ID={os.environ['FINETUNE_PROCESS_ID']} must be below "
+                        f"FINETUNE_NUM_PROCESSES={os.environ['FINETUNE_NUM_PROCESSES']} (ids count from 0)")
   if not given and _count("OMPI_COMM_WORLD_SIZE") > 1 and "OMPI_MCA_orte_hnp_uri" not in os.environ:
     # JAX finds Open MPI's coordinator in OMPI_MCA_orte_hnp_uri (jax._src.clusters.ompi_cluster, as of jax 0.10),
     # which Open MPI 5's launcher (PRRTE) no longer sets: initialize() would fail with "coordinator_address".

@@ -106,6 +106,9 @@ def warn_if_short_of_threads(devices: Sequence[Any], environ: Mapping[str, str] 
   """Warns when `devices` (jax devices) are several CPU devices whose client has fewer threads than they need.
   The client exists already (it made them), so the fix is for the next process: library code that sets XLA_FLAGS
   itself, rather than through the `finetune` command, gets told. (Python shows a warning once per place.)"""
+  import jax  # pylint: disable=g-import-not-at-top
+  # Each process's client runs its own devices only: a multi-process job counts this process's.
+  devices = [d for d in devices if getattr(d, "process_index", 0) == jax.process_index()]
   if not _several_cpu(devices):
     return
   threads = client_threads(len(devices), os.environ if environ is None else environ)

@@ -26,6 +26,17 @@ def tiny_file(tmp_path):
   return str(path)
 
 
+def test_plan_devices_wins_over_jax_num_cpu_devices(tiny_file):
+  """(os.environ.update kept JAX_NUM_CPU_DEVICES, which jax prefers to the flag: a fresh process reported that jax
+  already saw 2 devices and told the user to use a fresh process.)"""
+  env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2"}
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run([sys.executable, "-m", "finetune", "plan", "--config", tiny_file, "--devices", "4"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith("4 cpu device(s)")
+
+
 def test_python_dash_m_runs_a_config_and_prints_the_table(tiny_file, tmp_path):
   workdir = tmp_path / "run"
   result = subprocess.run([sys.executable, "-m", "finetune", "train", "--config", tiny_file, "--workdir",

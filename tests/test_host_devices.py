@@ -123,6 +123,11 @@ def test_too_few_client_threads_for_the_cpu_devices_are_reported(environ):
     host_devices.warn_if_short_of_threads(cpus[:1], {"NPROC": "1"})  # not even on one core
     environ["PJRT_NPROC"] = "16"
     host_devices.warn_if_short_of_threads(cpus, environ)
+    # Two processes of 4 devices each: this process's client runs 4, for which its 8 threads suffice (the 8 devices
+    # of the whole job were counted).
+    environ["PJRT_NPROC"] = "8"
+    job = [types.SimpleNamespace(platform="cpu", process_index=i // 4) for i in range(8)]
+    host_devices.warn_if_short_of_threads(job, environ)
 
 
 def test_a_compilation_cache_on_several_cpu_devices_is_reported():

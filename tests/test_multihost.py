@@ -95,3 +95,11 @@ def test_cluster_detection_and_connection_errors(monkeypatch):
   monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "1531576320.0;tcp://10.96.0.1:34911")  # Open MPI 4: JAX's own
   with pytest.raises(FinetuneError, match="could not connect the processes"):
     distributed.initialize()
+  # Explicit settings that are not numbers, or an id beyond the count (reported as a failure to connect before).
+  monkeypatch.setenv("FINETUNE_COORDINATOR", "localhost:1234")
+  for count, rank, message in (("two", "0", r"FINETUNE_NUM_PROCESSES='two' is not a whole number"),
+                               ("2", "2", r"FINETUNE_PROCESS_ID=2 must be below FINETUNE_NUM_PROCESSES=2")):
+    monkeypatch.setenv("FINETUNE_NUM_PROCESSES", count)
+    monkeypatch.setenv("FINETUNE_PROCESS_ID", rank)
+    with pytest.raises(FinetuneError, match=message):
+      distributed.initialize()

@@ -379,6 +379,21 @@ def test_vmap_sweep_trains_compatible_points_together(tmp_path, capsys):
   assert status == 2 and "no point named 'nope'" in err
 
 
+def test_together_connects_a_launcher_s_processes_first(tmp_path, capsys, monkeypatch):
+  """(`--together` never called distributed.initialize: under a launcher each process trained the whole group
+  alone, into the same folders.)"""
+  from finetune import distributed, vmap  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(distributed, "initialize", lambda: calls.append("initialize"))
+  monkeypatch.setattr(vmap, "train_points", lambda configs, dirs: calls.append(("train", len(configs))))
+  path = write_config(tmp_path, "seeds(2)")
+  names = [point.name for point in load_sweep(path)]
+  status, _, err = sweep_cli(capsys, "--config", path, "--workdir", str(tmp_path / "w"), "--together", names[0],
+                             "--together", names[1])
+  assert status == 0, err
+  assert calls == ["initialize", ("train", 2)]
+
+
 def test_a_failed_group_points_at_the_log_holding_its_output_and_together_takes_no_dry_run(tmp_path, capsys):
   """(Each point of a failed --vmap group was sent to its own sweep.log, which holds only a pointer to the first
   point's; and --together with --dry-run trained instead of printing.)"""
