@@ -20,6 +20,7 @@ from ml_collections import ConfigDict
 
 from finetune import host_devices
 from finetune.errors import FinetuneError
+from finetune.models.layers import LAYER_AXIS
 from finetune.partition import flatten, map_with_path, path_str
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
@@ -102,9 +103,14 @@ def check_rule_names(sharding_rules: Sequence[Sequence[Any]], abstract_state: An
     if rule[0] == "batch":
       raise FinetuneError("config.sharding_rules cannot place the batch: batches are always split over the "
                           f"data-parallel mesh axes ({', '.join(BATCH_AXES)}); size those in config.mesh")
+    if rule[0] == LAYER_AXIS:
+      # Optimizer segments of a layer-dependent strategy (frozen-n, per-layer rates) hold a few layers each, and the
+      # per-layer view must match the unrolled layout: the stack's axis stays whole (it failed inside jax before).
+      raise FinetuneError(f"config.sharding_rules cannot split {LAYER_AXIS!r}, the stacked axis of scanned layers: "
+                          "each device holds every layer; shard the layers' own axes (e.g. 'embed' over fsdp)")
     if rule[0] not in used:
       raise FinetuneError(f"config.sharding_rules names logical axis {rule[0]!r}, which no parameter of this model "
-                          f"has; its parameters' axes: {', '.join(used)}")
+                          f"has; its parameters' axes: {', '.join(a for a in used if a != LAYER_AXIS)}")
 
 
 def activation_rules_from_config(activation_rules: Sequence[Sequence[Any]]) -> Rules:

@@ -117,6 +117,7 @@ class Stage:
   peft_info: dict = dataclasses.field(default_factory=dict)
   anchors: Any = None  # abstract constants of the forgetting regularizers (finetune/regularizers), if any
   forward: Callable[..., jax.Array] = classify  # feature caching swaps in the head alone
+  keep_float32: tuple[str, ...] = ()  # anchored regexes of the stored paths config.train.float32_params keeps
   _cache: dict = dataclasses.field(default_factory=dict)
 
   def _cached(self, key, make):
@@ -190,7 +191,7 @@ class Stage:
                                                                                           self.cfg.peft)),
                            regularizers.needs_features(self.cfg),
                            self.cfg.train.grad_accum_steps, self.cfg.train.compute_dtype, self.layout,
-                           tuple(self.cfg.train.float32_params))
+                           self.keep_float32)
 
   def train_step(self, phase: int):
     """The train step of `phase`, compiled ahead of time."""
@@ -205,7 +206,7 @@ class Stage:
       first_split = next(iter(self.pipeline.eval_splits))
       batch = abstract_batch(next(iter(self.pipeline.eval_batches(first_split))), self.mesh)
       return compile_eval_step(make_eval_step(self.graphdef, self.forward, self.cfg.task,
-                                              self.cfg.train.compute_dtype, tuple(self.cfg.train.float32_params)),
+                                              self.cfg.train.compute_dtype, self.keep_float32),
                                weights, batch, self.mesh)
     return self._cached(("eval_step",), make)
 
@@ -298,17 +299,31 @@ def build_stage(cfg: ConfigDict) -> Stage:
   default_no_decay = config_lib.defaults().optimizer.no_decay
   require_matches([p for p in cfg.optimizer.no_decay if p not in default_no_decay], list(flatten(params)),
                   "config.optimizer.no_decay")
-  stored_paths = list(flatten(abstract_params.to_pure_dict()))
-  require_matches(cfg.train.float32_params, stored_paths, "config.train.float32_params")
+  layout = scan.Layout.of(stored_model).with_segments(strategy, lambda path: decays(cfg.optimizer, path))
+  keep_float32 = float32_paths(cfg.train.float32_params, list(flatten(params)), layout)
   check_rule_names(cfg.sharding_rules, nnx.state(stored_model))
   return Stage(cfg=cfg, pipeline=pipeline, mesh=mesh, graphdef=graphdef, strategy=strategy, total_steps=total_steps,
                params_sharding=state_shardings(abstract_params, mesh, rules),
                model_state_sharding=state_shardings(abstract_rest, mesh, rules),
                abstract_params=abstract_params.to_pure_dict(), create_model=create_model,
-               abstract_model=abstract_model, layout=scan.Layout.of(stored_model).with_segments(
-                   strategy, lambda path: decays(cfg.optimizer, path)),
-               base_paths=base_paths,
-               peft_info=peft_info)
+               abstract_model=abstract_model, layout=layout, base_paths=base_paths, peft_info=peft_info,
+               keep_float32=keep_float32)
+
+
+def float32_paths(patterns: Sequence[str], unrolled: Sequence[str], layout: scan.Layout) -> tuple[str, ...]:
+  """config.train.float32_params (regexes over unrolled paths, as every path choice) -> anchored regexes of the
+  stored paths they keep in float32. A scanned stack is cast as a whole, so a pattern keeping some of its layers
+  and not others is refused (it was matched against the stored paths, so `layers/0/` failed once scanned)."""
+  require_matches(patterns, unrolled, "config.train.float32_params")
+  regexes = [re.compile(pattern) for pattern in patterns]
+  kept = frozenset(path for path in unrolled if any(r.search(path) for r in regexes))
+  stored = layout.stored_paths(kept)
+  partial = sorted(stored & layout.stored_paths(frozenset(unrolled) - kept))
+  if partial:
+    raise FinetuneError(f"config.train.float32_params keeps some layers of {partial[0]} in float32 and not others; "
+                        "scanned layers (train.scan_layers) are cast as one stack: match every layer (e.g. "
+                        r"'layers/\d+/...') or none")
+  return tuple(f"^{re.escape(path)}$" for path in sorted(stored))
 
 
 def initial_state(stage: Stage, cfg: ConfigDict, workdir: str) -> tuple[TrainState, dict[str, Any]]:

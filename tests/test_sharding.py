@@ -157,6 +157,13 @@ def test_sharding_rules_must_name_axes_the_model_has(monkeypatch):
                                                 r"data-parallel mesh axes \(data, fsdp\)")]:
     with pytest.raises(FinetuneError, match=message):
       train_lib.build_stage(tiny_config(model=cnn, sharding_rules=rules))
+  # The stacked axis of scanned layers stays whole (a rule for it failed inside jax once a layer-dependent strategy
+  # cut the stack into segments smaller than the mesh axis).
+  with pytest.raises(FinetuneError, match=r"config.sharding_rules cannot split 'layers', the stacked axis of scanned "
+                                          r"layers"):
+    train_lib.build_stage(tiny_config(model={"name": "vit", "depth": 2, "width": 16, "num_heads": 2,
+                                             "mlp_dim": 16, "patch_size": 4},
+                                      train={"steps": 1, "scan_layers": True}, sharding_rules=(("layers", None),)))
   # Every process feeds its own slice of the batch: the data-parallel axes must split over the processes.
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   with pytest.raises(FinetuneError, match=r"has 1 data-parallel devices \(data x fsdp\) for 2 processes"):

@@ -446,6 +446,19 @@ def test_float32_params_stay_float32_under_bfloat16_compute():
   assert bfloat16_casts([]) - bfloat16_casts(["norm"]) >= 10
   with pytest.raises(FinetuneError, match="config.train.float32_params: pattern 'layernorm' matches no parameter"):
     train_lib.build_stage(tiny_config(model=vit, train={"compute_dtype": "bfloat16", "float32_params": ["layernorm"]}))
+  # Patterns are written in unrolled paths, scanned or not (they were matched against the stored ones, so
+  # `blocks/0/` failed once scanned and `blocks/norm` matched only then); a stack is kept whole or not at all.
+  def kept(float32_params, scan):
+    return train_lib.build_stage(tiny_config(model=vit, train={"compute_dtype": "bfloat16", "scan_layers": scan,
+                                                               "float32_params": float32_params})).keep_float32
+  norms = r"blocks/\d+/attention_norm/"
+  assert kept([norms], True) == (r"^blocks/attention_norm/bias$", r"^blocks/attention_norm/scale$")
+  assert kept([norms], False) == tuple(f"^blocks/{i}/attention_norm/{name}$" for i in range(2)
+                                       for name in ("bias", "scale"))
+  assert bfloat16_casts([norms]) < bfloat16_casts([])
+  with pytest.raises(FinetuneError, match=r"float32_params keeps some layers of blocks/attention_norm/bias in float32 "
+                                          r"and not others; scanned layers .* are cast as one stack"):
+    kept(["blocks/0/attention_norm/"], True)
 
 
 def test_evaluation_adds_batches_in_float64_past_float32_counts():
