@@ -26,7 +26,7 @@ def _embedding(num: int, features: int, rngs: nnx.Rngs, axis: str) -> nnx.Embed:
 class Attention(nnx.Module):
   def __init__(self, hidden: int, num_heads: int, dropout: float, rngs: nnx.Rngs):
     if hidden % num_heads:
-      raise ValueError(f"hidden_size {hidden} is not divisible by num_heads {num_heads}")
+      raise FinetuneError(f"config.model.hidden_size={hidden} is not divisible by config.model.num_heads={num_heads}")
     self.num_heads = num_heads
     self.query = transformer_dense(hidden, hidden, ("embed", "heads"), rngs)
     self.key = transformer_dense(hidden, hidden, ("embed", "heads"), rngs)
@@ -99,7 +99,7 @@ class Bert(nnx.Module):
                dropout: float = 0.1, pooling: str = "cls", hf_config: str = "", rngs: nnx.Rngs):
     del hf_config  # read by finetune.models.hf before construction; kept here so configs may name it
     if pooling not in ("cls", "mean"):
-      raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+      raise FinetuneError(f"config.model.pooling={pooling!r}; valid: 'cls', 'mean'")
     self.pooling = pooling
     self.embeddings = Embeddings(vocab_size, hidden_size, max_position_embeddings, type_vocab_size, layer_norm_eps,
                                  position_offset, dropout, rngs)

@@ -19,7 +19,7 @@ from finetune.models.layers import (attend, causal_bias, layer_norm, numbered_gr
 class Block(nnx.Module):
   def __init__(self, hidden: int, num_heads: int, inner: int, eps: float, dropout: float, rngs: nnx.Rngs):
     if hidden % num_heads:
-      raise ValueError(f"n_embd {hidden} is not divisible by n_head {num_heads}")
+      raise FinetuneError(f"config.model.n_embd={hidden} is not divisible by config.model.n_head={num_heads}")
     self.num_heads = num_heads
     self.ln_1 = layer_norm(hidden, rngs, eps)
     self.c_attn = transformer_dense(hidden, 3 * hidden, ("embed", "heads"), rngs)  # fused query, key, value

@@ -146,11 +146,13 @@ ARCHITECTURES = {
     "bert": ("bert", _BERT_CONFIG, "bert.", _BERT_RULES, _BERT_LEFTOVERS, lambda c: {}),
     "roberta": ("bert", _BERT_CONFIG, "roberta.", _BERT_RULES, _BERT_LEFTOVERS,
                 # RoBERTa numbers positions from padding_idx + 1.
-                lambda c: {"position_offset": c.get("pad_token_id", 1) + 1}),
+                lambda c: {"position_offset": (1 if c.get("pad_token_id") is None else c["pad_token_id"]) + 1}),
     "gpt2": ("gpt2", _GPT2_CONFIG, "transformer.", _GPT2_RULES, _GPT2_LEFTOVERS,
              lambda c: {"n_inner": c.get("n_inner") or 0}),
     "llama": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
-    "vit": ("vit", _VIT_CONFIG, "vit.", _VIT_RULES, _VIT_LEFTOVERS, lambda c: {"pool": "cls"}),
+    # transformers' ViTConfig defaults layer_norm_eps to 1e-12 (ours: 1e-6), for a config.json that leaves it out.
+    "vit": ("vit", _VIT_CONFIG, "vit.", _VIT_RULES, _VIT_LEFTOVERS,
+            lambda c: {"pool": "cls", "layer_norm_eps": c.get("layer_norm_eps", 1e-12)}),
 }
 
 

@@ -166,7 +166,7 @@ def stack_blocks(blocks: Sequence[nnx.Module]) -> nnx.Module:
   graphdef = splits[0][0]
   for index, (other, _) in enumerate(splits[1:], start=1):
     if other != graphdef:
-      raise ValueError(f"block {index} differs in structure from block 0 (a per-layer LoRA rank_pattern or "
+      raise FinetuneError(f"block {index} differs in structure from block 0 (a per-layer LoRA rank_pattern or "
                        "targets covering only some layers?); scanned layers need identical blocks")
   flat_states = [nnx.to_flat_state(state) for _, state in splits]
   stacked = []

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from finetune.errors import FinetuneError
 from finetune.models import MODELS
 from finetune.models.layers import attend, causal_bias, numbered_groups, positions, run_blocks, transformer_dense
 
@@ -38,7 +39,8 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class Attention(nnx.Module):
   def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
-      raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
+      raise FinetuneError(f"config.model.num_attention_heads={num_heads} is not a multiple of "
+                         f"config.model.num_key_value_heads={num_kv_heads}")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.q_proj = transformer_dense(hidden, num_heads * head_dim, ("embed", "heads"), rngs, use_bias=False)
     self.k_proj = transformer_dense(hidden, num_kv_heads * head_dim, ("embed", "kv_heads"), rngs, use_bias=False)

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from finetune.errors import FinetuneError
 from finetune.models import MODELS
 from finetune.models.layers import batch_norm, linear, normalize, numbered_groups, run_blocks, segment_starts
 
@@ -156,12 +157,12 @@ class LSTM(nnx.Module):
                hidden_dropout: float = 0.15, output_dropout: float = 0.1, drop_mult: float = 1.0,
                head_hidden: int = 50, head_dropout: tuple[float, float] = (0.4, 0.1), rngs: nnx.Rngs):
     if output not in OUTPUTS:
-      raise ValueError(f"output={output!r}; valid: {', '.join(OUTPUTS)}")
+      raise FinetuneError(f"config.model.output={output!r}; valid: {', '.join(OUTPUTS)}")
     if num_layers < 1:
-      raise ValueError(f"num_layers={num_layers} must be >= 1")
+      raise FinetuneError(f"config.model.num_layers={num_layers} must be >= 1")
     self.is_lm = output == "lm" or (output == "auto" and num_classes == 0)
     if not self.is_lm and num_classes < 1:
-      raise ValueError("output='classifier' needs data with classes (num_classes > 0)")
+      raise FinetuneError("config.model.output='classifier' needs data with classes (num_classes > 0)")
     self.embed_dropout = embed_dropout * drop_mult
     self.embedding = nnx.Embed(vocab_size, embed_size, rngs=rngs, embedding_init=nnx.with_partitioning(
         _symmetric_uniform(0.1), ("vocab", "embed")))

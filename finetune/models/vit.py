@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from finetune.errors import FinetuneError
 from finetune.models import MODELS
 from finetune.models.layers import attend, check_input, conv, layer_norm, linear, numbered_groups, run_blocks
 
@@ -17,7 +18,7 @@ from finetune.models.layers import attend, check_input, conv, layer_norm, linear
 class SelfAttention(nnx.Module):
   def __init__(self, width: int, num_heads: int, dropout: float, rngs: nnx.Rngs):
     if width % num_heads:
-      raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+      raise FinetuneError(f"config.model.width={width} is not divisible by config.model.num_heads={num_heads}")
     self.num_heads = num_heads
     self.query = linear(width, width, ("embed", "heads"), rngs)
     self.key = linear(width, width, ("embed", "heads"), rngs)
@@ -64,9 +65,10 @@ class ViT(nnx.Module):
                pool: str = "cls", layer_norm_eps: float = 1e-6, hf_config: str = "", rngs: nnx.Rngs):
     del hf_config  # read by finetune.models.hf before construction
     if image_size % patch_size:
-      raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+      raise FinetuneError(f"config.model.image_size={image_size} is not divisible by "
+                          f"config.model.patch_size={patch_size}")
     if pool not in ("cls", "mean"):
-      raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+      raise FinetuneError(f"config.model.pool={pool!r}; valid: 'cls', 'mean'")
     self.pool, self.input_shape = pool, (image_size, image_size, in_channels)
     num_patches = (image_size // patch_size) ** 2
     self.patch_embed = conv(in_channels, width, (patch_size, patch_size), rngs, strides=patch_size, padding="VALID")

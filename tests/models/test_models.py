@@ -216,3 +216,35 @@ def test_unknown_model_name():
   with pytest.raises(FinetuneError, match=r"unknown model 'cnnn' \(did you mean 'cnn'\?\); valid model names: "
                      r"bert, cnn, gpt2, llama, lstm, mlp, vit"):
     _build("cnnn")
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"name": "vit", "width": 10, "num_heads": 4},
+     r"config.model.width=10 is not divisible by config.model.num_heads=4"),
+    ({"name": "vit", "image_size": 28, "patch_size": 5}, r"config.model.image_size=28 is not divisible by "
+                                                         r"config.model.patch_size=5"),
+    ({"name": "vit", "pool": "max"}, r"config.model.pool='max'; valid: 'cls', 'mean'"),
+])
+def test_bad_model_arguments_are_one_line_errors_even_inside_eval_shape(model, message):
+  """(They were ValueErrors raised inside nnx.eval_shape: a multi-frame traceback instead of one line.)"""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
+  with pytest.raises(FinetuneError, match=message):
+    train_lib.build_stage(tiny_config(model=model))
+
+
+def test_config_json_defaults_are_transformers_own(tmp_path):
+  """(A ViT config.json without layer_norm_eps got our 1e-6, not transformers' 1e-12, silently; a RoBERTa one with
+  "pad_token_id": null was a TypeError.)"""
+  import json  # pylint: disable=g-import-not-at-top
+  from finetune.models import hf  # pylint: disable=g-import-not-at-top
+  vit = {"model_type": "vit", "image_size": 8, "patch_size": 4, "hidden_size": 16, "num_hidden_layers": 1,
+         "num_attention_heads": 2, "intermediate_size": 16}
+  (tmp_path / "vit").mkdir()
+  (tmp_path / "vit" / "config.json").write_text(json.dumps(vit))
+  assert hf.model_kwargs(str(tmp_path / "vit"))[1]["layer_norm_eps"] == 1e-12
+  roberta = {"model_type": "roberta", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 16, "vocab_size": 30, "pad_token_id": None}
+  (tmp_path / "roberta").mkdir()
+  (tmp_path / "roberta" / "config.json").write_text(json.dumps(roberta))
+  assert hf.model_kwargs(str(tmp_path / "roberta"))[1]["position_offset"] == 2
