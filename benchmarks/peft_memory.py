@@ -39,7 +39,10 @@ SETUPS = {
 
 def compiled_step(setup: str, layers: int, batch: int, length: int):
   raw = {"task": "causal_lm", "model": {"name": "llama", **LLAMA_1B, "num_hidden_layers": layers},
-         "data": {"name": "digits", "batch_size": batch}, "train": {"steps": 100}, **SETUPS[setup]}
+         "data": {"name": "synthetic", "batch_size": batch, "eval_batch_size": batch, "validation_fraction": 0.0,
+                  "eval_splits": ("test",), "options": {"kind": "tokens", "length": length,
+                                                        "vocab_size": LLAMA_1B["vocab_size"], "num_examples": batch}},
+         "train": {"steps": 100}, **SETUPS[setup]}
   stage = train_lib.build_stage(build_config(raw))
   ids = np.zeros((batch, length), np.int32)
   data = ArraySplit({"input_ids": ids, "attention_mask": np.ones_like(ids), "label": np.zeros(batch, np.int32)})

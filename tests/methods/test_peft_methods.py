@@ -104,11 +104,12 @@ def test_prompt_tuning_refuses_packed_rows():
   """(A packed row holds several conversations; only the first would see the one prompt prepended to the row.)"""
   from finetune.config import build_config  # pylint: disable=g-import-not-at-top
   prompt = {"method": "prompt", "targets": ("wte",)}
+  packed, unpacked = ({"name": "instructions", "options": {"pack": pack}} for pack in (True, False))
   with pytest.raises(FinetuneError, match=r"config.peft.method='prompt' .* set pack=False"):
-    build_config({"train": {"steps": 1}, "peft": prompt, "data": {"options": {"pack": True}}})
-  build_config({"train": {"steps": 1}, "peft": prompt, "data": {"options": {"pack": False}}})
+    build_config({"train": {"steps": 1}, "peft": prompt, "data": packed})
+  build_config({"train": {"steps": 1}, "peft": prompt, "data": unpacked})
   build_config({"train": {"steps": 1}, "peft": {"method": "lora", "targets": ("c_attn",)},
-                "data": {"options": {"pack": True}}})
+                "data": packed})
 
 
 def test_ia3_feedforward_layers_must_be_targets():
