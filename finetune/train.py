@@ -838,8 +838,10 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
       if stopping.enabled and done == total:
         pass  # early stopping saves the final state (the best one) itself, at step `total`
       elif save_now or done == total:
+        timer.pause(pending)  # saving is not training time
         checkpoints.save(done, state.as_dict())
         stopping.checkpointed(done)
+        timer.resume()
     if stopping.enabled:
       state = stopping.finish(state, stage, total, checkpoints)
     elif start == total and checkpoints.latest_step() != total:

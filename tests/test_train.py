@@ -510,3 +510,27 @@ def test_a_task_or_model_reading_entries_the_data_lacks_is_one_error():
   with pytest.raises(FinetuneError, match=r"model 'gpt2' reads batch entries input_ids, attention_mask, but data "
                                           r"source 'digits' gives image, label"):
     train_lib.build_stage(tiny_config(model={"name": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}))
+
+
+def test_logged_throughput_leaves_out_checkpoint_saves(tmp_path, monkeypatch):
+  """A clock that advances one second per step and 100 per checkpoint save: every interval's 4 steps took 4 s."""
+  import types  # pylint: disable=g-import-not-at-top
+  from finetune import checkpoint  # pylint: disable=g-import-not-at-top
+  clock = [0.0]
+  real_pace, real_save = train_lib.pace, checkpoint.Checkpointer.save
+
+  def pace_and_tick(pending):
+    clock[0] += 1.0
+    return real_pace(pending)
+
+  def slow_save(self, *args, **kwargs):
+    clock[0] += 100.0
+    return real_save(self, *args, **kwargs)
+
+  monkeypatch.setattr(train_lib, "pace", pace_and_tick)
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", slow_save)
+  monkeypatch.setattr(train_lib, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+  config = tiny_config(train={"steps": 12, "log_every": 4, "checkpoint_every": 4})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  rates = [json.loads(l)["examples_per_s"] for l in open(tmp_path / "metrics.jsonl") if '"train"' in l]
+  assert rates == pytest.approx([config.data.batch_size] * 3)
