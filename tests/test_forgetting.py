@@ -338,8 +338,12 @@ def test_early_stopping_between_log_lines_logs_the_steps_since_the_last(tmp_path
   config = tiny_config(train={"steps": 40, "log_every": 5, "checkpoint_every": 0, "eval_every": 4,
                               "early_stopping": {"metric": "validation/loss", "patience": 2, "mode": "max"}},
                        optimizer={"learning_rate": 0.05, "warmup_steps": 0, "schedule": "constant"})
-  stopping = train_lib.train_and_evaluate(config, str(tmp_path))["train"]["early_stopping"]
+  summary = train_lib.train_and_evaluate(config, str(tmp_path))["train"]
+  stopping = summary["early_stopping"]
   assert stopping["stopped_at"] == 12  # (as above: the first evaluation is the best under mode='max')
+  # The keys the config check accepts for early stopping's metric are those an evaluation reports.
+  from finetune.tasks import TASKS, evaluation_keys  # pylint: disable=g-import-not-at-top
+  assert set(summary["final"]["validation"]) == set(evaluation_keys(TASKS.get("classification")))
   train_steps = [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl") if '"train"' in l]
   assert train_steps == [5, 10, 12]
 

@@ -197,6 +197,8 @@ def test_sft_trains_a_decoder_on_responses_only(model, peft, pack, tokenizer_dir
                        f"data={tmp_path / 'sft.jsonl'},model={model},peft={peft},pack={pack}")
   summary = train_lib.train_and_evaluate(config, str(tmp_path / "run"))["train"]
   validation = summary["final"]["validation"]
+  from finetune.tasks import TASKS, evaluation_keys  # pylint: disable=g-import-not-at-top
+  assert set(validation) == set(evaluation_keys(TASKS.get("causal_lm")))  # what early stopping may watch
   if not pack:
     assert validation["num_examples"] == 9  # 44 unique conversations (duplicates of RECORDS dropped), 20% held out
   assert 0 < validation["num_tokens"] < validation["num_examples"] * 31  # response tokens only
