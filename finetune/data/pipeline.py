@@ -7,7 +7,8 @@
   out the same examples.
 * Training order: epoch e is `default_rng([seed, e]).permutation(N)`, cut into full batches (the last partial
   batch of an epoch is dropped). The batch of step s is therefore a function of (seed, s) alone, which makes
-  resumption exact.
+  resumption exact. Every random stream of training is named by one `*_seed` method below, and no two of them
+  share a seed sequence (`tests/data/test_pipeline.py` checks it; `order_seed` names the one kept exception).
 * Evaluation visits every example once: the last batch is padded and carries a 0/1 'mask'.
 * Multi-process: each process materialises only its contiguous slice of every global batch.
 """
@@ -64,7 +65,7 @@ class InputPipeline:
     if self.crop_padding or self.flip:
       # Drawn for the whole global batch, then sliced: the same (seed, step) gives the same crops and flips
       # whatever the number of processes.
-      params = augment_params(np.random.default_rng([self.seed, step, 1]), self.batch_size, self.crop_padding)
+      params = augment_params(np.random.default_rng(self.augment_seed(step)), self.batch_size, self.crop_padding)
       local = self._local(np.arange(self.batch_size))
       batch["image"] = augment(batch["image"], {k: v[local] for k, v in params.items()}, self.crop_padding,
                                self.flip)
@@ -77,8 +78,19 @@ class InputPipeline:
   def _epoch_slice(self, step: int, count: int) -> np.ndarray:
     """Global indices of the `count` training examples of `step`, in the order of its epoch's permutation."""
     epoch, position = divmod(step, len(self.train) // count)
-    order = np.random.default_rng([self.seed, epoch]).permutation(len(self.train))
+    order = np.random.default_rng(self.order_seed(epoch)).permutation(len(self.train))
     return order[position * count:(position + 1) * count]
+
+  def order_seed(self, epoch: int) -> tuple[int, ...]:
+    """Seed sequence of the permutation of training epoch `epoch`. SeedSequence pads with zeros ((s, e) is
+    (s, e, 0)), so no other stream may end in zeros. One coincidence is kept: seed 0's epoch 0 shares stream (0,)
+    with the validation carve, a permutation of the whole split before carving; the two permute different index
+    sets, and changing either would change every committed seed-0 result."""
+    return (self.seed, epoch)
+
+  def augment_seed(self, step: int) -> tuple[int, ...]:
+    """Seed sequence of the crops and flips of step `step`."""
+    return (self.seed, step, 1)
 
   def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
     """This process's part of every evaluation batch of `split`, padded, with 'mask' = 1 for real examples."""
@@ -290,6 +302,12 @@ class RehearsalPipeline(InputPipeline):
   def steps_per_epoch(self) -> int:
     return len(self.train) // (self.batch_size - self.source_count)
 
+  def source_order_seed(self, epoch: int) -> tuple[int, ...]:
+    """Seed sequence of the permutation of source epoch `epoch`. (It was (seed, 2, epoch) until 2026-12-06: the
+    stream of target epoch 2 for source epoch 0, since SeedSequence pads with zeros, and the stream of step 2's
+    crops and flips for source epoch 1.)"""
+    return (self.seed, epoch, 2)
+
   def source_positions(self) -> np.ndarray:
     """Global rows of the batch that hold source examples: every (batch_size / source_count)-th of the batch laid
     out micro-batch after micro-batch. (Every (batch_size / source_count)-th row of the batch itself put them all
@@ -309,7 +327,7 @@ class RehearsalPipeline(InputPipeline):
     local_source, local_target = local[is_source[local]], local[~is_source[local]]
     target_indices = self._epoch_slice(step, self.batch_size - self.source_count)[rank[local_target]]
     epochs, offsets = np.divmod(step * self.source_count + rank[local_source], len(self.source))
-    orders = {e: np.random.default_rng([self.seed, 2, e]).permutation(len(self.source)) for e in set(epochs)}
+    orders = {e: np.random.default_rng(self.source_order_seed(e)).permutation(len(self.source)) for e in set(epochs)}
     source_indices = np.array([orders[e][o] for e, o in zip(epochs, offsets)], dtype=np.int64)
     target, rehearsed = _read_in_order(self.train, target_indices), _read_in_order(self.source, source_indices)
     if set(rehearsed) != set(target):

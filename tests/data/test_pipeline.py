@@ -11,7 +11,7 @@ from finetune.config import defaults
 from ml_collections import ConfigDict
 from finetune.data import SOURCES
 from finetune.data.dataset import ArraySplit, Dataset
-from finetune.data.pipeline import augment, augment_params, build_pipeline
+from finetune.data.pipeline import augment, augment_params, build_pipeline, with_rehearsal
 from finetune.errors import FinetuneError
 
 NUM_DIGITS = 1797
@@ -324,6 +324,24 @@ def test_augment_in_pipeline_is_deterministic_and_per_step(pipe):
   same = [np.array_equal(a, b) for a, b in zip(aug["image"], base["image"])]
   assert all(f or s for f, s in zip(flips, same))
   assert any(flips) and any(same)
+
+
+def test_no_two_random_streams_of_a_pipeline_share_a_seed_sequence(pipe):
+  """Training order, crops and flips, and the rehearsed source order each draw from a stream of their own. (The
+  source order once drew from (seed, 2, epoch): the flips of step 2 for epoch 1, target epoch 2 for epoch 0.)"""
+  rehearsing = with_rehearsal(dataclasses.replace(pipe, flip=True), pipe.train, 0.25)
+  for seed in (0, 1, 2):
+    plain, mixed = dataclasses.replace(pipe, seed=seed), dataclasses.replace(rehearsing, seed=seed)
+    for pipeline, extra in ((plain, []), (mixed, [mixed.source_order_seed(e) for e in range(70)])):
+      streams = [pipeline.order_seed(e) for e in range(70)] + [pipeline.augment_seed(s) for s in range(70)] + extra
+      states = {tuple(np.random.SeedSequence(stream).generate_state(4)) for stream in streams}
+      assert len(states) == len(streams)
+  # The flips a rehearsal batch gets are the ones drawn from its augmentation stream.
+  unflipped = dataclasses.replace(rehearsing, flip=False)
+  for step in (1, 2):
+    flips = augment_params(np.random.default_rng(rehearsing.augment_seed(step)), 32, 0)["flip"]
+    expected = augment(unflipped.train_batch(step)["image"], {"flip": flips}, 0, True)
+    np.testing.assert_array_equal(rehearsing.train_batch(step)["image"], expected)
 
 
 # --------------------------------------------------------------------------------------------------- errors
