@@ -19,7 +19,7 @@ import jax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from finetune import adapters
+from finetune import adapters, files
 from finetune.errors import FinetuneError
 from finetune.methods import discriminative, freezing, unfreezing
 from finetune.partition import assign_groups, flatten, path_str
@@ -193,8 +193,7 @@ def write_table(strategy: Strategy, run_dir: str, stage: str) -> None:
   """partition.tsv in the run directory, and the short form on stdout (process 0; stderr is kept for errors)."""
   if jax.process_index() != 0:
     return
-  with open(os.path.join(run_dir, "partition.tsv"), "w") as f:
-    f.write(strategy.table())
+  files.write_text(os.path.join(run_dir, "partition.tsv"), strategy.table())
   counts = strategy.counts(0)
   print(f"[{stage}] {counts['trainable']:,} of {counts['params']:,} parameters train at step 0; layer groups:\n"
         f"{strategy.short()}", flush=True)
