@@ -708,14 +708,13 @@ def wandb_sweep(points: Sequence[Point], workdir: str, spec: str, overrides: Seq
   """A wandb sweep definition (method: grid) running the same points, for `wandb sweep` + `wandb agent`.
 
   wandb's grid runs every combination of per-parameter values, so the points must be exactly such a product
-  (`product(...)` is; a `zipped(...)` sweep is not: use `--dry-run` commands with a scheduler instead), and only
-  config keys can be parameters (wandb passes `--<parameter>=<value>`; parameter `config.seed` becomes
-  `--config.seed=1`). Each run's workdir is `<workdir>/wandb/<wandb run id>`, which is only known when the agent
-  starts the run, hence the `sh -c` in the command."""
+  (`product(...)` is; a `zipped(...)` sweep is not: use `--dry-run` commands with a scheduler instead). wandb passes
+  each parameter as `--<parameter>=<value>`: a config key is parameter `config.<key>` (`--config.seed=1` is an
+  override as it stands), a config-file argument `:<key>` is parameter `arg.<key>`, whose value is the text after
+  `<key>=` in the `:arg` and which the run's shell script folds into `--config file.py:<key>=<value>`. Each run's
+  workdir is `<workdir>/wandb/<wandb run id>`, which is only known when the agent starts the run; both need the
+  `sh -c` in the command."""
   keys = list(dict.fromkeys(key for point in points for key in point.values))
-  if any(key.startswith(":") for key in keys):
-    raise FinetuneError("--wandb-sweep: wandb can only set config keys (--config.key=value), not config-file "
-                        f"arguments ({', '.join(k for k in keys if k.startswith(':'))}); sweep config keys instead")
   axes = {key: {_value_text(p.values[key]): p.values[key] for p in points if key in p.values} for key in keys}
   grid = set(itertools.product(*axes.values()))  # (over the value texts)
   given = {tuple(_value_text(p.values[k]) for k in keys) for p in points if all(k in p.values for k in keys)}
@@ -723,11 +722,27 @@ def wandb_sweep(points: Sequence[Point], workdir: str, spec: str, overrides: Seq
     raise FinetuneError(f"--wandb-sweep: the {len(points)} points are not every combination of their keys' values "
                         f"({len(grid)} combinations), which is all a wandb grid can run; write get_sweep as a "
                         "product(...), or run these points with `finetune sweep` or its --dry-run commands")
-  # The points' own spec: the command's `:arg` less the sweep's own arguments (`seeds=`), which get_config refuses.
-  # (Points cannot set `:arg` keys here, so they all have the same one.)
-  run = " ".join(["exec python -m finetune train --config", shlex.quote(points[0].config_spec), "--workdir",
-                  shlex.quote(os.path.join(workdir, "wandb")) + '/"$WANDB_RUN_ID"', "--config.wandb.mode=online",
-                  *(shlex.quote(f"--config.{override}") for override in overrides), '"$@"'])
+  # The spec every run starts from: a point's own (the command's `:arg` less the sweep's own arguments, `seeds=`,
+  # which get_config refuses) less the swept `:` arguments, which each run adds back from its wandb parameters.
+  file_args = [key[1:] for key in keys if key.startswith(":")]
+  path, _, arg = points[0].config_spec.partition(":")
+  kept = _arg_items_without(arg, file_args)
+  base_spec = f"{path}:{','.join(kept)}" if kept else path
+  parameters = {}
+  for key in keys:
+    if key.startswith(":"):
+      parameters[f"arg.{key[1:]}"] = {"values": [_arg_value_text(key[1:], v) for v in axes[key].values()]}
+    else:
+      parameters[f"config.{key}"] = {"values": [_wandb_value(v) for v in axes[key].values()]}
+  # sh's $0 is 'finetune' and "$@" wandb's arguments: `--arg.k=v` ones are appended to the spec (`:` before the
+  # first argument, `,` between), the rest stay. (`for a do` reads the arguments once, so `set --` may rebuild them.)
+  fold = (f"spec={shlex.quote(base_spec)}; sep={':' if not kept else ','}; "
+          'for a do shift; case "$a" in --arg.*) spec="$spec$sep${a#--arg.}"; sep=,;; *) set -- "$@" "$a";; esac; '
+          "done; ") if file_args else ""
+  run = fold + " ".join(["exec python -m finetune train --config", '"$spec"' if file_args else shlex.quote(base_spec),
+                         "--workdir", shlex.quote(os.path.join(workdir, "wandb")) + '/"$WANDB_RUN_ID"',
+                         "--config.wandb.mode=online",
+                         *(shlex.quote(f"--config.{override}") for override in overrides), '"$@"'])
   wandb_cfg = points[0].config.wandb
   definition = {"name": os.path.basename(os.path.normpath(workdir)), "project": wandb_cfg.project}
   if wandb_cfg.entity:
@@ -735,8 +750,7 @@ def wandb_sweep(points: Sequence[Point], workdir: str, spec: str, overrides: Seq
   definition.update({
       "program": spec.partition(":")[0],  # informational: the command below says how it runs
       "method": "grid",
-      "parameters": {f"config.{key}": {"values": [_wandb_value(v) for v in axes[key].values()]} for key in keys},
-      # sh's $0 is 'finetune'; "$@" is wandb's --config.key=value arguments.
+      "parameters": parameters,
       "command": ["${env}", "sh", "-c", run, "finetune", "${args}"],
   })
   return definition

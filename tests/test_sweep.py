@@ -720,9 +720,52 @@ def test_wandb_sweep_definition_runs_the_same_points(tmp_path, capsys):
   not_a_grid = write_config(tmp_path, 'zipped(seeds(2), [{"train.steps": 2}, {"train.steps": 3}])')
   status, _, err = sweep_cli(capsys, "--config", not_a_grid, "--workdir", str(workdir), "--wandb-sweep", str(out_file))
   assert status == 2 and "the 2 points are not every combination of their keys' values (4 combinations)" in err
-  status, _, err = sweep_cli(capsys, "--config", write_config(tmp_path, '[{":steps": 2}]'), "--workdir",
-                             str(workdir), "--wandb-sweep", str(out_file))
-  assert status == 2 and "not config-file arguments (:steps)" in err
+
+
+def _agent_argv(command: list[str], flags: list[str], tmp_path) -> list[str]:
+  """The arguments after `python -m finetune` when wandb's agent runs `command` with `flags`: its `sh -c` script
+  runs for real, with a `python` on PATH that prints its arguments."""
+  stub = tmp_path / "bin" / "python"
+  stub.parent.mkdir(exist_ok=True)
+  stub.write_text('#!/bin/sh\nprintf "%s\\0" "$@"\n')
+  stub.chmod(0o755)
+  env = {**os.environ, "WANDB_RUN_ID": "run7", "PATH": f"{stub.parent}:{os.environ['PATH']}"}
+  result = subprocess.run([*command[1:-1], *flags], env=env, capture_output=True, text=True, timeout=60, check=True)
+  argv = result.stdout.split("\0")[:-1]
+  assert argv[:2] == ["-m", "finetune"]
+  return argv[2:]
+
+
+def test_wandb_sweep_over_config_file_arguments_runs_the_same_points(tmp_path, capsys):
+  """`:key` points become `arg.key` parameters, folded back into the `:arg` of `--config` by the run's script."""
+  from wandb.sdk.launch.sweeps.utils import create_sweep_command_args  # how the agent formats ${args}
+
+  path = tmp_path / "file_args.py"
+  path.write_text(CONFIG.format(extra=", wandb=dict(name=args.tag), optimizer=dict(learning_rate=args.lr)",
+                                sweep='product({":tag": ["a,b", "True", "it\'s"]}, {":steps": [2, 4]}, seeds(2))')
+                  .replace("parse_arg(arg, steps=3)", "parse_arg(arg, steps=3, tag='x', lr=0.1)"))
+  out_file = tmp_path / "sweep.yaml"
+  for spec in (f"{path}:lr=0.5,steps=9", str(path)):  # `,` after kept arguments, `:` when there are none
+    status, _, err = sweep_cli(capsys, "--config", spec, "--workdir", str(tmp_path / "w"), "--wandb-sweep",
+                               str(out_file))
+    assert status == 0, err
+    definition = yaml.safe_load(out_file.read_text())
+    parameters = definition["parameters"]
+    assert list(parameters) == ["arg.tag", "arg.steps", "config.seed"]
+    points = {(p.values[":tag"], p.values[":steps"], p.values["seed"]): p for p in load_sweep(spec)}
+    for tag, steps, seed in itertools.product(*(parameters[k]["values"] for k in parameters)):
+      flags = create_sweep_command_args({"args": {"arg.tag": {"value": tag}, "arg.steps": {"value": steps},
+                                                 "config.seed": {"value": seed}}})["args"]
+      rest, overrides = cli.split_overrides(_agent_argv(definition["command"], flags, tmp_path))
+      parsed = cli._parser().parse_args(rest)  # pylint: disable=protected-access
+      assert parsed.workdir == str(tmp_path / "w" / "wandb" / "run7")
+      config = config_lib.load_config(parsed.config, overrides)
+      point = points[(config.wandb.name, config.train.steps, config.seed)]
+      expected = config_lib.load_config(point.config_spec, [*point.overrides, "wandb.mode=online"])
+      assert config_lib.to_json(config) == config_lib.to_json(expected)
+      assert config.optimizer.learning_rate == (0.5 if ":" in spec else 0.1)
+      del points[(config.wandb.name, config.train.steps, config.seed)]
+    assert not points  # every point once
 
 
 def test_counts_print_as_whole_numbers_and_rates_with_four_decimals():
