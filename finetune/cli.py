@@ -4,7 +4,7 @@
     finetune export --workdir DIR --format hf|peft --out OUT [--stage NAME] [--unfinished]
     finetune plan --config configs/<file>.py[:arg] [--mesh data=4,fsdp=2] [--devices N] [--config.key=value ...]
     finetune sweep --config configs/<file>.py[:arg] --workdir DIR [--parallel N] [--vmap K]
-                   [--dry-run | --aggregate-only] [--metric split/key ...]
+                   [--only NAME ...] [--dry-run | --aggregate-only] [--metric split/key ...]
                    [--seed-key KEY] [--wandb-sweep OUT.yaml] [--config.key=value ...]
 
 A `FinetuneError` (any user error) prints one line `finetune: error: ...` to stderr and exits with status 2.
@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
   sweep.add_argument("--together", action="append", default=[], metavar="NAME",
                      help="train just the named points (repeat the flag) together in this process (what --vmap "
                           "launches)")
+  sweep.add_argument("--only", action="append", default=[], metavar="NAME",
+                     help="run just the named points (repeat the flag), one by one as the sweep would; with "
+                          "--dry-run, print just their commands (what a wandb agent of a --wandb-sweep runs)")
   run_none = sweep.add_mutually_exclusive_group()
   run_none.add_argument("--dry-run", action="store_true",
                         help="print one `finetune train` command per point (with --vmap: one per group); run none")
@@ -151,7 +154,7 @@ def run_plan(config_spec: str, mesh: str, devices: int, overrides: Sequence[str]
 
 def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metrics: Sequence[str], seed_key: str,
               wandb_out: str, overrides: Sequence[str], vmap: int = 1, together: Sequence[str] = (),
-              aggregate_only: bool = False) -> int:
+              aggregate_only: bool = False, only: Sequence[str] = ()) -> int:
   from finetune import sweep  # pylint: disable=g-import-not-at-top
 
   if aggregate_only and (wandb_out or together):
@@ -160,21 +163,27 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
   if together and (dry_run or wandb_out):  # --together trains its points at once: the other flag would be ignored
     raise FinetuneError("--together trains the named points now; --dry-run and --wandb-sweep go without it (with "
                         "--vmap N, --dry-run prints the --together commands)")
+  if only and (together or wandb_out or aggregate_only):  # each of those covers points of its own: refuse the mix
+    raise FinetuneError("--only picks points to run or print; --together, --wandb-sweep and --aggregate-only go "
+                        "without it")
   points = sweep.load_sweep(config_spec, overrides)
   sweep.check_seed_key(points, seed_key)  # before any point runs, not after the sweep
+  for flag, names in (("--together", together), ("--only", only)):
+    unknown = [name for name in names if name not in {point.name for point in points}]
+    if unknown:
+      raise FinetuneError(f"{flag}: no point named {unknown[0]!r} in this sweep; points: "
+                          f"{', '.join(point.name for point in points)}")
   if together:
     from finetune import compile_cache, distributed, vmap as vmap_lib  # pylint: disable=g-import-not-at-top
     distributed.initialize()  # as `finetune train` does: a launcher's processes train the group as one job
     compile_cache.enable()
     by_name = {point.name: point for point in points}
-    unknown = [name for name in together if name not in by_name]
-    if unknown:
-      raise FinetuneError(f"--together: no point named {unknown[0]!r} in this sweep; points: {', '.join(by_name)}")
     chosen = [by_name[name] for name in together]
     vmap_lib.train_points([p.config for p in chosen], [os.path.join(workdir, p.name) for p in chosen])
     return 0
   if dry_run:
-    print("\n".join(sweep.dry_run_commands(points, workdir, vmap, config_spec, overrides)))
+    listed = [point for point in points if point.name in only] if only else points
+    print("\n".join(sweep.dry_run_commands(listed, workdir, vmap, config_spec, overrides)))
   if wandb_out:
     sweep.write_wandb_sweep(wandb_out, points, workdir, config_spec, overrides)
     print(f"wrote {wandb_out}: `wandb sweep {wandb_out}` creates the sweep, `wandb agent <sweep id>` runs it",
@@ -185,7 +194,7 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
     raise FinetuneError(f"--aggregate-only: {workdir} does not exist; run the sweep first (without the flag)")
   if os.path.isdir(workdir):  # a mistyped --metric fails now when some point has finished, not after the sweep
     sweep.collect(points, workdir, metrics)
-  outcomes = [] if aggregate_only else sweep.run_sweep(points, workdir, parallel, vmap, config_spec, overrides)
+  outcomes = [] if aggregate_only else sweep.run_sweep(points, workdir, parallel, vmap, config_spec, overrides, only)
   failed = [o for o in outcomes if o.status == "failed"]
   try:
     print(sweep.aggregate(points, workdir, metrics, seed_key))
@@ -214,7 +223,7 @@ def _main(argv: list[str]) -> int:
       return run_plan(args.config, args.mesh, args.devices, overrides)
     if args.command == "sweep":
       return run_sweep(args.config, args.workdir, args.parallel, args.dry_run, args.metric, args.seed_key,
-                       args.wandb_sweep, overrides, args.vmap, args.together, args.aggregate_only)
+                       args.wandb_sweep, overrides, args.vmap, args.together, args.aggregate_only, args.only)
     if args.command == "export":
       if overrides:
         raise FinetuneError(f"export takes no --config overrides (got --config.{overrides[0]})")

@@ -400,10 +400,11 @@ def check_workdir(points: Sequence[Point], workdir: str) -> None:
 
 
 def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: int = 1, spec: str = "",
-              overrides: Sequence[str] = ()) -> list[Outcome]:
+              overrides: Sequence[str] = (), only: Sequence[str] = ()) -> list[Outcome]:
   """Runs every unfinished point as `python -m finetune train` in `<workdir>/<point name>`, up to `parallel` at a
   time, its output appended to `sweep.log` there; writes points.json first. A failed point does not stop the
-  others. Prints a line per start, skip and end.
+  others. Prints a line per start, skip and end. `only`: the names of the points to run (`--only`; the others are
+  neither run nor counted, and points.json still lists every point).
 
   `vmap` > 1: unfinished points that can train together (same shapes; they differ only in seed, learning rate or
   regularizer strength, finetune/vmap.py) run in groups of up to `vmap` as one process and one jitted program,
@@ -413,7 +414,8 @@ def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: in
   if parallel < 1:
     raise FinetuneError(f"--parallel {parallel}: run at least one point at a time; pass --parallel 1 or more")
   _check_vmap(vmap)
-  check_workdir(points, workdir)
+  chosen = [p for p in points if p.name in only] if only else list(points)
+  check_workdir(chosen, workdir)
   os.makedirs(workdir, exist_ok=True)
   files.write_text(os.path.join(workdir, POINTS_FILE), json.dumps(
       [{"name": p.name, "values": p.values, "config": p.config_spec, "overrides": list(p.overrides),
@@ -430,7 +432,7 @@ def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: in
 
   def say(message: str) -> None:
     with lock:
-      print(f"[{counts['done']}/{len(points)} done, {counts['failed']} failed] {message}", flush=True)
+      print(f"[{counts['done']}/{len(chosen)} done, {counts['failed']} failed] {message}", flush=True)
 
   def run(group: list[Point]) -> list[Outcome]:
     names = ", ".join(p.name for p in group)
@@ -490,7 +492,7 @@ def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: in
 
   outcomes = {}
   todo = []
-  for point in points:
+  for point in chosen:
     if finished(point, workdir):
       counts["done"] += 1
       outcomes[point.name] = Outcome(point, "skipped")
@@ -520,7 +522,7 @@ def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: in
     raise
   finally:
     pool.shutdown(cancel_futures=True)  # start nothing more; wait for the running points to end
-  return [outcomes[point.name] for point in points]
+  return [outcomes[point.name] for point in chosen]
 
 
 # ------------------------------------------------------------------------------------------------ aggregation
@@ -707,21 +709,33 @@ def _example_metrics(summary: dict) -> list[str]:
 def wandb_sweep(points: Sequence[Point], workdir: str, spec: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
   """A wandb sweep definition (method: grid) running the same points, for `wandb sweep` + `wandb agent`.
 
-  wandb's grid runs every combination of per-parameter values, so the points must be exactly such a product
-  (`product(...)` is; a `zipped(...)` sweep is not: use `--dry-run` commands with a scheduler instead). wandb passes
-  each parameter as `--<parameter>=<value>`: a config key is parameter `config.<key>` (`--config.seed=1` is an
-  override as it stands), a config-file argument `:<key>` is parameter `arg.<key>`, whose value is the text after
-  `<key>=` in the `:arg` and which the run's shell script folds into `--config file.py:<key>=<value>`. Each run's
-  workdir is `<workdir>/wandb/<wandb run id>`, which is only known when the agent starts the run; both need the
-  `sh -c` in the command."""
+  wandb's grid runs every combination of per-parameter values. Where the points are exactly such a product
+  (`product(...)` is), each swept key is a parameter, passed as `--<parameter>=<value>`: a config key is parameter
+  `config.<key>` (`--config.seed=1` is an override as it stands), a config-file argument `:<key>` is parameter
+  `arg.<key>`, whose value is the text after `<key>=` in the `:arg` and which the run's shell script folds into
+  `--config file.py:<key>=<value>`. Each run's workdir is `<workdir>/wandb/<wandb run id>`, which is only known
+  when the agent starts the run; both need the `sh -c` in the command.
+
+  Any other list of points (a `zipped(...)` sweep) is one parameter, `only`, whose values are the point names:
+  each run is `finetune sweep ... --only=<name>`, which trains that point in `<workdir>/<name>` as the sweep
+  would, so `finetune sweep --aggregate-only` tabulates the agents' runs."""
   keys = list(dict.fromkeys(key for point in points for key in point.values))
   axes = {key: {_value_text(p.values[key]): p.values[key] for p in points if key in p.values} for key in keys}
   grid = set(itertools.product(*axes.values()))  # (over the value texts)
   given = {tuple(_value_text(p.values[k]) for k in keys) for p in points if all(k in p.values for k in keys)}
+  wandb_cfg = points[0].config.wandb
+  definition = {"name": os.path.basename(os.path.normpath(workdir)), "project": wandb_cfg.project}
+  if wandb_cfg.entity:
+    definition["entity"] = wandb_cfg.entity
   if given != grid or len(points) != len(grid):
-    raise FinetuneError(f"--wandb-sweep: the {len(points)} points are not every combination of their keys' values "
-                        f"({len(grid)} combinations), which is all a wandb grid can run; write get_sweep as a "
-                        "product(...), or run these points with `finetune sweep` or its --dry-run commands")
+    definition.update({
+        "program": spec.partition(":")[0],  # informational: the command below says how it runs
+        "method": "grid",
+        "parameters": {"only": {"values": [point.name for point in points]}},
+        "command": ["${env}", "python", "-m", "finetune", "sweep", "--config", spec, "--workdir", workdir,
+                    "--config.wandb.mode=online", *(f"--config.{override}" for override in overrides), "${args}"],
+    })
+    return definition
   # The spec every run starts from: a point's own (the command's `:arg` less the sweep's own arguments, `seeds=`,
   # which get_config refuses) less the swept `:` arguments, which each run adds back from its wandb parameters.
   file_args = [key[1:] for key in keys if key.startswith(":")]
@@ -743,12 +757,8 @@ def wandb_sweep(points: Sequence[Point], workdir: str, spec: str, overrides: Seq
                          "--workdir", shlex.quote(os.path.join(workdir, "wandb")) + '/"$WANDB_RUN_ID"',
                          "--config.wandb.mode=online",
                          *(shlex.quote(f"--config.{override}") for override in overrides), '"$@"'])
-  wandb_cfg = points[0].config.wandb
-  definition = {"name": os.path.basename(os.path.normpath(workdir)), "project": wandb_cfg.project}
-  if wandb_cfg.entity:
-    definition["entity"] = wandb_cfg.entity
   definition.update({
-      "program": spec.partition(":")[0],  # informational: the command below says how it runs
+      "program": spec.partition(":")[0],
       "method": "grid",
       "parameters": parameters,
       "command": ["${env}", "sh", "-c", run, "finetune", "${args}"],

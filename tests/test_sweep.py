@@ -717,9 +717,6 @@ def test_wandb_sweep_definition_runs_the_same_points(tmp_path, capsys):
     read.append((config.wandb.name, config.wandb.tags))
   assert status == 0 and read == list(itertools.product(["True", "1", "a b", "x"], [("1", "True"), ("t",)]))
 
-  not_a_grid = write_config(tmp_path, 'zipped(seeds(2), [{"train.steps": 2}, {"train.steps": 3}])')
-  status, _, err = sweep_cli(capsys, "--config", not_a_grid, "--workdir", str(workdir), "--wandb-sweep", str(out_file))
-  assert status == 2 and "the 2 points are not every combination of their keys' values (4 combinations)" in err
 
 
 def _agent_argv(command: list[str], flags: list[str], tmp_path) -> list[str]:
@@ -766,6 +763,56 @@ def test_wandb_sweep_over_config_file_arguments_runs_the_same_points(tmp_path, c
       assert config.optimizer.learning_rate == (0.5 if ":" in spec else 0.1)
       del points[(config.wandb.name, config.train.steps, config.seed)]
     assert not points  # every point once
+
+
+def test_a_wandb_sweep_of_points_that_are_no_grid_names_each_point(tmp_path, capsys):
+  """A zipped sweep is one wandb parameter, `only`, naming the points; each agent run trains its point in the
+  sweep's own folder layout, so --aggregate-only tabulates the agents' runs."""
+  from wandb.sdk.launch.sweeps.utils import create_sweep_command_args  # how the agent formats ${args}
+
+  not_a_grid = write_config(tmp_path, 'zipped(seeds(2), [{"train.steps": 2}, {"train.steps": 3}])')
+  workdir, out_file = tmp_path / "sweep", tmp_path / "sweep.yaml"
+  status, _, err = sweep_cli(capsys, "--config", not_a_grid, "--workdir", str(workdir), "--wandb-sweep",
+                             str(out_file), "--config.train.log_every=2")
+  assert status == 0, err
+  definition = yaml.safe_load(out_file.read_text())
+  names = [point.name for point in load_sweep(not_a_grid)]
+  assert definition["parameters"] == {"only": {"values": names}}
+  flags = create_sweep_command_args({"args": {"only": {"value": names[1]}}})["args"]
+  command = definition["command"]
+  assert command[:4] == ["${env}", "python", "-m", "finetune"] and command[-1] == "${args}"
+  env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+  result = subprocess.run(["/usr/bin/env", *command[1:-1], *flags, "--config.wandb.mode=disabled"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert "[1/1 done, 0 failed] finished" in result.stdout
+  saved = json.loads((workdir / names[1] / "config.json").read_text())
+  assert (saved["seed"], saved["train"]["steps"], saved["train"]["log_every"]) == (1, 3, 2)
+  assert not (workdir / names[0]).exists()
+  assert [row["status"] for row in read_csv(workdir / "results.csv")] == ["incomplete", "finished"]
+
+
+def test_only_runs_or_prints_just_the_named_points(tmp_path, capsys):
+  path = write_config(tmp_path, "seeds(3)")
+  workdir = tmp_path / "sweep"
+  names = [point.name for point in load_sweep(path)]
+  status, out, _ = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--dry-run", "--only", names[2])
+  assert status == 0 and len(out.strip().splitlines()) == 1 and f"--config.seed={2}" in out
+  assert not workdir.exists()
+  status, out, err = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--only", names[0], "--only",
+                               names[2], "--config.train.steps=2")
+  assert status == 0, err
+  assert "[2/2 done, 0 failed]" in out and f"running {names[1]}" not in out
+  assert [row["status"] for row in read_csv(workdir / "results.csv")] == ["finished", "incomplete", "finished"]
+  assert [entry["name"] for entry in json.loads((workdir / "points.json").read_text())] == names
+  status, out, _ = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--only", names[0],
+                             "--config.train.steps=2")
+  assert status == 0 and "skipped (finished)" in out
+  status, _, err = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--only", "nope")
+  assert status == 2 and "--only: no point named 'nope'" in err and names[1] in err
+  for flag in (["--together", names[0]], ["--wandb-sweep", str(tmp_path / "w.yaml")], ["--aggregate-only"]):
+    status, _, err = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--only", names[1], *flag)
+    assert status == 2 and "--only picks points to run or print" in err
 
 
 def test_counts_print_as_whole_numbers_and_rates_with_four_decimals():
