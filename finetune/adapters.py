@@ -50,9 +50,11 @@ class PeftMethod:
   # Learning-rate multiplier of a trainable path (LoRA+: B faster than A); composes with lr_multipliers.
   lr_multiplier: Callable[[str, ConfigDict], float] = lambda path, cfg: 1.0
   # Checkpoint arrays of the plain model -> those this adapted model reads: (arrays, param paths, model-state
-  # paths, config.peft) -> arrays. QLoRA quantizes kernels; adapter values that derive from base weights (DoRA's
-  # magnitudes, prompt tuning's initial prompt) are set from the *loaded* weights, not the random initial ones.
-  convert_checkpoint: Callable[[dict, list, list, ConfigDict], dict] = lambda arrays, params, state, cfg: arrays
+  # paths, config.peft, the stage's seed) -> arrays. QLoRA quantizes kernels; adapter values that derive from base
+  # weights (DoRA's magnitudes, prompt tuning's initial prompt, drawn with the seed) are set from the *loaded*
+  # weights, not the random initial ones.
+  convert_checkpoint: Callable[[dict, list, list, ConfigDict, int], dict] = \
+      lambda arrays, params, state, cfg, seed: arrays
   # (abstract adapted model, flat params, flat model state) -> the plain model's (params, model state) with the
   # adaptation folded in, or None where the method changes the computation in a way no plain model can hold.
   merge: Callable[[nnx.Module, dict, dict], tuple[dict, dict]] | None = None
@@ -89,11 +91,11 @@ def apply(model: nnx.Module, peft_cfg: ConfigDict, rngs: nnx.Rngs) -> nnx.Module
 
 
 def prepare_checkpoint(peft_cfg: ConfigDict, arrays: dict[str, dict[str, Any]], param_paths: list[str],
-                       state_paths: list[str]) -> dict[str, dict[str, Any]]:
+                       state_paths: list[str], seed: int) -> dict[str, dict[str, Any]]:
   """A base checkpoint's arrays as the adapted model reads them (see `PeftMethod.convert_checkpoint`)."""
   if not enabled(peft_cfg):
     return arrays
-  return PEFT_METHODS.get(peft_cfg.method).convert_checkpoint(arrays, param_paths, state_paths, peft_cfg)
+  return PEFT_METHODS.get(peft_cfg.method).convert_checkpoint(arrays, param_paths, state_paths, peft_cfg, seed)
 
 
 # The PEFT settings that shape an adapted model's function and its stored arrays (dropout, init, LoRA+ and bias
@@ -162,7 +164,7 @@ def load_model(model_cfg: ConfigDict, peft_cfg: ConfigDict, num_classes: int, ch
     step_dir = resolve_checkpoint(checkpoint, os.getcwd())
     # A PEFT run's checkpoint read with other settings (or none): its adapters folded in, as `init_from` does.
     arrays = fold_source_adapters(step_dir, read_checkpoint_arrays(step_dir), peft_cfg, list(flatten(params)))
-    arrays = prepare_checkpoint(peft_cfg, arrays, list(flatten(params)), list(flatten(rest)))
+    arrays = prepare_checkpoint(peft_cfg, arrays, list(flatten(params)), list(flatten(rest)), seed)
     added = frozenset(flatten(params)) - base_paths
     params, _, _ = load_into(params, arrays["params"], (), "parameter", step_dir, added)
     rest, _, _ = load_into(rest, arrays.get("model_state", {}), (), "model state", step_dir)

@@ -340,7 +340,8 @@ def initial_state(stage: Stage, cfg: ConfigDict, workdir: str) -> tuple[TrainSta
     require_matches(cfg.dont_load, [*flatten(params), *flatten(model_state)], "config.dont_load")
     # Parameters a PEFT method added are new by construction: a base checkpoint never holds them.
     added = frozenset(flatten(params)) - stage.base_paths
-    arrays = adapters.prepare_checkpoint(cfg.peft, arrays, list(flatten(params)), list(flatten(model_state)))
+    arrays = adapters.prepare_checkpoint(cfg.peft, arrays, list(flatten(params)), list(flatten(model_state)),
+                                         cfg.seed)
     params, loaded, fresh = load_into(params, arrays["params"], cfg.dont_load, "parameter", step_dir, added)
     model_state, loaded_stats, fresh_stats = load_into(model_state, arrays.get("model_state", {}), cfg.dont_load,
                                                        "model state", step_dir)

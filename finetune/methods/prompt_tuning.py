@@ -69,15 +69,18 @@ def prompted_inputs(model: nnx.Module, inputs: list[jax.Array]) -> tuple[list[ja
           jnp.concatenate([jnp.ones((batch, count), mask.dtype), mask], axis=1)], count
 
 
-def from_base_checkpoint(arrays: dict, param_paths: list[str], state_paths: list[str], peft_cfg: ConfigDict) -> dict:
+def from_base_checkpoint(arrays: dict, param_paths: list[str], state_paths: list[str], peft_cfg: ConfigDict,
+                         seed: int = 0) -> dict:
   """The initial prompt from the *loaded* vocabulary (the embeddings of randomly drawn tokens), as at construction
-  from a random model: otherwise it would hold random-init rows no pretrained model has seen."""
+  from a random model: otherwise it would hold random-init rows no pretrained model has seen. The tokens depend
+  on the stage's seed (they were drawn with seed 0 for every seed, so a seed sweep under-reported the spread)."""
   del state_paths
   params = dict(arrays["params"])
   for path in param_paths:
     table = params.get(path[:-len("soft_prompt")] + "embedding")
     if path.endswith("/soft_prompt") and path not in params and table is not None:
-      drawn = np.random.default_rng(0).integers(0, table.shape[0], peft_cfg.num_virtual_tokens)
+      # A numpy stream of its own: (seed, 0, 3) is none of the input pipeline's (data/pipeline.py `*_seed`).
+      drawn = np.random.default_rng((seed, 0, 3)).integers(0, table.shape[0], peft_cfg.num_virtual_tokens)
       params[path] = np.asarray(table)[drawn]
   return {**arrays, "params": params}
 
