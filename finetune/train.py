@@ -165,6 +165,8 @@ class Stage:
       tx, _ = self.optimizer(phase)
 
       def init(seed_key: jax.Array) -> TrainState:
+        # The seed key's children: 0 initialises the model, 1 roots the train steps' dropout keys, and 2 the
+        # Fisher's sampled labels (fisher_key); each a stream of its own.
         model = self.create_model(jax.random.fold_in(seed_key, 0))
         _, params, rest = nnx.split(model, nnx.Param, ...)
         params = params.to_pure_dict()
@@ -443,6 +445,13 @@ def on_this_stage_s_devices(source_cfg: ConfigDict, cfg: ConfigDict) -> ConfigDi
       train={**source_cfg.train.to_dict(), "grad_accum_steps": cfg.train.grad_accum_steps})
 
 
+def fisher_key(seed: int) -> jax.Array:
+  """The root of the Fisher's per-example keys (its `true` mode samples labels) for a source run of `seed`: the
+  seed key's child 2. (It was the seed key itself, whose children split from it gave the source model's
+  initialisation keys to the first Fisher batch and its dropout keys to the second.)"""
+  return jax.random.fold_in(jax.random.PRNGKey(seed), 2)
+
+
 def source_fisher(cfg: ConfigDict, source: regularizers.Source) -> dict[str, np.ndarray]:
   """The diagonal Fisher of an earlier task at its final weights, from its own training data: loaded from
   `<source run>/fisher-<mode>-<N>-at-<step>.safetensors` when an earlier stage or run computed it at the same
@@ -478,7 +487,7 @@ def source_fisher(cfg: ConfigDict, source: regularizers.Source) -> dict[str, np.
 
   started = time.perf_counter()
   fisher = fisher_lib.estimate(apply, params, pipeline.ordered_batches(SubsetSplit(train, chosen)), ewc.label_mode,
-                               jax.random.PRNGKey(source.cfg.seed), ewc.num_examples, constants=model_state)
+                               fisher_key(source.cfg.seed), ewc.num_examples, constants=model_state)
   if jax.process_index() == 0:
     fisher_lib.save(path, fisher, {"label_mode": ewc.label_mode, "num_examples": int(min(len(chosen),
                                                                                           ewc.num_examples)),

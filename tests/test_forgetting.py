@@ -103,6 +103,21 @@ def source(name, params):
   return Source(name, "/nowhere", ConfigDict({"data": {}}), params, {})
 
 
+def test_the_fisher_s_keys_are_none_of_the_source_run_s_keys():
+  """(Rooted at the seed key itself, the Fisher's first batch drew the source model's initialisation keys and its
+  second the dropout keys of the source's first steps: `split(k, n)[i]` is `fold_in(k, i)` here.)"""
+  from finetune.train import fisher_key  # pylint: disable=g-import-not-at-top
+  seed_key = jax.random.PRNGKey(3)
+  init_key, dropout_root = jax.random.fold_in(seed_key, 0), jax.random.fold_in(seed_key, 1)  # Stage.init_state
+  source_keys = {tuple(np.asarray(jax.random.key_data(k)).tolist()) for k in
+                 [jax.random.fold_in(init_key, c) for c in range(16)] +
+                 [jax.random.fold_in(dropout_root, step) for step in range(16)] +
+                 [jax.random.split(init_key, 16)[c] for c in range(16)]}
+  fisher_keys = {tuple(np.asarray(jax.random.key_data(k)).tolist())
+                 for batch in range(4) for k in jax.random.split(jax.random.fold_in(fisher_key(3), batch), 16)}
+  assert len(fisher_keys) == 64 and not fisher_keys & source_keys
+
+
 def test_ewc_penalty_value_and_gradient_follow_the_formula():
   rng = np.random.default_rng(0)
   theta_star, fisher_values = {"a": rng.normal(size=3), "b": rng.normal(size=2)}, {"a": rng.uniform(size=3),
