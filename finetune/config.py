@@ -433,7 +433,9 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
 
   need(c.train.steps >= 0 and c.train.epochs >= 0 and (c.train.steps > 0 or c.train.epochs > 0),
        "set config.train.steps or config.train.epochs to a positive number")
-  need(c.seed >= 0, "config.seed must be >= 0")
+  # (JAX's PRNGKey keeps a seed's low 32 bits and numpy's SeedSequence splits it into 32-bit words: a larger
+  # seed would be another seed's stream.)
+  need(0 <= c.seed < 2 ** 32, f"config.seed must be >= 0 and < 2**32 (got {c.seed})")
   need(c.train.eval_every >= 0, "config.train.eval_every must be >= 0 (0: evaluate at the end only)")
   need(c.data.augment.crop_padding >= 0, "config.data.augment.crop_padding must be >= 0")
   need(c.unfreeze.every_steps >= 0 and c.unfreeze.every_epochs >= 0,

@@ -163,6 +163,8 @@ def test_more_value_checks_give_one_line_errors():
   cases = [
       ({"unfreeze": {"mode": "gradual", "every_steps": -1}}, "every_steps and every_epochs must be >= 0"),
       ({"seed": -1}, "config.seed must be >= 0"),
+      # (A larger seed was silently another seed: JAX keeps its low 32 bits.)
+      ({"seed": 2 ** 32}, "config.seed must be >= 0 and < 2**32 (got 4294967296)"),
       ({"rehearsal": {"fraction": 0.25, "weight": -5.0}}, "and config.rehearsal.weight must be >= 0"),
       ({"optimizer": {"schedule": "stlr", "cut_frac": 0.0}}, "cut_frac must be in (0, 1)"),
       ({"optimizer": {"schedule": "onecycle", "div_factor": 0.0}}, "div_factor and final_div_factor > 0"),
