@@ -169,10 +169,7 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
   points = sweep.load_sweep(config_spec, overrides)
   sweep.check_seed_key(points, seed_key)  # before any point runs, not after the sweep
   for flag, names in (("--together", together), ("--only", only)):
-    unknown = [name for name in names if name not in {point.name for point in points}]
-    if unknown:
-      raise FinetuneError(f"{flag}: no point named {unknown[0]!r} in this sweep; points: "
-                          f"{', '.join(point.name for point in points)}")
+    sweep.check_point_names(points, names, flag)
   if together:
     from finetune import compile_cache, distributed, vmap as vmap_lib  # pylint: disable=g-import-not-at-top
     distributed.initialize()  # as `finetune train` does: a launcher's processes train the group as one job

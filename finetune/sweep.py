@@ -399,6 +399,16 @@ def check_workdir(points: Sequence[Point], workdir: str) -> None:
     raise FinetuneError(f"sweep point {point.name}{more}: {error} (nothing was run or written)")
 
 
+def check_point_names(points: Sequence[Point], names: Sequence[str], what: str = "only") -> None:
+  """Every name in `names` (a list: a lone string would match by substring) names a point of the sweep."""
+  if isinstance(names, str):
+    raise FinetuneError(f"{what}: give a list of point names, not the string {names!r}")
+  unknown = [name for name in names if name not in {point.name for point in points}]
+  if unknown:
+    raise FinetuneError(f"{what}: no point named {unknown[0]!r} in this sweep; points: "
+                        f"{', '.join(point.name for point in points)}")
+
+
 def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: int = 1, spec: str = "",
               overrides: Sequence[str] = (), only: Sequence[str] = ()) -> list[Outcome]:
   """Runs every unfinished point as `python -m finetune train` in `<workdir>/<point name>`, up to `parallel` at a
@@ -414,6 +424,7 @@ def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: in
   if parallel < 1:
     raise FinetuneError(f"--parallel {parallel}: run at least one point at a time; pass --parallel 1 or more")
   _check_vmap(vmap)
+  check_point_names(points, only)
   chosen = [p for p in points if p.name in only] if only else list(points)
   check_workdir(chosen, workdir)
   os.makedirs(workdir, exist_ok=True)

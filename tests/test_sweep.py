@@ -810,6 +810,11 @@ def test_only_runs_or_prints_just_the_named_points(tmp_path, capsys):
   assert status == 0 and "skipped (finished)" in out
   status, _, err = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--only", "nope")
   assert status == 2 and "--only: no point named 'nope'" in err and names[1] in err
+  points = load_sweep(path)
+  for only in (["nope"], names[0]):  # (the library call ran nothing and said nothing; a string matched substrings)
+    with pytest.raises(FinetuneError, match="no point named 'nope'|give a list of point names"):
+      sweep.run_sweep(points, str(tmp_path / "library"), only=only)
+  assert not (tmp_path / "library").exists()
   for flag in (["--together", names[0]], ["--wandb-sweep", str(tmp_path / "w.yaml")], ["--aggregate-only"]):
     status, _, err = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--only", names[1], *flag)
     assert status == 2 and "--only picks points to run or print" in err

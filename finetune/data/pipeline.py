@@ -83,9 +83,10 @@ class InputPipeline:
 
   def order_seed(self, epoch: int) -> tuple[int, ...]:
     """Seed sequence of the permutation of training epoch `epoch`. SeedSequence pads with zeros ((s, e) is
-    (s, e, 0)), so no other stream may end in zeros. One coincidence is kept: seed 0's epoch 0 shares stream (0,)
-    with the validation carve, a permutation of the whole split before carving; the two permute different index
-    sets, and changing either would change every committed seed-0 result."""
+    (s, e, 0)), so no other stream may end in zeros. Two coincidences are kept, as changing them would change
+    committed results and neither changes which examples train: seed 0's epoch 0 is stream (0,), which also draws
+    the validation carve (a permutation of the whole split before carving) and EWC's Fisher subset
+    (`train.source_fisher`, the same for every seed: for a seed-0 source, the first examples of its epoch 0)."""
     return (self.seed, epoch)
 
   def augment_seed(self, step: int) -> tuple[int, ...]:
