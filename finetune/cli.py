@@ -185,10 +185,6 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
     sweep.write_wandb_sweep(wandb_out, points, workdir, config_spec, overrides)
     print(f"wrote {wandb_out}: `wandb sweep {wandb_out}` creates the sweep, `wandb agent <sweep id>` runs it",
           file=sys.stderr if dry_run else sys.stdout)  # (stdout stays one command per line)
-    stages = max(len(point.stage_dirs) for point in points)
-    if stages > 1:
-      print(f"note: a point has {stages} stages, each its own wandb run, which all take the agent's run id; "
-            "what a wandb server keeps of them is untested (README, `finetune sweep`)", file=sys.stderr)
   if dry_run or wandb_out:
     return 0
   if aggregate_only and not os.path.isdir(workdir):

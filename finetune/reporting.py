@@ -30,16 +30,38 @@ def _clean(value: Any) -> Any:
   return value
 
 
+# The run a wandb agent started this process for (`wandb agent` runs one command per sweep run and names the run in
+# WANDB_RUN_ID, with WANDB_SWEEP_ID): every stage of the point logs into it, keys prefixed by the stage's name,
+# each stage on an x-axis of its own (`<stage>/step`: stages count their steps from 0). One wandb.init per stage,
+# as outside an agent, gave every stage the agent's id, so each stage's run replaced the one before. Process-wide
+# because the agent's run is; wandb finishes it at exit.
+_AGENT_RUNS: dict[str, Any] = {}
+
+
+def _agent_run_id() -> str:
+  return os.environ.get("WANDB_RUN_ID", "") if os.environ.get("WANDB_SWEEP_ID") else ""
+
+
 class MetricsLog:
-  """Appends records {'step', 'split', ...metrics} to `<run dir>/metrics.jsonl` (and wandb when on)."""
+  """Appends records {'step', 'split', ...metrics} to `<run dir>/metrics.jsonl` (and wandb when on: one run per
+  stage, or under a wandb agent the agent's run, shared by the stages)."""
 
   def __init__(self, run_dir: str, wandb_cfg: ConfigDict | None = None, run_name: str = "",
                config: dict | None = None):
     self.path = os.path.join(run_dir, "metrics.jsonl")
     self.enabled = jax.process_index() == 0
-    self._wandb = None
+    self._wandb, self._prefix = None, ""
     if self.enabled and wandb_cfg is not None and wandb_cfg.mode != "disabled":
-      self._wandb = _start_wandb(wandb_cfg, run_dir, run_name, config)
+      agent_run = _agent_run_id()
+      if not agent_run:
+        self._wandb = _start_wandb(wandb_cfg, run_dir, run_name, config)
+        return
+      if agent_run not in _AGENT_RUNS:
+        _AGENT_RUNS[agent_run] = _start_wandb(wandb_cfg, run_dir, "", None, run_id=agent_run)
+      self._wandb, self._prefix = _AGENT_RUNS[agent_run], f"{run_name or 'train'}/"
+      self._wandb.config.update({run_name or "train": config}, allow_val_change=True)
+      self._wandb.define_metric(f"{self._prefix}step")
+      self._wandb.define_metric(f"{self._prefix}*", step_metric=f"{self._prefix}step")
 
   def truncate_after(self, step: int, drop_evaluations_at: int | None = None) -> None:
     """On (re)start, drops records of steps after `step` (the restored checkpoint; 0 for a fresh start), and
@@ -67,15 +89,19 @@ class MetricsLog:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     if self._wandb is not None:
-      self._wandb.log({f"{split}/{k}": v for k, v in record.items() if k not in ("step", "split")}, step=int(step))
+      values = {f"{self._prefix}{split}/{k}": v for k, v in record.items() if k not in ("step", "split")}
+      if self._prefix:
+        self._wandb.log({**values, f"{self._prefix}step": int(step)})
+      else:
+        self._wandb.log(values, step=int(step))
 
   def close(self) -> None:
-    if self._wandb is not None:
+    if self._wandb is not None and not self._prefix:  # (an agent's run outlives the stage)
       self._wandb.finish()
-      self._wandb = None
+    self._wandb = None
 
 
-def _start_wandb(cfg: ConfigDict, run_dir: str, run_name: str, config: dict | None):
+def _start_wandb(cfg: ConfigDict, run_dir: str, run_name: str, config: dict | None, run_id: str | None = None):
   import wandb  # pylint: disable=g-import-not-at-top
 
   mode = cfg.mode
@@ -83,9 +109,10 @@ def _start_wandb(cfg: ConfigDict, run_dir: str, run_name: str, config: dict | No
     print("finetune: wandb has no API key; logging offline (sync later with `wandb sync`)", file=sys.stderr)
     mode = "offline"
   # create_new: points trained together (vmap.py) hold one run each at once, logged through the returned objects;
-  # each stage finishes its own run (MetricsLog.close), so none is left open.
-  return wandb.init(project=cfg.project, entity=cfg.entity or None, name=cfg.name or run_name,
-                    tags=list(cfg.tags), mode=mode, dir=run_dir, config=config, reinit="create_new")
+  # each stage finishes its own run (MetricsLog.close), so none is left open. `run_id`: the agent's, given
+  # explicitly, as wandb reads its environment once per process.
+  return wandb.init(project=cfg.project, entity=cfg.entity or None, name=cfg.name or run_name or None,
+                    tags=list(cfg.tags), mode=mode, dir=run_dir, config=config, reinit="create_new", id=run_id)
 
 
 class Progress:

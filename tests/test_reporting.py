@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import types
 
 import pytest
 
@@ -41,6 +42,52 @@ def test_wandb_online_without_key_logs_offline(tmp_path, monkeypatch, capsys):
   assert "logging offline" in capsys.readouterr().err
   runs = glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "*.wandb"))
   assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
+
+
+def test_under_a_wandb_agent_every_stage_logs_into_the_agent_s_one_run(tmp_path, monkeypatch):
+  """(Each stage called wandb.init, and under an agent each took the agent's run id: two runs of one id, the later
+  replacing the earlier on the server.)"""
+  import wandb  # pylint: disable=g-import-not-at-top
+  from finetune import reporting  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("WANDB_SWEEP_ID", "sweep1")
+  monkeypatch.setenv("WANDB_RUN_ID", "agentrun7")
+  monkeypatch.setenv("HOME", str(tmp_path))  # no credentials: offline
+  stages = {"pre": {"data": {"classes": (0, 1, 2, 3, 4)}},
+            "ft": {"data": {"classes": (5, 6, 7, 8, 9)}, "init_from": "stage:pre", "dont_load": ("^head/",)}}
+  config = tiny_config(wandb={"mode": "offline", "project": "test"}, train={"steps": 4, "log_every": 2},
+                       stages=stages)
+  try:
+    train_lib.train_and_evaluate(config, str(tmp_path / "real"))
+  finally:
+    reporting._AGENT_RUNS.pop("agentrun7").finish()  # pylint: disable=protected-access
+  runs = glob.glob(str(tmp_path / "real" / "**" / "offline-run-*"), recursive=True)
+  assert len(runs) == 1 and runs[0].endswith("-agentrun7")
+
+  class FakeRun:  # what the stages send to wandb
+    def __init__(self):
+      self.logged, self.metrics, self.configs, self.finished = [], [], [], 0
+      self.config = types.SimpleNamespace(update=lambda values, **_: self.configs.append(values))
+
+    def define_metric(self, name, step_metric=None):
+      self.metrics.append((name, step_metric))
+
+    def log(self, values, step=None):
+      assert step is None
+      self.logged.append(values)
+
+    def finish(self):
+      self.finished += 1
+
+  started = []
+  monkeypatch.setattr(wandb, "init", lambda **kwargs: started.append(FakeRun()) or started[-1])
+  train_lib.train_and_evaluate(config, str(tmp_path / "fake"))
+  run = reporting._AGENT_RUNS.pop("agentrun7")  # pylint: disable=protected-access
+  assert started == [run] and run.finished == 0
+  assert [list(c) for c in run.configs] == [["pre"], ["ft"]] and run.configs[1]["ft"]["init_from"] == "stage:pre"
+  assert ("pre/*", "pre/step") in run.metrics and ("ft/*", "ft/step") in run.metrics
+  steps = {stage: [v[f"{stage}/step"] for v in run.logged if f"{stage}/train/loss" in v] for stage in ("pre", "ft")}
+  assert steps == {"pre": [2, 4], "ft": [2, 4]}
+  assert all(len({key.split("/")[0] for key in values}) == 1 for values in run.logged)  # one stage per record
 
 
 def test_an_export_replaces_the_previous_one_only_once_it_is_complete(tmp_path, monkeypatch):

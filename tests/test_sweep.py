@@ -774,7 +774,7 @@ def test_a_wandb_sweep_of_points_that_are_no_grid_names_each_point(tmp_path, cap
   workdir, out_file = tmp_path / "sweep", tmp_path / "sweep.yaml"
   status, _, err = sweep_cli(capsys, "--config", not_a_grid, "--workdir", str(workdir), "--wandb-sweep",
                              str(out_file), "--config.train.log_every=2")
-  assert status == 0 and "note:" not in err, err
+  assert status == 0, err
   definition = yaml.safe_load(out_file.read_text())
   names = [point.name for point in load_sweep(not_a_grid)]
   assert definition["parameters"] == {"only": {"values": names}}
@@ -790,11 +790,6 @@ def test_a_wandb_sweep_of_points_that_are_no_grid_names_each_point(tmp_path, cap
   assert (saved["seed"], saved["train"]["steps"], saved["train"]["log_every"]) == (1, 3, 2)
   assert not (workdir / names[0]).exists()
   assert [row["status"] for row in read_csv(workdir / "results.csv")] == ["incomplete", "finished"]
-  two_stages = tmp_path / "two_stages.py"
-  two_stages.write_text(CONFIG.format(sweep="seeds(2)", extra=TWO_STAGES))
-  status, _, err = sweep_cli(capsys, "--config", str(two_stages), "--workdir", str(workdir), "--wandb-sweep",
-                             str(out_file))
-  assert status == 0 and "note: a point has 2 stages, each its own wandb run" in err
 
 
 def test_only_runs_or_prints_just_the_named_points(tmp_path, capsys):
