@@ -328,6 +328,10 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
                                done % runs[k].cfg.train.checkpoint_every == 0):
             runs[k].checkpoints.save(done, states[k].as_dict())
         if len(survivors) != len(active):  # a point failed: the others go on without it
+          # Steps not logged yet (a failed evaluation between log lines) keep only the survivors' rows: read by
+          # position at the next log, they would otherwise give a survivor the failed point's metrics.
+          keep = np.asarray([active.index(k) for k in survivors])
+          pending = [{key: value[keep] for key, value in metrics.items()} for metrics in pending]
           active = survivors
           if not active:
             break

@@ -234,6 +234,19 @@ def test_a_point_whose_evaluation_is_not_finite_stops_alone_before_saving_it(tmp
       assert not os.listdir(os.path.join(dirs[0], "checkpoints"))
 
 
+def test_the_survivors_of_an_evaluation_failure_between_log_lines_log_their_own_metrics(tmp_path):
+  """(The steps since the last log line kept every point's rows: at the next log line a survivor read the failed
+  point's losses, logging them or failing on its NaN.)"""
+  base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)},
+                     optimizer={"grad_clip_norm": 0.0, "warmup_steps": 0, "schedule": "constant"},
+                     train={"steps": 8, "log_every": 4, "checkpoint_every": 0, "eval_every": 2})
+  dirs = [str(tmp_path / "diverges"), str(tmp_path / "ok")]
+  with pytest.raises(FinetuneError, match="diverges: validation loss is nan at step 2.*the other 1 points finished"):
+    vmap.train_points([with_values(base, optimizer={"learning_rate": 1e30}), with_values(base, seed=1)], dirs)
+  train_lib.train_and_evaluate(with_values(base, seed=1), str(tmp_path / "alone"))
+  _assert_same_run(dirs[1], str(tmp_path / "alone"))
+
+
 def test_a_point_that_cannot_open_its_stage_fails_alone(tmp_path):
   base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)}, train={"steps": 4})
   dirs = [str(tmp_path / "broken"), str(tmp_path / "ok")]
