@@ -65,6 +65,19 @@ def test_scanned_llama_with_frozen_first_layer_trains_like_unrolled(tmp_path):
   _assert_same_run(tmp_path / "True" / "frozen_n", tmp_path / "False" / "frozen_n", "llama frozen_n")
 
 
+@pytest.mark.parametrize("kept", [r"^blocks/\d+/mlp_in/", r"norm/"])
+def test_a_float32_parameter_inside_scanned_bfloat16_blocks_trains_like_unrolled(kept, tmp_path):
+  """(It promotes the residual stream to float32, which a scan's carry refused: a TypeError when the step traced.)"""
+  vit = {"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 3, "num_heads": 2, "mlp_dim": 32}
+  losses = {}
+  for scanned in (False, True):
+    config = tiny_config(model=vit, train={"steps": 3, "log_every": 1, "checkpoint_every": 0, "scan_layers": scanned,
+                                           "compute_dtype": "bfloat16", "float32_params": (kept,)})
+    train_lib.train_and_evaluate(config, str(tmp_path / str(scanned)))
+    losses[scanned] = _losses(tmp_path / str(scanned))
+  np.testing.assert_allclose(losses[True], losses[False], rtol=1e-2)
+
+
 def test_no_decay_naming_a_layer_applies_to_that_layer_when_scanned():
   """config.optimizer.no_decay is written for layer paths ('layers/1/...'); under scan_layers the optimizer sees
   segments ('layers/0-1/...'), which must split where decay changes. One AdamW update with zero gradients leaves

@@ -226,6 +226,11 @@ def run_blocks(owner: nnx.Module, blocks, x: jax.Array, *args) -> jax.Array:
   policy = getattr(owner, "remat", "")
   if policy:
     body = jax.checkpoint(body, policy=REMAT_POLICIES[policy])
+  # A block may return another dtype than it takes (bfloat16 compute with a float32 parameter inside it, from
+  # train.float32_params, promotes the residual stream), which a scan's carry cannot: enter the scan in the dtype
+  # a block returns, as the unrolled model's later blocks do.
+  layer = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype), (state, keys))
+  x = x.astype(jax.eval_shape(lambda carry, one: body(carry, one)[0], x, layer).dtype)
   try:
     x, _ = jax.lax.scan(body, x, (state, keys))
   finally:
