@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 import uuid
 from typing import Any, Callable, Sequence
@@ -702,8 +703,23 @@ def open_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train")
       write_json(init_path, init_report)
     # Records after the restored step are recomputed identically; final evaluations are always redone.
     log.truncate_after(start, drop_evaluations_at=stage.total_steps)
-    sources = regularizers.lineage(cfg, workdir, hf_weights=bool(regularizers.active(cfg))) if cfg.init_from and (
-        regularizers.active(cfg) or cfg.train.evaluate_sources) else []
+    sources = []
+    if cfg.init_from and (regularizers.active(cfg) or cfg.train.evaluate_sources):
+      try:
+        sources = regularizers.lineage(cfg, workdir, hf_weights=bool(regularizers.active(cfg)))
+      except FinetuneError as e:
+        if start is None:
+          raise
+        # Resuming: training continues from this stage's own checkpoint, but the source it started from is read
+        # again, and its run may have pruned that step folder since (keep_checkpoints, early stopping's cleanup).
+        if regularizers.active(cfg):
+          raise FinetuneError(f"stage {name!r} resumes from its own checkpoint, but its regularizers "
+                              f"({', '.join(regularizers.active(cfg))}) need the weights it started from, and "
+                              f"reading them failed: {e}. Restore that checkpoint folder (its run may have pruned "
+                              "it), or start this stage afresh from a checkpoint that is kept") from None
+        if jax.process_index() == 0:
+          print(f"[{name}] resuming without evaluating the sources it started from (summary.json gets no "
+                f"'forgetting'): {e}", file=sys.stderr, flush=True)
     if regularizers.active(cfg):
       stage, state = attach_regularizers(stage, state, cfg, workdir, sources)
       pipeline = stage.pipeline

@@ -534,3 +534,30 @@ def test_logged_throughput_leaves_out_checkpoint_saves(tmp_path, monkeypatch):
   train_lib.train_and_evaluate(config, str(tmp_path))
   rates = [json.loads(l)["examples_per_s"] for l in open(tmp_path / "metrics.jsonl") if '"train"' in l]
   assert rates == pytest.approx([config.data.batch_size] * 3)
+
+
+@pytest.mark.parametrize("regularized", [False, True])
+def test_a_stage_resumes_after_its_source_pruned_the_step_folder_it_started_from(regularized, tmp_path, capsys):
+  """(A stage re-read its init_from source on every start to evaluate forgetting: once that run had pruned the step
+  folder, the stage could not resume, with an error about a mistyped init_from.)"""
+  source = tiny_config(train={"steps": 20, "log_every": 1, "checkpoint_every": 5, "keep_checkpoints": 1})
+  with killed_at_step(12), pytest.raises(KeyboardInterrupt):
+    train_lib.train_and_evaluate(source, str(tmp_path / "source"))
+  regularize = {"l2sp": {"alpha": 0.1}} if regularized else {}
+  target = tiny_config(train={"steps": 12, "log_every": 1, "checkpoint_every": 5},
+                       init_from=str(tmp_path / "source" / "checkpoints" / "10"), dont_load=("^head/",),
+                       regularize=regularize)
+  with killed_at_step(8), pytest.raises(KeyboardInterrupt):
+    train_lib.train_and_evaluate(target, str(tmp_path / "target"))
+  train_lib.train_and_evaluate(source, str(tmp_path / "source"))  # finishes, keeping only its last checkpoint
+  assert not (tmp_path / "source" / "checkpoints" / "10").exists()
+  capsys.readouterr()
+  if regularized:
+    with pytest.raises(FinetuneError, match="stage 'train' resumes from its own checkpoint, but its regularizers "
+                                            r"\(l2sp\) need the weights it started from"):
+      train_lib.train_and_evaluate(target, str(tmp_path / "target"))
+  else:
+    summaries = train_lib.train_and_evaluate(target, str(tmp_path / "target"))
+    assert summaries["train"]["steps"] == 12 and not summaries["train"].get("forgetting")
+    assert "[train] resuming without evaluating the sources it started from" in capsys.readouterr().err
+
