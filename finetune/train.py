@@ -688,6 +688,7 @@ def open_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train")
   log = MetricsLog(run_dir, cfg.wandb, name, cfg.to_dict())
   try:
     start = checkpoints.latest_step()
+    resuming = start is not None
     init_report: dict[str, Any] = {}
     init_path = os.path.join(run_dir, "init.json")
     if start is not None:
@@ -708,7 +709,7 @@ def open_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train")
       try:
         sources = regularizers.lineage(cfg, workdir, hf_weights=bool(regularizers.active(cfg)))
       except FinetuneError as e:
-        if start is None:
+        if not resuming:
           raise
         # Resuming: training continues from this stage's own checkpoint, but the source it started from is read
         # again, and its run may have pruned that step folder since (keep_checkpoints, early stopping's cleanup).

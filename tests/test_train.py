@@ -561,3 +561,20 @@ def test_a_stage_resumes_after_its_source_pruned_the_step_folder_it_started_from
     assert summaries["train"]["steps"] == 12 and not summaries["train"].get("forgetting")
     assert "[train] resuming without evaluating the sources it started from" in capsys.readouterr().err
 
+
+
+def test_a_fresh_stage_whose_sources_cannot_be_read_fails_with_their_error(tmp_path, monkeypatch):
+  """(Only a resumed stage may go on without them: the check read `start`, which a fresh start had set to 0.)"""
+  from finetune import regularizers  # pylint: disable=g-import-not-at-top
+  train_lib.train_and_evaluate(tiny_config(train={"steps": 4, "log_every": 2}), str(tmp_path / "source"))
+
+  def unreadable(*args, **kwargs):
+    raise FinetuneError("the source's config.json is damaged")
+
+  monkeypatch.setattr(regularizers, "lineage", unreadable)
+  for regularize in ({}, {"l2sp": {"alpha": 0.1}}):
+    target = tiny_config(train={"steps": 4, "log_every": 2}, init_from=str(tmp_path / "source"),
+                         dont_load=("^head/",), regularize=regularize)
+    with pytest.raises(FinetuneError, match="^the source's config.json is damaged$"):
+      train_lib.train_and_evaluate(target, str(tmp_path / f"target{len(regularize)}"))
+
