@@ -738,10 +738,10 @@ def wandb_sweep(points: Sequence[Point], workdir: str, spec: str, overrides: Seq
   definition = {"name": os.path.basename(os.path.normpath(workdir)), "project": wandb_cfg.project}
   if wandb_cfg.entity:
     definition["entity"] = wandb_cfg.entity
+  definition.update({"program": spec.partition(":")[0],  # informational: the command below says how it runs
+                     "method": "grid"})
   if given != grid or len(points) != len(grid):
     definition.update({
-        "program": spec.partition(":")[0],  # informational: the command below says how it runs
-        "method": "grid",
         "parameters": {"only": {"values": [point.name for point in points]}},
         "command": ["${env}", "python", "-m", "finetune", "sweep", "--config", spec, "--workdir", workdir,
                     "--config.wandb.mode=online", *(f"--config.{override}" for override in overrides), "${args}"],
@@ -769,8 +769,6 @@ def wandb_sweep(points: Sequence[Point], workdir: str, spec: str, overrides: Seq
                          "--config.wandb.mode=online",
                          *(shlex.quote(f"--config.{override}") for override in overrides), '"$@"'])
   definition.update({
-      "program": spec.partition(":")[0],
-      "method": "grid",
       "parameters": parameters,
       "command": ["${env}", "sh", "-c", run, "finetune", "${args}"],
   })

@@ -196,7 +196,7 @@ def lr_multiplier(path: str, peft_cfg: ConfigDict) -> float:
 
 def from_base_checkpoint(arrays: dict[str, dict[str, np.ndarray]], param_paths: list[str],
                          model_state_paths: list[str], peft_cfg: ConfigDict,
-                         seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+                         seed: int) -> dict[str, dict[str, np.ndarray]]:
   """A float base checkpoint as the adapted model reads it. QLoRA: each quantized layer's `kernel` becomes its NF4
   model-state entries. DoRA: magnitudes the checkpoint lacks start at the column norms of the loaded kernels (of
   their dequantised values under QLoRA, as PEFT does), so the adapted model equals the loaded base at step 0."""

@@ -70,7 +70,7 @@ def prompted_inputs(model: nnx.Module, inputs: list[jax.Array]) -> tuple[list[ja
 
 
 def from_base_checkpoint(arrays: dict, param_paths: list[str], state_paths: list[str], peft_cfg: ConfigDict,
-                         seed: int = 0) -> dict:
+                         seed: int) -> dict:
   """The initial prompt from the *loaded* vocabulary (the embeddings of randomly drawn tokens), as at construction
   from a random model: otherwise it would hold random-init rows no pretrained model has seen. The tokens depend
   on the stage's seed (they were drawn with seed 0 for every seed, so a seed sweep under-reported the spread)."""

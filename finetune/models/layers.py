@@ -167,7 +167,7 @@ def stack_blocks(blocks: Sequence[nnx.Module]) -> nnx.Module:
   for index, (other, _) in enumerate(splits[1:], start=1):
     if other != graphdef:
       raise FinetuneError(f"block {index} differs in structure from block 0 (a per-layer LoRA rank_pattern or "
-                       "targets covering only some layers?); scanned layers need identical blocks")
+                          "targets covering only some layers?); scanned layers need identical blocks")
   flat_states = [nnx.to_flat_state(state) for _, state in splits]
   stacked = []
   for entries in zip(*flat_states):

@@ -40,7 +40,7 @@ class Attention(nnx.Module):
   def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
       raise FinetuneError(f"config.model.num_attention_heads={num_heads} is not a multiple of "
-                         f"config.model.num_key_value_heads={num_kv_heads}")
+                          f"config.model.num_key_value_heads={num_kv_heads}")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.q_proj = transformer_dense(hidden, num_heads * head_dim, ("embed", "heads"), rngs, use_bias=False)
     self.k_proj = transformer_dense(hidden, num_kv_heads * head_dim, ("embed", "kv_heads"), rngs, use_bias=False)
