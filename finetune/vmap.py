@@ -73,12 +73,13 @@ def incompatibility(a: ConfigDict, b: ConfigDict) -> str:
         return f"{where}early stopping would stop points at different steps"
       if cfg.features.cache:
         return f"{where}cached features are not supported together"
-      if cfg.optimizer.learning_rate <= 0:
-        return f"{where}optimizer.learning_rate must be > 0 to scale it per point"
-      if cfg.optimizer.lr_range and cfg_a.optimizer.learning_rate != cfg_b.optimizer.learning_rate:
+    if cfg_a.optimizer.learning_rate != cfg_b.optimizer.learning_rate:  # (equal rates need no lr_scale)
+      if cfg_a.optimizer.lr_range or cfg_b.optimizer.lr_range:
         # (the range sets every group's rate, so lr_scale = lr_k / lr_0 would not be the points' ratio)
         return (f"{where}optimizer.learning_rate differs, but optimizer.lr_range sets every group's rate itself "
                 "(learning_rate is unused)")
+      if min(cfg_a.optimizer.learning_rate, cfg_b.optimizer.learning_rate) <= 0:
+        return f"{where}optimizer.learning_rate differs and one is 0: a rate must be > 0 to scale it per point"
     for key in sorted(set(flat_a) | set(flat_b)):
       if key not in POINT_KEYS and not key.startswith(_IGNORED) and flat_a.get(key) != flat_b.get(key):
         return f"{where}{key} differs ({flat_a.get(key)!r} vs {flat_b.get(key)!r})"
@@ -212,8 +213,10 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
   total, start, phase = reference.total_steps, runs[0].start, runs[0].phase
   for run in runs:
     _check_same_shapes(reference, run.stage, phase)
-  scales_all = np.asarray([run.cfg.optimizer.learning_rate / runs[0].cfg.optimizer.learning_rate for run in runs],
-                          np.float32)
+  first_rate = runs[0].cfg.optimizer.learning_rate
+  # (equal rates scale by 1: they may be 0, or unused under optimizer.lr_range)
+  scales_all = np.asarray([1.0 if run.cfg.optimizer.learning_rate == first_rate
+                           else run.cfg.optimizer.learning_rate / first_rate for run in runs], np.float32)
   for run, scale in zip(runs, scales_all):
     _check_scaled_rates(reference, run.stage, float(scale))
   unroll = unroll_points(reference.abstract_model)

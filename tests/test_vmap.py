@@ -203,6 +203,25 @@ def test_incompatible_points_are_refused_with_the_differing_key(tmp_path):
   ranged = with_values(base, optimizer={"lr_range": (1e-4, 1e-3)})
   assert "optimizer.lr_range" in vmap.incompatibility(ranged, with_values(ranged, optimizer={"learning_rate": 0.5}))
   assert vmap.incompatibility(ranged, with_values(ranged, seed=2)) == ""
+  # Equal rates need no scaling, so 0 is fine (unused under lr_range); a 0 against another rate is not.
+  unused = with_values(ranged, optimizer={"learning_rate": 0.0})
+  assert vmap.incompatibility(unused, with_values(unused, seed=2)) == ""
+  assert "one is 0" in vmap.incompatibility(with_values(base, optimizer={"learning_rate": 0.0}), base)
+
+
+def test_points_whose_rates_come_from_lr_range_train_together_as_alone(tmp_path):
+  # learning_rate 0 is unused under lr_range: the points' lr_scale is 1, not 0 / 0.
+  base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (16, 16)},
+                     optimizer={"learning_rate": 0.0, "lr_range": (1e-3, 1e-2)},
+                     train={"steps": 6, "log_every": 3, "checkpoint_every": 0})
+  configs = [with_values(base, seed=0), with_values(base, seed=1)]
+  together = [str(tmp_path / "together" / str(k)) for k in range(2)]
+  vmap.train_points(configs, together)
+  for k, cfg in enumerate(configs):
+    alone = str(tmp_path / "alone" / str(k))
+    train_lib.train_and_evaluate(cfg, alone)
+    _assert_same_run(together[k], alone)
+  assert _losses(together[0])[-1] < _losses(together[0])[0]  # it trained (a zero rate would leave it flat)
 
 
 def test_a_point_whose_loss_diverges_stops_alone(tmp_path):
