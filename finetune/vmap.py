@@ -11,7 +11,8 @@ as one program over stacked train states, K points per step:
   label's schedule, which equals the point's own optimizer because every schedule shape is linear in its peak
   (tests/test_optim.py checks each registered one);
 * the forgetting regularizers' strengths (`regularize.ewc.weight`, `regularize.lwf.weight`,
-  `regularize.l2sp.alpha/beta`, `rehearsal.weight`): they already ride in `TrainState.anchors` as numbers.
+  `regularize.l2sp.alpha/beta`, `rehearsal.weight`), LwF's temperature and online EWC's decay `gamma`: they
+  already ride in `TrainState.anchors` as numbers (gamma inside the running Fisher each point computes).
 
 Everything else (model, data, strategy, steps, schedule shape, which regularizers are on) must be equal, else
 `incompatibility` says which key differs. Each point keeps its own run directories, exactly as `finetune train`
@@ -51,8 +52,9 @@ from finetune.sharding import batch_sharding, replicated
 from finetune.step import TrainState
 
 # Config keys in which points trained together may differ (see the module docstring for why each is exact).
-POINT_KEYS = ("seed", "optimizer.learning_rate", "regularize.ewc.weight", "regularize.lwf.weight",
-              "regularize.l2sp.alpha", "regularize.l2sp.beta", "rehearsal.weight")
+POINT_KEYS = ("seed", "optimizer.learning_rate", "regularize.ewc.weight", "regularize.ewc.gamma",
+              "regularize.lwf.weight", "regularize.lwf.temperature", "regularize.l2sp.alpha", "regularize.l2sp.beta",
+              "rehearsal.weight")
 # Keys each point reads for itself (its wandb run, how many checkpoints it keeps); all others are the group's.
 # (Not checkpoint_every: a checkpoint step is also a logging step, so one point's cadence would add records to the
 # others' metrics.jsonl and change how their intervals are averaged.)

@@ -183,6 +183,29 @@ def test_regularizer_strengths_train_together_across_stages(tmp_path):
   assert distances[1] < distances[0]  # the stronger pull stayed closer to the source weights
 
 
+def test_lwf_temperature_and_online_ewc_decay_train_together(tmp_path):
+  # Three tasks, the last with online EWC (gamma weighs the oldest task's Fisher) and LwF: the points differ only
+  # in gamma and the temperature, numbers inside each point's anchors.
+  task = lambda classes, source: {"data": {"classes": classes}, "init_from": source, "dont_load": (r"^head/",),
+                                  "train": {"steps": 6}}
+  base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (16,)}, stages={
+      "a": {"data": {"classes": (0, 1, 2)}, "train": {"steps": 6}}, "b": task((3, 4, 5), "stage:a"),
+      "c": {**task((6, 7, 8, 9), "stage:b"), "regularize": {
+          "ewc": {"weight": 100.0, "online": True, "gamma": 1.0, "num_examples": 32},
+          "lwf": {"weight": 1.0, "temperature": 2.0}}}})
+  configs = [base, with_values(base, stages={"c": {"regularize": {"ewc": {"gamma": 0.1},
+                                                                  "lwf": {"temperature": 8.0}}}})]
+  assert vmap.incompatibility(*configs) == ""
+  together = [str(tmp_path / "together" / str(k)) for k in range(2)]
+  vmap.train_points(configs, together)
+  for k, cfg in enumerate(configs):
+    alone = str(tmp_path / "alone" / str(k))
+    train_lib.train_and_evaluate(cfg, alone)
+    for stage in ("a", "b", "c"):
+      _assert_same_run(os.path.join(together[k], stage), os.path.join(alone, stage))
+  assert _losses(os.path.join(together[0], "c")) != _losses(os.path.join(together[1], "c"))
+
+
 def test_incompatible_points_are_refused_with_the_differing_key(tmp_path):
   base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)})
   assert vmap.incompatibility(base, with_values(base, seed=3, optimizer={"learning_rate": 1.0})) == ""
