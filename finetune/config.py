@@ -517,6 +517,12 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
              "(or choose that method)")
   need(not (c.peft.load_adapter and not c.peft.method),
        "config.peft.load_adapter needs config.peft.method (and the adapter's targets and rank) set")
+  if not c.peft.method:  # without a method no adapter is added: a LoRA setting alone would train the full model
+    default = defaults().peft
+    changed = [key for key in c.peft.keys() if _as_json(c.peft[key]) != _as_json(default[key])]
+    need(not changed, f"{', '.join('config.peft.' + key for key in changed)} {'is' if len(changed) == 1 else 'are'} "
+         "set but config.peft.method is empty, so no adapter would be added and the whole model would train: set "
+         f"config.peft.method ({', '.join(PEFT_METHODS.names())}) or drop the setting")
   need(not (c.peft.method == "prompt" and c.data.options.get("pack", False)),
        "config.peft.method='prompt' prepends one prompt per row, but config.data.options.pack=True puts several "
        "conversations in a row and only the first would see it: set pack=False")

@@ -97,7 +97,19 @@ def test_a_setting_of_another_peft_method_is_refused(method, setting):
   with pytest.raises(FinetuneError, match=rf"config.peft.{key} is a setting of method '\w+'; method={method!r} "
                                           r"would ignore it"):
     build_config({"train": {"steps": 1}, "peft": {"method": method, "targets": ("query",), **setting}})
-  build_config({"train": {"steps": 1}, "peft": {"method": "", **setting}})  # no PEFT: the section is unused
+  # Without a method no adapter is added: the setting would be ignored and the whole model trained.
+  with pytest.raises(FinetuneError, match=rf"config.peft.{key} is set but config.peft.method is empty"):
+    build_config({"train": {"steps": 1}, "peft": {"method": "", **setting}})
+
+
+def test_peft_settings_without_a_method_are_refused():
+  """(rank, targets and dora without peft.method trained the full model, exit 0: not the LoRA run intended.)"""
+  from finetune.config import build_config  # pylint: disable=g-import-not-at-top
+  with pytest.raises(FinetuneError, match=r"config.peft.rank, config.peft.targets are set but config.peft.method is empty.*lora"):
+    build_config({"train": {"steps": 1}, "peft": {"targets": ("query",), "rank": 4}})
+  with pytest.raises(FinetuneError, match=r"config.peft.quantize is set.*\(stage 'tune'\)"):
+    build_config({"train": {"steps": 1}, "stages": {"probe": {}, "tune": {"peft": {"quantize": "nf4"}}}})
+  build_config({"train": {"steps": 1}, "peft": {"method": "lora", "targets": ("query",), "rank": 4}})
 
 
 def test_prompt_tuning_refuses_packed_rows():
