@@ -190,6 +190,13 @@ def test_more_value_checks_give_one_line_errors():
        "metrics loss, accuracy, num_examples, examples_per_s"),
       ({"train": {"steps": 8, "eval_every": 4, "early_stopping": {"metric": "train/loss", "patience": 1}}},
        "early_stopping.metric='train/loss' is not evaluated"),
+      # (mode='max', the default, on a loss kept the worst checkpoint and reported it as the best, silently.)
+      ({"train": {"steps": 8, "eval_every": 4, "early_stopping": {"metric": "validation/loss", "patience": 1}}},
+       "early_stopping.metric='validation/loss' is better when lower, but mode='max': set "
+       "config.train.early_stopping.mode='min'"),
+      ({"train": {"steps": 8, "eval_every": 4,
+                  "early_stopping": {"metric": "validation/accuracy", "patience": 1, "mode": "min"}}},
+       "is better when higher, but mode='min'"),
   ]
   for sections, message in cases:
     with pytest.raises(FinetuneError) as info:

@@ -320,42 +320,48 @@ def test_errors_name_the_problem():
     tiny_config(regularize={"ewc": {"label_mode": "fisher"}})
 
 
-@pytest.mark.parametrize("mode", ["min", "max"])
-def test_early_stopping_ends_on_the_best_checkpoint(mode, tmp_path):
-  """mode='min' on validation loss improves through most of the run (the stage ends on its best checkpoint);
-  mode='max' on the same falling loss makes the first evaluation the best, so training must stop `patience`
-  evaluations later and never step again."""
+@pytest.mark.parametrize("metric, mode, learning_rate", [("loss", "min", 0.05), ("accuracy", "max", 0.0)],
+                         ids=["falling_loss", "flat_accuracy"])
+def test_early_stopping_ends_on_the_best_checkpoint(metric, mode, learning_rate, tmp_path):
+  """mode='min' on validation loss improves through most of the run (the stage ends on its best checkpoint); a
+  rate of 0 keeps the validation accuracy flat, and a tie is no improvement, so the first evaluation is the best
+  and training must stop `patience` evaluations later and never step again."""
+  # (A rate of 0 freezes the weights; the MLP has no BatchNorm statistics that would still move.)
+  model = {"model": {"name": "mlp", "input_size": 64, "hidden": (16,)}} if learning_rate == 0 else {}
   config = tiny_config(train={"steps": 40, "log_every": 4, "checkpoint_every": 0, "eval_every": 4,
-                              "early_stopping": {"metric": "validation/loss", "patience": 2, "mode": mode}},
-                       optimizer={"learning_rate": 0.05, "warmup_steps": 0, "schedule": "constant"})
+                              "early_stopping": {"metric": f"validation/{metric}", "patience": 2, "mode": mode}},
+                       optimizer={"learning_rate": learning_rate, "warmup_steps": 0, "schedule": "constant"}, **model)
   summary = train_lib.train_and_evaluate(config, str(tmp_path))["train"]
   stopping = summary["early_stopping"]
   records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  losses = {r["step"]: r["loss"] for r in records if r["split"] == "validation" and r["step"] < 40}
+  values = {r["step"]: r[metric] for r in records if r["split"] == "validation" and r["step"] < 40}
   pick = min if mode == "min" else max
-  assert stopping["best_step"] == pick(losses, key=losses.get)
-  assert stopping["best_value"] == pytest.approx(pick(losses.values()))
-  if mode == "max":
-    assert losses[4] > losses[8] > losses[12], "the premise: validation loss falls over the first evaluations"
+  assert stopping["best_step"] == pick(values, key=values.get)
+  assert stopping["best_value"] == pytest.approx(pick(values.values()))
+  if learning_rate == 0:
+    assert values[4] == values[8] == values[12], "the premise: the accuracy does not move"
     assert stopping["best_step"] == 4 and stopping["stopped_at"] == 4 + 2 * 4
+  else:
+    assert values[4] > values[8] > values[12], "the premise: validation loss falls over the first evaluations"
   if stopping["stopped_at"] is not None:  # stopped: patience evaluations after the best, no training after it
-    assert stopping["stopped_at"] == stopping["best_step"] + 2 * 4 and max(losses) == stopping["stopped_at"]
+    assert stopping["stopped_at"] == stopping["best_step"] + 2 * 4 and max(values) == stopping["stopped_at"]
     assert max(r["step"] for r in records if r["split"] == "train") == stopping["stopped_at"]
   final = read_checkpoint_arrays(str(tmp_path / "checkpoints" / "40"))["params"]
   best = read_checkpoint_arrays(str(tmp_path / "best" / str(stopping["best_step"])))["params"]
   for path in best:
     np.testing.assert_array_equal(final[path], best[path])
-  assert summary["final"]["validation"]["loss"] == pytest.approx(stopping["best_value"], rel=1e-5)
+  assert summary["final"]["validation"][metric] == pytest.approx(stopping["best_value"], rel=1e-5)
 
 
 def test_early_stopping_between_log_lines_logs_the_steps_since_the_last(tmp_path):
   """(The steps after the last log line were dropped unlogged, and unchecked for NaN, when the run stopped.)"""
   config = tiny_config(train={"steps": 40, "log_every": 5, "checkpoint_every": 0, "eval_every": 4,
-                              "early_stopping": {"metric": "validation/loss", "patience": 2, "mode": "max"}},
-                       optimizer={"learning_rate": 0.05, "warmup_steps": 0, "schedule": "constant"})
+                              "early_stopping": {"metric": "validation/accuracy", "patience": 2}},
+                       optimizer={"learning_rate": 0.0, "warmup_steps": 0, "schedule": "constant"},
+                       model={"name": "mlp", "input_size": 64, "hidden": (16,)})
   summary = train_lib.train_and_evaluate(config, str(tmp_path))["train"]
   stopping = summary["early_stopping"]
-  assert stopping["stopped_at"] == 12  # (as above: the first evaluation is the best under mode='max')
+  assert stopping["stopped_at"] == 12  # (as above: at a rate of 0 the first evaluation stays the best)
   # The keys the config check accepts for early stopping's metric are those an evaluation reports.
   from finetune.tasks import TASKS, evaluation_keys  # pylint: disable=g-import-not-at-top
   assert set(summary["final"]["validation"]) == set(evaluation_keys(TASKS.get("classification")))

@@ -224,7 +224,8 @@ def test_rerun_with_a_different_config_is_refused(tmp_path):
   train_lib.train_and_evaluate(tiny_config(train={"steps": 2, "log_every": 1}), str(tmp_path))
   train_lib.train_and_evaluate(tiny_config(train={"steps": 2, "eval_every": 1}), str(tmp_path))
   # ...except the evaluation cadence of a run that stops early: it decides where the run ends.
-  stopping = {"steps": 4, "eval_every": 2, "early_stopping": {"metric": "validation/loss", "patience": 1}}
+  stopping = {"steps": 4, "eval_every": 2, "early_stopping": {"metric": "validation/loss", "patience": 1,
+                                                                 "mode": "min"}}
   train_lib.train_and_evaluate(tiny_config(train=stopping), str(tmp_path / "stops"))
   with pytest.raises(FinetuneError, match=r"config differs \(train.eval_every: 2 then, 1 now\)"):
     train_lib.train_and_evaluate(tiny_config(train={**stopping, "eval_every": 1}), str(tmp_path / "stops"))
