@@ -533,10 +533,12 @@ def evaluate_sources(cfg: ConfigDict, state: TrainState, sources: list[regulariz
   return report
 
 
-# Keys that may change between a run and its resumption: they do not change what is computed.
-# The mesh and sharding rules may change too: a checkpoint restores onto any mesh (orbax reshards on restore).
+# Keys that may change between a run and its resumption: they do not change what is trained.
+# The mesh and sharding rules may change too: a checkpoint restores onto any mesh (orbax reshards on restore), and
+# with it the evaluation batch (one that splits over 1 device need not over 8; evaluations are per example).
 _RESUMABLE_KEYS = ("wandb.", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-                  "mesh.", "sharding_rules", "activation_rules")
+                  "train.evaluate_sources", "data.eval_batch_size", "data.cache_dir", "mesh.", "sharding_rules",
+                  "activation_rules")
 
 
 def _has_progressed(run_dir: str) -> bool:

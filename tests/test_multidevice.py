@@ -125,28 +125,30 @@ from finetune import train as train_lib
 mesh = json.loads(sys.argv[1]); workdir = sys.argv[2]
 assert jax.device_count() == int(sys.argv[3]), jax.devices()
 config = tiny_config(mesh=mesh, train={{"steps": {steps}, "log_every": 1, "checkpoint_every": 3,
-                                       "keep_checkpoints": 3}}, data={{"batch_size": 32, "eval_batch_size": 64}})
+                                       "keep_checkpoints": 3}}, data={{"batch_size": 32,
+                                                                      "eval_batch_size": int(sys.argv[4])}})
 summary = train_lib.train_and_evaluate(config, workdir)["train"]
 print(json.dumps(summary["init"]))
 '''.format(steps=STEPS)
 
 
 def test_checkpoint_restores_onto_another_mesh(single_device_run, tmp_path):
-  """Written on 8 devices (data=8), resumed on 4 (fsdp=4): orbax reshards; the run equals one device's."""
+  """Written on 8 devices (data=8), resumed on 4 (fsdp=4): orbax reshards; the run equals one device's. The
+  evaluation batch may change with the devices (a batch that splits over 1 device need not over 8)."""
   import os, shutil, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-import
   from conftest import REPO, fake_devices_env  # pylint: disable=g-import-not-at-top
 
-  def run(devices, mesh):
+  def run(devices, mesh, eval_batch_size):
     env = {**fake_devices_env(devices),
            "PYTHONPATH": str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-c", RESUME, json.dumps(mesh), str(tmp_path), str(devices)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", RESUME, json.dumps(mesh), str(tmp_path), str(devices),
+                           str(eval_batch_size)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
-  first = run(8, {"data": 8, "fsdp": 1})
+  first = run(8, {"data": 8, "fsdp": 1}, 64)
   assert first.returncode == 0, first.stderr[-3000:]
   shutil.rmtree(tmp_path / "checkpoints" / str(STEPS))  # as if stopped after step 3
   (tmp_path / "summary.json").unlink()
-  second = run(4, {"data": 1, "fsdp": 4})
+  second = run(4, {"data": 1, "fsdp": 4}, 20)
   assert second.returncode == 0, second.stderr[-3000:]
   assert json.loads(second.stdout.strip().splitlines()[-1])["resumed_from_step"] == 3
   ours = read_checkpoint_arrays(f"{tmp_path}/checkpoints/{STEPS}")
