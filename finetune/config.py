@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 import ml_collections
 from ml_collections import ConfigDict  # re-exported for config files
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, raised_at
 
 # Dotted paths whose keys are constructor kwargs, validated against the constructor at build time.
 OPEN_SECTIONS = ("model", "data.options")
@@ -226,7 +226,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
   except FinetuneError:
     raise
   except Exception as e:  # A bug in the config file: one line naming it (its traceback is chained for debugging).
-    raise FinetuneError(f"config file {path}: get_config raised {type(e).__name__}: {e}") from e
+    raise FinetuneError(f"config file {path}: get_config raised {type(e).__name__}: {e}{raised_at(e)}") from e
   if not isinstance(raw, (dict, ConfigDict)):
     raise FinetuneError(f"config file {path}: get_config returned {type(raw).__name__}; return an "
                         "ml_collections.ConfigDict (or a dict)")
@@ -257,7 +257,7 @@ def import_config_file(path: str):
   except FinetuneError:
     raise
   except Exception as e:  # A broken config file: show where, in one line.
-    raise FinetuneError(f"config file {path} failed to import: {type(e).__name__}: {e}") from e
+    raise FinetuneError(f"config file {path} failed to import: {type(e).__name__}: {e}{raised_at(e)}") from e
   return module
 
 

@@ -39,7 +39,7 @@ from ml_collections import ConfigDict
 
 from finetune import config as config_lib
 from finetune import files, interrupts
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, raised_at
 
 POINTS_FILE = "points.json"
 LOG_FILE = "sweep.log"
@@ -145,7 +145,7 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
     raise
   except Exception as e:  # A bug in the config file: name it in one line, as import_config_file does.
     message = " ".join(str(e).split("\n"))
-    raise FinetuneError(f"{path}: get_sweep raised {type(e).__name__}: {message}") from e
+    raise FinetuneError(f"{path}: get_sweep raised {type(e).__name__}: {message}{raised_at(e)}") from e
   if sweep_arg is not None and sweep_arg.sweep_only:
     # The sweep's own arguments (e.g. `seeds=3`) shape the list of points; get_config never sees them.
     kept = _arg_items_without(arg, sweep_arg.sweep_only)

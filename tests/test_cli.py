@@ -101,14 +101,21 @@ def test_bad_inputs_each_give_one_line(capsys, tiny_file, tmp_path):
 
 def test_broken_config_files_and_paths_are_one_line(capsys, tiny_file, tmp_path):
   broken = {"raises.py": "def get_config(arg=None):\n  raise ValueError('boom')\n",
-            "returns_int.py": "def get_config(arg=None):\n  return 42\n"}
+            "returns_int.py": "def get_config(arg=None):\n  return 42\n",
+            "bad_import.py": "import os\nSTEPS = undefined_name\n", "bad_syntax.py": "def get_config(:\n"}
   for name, text in broken.items():
     (tmp_path / name).write_text(text)
   a_file = tmp_path / "a_file.txt"
   a_file.write_text("not a folder")
   workdir = str(tmp_path / "w")
   assert _error(capsys, ["train", "--config", str(tmp_path / "raises.py"), "--workdir", workdir]) == (
-      f"config file {tmp_path / 'raises.py'}: get_config raised ValueError: boom")
+      f"config file {tmp_path / 'raises.py'}: get_config raised ValueError: boom "
+      f"(at {tmp_path / 'raises.py'}:2 in get_config)")  # (where: the CLI prints no traceback)
+  assert _error(capsys, ["train", "--config", str(tmp_path / "bad_import.py"), "--workdir", workdir]).endswith(
+      f"failed to import: NameError: name 'undefined_name' is not defined (at {tmp_path / 'bad_import.py'}:2 in "
+      "<module>)")
+  assert _error(capsys, ["train", "--config", str(tmp_path / "bad_syntax.py"), "--workdir", workdir]).endswith(
+      "failed to import: SyntaxError: invalid syntax (bad_syntax.py, line 1)")
   assert "get_config returned int; return an ml_collections.ConfigDict" in _error(
       capsys, ["train", "--config", str(tmp_path / "returns_int.py"), "--workdir", workdir])
   assert "is not a Python file" in _error(capsys, ["train", "--config", str(a_file), "--workdir", workdir])

@@ -223,7 +223,9 @@ def test_an_error_inside_get_sweep_is_one_line(tmp_path, capsys):
   with open(path, "a") as f:
     f.write("\ndef get_sweep(arg=None):\n  raise RuntimeError('oops\\nsecond line')\n")
   status, _, err = sweep_cli(capsys, "--config", path, "--workdir", str(tmp_path / "w"))
-  assert status == 2 and err == f"finetune: error: {path}: get_sweep raised RuntimeError: oops second line\n"
+  line = sum(1 for _ in open(path))  # the raise is the file's last line
+  assert status == 2 and err == (f"finetune: error: {path}: get_sweep raised RuntimeError: oops second line "
+                                 f"(at {path}:{line} in get_sweep)\n")
   assert not (tmp_path / "w").exists()
   with pytest.raises(FinetuneError, match="^seeds: 0 seeds gives no points"):  # the framework's own errors as they are
     load_sweep(write_config(tmp_path, "seeds(0)"))
