@@ -40,12 +40,18 @@ def _stages(workdir: str) -> list[str]:
 
 def _run_dir(workdir: str, stage: str) -> str:
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  if stage:
+  single = os.path.isdir(os.path.join(workdir, "checkpoints"))  # a single-stage run lives in the workdir itself
+  if stage and single:  # its one stage is named 'train' in results tables and summaries
+    if stage != "train":
+      raise FinetuneError(f"--stage {stage!r}: {workdir} holds a single-stage run, whose one stage is 'train'; "
+                          "leave out --stage")
+    run_dir = workdir
+  elif stage:
     run_dir = os.path.join(workdir, stage)
     if not os.path.isdir(run_dir) and _stages(workdir):
       raise FinetuneError(f"--stage {stage!r}: {workdir} has no such stage; its stages: "
                           f"{', '.join(_stages(workdir))}")
-  elif os.path.isdir(os.path.join(workdir, "checkpoints")):
+  elif single:
     run_dir = workdir
   else:  # a multi-stage run: the last stage written in its config
     if not os.path.isfile(os.path.join(workdir, "config.json")):

@@ -153,9 +153,11 @@ def test_export_replaces_only_an_earlier_export_and_only_finished_runs(capsys, t
   assert "is a file" in _error(capsys, ["export", "--workdir", str(run), "--out", str(tmp_path / "a_file")])
   assert (notes / "keep.txt").read_text() == "mine" and sorted(os.listdir(run)) == before
   out = tmp_path / "exported"
-  for _ in range(2):  # the second export replaces the first
-    assert cli.main(["export", "--workdir", str(run), "--out", str(out)]) == 0
+  for stage in ([], ["--stage", "train"]):  # the second export replaces the first; 'train' is the one stage
+    assert cli.main(["export", "--workdir", str(run), "--out", str(out), *stage]) == 0
   assert (out / "model.safetensors").is_file()
+  assert "holds a single-stage run, whose one stage is 'train'" in _error(
+      capsys, ["export", "--workdir", str(run), "--out", str(out), "--stage", "finetune"])
   os.remove(run / "summary.json")  # as if it had been stopped before its end
   assert "has not finished (no summary.json)" in _error(capsys, ["export", "--workdir", str(run), "--out", str(out)])
   assert cli.main(["export", "--workdir", str(run), "--out", str(out), "--unfinished"]) == 0
