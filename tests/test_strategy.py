@@ -61,7 +61,9 @@ def test_custom_groups_and_bad_partitions_are_errors():
       ({"groups": (("a", "^stem/"), ("c", "^head/"))},
        "parameter 'stages/0/blocks/0/conv/kernel' is in no layer group"),
       ({"groups": (("a", "^(stem|stages)/"), ("x", "^nothing/"), ("c", "^head/"))}, "group 'x' matches no parameter"),
-      ({"freeze": {"first_n": 5}}, "config.freeze.first_n=5 but the model has 4 layer groups"),
+      ({"freeze": {"first_n": 5}}, "config.freeze.first_n=5 but the model has 4 layer groups (stem, stage_1, "
+       "stage_2, head); use 0..3 (4 freezes every group, which leaves only BatchNorm training, with "
+       "config.freeze.train_bn=True)"),
       ({"freeze": {"patterns": ("^stme/",)}}, "config.freeze.patterns: pattern '^stme/' matches no parameter"),
       ({"freeze": {"first_n": 4}}, "every parameter is frozen"),
       ({"optimizer": {"lr_multipliers": (("^nope/", 0.1),)}}, "lr_multipliers: pattern '^nope/' matches no parameter"),

@@ -23,7 +23,8 @@ def frozen_paths(freeze_cfg: ConfigDict, groups: Sequence[str], group_of: Mappin
   paths = list(group_of)
   if freeze_cfg.first_n < 0 or freeze_cfg.first_n > len(groups):
     raise FinetuneError(f"config.freeze.first_n={freeze_cfg.first_n} but the model has {len(groups)} layer groups "
-                        f"({', '.join(groups)}); use 0..{len(groups)}")
+                        f"({', '.join(groups)}); use 0..{len(groups) - 1} ({len(groups)} freezes every group, "
+                        "which leaves only BatchNorm training, with config.freeze.train_bn=True)")
   require_matches(freeze_cfg.patterns, paths, "config.freeze.patterns")
   frozen_groups = set(groups[:freeze_cfg.first_n])
   patterns = [re.compile(p) for p in freeze_cfg.patterns]
