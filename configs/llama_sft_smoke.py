@@ -27,6 +27,9 @@ from finetune.errors import FinetuneError
 def get_config(arg=None):
   args = parse_arg(arg, checkpoint="", data="sft.jsonl", model="llama", steps=12, max_length=32, peft="",
                     pack=False)
+  if not args.checkpoint:  # (the tokenizer, the model's shape and its weights all come from it)
+    raise FinetuneError("configs/llama_sft_smoke.py needs :checkpoint=DIR, a Hugging Face checkpoint folder "
+                        "(config.json, tokenizer files, model.safetensors); see this file's docstring")
   config = ConfigDict()
   config.task = "causal_lm"
   config.model = dict(name=args.model, hf_config=args.checkpoint)
