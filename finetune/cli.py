@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                              "and FLOPs per step.")
   plan.add_argument("--config", required=True, help="configs/<file>.py[:arg]")
   plan.add_argument("--mesh", default="", help="mesh axes, e.g. data=4,fsdp=2 (overrides config.mesh)")
-  plan.add_argument("--devices", type=int, default=0,
+  plan.add_argument("--devices", type=int, default=None,
                     help="fake this many host devices (CPU) to stand in for the target accelerators")
   sweep = commands.add_parser("sweep", help="run every point of a config's get_sweep() and tabulate the results",
                               description="Run each point of the config file's get_sweep(arg) (a list of "
@@ -125,8 +125,8 @@ def run_train(config_spec: str, workdir: str, overrides: Sequence[str]) -> int:
   return 0
 
 
-def run_plan(config_spec: str, mesh: str, devices: int, overrides: Sequence[str]) -> int:
-  if devices < 0:
+def run_plan(config_spec: str, mesh: str, devices: int | None, overrides: Sequence[str]) -> int:
+  if devices is not None and devices < 1:
     raise FinetuneError(f"--devices {devices}: give a number of devices >= 1 (or leave it out: the real ones)")
   if devices:
     # Must precede jax's backend initialisation (the first device query), which nothing has triggered yet.
@@ -148,7 +148,13 @@ def run_plan(config_spec: str, mesh: str, devices: int, overrides: Sequence[str]
                         "once per process); run `finetune plan` in a fresh process")
   config = load_config(config_spec, [*overrides, *mesh_overrides])
   print(f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
-  print(table(plan(config)))
+  try:
+    print(table(plan(config)))
+  except FinetuneError as e:
+    if devices or "devices" not in str(e):
+      raise
+    # (planning for a machine other than this one is what --devices is for)
+    raise FinetuneError(f"{e}; to plan for N accelerators on this machine, add --devices N") from None
   return 0
 
 

@@ -121,8 +121,12 @@ def test_broken_config_files_and_paths_are_one_line(capsys, tiny_file, tmp_path)
   assert "is not a Python file" in _error(capsys, ["train", "--config", str(a_file), "--workdir", workdir])
   for bad_workdir in (a_file, a_file / "run"):  # a file where the run folder (or its parent) should be
     assert str(a_file) in _error(capsys, ["train", "--config", tiny_file, "--workdir", str(bad_workdir)])
-  assert "--devices -2: give a number of devices >= 1" in _error(
-      capsys, ["plan", "--config", tiny_file, "--devices", "-2"])
+  for devices in ("-2", "0"):
+    assert f"--devices {devices}: give a number of devices >= 1" in _error(
+        capsys, ["plan", "--config", tiny_file, "--devices", devices])
+  assert _error(capsys, ["plan", "--config", tiny_file, "--mesh", "fsdp=2"]).endswith(  # (1 device here)
+      "does not divide 1 devices; make the fixed axis sizes divide 1; to plan for N accelerators on this machine, "
+      "add --devices N")
   for mesh in ("data=--2", "data=two", "data"):
     assert "write axis=size pairs such as data=4,fsdp=2" in _error(
         capsys, ["plan", "--config", tiny_file, "--mesh", mesh])
