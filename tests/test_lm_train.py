@@ -44,6 +44,18 @@ def test_blocks_are_consecutive_tokens(tiny_gpt2, tmp_path):
     lm_text(str(tmp_path), train_file="corpus.txt", tokenizer=tiny_gpt2, block_size=64)
 
 
+def test_a_line_longer_than_the_tokenizer_s_maximum_is_not_warned_about(tiny_gpt2, tmp_path, monkeypatch):
+  """(transformers warned of 'indexing errors' for WikiText-2 lines over 512 tokens; the stream is cut into blocks,
+  so a line's length never reaches the model.)"""
+  from transformers import tokenization_utils_base  # pylint: disable=g-import-not-at-top
+  warnings = []
+  monkeypatch.setattr(tokenization_utils_base.logger, "warning", lambda message, *a, **k: warnings.append(message))
+  (tmp_path / "corpus.txt").write_text("the cat sat on the mat " * 200 + "\n")  # 1,200 tokens > 512
+  dataset = lm_text(str(tmp_path), train_file="corpus.txt", tokenizer=tiny_gpt2, block_size=64)
+  assert len(dataset.splits["train"]) == 1200 // 64
+  assert not [w for w in warnings if "sequence length" in w], warnings
+
+
 def test_evaluation_is_the_plain_token_likelihood_with_perplexity_whatever_the_sizes(tiny_gpt2, tmp_path):
   """(With train.label_smoothing the evaluation loss and perplexity included the smoothing term; and with one
   predicted token per example, tokens == examples, perplexity and num_tokens were left out.)"""

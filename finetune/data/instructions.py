@@ -109,15 +109,17 @@ def tokenize_conversation(tokenizer, messages: list[dict[str, str]], where: str 
     if messages[end - 1]["role"] == "assistant":  # (without the newlines a template puts after the end token)
       answers.append((len(text), len(full.rstrip())))
     text = full
+  # verbose=False: a conversation longer than the model's maximum never reaches it as it is (rows are max_length;
+  # packing cuts blocks of max_length), and transformers would warn of indexing errors.
   if getattr(tokenizer, "is_fast", False):
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     mask = [int(any(start <= first < stop for start, stop in answers)) for first, _ in encoded["offset_mapping"]]
     return list(encoded["input_ids"]), mask
   ids: list[int] = []
   mask = []
   for start, stop in [(0, 0)] + answers + [(len(text), len(text))]:
     for piece_end, weight in ((start, 0), (stop, 1)):
-      tokens = tokenizer(text[:piece_end], add_special_tokens=False)["input_ids"]
+      tokens = tokenizer(text[:piece_end], add_special_tokens=False, verbose=False)["input_ids"]
       if tokens[:len(ids)] != ids:
         raise FinetuneError(f"{where or 'a conversation'}: the tokenizer splits the text differently once a turn "
                             "is added, and has no offsets to mark answers by (use its fast version)")
