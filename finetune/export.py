@@ -133,6 +133,9 @@ def _export_peft(cfg: ConfigDict, arrays: dict, num_classes: int, run_dir: str, 
                 os.path.join(staging, "base_model"))
   note = " (mean-pooled BERT: the base is a BertModel, the trained head is left out)" \
       if cfg.model.name == "bert" and cfg.model.get("pooling", "cls") == "mean" else ""
+  if base and peft_cfg.quantize:  # PEFT's own QLoRA adapters name the float checkpoint too (quantized on loading)
+    note += (f" (QLoRA: the base named is the float checkpoint {base}; the adapter trained on its "
+             f"{peft_cfg.quantize.upper()}-rounded kernels, which --format hf folds in exactly)")
   return "PEFT LoRA adapter" + ("" if base else " + base_model/") + note
 
 

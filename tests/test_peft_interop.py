@@ -319,7 +319,7 @@ def _llama_logits_after_peft(adapter_dir, base_dir, ids):
     return peft.PeftModel.from_pretrained(base, str(adapter_dir)).eval()(input_ids=torch.tensor(ids)).logits.numpy()
 
 
-def test_peft_export_names_the_hf_base_only_when_the_frozen_weights_are_its(tmp_path):
+def test_peft_export_names_the_hf_base_only_when_the_frozen_weights_are_its(tmp_path, capsys):
   """A LoRA stage straight from a Hugging Face checkpoint names it as the base; a LoRA stage after a full
   fine-tuning stage writes its own base_model/ (naming the original checkpoint would apply the adapter to other
   weights), as does one that changed the architecture. Either way PEFT computes the run's logits. An interrupted run exports from its latest checkpoint."""
@@ -341,7 +341,9 @@ def test_peft_export_names_the_hf_base_only_when_the_frozen_weights_are_its(tmp_
                  # One of the checkpoint's two layers: the checkpoint is not this run's base (it was named, and
                  # PEFT applied the adapter to both layers, warning only of missing adapter keys).
                  "lora_from_hf_one_layer": {"init_from": str(tmp_path / "hf"), "peft": lora,
-                                            "model": {"num_hidden_layers": 1}}}})
+                                            "model": {"num_hidden_layers": 1}},
+                 "qlora_from_hf": {"init_from": str(tmp_path / "hf"),
+                                   "peft": {**lora, "quantize": "nf4", "quant_block_size": 16}}}})
   train_lib.train_and_evaluate(config, str(tmp_path / "run"))
   ids = np.random.default_rng(0).integers(1, 120, size=(2, 10))
   logits = {}
@@ -358,6 +360,12 @@ def test_peft_export_names_the_hf_base_only_when_the_frozen_weights_are_its(tmp_
     logits[stage] = np.asarray(model(ids, np.ones_like(ids)))
     np.testing.assert_allclose(_llama_logits_after_peft(out, named_base or out / "base_model", ids), logits[stage],
                                atol=1e-4, rtol=1e-4)
+  # QLoRA names the float checkpoint, as PEFT's QLoRA adapters do, and says the adapter trained on rounded kernels.
+  assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--stage", "qlora_from_hf", "--format", "peft",
+                   "--out", str(tmp_path / "peft_qlora")]) == 0
+  assert f"QLoRA: the base named is the float checkpoint {tmp_path / 'hf'}" in capsys.readouterr().out
+  assert json.load(open(tmp_path / "peft_qlora" / "adapter_config.json"))["base_model_name_or_path"] == \
+      str(tmp_path / "hf")
   # Interrupted: no adapter/ folder and no summary.json yet; the adapter comes from the latest checkpoint.
   stage_dir = tmp_path / "run" / "lora_after_full"
   shutil.rmtree(stage_dir / "adapter")
