@@ -1,6 +1,7 @@
 """`finetune <command>`: parses flags and calls the library; nothing here that a notebook could not call.
 
     finetune train --config configs/<file>.py[:arg] --workdir DIR [--config.key=value ...]
+    finetune eval --workdir DIR [--stage NAME] [--unfinished] [--out FILE.json] [--config.data.key=value ...]
     finetune export --workdir DIR --format hf|peft --out OUT [--stage NAME] [--unfinished]
     finetune plan --config configs/<file>.py[:arg] [--mesh data=4,fsdp=2] [--devices N] [--config.key=value ...]
     finetune sweep --config configs/<file>.py[:arg] --workdir DIR [--parallel N] [--vmap K]
@@ -37,6 +38,16 @@ def _parser() -> argparse.ArgumentParser:
                               "--config.<key>=<value> (e.g. --config.train.steps=100); the README lists every key.")
   train.add_argument("--config", required=True, help="configs/<file>.py[:arg]")
   train.add_argument("--workdir", required=True, help="output folder; re-running the same command resumes")
+  evaluate = commands.add_parser("eval", help="evaluate a finished run's final weights again, on its own or other data",
+                                 description="Evaluate a finished stage's final weights on its evaluation splits, "
+                                 "after --config.data.<key>=<value> / --config.mesh.<key>=<value> overrides (another "
+                                 "test file, other splits, another mesh); prints a table and writes nothing into "
+                                 "the run.")
+  evaluate.add_argument("--workdir", required=True, help="a run directory made by `finetune train`")
+  evaluate.add_argument("--stage", default="", help="stage of a multi-stage run (default: the last)")
+  evaluate.add_argument("--unfinished", action="store_true",
+                        help="evaluate the latest checkpoint of a stage that has not finished (default: refuse)")
+  evaluate.add_argument("--out", default="", metavar="FILE.json", help="also write {split: metrics} to this file")
   export = commands.add_parser("export", help="write a run's parameters as a Hugging Face checkpoint",
                                description="Write a finished run's latest checkpoint as a Hugging Face checkpoint "
                                "(BERT, ViT, GPT-2, Llama; PEFT runs merged) or as a PEFT LoRA adapter.")
@@ -158,6 +169,17 @@ def run_plan(config_spec: str, mesh: str, devices: int | None, overrides: Sequen
   return 0
 
 
+def run_eval(workdir: str, stage: str, unfinished: bool, out: str, overrides: Sequence[str]) -> int:
+  from finetune import compile_cache, evaluation  # pylint: disable=g-import-not-at-top
+  from finetune.reporting import write_json  # pylint: disable=g-import-not-at-top
+  compile_cache.enable()
+  results = evaluation.evaluate_run(workdir, stage, overrides, unfinished)
+  print(evaluation.results_table(results))
+  if out:
+    write_json(os.path.abspath(os.path.expanduser(out)), results)
+  return 0
+
+
 def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metrics: Sequence[str], seed_key: str,
               wandb_out: str, overrides: Sequence[str], vmap: int = 1, together: Sequence[str] = (),
               aggregate_only: bool = False, only: Sequence[str] = ()) -> int:
@@ -227,6 +249,8 @@ def _main(argv: list[str]) -> int:
     if args.command == "sweep":
       return run_sweep(args.config, args.workdir, args.parallel, args.dry_run, args.metric, args.seed_key,
                        args.wandb_sweep, overrides, args.vmap, args.together, args.aggregate_only, args.only)
+    if args.command == "eval":
+      return run_eval(args.workdir, args.stage, args.unfinished, args.out, overrides)
     if args.command == "export":
       if overrides:
         raise FinetuneError(f"export takes no --config overrides (got --config.{overrides[0]})")

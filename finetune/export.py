@@ -38,7 +38,8 @@ def _stages(workdir: str) -> list[str]:
   return list(read_json(config_path).get("stages", {})) if os.path.isfile(config_path) else []
 
 
-def _run_dir(workdir: str, stage: str) -> str:
+def resolve_run_dir(workdir: str, stage: str = "") -> str:
+  """The run folder of `workdir`'s `stage` (default: a single-stage run itself, or a multi-stage run's last stage)."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   single = os.path.isdir(os.path.join(workdir, "checkpoints"))  # a single-stage run lives in the workdir itself
   if stage and single:  # its one stage is named 'train' in results tables and summaries
@@ -73,7 +74,7 @@ def export(workdir: str, out: str, fmt: str = "hf", stage: str = "", unfinished:
   `unfinished=True` exports the latest checkpoint of a stage that has not finished."""
   if fmt not in FORMATS:
     raise FinetuneError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
-  run_dir = _run_dir(workdir, stage)
+  run_dir = resolve_run_dir(workdir, stage)
   out_path = os.path.abspath(os.path.expanduser(out))
   if run_dir == out_path or run_dir.startswith(out_path.rstrip(os.sep) + os.sep):
     raise FinetuneError(f"--out {out_path} holds the run being exported ({run_dir}) and would be replaced by the "

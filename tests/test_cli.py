@@ -373,3 +373,32 @@ def test_a_stage_closes_its_log_even_when_an_interrupt_cuts_its_checkpoint_close
   with pytest.raises(KeyboardInterrupt):
     train.OpenStage.close(opened)
   assert closed == ["log"]
+
+
+def test_eval_scores_a_finished_run_again_on_other_data_and_writes_nothing_into_it(capsys, tiny_file, tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  run = tmp_path / "run"
+  assert cli.main(["train", "--config", tiny_file, "--workdir", str(run)]) == 0
+  final = json.load(open(run / "summary.json"))["final"]
+  before = {p: os.path.getmtime(p) for p in run.rglob("*")}
+  capsys.readouterr()
+  out = tmp_path / "eval.json"
+  assert cli.main(["eval", "--workdir", str(run), "--stage", "train", "--out", str(out),
+                   "--config.data.eval_batch_size=16"]) == 0
+  table = capsys.readouterr().out.splitlines()
+  assert table[0].split() == ["split", "loss", "accuracy", "examples"] and table[1].startswith("validation")
+  # The final weights: the end-of-training evaluation again (other batches: equal up to float rounding).
+  results = json.load(open(out))
+  assert results["validation"]["accuracy"] == final["validation"]["accuracy"]
+  assert results["validation"]["loss"] == pytest.approx(final["validation"]["loss"], rel=1e-5)
+  # Other data: a larger validation carve.
+  assert cli.main(["eval", "--workdir", str(run), "--out", str(out), "--config.data.validation_fraction=0.5"]) == 0
+  assert json.load(open(out))["validation"]["num_examples"] > 2 * final["validation"]["num_examples"]
+  assert {p: os.path.getmtime(p) for p in run.rglob("*")} == before
+  assert "eval may override data.* and mesh.* keys only" in _error(
+      capsys, ["eval", "--workdir", str(run), "--config.train.steps=5"])
+  assert "params entry 'head/bias' is (10,), but this config's model needs (2,); the overrides changed" in _error(
+      capsys, ["eval", "--workdir", str(run), "--config.data.classes=(0, 1)"])
+  os.remove(run / "summary.json")
+  assert "has not finished (no summary.json)" in _error(capsys, ["eval", "--workdir", str(run)])
+  assert cli.main(["eval", "--workdir", str(run), "--unfinished"]) == 0

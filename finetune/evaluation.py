@@ -1,0 +1,96 @@
+"""A finished run evaluated again, on its own evaluation splits or on other data (`finetune eval`).
+
+Training already evaluates every split of `config.data.eval_splits` at its end (`summary.json: final`). This is for
+afterwards: the same weights on another split, another test file, other classes of the same dataset, or a mesh
+that fits another machine, without retraining and without writing into the run. The stage is rebuilt from its
+`config.json` with `data.*` and `mesh.*` overrides only (everything else is what the weights were trained as), and
+its final checkpoint (an early-stopped stage's best weights) is read onto that mesh.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from finetune import config as config_lib
+from finetune import train as train_lib
+from finetune.checkpoint import read_checkpoint_arrays, resolve_checkpoint
+from finetune.errors import FinetuneError
+from finetune.export import resolve_run_dir
+from finetune.partition import map_with_path
+from finetune.reporting import read_json
+
+# What an evaluation may change: the data it reads and the devices it runs on.
+OVERRIDABLE = ("data.", "mesh.")
+
+
+def evaluate_run(workdir: str, stage: str = "", overrides: Sequence[str] = (),
+                 unfinished: bool = False) -> dict[str, dict[str, float]]:
+  """{split: metrics} of the final weights of `workdir` (or of its `stage`) on the stage's evaluation splits,
+  after `overrides` (`data.key=value` / `mesh.key=value`). Writes nothing."""
+  for override in overrides:
+    if not override.startswith(OVERRIDABLE):
+      raise FinetuneError(f"eval may override data.* and mesh.* keys only (the weights fix the rest); got "
+                          f"--config.{override}")
+  run_dir = resolve_run_dir(workdir, stage)
+  if not unfinished and not os.path.isfile(os.path.join(run_dir, train_lib.SUMMARY_FILE)):
+    raise FinetuneError(f"{run_dir} has not finished (no summary.json); finish it with `finetune train` on the same "
+                        "--workdir, or pass --unfinished to evaluate its latest checkpoint")
+  raw = read_json(os.path.join(run_dir, "config.json"))
+  # Nothing is loaded or trained: the weights come from the checkpoint (adapters included), regularizers and
+  # rehearsal only shape training, and cached features would swap in the head alone, fed by an extraction this
+  # does not run.
+  for section in ("regularize", "rehearsal"):
+    raw.pop(section, None)
+  raw.update(init_from="", dont_load=(), features={**raw.get("features", {}), "cache": False},
+             peft={**raw.get("peft", {}), "load_adapter": ""})
+  cfg = config_lib.build_config(ConfigDict(raw), overrides)
+  eval_stage = train_lib.build_stage(cfg)
+  if not eval_stage.pipeline.eval_splits:
+    raise FinetuneError("config.data.eval_splits is empty: name the splits to evaluate, e.g. "
+                        "--config.data.eval_splits=\"('test',)\"")
+  step_dir = resolve_checkpoint(run_dir, run_dir, unfinished=True)
+  arrays = read_checkpoint_arrays(step_dir)
+  abstract = eval_stage.abstract_state(0)
+
+  def placed(section: str, shapes: Any, shardings: Any) -> Any:
+    stored = arrays.get(section, {})
+
+    def take(path: str, shape: jax.ShapeDtypeStruct) -> np.ndarray:
+      if path not in stored:
+        raise FinetuneError(f"{step_dir} has no {section} entry {path!r} that this config's model reads; the "
+                            "overrides changed the model (e.g. data.classes sets the head's size): keep them to "
+                            "the data the weights fit")
+      if tuple(stored[path].shape) != tuple(shape.shape):
+        raise FinetuneError(f"{step_dir}: {section} entry {path!r} is {tuple(stored[path].shape)}, but this "
+                            f"config's model needs {tuple(shape.shape)}; the overrides changed the model (e.g. "
+                            "data.classes sets the head's size): keep them to the data the weights fit")
+      return np.asarray(stored[path], shape.dtype)
+
+    # Checkpoints hold layers one by one (`scan.Layout`): read them unrolled, stack them as this stage stores them.
+    layout = eval_stage.layout
+    return jax.device_put(layout.unview(map_with_path(take, layout.view_shapes(shapes))), shardings)
+
+  weights = {"params": placed("params", abstract.params, eval_stage.params_sharding),
+             "model_state": placed("model_state", abstract.model_state, eval_stage.model_state_sharding)}
+  results = {split: train_lib.evaluate(eval_stage.eval_step(), weights, eval_stage.pipeline, split, eval_stage.mesh)
+             for split in eval_stage.pipeline.eval_splits}
+  train_lib.check_finite_evaluation(results, int(os.path.basename(step_dir)))
+  return results
+
+
+def results_table(results: dict[str, dict[str, float]]) -> str:
+  """One row per split: loss, accuracy (and perplexity for token-level tasks), examples."""
+  perplexity = any("perplexity" in metrics for metrics in results.values())
+  header = f"{'split':<14}{'loss':>10}{'accuracy':>10}" + (f"{'perplexity':>12}" if perplexity else "") + \
+      f"{'examples':>10}"
+  rows = [header]
+  for split, metrics in results.items():
+    rows.append(f"{split:<14}{metrics['loss']:>10.4f}{metrics['accuracy']:>10.4f}" +
+                (f"{metrics.get('perplexity', float('nan')):>12.2f}" if perplexity else "") +
+                f"{metrics['num_examples']:>10}")
+  return "\n".join(rows)

@@ -1,0 +1,42 @@
+"""`finetune eval` as a library call: a finished stage's final weights scored again equal its own final evaluation,
+whatever trained them (a cached-feature probe, EWC, QLoRA adapters, layers stacked for scan)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import tiny_config
+from finetune import train as train_lib
+from finetune.evaluation import evaluate_run
+from finetune.recipes import PROBE_FREEZE
+
+
+def _assert_equals_its_final_evaluation(run_dir, results):
+  final = json.load(open(run_dir / "summary.json"))["final"]
+  assert results.keys() == final.keys()
+  for split, metrics in final.items():
+    assert results[split]["accuracy"] == metrics["accuracy"], split
+    assert results[split]["loss"] == pytest.approx(metrics["loss"], rel=1e-5), split
+
+
+def test_stages_that_trained_otherwise_evaluate_as_they_ended(tmp_path):
+  config = tiny_config(train={"steps": 4, "log_every": 2, "checkpoint_every": 0}, stages={
+      "probe": {"freeze": PROBE_FREEZE, "features": {"cache": True}},
+      "ewc": {"init_from": "stage:probe", "regularize": {"ewc": {"weight": 10.0, "num_examples": 32}}}})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  for stage in ("probe", "ewc"):
+    _assert_equals_its_final_evaluation(tmp_path / stage, evaluate_run(str(tmp_path), stage))
+  last = {split: metrics["accuracy"] for split, metrics in evaluate_run(str(tmp_path)).items()}
+  assert last == {split: metrics["accuracy"] for split, metrics in evaluate_run(str(tmp_path), "ewc").items()}
+
+
+def test_a_qlora_run_with_stacked_layers_evaluates_as_it_ended(tmp_path):
+  config = tiny_config(model={"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 2,
+                              "num_heads": 2, "mlp_dim": 32},
+                       peft={"method": "lora", "targets": ("query", "value"), "rank": 2, "quantize": "nf4",
+                             "quant_block_size": 16, "modules_to_save": ("^head/",)},
+                       train={"steps": 4, "log_every": 2, "checkpoint_every": 0, "scan_layers": True})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  _assert_equals_its_final_evaluation(tmp_path, evaluate_run(str(tmp_path)))
