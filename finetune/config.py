@@ -384,9 +384,23 @@ def ordered_keys(section: ConfigDict | dict | None) -> list[str]:
 
 def validate(config: ConfigDict) -> None:
   """Checks values (names exist, numbers in range) for the base config and every stage."""
-  for name, stage in stage_configs(config):
+  stages = stage_configs(config)
+  for name, stage in stages:
     where = "" if name == "train" and not len(config.stages) else f" (stage {name!r})"
     _validate_stage(stage, where)
+  # PEFT settings with no method in any stage add no adapter: a LoRA setting alone would train the full model.
+  # (A stage that sets method='' under a base config's LoRA settings turns PEFT off on purpose.)
+  if not any(stage.peft.method for _, stage in stages):
+    from finetune.adapters import PEFT_METHODS  # pylint: disable=g-import-not-at-top
+    default = defaults().peft
+    for name, stage in stages:
+      changed = [key for key in stage.peft.keys() if _as_json(stage.peft[key]) != _as_json(default[key])]
+      if changed:
+        where = "" if name == "train" and not len(config.stages) else f" (stage {name!r})"
+        raise FinetuneError(f"{', '.join('config.peft.' + key for key in changed)} "
+                            f"{'is' if len(changed) == 1 else 'are'} set but config.peft.method is empty, so no "
+                            "adapter would be added and the whole model would train: set config.peft.method "
+                            f"({', '.join(PEFT_METHODS.names())}) or drop the setting{where}")
 
 
 def with_values(config: ConfigDict, **sections: Any) -> ConfigDict:
@@ -517,12 +531,6 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
              "(or choose that method)")
   need(not (c.peft.load_adapter and not c.peft.method),
        "config.peft.load_adapter needs config.peft.method (and the adapter's targets and rank) set")
-  if not c.peft.method:  # without a method no adapter is added: a LoRA setting alone would train the full model
-    default = defaults().peft
-    changed = [key for key in c.peft.keys() if _as_json(c.peft[key]) != _as_json(default[key])]
-    need(not changed, f"{', '.join('config.peft.' + key for key in changed)} {'is' if len(changed) == 1 else 'are'} "
-         "set but config.peft.method is empty, so no adapter would be added and the whole model would train: set "
-         f"config.peft.method ({', '.join(PEFT_METHODS.names())}) or drop the setting")
   need(not (c.peft.method == "prompt" and c.data.options.get("pack", False)),
        "config.peft.method='prompt' prepends one prompt per row, but config.data.options.pack=True puts several "
        "conversations in a row and only the first would see it: set pack=False")

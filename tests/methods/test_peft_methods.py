@@ -110,6 +110,9 @@ def test_peft_settings_without_a_method_are_refused():
   with pytest.raises(FinetuneError, match=r"config.peft.quantize is set.*\(stage 'tune'\)"):
     build_config({"train": {"steps": 1}, "stages": {"probe": {}, "tune": {"peft": {"quantize": "nf4"}}}})
   build_config({"train": {"steps": 1}, "peft": {"method": "lora", "targets": ("query",), "rank": 4}})
+  # A stage that turns the base config's LoRA off (method '') keeps the settings on purpose.
+  build_config({"train": {"steps": 1}, "peft": {"method": "lora", "targets": ("query",), "rank": 4},
+                "stages": {"plain": {"peft": {"method": ""}}, "lora": {"init_from": "stage:plain"}}})
 
 
 def test_prompt_tuning_refuses_packed_rows():
