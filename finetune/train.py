@@ -390,14 +390,17 @@ def attach_regularizers(stage: Stage, state: TrainState, cfg: ConfigDict, workdi
   params = flatten(stage.layout.view(state.params))
   reinitialised = reinitialised_paths(stage, cfg, params, sources[0].params if sources else frozenset())
   start, start_state = {}, {}
-  if "lwf" in names:  # the stage's starting point, rebuilt (identically) also when resuming
+  # The stage's starting point, rebuilt (identically) also when resuming: LwF's source model; L2-SP's anchor when
+  # an adapter was loaded onto the source's weights (config.peft.load_adapter), which the source does not hold.
+  if "lwf" in names or ("l2sp" in names and cfg.peft.load_adapter):
     initial, _ = initial_state(stage, cfg, workdir)
     start = jax.device_get(flatten(stage.layout.view(initial.params)))
     start_state = jax.device_get(flatten(stage.layout.view(initial.model_state)))
   context = regularizers.Context(
       cfg=cfg, shapes={p: tuple(v.shape) for p, v in params.items()}, reinitialised=reinitialised, sources=sources,
       fisher=lambda source: source_fisher(cfg, source), start=start, start_state=start_state,
-      peft_added=frozenset(p for p in params if p not in stage.base_paths))
+      peft_added=frozenset(p for p in params if p not in stage.base_paths),
+      effective=adapters.effective_weights(stage.abstract_model, cfg.peft))
   check_anchored_parameters_train(stage, context)
   anchors = regularizers.build_anchors(context)
   stage = dataclasses.replace(stage, anchors=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), anchors),

@@ -665,6 +665,22 @@ def test_regularizers_after_a_lora_run(tmp_path):
   assert logged("dora", "penalty/l2sp") == [0.0, 0.0]  # nothing new but the magnitudes, which are not pulled
 
 
+def test_l2sp_anchors_an_adapter_loaded_onto_the_source_as_part_of_the_start(tmp_path):
+  """init_from the source plus peft.load_adapter starts where continuing the adapter's run does; L2-SP's anchor,
+  the starting point, holds the adapter in both (it was the plain source's weights: the loaded adapter was pulled
+  back towards them, a distance of ||s A B|| at the first step)."""
+  config = tiny_config(model=VIT, stages={
+      "plain": {"train": {"steps": 4}},
+      "a": {"init_from": "stage:plain", "peft": LORA, "train": {"steps": 4}},
+      "loaded": {"init_from": "stage:plain", "peft": {**LORA, "load_adapter": str(tmp_path / "a" / "adapter")},
+                 "regularize": {"l2sp": {"alpha": 1e3}}}},
+      train={"steps": 2, "log_every": 1, "checkpoint_every": 0}, optimizer={"learning_rate": 3e-2, "warmup_steps": 0})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  first, last = [json.loads(line)["l2sp/distance"] for line in open(tmp_path / "loaded" / "metrics.jsonl")
+                 if '"train"' in line]
+  assert first < 1e-9 < last  # at the start, then moved: the penalty acts through A and B
+
+
 def test_ewc_or_l2sp_with_no_loaded_parameter_training_is_refused(tmp_path):
   """(A frozen backbone under a new head: the penalty was 0 and the run reported a regularized result that was
   not.)"""

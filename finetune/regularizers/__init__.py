@@ -68,6 +68,14 @@ class Context:
   start: dict[str, np.ndarray]  # the stage's initial parameters (after init_from), flat
   start_state: dict[str, np.ndarray]  # and model state (BatchNorm statistics)
   peft_added: frozenset[str] = frozenset()  # parameters a PEFT method added (adapters, DoRA magnitudes, IA3 scales)
+  # The stage's PEFT method's map from parameters to the weights its layers compute with (None: the parameters)
+  effective: Callable[[dict], dict] | None = None
+
+  def effective_start(self) -> dict[str, np.ndarray]:
+    """The weights the stage's layers start computing with (`start` with its adapters folded in), flat."""
+    if self.effective is None:
+      return self.start
+    return {p: np.asarray(v) for p, v in self.effective(self.start).items()}
 
   def shared(self, source: Source) -> list[str]:
     """Paths present in the stage and in `source` with equal shapes, and loaded (not re-initialised)."""

@@ -2,7 +2,8 @@
 
     (alpha/2) ||w_S - w0_S||^2 + (beta/2) ||w_new||^2
 
-w_S are the parameters loaded from the source (same path and shape, not re-initialised), w0_S their source values;
+w_S are the parameters loaded from the source (same path and shape, not re-initialised), w0_S their source values
+(with an adapter loaded by `config.peft.load_adapter` folded in: the stage's starting point);
 w_new every other parameter of the model (a new head). Parameters a PEFT method adds are w_S when the stage loads
 them (it continues a run with the same PEFT settings), else in neither: DoRA magnitudes start at ||W|| and IA3
 scales at 1, so pulling them towards 0 would shrink the pretrained function.
@@ -24,7 +25,10 @@ def anchors(context: Context):
   cfg = context.cfg.regularize.l2sp
   source = context.nearest("L2-SP")
   shared = context.shared(source)
-  anchor = {"alpha": float(cfg.alpha), "beta": float(cfg.beta), "start": {p: source.params[p] for p in shared},
+  # An adapter loaded onto the source's weights (config.peft.load_adapter) is part of the starting point, as it is
+  # when the stage starts from that adapter's run (whose adapters the lineage folds in).
+  start = context.effective_start() if context.cfg.peft.load_adapter else source.params
+  anchor = {"alpha": float(cfg.alpha), "beta": float(cfg.beta), "start": {p: start[p] for p in shared},
             # (a dict of the paths, as anchors are pytrees of arrays that go into the train state)
             "new": {p: np.zeros((), np.float32) for p in context.shapes
                     if p not in shared and p not in context.peft_added}}
