@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from finetune.errors import FinetuneError
 from finetune.models.layers import segment_starts
 from finetune.registry import Registry
 
@@ -53,6 +54,10 @@ def _classification_weights(batch: dict[str, jax.Array]) -> jax.Array:
 
 def classification(logits: jax.Array, batch: dict[str, jax.Array], label_smoothing: float = 0.0) -> Scored:
   """One label per example: logits (B, C), batch['label'] (B,)."""
+  if logits.ndim != 2:  # (found while the step is traced, before anything runs; else a broadcasting traceback)
+    raise FinetuneError(f"task 'classification' scores one row of class logits per example, but the model outputs "
+                        f"shape {tuple(logits.shape)}, a prediction per token: a language model needs "
+                        "config.task='causal_lm' (the LSTM classifies with config.model.output='classifier')")
   labels = batch["label"]
   correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
   return Scored(_cross_entropy(logits, labels, label_smoothing), _classification_weights(batch), correct)
@@ -70,6 +75,10 @@ def causal_lm(logits: jax.Array, batch: dict[str, jax.Array], label_smoothing: f
   """Next-token prediction: logits (B, L, V) at position t predict input_ids[t + 1]. Tokens count where
   batch['loss_mask'] (response tokens of instruction data; else the attention mask) is nonzero, except where a
   packed row's next conversation begins."""
+  if logits.ndim != 3:  # (as in `classification`)
+    raise FinetuneError(f"task 'causal_lm' scores next-token logits (batch, length, vocab), but the model outputs "
+                        f"shape {tuple(logits.shape)}, one row per example: a classifier needs "
+                        "config.task='classification' (the LSTM predicts tokens with config.model.output='lm')")
   targets = batch["input_ids"][:, 1:]
   predictions = logits[:, :-1]
   correct = (jnp.argmax(predictions, -1) == targets).astype(jnp.float32)

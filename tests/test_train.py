@@ -579,3 +579,22 @@ def test_a_fresh_stage_whose_sources_cannot_be_read_fails_with_their_error(tmp_p
     with pytest.raises(FinetuneError, match="^the source's config.json is damaged$"):
       train_lib.train_and_evaluate(target, str(tmp_path / f"target{len(regularize)}"))
 
+
+
+@pytest.mark.parametrize("task, model, message", [
+    ("classification", {"name": "gpt2", "vocab_size": 64, "n_positions": 32, "n_embd": 16, "n_layer": 1, "n_head": 2},
+     r"model outputs shape \(8, 16, 64\), a prediction per token: a language model needs config.task='causal_lm'"),
+    ("causal_lm", {"name": "bert", "vocab_size": 64, "hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                   "intermediate_size": 32, "max_position_embeddings": 32},
+     r"model outputs shape \(8, 3\), one row per example: a classifier needs config.task='classification'"),
+])
+def test_a_task_the_model_does_not_output_for_is_one_clear_error(task, model, message):
+  """(A language model under the default task='classification', or BERT under 'causal_lm', failed while the
+  step compiled with jax's 'Incompatible shapes for broadcasting'.)"""
+  from finetune.config import build_config  # pylint: disable=g-import-not-at-top
+  config = build_config({"task": task, "model": model, "data": {
+      "name": "synthetic", "batch_size": 8, "eval_batch_size": 8, "validation_fraction": 0.0, "eval_splits": ("test",),
+      "options": {"kind": "tokens", "length": 16, "vocab_size": 64, "num_classes": 3, "num_examples": 16}},
+      "train": {"steps": 1}})
+  with pytest.raises(FinetuneError, match=message):
+    train_lib.build_stage(config).train_step(0)
