@@ -14,7 +14,7 @@ from flax import nnx
 
 from finetune.errors import FinetuneError
 from finetune.models import MODELS
-from finetune.models.layers import (attend, layer_norm, numbered_groups, padding_bias, run_blocks,
+from finetune.models.layers import (attend, check_length, layer_norm, numbered_groups, padding_bias, run_blocks,
                                      transformer_dense)
 
 
@@ -76,10 +76,6 @@ class Embeddings(nnx.Module):
     self.dropout = nnx.Dropout(dropout)
 
   def __call__(self, input_ids, token_type_ids, train, rngs):
-    limit = self.position_embeddings.num_embeddings - self.position_offset
-    if input_ids.shape[1] > limit:  # an out-of-range embedding lookup would give NaN, not an error
-      raise FinetuneError(f"sequences of {input_ids.shape[1]} tokens exceed the model's {limit} positions; lower "
-                          "config.data.options.max_length")
     positions = jnp.arange(input_ids.shape[1])[None, :] + self.position_offset
     x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + \
         self.token_type_embeddings(token_type_ids)
@@ -117,6 +113,9 @@ class Bert(nnx.Module):
       attention_mask = jnp.ones_like(input_ids)
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
+    table = self.embeddings
+    check_length(input_ids.shape[1], table.position_embeddings.num_embeddings - table.position_offset,
+                 getattr(self, "prompt_tokens", 0), "config.data.options.max_length")
     x = self.embeddings(input_ids, token_type_ids, train, rngs)
     mask_bias = padding_bias(attention_mask, x.dtype)
     x = run_blocks(self, self.layers, x, mask_bias, train, rngs)

@@ -12,8 +12,8 @@ from flax import nnx
 
 from finetune.errors import FinetuneError
 from finetune.models import MODELS
-from finetune.models.layers import (attend, causal_bias, layer_norm, numbered_groups, positions, run_blocks,
-                                    transformer_dense)
+from finetune.models.layers import (attend, causal_bias, check_length, layer_norm, numbered_groups, positions,
+                                    run_blocks, transformer_dense)
 
 
 class Block(nnx.Module):
@@ -66,9 +66,8 @@ class GPT2(nnx.Module):
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     length = input_ids.shape[1]
-    if length > self.wpe.num_embeddings:  # an out-of-range embedding lookup would give NaN, not an error
-      raise FinetuneError(f"sequences of {length} tokens exceed the model's {self.wpe.num_embeddings} positions; "
-                          "lower config.data.options.block_size / max_length")
+    check_length(length, self.wpe.num_embeddings, getattr(self, "prompt_tokens", 0),
+                 "config.data.options.block_size / max_length")
     x = self.wte(input_ids) + self.wpe(positions(attention_mask))  # restarting at each packed conversation
     x = self.dropout(x, deterministic=not train, rngs=rngs)
     mask_bias = causal_bias(attention_mask, x.dtype)

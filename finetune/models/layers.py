@@ -30,6 +30,18 @@ def check_input(x: jax.Array, expected: tuple[int, ...], settings: str, flattene
                         f"{tuple(x.shape[1:])}; set config.model to the data's shape, or resize the data")
 
 
+def check_length(length: int, positions: int, prompt_tokens: int, data_setting: str) -> None:
+  """Sequences longer than a learned position table: an out-of-range embedding lookup gives NaN, not an error.
+  `prompt_tokens`: virtual tokens prompt tuning prepended (counted in `length`), which the fix may be to shorten."""
+  if length <= positions:
+    return
+  if prompt_tokens:
+    raise FinetuneError(f"sequences of {length} tokens ({prompt_tokens} of them prompt tuning's virtual tokens) "
+                        f"exceed the model's {positions} positions; lower config.peft.num_virtual_tokens or "
+                        f"{data_setting}")
+  raise FinetuneError(f"sequences of {length} tokens exceed the model's {positions} positions; lower {data_setting}")
+
+
 def linear(in_features: int, out_features: int, axes: tuple[str, str], rngs: nnx.Rngs,
            use_bias: bool = True, kernel_init=nnx.initializers.lecun_normal()) -> nnx.Linear:
   return nnx.Linear(in_features, out_features, use_bias=use_bias, rngs=rngs,

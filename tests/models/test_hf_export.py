@@ -95,3 +95,17 @@ def test_too_long_inputs_are_an_error_not_nan():
                                   "n_positions": 8}), 0, nnx.Rngs(0))
   with pytest.raises(FinetuneError, match="sequences of 12 tokens exceed the model's 8 positions"):
     model(jnp.zeros((1, 12), jnp.int32))
+  # Prompt tuning's virtual tokens count too, and may be what to shorten (the message blamed the data alone).
+  from finetune import adapters  # pylint: disable=g-import-not-at-top
+  from finetune.config import defaults  # pylint: disable=g-import-not-at-top
+  from finetune.methods.prompt_tuning import prompted_inputs  # pylint: disable=g-import-not-at-top
+  for name, settings in (("gpt2", {"n_embd": 8, "n_layer": 1, "n_head": 2, "n_positions": 8}),
+                         ("bert", {"hidden_size": 8, "num_layers": 1, "num_heads": 2, "intermediate_size": 16,
+                                   "max_position_embeddings": 8})):
+    base = build_model(ConfigDict({"name": name, "vocab_size": 10, **settings}), 2 if name == "bert" else 0,
+                       nnx.Rngs(0))
+    prompted = adapters.apply(base, ConfigDict({**defaults().peft.to_dict(), "method": "prompt",
+                                                "num_virtual_tokens": 6}), nnx.Rngs(1))
+    with pytest.raises(FinetuneError, match=r"sequences of 10 tokens \(6 of them prompt tuning's virtual tokens\) "
+                                            r"exceed the model's 8 positions; lower config.peft.num_virtual_tokens"):
+      prompted(*prompted_inputs(prompted, [jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)])[0])
