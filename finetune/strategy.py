@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import math
 import os
+import re
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -171,6 +172,7 @@ def resolve_strategy(cfg: ConfigDict, abstract_model: nnx.Module, abstract_param
   bn_params = {p for params in batch_norm.values() for p in params if p in shapes}
   frozen = freezing.frozen_paths(cfg.freeze, groups, group_of, bn_params)
   if peft_trainable is not None:
+    _check_rules_reach_peft_trainable(cfg, list(shapes), peft_trainable)
     frozen = frozen | frozenset(p for p in shapes if p not in peft_trainable)
     if len(frozen) == len(shapes):
       raise FinetuneError("config.freeze freezes every parameter the PEFT method trains; leave some trainable")
@@ -187,6 +189,20 @@ def resolve_strategy(cfg: ConfigDict, abstract_model: nnx.Module, abstract_param
   return Strategy(groups=groups, group_of=group_of, shapes=shapes, frozen=frozen, group_lr=group_lr,
                   multiplier=multiplier, batch_norm=batch_norm, always_trainable=always_trainable, phases=phases,
                   restart_schedules=cfg.unfreeze.schedule == "restart")
+
+
+def _check_rules_reach_peft_trainable(cfg: ConfigDict, paths: Sequence[str], peft_trainable: frozenset[str]) -> None:
+  """A freeze pattern or learning-rate multiplier whose parameters the PEFT method freezes anyway changes nothing:
+  as a rule that matches nothing, it is a mistake (a rate meant for the embeddings under LoRA, say)."""
+  rules = [("config.freeze.patterns", pattern) for pattern in cfg.freeze.patterns] + \
+      [("config.optimizer.lr_multipliers", rule[0]) for rule in cfg.optimizer.lr_multipliers]
+  for where, pattern in rules:
+    matched = [p for p in paths if re.search(pattern, p)]
+    if matched and not any(p in peft_trainable for p in matched):
+      raise FinetuneError(f"{where}: pattern {pattern!r} matches only parameters that config.peft.method="
+                          f"{cfg.peft.method!r} freezes anyway ({', '.join(matched[:3])}"
+                          f"{', ...' if len(matched) > 3 else ''}), so it changes nothing; drop it, or train them "
+                          "with config.peft.modules_to_save")
 
 
 def write_table(strategy: Strategy, run_dir: str, stage: str) -> None:

@@ -268,3 +268,20 @@ def test_each_method_trains_only_its_parameters(peft, changes, tmp_path):
   for path, value in after.items():
     moved = not np.array_equal(value, start[path])
     assert moved == bool(re.search(changes, path)), path
+
+
+def test_rules_that_only_reach_parameters_peft_freezes_are_refused(tmp_path):
+  """(A rate multiplier for the embeddings, or a freeze pattern, under LoRA were accepted and changed nothing.)"""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
+  vit = {"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32}
+  lora = {"method": "lora", "targets": ("query",), "rank": 2, "modules_to_save": ("^head/",)}
+  for section, message in [
+      ({"optimizer": {"lr_multipliers": ((r"^patch_embed/", 10.0),)}}, "config.optimizer.lr_multipliers: pattern"),
+      ({"freeze": {"patterns": (r"/key/",)}}, "config.freeze.patterns: pattern")]:
+    with pytest.raises(FinetuneError, match=rf"{message} .* matches only parameters that config.peft.method='lora' "
+                                            r"freezes anyway .* drop it, or train them with config.peft.modules_to_sa"):
+      train_lib.build_stage(tiny_config(model=vit, peft=lora, **section))
+  # Rules that reach a trained parameter stay: LoRA's B factors faster, the head frozen.
+  train_lib.build_stage(tiny_config(model=vit, peft=lora, optimizer={"lr_multipliers": (("lora_b$", 4.0),)},
+                                    freeze={"patterns": ("^head/bias",)}))
