@@ -27,8 +27,9 @@ mutating the module inside the train step; (3) the padding mask freezes the carr
 positions do not depend on padding on either side, and a packed row's next segment (attention_mask numbering
 conversations 1, 2, ...) starts from a zero state. The parameters are plain `nnx.Linear`/`nnx.Param` with logical
 axes: 'vocab'/'embed' for the embedding, ('embed', 'mlp') for the input kernels (input width x fused gates) and
-(None, 'mlp') for the recurrent ones, 'mlp' for gate biases, 'vocab' for the decoder bias, ('embed' | 'mlp', 'classes') in the classifier head
-and its BatchNorms' feature axis ('embed' on the pooled features, 'mlp' on the hidden layer).
+('recurrent', 'mlp') for the recurrent ones ('recurrent' replicated by default), 'mlp' for gate biases, 'vocab'
+for the decoder bias, ('embed' | 'mlp', 'classes') in the classifier head and its BatchNorms' feature axis ('embed'
+on the pooled features, 'mlp' on the hidden layer).
 
 Layer groups (fastai's `awd_lstm_clas_split` / `awd_lstm_lm_split`): the classifier's are `embedding`,
 `lstm_1..n`, `head`; the language model's are `lstm_1..n`, then `head` = the tied embedding with the decoder (the
@@ -75,10 +76,12 @@ class LSTMLayer(nnx.Module):
     self.wi = nnx.Linear(in_features, 4 * hidden, rngs=rngs,
                          kernel_init=nnx.with_partitioning(_symmetric_uniform(scale), ("embed", "mlp")),
                          bias_init=nnx.with_partitioning(_gate_bias(hidden), ("mlp",)))
-    # The recurrent kernel's input axis is not sharded over fsdp: every time step inside the scan multiplies by it,
-    # and a chain of matmuls with weights all sharded (fsdp, tensor) got wrong gradients from XLA (jax 0.10) on a
-    # data x fsdp x tensor mesh (docs/architecture.md, "Sharding"). It is small next to the embedding.
-    self.wh = nnx.Param(_symmetric_uniform(scale)(rngs.params(), (hidden, 4 * hidden)), sharding=(None, "mlp"))
+    # The recurrent kernel's input axis, 'recurrent', has no default rule (replicated), not fsdp's 'embed': every
+    # time step inside the scan multiplies by it, and a chain of matmuls with weights all sharded (fsdp, tensor) got
+    # wrong gradients from XLA (jax 0.10) on a data x fsdp x tensor mesh (docs/architecture.md, "Decisions
+    # (scale-out)"). It is small next to the embedding.
+    self.wh = nnx.Param(_symmetric_uniform(scale)(rngs.params(), (hidden, 4 * hidden)),
+                        sharding=("recurrent", "mlp"))
     self.weight_dropout = nnx.Dropout(weight_dropout)  # DropConnect on W_hh: one mask for all time steps
     self.dropout = nnx.Dropout(output_dropout, broadcast_dims=(1,))  # locked: one mask per sequence
 
