@@ -2,8 +2,8 @@
 
 Logical names used across the zoo: 'embed' (model width), 'mlp' (MLP hidden width), 'heads' (attention heads x
 head dim, fused), 'conv_in' / 'conv_out' (convolution channels), 'classes' (classifier outputs), 'norm' (norm
-scales/biases), 'patch' / 'position' (ViT positions), 'recurrent' (the LSTM's recurrent input width). `finetune.sharding` maps them to mesh axes; model code never
-names a mesh axis.
+scales/biases), 'patch' / 'position' (ViT positions), 'recurrent' (the LSTM's recurrent input width).
+`finetune.sharding` maps them to mesh axes; model code never names a mesh axis.
 """
 
 from __future__ import annotations
