@@ -8,10 +8,11 @@ forgetting_stages; see configs/mnist_forgetting.py for the variants).
 
 Measured (2 CPU cores, seed 0; official test images of each class set; task A at 0.7856 after pretraining; all
 variants in about 16 minutes on an idle machine), target accuracy on B / accuracy on A after fine-tuning:
-  finetune 0.8432 / 0.0664 | ewc (lambda 100) 0.7684 / 0.6340 | l2sp (alpha 0.1) 0.7740 / 0.2992 |
+  finetune 0.8432 / 0.0664 | ewc (lambda 100) 0.7698 / 0.6278 | l2sp (alpha 0.1) 0.7740 / 0.2992 |
   lwf (w 1) 0.8394 / 0.7670 | rehearsal (25%) 0.8182 / 0.7654 (rerun with `:variant=rehearsal` on 2026-12-06,
   after commit 8bf03cf gave rehearsal's source order a random stream of its own; before the rehearsal fix of
-  commit 61ac2c7, 0.6764 on B: experiments/forgetting/README.md)
+  commit 61ac2c7, 0.6764 on B: experiments/forgetting/README.md; ewc rerun the same way that day with
+  `:variant=ewc` after commit 018f3a0 changed the Fisher program's rounding)
 (the middle point of get_sweep's run of 2026-11-30, experiments/forgetting/cifar10_results.csv; a run of
 2026-11-28 on another machine gave each number within 0.01 of these). Plain fine-tuning leaves task A below chance
 (its head reads features that now mean B's classes); LwF keeps A almost intact for 0.004 of B (0.008 over 3 seeds).
