@@ -105,7 +105,8 @@ def test_a_setting_of_another_peft_method_is_refused(method, setting):
 def test_peft_settings_without_a_method_are_refused():
   """(rank, targets and dora without peft.method trained the full model, exit 0: not the LoRA run intended.)"""
   from finetune.config import build_config  # pylint: disable=g-import-not-at-top
-  with pytest.raises(FinetuneError, match=r"config.peft.rank, config.peft.targets are set but config.peft.method is empty.*lora"):
+  with pytest.raises(FinetuneError,
+                     match=r"config.peft.rank, config.peft.targets are set but config.peft.method is empty.*lora"):
     build_config({"train": {"steps": 1}, "peft": {"targets": ("query",), "rank": 4}})
   with pytest.raises(FinetuneError, match=r"config.peft.quantize is set.*\(stage 'tune'\)"):
     build_config({"train": {"steps": 1}, "stages": {"probe": {}, "tune": {"peft": {"quantize": "nf4"}}}})
