@@ -18,6 +18,7 @@ CASES = {
     "scan_compile.py --depths 2 --width 32": ["full       2", "lora       2"],
     "strategies.py --steps 2": ["linear probe", "cached features"],
     "vmap_sweep.py --points 2 --step-only": ["2 points together"],
+    "xla_sharded_chain.py": ["(fsdp, tensor) x 3, 8 x 8", "alternating, 8 x 8"],
 }
 
 

@@ -1,0 +1,64 @@
+"""Does XLA still compute wrong gradients for a chain of (fsdp, tensor)-sharded matmuls? (docs/architecture.md,
+"Decisions (scale-out)": why the MLP alternates its axes and the LSTM's recurrent kernel is not fsdp-sharded.)
+
+Plain JAX, no finetune code: the gradient of sum((x @ a @ b @ c) ** 2) on a data=2 x fsdp=2 x tensor=2 mesh of 8
+fake CPU devices, against the same jitted gradient on one device, for several weight layouts and sizes. Prints the
+worst relative error per case; anything above ~1e-6 is the bug. With jax/jaxlib 0.10.2 (2026-12-06):
+('fsdp', 'tensor') x 3 at 8 x 8, batch 8: 0.99; at 64 x 64, batch 64: 1.1; two such layers, alternating layouts
+or the LSTM's: 1e-7.
+Re-run after upgrading jax; if every case is ~1e-7, the workaround is no longer needed:
+
+    python benchmarks/xla_sharded_chain.py
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("PJRT_NPROC", "16")  # (finetune/host_devices.py: fake devices need 2 threads each)
+
+import jax  # noqa: E402  (after the flags: jax reads them when its CPU client starts)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+FSDP_TENSOR, TENSOR_FSDP = P("fsdp", "tensor"), P("tensor", "fsdp")
+CASES = [  # (name, weight layouts, width, batch)
+    ("(fsdp, tensor) x 3, 8 x 8, batch 8", [FSDP_TENSOR] * 3, 8, 8),
+    ("(fsdp, tensor) x 3, 64 x 64, batch 64", [FSDP_TENSOR] * 3, 64, 64),
+    ("(fsdp, tensor) x 2, 8 x 8, batch 8", [FSDP_TENSOR] * 2, 8, 8),
+    ("alternating, 8 x 8, batch 8 (the MLP now)", [FSDP_TENSOR, TENSOR_FSDP, FSDP_TENSOR], 8, 8),
+    ("(None, tensor) x 3, 8 x 8, batch 8 (the LSTM's recurrent kernel now)", [P(None, "tensor")] * 3, 8, 8),
+]
+
+
+def worst_relative_error(mesh: Mesh, layouts: list[P], width: int, batch: int) -> float:
+  rng = np.random.default_rng(0)
+  weights = [jnp.asarray(rng.uniform(-0.3, 0.3, (width, width)), jnp.float32) for _ in layouts]
+  x = jnp.asarray(rng.normal(size=(batch, width)), jnp.float32)
+
+  def loss(weights, x):
+    for w in weights:
+      x = x @ w
+    return jnp.sum(x ** 2)
+
+  reference = jax.jit(jax.grad(loss))(weights, x)  # one device
+  weight_shardings = [NamedSharding(mesh, layout) for layout in layouts]
+  batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+  sharded = jax.jit(jax.grad(loss), in_shardings=(weight_shardings, batch_sharding))(
+      jax.device_put(weights, weight_shardings), jax.device_put(x, batch_sharding))
+  return max(float(jnp.abs(g - r).max() / jnp.abs(r).max()) for g, r in zip(sharded, reference))
+
+
+def main() -> None:
+  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+  print(f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices, mesh data=2 x fsdp=2 x "
+        "tensor=2")
+  print(f"{'weights':<72}{'worst relative gradient error':>30}")
+  for name, layouts, width, batch in CASES:
+    print(f"{name:<72}{worst_relative_error(mesh, layouts, width, batch):>30.2g}")
+
+
+if __name__ == "__main__":
+  main()
