@@ -40,12 +40,20 @@ def evaluate_run(workdir: str, stage: str = "", overrides: Sequence[str] = (),
   if not unfinished and not os.path.isfile(os.path.join(run_dir, train_lib.SUMMARY_FILE)):
     raise FinetuneError(f"{run_dir} has not finished (no summary.json); finish it with `finetune train` on the same "
                         "--workdir, or pass --unfinished to evaluate its latest checkpoint")
+  checkpoints = os.path.join(run_dir, "checkpoints")
+  if not os.path.isdir(checkpoints) or not any(name.isdigit() for name in os.listdir(checkpoints)):
+    raise FinetuneError(f"{run_dir} has no checkpoint yet (checkpoints/<step>); train it further, or evaluate "
+                        "another --stage")
   raw = read_json(os.path.join(run_dir, "config.json"))
   # Nothing is loaded or trained: the weights come from the checkpoint (adapters included), regularizers and
-  # rehearsal only shape training, and cached features would swap in the head alone, fed by an extraction this
-  # does not run.
+  # rehearsal only shape training, cached features would swap in the head alone, fed by an extraction this does
+  # not run, and early stopping would watch a split the overrides may have dropped. A stage that turned PEFT off
+  # (method '') under a base config's settings keeps them in its config.json: unused, so dropped.
   for section in ("regularize", "rehearsal"):
     raw.pop(section, None)
+  raw.setdefault("train", {}).pop("early_stopping", None)
+  if not raw.get("peft", {}).get("method"):
+    raw.pop("peft", None)
   raw.update(init_from="", dont_load=(), features={**raw.get("features", {}), "cache": False},
              peft={**raw.get("peft", {}), "load_adapter": ""})
   cfg = config_lib.build_config(ConfigDict(raw), overrides)

@@ -64,7 +64,7 @@ def resolve_run_dir(workdir: str, stage: str = "") -> str:
   if not os.path.isfile(os.path.join(run_dir, "config.json")):
     if os.path.basename(run_dir) in _stages(workdir):
       raise FinetuneError(f"stage {os.path.basename(run_dir)!r} of {workdir} has not run yet; finish it with "
-                          "`finetune train` on the same --workdir, or export another --stage")
+                          "`finetune train` on the same --workdir, or name another --stage")
     raise FinetuneError(f"{run_dir} is not a run directory (no config.json); check --workdir and --stage")
   return run_dir
 

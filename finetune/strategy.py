@@ -194,15 +194,15 @@ def resolve_strategy(cfg: ConfigDict, abstract_model: nnx.Module, abstract_param
 def _check_rules_reach_peft_trainable(cfg: ConfigDict, paths: Sequence[str], peft_trainable: frozenset[str]) -> None:
   """A freeze pattern or learning-rate multiplier whose parameters the PEFT method freezes anyway changes nothing:
   as a rule that matches nothing, it is a mistake (a rate meant for the embeddings under LoRA, say)."""
-  rules = [("config.freeze.patterns", pattern) for pattern in cfg.freeze.patterns] + \
-      [("config.optimizer.lr_multipliers", rule[0]) for rule in cfg.optimizer.lr_multipliers]
-  for where, pattern in rules:
+  rules = [("config.freeze.patterns", pattern, "drop it") for pattern in cfg.freeze.patterns] + \
+      [("config.optimizer.lr_multipliers", rule[0], "drop it, or train them with config.peft.modules_to_save")
+       for rule in cfg.optimizer.lr_multipliers]
+  for where, pattern, fix in rules:
     matched = [p for p in paths if re.search(pattern, p)]
     if matched and not any(p in peft_trainable for p in matched):
       raise FinetuneError(f"{where}: pattern {pattern!r} matches only parameters that config.peft.method="
                           f"{cfg.peft.method!r} freezes anyway ({', '.join(matched[:3])}"
-                          f"{', ...' if len(matched) > 3 else ''}), so it changes nothing; drop it, or train them "
-                          "with config.peft.modules_to_save")
+                          f"{', ...' if len(matched) > 3 else ''}), so it changes nothing; {fix}")
 
 
 def write_table(strategy: Strategy, run_dir: str, stage: str) -> None:

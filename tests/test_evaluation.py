@@ -40,3 +40,23 @@ def test_a_qlora_run_with_stacked_layers_evaluates_as_it_ended(tmp_path):
                        train={"steps": 4, "log_every": 2, "checkpoint_every": 0, "scan_layers": True})
   train_lib.train_and_evaluate(config, str(tmp_path))
   _assert_equals_its_final_evaluation(tmp_path, evaluate_run(str(tmp_path)))
+
+
+def test_a_stage_that_turned_peft_off_and_stopped_early_evaluates_on_another_split(tmp_path):
+  """(Rebuilt from its own config.json, a stage with method='' under the base config's LoRA settings was refused as
+  'PEFT settings without a method', and early stopping on validation refused evaluating test alone.)"""
+  vit = {"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32}
+  config = tiny_config(
+      model=vit, peft={"method": "lora", "targets": ("query",), "rank": 2, "modules_to_save": ("^head/",)},
+      data={"name": "synthetic", "batch_size": 8, "eval_batch_size": 8, "validation_fraction": 0.25,
+            "eval_splits": ("validation", "test"),
+            "options": {"kind": "images", "image_shape": (8, 8, 1), "num_classes": 4, "num_examples": 48}},
+      train={"steps": 4, "log_every": 2, "checkpoint_every": 0, "eval_every": 2,
+             "early_stopping": {"metric": "validation/accuracy", "patience": 5}},
+      stages={"plain": {"peft": {"method": ""}}, "lora": {"init_from": "stage:plain"}})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  _assert_equals_its_final_evaluation(tmp_path / "plain", evaluate_run(str(tmp_path), "plain"))
+  test_only = evaluate_run(str(tmp_path), "plain", ["data.eval_splits=('test',)"])
+  assert list(test_only) == ["test"]
+  final = json.load(open(tmp_path / "plain" / "summary.json"))["final"]
+  assert test_only["test"]["accuracy"] == final["test"]["accuracy"]

@@ -277,11 +277,12 @@ def test_rules_that_only_reach_parameters_peft_freezes_are_refused(tmp_path):
   from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
   vit = {"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32}
   lora = {"method": "lora", "targets": ("query",), "rank": 2, "modules_to_save": ("^head/",)}
-  for section, message in [
-      ({"optimizer": {"lr_multipliers": ((r"^patch_embed/", 10.0),)}}, "config.optimizer.lr_multipliers: pattern"),
-      ({"freeze": {"patterns": (r"/key/",)}}, "config.freeze.patterns: pattern")]:
+  for section, message, fix in [
+      ({"optimizer": {"lr_multipliers": ((r"^patch_embed/", 10.0),)}}, "config.optimizer.lr_multipliers: pattern",
+       "drop it, or train them with config.peft.modules_to_save"),
+      ({"freeze": {"patterns": (r"/key/",)}}, "config.freeze.patterns: pattern", "drop it$")]:
     with pytest.raises(FinetuneError, match=rf"{message} .* matches only parameters that config.peft.method='lora' "
-                                            r"freezes anyway .* drop it, or train them with config.peft.modules_to_sa"):
+                                            rf"freezes anyway .* so it changes nothing; {fix}"):
       train_lib.build_stage(tiny_config(model=vit, peft=lora, **section))
   # Rules that reach a trained parameter stay: LoRA's B factors faster, the head frozen.
   train_lib.build_stage(tiny_config(model=vit, peft=lora, optimizer={"lr_multipliers": (("lora_b$", 4.0),)},
