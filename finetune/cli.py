@@ -43,23 +43,17 @@ def _parser() -> argparse.ArgumentParser:
                                  "after --config.data.<key>=<value> / --config.mesh.<key>=<value> overrides (another "
                                  "test file, other splits, another mesh); prints a table and writes nothing into "
                                  "the run.")
-  evaluate.add_argument("--workdir", required=True, help="a run directory made by `finetune train`")
-  evaluate.add_argument("--stage", default="", help="stage of a multi-stage run (default: the last)")
-  evaluate.add_argument("--unfinished", action="store_true",
-                        help="evaluate the latest checkpoint of a stage that has not finished (default: refuse)")
+  _add_run_selection(evaluate, "evaluate")
   evaluate.add_argument("--out", default="", metavar="FILE.json", help="also write {split: metrics} to this file")
   export = commands.add_parser("export", help="write a run's parameters as a Hugging Face checkpoint",
                                description="Write a finished run's latest checkpoint as a Hugging Face checkpoint "
                                "(BERT, ViT, GPT-2, Llama; PEFT runs merged) or as a PEFT LoRA adapter.")
-  export.add_argument("--workdir", required=True, help="a run directory made by `finetune train`")
+  _add_run_selection(export, "export")
   export.add_argument("--format", default="hf",
                       help="hf (config.json + model.safetensors + tokenizer; PEFT runs merged) or peft "
                       "(a LoRA adapter for peft.PeftModel)")
   export.add_argument("--out", required=True,
                       help="output folder (an earlier export there is replaced; any other non-empty folder is refused)")
-  export.add_argument("--stage", default="", help="stage of a multi-stage run (default: the last)")
-  export.add_argument("--unfinished", action="store_true",
-                      help="export the latest checkpoint of a stage that has not finished (default: refuse)")
   plan = commands.add_parser("plan", help="per-device memory and FLOPs of a config's train step, from shapes only",
                              description="Compile every stage's train step from abstract shapes (nothing is "
                              "allocated) and print per-device parameter / optimizer bytes, XLA's memory analysis "
@@ -99,6 +93,14 @@ def _parser() -> argparse.ArgumentParser:
   sweep.add_argument("--wandb-sweep", default="", metavar="OUT.yaml",
                      help="write the points as a wandb grid sweep definition instead of running them")
   return parser
+
+
+def _add_run_selection(parser: argparse.ArgumentParser, verb: str) -> None:
+  """--workdir, --stage and --unfinished: which finished run's final checkpoint `eval` and `export` read."""
+  parser.add_argument("--workdir", required=True, help="a run directory made by `finetune train`")
+  parser.add_argument("--stage", default="", help="stage of a multi-stage run (default: the last)")
+  parser.add_argument("--unfinished", action="store_true",
+                      help=f"{verb} the latest checkpoint of a stage that has not finished (default: refuse)")
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -36,10 +36,7 @@ def evaluate_run(workdir: str, stage: str = "", overrides: Sequence[str] = (),
     if not override.startswith(OVERRIDABLE):
       raise FinetuneError(f"eval may override data.* and mesh.* keys only (the weights fix the rest); got "
                           f"--config.{override}")
-  run_dir = resolve_run_dir(workdir, stage)
-  if not unfinished and not os.path.isfile(os.path.join(run_dir, train_lib.SUMMARY_FILE)):
-    raise FinetuneError(f"{run_dir} has not finished (no summary.json); finish it with `finetune train` on the same "
-                        "--workdir, or pass --unfinished to evaluate its latest checkpoint")
+  run_dir = resolve_run_dir(workdir, stage, unfinished, "evaluate")
   checkpoints = os.path.join(run_dir, "checkpoints")
   if not os.path.isdir(checkpoints) or not any(name.isdigit() for name in os.listdir(checkpoints)):
     raise FinetuneError(f"{run_dir} has no checkpoint yet (checkpoints/<step>); train it further, or evaluate "

@@ -38,8 +38,9 @@ def _stages(workdir: str) -> list[str]:
   return list(read_json(config_path).get("stages", {})) if os.path.isfile(config_path) else []
 
 
-def resolve_run_dir(workdir: str, stage: str = "") -> str:
-  """The run folder of `workdir`'s `stage` (default: a single-stage run itself, or a multi-stage run's last stage)."""
+def resolve_run_dir(workdir: str, stage: str = "", unfinished: bool = True, verb: str = "export") -> str:
+  """The run folder of `workdir`'s `stage` (default: a single-stage run itself, or a multi-stage run's last stage).
+  `unfinished=False` refuses a stage that has not finished (no summary.json), telling how to `verb` it anyway."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   single = os.path.isdir(os.path.join(workdir, "checkpoints"))  # a single-stage run lives in the workdir itself
   if stage and single:  # its one stage is named 'train' in results tables and summaries
@@ -66,6 +67,9 @@ def resolve_run_dir(workdir: str, stage: str = "") -> str:
       raise FinetuneError(f"stage {os.path.basename(run_dir)!r} of {workdir} has not run yet; finish it with "
                           "`finetune train` on the same --workdir, or name another --stage")
     raise FinetuneError(f"{run_dir} is not a run directory (no config.json); check --workdir and --stage")
+  if not unfinished and not os.path.isfile(os.path.join(run_dir, "summary.json")):
+    raise FinetuneError(f"{run_dir} has not finished (no summary.json); finish it with `finetune train` on the same "
+                        f"--workdir, or pass --unfinished to {verb} its latest checkpoint")
   return run_dir
 
 
@@ -74,14 +78,11 @@ def export(workdir: str, out: str, fmt: str = "hf", stage: str = "", unfinished:
   `unfinished=True` exports the latest checkpoint of a stage that has not finished."""
   if fmt not in FORMATS:
     raise FinetuneError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
-  run_dir = resolve_run_dir(workdir, stage)
+  run_dir = resolve_run_dir(workdir, stage, unfinished, "export")
   out_path = os.path.abspath(os.path.expanduser(out))
   if run_dir == out_path or run_dir.startswith(out_path.rstrip(os.sep) + os.sep):
     raise FinetuneError(f"--out {out_path} holds the run being exported ({run_dir}) and would be replaced by the "
                         "export; choose a folder outside it")
-  if not unfinished and not os.path.isfile(os.path.join(run_dir, "summary.json")):
-    raise FinetuneError(f"{run_dir} has not finished (no summary.json); finish it with `finetune train` on the same "
-                        "--workdir, or pass --unfinished to export its latest checkpoint")
   cfg = ConfigDict(read_json(os.path.join(run_dir, "config.json")))
   hf.check_exportable(cfg.model.name)  # both formats write a transformers model (PEFT's: its base)
   arrays = read_checkpoint_arrays(resolve_checkpoint(run_dir, run_dir, unfinished=True))  # (checked just above)
