@@ -18,6 +18,7 @@ import re
 import sys
 import time
 import uuid
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -265,6 +266,13 @@ def build_stage(cfg: ConfigDict) -> Stage:
     target_rows = cfg.data.batch_size - rehearsal_count(cfg.rehearsal.fraction, cfg.data.batch_size)
     steps_per_epoch = len(pipeline.train) // target_rows
   total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+  if cfg.optimizer.warmup_steps >= total_steps:
+    # A warning, not an error: a smoke run that shortens a config's steps is a fair use; a full run this short is
+    # more likely a units slip (epochs read as steps), and its learning rate never reaches its peak.
+    length = f"config.train.steps={cfg.train.steps}" if cfg.train.steps else (
+        f"config.train.epochs={cfg.train.epochs} x {steps_per_epoch} steps per epoch = {total_steps} steps")
+    warnings.warn(f"config.optimizer.warmup_steps={cfg.optimizer.warmup_steps} is not below the stage's length "
+                  f"({length}): the learning rate never reaches its peak; lower warmup_steps or train longer")
   model_kwargs(cfg.model, pipeline.num_classes)  # Checked here: errors raised inside eval_shape carry jax noise.
   check_batch_keys(cfg, pipeline)
   vocabulary = vocab_size(cfg.model, pipeline.num_classes)

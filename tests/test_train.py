@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 
 import jax
 import numpy as np
@@ -511,6 +512,19 @@ def test_a_task_or_model_reading_entries_the_data_lacks_is_one_error():
   with pytest.raises(FinetuneError, match=r"model 'gpt2' reads batch entries input_ids, attention_mask, but data "
                                           r"source 'digits' gives image, label"):
     train_lib.build_stage(tiny_config(model={"name": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}))
+
+
+def test_a_warm_up_as_long_as_the_stage_is_reported_in_steps_and_in_epochs():
+  """(warmup_steps >= the stage's steps was taken silently: the learning rate never reached its peak.)"""
+  with pytest.warns(UserWarning, match=r"warmup_steps=12 is not below the stage's length \(config.train.steps=12\)"):
+    train_lib.build_stage(tiny_config(optimizer={"warmup_steps": 12}))
+  # digits: 1797 images, 20% held out for validation -> 1437 training rows, 44 batches of 32 per epoch
+  with pytest.warns(UserWarning, match=r"config.train.epochs=0.5 x 44 steps per epoch = 22 steps"):
+    train_lib.build_stage(tiny_config(train={"steps": 0, "epochs": 0.5}, optimizer={"warmup_steps": 40}))
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    train_lib.build_stage(tiny_config(optimizer={"warmup_steps": 11}))
+  assert not [w for w in caught if "warmup_steps" in str(w.message)]
 
 
 def test_logged_throughput_leaves_out_checkpoint_saves(tmp_path, monkeypatch):
