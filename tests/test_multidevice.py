@@ -158,6 +158,25 @@ def test_checkpoint_restores_onto_another_mesh(single_device_run, tmp_path):
       np.testing.assert_allclose(ours[collection][path], value, rtol=1e-5, atol=1e-5, err_msg=path)
 
 
+EVAL_RUN = '''
+import json, sys
+from finetune.evaluation import evaluate_run
+print(json.dumps(evaluate_run(sys.argv[1], overrides=["mesh.data=2", "mesh.fsdp=4", "data.eval_batch_size=40"])))
+'''
+
+
+def test_finetune_eval_scores_a_one_device_run_on_eight_devices_as_it_ended(single_device_run):
+  """`finetune eval` reads the checkpoint per layer onto another mesh (data 2 x fsdp 4) and another evaluation batch
+  (40 splits over 8 devices; 64 need not on every mesh): the scores equal the run's own final evaluation."""
+  result = run_python_with_args(EVAL_RUN, [str(single_device_run)])
+  assert result.returncode == 0, result.stderr[-3000:]
+  scores = json.loads(result.stdout.strip().splitlines()[-1])
+  final = json.loads((single_device_run / "summary.json").read_text())["final"]
+  assert scores.keys() == final.keys() == {"validation"}
+  assert scores["validation"]["accuracy"] == final["validation"]["accuracy"]
+  assert scores["validation"]["loss"] == pytest.approx(final["validation"]["loss"], rel=1e-5)
+
+
 TRANSFORMERS = {
     "bert": dict(task="classification", model={"name": "bert", "vocab_size": 64, "hidden_size": 16, "num_layers": 2,
                                                "num_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32,
