@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
@@ -182,6 +183,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def to_host(tree: Any) -> Any:
+  """Numpy copies of every array in `tree`, whole, on every process. `jax.device_get` cannot fetch an array that
+  spans other processes' devices (FSDP across hosts); `process_allgather` can, and is a collective: every process
+  must call this, even one that then discards the copy."""
+  if jax.process_count() > 1:
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -43,7 +43,7 @@ from finetune.partition import flatten, map_with_path, require_matches
 from finetune.reporting import MetricsLog, Progress, read_json, write_json
 from finetune.sharding import (batch_sharding, data_parallel_size, make_mesh, optimizer_state_shardings, replicated,
                                rules_from_config, state_shardings, ActivationSharding, check_rule_names,
-                               activation_rules_from_config)
+                               activation_rules_from_config, to_host)
 from finetune.methods import feature_cache
 from finetune.step import (TrainState, classify, compile_eval_step, compile_train_step, make_eval_step,
                            make_train_step)
@@ -402,8 +402,8 @@ def attach_regularizers(stage: Stage, state: TrainState, cfg: ConfigDict, workdi
   # an adapter was loaded onto the source's weights (config.peft.load_adapter), which the source does not hold.
   if "lwf" in names or ("l2sp" in names and cfg.peft.load_adapter):
     initial, _ = initial_state(stage, cfg, workdir)
-    start = jax.device_get(flatten(stage.layout.view(initial.params)))
-    start_state = jax.device_get(flatten(stage.layout.view(initial.model_state)))
+    start = to_host(flatten(stage.layout.view(initial.params)))
+    start_state = to_host(flatten(stage.layout.view(initial.model_state)))
   context = regularizers.Context(
       cfg=cfg, shapes={p: tuple(v.shape) for p, v in params.items()}, reinitialised=reinitialised, sources=sources,
       fisher=lambda source: source_fisher(cfg, source), start=start, start_state=start_state,
@@ -513,12 +513,14 @@ def evaluate_sources(cfg: ConfigDict, state: TrainState, sources: list[regulariz
   (the parameters this stage re-initialised, `dont_load`, come from the source). {source: {split: {before, after,
   drop}}}; also written to metrics.jsonl as split 'forgetting/<source>/<split>'."""
   report = {}
-  params = jax.device_get(flatten(stage.layout.view(state.params)))
+  # A source of another task (a language model under a classifier, say) has no head this model could read.
+  sources = [source for source in sources if source.cfg is not None and source.cfg.task == cfg.task
+             and os.path.isfile(os.path.join(source.run_dir, SUMMARY_FILE))]
+  if not sources:
+    return report
+  params = to_host(flatten(stage.layout.view(state.params)))
   for source in sources:
     summary_path = os.path.join(source.run_dir, SUMMARY_FILE)
-    # A source of another task (a language model under a classifier, say) has no head this model could read.
-    if source.cfg is None or not os.path.isfile(summary_path) or source.cfg.task != cfg.task:
-      continue
     before = read_json(summary_path)["final"]
     eval_cfg = config_lib.with_values(cfg, data=on_this_stage_s_devices(source.cfg, cfg).data)
     eval_stage = build_stage(eval_cfg)
@@ -770,12 +772,12 @@ def finish_stage(opened: OpenStage, state: TrainState, train_seconds: float, tra
         stage.graphdef, weights_of(state), pipeline, stage.mesh, run_dir, cfg.features.max_memory_mb)
     closed_form = feature_cache.closed_form_probes(tuple(cfg.features.closed_form), features, cfg.features.l2)
   checkpoints.prune()  # (after the final evaluation checked the newest checkpoint)
-  if adapters.enabled(cfg.peft) and jax.process_index() == 0:
-    unrolled = flatten(stage.layout.view(state.params))
+  if adapters.enabled(cfg.peft):
+    unrolled = to_host(flatten(stage.layout.view(state.params)))  # (on every process: a collective)
     trained = sorted(stage.strategy.trainable(stage.strategy.phase_index(stage.total_steps - 1)) |
                      {p for p in unrolled if p not in stage.base_paths})
-    adapters.save_adapter(os.path.join(run_dir, "adapter"), jax.device_get(unrolled), trained, cfg.peft,
-                          cfg.model)
+    if jax.process_index() == 0:
+      adapters.save_adapter(os.path.join(run_dir, "adapter"), unrolled, trained, cfg.peft, cfg.model)
   last_phase = stage.strategy.phase_index(stage.total_steps - 1)
   counts = stage.strategy.counts(last_phase)
   num_params = stage.peft_info.get("total_params", counts["params"]) if stage.peft_info else counts["params"]

@@ -23,6 +23,7 @@ import numpy as np
 from finetune import files, interrupts
 from finetune.errors import FinetuneError
 from finetune.partition import flatten
+from finetune.sharding import to_host
 
 LABEL_MODES = ("true", "empirical", "expected")
 
@@ -92,7 +93,7 @@ def estimate(apply: Callable[[Any, dict, Any], jax.Array], params: Any, batches,
     interrupts.raise_if_requested()  # (a Ctrl-C that a library dropped; see finetune/interrupts.py)
   if not seen:
     raise FinetuneError("no examples to estimate the Fisher information from; check the source stage's data")
-  return {path: np.asarray(value) / seen for path, value in flatten(jax.device_get(total)).items()}
+  return {path: np.asarray(value) / seen for path, value in flatten(to_host(total)).items()}
 
 
 def save(path: str, fisher: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
