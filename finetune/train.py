@@ -266,13 +266,6 @@ def build_stage(cfg: ConfigDict) -> Stage:
     target_rows = cfg.data.batch_size - rehearsal_count(cfg.rehearsal.fraction, cfg.data.batch_size)
     steps_per_epoch = len(pipeline.train) // target_rows
   total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
-  if cfg.optimizer.warmup_steps >= total_steps:
-    # A warning, not an error: a smoke run that shortens a config's steps is a fair use; a full run this short is
-    # more likely a units slip (epochs read as steps), and its learning rate never reaches its peak.
-    length = f"config.train.steps={cfg.train.steps}" if cfg.train.steps else (
-        f"config.train.epochs={cfg.train.epochs} x {steps_per_epoch} steps per epoch = {total_steps} steps")
-    warnings.warn(f"config.optimizer.warmup_steps={cfg.optimizer.warmup_steps} is not below the stage's length "
-                  f"({length}): the learning rate never reaches its peak; lower warmup_steps or train longer")
   model_kwargs(cfg.model, pipeline.num_classes)  # Checked here: errors raised inside eval_shape carry jax noise.
   check_batch_keys(cfg, pipeline)
   vocabulary = vocab_size(cfg.model, pipeline.num_classes)
@@ -682,6 +675,17 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
     opened.close()
 
 
+def warn_if_warmup_outlasts(cfg: ConfigDict, total_steps: int) -> None:
+  """A warning, not an error: a smoke run that shortens a config's steps is a fair use; a full run this short is
+  more likely a units slip (epochs read as steps), and its learning rate never reaches its peak. (Here, not in
+  build_stage, which also rebuilds earlier tasks' configs to evaluate them.)"""
+  if cfg.optimizer.warmup_steps >= total_steps:
+    length = f"config.train.steps={cfg.train.steps}" if cfg.train.steps else (
+        f"config.train.epochs={cfg.train.epochs}: {total_steps} steps")
+    warnings.warn(f"config.optimizer.warmup_steps={cfg.optimizer.warmup_steps} is not below the stage's length "
+                  f"({length}): the learning rate never reaches its peak; lower warmup_steps or train longer")
+
+
 def open_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") -> OpenStage | dict[str, Any]:
   """Everything before a stage's loop: its run directory, the stage, and its state (restored from the latest
   checkpoint, or initialised), regularizer anchors and cached features attached. A stage completed earlier
@@ -694,6 +698,7 @@ def open_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train")
     return read_json(summary_path)
   write_text(os.path.join(run_dir, "config.json"), config_lib.to_json(cfg))
   stage = build_stage(cfg)
+  warn_if_warmup_outlasts(cfg, stage.total_steps)
   write_table(stage.strategy, run_dir, name)
   if stage.peft_info and jax.process_index() == 0:
     print(f"[{name}] {adapters.describe(stage.peft_info)}", flush=True)

@@ -343,16 +343,17 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
 
 
 def test_gradient_accumulation_is_exact_when_micro_batches_count_different_numbers_of_tokens():
-  """Causal LM with padding: rows 1-3 predict 2 tokens, row 0 15, so the micro-batches count 17 and 4 tokens (however
-  the rows are split). Means are over the whole batch's tokens, so the update is the whole batch's (before, each micro-batch's mean counted
-  equally: a parameter moved 0.48 further with SGD at learning rate 1)."""
+  """Causal LM with padding: rows 1-3 predict 2 tokens, row 0 15, so the micro-batches count 17 and 4 tokens
+  (however the rows are split). Means are over the whole batch's tokens, so the update is the whole batch's
+  (before, each micro-batch's mean counted equally: a parameter moved 0.48 further with SGD at learning rate 1)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from finetune.step import make_train_step  # pylint: disable=g-import-not-at-top
   config = tiny_config(
       task="causal_lm", model={"name": "gpt2", "vocab_size": 64, "n_positions": 16, "n_embd": 16, "n_layer": 1,
                                "n_head": 2, "dropout": 0.0},
       data={"name": "synthetic", "batch_size": 4, "eval_batch_size": 4, "validation_fraction": 0.0,
-            "eval_splits": ("test",), "options": {"kind": "tokens", "length": 16, "vocab_size": 64, "num_examples": 16}},
+            "eval_splits": ("test",),
+            "options": {"kind": "tokens", "length": 16, "vocab_size": 64, "num_examples": 16}},
       optimizer={"name": "sgd", "learning_rate": 1.0, "warmup_steps": 0, "schedule": "constant", "momentum": 0.0})
   stage = train_lib.build_stage(config)
   state = stage.init_state(0)(jax.random.PRNGKey(0))
@@ -514,16 +515,26 @@ def test_a_task_or_model_reading_entries_the_data_lacks_is_one_error():
     train_lib.build_stage(tiny_config(model={"name": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}))
 
 
-def test_a_warm_up_as_long_as_the_stage_is_reported_in_steps_and_in_epochs():
+def test_a_warm_up_as_long_as_the_stage_is_reported_in_steps_and_in_epochs(tmp_path):
   """(warmup_steps >= the stage's steps was taken silently: the learning rate never reached its peak.)"""
-  with pytest.warns(UserWarning, match=r"warmup_steps=12 is not below the stage's length \(config.train.steps=12\)"):
-    train_lib.build_stage(tiny_config(optimizer={"warmup_steps": 12}))
+  short = {"log_every": 2, "checkpoint_every": 0}
+  with pytest.warns(UserWarning, match=r"warmup_steps=4 is not below the stage's length \(config.train.steps=4\)"):
+    train_lib.train_and_evaluate(tiny_config(train={**short, "steps": 4}, optimizer={"warmup_steps": 4}),
+                                 str(tmp_path / "steps"))
   # digits: 1797 images, 20% held out for validation -> 1437 training rows, 44 batches of 32 per epoch
-  with pytest.warns(UserWarning, match=r"config.train.epochs=0.5 x 44 steps per epoch = 22 steps"):
-    train_lib.build_stage(tiny_config(train={"steps": 0, "epochs": 0.5}, optimizer={"warmup_steps": 40}))
+  with pytest.warns(UserWarning, match=r"config.train.epochs=0.1: 5 steps"):
+    train_lib.train_and_evaluate(tiny_config(train={**short, "steps": 0, "epochs": 0.1},
+                                             optimizer={"warmup_steps": 40}), str(tmp_path / "epochs"))
+  # Not for an earlier task rebuilt to evaluate forgetting: 0.5 epochs of its 3 classes (431 rows) are 7 steps, but
+  # this stage trains 0.5 epochs of 10 classes, 22 steps.
+  train_lib.train_and_evaluate(tiny_config(train={**short, "steps": 4}, data={"classes": (0, 1, 2)}),
+                               str(tmp_path / "three_classes"))
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    train_lib.build_stage(tiny_config(optimizer={"warmup_steps": 11}))
+    train_lib.train_and_evaluate(tiny_config(train={**short, "steps": 0, "epochs": 0.5}, optimizer={"warmup_steps": 10},
+                                             init_from=str(tmp_path / "three_classes"), dont_load=("^head/",)),
+                                 str(tmp_path / "below"))
+  assert json.loads((tmp_path / "below" / "summary.json").read_text())["forgetting"]
   assert not [w for w in caught if "warmup_steps" in str(w.message)]
 
 
