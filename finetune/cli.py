@@ -210,9 +210,9 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
     return 0
   if dry_run:
     listed = [point for point in points if point.name in only] if only else points
-    print("\n".join(sweep.dry_run_commands(listed, workdir, vmap, config_spec, overrides)))
+    print("\n".join(sweep.dry_run_commands(listed, workdir, vmap)))
   if wandb_out:
-    sweep.write_wandb_sweep(wandb_out, points, workdir, config_spec, overrides)
+    sweep.write_wandb_sweep(wandb_out, points, workdir)
     print(f"wrote {wandb_out}: `wandb sweep {wandb_out}` creates the sweep, `wandb agent <sweep id>` runs it",
           file=sys.stderr if dry_run else sys.stdout)  # (stdout stays one command per line)
   if dry_run or wandb_out:
@@ -221,7 +221,7 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
     raise FinetuneError(f"--aggregate-only: {workdir} does not exist; run the sweep first (without the flag)")
   if os.path.isdir(workdir):  # a mistyped --metric fails now when some point has finished, not after the sweep
     sweep.collect(points, workdir, metrics)
-  outcomes = [] if aggregate_only else sweep.run_sweep(points, workdir, parallel, vmap, config_spec, overrides, only)
+  outcomes = [] if aggregate_only else sweep.run_sweep(points, workdir, parallel, vmap, only)
   failed = [o for o in outcomes if o.status == "failed"]
   try:
     print(sweep.aggregate(points, workdir, metrics, seed_key))

@@ -121,6 +121,9 @@ class Point:
   config_spec: str  # `file.py[:arg]` with this point's arguments merged in
   overrides: tuple[str, ...]  # `key=value` texts (what follows --config.): the command line's, then the point's
   config: ConfigDict  # resolved and validated
+  # What load_sweep was given: a process training points together (`--together`) loads the sweep again from them.
+  sweep_spec: str
+  sweep_overrides: tuple[str, ...]
 
   @property
   def stage_dirs(self) -> dict[str, str]:
@@ -133,6 +136,7 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
   """The points of `file.py[:arg]`'s `get_sweep(arg)`, each loaded with `load_config` (so a typo in any key fails
   here, before anything runs). `overrides` (`key=value`) apply to every point; one on a key the points set is
   refused, as the point's value would replace it."""
+  sweep_spec, sweep_overrides = spec, tuple(overrides)
   path, _, arg = spec.partition(":")
   get_sweep = getattr(config_lib.import_config_file(path), "get_sweep", None)
   if get_sweep is None:
@@ -179,7 +183,7 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
     if resolved in seen:
       raise FinetuneError(f"sweep points {seen[resolved]} and {name} resolve to the same config; drop one")
     seen[resolved] = name
-    points.append(Point(name, values, point_spec, tuple(point_overrides), config))
+    points.append(Point(name, values, point_spec, tuple(point_overrides), config, sweep_spec, sweep_overrides))
   return points
 
 
@@ -320,12 +324,11 @@ def train_argv(point: Point, workdir: str) -> list[str]:
           *(f"--config.{override}" for override in point.overrides)]
 
 
-def dry_run_commands(points: Sequence[Point], workdir: str, vmap: int = 1, spec: str = "",
-                     overrides: Sequence[str] = ()) -> list[str]:
+def dry_run_commands(points: Sequence[Point], workdir: str, vmap: int = 1) -> list[str]:
   """One shell-quoted `finetune train ...` line per point, for a cluster scheduler or a pod launcher; with
   `vmap` > 1 one `finetune sweep ... --together` line per group of points that train together."""
   return [shlex.join(["finetune", *(train_argv(group[0], workdir) if len(group) == 1 else
-                                    together_argv(group, workdir, spec, overrides))])
+                                    together_argv(group, workdir))])
           for group in plan_groups(points, vmap)]
 
 
@@ -358,9 +361,10 @@ class Outcome:
   log_path: str = ""  # where its output is: the first point's sweep.log, for points trained together
 
 
-def together_argv(group: Sequence[Point], workdir: str, spec: str, overrides: Sequence[str]) -> list[str]:
+def together_argv(group: Sequence[Point], workdir: str) -> list[str]:
   """The `finetune sweep ... --together a --together b` arguments that train `group` in one program
-  (finetune/vmap.py)."""
+  (finetune/vmap.py): the sweep loaded as it was, then the group's points picked by name."""
+  spec, overrides = group[0].sweep_spec, group[0].sweep_overrides
   return ["sweep", "--config", spec, "--workdir", workdir, *(arg for p in group for arg in ("--together", p.name)),
           *(f"--config.{override}" for override in overrides)]
 
@@ -381,18 +385,17 @@ def _check_vmap(vmap: int) -> None:
 
 def check_workdir(points: Sequence[Point], workdir: str) -> None:
   """Refuses a sweep folder whose point folders hold runs of other configs (say, the sweep re-run with another
-  --config.key or :arg), before anything is written: each point would fail on it in `finetune train`, after
-  points.json and the results had been overwritten with a table of incomplete rows. The test is train's own
-  (`prepare_workdir`'s, per stage folder), so a run that had not progressed, or a changed resumable key, passes."""
-  from finetune.train import check_same_config  # pylint: disable=g-import-not-at-top
+  --config.key or :arg, or with stages added), before anything is written: each point would fail on it in
+  `finetune train`, after points.json and the results had been overwritten with a table of incomplete rows. The
+  test is train's own (`train.check_workdir`), so a run that had not progressed, or a changed resumable key,
+  passes."""
+  from finetune.train import check_workdir as check_point_workdir  # pylint: disable=g-import-not-at-top
   differing = []  # (point, its error)
   for point in points:
-    for name, stage_cfg in config_lib.stage_configs(point.config):
-      try:
-        check_same_config(os.path.join(workdir, point.name, point.stage_dirs[name], "config.json"), stage_cfg)
-      except FinetuneError as e:
-        differing.append((point, e))
-        break
+    try:
+      check_point_workdir(point.config, os.path.join(workdir, point.name))
+    except FinetuneError as e:
+      differing.append((point, e))
   if differing:
     point, error = differing[0]
     more = f" (and {len(differing) - 1} more of the {len(points)} points)" if len(differing) > 1 else ""
@@ -409,8 +412,8 @@ def check_point_names(points: Sequence[Point], names: Sequence[str], what: str =
                         f"{', '.join(point.name for point in points)}")
 
 
-def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: int = 1, spec: str = "",
-              overrides: Sequence[str] = (), only: Sequence[str] = ()) -> list[Outcome]:
+def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: int = 1,
+              only: Sequence[str] = ()) -> list[Outcome]:
   """Runs every unfinished point as `python -m finetune train` in `<workdir>/<point name>`, up to `parallel` at a
   time, its output appended to `sweep.log` there; writes points.json first. A failed point does not stop the
   others. Prints a line per start, skip and end. `only`: the names of the points to run (`--only`; the others are
@@ -418,7 +421,7 @@ def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: in
 
   `vmap` > 1: unfinished points that can train together (same shapes; they differ only in seed, learning rate or
   regularizer strength, finetune/vmap.py) run in groups of up to `vmap` as one process and one jitted program,
-  `finetune sweep --config spec --together a --together b ...` (the group's output goes to the first point's
+  `finetune sweep --config <the sweep's spec> --together a --together b ...` (the group's output goes to the first point's
   sweep.log)."""
   # Every refusal before the first write: a run that stops here leaves the folder as it was.
   if parallel < 1:
@@ -451,7 +454,7 @@ def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: in
     if len(group) == 1:
       command = [sys.executable, "-m", "finetune", *train_argv(group[0], workdir)]
     else:
-      command = [sys.executable, "-m", "finetune", *together_argv(group, workdir, spec, overrides)]
+      command = [sys.executable, "-m", "finetune", *together_argv(group, workdir)]
     log_path = os.path.join(workdir, group[0].name, LOG_FILE)
     for point in group:
       os.makedirs(os.path.join(workdir, point.name), exist_ok=True)
@@ -717,7 +720,7 @@ def _example_metrics(summary: dict) -> list[str]:
 # ----------------------------------------------------------------------------------------------------- wandb
 
 
-def wandb_sweep(points: Sequence[Point], workdir: str, spec: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def wandb_sweep(points: Sequence[Point], workdir: str) -> dict[str, Any]:
   """A wandb sweep definition (method: grid) running the same points, for `wandb sweep` + `wandb agent`.
 
   wandb's grid runs every combination of per-parameter values. Where the points are exactly such a product
@@ -730,6 +733,7 @@ def wandb_sweep(points: Sequence[Point], workdir: str, spec: str, overrides: Seq
   Any other list of points (a `zipped(...)` sweep) is one parameter, `only`, whose values are the point names:
   each run is `finetune sweep ... --only=<name>`, which trains that point in `<workdir>/<name>` as the sweep
   would, so `finetune sweep --aggregate-only` tabulates the agents' runs."""
+  spec, overrides = points[0].sweep_spec, points[0].sweep_overrides
   keys = list(dict.fromkeys(key for point in points for key in point.values))
   axes = {key: {_value_text(p.values[key]): p.values[key] for p in points if key in p.values} for key in keys}
   grid = set(itertools.product(*axes.values()))  # (over the value texts)
@@ -775,11 +779,11 @@ def wandb_sweep(points: Sequence[Point], workdir: str, spec: str, overrides: Seq
   return definition
 
 
-def write_wandb_sweep(path: str, points: Sequence[Point], workdir: str, spec: str, overrides: Sequence[str] = ()):
+def write_wandb_sweep(path: str, points: Sequence[Point], workdir: str):
   """Writes `wandb_sweep(...)` as YAML with a comment saying how to start it."""
   import yaml  # pylint: disable=g-import-not-at-top  (PyYAML comes with transformers and datasets)
-  definition = wandb_sweep(points, workdir, spec, overrides)
-  header = (f"# {len(points)} points of {spec} as a wandb grid sweep. From the directory `finetune sweep` ran in:\n"
+  definition = wandb_sweep(points, workdir)
+  header = (f"# {len(points)} points of {points[0].sweep_spec} as a wandb grid sweep. From the directory `finetune sweep` ran in:\n"
             f"#   wandb sweep {path}   # prints the sweep id\n#   wandb agent <entity/project/sweep id>\n")
   if os.path.dirname(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -77,20 +77,27 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
   return summaries
 
 
-def prepare_workdir(config: ConfigDict, workdir: str) -> tuple[str, list[tuple[str, ConfigDict, str]]]:
-  """(absolute workdir, [(stage, stage config, run dir)]): checks every stage's earlier run before anything is
-  written (a changed config is refused), then writes workdir/config.json for a multi-stage run."""
+def check_workdir(config: ConfigDict, workdir: str) -> tuple[str, list[tuple[str, ConfigDict, str]]]:
+  """(absolute workdir, [(stage, stage config, run dir)]), writing nothing: refuses a workdir whose earlier run is
+  of the other layout, another config, or a source retrained since. `finetune sweep` asks it of every point
+  before it writes anything."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
   stages = config_lib.stage_configs(config)
   single = len(stages) == 1 and not len(config.stages)
   layout = [(name, stage_cfg, workdir if single else os.path.join(workdir, name)) for name, stage_cfg in stages]
-  _check_same_layout(workdir, single, [name for name, _ in stages])  # refuse before anything is written
+  _check_same_layout(workdir, single, [name for name, _ in stages])
   for name, stage_cfg, run_dir in layout:
     check_same_config(os.path.join(run_dir, "config.json"), stage_cfg)
     if stage_cfg.init_from.startswith("stage:"):  # (others are checked when the stage opens)
       check_same_source(run_dir, stage_cfg, workdir, name)
-  if not single:  # (a single stage writes workdir/config.json itself)
+  return workdir, layout
+
+
+def prepare_workdir(config: ConfigDict, workdir: str) -> tuple[str, list[tuple[str, ConfigDict, str]]]:
+  """`check_workdir`, then the workdir and, for a multi-stage run, workdir/config.json are written."""
+  workdir, layout = check_workdir(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if len(layout) > 1 or layout[0][2] != workdir:  # (a single stage writes workdir/config.json itself)
     write_text(os.path.join(workdir, "config.json"), config_lib.to_json(config))
   return workdir, layout
 

@@ -381,6 +381,16 @@ def test_vmap_sweep_trains_compatible_points_together(tmp_path, capsys):
   assert status == 2 and "no point named 'nope'" in err
 
 
+def test_points_loaded_in_the_library_train_together_as_they_were_loaded(tmp_path):
+  """(run_sweep and dry_run_commands took the sweep's spec and overrides as arguments of their own, defaulting to
+  none: a library caller's group ran `--config ''`, or trained without the overrides the points were loaded with.)"""
+  path = write_config(tmp_path, "seeds(2)")
+  points = load_sweep(f"{path}", ["optimizer.learning_rate=0.5"])
+  [line] = sweep.dry_run_commands(points, str(tmp_path / "w"), vmap=2)
+  assert shlex.split(line) == ["finetune", "sweep", "--config", path, "--workdir", str(tmp_path / "w"),
+                               "--together", "seed=0", "--together", "seed=1", "--config.optimizer.learning_rate=0.5"]
+
+
 def test_together_connects_a_launcher_s_processes_first(tmp_path, capsys, monkeypatch):
   """(`--together` never called distributed.initialize: under a launcher each process trained the whole group
   alone, into the same folders.)"""
@@ -489,6 +499,24 @@ def test_a_changed_config_on_a_finished_sweep_is_refused_before_anything_is_writ
   assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == files  # no sweep.log, no new folder
   # A point whose folder holds no progressed run (here: none at all) may run under the new config.
   sweep.check_workdir(load_sweep(path, [override]), str(tmp_path / "elsewhere"))
+
+
+def test_a_sweep_whose_points_gained_stages_is_refused_before_anything_is_written(tmp_path, capsys):
+  """(Only the config was compared: a single-stage sweep re-run with stages added ran every point into train's
+  layout refusal, and results.csv was overwritten with incomplete rows.)"""
+  path = write_config(tmp_path, "seeds(2)")
+  workdir = tmp_path / "sweep"
+  for point in load_sweep(path):
+    fake_run(workdir / point.name, point, [{"final": {"validation": {"accuracy": 0.5}}}])
+  assert sweep_cli(capsys, "--config", path, "--workdir", str(workdir))[0] == 0
+  written = (workdir / "results.csv").read_bytes()
+  path = write_config(tmp_path, "seeds(2)", extra=TWO_STAGES)
+  status, out, err = sweep_cli(capsys, "--config", path, "--workdir", str(workdir))
+  assert status == 2 and out == "" and err == (
+      f"finetune: error: sweep point seed=0 (and 1 more of the 2 points): {workdir}/seed=0 holds a single-stage run "
+      "and this config has stages (pre, ft); use a new --workdir (nothing was run or written)\n")
+  assert (workdir / "results.csv").read_bytes() == written
+  assert not (workdir / "seed=0" / "pre").exists()
 
 
 def test_aggregate_means_and_sample_stds_over_seeds(tmp_path):
