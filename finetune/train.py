@@ -392,8 +392,9 @@ def reinitialised_paths(stage: Stage, cfg: ConfigDict, paths: Any,
 
 
 def attach_regularizers(stage: Stage, state: TrainState, cfg: ConfigDict, workdir: str,
-                        sources: list[regularizers.Source]) -> tuple[Stage, TrainState]:
-  """Builds the regularizers' anchors (and the rehearsal data mix) and puts them into the stage and the state."""
+                        sources: list[regularizers.Source], resumed: bool) -> tuple[Stage, TrainState]:
+  """Builds the regularizers' anchors (and the rehearsal data mix) and puts them into the stage and the state.
+  `resumed`: `state` is a restored checkpoint, not the stage's starting point."""
   names = regularizers.active(cfg)
   params = flatten(stage.layout.view(state.params))
   reinitialised = reinitialised_paths(stage, cfg, params, sources[0].params if sources else frozenset())
@@ -401,7 +402,8 @@ def attach_regularizers(stage: Stage, state: TrainState, cfg: ConfigDict, workdi
   # The stage's starting point, rebuilt (identically) also when resuming: LwF's source model; L2-SP's anchor when
   # an adapter was loaded onto the source's weights (config.peft.load_adapter), which the source does not hold.
   if "lwf" in names or ("l2sp" in names and cfg.peft.load_adapter):
-    initial, _ = initial_state(stage, cfg, workdir)
+    # (A fresh state is that starting point: building it again would hold two copies, optimizer state included.)
+    initial = initial_state(stage, cfg, workdir)[0] if resumed else state
     start = to_host(flatten(stage.layout.view(initial.params)))
     start_state = to_host(flatten(stage.layout.view(initial.model_state)))
   context = regularizers.Context(
@@ -749,7 +751,7 @@ def open_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train")
           print(f"[{name}] resuming without evaluating the sources it started from (summary.json gets no "
                 f"'forgetting'): {e}", file=sys.stderr, flush=True)
     if regularizers.active(cfg):
-      stage, state = attach_regularizers(stage, state, cfg, workdir, sources)
+      stage, state = attach_regularizers(stage, state, cfg, workdir, sources, resuming)
       pipeline = stage.pipeline
     extraction_seconds = None
     if cfg.features.cache:

@@ -309,6 +309,28 @@ def test_each_regularizer_runs_and_reports_forgetting(target, key, tmp_path):
     assert (tmp_path / "pretrain" / "fisher-true-100-at-30.safetensors").exists()  # saved with the source, reused
 
 
+def test_lwf_takes_its_source_model_from_the_fresh_state_and_rebuilds_it_on_resume(tmp_path, monkeypatch):
+  """(A fresh LwF stage built its whole initial state twice, optimizer state and checkpoint read included.) A run
+  killed after its checkpoint at 10 (at 18, a step only the target logs) and resumed rebuilds the starting point and
+  ends as the uninterrupted run."""
+  built = []
+  real_initial_state = train_lib.initial_state
+  monkeypatch.setattr(train_lib, "initial_state", lambda stage, cfg, workdir: built.append(cfg.init_from) or
+                      real_initial_state(stage, cfg, workdir))
+  config = two_task_config(regularize={"lwf": {"weight": 1.0}}, train={"checkpoint_every": 10, "log_every": 3})
+  train_lib.train_and_evaluate(config, str(tmp_path / "clean"))
+  assert built == ["", "stage:pretrain"]  # one per stage
+  built.clear()
+  with conftest.killed_at_step(18), pytest.raises(KeyboardInterrupt):
+    train_lib.train_and_evaluate(config, str(tmp_path / "killed"))
+  train_lib.train_and_evaluate(config, str(tmp_path / "killed"))
+  assert built == ["", "stage:pretrain", "stage:pretrain"]  # the second from the resumed target stage
+  clean, resumed = (read_checkpoint_arrays(str(tmp_path / run / "target" / "checkpoints" / "20"))["params"]
+                    for run in ("clean", "killed"))
+  for path, value in clean.items():
+    np.testing.assert_array_equal(resumed[path], value, err_msg=path)
+
+
 def test_errors_name_the_problem():
   with pytest.raises(FinetuneError, match="EWC needs an earlier task"):
     context(sources=[]).nearest("EWC")
