@@ -840,7 +840,7 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
   train_fn = None
   train_seconds, train_steps = 0.0, 0
   timer = IntervalTimer()
-  stopping = _EarlyStopping(cfg.train.early_stopping, os.path.join(run_dir, "best"), start)
+  stopping = _EarlyStopping(cfg.train.early_stopping, os.path.join(run_dir, "best"), start, total)
   if stopping.enabled:
     stage.layout.write(stopping.directory)  # best/<step> folders are init_from sources too
 
@@ -941,8 +941,9 @@ class _EarlyStopping:
   replayed, so a resumed run stops where an uninterrupted one does and ends on the same weights.
   """
 
-  def __init__(self, cfg: ConfigDict, directory: str, start: int):
+  def __init__(self, cfg: ConfigDict, directory: str, start: int, total: int):
     self.enabled = bool(cfg.metric)
+    self.total = total  # patience running out at the last step stops nothing: stopped_at stays None
     self.split, _, self.key = cfg.metric.partition("/")
     self.patience, self.sign = cfg.patience, 1.0 if cfg.mode == "max" else -1.0
     self.directory = directory
@@ -992,7 +993,7 @@ class _EarlyStopping:
       self.best_step, self.best_value, self.since_best = step, value, 0
     else:
       self.since_best += 1
-    if self.since_best >= self.patience and self.stopped_at is None:
+    if self.since_best >= self.patience and self.stopped_at is None and step < self.total:
       self.stopped_at = step
     return improved
 

@@ -375,6 +375,16 @@ def test_early_stopping_ends_on_the_best_checkpoint(metric, mode, learning_rate,
   assert summary["final"]["validation"][metric] == pytest.approx(stopping["best_value"], rel=1e-5)
 
 
+def test_patience_running_out_at_the_last_step_is_no_early_stop(tmp_path):
+  """(A run that trained every step reported stopped_at = its last step when patience ran out there.)"""
+  config = tiny_config(train={"steps": 12, "log_every": 4, "checkpoint_every": 0, "eval_every": 4,
+                              "early_stopping": {"metric": "validation/accuracy", "patience": 2}},
+                       optimizer={"learning_rate": 0.0, "warmup_steps": 0, "schedule": "constant"},
+                       model={"name": "mlp", "input_size": 64, "hidden": (16,)})
+  stopping = train_lib.train_and_evaluate(config, str(tmp_path))["train"]["early_stopping"]
+  assert stopping["best_step"] == 4 and stopping["stopped_at"] is None  # evaluated at 4, 8, 12: all equal
+
+
 def test_early_stopping_between_log_lines_logs_the_steps_since_the_last(tmp_path):
   """(The steps after the last log line were dropped unlogged, and unchecked for NaN, when the run stopped.)"""
   config = tiny_config(train={"steps": 40, "log_every": 5, "checkpoint_every": 0, "eval_every": 4,
