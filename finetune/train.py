@@ -263,11 +263,10 @@ def build_stage(cfg: ConfigDict) -> Stage:
     # part of the data-parallel axes.
     raise FinetuneError(f"config.mesh {dict(mesh.shape)} has {parallel} data-parallel devices (data x fsdp) for "
                         f"{jax.process_count()} processes; make data x fsdp a multiple of the process count")
-  for key in ("batch_size", "eval_batch_size"):
-    if cfg.data[key] % parallel or cfg.data[key] % jax.process_count():
-      processes = "" if jax.process_count() == 1 else f" and the {jax.process_count()} processes"
-      raise FinetuneError(f"config.data.{key}={cfg.data[key]} is not divisible by the {parallel} data-parallel "
-                          f"devices (mesh data x fsdp){processes}; pick a multiple")
+  # (The batch size is checked above; both split over the processes too, as `parallel` does.)
+  if cfg.data.eval_batch_size % parallel:
+    raise FinetuneError(f"config.data.eval_batch_size={cfg.data.eval_batch_size} is not divisible by the {parallel} "
+                        "data-parallel devices (mesh data x fsdp); pick a multiple")
   steps_per_epoch = pipeline.steps_per_epoch
   if cfg.rehearsal.fraction > 0:  # the batches attach_regularizers will mix: fewer target rows, more steps per epoch
     target_rows = cfg.data.batch_size - rehearsal_count(cfg.rehearsal.fraction, cfg.data.batch_size)
@@ -418,7 +417,9 @@ def attach_regularizers(stage: Stage, state: TrainState, cfg: ConfigDict, workdi
   if "rehearsal" in names:
     source = context.nearest("rehearsal")
     if source.cfg is None:
-      raise FinetuneError(f"rehearsal needs the earlier task's data, but {source.name} has no task config")
+      raise FinetuneError(f"rehearsal replays the earlier task's training data, named by its run's config.json, but "
+                          f"{source.name} is a Hugging Face checkpoint with no task data; init_from a run or stage "
+                          "that finetune trained on that task, or drop config.rehearsal")
     source_train = build_pipeline(source.cfg.data, source.cfg.seed).train
     stage = dataclasses.replace(stage, pipeline=with_rehearsal(stage.pipeline, source_train, cfg.rehearsal.fraction,
                                                                  cfg.train.grad_accum_steps))
@@ -900,8 +901,6 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
         timer.resume()
     if stopping.enabled:
       state = stopping.finish(state, stage, total, checkpoints)
-    elif start == total and checkpoints.latest_step() != total:
-      checkpoints.save(total, state.as_dict())
   finally:
     progress.close()
   return state, train_seconds, train_steps, stopping.report()
@@ -1010,10 +1009,8 @@ class _EarlyStopping:
       self.checkpoint_steps = [self.checkpoint_steps[-1], step]
 
   def update(self, step: int, results: dict[str, dict[str, float]], state: TrainState) -> int:
-    """Records an evaluation; returns the number of evaluations since the best."""
-    if self.split not in results or self.key not in results[self.split]:
-      raise FinetuneError(f"config.train.early_stopping.metric={self.split}/{self.key!r} is not evaluated; "
-                          f"evaluated: {', '.join(f'{s}/{k}' for s in results for k in results[s])}")
+    """Records an evaluation; returns the number of evaluations since the best. (The config check made sure the
+    metric is one the evaluation reports.)"""
     # Order matters for a kill at any point: the new best state, then the record naming it, then the pruning.
     if self._record(step, results[self.split][self.key]):
       best = self._checkpointer()
