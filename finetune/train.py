@@ -696,6 +696,55 @@ def warn_if_warmup_outlasts(cfg: ConfigDict, total_steps: int) -> None:
                   f"({length}): the learning rate never reaches its peak; lower warmup_steps or train longer")
 
 
+def _restore_or_init(stage: Stage, cfg: ConfigDict, checkpoints: Checkpointer, run_dir: str,
+                     workdir: str) -> tuple[TrainState, int, int, dict[str, Any]]:
+  """(state, start step, phase of the saved optimizer state, init report): the latest checkpoint restored (the
+  report read back, with 'resumed_from_step'), or a fresh state (init_from loaded) whose report init.json keeps."""
+  init_path = os.path.join(run_dir, "init.json")
+  start = checkpoints.latest_step()
+  if start is not None:
+    # The saved optimizer state has the structure of the phase of the last update made, step start - 1.
+    saved_phase = stage.strategy.phase_index(max(start - 1, 0))
+    state = TrainState(**checkpoints.restore(start, stage.abstract_state(saved_phase).as_dict()))
+    return state, start, saved_phase, {**read_json(init_path), "resumed_from_step": start}
+  state, init_report = initial_state(stage, cfg, workdir)
+  # This attempt's identity: a later stage records its source's, so retraining the source is noticed.
+  init_report = {"run_id": uuid.uuid4().hex, **init_report}
+  write_json(init_path, init_report)
+  return state, 0, 0, init_report
+
+
+def _read_sources(cfg: ConfigDict, workdir: str, name: str, resuming: bool) -> list[regularizers.Source]:
+  """The earlier tasks of the init_from lineage, for the regularizers and the forgetting evaluation."""
+  if not (cfg.init_from and (regularizers.active(cfg) or cfg.train.evaluate_sources)):
+    return []
+  try:
+    return regularizers.lineage(cfg, workdir, hf_weights=bool(regularizers.active(cfg)))
+  except FinetuneError as e:
+    if not resuming:
+      raise
+    # Resuming: training continues from this stage's own checkpoint, but the source it started from is read
+    # again, and its run may have pruned that step folder since (keep_checkpoints, early stopping's cleanup).
+    if regularizers.active(cfg):
+      raise FinetuneError(f"stage {name!r} resumes from its own checkpoint, but its regularizers "
+                          f"({', '.join(regularizers.active(cfg))}) need the weights it started from, and "
+                          f"reading them failed: {e}. Restore that checkpoint folder (its run may have pruned "
+                          "it), or start this stage afresh from a checkpoint that is kept") from None
+    if jax.process_index() == 0:
+      print(f"[{name}] resuming without evaluating the sources it started from (summary.json gets no "
+            f"'forgetting'): {e}", file=sys.stderr, flush=True)
+    return []
+
+
+def _with_cached_features(stage: Stage, state: TrainState, run_dir: str) -> Stage:
+  """`features.cache`: the frozen backbone run once over the data; the stage then trains the head on its output."""
+  cfg = stage.cfg
+  feature_cache.check_cacheable(stage.strategy, stage.pipeline, cfg.freeze.train_bn, stage.abstract_model)
+  pipeline = feature_cache.cached_pipeline(stage.graphdef, weights_of(state), stage.pipeline, stage.mesh, run_dir,
+                                           cfg.features.max_memory_mb)
+  return dataclasses.replace(stage, pipeline=pipeline, forward=feature_cache.classify_features, _cache={})
+
+
 def open_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") -> OpenStage | dict[str, Any]:
   """Everything before a stage's loop: its run directory, the stage, and its state (restored from the latest
   checkpoint, or initialised), regularizer anchors and cached features attached. A stage completed earlier
@@ -712,56 +761,22 @@ def open_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train")
   write_table(stage.strategy, run_dir, name)
   if stage.peft_info and jax.process_index() == 0:
     print(f"[{name}] {adapters.describe(stage.peft_info)}", flush=True)
-  pipeline = stage.pipeline
   checkpoints = Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.train.keep_checkpoints)
   stage.layout.write(checkpoints.directory)
   log = MetricsLog(run_dir, cfg.wandb, name, cfg.to_dict())
   try:
-    start = checkpoints.latest_step()
-    resuming = start is not None
-    init_report: dict[str, Any] = {}
-    init_path = os.path.join(run_dir, "init.json")
-    if start is not None:
-      # The saved optimizer state has the structure of the phase of the last update made, step start - 1.
-      saved_phase = stage.strategy.phase_index(max(start - 1, 0))
-      state = TrainState(**checkpoints.restore(start, stage.abstract_state(saved_phase).as_dict()))
-      init_report = {**read_json(init_path), "resumed_from_step": start}
-    else:
-      start, saved_phase = 0, 0
-      state, init_report = initial_state(stage, cfg, workdir)
-      # This attempt's identity: a later stage records its source's, so retraining the source is noticed.
-      init_report = {"run_id": uuid.uuid4().hex, **init_report}
-      write_json(init_path, init_report)
+    state, start, saved_phase, init_report = _restore_or_init(stage, cfg, checkpoints, run_dir, workdir)
+    resuming = "resumed_from_step" in init_report
     # Records after the restored step are recomputed identically; final evaluations are always redone.
     log.truncate_after(start, drop_evaluations_at=stage.total_steps)
-    sources = []
-    if cfg.init_from and (regularizers.active(cfg) or cfg.train.evaluate_sources):
-      try:
-        sources = regularizers.lineage(cfg, workdir, hf_weights=bool(regularizers.active(cfg)))
-      except FinetuneError as e:
-        if not resuming:
-          raise
-        # Resuming: training continues from this stage's own checkpoint, but the source it started from is read
-        # again, and its run may have pruned that step folder since (keep_checkpoints, early stopping's cleanup).
-        if regularizers.active(cfg):
-          raise FinetuneError(f"stage {name!r} resumes from its own checkpoint, but its regularizers "
-                              f"({', '.join(regularizers.active(cfg))}) need the weights it started from, and "
-                              f"reading them failed: {e}. Restore that checkpoint folder (its run may have pruned "
-                              "it), or start this stage afresh from a checkpoint that is kept") from None
-        if jax.process_index() == 0:
-          print(f"[{name}] resuming without evaluating the sources it started from (summary.json gets no "
-                f"'forgetting'): {e}", file=sys.stderr, flush=True)
+    sources = _read_sources(cfg, workdir, name, resuming)
     if regularizers.active(cfg):
       stage, state = attach_regularizers(stage, state, cfg, workdir, sources, resuming)
-      pipeline = stage.pipeline
     extraction_seconds = None
     if cfg.features.cache:
-      feature_cache.check_cacheable(stage.strategy, pipeline, cfg.freeze.train_bn, stage.abstract_model)
       began = time.perf_counter()
-      pipeline = feature_cache.cached_pipeline(stage.graphdef, weights_of(state), pipeline, stage.mesh, run_dir,
-                                               cfg.features.max_memory_mb)
+      stage = _with_cached_features(stage, state, run_dir)
       extraction_seconds = time.perf_counter() - began
-      stage = dataclasses.replace(stage, pipeline=pipeline, forward=feature_cache.classify_features, _cache={})
   except BaseException:
     checkpoints.close()
     log.close()
