@@ -1,8 +1,10 @@
 """A finished run evaluated again, on its own evaluation splits or on other data (`finetune eval`).
 
 Training already evaluates every split of `config.data.eval_splits` at its end (`summary.json: final`). This is for
-afterwards: the same weights on another split, another test file, other classes of the same dataset, or a mesh
-that fits another machine, without retraining and without writing into the run. The stage is rebuilt from its
+afterwards: the same weights on another split, another test file of the same classes, or a mesh that fits another
+machine, without retraining and without writing into the run. Data whose classes differ from those the head was
+trained on (other classes, the same ones in another order) is refused: labels would not mean what the head's outputs
+mean. The stage is rebuilt from its
 `config.json` with `data.*` and `mesh.*` overrides only (everything else is what the weights were trained as), and
 its final checkpoint (an early-stopped stage's best weights) is read onto that mesh.
 """
@@ -18,14 +20,27 @@ from ml_collections import ConfigDict
 
 from finetune import config as config_lib
 from finetune import train as train_lib
-from finetune.checkpoint import read_checkpoint_arrays, resolve_checkpoint
+from finetune.checkpoint import read_checkpoint_arrays
+from finetune.data.pipeline import build_pipeline
 from finetune.errors import FinetuneError
-from finetune.export import resolve_run_dir
+from finetune.export import latest_checkpoint, resolve_run_dir
 from finetune.partition import map_with_path
 from finetune.reporting import read_json
 
 # What an evaluation may change: the data it reads and the devices it runs on.
 OVERRIDABLE = ("data.", "mesh.")
+
+
+def _trained_classes(run_dir: str, raw: dict[str, Any], overrides: Sequence[str]) -> tuple[str, ...] | None:
+  """The class names the stage trained on, in label order, where data overrides may have changed them: its
+  summary's, or (an unfinished stage) its own data's, loaded again. None without data overrides."""
+  if not any(override.startswith("data.") for override in overrides):
+    return None
+  summary_path = os.path.join(run_dir, train_lib.SUMMARY_FILE)
+  if os.path.isfile(summary_path):
+    return tuple(read_json(summary_path)["classes"])
+  cfg = config_lib.build_config(ConfigDict(raw), [o for o in overrides if not o.startswith("data.")])
+  return tuple(build_pipeline(cfg.data, cfg.seed).class_names)
 
 
 def evaluate_run(workdir: str, stage: str = "", overrides: Sequence[str] = (),
@@ -37,10 +52,7 @@ def evaluate_run(workdir: str, stage: str = "", overrides: Sequence[str] = (),
       raise FinetuneError(f"eval may override data.* and mesh.* keys only (the weights fix the rest); got "
                           f"--config.{override}")
   run_dir = resolve_run_dir(workdir, stage, unfinished, "evaluate")
-  checkpoints = os.path.join(run_dir, "checkpoints")
-  if not os.path.isdir(checkpoints) or not any(name.isdigit() for name in os.listdir(checkpoints)):
-    raise FinetuneError(f"{run_dir} has no checkpoint yet (checkpoints/<step>); train it further, or evaluate "
-                        "another --stage")
+  step_dir = latest_checkpoint(run_dir, "evaluate")
   raw = read_json(os.path.join(run_dir, "config.json"))
   # Nothing is loaded or trained: the weights come from the checkpoint (adapters included), regularizers and
   # rehearsal only shape training, cached features would swap in the head alone, fed by an extraction this does
@@ -55,10 +67,15 @@ def evaluate_run(workdir: str, stage: str = "", overrides: Sequence[str] = (),
              peft={**raw.get("peft", {}), "load_adapter": ""})
   cfg = config_lib.build_config(ConfigDict(raw), overrides)
   eval_stage = train_lib.build_stage(cfg)
+  trained_on = _trained_classes(run_dir, raw, overrides)
+  if trained_on is not None and tuple(eval_stage.pipeline.class_names) != trained_on:
+    # (data.classes renumbers the kept classes 0..n-1, so equal counts pass every shape check)
+    raise FinetuneError(f"the weights were trained on classes {list(trained_on)}, in that order, but the overrides "
+                        f"give {list(eval_stage.pipeline.class_names)}; evaluate data with the same classes in the "
+                        "same order (data.classes, data.name)")
   if not eval_stage.pipeline.eval_splits:
     raise FinetuneError("config.data.eval_splits is empty: name the splits to evaluate, e.g. "
                         "--config.data.eval_splits=\"('test',)\"")
-  step_dir = resolve_checkpoint(run_dir, run_dir, unfinished=True)
   arrays = read_checkpoint_arrays(step_dir)
   abstract = eval_stage.abstract_state(0)
 

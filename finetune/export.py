@@ -38,6 +38,16 @@ def _stages(workdir: str) -> list[str]:
   return list(read_json(config_path).get("stages", {})) if os.path.isfile(config_path) else []
 
 
+def latest_checkpoint(run_dir: str, verb: str) -> str:
+  """`run_dir`'s newest checkpoints/<step> folder (a finished stage's: its final weights). A stage killed before
+  its first checkpoint is told so, not sent to resolve_checkpoint's init_from wording."""
+  checkpoints = os.path.join(run_dir, "checkpoints")
+  if not os.path.isdir(checkpoints) or not any(name.isdigit() for name in os.listdir(checkpoints)):
+    raise FinetuneError(f"{run_dir} has no checkpoint yet (checkpoints/<step>); train it further, or {verb} "
+                        "another --stage")
+  return resolve_checkpoint(run_dir, run_dir, unfinished=True)
+
+
 def resolve_run_dir(workdir: str, stage: str = "", unfinished: bool = True, verb: str = "export") -> str:
   """The run folder of `workdir`'s `stage` (default: a single-stage run itself, or a multi-stage run's last stage).
   `unfinished=False` refuses a stage that has not finished (no summary.json), telling how to `verb` it anyway."""
@@ -85,10 +95,12 @@ def export(workdir: str, out: str, fmt: str = "hf", stage: str = "", unfinished:
                         "export; choose a folder outside it")
   cfg = ConfigDict(read_json(os.path.join(run_dir, "config.json")))
   hf.check_exportable(cfg.model.name)  # both formats write a transformers model (PEFT's: its base)
-  arrays = read_checkpoint_arrays(resolve_checkpoint(run_dir, run_dir, unfinished=True))  # (checked just above)
+  peft_cfg = cfg.get("peft", ConfigDict({"method": ""}))
+  if fmt == "peft":  # (before the checkpoint is read)
+    _check_peft_exportable(peft_cfg, run_dir)
+  arrays = read_checkpoint_arrays(latest_checkpoint(run_dir, "export"))
   params = arrays["params"]
   num_classes = params["head/kernel"].shape[1] if "head/kernel" in params else 0  # language models: no head
-  peft_cfg = cfg.get("peft", ConfigDict({"method": ""}))
   if fmt == "peft":
     return _export_peft(cfg, arrays, num_classes, run_dir, out_path)
   if adapters.enabled(peft_cfg):  # the plain model with the adapters folded in
@@ -102,21 +114,24 @@ def export(workdir: str, out: str, fmt: str = "hf", stage: str = "", unfinished:
   return _write_hf(cfg, params, num_classes, run_dir, out)
 
 
+def _check_peft_exportable(peft_cfg: ConfigDict, run_dir: str) -> None:
+  if not adapters.enabled(peft_cfg):
+    raise FinetuneError(f"{run_dir} is not a PEFT run (config.peft.method is empty); use --format hf")
+  if peft_cfg.method != "lora":
+    merges = PEFT_METHODS.get(peft_cfg.method).merge is not None
+    raise FinetuneError(f"--format peft exports LoRA adapters (and DoRA, rsLoRA); this run used config.peft.method="
+                        f"{peft_cfg.method!r}: " + ("use --format hf, which folds it into the weights" if merges else
+                                                   f"its adapter is {os.path.join(run_dir, 'adapter')}, loaded with "
+                                                   "finetune.adapters.load_model(..., adapter=...)"))
+
+
 def _export_peft(cfg: ConfigDict, arrays: dict, num_classes: int, run_dir: str, out: str) -> str:
   """The run's LoRA adapter in PEFT's format, with the base it belongs to: the Hugging Face checkpoint it started
   from when its frozen weights are that checkpoint's, else the run's own base written to OUT/base_model/."""
   from finetune import peft_format  # pylint: disable=g-import-not-at-top
   from finetune.methods import lora  # pylint: disable=g-import-not-at-top
 
-  peft_cfg, params = cfg.get("peft", ConfigDict({"method": ""})), arrays["params"]
-  if not adapters.enabled(peft_cfg):
-    raise FinetuneError(f"{run_dir} is not a PEFT run (config.peft.method is empty); use --format hf")
-  if peft_cfg.method != "lora":  # checked before anything is written
-    merges = PEFT_METHODS.get(peft_cfg.method).merge is not None
-    raise FinetuneError(f"--format peft exports LoRA adapters (and DoRA, rsLoRA); this run used config.peft.method="
-                        f"{peft_cfg.method!r}: " + ("use --format hf, which folds it into the weights" if merges else
-                                                   f"its adapter is {os.path.join(run_dir, 'adapter')}, loaded with "
-                                                   "finetune.adapters.load_model(..., adapter=...)"))
+  peft_cfg, params = cfg.peft, arrays["params"]
   base_paths = _base_paths(cfg, num_classes)
   adapter_dir = os.path.join(run_dir, "adapter")
   if adapters.is_adapter_dir(adapter_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -165,6 +166,13 @@ def test_export_replaces_only_an_earlier_export_and_only_finished_runs(capsys, t
   os.remove(run / "summary.json")  # as if it had been stopped before its end
   assert "has not finished (no summary.json)" in _error(capsys, ["export", "--workdir", str(run), "--out", str(out)])
   assert cli.main(["export", "--workdir", str(run), "--out", str(out), "--unfinished"]) == 0
+  assert "is not a PEFT run (config.peft.method is empty); use --format hf" in _error(
+      capsys, ["export", "--workdir", str(run), "--out", str(out), "--unfinished", "--format", "peft"])
+  for step in [name for name in os.listdir(run / "checkpoints") if name.isdigit()]:
+    shutil.rmtree(run / "checkpoints" / step)  # as if killed before its first checkpoint
+  # (It blamed init_from, a key the user never set.)
+  assert f"{run} has no checkpoint yet (checkpoints/<step>); train it further, or export another --stage" in _error(
+      capsys, ["export", "--workdir", str(run), "--out", str(out), "--unfinished"])
   stages = tmp_path / "stages"
   stages.mkdir()
   (stages / "config.json").write_text('{"stages": {"pretrain": {}, "finetune": {}}}')
@@ -397,8 +405,9 @@ def test_eval_scores_a_finished_run_again_on_other_data_and_writes_nothing_into_
   assert {p: os.path.getmtime(p) for p in run.rglob("*")} == before
   assert "eval may override data.* and mesh.* keys only" in _error(
       capsys, ["eval", "--workdir", str(run), "--config.train.steps=5"])
-  assert "params entry 'head/bias' is (10,), but this config's model needs (2,); the overrides changed" in _error(
-      capsys, ["eval", "--workdir", str(run), "--config.data.classes=(0, 1)"])
+  assert "the weights were trained on classes ['0', '1', '2', '3', '4', '5', '6', '7', '8', '9'], in that order, " \
+         "but the overrides give ['0', '1']" in _error(capsys, ["eval", "--workdir", str(run),
+                                                             "--config.data.classes=(0, 1)"])
   os.remove(run / "summary.json")
   assert "has not finished (no summary.json)" in _error(capsys, ["eval", "--workdir", str(run)])
   assert cli.main(["eval", "--workdir", str(run), "--unfinished"]) == 0

@@ -10,6 +10,7 @@ import pytest
 from conftest import tiny_config
 from finetune import train as train_lib
 from finetune.evaluation import evaluate_run
+from finetune.errors import FinetuneError
 from finetune.recipes import PROBE_FREEZE
 
 
@@ -60,3 +61,20 @@ def test_a_stage_that_turned_peft_off_and_stopped_early_evaluates_on_another_spl
   assert list(test_only) == ["test"]
   final = json.load(open(tmp_path / "plain" / "summary.json"))["final"]
   assert test_only["test"]["accuracy"] == final["test"]["accuracy"]
+
+
+def test_data_whose_classes_differ_from_the_trained_ones_is_refused_finished_or_not(tmp_path):
+  """(data.classes renumbers the kept classes 0..n-1: three other classes, or the same three reordered, passed every
+  shape check and were scored against a head that means something else: 0.37 and 0.26 for 0.97.)"""
+  config = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (16,)}, data={"classes": (0, 1, 2)},
+                       train={"steps": 4, "log_every": 2, "checkpoint_every": 2})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  for classes in ("(2, 1, 0)", "(3, 4, 5)"):
+    with pytest.raises(FinetuneError, match=r"the weights were trained on classes \['0', '1', '2'\], in that order, "
+                                            r"but the overrides give \['[0-5]', '[0-5]', '[0-5]'\]"):
+      evaluate_run(str(tmp_path), overrides=[f"data.classes={classes}"])
+  _assert_equals_its_final_evaluation(tmp_path, evaluate_run(str(tmp_path), overrides=["data.classes=(0, 1, 2)"]))
+  (tmp_path / "summary.json").unlink()  # unfinished: the classes come from its own data
+  with pytest.raises(FinetuneError, match="the weights were trained on classes"):
+    evaluate_run(str(tmp_path), overrides=["data.classes=(2, 1, 0)"], unfinished=True)
+  assert evaluate_run(str(tmp_path), overrides=["data.eval_batch_size=16"], unfinished=True)
