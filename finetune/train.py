@@ -221,6 +221,11 @@ class Stage:
                                weights, batch, self.mesh)
     return self._cached(("eval_step",), make)
 
+  def adopt_eval_step(self, other: "Stage") -> None:
+    """Evaluates with `other`'s compiled program: for stages known to build the same one (points trained together,
+    finetune/vmap.py), so it compiles once."""
+    self._cache[("eval_step",)] = other.eval_step()
+
   def enter_phase(self, state: TrainState, phase: int) -> TrainState:
     """Moves a state into `phase`: fresh optimizer state for newly trainable labels, the rest carried over."""
     tx, _ = self.optimizer(phase)

@@ -209,12 +209,13 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
   (state, train seconds, train steps, early-stopping report) or its error text ('' when it finished)."""
   runs = list(runs)
   errors = [""] * len(runs)
-  states = [run.state for run in runs]
   active = list(range(len(runs)))
   reference = runs[0].stage
   total, start, phase = reference.total_steps, runs[0].start, runs[0].phase
   for run in runs:
     _check_same_shapes(reference, run.stage, phase)
+  for run in runs[1:]:  # one evaluation program serves every point (same shapes, task and data): compiled once
+    run.stage.adopt_eval_step(reference)
   first_rate = runs[0].cfg.optimizer.learning_rate
   # (equal rates scale by 1: they may be 0, or unused under optimizer.lr_range)
   scales_all = np.asarray([1.0 if run.cfg.optimizer.learning_rate == first_rate
@@ -249,16 +250,25 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
       compiled[(phase, count)] = program.lower(abstract, batch, scales).compile()
     return compiled[(phase, count)]
 
-  def stack(members: list[int]) -> TrainState:
+  # Memory: the stacked state is the only copy kept. A point's own state or weights are sliced out of it when
+  # needed (an evaluation, a checkpoint, a phase change, the end) and dropped after use, so K points hold about K
+  # solo states, not three copies each.
+  def stack(point_states: list[TrainState]) -> TrainState:
     shardings = jax.tree.map(stacked, reference.state_shardings(phase))
-    return jax.device_put(jax.tree.map(lambda *leaves: jnp.stack(leaves), *[states[k] for k in members]), shardings)
+    return jax.device_put(jax.tree.map(lambda *leaves: jnp.stack(leaves), *point_states), shardings)
 
-  def unstack(together: TrainState, members: list[int]) -> None:
-    for position, k in enumerate(members):
-      states[k] = jax.device_put(jax.tree.map(lambda leaf: leaf[position], together),
-                                 runs[k].stage.state_shardings(phase))
+  def point_state(together: TrainState, position: int, k: int) -> TrainState:
+    return jax.device_put(jax.tree.map(lambda leaf: leaf[position], together), runs[k].stage.state_shardings(phase))
 
-  together = stack(active)
+  def point_weights(together: TrainState, position: int, k: int) -> dict[str, Any]:
+    """What an evaluation reads (no optimizer state)."""
+    weights = train_lib.weights_of(together)
+    shardings = {"params": runs[k].stage.params_sharding, "model_state": runs[k].stage.model_state_sharding}
+    return jax.device_put(jax.tree.map(lambda leaf: leaf[position], weights), shardings)
+
+  together = stack([run.state for run in runs])
+  for run in runs:
+    run.state = None  # (the stacked copy replaces it)
   program = step_program(phase, len(active))
   scales = jax.device_put(scales_all[active], replicated(mesh))
   pending: list[dict[str, jax.Array]] = []
@@ -269,11 +279,11 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
       step_phase = reference.strategy.phase_index(step)
       if step_phase != phase:  # an unfreezing boundary: each point enters the phase as it would alone
         timer.pause(pending)
-        unstack(together, active)
-        for k in active:
-          states[k] = runs[k].stage.enter_phase(states[k], step_phase)
-        phase = step_phase
-        together, program = stack(active), step_program(phase, len(active))
+        point_states = [runs[k].stage.enter_phase(point_state(together, position, k), step_phase)
+                        for position, k in enumerate(active)]
+        together, phase = None, step_phase
+        together, program = stack(point_states), step_program(phase, len(active))
+        del point_states
         timer.resume()
       # (points, per-process batch, ...): each point's own batch of this step
       batch = _point_batches(runs, active, step)
@@ -309,14 +319,13 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
       eval_every = reference.cfg.train.eval_every
       if eval_every and done % eval_every == 0 and done != total:
         timer.pause(pending)
-        unstack(together, active)
-        for k in active:
+        for position, k in enumerate(active):
           if errors[k]:  # diverged at this step: it stops below
             continue
-          stage = runs[k].stage
-          results = {split: train_lib.evaluate(stage.eval_step(), train_lib.weights_of(states[k]), stage.pipeline,
-                                               split, stage.mesh)
+          stage, weights = runs[k].stage, point_weights(together, position, k)
+          results = {split: train_lib.evaluate(stage.eval_step(), weights, stage.pipeline, split, stage.mesh)
                      for split in stage.pipeline.eval_splits}
+          del weights
           for split, metrics in results.items():
             runs[k].log.write(done, split, metrics)
           try:
@@ -327,11 +336,10 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
       survivors = [k for k in active if not errors[k]]
       if len(survivors) != len(active) or save_now or done == total:
         timer.pause(pending)
-        unstack(together, active)
-        for k in survivors:
-          if done == total or (runs[k].cfg.train.checkpoint_every and
-                               done % runs[k].cfg.train.checkpoint_every == 0):
-            runs[k].checkpoints.save(done, states[k].as_dict())
+        for position, k in enumerate(active):
+          if not errors[k] and (done == total or (runs[k].cfg.train.checkpoint_every and
+                                                  done % runs[k].cfg.train.checkpoint_every == 0)):
+            runs[k].checkpoints.save(done, point_state(together, position, k).as_dict())
         if len(survivors) != len(active):  # a point failed: the others go on without it
           # Steps not logged yet (a failed evaluation between log lines) keep only the survivors' rows: read by
           # position at the next log, they would otherwise give a survivor the failed point's metrics.
@@ -340,13 +348,16 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
           active = survivors
           if not active:
             break
-          together, program = stack(active), step_program(phase, len(active))
+          shardings = jax.tree.map(stacked, reference.state_shardings(phase))
+          together = jax.device_put(jax.tree.map(lambda leaf: leaf[keep], together), shardings)
+          program = step_program(phase, len(active))
           scales = jax.device_put(scales_all[active], replicated(mesh))
         timer.resume()  # (checkpoints and a recompilation are not training time)
-    unstack(together, active)
+    finished = {k: point_state(together, position, k) for position, k in enumerate(active)}
   finally:
     progress.close()
-  return [(states[k], train_seconds, train_steps, {}) for k in range(len(runs))], errors
+  # (a failed point has no state: its error is reported instead)
+  return [(finished.get(k), train_seconds, train_steps, {}) for k in range(len(runs))], errors
 
 
 def _point_batches(runs: Sequence[train_lib.OpenStage], active: list[int], step: int) -> dict[str, np.ndarray]:
