@@ -218,6 +218,9 @@ def read_peft_adapter(directory: str, model_cfg: ConfigDict, peft_cfg: ConfigDic
     for naming in ("installed", "checkpoint"):
       by_param[f"{module_name(name, hf_param, naming)}.{leaf}"] = (path, layout)
   arrays: dict[str, np.ndarray] = {}
+  # {our LoRA path: the module name the adapter used for it}: its rank/alpha patterns name modules that way (a
+  # pattern in one naming would not match the other's aliases).
+  used_names: dict[str, str] = {}
   for key, value in tensors.items():
     short = key[len(PREFIX):] if key.startswith(PREFIX) else key
     short = re.sub(r"\.modules_to_save(\.\w+)?\.", ".", short).replace(".base_layer.", ".")
@@ -229,6 +232,7 @@ def read_peft_adapter(directory: str, model_cfg: ConfigDict, peft_cfg: ConfigDic
                             f"model; set config.peft.targets to the adapter's target_modules "
                             f"{config.get('target_modules')}")
       path = by_module[module]
+      used_names[path] = module
       if part == "lora_A.weight":
         arrays[f"{path}/lora_a"] = np.ascontiguousarray(value.T)
       elif part == "lora_B.weight":
@@ -241,7 +245,7 @@ def read_peft_adapter(directory: str, model_cfg: ConfigDict, peft_cfg: ConfigDic
     else:
       raise FinetuneError(f"adapter {directory}: tensor {key} has no counterpart in model {name!r}; the adapter "
                           "belongs to another architecture")
-  _check_scaling(config, peft_cfg, loras, by_module, directory)
+  _check_scaling(config, peft_cfg, loras, used_names, directory)
   return arrays
 
 
@@ -251,12 +255,12 @@ def _flat_paths(abstract_model: nnx.Module) -> list[tuple[str, Any]]:
 
 
 def _check_scaling(config: dict[str, Any], peft_cfg: ConfigDict, loras: dict[str, LoRALinear],
-                   by_module: dict[str, str], directory: str) -> None:
+                   used_names: dict[str, str], directory: str) -> None:
   for key, ours in (("use_rslora", peft_cfg.rslora), ("use_dora", peft_cfg.dora)):
     if bool(config.get(key, False)) != bool(ours):
       raise FinetuneError(f"adapter {directory} has {key}={config.get(key)} but config.peft.{key[4:]}={ours}; "
                           f"set config.peft.{key[4:]}={bool(config.get(key))}")
-  for module, path in by_module.items():
+  for path, module in used_names.items():
     rank = _pattern(config.get("rank_pattern") or {}, module, config["r"])
     alpha = _pattern(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
     layer = loras[path]

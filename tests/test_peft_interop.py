@@ -163,6 +163,28 @@ def test_vit_export_names_follow_the_installed_transformers(tmp_path):
       np.testing.assert_array_equal(arrays[path], params[path])
 
 
+def test_vit_rank_and_alpha_patterns_import_back_in_either_naming(tmp_path):
+  """(The patterns were checked against both namings' module names: the other naming's alias matched no pattern,
+  fell back to r, and our own export could not be read back, blaming settings that were right.)"""
+  _, model_cfg = save_base("vit", tmp_path / "base")
+  model_cfg = ConfigDict(model_cfg)
+  cfg = peft_config(method="lora", targets=("query", "value"), rank=4, alpha=8.0, rank_pattern=(("value", 2),),
+                    alpha_pattern=(("query", 2.0),))
+  model = adapters.load_model(model_cfg, cfg, 3, checkpoint=str(tmp_path / "base"))
+  params = flatten(nnx.state(model, nnx.Param).to_pure_dict())
+  trained = [p for p in params if "lora" in p]
+  for naming in ("installed", "checkpoint"):
+    peft_format.export_peft(model_cfg, cfg, model, params, trained, 3, str(tmp_path / naming), naming=naming)
+    arrays = peft_format.read_peft_adapter(str(tmp_path / naming), model_cfg, cfg, model, 3)
+    assert sorted(arrays) == sorted(trained)
+  # The check still bites: the same adapter under another alpha for the queries.
+  other = peft_config(method="lora", targets=("query", "value"), rank=4, alpha=8.0, rank_pattern=(("value", 2),))
+  with pytest.raises(FinetuneError, match=r"attention.* has r=4, lora_alpha=2.0 but this model's LoRA layer "
+                                          r"blocks/0/attention/query has rank=4, alpha=8.0"):
+    peft_format.read_peft_adapter(str(tmp_path / "installed"), model_cfg, other,
+                                  adapters.load_model(model_cfg, other, 3, checkpoint=str(tmp_path / "base")), 3)
+
+
 PEFT_MADE = {
     "bert": (dict(target_modules=["query", "value"], r=4, lora_alpha=8, task_type="SEQ_CLS"),
              dict(targets=("query", "value"), rank=4, alpha=8.0, modules_to_save=("^head/",))),
