@@ -463,6 +463,19 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
   need(c.optimizer.warmup_steps >= 0 and c.optimizer.end_learning_rate_factor >= 0
        and c.optimizer.grad_clip_norm >= 0,
        "config.optimizer.warmup_steps, end_learning_rate_factor and grad_clip_norm must be >= 0 (0: none)")
+  # (b2=1 froze Adam's second moment and the NaN that followed blamed the learning rate; b2>1 trained silently)
+  need(0 <= c.optimizer.b1 < 1 and 0 <= c.optimizer.b2 < 1 and c.optimizer.eps > 0,
+       f"config.optimizer.b1={c.optimizer.b1} and b2={c.optimizer.b2} must be in [0, 1) and eps={c.optimizer.eps} "
+       "> 0 (Adam's defaults: 0.9, 0.999, 1e-8)")
+  # (an empty tuple was told to raise validation_fraction; 'train' that the source has no train split)
+  need(len(c.data.eval_splits) > 0, "config.data.eval_splits is empty: name at least one split to evaluate, e.g. "
+       "('validation',)")
+  need("train" not in c.data.eval_splits, "config.data.eval_splits names 'train': the training split is not "
+       "evaluated (metrics.jsonl logs its running loss and accuracy); carve a 'validation' split "
+       "(config.data.validation_fraction) or evaluate 'test'")
+  need(0 <= c.optimizer.momentum < 1, f"config.optimizer.momentum={c.optimizer.momentum} must be in [0, 1) (0: none)")
+  need(c.features.l2 >= 0 and c.features.max_memory_mb >= 0,
+       "config.features.l2 (the closed-form probes' ridge) and max_memory_mb must be >= 0")
   for group in c.groups:
     need(isinstance(group, (tuple, list)) and len(group) == 2 and all(isinstance(g, str) for g in group),
          f"config.groups entry {group!r} must be (group name, regex over parameter paths)")

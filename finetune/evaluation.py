@@ -73,9 +73,6 @@ def evaluate_run(workdir: str, stage: str = "", overrides: Sequence[str] = (),
     raise FinetuneError(f"the weights were trained on classes {list(trained_on)}, in that order, but the overrides "
                         f"give {list(eval_stage.pipeline.class_names)}; evaluate data with the same classes in the "
                         "same order (data.classes, data.name)")
-  if not eval_stage.pipeline.eval_splits:
-    raise FinetuneError("config.data.eval_splits is empty: name the splits to evaluate, e.g. "
-                        "--config.data.eval_splits=\"('test',)\"")
   arrays = read_checkpoint_arrays(step_dir)
   abstract = eval_stage.abstract_state(0)
 

@@ -690,6 +690,19 @@ def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") 
     opened.close()
 
 
+def check_early_stopping_split(cfg: ConfigDict, pipeline: InputPipeline) -> None:
+  """The split early stopping watches exists (the config check saw it in eval_splits, but a 'validation' split with
+  no fraction to carve and none of the source's own is left out by the pipeline: a KeyError at the first
+  evaluation, after the first checkpoints). Here, not in build_stage, which also rebuilds earlier tasks' data."""
+  metric = cfg.train.early_stopping.metric
+  split = metric.partition("/")[0]
+  if metric and split not in pipeline.eval_splits:
+    fix = ("set config.data.validation_fraction > 0 to carve one from the training data" if split == "validation"
+           else f"point config.data at data with a {split!r} split")
+    raise FinetuneError(f"config.train.early_stopping.metric={metric!r} watches split {split!r}, which data source "
+                        f"{cfg.data.name!r} does not give (evaluated: {', '.join(pipeline.eval_splits)}); {fix}")
+
+
 def warn_if_warmup_outlasts(cfg: ConfigDict, total_steps: int) -> None:
   """A warning, not an error: a smoke run that shortens a config's steps is a fair use; a full run this short is
   more likely a units slip (epochs read as steps), and its learning rate never reaches its peak. (Here, not in
@@ -763,6 +776,7 @@ def open_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train")
   write_text(os.path.join(run_dir, "config.json"), config_lib.to_json(cfg))
   stage = build_stage(cfg)
   warn_if_warmup_outlasts(cfg, stage.total_steps)
+  check_early_stopping_split(cfg, stage.pipeline)
   write_table(stage.strategy, run_dir, name)
   if stage.peft_info and jax.process_index() == 0:
     print(f"[{name}] {adapters.describe(stage.peft_info)}", flush=True)

@@ -185,6 +185,17 @@ def test_more_value_checks_give_one_line_errors():
       ({"optimizer": {"end_learning_rate_factor": -1.0}}, "end_learning_rate_factor and grad_clip_norm must be >= 0"),
       ({"optimizer": {"warmup_steps": -3}}, "warmup_steps, end_learning_rate_factor and grad_clip_norm must be >= 0"),
       ({"optimizer": {"grad_clip_norm": -1.0}}, "grad_clip_norm must be >= 0"),
+      # (b2=1 froze Adam's second moment and the NaN that followed blamed the learning rate; the rest trained.)
+      ({"optimizer": {"b2": 1.0}}, "config.optimizer.b1=0.9 and b2=1.0 must be in [0, 1) and eps=1e-08 > 0"),
+      ({"optimizer": {"b1": -1.0}}, "b1=-1.0 and b2=0.999 must be in [0, 1)"),
+      ({"optimizer": {"eps": -1.0}}, "and eps=-1.0 > 0"),
+      ({"optimizer": {"name": "sgd", "momentum": -3.0}}, "config.optimizer.momentum=-3.0 must be in [0, 1)"),
+      ({"features": {"l2": -1.0}}, "config.features.l2 (the closed-form probes' ridge) and max_memory_mb must be >= 0"),
+      ({"features": {"max_memory_mb": -1.0}}, "max_memory_mb must be >= 0"),
+      # (An empty tuple was told to raise validation_fraction; 'train' that the source had no train split.)
+      ({"data": {"eval_splits": ()}}, "config.data.eval_splits is empty: name at least one split"),
+      ({"data": {"eval_splits": ("train",)}}, "config.data.eval_splits names 'train': the training split is not "
+                                              "evaluated"),
       # (These were TypeError / ValueError tracebacks when the stage was built.)
       ({"groups": (("a",),)}, "config.groups entry ('a',) must be (group name, regex over parameter paths)"),
       ({"groups": (("a", "^layer"), ("head", 5))}, "config.groups entry ('head', 5) must be (group name, regex"),

@@ -375,6 +375,22 @@ def test_early_stopping_ends_on_the_best_checkpoint(metric, mode, learning_rate,
   assert summary["final"]["validation"][metric] == pytest.approx(stopping["best_value"], rel=1e-5)
 
 
+def test_early_stopping_on_a_split_the_data_does_not_give_fails_before_training(tmp_path):
+  """(No fraction to carve and no validation split of its own: the pipeline left 'validation' out, and the run
+  failed with a KeyError at its first evaluation, after training.)"""
+  config = tiny_config(
+      data={"name": "synthetic", "batch_size": 8, "eval_batch_size": 8, "validation_fraction": 0.0,
+            "eval_splits": ("validation", "test"),
+            "options": {"kind": "images", "image_shape": (8, 8, 1), "num_classes": 4, "num_examples": 48}},
+      train={"steps": 8, "log_every": 2, "checkpoint_every": 2, "eval_every": 4,
+             "early_stopping": {"metric": "validation/accuracy", "patience": 1}})
+  with pytest.raises(FinetuneError, match=r"early_stopping.metric='validation/accuracy' watches split 'validation', "
+                                          r"which data source 'synthetic' does not give \(evaluated: test\); set "
+                                          r"config.data.validation_fraction > 0"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
 def test_patience_running_out_at_the_last_step_is_no_early_stop(tmp_path):
   """(A run that trained every step reported stopped_at = its last step when patience ran out there.)"""
   config = tiny_config(train={"steps": 12, "log_every": 4, "checkpoint_every": 0, "eval_every": 4,

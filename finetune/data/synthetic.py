@@ -18,7 +18,10 @@ from finetune.errors import FinetuneError
 def synthetic(path: str = "", cache_dir: str = "", kind: str = "tokens", num_examples: int = 64,
               num_classes: int = 2, length: int = 128, vocab_size: int = 32000, image_shape: tuple = (32, 32, 3),
               seed: int = 0) -> Dataset:
-  del path, cache_dir
+  del cache_dir
+  if path:  # (it was ignored: a run meant for a data folder trained on these instead)
+    raise FinetuneError(f"data source 'synthetic' reads no files, but config.data.path={path!r}; drop the path, or "
+                        "name the source that reads it (config.data.name)")
   rng = np.random.default_rng(seed)
   labels = rng.integers(0, num_classes, num_examples).astype(np.int64)
   if kind == "tokens":

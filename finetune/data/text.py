@@ -11,6 +11,7 @@ padded or truncated to it, with an attention mask. A source-provided validation 
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -31,7 +32,7 @@ def read_labelled_lines(filename: str) -> tuple[list[str], np.ndarray]:
       if not line:
         continue
       label, _, sentence = line.partition(" ")
-      if not label.lstrip("-").isdigit() or not sentence:
+      if not re.fullmatch(r"-?\d+", label) or not sentence:  # (lstrip("-") let '--1' through to int())
         raise FinetuneError(f"{filename}:{number} is not '<integer label> <sentence>': {line[:60]!r}")
       sentences.append(sentence)
       labels.append(int(label))

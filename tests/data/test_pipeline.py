@@ -416,3 +416,9 @@ def test_unknown_source_option_is_an_error():
   cfg.options = ConfigDict({"foo": 1})
   with pytest.raises(FinetuneError, match="config.data.options.foo is not an option of data source 'digits'"):
     build_pipeline(cfg, seed=0)
+
+
+def test_a_path_given_to_a_source_that_reads_no_files_is_an_error():
+  """(digits and synthetic ignored config.data.path: a run meant for a data folder trained on digits.)"""
+  with pytest.raises(FinetuneError, match=r"data source 'digits' reads no files, but config.data.path='/no/such'"):
+    build_pipeline(_data_cfg(path="/no/such"), seed=0)

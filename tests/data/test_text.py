@@ -59,6 +59,9 @@ def test_bad_text_inputs(tmp_path):
   (tmp_path / "bad.txt").write_text("positive a good film\n")
   with pytest.raises(FinetuneError, match=r"bad.txt:1 is not '<integer label> <sentence>'"):
     read_labelled_lines(str(tmp_path / "bad.txt"))
+  (tmp_path / "dashes.txt").write_text("-1 a bad film\n--1 a worse one\n")  # (the second was a raw ValueError)
+  with pytest.raises(FinetuneError, match=r"dashes.txt:2 is not '<integer label> <sentence>'"):
+    read_labelled_lines(str(tmp_path / "dashes.txt"))
   with pytest.raises(FinetuneError, match="does not exist"):
     text_classification(str(tmp_path), train_file="missing.txt", tokenizer=_minilm_dir())
   with pytest.raises(FinetuneError, match="cannot load a tokenizer from"):
