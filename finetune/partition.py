@@ -72,6 +72,11 @@ def assign_groups(paths: Sequence[str], groups: Sequence[tuple[str, str]], sourc
   `groups` is the ordered [(name, regex)] list (input to output) from the model or from `config.groups`.
   """
   compiled = []
+  names = [name for name, _ in groups]
+  repeated = sorted({name for name in names if names.count(name) > 1})
+  if repeated:  # (rates, freezing and unfreezing go by name: two groups of one name got each other's)
+    raise FinetuneError(f"{source}: group name(s) {', '.join(map(repr, repeated))} used more than once; group names "
+                        "must be unique")
   for name, pattern in groups:
     # Optimizer labels are a group's name, 'name*multiplier' or 'name:bn', and 'frozen' is the frozen parameters'
     # label: a group named so would share an optimizer entry with another.

@@ -176,6 +176,7 @@ def resolve_strategy(cfg: ConfigDict, abstract_model: nnx.Module, abstract_param
     frozen = frozen | frozenset(p for p in shapes if p not in peft_trainable)
     if len(frozen) == len(shapes):
       raise FinetuneError("config.freeze freezes every parameter the PEFT method trains; leave some trainable")
+  _check_multipliers_reach_trainable(cfg, list(shapes), frozen)
   always_trainable = frozenset(bn_params - frozen) if cfg.freeze.train_bn else frozenset()
   group_lr = discriminative.group_peak_lrs(cfg.optimizer, groups)
   multiplier = discriminative.path_multipliers(cfg.optimizer, list(shapes))
@@ -203,6 +204,17 @@ def _check_rules_reach_peft_trainable(cfg: ConfigDict, paths: Sequence[str], pef
       raise FinetuneError(f"{where}: pattern {pattern!r} matches only parameters that config.peft.method="
                           f"{cfg.peft.method!r} freezes anyway ({', '.join(matched[:3])}"
                           f"{', ...' if len(matched) > 3 else ''}), so it changes nothing; {fix}")
+
+
+def _check_multipliers_reach_trainable(cfg: ConfigDict, paths: Sequence[str], frozen: frozenset[str]) -> None:
+  """A learning-rate multiplier whose parameters are all frozen for the stage sets no rate: a mistake, as a rule
+  matching nothing is."""
+  for rule in cfg.optimizer.lr_multipliers:
+    matched = [p for p in paths if re.search(rule[0], p)]
+    if matched and all(p in frozen for p in matched):
+      raise FinetuneError(f"config.optimizer.lr_multipliers: pattern {rule[0]!r} matches only parameters "
+                          f"config.freeze freezes for the stage ({', '.join(matched[:3])}"
+                          f"{', ...' if len(matched) > 3 else ''}), so it changes nothing; drop it or unfreeze them")
 
 
 def write_table(strategy: Strategy, run_dir: str, stage: str) -> None:

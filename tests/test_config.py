@@ -192,6 +192,9 @@ def test_more_value_checks_give_one_line_errors():
       ({"optimizer": {"name": "sgd", "momentum": -3.0}}, "config.optimizer.momentum=-3.0 must be in [0, 1)"),
       ({"features": {"l2": -1.0}}, "config.features.l2 (the closed-form probes' ridge) and max_memory_mb must be >= 0"),
       ({"features": {"max_memory_mb": -1.0}}, "max_memory_mb must be >= 0"),
+      # (A multiplier of 0 kept its parameters differentiated, with optimizer state, never moving.)
+      ({"optimizer": {"lr_multipliers": (("^stem/", 0.0),)}}, "must be (regex, multiplier > 0); to keep parameters "
+                                                             "fixed, freeze them (config.freeze.patterns)"),
       # (An empty tuple was told to raise validation_fraction; 'train' that the source had no train split.)
       ({"data": {"eval_splits": ()}}, "config.data.eval_splits is empty: name at least one split"),
       ({"data": {"eval_splits": ("train",)}}, "config.data.eval_splits names 'train': the training split is not "

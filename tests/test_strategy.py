@@ -75,6 +75,16 @@ def test_custom_groups_and_bad_partitions_are_errors():
       # 'frozen' is the frozen parameters' optimizer label: such a group gave them AdamW moments.
       ({"groups": (("frozen", "^(stem|stages)/"), ("head", "^head/"))}, "group name 'frozen' is reserved"),
       ({"groups": (("low*2", "^(stem|stages)/"), ("head", "^head/"))}, "group name 'low*2' is reserved or holds"),
+      # (Rates, freezing and unfreezing go by name: two groups of one name got each other's.)
+      ({"groups": (("a", "^stem/"), ("b", "^stages/0/"), ("a", "^stages/1/"), ("c", "^head/"))},
+       "group name(s) 'a' used more than once; group names must be unique"),
+      # (Rules that matched parameters but changed nothing were taken silently.)
+      ({"optimizer": {"lr_multipliers": (("kernel$", 0.1), ("^head/kernel$", 10.0))}},
+       "lr_multipliers rule ('^head/kernel$', 10.0) sets no rate: every parameter it matches matches an earlier rule"),
+      ({"freeze": {"first_n": 1}, "optimizer": {"lr_multipliers": (("^stem/", 5.0),)}},
+       "lr_multipliers: pattern '^stem/' matches only parameters config.freeze freezes for the stage"),
+      ({"freeze": {"patterns": ("/norm/",), "train_bn": True}},
+       "config.freeze.patterns: '/norm/' matches only BatchNorm parameters, which config.freeze.train_bn keeps"),
   ]
   for sections, message in cases:
     with pytest.raises(FinetuneError) as info:
@@ -329,3 +339,10 @@ def test_train_bn_trains_batch_norm_of_groups_not_yet_unfrozen(tmp_path):
   # used to give one tensor's start for the whole group.)
   stem = next(line for line in stage.strategy.short().splitlines() if line.split()[0] == "stem")
   assert "trains in parts: 2 tensors from step 0, 1 tensor from step 9" in stem, stem
+
+
+def test_train_bn_on_a_model_without_batch_norm_is_refused():
+  """(Taken silently: LayerNorm freezes with its group, so the setting changed nothing.)"""
+  vit = {"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32}
+  with pytest.raises(FinetuneError, match="config.freeze.train_bn=True but the model has no BatchNorm layer"):
+    train_lib.build_stage(tiny_config(model=vit, freeze={"first_n": 1, "train_bn": True}))

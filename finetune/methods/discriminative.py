@@ -46,13 +46,21 @@ def path_multipliers(opt_cfg: ConfigDict, paths: Sequence[str]) -> dict[str, flo
   """{path: multiplier from config.optimizer.lr_multipliers} (1.0 where no regex matches; first match wins)."""
   rules = []
   for rule in opt_cfg.lr_multipliers:
-    if len(rule) != 2 or not isinstance(rule[1], (int, float)) or rule[1] < 0:
-      raise FinetuneError(f"config.optimizer.lr_multipliers entry {tuple(rule)!r} must be (regex, multiplier >= 0)")
+    if len(rule) != 2 or not isinstance(rule[1], (int, float)) or rule[1] <= 0:
+      # (0 kept the parameters trainable: differentiated, with optimizer state, never moving)
+      raise FinetuneError(f"config.optimizer.lr_multipliers entry {tuple(rule)!r} must be (regex, multiplier > 0); "
+                          "to keep parameters fixed, freeze them (config.freeze.patterns)")
     rules.append((re.compile(rule[0]), float(rule[1])))
   require_matches([r[0] for r in opt_cfg.lr_multipliers], list(paths), "config.optimizer.lr_multipliers")
-  result = {}
+  result, first_matches = {}, set()
   for path in paths:
-    result[path] = next((m for regex, m in rules if regex.search(path)), 1.0)
+    index = next((i for i, (regex, _) in enumerate(rules) if regex.search(path)), None)
+    result[path] = 1.0 if index is None else rules[index][1]
+    first_matches.add(index)
+  for index, rule in enumerate(opt_cfg.lr_multipliers):
+    if index not in first_matches:  # (it matched only parameters an earlier rule had taken: it did nothing)
+      raise FinetuneError(f"config.optimizer.lr_multipliers rule {tuple(rule)!r} sets no rate: every parameter it "
+                          "matches matches an earlier rule, and the first match wins; reorder or narrow the rules")
   return result
 
 

@@ -30,6 +30,14 @@ def frozen_paths(freeze_cfg: ConfigDict, groups: Sequence[str], group_of: Mappin
   patterns = [re.compile(p) for p in freeze_cfg.patterns]
   frozen = {p for p in paths if group_of[p] in frozen_groups or any(r.search(p) for r in patterns)}
   if freeze_cfg.train_bn:
+    if not batch_norm_params:  # (taken silently: a ViT or a BERT has LayerNorm, which freezes like any layer)
+      raise FinetuneError("config.freeze.train_bn=True but the model has no BatchNorm layer, so it changes nothing; "
+                          "drop it (LayerNorm parameters freeze with their group)")
+    for pattern in freeze_cfg.patterns:
+      matched = [p for p in paths if re.search(pattern, p)]
+      if all(p in batch_norm_params for p in matched):  # (train_bn undid it: the pattern froze nothing)
+        raise FinetuneError(f"config.freeze.patterns: {pattern!r} matches only BatchNorm parameters, which "
+                            "config.freeze.train_bn keeps training; drop the pattern or train_bn")
     frozen -= batch_norm_params
   if len(frozen) == len(paths):
     raise FinetuneError("every parameter is frozen (config.freeze); leave at least one group trainable")

@@ -190,7 +190,10 @@ def inject(model: nnx.Module, peft_cfg: ConfigDict, rngs: nnx.Rngs) -> None:
 
 
 def lr_multiplier(path: str, peft_cfg: ConfigDict) -> float:
-  """LoRA+: B learns `lora_plus_ratio` times faster than A (the paper's lambda = eta_B / eta_A; 16 is its default)."""
+  """LoRA+: B learns `lora_plus_ratio` times faster than A (the paper's lambda = eta_B / eta_A; 16 is its default).
+
+  As in the paper, only B: HF PEFT's `create_loraplus_optimizer` also gives the ratio to every 1-D trainable
+  parameter (DoRA magnitudes, trained biases), so DoRA or bias training with LoRA+ differ from a PEFT run there."""
   return float(peft_cfg.lora_plus_ratio) if peft_cfg.lora_plus_ratio and path.endswith("/lora_b") else 1.0
 
 
