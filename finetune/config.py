@@ -183,7 +183,7 @@ def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
     if key not in spec:
       raise FinetuneError(f"unknown config argument {key!r}{_did_you_mean(key, spec)}; "
                           f"valid arguments: {', '.join(spec) or '(none)'}")
-    result[key] = _coerce(_parse_literal(text), spec[key], f":{key}")
+    result[key] = coerce(_parse_literal(text), spec[key], f":{key}")
   return result
 
 
@@ -351,6 +351,10 @@ def stage_configs(config: ConfigDict) -> list[tuple[str, ConfigDict]]:
   result = []
   for index, name in enumerate(names):
     stage = ConfigDict(base.to_dict())
+    stage_data = config.stages[name].get("data", {})
+    if stage_data.get("name", stage.data.name) != stage.data.name:
+      # Options are the source's arguments: a stage reading another source starts from none, not the base's.
+      stage.data.options = ConfigDict()
     try:
       _merge(stage, config.stages[name], prefix="")
     except FinetuneError as e:
@@ -388,6 +392,19 @@ def validate(config: ConfigDict) -> None:
   for name, stage in stages:
     where = "" if name == "train" and not len(config.stages) else f" (stage {name!r})"
     _validate_stage(stage, where)
+  # Validation is the first `fraction` of one fixed permutation of the training rows: a stage carving a larger
+  # fraction of the data its source trained on would validate on rows the source trained on.
+  by_name = dict(stages)
+  for name, stage in stages:
+    if not stage.init_from.startswith("stage:"):
+      continue
+    source = by_name[stage.init_from[len("stage:"):]]
+    same_data = all(_as_json(stage.data[key]) == _as_json(source.data[key]) for key in ("name", "path", "options"))
+    if same_data and stage.data.validation_fraction != source.data.validation_fraction:
+      raise FinetuneError(f"stage {name!r} carves config.data.validation_fraction={stage.data.validation_fraction} "
+                          f"of the data its source {stage.init_from!r} carved {source.data.validation_fraction} "
+                          "from, so its validation split would hold rows the source trained on; give both the same "
+                          "fraction")
   # PEFT settings with no method in any stage add no adapter: a LoRA setting alone would train the full model.
   # (A stage that sets method='' under a base config's LoRA settings turns PEFT off on purpose.)
   if not any(stage.peft.method for _, stage in stages):
@@ -663,7 +680,7 @@ def _merge(base: ConfigDict, update: ConfigDict | dict, prefix: str) -> None:
         raise FinetuneError(f"config key {dotted!r} is a section; set its keys ({', '.join(sorted(current.keys()))})")
       _merge(current, value, dotted)
     else:
-      base[key] = _coerce(value, current, dotted)
+      base[key] = coerce(value, current, dotted)
 
 
 def _merge_stage(target: ConfigDict, update: ConfigDict | dict, prefix: str) -> None:
@@ -689,7 +706,7 @@ def _parse_literal(text: Any) -> Any:
     return text
 
 
-def _coerce(value: Any, default: Any, dotted: str) -> Any:
+def coerce(value: Any, default: Any, dotted: str) -> Any:
   """Gives `value` the type of `default`, allowing only lossless widenings (int -> float, list -> tuple)."""
   def bad():
     return FinetuneError(f"config key {dotted!r} expects {type(default).__name__} (like {default!r}), "

@@ -260,6 +260,31 @@ def test_a_later_stage_s_model_or_data_option_typo_fails_before_any_stage_trains
     load_config(main, ["stages.scratch.data.options.num_exmaples=3"])
 
 
+def test_a_stage_carving_another_validation_fraction_of_its_source_s_data_is_refused():
+  """(Validation is the first fraction of one fixed permutation: a larger fraction validated on rows the source
+  stage had trained on, 179 of 359 on digits.)"""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  with pytest.raises(FinetuneError, match=r"stage 'target' carves config.data.validation_fraction=0.2 of the data "
+                                          r"its source 'stage:source' carved 0.1 from"):
+    tiny_config(stages={"source": {"data": {"validation_fraction": 0.1}},
+                        "target": {"init_from": "stage:source", "data": {"validation_fraction": 0.2}}})
+  # Other data (here: another source) may carve what it likes.
+  tiny_config(stages={"source": {"data": {"validation_fraction": 0.1}},
+                      "target": {"init_from": "stage:source", "data": {"name": "mnist", "validation_fraction": 0.2}}})
+
+
+def test_a_stage_reading_another_data_source_does_not_inherit_the_base_s_options():
+  """(The base's options for its source were merged into the stage's, which the other source refused, and a stage
+  could not drop them.)"""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config(data={"name": "synthetic", "options": {"kind": "images", "image_shape": (8, 8, 1)}},
+                       stages={"synthetic": {}, "digits": {"data": {"name": "digits"}},
+                               "more": {"data": {"options": {"num_examples": 32}}}})
+  stages = dict(stage_configs(config))
+  assert stages["digits"].data.options.to_dict() == {}
+  assert stages["more"].data.options.to_dict() == {"kind": "images", "image_shape": (8, 8, 1), "num_examples": 32}
+
+
 def test_a_base_override_that_stages_set_themselves_is_refused_or_named(capsys):
   """(Overrides of keys the stages set were accepted and silently reached no stage: only config.json changed.)"""
   main = str(REPO / "configs/mnist_transfer.py")

@@ -134,8 +134,9 @@ def _to_images(values: np.ndarray, image_shape: tuple[int, ...], where: str) -> 
   if images.ndim != 4:
     raise FinetuneError(f"images in {where} have shape {images.shape[1:]} per example, not (H, W) or (H, W, C); "
                         "set image_shape to the (H, W, C) to reshape them to")
-  is_integer = np.issubdtype(images.dtype, np.integer) or images.dtype == bool
-  if is_integer and (images.size == 0 or (images.min() >= 0 and images.max() <= 255)):
+  if images.dtype == bool:  # black and white: True is full intensity (as 1, it read as 1/255)
+    return images.astype(np.uint8) * 255
+  if np.issubdtype(images.dtype, np.integer) and (images.size == 0 or (images.min() >= 0 and images.max() <= 255)):
     return images.astype(np.uint8)
   return images.astype(np.float32)
 
@@ -215,6 +216,11 @@ def hf_files(path: str = "", cache_dir: str = "", format: str = "",  # pylint: d
   images, raw_labels = {}, {}
   for split, table in loaded.items():
     images[split], raw_labels[split] = _read_split(table, image_key, label_key, image_shape, f"{split} files")
+  kinds = {split: "integers 0..255 (scaled to [0, 1])" if value.dtype == np.uint8 else "floats (used as they are)"
+           for split, value in images.items() if len(value)}
+  if len(set(kinds.values())) > 1:  # (each split was typed on its own: train in [0, 1], test in 0..255, silently)
+    raise FinetuneError(f"the splits' pixels are stored differently: {'; '.join(f'{k}: {v}' for k, v in kinds.items())}"
+                        "; store every split's pixels the same way (all integers 0..255, or all floats)")
   class_names, labels = class_names_and_labels(
       raw_labels, {split: class_label_names(table, label_key) for split, table in loaded.items()},
       {split: f"label column {label_key!r} of the {split} files" for split in loaded})

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
+from finetune import config as config_lib
 from finetune.data import SOURCES
 from finetune.data.dataset import Dataset, Split, SubsetSplit
 from finetune.errors import FinetuneError
@@ -189,13 +190,19 @@ def _filter(split: Split, label_map: np.ndarray | None) -> Split:
 def check_options(data_cfg: ConfigDict) -> None:
   """Every key of config.data.options must be an argument of the data source (checked with the config, before any
   stage trains, and again when the source loads)."""
-  accepted = [p for p in inspect.signature(SOURCES.get(data_cfg.name)).parameters if p not in ("path", "cache_dir")]
+  parameters = inspect.signature(SOURCES.get(data_cfg.name)).parameters
+  accepted = [p for p in parameters if p not in ("path", "cache_dir")]
   for key in data_cfg.options:
     if key in ("path", "cache_dir"):
       raise FinetuneError(f"config.data.options.{key}: set config.data.{key} instead")
     if key not in accepted:
       raise FinetuneError(f"config.data.options.{key} is not an option of data source {data_cfg.name!r}; "
                           f"valid: {', '.join(accepted) or '(none)'}")
+    # Typed by the source's default, as every other config key is by its default ("64" failed inside numpy;
+    # pack="False", a truthy string, packed). Raises naming the key.
+    default = parameters[key].default
+    if default is not inspect.Parameter.empty:
+      config_lib.coerce(data_cfg.options[key], default, f"data.options.{key}")
 
 
 def build_pipeline(data_cfg: ConfigDict, seed: int) -> InputPipeline:

@@ -123,8 +123,17 @@ def class_names_and_labels(raw: dict[str, np.ndarray], names: dict[str, Sequence
     raw = {split: np.array([int(v) for v in values], np.int64) if split in named else values
            for split, values in raw.items()}  # "3" in one file, 3 in another: the same class
   elif named:
-    names = sorted({str(value) for values in raw.values() for value in values})
+    # The classes are the train split's: a label found only in a test file (a typo, say) would otherwise become a
+    # class of its own and renumber the others.
+    names = sorted({str(value) for value in raw.get("train", ())}) if "train" in raw else \
+        sorted({str(value) for values in raw.values() for value in values})
     index = {name: i for i, name in enumerate(names)}
+    for split, values in raw.items():
+      unknown = sorted({str(v) for v in values} - set(index))
+      if unknown:
+        raise FinetuneError(f"labels in {where[split]} include {', '.join(map(repr, unknown[:3]))}, which the train "
+                            f"split does not have (its classes: {', '.join(map(repr, names[:10]))}"
+                            f"{', ...' if len(names) > 10 else ''}); fix the labels or the file")
     return tuple(names), {split: np.array([index[str(v)] for v in values], np.int64) for split, values in raw.items()}
   labels = {}
   for split, values in raw.items():
@@ -139,9 +148,14 @@ def class_names_and_labels(raw: dict[str, np.ndarray], names: dict[str, Sequence
     if names is not None and labels[split].size and labels[split].max() >= len(names):
       raise FinetuneError(f"labels in {where[split]} include {labels[split].max()}, but the train split's ClassLabel "
                           f"has {len(names)} classes ({', '.join(map(repr, names))}); fix the column or its file")
-  if names is None:
-    num_classes = max((int(values.max()) + 1 for values in labels.values() if values.size), default=0)
+  if names is None:  # classes 0..the train split's largest label (as for names: train's, not the union)
+    counted = {"train": labels["train"]} if "train" in labels else labels
+    num_classes = max((int(values.max()) + 1 for values in counted.values() if values.size), default=0)
     names = [str(i) for i in range(num_classes)]
+    for split, values in labels.items():
+      if values.size and values.max() >= num_classes:
+        raise FinetuneError(f"labels in {where[split]} include {values.max()}, but the train split's largest label "
+                            f"is {num_classes - 1}; fix the labels or the file")
   return tuple(names), labels
 
 

@@ -130,7 +130,12 @@ def tfds(path: str = "", cache_dir: str = "", name: str = "", data_dir: str = ""
   label_feature = features[label_key]
   if isinstance(label_feature, tfds_lib.features.ClassLabel):
     class_names = tuple(label_feature.names)
-  else:  # A plain integer feature: classes are 0..max label.
-    num_classes = max((int(s.labels().max()) + 1 for s in dataset_splits.values() if len(s)), default=0)
+  else:  # A plain integer feature: classes are 0..the train split's largest label.
+    train = dataset_splits.get("train")
+    num_classes = int(train.labels().max()) + 1 if train is not None and len(train) else 0
+    for split, data in dataset_splits.items():
+      if len(data) and int(data.labels().max()) >= num_classes:
+        raise FinetuneError(f"TFDS {name} {split_names[split]} has label {int(data.labels().max())}, but the train "
+                            f"split's largest is {num_classes - 1}; its classes must be the train split's")
     class_names = tuple(str(i) for i in range(num_classes))
   return Dataset(name, dataset_splits, class_names)

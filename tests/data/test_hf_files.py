@@ -47,6 +47,21 @@ def test_jsonl_folder_with_nested_grayscale_lists(tmp_path):
 
 
 
+def test_splits_must_store_pixels_alike_and_boolean_pixels_are_full_intensity(tmp_path):
+  """(Each split was typed on its own: integer train pixels were scaled to [0, 1], float test pixels of the same
+  image stayed 0..255; and True read as 1/255.)"""
+  _write_jsonl(tmp_path / "train.jsonl", [{"image": [[200, 100], [50, 0]], "label": 0}])
+  _write_jsonl(tmp_path / "test.jsonl", [{"image": [[200.0, 100.5], [50.0, 0.0]], "label": 0}])
+  with pytest.raises(FinetuneError, match=r"the splits' pixels are stored differently: train: integers 0..255 "
+                                          r"\(scaled to \[0, 1\]\); test: floats \(used as they are\)"):
+    _load(tmp_path, path=str(tmp_path))
+  boolean = tmp_path / "boolean"
+  boolean.mkdir()
+  _write_jsonl(boolean / "train.jsonl", [{"image": [[True, False], [False, True]], "label": 0}])
+  images = _load(tmp_path, path=str(boolean)).splits["train"].take(np.arange(1))["image"]
+  assert images.dtype == np.uint8 and images[0, ..., 0].tolist() == [[255, 0], [0, 255]]
+
+
 def test_a_split_with_its_own_class_label_numbering_is_renumbered(tmp_path):
   """(Loaded in one `load_dataset` call, every split took the train split's features, so a test file whose own
   ClassLabel lacks a class kept its numbers under train's names.)"""

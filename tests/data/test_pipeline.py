@@ -422,3 +422,10 @@ def test_a_path_given_to_a_source_that_reads_no_files_is_an_error():
   """(digits and synthetic ignored config.data.path: a run meant for a data folder trained on digits.)"""
   with pytest.raises(FinetuneError, match=r"data source 'digits' reads no files, but config.data.path='/no/such'"):
     build_pipeline(_data_cfg(path="/no/such"), seed=0)
+
+
+def test_source_options_take_the_type_of_the_source_s_default():
+  """("64" failed inside numpy with a UFuncTypeError; pack="False", a truthy string, would pack.)"""
+  cfg = _data_cfg(name="synthetic", options=ConfigDict({"kind": "images", "num_examples": "64"}))
+  with pytest.raises(FinetuneError, match=r"config key 'data.options.num_examples' expects int \(like 64\), got '64'"):
+    build_pipeline(cfg, seed=0)

@@ -40,3 +40,16 @@ def test_class_names_in_one_split_and_numbers_in_another_are_refused():
     _labels(["neg", "pos"], [0, 1])
   names, labels = _labels(["0", "1", "2"], [2, 0])  # the same classes written as text in one file: matched
   assert names == ("0", "1", "2") and labels["train"].tolist() == [0, 1, 2] and labels["test"].tolist() == [2, 0]
+
+
+def test_a_label_only_another_split_has_is_refused_not_made_a_class():
+  """(Classes came from every split: a typo 'dgo' in the test file became a class and renumbered 'dog'; a test
+  label 7 over train's 0/1 made eight classes.)"""
+  with pytest.raises(FinetuneError, match=r"labels in the test file include 'dgo', which the train split does not "
+                                          r"have \(its classes: 'cat', 'dog'\)"):
+    _labels(["cat", "dog"], ["cat", "dgo"])
+  with pytest.raises(FinetuneError, match=r"labels in the test file include 7, but the train split's largest label "
+                                          r"is 1"):
+    _labels([0, 1], [0, 7])
+  names, labels = _labels(["cat", "dog", "eel"], ["dog"])  # a test file with fewer classes is fine
+  assert names == ("cat", "dog", "eel") and labels["test"].tolist() == [1]
