@@ -421,8 +421,8 @@ def run_sweep(points: Sequence[Point], workdir: str, parallel: int = 1, vmap: in
 
   `vmap` > 1: unfinished points that can train together (same shapes; they differ only in seed, learning rate or
   regularizer strength, finetune/vmap.py) run in groups of up to `vmap` as one process and one jitted program,
-  `finetune sweep --config <the sweep's spec> --together a --together b ...` (the group's output goes to the first point's
-  sweep.log)."""
+  `finetune sweep --config <the sweep's spec> --together a --together b ...` (the group's output goes to the
+  first point's sweep.log)."""
   # Every refusal before the first write: a run that stops here leaves the folder as it was.
   if parallel < 1:
     raise FinetuneError(f"--parallel {parallel}: run at least one point at a time; pass --parallel 1 or more")
@@ -783,7 +783,8 @@ def write_wandb_sweep(path: str, points: Sequence[Point], workdir: str):
   """Writes `wandb_sweep(...)` as YAML with a comment saying how to start it."""
   import yaml  # pylint: disable=g-import-not-at-top  (PyYAML comes with transformers and datasets)
   definition = wandb_sweep(points, workdir)
-  header = (f"# {len(points)} points of {points[0].sweep_spec} as a wandb grid sweep. From the directory `finetune sweep` ran in:\n"
+  header = (f"# {len(points)} points of {points[0].sweep_spec} as a wandb grid sweep. "
+            "From the directory `finetune sweep` ran in:\n"
             f"#   wandb sweep {path}   # prints the sweep id\n#   wandb agent <entity/project/sweep id>\n")
   if os.path.dirname(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
