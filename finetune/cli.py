@@ -113,7 +113,8 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     if arg.startswith("--config."):
       body = arg[len("--config."):]
       if "=" not in body:
-        if i + 1 >= len(args):
+        # (a flag after it was taken as its value: another override lost, or --workdir said to be missing)
+        if i + 1 >= len(args) or args[i + 1].startswith("--"):
           raise FinetuneError(f"override {arg} has no value; write {arg}=VALUE")
         body, i = f"{body}={args[i + 1]}", i + 1
       overrides.append(body)
@@ -196,6 +197,14 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
   if only and (together or wandb_out or aggregate_only):  # each of those covers points of its own: refuse the mix
     raise FinetuneError("--only picks points to run or print; --together, --wandb-sweep and --aggregate-only go "
                         "without it")
+  if parallel < 1:  # (checked only when points ran: --dry-run took any number)
+    raise FinetuneError(f"--parallel {parallel}: run at least one point at a time; pass --parallel 1 or more")
+  # Flags the mode never reads would be ignored silently: --dry-run, --wandb-sweep and --together neither run
+  # points side by side nor tabulate them.
+  mode = "--together" if together else "--dry-run" if dry_run else "--wandb-sweep" if wandb_out else ""
+  if mode and (parallel != 1 or metrics):
+    raise FinetuneError(f"{mode} neither runs points side by side nor tabulates them: drop "
+                        f"{'--parallel' if parallel != 1 else '--metric'}")
   points = sweep.load_sweep(config_spec, overrides)
   sweep.check_seed_key(points, seed_key)  # before any point runs, not after the sweep
   for flag, names in (("--together", together), ("--only", only)):

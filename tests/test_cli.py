@@ -97,6 +97,9 @@ def test_bad_inputs_each_give_one_line(capsys, tiny_file, tmp_path):
       capsys, ["train", "--config", tiny_file + ":steps=3", "--workdir", workdir])  # get_config never parses it
   assert "does not exist" in _error(capsys, ["train", "--config", "configs/nope.py", "--workdir", workdir])
   assert "required: --workdir" in _error(capsys, ["train", "--config", tiny_file])
+  # (The next flag was taken as the value: wandb.name became '--config.train.steps=7' and the run trained 300 steps.)
+  assert "override --config.wandb.name has no value; write --config.wandb.name=VALUE" in _error(
+      capsys, ["train", "--config", tiny_file, "--config.wandb.name", "--config.train.steps=7", "--workdir", workdir])
   assert "invalid choice" in _error(capsys, ["trian"])
 
 

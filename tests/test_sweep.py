@@ -381,6 +381,18 @@ def test_vmap_sweep_trains_compatible_points_together(tmp_path, capsys):
   assert status == 2 and "no point named 'nope'" in err
 
 
+def test_flags_a_mode_would_ignore_are_refused(tmp_path, capsys):
+  """(--dry-run took --parallel -3 and a --metric no summary has, and printed the commands.)"""
+  path = write_config(tmp_path, "seeds(2)")
+  workdir = str(tmp_path / "w")
+  status, _, err = sweep_cli(capsys, "--config", path, "--workdir", workdir, "--dry-run", "--parallel", "-3")
+  assert status == 2 and "--parallel -3: run at least one point at a time" in err
+  for mode in (["--dry-run"], ["--wandb-sweep", str(tmp_path / "w.yaml")], ["--together", "seed=0"]):
+    status, _, err = sweep_cli(capsys, "--config", path, "--workdir", workdir, *mode, "--metric", "no/such")
+    assert status == 2 and f"{mode[0]} neither runs points side by side nor tabulates them: drop --metric" in err
+  assert not os.path.exists(workdir) and not (tmp_path / "w.yaml").exists()
+
+
 def test_points_loaded_in_the_library_train_together_as_they_were_loaded(tmp_path):
   """(run_sweep and dry_run_commands took the sweep's spec and overrides as arguments of their own, defaulting to
   none: a library caller's group ran `--config ''`, or trained without the overrides the points were loaded with.)"""
