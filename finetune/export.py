@@ -10,7 +10,6 @@ half-written.
 
 from __future__ import annotations
 
-import inspect
 import os
 
 from ml_collections import ConfigDict
@@ -19,18 +18,10 @@ from finetune import adapters
 from finetune.adapters import PEFT_METHODS
 from finetune.checkpoint import read_checkpoint_arrays, resolve_checkpoint
 from finetune.errors import FinetuneError
-from finetune.models import MODELS, hf, model_kwargs
+from finetune.models import full_model_kwargs, hf
 from finetune.reporting import read_json, staged_directory
 
 FORMATS = ("hf", "peft")
-
-
-def full_model_kwargs(model_cfg: ConfigDict, num_classes: int) -> dict:
-  """Every constructor argument of the run's model: its defaults, overridden by what the config set."""
-  signature = inspect.signature(MODELS.get(model_cfg.name).__init__)
-  defaults = {name: p.default for name, p in signature.parameters.items()
-              if p.default is not inspect.Parameter.empty}
-  return {**defaults, **model_kwargs(model_cfg, num_classes)}
 
 
 def _stages(workdir: str) -> list[str]:

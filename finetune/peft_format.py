@@ -77,7 +77,7 @@ def module_name(model_name: str, param_name: str, naming: str = "installed") -> 
 
 
 def _model_kwargs(model_cfg: ConfigDict, num_classes: int) -> dict[str, Any]:
-  from finetune.export import full_model_kwargs  # pylint: disable=g-import-not-at-top
+  from finetune.models import full_model_kwargs  # pylint: disable=g-import-not-at-top
   return full_model_kwargs(model_cfg, num_classes)
 
 

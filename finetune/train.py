@@ -37,7 +37,7 @@ from finetune.data.pipeline import (InputPipeline, build_pipeline, check_token_i
                                     with_rehearsal)
 from finetune.data.dataset import SubsetSplit
 from finetune.errors import FinetuneError
-from finetune.models import MODELS, build_model, model_kwargs, vocab_size
+from finetune.models import MODELS, build_model, check_hf_architecture, hf, model_kwargs, vocab_size
 from finetune.optim import build_optimizer, carry_over, decays
 from finetune.partition import flatten, map_with_path, require_matches
 from finetune.reporting import MetricsLog, Progress, read_json, write_json
@@ -349,6 +349,8 @@ def initial_state(stage: Stage, cfg: ConfigDict, workdir: str) -> tuple[TrainSta
   params, model_state = stage.layout.view(state.params), stage.layout.view(state.model_state)
   if cfg.init_from:
     step_dir = resolve_checkpoint(cfg.init_from, workdir)
+    if hf.is_hf_checkpoint(step_dir):
+      check_hf_architecture(cfg.model, stage.pipeline.num_classes, step_dir)
     arrays = adapters.fold_source_adapters(step_dir, read_checkpoint_arrays(step_dir), cfg.peft,
                                            list(flatten(params)))
     # Every dont_load regex must match something: a pattern matching nothing is a typo.
@@ -364,7 +366,8 @@ def initial_state(stage: Stage, cfg: ConfigDict, workdir: str) -> tuple[TrainSta
     # Arrays the checkpoint holds but this model has no place for (layers beyond model.num_layers, an LM's output
     # layer under a classifier, a pooler the pooling does not use) are left out: said here and kept in init.json.
     unused = sorted((set(arrays["params"]) - set(loaded) - set(fresh)) |
-                    (set(arrays.get("model_state", {})) - set(loaded_stats) - set(fresh_stats)))
+                    (set(arrays.get("model_state", {})) - set(loaded_stats) - set(fresh_stats)) |
+                    set(arrays.get("unused", ())))  # (a Hugging Face checkpoint's tensors no rule maps: cls.*, ...)
     if unused:
       report["unused"] = unused
       print(f"init_from {step_dir}: {len(unused)} checkpoint array(s) have no place in this model and were not "

@@ -72,6 +72,38 @@ def model_kwargs(model_cfg: ConfigDict, num_classes: int) -> dict[str, Any]:
   return kwargs
 
 
+def full_model_kwargs(model_cfg: ConfigDict, num_classes: int) -> dict[str, Any]:
+  """Every constructor argument of the model: its defaults, overridden by what the config set."""
+  signature = inspect.signature(MODELS.get(model_cfg.name).__init__)
+  defaults = {name: p.default for name, p in signature.parameters.items()
+              if p.default is not inspect.Parameter.empty}
+  return {**defaults, **model_kwargs(model_cfg, num_classes)}
+
+
+# Constructor arguments a checkpoint may have more of than the model uses (its first layers are loaded), and the
+# pooling, which is this model's choice, not the checkpoint's.
+_NOT_THE_CHECKPOINT_S = ("num_layers", "n_layer", "num_hidden_layers", "depth", "pool")
+
+
+def check_hf_architecture(model_cfg: ConfigDict, num_classes: int, checkpoint: str) -> None:
+  """A Hugging Face checkpoint's settings that no tensor carries (RoBERTa's position offset, norm epsilons, the
+  rotary base) must be the model's: shapes cannot catch a model built otherwise, which computes another function
+  (a RoBERTa sized by hand, without hf_config, was 2.45 off transformers' outputs)."""
+  from finetune.models import hf  # pylint: disable=g-import-not-at-top
+  name, architecture = hf.model_kwargs(checkpoint)
+  if name != model_cfg.name:
+    raise FinetuneError(f"init_from {checkpoint} is a {name!r} checkpoint but config.model.name is "
+                        f"{model_cfg.name!r}; set config.model.name={name!r}")
+  ours = full_model_kwargs(model_cfg, num_classes)
+  differing = [key for key, value in architecture.items()
+               if key not in _NOT_THE_CHECKPOINT_S and key in ours and ours[key] != value]
+  if differing:
+    raise FinetuneError(f"init_from {checkpoint} has {', '.join(f'{k}={architecture[k]!r}' for k in differing)} "
+                        f"but config.model has {', '.join(f'{k}={ours[k]!r}' for k in differing)}, so the loaded "
+                        f"weights would compute another function; set config.model.hf_config={checkpoint} (it reads "
+                        "them from the checkpoint's config.json) and drop those keys from config.model")
+
+
 def vocab_size(model_cfg: ConfigDict, num_classes: int) -> int | None:
   """The token vocabulary of a text model as configured (config.model, hf_config, or the constructor's default);
   None for models that read no token ids."""

@@ -230,3 +230,30 @@ def test_hub_id_fails_fast_offline_with_one_line(monkeypatch):
   with pytest.raises(FinetuneError, match=r"cannot fetch Hugging Face checkpoint 'someone/some-model'.*give a "
                                           r"local checkpoint directory"):
     hf.resolve_hf("someone/some-model")
+
+
+def test_a_hf_checkpoint_s_tensorless_settings_must_be_the_model_s_and_unmapped_tensors_are_reported(tmp_path):
+  """(A RoBERTa sized by hand, without hf_config, loaded with position offset 0 and eps 1e-12 instead of 2 and 1e-5:
+  no error, 2.45 off transformers. A classifier's tensors that no rule maps were dropped without a word.)"""
+  from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
+  from finetune.config import build_config  # pylint: disable=g-import-not-at-top
+  from finetune.models import check_hf_architecture  # pylint: disable=g-import-not-at-top
+  roberta = transformers.RobertaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=20, vocab_size=30, max_position_embeddings=20,
+                                       pad_token_id=1, type_vocab_size=1, num_labels=3, layer_norm_eps=1e-5)
+  transformers.RobertaForSequenceClassification(roberta).save_pretrained(tmp_path / "roberta")
+  by_hand = {"name": "bert", "hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 20,
+             "vocab_size": 30, "max_position_embeddings": 20, "type_vocab_size": 1}
+  with pytest.raises(FinetuneError, match=r"roberta has layer_norm_eps=1e-05, position_offset=2 but config.model "
+                                          r"has layer_norm_eps=1e-12, position_offset=0, so the loaded weights would "
+                                          r"compute another function; set config.model.hf_config=.*roberta"):
+    check_hf_architecture(ConfigDict(by_hand), 3, str(tmp_path / "roberta"))
+  with pytest.raises(FinetuneError, match=r"is a 'bert' checkpoint but config.model.name is 'gpt2'"):
+    check_hf_architecture(ConfigDict({"name": "gpt2"}), 3, str(tmp_path / "roberta"))
+  config = build_config({
+      "model": {"name": "bert", "hf_config": str(tmp_path / "roberta"), "dropout": 0.0},
+      "data": {"name": "synthetic", "batch_size": 4, "eval_batch_size": 4, "eval_splits": ("test",),
+               "options": {"kind": "tokens", "length": 8, "vocab_size": 30, "num_classes": 3, "num_examples": 8}},
+      "train": {"steps": 1}, "init_from": str(tmp_path / "roberta"), "dont_load": ("^head/", "^pooler/")})
+  _, report = train_lib.initial_state(train_lib.build_stage(config), config, str(tmp_path))
+  assert {"classifier.dense.weight", "classifier.out_proj.weight"} <= set(report["unused"])
