@@ -113,6 +113,9 @@ _VIT_CONFIG = {
     "hidden_size": "width", "num_hidden_layers": "depth", "num_attention_heads": "num_heads",
     "intermediate_size": "mlp_dim", "layer_norm_eps": "layer_norm_eps",
 }
+# transformers' ViTConfig defaults (google/vit-base-patch16-224's architecture).
+_VIT_DEFAULTS = {"image_size": 224, "patch_size": 16, "num_channels": 3, "hidden_size": 768, "num_hidden_layers": 12,
+                 "num_attention_heads": 12, "intermediate_size": 3072, "layer_norm_eps": 1e-12}
 _VIT_RULES = [
     (r"embeddings\.cls_token", "cls_token", False),
     (r"embeddings\.position_embeddings", "position_embedding", False),
@@ -150,9 +153,11 @@ ARCHITECTURES = {
     "gpt2": ("gpt2", _GPT2_CONFIG, "transformer.", _GPT2_RULES, _GPT2_LEFTOVERS,
              lambda c: {"n_inner": c.get("n_inner") or 0}),
     "llama": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
-    # transformers' ViTConfig defaults layer_norm_eps to 1e-12 (ours: 1e-6), for a config.json that leaves it out.
+    # A config.json that leaves a key out means transformers' ViTConfig default (our constructor's are a toy
+    # model's: 28x28x1, width 64, and layer_norm_eps 1e-6).
     "vit": ("vit", _VIT_CONFIG, "vit.", _VIT_RULES, _VIT_LEFTOVERS,
-            lambda c: {"pool": "cls", "layer_norm_eps": c.get("layer_norm_eps", 1e-12)}),
+            lambda c: {"pool": "cls", **{ours: c[theirs] if c.get(theirs) is not None else _VIT_DEFAULTS[theirs]
+                                         for theirs, ours in _VIT_CONFIG.items()}}),
 }
 
 
@@ -169,6 +174,8 @@ def resolve_hf(path_or_id: str) -> str:
     if not os.path.isfile(os.path.join(path, "config.json")):  # (the architecture is all hf_config reads)
       raise FinetuneError(f"{path} is not a Hugging Face model folder: it has no config.json")
     return path
+  if path_or_id.startswith(("/", "~", ".")) or path_or_id.count("/") > 1:  # a path, not a hub id 'org/name'
+    raise FinetuneError(f"Hugging Face checkpoint folder {path} does not exist; check the path")
   try:
     from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
     return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])

@@ -230,6 +230,11 @@ def test_hub_id_fails_fast_offline_with_one_line(monkeypatch):
   with pytest.raises(FinetuneError, match=r"cannot fetch Hugging Face checkpoint 'someone/some-model'.*give a "
                                           r"local checkpoint directory"):
     hf.resolve_hf("someone/some-model")
+  # A mistyped folder is said to be missing, not sent to the hub (whose error spoke of repo ids).
+  for path in ("/no/such/checkpoint", "~/no_such_checkpoint", "./ckpts/no/such"):
+    with pytest.raises(FinetuneError, match=r"Hugging Face checkpoint folder .*no.such.* does not exist; check the "
+                                            r"path"):
+      hf.resolve_hf(path)
 
 
 def test_a_hf_checkpoint_s_tensorless_settings_must_be_the_model_s_and_unmapped_tensors_are_reported(tmp_path):

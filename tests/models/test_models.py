@@ -243,6 +243,11 @@ def test_config_json_defaults_are_transformers_own(tmp_path):
   (tmp_path / "vit").mkdir()
   (tmp_path / "vit" / "config.json").write_text(json.dumps(vit))
   assert hf.model_kwargs(str(tmp_path / "vit"))[1]["layer_norm_eps"] == 1e-12
+  # (Every other key a ViT config.json left out took our toy model's default: 28x28x1, width 64.)
+  (tmp_path / "vit" / "config.json").write_text(json.dumps({"model_type": "vit", "num_labels": 2}))
+  assert hf.model_kwargs(str(tmp_path / "vit"))[1] == {
+      "pool": "cls", "image_size": 224, "patch_size": 16, "in_channels": 3, "width": 768, "depth": 12,
+      "num_heads": 12, "mlp_dim": 3072, "layer_norm_eps": 1e-12}
   roberta = {"model_type": "roberta", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
              "intermediate_size": 16, "vocab_size": 30, "pad_token_id": None}
   (tmp_path / "roberta").mkdir()
