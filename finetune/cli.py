@@ -199,9 +199,9 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
                         "without it")
   if parallel < 1:  # (checked only when points ran: --dry-run took any number)
     raise FinetuneError(f"--parallel {parallel}: run at least one point at a time; pass --parallel 1 or more")
-  # Flags the mode never reads would be ignored silently: --dry-run, --wandb-sweep and --together neither run
-  # points side by side nor tabulate them.
-  mode = "--together" if together else "--dry-run" if dry_run else "--wandb-sweep" if wandb_out else ""
+  # Flags the mode never reads would be ignored silently: --wandb-sweep and --together neither run points side by
+  # side nor tabulate them. (--dry-run previews the same command, so it takes them.)
+  mode = "--together" if together else "--wandb-sweep" if wandb_out and not dry_run else ""
   if mode and (parallel != 1 or metrics):
     raise FinetuneError(f"{mode} neither runs points side by side nor tabulates them: drop "
                         f"{'--parallel' if parallel != 1 else '--metric'}")

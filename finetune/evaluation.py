@@ -66,6 +66,13 @@ def evaluate_run(workdir: str, stage: str = "", overrides: Sequence[str] = (),
   raw.update(init_from="", dont_load=(), features={**raw.get("features", {}), "cache": False},
              peft={**raw.get("peft", {}), "load_adapter": ""})
   cfg = config_lib.build_config(ConfigDict(raw), overrides)
+  trained_fraction = raw.get("data", {}).get("validation_fraction", cfg.data.validation_fraction)
+  if cfg.data.validation_fraction > trained_fraction:
+    # Validation is the first fraction of one fixed permutation of the training rows: a larger one takes rows the
+    # stage trained on. (A smaller one is a part of its own validation rows.)
+    raise FinetuneError(f"config.data.validation_fraction={cfg.data.validation_fraction} would carve rows the stage "
+                        f"trained on (it held out {trained_fraction}); evaluate {trained_fraction} or less, or "
+                        "another split")
   eval_stage = train_lib.build_stage(cfg)
   trained_on = _trained_classes(run_dir, raw, overrides)
   if trained_on is not None and tuple(eval_stage.pipeline.class_names) != trained_on:

@@ -816,7 +816,7 @@ def finish_stage(opened: OpenStage, state: TrainState, train_seconds: float, tra
            for split in pipeline.eval_splits}
   for split, metrics in final.items():
     log.write(stage.total_steps, split, metrics)
-  check_finite_evaluation(final, stage.total_steps)  # before summary.json: a diverged stage is not finished
+  check_finite_evaluation(final, stage.total_steps, cfg.optimizer)  # before summary.json: a diverged stage is not finished
   forgetting = evaluate_sources(cfg, state, opened.sources, stage, log) if cfg.train.evaluate_sources else {}
   closed_form = {}
   if cfg.features.closed_form:
@@ -886,7 +886,7 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
     nonlocal pending, train_seconds, train_steps
     host = jax.device_get(pending)
     seconds = timer.lap()
-    check_finite(host, done, checkpoints)
+    check_finite(host, done, checkpoints, cfg.optimizer)
     train_seconds += seconds
     train_steps += len(host)
     examples_per_s = len(host) * pipeline.batch_size / max(seconds, 1e-9)
@@ -922,7 +922,7 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
         for split, metrics in results.items():
           if done != total:  # (at the end, metrics.jsonl gets the final evaluation: of the weights the stage keeps)
             log.write(done, split, metrics)
-        check_finite_evaluation(results, done)
+        check_finite_evaluation(results, done, cfg.optimizer)
         if stopping.enabled and stopping.update(done, results, state) >= stopping.patience and done != total:
           if pending:  # the steps since the last log line are logged (and checked finite) too
             timer.resume()
@@ -1109,7 +1109,14 @@ def log_interval(log: MetricsLog, step: int, host_metrics: list[dict[str, Any]],
   return averaged
 
 
-def check_finite(host_metrics: list[dict[str, Any]], step: int, checkpoints: Checkpointer):
+def _divergence_fix(optimizer: ConfigDict | None) -> str:
+  """What to change after a non-finite loss (clipping is not suggested where it is on already)."""
+  clip = "" if optimizer is not None and optimizer.grad_clip_norm else " or set config.optimizer.grad_clip_norm"
+  return f"Lower config.optimizer.learning_rate{clip}, in a new --workdir"
+
+
+def check_finite(host_metrics: list[dict[str, Any]], step: int, checkpoints: Checkpointer,
+                 optimizer: ConfigDict | None = None):
   for offset, metrics in enumerate(host_metrics):
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
@@ -1123,17 +1130,17 @@ def check_finite(host_metrics: list[dict[str, Any]], step: int, checkpoints: Che
         where = "no good checkpoint had been written yet"
       if bad_step - 1 in checkpoints.all_steps():
         where += f" (step {bad_step - 1} holds the weights that gave this loss)"
-      raise FinetuneError(f"loss is {loss} at step {bad_step}; training stopped and {where}. Lower "
-                          "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm, in a new --workdir")
+      raise FinetuneError(f"loss is {loss} at step {bad_step}; training stopped and {where}. "
+                          f"{_divergence_fix(optimizer)}")
 
 
-def check_finite_evaluation(results: dict[str, dict[str, float]], step: int) -> None:
+def check_finite_evaluation(results: dict[str, dict[str, float]], step: int,
+                            optimizer: ConfigDict | None = None) -> None:
   """Evaluations see the weights after the last update, which no training loss has checked yet."""
   for split, metrics in results.items():
     if not math.isfinite(metrics["loss"]):
       raise FinetuneError(f"{split} loss is {metrics['loss']} at step {step}: the weights diverged in the last "
-                          "updates. Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm, in "
-                          "a new --workdir")
+                          f"updates. {_divergence_fix(optimizer)}")
 
 
 def evaluate(eval_fn, weights: dict[str, Any], pipeline: InputPipeline, split: str,

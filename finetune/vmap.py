@@ -304,7 +304,7 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
         for position, k in enumerate(active):
           own = [{key: value[position] for key, value in m.items()} for m in host]
           try:
-            train_lib.check_finite(own, done, runs[k].checkpoints)
+            train_lib.check_finite(own, done, runs[k].checkpoints, runs[k].cfg.optimizer)
           except FinetuneError as e:
             errors[k] = str(e)
             continue
@@ -329,7 +329,7 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
           for split, metrics in results.items():
             runs[k].log.write(done, split, metrics)
           try:
-            train_lib.check_finite_evaluation(results, done)
+            train_lib.check_finite_evaluation(results, done, runs[k].cfg.optimizer)
           except FinetuneError as e:
             errors[k] = str(e)
         timer.resume()

@@ -402,9 +402,12 @@ def test_eval_scores_a_finished_run_again_on_other_data_and_writes_nothing_into_
   results = json.load(open(out))
   assert results["validation"]["accuracy"] == final["validation"]["accuracy"]
   assert results["validation"]["loss"] == pytest.approx(final["validation"]["loss"], rel=1e-5)
-  # Other data: a larger validation carve.
-  assert cli.main(["eval", "--workdir", str(run), "--out", str(out), "--config.data.validation_fraction=0.5"]) == 0
-  assert json.load(open(out))["validation"]["num_examples"] > 2 * final["validation"]["num_examples"]
+  # Other data: a smaller validation carve (a part of the stage's own validation rows); a larger one would take
+  # rows the stage trained on (it was accepted).
+  assert cli.main(["eval", "--workdir", str(run), "--out", str(out), "--config.data.validation_fraction=0.05"]) == 0
+  assert 0 < json.load(open(out))["validation"]["num_examples"] < final["validation"]["num_examples"]
+  assert "config.data.validation_fraction=0.5 would carve rows the stage trained on" in _error(
+      capsys, ["eval", "--workdir", str(run), "--config.data.validation_fraction=0.5"])
   assert {p: os.path.getmtime(p) for p in run.rglob("*")} == before
   assert "eval may override data.* and mesh.* keys only" in _error(
       capsys, ["eval", "--workdir", str(run), "--config.train.steps=5"])

@@ -382,12 +382,16 @@ def test_vmap_sweep_trains_compatible_points_together(tmp_path, capsys):
 
 
 def test_flags_a_mode_would_ignore_are_refused(tmp_path, capsys):
-  """(--dry-run took --parallel -3 and a --metric no summary has, and printed the commands.)"""
+  """(--dry-run took --parallel -3, and --wandb-sweep/--together a --metric they never read.) --dry-run previews
+  the command it is added to, so it takes --metric and --parallel."""
   path = write_config(tmp_path, "seeds(2)")
   workdir = str(tmp_path / "w")
   status, _, err = sweep_cli(capsys, "--config", path, "--workdir", workdir, "--dry-run", "--parallel", "-3")
   assert status == 2 and "--parallel -3: run at least one point at a time" in err
-  for mode in (["--dry-run"], ["--wandb-sweep", str(tmp_path / "w.yaml")], ["--together", "seed=0"]):
+  status, out, _ = sweep_cli(capsys, "--config", path, "--workdir", workdir, "--dry-run", "--parallel", "2",
+                             "--metric", "validation/accuracy")
+  assert status == 0 and len(out.splitlines()) == 2
+  for mode in (["--wandb-sweep", str(tmp_path / "w.yaml")], ["--together", "seed=0"]):
     status, _, err = sweep_cli(capsys, "--config", path, "--workdir", workdir, *mode, "--metric", "no/such")
     assert status == 2 and f"{mode[0]} neither runs points side by side nor tabulates them: drop --metric" in err
   assert not os.path.exists(workdir) and not (tmp_path / "w.yaml").exists()

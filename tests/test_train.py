@@ -178,8 +178,13 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
   assert all(np.array_equal(relative[path], value) for path, value in restored.items())
   assert not (tmp_path / "summary.json").exists()
   checkpoint_before = tiny_config(train={"steps": 12, "log_every": 1, "checkpoint_every": 7})
-  with pytest.raises(FinetuneError, match=r"loss is nan at step 8.*no good checkpoint.*\(step 7 holds the weights"):
+  with pytest.raises(FinetuneError, match=r"loss is nan at step 8.*no good checkpoint.*\(step 7 holds the weights.*"
+                                          r"Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_"):
     train_lib.train_and_evaluate(checkpoint_before, str(tmp_path / "7"))
+  # (Clipping was suggested where it was on already.)
+  clipped = tiny_config(train={"steps": 12, "log_every": 1, "checkpoint_every": 7}, optimizer={"grad_clip_norm": 1.0})
+  with pytest.raises(FinetuneError, match=r"Lower config.optimizer.learning_rate, in a new --workdir$"):
+    train_lib.train_and_evaluate(clipped, str(tmp_path / "clipped"))
 
 
 def test_keep_checkpoints_1_keeps_the_good_checkpoint_until_the_next_one_is_checked(tmp_path, monkeypatch):
