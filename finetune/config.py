@@ -510,7 +510,7 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
         re.compile(pattern)
       except re.error as e:
         need(False, f"config.{'optimizer.' if key == 'no_decay' else ''}{key}: {pattern!r} is not a valid regex ({e})")
-  for rule in c.optimizer.lr_multipliers:
+  for rule in c.optimizer.lr_multipliers:  # (a multiplier of 0 trained them, with optimizer state, never moving)
     need(isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
          and isinstance(rule[1], (int, float)) and rule[1] > 0,
          f"config.optimizer.lr_multipliers entry {rule!r} must be (regex, multiplier > 0); to keep parameters "

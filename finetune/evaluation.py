@@ -4,9 +4,9 @@ Training already evaluates every split of `config.data.eval_splits` at its end (
 afterwards: the same weights on another split, another test file of the same classes, or a mesh that fits another
 machine, without retraining and without writing into the run. Data whose classes differ from those the head was
 trained on (other classes, the same ones in another order) is refused: labels would not mean what the head's outputs
-mean. The stage is rebuilt from its
-`config.json` with `data.*` and `mesh.*` overrides only (everything else is what the weights were trained as), and
-its final checkpoint (an early-stopped stage's best weights) is read onto that mesh.
+mean. The stage is rebuilt from its `config.json` with `data.*` and `mesh.*` overrides only (everything else is what
+the weights were trained as), and its final checkpoint (an early-stopped stage's best weights) is read onto that
+mesh.
 """
 
 from __future__ import annotations

@@ -172,11 +172,18 @@ def resolve_strategy(cfg: ConfigDict, abstract_model: nnx.Module, abstract_param
   bn_params = {p for params in batch_norm.values() for p in params if p in shapes}
   frozen = freezing.frozen_paths(cfg.freeze, groups, group_of, bn_params)
   if peft_trainable is not None:
-    _check_rules_reach_peft_trainable(cfg, list(shapes), peft_trainable)
-    frozen = frozen | frozenset(p for p in shapes if p not in peft_trainable)
+    peft_frozen = frozenset(p for p in shapes if p not in peft_trainable)
+    _check_rules_reach_trainable(
+        [("config.freeze.patterns", pattern, "drop it") for pattern in cfg.freeze.patterns] +
+        [("config.optimizer.lr_multipliers", rule[0], "drop it, or train them with config.peft.modules_to_save")
+         for rule in cfg.optimizer.lr_multipliers],
+        list(shapes), peft_frozen, f"that config.peft.method={cfg.peft.method!r} freezes anyway")
+    frozen = frozen | peft_frozen
     if len(frozen) == len(shapes):
       raise FinetuneError("config.freeze freezes every parameter the PEFT method trains; leave some trainable")
-  _check_multipliers_reach_trainable(cfg, list(shapes), frozen)
+  _check_rules_reach_trainable([("config.optimizer.lr_multipliers", rule[0], "drop it or unfreeze them")
+                                for rule in cfg.optimizer.lr_multipliers],
+                               list(shapes), frozen, "config.freeze freezes for the stage")
   always_trainable = frozenset(bn_params - frozen) if cfg.freeze.train_bn else frozenset()
   group_lr = discriminative.group_peak_lrs(cfg.optimizer, groups)
   multiplier = discriminative.path_multipliers(cfg.optimizer, list(shapes))
@@ -192,29 +199,15 @@ def resolve_strategy(cfg: ConfigDict, abstract_model: nnx.Module, abstract_param
                   restart_schedules=cfg.unfreeze.schedule == "restart")
 
 
-def _check_rules_reach_peft_trainable(cfg: ConfigDict, paths: Sequence[str], peft_trainable: frozenset[str]) -> None:
-  """A freeze pattern or learning-rate multiplier whose parameters the PEFT method freezes anyway changes nothing:
-  as a rule that matches nothing, it is a mistake (a rate meant for the embeddings under LoRA, say)."""
-  rules = [("config.freeze.patterns", pattern, "drop it") for pattern in cfg.freeze.patterns] + \
-      [("config.optimizer.lr_multipliers", rule[0], "drop it, or train them with config.peft.modules_to_save")
-       for rule in cfg.optimizer.lr_multipliers]
+def _check_rules_reach_trainable(rules: Sequence[tuple[str, str, str]], paths: Sequence[str],
+                                 untrained: frozenset[str], why: str) -> None:
+  """A rule (where, regex, fix) whose parameters are all `untrained` (`why` says by what) changes nothing: as a rule
+  that matches nothing, it is a mistake (a rate meant for the embeddings under LoRA, say)."""
   for where, pattern, fix in rules:
     matched = [p for p in paths if re.search(pattern, p)]
-    if matched and not any(p in peft_trainable for p in matched):
-      raise FinetuneError(f"{where}: pattern {pattern!r} matches only parameters that config.peft.method="
-                          f"{cfg.peft.method!r} freezes anyway ({', '.join(matched[:3])}"
+    if matched and all(p in untrained for p in matched):
+      raise FinetuneError(f"{where}: pattern {pattern!r} matches only parameters {why} ({', '.join(matched[:3])}"
                           f"{', ...' if len(matched) > 3 else ''}), so it changes nothing; {fix}")
-
-
-def _check_multipliers_reach_trainable(cfg: ConfigDict, paths: Sequence[str], frozen: frozenset[str]) -> None:
-  """A learning-rate multiplier whose parameters are all frozen for the stage sets no rate: a mistake, as a rule
-  matching nothing is."""
-  for rule in cfg.optimizer.lr_multipliers:
-    matched = [p for p in paths if re.search(rule[0], p)]
-    if matched and all(p in frozen for p in matched):
-      raise FinetuneError(f"config.optimizer.lr_multipliers: pattern {rule[0]!r} matches only parameters "
-                          f"config.freeze freezes for the stage ({', '.join(matched[:3])}"
-                          f"{', ...' if len(matched) > 3 else ''}), so it changes nothing; drop it or unfreeze them")
 
 
 def write_table(strategy: Strategy, run_dir: str, stage: str) -> None:

@@ -816,7 +816,8 @@ def finish_stage(opened: OpenStage, state: TrainState, train_seconds: float, tra
            for split in pipeline.eval_splits}
   for split, metrics in final.items():
     log.write(stage.total_steps, split, metrics)
-  check_finite_evaluation(final, stage.total_steps, cfg.optimizer)  # before summary.json: a diverged stage is not finished
+  # Before summary.json: a diverged stage is not finished.
+  check_finite_evaluation(final, stage.total_steps, cfg.optimizer)
   forgetting = evaluate_sources(cfg, state, opened.sources, stage, log) if cfg.train.evaluate_sources else {}
   closed_form = {}
   if cfg.features.closed_form:

@@ -97,3 +97,11 @@ class Dataset:
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
+
+
+def refuse_path(source: str, path: str) -> None:
+  """For sources that read no files: a config.data.path would be ignored (a run meant for a data folder trained on
+  the built-in data instead)."""
+  if path:
+    raise FinetuneError(f"data source {source!r} reads no files, but config.data.path={path!r}; drop the path, or "
+                        "name the source that reads it (config.data.name)")

@@ -5,17 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from finetune.data import SOURCES
-from finetune.errors import FinetuneError
-from finetune.data.dataset import ArraySplit, Dataset
+from finetune.data.dataset import ArraySplit, Dataset, refuse_path
 
 
 @SOURCES.register("digits")
 def digits(path: str = "", cache_dir: str = "") -> Dataset:
   """All 1,797 images as 'train' (pixel values 0..16 rescaled to 0..255); carve evaluation data from it."""
   del cache_dir
-  if path:  # (it was ignored: a run meant for a data folder trained on these instead)
-    raise FinetuneError(f"data source 'digits' reads no files, but config.data.path={path!r}; drop the path, or "
-                        "name the source that reads it (config.data.name)")
+  refuse_path("digits", path)
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
 
   bunch = load_digits()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from finetune.data import SOURCES
-from finetune.data.dataset import ArraySplit, Dataset
+from finetune.data.dataset import ArraySplit, Dataset, refuse_path
 from finetune.errors import FinetuneError
 
 
@@ -19,9 +19,7 @@ def synthetic(path: str = "", cache_dir: str = "", kind: str = "tokens", num_exa
               num_classes: int = 2, length: int = 128, vocab_size: int = 32000, image_shape: tuple = (32, 32, 3),
               seed: int = 0) -> Dataset:
   del cache_dir
-  if path:  # (it was ignored: a run meant for a data folder trained on these instead)
-    raise FinetuneError(f"data source 'synthetic' reads no files, but config.data.path={path!r}; drop the path, or "
-                        "name the source that reads it (config.data.name)")
+  refuse_path("synthetic", path)
   rng = np.random.default_rng(seed)
   labels = rng.integers(0, num_classes, num_examples).astype(np.int64)
   if kind == "tokens":

@@ -125,7 +125,7 @@ def class_names_and_labels(raw: dict[str, np.ndarray], names: dict[str, Sequence
   elif named:
     # The classes are the train split's: a label found only in a test file (a typo, say) would otherwise become a
     # class of its own and renumber the others.
-    names = sorted({str(value) for value in raw.get("train", ())}) if "train" in raw else \
+    names = sorted({str(value) for value in raw["train"]}) if "train" in raw else \
         sorted({str(value) for values in raw.values() for value in values})
     index = {name: i for i, name in enumerate(names)}
     for split, values in raw.items():

@@ -44,13 +44,8 @@ def group_peak_lrs(opt_cfg: ConfigDict, groups: Sequence[str]) -> dict[str, floa
 
 def path_multipliers(opt_cfg: ConfigDict, paths: Sequence[str]) -> dict[str, float]:
   """{path: multiplier from config.optimizer.lr_multipliers} (1.0 where no regex matches; first match wins)."""
-  rules = []
-  for rule in opt_cfg.lr_multipliers:
-    if len(rule) != 2 or not isinstance(rule[1], (int, float)) or rule[1] <= 0:
-      # (0 kept the parameters trainable: differentiated, with optimizer state, never moving)
-      raise FinetuneError(f"config.optimizer.lr_multipliers entry {tuple(rule)!r} must be (regex, multiplier > 0); "
-                          "to keep parameters fixed, freeze them (config.freeze.patterns)")
-    rules.append((re.compile(rule[0]), float(rule[1])))
+  # (Each entry's form, (regex, multiplier > 0), is checked with the config: config.validate.)
+  rules = [(re.compile(pattern), float(multiplier)) for pattern, multiplier in opt_cfg.lr_multipliers]
   require_matches([r[0] for r in opt_cfg.lr_multipliers], list(paths), "config.optimizer.lr_multipliers")
   result, first_matches = {}, set()
   for path in paths:
