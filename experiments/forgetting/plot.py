@@ -1,7 +1,7 @@
 """The forgetting trade-off plot from a sweep's results.csv (`finetune sweep` over configs/*_forgetting.py).
 
     python experiments/forgetting/plot.py experiments/forgetting/mnist_results.csv \
-        experiments/forgetting/mnist_tradeoff.png
+        experiments/forgetting/mnist_tradeoff.png [--title "MNIST 0-4 -> 5-9: forgetting trade-off"]
 
 prints the README's table (`table`) and draws the plot (`tradeoff`). One curve per regularizer: target-task test
 accuracy (x) against source-task test accuracy after fine-tuning (y), one marker per strength (mean over seeds,
@@ -11,8 +11,9 @@ line. The notebook notebooks/forgetting.ipynb calls `summarize`, `table` and `tr
 
 from __future__ import annotations
 
+import argparse
 import collections
-import sys
+import fractions
 
 from finetune import reporting
 from finetune.sweep import mean_std, read_results
@@ -73,10 +74,17 @@ def tradeoff(csv_path: str, png_path: str | None = None, title: str = ""):
   for method in METHODS:
     points = summary[method]
     xs, ys = [p[1][0] for p in points], [p[2][0] for p in points]
-    ax.errorbar(xs, ys, xerr=[p[1][1] for p in points], yerr=[p[2][1] for p in points], marker="o", capsize=2,
-                label=LABELS[method])
-    for strength, x, y in zip((p[0] for p in points), xs, ys):
-      ax.annotate(f"{strength:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    curve = ax.errorbar(xs, ys, xerr=[p[1][1] for p in points], yerr=[p[2][1] for p in points], marker="o",
+                        capsize=2, label=LABELS[method])
+    for index, (strength, x, y) in enumerate(zip((p[0] for p in points), xs, ys)):
+      if method == "rehearsal":
+        # Rehearsal's points sit close together (their target accuracies within about 0.03): fractions as 1/16,
+        # 1/8, ..., staggered below the points so that neighbouring labels do not overprint each other.
+        label, offset = str(fractions.Fraction(strength).limit_denominator(64)), (-4, -11 - 9 * (index % 2))
+      else:
+        label, offset = f"{strength:g}", (4, 3)
+      ax.annotate(label, (x, y), textcoords="offset points", xytext=offset, fontsize=7,
+                  color=curve[0].get_color() if method == "rehearsal" else "black")
   (target, target_std), (source, source_std), _ = summary["finetune"]
   ax.errorbar([target], [source], xerr=[target_std], yerr=[source_std], marker="*", markersize=12, color="black",
               linestyle="none", label="plain fine-tuning")
@@ -90,8 +98,11 @@ def tradeoff(csv_path: str, png_path: str | None = None, title: str = ""):
 
 
 if __name__ == "__main__":
-  if len(sys.argv) != 3:
-    sys.exit(__doc__.splitlines()[2].strip())
-  print(table(summarize(sys.argv[1])))
-  tradeoff(sys.argv[1], sys.argv[2])
-  print(f"wrote {sys.argv[2]}")
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("results_csv")
+  parser.add_argument("png")
+  parser.add_argument("--title", default="", help="the plot's title (default: a generic one)")
+  args = parser.parse_args()
+  print(table(summarize(args.results_csv)))
+  tradeoff(args.results_csv, args.png, title=args.title)
+  print(f"wrote {args.png}")
