@@ -138,10 +138,18 @@ def fold_source_adapters(step_dir: str, arrays: dict[str, dict[str, Any]], peft_
   if fits_stage and same_adapters(source_peft, peft_cfg) and not fold_anyway:
     return arrays
   params = arrays["params"]
-  num_classes = params["head/kernel"].shape[-1] if "head/kernel" in params else 0
-  merged, model_state = merge(abstract_model(source.model, source_peft, num_classes), source_peft, params,
-                              arrays.get("model_state", {}))
+  merged, model_state = merge(abstract_model(source.model, source_peft, checkpoint_num_classes(params)), source_peft,
+                              params, arrays.get("model_state", {}))
   return {**arrays, "params": merged, "model_state": model_state}
+
+
+def checkpoint_num_classes(params: dict[str, Any]) -> int:
+  """The classes of a checkpoint's head; 0 for a model without one (language models). A QLoRA-quantized head keeps
+  its kernel as NF4 codes in the model state, so its LoRA B (r, classes) and bias are read as well."""
+  for path in ("head/kernel", "head/lora_b", "head/bias"):
+    if path in params:
+      return int(params[path].shape[-1])
+  return 0
 
 
 def abstract_model(model_cfg: ConfigDict, peft_cfg: ConfigDict, num_classes: int) -> nnx.Module:

@@ -91,7 +91,7 @@ def export(workdir: str, out: str, fmt: str = "hf", stage: str = "", unfinished:
     _check_peft_exportable(peft_cfg, run_dir)
   arrays = read_checkpoint_arrays(latest_checkpoint(run_dir, "export"))
   params = arrays["params"]
-  num_classes = params["head/kernel"].shape[1] if "head/kernel" in params else 0  # language models: no head
+  num_classes = adapters.checkpoint_num_classes(params)
   if fmt == "peft":
     return _export_peft(cfg, arrays, num_classes, run_dir, out_path)
   if adapters.enabled(peft_cfg):  # the plain model with the adapters folded in

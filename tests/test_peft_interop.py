@@ -245,12 +245,15 @@ def test_import_refuses_an_adapter_for_other_settings(tmp_path):
     adapters.load_model(model_cfg, ours, 0, checkpoint=str(tmp_path / "base"), adapter=str(tmp_path / "adapter"))
 
 
-@pytest.mark.parametrize("variant", [{"dora": True}, {"quantize": "nf4", "quant_block_size": 16}],
-                         ids=["dora", "qlora"])
+@pytest.mark.parametrize("variant", [{"dora": True}, {"quantize": "nf4", "quant_block_size": 16},
+                                     {"quantize": "nf4", "quant_block_size": 16, "modules_to_save": (),
+                                      "targets": ("query", "value", "mlp_in", "head")}],
+                         ids=["dora", "qlora", "qlora_head"])
 def test_cli_exports_a_lora_run_merged_and_as_a_peft_adapter(variant, tmp_path):
   """`finetune export` of a LoRA run: --format hf writes the merged model, --format peft the adapter (plus the base
   it belongs to, since this run did not start from a Hugging Face checkpoint: for QLoRA its NF4 kernels
-  dequantised); both give the run's logits."""
+  dequantised); both give the run's logits. (qlora_head: the head's kernel is NF4 codes in the model state, so the
+  class count comes from its LoRA B; it was read from head/kernel as 0 and export failed.)"""
   from conftest import tiny_config
   from finetune import cli, train as train_lib
   config = tiny_config(model={"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 2,
@@ -272,7 +275,9 @@ def test_cli_exports_a_lora_run_merged_and_as_a_peft_adapter(variant, tmp_path):
     base = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / "peft" / "base_model")).eval()
     adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
     np.testing.assert_allclose(adapted(pixel_values=pixels).logits.numpy(), expected, atol=1e-4, rtol=1e-4)
-  assert json.load(open(tmp_path / "peft" / "adapter_config.json"))["target_modules"] == ["fc1", "q_proj", "v_proj"]
+  head = ["classifier"] if "head" in variant.get("targets", ()) else []
+  assert json.load(open(tmp_path / "peft" / "adapter_config.json"))["target_modules"] == sorted(
+      ["fc1", "q_proj", "v_proj"] + head)
 
 
 def test_dora_gradients_equal_peft(tmp_path):

@@ -217,13 +217,18 @@ def test_a_plain_stage_from_a_lora_run_starts_from_its_merged_weights(tmp_path):
 QLORA = {"quantize": "nf4", "quant_block_size": 16}
 
 
+QLORA_HEAD = {**QLORA, "targets": ("query", "value", "head"), "modules_to_save": ()}  # the head NF4 codes too
+
+
 @pytest.mark.parametrize("first, second", [({}, {"targets": ("query",)}), ({}, {"alpha": 32.0}), ({}, {"dora": True}),
-                                           (QLORA, {"quantize": ""}), (QLORA, {"quant_block_size": 8})])
+                                           (QLORA, {"quantize": ""}), (QLORA, {"quant_block_size": 8}),
+                                           (QLORA_HEAD, {"quantize": ""})])
 def test_a_lora_stage_with_other_settings_starts_from_the_source_runs_function(tmp_path, first, second):
   """(A LoRA stage from a LoRA run loaded A and B as they were: with other targets an adapter was dropped, with
   another alpha rescaled, with DoRA the magnitudes were taken from the bare base kernels, and a QLoRA source with
   other quantisation settings was refused with advice to re-initialise the base. Now the source's adapters are
-  folded into its (dequantised) base and the stage's own adapters start at zero, unless the settings are the same.)"""
+  folded into its (dequantised) base and the stage's own adapters start at zero, unless the settings are the same.
+  With the head quantized too, folding read the class count from head/kernel, absent, as 0: a ZeroDivisionError.)"""
   from finetune.config import stage_configs  # pylint: disable=g-import-not-at-top
   lora_cfg = {"method": "lora", "targets": ("query", "value"), "rank": 2, "alpha": 8.0, "modules_to_save": ("^head/",),
               **first}
