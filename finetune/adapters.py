@@ -65,6 +65,13 @@ class PeftMethod:
   # The config.peft keys only this method reads (beyond method, targets, modules_to_save, bias, load_adapter): under
   # another method each must keep its default, or the config check refuses it as silently ignored.
   settings: tuple[str, ...] = ()
+  # How the method reads config.peft.targets: 'required' (it adapts those layers; bias='lora_only' trains their
+  # biases), 'optional' (prompt tuning: picks the embedding layer when several exist) or 'ignored' (prefix tuning
+  # adapts every attention layer, BitFit every bias): the config check refuses targets the method would ignore.
+  targets: str = "required"
+  # (config.peft) -> None; raises FinetuneError for settings of this method that the config alone decides are wrong,
+  # from config.validate, so a later stage's mistake fails before earlier stages train.
+  check_config: Callable[[ConfigDict], None] = lambda peft_cfg: None
 
 
 PEFT_METHODS: Registry[PeftMethod] = Registry("peft method")

@@ -560,6 +560,24 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
         need(_as_json(c.peft[key]) == _as_json(default[key]),
              f"config.peft.{key} is a setting of method {name!r}; method={c.peft.method!r} would ignore it: drop it "
              "(or choose that method)")
+  if c.peft.method:
+    method = PEFT_METHODS.get(c.peft.method)
+    need(method.targets != "required" or bool(c.peft.targets),
+         f"config.peft.targets is empty; method={c.peft.method!r} adapts the layers it names: set it (e.g. "
+         "('query', 'value'))")
+    need(method.targets != "ignored" or not c.peft.targets,
+         f"config.peft.targets={tuple(c.peft.targets)!r}, but method={c.peft.method!r} chooses what it adapts "
+         "itself and would ignore it: drop it")
+    need(method.targets == "required" or c.peft.bias != "lora_only",
+         f"config.peft.bias='lora_only' trains the biases of adapted layers, and method={c.peft.method!r} adapts "
+         "none: use 'all' or 'none'")
+    need(not c.freeze.train_bn, f"config.freeze.train_bn=True has no effect under config.peft.method="
+         f"{c.peft.method!r}, which trains only what it adds and what config.peft.modules_to_save names: name the "
+         "BatchNorm parameters there instead (the CNN's: '/norm/')")
+    try:
+      method.check_config(c.peft)
+    except FinetuneError as e:
+      raise FinetuneError(f"{e}{where}") from None
   need(not (c.peft.load_adapter and not c.peft.method),
        "config.peft.load_adapter needs config.peft.method (and the adapter's targets and rank) set")
   need(not (c.peft.method == "prompt" and c.data.options.get("pack", False)),

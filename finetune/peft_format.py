@@ -198,6 +198,9 @@ def read_peft_adapter(directory: str, model_cfg: ConfigDict, peft_cfg: ConfigDic
     raise FinetuneError(f"{os.path.join(directory, PEFT_CONFIG)} is not a PEFT adapter config (a JSON object)")
   if config.get("peft_type", "LORA") != "LORA":
     raise FinetuneError(f"{directory} is a {config.get('peft_type')} adapter; only LoRA adapters can be imported")
+  if config.get("lora_bias"):  # (its lora_B.bias tensors were reported as belonging to another architecture)
+    raise FinetuneError(f"{directory} was trained with PEFT's lora_bias=True (a bias on every lora_B), which our LoRA "
+                        "layers do not have; import adapters trained with lora_bias=False")
   tensors = hf.load_safetensors(os.path.join(directory, PEFT_WEIGHTS), "save or download the adapter again")
   name = model_cfg.name
   kwargs = _model_kwargs(model_cfg, num_classes)
@@ -272,7 +275,9 @@ def _check_scaling(config: dict[str, Any], peft_cfg: ConfigDict, loras: dict[str
 
 # Settings that change what an adapter's tensors compute (rank is checked by their shapes), as a PEFT folder's are
 # by `_check_scaling`: the same tensors under another alpha, rsLoRA or DoRA give another model.
-_FUNCTIONAL_SETTINGS = ("method", "alpha", "rslora", "dora", "alpha_pattern", "rank_pattern")
+# (IA)^3's feedforward: which targets scale their input rather than their output; on a square layer the vector fits
+# either way, so only the setting tells them apart.
+_FUNCTIONAL_SETTINGS = ("method", "alpha", "rslora", "dora", "alpha_pattern", "rank_pattern", "feedforward")
 
 
 def _check_settings(saved: dict[str, Any], peft_cfg: ConfigDict, directory: str) -> None:

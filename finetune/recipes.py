@@ -55,6 +55,11 @@ def target_stages(recipe: str, target: dict[str, Any], *, n: int = 2, unfreeze_e
     # A head the target re-initialises (dont_load) must train, or it keeps its initial weights (ViT's zeros: the
     # adapters then get no gradient either): trained fully, as PEFT's sequence-classification task type does.
     new_head = any(re.search(pattern, "head/kernel") for pattern in target.get("dont_load", ()))
+    decided = sorted(set(lora or {}) & {"method", "dora", "quantize"})
+    if decided:  # (they were overwritten silently: lora={'dora': True} under 'qlora' trained plain QLoRA)
+      raise FinetuneError(f"recipe {recipe!r} decides config.peft.{', '.join(decided)} itself, so lora= must not set "
+                          f"{'it' if len(decided) == 1 else 'them'}: choose the recipe (lora, dora, qlora), or write "
+                          "the stage's peft section by hand for a combination no recipe names (QLoRA with DoRA)")
     peft = {"method": "lora", "rank": 8, "alpha": 16.0, "dropout": 0.1,
             **({"modules_to_save": ("^head/",)} if new_head else {}), **(lora or {}),
             "dora": recipe == "dora", "quantize": "nf4" if recipe == "qlora" else ""}

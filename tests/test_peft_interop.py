@@ -222,6 +222,17 @@ def test_adapter_made_by_peft_imports_with_equal_logits(case, tmp_path):
   np.testing.assert_allclose(mask(our_logits(model, kind), kind), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_import_of_an_adapter_with_lora_bias_names_that_setting(tmp_path):
+  """(PEFT's lora_bias=True adds lora_B.bias tensors; they were reported as belonging to another architecture.)"""
+  torch_model, model_cfg = save_base("llama", tmp_path / "base")
+  peft.get_peft_model(torch_model, peft.LoraConfig(target_modules=["q_proj"], r=4, lora_alpha=8, lora_bias=True)
+                      ).save_pretrained(tmp_path / "adapter")
+  with pytest.raises(FinetuneError, match=r"trained with PEFT's lora_bias=True .* import adapters trained with "
+                                          r"lora_bias=False"):
+    adapters.load_model(ConfigDict(model_cfg), peft_config(method="lora", targets=("q_proj",), rank=4, alpha=8.0), 0,
+                        checkpoint=str(tmp_path / "base"), adapter=str(tmp_path / "adapter"))
+
+
 def test_import_refuses_an_adapter_for_other_settings(tmp_path):
   torch_model, model_cfg = save_base("llama", tmp_path / "base")
   peft.get_peft_model(torch_model, peft.LoraConfig(target_modules=["q_proj"], r=4, lora_alpha=8)).save_pretrained(

@@ -35,20 +35,27 @@ def test_recipes_expand_to_their_settings():
   assert recipes.target_stages("lora", TARGET, lora={"modules_to_save": ()})["lora"]["peft"]["modules_to_save"] == ()
   with pytest.raises(FinetuneError, match="unknown recipe 'lorra'"):
     recipes.target_stages("lorra", TARGET)
+  # (lora={'dora': True} under 'qlora' was overwritten: plain QLoRA trained, exit 0.)
+  with pytest.raises(FinetuneError, match=r"recipe 'qlora' decides config.peft.dora itself.*QLoRA with DoRA"):
+    recipes.target_stages("qlora", TARGET, lora={"targets": ("query",), "dora": True})
+  with pytest.raises(FinetuneError, match=r"recipe 'lora' decides config.peft.method, quantize itself"):
+    recipes.target_stages("lora", TARGET, lora={"method": "ia3", "quantize": "nf4"})
 
 
 @pytest.mark.parametrize("recipe", ["full", "frozen_n", "discriminative", "gradual", "chain_thaw", "ulmfit", "lora"])
 def test_recipes_keep_the_target_stages_own_settings(recipe):
   """A recipe adds its keys to the target's sections: the stage still trains at the target's learning rate (not
-  the pretraining stage's), and keeps its weight decay and train_bn."""
+  the pretraining stage's), and keeps its weight decay and train_bn (which PEFT refuses: it trains only what the
+  method adds and modules_to_save names)."""
   from finetune.config import build_config  # pylint: disable=g-import-not-at-top
-  target = {**TARGET, "optimizer": {"learning_rate": 1e-4, "weight_decay": 0.0}, "freeze": {"train_bn": True}}
+  train_bn = recipe != "lora"
+  target = {**TARGET, "optimizer": {"learning_rate": 1e-4, "weight_decay": 0.0}, "freeze": {"train_bn": train_bn}}
   base = {"model": {"name": "mlp", "input_size": 64, "hidden": (16,)}, "data": {"name": "digits"},
           "train": {"steps": 5},
           "optimizer": {"learning_rate": 3e-3, "weight_decay": 1e-4}}
   stages = recipes.target_stages(recipe, target, lora={"targets": ("hidden_0",)}, lora_lr=1e-4)
   (_, _), (_, stage) = stage_configs(build_config({**base, "stages": {"pretrain": {}, **stages}}))
-  assert (stage.optimizer.learning_rate, stage.optimizer.weight_decay, stage.freeze.train_bn) == (1e-4, 0.0, True)
+  assert (stage.optimizer.learning_rate, stage.optimizer.weight_decay, stage.freeze.train_bn) == (1e-4, 0.0, train_bn)
 
 
 @pytest.mark.parametrize("recipe", ["linear_probe", "probe_then_finetune"])

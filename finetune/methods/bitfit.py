@@ -14,5 +14,5 @@ def _no_injection(model, peft_cfg, rngs) -> None:
 
 
 adapters.PEFT_METHODS.register("bitfit")(adapters.PeftMethod(
-    inject=_no_injection, trains_base=lambda path: path.endswith("/bias"),
+    inject=_no_injection, trains_base=lambda path: path.endswith("/bias"), targets="ignored",
     merge=lambda abstract, params, model_state: (params, model_state)))

@@ -175,8 +175,7 @@ def _check_patterns_match(peft_cfg: ConfigDict, module_paths: list[str]) -> None
 
 
 def inject(model: nnx.Module, peft_cfg: ConfigDict, rngs: nnx.Rngs) -> None:
-  if peft_cfg.quantize not in QUANTIZATIONS:
-    raise FinetuneError(f"config.peft.quantize={peft_cfg.quantize!r}; valid: '' (none) or 'nf4' (QLoRA)")
+  check_config(peft_cfg)  # (again: library callers may build a model from a config that was never validated)
   exclude = [re.escape(p.rstrip("/")) if re.fullmatch(r"[\w/]+", p) else p for p in peft_cfg.modules_to_save]
   selected = adapters.select_modules(model, peft_cfg.targets, exclude=exclude)
   _check_patterns_match(peft_cfg, [path for path, _ in selected])
@@ -319,8 +318,23 @@ def merge_weighted(abstract_model: nnx.Module, base: dict[str, Any], weighted: l
   return params
 
 
+def check_config(peft_cfg: ConfigDict) -> None:
+  """The LoRA settings a config alone decides are wrong (config.validate; inject would refuse them only when the
+  stage opens, after earlier stages trained)."""
+  if peft_cfg.init not in INITS:
+    raise FinetuneError(f"config.peft.init={peft_cfg.init!r}; valid: {', '.join(INITS)}")
+  if peft_cfg.quantize not in QUANTIZATIONS:
+    raise FinetuneError(f"config.peft.quantize={peft_cfg.quantize!r}; valid: '' (none) or 'nf4' (QLoRA)")
+  block = peft_cfg.quant_block_size
+  if isinstance(block, bool) or not isinstance(block, int) or block <= 0 or block % 2:
+    raise FinetuneError(f"config.peft.quant_block_size={block!r} must be a positive even integer (two 4-bit codes "
+                        "share a byte); QLoRA's default is 64")
+  # (quant_block_size and double_quant under quantize='' are not refused: a stage that turns quantisation off
+  # inherits the base config's QLoRA settings.)
+
+
 adapters.PEFT_METHODS.register("lora")(adapters.PeftMethod(
     inject=inject, lr_multiplier=lr_multiplier, convert_checkpoint=from_base_checkpoint, merge=merge,
-    effective=effective,
+    effective=effective, check_config=check_config,
     settings=("rank", "alpha", "rslora", "dora", "dropout", "init", "rank_pattern", "alpha_pattern", "lora_plus_ratio",
               "quantize", "quant_block_size", "double_quant")))

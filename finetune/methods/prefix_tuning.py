@@ -59,4 +59,5 @@ def inject(model: nnx.Module, peft_cfg: ConfigDict, rngs: nnx.Rngs) -> None:
     node.prefix = nnx.data(Prefix(peft_cfg.num_virtual_tokens, heads, head_dim, rngs))  # the slot was None
 
 
-adapters.PEFT_METHODS.register("prefix")(adapters.PeftMethod(inject=inject, settings=("num_virtual_tokens",)))
+adapters.PEFT_METHODS.register("prefix")(adapters.PeftMethod(inject=inject, settings=("num_virtual_tokens",),
+                                                              targets="ignored"))

@@ -86,4 +86,4 @@ def from_base_checkpoint(arrays: dict, param_paths: list[str], state_paths: list
 
 
 adapters.PEFT_METHODS.register("prompt")(adapters.PeftMethod(inject=inject, convert_checkpoint=from_base_checkpoint,
-                                                               settings=("num_virtual_tokens",)))
+                                                               settings=("num_virtual_tokens",), targets="optional"))

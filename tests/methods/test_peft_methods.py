@@ -102,6 +102,34 @@ def test_a_setting_of_another_peft_method_is_refused(method, setting):
     build_config({"train": {"steps": 1}, "peft": {"method": "", **setting}})
 
 
+@pytest.mark.parametrize("peft, message", [
+    ({"method": "lora", "quantize": "nf4", "quant_block_size": 63},
+     r"config.peft.quant_block_size=63 must be a positive even integer"),
+    ({"method": "lora", "quantize": "nf4", "quant_block_size": 0}, r"quant_block_size=0 must be a positive even"),
+    ({"method": "lora", "init": "xavier"}, r"config.peft.init='xavier'; valid: kaiming, gaussian"),
+    ({"method": "lora", "quantize": "int4"}, r"config.peft.quantize='int4'; valid: '' \(none\) or 'nf4'"),
+    ({"method": "lora", "targets": ()}, r"config.peft.targets is empty; method='lora' adapts the layers it names"),
+    ({"method": "ia3", "targets": ()}, r"config.peft.targets is empty; method='ia3'"),
+    ({"method": "prefix"}, r"config.peft.targets=\('query',\), but method='prefix' chooses what it adapts itself"),
+    ({"method": "bitfit"}, r"method='bitfit' chooses what it adapts itself and would ignore it"),
+    ({"method": "prefix", "targets": (), "bias": "lora_only"},
+     r"config.peft.bias='lora_only' trains the biases of adapted layers, and method='prefix' adapts none"),
+    ({"method": "lora", "train_bn": True}, r"config.freeze.train_bn=True has no effect under config.peft.method="
+                                           r"'lora'.*modules_to_save"),
+])
+def test_peft_settings_the_config_decides_are_wrong_are_refused_before_any_stage_trains(peft, message):
+  """(These were accepted by the config check and failed only when their stage was built, after earlier stages had
+  trained (block size, init, quantize, empty targets), or were ignored silently: prefix tuning and BitFit adapt
+  what they choose whatever the targets, 'lora_only' biases of a method without adapted layers are none, and
+  freeze.train_bn under PEFT trained no BatchNorm parameter.)"""
+  from finetune.config import build_config  # pylint: disable=g-import-not-at-top
+  peft = {"targets": ("query",), **peft}
+  freeze = {"train_bn": peft.pop("train_bn", False)}
+  with pytest.raises(FinetuneError, match=message + r".*\(stage 'tune'\)"):
+    build_config({"train": {"steps": 1}, "stages": {"pretrain": {}, "tune": {"init_from": "stage:pretrain",
+                                                                            "peft": peft, "freeze": freeze}}})
+
+
 def test_peft_settings_without_a_method_are_refused():
   """(rank, targets and dora without peft.method trained the full model, exit 0: not the LoRA run intended.)"""
   from finetune.config import build_config  # pylint: disable=g-import-not-at-top
@@ -133,6 +161,23 @@ def test_ia3_feedforward_layers_must_be_targets():
   with pytest.raises(FinetuneError, match=r"config.peft.feedforward names layers/0/output \(and 1 more\), which "
                                           r"config.peft.targets does not adapt"):
     build(BERT, peft_config(method="ia3", targets=("key", "value"), feedforward=("layers/\\d+/output$",)))
+
+
+def test_an_ia3_adapter_loads_only_under_the_feedforward_split_it_was_trained_with(tmp_path):
+  """(feedforward was not among the settings an adapter is checked against: on a square layer, BERT's
+  attention/output, the saved vector fitted either way and scaled the output instead of the input, silently.)"""
+  trained_cfg = peft_config(method="ia3", targets=("key", "value", "output"), feedforward=("attention/output$",))
+  model = perturb(adapters.load_model(ConfigDict(BERT), trained_cfg, 3), r"ia3_scale$")
+  params = params_of(model)
+  adapters.save_adapter(str(tmp_path), params, [p for p in params if p.endswith("ia3_scale")], trained_cfg,
+                        ConfigDict(BERT))
+  inputs = batch()["input_ids"], batch()["attention_mask"]
+  loaded = adapters.load_model(ConfigDict(BERT), trained_cfg, 3, adapter=str(tmp_path))
+  np.testing.assert_allclose(np.asarray(loaded.encode(*inputs)), np.asarray(model.encode(*inputs)), atol=1e-6)
+  with pytest.raises(FinetuneError, match=r"trained with peft.feedforward=\['attention/output\$'\] but "
+                                          r"config.peft.feedforward=\[\]"):
+    adapters.load_model(ConfigDict(BERT), peft_config(method="ia3", targets=("key", "value", "output")), 3,
+                        adapter=str(tmp_path))
 
 
 @pytest.mark.parametrize("method, options", [("lora", {}), ("ia3", {}), ("bottleneck", {"bottleneck_size": 4})])
