@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import os
 from typing import Iterator, Mapping
@@ -79,7 +80,7 @@ class InputPipeline:
   def _epoch_slice(self, step: int, count: int) -> np.ndarray:
     """Global indices of the `count` training examples of `step`, in the order of its epoch's permutation."""
     epoch, position = divmod(step, len(self.train) // count)
-    order = np.random.default_rng(self.order_seed(epoch)).permutation(len(self.train))
+    order = epoch_permutation(self.order_seed(epoch), len(self.train))
     return order[position * count:(position + 1) * count]
 
   def order_seed(self, epoch: int) -> tuple[int, ...]:
@@ -108,6 +109,16 @@ class InputPipeline:
       batch = _prepare(data.take(np.where(real, local, 0)))  # padding repeats example 0 and is masked out
       batch["mask"] = real.astype(np.int32)
       yield batch
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(seed: tuple[int, ...], size: int) -> np.ndarray:
+  """`default_rng(seed).permutation(size)`, drawn once per epoch rather than at every step of it (1.28 M rows: 27 ms
+  of host time per step). A pure function of its arguments, so memoising keeps resumption exact; read-only, as
+  every caller shares it. Four entries: a training epoch and a rehearsal source's epochs, around a boundary."""
+  order = np.random.default_rng(seed).permutation(size)
+  order.flags.writeable = False
+  return order
 
 
 def _read_in_order(split: Split, indices: np.ndarray) -> dict[str, np.ndarray]:
@@ -335,7 +346,7 @@ class RehearsalPipeline(InputPipeline):
     local_source, local_target = local[is_source[local]], local[~is_source[local]]
     target_indices = self._epoch_slice(step, self.batch_size - self.source_count)[rank[local_target]]
     epochs, offsets = np.divmod(step * self.source_count + rank[local_source], len(self.source))
-    orders = {e: np.random.default_rng(self.source_order_seed(e)).permutation(len(self.source)) for e in set(epochs)}
+    orders = {e: epoch_permutation(self.source_order_seed(e), len(self.source)) for e in set(epochs)}
     source_indices = np.array([orders[e][o] for e, o in zip(epochs, offsets)], dtype=np.int64)
     target, rehearsed = _read_in_order(self.train, target_indices), _read_in_order(self.source, source_indices)
     if set(rehearsed) != set(target):

@@ -11,7 +11,7 @@ from finetune.config import defaults
 from ml_collections import ConfigDict
 from finetune.data import SOURCES
 from finetune.data.dataset import ArraySplit, Dataset
-from finetune.data.pipeline import augment, augment_params, build_pipeline, with_rehearsal
+from finetune.data.pipeline import augment, augment_params, build_pipeline, epoch_permutation, with_rehearsal
 from finetune.errors import FinetuneError
 
 NUM_DIGITS = 1797
@@ -243,6 +243,17 @@ def test_train_batch_rows_follow_the_epoch_permutation(pipe):
   order = np.random.default_rng([3, 0]).permutation(100)
   np.testing.assert_array_equal(_ids(ids.train_batch(1)), order[8:16])
   np.testing.assert_array_equal(ids.train_batch(1)["label"], order[8:16] % 10)
+
+
+def test_an_epochs_permutation_is_drawn_once_not_at_every_step(pipe):
+  """(Each step drew its epoch's whole permutation again: 27 ms of host time per step at 1.28 M rows.)"""
+  ids = dataclasses.replace(pipe, train=_id_split(100), batch_size=8, seed=5)  # 12 steps per epoch
+  epoch_permutation.cache_clear()
+  batches = [_ids(ids.train_batch(step)) for step in range(24)]
+  assert epoch_permutation.cache_info().misses == 2  # epochs 0 and 1
+  for epoch in (0, 1):
+    order = np.random.default_rng([5, epoch]).permutation(100)
+    np.testing.assert_array_equal(np.concatenate(batches[12 * epoch:12 * epoch + 12]), order[:96])
 
 
 def test_process_parts_concatenate_to_global_train_batch(pipe):
