@@ -46,6 +46,28 @@ def test_cached_and_uncached_probes_learn_the_same_head(tmp_path):
   assert cached["feature_extraction_seconds"] > 0 and uncached["feature_extraction_seconds"] is None
 
 
+def test_every_split_is_extracted_by_one_compiled_backbone(tmp_path, monkeypatch):
+  """(A jit per split compiled the same backbone once per split, plus once more on a first example to learn the
+  feature width: for a ViT or BERT, seconds to tens of seconds each.) Traces count compilations here: one jit
+  object traces once for one input shape; the width comes from one more trace, by jax.eval_shape."""
+  traces = []
+  embed = feature_cache._embed  # pylint: disable=protected-access
+
+  def counting_embed(graphdef):
+    inner = embed(graphdef)
+
+    def traced(weights, batch):
+      traces.append(next(iter(batch.values())).shape)
+      return inner(weights, batch)
+    return traced
+
+  monkeypatch.setattr(feature_cache, "_embed", counting_embed)
+  config = _probe_config(True, max_memory_mb=0.01)
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["train.npy", "validation.npy"]
+  assert traces == [(1, 8, 8, 1), (config.data.eval_batch_size, 8, 8, 1)], traces  # width; one extraction program
+
+
 def test_features_spill_to_disk_when_over_the_memory_limit(tmp_path):
   summary = train_lib.train_and_evaluate(_probe_config(True, max_memory_mb=0.01), str(tmp_path))["train"]
   saved = sorted(p.name for p in (tmp_path / "features").iterdir())

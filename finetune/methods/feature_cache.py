@@ -70,17 +70,30 @@ def check_cacheable(strategy, pipeline: InputPipeline, train_bn: bool, model: nn
                         "set config.data.augment.crop_padding=0 and flip=False")
 
 
-def extract(graphdef: nnx.GraphDef, weights: dict[str, Any], pipeline: InputPipeline, data: Split,
-            mesh: jax.sharding.Mesh, disk_dir: str | None, name: str) -> np.ndarray:
-  """Backbone features of every example of `data`, in order: (N, feature_dim) float32."""
+def embedder(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh) -> Callable[[dict[str, Any], dict], jax.Array]:
+  """The jitted backbone, (weights, global batch) -> features sharded as the batch: made once per stage, so every
+  split's extraction reuses one compiled program (a jit per split compiled the same backbone once per split)."""
+  return jax.jit(_embed(graphdef), out_shardings=batch_sharding(mesh))
+
+
+def extract(embed_fn: Callable[[dict[str, Any], dict], jax.Array], weights: dict[str, Any], pipeline: InputPipeline,
+            data: Split, mesh: jax.sharding.Mesh, disk_dir: str | None, name: str) -> np.ndarray:
+  """Backbone features of every example of `data`, in order: (N, feature_dim) float32. `embed_fn`: `embedder`'s."""
   spec = batch_sharding(mesh)
-  embed_fn = jax.jit(_embed(graphdef), out_shardings=spec)
-  chunks = []
-  for batch in pipeline.ordered_batches(data):
-    features = embed_fn(weights, to_global(_inputs(batch), spec))
+
+  def fetch(features: jax.Array) -> np.ndarray:
     features = multihost_utils.process_allgather(features, tiled=True) if jax.process_count() > 1 else features
-    chunks.append(np.asarray(jax.device_get(features), np.float32))
+    return np.asarray(jax.device_get(features), np.float32)
+
+  chunks, in_flight = [], None
+  for batch in pipeline.ordered_batches(data):
+    features = embed_fn(weights, to_global(_inputs(batch), spec))  # dispatched; runs while the previous is fetched
+    if in_flight is not None:
+      chunks.append(fetch(in_flight))
+    in_flight = features
     interrupts.raise_if_requested()  # (a Ctrl-C that a library dropped; see finetune/interrupts.py)
+  if in_flight is not None:
+    chunks.append(fetch(in_flight))
   result = np.concatenate(chunks)[:len(data)]
   if disk_dir:
     os.makedirs(disk_dir, exist_ok=True)
@@ -107,7 +120,7 @@ def feature_shaped_pipeline(graphdef: nnx.GraphDef, abstract_weights: dict[str, 
                             pipeline: InputPipeline) -> InputPipeline:
   """What `cached_pipeline` returns, with zero features of the backbone's width and nothing computed: the shapes
   `finetune plan` compiles a cached stage's step from (the width comes from `jax.eval_shape`)."""
-  width = jax.eval_shape(_embed(graphdef), abstract_weights, _inputs(_first(pipeline.train).features)).shape[-1]
+  width = _feature_width(graphdef, abstract_weights, pipeline)
 
   def zeros(split: Split) -> ArraySplit:  # a read-only view of one row: no memory per example
     return ArraySplit({"features": np.broadcast_to(np.zeros(width, np.float32), (len(split), width)),
@@ -121,16 +134,21 @@ def cached_pipeline(graphdef: nnx.GraphDef, weights: dict[str, Any], pipeline: I
                     mesh: jax.sharding.Mesh, run_dir: str, max_memory_mb: float) -> InputPipeline:
   """The same pipeline (sizes, seed, batch order) over cached features instead of images."""
   num_examples = len(pipeline.train) + sum(len(s) for s in pipeline.eval_splits.values())
-  probe = extract(graphdef, weights, pipeline, _first(pipeline.train), mesh, None, "probe")
-  bytes_needed = num_examples * probe.shape[-1] * 4
+  bytes_needed = num_examples * _feature_width(graphdef, weights, pipeline) * 4
   disk_dir = os.path.join(run_dir, "features") if bytes_needed > max_memory_mb * 2**20 else None
+  embed_fn = embedder(graphdef, mesh)
 
   def cache(split: Split, name: str) -> ArraySplit:
-    return ArraySplit({"features": extract(graphdef, weights, pipeline, split, mesh, disk_dir, name),
+    return ArraySplit({"features": extract(embed_fn, weights, pipeline, split, mesh, disk_dir, name),
                        "label": split.labels()})
 
   return dataclasses.replace(pipeline, train=cache(pipeline.train, "train"),
                              eval_splits={k: cache(v, k) for k, v in pipeline.eval_splits.items()})
+
+
+def _feature_width(graphdef: nnx.GraphDef, weights: dict[str, Any], pipeline: InputPipeline) -> int:
+  """The backbone's feature width, from `jax.eval_shape` (nothing computed or compiled)."""
+  return jax.eval_shape(_embed(graphdef), weights, _inputs(_first(pipeline.train).features)).shape[-1]
 
 
 def _first(split: Split) -> ArraySplit:

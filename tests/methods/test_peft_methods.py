@@ -227,8 +227,8 @@ def test_cached_features_of_a_prompt_tuned_model_include_the_prompt():
   pipeline = InputPipeline("t", ("0",), data, {}, 2, 2, 0)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   weights = {"params": params.to_pure_dict(), "model_state": rest.to_pure_dict()}
-  features = feature_cache.extract(graphdef, weights, pipeline, data, make_mesh(ConfigDict({"data": 1}),
-                                                                                 jax.devices()[:1]), None, "t")
+  mesh = make_mesh(ConfigDict({"data": 1}), jax.devices()[:1])
+  features = feature_cache.extract(feature_cache.embedder(graphdef, mesh), weights, pipeline, data, mesh, None, "t")
   prompted, _ = prompt_tuning.prompted_inputs(model, model_inputs(model, batch()))
   np.testing.assert_allclose(features, np.asarray(model.embed(*prompted, train=False)), atol=1e-5)
   unprompted = np.asarray(model.embed(*model_inputs(model, batch()), train=False))
