@@ -7,6 +7,15 @@ The library entry points (the CLI calls exactly these):
 
 from finetune.config import build_config, load_config
 from finetune.errors import FinetuneError
-from finetune.train import train_and_evaluate
 
 __all__ = ["build_config", "load_config", "train_and_evaluate", "FinetuneError"]
+
+
+def __getattr__(name: str):
+  # Imported on first use, not with the package: `finetune.cli` is imported through this package, and jax, which
+  # train brings in, must load only after the CLI has installed its interrupt handling (a Ctrl-C during that import
+  # was a traceback, or was swallowed and the run trained to the end).
+  if name == "train_and_evaluate":
+    from finetune.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+    return train_and_evaluate
+  raise AttributeError(f"module 'finetune' has no attribute {name!r}")

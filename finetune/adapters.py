@@ -432,14 +432,12 @@ def save_adapter(directory: str, params: dict[str, np.ndarray], trainable: Seque
                  model_cfg: ConfigDict, name: str = "default") -> str:
   """Writes only the trained parameters (adapters, modules_to_save, trained biases): `adapter.safetensors` (our
   parameter paths) and `adapter.json` (the PEFT config and the base model it belongs to). Atomic."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-
   os.makedirs(directory, exist_ok=True)
   tensors = {path: np.ascontiguousarray(np.asarray(params[path])) for path in trainable}
   shapes = {path: list(value.shape) for path, value in params.items()}
   meta = {"name": name, "peft": peft_cfg.to_dict(), "model": model_cfg.to_dict(), "base_shapes": shapes}
   with files.atomic_path(os.path.join(directory, ADAPTER_WEIGHTS)) as tmp_weights:
-    save_file(tensors, tmp_weights)
+    files.save_safetensors(tensors, tmp_weights)
   files.write_text(os.path.join(directory, ADAPTER_CONFIG), json.dumps(meta, indent=2, default=list))
   return directory
 

@@ -9,6 +9,7 @@ thread (async), and the last good checkpoint is never touched by a later failure
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -25,6 +26,10 @@ from finetune.models import hf
 from finetune.partition import flatten, map_with_path
 
 STATE_ITEM = "state"
+# Written into a run folder when its stage stops on a non-finite loss: {"weights_from_step": s, "error": ...};
+# checkpoints from step s on hold the weights that diverged. `finetune export/eval --unfinished` take the newest
+# checkpoint before s.
+DIVERGED_FILE = "diverged.json"
 
 
 class Checkpointer:
@@ -48,8 +53,22 @@ class Checkpointer:
 
   # Writing, deleting and finalising hold Ctrl-C / SIGTERM back until orbax is done (finetune/interrupts.py).
 
-  def save(self, step: int, state: dict[str, Any]) -> None:
+  @contextlib.contextmanager
+  def _writing(self):
+    """A failed write (a full disk: orbax's background threads raise it as a ValueError at the next save or wait,
+    after ~470 lines of logged tracebacks) becomes one FinetuneError naming the folder; checkpoints written before
+    it stay intact, so the same command resumes once the cause is fixed."""
+    _quiet_orbax_error_logs()
     with interrupts.deferred():
+      try:
+        yield
+      except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many types)
+        raise FinetuneError(f"writing checkpoints under {self.directory} failed: {type(e).__name__}: {_short(e)}; "
+                            "those written before are intact: free space (or fix the folder's permissions) and run "
+                            "the same command again to resume") from None
+
+  def save(self, step: int, state: dict[str, Any]) -> None:
+    with self._writing():
       self._manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state)}), force=True)
 
   def restore(self, step: int, abstract_state: dict[str, Any]) -> dict[str, Any]:
@@ -65,7 +84,7 @@ class Checkpointer:
     return restored[STATE_ITEM]
 
   def delete(self, step: int) -> None:
-    with interrupts.deferred():
+    with self._writing():
       self._manager.delete(step)
 
   def prune(self) -> None:
@@ -76,13 +95,27 @@ class Checkpointer:
         self.delete(step)
 
   def wait(self) -> None:
-    with interrupts.deferred():
+    with self._writing():
       self._manager.wait_until_finished()
 
   def close(self) -> None:
-    with interrupts.deferred():
+    with self._writing():
       self._manager.wait_until_finished()
       self._manager.close()
+
+
+class _OrbaxErrorLogs(logging.Filter):
+  """Drops orbax's ERROR records (each with a traceback, one per background thread of a failed save): the failure
+  reaches the caller as one FinetuneError that carries orbax's message (`Checkpointer._writing`)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _quiet_orbax_error_logs() -> None:
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _OrbaxErrorLogs) for f in absl_logger.filters):
+    absl_logger.addFilter(_OrbaxErrorLogs())
 
 
 def _is_abandoned_read(unraisable: Any) -> bool:

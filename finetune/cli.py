@@ -175,11 +175,17 @@ def run_plan(config_spec: str, mesh: str, devices: int | None, overrides: Sequen
 def run_eval(workdir: str, stage: str, unfinished: bool, out: str, overrides: Sequence[str]) -> int:
   from finetune import compile_cache, evaluation  # pylint: disable=g-import-not-at-top
   from finetune.reporting import write_json  # pylint: disable=g-import-not-at-top
+  out = os.path.abspath(os.path.expanduser(out)) if out else ""
+  run_root = os.path.abspath(os.path.expanduser(workdir))
+  if out and (out == run_root or out.startswith(run_root.rstrip(os.sep) + os.sep)):
+    # (--out workdir/summary.json replaced the run's summary; the next `finetune train` there crashed)
+    raise FinetuneError(f"--out {out} is inside the run folder {run_root}, and eval writes nothing into a run: "
+                        "choose a path outside it")
   compile_cache.enable()
   results = evaluation.evaluate_run(workdir, stage, overrides, unfinished)
   print(evaluation.results_table(results))
   if out:
-    write_json(os.path.abspath(os.path.expanduser(out)), results)
+    write_json(out, results)
   return 0
 
 

@@ -10,8 +10,10 @@ Written by hand because the standard library has no atomic replace-write.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import socket
 import tempfile
 from typing import Any, Iterator
 
@@ -40,6 +42,36 @@ def make_readable(path: str) -> None:
       os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive_workdir(workdir: str, enabled: bool = True) -> Iterator[None]:
+  """Holds an advisory lock on `<workdir>/.lock` for the block: a second run in the same folder (a double launch, a
+  requeued job while the first is still closing, two sweeps over one folder) fails at once instead of mixing its
+  checkpoints, metrics and summary with the first's. The operating system drops the lock when the process ends,
+  however it ends; the file stays (deleting it would race with a process about to lock it). `enabled=False` for the
+  processes of a multi-host run, which share their workdir by design. Written by hand: the standard library's
+  fcntl is the whole mechanism, and no dependency offers more."""
+  if not enabled:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  fd = os.open(os.path.join(workdir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # (BlockingIOError: held; other errors: a file system without locks, said the same way)
+      holder = os.read(fd, 200).decode(errors="replace").strip()
+      raise FinetuneError(f"{workdir} is in use by another finetune process ({holder or 'unknown'}): wait for it "
+                          "to end or stop it, or use another --workdir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    yield
+  finally:
+    os.close(fd)  # (releases the lock)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
   """A unique temp path beside `path` to write to; renamed onto `path` when the block succeeds, removed if not."""
@@ -52,6 +84,18 @@ def atomic_path(path: str) -> Iterator[str]:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def save_safetensors(tensors: dict[str, Any], path: str, metadata: dict[str, str] | None = None) -> None:
+  """safetensors' `save_file`, with a failed write (a full disk: its SafetensorError, not an OSError) one line
+  naming the file."""
+  import safetensors  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  try:
+    save_file(tensors, path, metadata=metadata)
+  except (OSError, safetensors.SafetensorError) as e:
+    raise FinetuneError(f"writing {path} failed ({e}); free space or fix the folder's permissions, then run the "
+                        "command again") from None
 
 
 def write_text(path: str, text: str) -> None:

@@ -28,7 +28,7 @@ from ml_collections import ConfigDict
 
 from finetune import adapters
 from finetune.errors import FinetuneError
-from finetune.files import read_json
+from finetune.files import read_json, save_safetensors
 from finetune.methods.lora import LoRALinear, lora_modules
 from finetune.models import hf
 from finetune.reporting import staged_directory
@@ -105,9 +105,7 @@ def export_peft(model_cfg: ConfigDict, peft_cfg: ConfigDict, abstract_model: nnx
 
 def write_adapter(directory: str, tensors: dict[str, np.ndarray], config: dict[str, Any]) -> None:
   """PEFT's two files of an adapter, into an existing folder."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-
-  save_file(tensors, os.path.join(directory, PEFT_WEIGHTS), metadata={"format": "pt"})
+  save_safetensors(tensors, os.path.join(directory, PEFT_WEIGHTS), metadata={"format": "pt"})
   with open(os.path.join(directory, PEFT_CONFIG), "w") as f:
     json.dump(config, f, indent=2)
 

@@ -140,9 +140,14 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
   files.write_text(path, json.dumps(payload, indent=2, default=_clean) + "\n")
 
 
-def read_json(path: str) -> Any:
-  """A JSON file this framework wrote; a damaged one is a one-line error naming it."""
-  return files.read_json(path, "restore it, or delete its run folder to redo that run")
+def read_json(path: str) -> dict[str, Any]:
+  """A JSON file this framework wrote (always an object); a damaged one is a one-line error naming it."""
+  fix = "restore it, or delete its run folder to redo that run"
+  value = files.read_json(path, fix)
+  if not isinstance(value, dict):  # (valid JSON of another kind was a TypeError traceback further on)
+    raise FinetuneError(f"{path} is damaged (a JSON {type(value).__name__}, not the object this framework writes); "
+                        f"{fix}")
+  return value
 
 
 EXPORT_MARKER = ".finetune-export"  # marks a folder that staged_directory wrote, so a later export may replace it

@@ -32,7 +32,7 @@ from finetune import adapters, files, interrupts, scan
 from finetune import config as config_lib
 from finetune import regularizers
 from finetune.regularizers import fisher as fisher_lib
-from finetune.checkpoint import Checkpointer, load_into, read_checkpoint_arrays, resolve_checkpoint
+from finetune.checkpoint import DIVERGED_FILE, Checkpointer, load_into, read_checkpoint_arrays, resolve_checkpoint
 from finetune.data.pipeline import (InputPipeline, build_pipeline, check_token_ids, rehearsal_count, to_global,
                                     with_rehearsal)
 from finetune.data.dataset import SubsetSplit
@@ -68,12 +68,14 @@ def pace(pending: Sequence[Any]) -> None:
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
-  """Runs every stage of `config` under `workdir`; returns {stage: summary} (see `run_stage`)."""
-  workdir, stages = prepare_workdir(config, workdir)
-  summaries = {}
-  for name, stage_cfg, run_dir in stages:
-    summaries[name] = run_stage(stage_cfg, run_dir, workdir, name)
-  write_json(os.path.join(workdir, "results.json"), summaries)
+  """Runs every stage of `config` under `workdir`; returns {stage: summary} (see `run_stage`). The workdir is held
+  for the run (`files.exclusive_workdir`): another run there at the same time is refused."""
+  with files.exclusive_workdir(os.path.abspath(os.path.expanduser(workdir)), enabled=jax.process_count() == 1):
+    workdir, stages = prepare_workdir(config, workdir)
+    summaries = {}
+    for name, stage_cfg, run_dir in stages:
+      summaries[name] = run_stage(stage_cfg, run_dir, workdir, name)
+    write_json(os.path.join(workdir, "results.json"), summaries)
   return summaries
 
 
@@ -227,11 +229,15 @@ class Stage:
     self._cache[("eval_step",)] = other.eval_step()
 
   def enter_phase(self, state: TrainState, phase: int) -> TrainState:
-    """Moves a state into `phase`: fresh optimizer state for newly trainable labels, the rest carried over."""
+    """Moves a state into `phase`: fresh optimizer state for newly trainable labels, the rest carried over. `state`'s
+    optimizer state is donated: the caller must not use it again."""
     tx, _ = self.optimizer(phase)
-    fresh = jax.jit(lambda params: tx.init(self.layout.opt_view(params)),
-                    out_shardings=self.state_shardings(phase).opt_state)(state.params)
-    return state.replace(opt_state=carry_over(state.opt_state, fresh))
+    # One program with the old optimizer state donated: carried labels alias their old buffers and their fresh init
+    # is dead code. (Initialising every label beside the old state, then carrying over, held two copies of the
+    # optimizer state at each boundary: 1.6x the train state's bytes.)
+    move = jax.jit(lambda old, params: carry_over(old, tx.init(self.layout.opt_view(params))),
+                   out_shardings=self.state_shardings(phase).opt_state, donate_argnums=0)
+    return state.replace(opt_state=move(state.opt_state, state.params))
 
 
 def abstract_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -382,6 +388,10 @@ def initial_state(stage: Stage, cfg: ConfigDict, workdir: str) -> tuple[TrainSta
     params = adapters.with_arrays(params, arrays)
     report["adapter"] = {"source": source, "loaded": len(arrays)}
   if report:
+    # The random initial state is dropped before the loaded one is placed and its optimizer state made: only the
+    # fresh arrays, which `params` holds, survive. (Beside it, the random parameters and optimizer state peaked at
+    # 1.67x the steady state's bytes: a model that trains could fail to start.)
+    state = state.replace(params=None, model_state=None, opt_state=None)
     state = state.replace(params=jax.device_put(stage.layout.unview(params), stage.params_sharding),
                           model_state=jax.device_put(stage.layout.unview(model_state), stage.model_state_sharding))
     tx, _ = stage.optimizer(0)
@@ -500,9 +510,12 @@ def source_fisher(cfg: ConfigDict, source: regularizers.Source) -> dict[str, np.
   # A fixed random subset: training splits are often stored sorted by class.
   chosen = np.sort(np.random.default_rng(0).permutation(len(train))[:ewc.num_examples])
   layout = source_stage.layout  # the Fisher is keyed by unrolled paths, like the source checkpoint's arrays
-  params = map_with_path(lambda p, _: np.asarray(source.params[p]), source_stage.view_params)
-  model_state = layout.unview(map_with_path(lambda p, _: np.asarray(source.model_state[p]),
-                                            layout.view_shardings(source_stage.model_state_sharding)))
+  # Placed once, sharded as the source stage's (they were sent with every batch, whole, to one device).
+  params = jax.device_put(map_with_path(lambda p, _: np.asarray(source.params[p]), source_stage.view_params),
+                          source_stage.view_shardings)
+  model_state = jax.device_put(layout.unview(map_with_path(lambda p, _: np.asarray(source.model_state[p]),
+                                                           layout.view_shardings(source_stage.model_state_sharding))),
+                               source_stage.model_state_sharding)
   forward = source_stage.forward
 
   def apply(params, batch, model_state):  # (the state is an argument: jit would compile a captured one in)
@@ -510,7 +523,8 @@ def source_fisher(cfg: ConfigDict, source: regularizers.Source) -> dict[str, np.
 
   started = time.perf_counter()
   fisher = fisher_lib.estimate(apply, params, pipeline.ordered_batches(SubsetSplit(train, chosen)), ewc.label_mode,
-                               fisher_key(source.cfg.seed), ewc.num_examples, constants=model_state)
+                               fisher_key(source.cfg.seed), ewc.num_examples, constants=model_state,
+                               mesh=source_stage.mesh)
   if jax.process_index() == 0:
     fisher_lib.save(path, fisher, {"label_mode": ewc.label_mode, "num_examples": int(min(len(chosen),
                                                                                           ewc.num_examples)),
@@ -727,6 +741,10 @@ def _restore_or_init(stage: Stage, cfg: ConfigDict, checkpoints: Checkpointer, r
     # The saved optimizer state has the structure of the phase of the last update made, step start - 1.
     saved_phase = stage.strategy.phase_index(max(start - 1, 0))
     state = TrainState(**checkpoints.restore(start, stage.abstract_state(saved_phase).as_dict()))
+    if not os.path.isfile(init_path):  # (was "No such file or directory ...; check that path (--workdir, ...)")
+      raise FinetuneError(f"{init_path} is missing, but the run has checkpoints: it records how the run started "
+                          "(what init_from loaded, the run's identity); restore it, or delete the run folder to redo "
+                          "that run")
     return state, start, saved_phase, {**read_json(init_path), "resumed_from_step": start}
   state, init_report = initial_state(stage, cfg, workdir)
   # This attempt's identity: a later stage records its source's, so retraining the source is noticed.
@@ -817,7 +835,7 @@ def finish_stage(opened: OpenStage, state: TrainState, train_seconds: float, tra
   for split, metrics in final.items():
     log.write(stage.total_steps, split, metrics)
   # Before summary.json: a diverged stage is not finished.
-  check_finite_evaluation(final, stage.total_steps, cfg.optimizer)
+  check_finite_evaluation(final, stage.total_steps, cfg.optimizer, run_dir)
   forgetting = evaluate_sources(cfg, state, opened.sources, stage, log) if cfg.train.evaluate_sources else {}
   closed_form = {}
   if cfg.features.closed_form:
@@ -859,6 +877,9 @@ def finish_stage(opened: OpenStage, state: TrainState, train_seconds: float, tra
       "feature_extraction_seconds": opened.extraction_seconds,
       "run_dir": run_dir,
   }
+  diverged = os.path.join(run_dir, DIVERGED_FILE)
+  if jax.process_index() == 0 and os.path.exists(diverged):  # an earlier attempt's, which this one got past
+    os.remove(diverged)
   write_json(os.path.join(run_dir, SUMMARY_FILE), summary)
   return summary
 
@@ -923,7 +944,7 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
         for split, metrics in results.items():
           if done != total:  # (at the end, metrics.jsonl gets the final evaluation: of the weights the stage keeps)
             log.write(done, split, metrics)
-        check_finite_evaluation(results, done, cfg.optimizer)
+        check_finite_evaluation(results, done, cfg.optimizer, run_dir)
         if stopping.enabled and stopping.update(done, results, state) >= stopping.patience and done != total:
           if pending:  # the steps since the last log line are logged (and checked finite) too
             timer.resume()
@@ -1131,17 +1152,28 @@ def check_finite(host_metrics: list[dict[str, Any]], step: int, checkpoints: Che
         where = "no good checkpoint had been written yet"
       if bad_step - 1 in checkpoints.all_steps():
         where += f" (step {bad_step - 1} holds the weights that gave this loss)"
-      raise FinetuneError(f"loss is {loss} at step {bad_step}; training stopped and {where}. "
-                          f"{_divergence_fix(optimizer)}")
+      message = f"loss is {loss} at step {bad_step}; training stopped and {where}. {_divergence_fix(optimizer)}"
+      _mark_diverged(os.path.dirname(checkpoints.directory), bad_step - 1, message)
+      raise FinetuneError(message)
 
 
 def check_finite_evaluation(results: dict[str, dict[str, float]], step: int,
-                            optimizer: ConfigDict | None = None) -> None:
-  """Evaluations see the weights after the last update, which no training loss has checked yet."""
+                            optimizer: ConfigDict | None = None, run_dir: str = "") -> None:
+  """Evaluations see the weights after the last update, which no training loss has checked yet. `run_dir`: the
+  training run's, marked diverged from `step` on (not given by `finetune eval`, which writes nothing)."""
   for split, metrics in results.items():
     if not math.isfinite(metrics["loss"]):
-      raise FinetuneError(f"{split} loss is {metrics['loss']} at step {step}: the weights diverged in the last "
-                          f"updates. {_divergence_fix(optimizer)}")
+      message = (f"{split} loss is {metrics['loss']} at step {step}: the weights diverged in the last updates. "
+                 f"{_divergence_fix(optimizer)}")
+      if run_dir:
+        _mark_diverged(run_dir, step, message)
+      raise FinetuneError(message)
+
+
+def _mark_diverged(run_dir: str, from_step: int, message: str) -> None:
+  """(`export --unfinished` wrote a model from the weights the run had just refused as diverged.)"""
+  if jax.process_index() == 0:
+    write_json(os.path.join(run_dir, DIVERGED_FILE), {"weights_from_step": from_step, "error": message})
 
 
 def evaluate(eval_fn, weights: dict[str, Any], pipeline: InputPipeline, split: str,

@@ -31,6 +31,7 @@ the points of a convolutional model are unrolled instead (`point_map`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 from typing import Any, Sequence
@@ -43,6 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from finetune import config as config_lib
+from finetune import files
 from finetune import regularizers
 from finetune import train as train_lib
 from finetune.data.pipeline import to_global
@@ -122,6 +124,13 @@ def train_points(configs: Sequence[ConfigDict], workdirs: Sequence[str]) -> list
   workdirs = [os.path.abspath(os.path.expanduser(w)) for w in workdirs]
   if len(set(workdirs)) != len(workdirs):
     raise FinetuneError("train_points: two points share a workdir")
+  with contextlib.ExitStack() as held:  # each point's workdir, as `finetune train` holds its own
+    for workdir in workdirs:
+      held.enter_context(files.exclusive_workdir(workdir, enabled=jax.process_count() == 1))
+    return _train_points(configs, workdirs)
+
+
+def _train_points(configs: Sequence[ConfigDict], workdirs: list[str]) -> list[dict[str, dict[str, Any]]]:
   layouts = [train_lib.prepare_workdir(cfg, workdir)[1] for cfg, workdir in zip(configs, workdirs)]
   summaries: list[dict[str, Any]] = [{} for _ in configs]
   failed: dict[int, str] = {}
@@ -329,7 +338,7 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
           for split, metrics in results.items():
             runs[k].log.write(done, split, metrics)
           try:
-            train_lib.check_finite_evaluation(results, done, runs[k].cfg.optimizer)
+            train_lib.check_finite_evaluation(results, done, runs[k].cfg.optimizer, runs[k].run_dir)
           except FinetuneError as e:
             errors[k] = str(e)
         timer.resume()

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -52,6 +53,17 @@ def test_python_dash_m_runs_a_config_and_prints_the_table(tiny_file, tmp_path):
   assert result.stderr == ""
   assert lines[-1] == f"outputs: {workdir}"
   assert '"steps": 4' in (workdir / "config.json").read_text()
+
+
+def test_the_cli_loads_jax_only_after_its_interrupt_handling_is_installed():
+  """(The package imported finetune.train, and with it jax, before `cli.main` ran: a Ctrl-C in the first seconds
+  was a traceback, or was swallowed and the run trained to the end.)"""
+  code = "import sys, finetune.cli; print('jax' in sys.modules, 'finetune.train' in sys.modules)"
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert result.stdout.split() == ["False", "False"]
+  import finetune  # pylint: disable=g-import-not-at-top
+  from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
+  assert finetune.train_and_evaluate is train_lib.train_and_evaluate
 
 
 def test_user_error_is_one_line_without_traceback(tiny_file, tmp_path):
@@ -182,6 +194,32 @@ def test_export_replaces_only_an_earlier_export_and_only_finished_runs(capsys, t
   assert "stage 'finetune' of" in _error(capsys, ["export", "--workdir", str(stages), "--out", str(out)])
   assert "its stages: pretrain, finetune" in _error(
       capsys, ["export", "--workdir", str(stages), "--stage", "nosuch", "--out", str(out)])
+
+
+def test_a_failed_checkpoint_or_export_write_is_one_line_and_the_run_resumes(capsys, tiny_file, tmp_path,
+                                                                            monkeypatch):
+  """(A full disk while orbax wrote a checkpoint surfaced as a ValueError at the next save or wait, after some 470
+  lines of logged tracebacks, exit 1; safetensors' SafetensorError in an export likewise.) Here orbax's background
+  write fails the way a full disk makes it; the real thing was checked on a 1.5 MB tmpfs."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from finetune import files  # pylint: disable=g-import-not-at-top
+  from finetune.errors import FinetuneError  # pylint: disable=g-import-not-at-top
+  run = tmp_path / "run"
+  finish = ocp.CheckpointManager.wait_until_finished
+
+  def full_disk(self):
+    finish(self)
+    raise ValueError('RESOURCE_EXHAUSTED: Error writing "params.head.kernel/0" in OCDBT database: No space left')
+
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", full_disk)
+  message = _error(capsys, ["train", "--config", tiny_file, "--workdir", str(run)])
+  assert message.startswith(f"writing checkpoints under {run / 'checkpoints'} failed: ValueError: RESOURCE_EXHAUSTED")
+  assert message.endswith("those written before are intact: free space (or fix the folder's permissions) and run "
+                          "the same command again to resume")
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", finish)
+  assert cli.main(["train", "--config", tiny_file, "--workdir", str(run)]) == 0
+  with pytest.raises(FinetuneError, match=r"writing .*missing/x.safetensors failed \(.*\); free space"):
+    files.save_safetensors({"a": np.zeros(3, np.float32)}, str(tmp_path / "missing" / "x.safetensors"))
 
 
 def test_unreadable_checkpoint_is_one_line(capsys, tiny_file, tmp_path):
@@ -408,6 +446,9 @@ def test_eval_scores_a_finished_run_again_on_other_data_and_writes_nothing_into_
   assert 0 < json.load(open(out))["validation"]["num_examples"] < final["validation"]["num_examples"]
   assert "config.data.validation_fraction=0.5 would carve rows the stage trained on" in _error(
       capsys, ["eval", "--workdir", str(run), "--config.data.validation_fraction=0.5"])
+  # (--out into the run replaced its summary.json; the next `finetune train` there crashed)
+  assert f"--out {run / 'summary.json'} is inside the run folder {run}, and eval writes nothing into a run" in _error(
+      capsys, ["eval", "--workdir", str(run), "--out", str(run / "summary.json")])
   assert {p: os.path.getmtime(p) for p in run.rglob("*")} == before
   assert "eval may override data.* and mesh.* keys only" in _error(
       capsys, ["eval", "--workdir", str(run), "--config.train.steps=5"])

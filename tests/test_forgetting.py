@@ -53,10 +53,33 @@ def test_fisher_takes_the_models_other_state_as_an_argument():
 
   constants = {"statistics": np.ones(4096, np.float32)}
   fisher.estimate(apply, params, [batch], "empirical", jax.random.PRNGKey(0), 7, constants=constants)
-  lowered = jax.jit(fisher.make_fisher_batch(apply, "empirical")).lower(params, batch, jax.random.PRNGKey(0),
-                                                                         constants)
+  lowered = jax.jit(fisher.make_fisher_batch(apply, "empirical")).lower(
+      params, batch, jax.random.split(jax.random.PRNGKey(0), 7), constants)
   assert seen and all(seen)
   assert not [line for line in lowered.as_text().splitlines() if "constant" in line and "4096" in line]
+
+
+def test_fisher_batches_of_every_size_share_one_program():
+  """(A last batch cut to the examples left, or a batch of another size, compiled the Fisher program again.) Rows
+  past num_examples are masked instead; the estimate equals the one over exactly those examples."""
+  model_apply, params, batch = tiny_classifier()
+  traces = []
+
+  def apply(params, batch, constants):
+    traces.append(batch["image"].shape)
+    return model_apply(params, batch)
+
+  parts = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]  # 4 rows, then 3
+  parts[1] = {k: np.concatenate([v, v[:1]]) for k, v in parts[1].items()}  # 4 rows, the last past num_examples
+  ours = fisher.estimate(apply, params, parts, "true", jax.random.PRNGKey(3), num_examples=7)
+  per_trace = len(traces)
+  traces.clear()
+  fisher.estimate(apply, params, parts[:1], "true", jax.random.PRNGKey(3), num_examples=4)
+  assert len(traces) == per_trace  # the two-batch estimate traced its program once, as this one-batch one
+  exact = fisher.estimate(lambda p, b, c: model_apply(p, b), params,
+                          [parts[0], {k: v[:3] for k, v in parts[1].items()}], "true", jax.random.PRNGKey(3), 7)
+  for path in ours:
+    np.testing.assert_allclose(ours[path], exact[path], rtol=1e-6, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", fisher.LABEL_MODES)
@@ -631,7 +654,8 @@ def test_lineage_follows_later_stages_reinitialisation_and_other_workdirs(tmp_pa
   summaries = train_lib.train_and_evaluate(config, str(tmp_path / "w"))
   assert summaries["c"]["forgetting"]["a"]["validation"]["after"] == \
       summaries["b"]["forgetting"]["a"]["validation"]["after"]
-  a, b = (read_checkpoint_arrays(str(tmp_path / "w" / s / "checkpoints" / n))["params"] for s, n in (("a", "30"), ("b", "10")))
+  a, b = (read_checkpoint_arrays(str(tmp_path / "w" / s / "checkpoints" / n))["params"]
+          for s, n in (("a", "30"), ("b", "10")))
   assert a["head/kernel"].shape != b["head/kernel"].shape
   c_cfg = dict(stage_configs(config))["c"]
   sources = regularizers.lineage(c_cfg, str(tmp_path / "w"))

@@ -360,7 +360,8 @@ def _llama_logits_after_peft(adapter_dir, base_dir, ids):
 def test_peft_export_names_the_hf_base_only_when_the_frozen_weights_are_its(tmp_path, capsys):
   """A LoRA stage straight from a Hugging Face checkpoint names it as the base; a LoRA stage after a full
   fine-tuning stage writes its own base_model/ (naming the original checkpoint would apply the adapter to other
-  weights), as does one that changed the architecture. Either way PEFT computes the run's logits. An interrupted run exports from its latest checkpoint."""
+  weights), as does one that changed the architecture. Either way PEFT computes the run's logits. An interrupted run
+  exports from its latest checkpoint."""
   import shutil  # pylint: disable=g-import-not-at-top
   from finetune import cli, train as train_lib  # pylint: disable=g-import-not-at-top
   from finetune.config import build_config  # pylint: disable=g-import-not-at-top

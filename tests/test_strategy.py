@@ -225,6 +225,26 @@ def test_gradual_unfreezing_happens_exactly_at_the_configured_steps(tmp_path):
   assert not np.array_equal(final["stem/conv/kernel"], params0["stem/conv/kernel"])
 
 
+def test_entering_a_phase_carries_the_training_labels_state_in_its_own_buffers():
+  """At an unfreezing boundary the labels already training keep their optimizer state, the new ones start fresh, and
+  the old state's buffers are donated to the new one (it was initialised whole beside the old: two copies)."""
+  from finetune.config import stage_configs  # pylint: disable=g-import-not-at-top
+  (_, cfg), = stage_configs(tiny_config(unfreeze={"mode": "gradual", "every_steps": 3},
+                                        train={"steps": 12, "checkpoint_every": 0}))
+  stage = train_lib.build_stage(cfg)
+  state = stage.init_state(0)(jax.random.PRNGKey(0))
+  moved = jax.tree.map(lambda x: x + 1 if np.issubdtype(x.dtype, np.floating) else x, state.opt_state)
+  # (copies: a numpy view of a CPU buffer is an outside reference, which makes XLA keep the buffer, not donate it)
+  head = jax.tree.map(lambda x: np.array(x, copy=True), moved[1].inner_states["head"])
+  old_leaves = [leaf for leaf in jax.tree.leaves(moved) if leaf.size]
+  entered = stage.enter_phase(state.replace(opt_state=moved), 1).opt_state
+  assert set(entered[1].inner_states) == {"frozen", "head", "stage_2"}
+  for ours, carried in zip(jax.tree.leaves(entered[1].inner_states["head"]), jax.tree.leaves(head)):
+    np.testing.assert_array_equal(ours, carried)
+  assert all(not np.any(leaf) for leaf in jax.tree.leaves(entered[1].inner_states["stage_2"]))  # Adam's zeros
+  assert all(leaf.is_deleted() for leaf in old_leaves)
+
+
 def test_unfrozen_group_untouched_before_its_phase(tmp_path):
   config_keep = tiny_config(unfreeze={"mode": "gradual", "every_steps": 3},
                             optimizer={"schedule": "linear", "warmup_steps": 0, "lr_factor": 2.0},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import warnings
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from conftest import REPO, killed_at_step, shared_data, tiny_config
@@ -69,7 +71,24 @@ def test_stage_initialises_from_earlier_stage_except_dont_load(tmp_path):
   train_lib.run_stage(stages["source"], str(tmp_path / "source"), str(tmp_path), "source")
   source_params = read_checkpoint_arrays(resolve_checkpoint("stage:source", str(tmp_path)))["params"]
   stage = train_lib.build_stage(stages["target"])
+  # Device bytes alive when the loaded parameters' optimizer state is made (recorded as its init is traced): the
+  # random initial parameters and Adam state stayed alive beside the loaded ones (2.9x the state; now 1x).
+  gc.collect()
+  alive_before = {id(a) for a in jax.live_arrays()}
+  live_at_init, optimizer = [], stage.optimizer
+
+  def recording_optimizer(phase, lr_scale=None):
+    tx, extra = optimizer(phase, lr_scale)
+
+    def init(params):
+      live_at_init.append(sum(a.nbytes for a in jax.live_arrays() if id(a) not in alive_before))
+      return tx.init(params)
+    return optax.GradientTransformation(init, tx.update), extra
+
+  stage.optimizer = recording_optimizer
   state, report = train_lib.initial_state(stage, stages["target"], str(tmp_path))
+  params_bytes = sum(x.nbytes for x in jax.tree.leaves((state.params, state.model_state)))
+  assert live_at_init[-1] <= 1.2 * params_bytes, (live_at_init, params_bytes)  # (was 2.9x here)
   target_params = flatten(jax.device_get(state.params))
   assert report["fresh"] == ["head/bias", "head/kernel"]
   assert target_params["head/kernel"].shape == (16, 3)  # new head for 3 classes
@@ -80,6 +99,38 @@ def test_stage_initialises_from_earlier_stage_except_dont_load(tmp_path):
   stats = flatten(jax.device_get(state.model_state))
   source_stats = read_checkpoint_arrays(resolve_checkpoint("stage:source", str(tmp_path)))["model_state"]
   np.testing.assert_array_equal(stats["stem/norm/mean"], source_stats["stem/norm/mean"])
+
+
+def test_a_workdir_in_use_by_another_run_is_refused_before_anything_is_written(tmp_path):
+  """(Two runs in one folder at once, a double launch or a requeued job beside the closing one, mixed their
+  checkpoints, metrics and summary: one exited 0 with the other's config.json beside its weights.)"""
+  from finetune import files  # pylint: disable=g-import-not-at-top
+  config = tiny_config(train={"steps": 2, "log_every": 1, "checkpoint_every": 0})
+  with files.exclusive_workdir(str(tmp_path)):  # another process's lock, as far as flock is concerned
+    with pytest.raises(FinetuneError, match=rf"{tmp_path} is in use by another finetune process \(pid {os.getpid()} "
+                                            r"on .*\): wait for it to end or stop it, or use another --workdir"):
+      train_lib.train_and_evaluate(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [".lock"]
+  train_lib.train_and_evaluate(config, str(tmp_path))  # released when the first run ends
+  assert (tmp_path / "summary.json").exists()
+
+
+def test_a_resumable_run_without_a_readable_init_json_is_one_clear_error(tmp_path):
+  """(A deleted init.json read "No such file or directory ...; check that path (--workdir, ...)"; one holding valid
+  JSON that is not an object was a TypeError traceback.)"""
+  config = tiny_config(train={"steps": 2, "log_every": 1, "checkpoint_every": 1})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  os.remove(tmp_path / "summary.json")  # unfinished again: the next run resumes from its checkpoints
+  os.rename(tmp_path / "init.json", tmp_path / "init.json.saved")
+  with pytest.raises(FinetuneError, match=r"init.json is missing, but the run has checkpoints: .*restore it, or "
+                                          r"delete the run folder"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  (tmp_path / "init.json").write_text("[]")
+  with pytest.raises(FinetuneError, match=r"init.json is damaged \(a JSON list, not the object this framework "
+                                          r"writes\); restore it"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  os.replace(tmp_path / "init.json.saved", tmp_path / "init.json")
+  assert train_lib.train_and_evaluate(config, str(tmp_path))["train"]["steps"] == 2
 
 
 def test_init_from_shape_mismatch_names_parameter_and_shapes(tmp_path):
@@ -205,6 +256,9 @@ def test_keep_checkpoints_1_keeps_the_good_checkpoint_until_the_next_one_is_chec
                                           r"\(step 3\) .* is intact \(step 6 holds the weights that gave this loss\)"):
     train_lib.train_and_evaluate(config, str(tmp_path / "diverged"))
   assert sorted(os.listdir(tmp_path / "diverged" / "checkpoints")) == ["3", "6"]
+  # export/eval --unfinished take the last good checkpoint, not step 6 (a model was exported from its weights)
+  from finetune.export import latest_checkpoint  # pylint: disable=g-import-not-at-top
+  assert latest_checkpoint(str(tmp_path / "diverged"), "export") == str(tmp_path / "diverged" / "checkpoints" / "3")
   monkeypatch.setattr(train_lib.InputPipeline, "train_batch", original)
   train_lib.train_and_evaluate(config, str(tmp_path / "finished"))
   assert sorted(os.listdir(tmp_path / "finished" / "checkpoints")) == ["12"]
@@ -219,6 +273,11 @@ def test_weights_that_diverge_in_the_last_update_do_not_finish_the_stage(tmp_pat
     train_lib.train_and_evaluate(config, str(tmp_path))
   assert math.isfinite(_records(tmp_path)[0]["loss"])  # the premise: the one training loss was finite
   assert not (tmp_path / "summary.json").exists()
+  from finetune.export import latest_checkpoint  # pylint: disable=g-import-not-at-top
+  assert os.listdir(tmp_path / "checkpoints") == ["1"]  # the diverged weights, kept, and refused by --unfinished
+  with pytest.raises(FinetuneError, match=r"stopped on diverged weights .*diverged.json\) and has no checkpoint "
+                                          r"before step 1; train it again with the fix that file names"):
+    latest_checkpoint(str(tmp_path), "export")
 
 
 def test_rerun_with_a_different_config_is_refused(tmp_path):

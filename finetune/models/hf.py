@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from finetune.errors import FinetuneError
-from finetune.files import read_json
+from finetune.files import read_json, save_safetensors
 
 # config.json field -> our model kwarg, per model_type.
 _BERT_CONFIG = {
@@ -337,7 +337,6 @@ def export_bert(params: dict[str, np.ndarray], kwargs: dict[str, Any], class_nam
   transformers head class, so the encoder is written as `BertModel` (hidden states equal; pool the mean yourself)
   and the trained head is left out, which the returned architecture name says.
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
   classify = kwargs.get("pooling", "cls") == "cls"
   tensors = {}
@@ -363,7 +362,7 @@ def export_bert(params: dict[str, np.ndarray], kwargs: dict[str, Any], class_nam
   })
   _float32(config)
   os.makedirs(out, exist_ok=True)
-  save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+  save_safetensors(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
   return config["architectures"][0]
@@ -472,7 +471,6 @@ def export_params(model_name: str, params: dict[str, np.ndarray], kwargs: dict[s
   check_exportable(model_name)
   if model_name == "bert":
     return export_bert(params, kwargs, class_names, out, base_config)
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
   model_type, _, fixed = _EXPORTS[model_name]
   if model_name == "vit" and kwargs.get("pool", "cls") != "cls":
@@ -501,7 +499,7 @@ def export_params(model_name: str, params: dict[str, np.ndarray], kwargs: dict[s
     config["label2id"] = {name: i for i, name in enumerate(class_names)}
   _float32(config)
   os.makedirs(out, exist_ok=True)
-  save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+  save_safetensors(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
   return config["architectures"][0]

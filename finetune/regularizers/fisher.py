@@ -23,7 +23,7 @@ import numpy as np
 from finetune import files, interrupts
 from finetune.errors import FinetuneError
 from finetune.partition import flatten
-from finetune.sharding import to_host
+from finetune.sharding import batch_sharding, data_parallel_size, to_host
 
 LABEL_MODES = ("true", "empirical", "expected")
 
@@ -38,7 +38,8 @@ def sampled_labels(logits: jax.Array, key: jax.Array) -> jax.Array:
 
 
 def make_fisher_batch(apply: Callable[[Any, dict, Any], jax.Array], label_mode: str) -> Callable:
-  """`(params, batch, key, constants) -> {path: sum over the batch of squared per-example gradients}`.
+  """`(params, batch, keys, constants) -> {path: sum over the batch of squared per-example gradients}`; `keys`: one
+  PRNG key per example (the `true` mode's label draws).
 
   `apply(params, single_example_batch, constants) -> logits (1, C)`; `params` are the parameters differentiated (a
   pytree), `constants` what the model reads without being differentiated (BatchNorm statistics): an argument, as
@@ -65,9 +66,7 @@ def make_fisher_batch(apply: Callable[[Any, dict, Any], jax.Array], label_mode: 
     weight = example["mask"].astype(jnp.float32) if "mask" in example else 1.0
     return jax.tree.map(lambda s: s * weight, squared)
 
-  def fisher_batch(params, batch, key, constants):
-    count = batch["label"].shape[0]
-    keys = jax.random.split(key, count)
+  def fisher_batch(params, batch, keys, constants):
     per_example = jax.vmap(one_example, in_axes=(None, 0, 0, None))(params, batch, keys, constants)
     return jax.tree.map(lambda s: s.sum(axis=0), per_example)
 
@@ -75,36 +74,54 @@ def make_fisher_batch(apply: Callable[[Any, dict, Any], jax.Array], label_mode: 
 
 
 def estimate(apply: Callable[[Any, dict, Any], jax.Array], params: Any, batches, label_mode: str, key: jax.Array,
-             num_examples: int, constants: Any = None) -> dict[str, np.ndarray]:
+             num_examples: int, constants: Any = None, mesh: jax.sharding.Mesh | None = None) -> dict[str, np.ndarray]:
   """The diagonal Fisher over the first `num_examples` examples of `batches` (dicts with 'label', optional 'mask'):
-  {path: array shaped like the parameter}. `apply` and `constants` as in `make_fisher_batch`."""
+  {path: array shaped like the parameter}. `apply` and `constants` as in `make_fisher_batch`; place `params` and
+  `constants` on their devices before the call (else every batch sends them again). `mesh`: the batches' examples
+  are split over its data-parallel axes (every process passes the same whole batches); None: one device.
+
+  Every batch keeps its shape, so one program serves them all: rows past `num_examples` are masked, not cut off,
+  and rows are padded to a multiple of the data-parallel size. Example i of batch b draws with key i of
+  split(fold_in(key, b), rows used), the keys of the batch cut to the rows it uses."""
   fisher_batch = jax.jit(make_fisher_batch(apply, label_mode))
+  sharding = None if mesh is None else batch_sharding(mesh)
+  parts = 1 if mesh is None else data_parallel_size(mesh)
   total, seen = None, 0
   for index, batch in enumerate(batches):
     if seen >= num_examples:
       break
-    take = min(len(batch["label"]), num_examples - seen)
-    batch = {k: v[:take] for k, v in batch.items()}
-    if "mask" in batch:
-      take = int(np.sum(batch["mask"]))
-    sums = fisher_batch(params, batch, jax.random.fold_in(key, index), constants)
+    rows = len(batch["label"])
+    used = min(rows, num_examples - seen)
+    mask = np.asarray(batch.get("mask", np.ones(rows)), np.float32) * (np.arange(rows) < used)
+    keys = np.asarray(jax.random.split(jax.random.fold_in(key, index), used))
+    padded = -(-rows // parts) * parts  # rows, rounded up to a multiple of the data-parallel size
+    batch = {**{k: _pad_rows(v, padded) for k, v in batch.items()}, "mask": _pad_rows(mask, padded)}
+    keys = _pad_rows(keys, padded)  # the unused rows' keys are zeros; their mask is 0
+    if sharding is not None:
+      batch, keys = (jax.tree.map(lambda v: jax.make_array_from_callback(v.shape, sharding, lambda i, v=v: v[i]), x)
+                     for x in (batch, keys))
+    sums = fisher_batch(params, batch, keys, constants)
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-    seen += take
+    seen += int(mask.sum())
     interrupts.raise_if_requested()  # (a Ctrl-C that a library dropped; see finetune/interrupts.py)
   if not seen:
     raise FinetuneError("no examples to estimate the Fisher information from; check the source stage's data")
   return {path: np.asarray(value) / seen for path, value in flatten(to_host(total)).items()}
 
 
+def _pad_rows(values: np.ndarray, rows: int) -> np.ndarray:
+  values = np.asarray(values)
+  return np.pad(values, [(0, rows - len(values))] + [(0, 0)] * (values.ndim - 1)) if rows > len(values) else values
+
+
 def save(path: str, fisher: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
   """Fisher next to the source stage's checkpoints (safetensors + json), written atomically, reused by later
   stages and re-runs."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   # Sweep points that start from one source run may save its Fisher at the same time: the same content, so the
   # last one to land wins (finetune/files.py).
   files.write_text(path + ".json", json.dumps(meta, indent=2))
   with files.atomic_path(path) as tmp:
-    save_file({k: np.ascontiguousarray(v) for k, v in fisher.items()}, tmp)
+    files.save_safetensors({k: np.ascontiguousarray(v) for k, v in fisher.items()}, tmp)
 
 
 def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
