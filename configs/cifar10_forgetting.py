@@ -4,7 +4,7 @@ measure what task A lost, for plain fine-tuning and each forgetting regularizer 
 forgetting_stages; see configs/mnist_forgetting.py for the variants).
 
     finetune train --config configs/cifar10_forgetting.py --workdir /tmp/cifar10_forgetting
-    finetune train --config configs/cifar10_forgetting.py:variant=lwf,lwf_weight=0.3 --workdir /tmp/cifar10_forgetting
+    finetune train --config configs/cifar10_forgetting.py:variant=lwf,lwf_weight=0.3 --workdir /tmp/cifar10_lwf03
 
 Measured (2 CPU cores, seed 0; official test images of each class set; task A at 0.7856 after pretraining; all
 variants in about 16 minutes on an idle machine), target accuracy on B / accuracy on A after fine-tuning:
@@ -13,8 +13,11 @@ variants in about 16 minutes on an idle machine), target accuracy on B / accurac
   after commit 8bf03cf gave rehearsal's source order a random stream of its own; before the rehearsal fix of
   commit 61ac2c7, 0.6764 on B: experiments/forgetting/README.md; ewc rerun the same way that day with
   `:variant=ewc` after commit 018f3a0 changed the Fisher program's rounding)
-(the middle point of get_sweep's run of 2026-11-30, experiments/forgetting/cifar10_results.csv; a run of
-2026-11-28 on another machine gave each number within 0.01 of these). Plain fine-tuning leaves task A below chance
+(the middle point of get_sweep's run of 2026-11-30, experiments/forgetting/cifar10_results.csv: the finetune,
+l2sp and lwf rows and task A's 0.7856 are from that run, before commit 61ac2c7 changed the order in which a batch's
+rows are summed; the same pretrain and finetune stages at HEAD gave 0.7858 and 0.8442 (configs/cifar10_strategies.py,
+variant=full, 2026-12-03), and the ewc and rehearsal reruns started from that 0.7858. A run of 2026-11-28 on another
+machine gave each number within 0.01 of these.) Plain fine-tuning leaves task A below chance
 (its head reads features that now mean B's classes); LwF keeps A almost intact for 0.004 of B (0.008 over 3 seeds).
 """
 

@@ -16,6 +16,9 @@ do not change what these runs compute; 27 min for all ten commands; pretrain on 
 As on MNIST, a converged head first helps most; here freezing the stem is level with full fine-tuning (0.8472 vs
 0.8442, within the 0.005 binomial standard error of 5,000 test images; an earlier run before commit 61ac2c7 had
 0.8502 vs 0.8398), and general early features transfer between disjoint class sets.
+
+Arguments: `variant` (a recipe of finetune/recipes.py), `n` (frozen_n's groups), `steps` / `target_steps` (the
+pretraining and target stages' updates), `data_path`.
 """
 
 from finetune import recipes

@@ -49,8 +49,9 @@ for middle n (fragile co-adaptation between neighbouring layers that re-training
 recover) and recovers at large n, BnB+ stays at baseB, and AnB+ is at or above baseB for every n (transferred
 features help even after fine-tuning). Measured (reduced sweep, 2 CPU cores, 33 min for one seed per split;
 experiments/yosinski/README.md has the 3-seed table): AnB falls with n on every split (n = 4, mean of 3 seeds:
-0.57 vs BnB 0.79, 0.54 vs 0.68, man-made 0.38 vs 0.57); AnB+ >= baseB for every n; BnB shows no middle dip at
-this scale, and BnB+ > baseB (the 500-step bases are not converged).
+0.57 vs BnB 0.79, 0.54 vs 0.68, man-made 0.38 vs 0.57); AnB+ >= baseB for every n, but not above the BnB+ control
+(level at n = 1, 2, below at n = 3, 4), so its lead over baseB is consistent with longer training rather than with
+features from A; BnB shows no middle dip at this scale, and BnB+ > baseB (the 500-step bases are not converged).
 """
 
 from __future__ import annotations

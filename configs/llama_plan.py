@@ -12,6 +12,7 @@ Expected result (2026-12-03, 2 CPU cores standing in for 8 devices; per device, 
 
 Shapes: 1b = TinyLlama-1.1B (hidden 2048, MLP 5632, 22 layers, 32 heads, 4 key/value heads); 7b = Llama-2-7B
 (hidden 4096, MLP 11008, 32 layers, 32 heads). `peft=lora`: r=16 on every projection; `qlora` adds NF4 storage.
+Other arguments: `batch_size` (8), `length` (512 tokens), `layers` (0: the size's own count).
 """
 
 from finetune.config import ConfigDict, parse_arg

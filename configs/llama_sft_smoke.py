@@ -6,16 +6,18 @@ Loss only on assistant tokens; Alpaca, ShareGPT or OpenAI-chat records (see fine
     finetune train --config configs/llama_sft_smoke.py:checkpoint=DIR,data=FILE.jsonl --workdir /tmp/sft
     finetune train --config configs/llama_sft_smoke.py:checkpoint=DIR,data=FILE.jsonl,peft=lora --workdir /tmp/sft_lora
 
-`peft=lora` (or `qlora`) trains rank-8 LoRA adapters on the attention projections (Llama: q_proj, v_proj; GPT-2:
-its fused c_attn) with the base frozen; `finetune export --format peft` then writes the PEFT adapter. `pack=True`
-concatenates the training conversations into full `max_length` blocks, each conversation attending only to itself.
+A GPT-2 checkpoint needs `:model=gpt2` as well (the default is `llama`); `steps` and `max_length` set the run's
+length and the token budget per row. `peft=lora` (or `qlora`) trains rank-8 LoRA adapters on the attention
+projections (Llama: q_proj, v_proj; GPT-2: its fused c_attn) with the base frozen; `finetune export --format peft`
+then writes the PEFT adapter. `pack=True` concatenates the training conversations into full `max_length` blocks,
+each conversation attending only to itself.
 
 Expected result: no real Llama or GPT-2 checkpoint installs offline here, so this config was measured on what
 tests/data/test_instructions.py builds: a random 2-layer Llama (hidden 32) with MiniLM's tokenizer and a generated
 file of 44 unique conversations (9 held out). Over the 12 steps the logged training loss went 10.14 -> 9.65 -> 9.41
 (full fine-tuning; validation loss 9.65, next-token accuracy 0.43 on the 23 response tokens) and 10.31 -> 10.23 ->
-10.19 with `peft=lora` (validation loss 10.22), on 2 CPU cores, 2026-12-03. The test asserts the loss falls, for
-Llama and GPT-2, full fine-tuning and LoRA.
+10.19 with `peft=lora` (validation loss 10.22), on 2 CPU cores, 2026-12-03. The test asserts the loss falls for
+Llama with full fine-tuning and QLoRA, and GPT-2 with LoRA and with packed full fine-tuning.
 """
 
 import os

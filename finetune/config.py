@@ -183,7 +183,7 @@ def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
     if key not in spec:
       raise FinetuneError(f"unknown config argument {key!r}{_did_you_mean(key, spec)}; "
                           f"valid arguments: {', '.join(spec) or '(none)'}")
-    result[key] = coerce(_parse_literal(text), spec[key], f":{key}")
+    result[key] = coerce(parse_literal(text), spec[key], f":{key}")
   return result
 
 
@@ -333,9 +333,9 @@ def apply_override(config: ConfigDict, override: str) -> None:
   if parents and parents[0] == "stages":
     if len(parents) < 2:
       raise FinetuneError(f"override --config.{dotted} must name a stage key: --config.stages.<stage>.<key>=VALUE")
-    _merge_stage(node, {leaf: _parse_literal(text)}, dotted)
+    _merge_stage(node, {leaf: parse_literal(text)}, dotted)
   else:
-    _merge(node, {leaf: _parse_literal(text)}, prefix=".".join(parents))
+    _merge(node, {leaf: parse_literal(text)}, prefix=".".join(parents))
 
 
 def stage_configs(config: ConfigDict) -> list[tuple[str, ConfigDict]]:
@@ -712,7 +712,7 @@ def _merge_stage(target: ConfigDict, update: ConfigDict | dict, prefix: str) -> 
       target[key] = tuple(value) if isinstance(value, list) else value
 
 
-def _parse_literal(text: Any) -> Any:
+def parse_literal(text: Any) -> Any:
   if not isinstance(text, str):
     return text
   lowered = text.strip().lower()

@@ -171,8 +171,10 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
     if clash is not None:
       raise FinetuneError(f"--config.{dotted} would not reach the points: the sweep sets {clash} in each of them; "
                           "drop the override, or change the values get_sweep gives")
+  names = point_names(raw)
+  _refuse_replaced_args(spec, raw, names)
   points, seen = [], {}
-  for values, name in zip(raw, point_names(raw)):
+  for values, name in zip(raw, names):
     point_overrides = (*overrides, *(f"{k}={_value_text(v)}" for k, v in values.items() if not k.startswith(":")))
     try:
       point_spec = _with_config_args(spec, {k[1:]: v for k, v in values.items() if k.startswith(":")})
@@ -261,13 +263,31 @@ def _name_text(value: Any) -> str:
   return value if isinstance(value, str) else repr(value).replace(" ", "")
 
 
+def _refuse_replaced_args(spec: str, raw: list[dict[str, Any]], names: list[str]) -> None:
+  """A `:key=value` of the command that a point sets to another value would be replaced in that point, silently
+  (`:ewc_weight=5` ran the sweep's 10, 100, 1000; `:split=manmade` ran the random splits too); so would one whose
+  config key of the same name a point overrides (`:seed=5` under the sweep's seed axis, which sets `seed`)."""
+  for item in config_lib.split_config_arg(spec.partition(":")[2]):
+    key, _, text = (part.strip() for part in item.partition("="))
+    given = _arg_value_text(key, config_lib.parse_literal(text))
+    for swept in (f":{key}", key):
+      replaced = [name for values, name in zip(raw, names)
+                  if swept in values and _arg_value_text(key, values[swept]) != given]
+      if replaced:
+        break
+    if replaced:
+      raise FinetuneError(f":{key}={text} would not reach every point: get_sweep sets {swept} in point(s) "
+                          f"{', '.join(replaced[:3])}{', ...' if len(replaced) > 3 else ''}; drop it, or choose the "
+                          "points with get_sweep's own arguments (its docstring lists them)")
+
+
 def _arg_items_without(arg: str, keys) -> list[str]:
   """The `key=value` items of a `:arg` text, less those whose key is in `keys`."""
   return [item for item in config_lib.split_config_arg(arg) if item and item.partition("=")[0].strip() not in keys]
 
 
 def _with_config_args(spec: str, args: dict[str, Any]) -> str:
-  """`file.py:a=1` with args {'a': 2, 'b': 3} -> `file.py:a=2,b=3` (the point's value replaces the command's)."""
+  """`file.py:a=1` with args {'a': 2, 'b': 3} -> `file.py:a=2,b=3` (the point's value replaces the command's; where they differ, load_sweep refuses first)."""
   if not args:
     return spec
   path, _, arg = spec.partition(":")
@@ -311,7 +331,7 @@ def _reads_back(text: str, value: Any) -> bool:
     items = config_lib.split_config_arg(text)
   except FinetuneError:  # an unclosed quote or bracket
     return False
-  read = config_lib._parse_literal(text)  # pylint: disable=protected-access  (parse_arg's reading of a value)
+  read = config_lib.parse_literal(text)  # (parse_arg's reading of a value)
   return items == [text] and type(read) is type(value) and read == value
 
 

@@ -147,16 +147,31 @@ def test_an_override_of_a_key_the_points_set_is_refused(tmp_path):
   assert len(load_sweep(path, ["optimizer.weight_decay=0.01"])) == 4  # a key no point sets reaches them all
 
 
+def test_a_config_file_argument_a_point_replaces_is_refused(tmp_path):
+  """(The point's `:key` replaced the command's silently: `:ewc_weight=5` ran the sweep's 10, 100 and 1000, and
+  `:seed=5` ran the seed axis' seeds, which set the config key `seed`.)"""
+  path = tmp_path / "args.py"
+  path.write_text(CONFIG.replace("parse_arg(arg, steps=3)", "parse_arg(arg, steps=3, classes=(0, 1), seed=0)")
+                  .replace('batch_size=32,', 'batch_size=32, classes=args.classes,')
+                  .format(sweep='product({":classes": [(0, 1, 2), (3, 4)]}, seeds(2))', extra=""))
+  with pytest.raises(FinetuneError, match=r":classes=\(5,6\) would not reach every point: get_sweep sets :classes in "
+                                          r"point\(s\) classes=_0,1,2_,seed=0, .*; drop it, or choose"):
+    load_sweep(f"{path}:steps=2,classes=(5,6)", [])
+  with pytest.raises(FinetuneError, match=r":seed=5 would not reach every point: get_sweep sets seed in point"):
+    load_sweep(f"{path}:seed=5", [])
+  assert len(load_sweep(f"{path}:steps=2", [])) == 4  # an argument no point sets reaches them all
+
+
 def test_dry_run_prints_commands_that_finetune_train_accepts(tmp_path, capsys):
   path = write_config(tmp_path, '''product({"optimizer.schedule": ["constant", "cosine"], "data.classes": [(0, 1, 2)],
                                             ":steps": [4], "optimizer.learning_rate": [0.5],
                                             "wandb.name": ["True"]})''')
   workdir = tmp_path / "sweep dir"
-  status, out, _ = sweep_cli(capsys, "--config", path + ":steps=2", "--workdir", str(workdir), "--dry-run",
+  status, out, _ = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--dry-run",
                              "--config.train.log_every=2")
   assert status == 0 and not workdir.exists()  # a dry run writes nothing
   lines = out.strip().splitlines()
-  points = load_sweep(path + ":steps=2", ["train.log_every=2"])
+  points = load_sweep(path, ["train.log_every=2"])
   assert len(lines) == len(points) == 2
   for line, point in zip(lines, points):
     argv = shlex.split(line)
@@ -178,8 +193,7 @@ def test_config_file_arguments_may_hold_commas_in_brackets_and_quotes(tmp_path, 
                   .replace('batch_size=32,', 'batch_size=32, classes=args.classes,')
                   .replace("{extra}", ", wandb=dict(name=args.tag)")
                   .format(sweep='product({":classes": [(0, 1, 2), (3, 4)]}, {":tag": ["a,b"]})'))
-  status, out, _ = sweep_cli(capsys, "--config", f"{path}:classes=(5,6),steps=2", "--workdir", str(tmp_path / "w"),
-                             "--dry-run")
+  status, out, _ = sweep_cli(capsys, "--config", f"{path}:steps=2", "--workdir", str(tmp_path / "w"), "--dry-run")
   assert status == 0
   configs = []
   for line in out.strip().splitlines():
@@ -199,7 +213,7 @@ def test_config_file_argument_values_reach_the_config_exactly(tmp_path, capsys):
   path.write_text(CONFIG.replace("parse_arg(arg, steps=3)", "parse_arg(arg, steps=3, tag='t', tags=('x',))")
                   .replace("{extra}", ", wandb=dict(name=args.tag, tags=args.tags)")
                   .format(sweep=f"zipped({{':tag': {[t for t, _ in values]!r}, ':tags': {[t for _, t in values]!r}}})"))
-  spec = f"{path}:tag=command,steps=2"  # (the point's own values replace the command's)
+  spec = f"{path}:steps=2"  # (a `:tag` of the command would be replaced by the points': refused)
   points = load_sweep(spec)
   assert [(p.config.wandb.name, p.config.wandb.tags) for p in points] == values
   assert all(config_lib.load_config(p.config_spec).wandb.name == name for p, (name, _) in zip(points, values))
@@ -236,9 +250,9 @@ def test_a_sweeps_own_arguments_choose_points_and_never_reach_them(tmp_path):
   path.write_text(CONFIG.format(extra="", sweep="product({':steps': [4]}, seeds(args.seeds))").replace(
       "def get_sweep(arg=None):\n", "def get_sweep(arg=None):\n  args = sweep.parse_sweep_arg(arg, own=dict(seeds=1), "
       "steps=3)\n").replace("from finetune.sweep import", "from finetune import sweep\nfrom finetune.sweep import"))
-  points = load_sweep(f"{path}:seeds=3,steps=2")
+  points = load_sweep(f"{path}:seeds=3")
   assert [p.values for p in points] == [{":steps": 4, "seed": s} for s in range(3)]
-  assert {p.config_spec for p in points} == {f"{path}:steps=4"}  # `seeds` stripped, the point's `steps` wins
+  assert {p.config_spec for p in points} == {f"{path}:steps=4"}  # `seeds` stripped
   with pytest.raises(FinetuneError, match="unknown config argument 'seed'"):
     load_sweep(f"{path}:seed=3")  # a typo of the sweep's own key is still an error
   with pytest.raises(FinetuneError, match="both the sweep's own and shared"):
@@ -788,7 +802,7 @@ def test_wandb_sweep_over_config_file_arguments_runs_the_same_points(tmp_path, c
                                 sweep='product({":tag": ["a,b", "True", "it\'s"]}, {":steps": [2, 4]}, seeds(2))')
                   .replace("parse_arg(arg, steps=3)", "parse_arg(arg, steps=3, tag='x', lr=0.1)"))
   out_file = tmp_path / "sweep.yaml"
-  for spec in (f"{path}:lr=0.5,steps=9", str(path)):  # `,` after kept arguments, `:` when there are none
+  for spec in (f"{path}:lr=0.5", str(path)):  # `,` after kept arguments, `:` when there are none
     status, _, err = sweep_cli(capsys, "--config", spec, "--workdir", str(tmp_path / "w"), "--wandb-sweep",
                                str(out_file))
     assert status == 0, err
