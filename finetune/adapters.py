@@ -276,6 +276,12 @@ def module_paths(model: nnx.Module, kind: type = nnx.Linear) -> list[tuple[str, 
   return [(path_str(path), node) for path, node in nnx.iter_graph(model) if isinstance(node, kind) and path]
 
 
+def saved_modules(peft_cfg: ConfigDict) -> list[str]:
+  """`select_modules`' `exclude` for `config.peft.modules_to_save`: a layer trained fully gets no adapter (as in
+  PEFT), whichever method adds it. A plain path ('head/') is matched literally; anything else as a regex."""
+  return [re.escape(p.rstrip("/")) if re.fullmatch(r"[\w/]+", p) else p for p in peft_cfg.modules_to_save]
+
+
 def select_modules(model: nnx.Module, targets: Sequence[str], what: str = "config.peft.targets",
                    kind: type = nnx.Linear, exclude: Sequence[str] = ()) -> list[tuple[str, nnx.Module]]:
   """The `kind` modules named by `targets`: a bare name (`query`, `q_proj`) matches a module whose own name is

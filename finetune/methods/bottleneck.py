@@ -34,7 +34,7 @@ class BottleneckAdapter(nnx.Module):
 
 
 def inject(model: nnx.Module, peft_cfg: ConfigDict, rngs: nnx.Rngs) -> None:
-  for path, module in adapters.select_modules(model, peft_cfg.targets):
+  for path, module in adapters.select_modules(model, peft_cfg.targets, exclude=adapters.saved_modules(peft_cfg)):
     adapters.replace_module(model, path, BottleneckAdapter(module, peft_cfg.bottleneck_size, rngs))
 
 

@@ -45,7 +45,7 @@ def _is_feedforward(peft_cfg: ConfigDict, path: str) -> bool:
 
 def inject(model: nnx.Module, peft_cfg: ConfigDict, rngs: nnx.Rngs) -> None:
   del rngs  # ones: nothing random
-  chosen = adapters.select_modules(model, peft_cfg.targets)
+  chosen = adapters.select_modules(model, peft_cfg.targets, exclude=adapters.saved_modules(peft_cfg))
   if peft_cfg.feedforward:
     feedforward = adapters.select_modules(model, peft_cfg.feedforward, "config.peft.feedforward")  # each matches
     # As PEFT's IA3Config: feedforward layers are a subset of the targets (else they would silently get no vector).

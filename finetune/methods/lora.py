@@ -176,8 +176,7 @@ def _check_patterns_match(peft_cfg: ConfigDict, module_paths: list[str]) -> None
 
 def inject(model: nnx.Module, peft_cfg: ConfigDict, rngs: nnx.Rngs) -> None:
   check_config(peft_cfg)  # (again: library callers may build a model from a config that was never validated)
-  exclude = [re.escape(p.rstrip("/")) if re.fullmatch(r"[\w/]+", p) else p for p in peft_cfg.modules_to_save]
-  selected = adapters.select_modules(model, peft_cfg.targets, exclude=exclude)
+  selected = adapters.select_modules(model, peft_cfg.targets, exclude=adapters.saved_modules(peft_cfg))
   _check_patterns_match(peft_cfg, [path for path, _ in selected])
   for path, module in selected:
     rank_rule = _pattern_rule(peft_cfg.rank_pattern, path, "rank_pattern")

@@ -163,6 +163,16 @@ def test_ia3_feedforward_layers_must_be_targets():
     build(BERT, peft_config(method="ia3", targets=("key", "value"), feedforward=("layers/\\d+/output$",)))
 
 
+@pytest.mark.parametrize("method, options", [("ia3", {}), ("bottleneck", {"bottleneck_size": 4})])
+def test_modules_to_save_get_no_adapter_under_every_method(method, options):
+  """(LoRA left config.peft.modules_to_save out of its targets; (IA)^3 and bottleneck adapters did not: such a
+  layer trained in full and was scaled, or adapted, as well.)"""
+  model = build(BERT, peft_config(method=method, targets=(r"(query|value|head)$",), modules_to_save=("^head/",),
+                                  **options))
+  assert type(model.head) is nnx.Linear  # trained in full instead
+  assert type(model.layers[0].attention.query) is not nnx.Linear
+
+
 def test_an_ia3_adapter_loads_only_under_the_feedforward_split_it_was_trained_with(tmp_path):
   """(feedforward was not among the settings an adapter is checked against: on a square layer, BERT's
   attention/output, the saved vector fitted either way and scaled the output instead of the input, silently.)"""
