@@ -51,6 +51,10 @@ from finetune.strategy import Strategy, resolve_strategy, write_table
 from finetune.tasks import TASKS
 
 SUMMARY_FILE = "summary.json"
+# {checkpoint step: {"seconds", "steps"}}: the training time of the steps up to that checkpoint, over every attempt,
+# so a resumed stage's throughput covers all its steps (it timed only the last attempt's: none, when that attempt
+# resumed from the final checkpoint).
+TIMING_FILE = "timing.json"
 # At most this many dispatched steps (or evaluation batches) wait unfinished: the loops block on the oldest beyond
 # it. Accelerators need only a couple of queued steps to stay busy, and the host does not pile up batches. On fake
 # host devices it also keeps XLA's CPU client away from the queue depth (about 32 programs) at which its thread
@@ -898,7 +902,8 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
   pending: list[dict[str, jax.Array]] = []
   progress = Progress(total, start, name)
   train_fn = None
-  train_seconds, train_steps = 0.0, 0
+  earlier = _timing(run_dir).get(str(start), {"seconds": 0.0, "steps": 0})  # earlier attempts' steps up to `start`
+  train_seconds, train_steps = float(earlier["seconds"]), int(earlier["steps"])
   timer = IntervalTimer()
   stopping = _EarlyStopping(cfg.train.early_stopping, os.path.join(run_dir, "best"), start, total)
   if stopping.enabled:
@@ -956,6 +961,7 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
       elif save_now or done == total:
         timer.pause(pending)  # saving is not training time
         checkpoints.save(done, state.as_dict())
+        _record_timing(run_dir, done, train_seconds, train_steps)
         stopping.checkpointed(done)
         timer.resume()
     if stopping.enabled:
@@ -963,6 +969,17 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
   finally:
     progress.close()
   return state, train_seconds, train_steps, stopping.report()
+
+
+def _timing(run_dir: str) -> dict[str, dict[str, float]]:
+  path = os.path.join(run_dir, TIMING_FILE)
+  return read_json(path) if os.path.isfile(path) else {}
+
+
+def _record_timing(run_dir: str, step: int, seconds: float, steps: int) -> None:
+  if jax.process_index() == 0:
+    recent = dict(list(_timing(run_dir).items())[-7:])  # (a resume needs its checkpoint's; older ones are pruned)
+    write_json(os.path.join(run_dir, TIMING_FILE), {**recent, str(step): {"seconds": seconds, "steps": steps}})
 
 
 class IntervalTimer:

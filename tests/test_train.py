@@ -115,6 +115,16 @@ def test_a_workdir_in_use_by_another_run_is_refused_before_anything_is_written(t
   assert (tmp_path / "summary.json").exists()
 
 
+def test_a_resumed_stage_reports_the_throughput_of_all_its_steps(tmp_path):
+  """(A stage killed after its final checkpoint but before summary.json reported no training throughput when
+  resumed, and one resumed elsewhere only its last attempt's; sweeps tabulating train_examples_per_s got blanks.)"""
+  config = tiny_config(train={"steps": 4, "log_every": 1, "checkpoint_every": 2})
+  first = train_lib.train_and_evaluate(config, str(tmp_path))["train"]["train_examples_per_s"]
+  assert first and first > 0
+  os.remove(tmp_path / "summary.json")  # as if killed between the final checkpoint and the summary
+  assert train_lib.train_and_evaluate(config, str(tmp_path))["train"]["train_examples_per_s"] == first
+
+
 def test_a_resumable_run_without_a_readable_init_json_is_one_clear_error(tmp_path):
   """(A deleted init.json read "No such file or directory ...; check that path (--workdir, ...)"; one holding valid
   JSON that is not an object was a TypeError traceback.)"""
