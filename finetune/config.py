@@ -567,13 +567,15 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
          "('query', 'value'))")
     need(method.targets != "ignored" or not c.peft.targets,
          f"config.peft.targets={tuple(c.peft.targets)!r}, but method={c.peft.method!r} chooses what it adapts "
-         "itself and would ignore it: drop it")
+         "itself and would ignore it: drop it (a stage that switches method inherits the base config's targets: set "
+         "targets=() in it)")
     need(method.targets == "required" or c.peft.bias != "lora_only",
          f"config.peft.bias='lora_only' trains the biases of adapted layers, and method={c.peft.method!r} adapts "
-         "none: use 'all' or 'none'")
+         "none: use 'all' or 'none' (in this stage, if it inherits the base config's)")
     need(not c.freeze.train_bn, f"config.freeze.train_bn=True has no effect under config.peft.method="
          f"{c.peft.method!r}, which trains only what it adds and what config.peft.modules_to_save names: name the "
-         "BatchNorm parameters there instead (the CNN's: '/norm/')")
+         "BatchNorm parameters there instead (the CNN's: '/norm/'), and set train_bn=False (in this stage, if it "
+         "inherits the base config's)")
     try:
       method.check_config(c.peft)
     except FinetuneError as e:

@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import tempfile
+import warnings
 from typing import Any, Iterator
 
 from finetune.errors import FinetuneError
@@ -59,14 +60,20 @@ def exclusive_workdir(workdir: str, enabled: bool = True) -> Iterator[None]:
   os.makedirs(workdir, exist_ok=True)
   fd = os.open(os.path.join(workdir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
   try:
+    locked = True
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # (BlockingIOError: held; other errors: a file system without locks, said the same way)
+    except BlockingIOError:  # held by another process
       holder = os.read(fd, 200).decode(errors="replace").strip()
       raise FinetuneError(f"{workdir} is in use by another finetune process ({holder or 'unknown'}): wait for it "
                           "to end or stop it, or use another --workdir") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    except OSError as e:  # a file system without locks (Lustre mounted noflock, some network mounts): run unlocked
+      warnings.warn(f"{workdir}: the file system refuses locks ({e.strerror}), so nothing stops a second run from "
+                    "using this workdir at the same time", stacklevel=3)
+      locked = False
+    if locked:
+      os.ftruncate(fd, 0)
+      os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
     yield
   finally:
     os.close(fd)  # (releases the lock)

@@ -267,12 +267,17 @@ def _refuse_replaced_args(spec: str, raw: list[dict[str, Any]], names: list[str]
   """A `:key=value` of the command that a point sets to another value would be replaced in that point, silently
   (`:ewc_weight=5` ran the sweep's 10, 100, 1000; `:split=manmade` ran the random splits too); so would one whose
   config key of the same name a point overrides (`:seed=5` under the sweep's seed axis, which sets `seed`)."""
+  def same(a: Any, b: Any) -> bool:  # as parse_arg would read them: 1 == 1.0, a list == a tuple
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+      return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
   for item in config_lib.split_config_arg(spec.partition(":")[2]):
     key, _, text = (part.strip() for part in item.partition("="))
-    given = _arg_value_text(key, config_lib.parse_literal(text))
+    given = config_lib.parse_literal(text)
     for swept in (f":{key}", key):
       replaced = [name for values, name in zip(raw, names)
-                  if swept in values and _arg_value_text(key, values[swept]) != given]
+                  if swept in values and not same(config_lib.parse_literal(values[swept]), given)]
       if replaced:
         break
     if replaced:
@@ -287,7 +292,8 @@ def _arg_items_without(arg: str, keys) -> list[str]:
 
 
 def _with_config_args(spec: str, args: dict[str, Any]) -> str:
-  """`file.py:a=1` with args {'a': 2, 'b': 3} -> `file.py:a=2,b=3` (the point's value replaces the command's; where they differ, load_sweep refuses first)."""
+  """`file.py:a=1` with args {'a': 2, 'b': 3} -> `file.py:a=2,b=3` (the point's value replaces the command's;
+  where they differ, load_sweep has refused the command first)."""
   if not args:
     return spec
   path, _, arg = spec.partition(":")

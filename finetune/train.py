@@ -750,6 +750,9 @@ def _restore_or_init(stage: Stage, cfg: ConfigDict, checkpoints: Checkpointer, r
                           "(what init_from loaded, the run's identity); restore it, or delete the run folder to redo "
                           "that run")
     return state, start, saved_phase, {**read_json(init_path), "resumed_from_step": start}
+  stale = os.path.join(run_dir, DIVERGED_FILE)
+  if jax.process_index() == 0 and os.path.exists(stale):  # a diverged attempt before any checkpoint: not this one's
+    os.remove(stale)
   state, init_report = initial_state(stage, cfg, workdir)
   # This attempt's identity: a later stage records its source's, so retraining the source is noticed.
   init_report = {"run_id": uuid.uuid4().hex, **init_report}
@@ -965,7 +968,8 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
         stopping.checkpointed(done)
         timer.resume()
     if stopping.enabled:
-      state = stopping.finish(state, stage, total, checkpoints)
+      state = stopping.finish(state, stage, total, checkpoints)  # (saves step `total`)
+      _record_timing(run_dir, total, train_seconds, train_steps)
   finally:
     progress.close()
   return state, train_seconds, train_steps, stopping.report()

@@ -218,6 +218,13 @@ def test_a_failed_checkpoint_or_export_write_is_one_line_and_the_run_resumes(cap
                           "the same command again to resume")
   monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", finish)
   assert cli.main(["train", "--config", tiny_file, "--workdir", str(run)]) == 0
+  # Not every error while saving is a full disk: a programming error stays itself.
+  def bug(self, *args, **kwargs):
+    raise RuntimeError("Array has been deleted with shape=float32[3].")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", bug)
+  with pytest.raises(RuntimeError, match="Array has been deleted"):
+    cli.main(["train", "--config", tiny_file, "--workdir", str(tmp_path / "other")])
   with pytest.raises(FinetuneError, match=r"writing .*missing/x.safetensors failed \(.*\); free space"):
     files.save_safetensors({"a": np.zeros(3, np.float32)}, str(tmp_path / "missing" / "x.safetensors"))
 

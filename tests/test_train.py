@@ -115,14 +115,44 @@ def test_a_workdir_in_use_by_another_run_is_refused_before_anything_is_written(t
   assert (tmp_path / "summary.json").exists()
 
 
-def test_a_resumed_stage_reports_the_throughput_of_all_its_steps(tmp_path):
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch):
+  """(Lustre mounted noflock and some network mounts answer flock with ENOLCK / EOPNOTSUPP: every run was refused
+  as 'in use by another finetune process'.)"""
+  import errno  # pylint: disable=g-import-not-at-top
+  import fcntl  # pylint: disable=g-import-not-at-top
+
+  def no_locks(fd, operation):
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+  monkeypatch.setattr(fcntl, "flock", no_locks)
+  with pytest.warns(UserWarning, match=r"the file system refuses locks .* nothing stops a second run"):
+    summary = train_lib.train_and_evaluate(tiny_config(train={"steps": 2, "checkpoint_every": 0}), str(tmp_path))
+  assert summary["train"]["steps"] == 2
+
+
+@pytest.mark.parametrize("stopping", [{}, {"eval_every": 2, "early_stopping": {"metric": "validation/loss",
+                                                                               "patience": 5, "mode": "min"}}],
+                         ids=["plain", "early_stopping"])
+def test_a_resumed_stage_reports_the_throughput_of_all_its_steps(stopping, tmp_path):
   """(A stage killed after its final checkpoint but before summary.json reported no training throughput when
-  resumed, and one resumed elsewhere only its last attempt's; sweeps tabulating train_examples_per_s got blanks.)"""
-  config = tiny_config(train={"steps": 4, "log_every": 1, "checkpoint_every": 2})
+  resumed, and one resumed elsewhere only its last attempt's; sweeps tabulating train_examples_per_s got blanks.
+  Early stopping saves the final step itself.)"""
+  config = tiny_config(train={"steps": 4, "log_every": 1, "checkpoint_every": 2, **stopping})
   first = train_lib.train_and_evaluate(config, str(tmp_path))["train"]["train_examples_per_s"]
   assert first and first > 0
   os.remove(tmp_path / "summary.json")  # as if killed between the final checkpoint and the summary
   assert train_lib.train_and_evaluate(config, str(tmp_path))["train"]["train_examples_per_s"] == first
+
+
+def test_a_diverged_attempt_before_any_checkpoint_leaves_no_marker_for_the_next(tmp_path):
+  """(A run that diverged before its first checkpoint may be re-run in the same workdir with a fixed config; its
+  diverged.json then kept export/eval --unfinished off the new attempt's good checkpoints.)"""
+  config = tiny_config(train={"steps": 4, "log_every": 1, "checkpoint_every": 2})
+  (tmp_path / "diverged.json").write_text('{"weights_from_step": 1, "error": "loss is nan at step 2"}')
+  stage_cfg = dict(__import__("finetune.config", fromlist=["stage_configs"]).stage_configs(config))["train"]
+  opened = train_lib.open_stage(stage_cfg, str(tmp_path), str(tmp_path), "train")
+  opened.close()
+  assert not (tmp_path / "diverged.json").exists()
 
 
 def test_a_resumable_run_without_a_readable_init_json_is_one_clear_error(tmp_path):

@@ -47,7 +47,8 @@ def inject(model: nnx.Module, peft_cfg: ConfigDict, rngs: nnx.Rngs) -> None:
   del rngs  # ones: nothing random
   chosen = adapters.select_modules(model, peft_cfg.targets, exclude=adapters.saved_modules(peft_cfg))
   if peft_cfg.feedforward:
-    feedforward = adapters.select_modules(model, peft_cfg.feedforward, "config.peft.feedforward")  # each matches
+    feedforward = adapters.select_modules(model, peft_cfg.feedforward, "config.peft.feedforward",  # each matches
+                                          exclude=adapters.saved_modules(peft_cfg))
     # As PEFT's IA3Config: feedforward layers are a subset of the targets (else they would silently get no vector).
     left_out = sorted({path for path, _ in feedforward} - {path for path, _ in chosen})
     if left_out:

@@ -171,6 +171,10 @@ def test_modules_to_save_get_no_adapter_under_every_method(method, options):
                                   **options))
   assert type(model.head) is nnx.Linear  # trained in full instead
   assert type(model.layers[0].attention.query) is not nnx.Linear
+  if method == "ia3":  # a feedforward layer that modules_to_save takes is left out of both (it was refused)
+    model = build(BERT, peft_config(method="ia3", targets=("query", "output"), feedforward=(r"layers/\d+/output$",),
+                                    modules_to_save=("layers/1/output/",)))
+    assert type(model.layers[1].output) is nnx.Linear and type(model.layers[0].output) is not nnx.Linear
 
 
 def test_an_ia3_adapter_loads_only_under_the_feedforward_split_it_was_trained_with(tmp_path):
