@@ -22,7 +22,7 @@ pretraining and target stages' updates), `data_path`.
 """
 
 from finetune import recipes
-from finetune.config import ConfigDict, parse_arg
+from finetune.config import ConfigDict, parse_arg, refuse_unread
 
 CLASSES_A = ("airplane", "automobile", "bird", "cat", "deer")
 CLASSES_B = ("dog", "frog", "horse", "ship", "truck")
@@ -30,6 +30,7 @@ CLASSES_B = ("dog", "frog", "horse", "ship", "truck")
 
 def get_config(arg=None):
   args = parse_arg(arg, variant="full", n=2, steps=800, target_steps=300, data_path="../shared/data/cifar10")
+  refuse_unread(arg, ("n",) if args.variant != "frozen_n" else (), f"variant={args.variant!r} (n is frozen_n's)")
   config = ConfigDict()
   config.model = dict(name="cnn", in_channels=3, stem_width=32, widths=(32, 64, 128), blocks_per_stage=1)
   config.data = dict(name="cifar10", path=args.data_path, batch_size=128, eval_batch_size=500,

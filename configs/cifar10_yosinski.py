@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from finetune.config import ConfigDict, parse_arg
+from finetune.config import ConfigDict, parse_arg, refuse_unread
 from finetune.errors import FinetuneError
 from finetune.sweep import parse_sweep_arg, product, seeds
 
@@ -145,6 +145,7 @@ def condition_stages(groups: list[tuple[str, str]], head_regex: str, n: int, cla
 
 def get_config(arg=None):
   args = parse_arg(arg, **ARGS)
+  refuse_unread(arg, ("split_seed",) if args.split != "random" else (), f"split={args.split!r} (a fixed split)")
   if args.scale not in SCALES:
     raise FinetuneError(f"unknown :scale={args.scale!r}; valid: {', '.join(SCALES)}")
   scale = SCALES[args.scale]

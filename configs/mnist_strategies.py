@@ -32,12 +32,13 @@ pretraining and target stages' updates), `data_path` ('auto': the shared officia
 """
 
 from finetune import recipes
-from finetune.config import ConfigDict, parse_arg
+from finetune.config import ConfigDict, parse_arg, refuse_unread
 from finetune.data import mnist
 
 
 def get_config(arg=None):
   args = parse_arg(arg, variant="full", n=2, steps=300, target_steps=100, data_path="auto")
+  refuse_unread(arg, ("n",) if args.variant != "frozen_n" else (), f"variant={args.variant!r} (n is frozen_n's)")
   data_path = mnist.resolve_path(args.data_path)  # 'auto': the shared test files when present
   config = ConfigDict()
   config.model = dict(name="cnn", in_channels=1, stem_width=32, widths=(32, 64), blocks_per_stage=1)

@@ -187,6 +187,18 @@ def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
   return result
 
 
+def refuse_unread(arg: str | None, keys: Sequence[str], why: str) -> None:
+  """For a config file: refuses the `:key=value` items of `arg` whose key is in `keys`, the arguments that `why`
+  (the chosen variant, say) leaves unread. (They were accepted and ignored: `:variant=full,n=3` trained no
+  frozen groups.)"""
+  given = {item.partition("=")[0].strip() for item in split_config_arg(str(arg or "")) if "=" in item}
+  unread = [key for key in keys if key in given]
+  if unread:
+    raise FinetuneError(f"config argument{'s' if len(unread) > 1 else ''} {', '.join(unread)} "
+                        f"{'are' if len(unread) > 1 else 'is'} not read with {why}: drop "
+                        f"{'them' if len(unread) > 1 else 'it'}")
+
+
 def split_config_arg(text: str) -> list[str]:
   """The items of a `:arg` text: `text` split at the commas outside brackets and quotes. (Hand-written: neither
   ml_collections' config_flags nor ast parse `key=value,key=value`; a plain split would cut `sizes=(100,500)`.)"""

@@ -145,6 +145,18 @@ def test_parse_arg_rejects_leftovers_and_types():
       parse_arg(stray, steps=1, data_path="x")
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("mnist_strategies.py:variant=full,n=3", r"config argument n is not read with variant='full' \(n is frozen_n's\)"),
+    ("cifar10_strategies.py:variant=gradual,n=1", r"argument n is not read with variant='gradual'"),
+    ("cifar10_yosinski.py:split=manmade,split_seed=7", r"argument split_seed is not read with split='manmade'"),
+])
+def test_an_argument_the_chosen_variant_does_not_read_is_refused(spec, message):
+  """(They were accepted and ignored: `:variant=full,n=3` froze nothing, `:split=manmade,split_seed=7` ran the
+  fixed split.)"""
+  with pytest.raises(FinetuneError, match=message + r".*: drop it"):
+    load_config(str(REPO / "configs" / spec))
+
+
 def test_config_file_errors(tmp_path):
   with pytest.raises(FinetuneError, match="does not exist"):
     load_config(str(tmp_path / "missing.py"))
