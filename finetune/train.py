@@ -750,9 +750,7 @@ def _restore_or_init(stage: Stage, cfg: ConfigDict, checkpoints: Checkpointer, r
                           "(what init_from loaded, the run's identity); restore it, or delete the run folder to redo "
                           "that run")
     return state, start, saved_phase, {**read_json(init_path), "resumed_from_step": start}
-  stale = os.path.join(run_dir, DIVERGED_FILE)
-  if jax.process_index() == 0 and os.path.exists(stale):  # a diverged attempt before any checkpoint: not this one's
-    os.remove(stale)
+  _clear_diverged(run_dir)  # a diverged attempt before any checkpoint: its marker is not about this one
   state, init_report = initial_state(stage, cfg, workdir)
   # This attempt's identity: a later stage records its source's, so retraining the source is noticed.
   init_report = {"run_id": uuid.uuid4().hex, **init_report}
@@ -884,9 +882,7 @@ def finish_stage(opened: OpenStage, state: TrainState, train_seconds: float, tra
       "feature_extraction_seconds": opened.extraction_seconds,
       "run_dir": run_dir,
   }
-  diverged = os.path.join(run_dir, DIVERGED_FILE)
-  if jax.process_index() == 0 and os.path.exists(diverged):  # an earlier attempt's, which this one got past
-    os.remove(diverged)
+  _clear_diverged(run_dir)  # an earlier attempt's, which this one got past
   write_json(os.path.join(run_dir, SUMMARY_FILE), summary)
   return summary
 
@@ -1189,6 +1185,12 @@ def check_finite_evaluation(results: dict[str, dict[str, float]], step: int,
       if run_dir:
         _mark_diverged(run_dir, step, message)
       raise FinetuneError(message)
+
+
+def _clear_diverged(run_dir: str) -> None:
+  path = os.path.join(run_dir, DIVERGED_FILE)
+  if jax.process_index() == 0 and os.path.exists(path):
+    os.remove(path)
 
 
 def _mark_diverged(run_dir: str, from_step: int, message: str) -> None:
