@@ -21,8 +21,8 @@ machine gave each number within 0.01 of these.) Plain fine-tuning leaves task A 
 (its head reads features that now mean B's classes); LwF keeps A almost intact for 0.004 of B (0.008 over 3 seeds).
 """
 
-from finetune.config import ConfigDict, parse_arg
-from finetune.recipes import forgetting_stages
+from finetune.config import ConfigDict, parse_arg, refuse_unread
+from finetune.recipes import forgetting_stages, forgetting_unread
 from finetune.sweep import parse_sweep_arg, product, seeds, zipped
 
 # The trade-off sweep's strengths, weakest to strongest, one point per column (each point pretrains once and
@@ -45,6 +45,7 @@ ARGS = dict(variant="all", steps=800, target_steps=300, ewc_weight=100.0, l2sp_a
 
 def get_config(arg=None):
   args = parse_arg(arg, **ARGS)
+  refuse_unread(arg, forgetting_unread(args.variant), f"variant={args.variant!r}")
   config = ConfigDict()
   config.model = dict(name="cnn", in_channels=3, stem_width=32, widths=(32, 64, 128), blocks_per_stage=1)
   config.data = dict(name="cifar10", path=args.data_path, batch_size=128, eval_batch_size=500,
@@ -74,4 +75,6 @@ def get_sweep(arg=None):
       python experiments/forgetting/plot.py /tmp/cifar10_forgetting_sweep/results.csv cifar10_tradeoff.png
   """
   args = parse_sweep_arg(arg, own=dict(seeds=None), **ARGS)  # the strengths are the points'; the rest reach them
-  return product(zipped(STRENGTHS), seeds(args.seeds, default=1))
+  unread = forgetting_unread(args.variant)  # `:variant=ewc` sweeps EWC's strength alone
+  strengths = {key: values for key, values in STRENGTHS.items() if key[1:] not in unread}
+  return product(zipped(strengths), seeds(args.seeds, default=1))

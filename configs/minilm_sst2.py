@@ -14,7 +14,8 @@ encoder is mean-pooled, as the checkpoint was trained; the head is new.
     finetune train --config configs/minilm_sst2.py:variant=dora --workdir /tmp/minilm
     finetune train --config configs/minilm_sst2.py:variant=qlora --workdir /tmp/minilm
 
-Other arguments: `steps` (fine-tuning steps; the probe always runs 2,000 head steps), `data_path`, `checkpoint`.
+Other arguments: `steps` (fine-tuning steps; the probe always runs 2,000 head steps and refuses `steps`),
+`data_path`, `checkpoint`.
 
 Measured on 2 CPU cores, seed 0, 2026-11-28 (commits 731c833, 7aab8bc, 53d21ee: before 61ac2c7 changed the order
 in which a batch's rows are summed; test accuracy; SST-2: 1,821 sentences, TREC-6: 500 questions; the probe, full,
@@ -34,10 +35,10 @@ times come from separate runs on a shared CPU and do not compare methods):
 
 
 from finetune import recipes
-from finetune.config import ConfigDict, parse_arg
+from finetune.config import ConfigDict, parse_arg, refuse_unread
 from finetune.errors import FinetuneError
 from finetune.models import hf
-from finetune.sweep import parse_sweep_arg, product, seeds
+from finetune.sweep import NOT_READ, parse_sweep_arg, product, seeds
 
 TASKS = {
     "sst2": dict(train_file="stsa.binary.train", validation_file="stsa.binary.dev", test_file="stsa.binary.test"),
@@ -52,6 +53,7 @@ def get_config(arg=None):
   args = parse_arg(arg, **ARGS)
   if args.task not in TASKS:
     raise FinetuneError(f"unknown task {args.task!r}; valid: {', '.join(TASKS)}")
+  refuse_unread(arg, ("steps",) if args.variant == "linear_probe" else (), "variant='linear_probe' (2000 steps)")
   checkpoint = args.checkpoint or hf.packaged_minilm_dir()
   config = ConfigDict()
   config.model = dict(name="bert", hf_config=checkpoint, pooling="mean", dropout=0.1)
@@ -88,13 +90,13 @@ def get_sweep(arg=None):
         --metric test/accuracy --metric trainable_params --metric optimizer_state_bytes \
         --metric train_examples_per_s
   """
-  # `task` and `seeds` choose the points; `checkpoint`, `steps` and `data_path` reach every point.
+  # `task` and `seeds` choose the points; `checkpoint` and `data_path` reach every point, `steps` all but the probe.
   args = parse_sweep_arg(arg, own=dict(task="both", seeds=None),
                          **{key: value for key, value in ARGS.items() if key not in ("task", "variant")})
   tasks = list(TASKS) if args.task == "both" else [args.task]
   if not set(tasks) <= set(TASKS):
     raise FinetuneError(f"unknown task {args.task!r}; valid: both, {', '.join(TASKS)}")
-  variants = [{":variant": "linear_probe"}, {":variant": "full"}]
+  variants = [{":variant": "linear_probe", ":steps": NOT_READ}, {":variant": "full"}]  # (the probe's steps are fixed)
   variants += [{":variant": "lora", "stages.lora.peft.rank": r, "stages.lora.peft.alpha": 2.0 * r} for r in LORA_RANKS]
   variants += [{":variant": "dora"}]
   return product([{":task": task} for task in tasks], variants, seeds(args.seeds, default=1))

@@ -22,9 +22,9 @@ about 120 s, 2026-12-03), target accuracy / source accuracy after:
   day after commit 018f3a0 changed the rounding of the Fisher's compiled program).
 """
 
-from finetune.config import ConfigDict, parse_arg
+from finetune.config import ConfigDict, parse_arg, refuse_unread
 from finetune.data import mnist
-from finetune.recipes import forgetting_stages
+from finetune.recipes import forgetting_stages, forgetting_unread
 from finetune.sweep import parse_sweep_arg, product, seeds, zipped
 
 # Regularizer strengths of the trade-off study (experiments/forgetting): weakest to strongest, one column each.
@@ -41,6 +41,7 @@ ARGS = dict(variant="all", steps=300, target_steps=100, ewc_weight=1000.0, l2sp_
 
 def get_config(arg=None):
   args = parse_arg(arg, **ARGS)
+  refuse_unread(arg, forgetting_unread(args.variant), f"variant={args.variant!r}")
   data_path = mnist.resolve_path(args.data_path)  # 'auto': the shared test files when present
   config = ConfigDict()
   config.model = dict(name="cnn", in_channels=1, stem_width=32, widths=(32, 64), blocks_per_stage=1)
@@ -68,4 +69,6 @@ def get_sweep(arg=None):
         --metric test/accuracy --metric forgetting/pretrain/test/after
   """
   args = parse_sweep_arg(arg, own=dict(seeds=None), **ARGS)  # the strengths are the points'; the rest reach them
-  return product(zipped(STRENGTHS), seeds(args.seeds, default=3))
+  unread = forgetting_unread(args.variant)  # `:variant=ewc` sweeps EWC's strength alone
+  strengths = {key: values for key, values in STRENGTHS.items() if key[1:] not in unread}
+  return product(zipped(strengths), seeds(args.seeds, default=3))

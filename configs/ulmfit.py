@@ -24,7 +24,8 @@ Labelled subsets: `data.validation_fraction` = 1 - n/N holds out all but n train
 
 Commands (scale=small is the reduced default: the sweep below, one seed on TREC-6, took 57-59 min on 2 idle CPU
 cores and 81 min on a shared one, experiments/ulmfit/README.md; scale=tiny is for tests; other arguments: seed, lr,
-lm_lr, lm_steps, ft_steps, clf_steps, data_path, lm_path, tokenizer):
+lm_lr, lm_steps, ft_steps, clf_steps, data_path, lm_path, tokenizer; `variant=scratch` alone refuses the
+language-model ones, lm_*, ft_steps):
 
     finetune train --config configs/ulmfit.py --workdir /tmp/ulmfit_trec            # TREC-6, every variant, all labels
     finetune train --config configs/ulmfit.py:labels=100+500+0 --workdir /tmp/ulmfit_curve   # + the low-data curve
@@ -44,10 +45,10 @@ scratch 43.7 / 39.0 / 41.2, full 46.1 / 36.1 / 27.0, discr 50.6 / 45.4 / 46.3, s
 import os
 
 from finetune import recipes
-from finetune.config import ConfigDict, parse_arg
+from finetune.config import ConfigDict, parse_arg, refuse_unread
 from finetune.errors import FinetuneError
 from finetune.models import hf
-from finetune.sweep import parse_sweep_arg, product, seeds
+from finetune.sweep import NOT_READ, parse_sweep_arg, product, seeds
 
 TASKS = {
     # max_length covers 99% of the tokenised training sentences (TREC: 28 tokens, SST-2: 55).
@@ -97,6 +98,8 @@ def stage_name(variant: str, labels: int) -> str:
 # The file's arguments; get_sweep also takes `seeds` and `share`, which shape its points and never reach them.
 ARGS = dict(variant="all", task="trec", labels="0", scale="small", seed=0, lm_steps=0, ft_steps=0, clf_steps=0,
             lr=5e-3, lm_lr=3e-3, data_path="../shared/data/text", lm_path="../shared/data/lm", tokenizer="")
+# The arguments of the language-model stages, which `:variant=scratch` alone does not have.
+LM_ARGS = ("lm_steps", "ft_steps", "lm_lr", "lm_path")
 
 
 def get_config(arg=None):
@@ -109,6 +112,7 @@ def get_config(arg=None):
   for variant in variants:
     if variant not in VARIANTS:
       raise FinetuneError(f"unknown variant {variant!r}; valid: all, {', '.join(VARIANTS)} (or several joined by '+')")
+  refuse_unread(arg, LM_ARGS if variants == ("scratch",) else (), "variant='scratch' (no language-model stages)")
   scale = SCALES[args.scale]
   task = TASKS[args.task]
   tokenizer = args.tokenizer or hf.packaged_minilm_dir()
@@ -180,13 +184,16 @@ def get_sweep(arg=None):
   cheap layout; results.csv columns `<variant>_<n>/test/accuracy`). `:share=False`: the grid variants x label counts
   x seeds as separate points (each reruns the language-model stages, except `scratch`; for a cluster). `:seeds=3`
   sets the seeds (`:seeds=(1,2)`: just seeds 1 and 2); the other arguments (`:task=sst2`, `:scale=tiny`, step
-  counts) apply to every point.
+  counts) apply to every point that reads them (not the language-model ones to `scratch`'s).
 
       finetune sweep --config configs/ulmfit.py --workdir /tmp/ulmfit_sweep --metric test/accuracy
   """
-  # The other arguments (task, scale, steps, paths) reach every point unchanged.
+  # The other arguments (task, scale, steps, paths) reach the points unchanged.
   args = parse_sweep_arg(arg, own=dict(seeds=None, share=True), **ARGS)
   seed_points = seeds(args.seeds, default=1)
   if args.share:
     return product([{":variant": "all", ":labels": "+".join(str(n) for n in LABEL_CURVE)}], seed_points)
-  return product({":variant": list(VARIANTS), ":labels": [str(n) for n in LABEL_CURVE]}, seed_points)
+  grid = product({":variant": list(VARIANTS), ":labels": [str(n) for n in LABEL_CURVE]}, seed_points)
+  # A scratch point trains no language model: the command's language-model arguments are not its.
+  return [dict(point, **{f":{key}": NOT_READ for key in LM_ARGS}) if point[":variant"] == "scratch" else point
+          for point in grid]

@@ -78,6 +78,22 @@ def _merged(target: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any
 
 # Forgetting comparisons (configs/*_forgetting.py): plain fine-tuning and each regularizer from one source stage.
 FORGETTING_VARIANTS = ("finetune", "ewc", "l2sp", "lwf", "rehearsal")
+# The strength argument of each regularizing variant (forgetting_stages' keyword, the config files' `:arg`).
+FORGETTING_STRENGTHS = {"ewc": "ewc_weight", "l2sp": "l2sp_alpha", "lwf": "lwf_weight",
+                        "rehearsal": "rehearsal_fraction"}
+
+
+def forgetting_variants(variant: str) -> tuple[str, ...]:
+  """The variants `variant` names: all of them for 'all'; an unknown name is an error."""
+  if variant != "all" and variant not in FORGETTING_VARIANTS:
+    raise FinetuneError(f"unknown variant {variant!r}; valid: all, {', '.join(FORGETTING_VARIANTS)}")
+  return FORGETTING_VARIANTS if variant == "all" else (variant,)
+
+
+def forgetting_unread(variant: str) -> tuple[str, ...]:
+  """The strength arguments that `variant`'s stages do not read (`:variant=ewc` reads no l2sp_alpha)."""
+  chosen = forgetting_variants(variant)
+  return tuple(strength for name, strength in FORGETTING_STRENGTHS.items() if name not in chosen)
 
 
 def forgetting_stages(variant: str, target: dict, *, ewc_weight: float, l2sp_alpha: float, lwf_weight: float,
@@ -90,8 +106,4 @@ def forgetting_stages(variant: str, target: dict, *, ewc_weight: float, l2sp_alp
       "lwf": {"regularize": {"lwf": {"weight": lwf_weight}}},
       "rehearsal": {"rehearsal": {"fraction": rehearsal_fraction}},
   }
-  chosen = FORGETTING_VARIANTS if variant == "all" else (variant,)
-  for name in chosen:
-    if name not in settings:
-      raise FinetuneError(f"unknown variant {name!r}; valid: all, {', '.join(FORGETTING_VARIANTS)}")
-  return {name: {**target, **settings[name]} for name in chosen}
+  return {name: {**target, **settings[name]} for name in forgetting_variants(variant)}

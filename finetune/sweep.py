@@ -6,7 +6,9 @@
       return product({"optimizer.learning_rate": [1e-3, 3e-3]}, seeds(3))
 
 A point is a dict of dotted config keys -> values, applied as `--config.<key>=<value>`; a key starting with ':' is
-a config-file argument instead (`{":variant": "ewc"}` runs `configs/x.py:variant=ewc`). Every point is loaded and
+a config-file argument instead (`{":variant": "ewc"}` runs `configs/x.py:variant=ewc`), and the value NOT_READ
+drops the command's argument of that name from the point (`{":lm_steps": NOT_READ}` for a variant that trains no
+language model, whose get_config refuses `:lm_steps`). Every point is loaded and
 validated before anything runs. `run_sweep` runs each in `<workdir>/<point name>` as a subprocess (so a crash or
 leaked device memory stays inside one point), skipping points finished earlier; `aggregate` tabulates the stages'
 `summary.json` into `results.csv` (a row per point) and `results.md` (mean ± sample std over seeds).
@@ -44,6 +46,16 @@ from finetune.errors import FinetuneError, raised_at
 POINTS_FILE = "points.json"
 LOG_FILE = "sweep.log"
 _MAX_NAME = 80
+
+
+class _NotRead:
+  def __repr__(self) -> str:
+    return "NOT_READ"
+
+
+# A point's value for a `:key` its get_config does not read: the command's `:key=...` (meant for the other points)
+# is left out of this point's `:arg` rather than refused there as an unread argument (config.refuse_unread).
+NOT_READ = _NotRead()
 
 # ------------------------------------------------------------------------------------------ building points
 
@@ -124,6 +136,7 @@ class Point:
   # What load_sweep was given: a process training points together (`--together`) loads the sweep again from them.
   sweep_spec: str
   sweep_overrides: tuple[str, ...]
+  not_read: frozenset[str] = frozenset()  # the command's `:arg` keys this point drops (NOT_READ)
 
   @property
   def stage_dirs(self) -> dict[str, str]:
@@ -162,7 +175,13 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
   for index, values in enumerate(raw):
     if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
       raise FinetuneError(f"get_sweep in {path}: point {index} is {values!r}, not a dict {{config key: value}}")
-  raw = [{key: _plain(value) for key, value in values.items()} for values in raw]
+  not_read = [{key[1:] for key, value in values.items() if value is NOT_READ} for values in raw]
+  for index, values in enumerate(raw):
+    misplaced = [key for key, value in values.items() if value is NOT_READ and not key.startswith(":")]
+    if misplaced:
+      raise FinetuneError(f"get_sweep in {path}: point {index} sets {misplaced[0]} to NOT_READ, which only a "
+                          f"config-file argument takes (':{misplaced[0]}')")
+  raw = [{key: _plain(value) for key, value in values.items() if value is not NOT_READ} for values in raw]
   swept = {key for values in raw for key in values if not key.startswith(":")}
   for override in overrides:  # the point's own value would replace it silently
     dotted = override.partition("=")[0]
@@ -174,10 +193,10 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
   names = point_names(raw)
   _refuse_replaced_args(spec, raw, names)
   points, seen = [], {}
-  for values, name in zip(raw, names):
+  for values, name, dropped in zip(raw, names, not_read):
     point_overrides = (*overrides, *(f"{k}={_value_text(v)}" for k, v in values.items() if not k.startswith(":")))
     try:
-      point_spec = _with_config_args(spec, {k[1:]: v for k, v in values.items() if k.startswith(":")})
+      point_spec = _with_config_args(spec, {k[1:]: v for k, v in values.items() if k.startswith(":")}, dropped)
       config = config_lib.load_config(point_spec, point_overrides)
     except FinetuneError as e:
       raise FinetuneError(f"sweep point {name}: {e}") from None
@@ -185,7 +204,8 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
     if resolved in seen:
       raise FinetuneError(f"sweep points {seen[resolved]} and {name} resolve to the same config; drop one")
     seen[resolved] = name
-    points.append(Point(name, values, point_spec, tuple(point_overrides), config, sweep_spec, sweep_overrides))
+    points.append(Point(name, values, point_spec, tuple(point_overrides), config, sweep_spec, sweep_overrides,
+                        frozenset(dropped)))
   return points
 
 
@@ -291,15 +311,16 @@ def _arg_items_without(arg: str, keys) -> list[str]:
   return [item for item in config_lib.split_config_arg(arg) if item and item.partition("=")[0].strip() not in keys]
 
 
-def _with_config_args(spec: str, args: dict[str, Any]) -> str:
-  """`file.py:a=1` with args {'a': 2, 'b': 3} -> `file.py:a=2,b=3` (the point's value replaces the command's;
-  where they differ, load_sweep has refused the command first)."""
-  if not args:
+def _with_config_args(spec: str, args: dict[str, Any], dropped: Iterable[str] = ()) -> str:
+  """`file.py:a=1,c=4` with args {'a': 2, 'b': 3} and dropped {'c'} -> `file.py:a=2,b=3` (the point's value
+  replaces the command's; where they differ, load_sweep has refused the command first)."""
+  dropped = set(dropped)
+  if not args and not dropped:
     return spec
   path, _, arg = spec.partition(":")
-  kept = _arg_items_without(arg, args)
+  kept = _arg_items_without(arg, {*args, *dropped})
   kept += [f"{key}={_arg_value_text(key, value)}" for key, value in args.items()]
-  return f"{path}:{','.join(kept)}"
+  return f"{path}:{','.join(kept)}" if kept else path
 
 
 def _arg_value_text(key: str, value: Any) -> str:
@@ -756,9 +777,9 @@ def wandb_sweep(points: Sequence[Point], workdir: str) -> dict[str, Any]:
   `--config file.py:<key>=<value>`. Each run's workdir is `<workdir>/wandb/<wandb run id>`, which is only known
   when the agent starts the run; both need the `sh -c` in the command.
 
-  Any other list of points (a `zipped(...)` sweep) is one parameter, `only`, whose values are the point names:
-  each run is `finetune sweep ... --only=<name>`, which trains that point in `<workdir>/<name>` as the sweep
-  would, so `finetune sweep --aggregate-only` tabulates the agents' runs."""
+  Any other list of points (a `zipped(...)` sweep, or one whose points drop arguments) is one parameter, `only`,
+  whose values are the point names: each run is `finetune sweep ... --only=<name>`, which trains that point in
+  `<workdir>/<name>` as the sweep would, so `finetune sweep --aggregate-only` tabulates the agents' runs."""
   spec, overrides = points[0].sweep_spec, points[0].sweep_overrides
   keys = list(dict.fromkeys(key for point in points for key in point.values))
   axes = {key: {_value_text(p.values[key]): p.values[key] for p in points if key in p.values} for key in keys}
@@ -770,7 +791,8 @@ def wandb_sweep(points: Sequence[Point], workdir: str) -> dict[str, Any]:
     definition["entity"] = wandb_cfg.entity
   definition.update({"program": spec.partition(":")[0],  # informational: the command below says how it runs
                      "method": "grid"})
-  if given != grid or len(points) != len(grid):
+  # (A point that drops a command argument, NOT_READ, needs its own spec: no shared base spec serves it.)
+  if given != grid or len(points) != len(grid) or any(point.not_read for point in points):
     definition.update({
         "parameters": {"only": {"values": [point.name for point in points]}},
         "command": ["${env}", "python", "-m", "finetune", "sweep", "--config", spec, "--workdir", workdir,

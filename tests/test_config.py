@@ -149,11 +149,17 @@ def test_parse_arg_rejects_leftovers_and_types():
     ("mnist_strategies.py:variant=full,n=3", r"config argument n is not read with variant='full' \(n is frozen_n's\)"),
     ("cifar10_strategies.py:variant=gradual,n=1", r"argument n is not read with variant='gradual'"),
     ("cifar10_yosinski.py:split=manmade,split_seed=7", r"argument split_seed is not read with split='manmade'"),
+    ("mnist_forgetting.py:variant=ewc,ewc_weight=5,l2sp_alpha=1", r"argument l2sp_alpha is not read with "
+                                                                   r"variant='ewc'"),
+    ("cifar10_forgetting.py:variant=finetune,lwf_weight=2,rehearsal_fraction=0.5",
+     r"arguments lwf_weight, rehearsal_fraction are not read with variant='finetune'"),
+    ("ulmfit.py:variant=scratch,lm_steps=5", r"argument lm_steps is not read with variant='scratch'"),
+    ("minilm_sst2.py:steps=5", r"argument steps is not read with variant='linear_probe' \(2000 steps\)"),
 ])
 def test_an_argument_the_chosen_variant_does_not_read_is_refused(spec, message):
   """(They were accepted and ignored: `:variant=full,n=3` froze nothing, `:split=manmade,split_seed=7` ran the
-  fixed split.)"""
-  with pytest.raises(FinetuneError, match=message + r".*: drop it"):
+  fixed split, `:variant=ewc,l2sp_alpha=1` trained no L2-SP stage.)"""
+  with pytest.raises(FinetuneError, match=message + r".*: drop (it|them)"):
     load_config(str(REPO / "configs" / spec))
 
 

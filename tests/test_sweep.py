@@ -162,6 +162,28 @@ def test_a_config_file_argument_a_point_replaces_is_refused(tmp_path):
   assert len(load_sweep(f"{path}:steps=2", [])) == 4  # an argument no point sets reaches them all
 
 
+def test_a_point_drops_a_command_argument_it_does_not_read(tmp_path, capsys):
+  """A variant whose get_config refuses an argument the other points read (ULMFiT's scratch baseline and the
+  language-model steps) sets it NOT_READ: the command's value reaches the others and is left out of its `:arg`."""
+  path = write_config(tmp_path, '[{":steps": NOT_READ, "seed": 0}, {"seed": 1}]')
+  path = tmp_path / "swept.py"
+  path.write_text(path.read_text().replace("from finetune.sweep import", "from finetune.sweep import NOT_READ,"))
+  first, second = load_sweep(f"{path}:steps=2")
+  assert first.name == "seed=0" and first.values == {"seed": 0} and first.not_read == {"steps"}
+  assert (first.config.train.steps, second.config.train.steps) == (3, 2)
+  assert first.config_spec == str(path) and second.config_spec == f"{path}:steps=2"
+  status, out, err = sweep_cli(capsys, "--config", f"{path}:steps=2", "--workdir", str(tmp_path / "w"), "--dry-run")
+  assert status == 0, err
+  assert [shlex.split(line)[3] for line in out.splitlines() if line.startswith("finetune train")] == \
+      [str(path), f"{path}:steps=2"]
+  # No one base spec serves both points, so a wandb sweep names each point (`only`).
+  assert sweep.wandb_sweep([first, second], str(tmp_path / "w"))["parameters"] == {
+      "only": {"values": ["seed=0", "seed=1"]}}
+  with pytest.raises(FinetuneError, match=r"point 0 sets seed to NOT_READ, which only a config-file argument takes"):
+    path.write_text(path.read_text().replace('{":steps": NOT_READ, "seed": 0}', '{"seed": NOT_READ}'))
+    load_sweep(str(path))
+
+
 def test_dry_run_prints_commands_that_finetune_train_accepts(tmp_path, capsys):
   path = write_config(tmp_path, '''product({"optimizer.schedule": ["constant", "cosine"], "data.classes": [(0, 1, 2)],
                                             ":steps": [4], "optimizer.learning_rate": [0.5],
@@ -683,7 +705,17 @@ def test_every_config_files_sweep_loads(name):
 def test_seeds_argument_of_the_reproduction_sweeps(name, arg, count, seed_values):
   points = load_sweep(f"{REPO / 'configs' / name}:{arg}")
   assert len(points) == count and {p.values["seed"] for p in points} == seed_values
-  assert all("seeds=" not in p.config_spec and "steps=" in p.config_spec for p in points)
+  assert all("seeds=" not in p.config_spec for p in points)
+  # `steps` reaches every point but the probe, which refuses it (its steps are fixed)
+  assert all(("steps=" in p.config_spec) == (p.values.get(":variant") != "linear_probe") for p in points)
+
+
+def test_a_forgetting_sweep_of_one_variant_sweeps_its_strength_alone():
+  """(`:variant=ewc` passed all four strengths to points that read one: 4 points, the others' values refused.)"""
+  points = load_sweep(f"{REPO / 'configs' / 'mnist_forgetting.py'}:variant=ewc,seeds=1")
+  assert [p.name for p in points] == [f"ewc_weight={w},seed=0" for w in (10.0, 100.0, 1000.0, 10000.0)]
+  assert [list(p.stage_dirs) for p in points] == [["pretrain", "ewc"]] * 4
+  assert len(load_sweep(f"{REPO / 'configs' / 'cifar10_forgetting.py'}:variant=finetune,seeds=2")) == 2
 
 
 def test_seed_values_name_points_like_a_seed_count():

@@ -154,6 +154,11 @@ def test_sweep_points_load(data_dirs):
   grid = load_sweep(f"{CONFIG}:{data_dirs},share=False")
   assert len(grid) == 5 * 3
   assert list(grid[0].stage_dirs) == ["scratch_100"]  # no language model for the scratch baseline
+  # ... so the command's language-model arguments are left out of its `:arg` (get_config refuses them there)
+  assert "lm_path=" not in grid[0].config_spec and "lm_path=" in grid[-1].config_spec
+  with pytest.raises(FinetuneError, match=r"argument lm_path is not read with variant='scratch'.*: drop it"):
+    load_config(f"{CONFIG}:{data_dirs},variant=scratch")
+  assert "scratch_all" in load_config(f"{CONFIG}:{data_dirs},variant=scratch+full").stages  # one reads it
   assert list(grid[-1].stage_dirs) == ["lm_pretrain", "lm_finetune", "ulmfit_all"]
   with pytest.raises(FinetuneError, match="labels=700"):
     load_config(f"{CONFIG}:{data_dirs},labels=700")
