@@ -81,7 +81,7 @@ def _planned_anchors(stage: Any, cfg: ConfigDict, lineage: tuple[bool, ...], con
   has another shape (its head is then not anchored). What the run would refuse (EWC after a Hugging Face
   checkpoint, a regularizer with nothing before it) raises the run's error."""
   from finetune import adapters  # pylint: disable=g-import-not-at-top
-  from finetune.train import check_anchored_parameters_train, reinitialised_paths  # pylint: disable=g-import-not-at-top
+  from finetune.train import check_regularizers_act, reinitialised_paths  # pylint: disable=g-import-not-at-top
   state = stage.abstract_state(0)
   # As the lineage folds: a continued run's adapters stay its own unless the penalty folds the stage's (effective).
   folds = adapters.effective_weights(stage.abstract_model, cfg.peft) is not None
@@ -95,7 +95,7 @@ def _planned_anchors(stage: Any, cfg: ConfigDict, lineage: tuple[bool, ...], con
         reinitialised=reinitialised_paths(stage, cfg, flat, flat if continues_adapters and not folds else ()),
         sources=sources, fisher=lambda source: source.params, start=flat, start_state=flat_state,
         peft_added=frozenset(p for p in flat if p not in stage.base_paths))
-    check_anchored_parameters_train(stage, context)
+    check_regularizers_act(stage, context)
     return {name: regularizers.REGULARIZERS.get(name).anchors(context) for name in regularizers.active(cfg)}
 
   shapes = jax.eval_shape(anchors, state.params, state.model_state)

@@ -178,6 +178,12 @@ def resolve_strategy(cfg: ConfigDict, abstract_model: nnx.Module, abstract_param
         [("config.optimizer.lr_multipliers", rule[0], "drop it, or train them with config.peft.modules_to_save")
          for rule in cfg.optimizer.lr_multipliers],
         list(shapes), peft_frozen, f"that config.peft.method={cfg.peft.method!r} freezes anyway")
+    for pattern in cfg.peft.modules_to_save:  # (trained fully, then frozen by config.freeze: it changed nothing)
+      saved = [p for p in shapes if re.search(pattern, p)]
+      if saved and all(p in frozen for p in saved):
+        raise FinetuneError(f"config.peft.modules_to_save entry {pattern!r} trains {', '.join(saved[:3])}"
+                            f"{', ...' if len(saved) > 3 else ''} fully, but config.freeze freezes all of them, so it "
+                            "changes nothing; drop the entry or the freeze rule")
     frozen = frozen | peft_frozen
     if len(frozen) == len(shapes):
       raise FinetuneError("config.freeze freezes every parameter the PEFT method trains; leave some trainable")

@@ -74,6 +74,8 @@ def pace(pending: Sequence[Any]) -> None:
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
   """Runs every stage of `config` under `workdir`; returns {stage: summary} (see `run_stage`). The workdir is held
   for the run (`files.exclusive_workdir`): another run there at the same time is refused."""
+  if not str(workdir).strip():  # (it meant the current folder: a run from the repository wrote into the sources)
+    raise FinetuneError("the workdir is empty; give the run a folder of its own")
   with files.exclusive_workdir(os.path.abspath(os.path.expanduser(workdir)), enabled=jax.process_count() == 1):
     workdir, stages = prepare_workdir(config, workdir)
     summaries = {}
@@ -319,6 +321,7 @@ def build_stage(cfg: ConfigDict) -> Stage:
     peft_info = adapters.report(cfg.peft, {p: tuple(x.shape) for p, x in flatten(params).items()}, peft_trainable,
                                 base_paths, adapters.quantized_shapes(abstract_model), flatten(params))
   strategy = resolve_strategy(cfg, abstract_model, params, total_steps, steps_per_epoch, peft_trainable)
+  check_fresh_parameters_train(cfg, strategy, list(flatten(params)))
   # A no_decay regex of the config's own that matches nothing is a typo; the defaults (biases, norm scales) may
   # match nothing in a model without them (Llama has no biases).
   default_no_decay = config_lib.defaults().optimizer.no_decay
@@ -333,6 +336,23 @@ def build_stage(cfg: ConfigDict) -> Stage:
                abstract_params=abstract_params.to_pure_dict(), create_model=create_model,
                abstract_model=abstract_model, layout=layout, base_paths=base_paths, peft_info=peft_info,
                keep_float32=keep_float32)
+
+
+def check_fresh_parameters_train(cfg: ConfigDict, strategy: Strategy, paths: Sequence[str]) -> None:
+  """A parameter the stage re-initialises (`dont_load`) and freezes in every phase would keep its random initial
+  value for the whole stage: a LoRA stage with dont_load=^head/ and no modules_to_save trained its adapters under a
+  random, frozen classifier, and reported the result. Refused."""
+  if not cfg.init_from or not cfg.dont_load:
+    return
+  ever_trained = set().union(*(strategy.trainable(phase) for phase in range(len(strategy.phases))))
+  fresh = [re.compile(pattern) for pattern in cfg.dont_load]
+  stuck = [path for path in paths if path not in ever_trained and any(r.search(path) for r in fresh)]
+  if stuck:
+    fix = ("list them in config.peft.modules_to_save (e.g. '^head/', as Hugging Face PEFT does for a classifier)"
+           if adapters.enabled(cfg.peft) else "drop the freeze rule that covers them")
+    raise FinetuneError(f"{len(stuck)} parameter(s) that config.dont_load re-initialises are frozen in every phase, "
+                        f"so they would keep their random initial values: {', '.join(stuck[:3])}"
+                        f"{', ...' if len(stuck) > 3 else ''}. Train them ({fix}) or load them (narrow dont_load)")
 
 
 def float32_paths(patterns: Sequence[str], unrolled: Sequence[str], layout: scan.Layout) -> tuple[str, ...]:
@@ -432,7 +452,7 @@ def attach_regularizers(stage: Stage, state: TrainState, cfg: ConfigDict, workdi
       fisher=lambda source: source_fisher(cfg, source), start=start, start_state=start_state,
       peft_added=frozenset(p for p in params if p not in stage.base_paths),
       effective=adapters.effective_weights(stage.abstract_model, cfg.peft))
-  check_anchored_parameters_train(stage, context)
+  check_regularizers_act(stage, context)
   anchors = regularizers.build_anchors(context)
   stage = dataclasses.replace(stage, anchors=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), anchors),
                               _cache={})
@@ -448,28 +468,51 @@ def attach_regularizers(stage: Stage, state: TrainState, cfg: ConfigDict, workdi
   return stage, state.replace(anchors=jax.device_put(anchors, stage.anchor_shardings()))
 
 
-def check_anchored_parameters_train(stage: Stage, context: regularizers.Context) -> None:
-  """EWC and L2-SP's alpha term pull the parameters loaded from the source towards their source values (for LoRA,
-  the weights its layers compute with): when none of them trains (a frozen backbone under a new head; a PEFT
-  method without `effective` that trains only its own parameters, as prompt tuning) they do nothing, and the run
-  would have reported a regularized result that was not."""
-  l2sp = context.cfg.regularize.l2sp
-  anchoring = [name for name, on in (("config.regularize.ewc", "ewc" in regularizers.active(context.cfg)),
-                                     ("config.regularize.l2sp.alpha", l2sp.alpha > 0)) if on]
-  if not anchoring or not context.sources:
+def check_regularizers_act(stage: Stage, context: regularizers.Context) -> None:
+  """Refuses a regularizer that cannot change what the stage trains, as the run would have reported a regularized
+  result that was not: EWC and L2-SP's alpha pull the parameters loaded from the source towards their source
+  values (for LoRA, the weights its layers compute with), which do nothing when none of them trains (a frozen
+  backbone under a new head; a PEFT method without `effective` that trains only its own parameters, as prompt
+  tuning); L2-SP's beta pulls the re-initialised parameters towards 0 (none trains: 0); LwF and rehearsal score the
+  backbone's features with the source's frozen head (only the head trains: the backbone's features cannot move)."""
+  cfg, l2sp = context.cfg, context.cfg.regularize.l2sp
+  active = regularizers.active(cfg)
+  if not active or not context.sources:
     return
   ever_trained = set().union(*(stage.strategy.trainable(i) for i in range(len(stage.strategy.phases))))
-  if adapters.effective_weights(stage.abstract_model, context.cfg.peft) is not None:
+  anchoring = [name for name, on in (("config.regularize.ewc", "ewc" in active),
+                                     ("config.regularize.l2sp.alpha", l2sp.alpha > 0)) if on]
+  anchored_trained = set(ever_trained)
+  if adapters.effective_weights(stage.abstract_model, cfg.peft) is not None:
     # The penalties see the weights adapted layers compute with: a kernel changes when its adapters train.
-    ever_trained |= {path.rsplit("/", 1)[0] + "/kernel" for path in ever_trained if path in context.peft_added}
-  if not set(context.shared(context.nearest(anchoring[0]))) & ever_trained:
+    anchored_trained |= {path.rsplit("/", 1)[0] + "/kernel" for path in ever_trained if path in context.peft_added}
+  if anchoring and not set(context.shared(context.nearest(anchoring[0]))) & anchored_trained:
     verb = "anchors" if len(anchoring) == 1 else "anchor"
     raise FinetuneError(
         f"{' and '.join(anchoring)} {verb} the parameters loaded from {context.sources[0].name}, but none of them "
         "trains in this stage (a frozen backbone trains only a new head; prompt, prefix or bottleneck tuning only "
         "their own parameters, which act on no anchored weight): the penalty would be 0. Drop it, train some "
-        "loaded parameters (LoRA and IA3 act on them), or use regularize.lwf or rehearsal, which act on the "
-        "model's outputs")
+        "loaded parameters (LoRA and IA3 act on them), or, where the backbone trains at all (prompts, prefixes, "
+        "bottleneck adapters), use regularize.lwf or rehearsal, which act on its features")
+  if l2sp.beta > 0:
+    shared = set(context.shared(context.nearest("L2-SP")))
+    new = {p for p in context.shapes if p not in shared and p not in context.peft_added}
+    if not new & ever_trained:
+      raise FinetuneError(
+          "config.regularize.l2sp.beta pulls the parameters this stage re-initialises (a new head; not a PEFT "
+          f"method's own) towards 0, but {'none of them trains' if new else 'there are none'} in this stage: the "
+          "penalty would not change. Drop beta, or re-initialise what should start fresh (config.dont_load) and "
+          "train it")
+  by_features = [name for name, on in (("config.regularize.lwf", "lwf" in active),
+                                       ("config.rehearsal", "rehearsal" in active)) if on]
+  # (Both score the backbone's features with the source's head, a frozen copy: only what makes the features, every
+  # parameter outside head/, can respond to them.)
+  if by_features and not any(not path.startswith("head/") for path in ever_trained):
+    raise FinetuneError(
+        f"{' and '.join(by_features)} score{'s' if len(by_features) == 1 else ''} the backbone's features with "
+        f"the source's frozen head, but only the head trains in this stage (the backbone is frozen in every "
+        "phase): the penalty reaches no trainable parameter. Drop it, or train some of the backbone (freeze rules, "
+        "config.unfreeze, or a PEFT method)")
 
 
 def on_this_stage_s_devices(source_cfg: ConfigDict, cfg: ConfigDict) -> ConfigDict:

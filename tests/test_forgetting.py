@@ -715,8 +715,8 @@ def test_regularizers_after_a_lora_run(tmp_path):
   in): (lora) LoRA over a trained model is regularized through A and B (the frozen W gave the penalty nothing: 0);
   (chain) so is a stage continuing a LoRA run with its settings (its loaded adapters counted as new: penalty 0);
   (full) EWC in a stage without PEFT takes the Fisher of the folded source (a KeyError traceback: the Fisher model
-  had adapters the folded weights lack); (dora) L2-SP's beta leaves DoRA's magnitudes alone (it pulled them, which
-  start at ||W||, towards 0)."""
+  had adapters the folded weights lack); (dora) L2-SP's beta counts DoRA's magnitudes as no new parameter (it
+  pulled them, which start at ||W||, towards 0), so with nothing else new it is refused."""
   config = tiny_config(model=VIT, stages={
       "plain": {"train": {"steps": 4}},
       "lora": {"init_from": "stage:plain", "peft": LORA, "regularize": {"ewc": {"weight": 1e3, "num_examples": 32}}},
@@ -725,7 +725,10 @@ def test_regularizers_after_a_lora_run(tmp_path):
       "full": {"init_from": "stage:a", "regularize": {"ewc": {"weight": 1.0, "num_examples": 32}}},
       "dora": {"init_from": "stage:a", "peft": {**LORA, "dora": True}, "regularize": {"l2sp": {"beta": 0.01}}}},
       train={"steps": 2, "log_every": 1, "checkpoint_every": 0}, optimizer={"learning_rate": 3e-2, "warmup_steps": 0})
-  train_lib.train_and_evaluate(config, str(tmp_path))
+  # DoRA's magnitudes are not new parameters, and nothing else is: the last stage's beta would add nothing.
+  with pytest.raises(FinetuneError, match=r"l2sp.beta pulls the parameters this stage re-initialises \(a new head; "
+                                          r"not a PEFT method's own\) towards 0, but there are none"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
 
   def logged(stage, key):
     return [json.loads(line)[key] for line in open(tmp_path / stage / "metrics.jsonl") if '"train"' in line]
@@ -734,7 +737,6 @@ def test_regularizers_after_a_lora_run(tmp_path):
   first, last = logged("chain", "penalty/l2sp")
   assert first < 1e-9 and last > 1.0  # (first: the source's fold in float64 against the step's float32)
   assert logged("full", "penalty/ewc")[-1] > 0
-  assert logged("dora", "penalty/l2sp") == [0.0, 0.0]  # nothing new but the magnitudes, which are not pulled
 
 
 def test_l2sp_anchors_an_adapter_loaded_onto_the_source_as_part_of_the_start(tmp_path):
@@ -760,6 +762,32 @@ def test_ewc_or_l2sp_with_no_loaded_parameter_training_is_refused(tmp_path):
                            train={"steps": 2})
   with pytest.raises(FinetuneError, match=r"config.regularize.l2sp.alpha anchors the parameters loaded from "
                                           r"pretrain, but none of them trains in this stage"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("target, message", [
+    ({"regularize": {"lwf": {"weight": 1.0}}}, r"config.regularize.lwf scores the backbone's features"),
+    ({"rehearsal": {"fraction": 0.25}}, r"config.rehearsal scores the backbone's features"),
+], ids=["lwf", "rehearsal"])
+def test_lwf_or_rehearsal_under_a_frozen_backbone_is_refused(tmp_path, target, message):
+  """(Accepted before: their loss goes through the frozen backbone's features and the source's frozen head, so
+  the weights ended bit-identical to a run without them, while rehearsal took a quarter of every batch.)"""
+  frozen = two_task_config(freeze={"patterns": ("^(?!head/)",)}, train={"steps": 2}, **target)
+  with pytest.raises(FinetuneError, match=message + r" with the source's frozen head, but only the head trains"):
+    train_lib.train_and_evaluate(frozen, str(tmp_path / "frozen"))
+  # Gradual unfreezing trains the backbone in a later phase: accepted.
+  gradual = two_task_config(unfreeze={"mode": "gradual", "every_steps": 1}, train={"steps": 4}, **target)
+  assert "target" in train_lib.train_and_evaluate(gradual, str(tmp_path / "gradual"))
+
+
+def test_l2sp_beta_with_no_re_initialised_parameter_training_is_refused(tmp_path):
+  """(Accepted before: beta pulls the new parameters towards 0; with the head loaded too the penalty was exactly
+  0 at every step.)"""
+  config = two_task_config(regularize={"l2sp": {"beta": 0.01}}, train={"steps": 2})
+  config = with_values(config, stages={**config.stages.to_dict(), "target": {
+      **config.stages.target.to_dict(), "dont_load": (), "data": {"classes": (0, 1, 2, 3, 4)}}})
+  with pytest.raises(FinetuneError, match=r"l2sp.beta pulls the parameters this stage re-initialises .* but there "
+                                          r"are none in this stage"):
     train_lib.train_and_evaluate(config, str(tmp_path))
 
 

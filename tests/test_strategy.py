@@ -85,6 +85,9 @@ def test_custom_groups_and_bad_partitions_are_errors():
        "lr_multipliers: pattern '^stem/' matches only parameters config.freeze freezes for the stage"),
       ({"freeze": {"patterns": ("/norm/",), "train_bn": True}},
        "config.freeze.patterns: '/norm/' matches only BatchNorm parameters, which config.freeze.train_bn keeps"),
+      ({"freeze": {"first_n": 2, "patterns": ("^stages/0/",)}},
+       "config.freeze.patterns: '^stages/0/' matches only parameters of the groups config.freeze.first_n=2 freezes "
+       "already (stem, stage_1); drop the pattern or lower first_n"),
   ]
   for sections, message in cases:
     with pytest.raises(FinetuneError) as info:
@@ -366,3 +369,14 @@ def test_train_bn_on_a_model_without_batch_norm_is_refused():
   vit = {"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32}
   with pytest.raises(FinetuneError, match="config.freeze.train_bn=True but the model has no BatchNorm layer"):
     train_lib.build_stage(tiny_config(model=vit, freeze={"first_n": 1, "train_bn": True}))
+
+
+def test_a_modules_to_save_entry_the_freeze_rules_undo_is_refused():
+  """(Taken silently: the head was frozen after all, and the stage trained LoRA under an untrained classifier.)"""
+  vit = {"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32}
+  lora = {"method": "lora", "targets": ("query", "value"), "rank": 2, "modules_to_save": ("^head/",)}
+  with pytest.raises(FinetuneError, match=r"config.peft.modules_to_save entry '\^head/' trains head/(bias|kernel), "
+                                          r"head/(bias|kernel) fully, but config.freeze freezes all of them"):
+    train_lib.build_stage(tiny_config(model=vit, peft=lora, freeze={"patterns": ("^head/",)}))
+  stage = train_lib.build_stage(tiny_config(model=vit, peft=lora, freeze={"patterns": ("^head/bias$",)}))
+  assert "head/kernel" in stage.strategy.trainable(0) and "head/bias" not in stage.strategy.trainable(0)

@@ -180,6 +180,27 @@ def test_init_from_shape_mismatch_names_parameter_and_shapes(tmp_path):
     train_lib.train_and_evaluate(config, str(tmp_path / "b"))
 
 
+def test_a_re_initialised_parameter_that_never_trains_is_refused(tmp_path):
+  """(Accepted before: LoRA with dont_load=^head/ and no modules_to_save trained its adapters under a random,
+  frozen classifier; a freeze rule over a dont_load pattern kept those layers random.)"""
+  vit = {"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 2, "num_heads": 2, "mlp_dim": 32}
+  train_lib.train_and_evaluate(tiny_config(model=vit, train={"steps": 2}), str(tmp_path / "a"))
+  source = dict(model=vit, init_from=str(tmp_path / "a"), train={"steps": 2})
+  lora = {"method": "lora", "targets": ("query", "value"), "rank": 2}
+  with pytest.raises(FinetuneError, match=r"2 parameter\(s\) that config.dont_load re-initialises are frozen in "
+                                          r"every phase, so they would keep their random initial values: head/bias, "
+                                          r"head/kernel. Train them \(list them in config.peft.modules_to_save"):
+    train_lib.train_and_evaluate(tiny_config(**source, dont_load=("^head/",), peft=lora), str(tmp_path / "b"))
+  with pytest.raises(FinetuneError, match=r"parameter\(s\) that config.dont_load re-initialises are frozen .* "
+                                          r"blocks/0/.*\(drop the freeze rule that covers them\)"):
+    train_lib.train_and_evaluate(tiny_config(**source, dont_load=("^blocks/0/", "^head/"),
+                                             freeze={"patterns": ("^blocks/0/",)}), str(tmp_path / "c"))
+  # Trained in a later phase (gradual unfreezing reaches the re-initialised block): accepted.
+  train_lib.train_and_evaluate(tiny_config(**{**source, "train": {"steps": 8}}, dont_load=("^blocks/1/", "^head/"),
+                                           unfreeze={"mode": "gradual", "every_steps": 1}), str(tmp_path / "d"))
+  assert not os.path.exists(tmp_path / "b" / "summary.json") and os.path.exists(tmp_path / "d" / "summary.json")
+
+
 def test_init_from_missing_parameter_and_unmatched_dont_load(tmp_path):
   train_lib.train_and_evaluate(tiny_config(train={"steps": 2}), str(tmp_path / "a"))
   with pytest.raises(FinetuneError, match=r"pattern '\^nothing/' matches no parameter"):
@@ -299,6 +320,12 @@ def test_keep_checkpoints_1_keeps_the_good_checkpoint_until_the_next_one_is_chec
   # export/eval --unfinished take the last good checkpoint, not step 6 (a model was exported from its weights)
   from finetune.export import latest_checkpoint  # pylint: disable=g-import-not-at-top
   assert latest_checkpoint(str(tmp_path / "diverged"), "export") == str(tmp_path / "diverged" / "checkpoints" / "3")
+  # ... and init_from it names that checkpoint (it suggested step 6, whose weights gave the nan loss)
+  from finetune.checkpoint import resolve_checkpoint  # pylint: disable=g-import-not-at-top
+  with pytest.raises(FinetuneError, match=r"that run stopped on diverged weights from step 6 .*diverged.json\); "
+                                          r"train it again with the fix that file names, or name its last good "
+                                          r"checkpoint \(.*/diverged/checkpoints/3\)"):
+    resolve_checkpoint(str(tmp_path / "diverged"), str(tmp_path))
   monkeypatch.setattr(train_lib.InputPipeline, "train_batch", original)
   train_lib.train_and_evaluate(config, str(tmp_path / "finished"))
   assert sorted(os.listdir(tmp_path / "finished" / "checkpoints")) == ["12"]

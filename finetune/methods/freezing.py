@@ -27,6 +27,12 @@ def frozen_paths(freeze_cfg: ConfigDict, groups: Sequence[str], group_of: Mappin
                         "which leaves only BatchNorm training, with config.freeze.train_bn=True)")
   require_matches(freeze_cfg.patterns, paths, "config.freeze.patterns")
   frozen_groups = set(groups[:freeze_cfg.first_n])
+  for pattern in freeze_cfg.patterns:  # (a rule that adds nothing is a mistake, as one that matches nothing)
+    matched = [p for p in paths if re.search(pattern, p)]
+    if frozen_groups and all(group_of[p] in frozen_groups for p in matched):
+      raise FinetuneError(f"config.freeze.patterns: {pattern!r} matches only parameters of the groups "
+                          f"config.freeze.first_n={freeze_cfg.first_n} freezes already "
+                          f"({', '.join(groups[:freeze_cfg.first_n])}); drop the pattern or lower first_n")
   patterns = [re.compile(p) for p in freeze_cfg.patterns]
   frozen = {p for p in paths if group_of[p] in frozen_groups or any(r.search(p) for r in patterns)}
   if freeze_cfg.train_bn:

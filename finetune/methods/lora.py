@@ -168,10 +168,19 @@ def _check_patterns_match(peft_cfg: ConfigDict, module_paths: list[str]) -> None
   """Every rank_pattern / alpha_pattern regex must name an adapted layer: one matching nothing is a typo (or a
   layer left out of `targets`), and PEFT would ignore it silently."""
   for key in ("rank_pattern", "alpha_pattern"):
-    for regex, _ in peft_cfg[key]:
-      if not any(re.search(regex, path) for path in module_paths):
+    rules = [regex for regex, _ in peft_cfg[key]]
+    for index, regex in enumerate(rules):
+      matched = [path for path in module_paths if re.search(regex, path)]
+      if not matched:
         raise FinetuneError(f"config.peft.{key} regex {regex!r} matches no adapted layer; the adapted layers: "
                             f"{', '.join(module_paths[:4])}{', ...' if len(module_paths) > 4 else ''}")
+      # The first matching entry wins (as in PEFT): one whose every layer an earlier entry takes sets nothing.
+      earlier = [next((r for r in rules[:index] if re.search(r, path)), None) for path in matched]
+      if all(earlier):
+        more = ", ..." if len(matched) > 2 else ""
+        raise FinetuneError(f"config.peft.{key} entry {regex!r} sets no layer: the earlier entry {earlier[0]!r} "
+                            f"takes every layer it matches ({', '.join(matched[:2])}{more}; the first matching entry "
+                            "wins); put the more specific entry first")
 
 
 def inject(model: nnx.Module, peft_cfg: ConfigDict, rngs: nnx.Rngs) -> None:

@@ -266,6 +266,12 @@ def test_target_errors_are_one_clear_line():
     adapted(peft_config(rank_pattern=(("querry", 2),)))
   with pytest.raises(FinetuneError, match=r"config.peft.alpha_pattern regex 'intermediate' matches no adapted"):
     adapted(peft_config(alpha_pattern=(("intermediate", 64.0),)))
+  # (A later entry that only earlier ones' layers match set nothing, silently: the first matching entry wins.)
+  with pytest.raises(FinetuneError, match=r"config.peft.rank_pattern entry 'layers/0/attention/query' sets no "
+                                          r"layer: the earlier entry 'query' takes every layer it matches "
+                                          r"\(layers/0/attention/query; .*put the more specific entry first"):
+    adapted(peft_config(rank_pattern=(("query", 4), ("layers/0/attention/query", 8))))
+  assert adapted(peft_config(rank_pattern=(("layers/0/attention/query", 8), ("query", 4)))) is not None
   with pytest.raises(FinetuneError, match=r"config.peft.rank_pattern entry \('value', 64\) for layers/0/attention/"
                                           r"value of shape \(16, 16\): the rank must be between 1 and 16; lower "
                                           r"that entry's rank"):
