@@ -24,6 +24,7 @@ import os
 
 from finetune.config import ConfigDict, parse_arg
 from finetune.errors import FinetuneError
+from finetune.models import hf
 
 
 def get_config(arg=None):
@@ -32,6 +33,7 @@ def get_config(arg=None):
   if not args.checkpoint:  # (the tokenizer, the model's shape and its weights all come from it)
     raise FinetuneError("configs/llama_sft_smoke.py needs :checkpoint=DIR, a Hugging Face checkpoint folder "
                         "(config.json, tokenizer files, model.safetensors); see this file's docstring")
+  hf.require_checkpoint_dir(args.checkpoint, ":checkpoint")
   config = ConfigDict()
   config.task = "causal_lm"
   config.model = dict(name=args.model, hf_config=args.checkpoint)

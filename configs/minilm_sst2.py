@@ -54,7 +54,8 @@ def get_config(arg=None):
   if args.task not in TASKS:
     raise FinetuneError(f"unknown task {args.task!r}; valid: {', '.join(TASKS)}")
   refuse_unread(arg, ("steps",) if args.variant == "linear_probe" else (), "variant='linear_probe' (2000 steps)")
-  checkpoint = args.checkpoint or hf.packaged_minilm_dir()
+  checkpoint = hf.require_checkpoint_dir(args.checkpoint, ":checkpoint") if args.checkpoint else \
+      hf.packaged_minilm_dir()
   config = ConfigDict()
   config.model = dict(name="bert", hf_config=checkpoint, pooling="mean", dropout=0.1)
   config.data = dict(name="text_classification", path=args.data_path, batch_size=32, eval_batch_size=200,

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from finetune import interrupts, scan
+from finetune import files, interrupts, scan
 from finetune.errors import FinetuneError
 from finetune.models import hf
 from finetune.partition import flatten, map_with_path
@@ -198,6 +198,14 @@ def resolve_checkpoint(source: str, workdir: str, unfinished: bool = False) -> s
       # the weights that diverged (as `finetune export` refuses it). A step folder named outright is taken as is.
       run_dir = path if candidate != path else os.path.dirname(path)
       if not unfinished and not os.path.isfile(os.path.join(run_dir, "summary.json")):
+        diverged = os.path.join(run_dir, DIVERGED_FILE)
+        if os.path.isfile(diverged):  # (its latest checkpoint holds the diverged weights: not one to suggest)
+          first_bad = files.read_json(diverged, "delete it to start from the latest checkpoint")["weights_from_step"]
+          good = [step for step in steps if step < first_bad]
+          start = (f"name its last good checkpoint ({os.path.join(candidate, str(good[-1]))}) to start from there"
+                   if good else "it has no checkpoint before then")
+          raise FinetuneError(f"init_from {source!r}: that run stopped on diverged weights from step {first_bad} "
+                              f"({diverged}); train it again with the fix that file names, or {start}")
         raise FinetuneError(f"init_from {source!r}: that run has not finished (no summary.json in {run_dir}); "
                             f"finish it with `finetune train` on its --workdir, or name one of its step folders "
                             f"({os.path.join(candidate, str(steps[-1]))}) to start from that checkpoint")

@@ -17,6 +17,7 @@ import argparse
 import os
 import re
 import sys
+import warnings
 from typing import Sequence
 
 from finetune import host_devices, interrupts
@@ -30,21 +31,37 @@ class _Parser(argparse.ArgumentParser):
     raise FinetuneError(f"{message} (see `{self.prog} --help`)")
 
 
+def _path(text: str) -> str:
+  """A path flag's value: an empty one (an unset shell variable) would mean the current folder, where `train` wrote
+  its stages into the source tree."""
+  if not text.strip():
+    raise argparse.ArgumentTypeError("is empty; give a path")
+  return text
+
+
+# Flags that take one value: given twice, argparse keeps the last silently (`--config A --config B` trained B).
+_SINGLE_FLAGS = ("--config", "--workdir", "--stage", "--out", "--format", "--mesh", "--devices", "--parallel",
+                 "--vmap", "--seed-key", "--wandb-sweep")
+_REPEATABLE_FLAGS = ("--together", "--only", "--metric")  # (each value at most once)
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="finetune", description=__doc__.splitlines()[0])
   commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
   train = commands.add_parser("train", help="run an experiment config (all its stages)",
                               description="Run an experiment config. Config keys are overridden with "
                               "--config.<key>=<value> (e.g. --config.train.steps=100); the README lists every key.")
-  train.add_argument("--config", required=True, help="configs/<file>.py[:arg]")
-  train.add_argument("--workdir", required=True, help="output folder; re-running the same command resumes")
+  train.add_argument("--config", required=True, type=_path, help="configs/<file>.py[:arg]")
+  train.add_argument("--workdir", required=True, type=_path,
+                     help="output folder; re-running the same command resumes")
   evaluate = commands.add_parser("eval", help="evaluate a finished run's final weights again, on its own or other data",
                                  description="Evaluate a finished stage's final weights on its evaluation splits, "
                                  "after --config.data.<key>=<value> / --config.mesh.<key>=<value> overrides (another "
                                  "test file, other splits, another mesh); prints a table and writes nothing into "
                                  "the run.")
   _add_run_selection(evaluate, "evaluate")
-  evaluate.add_argument("--out", default="", metavar="FILE.json", help="also write {split: metrics} to this file")
+  evaluate.add_argument("--out", default=None, type=_path, metavar="FILE.json",
+                        help="also write {split: metrics} to this file")
   export = commands.add_parser("export", help="write a run's parameters as a Hugging Face checkpoint",
                                description="Write a finished run's latest checkpoint as a Hugging Face checkpoint "
                                "(BERT, ViT, GPT-2, Llama; PEFT runs merged) or as a PEFT LoRA adapter.")
@@ -52,13 +69,14 @@ def _parser() -> argparse.ArgumentParser:
   export.add_argument("--format", default="hf",
                       help="hf (config.json + model.safetensors + tokenizer; PEFT runs merged) or peft "
                       "(a LoRA adapter for peft.PeftModel)")
-  export.add_argument("--out", required=True,
+  export.add_argument("--out", required=True, type=_path,
                       help="output folder (an earlier export there is replaced; any other non-empty folder is refused)")
   plan = commands.add_parser("plan", help="per-device memory and FLOPs of a config's train step, from shapes only",
                              description="Compile every stage's train step from abstract shapes (nothing is "
                              "allocated) and print per-device parameter / optimizer bytes, XLA's memory analysis "
-                             "and FLOPs per step.")
-  plan.add_argument("--config", required=True, help="configs/<file>.py[:arg]")
+                             "and FLOPs per step. Config keys are overridden with --config.<key>=<value>, as in "
+                             "`finetune train`.")
+  plan.add_argument("--config", required=True, type=_path, help="configs/<file>.py[:arg]")
   plan.add_argument("--mesh", default="", help="mesh axes, e.g. data=4,fsdp=2 (overrides config.mesh)")
   plan.add_argument("--devices", type=int, default=None,
                     help="fake this many host devices (CPU) to stand in for the target accelerators")
@@ -67,8 +85,9 @@ def _parser() -> argparse.ArgumentParser:
                               "{config key: value}) as `finetune train` in DIR/<point>, skipping points finished "
                               "earlier; write DIR/points.json, results.csv and results.md. --config.key=value "
                               "overrides apply to every point.")
-  sweep.add_argument("--config", required=True, help="configs/<file>.py[:arg], a file defining get_sweep")
-  sweep.add_argument("--workdir", required=True, help="sweep folder: one run folder per point, plus the results")
+  sweep.add_argument("--config", required=True, type=_path, help="configs/<file>.py[:arg], a file defining get_sweep")
+  sweep.add_argument("--workdir", required=True, type=_path,
+                     help="sweep folder: one run folder per point, plus the results")
   sweep.add_argument("--parallel", type=int, default=1,
                      help="points run at once (CPU, or a GPU with memory for several runs; a TPU holds one)")
   sweep.add_argument("--vmap", type=int, default=1, metavar="K",
@@ -90,17 +109,38 @@ def _parser() -> argparse.ArgumentParser:
                      help="a path into each stage's summary.json, e.g. test/accuracy, test/loss, "
                      "forgetting/pretrain/test/drop; repeatable (default: every split's accuracy)")
   sweep.add_argument("--seed-key", default="seed", help="the config key results.md averages over (default: seed)")
-  sweep.add_argument("--wandb-sweep", default="", metavar="OUT.yaml",
+  sweep.add_argument("--wandb-sweep", default="", type=_path, metavar="OUT.yaml",
                      help="write the points as a wandb grid sweep definition instead of running them")
   return parser
 
 
 def _add_run_selection(parser: argparse.ArgumentParser, verb: str) -> None:
   """--workdir, --stage and --unfinished: which finished run's final checkpoint `eval` and `export` read."""
-  parser.add_argument("--workdir", required=True, help="a run directory made by `finetune train`")
+  parser.add_argument("--workdir", required=True, type=_path, help="a run directory made by `finetune train`")
   parser.add_argument("--stage", default="", help="stage of a multi-stage run (default: the last)")
   parser.add_argument("--unfinished", action="store_true",
                       help=f"{verb} the latest checkpoint of a stage that has not finished (default: refuse)")
+
+
+def refuse_repeated(rest: Sequence[str], overrides: Sequence[str]) -> None:
+  """A one-value flag or an override given twice, or a repeatable flag's value given twice, is an error: argparse
+  and the overrides keep the last silently, and a sweep's `--metric m --metric m` made two equal columns."""
+  seen = set()
+  for index, arg in enumerate(rest):
+    flag, sep, value = arg.partition("=")
+    if flag in _SINGLE_FLAGS:
+      if flag in seen:
+        raise FinetuneError(f"{flag} is given twice; give it once")
+      seen.add(flag)
+    elif flag in _REPEATABLE_FLAGS:
+      value = value if sep else (rest[index + 1] if index + 1 < len(rest) else "")
+      if (flag, value) in seen:
+        raise FinetuneError(f"{flag} {value} is given twice; give it once")
+      seen.add((flag, value))
+  keys = [override.partition("=")[0] for override in overrides]
+  twice = sorted({key for key in keys if keys.count(key) > 1})
+  if twice:
+    raise FinetuneError(f"--config.{twice[0]} is given twice; give it once")
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -175,12 +215,17 @@ def run_plan(config_spec: str, mesh: str, devices: int | None, overrides: Sequen
 def run_eval(workdir: str, stage: str, unfinished: bool, out: str, overrides: Sequence[str]) -> int:
   from finetune import compile_cache, evaluation  # pylint: disable=g-import-not-at-top
   from finetune.reporting import write_json  # pylint: disable=g-import-not-at-top
-  out = os.path.abspath(os.path.expanduser(out)) if out else ""
-  run_root = os.path.abspath(os.path.expanduser(workdir))
+  # Real paths: through a symbolic link, --out still replaced the run's summary.json.
+  out = os.path.realpath(os.path.expanduser(out)) if out else ""
+  run_root = os.path.realpath(os.path.expanduser(workdir))
   if out and (out == run_root or out.startswith(run_root.rstrip(os.sep) + os.sep)):
     # (--out workdir/summary.json replaced the run's summary; the next `finetune train` there crashed)
     raise FinetuneError(f"--out {out} is inside the run folder {run_root}, and eval writes nothing into a run: "
                         "choose a path outside it")
+  if out and (os.path.isdir(out) or not os.path.isdir(os.path.dirname(out))):  # found before evaluating, not after
+    raise FinetuneError(f"--out {out} is a folder; name a file such as {os.path.join(out, 'eval.json')}"
+                        if os.path.isdir(out) else
+                        f"--out {out}: the folder {os.path.dirname(out)} does not exist; create it or choose another")
   compile_cache.enable()
   results = evaluation.evaluate_run(workdir, stage, overrides, unfinished)
   print(evaluation.results_table(results))
@@ -248,8 +293,20 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
   return 1 if failed else 0
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+  """The framework's own warnings as one line, like its errors (Python's format adds the warning's source line);
+  other libraries' keep Python's format, which says where they come from."""
+  if os.sep + "finetune" + os.sep in filename:
+    return f"finetune: warning: {message}\n"
+  return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
+  warnings.formatwarning = _one_line_warning
   host_devices.size_client_threads()  # before jax creates its CPU client, which reads it
   with interrupts.termination_as_interrupt():  # a preempted job ends like Ctrl-C: files closed, one line
     return _main(argv)
@@ -258,7 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
   try:
     rest, overrides = split_overrides(argv)
-    args = _parser().parse_args(rest)
+    refuse_repeated(rest, overrides)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(rest)
+    if unknown:  # (argparse's own message sent the user to the top-level help)
+      raise FinetuneError(f"unrecognized arguments: {' '.join(unknown)} (see `finetune {args.command} --help`)")
     if args.command == "train":
       return run_train(args.config, args.workdir, overrides)
     if args.command == "plan":

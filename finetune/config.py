@@ -170,11 +170,14 @@ def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
     arg.parsed = True
   if not arg:
     return result
+  given = set()
   for item in split_config_arg(arg):
     key, sep, text = item.partition("=")
     key = key.strip()
     if not item.strip():  # (read as a bare word, it set the first string setting to '')
       raise FinetuneError(f"config argument {str(arg)!r} has an empty item (a stray comma); remove it")
+    if not sep and key in spec:  # (read as a bare word: `:steps` set the first string setting, a path, to 'steps')
+      raise FinetuneError(f"config argument {key!r} has no value; write {key}=VALUE")
     if not sep:
       string_keys = [k for k, v in spec.items() if isinstance(v, str)]
       if not string_keys:
@@ -183,6 +186,9 @@ def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
     if key not in spec:
       raise FinetuneError(f"unknown config argument {key!r}{_did_you_mean(key, spec)}; "
                           f"valid arguments: {', '.join(spec) or '(none)'}")
+    if key in given:  # (the last one won silently)
+      raise FinetuneError(f"config argument {key!r} is given twice in {str(arg)!r}; give it once")
+    given.add(key)
     result[key] = coerce(parse_literal(text), spec[key], f":{key}")
   return result
 
@@ -625,6 +631,10 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
        "drop config.features.cache")
   stopping = c.train.early_stopping
   need(stopping.mode in ("max", "min"), "config.train.early_stopping.mode must be 'max' or 'min'")
+  # (A patience or mode without a metric was ignored: the run never stopped early.)
+  need(stopping.metric or (stopping.patience == 0 and stopping.mode == "max"),
+       "config.train.early_stopping sets patience or mode but no metric, so nothing would stop the run early: set "
+       "config.train.early_stopping.metric='<split>/<key>' (e.g. 'validation/accuracy') or drop them")
   need(not stopping.metric or ("/" in stopping.metric and stopping.patience >= 1 and c.train.eval_every > 0),
        "config.train.early_stopping needs metric='<split>/<key>' (e.g. 'validation/accuracy'), patience >= 1 and "
        "config.train.eval_every > 0")

@@ -62,7 +62,7 @@ def resolve_run_dir(workdir: str, stage: str = "", unfinished: bool = True, verb
     run_dir = workdir
   elif stage:
     run_dir = os.path.join(workdir, stage)
-    if not os.path.isdir(run_dir) and _stages(workdir):
+    if not os.path.isdir(run_dir) and _stages(workdir) and stage not in _stages(workdir):
       raise FinetuneError(f"--stage {stage!r}: {workdir} has no such stage; its stages: "
                           f"{', '.join(_stages(workdir))}")
   elif single:

@@ -82,12 +82,19 @@ def exclusive_workdir(workdir: str, enabled: bool = True) -> Iterator[None]:
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
   """A unique temp path beside `path` to write to; renamed onto `path` when the block succeeds, removed if not."""
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", dir=os.path.dirname(os.path.abspath(path)))
+  # An OSError names `path`, not the temp file (or nothing: a full disk's write has no filename), so the one-line
+  # message says which of the user's paths failed.
+  try:
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", dir=os.path.dirname(os.path.abspath(path)))
+  except OSError as e:
+    raise OSError(e.errno, e.strerror, path) from e
   os.close(fd)
   try:
     yield tmp
     make_readable(tmp)  # after the block: a writer may have replaced the file (safetensors writes 0600)
     os.replace(tmp, path)
+  except OSError as e:
+    raise OSError(e.errno, e.strerror, path) from e
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)

@@ -113,6 +113,25 @@ def test_bad_inputs_each_give_one_line(capsys, tiny_file, tmp_path):
   assert "override --config.wandb.name has no value; write --config.wandb.name=VALUE" in _error(
       capsys, ["train", "--config", tiny_file, "--config.wandb.name", "--config.train.steps=7", "--workdir", workdir])
   assert "invalid choice" in _error(capsys, ["trian"])
+  # (An empty --workdir trained into the current folder; a flag given twice kept its last value; extra arguments
+  # sent the user to the top-level help.)
+  assert "argument --workdir: is empty; give a path" in _error(capsys, ["train", "--config", tiny_file, "--workdir",
+                                                                      ""])
+  assert "--config is given twice; give it once" in _error(
+      capsys, ["train", "--config", tiny_file, "--config", tiny_file, "--workdir", workdir])
+  assert "--config.train.steps is given twice; give it once" in _error(
+      capsys, ["train", "--config", tiny_file, "--workdir", workdir, "--config.train.steps=2", "--config.train.steps",
+               "3"])
+  assert "--metric test/accuracy is given twice" in _error(
+      capsys, ["sweep", "--config", tiny_file, "--workdir", workdir, "--metric=test/accuracy", "--metric",
+               "test/accuracy"])
+  assert "unrecognized arguments: extra (see `finetune train --help`)" in _error(
+      capsys, ["train", "--config", tiny_file, "--workdir", workdir, "extra"])
+  from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
+  from finetune.config import load_config  # pylint: disable=g-import-not-at-top
+  from finetune.errors import FinetuneError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(FinetuneError, match="the workdir is empty"):
+    train_lib.train_and_evaluate(load_config(tiny_file), "")
 
 
 def test_broken_config_files_and_paths_are_one_line(capsys, tiny_file, tmp_path):
@@ -194,6 +213,9 @@ def test_export_replaces_only_an_earlier_export_and_only_finished_runs(capsys, t
   assert "stage 'finetune' of" in _error(capsys, ["export", "--workdir", str(stages), "--out", str(out)])
   assert "its stages: pretrain, finetune" in _error(
       capsys, ["export", "--workdir", str(stages), "--stage", "nosuch", "--out", str(out)])
+  # (A stage the config declares but that has not run was called no such stage, in a list that named it.)
+  for command in (["export", "--out", str(out)], ["eval"]):
+    assert "stage 'pretrain' of" in _error(capsys, [*command, "--workdir", str(stages), "--stage", "pretrain"])
 
 
 def test_a_failed_checkpoint_or_export_write_is_one_line_and_the_run_resumes(capsys, tiny_file, tmp_path,
@@ -456,6 +478,13 @@ def test_eval_scores_a_finished_run_again_on_other_data_and_writes_nothing_into_
   # (--out into the run replaced its summary.json; the next `finetune train` there crashed)
   assert f"--out {run / 'summary.json'} is inside the run folder {run}, and eval writes nothing into a run" in _error(
       capsys, ["eval", "--workdir", str(run), "--out", str(run / "summary.json")])
+  os.symlink(run, tmp_path / "link")  # (through a link, --out replaced the run's summary.json)
+  assert "is inside the run folder" in _error(capsys, ["eval", "--workdir", str(run), "--out",
+                                                       str(tmp_path / "link" / "summary.json")])
+  assert f"--out {tmp_path / 'no'}/x.json: the folder {tmp_path / 'no'} does not exist" in _error(
+      capsys, ["eval", "--workdir", str(run), "--out", str(tmp_path / "no" / "x.json")])
+  assert f"--out {tmp_path} is a folder; name a file" in _error(capsys, ["eval", "--workdir", str(run), "--out",
+                                                                        str(tmp_path)])
   assert {p: os.path.getmtime(p) for p in run.rglob("*")} == before
   assert "eval may override data.* and mesh.* keys only" in _error(
       capsys, ["eval", "--workdir", str(run), "--config.train.steps=5"])

