@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="a path into each stage's summary.json, e.g. test/accuracy, test/loss, "
                      "forgetting/pretrain/test/drop; repeatable (default: every split's accuracy)")
   sweep.add_argument("--seed-key", default="seed", help="the config key results.md averages over (default: seed)")
-  sweep.add_argument("--wandb-sweep", default="", type=_path, metavar="OUT.yaml",
+  sweep.add_argument("--wandb-sweep", default=None, type=_path, metavar="OUT.yaml",
                      help="write the points as a wandb grid sweep definition instead of running them")
   return parser
 
@@ -122,9 +122,10 @@ def _add_run_selection(parser: argparse.ArgumentParser, verb: str) -> None:
                       help=f"{verb} the latest checkpoint of a stage that has not finished (default: refuse)")
 
 
-def refuse_repeated(rest: Sequence[str], overrides: Sequence[str]) -> None:
-  """A one-value flag or an override given twice, or a repeatable flag's value given twice, is an error: argparse
-  and the overrides keep the last silently, and a sweep's `--metric m --metric m` made two equal columns."""
+def refuse_repeated(rest: Sequence[str]) -> None:
+  """A one-value flag given twice, or a repeatable flag's value given twice, is an error: argparse keeps the last
+  silently (`--config A --config B` trained B), and a sweep's `--metric m --metric m` made two equal columns.
+  (`--config.key=value` overrides are applied in order, the last winning, so a script may append one.)"""
   seen = set()
   for index, arg in enumerate(rest):
     flag, sep, value = arg.partition("=")
@@ -137,10 +138,6 @@ def refuse_repeated(rest: Sequence[str], overrides: Sequence[str]) -> None:
       if (flag, value) in seen:
         raise FinetuneError(f"{flag} {value} is given twice; give it once")
       seen.add((flag, value))
-  keys = [override.partition("=")[0] for override in overrides]
-  twice = sorted({key for key in keys if keys.count(key) > 1})
-  if twice:
-    raise FinetuneError(f"--config.{twice[0]} is given twice; give it once")
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -315,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
   try:
     rest, overrides = split_overrides(argv)
-    refuse_repeated(rest, overrides)
+    refuse_repeated(rest)
     parser = _parser()
     args, unknown = parser.parse_known_args(rest)
     if unknown:  # (argparse's own message sent the user to the top-level help)

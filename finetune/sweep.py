@@ -200,13 +200,41 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
       config = config_lib.load_config(point_spec, point_overrides)
     except FinetuneError as e:
       raise FinetuneError(f"sweep point {name}: {e}") from None
-    resolved = config_lib.to_json(config)
-    if resolved in seen:
-      raise FinetuneError(f"sweep points {seen[resolved]} and {name} resolve to the same config; drop one")
-    seen[resolved] = name
     points.append(Point(name, values, point_spec, tuple(point_overrides), config, sweep_spec, sweep_overrides,
                         frozenset(dropped)))
+  _refuse_overrides_of_swept_values(points, overrides)  # (first: it is why such points resolve to one config)
+  for point in points:
+    resolved = config_lib.to_json(point.config)
+    if resolved in seen:
+      raise FinetuneError(f"sweep points {seen[resolved]} and {point.name} resolve to the same config; drop one")
+    seen[resolved] = point.name
   return points
+
+
+def _refuse_overrides_of_swept_values(points: list[Point], overrides: Sequence[str]) -> None:
+  """An override on a key whose value the points' `:arg`s vary would give every point the same value
+  (`--config.stages.ewc.regularize.ewc.weight=5` ran the `:ewc_weight` sweep's four points at 5), which the check
+  on swept config keys cannot see: compared on the points loaded without the command's overrides."""
+  if not overrides or len(points) < 2:
+    return
+  keys = [override.partition("=")[0] for override in overrides]
+  bare = [config_lib.load_config(point.config_spec, point.overrides[len(overrides):]) for point in points]
+  for key in keys:
+    values = [_config_value(config, key) for config in bare]
+    if any(value != values[0] for value in values):
+      shown = list(dict.fromkeys(repr(value) for value in values))
+      raise FinetuneError(f"--config.{key} would replace the values the points give it ({', '.join(shown[:4])}"
+                          f"{', ...' if len(shown) > 4 else ''}, through their config-file arguments) with one for "
+                          "all; drop the override, or choose the points with get_sweep's own arguments")
+
+
+def _config_value(config: ConfigDict, dotted: str) -> Any:
+  node: Any = config
+  for part in dotted.split("."):
+    if not isinstance(node, ConfigDict) or part not in node:
+      return None
+    node = node[part]
+  return node.to_dict() if isinstance(node, ConfigDict) else node
 
 
 def parse_sweep_arg(arg: str | None, own: dict[str, Any], **shared: Any) -> ConfigDict:

@@ -119,9 +119,6 @@ def test_bad_inputs_each_give_one_line(capsys, tiny_file, tmp_path):
                                                                       ""])
   assert "--config is given twice; give it once" in _error(
       capsys, ["train", "--config", tiny_file, "--config", tiny_file, "--workdir", workdir])
-  assert "--config.train.steps is given twice; give it once" in _error(
-      capsys, ["train", "--config", tiny_file, "--workdir", workdir, "--config.train.steps=2", "--config.train.steps",
-               "3"])
   assert "--metric test/accuracy is given twice" in _error(
       capsys, ["sweep", "--config", tiny_file, "--workdir", workdir, "--metric=test/accuracy", "--metric",
                "test/accuracy"])

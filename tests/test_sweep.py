@@ -147,6 +147,19 @@ def test_an_override_of_a_key_the_points_set_is_refused(tmp_path):
   assert len(load_sweep(path, ["optimizer.weight_decay=0.01"])) == 4  # a key no point sets reaches them all
 
 
+def test_an_override_of_a_value_the_points_arguments_vary_is_refused(tmp_path):
+  """(The override gave every point one value: `--config.stages.ewc.regularize.ewc.weight=5` ran the `:ewc_weight`
+  sweep's points at 5, under names that said 10 to 10000.)"""
+  path = tmp_path / "args.py"
+  path.write_text(CONFIG.replace("parse_arg(arg, steps=3)", "parse_arg(arg, steps=3, classes=(0, 1))")
+                  .replace('batch_size=32,', 'batch_size=32, classes=args.classes,')
+                  .format(sweep='product({":classes": [(0, 1, 2), (3, 4)]})', extra=""))
+  with pytest.raises(FinetuneError, match=r"--config.data.classes would replace the values the points give it "
+                                          r"\(\(0, 1, 2\), \(3, 4\), through their config-file arguments\)"):
+    load_sweep(str(path), ["data.classes=(5, 6)"])
+  assert [p.config.data.batch_size for p in load_sweep(str(path), ["data.batch_size=16"])] == [16, 16]
+
+
 def test_a_config_file_argument_a_point_replaces_is_refused(tmp_path):
   """(The point's `:key` replaced the command's silently: `:ewc_weight=5` ran the sweep's 10, 100 and 1000, and
   `:seed=5` ran the seed axis' seeds, which set the config key `seed`.)"""
