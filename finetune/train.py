@@ -308,7 +308,13 @@ def build_stage(cfg: ConfigDict) -> Stage:
     model = create_unrolled(key)
     return scan.scan_model(model) if cfg.train.scan_layers else model
 
-  abstract_model = nnx.eval_shape(lambda: create_unrolled(jax.random.PRNGKey(0)))
+  try:
+    abstract_model = nnx.eval_shape(lambda: create_unrolled(jax.random.PRNGKey(0)))
+  except (TypeError, ValueError, ZeroDivisionError) as e:  # values of the right type the model cannot take
+    settings = ", ".join(f"{k}={v!r}" for k, v in cfg.model.items() if k not in ("name", "hf_config"))
+    reason = str(e).split("\n")[0][:200]
+    raise FinetuneError(f"model {cfg.model.name!r} cannot be built from config.model ({settings}): "
+                        f"{type(e).__name__}: {reason}; check those values") from e
   stored_model = nnx.eval_shape(lambda: create_model(jax.random.PRNGKey(0))) if cfg.train.scan_layers \
       else abstract_model
   graphdef, abstract_params, abstract_rest = nnx.split(stored_model, nnx.Param, ...)

@@ -44,6 +44,34 @@ def check_arguments(name: str, keys) -> None:
                           f"valid: {', '.join(a for a in accepted if a != 'num_classes')}")
 
 
+def check_argument_types(name: str, kwargs: dict[str, Any]) -> None:
+  """Each value against its constructor annotation (`int`, `float`, `tuple[int, ...]`, `str | None`, ...): a
+  string dropout or a fractional width failed inside the model as a TypeError traceback."""
+  parameters = inspect.signature(MODELS.get(name).__init__).parameters
+  for key, value in kwargs.items():
+    annotation = parameters[key].annotation if key in parameters else inspect.Parameter.empty
+    if isinstance(annotation, str) and _fits(value, annotation) is False:
+      raise FinetuneError(f"config.model.{key}={value!r} is not {annotation} (model {name!r}); give a value of "
+                          "that type")
+
+
+def _fits(value: Any, annotation: str) -> bool | None:
+  """Whether `value` fits a simple annotation; None where the annotation is not one this reads."""
+  verdicts = []
+  for option in (part.strip() for part in annotation.split("|")):
+    if option.startswith("tuple[") and option.endswith(", ...]"):
+      inner = [_fits(v, option[len("tuple["):-len(", ...]")]) for v in value] \
+          if isinstance(value, (tuple, list)) else [False]
+      verdicts.append(None if None in inner else all(inner))
+    else:
+      check = {"None": lambda v: v is None, "bool": lambda v: isinstance(v, bool),
+               "str": lambda v: isinstance(v, str),
+               "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+               "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}.get(option)
+      verdicts.append(None if check is None else check(value))
+  return True if True in verdicts else None if None in verdicts else False
+
+
 def model_kwargs(model_cfg: ConfigDict, num_classes: int) -> dict[str, Any]:
   """Constructor kwargs from `config.model`, checked against the model's signature."""
   MODELS.get(model_cfg.name)  # an unknown name fails first, listing the valid ones
@@ -65,6 +93,7 @@ def model_kwargs(model_cfg: ConfigDict, num_classes: int) -> dict[str, Any]:
       hf_kwargs["dropout"] = next(iter(rates.values()))
     kwargs = {**hf_kwargs, **kwargs}
   check_arguments(model_cfg.name, kwargs)
+  check_argument_types(model_cfg.name, kwargs)
   if "num_classes" in kwargs and kwargs["num_classes"] != num_classes:
     raise FinetuneError(f"config.model.num_classes={kwargs['num_classes']} but the data has {num_classes} classes; "
                         "drop config.model.num_classes (it is taken from the data) or change config.data.classes")

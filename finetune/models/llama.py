@@ -97,7 +97,14 @@ class Llama(nnx.Module):
                rngs: nnx.Rngs):
     del num_classes, hf_config  # a language model predicts tokens; hf_config is read before construction
     self.rope_theta = rope_theta
+    if not head_dim and hidden_size % num_attention_heads:  # (failed in the first step as a shape mismatch)
+      raise FinetuneError(f"config.model.hidden_size={hidden_size} is not a multiple of "
+                          f"config.model.num_attention_heads={num_attention_heads}; change one, or set "
+                          "config.model.head_dim")
     self.head_dim = head_dim or hidden_size // num_attention_heads
+    if self.head_dim % 2:  # rotary embeddings rotate pairs of features
+      raise FinetuneError(f"the attention head size {self.head_dim} (config.model.head_dim, or hidden_size / "
+                          "num_attention_heads) must be even for rotary position embeddings")
     kv_heads = num_key_value_heads or num_attention_heads
     self.embed_tokens = nnx.Embed(vocab_size, hidden_size, rngs=rngs, embedding_init=nnx.with_partitioning(
         nnx.initializers.normal(0.02), ("vocab", "embed")))

@@ -224,6 +224,11 @@ def test_unknown_model_name():
     ({"name": "vit", "image_size": 28, "patch_size": 5}, r"config.model.image_size=28 is not divisible by "
                                                          r"config.model.patch_size=5"),
     ({"name": "vit", "pool": "max"}, r"config.model.pool='max'; valid: 'cls', 'mean'"),
+    # (TypeError / ZeroDivisionError tracebacks from inside the model, or a shape mismatch in the first step.)
+    ({"name": "cnn", "dropout": "abc"}, r"config.model.dropout='abc' is not float \(model 'cnn'\)"),
+    ({"name": "cnn", "widths": (32.5, 64)}, r"config.model.widths=\(32.5, 64\) is not tuple\[int, ...\]"),
+    ({"name": "cnn", "stem_width": 0}, r"model 'cnn' cannot be built from config.model \(.*stem_width=0.*\): "
+                                       r"ZeroDivisionError: .*; check those values"),
 ])
 def test_bad_model_arguments_are_one_line_errors_even_inside_eval_shape(model, message):
   """(They were ValueErrors raised inside nnx.eval_shape: a multi-frame traceback instead of one line.)"""
@@ -231,6 +236,16 @@ def test_bad_model_arguments_are_one_line_errors_even_inside_eval_shape(model, m
   from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
   with pytest.raises(FinetuneError, match=message):
     train_lib.build_stage(tiny_config(model=model))
+
+
+def test_llama_head_sizes_that_cannot_work_are_refused():
+  """(A shape mismatch in the first train step, after the model was built.)"""
+  llama = dict(vocab_size=64, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)
+  with pytest.raises(FinetuneError, match=r"config.model.hidden_size=15 is not a multiple of config.model.num_"):
+    _build("llama", hidden_size=15, **llama)
+  with pytest.raises(FinetuneError, match=r"the attention head size 7 .* must be even for rotary position"):
+    _build("llama", hidden_size=14, **llama)
+  assert _build("llama", hidden_size=16, **llama).head_dim == 8
 
 
 def test_config_json_defaults_are_transformers_own(tmp_path):
