@@ -498,8 +498,9 @@ def check_regularizers_act(stage: Stage, context: regularizers.Context) -> None:
         f"{' and '.join(anchoring)} {verb} the parameters loaded from {context.sources[0].name}, but none of them "
         "trains in this stage (a frozen backbone trains only a new head; prompt, prefix or bottleneck tuning only "
         "their own parameters, which act on no anchored weight): the penalty would be 0. Drop it, train some "
-        "loaded parameters (LoRA and IA3 act on them, QLoRA's quantized kernels are not anchored), or, where the backbone trains at all (prompts, prefixes, "
-        "bottleneck adapters), use regularize.lwf or rehearsal, which act on its features")
+        "loaded parameters (LoRA and IA3 act on them; QLoRA's quantized kernels are not anchored), or, where the "
+        "backbone trains at all (prompts, prefixes, bottleneck adapters), use regularize.lwf or rehearsal, which act "
+        "on its features")
   if l2sp.beta > 0:
     shared = set(context.shared(context.nearest("L2-SP")))
     new = {p for p in context.shapes if p not in shared and p not in context.peft_added}
