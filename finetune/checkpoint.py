@@ -200,7 +200,12 @@ def resolve_checkpoint(source: str, workdir: str, unfinished: bool = False) -> s
       if not unfinished and not os.path.isfile(os.path.join(run_dir, "summary.json")):
         diverged = os.path.join(run_dir, DIVERGED_FILE)
         if os.path.isfile(diverged):  # (its latest checkpoint holds the diverged weights: not one to suggest)
-          first_bad = files.read_json(diverged, "delete it to start from the latest checkpoint")["weights_from_step"]
+          marker = files.read_json(diverged, "train that run again, or name a step folder you know is good")
+          first_bad = marker.get("weights_from_step") if isinstance(marker, dict) else None
+          if not isinstance(first_bad, int) or isinstance(first_bad, bool):
+            raise FinetuneError(f"init_from {source!r}: that run stopped on diverged weights, and {diverged} is "
+                                "damaged (no weights_from_step): train that run again, or name a step folder you "
+                                "know is good")
           good = [step for step in steps if step < first_bad]
           start = (f"name its last good checkpoint ({os.path.join(candidate, str(good[-1]))}) to start from there"
                    if good else "it has no checkpoint before then")

@@ -25,7 +25,11 @@ from finetune.errors import FinetuneError
 
 
 class _Parser(argparse.ArgumentParser):
-  """argparse, but usage errors become the same one-line `finetune: error:` as every other user error."""
+  """argparse, but usage errors become the same one-line `finetune: error:` as every other user error, and no
+  abbreviated flags (`--conf B` after `--config A` slipped past the check on flags given twice)."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, allow_abbrev=False, **kwargs)
 
   def error(self, message: str):
     raise FinetuneError(f"{message} (see `{self.prog} --help`)")
@@ -293,12 +297,13 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
   """The framework's own warnings as one line, like its errors (Python's format adds the warning's source line);
   other libraries' keep Python's format, which says where they come from."""
-  if os.sep + "finetune" + os.sep in filename:
+  if os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
     return f"finetune: warning: {message}\n"
   return _python_format_warning(message, category, filename, lineno, line)
 
 
 _python_format_warning = warnings.formatwarning
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -87,17 +87,28 @@ def atomic_path(path: str) -> Iterator[str]:
   try:
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", dir=os.path.dirname(os.path.abspath(path)))
   except OSError as e:
-    raise OSError(e.errno, e.strerror, path) from e
+    raise _naming(e, path) from e
   os.close(fd)
   try:
     yield tmp
     make_readable(tmp)  # after the block: a writer may have replaced the file (safetensors writes 0600)
     os.replace(tmp, path)
   except OSError as e:
-    raise OSError(e.errno, e.strerror, path) from e
+    raise _naming(e, path) from e
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def _naming(error: OSError, path: str) -> OSError:
+  """`error` with `path` as its filename: the same type and message (one without an errno, such as
+  io.UnsupportedOperation, is returned as it is)."""
+  if error.errno is None or error.filename == path:
+    return error
+  try:
+    return type(error)(error.errno, error.strerror, path)
+  except TypeError:  # (a subclass with another constructor)
+    return error
 
 
 def save_safetensors(tensors: dict[str, Any], path: str, metadata: dict[str, str] | None = None) -> None:

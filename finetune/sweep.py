@@ -175,7 +175,10 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
   for index, values in enumerate(raw):
     if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
       raise FinetuneError(f"get_sweep in {path}: point {index} is {values!r}, not a dict {{config key: value}}")
-  not_read = [{key[1:] for key, value in values.items() if value is NOT_READ} for values in raw]
+  # (Only the command's own arguments are dropped: one it does not give leaves the point's `:arg` as it is.)
+  given = {item.partition("=")[0].strip() for item in config_lib.split_config_arg(arg or "") if "=" in item}
+  not_read = [{key[1:] for key, value in values.items() if value is NOT_READ and key[1:] in given}
+              for values in raw]
   for index, values in enumerate(raw):
     misplaced = [key for key, value in values.items() if value is NOT_READ and not key.startswith(":")]
     if misplaced:
@@ -202,30 +205,33 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
       raise FinetuneError(f"sweep point {name}: {e}") from None
     points.append(Point(name, values, point_spec, tuple(point_overrides), config, sweep_spec, sweep_overrides,
                         frozenset(dropped)))
-  _refuse_overrides_of_swept_values(points, overrides)  # (first: it is why such points resolve to one config)
+  by_name = {point.name: point for point in points}
   for point in points:
     resolved = config_lib.to_json(point.config)
     if resolved in seen:
+      _refuse_an_override_that_merged(by_name[seen[resolved]], point, overrides)
       raise FinetuneError(f"sweep points {seen[resolved]} and {point.name} resolve to the same config; drop one")
     seen[resolved] = point.name
   return points
 
 
-def _refuse_overrides_of_swept_values(points: list[Point], overrides: Sequence[str]) -> None:
-  """An override on a key whose value the points' `:arg`s vary would give every point the same value
-  (`--config.stages.ewc.regularize.ewc.weight=5` ran the `:ewc_weight` sweep's four points at 5), which the check
-  on swept config keys cannot see: compared on the points loaded without the command's overrides."""
-  if not overrides or len(points) < 2:
+def _refuse_an_override_that_merged(first: Point, second: Point, overrides: Sequence[str]) -> None:
+  """Two points that resolve to one config because an override gave both the value their config-file arguments
+  set apart (`--config.stages.ewc.regularize.ewc.weight=5` over the `:ewc_weight` points): names the override,
+  which the check on swept config keys cannot see, instead of blaming the points."""
+  if not overrides:
     return
-  keys = [override.partition("=")[0] for override in overrides]
-  bare = [config_lib.load_config(point.config_spec, point.overrides[len(overrides):]) for point in points]
-  for key in keys:
+  try:
+    bare = [config_lib.load_config(point.config_spec, point.overrides[len(overrides):]) for point in (first, second)]
+  except FinetuneError:  # (valid only with the overrides: nothing to compare)
+    return
+  for override in overrides:
+    key = override.partition("=")[0]
     values = [_config_value(config, key) for config in bare]
-    if any(value != values[0] for value in values):
-      shown = list(dict.fromkeys(repr(value) for value in values))
-      raise FinetuneError(f"--config.{key} would replace the values the points give it ({', '.join(shown[:4])}"
-                          f"{', ...' if len(shown) > 4 else ''}, through their config-file arguments) with one for "
-                          "all; drop the override, or choose the points with get_sweep's own arguments")
+    if values[0] != values[1]:
+      raise FinetuneError(f"--config.{key} gives points {first.name} and {second.name} one value where their "
+                          f"config-file arguments set {values[0]!r} and {values[1]!r}, so they would run the same "
+                          "config; drop the override, or choose the points with get_sweep's own arguments")
 
 
 def _config_value(config: ConfigDict, dotted: str) -> Any:

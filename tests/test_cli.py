@@ -124,6 +124,13 @@ def test_bad_inputs_each_give_one_line(capsys, tiny_file, tmp_path):
                "test/accuracy"])
   assert "unrecognized arguments: extra (see `finetune train --help`)" in _error(
       capsys, ["train", "--config", tiny_file, "--workdir", workdir, "extra"])
+  assert "unrecognized arguments: --conf" in _error(  # (an abbreviation slipped past the check on twice-given flags)
+      capsys, ["train", "--config", tiny_file, "--conf", tiny_file, "--workdir", workdir])
+  # The framework's own warnings are one line; others (here a file in a folder that is merely named finetune) keep
+  # Python's format, which says where they come from.
+  own = os.path.join(os.path.dirname(cli.__file__), "train.py")
+  assert cli._one_line_warning("slow", UserWarning, own, 3) == "finetune: warning: slow\n"
+  assert "UserWarning: slow" in cli._one_line_warning("slow", UserWarning, "/home/u/finetune/configs/x.py", 3)
   from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
   from finetune.config import load_config  # pylint: disable=g-import-not-at-top
   from finetune.errors import FinetuneError  # pylint: disable=g-import-not-at-top

@@ -10,6 +10,7 @@ import types
 import pytest
 
 from conftest import tiny_config
+from finetune import files
 from finetune import train as train_lib
 from finetune.reporting import MetricsLog, staged_directory, write_json
 
@@ -115,7 +116,6 @@ def test_exports_and_atomic_files_are_readable_by_others(tmp_path):
   """(mkdtemp's staging folder and safetensors' writer left exports and adapter files 0700/0600.)"""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from finetune import files  # pylint: disable=g-import-not-at-top
   with staged_directory(str(tmp_path / "export")) as staging:
     save_file({"w": np.zeros(2)}, os.path.join(staging, "model.safetensors"))
   with files.atomic_path(str(tmp_path / "adapter.safetensors")) as tmp:
@@ -125,3 +125,20 @@ def test_exports_and_atomic_files_are_readable_by_others(tmp_path):
   assert os.stat(tmp_path / "export").st_mode & 0o777 == 0o777 & ~mask
   for path in (tmp_path / "export" / "model.safetensors", tmp_path / "adapter.safetensors"):
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask, path
+
+
+def test_a_failed_atomic_write_names_the_path_asked_for(tmp_path):
+  """(The error named the temp file, `.x.json-v1lln5b2`, or nothing at all for a full disk's write.)"""
+  import errno  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  with pytest.raises(FileNotFoundError) as info:
+    files.write_text(str(tmp_path / "no" / "x.json"), "{}")
+  assert info.value.filename == str(tmp_path / "no" / "x.json")
+  with pytest.raises(OSError) as info:
+    with files.atomic_path(str(tmp_path / "y.json")):
+      raise OSError(errno.ENOSPC, "No space left on device")
+  assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(tmp_path / "y.json"))
+  with pytest.raises(io.UnsupportedOperation):  # no errno: raised as it was, message and type kept
+    with files.atomic_path(str(tmp_path / "z.json")):
+      raise io.UnsupportedOperation("not writable")
+  assert os.listdir(tmp_path) == []  # no temp file left behind

@@ -154,10 +154,18 @@ def test_an_override_of_a_value_the_points_arguments_vary_is_refused(tmp_path):
   path.write_text(CONFIG.replace("parse_arg(arg, steps=3)", "parse_arg(arg, steps=3, classes=(0, 1))")
                   .replace('batch_size=32,', 'batch_size=32, classes=args.classes,')
                   .format(sweep='product({":classes": [(0, 1, 2), (3, 4)]})', extra=""))
-  with pytest.raises(FinetuneError, match=r"--config.data.classes would replace the values the points give it "
-                                          r"\(\(0, 1, 2\), \(3, 4\), through their config-file arguments\)"):
+  with pytest.raises(FinetuneError, match=r"--config.data.classes gives points classes=_0,1,2_ and classes=_3,4_ one "
+                                          r"value where their config-file arguments set \(0, 1, 2\) and \(3, 4\), so "
+                                          r"they would run the same config; drop the override"):
     load_sweep(str(path), ["data.classes=(5, 6)"])
   assert [p.config.data.batch_size for p in load_sweep(str(path), ["data.batch_size=16"])] == [16, 16]
+  # An override that makes every point valid, or one on a value the points differ in besides the swept one (as
+  # MiniLM's `:task` sets validation_fraction), is taken as before.
+  needs = tmp_path / "needs.py"
+  needs.write_text(CONFIG.format(sweep="seeds(2)", extra="").replace(
+      "checkpoint_every=0)", "checkpoint_every=0, eval_every=0, early_stopping=dict(metric='validation/accuracy', "
+      "patience=1))"))
+  assert len(load_sweep(str(needs), ["train.eval_every=1"])) == 2
 
 
 def test_a_config_file_argument_a_point_replaces_is_refused(tmp_path):
