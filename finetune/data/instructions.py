@@ -165,6 +165,8 @@ def instructions(path: str = "", cache_dir: str = "", train_file: str = "", test
     # Packed, the train rows serve only to carve validation from (conversations longer than max_length stay
     # whole in the blocks, so their truncation as rows is no reason to warn or fail).
     packed_train = pack and split == "train"
+    if not conversations:  # (packed, it was blamed on max_length)
+      raise FinetuneError(f"{filename} holds no conversation; fill it in or point the option at another file")
     splits[split] = _rows(conversations, max_length, pad_id, filename, check=not packed_train)
     if packed_train:
       train_from_rows = functools.partial(_packed, conversations, max_length, filename)

@@ -211,9 +211,13 @@ def check_options(data_cfg: ConfigDict) -> None:
                           f"valid: {', '.join(accepted) or '(none)'}")
     # Typed by the source's default, as every other config key is by its default ("64" failed inside numpy;
     # pack="False", a truthy string, packed). Raises naming the key.
-    default = parameters[key].default
+    default, value = parameters[key].default, data_cfg.options[key]
+    annotation = parameters[key].annotation
+    if (isinstance(value, (list, tuple)) and isinstance(annotation, str) and "Sequence[str]" in annotation
+        and all(isinstance(item, str) for item in value)):
+      continue  # (a glob or a list of them: typed by the default '', a list was refused)
     if default is not inspect.Parameter.empty:
-      config_lib.coerce(data_cfg.options[key], default, f"data.options.{key}")
+      config_lib.coerce(value, default, f"data.options.{key}")
 
 
 def build_pipeline(data_cfg: ConfigDict, seed: int) -> InputPipeline:

@@ -8,6 +8,8 @@ into Parquet metadata.
 
 from __future__ import annotations
 
+import csv
+import gzip
 import os
 from typing import Any, Sequence
 
@@ -40,20 +42,45 @@ def load_tables(files: dict[str, list[str]], format: str,  # pylint: disable=red
   for split, split_files in files.items():
     # One split at a time: loaded together, every split takes the first one's features, so a ClassLabel numbered
     # per split (`class_encode_column` on each file) kept its own numbers under the train split's names.
+    if format == "csv":
+      for path in split_files:
+        _check_csv_fields(path)
     try:
       tables[split] = datasets.load_dataset(format, data_files={split: split_files}, split=split,
                                             cache_dir=os.path.join(cache_dir, "hf_datasets") if cache_dir else None)
-    except datasets.exceptions.DatasetGenerationError as error:
-      cause = error.__cause__ or error
-      reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-      raise FinetuneError(f"could not read {split_files} as {format}: {reason}; fix the files or set the format "
-                          "option") from error
-    except ValueError as error:
-      if "corresponds to no data" not in str(error):
-        raise
-      raise FinetuneError(f"the {split} files {split_files} hold no rows; fill them in or leave that split's file "
-                          "option empty") from None
+    except FinetuneError:
+      raise
+    except (ValueError, StopIteration) as error:
+      if isinstance(error, StopIteration) or "corresponds to no data" in str(error):  # (an empty JSON file: the former)
+        raise FinetuneError(f"the {split} files {split_files} hold no rows; fill them in or leave that split's file "
+                            "option empty") from None
+      raise _unreadable(split_files, format, error) from error
+    except Exception as error:  # pylint: disable=broad-except  (pyarrow, gzip, EOF: a damaged file, however it fails)
+      raise _unreadable(split_files, format, error) from error
   return datasets.DatasetDict(tables)
+
+
+def _unreadable(split_files: list[str], fmt: str, error: Exception) -> FinetuneError:
+  cause = error.__cause__ or error
+  reason = str(cause).splitlines()[0] if str(cause) else ""
+  return FinetuneError(f"could not read {split_files} as {fmt}: {type(cause).__name__}"
+                       f"{': ' + reason if reason else ''}; fix the files or set the format option")
+
+
+def _check_csv_fields(path: str) -> None:
+  """Refuses a CSV row with more fields than its header: pandas (under `datasets`) then reads the first column as
+  the index and shifts every other one left, silently (the label column held the last text field)."""
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as f:
+      rows = csv.reader(f)
+      header = next(rows, None)
+      for number, row in enumerate(rows, start=2):
+        if header is not None and len(row) > len(header):
+          raise FinetuneError(f"{path}: row {number} has {len(row)} fields but the header has {len(header)} "
+                              f"({', '.join(header)}); quote fields that hold commas, or fix the row")
+  except (OSError, EOFError, csv.Error, UnicodeError):
+    return  # (unreadable here: datasets' own read names the problem)
 
 
 def class_label_names(table: Any, label_key: str) -> tuple[str, ...] | None:

@@ -25,8 +25,9 @@ def read_labelled_lines(filename: str) -> tuple[list[str], np.ndarray]:
   """(sentences, integer labels) from `<label> <sentence>` lines; blank lines are skipped."""
   sentences, labels = [], []
   # errors="replace": real corpora carry stray bytes (../shared/data/text/TREC.train.all has a Latin-1 byte in an
-  # otherwise ASCII file); one replaced character in a sentence is better than refusing the dataset.
-  with open(filename, encoding="utf-8", errors="replace") as f:
+  # otherwise ASCII file); one replaced character in a sentence is better than refusing the dataset. utf-8-sig:
+  # a byte-order mark (Windows editors write one) made the first line's label unreadable.
+  with open(filename, encoding="utf-8-sig", errors="replace") as f:
     for number, line in enumerate(f, 1):
       line = line.strip()
       if not line:
@@ -143,7 +144,7 @@ def lm_text(path: str = "", cache_dir: str = "", train_file: str = "", test_file
     if not name:
       continue
     filename = data_file(path, name, split)
-    with open(filename, encoding="utf-8", errors="replace") as f:
+    with open(filename, encoding="utf-8-sig", errors="replace") as f:  # (a byte-order mark is no text)
       lines = f.read().splitlines(keepends=True)
     # Tokenised line by line (batched, fast) with each line's newline kept, so byte-level tokenizers see line breaks;
     # joined with no special tokens inside the stream. This is what transformers' run_clm does with its text loader

@@ -105,6 +105,10 @@ def test_a_template_that_refuses_a_conversation_or_answers_cut_off_are_named(tok
   _write(tmp_path / "train.jsonl", RECORDS)
   with pytest.raises(FinetuneError, match="no conversation keeps an answer token within .*max_length=6"):
     instructions(str(tmp_path), train_file="train.jsonl", tokenizer=tokenizer_dir, max_length=6)
+  (tmp_path / "empty.jsonl").write_text("\n")  # (blamed on max_length, packed or not)
+  for pack in (False, True):
+    with pytest.raises(FinetuneError, match=r"empty.jsonl holds no conversation; fill it in"):
+      instructions(str(tmp_path), train_file="empty.jsonl", tokenizer=tokenizer_dir, pack=pack)
 
 
 def test_source_dedups_pads_and_packs(tokenizer_dir, tmp_path):

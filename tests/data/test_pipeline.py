@@ -440,3 +440,11 @@ def test_source_options_take_the_type_of_the_source_s_default():
   cfg = _data_cfg(name="synthetic", options=ConfigDict({"kind": "images", "num_examples": "64"}))
   with pytest.raises(FinetuneError, match=r"config key 'data.options.num_examples' expects int \(like 64\), got '64'"):
     build_pipeline(cfg, seed=0)
+
+
+def test_options_typed_as_a_glob_or_a_list_of_globs_take_a_list():
+  """(hf_files' train_files: str | Sequence[str] was typed by its default '', so a list was refused.)"""
+  from finetune.data.pipeline import check_options  # pylint: disable=g-import-not-at-top
+  check_options(ConfigDict({"name": "hf_files", "options": {"train_files": ("a/*.json", "b.json")}}))
+  with pytest.raises(FinetuneError, match="data.options.train_files"):
+    check_options(ConfigDict({"name": "hf_files", "options": {"train_files": (1, 2)}}))

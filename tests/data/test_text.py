@@ -62,6 +62,9 @@ def test_bad_text_inputs(tmp_path):
   (tmp_path / "dashes.txt").write_text("-1 a bad film\n--1 a worse one\n")  # (the second was a raw ValueError)
   with pytest.raises(FinetuneError, match=r"dashes.txt:2 is not '<integer label> <sentence>'"):
     read_labelled_lines(str(tmp_path / "dashes.txt"))
+  (tmp_path / "bom.txt").write_bytes("\ufeff1 a good film\n0 a bad one\n".encode("utf-8"))  # (line 1 was refused)
+  sentences, labels = read_labelled_lines(str(tmp_path / "bom.txt"))
+  assert list(sentences) == ["a good film", "a bad one"] and list(labels) == [1, 0]
   with pytest.raises(FinetuneError, match="does not exist"):
     text_classification(str(tmp_path), train_file="missing.txt", tokenizer=_minilm_dir())
   with pytest.raises(FinetuneError, match="cannot load a tokenizer from"):
@@ -157,11 +160,21 @@ def test_each_split_s_class_label_numbers_its_own_classes(tmp_path):
 @pytest.mark.parametrize("options, message", [
     ({"test_file": "empty.csv"}, r"the test files \[.*empty.csv'\] hold no rows; fill them in"),
     ({"max_length": 2}, r"config.data.options.max_length=2 is too short: it must be at least 3 tokens"),
+    # (An empty JSON file was a bare StopIteration; damaged parquet or gzip files raw pyarrow / gzip errors.)
+    ({"test_file": "empty.jsonl"}, r"the test files \[.*empty.jsonl'\] hold no rows; fill them in"),
+    ({"test_file": "bad.parquet"}, r"could not read \[.*bad.parquet'\] as parquet: ArrowInvalid: .*; fix the files"),
+    ({"test_file": "bad.jsonl.gz"}, r"could not read \[.*bad.jsonl.gz'\] as json: BadGzipFile: .*; fix the files"),
+    # (pandas took the first field as the index and shifted every column left: texts became labels.)
+    ({"test_file": "extra.csv"}, r"extra.csv: row 2 has 3 fields but the header has 2 \(text, label\); quote "),
 ])
 def test_empty_files_and_too_short_sequences_are_one_line_errors(tmp_path, options, message):
   """(An empty table was datasets' 'Instruction "train" corresponds to no data', for any split; max_length 0 or 1
   failed inside numpy or the tokenizer.)"""
   (tmp_path / "train.csv").write_text("text,label\nfine,1\ndull,0\n")
   (tmp_path / "empty.csv").write_text("text,label\n")
+  (tmp_path / "empty.jsonl").write_text("")
+  (tmp_path / "bad.parquet").write_text("not parquet")
+  (tmp_path / "bad.jsonl.gz").write_text('{"text": "a", "label": 1}\n')
+  (tmp_path / "extra.csv").write_text("text,label\ngood film,1,x\nbad film,0,y\n")
   with pytest.raises(FinetuneError, match=message):
     text_classification(str(tmp_path), train_file="train.csv", tokenizer=_minilm_dir(), **options)
