@@ -198,19 +198,14 @@ def resolve_checkpoint(source: str, workdir: str, unfinished: bool = False) -> s
       # the weights that diverged (as `finetune export` refuses it). A step folder named outright is taken as is.
       run_dir = path if candidate != path else os.path.dirname(path)
       if not unfinished and not os.path.isfile(os.path.join(run_dir, "summary.json")):
-        diverged = os.path.join(run_dir, DIVERGED_FILE)
-        if os.path.isfile(diverged):  # (its latest checkpoint holds the diverged weights: not one to suggest)
-          marker = files.read_json(diverged, "train that run again, or name a step folder you know is good")
-          first_bad = marker.get("weights_from_step") if isinstance(marker, dict) else None
-          if not isinstance(first_bad, int) or isinstance(first_bad, bool):
-            raise FinetuneError(f"init_from {source!r}: that run stopped on diverged weights, and {diverged} is "
-                                "damaged (no weights_from_step): train that run again, or name a step folder you "
-                                "know is good")
+        first_bad = diverged_from(run_dir)
+        if first_bad is not None:  # (its latest checkpoint holds the diverged weights: not one to suggest)
           good = [step for step in steps if step < first_bad]
           start = (f"name its last good checkpoint ({os.path.join(candidate, str(good[-1]))}) to start from there"
                    if good else "it has no checkpoint before then")
           raise FinetuneError(f"init_from {source!r}: that run stopped on diverged weights from step {first_bad} "
-                              f"({diverged}); train it again with the fix that file names, or {start}")
+                              f"({os.path.join(run_dir, DIVERGED_FILE)}); train it again with the fix that file "
+                              f"names, or {start}")
         raise FinetuneError(f"init_from {source!r}: that run has not finished (no summary.json in {run_dir}); "
                             f"finish it with `finetune train` on its --workdir, or name one of its step folders "
                             f"({os.path.join(candidate, str(steps[-1]))}) to start from that checkpoint")
@@ -220,6 +215,20 @@ def resolve_checkpoint(source: str, workdir: str, unfinished: bool = False) -> s
   hint = f"; it holds stages {', '.join(stages)}: use {source.rstrip('/')}/<stage>" if stages else ""
   raise FinetuneError(f"init_from {source!r} holds no checkpoint{hint or '; train that run first, or point at one'}"
                       f"{'' if hint else ' that has a checkpoints/<step> folder'}")
+
+
+def diverged_from(run_dir: str) -> int | None:
+  """The first step whose checkpoint holds weights `run_dir`'s stage stopped on as diverged (its DIVERGED_FILE), or
+  None; a damaged marker is one line (a KeyError or TypeError traceback before)."""
+  path = os.path.join(run_dir, DIVERGED_FILE)
+  if not os.path.isfile(path):
+    return None
+  marker = files.read_json(path, "train that run again, or name a step folder you know is good")
+  first_bad = marker.get("weights_from_step") if isinstance(marker, dict) else None
+  if not isinstance(first_bad, int) or isinstance(first_bad, bool):
+    raise FinetuneError(f"{path} is damaged (no weights_from_step), so which checkpoints hold the diverged weights "
+                        "is unknown: train that run again, or name a step folder you know is good")
+  return first_bad
 
 
 def read_checkpoint_arrays(step_dir: str) -> dict[str, dict[str, np.ndarray]]:

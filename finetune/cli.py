@@ -26,7 +26,7 @@ from finetune.errors import FinetuneError
 
 class _Parser(argparse.ArgumentParser):
   """argparse, but usage errors become the same one-line `finetune: error:` as every other user error, and no
-  abbreviated flags (`--conf B` after `--config A` slipped past the check on flags given twice)."""
+  abbreviated flags (`--conf B` read as a second `--config`)."""
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, allow_abbrev=False, **kwargs)
@@ -43,10 +43,26 @@ def _path(text: str) -> str:
   return text
 
 
-# Flags that take one value: given twice, argparse keeps the last silently (`--config A --config B` trained B).
-_SINGLE_FLAGS = ("--config", "--workdir", "--stage", "--out", "--format", "--mesh", "--devices", "--parallel",
-                 "--vmap", "--seed-key", "--wandb-sweep")
-_REPEATABLE_FLAGS = ("--together", "--only", "--metric")  # (each value at most once)
+class _Once(argparse.Action):
+  """Stores a flag's value, refusing a second one: argparse keeps the last silently (`--config A --config B`
+  trained B)."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    given = vars(namespace).setdefault("_given", set())
+    if self.dest in given:
+      parser.error(f"{option_string} is given twice; give it once")
+    given.add(self.dest)
+    setattr(namespace, self.dest, values)
+
+
+class _AppendDistinct(argparse.Action):
+  """A repeatable flag's values, each at most once (`--metric m --metric m` made two equal columns)."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    items = list(getattr(namespace, self.dest) or [])  # (a copy: the default list is shared)
+    if values in items:
+      parser.error(f"{option_string} {values} is given twice; give it once")
+    setattr(namespace, self.dest, [*items, values])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,8 +71,8 @@ def _parser() -> argparse.ArgumentParser:
   train = commands.add_parser("train", help="run an experiment config (all its stages)",
                               description="Run an experiment config. Config keys are overridden with "
                               "--config.<key>=<value> (e.g. --config.train.steps=100); the README lists every key.")
-  train.add_argument("--config", required=True, type=_path, help="configs/<file>.py[:arg]")
-  train.add_argument("--workdir", required=True, type=_path,
+  train.add_argument("--config", action=_Once, required=True, type=_path, help="configs/<file>.py[:arg]")
+  train.add_argument("--workdir", action=_Once, required=True, type=_path,
                      help="output folder; re-running the same command resumes")
   evaluate = commands.add_parser("eval", help="evaluate a finished run's final weights again, on its own or other data",
                                  description="Evaluate a finished stage's final weights on its evaluation splits, "
@@ -64,43 +80,45 @@ def _parser() -> argparse.ArgumentParser:
                                  "test file, other splits, another mesh); prints a table and writes nothing into "
                                  "the run.")
   _add_run_selection(evaluate, "evaluate")
-  evaluate.add_argument("--out", default=None, type=_path, metavar="FILE.json",
+  evaluate.add_argument("--out", action=_Once, default=None, type=_path, metavar="FILE.json",
                         help="also write {split: metrics} to this file")
   export = commands.add_parser("export", help="write a run's parameters as a Hugging Face checkpoint",
                                description="Write a finished run's latest checkpoint as a Hugging Face checkpoint "
                                "(BERT, ViT, GPT-2, Llama; PEFT runs merged) or as a PEFT LoRA adapter.")
   _add_run_selection(export, "export")
-  export.add_argument("--format", default="hf",
+  export.add_argument("--format", action=_Once, default="hf",
                       help="hf (config.json + model.safetensors + tokenizer; PEFT runs merged) or peft "
                       "(a LoRA adapter for peft.PeftModel)")
-  export.add_argument("--out", required=True, type=_path,
+  export.add_argument("--out", action=_Once, required=True, type=_path,
                       help="output folder (an earlier export there is replaced; any other non-empty folder is refused)")
   plan = commands.add_parser("plan", help="per-device memory and FLOPs of a config's train step, from shapes only",
                              description="Compile every stage's train step from abstract shapes (nothing is "
                              "allocated) and print per-device parameter / optimizer bytes, XLA's memory analysis "
                              "and FLOPs per step. Config keys are overridden with --config.<key>=<value>, as in "
                              "`finetune train`.")
-  plan.add_argument("--config", required=True, type=_path, help="configs/<file>.py[:arg]")
-  plan.add_argument("--mesh", default="", help="mesh axes, e.g. data=4,fsdp=2 (overrides config.mesh)")
-  plan.add_argument("--devices", type=int, default=None,
+  plan.add_argument("--config", action=_Once, required=True, type=_path, help="configs/<file>.py[:arg]")
+  plan.add_argument("--mesh", action=_Once, default="",
+                    help="mesh axes, e.g. data=4,fsdp=2 (overrides config.mesh)")
+  plan.add_argument("--devices", action=_Once, type=int, default=None,
                     help="fake this many host devices (CPU) to stand in for the target accelerators")
   sweep = commands.add_parser("sweep", help="run every point of a config's get_sweep() and tabulate the results",
                               description="Run each point of the config file's get_sweep(arg) (a list of "
                               "{config key: value}) as `finetune train` in DIR/<point>, skipping points finished "
                               "earlier; write DIR/points.json, results.csv and results.md. --config.key=value "
                               "overrides apply to every point.")
-  sweep.add_argument("--config", required=True, type=_path, help="configs/<file>.py[:arg], a file defining get_sweep")
-  sweep.add_argument("--workdir", required=True, type=_path,
+  sweep.add_argument("--config", action=_Once, required=True, type=_path,
+                     help="configs/<file>.py[:arg], a file defining get_sweep")
+  sweep.add_argument("--workdir", action=_Once, required=True, type=_path,
                      help="sweep folder: one run folder per point, plus the results")
-  sweep.add_argument("--parallel", type=int, default=1,
+  sweep.add_argument("--parallel", action=_Once, type=int, default=1,
                      help="points run at once (CPU, or a GPU with memory for several runs; a TPU holds one)")
-  sweep.add_argument("--vmap", type=int, default=1, metavar="K",
+  sweep.add_argument("--vmap", action=_Once, type=int, default=1, metavar="K",
                      help="train up to K points that differ only in seed, learning rate or regularizer strength "
                           "together, in one process and one jitted program (vmap over points; finetune/vmap.py)")
-  sweep.add_argument("--together", action="append", default=[], metavar="NAME",
+  sweep.add_argument("--together", action=_AppendDistinct, default=[], metavar="NAME",
                      help="train just the named points (repeat the flag) together in this process (what --vmap "
                           "launches)")
-  sweep.add_argument("--only", action="append", default=[], metavar="NAME",
+  sweep.add_argument("--only", action=_AppendDistinct, default=[], metavar="NAME",
                      help="run just the named points (repeat the flag), one by one as the sweep would; with "
                           "--dry-run, print just their commands (what a wandb agent of a --wandb-sweep runs)")
   run_none = sweep.add_mutually_exclusive_group()
@@ -109,39 +127,23 @@ def _parser() -> argparse.ArgumentParser:
   run_none.add_argument("--aggregate-only", action="store_true",
                         help="write results.csv and results.md from the points finished so far and run none (e.g. "
                              "after copying point folders made elsewhere, such as more seeds, into DIR)")
-  sweep.add_argument("--metric", action="append", default=[],
+  sweep.add_argument("--metric", action=_AppendDistinct, default=[],
                      help="a path into each stage's summary.json, e.g. test/accuracy, test/loss, "
                      "forgetting/pretrain/test/drop; repeatable (default: every split's accuracy)")
-  sweep.add_argument("--seed-key", default="seed", help="the config key results.md averages over (default: seed)")
-  sweep.add_argument("--wandb-sweep", default=None, type=_path, metavar="OUT.yaml",
+  sweep.add_argument("--seed-key", action=_Once, default="seed",
+                     help="the config key results.md averages over (default: seed)")
+  sweep.add_argument("--wandb-sweep", action=_Once, default=None, type=_path, metavar="OUT.yaml",
                      help="write the points as a wandb grid sweep definition instead of running them")
   return parser
 
 
 def _add_run_selection(parser: argparse.ArgumentParser, verb: str) -> None:
   """--workdir, --stage and --unfinished: which finished run's final checkpoint `eval` and `export` read."""
-  parser.add_argument("--workdir", required=True, type=_path, help="a run directory made by `finetune train`")
-  parser.add_argument("--stage", default="", help="stage of a multi-stage run (default: the last)")
+  parser.add_argument("--workdir", action=_Once, required=True, type=_path,
+                      help="a run directory made by `finetune train`")
+  parser.add_argument("--stage", action=_Once, default="", help="stage of a multi-stage run (default: the last)")
   parser.add_argument("--unfinished", action="store_true",
                       help=f"{verb} the latest checkpoint of a stage that has not finished (default: refuse)")
-
-
-def refuse_repeated(rest: Sequence[str]) -> None:
-  """A one-value flag given twice, or a repeatable flag's value given twice, is an error: argparse keeps the last
-  silently (`--config A --config B` trained B), and a sweep's `--metric m --metric m` made two equal columns.
-  (`--config.key=value` overrides are applied in order, the last winning, so a script may append one.)"""
-  seen = set()
-  for index, arg in enumerate(rest):
-    flag, sep, value = arg.partition("=")
-    if flag in _SINGLE_FLAGS:
-      if flag in seen:
-        raise FinetuneError(f"{flag} is given twice; give it once")
-      seen.add(flag)
-    elif flag in _REPEATABLE_FLAGS:
-      value = value if sep else (rest[index + 1] if index + 1 < len(rest) else "")
-      if (flag, value) in seen:
-        raise FinetuneError(f"{flag} {value} is given twice; give it once")
-      seen.add((flag, value))
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -317,7 +319,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
   try:
     rest, overrides = split_overrides(argv)
-    refuse_repeated(rest)
     parser = _parser()
     args, unknown = parser.parse_known_args(rest)
     if unknown:  # (argparse's own message sent the user to the top-level help)

@@ -197,12 +197,17 @@ def refuse_unread(arg: str | None, keys: Sequence[str], why: str) -> None:
   """For a config file: refuses the `:key=value` items of `arg` whose key is in `keys`, the arguments that `why`
   (the chosen variant, say) leaves unread. (They were accepted and ignored: `:variant=full,n=3` trained no
   frozen groups.)"""
-  given = {item.partition("=")[0].strip() for item in split_config_arg(str(arg or "")) if "=" in item}
+  given = arg_keys(arg)
   unread = [key for key in keys if key in given]
   if unread:
     raise FinetuneError(f"config argument{'s' if len(unread) > 1 else ''} {', '.join(unread)} "
                         f"{'are' if len(unread) > 1 else 'is'} not read with {why}: drop "
                         f"{'them' if len(unread) > 1 else 'it'}")
+
+
+def arg_keys(arg: str | None) -> set[str]:
+  """The keys of a `:arg` text's `key=value` items."""
+  return {item.partition("=")[0].strip() for item in split_config_arg(str(arg or "")) if "=" in item}
 
 
 def split_config_arg(text: str) -> list[str]:

@@ -17,7 +17,7 @@ from ml_collections import ConfigDict
 
 from finetune import adapters
 from finetune.adapters import PEFT_METHODS
-from finetune.checkpoint import DIVERGED_FILE, read_checkpoint_arrays, resolve_checkpoint
+from finetune.checkpoint import DIVERGED_FILE, diverged_from, read_checkpoint_arrays, resolve_checkpoint
 from finetune.errors import FinetuneError
 from finetune.models import full_model_kwargs, hf
 from finetune.reporting import read_json, staged_directory
@@ -37,9 +37,9 @@ def latest_checkpoint(run_dir: str, verb: str) -> str:
   if not os.path.isdir(checkpoints) or not any(name.isdigit() for name in os.listdir(checkpoints)):
     raise FinetuneError(f"{run_dir} has no checkpoint yet (checkpoints/<step>); train it further, or {verb} "
                         "another --stage")
-  diverged = os.path.join(run_dir, DIVERGED_FILE)
-  if os.path.isfile(diverged):  # the checkpoints from its step on hold the weights the run stopped on as diverged
-    first_bad = read_json(diverged)["weights_from_step"]
+  first_bad = diverged_from(run_dir)
+  if first_bad is not None:  # the checkpoints from that step on hold the weights the run stopped on as diverged
+    diverged = os.path.join(run_dir, DIVERGED_FILE)
     good = sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit() and int(n) < first_bad)
     if not good:
       raise FinetuneError(f"{run_dir} stopped on diverged weights ({diverged}) and has no checkpoint before step "

@@ -58,6 +58,10 @@ class Strategy:
     return frozenset(p for p, g in self.group_of.items()
                      if p not in self.frozen and (g in groups or p in self.always_trainable))
 
+  def ever_trainable(self) -> frozenset[str]:
+    """The parameters that train in some phase."""
+    return frozenset().union(*(self.trainable(phase) for phase in range(len(self.phases))))
+
   def peak_lr(self, path: str) -> float:
     return self.group_lr[self.group_of[path]] * self.multiplier[path]
 

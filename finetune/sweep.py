@@ -176,7 +176,7 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
     if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
       raise FinetuneError(f"get_sweep in {path}: point {index} is {values!r}, not a dict {{config key: value}}")
   # (Only the command's own arguments are dropped: one it does not give leaves the point's `:arg` as it is.)
-  given = {item.partition("=")[0].strip() for item in config_lib.split_config_arg(arg or "") if "=" in item}
+  given = config_lib.arg_keys(arg)
   not_read = [{key[1:] for key, value in values.items() if value is NOT_READ and key[1:] in given}
               for values in raw]
   for index, values in enumerate(raw):

@@ -350,7 +350,7 @@ def check_fresh_parameters_train(cfg: ConfigDict, strategy: Strategy, paths: Seq
   random, frozen classifier, and reported the result. Refused."""
   if not cfg.init_from or not cfg.dont_load:
     return
-  ever_trained = set().union(*(strategy.trainable(phase) for phase in range(len(strategy.phases))))
+  ever_trained = strategy.ever_trainable()
   fresh = [re.compile(pattern) for pattern in cfg.dont_load]
   stuck = [path for path in paths if path not in ever_trained and any(r.search(path) for r in fresh)]
   if stuck:
@@ -485,7 +485,7 @@ def check_regularizers_act(stage: Stage, context: regularizers.Context) -> None:
   active = regularizers.active(cfg)
   if not active or not context.sources:
     return
-  ever_trained = set().union(*(stage.strategy.trainable(i) for i in range(len(stage.strategy.phases))))
+  ever_trained = stage.strategy.ever_trainable()
   anchoring = [name for name, on in (("config.regularize.ewc", "ewc" in active),
                                      ("config.regularize.l2sp.alpha", l2sp.alpha > 0)) if on]
   anchored_trained = set(ever_trained)

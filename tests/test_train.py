@@ -327,8 +327,11 @@ def test_keep_checkpoints_1_keeps_the_good_checkpoint_until_the_next_one_is_chec
                                           r"checkpoint \(.*/diverged/checkpoints/3\)"):
     resolve_checkpoint(str(tmp_path / "diverged"), str(tmp_path))
   (tmp_path / "diverged" / "diverged.json").write_text("{}")  # (damaged: a KeyError traceback)
-  with pytest.raises(FinetuneError, match=r"diverged.json is damaged \(no weights_from_step\): train that run again"):
-    resolve_checkpoint(str(tmp_path / "diverged"), str(tmp_path))
+  for read in (lambda: resolve_checkpoint(str(tmp_path / "diverged"), str(tmp_path)),
+               lambda: latest_checkpoint(str(tmp_path / "diverged"), "export")):  # (export's was a KeyError too)
+    with pytest.raises(FinetuneError, match=r"diverged.json is damaged \(no weights_from_step\), so .*: train that "
+                                            r"run again"):
+      read()
   monkeypatch.setattr(train_lib.InputPipeline, "train_batch", original)
   train_lib.train_and_evaluate(config, str(tmp_path / "finished"))
   assert sorted(os.listdir(tmp_path / "finished" / "checkpoints")) == ["12"]
