@@ -254,7 +254,8 @@ def build_pipeline(data_cfg: ConfigDict, seed: int) -> InputPipeline:
       splits[name] = _filter(split, label_map)
   for name, split in splits.items():
     if name in data_cfg.eval_splits and not len(split):
-      fix = ("raise config.data.validation_fraction" if name == "validation" else
+      carved = name == "validation" and "validation" not in dataset.splits
+      fix = ("raise config.data.validation_fraction" if carved else
              "check that its file holds examples of config.data.classes")
       raise FinetuneError(f"evaluation split {name!r} has no examples; {fix} or remove it from "
                           "config.data.eval_splits")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import gzip
 import os
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -123,8 +124,8 @@ def _missing(values: np.ndarray) -> np.ndarray:
 def class_names_and_labels(raw: dict[str, np.ndarray], names: dict[str, Sequence[str] | None],
                            where: dict[str, str]) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
   """Class names and int64 labels per split: the train split's ClassLabel names (`names[split]`, None for a plain
-  column), else the sorted string labels, else str(0..max). `where[split]` says where that split's labels come
-  from, for the error messages."""
+  column), else the sorted string labels (numbers written as text in numeric order), else str(0..max).
+  `where[split]` says where that split's labels come from, for the error messages."""
   for split, values in raw.items():
     missing = _missing(values)
     if missing.any():
@@ -152,8 +153,8 @@ def class_names_and_labels(raw: dict[str, np.ndarray], names: dict[str, Sequence
   elif named:
     # The classes are the train split's: a label found only in a test file (a typo, say) would otherwise become a
     # class of its own and renumber the others.
-    names = sorted({str(value) for value in raw["train"]}) if "train" in raw else \
-        sorted({str(value) for values in raw.values() for value in values})
+    names = _sorted_names({str(value) for value in raw["train"]} if "train" in raw else
+                          {str(value) for values in raw.values() for value in values})
     index = {name: i for i, name in enumerate(names)}
     for split, values in raw.items():
       unknown = sorted({str(v) for v in values} - set(index))
@@ -183,7 +184,26 @@ def class_names_and_labels(raw: dict[str, np.ndarray], names: dict[str, Sequence
       if values.size and values.max() >= num_classes:
         raise FinetuneError(f"labels in {where[split]} include {values.max()}, but the train split's largest label "
                             f"is {num_classes - 1}; fix the labels or the file")
+    _warn_unused_classes(counted, num_classes, where)
   return tuple(names), labels
+
+
+def _warn_unused_classes(labels: dict[str, np.ndarray], num_classes: int, where: dict[str, str]) -> None:
+  """Integer labels are class indices 0..K-1 with K the train split's largest label + 1, so a class below it with no
+  training example still gets an output (never trained towards): with labels 1..K ("1-based"), a phantom class 0.
+  A warning, not an error: a small subset may lack a class on purpose."""
+  counts = np.zeros(num_classes, np.int64)
+  for values in labels.values():
+    counts += np.bincount(values, minlength=num_classes)[:num_classes]
+  unused = np.flatnonzero(counts == 0)
+  if unused.size:
+    split = "train" if "train" in where else sorted(where)[0]
+    fix = ("labels look 1-based: subtract 1 from them" if unused.tolist() == [0] else
+           "check the label column")
+    warnings.warn(f"labels in {where[split]} never use class {', '.join(map(str, unused[:5]))}"
+                  f"{', ...' if unused.size > 5 else ''} of 0..{num_classes - 1}: integer labels are class indices, "
+                  f"so the model gets {num_classes} outputs and {unused.size} of them no training example; {fix}",
+                  UserWarning, stacklevel=2)
 
 
 def _indices(values: np.ndarray, names: Sequence[str], where: str) -> np.ndarray:
@@ -194,6 +214,14 @@ def _indices(values: np.ndarray, names: Sequence[str], where: str) -> np.ndarray
     raise FinetuneError(f"labels in {where} include {', '.join(map(repr, unknown[:3]))}, not among the train "
                         f"split's ClassLabel names ({', '.join(map(repr, names))}); fix the column or its file")
   return np.array([index[str(v)] for v in values], np.int64)
+
+
+def _sorted_names(names: set[str]) -> list[str]:
+  """Class names in sorted order; numbers written as text ("2", "10") in numeric order, not text order ("10" before
+  "2" renumbered the classes against the numbers they are)."""
+  if all(_is_whole_number(name) for name in names):
+    return sorted(names, key=lambda name: (int(name), name))
+  return sorted(names)
 
 
 def _is_whole_number(value: Any) -> bool:

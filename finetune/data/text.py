@@ -105,7 +105,8 @@ def text_classification(path: str = "", cache_dir: str = "", train_file: str = "
                         validation_file: str = "", tokenizer: str = "", max_length: int = 64, text_key: str = "text",
                         label_key: str = "label") -> Dataset:
   """Files are `<label> <sentence>` lines, or json/jsonl/csv/parquet tables with `text_key` and `label_key`
-  columns (labels: integers, or strings numbered in sorted order, or a ClassLabel feature's names)."""
+  columns (labels: integers; or strings, numbered in sorted order, numbers written as text in numeric order; or a
+  ClassLabel feature's names)."""
   if not train_file:
     raise FinetuneError("config.data.options.train_file is empty; name the training file (e.g. stsa.binary.train)")
   files = {"train": train_file, "test": test_file, "validation": validation_file}

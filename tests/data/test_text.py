@@ -178,3 +178,20 @@ def test_empty_files_and_too_short_sequences_are_one_line_errors(tmp_path, optio
   (tmp_path / "extra.csv").write_text("text,label\ngood film,1,x\nbad film,0,y\n")
   with pytest.raises(FinetuneError, match=message):
     text_classification(str(tmp_path), train_file="train.csv", tokenizer=_minilm_dir(), **options)
+
+
+def test_a_validation_file_the_class_filter_empties_names_its_file(tmp_path):
+  """(It said 'raise config.data.validation_fraction', which carves nothing when a validation file is given.)"""
+  (tmp_path / "train.txt").write_text("0 dull\n1 fine\n0 slow\n1 good\n")
+  (tmp_path / "dev.txt").write_text("1 great\n")
+  data = defaults().data
+  data.name, data.path, data.classes, data.batch_size, data.eval_splits = \
+      "text_classification", str(tmp_path), (0,), 1, ("validation",)
+  data.options = {"train_file": "train.txt", "validation_file": "dev.txt", "tokenizer": _minilm_dir()}
+  with pytest.raises(FinetuneError, match=r"evaluation split 'validation' has no examples; check that its file "
+                                          r"holds examples of config.data.classes or remove it"):
+    build_pipeline(data, seed=0)
+  data.options = {"train_file": "train.txt", "tokenizer": _minilm_dir()}
+  data.validation_fraction = 0.01  # carved from 'train': rounds to no example
+  with pytest.raises(FinetuneError, match=r"'validation' has no examples; raise config.data.validation_fraction"):
+    build_pipeline(data, seed=0)
