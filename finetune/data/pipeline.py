@@ -169,6 +169,9 @@ def _class_filter(dataset: Dataset, classes: tuple) -> tuple[np.ndarray | None, 
   """(old label -> new label map with -1 for dropped classes, kept class names)."""
   if not classes:
     return None, dataset.class_names
+  if not dataset.class_names:  # (it said "has classes 0..-1")
+    raise FinetuneError(f"config.data.classes={classes} but {dataset.name} has no classes (its examples have no "
+                        "labels); set config.data.classes=()")
   indices = []
   for c in classes:
     if isinstance(c, str):  # a class name (MNIST's names are '0'..'9'); integers are indices

@@ -448,3 +448,23 @@ def test_options_typed_as_a_glob_or_a_list_of_globs_take_a_list():
   check_options(ConfigDict({"name": "hf_files", "options": {"train_files": ("a/*.json", "b.json")}}))
   with pytest.raises(FinetuneError, match="data.options.train_files"):
     check_options(ConfigDict({"name": "hf_files", "options": {"train_files": (1, 2)}}))
+
+
+_UNLABELLED_SOURCE = "test_pipeline_unlabelled"
+
+
+def _unlabelled(path: str = "", cache_dir: str = "") -> Dataset:
+  """Token blocks with no labels, as lm_text gives."""
+  del path, cache_dir
+  return Dataset("blocks", {"train": ArraySplit({"input_ids": np.zeros((8, 4), np.int32)})}, ())
+
+
+if _UNLABELLED_SOURCE not in SOURCES:
+  SOURCES.register(_UNLABELLED_SOURCE)(_unlabelled)
+
+
+def test_classes_of_a_source_without_labels_are_refused():
+  """(It said "config.data.classes has 0, but blocks has classes 0..-1".)"""
+  with pytest.raises(FinetuneError, match=r"config.data.classes=\(0,\) but blocks has no classes \(its examples have "
+                                          r"no labels\); set config.data.classes=\(\)"):
+    build_pipeline(_data_cfg(name=_UNLABELLED_SOURCE, classes=(0,), batch_size=2), seed=0)
