@@ -117,6 +117,11 @@ def tfds(path: str = "", cache_dir: str = "", name: str = "", data_dir: str = ""
       raise FinetuneError(f"TFDS dataset {name!r} has no feature {key!r} (features: {', '.join(features)}); set the "
                           f"{option} option to one of them")
   image_feature = features[image_key]
+  if None in tuple(getattr(image_feature, "shape", ())):
+    # (Caught only when a batch happened to mix sizes: after compiling, perhaps deep into training.)
+    raise FinetuneError(f"TFDS dataset {name!r} declares {image_key!r} of any size {tuple(image_feature.shape)}; the "
+                        "tfds source needs one image size: use a resized variant of the dataset (e.g. "
+                        "imagenet_resized/32x32) or resize the images when preparing it")
   # Reading labels only: skip decoding the images, by far the costliest part of a record.
   label_decoders = {image_key: tfds_lib.decode.SkipDecoding()} if isinstance(
       image_feature, tfds_lib.features.Image) else None

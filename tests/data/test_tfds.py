@@ -54,6 +54,18 @@ class FinetuneTinyImages(tfds_lib.core.GeneratorBasedBuilder, skip_registration=
       yield index, {"image": png.getvalue(), "label": index % 3}
 
 
+class FinetuneTinyAnySize(FinetuneTinyImages, skip_registration=True):
+  """The same images, declared of any size (as e.g. oxford_flowers102 declares its own)."""
+
+  name = "finetune_tiny_any_size"
+
+  def _info(self):
+    return tfds_lib.core.DatasetInfo(builder=self, features=tfds_lib.features.FeaturesDict({
+        "image": tfds_lib.features.Image(shape=(None, None, 3)),
+        "label": tfds_lib.features.ClassLabel(names=CLASSES),
+    }))
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> str:
   directory = str(tmp_path_factory.mktemp("tfds"))
@@ -148,3 +160,11 @@ def test_mock_data_default_splits_are_train_only_when_tfds_knows_no_splits():
     dataset = SOURCES.get("tfds")(name="mnist")
   assert list(dataset.splits) == ["train"] and len(dataset.splits["train"]) == 3
   assert dataset.class_names == tuple(str(i) for i in range(10))
+
+
+def test_images_of_any_size_are_refused_when_loading(tmp_path):
+  """(Refused only when a batch happened to mix image sizes: after compiling, perhaps deep into training.)"""
+  FinetuneTinyAnySize(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  with pytest.raises(FinetuneError, match=r"TFDS dataset 'finetune_tiny_any_size' declares 'image' of any size "
+                                          r"\(None, None, 3\); the tfds source needs one image size: use a resized"):
+    SOURCES.get("tfds")(data_dir=str(tmp_path), name="finetune_tiny_any_size")
