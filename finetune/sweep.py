@@ -257,7 +257,15 @@ def parse_sweep_arg(arg: str | None, own: dict[str, Any], **shared: Any) -> Conf
   overlap = set(own) & set(shared)
   if overlap:
     raise FinetuneError(f"parse_sweep_arg: {', '.join(sorted(overlap))} both the sweep's own and shared; pick one")
-  args = config_lib.parse_arg(arg, **shared, **own)
+  spec = {**shared, **own}
+  for item in config_lib.split_config_arg(arg) if arg else ():
+    key, sep, _ = item.partition("=")
+    if item.strip() and not sep and key.strip() not in spec:
+      # A bare word sets the first string argument, and the sweep's first string argument need not be its points'
+      # (MiniLM's sweep read `:foo` as checkpoint=foo, each point as variant=foo).
+      raise FinetuneError(f"sweep config argument {item.strip()!r} is not key=value; a sweep's arguments name "
+                          f"their key (valid: {', '.join(spec)})")
+  args = config_lib.parse_arg(arg, **spec)
   if isinstance(arg, config_lib.ConfigArg):
     arg.sweep_only = frozenset(own)
   return args

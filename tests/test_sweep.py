@@ -302,6 +302,17 @@ def test_a_sweeps_own_arguments_choose_points_and_never_reach_them(tmp_path):
     sweep.parse_sweep_arg("", own=dict(seeds=1), seeds=2)
 
 
+def test_a_bare_word_in_a_sweep_argument_is_refused():
+  """A bare word sets the first string argument: the sweep's (here `checkpoint`) need not be its points' (MiniLM's
+  sweep read `:lora` as checkpoint=lora while each point read variant=lora)."""
+  with pytest.raises(FinetuneError, match=r"sweep config argument 'lora' is not key=value; a sweep's arguments name "
+                                          r"their key \(valid: checkpoint, task, seeds\)"):
+    sweep.parse_sweep_arg("task=trec,lora", own=dict(seeds=None), checkpoint="", task="sst2")
+  assert sweep.parse_sweep_arg("task=trec", own=dict(seeds=None), checkpoint="", task="sst2").task == "trec"
+  with pytest.raises(FinetuneError, match=r"config argument 'task' has no value"):
+    sweep.parse_sweep_arg("task", own=dict(seeds=None), checkpoint="", task="sst2")
+
+
 def test_numpy_values_inside_tuples_reach_the_points_as_numbers(tmp_path):
   """(A tuple of numpy integers became one string, passed every check and failed only when the point ran.)"""
   path = tmp_path / "numbers.py"
