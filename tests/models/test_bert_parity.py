@@ -196,6 +196,20 @@ def test_the_checkpoints_dropout_rate_applies_unless_config_model_sets_one(tmp_p
                       2)["dropout"] == 0.1
 
 
+def test_a_wrongly_typed_checkpoint_value_blames_its_config_json(tmp_path):
+  """(It said `config.model.hidden_size=16.0 is not int`, a key the config never set.)"""
+  from finetune.models import model_kwargs  # pylint: disable=g-import-not-at-top
+  transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20,
+                          vocab_size=30).save_pretrained(tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_size": 16.0}))
+  with pytest.raises(FinetuneError, match=r"config.json gives hidden_size=16.0, which is not int \(model 'bert'\); "
+                                          r"fix that file or set config.model.hidden_size, which wins over it"):
+    model_kwargs(ConfigDict({"name": "bert", "hf_config": str(tmp_path)}), 2)
+  assert model_kwargs(ConfigDict({"name": "bert", "hf_config": str(tmp_path), "hidden_size": 16}), 2)[
+      "hidden_size"] == 16
+
+
 def test_sharded_checkpoint_reads_like_a_single_file(tmp_path):
   torch.manual_seed(0)
   config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40,
