@@ -64,6 +64,10 @@ def _to_messages(record: dict, where: str) -> list[dict[str, str]]:
       messages.append({"role": _SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
     return messages
   if "instruction" in record and "output" in record:
+    for key in ("instruction", "input", "output"):
+      if record.get(key) is not None and not isinstance(record[key], str):  # (an 'input' dict became its repr)
+        raise FinetuneError(f"{where}: Alpaca field {key!r} must be text; got {type(record[key]).__name__} "
+                            f"{str(record[key])[:60]}")
     prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
   raise FinetuneError(f"{where}: not Alpaca (instruction/output), ShareGPT (conversations) or OpenAI chat "

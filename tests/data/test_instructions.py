@@ -172,7 +172,10 @@ def test_packed_training_shares_no_conversation_with_validation(tokenizer_dir, t
     ('{"instruction": "Caf\xe9?", "output": "Oui."}\n'.encode("latin-1"),
      r"train.jsonl:2 is not UTF-8 \(byte 0xe9 at column 21\); save the file as UTF-8"),
     (b'{"instruction": "x", \n', r"train.jsonl:2 is not JSON"),
-], ids=["latin-1", "cut-off-json"])
+    # (A structured 'input' was trained on as its Python repr, "{'a': 1}".)
+    (b'{"instruction": "x", "input": {"a": 1}, "output": "y"}\n',
+     r"train.jsonl:2: Alpaca field 'input' must be text; got dict \{'a': 1\}"),
+], ids=["latin-1", "cut-off-json", "input-dict"])
 def test_unreadable_lines_are_one_line_errors(tokenizer_dir, tmp_path, second_line, message):
   (tmp_path / "train.jsonl").write_bytes(json.dumps(RECORDS[0]).encode() + b"\n" + second_line)
   with pytest.raises(FinetuneError, match=message):
