@@ -95,6 +95,8 @@ def atomic_path(path: str) -> Iterator[str]:
     os.replace(tmp, path)
   except OSError as e:
     raise _naming(e, path) from e
+  except FinetuneError as e:  # (save_safetensors' one line named the temp file)
+    raise naming_final(e, tmp, path) from None
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -109,6 +111,11 @@ def _naming(error: OSError, path: str) -> OSError:
     return type(error)(error.errno, error.strerror, path)
   except TypeError:  # (a subclass with another constructor)
     return error
+
+
+def naming_final(error: FinetuneError, temp: str, final: str) -> FinetuneError:
+  """`error` with the temp path in its message replaced by the user's path, the one the write was for."""
+  return FinetuneError(str(error).replace(temp, final)) if temp in str(error) else error
 
 
 def save_safetensors(tensors: dict[str, Any], path: str, metadata: dict[str, str] | None = None) -> None:

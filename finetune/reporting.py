@@ -187,6 +187,9 @@ def staged_directory(out: str) -> Iterator[str]:
         raise
     if previous:
       shutil.rmtree(previous, ignore_errors=True)
+  except FinetuneError as e:  # (a failed write inside named the staging folder, not --out)
+    shutil.rmtree(staging, ignore_errors=True)
+    raise files.naming_final(e, staging, out) from None
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise

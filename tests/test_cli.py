@@ -255,6 +255,31 @@ def test_a_failed_checkpoint_or_export_write_is_one_line_and_the_run_resumes(cap
     files.save_safetensors({"a": np.zeros(3, np.float32)}, str(tmp_path / "missing" / "x.safetensors"))
 
 
+def test_a_failed_safetensors_write_names_the_users_path_not_a_temp_one(monkeypatch, tmp_path):
+  """(A full disk while writing an adapter, a Fisher or an export named `.x.safetensors-k3j2` or the export's
+  staging folder.)"""
+  import safetensors  # pylint: disable=g-import-not-at-top
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  from finetune import files, reporting  # pylint: disable=g-import-not-at-top
+  from finetune.errors import FinetuneError  # pylint: disable=g-import-not-at-top
+
+  def full_disk(tensors, filename, metadata=None):
+    raise safetensors.SafetensorError(f"Error while serializing: IoError(No space left on device) ({filename})")
+
+  monkeypatch.setattr(safetensors.numpy, "save_file", full_disk)
+  final = str(tmp_path / "x.safetensors")
+  with pytest.raises(FinetuneError) as error:
+    with files.atomic_path(final) as tmp:
+      files.save_safetensors({"a": np.zeros(3, np.float32)}, tmp)
+  assert str(error.value).startswith(f"writing {final} failed (") and "x.safetensors-" not in str(error.value)
+  out = str(tmp_path / "export")
+  with pytest.raises(FinetuneError) as error:
+    with reporting.staged_directory(out) as staging:
+      files.save_safetensors({"a": np.zeros(3, np.float32)}, os.path.join(staging, "model.safetensors"))
+  assert str(error.value).startswith(f"writing {out}/model.safetensors failed (")
+  assert sorted(os.listdir(tmp_path)) == []  # no temp file or staging folder left behind
+
+
 def test_unreadable_checkpoint_is_one_line(capsys, tiny_file, tmp_path):
   broken = tmp_path / "broken" / "checkpoints" / "5" / "state"
   broken.mkdir(parents=True)
