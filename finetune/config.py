@@ -565,8 +565,8 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
          f"unknown closed-form probe {probe!r} in config.features.closed_form; valid: ridge, logistic")
   need(c.unfreeze.mode in ("none", "gradual", "chain_thaw"),
        f"config.unfreeze.mode={c.unfreeze.mode!r}; valid: none, gradual, chain_thaw")
-  need(c.unfreeze.schedule in ("continue", "restart"),
-       f"config.unfreeze.schedule={c.unfreeze.schedule!r}; valid: continue, restart")
+  need(c.unfreeze.schedule in ("continue", "restart", "cycle"),
+       f"config.unfreeze.schedule={c.unfreeze.schedule!r}; valid: continue, restart, cycle")
   from finetune.adapters import BIAS_MODES, PEFT_METHODS  # pylint: disable=g-import-not-at-top
   if c.peft.method:
     PEFT_METHODS.get(c.peft.method)

@@ -113,15 +113,22 @@ def sgd(cfg: ConfigDict, learning_rate: optax.Schedule, decay_mask: Callable[[An
   return optax.chain(*parts)
 
 
-def label_schedule(cfg: ConfigDict, peak: float, start: int, total_steps: int,
-                   restart: bool) -> Callable[[Any], Any]:
-  """The learning rate of a label that starts training at global step `start`, as a function of the global step.
+def label_schedule(cfg: ConfigDict, peak: float, start: int, total_steps: int, mode: str,
+                   phase: tuple[int, int] | None = None) -> Callable[[Any], Any]:
+  """The learning rate of a label that starts training at global step `start`, as a function of the global step,
+  in the phase that spans steps [phase[0], phase[1]) (default: the whole stage).
 
   'continue': the stage's schedule, read at the global step. 'restart': the schedule shape over the remaining
-  `total_steps - start` steps, from the label's first step.
+  `total_steps - start` steps, from the label's first step. 'cycle': the schedule shape over each phase, for every
+  label training in it (fastai's ULMFiT practice: `freeze_to(-k)` then `fit_one_cycle` per unfreezing step, so
+  each group that joins warms up, and every group sees the peak rate again).
   """
   factory = SCHEDULES.get(cfg.schedule)
-  if restart and start:
+  first, end = phase or (0, total_steps)
+  if mode == "cycle" and (first, end) != (0, total_steps):
+    inner = factory(cfg, peak, end - first)
+    return lambda step: inner(step - first)
+  if mode == "restart" and start:
     inner = factory(cfg, peak, total_steps - start)
     return lambda step: inner(step - start)
   return factory(cfg, peak, total_steps)
@@ -142,6 +149,8 @@ def build_optimizer(cfg: ConfigDict, strategy, phase: int, total_steps: int, par
   base = OPTIMIZERS.get(cfg.name)
   decay_mask = _decay_mask(cfg, path_of)
   trainable_labels = {strategy.label(p) for p in strategy.trainable(phase)}
+  bounds = (strategy.phases[phase].start,
+            strategy.phases[phase + 1].start if phase + 1 < len(strategy.phases) else total_steps)
   lr_by_label = {}
   transforms: dict[str, optax.GradientTransformation] = {"frozen": optax.set_to_zero()}
   for label, peak in strategy.labels().items():
@@ -149,7 +158,7 @@ def build_optimizer(cfg: ConfigDict, strategy, phase: int, total_steps: int, par
       lr_by_label[label] = lambda step: jnp.zeros((), jnp.float32)  # resting in this phase
       continue
     start = strategy.label_start(label, phase)
-    global_lr = label_schedule(cfg, peak, start, total_steps, strategy.restart_schedules)
+    global_lr = label_schedule(cfg, peak, start, total_steps, strategy.schedule_mode, bounds)
     if lr_scale is not None:
       global_lr = lambda step, unscaled=global_lr: lr_scale * unscaled(step)
     lr_by_label[label] = global_lr

@@ -39,7 +39,7 @@ class Strategy:
   batch_norm: Mapping[str, tuple[str, ...]]  # BatchNorm module path -> its parameter paths
   always_trainable: frozenset[str]  # BatchNorm parameters under freeze.train_bn: trained in every phase
   phases: tuple[unfreezing.Phase, ...]
-  restart_schedules: bool
+  schedule_mode: str  # config.unfreeze.schedule: 'continue', 'restart' or 'cycle' (finetune/optim.py)
 
   @classmethod
   def single_group(cls, params: Any, learning_rate: float, name: str = "all") -> "Strategy":
@@ -47,7 +47,7 @@ class Strategy:
     shapes = {p: tuple(x.shape) for p, x in flatten(params).items()}
     return cls(groups=(name,), group_of={p: name for p in shapes}, shapes=shapes, frozen=frozenset(),
                group_lr={name: learning_rate}, multiplier={p: 1.0 for p in shapes}, batch_norm={},
-               always_trainable=frozenset(), phases=(unfreezing.Phase(0, (name,)),), restart_schedules=False)
+               always_trainable=frozenset(), phases=(unfreezing.Phase(0, (name,)),), schedule_mode="continue")
 
   def phase_index(self, step: int) -> int:
     """The phase that step `step` (0-based update index) belongs to."""
@@ -206,7 +206,7 @@ def resolve_strategy(cfg: ConfigDict, abstract_model: nnx.Module, abstract_param
   phases = unfreezing.phases(cfg.unfreeze, groups, unfreezable, total_steps, steps_per_epoch)
   return Strategy(groups=groups, group_of=group_of, shapes=shapes, frozen=frozen, group_lr=group_lr,
                   multiplier=multiplier, batch_norm=batch_norm, always_trainable=always_trainable, phases=phases,
-                  restart_schedules=cfg.unfreeze.schedule == "restart")
+                  schedule_mode=cfg.unfreeze.schedule)
 
 
 def _check_rules_reach_trainable(rules: Sequence[tuple[str, str, str]], paths: Sequence[str],

@@ -267,6 +267,21 @@ def test_restarted_schedule_starts_again_at_unfreezing(tmp_path):
   assert math.isclose(record["learning_rate/head"], 3e-3 * (1 - 6 / 12), rel_tol=1e-5)  # continues
 
 
+def test_cycled_schedule_runs_the_schedule_over_each_phase_for_every_training_group(tmp_path):
+  """`unfreeze.schedule='cycle'` (fastai's freeze_to + fit_one_cycle per ULMFiT step): every group training in a
+  phase reads the schedule shape over that phase, so each phase starts at the peak of this linear decay."""
+  summary = train_lib.train_and_evaluate(_unfreeze_config(schedule="cycle"), str(tmp_path))["train"]
+  starts = [p["start"] for p in summary["phases"]] + [12]
+  for record in _records(tmp_path):
+    step = record["step"] - 1
+    phase = max(i for i, start in enumerate(starts[:-1]) if start <= step)
+    first, end = starts[phase], starts[phase + 1]
+    trainable = summary["phases"][phase]["trainable_groups"]
+    for i, group in enumerate(GROUPS):
+      expected = 3e-3 / 2.0 ** (3 - i) * (1 - (step - first) / (end - first)) if group in trainable else 0.0
+      assert math.isclose(record[f"learning_rate/{group}"], expected, rel_tol=1e-5, abs_tol=1e-12), (group, record)
+
+
 def test_chain_thaw_trains_one_group_at_a_time(tmp_path):
   summary = train_lib.train_and_evaluate(_unfreeze_config(mode="chain_thaw", steps=16), str(tmp_path))["train"]
   assert [p["trainable_groups"] for p in summary["phases"]] == [["head"], ["stem"], ["stage_1"], ["stage_2"], GROUPS]
