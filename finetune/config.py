@@ -428,6 +428,7 @@ def validate(config: ConfigDict) -> None:
                           f"of the data its source {stage.init_from!r} carved {source.data.validation_fraction} "
                           "from, so its validation split would hold rows the source trained on; give both the same "
                           "fraction")
+  _refuse_settings_no_stage_reads(stages, len(config.stages) > 0)
   # PEFT settings with no method in any stage add no adapter: a LoRA setting alone would train the full model.
   # (A stage that sets method='' under a base config's LoRA settings turns PEFT off on purpose.)
   if not any(stage.peft.method for _, stage in stages):
@@ -441,6 +442,28 @@ def validate(config: ConfigDict) -> None:
                             f"{'is' if len(changed) == 1 else 'are'} set but config.peft.method is empty, so no "
                             "adapter would be added and the whole model would train: set config.peft.method "
                             f"({', '.join(PEFT_METHODS.names())}) or drop the setting{where}")
+
+
+def _refuse_settings_no_stage_reads(stages: list[tuple[str, ConfigDict]], staged: bool) -> None:
+  """A schedule's or optimizer's own setting (optimizer.cut_frac, momentum, ...) or an unfreezing setting changed
+  from its default where no stage reads it: it would be ignored (cut_frac with cosine, momentum with adamw,
+  unfreeze.every_steps with mode 'none'). Checked over all stages together, since a base config's setting may be
+  meant for only some of them; a schedule or optimizer registered outside finetune is not checked."""
+  from finetune.optim import BUILT_IN, SETTING_READERS  # pylint: disable=g-import-not-at-top
+  default = defaults()
+  settings = [("optimizer", key, chooser, readers) for chooser, keys in SETTING_READERS.items()
+              for key, readers in keys.items()
+              if all(stage.optimizer[chooser] in BUILT_IN[chooser] for _, stage in stages)]
+  settings += [("unfreeze", key, "mode", ("gradual", "chain_thaw")) for key in default.unfreeze if key != "mode"]
+  for section, key, chooser, readers in settings:
+    set_in = [name for name, stage in stages if _as_json(stage[section][key]) != _as_json(default[section][key])]
+    if set_in and not any(stage[section][chooser] in readers for _, stage in stages):
+      value = dict(stages)[set_in[0]][section][key]
+      chosen = sorted({stage[section][chooser] for _, stage in stages})
+      where = f" (stage{'s' if len(set_in) > 1 else ''} {', '.join(map(repr, set_in))})" if staged else ""
+      raise FinetuneError(f"config.{section}.{key}={value!r} is read only with config.{section}.{chooser} "
+                          f"{' or '.join(map(repr, readers))}, which no stage uses ({', '.join(map(repr, chosen))}): "
+                          f"it would be ignored; drop it or set config.{section}.{chooser}{where}")
 
 
 def with_values(config: ConfigDict, **sections: Any) -> ConfigDict:

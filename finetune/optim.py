@@ -27,6 +27,16 @@ OPTIMIZERS: Registry[Callable[..., optax.GradientTransformation]] = Registry("op
 SCHEDULES: Registry[ScheduleFactory] = Registry("learning-rate schedule")
 
 
+# The config.optimizer keys that only some of the built-in schedules / optimizers read, and which read them: a key
+# set where no stage's schedule or optimizer reads it is refused (config.validate), as it would be ignored.
+SETTING_READERS = {
+    "schedule": {"end_learning_rate_factor": ("cosine", "linear"), "cut_frac": ("stlr",), "ratio": ("stlr",),
+                 "pct_start": ("onecycle",), "div_factor": ("onecycle",), "final_div_factor": ("onecycle",)},
+    "name": {"b1": ("adamw",), "b2": ("adamw",), "eps": ("adamw",), "momentum": ("sgd",), "nesterov": ("sgd",)},
+}
+BUILT_IN = {"schedule": ("constant", "cosine", "linear", "stlr", "onecycle"), "name": ("adamw", "sgd")}
+
+
 def _with_warmup(cfg: ConfigDict, peak: float, after: optax.Schedule) -> optax.Schedule:
   if not cfg.warmup_steps:
     return after

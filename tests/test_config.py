@@ -264,6 +264,35 @@ def test_more_value_checks_give_one_line_errors():
     assert message in str(info.value), (sections, str(info.value))
 
 
+def test_a_setting_no_stage_reads_is_refused():
+  """(A schedule's or optimizer's own setting for another one, or unfreezing settings with mode 'none', were
+  accepted and ignored: cut_frac=0.2 under cosine trained cosine.)"""
+  cases = [
+      ({"optimizer": {"cut_frac": 0.2}}, "config.optimizer.cut_frac=0.2 is read only with config.optimizer.schedule "
+                                         "'stlr', which no stage uses ('cosine'): it would be ignored"),
+      ({"optimizer": {"schedule": "stlr", "warmup_steps": 0, "end_learning_rate_factor": 0.1}},
+       "end_learning_rate_factor=0.1 is read only with config.optimizer.schedule 'cosine' or 'linear'"),
+      ({"optimizer": {"schedule": "constant", "warmup_steps": 0, "pct_start": 0.3}}, "pct_start=0.3 is read only"),
+      ({"optimizer": {"momentum": 0.5}}, "config.optimizer.momentum=0.5 is read only with config.optimizer.name "
+                                         "'sgd', which no stage uses ('adamw')"),
+      ({"optimizer": {"name": "sgd", "b1": 0.5}}, "config.optimizer.b1=0.5 is read only with config.optimizer.name "
+                                                  "'adamw'"),
+      ({"unfreeze": {"every_steps": 3}}, "config.unfreeze.every_steps=3 is read only with config.unfreeze.mode "
+                                         "'gradual' or 'chain_thaw', which no stage uses ('none')"),
+      ({"unfreeze": {"schedule": "restart"}}, "config.unfreeze.schedule='restart' is read only"),
+      ({"unfreeze": {"initial_groups": 2}}, "config.unfreeze.initial_groups=2 is read only"),
+      ({"unfreeze": {"every_steps": 3}, "stages": {"a": {}, "b": {}}}, "drop it or set config.unfreeze.mode "
+                                                                       "(stages 'a', 'b')"),
+  ]
+  for sections, message in cases:
+    with pytest.raises(FinetuneError) as info:
+      tiny_config(**sections)
+    assert message in str(info.value), (sections, str(info.value))
+  # Read by one stage: a base setting meant for some stages is not an error.
+  tiny_config(optimizer={"cut_frac": 0.2}, stages={"a": {}, "b": {"optimizer": {"schedule": "stlr", "warmup_steps": 0}}})
+  tiny_config(unfreeze={"every_steps": 3}, stages={"a": {}, "b": {"unfreeze": {"mode": "gradual"}}})
+
+
 def test_an_override_cannot_invent_a_stage():
   with pytest.raises(FinetuneError, match=r"names stage 'fintune', which the config does not declare \(did you "
                                           r"mean 'finetune'\?\); stages: pretrain, finetune, scratch"):

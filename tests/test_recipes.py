@@ -61,7 +61,8 @@ def test_recipes_keep_the_target_stages_own_settings(recipe):
 @pytest.mark.parametrize("recipe", ["linear_probe", "probe_then_finetune"])
 def test_probe_stages_ignore_the_base_configs_epochs_freezing_and_unfreezing(recipe, tmp_path):
   """(A base config with train.epochs, freeze.train_bn, gradual unfreezing or augmentation made the probe stage
-  invalid: its partial train/freeze sections let those keys back in.)"""
+  invalid: its partial train/freeze sections let those keys back in.) A full fine-tuning stage beside the linear
+  probe reads the base's unfreezing: settings no stage reads are refused (tests/test_config.py)."""
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
   target = {"init_from": "stage:pretrain", "dont_load": ("^head/",), "train": {"epochs": 0.2}}
@@ -69,7 +70,8 @@ def test_probe_stages_ignore_the_base_configs_epochs_freezing_and_unfreezing(rec
                        freeze={"train_bn": True, "first_n": 1}, unfreeze={"mode": "gradual", "every_steps": 2},
                        data={"augment": {"flip": True}},
                        stages={"pretrain": {"freeze": {"train_bn": False, "first_n": 0}, "unfreeze": {"mode": "none"}},
-                               **recipes.target_stages(recipe, target, probe_steps=4)})
+                               **recipes.target_stages(recipe, target, probe_steps=4),
+                               **(recipes.target_stages("full", target) if recipe == "linear_probe" else {})})
   summaries = train_lib.train_and_evaluate(config, str(tmp_path))
   probe = summaries["linear_probe" if recipe == "linear_probe" else "probe"]
   assert probe["steps"] == 4, probe["steps"]

@@ -70,6 +70,13 @@ def test_custom_groups_and_bad_partitions_are_errors():
       ({"optimizer": {"lr_range": (1e-3, 1e-4)}}, "must be (lo, hi) with 0 < lo <= hi"),
       ({"unfreeze": {"mode": "gradual"}}, "set exactly one of config.unfreeze.every_steps"),
       ({"unfreeze": {"mode": "gradual", "every_steps": 5}}, "needs more than 15 steps to reach all 4 groups"),
+      # (One phase: accepted, and nothing was ever unfrozen.)
+      ({"unfreeze": {"mode": "gradual", "every_steps": 2, "initial_groups": 4}},
+       "config.unfreeze.mode='gradual' has nothing to unfreeze: config.unfreeze.initial_groups=4 already trains "
+       "every group that is not frozen (stem, stage_1, stage_2, head)"),
+      ({"freeze": {"first_n": 3}, "unfreeze": {"mode": "chain_thaw", "every_steps": 2}},
+       "config.unfreeze.mode='chain_thaw' has nothing to unfreeze: config.unfreeze.initial_groups=1 already trains "
+       "every group that is not frozen (head)"),
       ({"optimizer": {"no_decay": (r"(^|/)bias$", r"(^|/)biass$")}},
        "config.optimizer.no_decay: pattern '(^|/)biass$' matches no parameter"),
       # 'frozen' is the frozen parameters' optimizer label: such a group gave them AdamW moments.

@@ -42,6 +42,11 @@ def phases(unfreeze_cfg: ConfigDict, groups: Sequence[str], unfreezable: Sequenc
   if not 1 <= initial <= len(order):
     raise FinetuneError(f"config.unfreeze.initial_groups={initial} must be in 1..{len(order)} (the trainable groups: "
                         f"{', '.join(order)})")
+  if initial == len(order):  # (one phase: accepted, and nothing was ever unfrozen)
+    raise FinetuneError(f"config.unfreeze.mode={unfreeze_cfg.mode!r} has nothing to unfreeze: "
+                        f"config.unfreeze.initial_groups={initial} already trains every group that is not frozen "
+                        f"({', '.join(order)}); lower initial_groups, freeze fewer groups, or set "
+                        "config.unfreeze.mode='none'")
   top = order[len(order) - initial:]
   if unfreeze_cfg.mode == "gradual":
     trainable_sets = [order[len(order) - k:] for k in range(initial, len(order) + 1)]
