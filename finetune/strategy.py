@@ -119,21 +119,45 @@ class Strategy:
     return {"params": sum(sizes.values()), "trainable": sum(sizes[p] for p in trainable),
             "frozen": sum(sizes[p] for p in sizes if p not in trainable)}
 
+  def training_steps(self) -> dict[str, str]:
+    """{path: the steps it trains in}: '0-' (the whole stage), '6-' (from step 6 on), '0-2, 12-' (chain-thaw: it
+    rests from step 3 to 11); '' for a frozen one."""
+    trainable = [self.trainable(q) for q in range(len(self.phases))]
+    ends = [phase.start for phase in self.phases[1:]] + [None]
+    result = {}
+    for path in self.group_of:
+      spans: list[list] = []
+      for phase, end, trains in zip(self.phases, ends, (path in t for t in trainable)):
+        if trains and spans and spans[-1][1] == phase.start:
+          spans[-1][1] = end
+        elif trains:
+          spans.append([phase.start, end])
+      result[path] = ", ".join(f"{start}-{'' if end is None else end - 1}" for start, end in spans)
+    return result
+
   def table(self) -> str:
-    """Tab-separated: one row per parameter (group, shape, trainable per phase, peak lr, label)."""
-    header = ["path", "group", "shape", "frozen_for_stage", "trainable_from_step", "peak_lr", "label"]
+    """Tab-separated: one row per parameter (group, shape, trainable per phase, peak lr, label, steps it trains)."""
+    header = ["path", "group", "shape", "frozen_for_stage", "trainable_from_step", "peak_lr", "label",
+              "training_steps"]
     rows = ["\t".join(header)]
+    steps = self.training_steps()
     for path, group in self.group_of.items():
       frozen = path in self.frozen
       start = "" if frozen else str(self.label_start(self.label(path)))
       rows.append("\t".join([path, group, "x".join(map(str, self.shapes[path])) or "scalar", str(frozen).lower(),
                              start, "0" if frozen else f"{self.peak_lr(path):.6g}",
-                             FROZEN if frozen else self.label(path)]))
+                             FROZEN if frozen else self.label(path), steps[path]]))
     return "\n".join(rows) + "\n"
 
   def short(self) -> str:
-    """One line per group: parameters, frozen or from which step it trains, peak learning rate."""
+    """One line per group: parameters, frozen or in which steps it trains, peak learning rate."""
     lines = []
+    steps = self.training_steps()
+
+    def when(span: str) -> str:  # (chain-thaw's resting groups were reported as training from their first step)
+      return ("" if span == "0-" else f"from step {span[:-1]}" if span.count("-") == 1 and span.endswith("-")
+              else f"in steps {span}")
+
     for group in self.groups:
       paths = [p for p, g in self.group_of.items() if g == group]
       size = sum(math.prod(self.shapes[p]) for p in paths)
@@ -141,18 +165,21 @@ class Strategy:
       if not live:
         state = "frozen"
       else:
-        starts = collections.Counter(self.label_start(self.label(p)) for p in live)
-        if len(starts) == 1:
-          start = next(iter(starts))
-          state = f"trains from step {start}" if start else "trains"
+        spans = collections.Counter(steps[p] for p in live)
+        if len(spans) == 1:
+          state = f"trains {when(next(iter(spans)))}".rstrip()
         else:  # e.g. train_bn under gradual unfreezing: the group's BatchNorm trains before its kernels
-          state = "trains in parts: " + ", ".join(f"{n} tensor{'s' if n > 1 else ''} from step {step}"
-                                                  for step, n in sorted(starts.items()))
+          state = "trains in parts: " + ", ".join(f"{n} tensor{'s' if n > 1 else ''} {when(span) or 'throughout'}"
+                                                  for span, n in sorted(spans.items(), key=_span_order))
         if len(live) < len(paths):
           state += f" ({len(paths) - len(live)} of {len(paths)} tensors frozen)"
         state += f", peak lr {self.group_lr[group]:.3g}"
       lines.append(f"  {group:<12} {size:>10,} params  {state}")
     return "\n".join(lines)
+
+
+def _span_order(item: tuple[str, int]) -> tuple[int, str]:
+  return int(item[0].split("-")[0] or 0), item[0]
 
 
 def batch_norm_modules(abstract_model: nnx.Module) -> dict[str, tuple[str, ...]]:

@@ -42,7 +42,8 @@ def test_partition_table_written_and_groups_cover_every_parameter(tmp_path):
   train_lib.train_and_evaluate(config, str(tmp_path))
   rows = [line.split("\t") for line in open(tmp_path / "partition.tsv").read().splitlines()]
   header, rows = rows[0], rows[1:]
-  assert header == ["path", "group", "shape", "frozen_for_stage", "trainable_from_step", "peak_lr", "label"]
+  assert header == ["path", "group", "shape", "frozen_for_stage", "trainable_from_step", "peak_lr", "label",
+                    "training_steps"]
   by_path = {r[0]: dict(zip(header, r)) for r in rows}
   assert by_path["stem/conv/kernel"]["group"] == "stem" and by_path["stem/conv/kernel"]["frozen_for_stage"] == "true"
   assert by_path["head/kernel"]["peak_lr"] == "0.003" and by_path["stage_2/blocks/0/conv/kernel".replace(
@@ -182,7 +183,7 @@ def test_regex_multiplier_scales_only_its_parameters(tmp_path):
   assert math.isclose(record["learning_rate/head*0.1"], 3e-4, rel_tol=1e-6)
   rows = [line.split("\t") for line in open(tmp_path / "partition.tsv").read().splitlines()[1:]]
   assert {r[0] for r in rows if r[0].endswith("/bias")}, "the premise: the model has biases"
-  for path, group, *_, label in rows:  # every bias, in every group, and nothing else gets the multiplier
+  for path, group, *_, label, _ in rows:  # every bias, in every group, and nothing else gets the multiplier
     assert label == (f"{group}*0.1" if path.endswith("/bias") else group), (path, label)
 
 
@@ -292,6 +293,13 @@ def test_cycled_schedule_runs_the_schedule_over_each_phase_for_every_training_gr
 def test_chain_thaw_trains_one_group_at_a_time(tmp_path):
   summary = train_lib.train_and_evaluate(_unfreeze_config(mode="chain_thaw", steps=16), str(tmp_path))["train"]
   assert [p["trainable_groups"] for p in summary["phases"]] == [["head"], ["stem"], ["stage_1"], ["stage_2"], GROUPS]
+  # The summary and partition.tsv give the steps each group rests in (they said the head trains from step 0 on,
+  # the stem from step 3 on).
+  short = train_lib.build_stage(_unfreeze_config(mode="chain_thaw", steps=16)).strategy.short()
+  assert "head                170 params  trains in steps 0-2, 12-," in short, short
+  assert "stage_2           1,184 params  trains from step 9," in short, short
+  rows = [line.split("\t") for line in open(tmp_path / "partition.tsv").read().splitlines()[1:]]
+  assert {row[0]: row[-1] for row in rows}["stem/conv/kernel"] == "3-5, 12-"
 
 
 def test_resume_across_an_unfreezing_boundary_equals_uninterrupted(tmp_path, monkeypatch):
@@ -383,7 +391,7 @@ def test_train_bn_trains_batch_norm_of_groups_not_yet_unfrozen(tmp_path):
   # The start-of-stage summary says so: the stem's BatchNorm from step 0, its kernel when the stem unfreezes. (It
   # used to give one tensor's start for the whole group.)
   stem = next(line for line in stage.strategy.short().splitlines() if line.split()[0] == "stem")
-  assert "trains in parts: 2 tensors from step 0, 1 tensor from step 9" in stem, stem
+  assert "trains in parts: 2 tensors throughout, 1 tensor from step 9" in stem, stem
 
 
 def test_train_bn_on_a_model_without_batch_norm_is_refused():
