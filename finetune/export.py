@@ -142,8 +142,12 @@ def _export_peft(cfg: ConfigDict, arrays: dict, num_classes: int, run_dir: str, 
     trained = sorted(adapters.trainable_paths(peft_cfg, list(params), base_paths))
   abstract = adapters.abstract_model(cfg.model, peft_cfg, num_classes)
   base = _hf_base(run_dir, trained, full_model_kwargs(cfg.model, num_classes))
+  # Our own base is named by its absolute path: PEFT resolves a relative one against the current folder and else
+  # asks the Hub for it (`AutoPeftModel.from_pretrained(OUT)` failed from any other folder, or took a `base_model/`
+  # that happened to be there).
+  written_base = os.path.join(os.path.abspath(os.path.expanduser(out)), "base_model")
   tensors, adapter_config = peft_format.peft_adapter(cfg.model, peft_cfg, abstract, params, trained, num_classes,
-                                                     base_model=base or "base_model")
+                                                     base_model=base or written_base)
   with staged_directory(out) as staging:  # adapter and base_model/ appear together or not at all
     peft_format.write_adapter(staging, tensors, adapter_config)
     if not base:  # no Hugging Face checkpoint holds these frozen weights: write ours next to the adapter
@@ -155,6 +159,8 @@ def _export_peft(cfg: ConfigDict, arrays: dict, num_classes: int, run_dir: str, 
   if base and peft_cfg.quantize:  # PEFT's own QLoRA adapters name the float checkpoint too (quantized on loading)
     note += (f" (QLoRA: the base named is the float checkpoint {base}; the adapter trained on its "
              f"{peft_cfg.quantize.upper()}-rounded kernels, which --format hf folds in exactly)")
+  if not base:
+    note += f" (adapter_config.json names {written_base} as its base: after moving the folder, pass the new one)"
   return "PEFT LoRA adapter" + ("" if base else " + base_model/") + note
 
 

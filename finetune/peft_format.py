@@ -81,6 +81,17 @@ def _model_kwargs(model_cfg: ConfigDict, num_classes: int) -> dict[str, Any]:
   return full_model_kwargs(model_cfg, num_classes)
 
 
+def _tied_embedding(model_name: str, abstract_model: nnx.Module) -> str | None:
+  """Our path of an input embedding that is also the output layer (GPT-2; Llama with tied embeddings), else None.
+  transformers ties `lm_head.weight` to it, but PEFT's modules_to_save wraps a *copy* of the embedding: the
+  output layer would keep the old weights unless `lm_head` is saved too."""
+  if model_name == "gpt2":
+    return "wte/embedding"
+  if model_name == "llama" and getattr(abstract_model, "lm_head", None) is None:
+    return "embed_tokens/embedding"
+  return None
+
+
 def _task_type(model_name: str, kwargs: dict[str, Any]) -> str | None:
   if model_name in ("gpt2", "llama"):
     return "CAUSAL_LM"
@@ -158,6 +169,10 @@ def peft_adapter(model_cfg: ConfigDict, peft_cfg: ConfigDict, abstract_model: nn
     else:
       saved_modules.append(module_name(name, hf_param, naming))
     tensors[PREFIX + module_name(name, hf_param, naming) + "." + leaf] = hf.to_torch_layout(params[path], layout)
+  tied = _tied_embedding(name, abstract_model)
+  if tied in trainable:  # (without it PEFT's logits came from the untrained output layer: off by more than the base)
+    saved_modules.append("lm_head")
+    tensors[f"{PREFIX}lm_head.weight"] = hf.to_torch_layout(params[tied], hf.transformers_name(name, tied, kwargs)[1])
   if biases and peft_cfg.bias == "none":
     raise FinetuneError(f"biases {biases[:3]} trained but config.peft.bias='none'; PEFT could not load them")
   # target_modules: the leaf names when they pick exactly the adapted modules in the transformers model, else full
@@ -218,12 +233,18 @@ def read_peft_adapter(directory: str, model_cfg: ConfigDict, peft_cfg: ConfigDic
     leaf = hf_param.rsplit(".", 1)[1]
     for naming in ("installed", "checkpoint"):
       by_param[f"{module_name(name, hf_param, naming)}.{leaf}"] = (path, layout)
+  tied = _tied_embedding(name, abstract_model)
+  if tied:  # a tied model's output layer is its embedding: PEFT saves both when modules_to_save wraps them
+    by_param["lm_head.weight"] = (tied, hf.transformers_name(name, tied, kwargs)[1])
   arrays: dict[str, np.ndarray] = {}
+  read_from: dict[str, list[str]] = {}  # our path -> the adapter tensors it was read from
   # {our LoRA path: the module name the adapter used for it}: its rank/alpha patterns name modules that way (a
   # pattern in one naming would not match the other's aliases).
   used_names: dict[str, str] = {}
   for key, value in tensors.items():
     short = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    if ".original_module." in short:  # the frozen original of a modules_to_save layer (bias='all' saves its bias)
+      continue
     short = re.sub(r"\.modules_to_save(\.\w+)?\.", ".", short).replace(".base_layer.", ".")
     match = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)", short)
     if match:
@@ -242,10 +263,23 @@ def read_peft_adapter(directory: str, model_cfg: ConfigDict, peft_cfg: ConfigDic
         arrays[f"{path}/lora_magnitude"] = value
     elif short in by_param:
       path, layout = by_param[short]
-      arrays[path] = hf.from_torch_layout(value, layout)
+      array = hf.from_torch_layout(value, layout)
+      if path in arrays and not np.array_equal(arrays[path], array):
+        raise FinetuneError(f"adapter {directory}: {read_from[path][0]} and {key} differ, but this model ties them "
+                            f"into one parameter ({path}); import an adapter that saves them equal, or untie the "
+                            "model's embeddings (config.model.tie_word_embeddings=False)")
+      arrays[path] = array
+      read_from.setdefault(path, []).append(key)
     else:
       raise FinetuneError(f"adapter {directory}: tensor {key} has no counterpart in model {name!r}; the adapter "
                           "belongs to another architecture")
+  if len(read_from.get(tied, ())) == 1:
+    # PEFT wrapped a copy of one of the two and left the other with its base weights: an untied model, which ours
+    # (one parameter for both) cannot be; read as it was, the logits differed from PEFT's by more than the base's.
+    raise FinetuneError(f"adapter {directory}: {read_from[tied][0]} is saved without the layer this model ties it to "
+                        f"(the input embedding and lm_head are one parameter here, {tied}), so in PEFT the other "
+                        "keeps its base weights; import an adapter whose modules_to_save holds both, equal (as "
+                        "`finetune export --format peft` writes them)")
   _check_scaling(config, peft_cfg, loras, used_names, directory)
   return arrays
 

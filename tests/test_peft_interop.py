@@ -102,6 +102,9 @@ CASES = {
     "bert-lora_only_bias": dict(targets=("query", "value"), modules_to_save=("^head/",), rank=4, alpha=8.0,
                                 bias="lora_only"),
     "gpt2-all_bias": dict(targets=("c_attn", "attn_proj"), rank=4, alpha=16.0, rslora=True, bias="all"),
+    # The embedding is the output layer too: PEFT wraps a copy of it, so lm_head is saved beside it (it kept the
+    # base's output layer, logits further off than the base's).
+    "gpt2-tied_embedding": dict(targets=("c_attn",), rank=4, alpha=8.0, modules_to_save=("^wte/",)),
 }
 
 
@@ -220,6 +223,30 @@ def test_adapter_made_by_peft_imports_with_equal_logits(case, tmp_path):
   model = adapters.load_model(ConfigDict(model_cfg), peft_config(method="lora", **ours), num_classes,
                               checkpoint=str(tmp_path / "base"), adapter=str(tmp_path / "adapter"))
   np.testing.assert_allclose(mask(our_logits(model, kind), kind), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_tied_embedding_saved_alone_is_refused_and_our_export_of_one_imports_back(tmp_path):
+  """PEFT's modules_to_save=['wte'] wraps a copy of the embedding and leaves lm_head as it was: an untied model,
+  which GPT-2 here cannot be (read as it was, the logits differed from PEFT's by 3.8). Our export saves both."""
+  torch_model, model_cfg = save_base("gpt2", tmp_path / "base")
+  torch.manual_seed(1)
+  peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(
+      target_modules=["c_attn"], r=4, lora_alpha=8, fan_in_fan_out=True, modules_to_save=["wte"],
+      task_type="CAUSAL_LM"))
+  peft_model.save_pretrained(tmp_path / "alone")
+  ours = peft_config(method="lora", targets=("c_attn",), rank=4, alpha=8.0, modules_to_save=("^wte/",))
+  model_cfg = ConfigDict(model_cfg)
+  with pytest.raises(FinetuneError, match=r"transformer.wte.weight is saved without the layer this model ties it "
+                                          r"to \(the input embedding and lm_head are one parameter here"):
+    adapters.load_model(model_cfg, ours, 0, checkpoint=str(tmp_path / "base"), adapter=str(tmp_path / "alone"))
+  model = adapters.load_model(model_cfg, ours, 0, checkpoint=str(tmp_path / "base"))
+  trained = ["wte/embedding"] + [p for p in flatten(nnx.state(model, nnx.Param).to_pure_dict()) if "lora_" in p]
+  model = randomize_adapters(model, trained)
+  params = jax.device_get(flatten(nnx.state(model, nnx.Param).to_pure_dict()))
+  config = peft_format.export_peft(model_cfg, ours, model, params, trained, 0, str(tmp_path / "ours"))
+  assert config["modules_to_save"] == ["lm_head", "transformer.wte"]
+  back = adapters.load_model(model_cfg, ours, 0, checkpoint=str(tmp_path / "base"), adapter=str(tmp_path / "ours"))
+  np.testing.assert_allclose(our_logits(back, "gpt2"), our_logits(model, "gpt2"), atol=1e-5)
 
 
 def test_import_of_an_adapter_with_lora_bias_names_that_setting(tmp_path):
@@ -357,7 +384,7 @@ def _llama_logits_after_peft(adapter_dir, base_dir, ids):
     return peft.PeftModel.from_pretrained(base, str(adapter_dir)).eval()(input_ids=torch.tensor(ids)).logits.numpy()
 
 
-def test_peft_export_names_the_hf_base_only_when_the_frozen_weights_are_its(tmp_path, capsys):
+def test_peft_export_names_the_hf_base_only_when_the_frozen_weights_are_its(tmp_path, capsys, monkeypatch):
   """A LoRA stage straight from a Hugging Face checkpoint names it as the base; a LoRA stage after a full
   fine-tuning stage writes its own base_model/ (naming the original checkpoint would apply the adapter to other
   weights), as does one that changed the architecture. Either way PEFT computes the run's logits. An interrupted run
@@ -392,13 +419,19 @@ def test_peft_export_names_the_hf_base_only_when_the_frozen_weights_are_its(tmp_
     assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--stage", stage, "--format", "peft", "--out",
                      str(out)]) == 0
     written = json.load(open(out / "adapter_config.json"))["base_model_name_or_path"]
-    assert written == (str(named_base) if named_base else "base_model")
+    assert written == str(named_base or out / "base_model")  # (a relative 'base_model' PEFT looked up on the Hub)
     assert (out / "base_model").is_dir() == (named_base is None)
     stage_cfg = ConfigDict(json.load(open(tmp_path / "run" / stage / "config.json")))
     model = adapters.load_model(stage_cfg.model, stage_cfg.peft, 0, checkpoint=str(tmp_path / "run" / stage))
     logits[stage] = np.asarray(model(ids, np.ones_like(ids)))
     np.testing.assert_allclose(_llama_logits_after_peft(out, named_base or out / "base_model", ids), logits[stage],
                                atol=1e-4, rtol=1e-4)
+  # PEFT's own loader finds the written base from any folder (a relative name sent it to the Hub).
+  monkeypatch.chdir(tmp_path / "run")
+  auto = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "peft_lora_after_full")).eval()
+  with torch.no_grad():
+    auto_logits = auto(input_ids=torch.tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long)).logits
+  np.testing.assert_allclose(auto_logits.numpy(), logits["lora_after_full"], atol=1e-4, rtol=1e-4)
   # QLoRA names the float checkpoint, as PEFT's QLoRA adapters do, and says the adapter trained on rounded kernels.
   assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--stage", "qlora_from_hf", "--format", "peft",
                    "--out", str(tmp_path / "peft_qlora")]) == 0
