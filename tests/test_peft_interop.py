@@ -191,6 +191,10 @@ def test_vit_rank_and_alpha_patterns_import_back_in_either_naming(tmp_path):
 PEFT_MADE = {
     "bert": (dict(target_modules=["query", "value"], r=4, lora_alpha=8, task_type="SEQ_CLS"),
              dict(targets=("query", "value"), rank=4, alpha=8.0, modules_to_save=("^head/",))),
+    # bias='all' also saves the classifier's frozen original (classifier.original_module.bias): it was refused as
+    # a tensor of another architecture.
+    "bert-bias_all": (dict(target_modules=["query", "value"], r=4, lora_alpha=8, task_type="SEQ_CLS", bias="all"),
+                      dict(targets=("query", "value"), rank=4, alpha=8.0, modules_to_save=("^head/",), bias="all")),
     "gpt2": (dict(target_modules=["c_attn"], r=4, lora_alpha=8, fan_in_fan_out=True, use_dora=True,
                   task_type="CAUSAL_LM"),
              dict(targets=("c_attn",), rank=4, alpha=8.0, dora=True)),
