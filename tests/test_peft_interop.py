@@ -253,6 +253,19 @@ def test_a_tied_embedding_saved_alone_is_refused_and_our_export_of_one_imports_b
   np.testing.assert_allclose(our_logits(back, "gpt2"), our_logits(model, "gpt2"), atol=1e-5)
 
 
+def test_lora_on_a_sequence_classifier_s_head_is_refused_by_the_peft_format(tmp_path):
+  """(Written with 'classifier' in both target_modules and modules_to_save, which PEFT failed to load; with
+  bias='none' refused for a head bias that never trained.)"""
+  _, model_cfg = save_base("bert", tmp_path / "base")
+  model_cfg, cfg = ConfigDict(model_cfg), peft_config(method="lora", targets=("query", "head"), rank=2)
+  model = adapters.load_model(model_cfg, cfg, 3, checkpoint=str(tmp_path / "base"))
+  params = jax.device_get(flatten(nnx.state(model, nnx.Param).to_pure_dict()))
+  trained = sorted(p for p in params if "lora_" in p)
+  with pytest.raises(FinetuneError, match=r"LoRA on the classifier .* PEFT's sequence-classification format cannot "
+                                          r"hold .*; use --format hf"):
+    peft_format.peft_adapter(model_cfg, cfg, model, params, trained, 3)
+
+
 def test_import_of_an_adapter_with_lora_bias_names_that_setting(tmp_path):
   """(PEFT's lora_bias=True adds lora_B.bias tensors; they were reported as belonging to another architecture.)"""
   torch_model, model_cfg = save_base("llama", tmp_path / "base")
