@@ -230,7 +230,8 @@ def read_peft_adapter(directory: str, model_cfg: ConfigDict, peft_cfg: ConfigDic
   for path in loras:
     hf_param, _ = hf.transformers_name(name, f"{path}/kernel", kwargs)
     for naming in ("installed", "checkpoint"):
-      by_module[module_name(name, hf_param, naming)] = path
+      for alias in _with_and_without_scope(name, module_name(name, hf_param, naming)):
+        by_module[alias] = path
   by_param: dict[str, tuple[str, Any]] = {}
   for path, _ in _flat_paths(abstract_model):
     try:
@@ -239,7 +240,8 @@ def read_peft_adapter(directory: str, model_cfg: ConfigDict, peft_cfg: ConfigDic
       continue
     leaf = hf_param.rsplit(".", 1)[1]
     for naming in ("installed", "checkpoint"):
-      by_param[f"{module_name(name, hf_param, naming)}.{leaf}"] = (path, layout)
+      for alias in _with_and_without_scope(name, module_name(name, hf_param, naming)):
+        by_param.setdefault(f"{alias}.{leaf}", (path, layout))
   tied = _tied_embedding(name, abstract_model)
   if tied:  # a tied model's output layer is its embedding: PEFT saves both when modules_to_save wraps them
     by_param["lm_head.weight"] = (tied, hf.transformers_name(name, tied, kwargs)[1])
@@ -257,9 +259,11 @@ def read_peft_adapter(directory: str, model_cfg: ConfigDict, peft_cfg: ConfigDic
     if match:
       module, part = match.groups()
       if module not in by_module:
+        ours = sorted({m for m in by_module if not m.startswith(_BASE_CLASSES[name][1])} or by_module)
         raise FinetuneError(f"adapter {directory}: {key} adapts module {module!r}, which has no LoRA layer in this "
-                            f"model; set config.peft.targets to the adapter's target_modules "
-                            f"{config.get('target_modules')}")
+                            f"model (config.peft.targets gives it LoRA on {', '.join(ours[:3])}"
+                            f"{', ...' if len(ours) > 3 else ''}); set config.peft.targets, in this model's layer "
+                            "names, to the layers the adapter adapts")
       path = by_module[module]
       used_names[path] = module
       if part == "lora_A.weight":
@@ -289,6 +293,18 @@ def read_peft_adapter(directory: str, model_cfg: ConfigDict, peft_cfg: ConfigDic
                         "`finetune export --format peft` writes them)")
   _check_scaling(config, peft_cfg, loras, used_names, directory)
   return arrays
+
+
+def _with_and_without_scope(model_name: str, module: str) -> tuple[str, ...]:
+  """A module's name as the task model names it (`bert.encoder...`) and as the bare base model does
+  (`encoder...`): an adapter made on the other class (PEFT on BertForSequenceClassification, imported into a
+  mean-pooled BERT, which exports as BertModel) holds the same layers under the other name."""
+  scope = _BASE_CLASSES[model_name][1]
+  if module.startswith(scope):
+    return module, module[len(scope):]
+  if module.split(".")[0] in ("lm_head", "classifier"):  # the task model's own layers, outside the base model
+    return (module,)
+  return module, scope + module
 
 
 def _flat_paths(abstract_model: nnx.Module) -> list[tuple[str, Any]]:

@@ -266,6 +266,28 @@ def test_lora_on_a_sequence_classifier_s_head_is_refused_by_the_peft_format(tmp_
     peft_format.peft_adapter(model_cfg, cfg, model, params, trained, 3)
 
 
+def test_an_adapter_made_on_the_bare_base_model_imports_into_the_task_model(tmp_path):
+  """PEFT on BertModel names the layers `encoder.layer.0...`, our classifier's BERT (BertForSequenceClassification)
+  `bert.encoder.layer.0...`: the same layers, which were refused as having no LoRA layer."""
+  _, model_cfg = save_base("bert", tmp_path / "base")
+  torch.manual_seed(1)
+  peft_model = peft.get_peft_model(transformers.BertModel.from_pretrained(str(tmp_path / "base")), peft.LoraConfig(
+      target_modules=["query", "value"], r=4, lora_alpha=8, init_lora_weights=False, task_type="FEATURE_EXTRACTION"))
+  peft_model.save_pretrained(tmp_path / "adapter")
+  torch_inputs, (ids, attention) = inputs("bert")
+  with torch.no_grad():
+    expected = peft_model.eval()(**torch_inputs).last_hidden_state.numpy()
+  model = adapters.load_model(ConfigDict(model_cfg), peft_config(method="lora", targets=("query", "value"), rank=4,
+                                                                 alpha=8.0), 3, checkpoint=str(tmp_path / "base"),
+                              adapter=str(tmp_path / "adapter"))
+  np.testing.assert_allclose(np.asarray(model.encode(ids, attention)), expected, atol=1e-4, rtol=1e-4)
+  with pytest.raises(FinetuneError, match=r"adapts module 'encoder.layer.0.attention.self.query', which has no LoRA "
+                                          r"layer in this model \(config.peft.targets gives it LoRA on "
+                                          r"encoder.layer.0.attention.self.key, "):
+    adapters.load_model(ConfigDict(model_cfg), peft_config(method="lora", targets=("key",), rank=4, alpha=8.0), 3,
+                        checkpoint=str(tmp_path / "base"), adapter=str(tmp_path / "adapter"))
+
+
 def test_import_of_an_adapter_with_lora_bias_names_that_setting(tmp_path):
   """(PEFT's lora_bias=True adds lora_B.bias tensors; they were reported as belonging to another architecture.)"""
   torch_model, model_cfg = save_base("llama", tmp_path / "base")
