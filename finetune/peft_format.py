@@ -186,6 +186,8 @@ def peft_adapter(model_cfg: ConfigDict, peft_cfg: ConfigDict, abstract_model: nn
   # module paths (PEFT matches a target t against module names equal to t or ending in '.t').
   all_linear = {module_name(name, hf.transformers_name(name, f"{p}/kernel", kwargs)[0], naming)
                 for p, _ in adapters.module_paths(abstract_model, (nnx.Linear, LoRALinear))}
+  if task_type == "FEATURE_EXTRACTION":  # BertModel has a pooler our mean-pooled BERT lacks ('dense' matched it)
+    all_linear.add("pooler.dense")
   leaves = sorted({m.rsplit(".", 1)[-1] for m in modules.values()})
   if {m for m in all_linear if m.rsplit(".", 1)[-1] in leaves} == set(modules.values()):
     target_modules = leaves

@@ -288,6 +288,23 @@ def test_an_adapter_made_on_the_bare_base_model_imports_into_the_task_model(tmp_
                         checkpoint=str(tmp_path / "base"), adapter=str(tmp_path / "adapter"))
 
 
+def test_a_mean_pooled_bert_adapter_does_not_adapt_the_pooler_it_lacks(tmp_path):
+  """(target_modules=['dense'] picked our attention and MLP outputs, and in BertModel its pooler too: PEFT gave
+  the pooler an untrained LoRA and warned of missing adapter keys.)"""
+  _, model_cfg = save_base("bert", tmp_path / "base")
+  model_cfg = ConfigDict({**model_cfg, "pooling": "mean"})
+  cfg = peft_config(method="lora", targets=("output", "intermediate"), rank=2)
+  model = adapters.load_model(model_cfg, cfg, 3, checkpoint=str(tmp_path / "base"))
+  params = jax.device_get(flatten(nnx.state(model, nnx.Param).to_pure_dict()))
+  _, config = peft_format.peft_adapter(model_cfg, cfg, model, params, sorted(p for p in params if "lora_" in p), 3)
+  assert config["target_modules"] != ["dense"] and len(config["target_modules"]) == 6, config["target_modules"]
+  peft_format.export_peft(model_cfg, cfg, model, params, sorted(p for p in params if "lora_" in p), 3,
+                          str(tmp_path / "adapter"))
+  loaded = peft.PeftModel.from_pretrained(transformers.BertModel.from_pretrained(str(tmp_path / "base")),
+                                          str(tmp_path / "adapter"))
+  assert not any("pooler" in name and "lora_" in name for name, _ in loaded.named_parameters())
+
+
 def test_import_of_an_adapter_with_lora_bias_names_that_setting(tmp_path):
   """(PEFT's lora_bias=True adds lora_B.bias tensors; they were reported as belonging to another architecture.)"""
   torch_model, model_cfg = save_base("llama", tmp_path / "base")
