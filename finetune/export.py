@@ -159,6 +159,11 @@ def _export_peft(cfg: ConfigDict, arrays: dict, num_classes: int, run_dir: str, 
   if base and peft_cfg.quantize:  # PEFT's own QLoRA adapters name the float checkpoint too (quantized on loading)
     note += (f" (QLoRA: the base named is the float checkpoint {base}; the adapter trained on its "
              f"{peft_cfg.quantize.upper()}-rounded kernels, which --format hf folds in exactly)")
+  if base and num_classes and peft_format.saves_classifier(cfg.model.name, full_model_kwargs(cfg.model, num_classes)):
+    labels = len(read_json(os.path.join(base, "config.json")).get("id2label") or {}) or 2  # (transformers' default)
+    if labels != num_classes:  # (PEFT's load failed on the classifier's shape, [K, d] vs the base's [2, d])
+      note += (f" (the classifier has {num_classes} classes and {base} {labels}: load it with "
+               f"num_labels={num_classes}, ignore_mismatched_sizes=True; the adapter's classifier replaces it)")
   if not base:
     note += f" (adapter_config.json names {written_base} as its base: after moving the folder, pass the new one)"
   return "PEFT LoRA adapter" + ("" if base else " + base_model/") + note

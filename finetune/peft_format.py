@@ -92,6 +92,11 @@ def _tied_embedding(model_name: str, abstract_model: nnx.Module) -> str | None:
   return None
 
 
+def saves_classifier(model_name: str, kwargs: dict[str, Any]) -> bool:
+  """Whether the adapter carries a classifier the base model must have room for (BERT with cls pooling, ViT)."""
+  return model_name == "vit" or _task_type(model_name, kwargs) == "SEQ_CLS"
+
+
 def _task_type(model_name: str, kwargs: dict[str, Any]) -> str | None:
   if model_name in ("gpt2", "llama"):
     return "CAUSAL_LM"

@@ -305,6 +305,28 @@ def test_a_mean_pooled_bert_adapter_does_not_adapt_the_pooler_it_lacks(tmp_path)
   assert not any("pooler" in name and "lora_" in name for name, _ in loaded.named_parameters())
 
 
+def test_peft_export_of_a_classifier_says_the_base_needs_room_for_its_classes(tmp_path, capsys):
+  """(A 5-class adapter on a 3-label checkpoint: PEFT's load failed on the classifier's shape, with no hint.)"""
+  from finetune import cli, train as train_lib  # pylint: disable=g-import-not-at-top
+  from finetune.config import build_config  # pylint: disable=g-import-not-at-top
+  torch_model, model_cfg = save_base("bert", tmp_path / "base")
+  config = build_config({
+      "model": model_cfg, "init_from": str(tmp_path / "base"), "dont_load": ("^head/",),
+      "data": {"name": "synthetic", "batch_size": 4, "eval_batch_size": 4, "validation_fraction": 0.25,
+               "options": {"kind": "tokens", "length": 8, "vocab_size": 120, "num_examples": 40, "num_classes": 5}},
+      "train": {"steps": 2, "log_every": 2, "checkpoint_every": 0},
+      "peft": {"method": "lora", "targets": ("query",), "rank": 2, "modules_to_save": ("^head/",)}})
+  train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  capsys.readouterr()
+  assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--format", "peft", "--out",
+                   str(tmp_path / "peft")]) == 0
+  assert (f"the classifier has 5 classes and {tmp_path / 'base'} 3: load it with num_labels=5, "
+          "ignore_mismatched_sizes=True") in capsys.readouterr().out
+  base = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "base"), num_labels=5,
+                                                                     ignore_mismatched_sizes=True)
+  peft.PeftModel.from_pretrained(base, str(tmp_path / "peft"))  # loads as the note says
+
+
 def test_import_of_an_adapter_with_lora_bias_names_that_setting(tmp_path):
   """(PEFT's lora_bias=True adds lora_B.bias tensors; they were reported as belonging to another architecture.)"""
   torch_model, model_cfg = save_base("llama", tmp_path / "base")
