@@ -774,10 +774,19 @@ def check_early_stopping_split(cfg: ConfigDict, pipeline: InputPipeline) -> None
                         f"{cfg.data.name!r} does not give (evaluated: {', '.join(pipeline.eval_splits)}); {fix}")
 
 
-def warn_if_warmup_outlasts(cfg: ConfigDict, total_steps: int) -> None:
+def warn_if_warmup_outlasts(cfg: ConfigDict, total_steps: int, strategy: Strategy | None = None) -> None:
   """A warning, not an error: a smoke run that shortens a config's steps is a fair use; a full run this short is
   more likely a units slip (epochs read as steps), and its learning rate never reaches its peak. (Here, not in
-  build_stage, which also rebuilds earlier tasks' configs to evaluate them.)"""
+  build_stage, which also rebuilds earlier tasks' configs to evaluate them.) With unfreeze.schedule='cycle', every
+  phase warms up again, so the shortest phase is the length to compare."""
+  if strategy is not None and strategy.schedule_mode == "cycle" and len(strategy.phases) > 1:
+    starts = [phase.start for phase in strategy.phases] + [total_steps]
+    shortest = min(end - start for start, end in zip(starts, starts[1:]))
+    if cfg.optimizer.warmup_steps >= shortest:
+      warnings.warn(f"config.optimizer.warmup_steps={cfg.optimizer.warmup_steps} is not below the shortest "
+                    f"unfreezing phase ({shortest} steps), and unfreeze.schedule='cycle' warms up again in every "
+                    "phase: its learning rate never reaches its peak; lower warmup_steps or unfreeze less often")
+      return
   if cfg.optimizer.warmup_steps >= total_steps:
     length = f"config.train.steps={cfg.train.steps}" if cfg.train.steps else (
         f"config.train.epochs={cfg.train.epochs}: {total_steps} steps")
@@ -851,7 +860,7 @@ def open_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train")
     return read_json(summary_path)
   write_text(os.path.join(run_dir, "config.json"), config_lib.to_json(cfg))
   stage = build_stage(cfg)
-  warn_if_warmup_outlasts(cfg, stage.total_steps)
+  warn_if_warmup_outlasts(cfg, stage.total_steps, stage.strategy)
   check_early_stopping_split(cfg, stage.pipeline)
   write_table(stage.strategy, run_dir, name)
   if stage.peft_info and jax.process_index() == 0:

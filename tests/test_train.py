@@ -652,12 +652,25 @@ def test_a_task_or_model_reading_entries_the_data_lacks_is_one_error():
     train_lib.build_stage(tiny_config(model={"name": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}))
 
 
+def _cycled(warmup_steps: int):
+  config = tiny_config(train={"steps": 12}, optimizer={"warmup_steps": warmup_steps},
+                       unfreeze={"mode": "gradual", "every_steps": 3, "schedule": "cycle"})
+  stage = train_lib.build_stage(config)
+  return stage.cfg, stage.total_steps, stage.strategy
+
+
 def test_a_warm_up_as_long_as_the_stage_is_reported_in_steps_and_in_epochs(tmp_path):
   """(warmup_steps >= the stage's steps was taken silently: the learning rate never reached its peak.)"""
   short = {"log_every": 2, "checkpoint_every": 0}
   with pytest.warns(UserWarning, match=r"warmup_steps=4 is not below the stage's length \(config.train.steps=4\)"):
     train_lib.train_and_evaluate(tiny_config(train={**short, "steps": 4}, optimizer={"warmup_steps": 4}),
                                  str(tmp_path / "steps"))
+  # unfreeze.schedule='cycle' warms up in every phase: the shortest phase is the length that matters.
+  with pytest.warns(UserWarning, match=r"warmup_steps=3 is not below the shortest unfreezing phase \(3 steps\)"):
+    train_lib.warn_if_warmup_outlasts(*_cycled(warmup_steps=3))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    train_lib.warn_if_warmup_outlasts(*_cycled(warmup_steps=2))
   # digits: 1797 images, 20% held out for validation -> 1437 training rows, 44 batches of 32 per epoch
   with pytest.warns(UserWarning, match=r"config.train.epochs=0.1: 5 steps"):
     train_lib.train_and_evaluate(tiny_config(train={**short, "steps": 0, "epochs": 0.1},
