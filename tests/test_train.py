@@ -668,9 +668,10 @@ def test_a_warm_up_as_long_as_the_stage_is_reported_in_steps_and_in_epochs(tmp_p
   # unfreeze.schedule='cycle' warms up in every phase: the shortest phase is the length that matters.
   with pytest.warns(UserWarning, match=r"warmup_steps=3 is not below the shortest unfreezing phase \(3 steps\)"):
     train_lib.warn_if_warmup_outlasts(*_cycled(warmup_steps=3))
+  shorter = _cycled(warmup_steps=2)
   with warnings.catch_warnings():
-    warnings.simplefilter("error")
-    train_lib.warn_if_warmup_outlasts(*_cycled(warmup_steps=2))
+    warnings.simplefilter("error", UserWarning)
+    train_lib.warn_if_warmup_outlasts(*shorter)
   # digits: 1797 images, 20% held out for validation -> 1437 training rows, 44 batches of 32 per epoch
   with pytest.warns(UserWarning, match=r"config.train.epochs=0.1: 5 steps"):
     train_lib.train_and_evaluate(tiny_config(train={**short, "steps": 0, "epochs": 0.1},
