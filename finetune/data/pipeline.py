@@ -19,7 +19,8 @@ import dataclasses
 import functools
 import inspect
 import os
-from typing import Iterator, Mapping
+import warnings
+from typing import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -27,7 +28,7 @@ from ml_collections import ConfigDict
 
 from finetune import config as config_lib
 from finetune.data import SOURCES
-from finetune.data.dataset import Dataset, Split, SubsetSplit
+from finetune.data.dataset import ArraySplit, Dataset, Split, SubsetSplit
 from finetune.errors import FinetuneError
 
 _VALIDATION_SEED = 0
@@ -201,6 +202,26 @@ def _filter(split: Split, label_map: np.ndarray | None) -> Split:
   return SubsetSplit(split, keep, label_map)
 
 
+def _warn_untrained_classes(train: Split, class_names: Sequence[str], name: str) -> None:
+  """A class with no training example still gets an output, never trained towards: integer labels are class
+  indices 0..max, so labels 1..K ("1-based") leave a phantom class 0. A warning, not an error (a small subset may
+  lack a class on purpose); after data.classes, which may drop the empty ones. Only where the labels are in
+  memory: a large on-disk source (tfds) would read every label for it."""
+  base = train
+  while isinstance(base, SubsetSplit):
+    base = base.base
+  if not class_names or not isinstance(base, ArraySplit) or "label" not in base.features or not len(train):
+    return
+  counts = np.bincount(train.labels(), minlength=len(class_names))[:len(class_names)]
+  empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
+  if empty:
+    fix = ("; labels that start at 1 leave class 0 empty: subtract 1 from them" if empty == ["0"] else
+           "; check the label column, or keep only trained classes with config.data.classes")
+    warnings.warn(f"the training data of {name} has no example of class {', '.join(map(repr, empty[:5]))}"
+                  f"{', ...' if len(empty) > 5 else ''} (of {len(class_names)}): the model's output for it never "
+                  f"trains{fix}", UserWarning, stacklevel=2)
+
+
 def check_options(data_cfg: ConfigDict) -> None:
   """Every key of config.data.options must be an argument of the data source (checked with the config, before any
   stage trains, and again when the source loads)."""
@@ -275,6 +296,7 @@ def build_pipeline(data_cfg: ConfigDict, seed: int) -> InputPipeline:
       "image" not in train.take(np.arange(1)):
     raise FinetuneError(f"config.data.augment (crop_padding, flip) applies to images, and {data_cfg.name!r} has none; "
                         "set config.data.augment.crop_padding=0 and flip=False")
+  _warn_untrained_classes(train, class_names, dataset.name)
   if len(train) < data_cfg.batch_size:
     raise FinetuneError(f"only {len(train)} training examples but config.data.batch_size={data_cfg.batch_size}; "
                         "lower the batch size")

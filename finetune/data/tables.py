@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import gzip
 import os
-import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -184,26 +183,7 @@ def class_names_and_labels(raw: dict[str, np.ndarray], names: dict[str, Sequence
       if values.size and values.max() >= num_classes:
         raise FinetuneError(f"labels in {where[split]} include {values.max()}, but the train split's largest label "
                             f"is {num_classes - 1}; fix the labels or the file")
-    _warn_unused_classes(counted, num_classes, where)
   return tuple(names), labels
-
-
-def _warn_unused_classes(labels: dict[str, np.ndarray], num_classes: int, where: dict[str, str]) -> None:
-  """Integer labels are class indices 0..K-1 with K the train split's largest label + 1, so a class below it with no
-  training example still gets an output (never trained towards): with labels 1..K ("1-based"), a phantom class 0.
-  A warning, not an error: a small subset may lack a class on purpose."""
-  counts = np.zeros(num_classes, np.int64)
-  for values in labels.values():
-    counts += np.bincount(values, minlength=num_classes)[:num_classes]
-  unused = np.flatnonzero(counts == 0)
-  if unused.size:
-    split = "train" if "train" in where else sorted(where)[0]
-    fix = ("labels look 1-based: subtract 1 from them" if unused.tolist() == [0] else
-           "check the label column")
-    warnings.warn(f"labels in {where[split]} never use class {', '.join(map(str, unused[:5]))}"
-                  f"{', ...' if unused.size > 5 else ''} of 0..{num_classes - 1}: integer labels are class indices, "
-                  f"so the model gets {num_classes} outputs and {unused.size} of them no training example; {fix}",
-                  UserWarning, stacklevel=2)
 
 
 def _indices(values: np.ndarray, names: Sequence[str], where: str) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -468,3 +469,35 @@ def test_classes_of_a_source_without_labels_are_refused():
   with pytest.raises(FinetuneError, match=r"config.data.classes=\(0,\) but blocks has no classes \(its examples have "
                                           r"no labels\); set config.data.classes=\(\)"):
     build_pipeline(_data_cfg(name=_UNLABELLED_SOURCE, classes=(0,), batch_size=2), seed=0)
+
+
+_ONE_BASED_SOURCE = "test_pipeline_one_based"
+
+
+def _one_based(path: str = "", cache_dir: str = "") -> Dataset:
+  """Integer labels 1..3, as a file numbering its classes from 1 gives: classes '0'..'3', '0' never used."""
+  del path, cache_dir
+  labels = np.arange(12) % 3 + 1
+  split = ArraySplit({"image": np.zeros((12, 1, 1, 1), np.uint8), "label": labels})
+  return Dataset("one_based", {"train": split}, ("0", "1", "2", "3"))
+
+
+if _ONE_BASED_SOURCE not in SOURCES:
+  SOURCES.register(_ONE_BASED_SOURCE)(_one_based)
+
+
+def test_a_class_without_training_examples_warns_unless_data_classes_drops_it():
+  """(1-based integer labels trained a 4-way head whose output 0 never trained, silently.)"""
+  config = _data_cfg(name=_ONE_BASED_SOURCE, batch_size=2, validation_fraction=0.25)
+  with pytest.warns(UserWarning, match=r"the training data of one_based has no example of class '0' \(of 4\): the "
+                                       r"model's output for it never trains; labels that start at 1 leave class 0 "
+                                       r"empty: subtract 1 from them"):
+    build_pipeline(config, seed=0)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", UserWarning)
+    build_pipeline(_data_cfg(name=_ONE_BASED_SOURCE, classes=(1, 2, 3), batch_size=2, validation_fraction=0.25),
+                   seed=0)  # (data.classes keeps only trained classes: nothing to say)
+  from finetune.data.pipeline import _warn_untrained_classes  # pylint: disable=g-import-not-at-top
+  with pytest.warns(UserWarning, match=r"no example of class 'b' \(of 3\): .*keep only trained classes with "
+                                       r"config.data.classes"):
+    _warn_untrained_classes(ArraySplit({"label": np.array([0, 2, 2])}), ("a", "b", "c"), "abc")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 
@@ -64,15 +62,3 @@ def test_numbers_written_as_text_are_classes_in_numeric_order():
   names, _ = _labels(["b", "a10", "a2"], ["b"])  # names that are not numbers keep text order
   assert names == ("a10", "a2", "b")
 
-
-def test_integer_labels_with_an_unused_class_warn():
-  """Integer labels are indices: 1-based labels 1..3 make 4 outputs, output 0 never trained (silently before)."""
-  with pytest.warns(UserWarning, match=r"labels in the train file never use class 0 of 0..3: .* so the model gets 4 "
-                                       r"outputs and 1 of them no training example; labels look 1-based"):
-    names, labels = _labels([1, 2, 3], [3, 1])
-  assert names == ("0", "1", "2", "3") and labels["train"].tolist() == [1, 2, 3]
-  with pytest.warns(UserWarning, match=r"never use class 1, 2 of 0..3: .* check the label column"):
-    _labels([0, 3], [3])
-  with warnings.catch_warnings():
-    warnings.simplefilter("error")
-    _labels([0, 1, 2], [1])  # every class trained: no warning
