@@ -428,7 +428,7 @@ def validate(config: ConfigDict) -> None:
                           f"of the data its source {stage.init_from!r} carved {source.data.validation_fraction} "
                           "from, so its validation split would hold rows the source trained on; give both the same "
                           "fraction")
-  _refuse_settings_no_stage_reads(stages, len(config.stages) > 0)
+  _refuse_settings_no_stage_reads(config, stages)
   # PEFT settings with no method in any stage add no adapter: a LoRA setting alone would train the full model.
   # (A stage that sets method='' under a base config's LoRA settings turns PEFT off on purpose.)
   if not any(stage.peft.method for _, stage in stages):
@@ -444,26 +444,51 @@ def validate(config: ConfigDict) -> None:
                             f"({', '.join(PEFT_METHODS.names())}) or drop the setting{where}")
 
 
-def _refuse_settings_no_stage_reads(stages: list[tuple[str, ConfigDict]], staged: bool) -> None:
-  """A schedule's or optimizer's own setting (optimizer.cut_frac, momentum, ...) or an unfreezing setting changed
-  from its default where no stage reads it: it would be ignored (cut_frac with cosine, momentum with adamw,
-  unfreeze.every_steps with mode 'none'). Checked over all stages together, since a base config's setting may be
-  meant for only some of them; a schedule or optimizer registered outside finetune is not checked."""
+def _optional_settings(choices: Iterable[Any]) -> list[tuple[str, str, str, tuple[str, ...]]]:
+  """(section, key, choosing key, the choices that read it) for the settings only some choices read: a schedule's
+  or optimizer's own keys (when every stage's `choices` (resolved configs or dicts) uses built-in ones: another
+  registered elsewhere may read any key) and the unfreezing keys, read by modes other than 'none'."""
   from finetune.optim import BUILT_IN, SETTING_READERS  # pylint: disable=g-import-not-at-top
-  default = defaults()
+  choices = list(choices)
   settings = [("optimizer", key, chooser, readers) for chooser, keys in SETTING_READERS.items()
               for key, readers in keys.items()
-              if all(stage.optimizer[chooser] in BUILT_IN[chooser] for _, stage in stages)]
-  settings += [("unfreeze", key, "mode", ("gradual", "chain_thaw")) for key in default.unfreeze if key != "mode"]
-  for section, key, chooser, readers in settings:
-    set_in = [name for name, stage in stages if _as_json(stage[section][key]) != _as_json(default[section][key])]
-    if set_in and not any(stage[section][chooser] in readers for _, stage in stages):
-      value = dict(stages)[set_in[0]][section][key]
-      chosen = sorted({stage[section][chooser] for _, stage in stages})
-      where = f" (stage{'s' if len(set_in) > 1 else ''} {', '.join(map(repr, set_in))})" if staged else ""
+              if all(choice["optimizer"][chooser] in BUILT_IN[chooser] for choice in choices)]
+  return settings + [("unfreeze", key, "mode", ("gradual", "chain_thaw")) for key in defaults().unfreeze
+                     if key != "mode"]
+
+
+def _refuse_settings_no_stage_reads(config: ConfigDict, stages: list[tuple[str, ConfigDict]]) -> None:
+  """A schedule's or optimizer's own setting (optimizer.cut_frac, momentum, ...) or an unfreezing setting changed
+  from its default where it is not read: it would be ignored (cut_frac with cosine, momentum with adamw,
+  unfreeze.every_steps with mode 'none'). A stage's own setting must be read by that stage; a base config's, by
+  some stage (it may be meant for only some of them)."""
+  default, staged = defaults(), len(config.stages) > 0
+  by_name = dict(stages)
+  for section, key, chooser, readers in _optional_settings(stage for _, stage in stages):
+    changed = [name for name, stage in stages if _as_json(stage[section][key]) != _as_json(default[section][key])]
+    own = [name for name in changed if staged and key in config.stages[name].get(section, {})]
+    unread_own = [name for name in own if by_name[name][section][chooser] not in readers]
+    if unread_own or (changed and not any(stage[section][chooser] in readers for _, stage in stages)):
+      names = unread_own or changed
+      value, chosen = by_name[names[0]][section][key], sorted({by_name[name][section][chooser] for name in names})
+      where = f" (stage{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))})" if staged else ""
       raise FinetuneError(f"config.{section}.{key}={value!r} is read only with config.{section}.{chooser} "
-                          f"{' or '.join(map(repr, readers))}, which no stage uses ({', '.join(map(repr, chosen))}): "
-                          f"it would be ignored; drop it or set config.{section}.{chooser}{where}")
+                          f"{' or '.join(map(repr, readers))}, which {'it' if unread_own else 'no stage'} uses "
+                          f"({', '.join(map(repr, chosen))}): it would be ignored; drop it or set "
+                          f"config.{section}.{chooser}{where}")
+
+
+def without_unread_settings(raw: dict[str, Any]) -> dict[str, Any]:
+  """One stage's saved config (its config.json, a dict) with the settings its own schedule, optimizer and
+  unfreezing mode do not read reset to their defaults: every stage's file keeps the base config's settings, also
+  those meant for other stages, which `build_config` on the file alone would refuse (finetune eval did)."""
+  default = defaults()
+  raw = json.loads(json.dumps(raw))
+  filled = {section: {**default[section].to_dict(), **raw.get(section, {})} for section in ("optimizer", "unfreeze")}
+  for section, key, chooser, readers in _optional_settings([filled]):
+    if filled[section][chooser] not in readers and key in raw.get(section, {}):
+      raw[section][key] = default[section][key]
+  return raw
 
 
 def with_values(config: ConfigDict, **sections: Any) -> ConfigDict:

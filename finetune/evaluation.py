@@ -53,7 +53,8 @@ def evaluate_run(workdir: str, stage: str = "", overrides: Sequence[str] = (),
                           f"--config.{override}")
   run_dir = resolve_run_dir(workdir, stage, unfinished, "evaluate")
   step_dir = latest_checkpoint(run_dir, "evaluate")
-  raw = read_json(os.path.join(run_dir, "config.json"))
+  # (A base config's settings for other stages' schedules are in every stage's file: unread here, so reset.)
+  raw = config_lib.without_unread_settings(read_json(os.path.join(run_dir, "config.json")))
   # Nothing is loaded or trained: the weights come from the checkpoint (adapters included), regularizers and
   # rehearsal only shape training, cached features would swap in the head alone, fed by an extraction this does
   # not run, and early stopping would watch a split the overrides may have dropped. A stage that turned PEFT off

@@ -291,6 +291,23 @@ def test_a_setting_no_stage_reads_is_refused():
   # Read by one stage: a base setting meant for some stages is not an error.
   tiny_config(optimizer={"cut_frac": 0.2}, stages={"a": {}, "b": {"optimizer": {"schedule": "stlr", "warmup_steps": 0}}})
   tiny_config(unfreeze={"every_steps": 3}, stages={"a": {}, "b": {"unfreeze": {"mode": "gradual"}}})
+  # A stage's own setting must be read by that stage (another stage's schedule reading it did not help).
+  with pytest.raises(FinetuneError, match=r"config.optimizer.cut_frac=0.3 is read only with config.optimizer.schedule "
+                                          r"'stlr', which it uses \('cosine'\): .* \(stage 'a'\)"):
+    tiny_config(stages={"a": {"optimizer": {"cut_frac": 0.3}},
+                        "b": {"optimizer": {"schedule": "stlr", "warmup_steps": 0}}})
+
+
+def test_a_stage_s_saved_config_loads_alone_without_the_settings_it_does_not_read():
+  """(Every stage's config.json keeps the base's settings, also those for other stages' schedules: `finetune eval`
+  refused such a file as holding a setting no stage reads.)"""
+  from finetune.config import without_unread_settings  # pylint: disable=g-import-not-at-top
+  raw = {"optimizer": {"schedule": "cosine", "cut_frac": 0.2, "end_learning_rate_factor": 0.1},
+         "unfreeze": {"mode": "none", "every_steps": 5}}
+  assert without_unread_settings(raw) == {"optimizer": {"schedule": "cosine", "cut_frac": 0.1,
+                                                        "end_learning_rate_factor": 0.1},
+                                          "unfreeze": {"mode": "none", "every_steps": 0}}
+  assert raw["optimizer"]["cut_frac"] == 0.2  # (a copy)
 
 
 def test_an_override_cannot_invent_a_stage():

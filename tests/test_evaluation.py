@@ -23,9 +23,13 @@ def _assert_equals_its_final_evaluation(run_dir, results):
 
 
 def test_stages_that_trained_otherwise_evaluate_as_they_ended(tmp_path):
-  config = tiny_config(train={"steps": 4, "log_every": 2, "checkpoint_every": 0}, stages={
+  """(The base config's cut_frac, read by the ewc stage's schedule, is in the probe's config.json too: evaluating
+  the probe alone refused it as a setting no stage reads.)"""
+  config = tiny_config(train={"steps": 4, "log_every": 2, "checkpoint_every": 0}, optimizer={"cut_frac": 0.25},
+                       stages={
       "probe": {"freeze": PROBE_FREEZE, "features": {"cache": True}},
-      "ewc": {"init_from": "stage:probe", "regularize": {"ewc": {"weight": 10.0, "num_examples": 32}}}})
+      "ewc": {"init_from": "stage:probe", "regularize": {"ewc": {"weight": 10.0, "num_examples": 32}},
+              "optimizer": {"schedule": "stlr", "warmup_steps": 0}}})
   train_lib.train_and_evaluate(config, str(tmp_path))
   for stage in ("probe", "ewc"):
     _assert_equals_its_final_evaluation(tmp_path / stage, evaluate_run(str(tmp_path), stage))
