@@ -47,13 +47,14 @@ def check_arguments(name: str, keys) -> None:
 def check_argument_types(name: str, kwargs: dict[str, Any], read_from: dict[str, str] | None = None) -> None:
   """Each value against its constructor annotation (`int`, `float`, `tuple[int, ...]`, `str | None`, ...): a
   string dropout or a fractional width failed inside the model as a TypeError traceback. `read_from` names the
-  file a value came from (a checkpoint's config.json), which the message then blames instead of config.model."""
+  file and key a value came from (a checkpoint's config.json), which the message then blames instead of
+  config.model."""
   parameters = inspect.signature(MODELS.get(name).__init__).parameters
   for key, value in kwargs.items():
     annotation = parameters[key].annotation if key in parameters else inspect.Parameter.empty
     if isinstance(annotation, str) and _fits(value, annotation) is False:
       if read_from and key in read_from:
-        raise FinetuneError(f"{read_from[key]} gives {key}={value!r}, which is not {annotation} (model {name!r}); "
+        raise FinetuneError(f"{read_from[key]}={value!r} (config.model.{key}) is not {annotation} (model {name!r}); "
                             f"fix that file or set config.model.{key}, which wins over it")
       raise FinetuneError(f"config.model.{key}={value!r} is not {annotation} (model {name!r}); give a value of "
                           "that type")
@@ -95,7 +96,8 @@ def model_kwargs(model_cfg: ConfigDict, num_classes: int) -> dict[str, Any]:
         raise FinetuneError(f"{hf_path}/config.json sets dropout rates {rates}, but model {hf_name!r} has one rate "
                             "for all of them: set config.model.dropout")
       hf_kwargs["dropout"] = next(iter(rates.values()))
-    read_from = {key: f"{hf_path}/config.json" for key in hf_kwargs if key not in kwargs}
+    theirs = hf.config_keys(hf_path)  # (values derived from several keys are named by ours)
+    read_from = {key: f"{hf_path}/config.json's {theirs.get(key, key)}" for key in hf_kwargs if key not in kwargs}
     kwargs = {**hf_kwargs, **kwargs}
   else:
     read_from = {}

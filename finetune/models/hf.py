@@ -250,6 +250,12 @@ def model_kwargs(path: str) -> tuple[str, dict[str, Any]]:
   return name, {**kwargs, **extra(config)}
 
 
+def config_keys(path: str) -> dict[str, str]:
+  """{our constructor argument: the config.json key it is read from} for a checkpoint's directly mapped settings."""
+  config = read_config(path)
+  return {ours: theirs for theirs, ours in ARCHITECTURES[config["model_type"]][1].items()}
+
+
 def dropout_rates(path: str) -> dict[str, float]:
   """{config.json key: rate} of the checkpoint's dropout settings (empty for models without dropout)."""
   config = read_config(path)

@@ -202,12 +202,15 @@ def test_a_wrongly_typed_checkpoint_value_blames_its_config_json(tmp_path):
   transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20,
                           vocab_size=30).save_pretrained(tmp_path)
   config = json.loads((tmp_path / "config.json").read_text())
-  (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_size": 16.0}))
-  with pytest.raises(FinetuneError, match=r"config.json gives hidden_size=16.0, which is not int \(model 'bert'\); "
-                                          r"fix that file or set config.model.hidden_size, which wins over it"):
+  (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_size": 16.0, "num_hidden_layers": 1.0}))
+  with pytest.raises(FinetuneError, match=r"config.json's hidden_size=16.0 \(config.model.hidden_size\) is not int "
+                                          r"\(model 'bert'\); fix that file or set config.model.hidden_size, which "
+                                          r"wins over it"):
     model_kwargs(ConfigDict({"name": "bert", "hf_config": str(tmp_path)}), 2)
-  assert model_kwargs(ConfigDict({"name": "bert", "hf_config": str(tmp_path), "hidden_size": 16}), 2)[
-      "hidden_size"] == 16
+  # Named by the file's key where it differs from ours (num_hidden_layers is our num_layers).
+  with pytest.raises(FinetuneError, match=r"config.json's num_hidden_layers=1.0 \(config.model.num_layers\) is not "
+                                          r"int"):
+    model_kwargs(ConfigDict({"name": "bert", "hf_config": str(tmp_path), "hidden_size": 16}), 2)
 
 
 def test_sharded_checkpoint_reads_like_a_single_file(tmp_path):
