@@ -96,7 +96,10 @@ def atomic_path(path: str) -> Iterator[str]:
   except OSError as e:
     raise _naming(e, path) from e
   except FinetuneError as e:  # (save_safetensors' one line named the temp file)
-    raise naming_final(e, tmp, path) from None
+    renamed = naming_final(e, tmp, path)
+    if renamed is e:
+      raise
+    raise renamed from None
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)

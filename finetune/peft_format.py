@@ -266,11 +266,11 @@ def read_peft_adapter(directory: str, model_cfg: ConfigDict, peft_cfg: ConfigDic
     if match:
       module, part = match.groups()
       if module not in by_module:
-        ours = sorted({m for m in by_module if not m.startswith(_BASE_CLASSES[name][1])} or by_module)
+        ours = sorted(loras)
         raise FinetuneError(f"adapter {directory}: {key} adapts module {module!r}, which has no LoRA layer in this "
-                            f"model (config.peft.targets gives it LoRA on {', '.join(ours[:3])}"
-                            f"{', ...' if len(ours) > 3 else ''}); set config.peft.targets, in this model's layer "
-                            "names, to the layers the adapter adapts")
+                            f"model (config.peft.targets puts LoRA on {', '.join(ours[:3])}"
+                            f"{', ...' if len(ours) > 3 else ''}); set config.peft.targets to the layers the adapter "
+                            "adapts, in this model's layer names")
       path = by_module[module]
       used_names[path] = module
       if part == "lora_A.weight":
@@ -283,9 +283,9 @@ def read_peft_adapter(directory: str, model_cfg: ConfigDict, peft_cfg: ConfigDic
       path, layout = by_param[short]
       array = hf.from_torch_layout(value, layout)
       if path in arrays and not np.array_equal(arrays[path], array):
+        untie = ", or untie the model's embeddings (config.model.tie_word_embeddings=False)" if name == "llama" else ""
         raise FinetuneError(f"adapter {directory}: {read_from[path][0]} and {key} differ, but this model ties them "
-                            f"into one parameter ({path}); import an adapter that saves them equal, or untie the "
-                            "model's embeddings (config.model.tie_word_embeddings=False)")
+                            f"into one parameter ({path}); import an adapter that saves them equal{untie}")
       arrays[path] = array
       read_from.setdefault(path, []).append(key)
     else:

@@ -189,7 +189,10 @@ def staged_directory(out: str) -> Iterator[str]:
       shutil.rmtree(previous, ignore_errors=True)
   except FinetuneError as e:  # (a failed write inside named the staging folder, not --out)
     shutil.rmtree(staging, ignore_errors=True)
-    raise files.naming_final(e, staging, out) from None
+    renamed = files.naming_final(e, staging, out)
+    if renamed is e:
+      raise
+    raise renamed from None
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise

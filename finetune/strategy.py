@@ -119,20 +119,20 @@ class Strategy:
     return {"params": sum(sizes.values()), "trainable": sum(sizes[p] for p in trainable),
             "frozen": sum(sizes[p] for p in sizes if p not in trainable)}
 
-  def training_steps(self) -> dict[str, str]:
-    """{path: the steps it trains in}: '0-' (the whole stage), '6-' (from step 6 on), '0-2, 12-' (chain-thaw: it
-    rests from step 3 to 11); '' for a frozen one."""
+  def training_spans(self) -> dict[str, tuple[tuple[int, int | None], ...]]:
+    """{path: the (first, end) step ranges it trains in, end exclusive, None for the stage's end}: ((0, None),) for
+    the whole stage, ((0, 3), (12, None)) for a chain-thaw group resting from step 3 to 11; () if frozen."""
     trainable = [self.trainable(q) for q in range(len(self.phases))]
     ends = [phase.start for phase in self.phases[1:]] + [None]
     result = {}
     for path in self.group_of:
-      spans: list[list] = []
+      spans: list[tuple[int, int | None]] = []
       for phase, end, trains in zip(self.phases, ends, (path in t for t in trainable)):
         if trains and spans and spans[-1][1] == phase.start:
-          spans[-1][1] = end
+          spans[-1] = (spans[-1][0], end)
         elif trains:
-          spans.append([phase.start, end])
-      result[path] = ", ".join(f"{start}-{'' if end is None else end - 1}" for start, end in spans)
+          spans.append((phase.start, end))
+      result[path] = tuple(spans)
     return result
 
   def table(self) -> str:
@@ -140,23 +140,24 @@ class Strategy:
     header = ["path", "group", "shape", "frozen_for_stage", "trainable_from_step", "peak_lr", "label",
               "training_steps"]
     rows = ["\t".join(header)]
-    steps = self.training_steps()
+    spans = self.training_spans()
     for path, group in self.group_of.items():
       frozen = path in self.frozen
       start = "" if frozen else str(self.label_start(self.label(path)))
       rows.append("\t".join([path, group, "x".join(map(str, self.shapes[path])) or "scalar", str(frozen).lower(),
                              start, "0" if frozen else f"{self.peak_lr(path):.6g}",
-                             FROZEN if frozen else self.label(path), steps[path]]))
+                             FROZEN if frozen else self.label(path), _steps_text(spans[path])]))
     return "\n".join(rows) + "\n"
 
   def short(self) -> str:
     """One line per group: parameters, frozen or in which steps it trains, peak learning rate."""
     lines = []
-    steps = self.training_steps()
+    spans_of = self.training_spans()
 
-    def when(span: str) -> str:  # (chain-thaw's resting groups were reported as training from their first step)
-      return ("" if span == "0-" else f"from step {span[:-1]}" if span.count("-") == 1 and span.endswith("-")
-              else f"in steps {span}")
+    def when(spans: tuple) -> str:  # (chain-thaw's resting groups were reported as training from their first step)
+      if len(spans) == 1 and spans[0][1] is None:
+        return "throughout" if spans[0][0] == 0 else f"from step {spans[0][0]}"
+      return f"in steps {_steps_text(spans)}"
 
     for group in self.groups:
       paths = [p for p, g in self.group_of.items() if g == group]
@@ -165,12 +166,13 @@ class Strategy:
       if not live:
         state = "frozen"
       else:
-        spans = collections.Counter(steps[p] for p in live)
+        spans = collections.Counter(spans_of[p] for p in live)
         if len(spans) == 1:
-          state = f"trains {when(next(iter(spans)))}".rstrip()
+          state = "trains " + when(next(iter(spans)))
+          state = "trains" if state == "trains throughout" else state
         else:  # e.g. train_bn under gradual unfreezing: the group's BatchNorm trains before its kernels
-          state = "trains in parts: " + ", ".join(f"{n} tensor{'s' if n > 1 else ''} {when(span) or 'throughout'}"
-                                                  for span, n in sorted(spans.items(), key=_span_order))
+          state = "trains in parts: " + ", ".join(f"{n} tensor{'s' if n > 1 else ''} {when(span)}"
+                                                  for span, n in sorted(spans.items(), key=_by_first_step))
         if len(live) < len(paths):
           state += f" ({len(paths) - len(live)} of {len(paths)} tensors frozen)"
         state += f", peak lr {self.group_lr[group]:.3g}"
@@ -178,8 +180,13 @@ class Strategy:
     return "\n".join(lines)
 
 
-def _span_order(item: tuple[str, int]) -> tuple[int, str]:
-  return int(item[0].split("-")[0] or 0), item[0]
+def _by_first_step(item: tuple[tuple, int]) -> tuple[int, str]:
+  return item[0][0][0], _steps_text(item[0])  # (spans compare badly: an open end is None)
+
+
+def _steps_text(spans: tuple[tuple[int, int | None], ...]) -> str:
+  """'0-2, 12-' for ((0, 3), (12, None)): inclusive step ranges, open at the stage's end."""
+  return ", ".join(f"{start}-{'' if end is None else end - 1}" for start, end in spans)
 
 
 def batch_norm_modules(abstract_model: nnx.Module) -> dict[str, tuple[str, ...]]:

@@ -258,3 +258,31 @@ def test_unknown_names_list_valid_ones(key, value, expected):
     build_optimizer(_cfg(**{key: value}), total_steps=10, params=_params())
   for text in expected:
     assert text in str(info.value)
+
+
+CHANGED = {"end_learning_rate_factor": 0.2, "cut_frac": 0.3, "ratio": 8.0, "pct_start": 0.4, "div_factor": 10.0,
+           "final_div_factor": 100.0, "b1": 0.5, "b2": 0.9, "eps": 1e-2, "momentum": 0.5, "nesterov": True}
+
+
+def test_setting_readers_says_which_built_in_schedule_and_optimizer_reads_each_key():
+  """config validation refuses a key set where no stage's schedule or optimizer reads it (optim.SETTING_READERS):
+  each key changes the outputs of exactly the built-ins listed as its readers."""
+  assert set(CHANGED) == {key for keys in optim.SETTING_READERS.values() for key in keys}
+  for key, readers in optim.SETTING_READERS["schedule"].items():
+    for name in optim.BUILT_IN["schedule"]:
+      rates = [np.asarray([SCHEDULES.get(name)(_cfg(**values), 1.0, 40)(step) for step in range(40)])
+               for values in ({}, {key: CHANGED[key]})]
+      assert (not np.allclose(*rates)) == (name in readers), (key, name)
+  grads = jax.tree.map(jnp.ones_like, _params())
+  for key, readers in optim.SETTING_READERS["name"].items():
+    for name in optim.BUILT_IN["name"]:
+      finals = []
+      for values in ({}, {key: CHANGED[key]}):
+        cfg = _cfg(name=name, schedule="constant", learning_rate=0.1, **values)
+        transform, _ = build_optimizer(cfg, 10, _params())
+        params, state = _params(), transform.init(_params())
+        for scale in (1.0, -2.0, 0.5):  # (constant gradients hide Adam's b1: m / sqrt(v) is then 1 for any b1)
+          updates, state = transform.update(jax.tree.map(lambda g, s=scale: s * g, grads), state, params)
+          params = optax.apply_updates(params, updates)
+        finals.append(np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(params)]))
+      assert (not np.allclose(*finals)) == (name in readers), (key, name)

@@ -282,8 +282,8 @@ def test_an_adapter_made_on_the_bare_base_model_imports_into_the_task_model(tmp_
                               adapter=str(tmp_path / "adapter"))
   np.testing.assert_allclose(np.asarray(model.encode(ids, attention)), expected, atol=1e-4, rtol=1e-4)
   with pytest.raises(FinetuneError, match=r"adapts module 'encoder.layer.0.attention.self.query', which has no LoRA "
-                                          r"layer in this model \(config.peft.targets gives it LoRA on "
-                                          r"encoder.layer.0.attention.self.key, "):
+                                          r"layer in this model \(config.peft.targets puts LoRA on "
+                                          r"layers/0/attention/key, layers/1/attention/key\)"):
     adapters.load_model(ConfigDict(model_cfg), peft_config(method="lora", targets=("key",), rank=4, alpha=8.0), 3,
                         checkpoint=str(tmp_path / "base"), adapter=str(tmp_path / "adapter"))
 
@@ -302,7 +302,9 @@ def test_a_mean_pooled_bert_adapter_does_not_adapt_the_pooler_it_lacks(tmp_path)
                           str(tmp_path / "adapter"))
   loaded = peft.PeftModel.from_pretrained(transformers.BertModel.from_pretrained(str(tmp_path / "base")),
                                           str(tmp_path / "adapter"))
-  assert not any("pooler" in name and "lora_" in name for name, _ in loaded.named_parameters())
+  adapted = {name.split(".lora_")[0] for name, _ in loaded.named_parameters() if ".lora_A." in name}
+  assert not any("pooler" in name for name in adapted)
+  assert len(adapted) == 6 and all(".output.dense" in name or ".intermediate.dense" in name for name in adapted)
 
 
 def test_peft_export_of_a_classifier_says_the_base_needs_room_for_its_classes(tmp_path, capsys):
