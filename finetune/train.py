@@ -808,11 +808,19 @@ def _restore_or_init(stage: Stage, cfg: ConfigDict, checkpoints: Checkpointer, r
       raise FinetuneError(f"{init_path} is missing, but the run has checkpoints: it records how the run started "
                           "(what init_from loaded, the run's identity); restore it, or delete the run folder to redo "
                           "that run")
-    return state, start, saved_phase, {**read_json(init_path), "resumed_from_step": start}
+    init_report = read_json(init_path)
+    started_with = init_report.get("classes")  # (absent in runs started before it was recorded)
+    if started_with is not None and list(started_with) != list(stage.pipeline.class_names):
+      # (the same config reads other data: edited files, or another version's label reading; the labels would
+      # be renumbered under the trained head, silently)
+      raise FinetuneError(f"{run_dir} resumes on data whose classes are {list(stage.pipeline.class_names)[:10]}, but it "
+                          f"started with {list(started_with)[:10]} (init.json): the data changed since; restore it, "
+                          "or delete the run folder to train it again")
+    return state, start, saved_phase, {**init_report, "resumed_from_step": start}
   _clear_diverged(run_dir)  # a diverged attempt before any checkpoint: its marker is not about this one
   state, init_report = initial_state(stage, cfg, workdir)
   # This attempt's identity: a later stage records its source's, so retraining the source is noticed.
-  init_report = {"run_id": uuid.uuid4().hex, **init_report}
+  init_report = {"run_id": uuid.uuid4().hex, **init_report, "classes": list(stage.pipeline.class_names)}
   write_json(init_path, init_report)
   return state, 0, 0, init_report
 

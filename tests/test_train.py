@@ -170,6 +170,15 @@ def test_a_resumable_run_without_a_readable_init_json_is_one_clear_error(tmp_pat
                                           r"writes\); restore it"):
     train_lib.train_and_evaluate(config, str(tmp_path))
   os.replace(tmp_path / "init.json.saved", tmp_path / "init.json")
+  # Resuming on data whose classes changed (edited label files, another reading of them) would renumber the
+  # labels under the trained head silently: init.json records the classes the run started with.
+  init = json.loads((tmp_path / "init.json").read_text())
+  assert init["classes"] == [str(i) for i in range(10)]
+  (tmp_path / "init.json").write_text(json.dumps({**init, "classes": ["1", "0", *init["classes"][2:]]}))
+  with pytest.raises(FinetuneError, match=r"resumes on data whose classes are \['0', '1', .*, but it started with "
+                                          r"\['1', '0', .*\(init.json\): the data changed since"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  (tmp_path / "init.json").write_text(json.dumps(init))
   assert train_lib.train_and_evaluate(config, str(tmp_path))["train"]["steps"] == 2
 
 
