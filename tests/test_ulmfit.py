@@ -144,6 +144,12 @@ def test_each_variant_has_its_strategy(data_dirs):
       assert [p.start for p in strategy.phases] == [0, 2, 4, 6]  # 10 steps, every 10 // (4 groups + 1)
     else:
       assert [p.trainable_groups for p in strategy.phases] == [groups]
+  # `cycle`, by name only: the ulmfit stage with the schedule run over each unfreezing phase.
+  cycled = dict(stage_configs(load_config(f"{CONFIG}:{data_dirs},labels=0,lr=0.01,variant=ulmfit+cycle")))
+  assert list(cycled) == ["lm_pretrain", "lm_finetune", "ulmfit_all", "cycle_all"]
+  assert cycled["cycle_all"].unfreeze.schedule == "cycle" and cycled["ulmfit_all"].unfreeze.schedule == "continue"
+  assert cycled["cycle_all"].to_dict() == {**cycled["ulmfit_all"].to_dict(),
+                                           "unfreeze": {**cycled["ulmfit_all"].unfreeze.to_dict(), "schedule": "cycle"}}
 
 
 def test_sweep_points_load(data_dirs):
