@@ -259,6 +259,11 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
   if mode and (parallel != 1 or metrics):
     raise FinetuneError(f"{mode} neither runs points side by side nor tabulates them: drop "
                         f"{'--parallel' if parallel != 1 else '--metric'}")
+  # (--vmap: wandb agents and --together's named group train as they do whatever it says, --aggregate-only trains
+  # nothing; --vmap 0 passed there unchecked)
+  mode = mode or ("--aggregate-only" if aggregate_only else "")
+  if mode and vmap != 1:
+    raise FinetuneError(f"{mode} does not group points into programs, so --vmap {vmap} would be ignored: drop it")
   points = sweep.load_sweep(config_spec, overrides)
   sweep.check_seed_key(points, seed_key)  # before any point runs, not after the sweep
   for flag, names in (("--together", together), ("--only", only)):

@@ -155,14 +155,14 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
   if get_sweep is None:
     raise FinetuneError(f"config file {path} has no get_sweep(arg=None) function; define one returning a list of "
                         "dicts {config key: value} (finetune.sweep.product, zipped and seeds build them)")
-  sweep_arg = config_lib.ConfigArg(arg) if arg else None
-  try:
-    raw = get_sweep(sweep_arg) if inspect.signature(get_sweep).parameters else get_sweep()
-  except FinetuneError:
-    raise
-  except Exception as e:  # A bug in the config file: name it in one line, as import_config_file does.
-    message = " ".join(str(e).split("\n"))
-    raise FinetuneError(f"{path}: get_sweep raised {type(e).__name__}: {message}{raised_at(e)}") from e
+  raw, sweep_arg = _call_get_sweep(get_sweep, path, arg)
+  # Every command of a sweep reads its points again (a re-run skipping finished points, --vmap's and --dry-run's
+  # `--together` children, wandb agents): points drawn afresh on each call would be found nowhere (--vmap failed
+  # every group) and re-runs would start new folders.
+  if _comparable(raw) != _comparable(_call_get_sweep(get_sweep, path, arg)[0]):
+    raise FinetuneError(f"get_sweep in {path} returns other points on each call (a random search without a fixed "
+                        "seed?): draw them from a seeded generator, e.g. numpy.random.default_rng(0), so that "
+                        "re-runs and the commands a sweep launches find the same points")
   if sweep_arg is not None and sweep_arg.sweep_only:
     # The sweep's own arguments (e.g. `seeds=3`) shape the list of points; get_config never sees them.
     kept = _arg_items_without(arg, sweep_arg.sweep_only)
@@ -269,6 +269,26 @@ def parse_sweep_arg(arg: str | None, own: dict[str, Any], **shared: Any) -> Conf
   if isinstance(arg, config_lib.ConfigArg):
     arg.sweep_only = frozenset(own)
   return args
+
+
+def _call_get_sweep(get_sweep: Any, path: str, arg: str) -> tuple[Any, config_lib.ConfigArg | None]:
+  """(get_sweep's return value, the ConfigArg it was given), its errors as one line naming the config file."""
+  sweep_arg = config_lib.ConfigArg(arg) if arg else None
+  try:
+    return (get_sweep(sweep_arg) if inspect.signature(get_sweep).parameters else get_sweep()), sweep_arg
+  except FinetuneError:
+    raise
+  except Exception as e:  # A bug in the config file: name it in one line, as import_config_file does.
+    message = " ".join(str(e).split("\n"))
+    raise FinetuneError(f"{path}: get_sweep raised {type(e).__name__}: {message}{raised_at(e)}") from e
+
+
+def _comparable(raw: Any) -> str:
+  """get_sweep's points as text, for telling whether two calls gave the same ones."""
+  if not isinstance(raw, (list, tuple)):
+    return repr(type(raw))
+  return repr([{key: "NOT_READ" if value is NOT_READ else repr(_plain(value)) for key, value in values.items()}
+               if isinstance(values, dict) else repr(values) for values in raw])
 
 
 def point_names(points: Sequence[dict[str, Any]]) -> list[str]:
@@ -464,7 +484,19 @@ def plan_groups(points: Sequence[Point], vmap: int) -> list[list[Point]]:
   if vmap == 1:
     return [[point] for point in points]
   from finetune import vmap as vmap_lib  # pylint: disable=g-import-not-at-top  (imports jax)
-  return [[points[i] for i in group] for group in vmap_lib.groups([p.config for p in points], vmap)]
+  configs = [p.config for p in points]
+  grouped = vmap_lib.groups(configs, vmap)
+  # Why a group did not join the first one (beyond its size): a sweep that fell back to solo runs said nothing.
+  reasons = {}
+  for group in grouped[1:]:
+    reason = vmap_lib.incompatibility(configs[grouped[0][0]], configs[group[0]])
+    if reason:
+      reasons.setdefault(reason, (points[grouped[0][0]].name, points[group[0]].name))
+  for reason, (first, other) in list(reasons.items())[:5]:
+    print(f"--vmap: {other} trains apart from {first}: {reason}", file=sys.stderr, flush=True)
+  if len(reasons) > 5:
+    print(f"--vmap: and {len(reasons) - 5} more reasons to train apart", file=sys.stderr, flush=True)
+  return [[points[i] for i in group] for group in grouped]
 
 
 def _check_vmap(vmap: int) -> None:

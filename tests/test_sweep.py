@@ -425,11 +425,13 @@ def test_vmap_sweep_trains_compatible_points_together(tmp_path, capsys):
   path = write_config(tmp_path, '''[{"seed": 0}, {"seed": 1}, {"data.classes": (0, 1, 2)},
                                     {"optimizer.learning_rate": 0.01, "seed": 2}]''')
   workdir = tmp_path / "sweep"
-  status, out, _ = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--vmap", "4", "--dry-run",
-                             "--config.train.log_every=3")
+  status, out, err = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--vmap", "4", "--dry-run",
+                               "--config.train.log_every=3")
   lines = [shlex.split(line) for line in out.strip().splitlines()]
   names = [p.name for p in load_sweep(path)]
   assert status == 0 and len(lines) == 2
+  # Why one trains apart (a fallback to a solo run said nothing).
+  assert f"--vmap: {names[2]} trains apart from {names[0]}: data.classes differs ([] vs [0, 1, 2])" in err, err
   assert lines[0] == ["finetune", "sweep", "--config", path, "--workdir", str(workdir), "--together", names[0],
                       "--together", names[1], "--together", names[3], "--config.train.log_every=3"]
   assert lines[1][:2] == ["finetune", "train"] and lines[1][lines[1].index("--workdir") + 1] == str(workdir / names[2])
@@ -567,6 +569,9 @@ def test_a_changed_config_on_a_finished_sweep_is_refused_before_anything_is_writ
   assert status == 2 and "--parallel 0: run at least one point at a time" in err
   status, out, err = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--vmap", "0")
   assert status == 2 and "--vmap 0: train at least one point per program" in err
+  for mode in (["--aggregate-only"], ["--wandb-sweep", str(tmp_path / "w.yaml")], ["--together", "seed=0"]):
+    status, out, err = sweep_cli(capsys, "--config", path, "--workdir", str(workdir), "--vmap", "4", *mode)
+    assert status == 2 and f"{mode[0]} does not group points into programs, so --vmap 4 would be ignored" in err
   assert sorted(os.listdir(workdir)) == ["seed=0", "seed=1"]  # (neither wrote points.json)
   status, out, _ = sweep_cli(capsys, "--config", path, "--workdir", str(workdir))
   assert status == 0 and out.count("skipped (finished)") == 2
@@ -966,3 +971,15 @@ def test_a_cells_count_is_its_own_when_some_runs_lack_the_metric():
           for i, a in enumerate([0.5, None, 0.7])]
   assert sweep.grouped_table(rows, [], ["a", "b"]).splitlines()[2] == (
       "| 0.6000 ± 0.1414 (n=2) | 0.2500 ± 0.0000 | 3 |")
+
+
+def test_a_sweep_whose_points_change_from_call_to_call_is_refused(tmp_path):
+  """(An unseeded random search: --vmap's children read other points and failed every group, re-runs started new
+  folders instead of skipping finished points.)"""
+  random_search = ("[{'optimizer.learning_rate': float(__import__('random').uniform(1e-4, 1e-2))} for _ in range(3)]")
+  with pytest.raises(FinetuneError, match=r"get_sweep in .*random.py returns other points on each call \(a random "
+                                          r"search without a fixed seed\?\): draw them from a seeded generator"):
+    load_sweep(write_config(tmp_path, random_search, name="random.py"))
+  seeded = ("[{'optimizer.learning_rate': float(v)} for v in "
+            "__import__('numpy').random.default_rng(0).uniform(1e-4, 1e-2, 3)]")
+  assert len(load_sweep(write_config(tmp_path, seeded, name="seeded.py"))) == 3
