@@ -813,9 +813,10 @@ def _restore_or_init(stage: Stage, cfg: ConfigDict, checkpoints: Checkpointer, r
     if started_with is not None and list(started_with) != list(stage.pipeline.class_names):
       # (the same config reads other data: edited files, or another version's label reading; the labels would
       # be renumbered under the trained head, silently)
-      raise FinetuneError(f"{run_dir} resumes on data whose classes are {list(stage.pipeline.class_names)[:10]}, but it "
-                          f"started with {list(started_with)[:10]} (init.json): the data changed since; restore it, "
-                          "or delete the run folder to train it again")
+      now = list(stage.pipeline.class_names)[:10]
+      raise FinetuneError(f"{run_dir} resumes on data whose classes are {now}, but it started with "
+                          f"{list(started_with)[:10]} (init.json): the data changed since; restore it, or delete the "
+                          "run folder to train it again")
     return state, start, saved_phase, {**init_report, "resumed_from_step": start}
   _clear_diverged(run_dir)  # a diverged attempt before any checkpoint: its marker is not about this one
   state, init_report = initial_state(stage, cfg, workdir)
@@ -968,7 +969,7 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
   pending: list[dict[str, jax.Array]] = []
   progress = Progress(total, start, name)
   train_fn = None
-  earlier = _timing(run_dir).get(str(start), {"seconds": 0.0, "steps": 0})  # earlier attempts' steps up to `start`
+  earlier = timing_before(run_dir, start)  # earlier attempts' training time and steps up to `start`
   train_seconds, train_steps = float(earlier["seconds"]), int(earlier["steps"])
   timer = IntervalTimer()
   stopping = _EarlyStopping(cfg.train.early_stopping, os.path.join(run_dir, "best"), start, total)
@@ -1027,12 +1028,12 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
       elif save_now or done == total:
         timer.pause(pending)  # saving is not training time
         checkpoints.save(done, state.as_dict())
-        _record_timing(run_dir, done, train_seconds, train_steps)
+        record_timing(run_dir, done, train_seconds, train_steps)
         stopping.checkpointed(done)
         timer.resume()
     if stopping.enabled:
       state = stopping.finish(state, stage, total, checkpoints)  # (saves step `total`)
-      _record_timing(run_dir, total, train_seconds, train_steps)
+      record_timing(run_dir, total, train_seconds, train_steps)
   finally:
     progress.close()
   return state, train_seconds, train_steps, stopping.report()
@@ -1043,7 +1044,13 @@ def _timing(run_dir: str) -> dict[str, dict[str, float]]:
   return read_json(path) if os.path.isfile(path) else {}
 
 
-def _record_timing(run_dir: str, step: int, seconds: float, steps: int) -> None:
+def timing_before(run_dir: str, start: int) -> dict[str, float]:
+  """{'seconds', 'steps'} of training up to checkpoint `start` over every earlier attempt (zeros for a fresh run)."""
+  return _timing(run_dir).get(str(start), {"seconds": 0.0, "steps": 0})
+
+
+def record_timing(run_dir: str, step: int, seconds: float, steps: int) -> None:
+  """Training time and steps up to the checkpoint of `step`, over every attempt (timing.json), for a resume."""
   if jax.process_index() == 0:
     recent = dict(list(_timing(run_dir).items())[-7:])  # (a resume needs its checkpoint's; older ones are pruned)
     write_json(os.path.join(run_dir, TIMING_FILE), {**recent, str(step): {"seconds": seconds, "steps": steps}})

@@ -282,7 +282,10 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
   scales = jax.device_put(scales_all[active], replicated(mesh))
   pending: list[dict[str, jax.Array]] = []
   progress = Progress(total, start, f"{name} ({len(runs)} points)")
-  timer, train_seconds, train_steps = train_lib.IntervalTimer(), 0.0, 0
+  # Earlier attempts' training time up to `start`, as train_loop reads it (the points resume together, from the
+  # same step; a resumed group's throughput covered its last attempt only, and timing.json was never written).
+  earlier = train_lib.timing_before(runs[active[0]].run_dir, start)
+  timer, train_seconds, train_steps = train_lib.IntervalTimer(), float(earlier["seconds"]), int(earlier["steps"])
   try:
     for step in range(start, total):
       step_phase = reference.strategy.phase_index(step)
@@ -349,6 +352,7 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
           if not errors[k] and (done == total or (runs[k].cfg.train.checkpoint_every and
                                                   done % runs[k].cfg.train.checkpoint_every == 0)):
             runs[k].checkpoints.save(done, point_state(together, position, k).as_dict())
+            train_lib.record_timing(runs[k].run_dir, done, train_seconds, train_steps)
         if len(survivors) != len(active):  # a point failed: the others go on without it
           # Steps not logged yet (a failed evaluation between log lines) keep only the survivors' rows: read by
           # position at the next log, they would otherwise give a survivor the failed point's metrics.

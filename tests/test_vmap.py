@@ -127,6 +127,11 @@ def test_points_killed_while_evaluating_at_a_checkpoint_step_resume_with_every_e
     evaluations = [[(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(run, "metrics.jsonl")))
                     if r["split"] == "validation"] for run in (clean[k], killed[k])]
     assert evaluations[1] == evaluations[0] and [step for step, _ in evaluations[0]] == [4, 8, 12]
+    # timing.json as train_loop writes it, over both attempts: the resumed points read step 4's and add 8 steps
+    # (points trained together never wrote it, so a resumed group's throughput covered its last attempt only).
+    for run in (clean[k], killed[k]):
+      timing = json.load(open(os.path.join(run, "timing.json")))
+      assert sorted(timing, key=int) == ["4", "8", "12"] and timing["12"]["steps"] == 12, timing
 
 
 def test_point_map_unrolled_equals_vmap():
