@@ -82,7 +82,8 @@ class Strategy:
           result.setdefault(self.label(path), self.peak_lr(path))
     return result
 
-  def _trains(self, label: str, phase: int) -> bool:
+  def trains(self, label: str, phase: int) -> bool:
+    """Whether `label` trains in `phase`."""
     return any(self.label(p) == label for p in self.trainable(phase))
 
   def label_start(self, label: str, phase: int | None = None) -> int:
@@ -92,8 +93,8 @@ class Strategy:
     (chain-thaw) starts afresh, as a separate fine-tuning run would.
     """
     if phase is None:
-      phase = next(q for q in range(len(self.phases)) if self._trains(label, q))
-    while phase > 0 and self._trains(label, phase - 1):
+      phase = next(q for q in range(len(self.phases)) if self.trains(label, q))
+    while phase > 0 and self.trains(label, phase - 1):
       phase -= 1
     return self.phases[phase].start
 

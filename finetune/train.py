@@ -984,7 +984,7 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
     train_seconds += seconds
     train_steps += len(host)
     examples_per_s = len(host) * pipeline.batch_size / max(seconds, 1e-9)
-    averaged = log_interval(log, done, host, examples_per_s, top_label(stage.strategy))
+    averaged = log_interval(log, done, host, examples_per_s, top_label(stage.strategy, phase))
     progress.update(len(host), {"loss": averaged["loss"], "accuracy": averaged["accuracy"], "ex/s": examples_per_s})
     pending = []
 
@@ -1202,10 +1202,14 @@ def weights_of(state: TrainState) -> dict[str, Any]:
   return {"params": state.params, "model_state": state.model_state}
 
 
-def top_label(strategy: Strategy) -> str:
-  """The label whose learning rate is reported as plain `learning_rate`: the top (output-side) group's."""
+def top_label(strategy: Strategy, phase: int = 0) -> str:
+  """The label whose learning rate is reported as plain `learning_rate`: the top (output-side) group's, or, in a
+  phase where it rests (chain-thaw), the top label training then (it read 0 while other groups trained)."""
   labels = list(strategy.labels())
-  return strategy.groups[-1] if strategy.groups[-1] in labels else labels[-1]
+  training = [label for label in labels if strategy.trains(label, phase)]
+  if strategy.groups[-1] in training or not training:
+    return strategy.groups[-1] if strategy.groups[-1] in labels else labels[-1]
+  return training[-1]
 
 
 def log_interval(log: MetricsLog, step: int, host_metrics: list[dict[str, Any]], examples_per_s: float | None,

@@ -321,7 +321,7 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
             errors[k] = str(e)
             continue
           averaged = train_lib.log_interval(runs[k].log, done, own, examples_per_s,
-                                            train_lib.top_label(runs[k].stage.strategy))
+                                            train_lib.top_label(runs[k].stage.strategy, phase))
           unfinished.append((position, k, averaged))
         progress.update(len(host), {"loss": float(np.mean([a["loss"] for _, _, a in unfinished] or [np.nan])),
                                     "points": len(unfinished)})

@@ -300,6 +300,12 @@ def test_chain_thaw_trains_one_group_at_a_time(tmp_path):
   assert "stage_2           1,184 params  trains from step 9," in short, short
   rows = [line.split("\t") for line in open(tmp_path / "partition.tsv").read().splitlines()[1:]]
   assert {row[0]: row[-1] for row in rows}["stem/conv/kernel"] == "3-5, 12-"
+  # Plain `learning_rate` is the head's, and while the head rests the top training group's (it logged 0).
+  for record in _records(tmp_path):
+    resting = 3 <= record["step"] - 1 < 12
+    training = ("stem" if record["step"] - 1 < 6 else "stage_1" if record["step"] - 1 < 9 else "stage_2") \
+        if resting else "head"
+    assert record["learning_rate"] == record[f"learning_rate/{training}"] > 0, record
 
 
 def test_resume_across_an_unfreezing_boundary_equals_uninterrupted(tmp_path, monkeypatch):
