@@ -96,10 +96,7 @@ def atomic_path(path: str) -> Iterator[str]:
   except OSError as e:
     raise _naming(e, path) from e
   except FinetuneError as e:  # (save_safetensors' one line named the temp file)
-    renamed = naming_final(e, tmp, path)
-    if renamed is e:
-      raise
-    raise renamed from None
+    raise naming_final(e, tmp, path) from e.__cause__
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -117,7 +114,8 @@ def _naming(error: OSError, path: str) -> OSError:
 
 
 def naming_final(error: FinetuneError, temp: str, final: str) -> FinetuneError:
-  """`error` with the temp path in its message replaced by the user's path, the one the write was for."""
+  """`error` with the temp path in its message replaced by the user's path, the one the write was for (`error`
+  itself when it does not name the temp path)."""
   return FinetuneError(str(error).replace(temp, final)) if temp in str(error) else error
 
 

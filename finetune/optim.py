@@ -163,8 +163,7 @@ def build_optimizer(cfg: ConfigDict, strategy, phase: int, total_steps: int, par
   base = OPTIMIZERS.get(cfg.name)
   decay_mask = _decay_mask(cfg, path_of)
   trainable_labels = {strategy.label(p) for p in strategy.trainable(phase)}
-  bounds = (strategy.phases[phase].start,
-            strategy.phases[phase + 1].start if phase + 1 < len(strategy.phases) else total_steps)
+  bounds = strategy.phase_span(phase, total_steps)
   lr_by_label = {}
   transforms: dict[str, optax.GradientTransformation] = {"frozen": optax.set_to_zero()}
   for label, peak in strategy.labels().items():

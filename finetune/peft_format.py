@@ -143,15 +143,15 @@ def peft_adapter(model_cfg: ConfigDict, peft_cfg: ConfigDict, abstract_model: nn
     # BERT's names would fail to load in PEFT (as --format hf refuses RoBERTa-style models).
     raise FinetuneError("PEFT export of a RoBERTa-style classifier (position offsets) is not supported yet; "
                         "export a BERT model, or use pooling='mean' (the base is then the encoder alone)")
-  on_head = [path for path in lora_modules(abstract_model) if path.split("/")[0] == "head"]
-  if _task_type(name, kwargs) == "SEQ_CLS" and on_head:
+  loras, task_type = lora_modules(abstract_model), _task_type(name, kwargs)
+  if task_type == "SEQ_CLS" and any(path.split("/")[0] == "head" for path in loras):
     # PEFT's SEQ_CLS task always wraps the classifier in modules_to_save: a LoRA layer there was written both ways
     # (or refused for its head bias), and PEFT failed to load it.
     raise FinetuneError("this run puts LoRA on the classifier (config.peft.targets matches head/), which PEFT's "
                         "sequence-classification format cannot hold (it saves the classifier whole); use --format "
                         "hf, which merges it, or train the head fully (config.peft.modules_to_save=('^head/',))")
   tensors, modules, ranks, alphas = {}, {}, {}, {}
-  for path, module in lora_modules(abstract_model).items():
+  for path, module in loras.items():
     hf_param, _ = hf.transformers_name(name, f"{path}/kernel", kwargs)
     module_path = module_name(name, hf_param, naming)
     modules[path] = module_path
@@ -162,7 +162,6 @@ def peft_adapter(model_cfg: ConfigDict, peft_cfg: ConfigDict, abstract_model: nn
       tensors[f"{PREFIX}{module_path}.lora_magnitude_vector"] = np.asarray(params[f"{path}/lora_magnitude"])
   adapter_paths = {f"{p}/{leaf}" for p in modules for leaf in ("lora_a", "lora_b", "lora_magnitude")}
   saved_modules, biases = [], []
-  task_type = _task_type(name, kwargs)
   if task_type == "SEQ_CLS":  # PEFT always wraps the classifier of a SEQ_CLS model and expects its weights
     trainable = sorted(set(trainable) | {p for p in params if p.startswith("head/")})
   if task_type == "FEATURE_EXTRACTION":  # a mean-pooled BERT exports as BertModel, which has no classifier

@@ -187,14 +187,10 @@ def staged_directory(out: str) -> Iterator[str]:
         raise
     if previous:
       shutil.rmtree(previous, ignore_errors=True)
-  except FinetuneError as e:  # (a failed write inside named the staging folder, not --out)
+  except BaseException as e:
     shutil.rmtree(staging, ignore_errors=True)
-    renamed = files.naming_final(e, staging, out)
-    if renamed is e:
-      raise
-    raise renamed from None
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
+    if isinstance(e, FinetuneError):  # (a failed write inside named the staging folder, not --out)
+      raise files.naming_final(e, staging, out) from e.__cause__
     raise
 
 

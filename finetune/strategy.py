@@ -53,6 +53,11 @@ class Strategy:
     """The phase that step `step` (0-based update index) belongs to."""
     return max(i for i, phase in enumerate(self.phases) if phase.start <= step)
 
+  def phase_span(self, phase: int, total_steps: int | None) -> tuple[int, int | None]:
+    """(first step, end step, exclusive) of `phase`; the last phase ends at `total_steps`."""
+    last = phase + 1 == len(self.phases)
+    return self.phases[phase].start, total_steps if last else self.phases[phase + 1].start
+
   def trainable(self, phase: int) -> frozenset[str]:
     groups = set(self.phases[phase].trainable_groups)
     return frozenset(p for p, g in self.group_of.items()
@@ -82,8 +87,7 @@ class Strategy:
           result.setdefault(self.label(path), self.peak_lr(path))
     return result
 
-  def trains(self, label: str, phase: int) -> bool:
-    """Whether `label` trains in `phase`."""
+  def _trains(self, label: str, phase: int) -> bool:
     return any(self.label(p) == label for p in self.trainable(phase))
 
   def label_start(self, label: str, phase: int | None = None) -> int:
@@ -93,8 +97,8 @@ class Strategy:
     (chain-thaw) starts afresh, as a separate fine-tuning run would.
     """
     if phase is None:
-      phase = next(q for q in range(len(self.phases)) if self.trains(label, q))
-    while phase > 0 and self.trains(label, phase - 1):
+      phase = next(q for q in range(len(self.phases)) if self._trains(label, q))
+    while phase > 0 and self._trains(label, phase - 1):
       phase -= 1
     return self.phases[phase].start
 
@@ -124,15 +128,15 @@ class Strategy:
     """{path: the (first, end) step ranges it trains in, end exclusive, None for the stage's end}: ((0, None),) for
     the whole stage, ((0, 3), (12, None)) for a chain-thaw group resting from step 3 to 11; () if frozen."""
     trainable = [self.trainable(q) for q in range(len(self.phases))]
-    ends = [phase.start for phase in self.phases[1:]] + [None]
+    bounds = [self.phase_span(q, None) for q in range(len(self.phases))]
     result = {}
     for path in self.group_of:
       spans: list[tuple[int, int | None]] = []
-      for phase, end, trains in zip(self.phases, ends, (path in t for t in trainable)):
-        if trains and spans and spans[-1][1] == phase.start:
+      for (start, end), trains in zip(bounds, (path in t for t in trainable)):
+        if trains and spans and spans[-1][1] == start:
           spans[-1] = (spans[-1][0], end)
         elif trains:
-          spans.append((phase.start, end))
+          spans.append((start, end))
       result[path] = tuple(spans)
     return result
 

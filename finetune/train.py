@@ -774,14 +774,14 @@ def check_early_stopping_split(cfg: ConfigDict, pipeline: InputPipeline) -> None
                         f"{cfg.data.name!r} does not give (evaluated: {', '.join(pipeline.eval_splits)}); {fix}")
 
 
-def warn_if_warmup_outlasts(cfg: ConfigDict, total_steps: int, strategy: Strategy | None = None) -> None:
+def warn_if_warmup_outlasts(cfg: ConfigDict, total_steps: int, strategy: Strategy) -> None:
   """A warning, not an error: a smoke run that shortens a config's steps is a fair use; a full run this short is
   more likely a units slip (epochs read as steps), and its learning rate never reaches its peak. (Here, not in
   build_stage, which also rebuilds earlier tasks' configs to evaluate them.) With unfreeze.schedule='cycle', every
   phase warms up again, so the shortest phase is the length to compare."""
-  if strategy is not None and strategy.schedule_mode == "cycle" and len(strategy.phases) > 1:
-    starts = [phase.start for phase in strategy.phases] + [total_steps]
-    shortest = min(end - start for start, end in zip(starts, starts[1:]))
+  if strategy.schedule_mode == "cycle" and len(strategy.phases) > 1:
+    shortest = min(end - start for start, end in (strategy.phase_span(q, total_steps)
+                                                  for q in range(len(strategy.phases))))
     if cfg.optimizer.warmup_steps >= shortest:
       warnings.warn(f"config.optimizer.warmup_steps={cfg.optimizer.warmup_steps} is not below the shortest "
                     f"unfreezing phase ({shortest} steps), and unfreeze.schedule='cycle' warms up again in every "
@@ -1206,7 +1206,8 @@ def top_label(strategy: Strategy, phase: int = 0) -> str:
   """The label whose learning rate is reported as plain `learning_rate`: the top (output-side) group's, or, in a
   phase where it rests (chain-thaw), the top label training then (it read 0 while other groups trained)."""
   labels = list(strategy.labels())
-  training = [label for label in labels if strategy.trains(label, phase)]
+  trainable = {strategy.label(path) for path in strategy.trainable(phase)}
+  training = [label for label in labels if label in trainable]
   if strategy.groups[-1] in training or not training:
     return strategy.groups[-1] if strategy.groups[-1] in labels else labels[-1]
   return training[-1]

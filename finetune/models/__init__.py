@@ -82,6 +82,7 @@ def model_kwargs(model_cfg: ConfigDict, num_classes: int) -> dict[str, Any]:
   MODELS.get(model_cfg.name)  # an unknown name fails first, listing the valid ones
   kwargs = {k: v for k, v in model_cfg.items() if k != "name"}
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  read_from: dict[str, str] = {}  # argument -> where a checkpoint's config.json gave it, for the type check
   if kwargs.get("hf_config"):
     # Architecture from a Hugging Face config.json; keys set in config.model win.
     from finetune.models import hf  # pylint: disable=g-import-not-at-top
@@ -99,8 +100,6 @@ def model_kwargs(model_cfg: ConfigDict, num_classes: int) -> dict[str, Any]:
     theirs = hf.config_keys(hf_path)  # (values derived from several keys are named by ours)
     read_from = {key: f"{hf_path}/config.json's {theirs.get(key, key)}" for key in hf_kwargs if key not in kwargs}
     kwargs = {**hf_kwargs, **kwargs}
-  else:
-    read_from = {}
   check_arguments(model_cfg.name, kwargs)
   check_argument_types(model_cfg.name, kwargs, read_from)
   if "num_classes" in kwargs and kwargs["num_classes"] != num_classes:
