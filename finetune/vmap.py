@@ -261,7 +261,7 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
 
   # Memory: the stacked state is the only copy kept. A point's own state or weights are sliced out of it when
   # needed (an evaluation, a checkpoint, a phase change, the end) and dropped after use, so K points hold about K
-  # solo states, not three copies each.
+  # solo states, not three copies each (checkpoint writes: see `writing` below).
   def stack(point_states: list[TrainState]) -> TrainState:
     shardings = jax.tree.map(stacked, reference.state_shardings(phase))
     return jax.device_put(jax.tree.map(lambda *leaves: jnp.stack(leaves), *point_states), shardings)
@@ -281,6 +281,9 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
   program = step_program(phase, len(active))
   scales = jax.device_put(scales_all[active], replicated(mesh))
   pending: list[dict[str, jax.Array]] = []
+  # One point's checkpoint write in flight at a time: until orbax has written it, it holds the point's sliced state
+  # and a copy of its own (2 solo states), so K points written at once held 3K states instead of K + 2.
+  writing: int | None = None
   progress = Progress(total, start, f"{name} ({len(runs)} points)")
   # Earlier attempts' training time up to `start`, as train_loop reads it (the points resume together, from the
   # same step; a resumed group's throughput covered its last attempt only, and timing.json was never written).
@@ -351,7 +354,10 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
         for position, k in enumerate(active):
           if not errors[k] and (done == total or (runs[k].cfg.train.checkpoint_every and
                                                   done % runs[k].cfg.train.checkpoint_every == 0)):
+            if writing is not None:
+              runs[writing].checkpoints.wait()
             runs[k].checkpoints.save(done, point_state(together, position, k).as_dict())
+            writing = k
             train_lib.record_timing(runs[k].run_dir, done, train_seconds, train_steps)
         if len(survivors) != len(active):  # a point failed: the others go on without it
           # Steps not logged yet (a failed evaluation between log lines) keep only the survivors' rows: read by
