@@ -74,7 +74,7 @@ def evaluate_run(workdir: str, stage: str = "", overrides: Sequence[str] = (),
     raise FinetuneError(f"config.data.validation_fraction={cfg.data.validation_fraction} would carve rows the stage "
                         f"trained on (it held out {trained_fraction}); evaluate {trained_fraction} or less, or "
                         "another split")
-  eval_stage = train_lib.build_stage(cfg)
+  eval_stage = train_lib.build_stage(cfg, evaluation_only=True)
   trained_on = _trained_classes(run_dir, raw, overrides)
   if trained_on is not None and tuple(eval_stage.pipeline.class_names) != trained_on:
     # (data.classes renumbers the kept classes 0..n-1, so equal counts pass every shape check)

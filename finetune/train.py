@@ -265,13 +265,19 @@ def check_batch_keys(cfg: ConfigDict, pipeline: InputPipeline) -> None:
                           f"{', '.join(sorted(given))}: choose a task and model for this data")
 
 
-def build_stage(cfg: ConfigDict) -> Stage:
+def build_stage(cfg: ConfigDict, evaluation_only: bool = False) -> Stage:
+  """`evaluation_only`: a stage built to evaluate weights or read their shapes (`finetune eval`, the forgetting
+  evaluation, the EWC Fisher), on data, devices or batch sizes other than those it trained with. Training's own
+  checks are skipped, and its strategy has no unfreezing phases: they refused a finished run (`finetune eval` of a
+  rehearsal stage, without the rehearsal rows, had fewer steps than its unfreezing schedule; so did a source task
+  rebuilt on a target's data or batch size, and the stage failed after training), or blamed a training batch that
+  no longer splits over the evaluation's devices."""
   mesh = make_mesh(cfg.mesh)
   rules = rules_from_config(cfg.sharding_rules)
   activations = ActivationSharding(mesh, tuple(activation_rules_from_config(cfg.activation_rules).items()))
   pipeline = build_pipeline(cfg.data, cfg.seed)
   parallel = data_parallel_size(mesh)
-  if cfg.data.batch_size % (parallel * cfg.train.grad_accum_steps):
+  if not evaluation_only and cfg.data.batch_size % (parallel * cfg.train.grad_accum_steps):
     raise FinetuneError(f"config.data.batch_size={cfg.data.batch_size} must split into {cfg.train.grad_accum_steps} "
                         f"micro-batches (train.grad_accum_steps) that divide over the {parallel} data-parallel "
                         "devices; pick a multiple of their product")
@@ -285,7 +291,7 @@ def build_stage(cfg: ConfigDict) -> Stage:
     raise FinetuneError(f"config.data.eval_batch_size={cfg.data.eval_batch_size} is not divisible by the {parallel} "
                         "data-parallel devices (mesh data x fsdp); pick a multiple")
   steps_per_epoch = pipeline.steps_per_epoch
-  if cfg.rehearsal.fraction > 0:  # the batches attach_regularizers will mix: fewer target rows, more steps per epoch
+  if cfg.rehearsal.fraction > 0 and not evaluation_only:  # the batches attach_regularizers will mix: fewer target rows, more steps per epoch
     target_rows = cfg.data.batch_size - rehearsal_count(cfg.rehearsal.fraction, cfg.data.batch_size)
     steps_per_epoch = len(pipeline.train) // target_rows
   total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
@@ -326,8 +332,10 @@ def build_stage(cfg: ConfigDict) -> Stage:
     peft_trainable = adapters.trainable_paths(cfg.peft, list(flatten(params)), base_paths)
     peft_info = adapters.report(cfg.peft, {p: tuple(x.shape) for p, x in flatten(params).items()}, peft_trainable,
                                 base_paths, adapters.quantized_shapes(abstract_model), flatten(params))
-  strategy = resolve_strategy(cfg, abstract_model, params, total_steps, steps_per_epoch, peft_trainable)
-  check_fresh_parameters_train(cfg, strategy, list(flatten(params)))
+  strategy_cfg = config_lib.with_values(cfg, unfreeze=config_lib.defaults().unfreeze) if evaluation_only else cfg
+  strategy = resolve_strategy(strategy_cfg, abstract_model, params, total_steps, steps_per_epoch, peft_trainable)
+  if not evaluation_only:
+    check_fresh_parameters_train(cfg, strategy, list(flatten(params)))
   # A no_decay regex of the config's own that matches nothing is a typo; the defaults (biases, norm scales) may
   # match nothing in a model without them (Llama has no biases).
   default_no_decay = config_lib.defaults().optimizer.no_decay
@@ -557,7 +565,7 @@ def source_fisher(cfg: ConfigDict, source: regularizers.Source) -> dict[str, np.
     # A PEFT source whose adapters the lineage folded into its base: its function is the plain model's with those
     # weights, and dL/dW of the folded kernel is dL/dW_eff.
     source_cfg = config_lib.with_values(source_cfg, peft=config_lib.defaults().peft)
-  source_stage = build_stage(source_cfg)
+  source_stage = build_stage(source_cfg, evaluation_only=True)
   pipeline = dataclasses.replace(source_stage.pipeline, eval_batch_size=ewc.batch_size, process_count=1,
                                  process_index=0)
   train = pipeline.train
@@ -602,7 +610,7 @@ def evaluate_sources(cfg: ConfigDict, state: TrainState, sources: list[regulariz
     summary_path = os.path.join(source.run_dir, SUMMARY_FILE)
     before = read_json(summary_path)["final"]
     eval_cfg = config_lib.with_values(cfg, data=on_this_stage_s_devices(source.cfg, cfg).data)
-    eval_stage = build_stage(eval_cfg)
+    eval_stage = build_stage(eval_cfg, evaluation_only=True)
     shapes = {p: tuple(x.shape) for p, x in flatten(eval_stage.view_params).items()}
 
     def pick(path: str, _) -> np.ndarray:

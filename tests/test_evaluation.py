@@ -82,3 +82,18 @@ def test_data_whose_classes_differ_from_the_trained_ones_is_refused_finished_or_
   with pytest.raises(FinetuneError, match="the weights were trained on classes"):
     evaluate_run(str(tmp_path), overrides=["data.classes=(2, 1, 0)"], unfinished=True)
   assert evaluate_run(str(tmp_path), overrides=["data.eval_batch_size=16"], unfinished=True)
+
+
+def test_stages_whose_training_schedule_the_evaluation_cannot_rebuild_evaluate_as_they_ended(tmp_path):
+  """(Rebuilt for `finetune eval` without its rehearsal rows, a rehearsal stage had 22 steps to its unfreezing
+  schedule's 30 and was refused; so was a gradual stage whose smaller validation split, a documented override,
+  left fewer steps per epoch than its `every_epochs` schedule needed.)"""
+  config = tiny_config(train={"steps": 0, "epochs": 1.0, "log_every": 10, "checkpoint_every": 0}, stages={
+      "source": {"data": {"classes": (0, 1, 2, 3, 4)}, "train": {"steps": 4, "epochs": 0.0}},
+      "rehearsed": {"data": {"classes": (5, 6, 7, 8, 9)}, "init_from": "stage:source", "dont_load": ("^head/",),
+                    "rehearsal": {"fraction": 0.5}, "unfreeze": {"mode": "gradual", "every_steps": 10}},
+      "gradual": {"unfreeze": {"mode": "gradual", "every_epochs": 0.25}, "train": {"steps": 34, "epochs": 0.0}}})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  for stage in ("rehearsed", "gradual"):
+    _assert_equals_its_final_evaluation(tmp_path / stage, evaluate_run(str(tmp_path), stage))
+  assert set(evaluate_run(str(tmp_path), "gradual", ["data.validation_fraction=0.05"])) == {"validation"}

@@ -856,3 +856,18 @@ def test_continuing_an_ia3_or_bottleneck_run_anchors_its_own_parameters(tmp_path
     logged = [json.loads(line) for line in open(tmp_path / name / "chain" / "metrics.jsonl") if '"train"' in line]
     # (ia3: the source folded in float32 numpy, the stage's scaled kernels in XLA: equal to rounding)
     assert logged[0]["l2sp/distance"] < 1e-9 < logged[1]["l2sp/distance"], (name, logged)
+
+
+def test_sources_rebuilt_on_a_stage_s_data_or_batch_ignore_their_unfreezing_schedule(tmp_path):
+  """(The forgetting evaluation rebuilt the stage on the source's data, so an epoch-long stage counted the source's
+  epoch, 9 steps for its gradual schedule's 24: it failed after all its steps had trained, and again on every
+  re-run. The EWC Fisher rebuilt the source at the target's batch size: its schedule then had 6 steps of 15.)"""
+  config = tiny_config(train={"steps": 0, "epochs": 1.0, "log_every": 10, "checkpoint_every": 0}, stages={
+      "source": {"data": {"classes": (0, 1), "batch_size": 16},
+                 "unfreeze": {"mode": "gradual", "every_steps": 5}},
+      "target": {"data": {"classes": (2, 3, 4, 5, 6, 7, 8, 9)}, "init_from": "stage:source",
+                 "dont_load": ("^head/",), "unfreeze": {"mode": "gradual", "every_steps": 8},
+                 "regularize": {"ewc": {"weight": 10.0, "num_examples": 32}}}})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  summary = json.load(open(tmp_path / "target" / "summary.json"))
+  assert set(summary["forgetting"]["source"]) == {"validation"}

@@ -177,6 +177,19 @@ def test_finetune_eval_scores_a_one_device_run_on_eight_devices_as_it_ended(sing
   assert scores["validation"]["loss"] == pytest.approx(final["validation"]["loss"], rel=1e-5)
 
 
+def test_finetune_eval_on_eight_devices_of_a_run_whose_training_batch_does_not_split_over_them(tmp_path):
+  """(A batch of 36 in 2 micro-batches trained on one device; evaluating it on 8 was refused because that training
+  batch does not split over them, though nothing trains.)"""
+  config = tiny_config(train={"steps": 2, "log_every": 1, "checkpoint_every": 0, "grad_accum_steps": 2},
+                       data={"batch_size": 36, "eval_batch_size": 64})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  result = run_python_with_args(EVAL_RUN, [str(tmp_path)])
+  assert result.returncode == 0, result.stderr[-3000:]
+  scores = json.loads(result.stdout.strip().splitlines()[-1])
+  final = json.loads((tmp_path / "summary.json").read_text())["final"]
+  assert scores["validation"]["accuracy"] == final["validation"]["accuracy"]
+
+
 TRANSFORMERS = {
     "bert": dict(task="classification", model={"name": "bert", "vocab_size": 64, "hidden_size": 16, "num_layers": 2,
                                                "num_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32,
