@@ -33,12 +33,13 @@ OVERRIDABLE = ("data.", "mesh.")
 
 def _trained_classes(run_dir: str, raw: dict[str, Any], overrides: Sequence[str]) -> tuple[str, ...] | None:
   """The class names the stage trained on, in label order, where data overrides may have changed them: its
-  summary's, or (an unfinished stage) its own data's, loaded again. None without data overrides."""
+  summary's or init.json's, or (a run started before init.json recorded them) its own data's, loaded again. None
+  without data overrides."""
   if not any(override.startswith("data.") for override in overrides):
     return None
-  summary_path = os.path.join(run_dir, train_lib.SUMMARY_FILE)
-  if os.path.isfile(summary_path):
-    return tuple(read_json(summary_path)["classes"])
+  recorded = train_lib.trained_classes(run_dir)
+  if recorded is not None:
+    return tuple(recorded)
   cfg = config_lib.build_config(ConfigDict(raw), [o for o in overrides if not o.startswith("data.")])
   return tuple(build_pipeline(cfg.data, cfg.seed).class_names)
 

@@ -16,6 +16,7 @@ import sys
 from ml_collections import ConfigDict
 
 from finetune import adapters
+from finetune import train as train_lib
 from finetune.adapters import PEFT_METHODS
 from finetune.checkpoint import DIVERGED_FILE, diverged_from, read_checkpoint_arrays, resolve_checkpoint
 from finetune.errors import FinetuneError
@@ -197,9 +198,8 @@ def _base_paths(cfg: ConfigDict, num_classes: int) -> set[str]:
 
 def _write_hf(cfg: ConfigDict, params: dict, num_classes: int, run_dir: str, out: str) -> str:
   kwargs = full_model_kwargs(cfg.model, num_classes)
-  summary_path = os.path.join(run_dir, "summary.json")
-  class_names = read_json(summary_path)["classes"] if os.path.exists(summary_path) else \
-      [str(i) for i in range(num_classes)]
+  # (an unfinished run's are in its init.json: the indices named a run on classes 5..9 '0'..'4')
+  class_names = train_lib.trained_classes(run_dir) or [str(i) for i in range(num_classes)]
   base = hf.read_config(hf.resolve_hf(cfg.model.hf_config)) if cfg.model.get("hf_config") else None
   with staged_directory(out) as staging:
     architecture = hf.export_params(cfg.model.name, params, kwargs, class_names, staging, base)

@@ -691,6 +691,18 @@ def _run_id(run_dir: str | None) -> str | None:
   return read_json(path).get("run_id") if path and os.path.isfile(path) else None
 
 
+def trained_classes(run_dir: str) -> list[str] | None:
+  """The class names a run trains on, in label order: its summary's, or (unfinished) its init.json's; None for a
+  run started before init.json recorded them."""
+  for name in (SUMMARY_FILE, "init.json"):
+    path = os.path.join(run_dir, name)
+    if os.path.isfile(path):
+      classes = read_json(path).get("classes")
+      if classes is not None:
+        return list(classes)
+  return None
+
+
 def _source_run_dir(init_from: str, workdir: str) -> str | None:
   """The run folder of ours that `init_from` names: 'stage:NAME', a run, its checkpoints/ or one step folder."""
   if init_from.startswith("stage:"):
@@ -1048,8 +1060,21 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
 
 
 def _timing(run_dir: str) -> dict[str, dict[str, float]]:
+  """timing.json's entries; a damaged file only loses the earlier attempts' time (said on stderr), never a resume:
+  it refused one, and said to delete the run folder, checkpoints and all."""
   path = os.path.join(run_dir, TIMING_FILE)
-  return read_json(path) if os.path.isfile(path) else {}
+  if not os.path.isfile(path):
+    return {}
+  try:
+    entries = read_json(path)
+  except FinetuneError as e:
+    entries = {"damaged": str(e)}
+  good = {step: entry for step, entry in entries.items()
+          if isinstance(entry, dict) and all(isinstance(entry.get(key), (int, float)) for key in ("seconds", "steps"))}
+  if len(good) != len(entries):
+    print(f"[train] warning: {path} is damaged; the throughput leaves out the training time of attempts before "
+          "this one (the file is written again at the next checkpoint)", file=sys.stderr, flush=True)
+  return good
 
 
 def timing_before(run_dir: str, start: int) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -178,6 +179,17 @@ def test_broken_config_files_and_paths_are_one_line(capsys, tiny_file, tmp_path)
 
 VIT = TINY.replace('model=dict(name="mlp", input_size=64, hidden=(16,))',
                    'model=dict(name="vit", image_size=8, patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32)')
+
+
+def test_an_unfinished_export_names_the_classes_the_run_trains_on(tmp_path):
+  """(Without summary.json the export named them by index: a run on digits 5..9 labelled a 5 as '0'.)"""
+  (tmp_path / "vit.py").write_text(VIT)
+  run, out = tmp_path / "run", tmp_path / "exported"
+  assert cli.main(["train", "--config", str(tmp_path / "vit.py"), "--workdir", str(run),
+                   "--config.data.classes=(5, 6, 7)", "--config.train.checkpoint_every=3"]) == 0
+  os.remove(run / "summary.json")  # as if it had been stopped before its end
+  assert cli.main(["export", "--workdir", str(run), "--out", str(out), "--unfinished"]) == 0
+  assert json.loads((out / "config.json").read_text())["id2label"] == {"0": "5", "1": "6", "2": "7"}
 
 
 def test_export_replaces_only_an_earlier_export_and_only_finished_runs(capsys, tmp_path):

@@ -6,6 +6,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import warnings
 
 import jax
@@ -783,3 +784,17 @@ def test_a_task_the_model_does_not_output_for_is_one_clear_error(task, model, me
       "train": {"steps": 1}})
   with pytest.raises(FinetuneError, match=message):
     train_lib.build_stage(config).train_step(0)
+
+
+def test_a_damaged_timing_file_costs_a_resume_only_the_earlier_attempts_time(tmp_path, capsys):
+  """(It refused the resume and said to delete the run folder, checkpoints and all.)"""
+  config = tiny_config(train={"steps": 12, "log_every": 6, "checkpoint_every": 6})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  shutil.rmtree(tmp_path / "checkpoints" / "12")  # as if stopped after step 6
+  (tmp_path / "summary.json").unlink()
+  (tmp_path / "timing.json").write_text('{"6": {"seconds": 1.0, "ste')
+  capsys.readouterr()
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  assert "timing.json is damaged; the throughput leaves out" in capsys.readouterr().err
+  assert json.load(open(tmp_path / "summary.json"))["steps"] == 12
+  assert set(json.load(open(tmp_path / "timing.json"))) == {"12"}
