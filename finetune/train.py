@@ -509,6 +509,28 @@ def check_regularizers_act(stage: Stage, context: regularizers.Context) -> None:
         "loaded parameters (LoRA and IA3 act on them; QLoRA's quantized kernels are not anchored), or, where the "
         "backbone trains at all (prompts, prefixes, bottleneck adapters), use regularize.lwf or rehearsal, which act "
         "on its features")
+  # QLoRA: an adapted layer's base is NF4 codes in model state, which the penalties do not read, so its adapters
+  # (what changes the backbone) would train unpenalised while the run reported itself regularised (the head only).
+  unanchored = sorted({path.rsplit("/", 1)[0] for path in ever_trained if path in context.peft_added
+                       and path.rsplit("/", 1)[0] + "/kernel" not in context.shapes})
+  if anchoring and unanchored:
+    raise FinetuneError(
+        f"{' and '.join(anchoring)} cannot anchor the layers QLoRA adapts ({', '.join(unanchored[:2])}"
+        f"{', ...' if len(unanchored) > 2 else ''}): their base kernels are stored quantized (config.peft.quantize="
+        f"{cfg.peft.quantize!r}), not as parameters the penalty reads, so their adapters would train unpenalised. "
+        "Use plain LoRA (config.peft.quantize=''), or regularize.lwf or rehearsal, which act on the features")
+  if "lwf" in active:
+    # LwF's teacher is this stage's starting point with the source's head: a backbone layer dont_load
+    # re-initialised is random there, so it would distil a random network (0.23 source accuracy for the source's
+    # 0.75), not the source's function.
+    fresh_backbone = sorted(p for p in context.reinitialised if not p.startswith("head/")
+                            and p not in context.peft_added)
+    if fresh_backbone:
+      raise FinetuneError(
+          f"config.regularize.lwf distils the source network's outputs, taken from this stage's starting point, but "
+          f"config.dont_load re-initialises backbone parameters there ({', '.join(fresh_backbone[:2])}"
+          f"{', ...' if len(fresh_backbone) > 2 else ''}): the teacher would be a partly random network. Narrow "
+          "dont_load to the head ('^head/'), or use EWC, L2-SP or rehearsal")
   if l2sp.beta > 0:
     shared = set(context.shared(context.nearest("L2-SP")))
     new = {p for p in context.shapes if p not in shared and p not in context.peft_added}
@@ -598,7 +620,9 @@ def evaluate_sources(cfg: ConfigDict, state: TrainState, sources: list[regulariz
                      log: MetricsLog) -> dict[str, Any]:
   """Forgetting: each earlier task of the lineage evaluated with this stage's weights and that task's own head
   (the parameters this stage re-initialised, `dont_load`, come from the source). {source: {split: {before, after,
-  drop}}}; also written to metrics.jsonl as split 'forgetting/<source>/<split>'."""
+  drop}}}; also written to metrics.jsonl as split 'forgetting/<source>/<split>'. A re-initialised layer's model
+  state (BatchNorm statistics) comes from the source with its weights: this stage's, made for its own weights,
+  halved the source accuracy of a network whose weights were the source's (0.40 for 0.80)."""
   report = {}
   # A source of another task (a language model under a classifier, say) has no head this model could read.
   sources = [source for source in sources if source.cfg is not None and source.cfg.task == cfg.task
@@ -606,6 +630,7 @@ def evaluate_sources(cfg: ConfigDict, state: TrainState, sources: list[regulariz
   if not sources:
     return report
   params = to_host(flatten(stage.layout.view(state.params)))
+  model_state = to_host(flatten(stage.layout.view(state.model_state)))
   for source in sources:
     summary_path = os.path.join(source.run_dir, SUMMARY_FILE)
     before = read_json(summary_path)["final"]
@@ -613,16 +638,24 @@ def evaluate_sources(cfg: ConfigDict, state: TrainState, sources: list[regulariz
     eval_stage = build_stage(eval_cfg, evaluation_only=True)
     shapes = {p: tuple(x.shape) for p, x in flatten(eval_stage.view_params).items()}
 
+    def ours(path: str) -> bool:
+      return source.carried(path) and not any(re.search(r, path) for r in cfg.dont_load)
+
     def pick(path: str, _) -> np.ndarray:
       own = params.get(path)
-      if own is not None and tuple(own.shape) == shapes[path] and source.carried(path) and \
-          not any(re.search(r, path) for r in cfg.dont_load):
+      if own is not None and tuple(own.shape) == shapes[path] and ours(path):
         return own
       return source.params[path]
 
-    weights = {"params": jax.device_put(eval_stage.layout.unview(map_with_path(pick, eval_stage.view_params)),
+    def pick_state(path: str, _) -> np.ndarray:  # (the same model: only the classes differ, which no state has)
+      return model_state[path] if ours(path) or path not in source.model_state else source.model_state[path]
+
+    layout = eval_stage.layout
+    weights = {"params": jax.device_put(layout.unview(map_with_path(pick, eval_stage.view_params)),
                                         eval_stage.params_sharding),
-               "model_state": state.model_state}
+               "model_state": jax.device_put(layout.unview(map_with_path(
+                   pick_state, layout.view_shardings(eval_stage.model_state_sharding))),
+                                             eval_stage.model_state_sharding)}
     report[source.name] = {}
     for split in eval_stage.pipeline.eval_splits:
       after = evaluate(eval_stage.eval_step(), weights, eval_stage.pipeline, split, eval_stage.mesh)

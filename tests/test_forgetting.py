@@ -871,3 +871,36 @@ def test_sources_rebuilt_on_a_stage_s_data_or_batch_ignore_their_unfreezing_sche
   train_lib.train_and_evaluate(config, str(tmp_path))
   summary = json.load(open(tmp_path / "target" / "summary.json"))
   assert set(summary["forgetting"]["source"]) == {"validation"}
+
+
+def test_the_forgetting_evaluation_takes_a_re_initialised_layer_s_statistics_from_the_source(tmp_path):
+  """Every layer re-initialised (dont_load): the source task is scored with the source's weights, so with its own
+  BatchNorm statistics too, and scores as it ended. (This stage's statistics, made for other weights, were used:
+  0.40 for the source's 0.80 where only stages/1 was re-initialised.)"""
+  config = two_task_config(dont_load=("^head/", "^stages/", "^stem/"), train={"steps": 4})
+  summaries = train_lib.train_and_evaluate(config, str(tmp_path))
+  forgetting = summaries["target"]["forgetting"]["pretrain"]["validation"]
+  assert forgetting["after"] == forgetting["before"] and forgetting["drop"] == 0
+
+
+def test_lwf_with_a_re_initialised_backbone_layer_is_refused(tmp_path):
+  """(Its teacher, the stage's starting point with the source's head, had a random stages/1: it distilled a network
+  that scored 0.23 on the source task for the source's 0.75.)"""
+  config = two_task_config(dont_load=("^head/", "^stages/1/"), regularize={"lwf": {"weight": 1.0}},
+                           train={"steps": 2})
+  with pytest.raises(FinetuneError, match=r"lwf distils the source network's outputs, .* config.dont_load "
+                                          r"re-initialises backbone parameters there \(stages/1/blocks/0/conv/kernel"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("regularize", [{"ewc": {"weight": 10.0, "num_examples": 32}}, {"l2sp": {"alpha": 1.0}}],
+                         ids=["ewc", "l2sp"])
+def test_ewc_or_l2sp_on_layers_qlora_adapts_is_refused(tmp_path, regularize):
+  """(Accepted: the quantized kernels are not parameters, so the adapters trained unpenalised and only the head
+  was anchored, while the run reported itself regularised.)"""
+  config = tiny_config(model=VIT, train={"steps": 2, "log_every": 1, "checkpoint_every": 0}, stages={
+      "plain": {},
+      "qlora": {"init_from": "stage:plain", "peft": {**LORA, "quantize": "nf4", "quant_block_size": 16},
+                "regularize": regularize}})
+  with pytest.raises(FinetuneError, match=r"cannot anchor the layers QLoRA adapts \(blocks/0/attention/query"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
