@@ -19,7 +19,7 @@ import math
 import os
 import re
 import sys
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import ml_collections
 from ml_collections import ConfigDict  # re-exported for config files
@@ -429,6 +429,7 @@ def validate(config: ConfigDict) -> None:
                           "from, so its validation split would hold rows the source trained on; give both the same "
                           "fraction")
   _refuse_settings_no_stage_reads(config, stages)
+  _refuse_conditional_settings_no_stage_reads(config, stages)
   # PEFT settings with no method in any stage add no adapter: a LoRA setting alone would train the full model.
   # (A stage that sets method='' under a base config's LoRA settings turns PEFT off on purpose.)
   if not any(stage.peft.method for _, stage in stages):
@@ -476,6 +477,55 @@ def _refuse_settings_no_stage_reads(config: ConfigDict, stages: list[tuple[str, 
                           f"{' or '.join(map(repr, readers))}, which {'it' if unread_own else 'no stage'} uses "
                           f"({', '.join(map(repr, chosen))}): it would be ignored; drop it or set "
                           f"config.{section}.{chooser}{where}")
+
+
+def _uses_fisher(c: ConfigDict) -> bool:
+  return c.regularize.ewc.weight > 0 or (c.regularize.l2sp.alpha > 0 and c.regularize.l2sp.fisher)
+
+
+# Settings read only when another setting turns their part on: (setting, what turns it on, whether a stage does).
+_CONDITIONAL_SETTINGS: tuple[tuple[str, str, Callable[[ConfigDict], bool]], ...] = (
+    ("regularize.ewc.online", "regularize.ewc.weight > 0", lambda c: c.regularize.ewc.weight > 0),
+    ("regularize.ewc.gamma", "regularize.ewc.weight > 0 and online=True",
+     lambda c: c.regularize.ewc.weight > 0 and c.regularize.ewc.online),
+    *((f"regularize.ewc.{key}", "regularize.ewc.weight > 0, or l2sp.alpha > 0 with fisher=True", _uses_fisher)
+      for key in ("label_mode", "num_examples", "batch_size")),
+    ("regularize.l2sp.fisher", "regularize.l2sp.alpha > 0", lambda c: c.regularize.l2sp.alpha > 0),
+    ("regularize.lwf.temperature", "regularize.lwf.weight > 0", lambda c: c.regularize.lwf.weight > 0),
+    ("rehearsal.weight", "rehearsal.fraction > 0", lambda c: c.rehearsal.fraction > 0),
+)
+
+
+def _refuse_conditional_settings_no_stage_reads(config: ConfigDict, stages: list[tuple[str, ConfigDict]]) -> None:
+  """A regularizer's setting changed where its regularizer is off (ewc.gamma without online, lwf.temperature
+  without lwf, rehearsal.weight without a fraction, l2sp.fisher without alpha): ignored, so refused, with the same
+  rule as `_refuse_settings_no_stage_reads`: a stage's own setting must be read by that stage, a base config's by
+  some stage."""
+  default, staged = defaults(), len(config.stages) > 0
+
+  def value(c: ConfigDict, dotted: str) -> Any:
+    for part in dotted.split("."):
+      c = c[part]
+    return c
+
+  def set_in(stage_overrides: Any, dotted: str) -> bool:
+    for part in dotted.split("."):
+      if not isinstance(stage_overrides, (dict, ConfigDict)) or part not in stage_overrides:
+        return False
+      stage_overrides = stage_overrides[part]
+    return True
+
+  for setting, turned_on_by, reads in _CONDITIONAL_SETTINGS:
+    changed = [(name, stage) for name, stage in stages
+               if _as_json(value(stage, setting)) != _as_json(value(default, setting))]
+    unread_own = [name for name, stage in changed if staged and set_in(config.stages[name], setting) and
+                  not reads(stage)]
+    if unread_own or (changed and not any(reads(stage) for _, stage in stages)):
+      names = unread_own or [name for name, _ in changed]
+      where = f" (stage{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))})" if staged else ""
+      raise FinetuneError(f"config.{setting}={value(dict(stages)[names[0]], setting)!r}{where} is read only with "
+                          f"config.{turned_on_by}, which {'it does not set' if unread_own else 'no stage sets'}: "
+                          "it would be ignored; drop it or turn that on")
 
 
 def without_unread_settings(raw: dict[str, Any]) -> dict[str, Any]:
@@ -677,6 +727,10 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
        "config.regularize.ewc: num_examples and batch_size must be >= 1 and gamma in (0, 1]")
   need(c.regularize.lwf.temperature > 0, "config.regularize.lwf.temperature must be > 0 (the paper uses 2)")
   need(0.0 <= c.rehearsal.fraction < 1.0, "config.rehearsal.fraction must be in [0, 1)")
+  # (weight 0 gave a fraction of every batch to source rows whose loss counted for nothing)
+  need(not (c.rehearsal.fraction > 0 and c.rehearsal.weight == 0),
+       "config.rehearsal.weight=0 with fraction > 0 replaces target rows by source rows whose loss counts for "
+       "nothing; set rehearsal.fraction=0 to turn rehearsal off")
   uses_heads = c.regularize.lwf.weight > 0 or c.rehearsal.fraction > 0
   need(not (uses_heads and c.task != "classification"),
        "LwF and rehearsal score the source head: they need task='classification'")

@@ -298,6 +298,37 @@ def test_a_setting_no_stage_reads_is_refused():
                         "b": {"optimizer": {"schedule": "stlr", "warmup_steps": 0}}})
 
 
+def test_a_regularizer_setting_no_stage_turns_on_is_refused():
+  """(Accepted and ignored: ewc.gamma without online EWC, lwf.temperature without LwF, rehearsal.weight without a
+  fraction; l2sp.fisher=True with alpha 0 computed and saved a 1000-example Fisher nothing read; rehearsal.weight=0
+  gave half of every batch to rows whose loss counted for nothing.)"""
+  cases = [
+      ({"regularize": {"ewc": {"weight": 1.0, "gamma": 0.5}}}, "config.regularize.ewc.gamma=0.5 is read only with "
+       "config.regularize.ewc.weight > 0 and online=True, which no stage sets: it would be ignored"),
+      ({"regularize": {"lwf": {"temperature": 3.0}}}, "config.regularize.lwf.temperature=3.0 is read only with "
+                                                      "config.regularize.lwf.weight > 0"),
+      ({"rehearsal": {"weight": 2.0}}, "config.rehearsal.weight=2.0 is read only with config.rehearsal.fraction > 0"),
+      ({"regularize": {"ewc": {"num_examples": 10}}}, "config.regularize.ewc.num_examples=10 is read only with "
+       "config.regularize.ewc.weight > 0, or l2sp.alpha > 0 with fisher=True"),
+      ({"regularize": {"l2sp": {"beta": 0.1, "fisher": True}}}, "config.regularize.l2sp.fisher=True is read only "
+                                                                "with config.regularize.l2sp.alpha > 0"),
+      ({"rehearsal": {"fraction": 0.5, "weight": 0.0}}, "config.rehearsal.weight=0 with fraction > 0 replaces target "
+                                                        "rows by source rows whose loss counts for nothing"),
+      ({"stages": {"a": {"regularize": {"ewc": {"label_mode": "true"}}},
+                   "b": {"regularize": {"ewc": {"weight": 1.0}}}}},
+       "config.regularize.ewc.label_mode='true' (stage 'a') is read only with config.regularize.ewc.weight > 0, or "
+       "l2sp.alpha > 0 with fisher=True, which it does not set"),
+  ]
+  for sections, message in cases:
+    with pytest.raises(FinetuneError) as info:
+      tiny_config(**sections)
+    assert message in str(info.value), (sections, str(info.value))
+  # Read by one stage: a base setting meant for some stages is not an error.
+  tiny_config(regularize={"ewc": {"label_mode": "true"}}, stages={"a": {}, "b": {"regularize": {"ewc": {
+      "weight": 1.0}}}})
+  tiny_config(regularize={"ewc": {"num_examples": 10}, "l2sp": {"alpha": 1.0, "fisher": True}})
+
+
 def test_a_stage_s_saved_config_loads_alone_without_the_settings_it_does_not_read():
   """(Every stage's config.json keeps the base's settings, also those for other stages' schedules: `finetune eval`
   refused such a file as holding a setting no stage reads.)"""
