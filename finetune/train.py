@@ -32,7 +32,8 @@ from finetune import adapters, files, interrupts, scan
 from finetune import config as config_lib
 from finetune import regularizers
 from finetune.regularizers import fisher as fisher_lib
-from finetune.checkpoint import DIVERGED_FILE, Checkpointer, load_into, read_checkpoint_arrays, resolve_checkpoint
+from finetune.checkpoint import (DIVERGED_FILE, Checkpointer, diverged_from, load_into, read_checkpoint_arrays,
+                                 resolve_checkpoint)
 from finetune.data.pipeline import (InputPipeline, build_pipeline, check_token_ids, rehearsal_count, to_global,
                                     with_rehearsal)
 from finetune.data.dataset import SubsetSplit
@@ -1116,7 +1117,13 @@ def timing_before(run_dir: str, start: int) -> dict[str, float]:
 
 
 def record_timing(run_dir: str, step: int, seconds: float, steps: int) -> None:
-  """Training time and steps up to the checkpoint of `step`, over every attempt (timing.json), for a resume."""
+  """Training time and steps up to the checkpoint of `step`, over every attempt (timing.json), for a resume; called
+  after each checkpoint, also drops an earlier attempt's divergence marker this attempt trained past: its later
+  checkpoints are as good as any run's (a resume on another mesh got past the bad step, was stopped again, and
+  `export --unfinished` still took the checkpoint before the marker)."""
+  marked = os.path.join(run_dir, DIVERGED_FILE)
+  if os.path.isfile(marked) and step > diverged_from(run_dir):
+    _clear_diverged(run_dir)
   if jax.process_index() == 0:
     recent = dict(list(_timing(run_dir).items())[-7:])  # (a resume needs its checkpoint's; older ones are pruned)
     write_json(os.path.join(run_dir, TIMING_FILE), {**recent, str(step): {"seconds": seconds, "steps": steps}})

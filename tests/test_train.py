@@ -17,6 +17,7 @@ import pytest
 from conftest import REPO, killed_at_step, shared_data, tiny_config
 from finetune import train as train_lib
 from finetune.checkpoint import read_checkpoint_arrays, resolve_checkpoint
+from finetune.export import latest_checkpoint
 from finetune.config import load_config
 from finetune.errors import FinetuneError
 from finetune.partition import flatten
@@ -798,3 +799,18 @@ def test_a_damaged_timing_file_costs_a_resume_only_the_earlier_attempts_time(tmp
   assert "timing.json is damaged; the throughput leaves out" in capsys.readouterr().err
   assert json.load(open(tmp_path / "summary.json"))["steps"] == 12
   assert set(json.load(open(tmp_path / "timing.json"))) == {"12"}
+
+
+def test_a_resume_that_trains_past_a_divergence_drops_its_marker_at_the_next_checkpoint(tmp_path):
+  """(An attempt resumed on another mesh got past the step that diverged before, was stopped again, and kept the
+  marker: `export --unfinished` took the checkpoint before it, not the newer good ones.)"""
+  config = tiny_config(train={"steps": 12, "log_every": 2, "checkpoint_every": 4, "keep_checkpoints": 3})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  for step in ("8", "12"):
+    shutil.rmtree(tmp_path / "checkpoints" / step)
+  (tmp_path / "summary.json").unlink()
+  (tmp_path / "diverged.json").write_text('{"weights_from_step": 4, "error": "loss is nan at step 5"}')
+  with killed_at_step(10), pytest.raises(KeyboardInterrupt):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "diverged.json").exists()
+  assert latest_checkpoint(str(tmp_path), "export").endswith(os.path.join("checkpoints", "8"))
