@@ -2,7 +2,9 @@
 each batch, drawn by `finetune.data.pipeline.RehearsalPipeline` and marked by `batch['source_mask']`).
 
 Their loss is the cross-entropy of the source task's head (frozen, from the source checkpoint) on the current
-features: the backbone must keep serving the old task. The target loss covers the other examples only.
+features: the backbone must keep serving the old task. The target loss covers the other examples only, so the step's
+loss is mean(target rows) + weight * mean(source rows): the fraction sets how many rows each mean averages, the
+weight how much the source task counts (weight = f / (1 - f) is experience replay's average over the mixed batch).
 """
 
 from __future__ import annotations
