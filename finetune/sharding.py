@@ -76,7 +76,8 @@ def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[jax.Device] | None = None)
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
     raise FinetuneError(f"config.mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices but "
-                        f"{len(devices)} are available; set one axis to -1 or change the sizes")
+                        f"{len(devices)} are available; set one axis to -1 or change the sizes (e.g. "
+                        "--config.mesh.fsdp=1; a run may resume, and be evaluated or exported, on another mesh)")
   return Mesh(np.asarray(devices).reshape(sizes), tuple(names))
 
 

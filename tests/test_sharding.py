@@ -96,7 +96,8 @@ def test_make_mesh_axis_order_follows_mesh_axes_not_config_order():
 
 
 def test_make_mesh_too_many_devices_requested():
-  with pytest.raises(FinetuneError, match=r"needs 2 devices but 1 are available"):
+  with pytest.raises(FinetuneError, match=r"needs 2 devices but 1 are available; .* a run may resume, and be "
+                                          r"evaluated or exported, on another mesh"):
     make_mesh(ConfigDict({"data": 2, "fsdp": 1}), _one_device())
 
 
