@@ -577,8 +577,9 @@ def source_fisher(cfg: ConfigDict, source: regularizers.Source) -> dict[str, np.
   ewc = cfg.regularize.ewc
   path = os.path.join(source.run_dir, f"fisher-{ewc.label_mode}-{ewc.num_examples}-at-{source.step}.safetensors")
   saved = fisher_lib.load(path)
-  if saved is not None:
-    return saved[0]
+  source_run = _run_id(source.run_dir)
+  if saved is not None and saved[1].get("source_run") == source_run:
+    return saved[0]  # (another run_id: the source was trained again in that folder since, and this is stale)
   if source.cfg.task != "classification":
     raise FinetuneError(f"the Fisher information (config.regularize.ewc, l2sp.fisher) is estimated from a "
                         f"classifier's outputs; {source.name} is a {source.cfg.task!r} stage. Drop the regularizer "
@@ -613,7 +614,7 @@ def source_fisher(cfg: ConfigDict, source: regularizers.Source) -> dict[str, np.
   if jax.process_index() == 0:
     fisher_lib.save(path, fisher, {"label_mode": ewc.label_mode, "num_examples": int(min(len(chosen),
                                                                                           ewc.num_examples)),
-                                   "seconds": time.perf_counter() - started})
+                                   "seconds": time.perf_counter() - started, "source_run": source_run})
   return fisher
 
 

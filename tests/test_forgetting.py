@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -915,3 +916,21 @@ def test_ewc_or_l2sp_on_layers_qlora_adapts_is_refused(tmp_path, regularize):
                 "regularize": regularize}})
   with pytest.raises(FinetuneError, match=r"cannot anchor the layers QLoRA adapts \(blocks/0/attention/query"):
     train_lib.train_and_evaluate(config, str(tmp_path))
+
+
+def test_a_saved_fisher_serves_its_own_source_run_only(tmp_path, monkeypatch):
+  """Reused by later stages of the same source run; computed again once that source was trained again in its
+  folder (the file was keyed by the checkpoint step alone, so a retrained source reused its old Fisher)."""
+  estimates = []
+  real_estimate = train_lib.fisher_lib.estimate
+  monkeypatch.setattr(train_lib.fisher_lib, "estimate", lambda *a, **k: estimates.append(1) or real_estimate(*a, **k))
+  config = two_task_config(regularize={"ewc": {"weight": 10.0, "num_examples": 32}}, train={"steps": 2})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  shutil.rmtree(tmp_path / "target")
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  assert len(estimates) == 1
+  for name in ("target", "pretrain/checkpoints"):
+    shutil.rmtree(tmp_path / name)
+  (tmp_path / "pretrain" / "summary.json").unlink()
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  assert len(estimates) == 2

@@ -121,9 +121,10 @@ def save(path: str, fisher: dict[str, np.ndarray], meta: dict[str, Any]) -> None
   stages and re-runs."""
   # Sweep points that start from one source run may save its Fisher at the same time: the same content, so the
   # last one to land wins (finetune/files.py).
-  files.write_text(path + ".json", json.dumps(meta, indent=2))
+  # The arrays first: the json, which names the source run they belong to, is written once they are complete.
   with files.atomic_path(path) as tmp:
     files.save_safetensors({k: np.ascontiguousarray(v) for k, v in fisher.items()}, tmp)
+  files.write_text(path + ".json", json.dumps(meta, indent=2))
 
 
 def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
