@@ -525,7 +525,7 @@ def test_gradient_accumulation_is_exact_when_micro_batches_count_different_numbe
                                           "num_heads": 2, "mlp_dim": 32}])
 def test_bfloat16_compute_stays_close_to_float32(model, tmp_path):
   """Mixed precision: bfloat16 forward/backward, float32 master weights, optimizer state and statistics. Over 12
-  steps the training losses stay within 3% of the float32 run's (measured on the CNN: 0.03% at most)."""
+  steps the training losses stay within 3% of the float32 run's (measured on the CNN: 0.035% at most)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from finetune.checkpoint import read_checkpoint_arrays  # pylint: disable=g-import-not-at-top
   runs = {}

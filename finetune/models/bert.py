@@ -14,13 +14,8 @@ from flax import nnx
 
 from finetune.errors import FinetuneError
 from finetune.models import MODELS
-from finetune.models.layers import (attend, check_length, layer_norm, numbered_groups, padding_bias, run_blocks,
-                                     transformer_dense)
-
-
-def _embedding(num: int, features: int, rngs: nnx.Rngs, axis: str) -> nnx.Embed:
-  return nnx.Embed(num, features, rngs=rngs,
-                   embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), (axis, "embed")))
+from finetune.models.layers import (attend, check_length, embedding, layer_norm, numbered_groups, padding_bias,
+                                     run_blocks, transformer_dense)
 
 
 class Attention(nnx.Module):
@@ -69,9 +64,9 @@ class Embeddings(nnx.Module):
   def __init__(self, vocab_size: int, hidden: int, max_positions: int, type_vocab_size: int, eps: float,
                position_offset: int, dropout: float, rngs: nnx.Rngs):
     self.position_offset = position_offset
-    self.word_embeddings = _embedding(vocab_size, hidden, rngs, "vocab")
-    self.position_embeddings = _embedding(max_positions, hidden, rngs, "position")
-    self.token_type_embeddings = _embedding(type_vocab_size, hidden, rngs, "position")
+    self.word_embeddings = embedding(vocab_size, hidden, ("vocab", "embed"), rngs)
+    self.position_embeddings = embedding(max_positions, hidden, ("position", "embed"), rngs)
+    self.token_type_embeddings = embedding(type_vocab_size, hidden, ("position", "embed"), rngs)
     self.layer_norm = layer_norm(hidden, rngs, eps)
     self.dropout = nnx.Dropout(dropout)
 

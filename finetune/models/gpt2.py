@@ -12,8 +12,8 @@ from flax import nnx
 
 from finetune.errors import FinetuneError
 from finetune.models import MODELS
-from finetune.models.layers import (attend, causal_bias, check_length, layer_norm, numbered_groups, positions,
-                                    run_blocks, transformer_dense)
+from finetune.models.layers import (attend, causal_bias, check_length, embedding, layer_norm, numbered_groups,
+                                    positions, run_blocks, transformer_dense)
 
 
 class Block(nnx.Module):
@@ -52,10 +52,8 @@ class GPT2(nnx.Module):
                n_layer: int = 12, n_head: int = 12, n_inner: int = 0, layer_norm_epsilon: float = 1e-5,
                dropout: float = 0.1, hf_config: str = "", rngs: nnx.Rngs):
     del num_classes, hf_config  # a language model predicts tokens; hf_config is read before construction
-    self.wte = nnx.Embed(vocab_size, n_embd, rngs=rngs, embedding_init=nnx.with_partitioning(
-        nnx.initializers.normal(0.02), ("vocab", "embed")))
-    self.wpe = nnx.Embed(n_positions, n_embd, rngs=rngs, embedding_init=nnx.with_partitioning(
-        nnx.initializers.normal(0.01), ("position", "embed")))
+    self.wte = embedding(vocab_size, n_embd, ("vocab", "embed"), rngs)
+    self.wpe = embedding(n_positions, n_embd, ("position", "embed"), rngs, nnx.initializers.normal(0.01))
     self.blocks = nnx.List([Block(n_embd, n_head, n_inner or 4 * n_embd, layer_norm_epsilon, dropout, rngs)
                             for _ in range(n_layer)])
     self.ln_f = layer_norm(n_embd, rngs, layer_norm_epsilon)

@@ -49,6 +49,16 @@ def linear(in_features: int, out_features: int, axes: tuple[str, str], rngs: nnx
                     bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)))
 
 
+def embedding(num: int, features: int, axes: tuple[str, str], rngs: nnx.Rngs,
+              init=nnx.initializers.normal(0.02)) -> nnx.Embed:
+  """A token or position table that looks up and attends in its own dtype. (flax's nnx.Embed fixes `dtype` to the
+  table's dtype when built, float32, so a table cast to bfloat16 for compute (train.compute_dtype) was cast back:
+  every text model's residual stream, and so every matmul, stayed float32.)"""
+  table = nnx.Embed(num, features, rngs=rngs, embedding_init=nnx.with_partitioning(init, axes))
+  table.dtype = None
+  return table
+
+
 def conv(in_features: int, out_features: int, kernel_size: Sequence[int], rngs: nnx.Rngs,
          strides: int | Sequence[int] = 1, padding: str = "SAME", use_bias: bool = True) -> nnx.Conv:
   return nnx.Conv(in_features, out_features, tuple(kernel_size), strides=strides, padding=padding,
@@ -67,8 +77,10 @@ def batch_norm(features: int, rngs: nnx.Rngs, axis_name: str = "conv_out") -> nn
 def normalize(norm: nnx.BatchNorm, x, train: bool):
   """Applies BatchNorm: batch statistics when training, running statistics otherwise or when the strategy froze
   this layer (`finetune.step.inference_mode_batch_norm` sets `use_running_average` on it). Models call this
-  rather than `norm(x, use_running_average=...)`, which would override the frozen flag."""
-  return norm(x, use_running_average=not train or norm.use_running_average)
+  rather than `norm(x, use_running_average=...)`, which would override the frozen flag. The result keeps `x`'s
+  dtype: flax promotes it with the float32 statistics, so under train.compute_dtype='bfloat16' every layer after
+  the first BatchNorm computed in float32. (The statistics themselves are computed and kept in float32.)"""
+  return norm(x, use_running_average=not train or norm.use_running_average).astype(x.dtype)
 
 
 def layer_norm(features: int, rngs: nnx.Rngs, eps: float = 1e-6) -> nnx.LayerNorm:

@@ -13,7 +13,8 @@ from flax import nnx
 
 from finetune.errors import FinetuneError
 from finetune.models import MODELS
-from finetune.models.layers import attend, causal_bias, numbered_groups, positions, run_blocks, transformer_dense
+from finetune.models.layers import (attend, causal_bias, embedding, numbered_groups, positions, run_blocks,
+                                    transformer_dense)
 
 
 def _rms_norm(features: int, eps: float, rngs: nnx.Rngs) -> nnx.RMSNorm:
@@ -106,8 +107,7 @@ class Llama(nnx.Module):
       raise FinetuneError(f"the attention head size {self.head_dim} (config.model.head_dim, or hidden_size / "
                           "num_attention_heads) must be even for rotary position embeddings")
     kv_heads = num_key_value_heads or num_attention_heads
-    self.embed_tokens = nnx.Embed(vocab_size, hidden_size, rngs=rngs, embedding_init=nnx.with_partitioning(
-        nnx.initializers.normal(0.02), ("vocab", "embed")))
+    self.embed_tokens = embedding(vocab_size, hidden_size, ("vocab", "embed"), rngs)
     self.layers = nnx.List([DecoderLayer(hidden_size, num_attention_heads, kv_heads, self.head_dim,
                                          intermediate_size, rms_norm_eps, rngs) for _ in range(num_hidden_layers)])
     self.norm = _rms_norm(hidden_size, rms_norm_eps, rngs)
@@ -121,6 +121,9 @@ class Llama(nnx.Module):
     # Rotary attention depends on position differences only, so restarting positions at packed segments changes
     # nothing within a segment in exact arithmetic; it keeps a packed conversation's numbers those of its own row.
     cos, sin = rotary(positions(attention_mask), self.head_dim, self.rope_theta)
+    # Computed in float32 and used in the stream's dtype, as transformers does: float32 tables turned bfloat16
+    # queries and keys (train.compute_dtype) back into float32.
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
     mask_bias = causal_bias(attention_mask, x.dtype)
     x = run_blocks(self, self.layers, x, cos, sin, mask_bias)
     return self.norm(x)

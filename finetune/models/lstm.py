@@ -46,7 +46,8 @@ from flax import nnx
 
 from finetune.errors import FinetuneError
 from finetune.models import MODELS
-from finetune.models.layers import batch_norm, linear, normalize, numbered_groups, run_blocks, segment_starts
+from finetune.models.layers import (batch_norm, embedding, linear, normalize, numbered_groups, run_blocks,
+                                    segment_starts)
 
 OUTPUTS = ("auto", "lm", "classifier")
 
@@ -170,8 +171,7 @@ class LSTM(nnx.Module):
     if not self.is_lm and num_classes < 1:
       raise FinetuneError("config.model.output='classifier' needs data with classes (num_classes > 0)")
     self.embed_dropout = embed_dropout * drop_mult
-    self.embedding = nnx.Embed(vocab_size, embed_size, rngs=rngs, embedding_init=nnx.with_partitioning(
-        _symmetric_uniform(0.1), ("vocab", "embed")))
+    self.embedding = embedding(vocab_size, embed_size, ("vocab", "embed"), rngs, _symmetric_uniform(0.1))
     self.input_dropout = nnx.Dropout(input_dropout * drop_mult, broadcast_dims=(1,))
     # The last layer has the embedding's width, so the decoder can be tied to the embedding (AWD-LSTM).
     sizes = [embed_size] + [hidden_size] * (num_layers - 1) + [embed_size]

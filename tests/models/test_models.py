@@ -268,3 +268,48 @@ def test_config_json_defaults_are_transformers_own(tmp_path):
   (tmp_path / "roberta").mkdir()
   (tmp_path / "roberta" / "config.json").write_text(json.dumps(roberta))
   assert hf.model_kwargs(str(tmp_path / "roberta"))[1]["position_offset"] == 2
+
+
+TEXT_MODELS = {
+    "bert": {"vocab_size": 50, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 40,
+             "max_position_embeddings": 20},
+    "gpt2": {"vocab_size": 50, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 20},
+    "llama": {"vocab_size": 50, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2},
+    "lstm": {"vocab_size": 50, "embed_size": 16, "hidden_size": 24, "num_layers": 2},
+}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "vit", *TEXT_MODELS])
+def test_bfloat16_compute_runs_every_matmul_in_bfloat16(name, train):
+  """train.compute_dtype='bfloat16' casts the parameters and the batch's floats (step.to_compute_dtype). (Every
+  text model computed in float32 anyway: nnx.Embed fixes its dtype to float32 when built, so the bfloat16 table was
+  cast back, and Llama's float32 rotary tables did the same to queries and keys; BatchNorm's float32 statistics
+  turned the CNN, and the LSTM classifier's head, float32 after their first BatchNorm.)"""
+  from finetune.step import to_compute_dtype  # pylint: disable=g-import-not-at-top
+  model = _build(name, **TEXT_MODELS.get(name, {}))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if name in TEXT_MODELS:
+    ids = jnp.ones((2, 9), jnp.int32)
+    inputs = (ids, ids)
+  else:
+    inputs = (_images().astype(jnp.bfloat16),)
+  jaxpr = jax.make_jaxpr(lambda p, r: nnx.merge(graphdef, p, r)(*inputs, train=train, rngs=nnx.Rngs(dropout=0)))(
+      to_compute_dtype(params.to_pure_dict(), "bfloat16"), rest.to_pure_dict())
+  products = [eqn for eqn in _equations(jaxpr.jaxpr)
+              if eqn.primitive.name in ("dot_general", "conv_general_dilated")]
+  assert products
+  assert [str(eqn.outvars[0].aval.dtype) for eqn in products] == ["bfloat16"] * len(products)
+
+
+def _equations(jaxpr):
+  """Every equation of `jaxpr`, those of the jaxprs it calls (pjit, scan, remat, custom_vjp) included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for inner in (value if isinstance(value, (list, tuple)) else [value]):
+        if hasattr(inner, "jaxpr") and hasattr(inner.jaxpr, "eqns"):
+          yield from _equations(inner.jaxpr)
+        elif hasattr(inner, "eqns"):
+          yield from _equations(inner)
