@@ -70,8 +70,14 @@ class Embeddings(nnx.Module):
     self.layer_norm = layer_norm(hidden, rngs, eps)
     self.dropout = nnx.Dropout(dropout)
 
-  def __call__(self, input_ids, token_type_ids, train, rngs):
-    positions = jnp.arange(input_ids.shape[1])[None, :] + self.position_offset
+  def __call__(self, input_ids, token_type_ids, attention_mask, train, rngs):
+    if self.position_offset:
+      # RoBERTa numbers the real tokens from padding_idx + 1 and gives padding padding_idx (transformers'
+      # create_position_ids_from_input_ids), so left padding shifts them; BERT numbers every slot.
+      real = (attention_mask > 0).astype(jnp.int32)
+      positions = jnp.cumsum(real, axis=1) * real + self.position_offset - 1
+    else:
+      positions = jnp.arange(input_ids.shape[1])[None, :]
     x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + \
         self.token_type_embeddings(token_type_ids)
     return self.dropout(self.layer_norm(x), deterministic=not train, rngs=rngs)
@@ -111,7 +117,7 @@ class Bert(nnx.Module):
     table = self.embeddings
     check_length(input_ids.shape[1], table.position_embeddings.num_embeddings - table.position_offset,
                  getattr(self, "prompt_tokens", 0), "config.data.options.max_length")
-    x = self.embeddings(input_ids, token_type_ids, train, rngs)
+    x = self.embeddings(input_ids, token_type_ids, attention_mask, train, rngs)
     mask_bias = padding_bias(attention_mask, x.dtype)
     x = run_blocks(self, self.layers, x, mask_bias, train, rngs)
     return x

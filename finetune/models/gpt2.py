@@ -12,8 +12,8 @@ from flax import nnx
 
 from finetune.errors import FinetuneError
 from finetune.models import MODELS
-from finetune.models.layers import (attend, causal_bias, check_length, embedding, layer_norm, numbered_groups,
-                                    positions, run_blocks, transformer_dense)
+from finetune.models.layers import (attend, causal_bias, check_length, embedding, last_token, layer_norm,
+                                    numbered_groups, positions, run_blocks, transformer_dense)
 
 
 class Block(nnx.Module):
@@ -77,8 +77,7 @@ class GPT2(nnx.Module):
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     states = self.hidden_states(input_ids, attention_mask, train=train, rngs=rngs)
-    last = jnp.maximum((attention_mask > 0).sum(1) - 1, 0)
-    return states[jnp.arange(states.shape[0]), last]
+    return states[jnp.arange(states.shape[0]), last_token(attention_mask)]
 
   def __call__(self, input_ids, attention_mask=None, *, train: bool = False, rngs: nnx.Rngs | None = None):
     states = self.hidden_states(input_ids, attention_mask, train=train, rngs=rngs)

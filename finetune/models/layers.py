@@ -136,6 +136,13 @@ def positions(attention_mask: jax.Array) -> jax.Array:
   return index - start
 
 
+def last_token(attention_mask: jax.Array) -> jax.Array:
+  """(B,) index of each row's last real token, wherever the padding is (its count less one was a pad's index in a
+  left-padded row)."""
+  length = attention_mask.shape[1]
+  return length - 1 - jnp.argmax(attention_mask[:, ::-1] > 0, axis=1)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None,
            dropout: nnx.Dropout | None = None, train: bool = False, rngs: nnx.Rngs | None = None,
            prefix: nnx.Module | None = None) -> jax.Array:

@@ -13,8 +13,8 @@ from flax import nnx
 
 from finetune.errors import FinetuneError
 from finetune.models import MODELS
-from finetune.models.layers import (attend, causal_bias, embedding, numbered_groups, positions, run_blocks,
-                                    transformer_dense)
+from finetune.models.layers import (attend, causal_bias, embedding, last_token, numbered_groups, positions,
+                                    run_blocks, transformer_dense)
 
 
 def _rms_norm(features: int, eps: float, rngs: nnx.Rngs) -> nnx.RMSNorm:
@@ -134,7 +134,7 @@ class Llama(nnx.Module):
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     states = self.hidden_states(input_ids, attention_mask)
-    return states[jnp.arange(states.shape[0]), jnp.maximum((attention_mask > 0).sum(1) - 1, 0)]
+    return states[jnp.arange(states.shape[0]), last_token(attention_mask)]
 
   def __call__(self, input_ids, attention_mask=None, *, train: bool = False, rngs: nnx.Rngs | None = None):
     del train, rngs  # Llama has no dropout

@@ -45,14 +45,19 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("model_type,kwargs", CONFIGS, ids=["bert-2x32", "bert-3x48-eps", "roberta-2x32"])
-def test_hidden_states_and_pooler_match_transformers(model_type, kwargs, tmp_path):
+def _reference_and_ours(model_type: str, kwargs: dict, tmp_path):
+  """A random transformers model saved to `tmp_path`, and ours loaded from it."""
   torch.manual_seed(0)
   config_cls = transformers.BertConfig if model_type == "bert" else transformers.RobertaConfig
   model_cls = transformers.BertModel if model_type == "bert" else transformers.RobertaModel
   reference = model_cls(config_cls(**kwargs)).eval()
   reference.save_pretrained(tmp_path)
-  ours, arrays = _ours(str(tmp_path))
+  return reference, _ours(str(tmp_path))
+
+
+@pytest.mark.parametrize("model_type,kwargs", CONFIGS, ids=["bert-2x32", "bert-3x48-eps", "roberta-2x32"])
+def test_hidden_states_and_pooler_match_transformers(model_type, kwargs, tmp_path):
+  reference, (ours, arrays) = _reference_and_ours(model_type, kwargs, tmp_path)
   ids, mask = _inputs(kwargs["vocab_size"])
   with torch.no_grad():
     out = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
@@ -62,6 +67,21 @@ def test_hidden_states_and_pooler_match_transformers(model_type, kwargs, tmp_pat
   pooled = np.asarray(ours.pool(jax.numpy.asarray(hidden), jax.numpy.asarray(mask)))
   np.testing.assert_allclose(pooled, out.pooler_output.numpy(), atol=1e-4, rtol=1e-4)
   assert arrays["unused"] == (["embeddings.position_ids"] if "embeddings.position_ids" in arrays["unused"] else [])
+
+
+@pytest.mark.parametrize("model_type,kwargs", [CONFIGS[0], CONFIGS[2]], ids=["bert", "roberta"])
+def test_left_padded_rows_match_transformers(model_type, kwargs, tmp_path):
+  """(RoBERTa numbered positions from the row's start, not from its first real token as transformers does: 2.4
+  apart on a row left-padded by 4.)"""
+  reference, (ours, _) = _reference_and_ours(model_type, kwargs, tmp_path)
+  ids, mask = _inputs(kwargs["vocab_size"])
+  mask[0, :4] = 0  # left padding, with the pad id there (transformers numbers RoBERTa's positions from the ids)
+  ids[0, :4] = reference.config.pad_token_id or 0
+  with torch.no_grad():
+    out = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+  hidden = np.asarray(ours.encode(jax.numpy.asarray(ids), jax.numpy.asarray(mask)))
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(hidden[valid], out.last_hidden_state.numpy()[valid], atol=1e-4, rtol=1e-4)
 
 
 def test_sequence_classification_head_is_imported(tmp_path):

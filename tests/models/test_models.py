@@ -313,3 +313,13 @@ def _equations(jaxpr):
           yield from _equations(inner.jaxpr)
         elif hasattr(inner, "eqns"):
           yield from _equations(inner)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_a_decoder_s_features_are_its_last_real_token_s_wherever_the_padding_is(name):
+  """(`embed` took the token at index (real tokens - 1): in a left-padded row, a pad's state.)"""
+  model = _build(name, **TEXT_MODELS[name])
+  ids = jnp.asarray(np.random.default_rng(0).integers(1, 50, size=(1, 6)), jnp.int32)
+  for padding, last in [((3, 0), 8), ((0, 3), 5)]:  # left, right
+    padded, mask = jnp.pad(ids, ((0, 0), padding)), jnp.pad(jnp.ones_like(ids), ((0, 0), padding))
+    np.testing.assert_array_equal(model.embed(padded, mask), model.hidden_states(padded, mask)[:, last])
