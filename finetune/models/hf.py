@@ -227,9 +227,10 @@ def read_config(path: str) -> dict[str, Any]:
                                 or not config.get("scale_attn_weights", True)):
     raise FinetuneError(f"{path}: GPT-2 attention-scaling variants (scale_attn_by_inverse_layer_idx, "
                         "reorder_and_upcast_attn, scale_attn_weights=false) are not supported")
-  if model_type == "gpt2" and config.get("activation_function", "gelu_new") != "gelu_new":
+  # (gelu_pytorch_tanh is the same tanh approximation as gelu_new, in a fused kernel)
+  if model_type == "gpt2" and config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
     raise FinetuneError(f"{path}: activation_function {config['activation_function']!r} is not supported "
-                        "(only 'gelu_new')")
+                        "(only 'gelu_new' and 'gelu_pytorch_tanh')")
   if config.get("position_embedding_type", "absolute") != "absolute":
     raise FinetuneError(f"{path}: position_embedding_type {config['position_embedding_type']!r} is not supported")
   return config

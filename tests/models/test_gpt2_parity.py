@@ -18,6 +18,8 @@ transformers = pytest.importorskip("transformers")
 CONFIGS = [
     dict(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=32),
     dict(n_embd=48, n_layer=3, n_head=6, vocab_size=64, n_positions=20, n_inner=80, layer_norm_epsilon=1e-6),
+    # (refused before: the same tanh approximation as gelu_new)
+    dict(n_embd=32, n_layer=1, n_head=4, vocab_size=50, n_positions=16, activation_function="gelu_pytorch_tanh"),
 ]
 
 
@@ -27,7 +29,7 @@ def _ours(path):
   return model, arrays
 
 
-@pytest.mark.parametrize("kwargs", CONFIGS, ids=["2x32", "3x48-inner80"])
+@pytest.mark.parametrize("kwargs", CONFIGS, ids=["2x32", "3x48-inner80", "gelu_pytorch_tanh"])
 def test_logits_match_transformers(kwargs, tmp_path):
   torch.manual_seed(0)
   reference = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kwargs)).eval()
