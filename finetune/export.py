@@ -11,6 +11,7 @@ half-written.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 from ml_collections import ConfigDict
@@ -200,9 +201,14 @@ def _write_hf(cfg: ConfigDict, params: dict, num_classes: int, run_dir: str, out
   kwargs = full_model_kwargs(cfg.model, num_classes)
   # (an unfinished run's are in its init.json: the indices named a run on classes 5..9 '0'..'4')
   class_names = train_lib.trained_classes(run_dir) or [str(i) for i in range(num_classes)]
-  base = hf.read_config(hf.resolve_hf(cfg.model.hf_config)) if cfg.model.get("hf_config") else None
+  base_dir = hf.resolve_hf(cfg.model.hf_config) if cfg.model.get("hf_config") else ""
+  base = hf.read_config(base_dir) if base_dir else None
   with staged_directory(out) as staging:
     architecture = hf.export_params(cfg.model.name, params, kwargs, class_names, staging, base)
+    # The base's decoding settings (eos ids, sampling defaults) stay with the model, as save_pretrained keeps them.
+    generation = os.path.join(base_dir, "generation_config.json") if base_dir else ""
+    if generation and os.path.isfile(generation):
+      shutil.copyfile(generation, os.path.join(staging, "generation_config.json"))
     tokenizer = cfg.data.get("options", {}).get("tokenizer", "")
     if tokenizer:
       from finetune.data.text import load_tokenizer  # pylint: disable=g-import-not-at-top

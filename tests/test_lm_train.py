@@ -14,6 +14,7 @@ from finetune import train as train_lib
 from finetune.config import build_config
 from finetune.data.text import lm_text
 from finetune.errors import FinetuneError
+from finetune.export import export
 
 torch = pytest.importorskip("torch", reason="torch builds the tiny checkpoint (pip install torch==2.13.0)")
 transformers = pytest.importorskip("transformers")
@@ -100,3 +101,8 @@ def test_causal_lm_fine_tuning_lowers_perplexity(tiny_gpt2, tmp_path):
   perplexities = [r["perplexity"] for r in records if r["split"] == "validation"]  # steps 10, 20, 30
   assert len(perplexities) == 3 and perplexities[2] < perplexities[1] < perplexities[0]
   assert summary["init"]["loaded"] > 0 and summary["init"]["fresh"] == []
+  # The export keeps the base's decoding settings (it dropped generation_config.json).
+  export(str(tmp_path), str(tmp_path / "exported"))
+  assert os.path.isfile(os.path.join(tiny_gpt2, "generation_config.json"))
+  assert json.load(open(tmp_path / "exported" / "generation_config.json")) == json.load(
+      open(os.path.join(tiny_gpt2, "generation_config.json")))
