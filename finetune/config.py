@@ -840,6 +840,8 @@ def _merge_stage(target: ConfigDict, update: ConfigDict | dict, prefix: str) -> 
         target[key] = ConfigDict()
       _merge_stage(target[key], value, f"{prefix}.{key}")
     else:
+      if key in target:  # (replaced, not assigned: ConfigDict refused another type with a TypeError traceback)
+        del target[key]
       target[key] = tuple(value) if isinstance(value, list) else value
 
 

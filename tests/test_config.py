@@ -92,6 +92,8 @@ def test_overrides_are_typed_and_strict():
       ("train.steps=1.5", r"'train.steps' expects int"),
       ("train=3", r"'train' is a section"),
       ("stages.finetune.train.stepz=3", r"in config.stages.finetune: unknown config key 'train.stepz'"),
+      # (a key the stage sets itself: ConfigDict's TypeError traceback, exit 1)
+      ("stages.finetune.init_from=(1,)", r"in config.stages.finetune: config key 'init_from' expects str"),
   ]:
     with pytest.raises(FinetuneError, match=message):
       load_config(str(REPO / "configs/mnist_transfer.py"), [bad])
