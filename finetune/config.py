@@ -158,19 +158,23 @@ def defaults() -> ConfigDict:
 # ----------------------------------------------------------------------------------------------- :arg parsing
 
 
+_PATH_LIKE = ("path", "checkpoint", "file", "dir")
+
+
 def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
   """Parses a config file's `:key=value,key2=value2` argument against `spec` (the keys and their defaults).
 
   Values take the type of their default. An unknown key is an error, so `:arg` never passes unnoticed.
-  A bare word `:foo` sets the first key whose default is a string (e.g. a variant name). Commas inside brackets
-  or quotes belong to the value: `:sizes=(100,500),variant=ewc` is two arguments.
+  A bare word `:foo`, as the first item only, sets `variant` or else the first key whose default is a string and
+  that names no path. Commas inside brackets or quotes belong to the value: `:sizes=(100,500),variant=ewc` is two
+  arguments.
   """
   result = ConfigDict(dict(spec))
   if isinstance(arg, ConfigArg):
     arg.parsed = True
   if not arg:
     return result
-  given = set()
+  given, previous = set(), ""
   for item in split_config_arg(arg):
     key, sep, text = item.partition("=")
     key = key.strip()
@@ -179,16 +183,21 @@ def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
     if not sep and key in spec:  # (read as a bare word: `:steps` set the first string setting, a path, to 'steps')
       raise FinetuneError(f"config argument {key!r} has no value; write {key}=VALUE")
     if not sep:
-      string_keys = [k for k, v in spec.items() if isinstance(v, str)]
-      if not string_keys:
-        raise FinetuneError(f"config argument {item!r} is not key=value; valid keys: {', '.join(spec) or '(none)'}")
-      key, text = string_keys[0], item
+      # A bare word names a choice (`:ewc` for `:variant=ewc`): only first, never a number or a path. (`:steps=30,10`
+      # set data_path to '10' and failed on a missing folder; `:ns=1,3` said ns was given twice.)
+      string_keys = [k for k, v in spec.items() if isinstance(v, str) and not k.endswith(_PATH_LIKE)]
+      if given or not string_keys or not isinstance(parse_literal(item), str):
+        after = f" after {previous.strip()!r}" if given else ""
+        raise FinetuneError(f"config argument {item.strip()!r}{after} is not key=value: name its key, and write a "
+                            f"list in brackets (key=(a,b)); valid keys: {', '.join(spec) or '(none)'}")
+      key, text = ("variant" if "variant" in string_keys else string_keys[0]), item
     if key not in spec:
       raise FinetuneError(f"unknown config argument {key!r}{_did_you_mean(key, spec)}; "
                           f"valid arguments: {', '.join(spec) or '(none)'}")
     if key in given:  # (the last one won silently)
       raise FinetuneError(f"config argument {key!r} is given twice in {str(arg)!r}; give it once")
     given.add(key)
+    previous = item
     result[key] = coerce(parse_literal(text), spec[key], f":{key}")
   return result
 

@@ -149,6 +149,16 @@ def test_parse_arg_rejects_leftovers_and_types():
   with pytest.raises(FinetuneError, match=r"config argument 'steps' has no value; write steps=VALUE"):
     parse_arg("steps", steps=1, data_path="x")
   assert parse_arg("ewc", variant="all", steps=1).variant == "ewc"  # a bare word that is no key: the variant
+  assert parse_arg("7b,peft=lora", size="1b", peft="").size == "7b"  # or the first string setting
+  # Only first, never a number or a path: (`:steps=30,10` set data_path to '10' and failed on a missing folder;
+  # `:ns=1,3` said ns was given twice.)
+  for text, message in [("steps=30,10", r"config argument '10' after 'steps=30' is not key=value: name its key, and "
+                                        r"write a list in brackets \(key=\(a,b\)\); valid keys: steps, data_path"),
+                        ("300", r"'300' is not key=value"), ("foo", r"'foo' is not key=value")]:
+    with pytest.raises(FinetuneError, match=message):
+      parse_arg(text, steps=1, data_path="x")
+  with pytest.raises(FinetuneError, match=r"'3' after 'ns=1' is not key=value"):
+    parse_arg("data_path=y,ns=1,3", data_path="x", ns="")
   # (A stray comma was read as a bare word and set the first string setting, e.g. data_path, to ''.)
   for stray in ("steps=5,", "steps=5,,data_path=y", ",steps=5"):
     with pytest.raises(FinetuneError, match=r"has an empty item \(a stray comma\); remove it"):
