@@ -23,6 +23,7 @@ pretraining and target stages' updates), `data_path`.
 
 from finetune import recipes
 from finetune.config import ConfigDict, parse_arg, refuse_unread
+from finetune.errors import FinetuneError
 
 CLASSES_A = ("airplane", "automobile", "bird", "cat", "deer")
 CLASSES_B = ("dog", "frog", "horse", "ship", "truck")
@@ -31,6 +32,9 @@ CLASSES_B = ("dog", "frog", "horse", "ship", "truck")
 def get_config(arg=None):
   args = parse_arg(arg, variant="full", n=2, steps=800, target_steps=300, data_path="../shared/data/cifar10")
   refuse_unread(arg, ("n",) if args.variant != "frozen_n" else (), f"variant={args.variant!r} (n is frozen_n's)")
+  if args.variant in recipes.PEFT_RECIPES:  # (the recipe list offers them; the CNN's only Linear layer is its head)
+    raise FinetuneError(f"variant {args.variant!r} adapts Linear layers, and this CNN has none but its head; the LoRA "
+                        f"family runs in configs/minilm_sst2.py. Variants here: {', '.join(recipes.RECIPES)}")
   config = ConfigDict()
   config.model = dict(name="cnn", in_channels=3, stem_width=32, widths=(32, 64, 128), blocks_per_stage=1)
   config.data = dict(name="cifar10", path=args.data_path, batch_size=128, eval_batch_size=500,
@@ -42,7 +46,7 @@ def get_config(arg=None):
   target = dict(data=dict(classes=CLASSES_B), train=dict(steps=args.target_steps), init_from="stage:pretrain",
                 dont_load=(r"^head/",))
   # 5 groups (stem, stage_1..3, head): gradual unfreezing reaches all of them by 4/5 of the target steps.
-  every = args.target_steps // (5 if args.variant in ("gradual", "ulmfit") else 6)
+  every = max(1, args.target_steps // (5 if args.variant in ("gradual", "ulmfit") else 6))  # (0 for a shortened run: refused as 'no unfreezing interval')
   for name, stage in recipes.target_stages(args.variant, target, n=args.n, unfreeze_every=every,
                                            probe_steps=10 * args.target_steps).items():
     config.stages[name] = stage

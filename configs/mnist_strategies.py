@@ -34,11 +34,15 @@ pretraining and target stages' updates), `data_path` ('auto': the shared officia
 from finetune import recipes
 from finetune.config import ConfigDict, parse_arg, refuse_unread
 from finetune.data import mnist
+from finetune.errors import FinetuneError
 
 
 def get_config(arg=None):
   args = parse_arg(arg, variant="full", n=2, steps=300, target_steps=100, data_path="auto")
   refuse_unread(arg, ("n",) if args.variant != "frozen_n" else (), f"variant={args.variant!r} (n is frozen_n's)")
+  if args.variant in recipes.PEFT_RECIPES:  # (the recipe list offers them; the CNN's only Linear layer is its head)
+    raise FinetuneError(f"variant {args.variant!r} adapts Linear layers, and this CNN has none but its head; the LoRA "
+                        f"family runs in configs/minilm_sst2.py. Variants here: {', '.join(recipes.RECIPES)}")
   data_path = mnist.resolve_path(args.data_path)  # 'auto': the shared test files when present
   config = ConfigDict()
   config.model = dict(name="cnn", in_channels=1, stem_width=32, widths=(32, 64), blocks_per_stage=1)
@@ -51,7 +55,7 @@ def get_config(arg=None):
   target = dict(data=dict(classes=(5, 6, 7, 8, 9)), train=dict(steps=args.target_steps),
                 init_from="stage:pretrain", dont_load=(r"^head/",))
   # 4 groups unfreeze over the first 100 steps (gradual: every 25; chain-thaw: 5 phases of 20).
-  every = args.target_steps // (4 if args.variant == "gradual" or args.variant == "ulmfit" else 5)
+  every = max(1, args.target_steps // (4 if args.variant == "gradual" or args.variant == "ulmfit" else 5))  # (0 for a shortened run: refused as 'no unfreezing interval')
   stages = recipes.target_stages(args.variant, target, n=args.n, unfreeze_every=every,
                                  probe_steps=20 * args.target_steps)
   for name, stage in stages.items():

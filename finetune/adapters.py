@@ -294,6 +294,10 @@ def select_modules(model: nnx.Module, targets: Sequence[str], what: str = "confi
   # trailing '/', which is how the module's parameter paths begin.
   candidates = [(p, m) for p, m in module_paths(model, kind)
                 if not any(re.search(pattern, p) or re.search(pattern, p + "/") for pattern in exclude)]
+  if not candidates:  # (the message below listed none: "its layers are named like ")
+    raise FinetuneError(f"{what}: this model has no {kind.__name__} layer to adapt"
+                        f"{' outside config.peft.modules_to_save' if exclude else ''}; choose a PEFT method for its "
+                        "layers, or a model with them")
   chosen: dict[str, nnx.Module] = {}
   for target in targets:
     if re.fullmatch(r"\w+", target):

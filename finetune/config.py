@@ -601,6 +601,10 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
   need(c.data.augment.crop_padding >= 0, "config.data.augment.crop_padding must be >= 0")
   need(c.unfreeze.every_steps >= 0 and c.unfreeze.every_epochs >= 0,
        "config.unfreeze.every_steps and every_epochs must be >= 0")
+  # (checked when the stage opened: after the earlier stages had trained)
+  need(c.unfreeze.mode == "none" or bool(c.unfreeze.every_steps) != bool(c.unfreeze.every_epochs),
+       f"config.unfreeze.mode={c.unfreeze.mode!r} needs exactly one of config.unfreeze.every_steps and every_epochs "
+       f"(got {c.unfreeze.every_steps} and {c.unfreeze.every_epochs})")
   need(0 < c.optimizer.cut_frac < 1 and c.optimizer.ratio > 0,
        "config.optimizer.cut_frac must be in (0, 1) and ratio > 0 (ULMFiT: 0.1 and 32)")
   need(0 < c.optimizer.pct_start < 1 and c.optimizer.div_factor > 0 and c.optimizer.final_div_factor > 0,

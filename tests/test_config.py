@@ -193,6 +193,17 @@ def test_an_argument_the_chosen_variant_does_not_read_is_refused(spec, message):
     load_config(str(REPO / "configs" / spec))
 
 
+@pytest.mark.parametrize("name", ["mnist_strategies.py", "cifar10_strategies.py"])
+def test_the_strategies_configs_refuse_the_lora_family_and_shortened_unfreezing_loads(name):
+  """(LoRA recipes were offered there and failed on the CNN with an empty list of layer names; a target stage
+  shorter than its groups gave unfreeze every 0 steps, refused after pretraining.)"""
+  with pytest.raises(FinetuneError, match=r"variant 'lora' adapts Linear layers, and this CNN has none but its "
+                                          r"head; the LoRA family runs in configs/minilm_sst2.py"):
+    load_config(str(REPO / "configs" / f"{name}:variant=lora"))
+  config = load_config(str(REPO / "configs" / f"{name}:variant=gradual,steps=2,target_steps=3,data_path=/nowhere"))
+  assert config.stages.gradual.unfreeze.every_steps == 1
+
+
 def test_config_file_errors(tmp_path):
   with pytest.raises(FinetuneError, match="does not exist"):
     load_config(str(tmp_path / "missing.py"))

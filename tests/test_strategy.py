@@ -69,7 +69,8 @@ def test_custom_groups_and_bad_partitions_are_errors():
       ({"freeze": {"first_n": 4}}, "every parameter is frozen"),
       ({"optimizer": {"lr_multipliers": (("^nope/", 0.1),)}}, "lr_multipliers: pattern '^nope/' matches no parameter"),
       ({"optimizer": {"lr_range": (1e-3, 1e-4)}}, "must be (lo, hi) with 0 < lo <= hi"),
-      ({"unfreeze": {"mode": "gradual"}}, "set exactly one of config.unfreeze.every_steps"),
+      ({"unfreeze": {"mode": "gradual"}}, "config.unfreeze.mode='gradual' needs exactly one of "
+       "config.unfreeze.every_steps and every_epochs (got 0 and 0.0)"),
       ({"unfreeze": {"mode": "gradual", "every_steps": 5}}, "needs more than 15 steps to reach all 4 groups"),
       # (One phase: accepted, and nothing was ever unfrozen.)
       ({"unfreeze": {"mode": "gradual", "every_steps": 2, "initial_groups": 4}},

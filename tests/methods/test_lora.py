@@ -259,6 +259,11 @@ def test_target_errors_are_one_clear_line():
     adapted(peft_config(rank=32))
   with pytest.raises(FinetuneError, match="config.peft.targets is empty"):
     adapted(peft_config(targets=()))
+  # (A CNN's only Linear layer is its head, which modules_to_save trains whole: the list of names was empty.)
+  with pytest.raises(FinetuneError, match=r"config.peft.targets: this model has no Linear layer to adapt outside "
+                                          r"config.peft.modules_to_save"):
+    adapted(peft_config(targets=("conv",), modules_to_save=("^head/",)), {"name": "cnn", "stem_width": 8,
+                                                                          "widths": (8, 16)})
   # rank_pattern / alpha_pattern: a regex naming no adapted layer is an error (a typo trained silently), a bad rank
   # names the entry that set it, and an invalid regex is one line from the config check.
   with pytest.raises(FinetuneError, match=r"config.peft.rank_pattern regex 'querry' matches no adapted layer; the "
