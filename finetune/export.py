@@ -28,8 +28,14 @@ FORMATS = ("hf", "peft")
 
 
 def _stages(workdir: str) -> list[str]:
+  """A multi-stage workdir's stages: its config.json's, in order, then the run folders of earlier configs that
+  shared the workdir (one variant per run: config.json names the last run's stages only, and `--stage full` worked
+  while the error for a typo listed 'pretrain, frozen_2')."""
   config_path = os.path.join(workdir, "config.json")
-  return list(read_json(config_path).get("stages", {})) if os.path.isfile(config_path) else []
+  declared = list(read_json(config_path).get("stages", {})) if os.path.isfile(config_path) else []
+  ran = sorted(name for name in os.listdir(workdir) if os.path.isfile(os.path.join(workdir, name, "init.json"))) \
+      if os.path.isdir(workdir) else []
+  return declared + [name for name in ran if name not in declared]
 
 
 def latest_checkpoint(run_dir: str, verb: str) -> str:
@@ -64,7 +70,8 @@ def resolve_run_dir(workdir: str, stage: str = "", unfinished: bool = True, verb
     run_dir = workdir
   elif stage:
     run_dir = os.path.join(workdir, stage)
-    if not os.path.isdir(run_dir) and _stages(workdir) and stage not in _stages(workdir):
+    # (Any folder was taken: an export written inside the workdir was "not finished, finish it with train".)
+    if _stages(workdir) and stage not in _stages(workdir):
       raise FinetuneError(f"--stage {stage!r}: {workdir} has no such stage; its stages: "
                           f"{', '.join(_stages(workdir))}")
   elif single:

@@ -82,7 +82,13 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
     summaries = {}
     for name, stage_cfg, run_dir in stages:
       summaries[name] = run_stage(stage_cfg, run_dir, workdir, name)
-    write_json(os.path.join(workdir, "results.json"), summaries)
+    # Stages of earlier runs that shared the workdir (one variant per run) stay listed, as their folders do.
+    results_path = os.path.join(workdir, "results.json")
+    earlier = read_json(results_path) if os.path.isfile(results_path) else {}
+    results = {name: summary for name, summary in earlier.items()
+               if os.path.isfile(os.path.join(workdir, name, SUMMARY_FILE))}
+    results.update(summaries)
+    write_json(results_path, results)
   return summaries
 
 

@@ -97,3 +97,20 @@ def test_stages_whose_training_schedule_the_evaluation_cannot_rebuild_evaluate_a
   for stage in ("rehearsed", "gradual"):
     _assert_equals_its_final_evaluation(tmp_path / stage, evaluate_run(str(tmp_path), stage))
   assert set(evaluate_run(str(tmp_path), "gradual", ["data.validation_fraction=0.05"])) == {"validation"}
+
+
+def test_runs_that_share_a_workdir_keep_each_other_s_stages(tmp_path):
+  """One variant per run in one workdir, as the strategies configs suggest: results.json kept only the last run's
+  stages, and a typo's error listed those alone; any folder passed as a stage (an export written in the workdir was
+  'not finished: finish it with finetune train')."""
+  base = {"train": {"steps": 2, "log_every": 1, "checkpoint_every": 0}}
+  for variant in ("b", "c"):
+    train_lib.train_and_evaluate(tiny_config(**base, stages={"a": {}, variant: {"init_from": "stage:a"}}),
+                                 str(tmp_path))
+  assert list(json.load(open(tmp_path / "results.json"))) == ["a", "b", "c"]
+  _assert_equals_its_final_evaluation(tmp_path / "b", evaluate_run(str(tmp_path), "b"))
+  (tmp_path / "exported").mkdir()
+  (tmp_path / "exported" / "config.json").write_text("{}")
+  for stage in ("d", "exported"):
+    with pytest.raises(FinetuneError, match=rf"--stage '{stage}': .* has no such stage; its stages: a, c, b"):
+      evaluate_run(str(tmp_path), stage)
