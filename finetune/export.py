@@ -43,6 +43,9 @@ def latest_checkpoint(run_dir: str, verb: str) -> str:
   its first checkpoint is told so, not sent to resolve_checkpoint's init_from wording."""
   checkpoints = os.path.join(run_dir, "checkpoints")
   if not os.path.isdir(checkpoints) or not any(name.isdigit() for name in os.listdir(checkpoints)):
+    if os.path.isfile(os.path.join(run_dir, DIVERGED_FILE)):  # ("train it further" would diverge again)
+      raise FinetuneError(f"{run_dir} diverged before its first checkpoint ({os.path.join(run_dir, DIVERGED_FILE)} "
+                          f"says why); train it again with the fix that file names, or {verb} another --stage")
     raise FinetuneError(f"{run_dir} has no checkpoint yet (checkpoints/<step>); train it further, or {verb} "
                         "another --stage")
   first_bad = diverged_from(run_dir)

@@ -814,3 +814,14 @@ def test_a_resume_that_trains_past_a_divergence_drops_its_marker_at_the_next_che
     train_lib.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / "diverged.json").exists()
   assert latest_checkpoint(str(tmp_path), "export").endswith(os.path.join("checkpoints", "8"))
+
+
+def test_export_or_eval_of_a_run_that_diverged_before_its_first_checkpoint_names_its_marker(tmp_path):
+  """(It said "no checkpoint yet; train it further", which would diverge again.)"""
+  config = tiny_config(train={"steps": 4, "log_every": 1, "checkpoint_every": 0},
+                       optimizer={"learning_rate": 1e30, "warmup_steps": 0})
+  with pytest.raises(FinetuneError, match="loss is"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(FinetuneError, match=r"diverged before its first checkpoint \(.*diverged.json says why\); train "
+                                          r"it again with the fix that file names, or export another --stage"):
+    latest_checkpoint(str(tmp_path), "export")
