@@ -1401,18 +1401,23 @@ def write_text(path: str, text: str) -> None:
 
 
 def results_table(summaries: dict[str, dict[str, Any]]) -> str:
-  """The closing table: stage, dataset (with classes), split, accuracy, examples/s."""
-  rows = [("stage", "dataset", "split", "accuracy", "train ex/s", "eval ex/s")]
+  """The closing table: stage, dataset (with classes), split, accuracy (and perplexity where a stage models
+  tokens: it showed a language model's token accuracy alone), examples/s."""
+  perplexity = any("perplexity" in metrics for summary in summaries.values() for metrics in summary["final"].values())
+  rows = [("stage", "dataset", "split", "accuracy", *(("perplexity",) if perplexity else ()), "train ex/s",
+           "eval ex/s")]
   for name, summary in summaries.items():
     classes = summary["classes"]
     dataset = f"{summary['dataset']}[{','.join(classes)}]" if summary.get("class_filter") else summary["dataset"]
     train_speed = summary.get("train_examples_per_s")
     for split, metrics in summary["final"].items():
       rows.append((name, dataset, split, f"{metrics['accuracy']:.4f}",
+                   *((f"{metrics['perplexity']:.2f}" if "perplexity" in metrics else "-",) if perplexity else ()),
                    f"{train_speed:,.0f}" if train_speed else "-", f"{metrics['examples_per_s']:,.0f}"))
     for probe, accuracies in summary.get("closed_form_probes", {}).items():
       for split, accuracy in accuracies.items():
-        rows.append((name, dataset, f"{split} ({probe} probe)", f"{accuracy:.4f}", "-", "-"))
+        rows.append((name, dataset, f"{split} ({probe} probe)", f"{accuracy:.4f}", *(("-",) if perplexity else ()),
+                     "-", "-"))
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
   lines.insert(1, "  ".join("-" * w for w in widths))

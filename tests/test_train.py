@@ -825,3 +825,22 @@ def test_export_or_eval_of_a_run_that_diverged_before_its_first_checkpoint_names
   with pytest.raises(FinetuneError, match=r"diverged before its first checkpoint \(.*diverged.json says why\); train "
                                           r"it again with the fix that file names, or export another --stage"):
     latest_checkpoint(str(tmp_path), "export")
+
+
+def test_the_closing_table_shows_perplexity_where_a_stage_models_tokens():
+  """(A language-model stage showed its token accuracy alone: 0.0418, where `finetune eval` gave perplexity 30215.)"""
+  summaries = {
+      "lm": {"classes": [], "dataset": "lm_text", "train_examples_per_s": 120.0,
+             "final": {"validation": {"accuracy": 0.0418, "perplexity": 30214.95, "examples_per_s": 900.0}}},
+      "clf": {"classes": ["5", "6"], "dataset": "mnist", "class_filter": True, "train_examples_per_s": None,
+              "final": {"test": {"accuracy": 0.9, "examples_per_s": 2000.0}},
+              "closed_form_probes": {"ridge": {"test": 0.8}}},
+  }
+  lines = train_lib.results_table(summaries).splitlines()
+  assert lines[0].split() == ["stage", "dataset", "split", "accuracy", "perplexity", "train", "ex/s", "eval", "ex/s"]
+  assert lines[2].split() == ["lm", "lm_text", "validation", "0.0418", "30214.95", "120", "900"]
+  assert lines[3].split() == ["clf", "mnist[5,6]", "test", "0.9000", "-", "-", "2,000"]
+  assert lines[4].split() == ["clf", "mnist[5,6]", "test", "(ridge", "probe)", "0.8000", "-", "-", "-"]
+  del summaries["lm"]  # no token model: no perplexity column
+  assert train_lib.results_table(summaries).splitlines()[0].split() == ["stage", "dataset", "split", "accuracy",
+                                                                      "train", "ex/s", "eval", "ex/s"]
