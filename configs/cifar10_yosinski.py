@@ -21,8 +21,8 @@ classes from numpy's default_rng(split_seed): A = the first five, B = the rest, 
 natural split of ImageNet). Data: `../shared/data/cifar10` (`:data_path=`); every stage is evaluated on B's (or,
 for baseA, A's) official test images.
 
-Scales (`:scale=`): `reduced` (default; N = 4, 500 steps of 64 per network, sized for 2 CPU cores: estimated
-~16 minutes per run and ~49 minutes for its 3-point sweep from measured seconds per step, see the README), `full`
+Scales (`:scale=`): `reduced` (default; N = 4, 500 steps of 64 per network, sized for 2 CPU cores: measured
+10-12 minutes per run and 33 minutes for its 3-point sweep, see the README), `full`
 (N = 5 with a wider CNN, 4,000 steps of 128 per network, 18 points: for a GPU), `tiny` (seconds; tests only).
 `:steps=` (base networks) and `:target_steps=` (each transfer network) override the scale's step counts, `:ns=`
 the n values (`+`-separated, e.g. `ns=1+3`; default all of 1..N).
