@@ -14,6 +14,7 @@ A `FinetuneError` (any user error) prints one line `finetune: error: ...` to std
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import re
 import sys
@@ -65,8 +66,16 @@ class _AppendDistinct(argparse.Action):
     setattr(namespace, self.dest, [*items, values])
 
 
+def _version() -> str:
+  try:
+    return importlib.metadata.version("finetune")
+  except importlib.metadata.PackageNotFoundError:  # (run from a checkout that was never installed)
+    return "(not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="finetune", description=__doc__.splitlines()[0])
+  parser.add_argument("--version", action="version", version=f"finetune {_version()}")
   commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
   train = commands.add_parser("train", help="run an experiment config (all its stages)",
                               description="Run an experiment config. Config keys are overridden with "

@@ -125,6 +125,9 @@ def test_bad_inputs_each_give_one_line(capsys, tiny_file, tmp_path):
                "test/accuracy"])
   assert "unrecognized arguments: extra (see `finetune train --help`)" in _error(
       capsys, ["train", "--config", tiny_file, "--workdir", workdir, "extra"])
+  with pytest.raises(SystemExit) as version:  # (it answered "the following arguments are required: command")
+    cli.main(["--version"])
+  assert version.value.code == 0 and capsys.readouterr().out.startswith("finetune ")
   assert "unrecognized arguments: --conf" in _error(  # (an abbreviation slipped past the check on twice-given flags)
       capsys, ["train", "--config", tiny_file, "--conf", tiny_file, "--workdir", workdir])
   # The framework's own warnings are one line; others (here a file in a folder that is merely named finetune) keep
