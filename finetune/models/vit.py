@@ -76,6 +76,8 @@ class ViT(nnx.Module):
     position_init = nnx.initializers.normal(stddev=0.02)
     self.position_embedding = nnx.Param(position_init(rngs.params(), (1, num_patches + 1, width)),
                                         sharding=(None, "position", "embed"))
+    # After the position embeddings, as transformers' ViTEmbeddings and big_vision apply it (it was missing).
+    self.embed_dropout = nnx.Dropout(dropout)
     self.blocks = nnx.List([Block(width, num_heads, mlp_dim, dropout, layer_norm_eps, rngs) for _ in range(depth)])
     self.norm = layer_norm(width, rngs, layer_norm_eps)
     self.head = linear(width, num_classes, ("embed", "classes"), rngs, kernel_init=nnx.initializers.zeros_init())
@@ -87,6 +89,7 @@ class ViT(nnx.Module):
     tokens = patches.reshape(batch, -1, width)  # (B, H/p, W/p, width) -> (B, num_patches, width)
     cls = jnp.broadcast_to(self.cls_token[...], (batch, 1, width))
     tokens = jnp.concatenate([cls, tokens], axis=1) + self.position_embedding[...]
+    tokens = self.embed_dropout(tokens, deterministic=not train, rngs=rngs)
     tokens = run_blocks(self, self.blocks, tokens, train, rngs)
     tokens = self.norm(tokens)
     return tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(axis=1)

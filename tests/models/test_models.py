@@ -323,3 +323,13 @@ def test_a_decoder_s_features_are_its_last_real_token_s_wherever_the_padding_is(
   for padding, last in [((3, 0), 8), ((0, 3), 5)]:  # left, right
     padded, mask = jnp.pad(ids, ((0, 0), padding)), jnp.pad(jnp.ones_like(ids), ((0, 0), padding))
     np.testing.assert_array_equal(model.embed(padded, mask), model.hidden_states(padded, mask)[:, last])
+
+
+def test_vit_drops_out_its_embedded_tokens_as_transformers_does():
+  """(transformers' ViTEmbeddings applies dropout after the position embeddings; ours did not.) With no blocks, the
+  features differ between training and evaluation through that dropout alone."""
+  model = _build("vit", image_size=8, patch_size=4, width=16, depth=0, num_heads=2, mlp_dim=32, dropout=0.5)
+  images = jnp.ones((2, 8, 8, 1))
+  trained = model.embed(images, train=True, rngs=nnx.Rngs(dropout=1))
+  assert not np.allclose(trained, model.embed(images, train=False))
+  assert not np.allclose(trained, model.embed(images, train=True, rngs=nnx.Rngs(dropout=2)))
