@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -246,6 +247,9 @@ _DROPOUT_KEYS = {"bert": ("hidden_dropout_prob", "attention_probs_dropout_prob")
 def model_kwargs(path: str) -> tuple[str, dict[str, Any]]:
   """(our model name, constructor kwargs) from a checkpoint's config.json."""
   config = read_config(path)
+  if config["model_type"] == "llama" and config.get("attention_dropout"):  # (read by nothing, silently)
+    warnings.warn(f"{path}: attention_dropout={config['attention_dropout']} is not applied: this framework's Llama has "
+                  "no dropout (fine-tuning trains without it; inference is unaffected)", stacklevel=2)
   name, config_map, _, _, _, extra = ARCHITECTURES[config["model_type"]]
   kwargs = {ours: config[theirs] for theirs, ours in config_map.items() if config.get(theirs) is not None}
   return name, {**kwargs, **extra(config)}

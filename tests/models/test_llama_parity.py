@@ -9,7 +9,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from conftest import model_from_hf
-from finetune.models import build_model
+from finetune.models import build_model, hf
 from finetune.partition import assign_groups, flatten
 
 torch = pytest.importorskip("torch", reason="torch is the parity reference (pip install torch==2.13.0)")
@@ -52,3 +52,12 @@ def test_llama_layer_groups_cover_every_parameter():
   params = flatten(nnx.split(model, nnx.Param, ...)[1].to_pure_dict())
   group_of = assign_groups(list(params), model.layer_groups(), "llama")
   assert group_of["lm_head/kernel"] == "head" and group_of["layers/1/mlp/gate_proj/kernel"] == "layer_2"
+
+
+def test_a_checkpoint_s_attention_dropout_is_named_as_not_applied(tmp_path):
+  """(Read by nothing, silently: this Llama has no dropout.)"""
+  transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIGS["mqa-head-dim"], attention_dropout=0.1)
+                                ).save_pretrained(tmp_path)
+  with pytest.warns(UserWarning, match=r"attention_dropout=0.1 is not applied: this framework's Llama has no "
+                                       r"dropout"):
+    hf.model_kwargs(str(tmp_path))
