@@ -149,7 +149,9 @@ def lm_text(path: str = "", cache_dir: str = "", train_file: str = "", test_file
       lines = f.read().splitlines(keepends=True)
     # Tokenised line by line (batched, fast) with each line's newline kept, so byte-level tokenizers see line breaks;
     # joined with no special tokens inside the stream. This is what transformers' run_clm does with its text loader
-    # (a row per line, keep_linebreaks) then group_texts, so perplexities compare with it; tokenising the file as
+    # (a row per line, keep_linebreaks) then group_texts for tokenizers that add no special tokens (GPT-2's), so
+    # perplexities compare with it; run_clm keeps them, so a Llama tokenizer there puts a BOS before every line,
+    # which this stream does not. Tokenising the file as
     # one string differs slightly (byte-level BPE merges whitespace runs across line breaks: about 0.4% fewer
     # tokens on WikiText-2). verbose=False: a line longer than the model's maximum is fine here (the stream is cut
     # into blocks), and transformers would warn of indexing errors.
