@@ -151,10 +151,10 @@ def lm_text(path: str = "", cache_dir: str = "", train_file: str = "", test_file
     # joined with no special tokens inside the stream. This is what transformers' run_clm does with its text loader
     # (a row per line, keep_linebreaks) then group_texts for tokenizers that add no special tokens (GPT-2's), so
     # perplexities compare with it; run_clm keeps them, so a Llama tokenizer there puts a BOS before every line,
-    # which this stream does not. Tokenising the file as
-    # one string differs slightly (byte-level BPE merges whitespace runs across line breaks: about 0.4% fewer
-    # tokens on WikiText-2). verbose=False: a line longer than the model's maximum is fine here (the stream is cut
-    # into blocks), and transformers would warn of indexing errors.
+    # which this stream does not. Tokenising the file as one string differs slightly (byte-level BPE merges
+    # whitespace runs across line breaks: about 0.4% fewer tokens on WikiText-2). verbose=False: a line longer than
+    # the model's maximum is fine here (the stream is cut into blocks), and transformers would warn of indexing
+    # errors.
     ids = np.concatenate([np.asarray(t, np.int32) for t in tok(lines, add_special_tokens=False, verbose=False)[
         "input_ids"] if t] or [np.zeros(0, np.int32)])
     num_blocks = len(ids) // block_size
