@@ -467,25 +467,54 @@ def _optional_settings(choices: Iterable[Any]) -> list[tuple[str, str, str, tupl
                      if key != "mode"]
 
 
+def _unread_settings_blame(config: ConfigDict, stages: list[tuple[str, ConfigDict]], dotted: str,
+                           reads: Callable[[ConfigDict], bool]) -> tuple[list[str], bool] | None:
+  """The rule of both refusals below for the setting `dotted` ('optimizer.cut_frac'), which a stage reads when
+  `reads(stage)`: a stage's own setting (in its config.stages entry) must be read by that stage, a base config's
+  by some stage (it may be meant for only some of them). (the stages to name, whether they set it themselves), or
+  None when every changed value is read."""
+  def value(c: Any) -> Any:
+    for part in dotted.split("."):
+      c = c[part]
+    return c
+
+  def set_in(overrides: Any) -> bool:
+    for part in dotted.split("."):
+      if not isinstance(overrides, (dict, ConfigDict)) or part not in overrides:
+        return False
+      overrides = overrides[part]
+    return True
+
+  default, staged = value(defaults()), len(config.stages) > 0
+  changed = [(name, stage) for name, stage in stages if _as_json(value(stage)) != _as_json(default)]
+  unread_own = [name for name, stage in changed if staged and set_in(config.stages[name]) and not reads(stage)]
+  if unread_own:
+    return unread_own, True
+  if changed and not any(reads(stage) for _, stage in stages):
+    return [name for name, _ in changed], False
+  return None
+
+
+def _where(config: ConfigDict, names: list[str]) -> str:
+  return f" (stage{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))})" if len(config.stages) else ""
+
+
 def _refuse_settings_no_stage_reads(config: ConfigDict, stages: list[tuple[str, ConfigDict]]) -> None:
   """A schedule's or optimizer's own setting (optimizer.cut_frac, momentum, ...) or an unfreezing setting changed
   from its default where it is not read: it would be ignored (cut_frac with cosine, momentum with adamw,
-  unfreeze.every_steps with mode 'none'). A stage's own setting must be read by that stage; a base config's, by
-  some stage (it may be meant for only some of them)."""
-  default, staged = defaults(), len(config.stages) > 0
+  unfreeze.every_steps with mode 'none')."""
   by_name = dict(stages)
   for section, key, chooser, readers in _optional_settings(stage for _, stage in stages):
-    changed = [name for name, stage in stages if _as_json(stage[section][key]) != _as_json(default[section][key])]
-    own = [name for name in changed if staged and key in config.stages[name].get(section, {})]
-    unread_own = [name for name in own if by_name[name][section][chooser] not in readers]
-    if unread_own or (changed and not any(stage[section][chooser] in readers for _, stage in stages)):
-      names = unread_own or changed
+    blame = _unread_settings_blame(config, stages, f"{section}.{key}",
+                                   lambda stage, section=section, chooser=chooser, readers=readers:
+                                   stage[section][chooser] in readers)
+    if blame:
+      names, own = blame
       value, chosen = by_name[names[0]][section][key], sorted({by_name[name][section][chooser] for name in names})
-      where = f" (stage{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))})" if staged else ""
       raise FinetuneError(f"config.{section}.{key}={value!r} is read only with config.{section}.{chooser} "
-                          f"{' or '.join(map(repr, readers))}, which {'it' if unread_own else 'no stage'} uses "
+                          f"{' or '.join(map(repr, readers))}, which {'it' if own else 'no stage'} uses "
                           f"({', '.join(map(repr, chosen))}): it would be ignored; drop it or set "
-                          f"config.{section}.{chooser}{where}")
+                          f"config.{section}.{chooser}{_where(config, names)}")
 
 
 def _uses_fisher(c: ConfigDict) -> bool:
@@ -507,33 +536,17 @@ _CONDITIONAL_SETTINGS: tuple[tuple[str, str, Callable[[ConfigDict], bool]], ...]
 
 def _refuse_conditional_settings_no_stage_reads(config: ConfigDict, stages: list[tuple[str, ConfigDict]]) -> None:
   """A regularizer's setting changed where its regularizer is off (ewc.gamma without online, lwf.temperature
-  without lwf, rehearsal.weight without a fraction, l2sp.fisher without alpha): ignored, so refused, with the same
-  rule as `_refuse_settings_no_stage_reads`: a stage's own setting must be read by that stage, a base config's by
-  some stage."""
-  default, staged = defaults(), len(config.stages) > 0
-
-  def value(c: ConfigDict, dotted: str) -> Any:
-    for part in dotted.split("."):
-      c = c[part]
-    return c
-
-  def set_in(stage_overrides: Any, dotted: str) -> bool:
-    for part in dotted.split("."):
-      if not isinstance(stage_overrides, (dict, ConfigDict)) or part not in stage_overrides:
-        return False
-      stage_overrides = stage_overrides[part]
-    return True
-
+  without lwf, rehearsal.weight without a fraction, l2sp.fisher without alpha): ignored, so refused."""
+  by_name = dict(stages)
   for setting, turned_on_by, reads in _CONDITIONAL_SETTINGS:
-    changed = [(name, stage) for name, stage in stages
-               if _as_json(value(stage, setting)) != _as_json(value(default, setting))]
-    unread_own = [name for name, stage in changed if staged and set_in(config.stages[name], setting) and
-                  not reads(stage)]
-    if unread_own or (changed and not any(reads(stage) for _, stage in stages)):
-      names = unread_own or [name for name, _ in changed]
-      where = f" (stage{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))})" if staged else ""
-      raise FinetuneError(f"config.{setting}={value(dict(stages)[names[0]], setting)!r}{where} is read only with "
-                          f"config.{turned_on_by}, which {'it does not set' if unread_own else 'no stage sets'}: "
+    blame = _unread_settings_blame(config, stages, setting, reads)
+    if blame:
+      names, own = blame
+      value = by_name[names[0]]
+      for part in setting.split("."):
+        value = value[part]
+      raise FinetuneError(f"config.{setting}={value!r}{_where(config, names)} is read only with "
+                          f"config.{turned_on_by}, which {'it does not set' if own else 'no stage sets'}: "
                           "it would be ignored; drop it or turn that on")
 
 
