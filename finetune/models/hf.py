@@ -252,7 +252,38 @@ def model_kwargs(path: str) -> tuple[str, dict[str, Any]]:
                   "no dropout (fine-tuning trains without it; inference is unaffected)", stacklevel=2)
   name, config_map, _, _, _, extra = ARCHITECTURES[config["model_type"]]
   kwargs = {ours: config[theirs] for theirs, ours in config_map.items() if config.get(theirs) is not None}
-  return name, {**kwargs, **extra(config)}
+  kwargs.update(extra(config))
+  if config["model_type"] == "vit":
+    kwargs.update(pixel_normalisation(path, kwargs["in_channels"]))
+  return name, kwargs
+
+
+def pixel_normalisation(path: str, channels: int) -> dict[str, tuple[float, ...]]:
+  """ViT's `pixel_mean` / `pixel_std` for the pipeline's [0, 1] images from the checkpoint's image processor
+  (preprocessor_config.json), so the model sees what it was pretrained on; {} without one (a bare save_pretrained).
+
+  transformers computes (x * rescale_factor - mean) / std from 0..255 pixels x; with x = 255 * ours, that is
+  (ours - mean / s) / (std / s) for s = 255 * rescale_factor (255 when do_rescale is off)."""
+  file = os.path.join(path, "preprocessor_config.json")
+  if not os.path.isfile(file):
+    return {}
+  processor = read_json(file, "download or save the checkpoint again")
+  scale = 255.0 * (float(processor.get("rescale_factor", 1 / 255)) if processor.get("do_rescale", True) else 1.0)
+  if processor.get("do_normalize", True):
+    mean, std = processor.get("image_mean", 0.5), processor.get("image_std", 0.5)
+  elif abs(scale - 1.0) < 1e-6:
+    return {}
+  else:
+    mean, std = 0.0, 1.0
+
+  def per_channel(value, key: str) -> tuple[float, ...]:
+    values = [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * channels
+    if len(values) != channels:
+      raise FinetuneError(f"{file} gives {key} for {len(values)} channels but the model has {channels}; "
+                          "fix the file or the checkpoint's num_channels")
+    return tuple(v / scale for v in values)
+
+  return {"pixel_mean": per_channel(mean, "image_mean"), "pixel_std": per_channel(std, "image_std")}
 
 
 def config_keys(path: str) -> dict[str, str]:
@@ -522,4 +553,18 @@ def export_params(model_name: str, params: dict[str, np.ndarray], kwargs: dict[s
   save_safetensors(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
+  if model_name == "vit":  # so transformers' pipeline("image-classification") feeds it what it was trained on
+    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
+      json.dump(vit_image_processor(kwargs), f, indent=2)
   return config["architectures"][0]
+
+
+def vit_image_processor(kwargs: dict[str, Any]) -> dict[str, Any]:
+  """A ViTImageProcessor's settings computing what the model was trained on: images resized to image_size,
+  0..255 scaled to [0, 1] (the pipeline's scaling), then this model's pixel normalisation if it has one."""
+  channels, mean, std = kwargs["in_channels"], kwargs.get("pixel_mean", ()), kwargs.get("pixel_std", ())
+  return {"image_processor_type": "ViTImageProcessor", "do_resize": True,
+          "size": {"height": kwargs["image_size"], "width": kwargs["image_size"]}, "resample": 2,
+          "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": bool(mean),
+          "image_mean": list(mean) * (channels // len(mean)) if mean else [0.5] * channels,
+          "image_std": list(std) * (channels // len(std)) if std else [0.5] * channels}

@@ -62,7 +62,8 @@ class ViT(nnx.Module):
 
   def __init__(self, *, num_classes: int, image_size: int = 28, in_channels: int = 1, patch_size: int = 7,
                width: int = 64, depth: int = 4, num_heads: int = 4, mlp_dim: int = 128, dropout: float = 0.0,
-               pool: str = "cls", layer_norm_eps: float = 1e-6, hf_config: str = "", rngs: nnx.Rngs):
+               pool: str = "cls", layer_norm_eps: float = 1e-6, pixel_mean: tuple[float, ...] = (),
+               pixel_std: tuple[float, ...] = (), hf_config: str = "", rngs: nnx.Rngs):
     del hf_config  # read by finetune.models.hf before construction
     if image_size % patch_size:
       raise FinetuneError(f"config.model.image_size={image_size} is not divisible by "
@@ -70,6 +71,15 @@ class ViT(nnx.Module):
     if pool not in ("cls", "mean"):
       raise FinetuneError(f"config.model.pool={pool!r}; valid: 'cls', 'mean'")
     self.pool, self.input_shape = pool, (image_size, image_size, in_channels)
+    # A pretrained ViT saw images normalised by its image processor ((x - mean) / std per channel, from
+    # preprocessor_config.json; google/vit-* use 0.5 / 0.5, so [-1, 1]); the pipeline gives [0, 1]. Applied here,
+    # in the model, so every pipeline, eval and export sees the same function. Empty: no normalisation.
+    if len(pixel_mean) != len(pixel_std) or len(pixel_mean) not in (0, 1, in_channels):
+      raise FinetuneError(f"config.model.pixel_mean={tuple(pixel_mean)} and pixel_std={tuple(pixel_std)} must both "
+                          f"be empty, one value, or one value per channel ({in_channels})")
+    if any(value <= 0 for value in pixel_std):
+      raise FinetuneError(f"config.model.pixel_std={tuple(pixel_std)} must be positive")
+    self.pixel_mean, self.pixel_std = tuple(float(v) for v in pixel_mean), tuple(float(v) for v in pixel_std)
     num_patches = (image_size // patch_size) ** 2
     self.patch_embed = conv(in_channels, width, (patch_size, patch_size), rngs, strides=patch_size, padding="VALID")
     self.cls_token = nnx.Param(jnp.zeros((1, 1, width)), sharding=(None, None, "embed"))
@@ -84,6 +94,8 @@ class ViT(nnx.Module):
 
   def embed(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
     check_input(x, self.input_shape, "config.model.image_size, in_channels; from hf_config when it is set")
+    if self.pixel_mean:  # (static Python floats, so no parameters and nothing a strategy must cover)
+      x = (x - jnp.asarray(self.pixel_mean, x.dtype)) / jnp.asarray(self.pixel_std, x.dtype)
     patches = self.patch_embed(x)  # (B, H/p, W/p, width)
     batch, _, _, width = patches.shape
     tokens = patches.reshape(batch, -1, width)  # (B, H/p, W/p, width) -> (B, num_patches, width)
