@@ -25,7 +25,8 @@ import numpy as np
 
 from finetune.data import SOURCES
 from finetune.data.dataset import ArraySplit, Dataset
-from finetune.data.tables import class_label_names, class_names_and_labels, file_format, load_tables
+from finetune.data.tables import (class_label_names, class_names_and_labels, file_format, load_tables,
+                                   require_scalar_column)
 from finetune.errors import FinetuneError
 
 ALL_OTHER_COLUMNS = "*"
@@ -186,6 +187,7 @@ def _read_split(table: Any, image_key: str, label_key: str, image_shape: tuple[i
     raise FinetuneError(f"{where} has no image column {image_key!r} (columns: {', '.join(columns)}); set the "
                         f"image_key option to the image column, or to '{ALL_OTHER_COLUMNS}' when every other "
                         "column is one pixel")
+  require_scalar_column(table, label_key, where, "label")
   arrow = table.with_format("arrow")[:]  # A pyarrow.Table, rows in dataset order.
   labels = arrow.column(label_key).to_numpy(zero_copy_only=False)
   if image_key == ALL_OTHER_COLUMNS:

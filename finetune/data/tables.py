@@ -83,6 +83,33 @@ def _check_csv_fields(path: str) -> None:
     return  # (unreadable here: datasets' own read names the problem)
 
 
+def require_scalar_column(table: Any, key: str, filename: str, what: str) -> None:
+  """Column `key` holds one `what` ('text': strings; 'label': integers, strings, booleans, floats or a ClassLabel)
+  per row. `datasets` types a JSON column whose rows mix types as Json and hands back each value's JSON text
+  ('"good movie"', quotes included; labels "pos" and 1 became classes '"pos"' and '1'), and a column of lists as a
+  list column (one row's three sentences became one text, "['a', 'b', 'c']"): both were read as they came."""
+  import datasets  # pylint: disable=g-import-not-at-top
+
+  feature = table.features[key]
+  if what == "label" and isinstance(feature, datasets.ClassLabel):
+    return
+  dtype = getattr(feature, "dtype", None) if isinstance(feature, datasets.Value) else None
+  allowed = ("string", "large_string") if what == "text" else (
+      "string", "large_string", "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+      "float16", "float32", "float64")
+  if dtype in allowed:
+    return
+  kind = "a string" if what == "text" else "an integer, string or ClassLabel"
+  if type(feature).__name__ == "Json":  # (rows of different JSON types)
+    values = table.with_format("python")[key]
+    first = type(values[0])
+    row = next((i for i, value in enumerate(values) if type(value) is not first), 0)
+    raise FinetuneError(f"{filename}: column {key!r} mixes value types (row 0: {values[0]!r}, row {row}: "
+                        f"{values[row]!r}); write every {what} as {kind}")
+  raise FinetuneError(f"{filename}: column {key!r} holds {feature} values; each row's {what} must be {kind}"
+                      + (" (one example per row, not a list)" if "List" in type(feature).__name__ else ""))
+
+
 def class_label_names(table: Any, label_key: str) -> tuple[str, ...] | None:
   """The names of a `datasets.ClassLabel` column, or None for a plain column."""
   import datasets  # pylint: disable=g-import-not-at-top

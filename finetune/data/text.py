@@ -17,7 +17,8 @@ import numpy as np
 
 from finetune.data import SOURCES
 from finetune.data.dataset import ArraySplit, Dataset
-from finetune.data.tables import class_label_names, class_names_and_labels, file_format, load_tables
+from finetune.data.tables import (class_label_names, class_names_and_labels, file_format, load_tables,
+                                   require_scalar_column)
 from finetune.errors import FinetuneError
 
 
@@ -78,6 +79,10 @@ def require_length(option: str, value: int, minimum: int) -> None:
 
 
 def tokenize(tokenizer, sentences: list[str], max_length: int) -> dict[str, np.ndarray]:
+  if tokenizer.pad_token is None:  # (transformers' ValueError came as a traceback)
+    raise FinetuneError(f"the tokenizer {tokenizer.name_or_path!r} has no pad, end-of-text or unknown token to pad "
+                        "rows with; add a pad token to it (tokenizer.add_special_tokens({'pad_token': '[PAD]'}), "
+                        "then save_pretrained) or use the model's own tokenizer")
   encoded = tokenizer(sentences, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
   return {"input_ids": encoded["input_ids"].astype(np.int32),
           "attention_mask": encoded["attention_mask"].astype(np.int32)}
@@ -92,11 +97,16 @@ def read_table(filename: str, split: str, text_key: str, label_key: str,
     if key not in table.column_names:
       raise FinetuneError(f"{filename} has no column {key!r} (columns: {', '.join(table.column_names)}); set "
                           "config.data.options.text_key / label_key")
+  require_scalar_column(table, text_key, filename, "text")
+  require_scalar_column(table, label_key, filename, "label")
   arrow = table.with_format("arrow")[:]  # A pyarrow.Table, rows in file order.
   texts = arrow.column(text_key).to_pylist()
   if None in texts:
     raise FinetuneError(f"row {texts.index(None)} of {filename} has no {text_key!r} text; drop the row or fill it in")
-  return ([str(text) for text in texts], arrow.column(label_key).to_numpy(zero_copy_only=False),
+  blank = next((row for row, text in enumerate(texts) if not text.strip()), None)
+  if blank is not None:  # (as a '<label> <sentence>' line without its sentence is; it became [CLS] [SEP] alone)
+    raise FinetuneError(f"row {blank} of {filename}: its {text_key!r} is blank; drop the row or fill it in")
+  return (texts, arrow.column(label_key).to_numpy(zero_copy_only=False),
           class_label_names(table, label_key))
 
 

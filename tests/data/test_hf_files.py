@@ -185,7 +185,9 @@ def test_validation_files_become_the_validation_split(tmp_path):
     ("test", [0, -1], r"labels in label column 'label' of the test files include -1"),
     # Alone, since `datasets` gives all splits the train files' schema (int64 labels would refuse 1.5 itself).
     ("train", [0, 1.5], r"labels in label column 'label' of the train files are not whole numbers \(e.g. 1.5\)"),
-], ids=["null", "negative", "fraction"])
+    # (classes '"cat"' and '1', JSON text with its quotes)
+    ("train", ["cat", 1], r"train files: column 'label' mixes value types \(row 0: 'cat', row 1: 1\)"),
+], ids=["null", "negative", "fraction", "mixed-types"])
 def test_bad_labels_name_their_split(tmp_path, split, labels, message):
   _write_jsonl(tmp_path / "train.jsonl", [{"image": [[1]], "label": 0}, {"image": [[2]], "label": 1}])
   _write_jsonl(tmp_path / f"{split}.jsonl", [{"image": [[1]], "label": label} for label in labels])

@@ -103,7 +103,19 @@ def test_tables_through_datasets_with_string_labels(tmp_path, extension):
     ('{"text": "fine", "label": 1}\n{"text": null, "label": 0}\n', None,
      r"row 1 of .*train.jsonl has no 'text' text"),
     ('{"text": "fine", "label": 1}\n', "1 good\n-2 bad\n", r"labels in .*test.txt include -2"),
-], ids=["cut-off-json", "null-label", "fractional-label", "null-text", "negative-test-label"])
+    # (datasets reads columns whose rows mix JSON types as JSON text: '"fine"' with its quotes, classes '"pos"'
+    # and '1'; a column of lists as one text per row, "['fine', 'dull']"; a blank text as [CLS] [SEP] alone)
+    ('{"text": "fine", "label": 1}\n{"text": 42, "label": 0}\n', None,
+     r"train.jsonl: column 'text' mixes value types \(row 0: 'fine', row 1: 42\); write every text as a string"),
+    ('{"text": "fine", "label": "pos"}\n{"text": "dull", "label": 1}\n', None,
+     r"train.jsonl: column 'label' mixes value types \(row 0: 'pos', row 1: 1\)"),
+    ('{"text": ["fine", "dull"], "label": [1, 0]}\n', None,
+     r"train.jsonl: column 'text' holds List\(Value\('string'\)\) values; each row's text must be a string "
+     r"\(one example per row, not a list\)"),
+    ('{"text": "fine", "label": 1}\n{"text": "  ", "label": 0}\n', None,
+     r"row 1 of .*train.jsonl: its 'text' is blank; drop the row or fill it in"),
+], ids=["cut-off-json", "null-label", "fractional-label", "null-text", "negative-test-label", "mixed-texts",
+        "mixed-labels", "list-column", "blank-text"])
 def test_bad_tables_and_labels_are_one_line_errors(tmp_path, train_text, test_text, message):
   (tmp_path / "train.jsonl").write_text(train_text)
   options = {"train_file": "train.jsonl"}
@@ -195,3 +207,15 @@ def test_a_validation_file_the_class_filter_empties_names_its_file(tmp_path):
   data.validation_fraction = 0.01  # carved from 'train': rounds to no example
   with pytest.raises(FinetuneError, match=r"'validation' has no examples; raise config.data.validation_fraction"):
     build_pipeline(data, seed=0)
+
+
+def test_a_tokenizer_with_nothing_to_pad_with_is_a_one_line_error(tmp_path):
+  """(transformers' 'Asking to pad but the tokenizer does not have a padding token' came as a traceback.)"""
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  bpe = Tokenizer(models.BPE())
+  bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+  bpe.train_from_iterator(["a fine film", "a dull film"], trainers.BpeTrainer(vocab_size=40))
+  transformers.PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(tmp_path / "tok")
+  (tmp_path / "train.txt").write_text("1 a fine film\n0 a dull film\n")
+  with pytest.raises(FinetuneError, match=r"has no pad, end-of-text or unknown token to pad rows with; add a pad "):
+    text_classification(str(tmp_path), train_file="train.txt", tokenizer=str(tmp_path / "tok"), max_length=8)
