@@ -3,11 +3,14 @@
 Each line is one conversation, in any of:
   * Alpaca:      {"instruction": ..., "input": ... (optional), "output": ...}
   * ShareGPT:    {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}
-  * OpenAI chat: {"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]}
+  * OpenAI chat: {"messages": [{"role": "user"|"assistant"|"system", "content": ..., "weight": 0|1}, ...]}
+                 (an assistant message with "weight": 0 stays in the context and is not trained on)
 All become a list of {role, content} messages, rendered with the tokenizer's chat template when it has one (else a
-plain "### User: / ### Assistant:" template with an end-of-text token after each answer). The loss counts only the
-answer tokens (`loss_mask`), found by rendering the conversation prefix by prefix: an answer is what its turn adds
-after the assistant header (the prefix rendered with the generation prompt). Exact duplicate
+plain "### User: / ### Assistant:" template with an end-of-text token after each answer, after the tokenizer's
+beginning-of-text token where it adds one to text). The loss counts only the answer tokens (`loss_mask`), found by
+rendering the conversation prefix by prefix: an answer is what its turn adds after the assistant header (the prefix
+rendered with the generation prompt; for a template without one, the turn rendered up to a placeholder answer). A
+conversation with no answer to train on is refused, naming its line. Exact duplicate
 conversations are dropped; with `pack=True` conversations are concatenated into full `max_length` blocks (fewer
 padding tokens) whose attention mask numbers the conversations 1, 2, ... instead of holding ones: each token attends
 only to its own conversation, positions and LSTM state restart with each, and no conversation's first token is
@@ -33,6 +36,7 @@ from finetune.data.dataset import ArraySplit, Dataset
 from finetune.data.text import data_file, load_tokenizer, require_length
 from finetune.errors import FinetuneError
 
+_PROBE = "\u2063finetune-answer\u2063"  # stands for an answer's content, to find where a template puts it
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -46,6 +50,10 @@ def to_messages(record: dict, where: str) -> list[dict[str, str]]:
   for message in messages:
     if message["role"] not in ("system", "user", "assistant") or not isinstance(message["content"], str):
       raise FinetuneError(f"{where}: a message needs role system/user/assistant and text content; got {message!r}")
+    if "weight" in message and (message["role"] != "assistant" or message["weight"] not in (0, 1)
+                                or isinstance(message["weight"], bool)):
+      raise FinetuneError(f"{where}: 'weight' is 0 or 1 on an assistant message (0: not trained on); got "
+                          f"{message!r}")
   return messages
 
 
@@ -53,7 +61,9 @@ def _to_messages(record: dict, where: str) -> list[dict[str, str]]:
   if not isinstance(record, dict):
     raise FinetuneError(f"{where}: each line must be a JSON object")
   if "messages" in record:
-    return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    # OpenAI's format marks assistant turns not to train on with "weight": 0 (they stay in the context).
+    return [{"role": m["role"], "content": m["content"], **({"weight": m["weight"]} if "weight" in m else {})}
+            for m in record["messages"]]
   if "conversations" in record:
     messages = []
     for turn in record["conversations"]:
@@ -82,11 +92,22 @@ def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: boo
     except Exception as e:  # jinja2 raises what a template's raise_exception says (e.g. no system role)
       raise FinetuneError(f"{where or 'a conversation'}: the tokenizer's chat template refused it: "
                           f"{type(e).__name__}: {e}") from None
-  # No template: a plain one, with the end-of-text token after each answer so the model learns to stop.
+  # No template: a plain one, with the end-of-text token after each answer so the model learns to stop, and the
+  # beginning-of-text token first where the tokenizer adds one to text (Llama's <s>): the text is tokenised without
+  # special tokens, so it must be in the text, or the model would be fine-tuned without the token it was pretrained
+  # and is prompted with.
   end = tokenizer.eos_token or tokenizer.sep_token or ""
   text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}{end if m['role'] == 'assistant' else ''}\n\n"
                  for m in messages)
-  return text + ("### Assistant:\n" if add_generation_prompt else "")
+  return _bos(tokenizer) + text + ("### Assistant:\n" if add_generation_prompt else "")
+
+
+def _bos(tokenizer) -> str:
+  """The tokenizer's beginning-of-text token if it puts one before text of its own accord, else ''."""
+  bos_id = getattr(tokenizer, "bos_token_id", None)
+  if bos_id is None or not getattr(tokenizer, "bos_token", None):
+    return ""
+  return tokenizer.bos_token if tokenizer("a")["input_ids"][:1] == [bos_id] else ""
 
 
 def tokenize_conversation(tokenizer, messages: list[dict[str, str]], where: str = "") -> tuple[list[int], list[int]]:
@@ -99,6 +120,8 @@ def tokenize_conversation(tokenizer, messages: list[dict[str, str]], where: str 
   token, and as two when "###" follows). Tokenizers without offsets (slow ones) tokenize prefix by prefix.
   """
   text, answers = "", []  # answers: (start, stop) character spans in the final text
+  weights = [message.get("weight", 1) for message in messages]
+  messages = [{"role": message["role"], "content": message["content"]} for message in messages]  # what templates see
 
   def grow(longer: str) -> str:
     if not longer.startswith(text):  # a template that rewrites earlier turns when one is added
@@ -108,16 +131,26 @@ def tokenize_conversation(tokenizer, messages: list[dict[str, str]], where: str 
 
   for end in range(1, len(messages) + 1):
     if messages[end - 1]["role"] == "assistant":
-      text = grow(render(tokenizer, messages[:end - 1], add_generation_prompt=True, where=where))
+      prompt = render(tokenizer, messages[:end - 1], add_generation_prompt=True, where=where)
+      if prompt == text and getattr(tokenizer, "chat_template", None):
+        # A template without a generation prompt: the assistant header is what the turn adds before its content
+        # (ChatML written without one trained on "<|im_start|>assistant\n"; Llama 2's adds only " ").
+        probe = render(tokenizer, messages[:end - 1] + [{"role": "assistant", "content": _PROBE}], where=where)
+        at = probe.find(_PROBE, len(text))
+        prompt = probe[:at] if at >= 0 else prompt
+      text = grow(prompt)
     full = grow(render(tokenizer, messages[:end], where=where))
-    if messages[end - 1]["role"] == "assistant":  # (without the newlines a template puts after the end token)
+    if messages[end - 1]["role"] == "assistant" and weights[end - 1]:  # (without the newlines after the end token)
       answers.append((len(text), len(full.rstrip())))
     text = full
   # verbose=False: a conversation longer than the model's maximum never reaches it as it is (rows are max_length;
   # packing cuts blocks of max_length), and transformers would warn of indexing errors.
   if getattr(tokenizer, "is_fast", False):
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    mask = [int(any(start <= first < stop for start, stop in answers)) for first, _ in encoded["offset_mapping"]]
+    # A token belongs to an answer if it overlaps it: SentencePiece's "▁Blue" (and byte-level BPE's " Blue" when
+    # offsets keep the space) starts on the space that ends a header such as "Assistant: ", and was left out.
+    mask = [int(any(first < stop and (last > start or first >= start) for start, stop in answers))
+            for first, last in encoded["offset_mapping"]]
     return list(encoded["input_ids"]), mask
   ids: list[int] = []
   mask = []
@@ -165,7 +198,11 @@ def instructions(path: str = "", cache_dir: str = "", train_file: str = "", test
         if deduplicate and key in seen:
           continue
         seen.add(key)
-        conversations.append(tokenize_conversation(tok, messages, f"{filename}:{number}"))
+        ids, mask = tokenize_conversation(tok, messages, f"{filename}:{number}")
+        if not any(mask):  # (the warning blamed max_length, and a file of only those told to raise it)
+          raise FinetuneError(f"{filename}:{number} has no assistant answer to learn from or score (no assistant "
+                              "message, or each has weight 0); drop the line or add the answer")
+        conversations.append((ids, mask))
     # Packed, the train rows serve only to carve validation from (conversations longer than max_length stay
     # whole in the blocks, so their truncation as rows is no reason to warn or fail).
     packed_train = pack and split == "train"

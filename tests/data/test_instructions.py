@@ -168,6 +168,74 @@ def test_packed_training_shares_no_conversation_with_validation(tokenizer_dir, t
   np.testing.assert_array_equal(blocks["input_ids"].reshape(-1), stream[:blocks["input_ids"].size])
 
 
+@pytest.fixture(scope="module")
+def sentencepiece_like():
+  """A Llama-style tokenizer (Metaspace BPE: a word's token carries the space before it, "▁Blue") that puts <s>
+  before text of its own accord, without a chat template."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # pylint: disable=g-import-not-at-top
+  bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+  bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+  bpe.decoder = decoders.Metaspace()
+  bpe.train_from_iterator([json.dumps(RECORDS)] * 20 + ["User: Assistant: ### \n"] * 20,
+                          trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<unk>"]))
+  bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))])
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                                              unk_token="<unk>")
+
+
+def _trained(tok, record):
+  ids, mask = tokenize_conversation(tok, to_messages(record, "x"))
+  return ids, [tok.convert_ids_to_tokens(i) for i, m in zip(ids, mask) if m]
+
+
+def test_answers_found_whatever_the_template_s_header(sentencepiece_like, byte_level_bpe):
+  """(An answer's first token was left out when the generation prompt ends in a space that the token starts on;
+  a template without a generation prompt had its assistant header trained on.)"""
+  tok = sentencepiece_like
+  tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}"
+                       "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+  _, trained = _trained(tok, RECORDS[0])
+  assert "".join(trained).replace("▁", " ").strip() == "Blue.</s>", trained  # "▁Blue" starts on the space
+  bpe = byte_level_bpe
+  bpe.chat_template = ("{% for m in messages %}<{{ m['role'] }}>\n{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+                       "{{ eos_token }}{% endif %}\n{% endfor %}")  # ChatML-like, without a generation prompt
+  try:
+    ids, mask = tokenize_conversation(bpe, to_messages(RECORDS[2], "x"))
+  finally:
+    bpe.chat_template = None
+  assert bpe.decode([t for t, m in zip(ids, mask) if m]) == "Hello there.<|endoftext|>Goodbye.<|endoftext|>"
+
+
+def test_plain_template_keeps_the_tokenizer_s_beginning_token(sentencepiece_like, tokenizer_dir):
+  """(Text is tokenised without special tokens, so a Llama base model was fine-tuned without its <s>.)"""
+  tok = sentencepiece_like
+  tok.chat_template = None
+  ids, trained = _trained(tok, RECORDS[0])
+  assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+  assert "".join(trained).replace("▁", " ").strip() == "Blue.</s>"
+  # MiniLM's tokenizer (no bos token; [CLS] is not one) renders as before.
+  minilm = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+  assert render(minilm, to_messages(RECORDS[0], "x")).startswith("### User:")
+
+
+def test_weight_zero_answers_stay_in_context_untrained(byte_level_bpe, tokenizer_dir, tmp_path):
+  record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there.",
+                                                                "weight": 0},
+                         {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye.", "weight": 1}]}
+  ids, mask = tokenize_conversation(byte_level_bpe, to_messages(record, "x"))
+  assert "Hello there." in byte_level_bpe.decode(ids)
+  assert byte_level_bpe.decode([t for t, m in zip(ids, mask) if m]) == "Goodbye.<|endoftext|>"
+  for bad in ({"role": "user", "content": "Hi", "weight": 0}, {"role": "assistant", "content": "x", "weight": 0.5}):
+    with pytest.raises(FinetuneError, match=r"x: 'weight' is 0 or 1 on an assistant message"):
+      to_messages({"messages": [bad]}, "x")
+  # A conversation with nothing to learn from is named, not blamed on max_length.
+  for nothing in ({"messages": [{"role": "user", "content": "Hi"}]}, {"conversations": []},
+                  {"messages": record["messages"][:2]}):
+    _write(tmp_path / "train.jsonl", [RECORDS[0], nothing])
+    with pytest.raises(FinetuneError, match=r"train.jsonl:2 has no assistant answer to learn from or score"):
+      instructions(str(tmp_path), train_file="train.jsonl", tokenizer=tokenizer_dir, max_length=512)
+
+
 @pytest.mark.parametrize("second_line, message", [
     ('{"instruction": "Caf\xe9?", "output": "Oui."}\n'.encode("latin-1"),
      r"train.jsonl:2 is not UTF-8 \(byte 0xe9 at column 21\); save the file as UTF-8"),
