@@ -27,9 +27,11 @@ Scales (`:scale=`): `reduced` (default; N = 4, 500 steps of 64 per network, size
 `:steps=` (base networks) and `:target_steps=` (each transfer network) override the scale's step counts, `:ns=`
 the n values (`+`-separated, e.g. `ns=1+3`; default all of 1..N).
 
-Seeds: `--config.seed=K` (the sweep's seed axis). The base networks run with seed K and the transfer networks
-with K + 1000 (`seed_offset`), so the re-initialised groups of a transfer network do not start from the very
-values its base network started from (the paper re-initialised them randomly).
+Seeds: `--config.seed=K` (the sweep's seed axis). baseA runs with seed K, baseB with K + 500 and the transfer
+networks with K + 1000 (`seed_offset`): the two bases start from different random weights (with one seed, the
+lower layers AnB copies from baseA were near copies of those BnB copies from baseB), and the re-initialised groups
+of a transfer network do not start from the very values its base network started from (the paper re-initialised
+them randomly).
 
 Single run (one split, one seed; all 2 + 4N stages in one workdir, re-running resumes):
 
