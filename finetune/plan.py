@@ -4,7 +4,8 @@ Each stage is built from abstract shapes (`nnx.eval_shape`; parameters never exi
 compiled ahead of time for the configured mesh exactly as `finetune train` would run it, and the compiled program's
 own accounting read back: per-device bytes of parameters and optimizer state (from their shardings), XLA's
 `memory_analysis()` (arguments, temporaries: activations kept for the backward pass, gradients, workspace) and
-`cost_analysis()` FLOPs per step and device (the partitioned program's: 1/N of the step's total on N devices).
+`cost_analysis()` FLOPs per step and device (the partitioned program's: 1/N of the step's total on N devices;
+taken from the step compiled without scanned layers and gradient accumulation, whose loop bodies XLA counts once).
 With `--devices N` on a CPU machine, N fake host devices stand in for the target mesh; the byte figures for
 parameters and optimizer state are exact for any backend, while temporaries and FLOPs are the CPU compiler's
 (GPU/TPU compilers fuse and schedule differently; see docs/architecture.md).
@@ -48,6 +49,45 @@ def plan_stage(cfg: ConfigDict, lineage: tuple[bool, ...] = (True,), continues_a
   `lineage`: what the stage starts from, nearest first (True: a task of this framework, False: a Hugging Face
   checkpoint); offline EWC keeps one term per task. `continues_adapters`: the nearest is a run with this stage's
   PEFT settings, whose adapters the stage loads. `plan` reads both from the config's stages and runs on disk."""
+  stage = _planned_stage(cfg, lineage, continues_adapters)
+  phases = [_plan_phase(stage, phase) for phase in range(len(stage.strategy.phases))]
+  twin = _loop_free_twin(cfg)
+  if twin is not None:  # the step's FLOPs from the same step without its layer and micro-batch loops
+    twin_stage = _planned_stage(twin, lineage, continues_adapters)
+    for phase, figures in enumerate(phases):
+      compiled = twin_stage.train_step(phase)
+      figures["flops_per_step"], figures["flops_lower_bound"] = _flops(compiled)
+  total = stage.peft_info.get("total_params", stage.strategy.counts(0)["params"])
+  peak = {key: max(p[key] for p in phases) for key in phases[0]}
+  return {
+      "mesh": dict(stage.mesh.shape), "devices": stage.mesh.size, "params": total,
+      "trainable_percent": 100.0 * peak["trainable"] / max(total, 1), "batch_size": cfg.data.batch_size,
+      "regularizers": regularizers.active(cfg), **peak, "phases": phases,
+  }
+
+
+def _loop_free_twin(cfg: ConfigDict) -> ConfigDict | None:
+  """The stage with its blocks unrolled and one micro-batch per step, or None where it has neither loop: XLA's
+  cost analysis counts a loop's body once, not once per iteration, so a scanned model's FLOPs were those of one
+  block (7x low for 8 layers) and accumulation's those of one micro-batch. Both change how the step is scheduled,
+  not what it computes (rematerialisation, which does, is kept)."""
+  if not cfg.train.scan_layers and cfg.train.grad_accum_steps == 1:
+    return None
+  twin = cfg.copy_and_resolve_references()
+  twin.train.scan_layers, twin.train.grad_accum_steps = False, 1
+  return twin
+
+
+def _flops(compiled: Any) -> tuple[float, bool]:
+  """(FLOPs per step and device, whether a loop remains in the program so that the count is a lower bound: the
+  LSTM's recurrence over time is one loop body to XLA's cost analysis)."""
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan"))), " while(" in compiled.as_text()
+
+
+def _planned_stage(cfg: ConfigDict, lineage: tuple[bool, ...], continues_adapters: bool) -> Any:
+  """The stage as `finetune train` would compile it (cached features, anchors, rehearsal batches)."""
   from finetune.methods import feature_cache  # pylint: disable=g-import-not-at-top
   from finetune.train import build_stage  # pylint: disable=g-import-not-at-top
   stage = build_stage(cfg)
@@ -64,14 +104,7 @@ def plan_stage(cfg: ConfigDict, lineage: tuple[bool, ...] = (True,), continues_a
     stage = dataclasses.replace(stage, pipeline=with_rehearsal(stage.pipeline, stage.pipeline.train,
                                                                cfg.rehearsal.fraction, cfg.train.grad_accum_steps),
                                 _cache={})
-  phases = [_plan_phase(stage, phase) for phase in range(len(stage.strategy.phases))]
-  total = stage.peft_info.get("total_params", stage.strategy.counts(0)["params"])
-  peak = {key: max(p[key] for p in phases) for key in phases[0]}
-  return {
-      "mesh": dict(stage.mesh.shape), "devices": stage.mesh.size, "params": total,
-      "trainable_percent": 100.0 * peak["trainable"] / max(total, 1), "batch_size": cfg.data.batch_size,
-      "regularizers": names, **peak, "phases": phases,
-  }
+  return stage
 
 
 def _planned_anchors(stage: Any, cfg: ConfigDict, lineage: tuple[bool, ...], continues_adapters: bool) -> Any:
@@ -107,15 +140,15 @@ def _plan_phase(stage: Any, phase: int) -> dict[str, Any]:
   state = stage.abstract_state(phase)
   compiled = stage.train_step(phase)
   memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops, lower_bound = _flops(compiled)
   return {
       "trainable": stage.strategy.counts(phase)["trainable"],
       "param_bytes_per_device": _per_device_bytes(state.params) + _per_device_bytes(state.model_state),
       "optimizer_bytes_per_device": _per_device_bytes(state.opt_state),
       "argument_bytes": int(memory.argument_size_in_bytes), "temporary_bytes": int(memory.temp_size_in_bytes),
       "output_bytes": int(memory.output_size_in_bytes), "alias_bytes": int(memory.alias_size_in_bytes),
-      "flops_per_step": float(cost.get("flops", float("nan"))),  # per device: the partitioned program's
+      "flops_per_step": flops,  # per device: the partitioned program's
+      "flops_lower_bound": lower_bound,
   }
 
 
@@ -186,7 +219,7 @@ def table(plans: dict[str, dict[str, Any]]) -> str:
     rows.append((label, mesh, f"{p['params']:,}", f"{p['trainable']:,} ({p['trainable_percent']:.2f}%)",
                  _figure(p["param_bytes_per_device"] / gib), _figure(p["optimizer_bytes_per_device"] / gib),
                  _figure(p["argument_bytes"] / gib), _figure(p["temporary_bytes"] / gib),
-                 _figure(p["flops_per_step"] / 1e12)))
+                 (">=" if p.get("flops_lower_bound") else "") + _figure(p["flops_per_step"] / 1e12)))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
   lines.insert(1, "  ".join("-" * w for w in widths))
