@@ -36,7 +36,9 @@ def get_config(arg=None):
   config.model = dict(name="llama", vocab_size=32000, **shape)
   config.data = dict(name="synthetic", batch_size=args.batch_size, eval_batch_size=args.batch_size,
                      validation_fraction=0.0, eval_splits=("test",),
-                     options=dict(kind="tokens", length=args.length, vocab_size=32000, num_examples=args.batch_size))
+                     # (enough rows for any --config.data.batch_size a larger mesh needs: only shapes matter)
+                     options=dict(kind="tokens", length=args.length, vocab_size=32000,
+                                  num_examples=max(args.batch_size, 1024)))
   config.train = dict(steps=1000)
   config.optimizer = dict(name="adamw", learning_rate=1e-4)
   if args.peft not in ("", "lora", "qlora"):

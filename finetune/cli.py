@@ -206,6 +206,9 @@ def run_plan(config_spec: str, mesh: str, devices: int | None, overrides: Sequen
     if not sep or not re.fullmatch(r"-?\d+", size.strip()):
       raise FinetuneError(f"--mesh {mesh!r}: write axis=size pairs such as data=4,fsdp=2")
     mesh_overrides.append(f"mesh.{axis.strip()}={int(size)}")
+  both = sorted({o.partition("=")[0] for o in mesh_overrides} & {o.partition("=")[0].strip() for o in overrides})
+  if both:  # (--mesh is applied last: the --config.mesh value the error message suggested was silently replaced)
+    raise FinetuneError(f"--mesh and --config.{both[0]} both set {both[0]}; give each mesh axis once")
   from finetune.config import load_config  # pylint: disable=g-import-not-at-top
   from finetune.plan import plan, table  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -217,6 +220,11 @@ def run_plan(config_spec: str, mesh: str, devices: int | None, overrides: Sequen
   try:
     print(table(plan(config)))
   except FinetuneError as e:
+    if mesh and str(e).startswith("config.mesh "):  # (it suggested --config.mesh.X, which --mesh replaced)
+      sizes = ",".join(f"{axis}={size}" for axis, size in config.mesh.items())
+      raise FinetuneError(f"--mesh {mesh} makes the mesh {sizes}, which does not fit {jax.device_count()} "
+                          f"device(s): make the sizes multiply to {jax.device_count()} or set one to -1 (or "
+                          "change --devices)") from None
     if devices or "devices" not in str(e):
       raise
     # (planning for a machine other than this one is what --devices is for)

@@ -110,6 +110,9 @@ def check_rule_names(sharding_rules: Sequence[Sequence[Any]], abstract_state: An
       # per-layer view must match the unrolled layout: the stack's axis stays whole (it failed inside jax before).
       raise FinetuneError(f"config.sharding_rules cannot split {LAYER_AXIS!r}, the stacked axis of scanned layers: "
                           "each device holds every layer; shard the layers' own axes (e.g. 'embed' over fsdp)")
+    if rule[0] in dict(DEFAULT_ACTIVATION_RULES):
+      raise FinetuneError(f"config.sharding_rules names {rule[0]!r}, an activation axis: place it in "
+                          "config.activation_rules (sharding_rules places parameters)")
     if rule[0] not in used:
       raise FinetuneError(f"config.sharding_rules names logical axis {rule[0]!r}, which no parameter of this model "
                           f"has; its parameters' axes: {', '.join(a for a in used if a != LAYER_AXIS)}")

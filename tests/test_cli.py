@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,18 @@ def test_plan_devices_wins_over_jax_num_cpu_devices(tiny_file):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr
   assert result.stdout.startswith("4 cpu device(s)")
+
+
+@pytest.mark.parametrize("flags, message", [
+    # (The mesh error suggested --config.mesh.fsdp=1, which --mesh, applied last, then replaced silently.)
+    (["--mesh", "data=2,fsdp=1"], r"--mesh data=2,fsdp=1 makes the mesh data=2,fsdp=1,sequence=1,tensor=1, which "
+                                  r"does not fit 4 device\(s\): make the sizes multiply to 4 or set one to -1"),
+    (["--mesh", "data=2,fsdp=2", "--config.mesh.fsdp=1"], r"--mesh and --config.mesh.fsdp both set mesh.fsdp"),
+], ids=["mesh-too-small", "mesh-set-twice"])
+def test_plan_mesh_errors_name_the_flag_that_sets_it(tiny_file, flags, message):
+  result = subprocess.run([sys.executable, "-m", "finetune", "plan", "--config", tiny_file, "--devices", "4", *flags],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2 and re.search(message, result.stderr.strip().splitlines()[-1]), result.stderr
 
 
 def test_python_dash_m_runs_a_config_and_prints_the_table(tiny_file, tmp_path):

@@ -155,7 +155,10 @@ def test_sharding_rules_must_name_axes_the_model_has(monkeypatch):
   for rules, message in [((("conv_ot", None),), r"names logical axis 'conv_ot', which no parameter of this model "
                                                  r"has; its parameters' axes: classes, conv_in, conv_out"),
                          ((("batch", "data"),), r"cannot place the batch: batches are always split over the "
-                                                r"data-parallel mesh axes \(data, fsdp\)")]:
+                                                r"data-parallel mesh axes \(data, fsdp\)"),
+                         # (an activation axis was "no parameter has it", not where it goes)
+                         ((("activation_embed", "tensor"),), r"names 'activation_embed', an activation axis: place "
+                                                             r"it in config.activation_rules")]:
     with pytest.raises(FinetuneError, match=message):
       train_lib.build_stage(tiny_config(model=cnn, sharding_rules=rules))
   # The stacked axis of scanned layers stays whole (a rule for it failed inside jax once a layer-dependent strategy
