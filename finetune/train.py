@@ -414,6 +414,8 @@ def initial_state(stage: Stage, cfg: ConfigDict, workdir: str) -> tuple[TrainSta
     model_state, loaded_stats, fresh_stats = load_into(model_state, arrays.get("model_state", {}), cfg.dont_load,
                                                        "model state", step_dir)
     report = {"source": step_dir, "loaded": len(loaded) + len(loaded_stats), "fresh": fresh}
+    if fresh_stats:  # (BatchNorm statistics of dont_load layers start anew too; "loaded" counted the others)
+      report["fresh_stats"] = fresh_stats
     # Arrays the checkpoint holds but this model has no place for (layers beyond model.num_layers, an LM's output
     # layer under a classifier, a pooler the pooling does not use) are left out: said here and kept in init.json.
     unused = sorted((set(arrays["params"]) - set(loaded) - set(fresh)) |

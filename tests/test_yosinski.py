@@ -118,6 +118,7 @@ def test_transfer_network_copies_the_first_n_groups_and_freezes_exactly_them(tmp
     params = flatten(jax.device_get(stage.layout.view(state.params)))
     model_state = flatten(jax.device_get(stage.layout.view(state.model_state)))
     assert set(report["fresh"]) == {p for p in params if strategy.group_of[p] not in groups[:n]}
+    assert report["fresh_stats"] and all(not p.startswith(("stem/", "stages/0/")) for p in report["fresh_stats"])
     for path, value in params.items():
       copied = strategy.group_of[path] in groups[:n]
       assert np.array_equal(value, base["params"][path]) == copied, path
