@@ -413,6 +413,8 @@ def initial_state(stage: Stage, cfg: ConfigDict, workdir: str) -> tuple[TrainSta
     params, loaded, fresh = load_into(params, arrays["params"], cfg.dont_load, "parameter", step_dir, added)
     model_state, loaded_stats, fresh_stats = load_into(model_state, arrays.get("model_state", {}), cfg.dont_load,
                                                        "model state", step_dir)
+    check_head_classes(step_dir, cfg, workdir, [p for p in loaded if p.startswith("head/")],
+                       list(stage.pipeline.class_names))
     report = {"source": step_dir, "loaded": len(loaded) + len(loaded_stats), "fresh": fresh}
     if fresh_stats:  # (BatchNorm statistics of dont_load layers start anew too; "loaded" counted the others)
       report["fresh_stats"] = fresh_stats
@@ -732,6 +734,29 @@ def _run_id(run_dir: str | None) -> str | None:
   """The identity of the run in `run_dir` (init.json's run_id), or None (not a run of ours, not started)."""
   path = os.path.join(run_dir, "init.json") if run_dir else ""
   return read_json(path).get("run_id") if path and os.path.isfile(path) else None
+
+
+def check_head_classes(step_dir: str, cfg: ConfigDict, workdir: str, loaded_head: list[str],
+                       classes: list[str]) -> None:
+  """A classifier head loaded from `init_from` scores the classes it was trained on, in its order: data with other
+  classes (or the same in another order) would be read through the wrong rows, silently. Our runs record their
+  classes; a Hugging Face checkpoint names them in config.json's id2label (transformers' LABEL_0, ... name nothing,
+  and nor do data files whose labels are bare numbers, so those pairs are not compared)."""
+  if not loaded_head or not classes:
+    return
+  if hf.is_hf_checkpoint(step_dir):
+    id2label = hf.read_config(step_dir).get("id2label") or {}
+    source = [id2label.get(str(i), id2label.get(i, "")) for i in range(len(id2label))]
+    if all(re.fullmatch(r"LABEL_\d+", str(name)) for name in source) or all(c.isdigit() for c in classes):
+      return
+  else:
+    run_dir = _source_run_dir(cfg.init_from, workdir)
+    source = trained_classes(run_dir) if run_dir else None
+  if source and list(source) != classes:
+    raise FinetuneError(f"init_from {step_dir} loads a classifier head trained on classes {list(source)[:10]} but "
+                        f"this stage's data has {classes[:10]} (in label order), so the head would score one class "
+                        "as another: add '^head/' to config.dont_load to train a new head, or give "
+                        "config.data.classes the source's classes in its order")
 
 
 def trained_classes(run_dir: str) -> list[str] | None:

@@ -125,3 +125,31 @@ def test_token_ids_beyond_the_vocabulary_are_named_before_training(tmp_path):
   assert not (tmp_path / "checkpoints").exists()
   config.model.vocab_size = 100
   assert train_lib.train_and_evaluate(config, str(tmp_path))["train"]["final"]["test"]["num_examples"] == 16
+
+
+def test_a_hugging_face_classifier_head_must_name_the_data_s_classes(tiny_checkpoint, tmp_path):
+  """A checkpoint fine-tuned for classification (id2label) scores its own classes in its order: loading its head
+  onto data whose classes differ, or come in another order, is refused; unnamed labels (LABEL_0, ...) are not."""
+  torch.manual_seed(0)
+  (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in (
+      ("a fine film", "pos"), ("a dull film", "neg"), ("great", "pos"), ("awful", "neg"))))
+  for id2label, refused in (({0: "pos", 1: "neg"}, True), ({0: "neg", 1: "pos"}, False), (None, False)):
+    checkpoint = tmp_path / f"classifier_{refused}_{id2label is None}"
+    bert = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                   vocab_size=30522, max_position_embeddings=64, num_labels=2,
+                                   **({"id2label": id2label} if id2label else {}))
+    transformers.BertForSequenceClassification(bert).save_pretrained(checkpoint)
+    transformers.AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(checkpoint)
+    config = build_config({
+        "model": {"name": "bert", "hf_config": str(checkpoint), "pooling": "cls", "dropout": 0.0},
+        "data": {"name": "text_classification", "path": str(tmp_path), "batch_size": 2, "eval_batch_size": 2,
+                 "validation_fraction": 0.5, "eval_splits": ("validation",),
+                 "options": {"train_file": "train.jsonl", "tokenizer": str(checkpoint), "max_length": 8}},
+        "train": {"steps": 1, "checkpoint_every": 0}, "init_from": str(checkpoint)})
+    stage = train_lib.build_stage(config)
+    if refused:
+      with pytest.raises(train_lib.FinetuneError, match=r"classifier head trained on classes \['pos', 'neg'\] but "
+                                                        r"this stage's data has \['neg', 'pos'\]"):
+        train_lib.initial_state(stage, config, str(tmp_path))
+    else:
+      train_lib.initial_state(stage, config, str(tmp_path))

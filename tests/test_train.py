@@ -64,6 +64,26 @@ def test_main_config_smoke_run_writes_every_output(tmp_path):
   assert summaries["finetune"]["init"]["source_run_id"] == summaries["pretrain"]["init"]["run_id"]
 
 
+def test_a_loaded_head_must_score_the_classes_it_was_trained_on(tmp_path):
+  """(A target stage that loaded its source's head onto other classes, or the same in another order, trained on
+  a head whose rows meant other classes, silently.)"""
+  from finetune.config import stage_configs  # pylint: disable=g-import-not-at-top
+  config = tiny_config(stages={
+      "source": {"data": {"classes": (0, 1, 2)}},
+      "same": {"data": {"classes": (0, 1, 2)}, "init_from": "stage:source"},
+      "reordered": {"data": {"classes": (2, 1, 0)}, "init_from": "stage:source"},
+      "new_head": {"data": {"classes": (2, 1, 0)}, "init_from": "stage:source", "dont_load": ("^head/",)},
+  })
+  stages = dict(stage_configs(config))
+  train_lib.run_stage(stages["source"], str(tmp_path / "source"), str(tmp_path), "source")
+  for name in ("same", "new_head"):
+    train_lib.initial_state(train_lib.build_stage(stages[name]), stages[name], str(tmp_path))
+  with pytest.raises(FinetuneError, match=r"loads a classifier head trained on classes \['0', '1', '2'\] but this "
+                                          r"stage's data has \['2', '1', '0'\] \(in label order\).*add '\^head/' to "
+                                          r"config.dont_load"):
+    train_lib.initial_state(train_lib.build_stage(stages["reordered"]), stages["reordered"], str(tmp_path))
+
+
 def test_stage_initialises_from_earlier_stage_except_dont_load(tmp_path):
   config = tiny_config(stages={
       "source": {"data": {"classes": (0, 1, 2, 3, 4)}},
