@@ -41,7 +41,10 @@ def compiled_step(setup: str, layers: int, batch: int, length: int):
   raw = {"task": "causal_lm", "model": {"name": "llama", **LLAMA_1B, "num_hidden_layers": layers},
          "data": {"name": "synthetic", "batch_size": batch, "eval_batch_size": batch, "validation_fraction": 0.0,
                   "eval_splits": ("test",), "options": {"kind": "tokens", "length": length,
-                                                        "vocab_size": LLAMA_1B["vocab_size"], "num_examples": batch}},
+                                                        "vocab_size": LLAMA_1B["vocab_size"], "num_examples": batch,
+                                                        # (labels unread by a causal LM: one class, so
+                                                        # the 'no example of class' warning is not raised)
+                                                        "num_classes": 1}},
          "train": {"steps": 100}, **SETUPS[setup]}
   stage = train_lib.build_stage(build_config(raw))
   ids = np.zeros((batch, length), np.int32)
