@@ -6,7 +6,8 @@ The contract of a model class (an `nnx.Module` registered with `@MODELS.register
     (the input to the head, for feature extraction); dropout draws from the `rngs` passed at call time, so the
     model holds no RNG state and the train step stays a pure function;
   * `layer_groups() -> [(group_name, regex over parameter paths), ...]` ordered input to output, covering every
-    parameter exactly once; the classifier is the group `head` with parameters under `head/`;
+    parameter exactly once; the last group is `head`, the output side (a classifier's `head/`, a language
+    model's final norm and output layer);
   * every parameter carries logical axis names (see `layers.py`); `sharding.py` maps them to mesh axes;
   * BatchNorm layers are applied through `layers.normalize`, so a strategy can freeze them (inference mode).
 """
