@@ -227,8 +227,11 @@ def read_peft_adapter(directory: str, model_cfg: ConfigDict, peft_cfg: ConfigDic
   if config.get("lora_bias"):  # (its lora_B.bias tensors were reported as belonging to another architecture)
     raise FinetuneError(f"{directory} was trained with PEFT's lora_bias=True (a bias on every lora_B), which our LoRA "
                         "layers do not have; import adapters trained with lora_bias=False")
-  tensors = hf.load_safetensors(os.path.join(directory, PEFT_WEIGHTS), "save or download the adapter again")
   name = model_cfg.name
+  if name not in _BASE_CLASSES:  # (a KeyError deep in the name mapping)
+    raise FinetuneError(f"config.peft.load_adapter: model {name!r} has no transformers counterpart, so a PEFT "
+                        f"adapter cannot name its layers; PEFT import supports {', '.join(_BASE_CLASSES)}")
+  tensors = hf.load_safetensors(os.path.join(directory, PEFT_WEIGHTS), "save or download the adapter again")
   kwargs = _model_kwargs(model_cfg, num_classes)
   loras = lora_modules(abstract_model)
   # Every module name a transformers version may use for each of our LoRA layers and trainable tensors.

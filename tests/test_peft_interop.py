@@ -340,6 +340,15 @@ def test_import_of_an_adapter_with_lora_bias_names_that_setting(tmp_path):
                         checkpoint=str(tmp_path / "base"), adapter=str(tmp_path / "adapter"))
 
 
+def test_import_into_a_model_without_a_transformers_counterpart_is_a_one_line_error(tmp_path):
+  """(It was a KeyError from the name mapping.)"""
+  from finetune import peft_format  # pylint: disable=g-import-not-at-top
+  (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+  with pytest.raises(FinetuneError, match=r"model 'mlp' has no transformers counterpart, so a PEFT adapter cannot "
+                                          r"name its layers; PEFT import supports bert"):
+    peft_format.read_peft_adapter(str(tmp_path), ConfigDict({"name": "mlp"}), peft_config(method="lora"), None, 2)
+
+
 def test_import_refuses_an_adapter_for_other_settings(tmp_path):
   torch_model, model_cfg = save_base("llama", tmp_path / "base")
   peft.get_peft_model(torch_model, peft.LoraConfig(target_modules=["q_proj"], r=4, lora_alpha=8)).save_pretrained(
