@@ -278,8 +278,9 @@ def module_paths(model: nnx.Module, kind: type = nnx.Linear) -> list[tuple[str, 
 
 def saved_modules(peft_cfg: ConfigDict) -> list[str]:
   """`select_modules`' `exclude` for `config.peft.modules_to_save`: a layer trained fully gets no adapter (as in
-  PEFT), whichever method adds it. A plain path ('head/') is matched literally; anything else as a regex."""
-  return [re.escape(p.rstrip("/")) if re.fullmatch(r"[\w/]+", p) else p for p in peft_cfg.modules_to_save]
+  PEFT), whichever method adds it. The regexes as `trainable_paths` reads them: 'layers/1/' stripped to 'layers/1'
+  also excluded layers 10, 11, ..., which then had no adapter and did not train."""
+  return list(peft_cfg.modules_to_save)
 
 
 def select_modules(model: nnx.Module, targets: Sequence[str], what: str = "config.peft.targets",
@@ -290,10 +291,13 @@ def select_modules(model: nnx.Module, targets: Sequence[str], what: str = "confi
   if not targets:
     raise FinetuneError(f"{what} is empty; name the layers to adapt, e.g. ('query', 'value') or a regex over "
                         "module paths")
-  # `exclude` holds parameter-path regexes (modules_to_save: '^head/'): searched in the module path and in it with a
-  # trailing '/', which is how the module's parameter paths begin.
-  candidates = [(p, m) for p, m in module_paths(model, kind)
-                if not any(re.search(pattern, p) or re.search(pattern, p + "/") for pattern in exclude)]
+  # `exclude` holds parameter-path regexes (modules_to_save: '^head/', '^head/kernel$'): a module is excluded when
+  # one of them finds its path, its path with the trailing '/' its parameter paths begin with, or one of those.
+  def excluded(path: str, module: nnx.Module) -> bool:
+    own = [path, path + "/"] + [f"{path}/{leaf}" for leaf in flatten(nnx.state(module, nnx.Param).to_pure_dict())]
+    return any(re.search(pattern, name) for pattern in exclude for name in own)
+
+  candidates = [(p, m) for p, m in module_paths(model, kind) if not (exclude and excluded(p, m))]
   if not candidates:  # (the message below listed none: "its layers are named like ")
     raise FinetuneError(f"{what}: this model has no {kind.__name__} layer to adapt"
                         f"{' outside config.peft.modules_to_save' if exclude else ''}; choose a PEFT method for its "
@@ -397,8 +401,10 @@ def trainable_paths(peft_cfg: ConfigDict, paths: Sequence[str], base_paths: set[
     if (any(r.search(path) for r in keep) or method.trains_base(path) or (is_bias and peft_cfg.bias == "all") or
         (is_bias and peft_cfg.bias == "lora_only" and path.rsplit("/", 1)[0] in adapted_modules)):
       trainable.add(path)
-  if not trainable:
-    raise FinetuneError(f"config.peft.method={peft_cfg.method!r} leaves nothing to train; check config.peft")
+  if not trainable:  # (BitFit on a model without biases, e.g. Llama)
+    raise FinetuneError(f"config.peft.method={peft_cfg.method!r} leaves nothing to train in this model (BitFit "
+                        "needs bias parameters); name layers to train fully in config.peft.modules_to_save, or "
+                        "choose another method")
   return frozenset(trainable)
 
 

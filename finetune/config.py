@@ -695,7 +695,8 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
   if c.peft.method:
     PEFT_METHODS.get(c.peft.method)
   need(c.peft.bias in BIAS_MODES, f"config.peft.bias={c.peft.bias!r}; valid: {', '.join(BIAS_MODES)}")
-  need(c.peft.rank >= 1 and c.peft.alpha > 0, "config.peft.rank must be >= 1 and config.peft.alpha > 0")
+  need(c.peft.rank >= 1, f"config.peft.rank={c.peft.rank} must be an integer >= 1")
+  need(c.peft.alpha > 0, f"config.peft.alpha={c.peft.alpha} must be > 0")
   need(0.0 <= c.peft.dropout < 1.0, "config.peft.dropout must be in [0, 1)")
   need(c.peft.lora_plus_ratio >= 0, "config.peft.lora_plus_ratio must be >= 0 (0: off)")
   need(c.peft.num_virtual_tokens >= 1 and c.peft.bottleneck_size >= 1,
@@ -784,9 +785,12 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
          f"config.train.early_stopping.mode={better!r}")
   for key in ("rank_pattern", "alpha_pattern"):
     for rule in c.peft[key]:
+      # (a rank of 2.7 was built as 2 and an alpha of True as 1.0, silently)
+      number = (int,) if key == "rank_pattern" else (int, float)
       need(isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
-           and isinstance(rule[1], (int, float)) and rule[1] > 0,
-           f"config.peft.{key} entry {rule!r} must be (regex over module paths, value > 0)")
+           and isinstance(rule[1], number) and not isinstance(rule[1], bool) and rule[1] > 0,
+           f"config.peft.{key} entry {rule!r} must be (regex over module paths, "
+           f"{'an integer rank >= 1' if key == 'rank_pattern' else 'a number > 0'})")
       try:
         re.compile(rule[0])
       except re.error as e:

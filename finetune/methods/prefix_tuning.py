@@ -53,7 +53,8 @@ def inject(model: nnx.Module, peft_cfg: ConfigDict, rngs: nnx.Rngs) -> None:
   slots = [(path, node) for path, node in adapters.module_paths(model, nnx.Module) if hasattr(node, "prefix")
            and not isinstance(node, Prefix)]
   if not slots:
-    raise FinetuneError(f"model {type(model).__name__} has no attention layers with a prefix slot")
+    raise FinetuneError(f"model {type(model).__name__} has no attention layers with a prefix slot; prefix tuning "
+                        "needs a transformer (bert, gpt2, llama, vit): choose one, or another PEFT method")
   for _, node in slots:
     heads, head_dim = _heads(node)
     node.prefix = nnx.data(Prefix(peft_cfg.num_virtual_tokens, heads, head_dim, rngs))  # the slot was None

@@ -12,6 +12,8 @@ random vectors. Only token models (BERT, GPT-2, Llama) have an input vocabulary 
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +55,11 @@ def inject(model: nnx.Module, peft_cfg: ConfigDict, rngs: nnx.Rngs) -> None:
     raise FinetuneError(f"prompt tuning extends one token-embedding layer; config.peft.targets picks "
                         f"{[p for p, _ in embeds]}: name exactly one")
   path, embed = embeds[0]
+  if re.search(r"position|token_type|wpe", path.rsplit("/", 1)[-1]):
+    # (the virtual ids, numbered past this table, went into the real word embedding as ordinary tokens: the soft
+    # prompt was never read and its gradient was 0)
+    raise FinetuneError(f"config.peft.targets picks {path}, a position or segment embedding; prompt tuning extends "
+                        f"the token embedding: name it ({', '.join(TOKEN_EMBEDDINGS)}) or leave targets empty")
   adapters.replace_module(model, path, PromptedEmbed(embed, peft_cfg.num_virtual_tokens, rngs))
   model.prompt_vocab, model.prompt_tokens = embed.num_embeddings, peft_cfg.num_virtual_tokens
 

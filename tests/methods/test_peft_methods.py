@@ -116,6 +116,11 @@ def test_a_setting_of_another_peft_method_is_refused(method, setting):
      r"config.peft.bias='lora_only' trains the biases of adapted layers, and method='prefix' adapts none"),
     ({"method": "lora", "train_bn": True}, r"config.freeze.train_bn=True has no effect under config.peft.method="
                                            r"'lora'.*modules_to_save"),
+    # (a rank of 2.7 was built as 2, an alpha of True as 1.0)
+    ({"method": "lora", "rank_pattern": (("query", 2.7),)},
+     r"config.peft.rank_pattern entry \('query', 2.7\) must be \(regex over module paths, an integer rank >= 1\)"),
+    ({"method": "lora", "alpha_pattern": (("query", True),)},
+     r"config.peft.alpha_pattern entry \('query', True\) must be \(regex over module paths, a number > 0\)"),
 ])
 def test_peft_settings_the_config_decides_are_wrong_are_refused_before_any_stage_trains(peft, message):
   """(These were accepted by the config check and failed only when their stage was built, after earlier stages had
@@ -346,3 +351,39 @@ def test_rules_that_only_reach_parameters_peft_freezes_are_refused(tmp_path):
   # Rules that reach a trained parameter stay: LoRA's B factors faster, the head frozen.
   train_lib.build_stage(tiny_config(model=vit, peft=lora, optimizer={"lr_multipliers": (("lora_b$", 4.0),)},
                                     freeze={"patterns": ("^head/bias",)}))
+
+
+def test_modules_to_save_excludes_exactly_the_layers_it_trains_fully():
+  """A layer trained fully gets no adapter, read as `trainable_paths` reads the regexes: 'layers/1/' (stripped to
+  'layers/1') excluded layers 10 and 11 too, which then had no adapter and trained not at all; '^head/kernel$'
+  excluded nothing, so the head had an adapter and a fully trained kernel."""
+  eleven = {**BERT, "num_layers": 12}
+  base_paths = set(params_of(build(eleven)))
+  for method, extra in (("lora", {"targets": ("query",)}), ("ia3", {"targets": ("query",)}),
+                        ("bottleneck", {"targets": ("query",), "bottleneck_size": 2})):
+    cfg = peft_config(method=method, modules_to_save=("layers/1/",), **extra)
+    paths = list(params_of(build(eleven, cfg)))
+    trainable = adapters.trainable_paths(cfg, paths, base_paths)
+    adapted = {int(p.split("/")[1]) for p in paths if p not in base_paths}
+    full = {int(p.split("/")[1]) for p in trainable if p in base_paths}
+    assert adapted == set(range(12)) - {1} and full == {1}, (method, adapted, full)
+  cfg = peft_config(method="lora", targets=("(query|head)$",), modules_to_save=("^head/kernel$",))
+  assert not any(p.startswith("head/lora") for p in params_of(build(BERT, cfg)))
+
+
+@pytest.mark.parametrize("model, peft, message", [
+    # (the virtual ids went into the word embedding as real tokens; the soft prompt got no gradient)
+    (GPT2, {"method": "prompt", "targets": ("wpe",)}, r"config.peft.targets picks wpe, a position or segment "
+                                                      r"embedding; prompt tuning extends the token embedding"),
+    (LLAMA, {"method": "bitfit", "targets": ()}, r"leaves nothing to train in this model \(BitFit needs bias "
+                                                 r"parameters\); name layers to train fully in "
+                                                 r"config.peft.modules_to_save, or choose another method"),
+    ({"name": "cnn", "widths": (8,), "stem_width": 8}, {"method": "prefix", "targets": ()},
+     r"has no attention layers with a prefix slot; prefix tuning needs a transformer"),
+], ids=["prompt-on-positions", "bitfit-without-biases", "prefix-without-attention"])
+def test_a_peft_method_that_cannot_act_on_the_model_says_what_to_do(model, peft, message):
+  with pytest.raises(FinetuneError, match=message):
+    cfg = peft_config(**peft)
+    adapted = build(model, cfg)
+    base_paths = set(params_of(build(model)))
+    adapters.trainable_paths(cfg, list(params_of(adapted)), base_paths)
