@@ -220,11 +220,11 @@ def run_plan(config_spec: str, mesh: str, devices: int | None, overrides: Sequen
   try:
     print(table(plan(config)))
   except FinetuneError as e:
-    if mesh and str(e).startswith("config.mesh "):  # (it suggested --config.mesh.X, which --mesh replaced)
-      sizes = ",".join(f"{axis}={size}" for axis, size in config.mesh.items())
-      raise FinetuneError(f"--mesh {mesh} makes the mesh {sizes}, which does not fit {jax.device_count()} "
-                          f"device(s): make the sizes multiply to {jax.device_count()} or set one to -1 (or "
-                          "change --devices)") from None
+    if mesh and str(e).startswith("config.mesh "):
+      # What is wrong, without the fix it suggested (--config.mesh.X, which --mesh, applied last, replaced).
+      fix = "change --mesh" + (" or --devices" if devices else
+                               "; to plan for N accelerators on this machine, add --devices N")
+      raise FinetuneError(f"--mesh {mesh}: {str(e).split(';')[0]}; {fix}") from None
     if devices or "devices" not in str(e):
       raise
     # (planning for a machine other than this one is what --devices is for)

@@ -43,8 +43,8 @@ def test_plan_devices_wins_over_jax_num_cpu_devices(tiny_file):
 
 @pytest.mark.parametrize("flags, message", [
     # (The mesh error suggested --config.mesh.fsdp=1, which --mesh, applied last, then replaced silently.)
-    (["--mesh", "data=2,fsdp=1"], r"--mesh data=2,fsdp=1 makes the mesh data=2,fsdp=1,sequence=1,tensor=1, which "
-                                  r"does not fit 4 device\(s\): make the sizes multiply to 4 or set one to -1"),
+    (["--mesh", "data=2,fsdp=1"], r"--mesh data=2,fsdp=1: config.mesh \{.*\} needs 2 devices but 4 are available; "
+                                  r"change --mesh or --devices$"),
     (["--mesh", "data=2,fsdp=2", "--config.mesh.fsdp=1"], r"--mesh and --config.mesh.fsdp both set mesh.fsdp"),
 ], ids=["mesh-too-small", "mesh-set-twice"])
 def test_plan_mesh_errors_name_the_flag_that_sets_it(tiny_file, flags, message):
@@ -181,8 +181,7 @@ def test_broken_config_files_and_paths_are_one_line(capsys, tiny_file, tmp_path)
     assert f"--devices {devices}: give a number of devices >= 1" in _error(
         capsys, ["plan", "--config", tiny_file, "--devices", devices])
   assert _error(capsys, ["plan", "--config", tiny_file, "--mesh", "fsdp=2"]).endswith(  # (1 device here)
-      "does not divide 1 devices; make the fixed axis sizes divide 1; to plan for N accelerators on this machine, "
-      "add --devices N")
+      "does not divide 1 devices; change --mesh; to plan for N accelerators on this machine, add --devices N")
   for mesh in ("data=--2", "data=two", "data"):
     assert "write axis=size pairs such as data=4,fsdp=2" in _error(
         capsys, ["plan", "--config", tiny_file, "--mesh", mesh])
