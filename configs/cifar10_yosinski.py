@@ -22,7 +22,7 @@ natural split of ImageNet). Data: `../shared/data/cifar10` (`:data_path=`); ever
 for baseA, A's) official test images.
 
 Scales (`:scale=`): `reduced` (default; N = 4, 500 steps of 64 per network, sized for 2 CPU cores: measured
-10-12 minutes per run and 33 minutes for its 3-point sweep, see the README), `full`
+10-13.5 minutes per run and 33 minutes for its 3-point sweep on an idle host, see the README), `full`
 (N = 5 with a wider CNN, 4,000 steps of 128 per network, 18 points: for a GPU), `tiny` (seconds; tests only).
 `:steps=` (base networks) and `:target_steps=` (each transfer network) override the scale's step counts, `:ns=`
 the n values (`+`-separated, e.g. `ns=1+3`; default all of 1..N).
@@ -49,11 +49,12 @@ The sweep (get_sweep below; results.csv + results.md averaged over the seed axis
 Expected result: the paper's shape, i.e. AnB falls as n grows (later layers are more specific to A), BnB dips
 for middle n (fragile co-adaptation between neighbouring layers that re-training the upper ones cannot
 recover) and recovers at large n, BnB+ stays at baseB, and AnB+ is at or above baseB for every n (transferred
-features help even after fine-tuning). Measured (reduced sweep, 2 CPU cores, 33 min for one seed per split;
-experiments/yosinski/README.md has the 3-seed table): AnB falls with n on every split (n = 4, mean of 3 seeds:
-0.57 vs BnB 0.79, 0.54 vs 0.68, man-made 0.38 vs 0.57); AnB+ >= baseB for every n, but not above the BnB+ control
-(level at n = 1, 2, below at n = 3, 4), so its lead over baseB is consistent with longer training rather than with
-features from A; BnB shows no middle dip at this scale, and BnB+ > baseB (the 500-step bases are not converged).
+features help even after fine-tuning). Measured (reduced sweep, 2 CPU cores, 33 min for one seed per split on an
+idle host; experiments/yosinski/README.md has the table, 3 / 2 / 1 seeds): AnB falls with n on every split (n = 4,
+seed means: 0.57 vs BnB 0.79, 0.54 vs 0.68, man-made 0.38 vs 0.57); AnB+ >= baseB for every n, but not clearly
+above the BnB+ control (0.006-0.007 above at n = 1, 2 on random split 0, level on split 1, below on the man-made
+split and at n = 4 everywhere), so its lead over baseB is consistent with longer training rather than with features
+from A; BnB shows no middle dip at this scale, and BnB+ > baseB (the 500-step bases are not converged).
 """
 
 from __future__ import annotations
