@@ -102,6 +102,7 @@ def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: boo
   return _bos(tokenizer) + text + ("### Assistant:\n" if add_generation_prompt else "")
 
 
+@functools.lru_cache(maxsize=8)  # (render runs twice per turn of every conversation: ask the tokenizer once)
 def _bos(tokenizer) -> str:
   """The tokenizer's beginning-of-text token if it puts one before text of its own accord, else ''."""
   bos_id = getattr(tokenizer, "bos_token_id", None)
