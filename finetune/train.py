@@ -32,6 +32,7 @@ from finetune import adapters, files, interrupts, scan
 from finetune import config as config_lib
 from finetune import regularizers
 from finetune.regularizers import fisher as fisher_lib
+from finetune.regularizers import l2sp as l2sp_lib
 from finetune.checkpoint import (DIVERGED_FILE, Checkpointer, diverged_from, load_into, read_checkpoint_arrays,
                                  resolve_checkpoint)
 from finetune.data.pipeline import (InputPipeline, build_pipeline, check_token_ids, rehearsal_count, to_global,
@@ -543,14 +544,13 @@ def check_regularizers_act(stage: Stage, context: regularizers.Context) -> None:
           f"{', ...' if len(fresh_backbone) > 2 else ''}): the teacher would be a partly random network. Narrow "
           "dont_load to the head ('^head/'), or use EWC, L2-SP or rehearsal")
   if l2sp.beta > 0:
-    shared = set(context.shared(context.nearest("L2-SP")))
-    new = {p for p in context.shapes if p not in shared and p not in context.peft_added}
+    new = set(l2sp_lib.new_parameters(context))
     if not new & ever_trained:
       raise FinetuneError(
-          "config.regularize.l2sp.beta pulls the parameters this stage re-initialises (a new head; not a PEFT "
-          f"method's own) towards 0, but {'none of them trains' if new else 'there are none'} in this stage: the "
-          "penalty would not change. Drop beta, or re-initialise what should start fresh (config.dont_load) and "
-          "train it")
+          "config.regularize.l2sp.beta pulls the weights this stage re-initialises (a new head; not a PEFT "
+          "method's own, nor biases and norm scales, which config.optimizer.no_decay exempts) towards 0, but "
+          f"{'none of them trains' if new else 'there are none'} in this stage: the penalty would not change. Drop "
+          "beta, or re-initialise what should start fresh (config.dont_load) and train it")
   by_features = [name for name, on in (("config.regularize.lwf", "lwf" in active),
                                        ("config.rehearsal", "rehearsal" in active)) if on]
   # (Both score the backbone's features with the source's head, a frozen copy: only what makes the features, every

@@ -190,17 +190,25 @@ def test_online_ewc_keeps_a_decayed_running_fisher():
 def test_l2sp_pulls_shared_weights_to_the_source_and_new_ones_to_zero():
   cfg = defaults()
   cfg.regularize.l2sp.update(alpha=2.0, beta=0.5)
-  src = source("s", {"a": np.full(3, 1.0), "b": np.full(2, 1.0), "head/kernel": np.zeros((4, 2))})
-  # 'head/kernel' was re-initialised by this stage (dont_load): it counts as new although the shapes match.
-  anchor = regularizers.build_anchors(context(cfg, [src], reinitialised=frozenset({"head/kernel"})))["l2sp"]
-  assert sorted(anchor["start"]) == ["a", "b"]
-  params = {"a": jnp.full(3, 3.0), "b": jnp.full(2, 1.0), "head/kernel": jnp.full((4, 2), 2.0)}
+  src = source("s", {"a": np.full(3, 1.0), "b": np.full(2, 1.0), "head/kernel": np.zeros((4, 2)),
+                     "head/bias": np.zeros(2), "norm/scale": np.ones(4)})
+  # 'head/kernel' was re-initialised by this stage (dont_load): it counts as new although the shapes match. The
+  # re-initialised bias and norm scale are exempt from beta as from weight decay (config.optimizer.no_decay): a
+  # scale starts at 1, and pulling it towards 0 would shrink the features it normalises.
+  fresh = frozenset({"head/kernel", "head/bias", "norm/scale"})
+  shapes = {p: v.shape for p, v in src.params.items()}
+  anchor = regularizers.build_anchors(context(cfg, [src], shapes=shapes, reinitialised=fresh))["l2sp"]
+  assert sorted(anchor["start"]) == ["a", "b"] and sorted(anchor["new"]) == ["head/kernel"]
+  params = {"a": jnp.full(3, 3.0), "b": jnp.full(2, 1.0), "head/kernel": jnp.full((4, 2), 2.0),
+            "head/bias": jnp.full(2, 5.0), "norm/scale": jnp.full(4, 5.0)}
   value, _ = l2sp.penalty(params, anchor, None)
   np.testing.assert_allclose(value, 0.5 * 2.0 * (3 * 4.0) + 0.5 * 0.5 * (8 * 4.0), rtol=1e-6)
   grads = jax.grad(lambda p: l2sp.penalty(p, anchor, None)[0])(params)
   np.testing.assert_allclose(grads["a"], 2.0 * 2.0)  # alpha (w - w0)
   np.testing.assert_allclose(grads["b"], 0.0)  # at its source value
   np.testing.assert_allclose(grads["head/kernel"], 0.5 * 2.0)  # beta w
+  np.testing.assert_allclose(grads["head/bias"], 0.0)
+  np.testing.assert_allclose(grads["norm/scale"], 0.0)
 
 
 def test_lwf_penalty_is_the_tempered_kl_to_the_source_outputs():
@@ -738,7 +746,7 @@ def test_regularizers_after_a_lora_run(tmp_path):
       "dora": {"init_from": "stage:a", "peft": {**LORA, "dora": True}, "regularize": {"l2sp": {"beta": 0.01}}}},
       train={"steps": 2, "log_every": 1, "checkpoint_every": 0}, optimizer={"learning_rate": 3e-2, "warmup_steps": 0})
   # DoRA's magnitudes are not new parameters, and nothing else is: the last stage's beta would add nothing.
-  with pytest.raises(FinetuneError, match=r"l2sp.beta pulls the parameters this stage re-initialises \(a new head; "
+  with pytest.raises(FinetuneError, match=r"l2sp.beta pulls the weights this stage re-initialises \(a new head; "
                                           r"not a PEFT method's own\) towards 0, but there are none"):
     train_lib.train_and_evaluate(config, str(tmp_path))
 
@@ -792,13 +800,14 @@ def test_lwf_or_rehearsal_under_a_frozen_backbone_is_refused(tmp_path, target, m
   assert "target" in train_lib.train_and_evaluate(gradual, str(tmp_path / "gradual"))
 
 
-def test_l2sp_beta_with_no_re_initialised_parameter_training_is_refused(tmp_path):
+@pytest.mark.parametrize("dont_load", [(), (r"^head/bias$",)], ids=["nothing", "only-a-bias"])
+def test_l2sp_beta_with_no_re_initialised_parameter_training_is_refused(tmp_path, dont_load):
   """(Accepted before: beta pulls the new parameters towards 0; with the head loaded too the penalty was exactly
-  0 at every step.)"""
+  0 at every step. A re-initialised bias alone is exempt from beta, as from weight decay.)"""
   config = two_task_config(regularize={"l2sp": {"beta": 0.01}}, train={"steps": 2})
   config = with_values(config, stages={**config.stages.to_dict(), "target": {
-      **config.stages.target.to_dict(), "dont_load": (), "data": {"classes": (0, 1, 2, 3, 4)}}})
-  with pytest.raises(FinetuneError, match=r"l2sp.beta pulls the parameters this stage re-initialises .* but there "
+      **config.stages.target.to_dict(), "dont_load": dont_load, "data": {"classes": (0, 1, 2, 3, 4)}}})
+  with pytest.raises(FinetuneError, match=r"l2sp.beta pulls the weights this stage re-initialises .* but there "
                                           r"are none in this stage"):
     train_lib.train_and_evaluate(config, str(tmp_path))
 
