@@ -5,6 +5,11 @@ feed-forward output projection, before the residual sum and LayerNorm: for BERT 
 `targets=('attention/output$', 'layers/\\d+/output$')`; they also train the LayerNorms
 (`modules_to_save=('norm/',)`). `down` is (width, bottleneck_size), `up` (bottleneck_size, width) starts at zero, so
 the adapted model equals the base at step 0. The adapter adds computation no plain model has: it cannot merge.
+
+One difference from Houlsby's code (google-research/adapter-bert) and AdapterHub: there the adapter reads the
+projection after the sub-layer's dropout; here it wraps the projection (a replaced Linear, so no model knows about
+adapters), so it sits before that dropout: in training it reads the undropped projection and its output is dropped
+with it. At evaluation (no dropout) the two are the same function; with dropout 0 they are the same in training too.
 """
 
 from __future__ import annotations
