@@ -80,6 +80,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
     raise FinetuneError("the workdir is empty; give the run a folder of its own")
   with files.exclusive_workdir(os.path.abspath(os.path.expanduser(workdir)), enabled=jax.process_count() == 1):
     workdir, stages = prepare_workdir(config, workdir)
+    check_stage_inputs(stages, workdir)
     summaries = {}
     for name, stage_cfg, run_dir in stages:
       summaries[name] = run_stage(stage_cfg, run_dir, workdir, name)
@@ -107,6 +108,27 @@ def check_workdir(config: ConfigDict, workdir: str) -> tuple[str, list[tuple[str
     if stage_cfg.init_from.startswith("stage:"):  # (others are checked when the stage opens)
       check_same_source(run_dir, stage_cfg, workdir, name)
   return workdir, layout
+
+
+def check_stage_inputs(layout: Sequence[tuple[str, ConfigDict, str]], workdir: str) -> None:
+  """Refuses, before any stage trains, an unfinished stage whose files are missing: its data folder
+  (config.data.path), a checkpoint it starts from (init_from other than 'stage:'), an adapter it loads
+  (peft.load_adapter). Otherwise a typo in the last stage's path failed only after the earlier stages had trained
+  (hours, for a pretraining stage). Finished stages are not run again, so their inputs may have moved; the first
+  stage to run opens at once, and its own readers say more (what a data folder should hold)."""
+  pending = [(name, cfg) for name, cfg, run_dir in layout if not os.path.isfile(os.path.join(run_dir, SUMMARY_FILE))]
+  for name, cfg in pending[1:]:
+    where = f"stage {name!r}: "
+    for key, path in (("config.data.path", cfg.data.path), ("config.peft.load_adapter", cfg.peft.load_adapter)):
+      # (A URL, as TFDS's gs:// data_dir, is left to its reader.)
+      if path and "://" not in path and not os.path.exists(os.path.expanduser(path)):
+        raise FinetuneError(f"{where}{key} {path!r} does not exist (looked for "
+                            f"{os.path.abspath(os.path.expanduser(path))}); correct the path, or make the files first")
+    if cfg.init_from and not cfg.init_from.startswith("stage:"):
+      try:
+        resolve_checkpoint(cfg.init_from, workdir)
+      except FinetuneError as e:
+        raise FinetuneError(f"{where}{e}") from None
 
 
 def prepare_workdir(config: ConfigDict, workdir: str) -> tuple[str, list[tuple[str, ConfigDict, str]]]:

@@ -84,6 +84,22 @@ def test_a_loaded_head_must_score_the_classes_it_was_trained_on(tmp_path):
     train_lib.initial_state(train_lib.build_stage(stages["reordered"]), stages["reordered"], str(tmp_path))
 
 
+@pytest.mark.parametrize("later,message", [
+    ({"data": {"name": "mnist", "path": "no/such/mnist"}}, r"stage 'later': config.data.path 'no/such/mnist' does not "
+                                                          r"exist"),
+    ({"init_from": "no/such/run"}, r"stage 'later': init_from 'no/such/run' does not exist"),
+    ({"peft": {"method": "lora", "targets": ("conv",), "load_adapter": "no/such/adapter"}},
+     r"stage 'later': config.peft.load_adapter 'no/such/adapter' does not exist"),
+], ids=["data", "init_from", "adapter"])
+def test_a_later_stage_s_missing_files_are_refused_before_anything_trains(tmp_path, monkeypatch, later, message):
+  """(Found only when that stage opened: after the earlier stages had trained, hours for a pretraining stage.)"""
+  monkeypatch.chdir(tmp_path)
+  config = tiny_config(stages={"first": {}, "later": later})
+  with pytest.raises(FinetuneError, match=message):
+    train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "first").exists()
+
+
 def test_stage_initialises_from_earlier_stage_except_dont_load(tmp_path):
   config = tiny_config(stages={
       "source": {"data": {"classes": (0, 1, 2, 3, 4)}},
