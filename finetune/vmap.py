@@ -132,6 +132,8 @@ def train_points(configs: Sequence[ConfigDict], workdirs: Sequence[str]) -> list
 
 def _train_points(configs: Sequence[ConfigDict], workdirs: list[str]) -> list[dict[str, dict[str, Any]]]:
   layouts = [train_lib.prepare_workdir(cfg, workdir)[1] for cfg, workdir in zip(configs, workdirs)]
+  for layout, workdir in zip(layouts, workdirs):
+    train_lib.check_stage_inputs(layout, workdir)
   summaries: list[dict[str, Any]] = [{} for _ in configs]
   failed: dict[int, str] = {}
   for stage_index, (name, _, _) in enumerate(layouts[0]):

@@ -294,6 +294,16 @@ def test_the_survivors_of_an_evaluation_failure_between_log_lines_log_their_own_
   _assert_same_run(dirs[1], str(tmp_path / "alone"))
 
 
+def test_points_together_refuse_a_later_stage_s_missing_data_before_training(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)}, train={"steps": 4}, stages={
+      "first": {}, "later": {"data": {"name": "mnist", "path": "no/such/mnist"}}})
+  dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
+  with pytest.raises(FinetuneError, match="stage 'later': config.data.path 'no/such/mnist' does not exist"):
+    vmap.train_points([base, with_values(base, seed=1)], dirs)
+  assert not any(os.path.exists(os.path.join(d, "first")) for d in dirs)
+
+
 def test_a_point_that_cannot_open_its_stage_fails_alone(tmp_path):
   base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)}, train={"steps": 4})
   dirs = [str(tmp_path / "broken"), str(tmp_path / "ok")]
