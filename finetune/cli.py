@@ -233,7 +233,8 @@ def run_plan(config_spec: str, mesh: str, devices: int | None, overrides: Sequen
 
 
 def run_eval(workdir: str, stage: str, unfinished: bool, out: str, overrides: Sequence[str]) -> int:
-  from finetune import compile_cache, evaluation  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from finetune import compile_cache, distributed, evaluation  # pylint: disable=g-import-not-at-top
   from finetune.reporting import write_json  # pylint: disable=g-import-not-at-top
   # Real paths: through a symbolic link, --out still replaced the run's summary.json.
   out = os.path.realpath(os.path.expanduser(out)) if out else ""
@@ -246,10 +247,13 @@ def run_eval(workdir: str, stage: str, unfinished: bool, out: str, overrides: Se
     raise FinetuneError(f"--out {out} is a folder; name a file such as {os.path.join(out, 'eval.json')}"
                         if os.path.isdir(out) else
                         f"--out {out}: the folder {os.path.dirname(out)} does not exist; create it or choose another")
+  # As `finetune train`: a launcher's processes (a TPU pod's workers, srun's tasks) evaluate as one job over all
+  # devices, each reading its part of every batch; before, each evaluated the whole split alone on its own devices.
+  distributed.initialize()
   compile_cache.enable()
   results = evaluation.evaluate_run(workdir, stage, overrides, unfinished)
   print(evaluation.results_table(results))
-  if out:
+  if out and jax.process_index() == 0:  # (one writer, as train's summaries)
     write_json(out, results)
   return 0
 
@@ -357,7 +361,12 @@ def _main(argv: list[str]) -> int:
     if args.command == "export":
       if overrides:
         raise FinetuneError(f"export takes no --config overrides (got --config.{overrides[0]})")
+      from finetune import distributed  # pylint: disable=g-import-not-at-top
       from finetune.export import export  # pylint: disable=g-import-not-at-top
+      rank = distributed.launched_process_index()
+      if rank:  # (export reads and writes files only: one process of a multi-host launch does it)
+        print(f"export: process {rank} of a multi-process launch; process 0 writes {os.path.abspath(args.out)}")
+        return 0
       architecture = export(args.workdir, args.out, args.format, args.stage, args.unfinished)
       print(f"wrote {architecture} to {os.path.abspath(args.out)}")
       return 0

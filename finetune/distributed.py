@@ -81,3 +81,18 @@ def initialize() -> bool:
                         "host (srun, mpirun, the TPU VM's workers) or set FINETUNE_COORDINATOR, "
                         "FINETUNE_NUM_PROCESSES and FINETUNE_PROCESS_ID") from None
   return True
+
+
+def launched_process_index() -> int:
+  """This process's rank in a multi-process launch, read from the launcher's environment without connecting (0 for
+  a single process): for commands with one writer and no device work, as `finetune export`, which every worker of a
+  `--worker=all` or srun launch would otherwise write into the same folder at once."""
+  if os.environ.get("FINETUNE_PROCESS_ID", "").strip().isdigit():
+    return int(os.environ["FINETUNE_PROCESS_ID"])
+  for name, launched in (("TPU_WORKER_ID", len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")
+                                                  if h]) > 1),
+                         ("SLURM_PROCID", _slurm_task()), ("OMPI_COMM_WORLD_RANK", _count("OMPI_COMM_WORLD_SIZE") > 1)):
+    if launched and os.environ.get(name, "").strip().isdigit():
+      return int(os.environ[name])
+  return 0
+

@@ -28,13 +28,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(config, workdir, devices, process_id=None, port=None):
+def _launch(config, workdir, devices, process_id=None, port=None, command=None):
   env = {**fake_devices_env(devices), "JAX_PLATFORMS": "cpu"}
   if process_id is not None:
     env.update(FINETUNE_COORDINATOR=f"localhost:{port}", FINETUNE_NUM_PROCESSES="2",
                FINETUNE_PROCESS_ID=str(process_id))
-  return subprocess.Popen([sys.executable, "-m", "finetune", "train", "--config", str(config), "--workdir",
-                           str(workdir)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  command = command or ["train", "--config", str(config), "--workdir", str(workdir)]
+  return subprocess.Popen([sys.executable, "-m", "finetune", *command], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
 
 
 def test_two_processes_train_and_checkpoint_like_one(tmp_path):
@@ -57,6 +58,27 @@ def test_two_processes_train_and_checkpoint_like_one(tmp_path):
     return [(r["step"], r["split"]) for r in map(json.loads, open(tmp_path / run / "metrics.jsonl"))]
   assert steps("two") == steps("one") and len(set(steps("two"))) == len(steps("two"))
   assert "outputs:" in outputs[0][0]
+  # `finetune eval` joins the processes too (it evaluated alone on each host's devices): both processes' metrics,
+  # and process 0's --out file, are the one-process run's final evaluation.
+  port = _free_port()
+  evals = [_launch(None, None, 2, i, port, ["eval", "--workdir", str(tmp_path / "two"), "--out",
+                                            str(tmp_path / "eval.json")]) for i in range(2)]
+  for worker in evals:
+    out, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0, err[-3000:]
+    assert "Rank 1 is connected" in out + err  # (gloo's report of the second process joining)
+  evaluated = json.load(open(tmp_path / "eval.json"))["validation"]
+  final = json.load(open(tmp_path / "one" / "summary.json"))["final"]["validation"]
+  assert evaluated["num_examples"] == final["num_examples"]
+  np.testing.assert_allclose([evaluated["loss"], evaluated["accuracy"]], [final["loss"], final["accuracy"]],
+                             rtol=1e-5)
+  # `finetune export` on every worker of a launch: process 0 alone exports (all wrote into one folder at once).
+  # (This MLP has no Hugging Face counterpart: process 0's attempt is its refusal, which the others skip.)
+  exports = {rank: _launch(None, None, 2, rank, port, ["export", "--workdir", str(tmp_path / "two"), "--format",
+                                                       "hf", "--out", str(tmp_path / "exported")]) for rank in (0, 1)}
+  results = {rank: (worker.communicate(timeout=300), worker.returncode) for rank, worker in exports.items()}
+  assert results[1][1] == 0 and "process 1 of a multi-process launch; process 0 writes" in results[1][0][0]
+  assert results[0][1] == 2 and "model 'mlp' cannot be exported to Hugging Face format" in results[0][0][1]
 
 
 def test_cluster_detection_and_connection_errors(monkeypatch):
@@ -67,7 +89,7 @@ def test_cluster_detection_and_connection_errors(monkeypatch):
   from finetune import distributed  # pylint: disable=g-import-not-at-top
   from finetune.errors import FinetuneError  # pylint: disable=g-import-not-at-top
   for name in [*distributed.EXPLICIT, "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS",
-               "OMPI_MCA_orte_hnp_uri",
+               "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_ID", "OMPI_COMM_WORLD_RANK",
                *distributed._SLURM_TASK_VARIABLES]:  # pylint: disable=protected-access
     monkeypatch.delenv(name, raising=False)
   monkeypatch.setenv("SLURM_JOB_ID", "123")
@@ -96,6 +118,15 @@ def test_cluster_detection_and_connection_errors(monkeypatch):
   monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "1531576320.0;tcp://10.96.0.1:34911")  # Open MPI 4: JAX's own
   with pytest.raises(FinetuneError, match="could not connect the processes"):
     distributed.initialize()
+  # A launch's rank without connecting (`finetune export` writes from rank 0 only).
+  monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")  # (OMPI_COMM_WORLD_SIZE=2 above)
+  assert distributed.launched_process_index() == 1
+  monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "1")
+  assert distributed.launched_process_index() == 0
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w0,w1")
+  monkeypatch.setenv("TPU_WORKER_ID", "1")
+  assert distributed.launched_process_index() == 1
+  monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
   # Explicit settings that are not numbers, or an id beyond the count (reported as a failure to connect before).
   monkeypatch.setenv("FINETUNE_COORDINATOR", "localhost:1234")
   for count, rank, message in (("two", "0", r"FINETUNE_NUM_PROCESSES='two' is not a whole number"),
