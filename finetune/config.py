@@ -683,6 +683,8 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
   need(c.train.checkpoint_every >= 0 and c.train.keep_checkpoints >= 1,
        "config.train.checkpoint_every must be >= 0 and config.train.keep_checkpoints >= 1")
   need(c.wandb.mode in ("disabled", "offline", "online"), "config.wandb.mode must be disabled, offline or online")
+  need(all(isinstance(tag, str) for tag in c.wandb.tags), f"config.wandb.tags must be strings (got "
+       f"{tuple(c.wandb.tags)!r}): quote them, e.g. --config.wandb.tags=\"('lora', 'r8')\"")
   need(len(set(c.data.classes)) == len(c.data.classes), "config.data.classes has repeated classes")
   for probe in c.features.closed_form:
     need(probe in ("ridge", "logistic"),

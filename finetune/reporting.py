@@ -1,8 +1,9 @@
 """Where metrics go: `metrics.jsonl` (one JSON object per line), a progress bar, and wandb.
 
 Only process 0 writes. The progress bar is shown only when stderr is a terminal. wandb is off by default
-(`config.wandb.mode='disabled'`); 'online' without an API key falls back to 'offline', so a run never needs the
-network.
+(`config.wandb.mode='disabled'`); 'online' without an API key, or without a connection, falls back to 'offline' with
+one line on stderr, so a run never needs the network. A stage keeps its wandb run across restarts: the run's id is
+kept in `<run dir>/wandb_run_id`, and a resumed stage logs into the same run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
+import uuid
 from typing import Any, Iterator
 
 import jax
@@ -23,11 +25,27 @@ from finetune import files, interrupts
 from finetune.errors import FinetuneError
 
 
+def _number(value: Any) -> Any:
+  return float(value) if hasattr(value, "item") or isinstance(value, float) else value
+
+
 def _clean(value: Any) -> Any:
-  value = float(value) if hasattr(value, "item") or isinstance(value, float) else value
+  value = _number(value)
   if isinstance(value, float) and not math.isfinite(value):
     return str(value)  # JSON has no NaN/inf; keep the information as text.
   return value
+
+
+WANDB_RUN_ID_FILE = "wandb_run_id"
+
+
+def require_wandb(configs: list[ConfigDict]) -> None:
+  """Refuses, before anything is built, a run that logs to wandb where wandb is not installed (a traceback after
+  the data and model were built, and the run folder written, before)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if any(cfg.wandb.mode != "disabled" for cfg in configs) and importlib.util.find_spec("wandb") is None:
+    raise FinetuneError("config.wandb.mode logs to wandb, which is not installed: `pip install wandb`, or set "
+                        "config.wandb.mode=disabled")
 
 
 # The run a wandb agent started this process for (`wandb agent` runs one command per sweep run and names the run in
@@ -47,14 +65,14 @@ class MetricsLog:
   stage, or under a wandb agent the agent's run, shared by the stages)."""
 
   def __init__(self, run_dir: str, wandb_cfg: ConfigDict | None = None, run_name: str = "",
-               config: dict | None = None):
+               config: dict | None = None, display_name: str = ""):
     self.path = os.path.join(run_dir, "metrics.jsonl")
     self.enabled = jax.process_index() == 0
     self._wandb, self._prefix = None, ""
     if self.enabled and wandb_cfg is not None and wandb_cfg.mode != "disabled":
       agent_run = _agent_run_id()
       if not agent_run:
-        self._wandb = _start_wandb(wandb_cfg, run_dir, run_name, config)
+        self._wandb = _start_wandb(wandb_cfg, run_dir, display_name or run_name, config)
         return
       if agent_run not in _AGENT_RUNS:
         _AGENT_RUNS[agent_run] = _start_wandb(wandb_cfg, run_dir, "", None, run_id=agent_run)
@@ -89,7 +107,8 @@ class MetricsLog:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     if self._wandb is not None:
-      values = {f"{self._prefix}{split}/{k}": v for k, v in record.items() if k not in ("step", "split")}
+      # (Numbers, NaN and inf included, which wandb charts; the text form is only JSON's lack of them.)
+      values = {f"{self._prefix}{split}/{k}": _number(v) for k, v in metrics.items()}
       if self._prefix:
         self._wandb.log({**values, f"{self._prefix}step": int(step)})
       else:
@@ -101,18 +120,57 @@ class MetricsLog:
     self._wandb = None
 
 
+def _has_api_key() -> bool:
+  """Whether wandb will find an API key: WANDB_API_KEY, or a netrc entry for its API host (as `wandb login`
+  writes; a ~/.netrc with other hosts' entries only is no key)."""
+  if os.environ.get("WANDB_API_KEY"):
+    return True
+  import netrc  # pylint: disable=g-import-not-at-top
+  import urllib.parse  # pylint: disable=g-import-not-at-top
+  host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
+  path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+  try:
+    return os.path.isfile(path) and netrc.netrc(path).authenticators(host) is not None
+  except (OSError, netrc.NetrcParseError):
+    return False
+
+
+def _offline(reason: str) -> str:
+  print(f"finetune: wandb {reason}; logging offline (sync later with `wandb sync`)", file=sys.stderr)
+  return "offline"
+
+
 def _start_wandb(cfg: ConfigDict, run_dir: str, run_name: str, config: dict | None, run_id: str | None = None):
   import wandb  # pylint: disable=g-import-not-at-top
 
   mode = cfg.mode
-  if mode == "online" and not (os.environ.get("WANDB_API_KEY") or os.path.exists(os.path.expanduser("~/.netrc"))):
-    print("finetune: wandb has no API key; logging offline (sync later with `wandb sync`)", file=sys.stderr)
-    mode = "offline"
+  if mode == "online" and not _has_api_key():
+    mode = _offline("has no API key")
+  resume = None
+  if run_id is None:
+    # One wandb run per stage across restarts: the id is kept beside the stage's checkpoints, and a resumed stage
+    # logs into it (a second run of the same name, holding the steps after the checkpoint, before). Steps it logs
+    # again after the restored checkpoint are the ones it had logged: wandb keeps the first (training is
+    # deterministic given the checkpoint), as metrics.jsonl keeps the recomputed ones.
+    id_path = os.path.join(run_dir, WANDB_RUN_ID_FILE)
+    if os.path.isfile(id_path):
+      with open(id_path) as f:
+        run_id, resume = f.read().strip(), "allow"
+    else:
+      run_id = uuid.uuid4().hex[:12]  # (wandb's own generator is not public API)
+      files.write_text(id_path, run_id + "\n")
   # create_new: points trained together (vmap.py) hold one run each at once, logged through the returned objects;
-  # each stage finishes its own run (MetricsLog.close), so none is left open. `run_id`: the agent's, given
-  # explicitly, as wandb reads its environment once per process.
-  return wandb.init(project=cfg.project, entity=cfg.entity or None, name=cfg.name or run_name or None,
-                    tags=list(cfg.tags), mode=mode, dir=run_dir, config=config, reinit="create_new", id=run_id)
+  # each stage finishes its own run (MetricsLog.close), so none is left open. `run_id`: given explicitly (the
+  # agent's too, as wandb reads its environment once per process).
+  kwargs = dict(project=cfg.project, entity=cfg.entity or None, name=cfg.name or run_name or None,
+                tags=list(cfg.tags), dir=run_dir, config=config, reinit="create_new", id=run_id, resume=resume)
+  try:
+    return wandb.init(mode=mode, **kwargs)
+  except (wandb.errors.CommError, wandb.errors.UsageError) as e:  # no connection, a key the server refuses
+    if mode != "online":
+      raise
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return wandb.init(mode=_offline(f"could not start online ({reason})"), **kwargs)
 
 
 class Progress:

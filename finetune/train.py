@@ -42,7 +42,7 @@ from finetune.errors import FinetuneError
 from finetune.models import MODELS, build_model, check_hf_architecture, hf, model_kwargs, vocab_size
 from finetune.optim import build_optimizer, carry_over, decays
 from finetune.partition import flatten, map_with_path, require_matches
-from finetune.reporting import MetricsLog, Progress, read_json, write_json
+from finetune.reporting import MetricsLog, Progress, read_json, require_wandb, write_json
 from finetune.sharding import (batch_sharding, data_parallel_size, make_mesh, optimizer_state_shardings, replicated,
                                rules_from_config, state_shardings, ActivationSharding, check_rule_names,
                                activation_rules_from_config, to_host)
@@ -79,6 +79,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
   if not str(workdir).strip():  # (it meant the current folder: a run from the repository wrote into the sources)
     raise FinetuneError("the workdir is empty; give the run a folder of its own")
   with files.exclusive_workdir(os.path.abspath(os.path.expanduser(workdir)), enabled=jax.process_count() == 1):
+    require_wandb([stage_cfg for _, stage_cfg in config_lib.stage_configs(config)])
     workdir, stages = prepare_workdir(config, workdir)
     check_stage_inputs(stages, workdir)
     summaries = {}
@@ -986,7 +987,10 @@ def open_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train")
     print(f"[{name}] {adapters.describe(stage.peft_info)}", flush=True)
   checkpoints = Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.train.keep_checkpoints)
   stage.layout.write(checkpoints.directory)
-  log = MetricsLog(run_dir, cfg.wandb, name, cfg.to_dict())
+  # (wandb names the run after its workdir, and the stage when it has several: every stage of every sweep point was
+  # named 'train' or its stage alone.)
+  run_label = os.path.basename(workdir.rstrip(os.sep)) + ("" if run_dir == workdir else f"/{name}")
+  log = MetricsLog(run_dir, cfg.wandb, name, cfg.to_dict(), display_name=run_label)
   try:
     state, start, saved_phase, init_report = _restore_or_init(stage, cfg, checkpoints, run_dir, workdir)
     resuming = "resumed_from_step" in init_report

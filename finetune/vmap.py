@@ -49,7 +49,7 @@ from finetune import regularizers
 from finetune import train as train_lib
 from finetune.data.pipeline import to_global
 from finetune.errors import FinetuneError
-from finetune.reporting import Progress, write_json
+from finetune.reporting import Progress, require_wandb, write_json
 from finetune.sharding import batch_sharding, replicated
 from finetune.step import TrainState
 
@@ -131,6 +131,7 @@ def train_points(configs: Sequence[ConfigDict], workdirs: Sequence[str]) -> list
 
 
 def _train_points(configs: Sequence[ConfigDict], workdirs: list[str]) -> list[dict[str, dict[str, Any]]]:
+  require_wandb([stage_cfg for cfg in configs for _, stage_cfg in config_lib.stage_configs(cfg)])
   layouts = [train_lib.prepare_workdir(cfg, workdir)[1] for cfg, workdir in zip(configs, workdirs)]
   for layout, workdir in zip(layouts, workdirs):
     train_lib.check_stage_inputs(layout, workdir)

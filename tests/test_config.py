@@ -436,3 +436,10 @@ def test_a_base_override_that_stages_set_themselves_is_refused_or_named(capsys):
           "(--config.stages.finetune.train.steps=VALUE to change it)") in capsys.readouterr().err
   load_config(main, ["optimizer.learning_rate=3e-4", "stages.finetune.data.classes=(5,6)"])  # reach every stage
   assert capsys.readouterr().err == ""
+
+
+def test_wandb_tags_must_be_strings():
+  """(`--config.wandb.tags=1` parsed to (1,), which wandb.init refuses after the data and model were built.)"""
+  with pytest.raises(FinetuneError, match=r"config.wandb.tags must be strings \(got \(1,\)\)"):
+    build_config({"train": {"steps": 1}}, ["wandb.tags=(1,)"])
+  assert build_config({"train": {"steps": 1}}, ["wandb.tags=('lora', 'r8')"]).wandb.tags == ("lora", "r8")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import types
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from conftest import tiny_config
 from finetune import files
 from finetune import train as train_lib
+from finetune.errors import FinetuneError
 from finetune.reporting import MetricsLog, staged_directory, write_json
 
 
@@ -43,6 +45,86 @@ def test_wandb_online_without_key_logs_offline(tmp_path, monkeypatch, capsys):
   assert "logging offline" in capsys.readouterr().err
   runs = glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "*.wandb"))
   assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
+
+
+def test_a_netrc_without_a_wandb_entry_is_no_key(tmp_path, monkeypatch, capsys):
+  """(Any ~/.netrc counted as a key: wandb.init then failed with 'No API key configured', a traceback.)"""
+  from finetune import reporting  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv("WANDB_API_KEY", raising=False)
+  monkeypatch.delenv("NETRC", raising=False)
+  monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path))
+  (tmp_path / ".netrc").write_text("machine github.com login me password x\n")
+  assert not reporting._has_api_key()  # pylint: disable=protected-access
+  (tmp_path / ".netrc").write_text("machine github.com login me password x\nmachine api.wandb.ai login user "
+                                   "password " + "k" * 40 + "\n")
+  assert reporting._has_api_key()  # pylint: disable=protected-access
+
+
+def _fake_wandb_run(calls):
+  run = types.SimpleNamespace(logged=[], finish=lambda: None)
+  run.log = lambda values, step=None: run.logged.append((step, values))
+  return run
+
+
+def test_an_online_start_that_fails_logs_offline(tmp_path, monkeypatch, capsys):
+  """(A key with no connection hung for wandb's 90 s, then a CommError traceback, exit 1, nothing trained.)"""
+  import wandb  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+  calls = []
+
+  def init(**kwargs):
+    calls.append(kwargs)
+    if kwargs["mode"] == "online":
+      raise wandb.errors.CommError("Timed out while retrying: no such host\nmore detail")
+    return _fake_wandb_run(calls)
+
+  monkeypatch.setattr(wandb, "init", init)
+  log = MetricsLog(str(tmp_path), tiny_config(wandb={"mode": "online"}).wandb, "train")
+  assert [c["mode"] for c in calls] == ["online", "offline"] and calls[0]["id"] == calls[1]["id"]
+  assert "could not start online (Timed out while retrying: no such host); logging offline" in capsys.readouterr().err
+  # NaN and inf reach wandb as numbers (its charts show them), not as the text metrics.jsonl holds.
+  log.write(3, "train", {"loss": float("nan"), "grad_norm": float("inf"), "accuracy": 0.5})
+  step, values = log._wandb.logged[0]  # pylint: disable=protected-access
+  assert step == 3 and values["train/accuracy"] == 0.5 and all(isinstance(values[k], float) for k in values)
+  assert values["train/loss"] != values["train/loss"] and values["train/grad_norm"] == float("inf")
+
+
+def test_a_resumed_stage_logs_into_its_wandb_run(tmp_path, monkeypatch):
+  """(A restart opened a second wandb run of the same name, holding only the steps after the checkpoint.)"""
+  monkeypatch.setenv("HOME", str(tmp_path))
+  config = tiny_config(wandb={"mode": "offline", "project": "test"},
+                       train={"steps": 6, "log_every": 2, "checkpoint_every": 3})
+  run = tmp_path / "run"
+  train_lib.train_and_evaluate(config, str(run))
+  for name in ("summary.json", "results.json"):  # interrupted after step 3's checkpoint
+    os.remove(run / name)
+  shutil.rmtree(run / "checkpoints" / "6")
+  train_lib.train_and_evaluate(config, str(run))
+  run_id = (run / "wandb_run_id").read_text().strip()
+  attempts = glob.glob(str(run / "wandb" / "offline-run-*"))
+  assert len(attempts) == 2 and all(path.endswith(f"-{run_id}") for path in attempts)
+
+
+def test_wandb_runs_are_named_after_their_workdir_and_stage(tmp_path, monkeypatch):
+  import wandb  # pylint: disable=g-import-not-at-top
+  names = []
+  monkeypatch.setattr(wandb, "init", lambda **kwargs: names.append(kwargs["name"]) or _fake_wandb_run([]))
+  stages = {"pre": {"data": {"classes": (0, 1, 2, 3, 4)}},
+            "ft": {"data": {"classes": (5, 6, 7, 8, 9)}, "init_from": "stage:pre", "dont_load": ("^head/",)}}
+  train_lib.train_and_evaluate(tiny_config(wandb={"mode": "offline"}, train={"steps": 2}, stages=stages),
+                               str(tmp_path / "lr=0.1,seed=0"))
+  train_lib.train_and_evaluate(tiny_config(wandb={"mode": "offline"}, train={"steps": 2}), str(tmp_path / "alone"))
+  assert names == ["lr=0.1,seed=0/pre", "lr=0.1,seed=0/ft", "alone"]
+
+
+def test_wandb_missing_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+  """(A ModuleNotFoundError traceback after the data and model were built and the run folder written.)"""
+  monkeypatch.setitem(__import__("sys").modules, "wandb", None)
+  with pytest.raises(FinetuneError, match=r"config.wandb.mode logs to wandb, which is not installed: `pip install "
+                                          r"wandb`, or set config.wandb.mode=disabled"):
+    train_lib.train_and_evaluate(tiny_config(wandb={"mode": "offline"}), str(tmp_path / "run"))
+  assert os.listdir(tmp_path / "run") == [".lock"]  # (the workdir's lock: nothing of the run)
 
 
 def test_under_a_wandb_agent_every_stage_logs_into_the_agent_s_one_run(tmp_path, monkeypatch):
