@@ -27,8 +27,9 @@ class TfdsSplit:
   """One TFDS split as a `Split`: a lazy view over a `tfds.data_source` sequence of example dicts."""
 
   def __init__(self, source: Sequence[dict[str, Any]], open_labels_source: Callable[[], Sequence[dict[str, Any]]],
-               image_key: str, label_key: str, empty_image: np.ndarray, where: str):
+               image_key: str, label_key: str, empty_image: np.ndarray, where: str, num_classes: int | None = None):
     self._source = source
+    self._num_classes = num_classes  # (a ClassLabel's; None: checked against the train split by the source)
     self._open_labels_source = open_labels_source
     self._image_key = image_key
     self._label_key = label_key
@@ -46,8 +47,18 @@ class TfdsSplit:
       for start in range(0, len(labels), _LABEL_READ_CHUNK):
         keys = list(range(start, min(start + _LABEL_READ_CHUNK, len(labels))))
         labels[start:start + len(keys)] = [record[self._label_key] for record in source.__getitems__(keys)]
+      self._check_labels(labels)
       self._labels = labels
     return self._labels
+
+  def _check_labels(self, labels: np.ndarray) -> None:
+    if self._num_classes is None or not labels.size:
+      return
+    bad = labels[(labels < 0) | (labels >= self._num_classes)]
+    if bad.size:
+      raise FinetuneError(f"{self._where} has label {int(bad[0])}, outside its {self._num_classes} classes (-1: "
+                          "examples without a label, as some datasets' test splits): leave that split out with the "
+                          "splits option, e.g. {'train': 'train[:90%]', 'test': 'train[90%:]'}")
 
   def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     keys = [int(index) for index in np.asarray(indices).reshape(-1)]
@@ -58,10 +69,9 @@ class TfdsSplit:
     if len(shapes) > 1:
       raise FinetuneError(f"{self._where} has images of different sizes {sorted(shapes)[:2]}; the tfds source "
                           "needs one image size: use a resized variant of the dataset (e.g. imagenet_resized/32x32)")
-    return {
-        "image": np.stack(images) if images else self._empty_image,
-        "label": np.array([record[self._label_key] for record in records], np.int64),
-    }
+    labels = np.array([record[self._label_key] for record in records], np.int64)
+    self._check_labels(labels)
+    return {"image": np.stack(images) if images else self._empty_image, "label": labels}
 
 
 def _not_found_hint(name: str, data_dir: str) -> str:
@@ -75,19 +85,38 @@ def _open(name: str, split: str, data_dir: str, decoders: Mapping[str, Any] | No
   import tensorflow_datasets as tfds_lib  # pylint: disable=g-import-not-at-top
 
   try:
-    return tfds_lib.data_source(name, split=split, data_dir=data_dir or None, download=False, decoders=decoders)
+    source = tfds_lib.data_source(name, split=split, data_dir=data_dir or None, download=False, decoders=decoders)
+    size = len(source)  # (a reversed slice, 'train[5:2]', fails here)
   except tfds_lib.core.DatasetNotFoundError as error:
     raise FinetuneError(f"TFDS dataset {name!r} not found (neither a TFDS catalog name nor prepared under the "
-                        f"data_dir); check the name option, or {_not_found_hint(name, data_dir)}") from error
-  except NotImplementedError as error:  # What TFDS raises for a registered dataset with no array_record files.
-    raise FinetuneError(f"TFDS dataset {name!r} is not prepared in array_record format; "
+                        f"data_dir){_other_versions(name, data_dir)}; check the name option, or "
                         f"{_not_found_hint(name, data_dir)}") from error
-  except ValueError as error:
-    if "split" not in str(error).lower():
-      raise
-    reason = str(error).splitlines()[0].rstrip(".")
-    raise FinetuneError(f"TFDS dataset {name!r}: {reason}; set the splits option to TFDS split names, e.g. "
-                        "{'train': 'train', 'test': 'test'} or {'train': 'train[:90%]'}") from error
+  except NotImplementedError as error:  # What TFDS raises for a registered dataset with no array_record files.
+    raise FinetuneError(f"TFDS dataset {name!r} is not prepared in array_record format"
+                        f"{_other_versions(name, data_dir)}; {_not_found_hint(name, data_dir)}") from error
+  except ValueError as error:  # a split or slice TFDS cannot read (an empty slice fails in array_record)
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+    raise FinetuneError(f"TFDS dataset {name!r} split {split!r}: {reason}; set the splits option to TFDS split "
+                        "names or non-empty slices, e.g. {'train': 'train', 'test': 'test'} or "
+                        "{'train': 'train[:90%]', 'test': 'test'}") from error
+  if not size:
+    raise FinetuneError(f"TFDS dataset {name!r} split {split!r} holds no examples; choose a non-empty split or slice "
+                        "with the splits option")
+  return source
+
+
+def _other_versions(name: str, data_dir: str) -> str:
+  """', prepared here: 3.0.0 (name it 'mnist:3.0.0')' when the data_dir holds other versions of the dataset than
+  the one the installed TFDS expects (it reads only its own unless the name pins one)."""
+  import os  # pylint: disable=g-import-not-at-top
+  base = name.split(":")[0]
+  folder = os.path.join(os.path.expanduser(data_dir), *base.split("/")) if data_dir else ""
+  if not folder or not os.path.isdir(folder):
+    return ""
+  versions = sorted(entry for entry in os.listdir(folder)
+                    if entry[:1].isdigit() and os.path.isdir(os.path.join(folder, entry)))
+  return (f", but the data_dir holds version{'s' if len(versions) > 1 else ''} {', '.join(versions)} (name one, e.g. "
+          f"'{base}:{versions[-1]}')" if versions else "")
 
 
 @SOURCES.register("tfds")
@@ -105,11 +134,19 @@ def tfds(path: str = "", cache_dir: str = "", name: str = "", data_dir: str = ""
   if "train" not in split_names:
     raise FinetuneError(f"the splits option {split_names} has no 'train' entry; add one, e.g. "
                         "{'train': 'train', 'test': 'test'}")
+  unknown = sorted(set(split_names) - {"train", "validation", "test"})
+  if unknown:  # (read by nothing: a 'val' key left validation carved from train)
+    raise FinetuneError(f"the splits option's keys are this run's splits, train, validation and test; got "
+                        f"{', '.join(map(repr, unknown))}: e.g. {{'train': 'train', 'validation': 'validation'}}")
   sources = {split: _open(name, tfds_split, data_dir) for split, tfds_split in split_names.items()}
   info = sources["train"].dataset_info
-  if not splits and "test" in info.splits:
-    split_names["test"] = "test"
-    sources["test"] = _open(name, "test", data_dir)
+  if not splits:
+    # The dataset's own validation and test splits, as the other sources use theirs (data.validation_fraction
+    # carves a validation split from train only when the dataset has none).
+    for split in ("validation", "test"):
+      if split in info.splits:
+        split_names[split] = split
+        sources[split] = _open(name, split, data_dir)
 
   features = info.features
   for option, key in (("image_key", image_key), ("label_key", label_key)):
@@ -117,6 +154,12 @@ def tfds(path: str = "", cache_dir: str = "", name: str = "", data_dir: str = ""
       raise FinetuneError(f"TFDS dataset {name!r} has no feature {key!r} (features: {', '.join(features)}); set the "
                           f"{option} option to one of them")
   image_feature = features[image_key]
+  if not isinstance(image_feature, (tfds_lib.features.Image, tfds_lib.features.Tensor)) or isinstance(
+      image_feature, tfds_lib.features.Text) or not np.issubdtype(np.dtype(image_feature.np_dtype), np.number):
+    # (Accepted before, then training failed converting the first batch's strings to numbers.)
+    raise FinetuneError(f"TFDS dataset {name!r}: feature {image_key!r} is {type(image_feature).__name__}, but the tfds "
+                        "source reads images (or numeric tensors) only; set image_key to one, or for text use the "
+                        "text_classification source on the dataset's files")
   if None in tuple(getattr(image_feature, "shape", ())):
     # (Caught only when a batch happened to mix sizes: after compiling, perhaps deep into training.)
     raise FinetuneError(f"TFDS dataset {name!r} declares {image_key!r} of any size {tuple(image_feature.shape)}; the "
@@ -126,15 +169,21 @@ def tfds(path: str = "", cache_dir: str = "", name: str = "", data_dir: str = ""
   label_decoders = {image_key: tfds_lib.decode.SkipDecoding()} if isinstance(
       image_feature, tfds_lib.features.Image) else None
   empty_image = np.zeros((0, *(size or 0 for size in image_feature.shape)), getattr(image_feature, "np_dtype", None))
+  label_feature = features[label_key]
+  num_classes = label_feature.num_classes if isinstance(label_feature, tfds_lib.features.ClassLabel) else None
   dataset_splits = {}
   for split, source in sources.items():
     open_labels = functools.partial(_open, name, split_names[split], data_dir, decoders=label_decoders)
     dataset_splits[split] = TfdsSplit(source, open_labels, image_key, label_key, empty_image,
-                                      f"TFDS {name} {split_names[split]}")
+                                      f"TFDS {name} {split_names[split]}", num_classes)
 
-  label_feature = features[label_key]
-  if isinstance(label_feature, tfds_lib.features.ClassLabel):
+  if num_classes is not None:
     class_names = tuple(label_feature.names)
+    for split in ("validation", "test"):
+      if split in dataset_splits:
+        # An unlabelled split (-1 throughout) found now by its first records, not at the end of training (every
+        # batch read is checked too). (Reading only labels needs TensorFlow under tfds.testing.mock_data.)
+        dataset_splits[split].take(np.arange(min(16, len(dataset_splits[split]))))
   else:  # A plain integer feature: classes are 0..the train split's largest label.
     train = dataset_splits.get("train")
     num_classes = int(train.labels().max()) + 1 if train is not None and len(train) else 0

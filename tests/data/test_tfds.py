@@ -66,6 +66,44 @@ class FinetuneTinyAnySize(FinetuneTinyImages, skip_registration=True):
     }))
 
 
+class FinetuneTinyThreeSplits(FinetuneTinyImages, skip_registration=True):
+  """train, validation and test (4 + 3 + 2); with `unlabelled_test`, the test labels are -1 (no label)."""
+
+  name = "finetune_tiny_three_splits"
+  unlabelled_test = False
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(4, 0), "validation": self._generate_examples(3, 50),
+            "test": self._generate_examples(2, 100, -1 if self.unlabelled_test else None)}
+
+  def _generate_examples(self, count: int, offset: int, label: int | None = None):
+    for key, example in super()._generate_examples(count, offset):
+      yield key, {**example, "label": example["label"] if label is None else label}
+
+
+class FinetuneTinyUnlabelledTest(FinetuneTinyThreeSplits, skip_registration=True):
+  name = "finetune_tiny_unlabelled_test"
+  unlabelled_test = True
+
+
+class FinetuneTinyText(tfds_lib.core.GeneratorBasedBuilder, skip_registration=True):
+  name = "finetune_tiny_text"
+  VERSION = tfds_lib.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds_lib.core.DatasetInfo(builder=self, features=tfds_lib.features.FeaturesDict({
+        "text": tfds_lib.features.Text(), "label": tfds_lib.features.ClassLabel(names=["neg", "pos"])}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for index in range(4):
+      yield index, {"text": f"review {index}", "label": index % 2}
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> str:
   directory = str(tmp_path_factory.mktemp("tfds"))
@@ -122,7 +160,16 @@ def test_path_is_the_data_dir_and_splits_take_tfds_slices(data_dir):
     ({"name": NAME, "splits": {"train": "validation"}}, "set the splits option"),
     ({"name": NAME, "splits": {"test": "test"}}, "no 'train' entry"),
     ({"name": NAME, "label_key": "class"}, "set the label_key option"),
-])
+    # (A traceback from the split's length, and one from array_record, before.)
+    ({"name": NAME, "splits": {"train": "train[5:2]"}}, r"split 'train\[5:2\]': .*non-empty slices"),
+    ({"name": NAME, "splits": {"train": "train", "test": "test[3:]"}}, r"split 'test\[3:\]'.*non-empty"),
+    # (Read by nothing: validation was carved from train while the user thought it was the dataset's own.)
+    ({"name": NAME, "splits": {"train": "train", "val": "test"}}, r"keys are this run's splits, train, validation "
+                                                                 r"and test; got 'val'"),
+    # (Another version than the installed TFDS expects was said to be 'not prepared in array_record format'.)
+    ({"name": NAME + ":2.0.0"}, r"but the data_dir holds version 1.0.0 \(name one, e.g. 'finetune_tiny_images:"
+                                r"1.0.0'\)"),
+], ids=["no-name", "unknown", "bad-split", "no-train", "label-key", "reversed", "empty", "unknown-key", "version"])
 def test_user_errors_say_how_to_fix(data_dir, options, message):
   with pytest.raises(FinetuneError, match=message):
     SOURCES.get("tfds")(data_dir=data_dir, **options)
@@ -168,3 +215,29 @@ def test_images_of_any_size_are_refused_when_loading(tmp_path):
   with pytest.raises(FinetuneError, match=r"TFDS dataset 'finetune_tiny_any_size' declares 'image' of any size "
                                           r"\(None, None, 3\); the tfds source needs one image size: use a resized"):
     SOURCES.get("tfds")(data_dir=str(tmp_path), name="finetune_tiny_any_size")
+
+
+def test_the_dataset_s_own_validation_split_is_used(tmp_path):
+  """(Only train and test were opened: validation was carved from train and the dataset's own went unused.)"""
+  FinetuneTinyThreeSplits(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  dataset = SOURCES.get("tfds")(data_dir=str(tmp_path), name="finetune_tiny_three_splits")
+  assert {split: len(data) for split, data in dataset.splits.items()} == {"train": 4, "validation": 3, "test": 2}
+  # The validation images are the dataset's own (`_image(50, i)`: every pixel but the first is 50 + i).
+  pixels = sorted(int(image[1, 1, 0]) for image in dataset.splits["validation"].take(np.arange(3))["image"])
+  assert pixels == [50, 51, 52]
+
+
+def test_unlabelled_splits_and_text_features_are_refused_when_loading(tmp_path):
+  """(A test split of -1 labels scored loss 0 and accuracy 0 with no warning; a text feature was accepted, then
+  training failed converting the first batch's strings to numbers.)"""
+  FinetuneTinyUnlabelledTest(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  with pytest.raises(FinetuneError, match=r"TFDS finetune_tiny_unlabelled_test test has label -1, outside its 3 "
+                                          r"classes .* leave that split out with the splits option"):
+    SOURCES.get("tfds")(data_dir=str(tmp_path), name="finetune_tiny_unlabelled_test")
+  train_only = SOURCES.get("tfds")(data_dir=str(tmp_path), name="finetune_tiny_unlabelled_test",
+                                   splits={"train": "train", "validation": "validation"})
+  assert sorted(train_only.splits) == ["train", "validation"]
+  FinetuneTinyText(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  with pytest.raises(FinetuneError, match=r"feature 'text' is Text, but the tfds source reads images"):
+    SOURCES.get("tfds")(data_dir=str(tmp_path), name="finetune_tiny_text", image_key="text")
+
