@@ -19,6 +19,10 @@ rows are summed; the same pretrain and finetune stages at HEAD gave 0.7858 and 0
 variant=full, 2026-12-03), and the ewc and rehearsal reruns started from that 0.7858. A run of 2026-11-28 on another
 machine gave each number within 0.01 of these.) Plain fine-tuning leaves task A below chance
 (its head reads features that now mean B's classes); LwF keeps A almost intact for 0.004 of B (0.008 over 3 seeds).
+
+Arguments: `variant` (all, finetune, ewc, l2sp, lwf, rehearsal), `steps` / `target_steps` (the pretraining and each
+variant's updates), `ewc_weight`, `l2sp_alpha`, `lwf_weight`, `rehearsal_fraction` (a variant reads its own),
+`data_path`; `get_sweep` also `seeds` (its strengths are the points').
 """
 
 from finetune.config import ConfigDict, parse_arg, refuse_unread

@@ -1,8 +1,9 @@
 """Transfer strategies on CIFAR-10 with two disjoint class sets: pretrain on A = {airplane, automobile, bird, cat,
 deer}, adapt to B = {dog, frog, horse, ship, truck} with 300 updates. Data from `../shared/data/cifar10`.
 
-Same recipes as configs/mnist_strategies.py (finetune/recipes.py), one per run; all share one workdir and one
-pretraining stage:
+Same recipes as configs/mnist_strategies.py (finetune/recipes.py), one per run, with CIFAR's own schedule: the
+probes train 3,000 steps (MNIST 2,000), gradual unfreezing and ULMFiT thaw a group every 60 steps (MNIST 25),
+chain-thaw's phases are 50 steps (MNIST 20). All share one workdir and one pretraining stage:
 
     finetune train --config configs/cifar10_strategies.py:variant=full --workdir /tmp/cifar10_strategies
     finetune train --config configs/cifar10_strategies.py:variant=frozen_n,n=1 --workdir /tmp/cifar10_strategies

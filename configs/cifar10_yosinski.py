@@ -23,7 +23,8 @@ for baseA, A's) official test images.
 
 Scales (`:scale=`): `reduced` (default; N = 4, 500 steps of 64 per network, sized for 2 CPU cores: measured
 10-13.5 minutes per run and 33 minutes for its 3-point sweep on an idle host, see the README), `full`
-(N = 5 with a wider CNN, 4,000 steps of 128 per network, 18 points: for a GPU), `tiny` (seconds; tests only).
+(N = 5 with a wider CNN, 4,000 steps of 128 per network, 18 points: for a GPU), `tiny` (tests; about a minute
+a point on 2 CPU cores, mostly compiling).
 `:steps=` (base networks) and `:target_steps=` (each transfer network) override the scale's step counts, `:ns=`
 the n values (`+`-separated, e.g. `ns=1+3`; default all of 1..N).
 
@@ -84,7 +85,7 @@ SCALES = {
     "full": dict(model=dict(name="cnn", in_channels=3, stem_width=64, widths=(64, 128, 256, 512),
                             blocks_per_stage=1),
                  batch_size=128, steps=4000, target_steps=4000, eval_splits=("validation", "test"), ns=None),
-    # Tests: seconds. N = 3 (stem, stage_1, stage_2).
+    # Tests: about a minute a point on 2 CPU cores, mostly compiling. N = 3 (stem, stage_1, stage_2).
     "tiny": dict(model=dict(name="cnn", in_channels=3, stem_width=4, widths=(4, 8), blocks_per_stage=1),
                  batch_size=16, steps=2, target_steps=2, eval_splits=("test",), ns=None),
 }
