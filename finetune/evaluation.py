@@ -32,14 +32,15 @@ OVERRIDABLE = ("data.", "mesh.")
 
 
 def _trained_classes(run_dir: str, raw: dict[str, Any], overrides: Sequence[str]) -> tuple[str, ...] | None:
-  """The class names the stage trained on, in label order, where data overrides may have changed them: its
-  summary's or init.json's, or (a run started before init.json recorded them) its own data's, loaded again. None
-  without data overrides."""
-  if not any(override.startswith("data.") for override in overrides):
-    return None
+  """The class names the stage trained on, in label order: its summary's or init.json's, or (a run started before
+  init.json recorded them) its own data's, loaded again where data overrides may have changed them (None without
+  them). The record is read with or without overrides: the data's files may have changed since (a label renamed in
+  a CSV renumbers the classes, and the head's outputs would be scored against other labels)."""
   recorded = train_lib.trained_classes(run_dir)
   if recorded is not None:
     return tuple(recorded)
+  if not any(override.startswith("data.") for override in overrides):
+    return None
   cfg = config_lib.build_config(ConfigDict(raw), [o for o in overrides if not o.startswith("data.")])
   return tuple(build_pipeline(cfg.data, cfg.seed).class_names)
 
@@ -79,9 +80,10 @@ def evaluate_run(workdir: str, stage: str = "", overrides: Sequence[str] = (),
   trained_on = _trained_classes(run_dir, raw, overrides)
   if trained_on is not None and tuple(eval_stage.pipeline.class_names) != trained_on:
     # (data.classes renumbers the kept classes 0..n-1, so equal counts pass every shape check)
-    raise FinetuneError(f"the weights were trained on classes {list(trained_on)}, in that order, but the overrides "
-                        f"give {list(eval_stage.pipeline.class_names)}; evaluate data with the same classes in the "
-                        "same order (data.classes, data.name)")
+    given = "the overrides give" if any(o.startswith("data.") for o in overrides) else "the data now gives"
+    raise FinetuneError(f"the weights were trained on classes {list(trained_on)}, in that order, but {given} "
+                        f"{list(eval_stage.pipeline.class_names)}; evaluate data with the same classes in the same "
+                        "order (data.classes, data.name, or the data's files as they were)")
   arrays = read_checkpoint_arrays(step_dir)
   abstract = eval_stage.abstract_state(0)
 

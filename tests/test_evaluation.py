@@ -84,6 +84,33 @@ def test_data_whose_classes_differ_from_the_trained_ones_is_refused_finished_or_
   assert evaluate_run(str(tmp_path), overrides=["data.eval_batch_size=16"], unfinished=True)
 
 
+def test_data_whose_class_names_changed_since_training_is_refused_without_overrides(tiny_checkpoint, tmp_path):
+  """(The class check ran only with data overrides: a label renamed in the CSVs renumbered the classes, and
+  `finetune eval` scored the head against other labels, accuracy 0.0, without a word.)"""
+  data = tmp_path / "data"
+  data.mkdir()
+  rows = [("purr meow", "cat"), ("wing beak", "bird"), ("bark woof", "dog")] * 4
+  for name in ("train.csv", "test.csv"):
+    (data / name).write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows))
+  from finetune.config import build_config  # pylint: disable=g-import-not-at-top
+  config = build_config({
+      "model": {"name": "bert", "hf_config": tiny_checkpoint, "dropout": 0.0},
+      "data": {"name": "text_classification", "path": str(data), "batch_size": 4, "eval_batch_size": 12,
+               "validation_fraction": 0.0, "eval_splits": ("test",),
+               "options": {"train_file": "train.csv", "test_file": "test.csv", "tokenizer": tiny_checkpoint,
+                           "max_length": 8}},
+      "train": {"steps": 2, "log_every": 2, "checkpoint_every": 0},
+      "init_from": tiny_checkpoint, "dont_load": ("^head/",)})
+  run = tmp_path / "run"
+  train_lib.train_and_evaluate(config, str(run))
+  _assert_equals_its_final_evaluation(run, evaluate_run(str(run)))
+  for name in ("train.csv", "test.csv"):
+    (data / name).write_text((data / name).read_text().replace("bird", "zebra"))
+  with pytest.raises(FinetuneError, match=r"trained on classes \['bird', 'cat', 'dog'\], in that order, but the "
+                                          r"data now gives \['cat', 'dog', 'zebra'\]"):
+    evaluate_run(str(run))
+
+
 def test_stages_whose_training_schedule_the_evaluation_cannot_rebuild_evaluate_as_they_ended(tmp_path):
   """(Rebuilt for `finetune eval` without its rehearsal rows, a rehearsal stage had 22 steps to its unfreezing
   schedule's 30 and was refused; so was a gradual stage whose smaller validation split, a documented override,
