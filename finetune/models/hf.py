@@ -374,6 +374,15 @@ _BERT_EXPORT = [
 ]
 
 
+def _single_label(config: dict[str, Any], classifier: bool) -> None:
+  """Our heads are softmax classifiers: a base checkpoint's `problem_type` (multi-label: sigmoid scores, BCE loss in
+  transformers) would make the exported classifier score and train as another one."""
+  if classifier:
+    config["problem_type"] = "single_label_classification"
+  else:
+    config.pop("problem_type", None)
+
+
 def _float32(config: dict[str, Any]) -> None:
   """We write float32 tensors: say so, or transformers loads them in the base checkpoint's dtype (bf16...)."""
   config.pop("torch_dtype", None)
@@ -411,6 +420,7 @@ def export_bert(params: dict[str, np.ndarray], kwargs: dict[str, Any], class_nam
       "id2label": {str(i): name for i, name in enumerate(class_names)},
       "label2id": {name: i for i, name in enumerate(class_names)},
   })
+  _single_label(config, classify)
   _float32(config)
   os.makedirs(out, exist_ok=True)
   save_safetensors(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
@@ -548,6 +558,7 @@ def export_params(model_name: str, params: dict[str, np.ndarray], kwargs: dict[s
   if class_names:
     config["id2label"] = {str(i): name for i, name in enumerate(class_names)}
     config["label2id"] = {name: i for i, name in enumerate(class_names)}
+  _single_label(config, bool(class_names))
   _float32(config)
   os.makedirs(out, exist_ok=True)
   save_safetensors(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})

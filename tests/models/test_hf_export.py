@@ -45,8 +45,10 @@ def test_import_export_round_trip_keeps_logits(name, tmp_path):
   kwargs = {**{k: p.default for k, p in signature.items() if p.default is not inspect.Parameter.empty},
             **model_kwargs(model_cfg, num_classes)}
   classes = [f"c{i}" for i in range(num_classes)]
+  base = hf.read_config(str(tmp_path / "in"))
+  base["problem_type"] = "multi_label_classification"  # (kept before: sigmoid scores for our softmax head)
   hf.export_params(name, {k: np.asarray(v) for k, v in flatten(loaded).items()}, kwargs, classes, str(tmp_path / "out"),
-                   hf.read_config(str(tmp_path / "in")))
+                   base)
   exported = type(reference).from_pretrained(tmp_path / "out").eval()
   rng = np.random.default_rng(0)
   if inputs == "ids":
@@ -60,6 +62,8 @@ def test_import_export_round_trip_keeps_logits(name, tmp_path):
       expected = reference(pixel_values=torch.tensor(x)).logits.numpy()
       got = exported(pixel_values=torch.tensor(x)).logits.numpy()
     assert exported.config.id2label == {0: "c0", 1: "c1", 2: "c2"}
+  # (A causal LM has no classifier: the base's problem_type goes.)
+  assert exported.config.problem_type == ("single_label_classification" if num_classes else None)
   np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
   ours = nnx.merge(graphdef, loaded, rest.to_pure_dict())
   our_input = jnp.asarray(x) if inputs == "ids" else jnp.asarray(x.transpose(0, 2, 3, 1))
