@@ -172,10 +172,17 @@ def _export_peft(cfg: ConfigDict, arrays: dict, num_classes: int, run_dir: str, 
     note += (f" (QLoRA: the base named is the float checkpoint {base}; the adapter trained on its "
              f"{peft_cfg.quantize.upper()}-rounded kernels, which --format hf folds in exactly)")
   if base and num_classes and peft_format.saves_classifier(cfg.model.name, full_model_kwargs(cfg.model, num_classes)):
-    labels = len(read_json(os.path.join(base, "config.json")).get("id2label") or {}) or 2  # (transformers' default)
+    base_labels = read_json(os.path.join(base, "config.json")).get("id2label") or {}
+    labels = len(base_labels) or 2  # (transformers' default)
+    classes = train_lib.trained_classes(run_dir) or [str(i) for i in range(num_classes)]
     if labels != num_classes:  # (PEFT's load failed on the classifier's shape, [K, d] vs the base's [2, d])
       note += (f" (the classifier has {num_classes} classes and {base} {labels}: load it with "
                f"num_labels={num_classes}, ignore_mismatched_sizes=True; the adapter's classifier replaces it)")
+    if [base_labels.get(str(i), f"LABEL_{i}") for i in range(labels)] != list(classes):
+      # (PEFT loads the base's config: its label names, not the classes the adapter's classifier was trained on)
+      mapping = {i: name for i, name in enumerate(classes)}
+      note += (f" (the base's config names its labels otherwise: pass id2label={mapping}, label2id="
+               f"{ {name: i for i, name in mapping.items()} } when loading)")
   if not base:
     note += f" (adapter_config.json names {written_base} as its base: after moving the folder, pass the new one)"
   return "PEFT LoRA adapter" + ("" if base else " + base_model/") + note

@@ -322,11 +322,17 @@ def test_peft_export_of_a_classifier_says_the_base_needs_room_for_its_classes(tm
   capsys.readouterr()
   assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--format", "peft", "--out",
                    str(tmp_path / "peft")]) == 0
+  out = capsys.readouterr().out
   assert (f"the classifier has 5 classes and {tmp_path / 'base'} 3: load it with num_labels=5, "
-          "ignore_mismatched_sizes=True") in capsys.readouterr().out
-  base = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "base"), num_labels=5,
-                                                                     ignore_mismatched_sizes=True)
-  peft.PeftModel.from_pretrained(base, str(tmp_path / "peft"))  # loads as the note says
+          "ignore_mismatched_sizes=True") in out
+  # (PEFT loads the base's config, whose label names are not the run's classes: with equal counts nothing said so.)
+  mapping = {i: str(i) for i in range(5)}
+  assert f"the base's config names its labels otherwise: pass id2label={mapping}, label2id=" in out
+  base = transformers.BertForSequenceClassification.from_pretrained(
+      str(tmp_path / "base"), num_labels=5, ignore_mismatched_sizes=True, id2label=mapping,
+      label2id={name: i for i, name in mapping.items()})
+  loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft"))  # loads as the notes say
+  assert loaded.config.id2label == mapping
 
 
 def test_import_of_an_adapter_with_lora_bias_names_that_setting(tmp_path):
