@@ -3,6 +3,7 @@
     finetune train --config configs/<file>.py[:arg] --workdir DIR [--config.key=value ...]
     finetune eval --workdir DIR [--stage NAME] [--unfinished] [--out FILE.json] [--config.data.key=value ...]
     finetune export --workdir DIR --format hf|peft --out OUT [--stage NAME] [--unfinished]
+                    [--config.model.hf_config=DIR] [--config.data.options.tokenizer=DIR]
     finetune plan --config configs/<file>.py[:arg] [--mesh data=4,fsdp=2] [--devices N] [--config.key=value ...]
     finetune sweep --config configs/<file>.py[:arg] --workdir DIR [--parallel N] [--vmap K]
                    [--only NAME ...] [--dry-run | --aggregate-only] [--metric split/key ...]
@@ -359,16 +360,14 @@ def _main(argv: list[str]) -> int:
     if args.command == "eval":
       return run_eval(args.workdir, args.stage, args.unfinished, args.out, overrides)
     if args.command == "export":
-      if overrides:
-        raise FinetuneError(f"export takes no --config overrides (got --config.{overrides[0]})")
       from finetune import distributed  # pylint: disable=g-import-not-at-top
       from finetune.export import export  # pylint: disable=g-import-not-at-top
       rank = distributed.launched_process_index()
       if rank:  # (export reads and writes files only: one process of a multi-host launch does it)
-        print(f"export: process {rank} of a multi-process launch; process 0 writes {os.path.abspath(args.out)}")
+        print(f"export: process {rank} of a multi-process launch; process 0 writes {os.path.abspath(os.path.expanduser(args.out))}")
         return 0
-      architecture = export(args.workdir, args.out, args.format, args.stage, args.unfinished)
-      print(f"wrote {architecture} to {os.path.abspath(args.out)}")
+      architecture = export(args.workdir, args.out, args.format, args.stage, args.unfinished, overrides)
+      print(f"wrote {architecture} to {os.path.abspath(os.path.expanduser(args.out))}")
       return 0
     raise AssertionError(args.command)
   except FinetuneError as e:

@@ -27,8 +27,9 @@ from finetune.export import latest_checkpoint, resolve_run_dir
 from finetune.partition import map_with_path
 from finetune.reporting import read_json
 
-# What an evaluation may change: the data it reads and the devices it runs on.
-OVERRIDABLE = ("data.", "mesh.")
+# What an evaluation may change: the data it reads, the devices it runs on, and where the run's base checkpoint is
+# now (its architecture is read from there: a relative path from another folder, or a folder moved since).
+OVERRIDABLE = ("data.", "mesh.", "model.hf_config=")
 
 
 def _trained_classes(run_dir: str, raw: dict[str, Any], overrides: Sequence[str]) -> tuple[str, ...] | None:
@@ -51,8 +52,8 @@ def evaluate_run(workdir: str, stage: str = "", overrides: Sequence[str] = (),
   after `overrides` (`data.key=value` / `mesh.key=value`). Writes nothing."""
   for override in overrides:
     if not override.startswith(OVERRIDABLE):
-      raise FinetuneError(f"eval may override data.* and mesh.* keys only (the weights fix the rest); got "
-                          f"--config.{override}")
+      raise FinetuneError(f"eval may override data.* and mesh.* keys and model.hf_config (where the base checkpoint "
+                          f"is now) only (the weights fix the rest); got --config.{override}")
   run_dir = resolve_run_dir(workdir, stage, unfinished, "evaluate")
   step_dir = latest_checkpoint(run_dir, "evaluate")
   # (A base config's settings for other stages' schedules are in every stage's file: unread here, so reset.)

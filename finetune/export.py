@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from typing import Sequence
 
 from ml_collections import ConfigDict
 
@@ -25,6 +26,29 @@ from finetune.models import full_model_kwargs, hf
 from finetune.reporting import read_json, staged_directory
 
 FORMATS = ("hf", "peft")
+# What an export may be told: where the run's base checkpoint and tokenizer are now (a run names them as given when
+# it trained: a relative path from another folder, or a folder moved since). The weights fix everything else.
+PATH_OVERRIDES = ("model.hf_config", "data.options.tokenizer")
+
+
+def with_paths(cfg: ConfigDict, overrides: Sequence[str], verb: str = "export") -> ConfigDict:
+  """`cfg` with `key=value` overrides of PATH_OVERRIDES applied; any other key is refused."""
+  for override in overrides:
+    key, _, value = override.partition("=")
+    if key not in PATH_OVERRIDES:
+      raise FinetuneError(f"{verb} may be given only where the run's files are now (--config."
+                          f"{' or --config.'.join(PATH_OVERRIDES)}); got --config.{override}")
+    section, *rest = key.split(".")
+    target = cfg[section]
+    for part in rest[:-1]:
+      target = target[part]
+    target[rest[-1]] = value
+  return cfg
+
+
+def _moved_hint(key: str) -> str:
+  return (f"; a relative path is read from the current folder ({os.getcwd()}): if it moved or the run was made "
+          f"elsewhere, pass where it is now, --config.{key}=DIR")
 
 
 def _stages(workdir: str) -> list[str]:
@@ -97,9 +121,11 @@ def resolve_run_dir(workdir: str, stage: str = "", unfinished: bool = True, verb
   return run_dir
 
 
-def export(workdir: str, out: str, fmt: str = "hf", stage: str = "", unfinished: bool = False) -> str:
+def export(workdir: str, out: str, fmt: str = "hf", stage: str = "", unfinished: bool = False,
+           overrides: Sequence[str] = ()) -> str:
   """Exports the final checkpoint of `workdir` (or of its `stage`); returns the architecture written.
-  `unfinished=True` exports the latest checkpoint of a stage that has not finished."""
+  `unfinished=True` exports the latest checkpoint of a stage that has not finished; `overrides` say where the
+  run's base checkpoint and tokenizer are now (PATH_OVERRIDES)."""
   if fmt not in FORMATS:
     raise FinetuneError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
   run_dir = resolve_run_dir(workdir, stage, unfinished, "export")
@@ -107,7 +133,12 @@ def export(workdir: str, out: str, fmt: str = "hf", stage: str = "", unfinished:
   if run_dir == out_path or run_dir.startswith(out_path.rstrip(os.sep) + os.sep):
     raise FinetuneError(f"--out {out_path} holds the run being exported ({run_dir}) and would be replaced by the "
                         "export; choose a folder outside it")
-  cfg = ConfigDict(read_json(os.path.join(run_dir, "config.json")))
+  cfg = with_paths(ConfigDict(read_json(os.path.join(run_dir, "config.json"))), overrides)
+  if cfg.model.get("hf_config"):  # (read for the architecture by everything below)
+    try:
+      hf.resolve_hf(cfg.model.hf_config)
+    except FinetuneError as e:
+      raise FinetuneError(f"{e}{_moved_hint('model.hf_config')}") from None
   hf.check_exportable(cfg.model.name)  # both formats write a transformers model (PEFT's: its base)
   peft_cfg = cfg.get("peft", ConfigDict({"method": ""}))
   if fmt == "peft":  # (before the checkpoint is read)
@@ -220,14 +251,22 @@ def _write_hf(cfg: ConfigDict, params: dict, num_classes: int, run_dir: str, out
   class_names = train_lib.trained_classes(run_dir) or [str(i) for i in range(num_classes)]
   base_dir = hf.resolve_hf(cfg.model.hf_config) if cfg.model.get("hf_config") else ""
   base = hf.read_config(base_dir) if base_dir else None
+  # Read before anything is written (a missing tokenizer failed after the weights), and as its files define it:
+  # training sets a pad token and right padding (data/text.py), which a causal LM's batched generation must not get.
+  tokenizer_path = cfg.data.get("options", {}).get("tokenizer", "")
+  tokenizer = None
+  if tokenizer_path:
+    from finetune.data.text import read_tokenizer  # pylint: disable=g-import-not-at-top
+    try:
+      tokenizer = read_tokenizer(tokenizer_path)
+    except FinetuneError as e:
+      raise FinetuneError(f"{e}{_moved_hint('data.options.tokenizer')}") from None
   with staged_directory(out) as staging:
     architecture = hf.export_params(cfg.model.name, params, kwargs, class_names, staging, base)
     # The base's decoding settings (eos ids, sampling defaults) stay with the model, as save_pretrained keeps them.
     generation = os.path.join(base_dir, "generation_config.json") if base_dir else ""
     if generation and os.path.isfile(generation):
       shutil.copyfile(generation, os.path.join(staging, "generation_config.json"))
-    tokenizer = cfg.data.get("options", {}).get("tokenizer", "")
-    if tokenizer:
-      from finetune.data.text import load_tokenizer  # pylint: disable=g-import-not-at-top
-      load_tokenizer(tokenizer).save_pretrained(staging)
+    if tokenizer is not None:
+      tokenizer.save_pretrained(staging)
   return architecture

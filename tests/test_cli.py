@@ -542,7 +542,7 @@ def test_eval_scores_a_finished_run_again_on_other_data_and_writes_nothing_into_
   assert f"--out {tmp_path} is a folder; name a file" in _error(capsys, ["eval", "--workdir", str(run), "--out",
                                                                         str(tmp_path)])
   assert {p: os.path.getmtime(p) for p in run.rglob("*")} == before
-  assert "eval may override data.* and mesh.* keys only" in _error(
+  assert "eval may override data.* and mesh.* keys and model.hf_config" in _error(
       capsys, ["eval", "--workdir", str(run), "--config.train.steps=5"])
   assert "the weights were trained on classes ['0', '1', '2', '3', '4', '5', '6', '7', '8', '9'], in that order, " \
          "but the overrides give ['0', '1']" in _error(capsys, ["eval", "--workdir", str(run),

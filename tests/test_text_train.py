@@ -101,6 +101,37 @@ def test_export_loads_in_transformers_with_equal_outputs(tiny_checkpoint, tmp_pa
     np.testing.assert_allclose(hidden[mask.astype(bool)], expected[mask.astype(bool)], atol=1e-4, rtol=1e-4)
 
 
+def test_a_run_whose_base_checkpoint_moved_exports_and_evaluates_where_it_is_now(tiny_checkpoint, tmp_path, capsys):
+  """(A base checkpoint or tokenizer moved since training, or named by a path relative to another folder, could not
+  be exported at all: export took no --config overrides, and its error named a key it refused. The exported
+  tokenizer also carried training's right padding over the base's own.)"""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from finetune import cli  # pylint: disable=g-import-not-at-top
+  from finetune.evaluation import evaluate_run  # pylint: disable=g-import-not-at-top
+  base, moved = tmp_path / "base", tmp_path / "moved"
+  shutil.copytree(tiny_checkpoint, base)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(base))
+  tokenizer.padding_side = "left"  # the base's own setting, which training overrides (data/text.py)
+  tokenizer.save_pretrained(str(base))
+  train_lib.train_and_evaluate(_text_config(str(base), "cls"), str(tmp_path / "run"))
+  base.rename(moved)
+  export = ["export", "--workdir", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]
+  capsys.readouterr()
+  assert cli.main(export) == 2
+  assert "pass where it is now, --config.model.hf_config=DIR" in capsys.readouterr().err
+  assert not (tmp_path / "hf").exists()
+  assert cli.main([*export, f"--config.model.hf_config={moved}"]) == 2  # the tokenizer, before any weights
+  assert "--config.data.options.tokenizer=DIR" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+  assert cli.main([*export, f"--config.model.hf_config={moved}", f"--config.data.options.tokenizer={moved}"]) == 0
+  assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf")).padding_side == "left"
+  assert cli.main([*export, "--config.train.steps=5"]) == 2
+  assert "export may be given only where the run's files are now" in capsys.readouterr().err
+  final = json.load(open(tmp_path / "run" / "summary.json"))["final"]["validation"]
+  again = evaluate_run(str(tmp_path / "run"), overrides=[f"model.hf_config={moved}",
+                                                         f"data.options.tokenizer={moved}"])["validation"]
+  assert again["accuracy"] == final["accuracy"] and again["loss"] == pytest.approx(final["loss"], rel=1e-6)
+
+
 def test_export_errors(tmp_path, capsys):
   from finetune import cli  # pylint: disable=g-import-not-at-top
   assert cli.main(["export", "--workdir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2

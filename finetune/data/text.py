@@ -52,16 +52,22 @@ def data_file(folder: str, name: str, split: str) -> str:
   return filename
 
 
-def load_tokenizer(name_or_path: str):
+def read_tokenizer(name_or_path: str):
+  """The tokenizer as its files define it (what an export ships with the model)."""
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
 
   if not name_or_path:
     raise FinetuneError("config.data.options.tokenizer is empty; set it to the checkpoint directory of the model")
   try:
-    tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path))
+    return AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path))
   except Exception as e:  # missing files, offline hub id, corrupt tokenizer.json
     raise FinetuneError(f"cannot load a tokenizer from {name_or_path!r} ({type(e).__name__}); point "
                         "config.data.options.tokenizer at a checkpoint directory with tokenizer files") from None
+
+
+def load_tokenizer(name_or_path: str):
+  """`read_tokenizer`, set up for our batches: a pad token and right padding."""
+  tokenizer = read_tokenizer(name_or_path)
   # Decoder tokenizers (GPT-2, Llama) often have no pad token; padded positions are masked out anyway. Right
   # padding keeps positions 0..n-1 for the real tokens and the last real token at mask.sum() - 1.
   if tokenizer.pad_token is None:
