@@ -211,24 +211,45 @@ def read_json(path: str) -> dict[str, Any]:
 EXPORT_MARKER = ".finetune-export"  # marks a folder that staged_directory wrote, so a later export may replace it
 
 
+def _relative_files(folder: str) -> list[str]:
+  return sorted(os.path.relpath(os.path.join(root, name), folder)
+                for root, _, names in os.walk(folder) for name in names if name != EXPORT_MARKER)
+
+
+def _added_since_export(out: str) -> list[str]:
+  """Files under an earlier export `out` that it did not write (its marker lists what it wrote; an empty marker is
+  an export from before the list was kept, taken as all its own)."""
+  with open(os.path.join(out, EXPORT_MARKER)) as f:
+    written = set(f.read().splitlines())
+  return [path for path in _relative_files(out) if written and path not in written]
+
+
 @contextlib.contextmanager
 def staged_directory(out: str) -> Iterator[str]:
   """Yields an empty sibling folder of `out` to write into; on success it replaces `out`, on any failure it is
   removed, so an export never leaves a half-written folder (nor destroys the previous one before it is done).
 
-  Only an empty folder or an earlier export (it holds EXPORT_MARKER) is replaced: `--out` pointing at anything else
-  by mistake (a run, a home folder) is an error, not a deletion."""
-  out = os.path.abspath(os.path.expanduser(out))
+  Only an empty folder or an earlier export (it holds EXPORT_MARKER, which lists the files it wrote) is replaced:
+  `--out` pointing at anything else by mistake (a run, a home folder), or an export the user added files to since
+  (a model card, a git checkout for the Hub), is an error, not a deletion. A symbolic link is followed: the export
+  replaces the folder it points to."""
+  # (Renaming onto the link itself failed with 'Is a directory' and left an empty '-old-' folder behind.)
+  out = os.path.realpath(os.path.expanduser(out))
   if os.path.exists(out) and not os.path.isdir(out):
     raise FinetuneError(f"--out {out} is a file; give a folder to write the export into")
   if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, EXPORT_MARKER)):
     raise FinetuneError(f"--out {out} is a non-empty folder that no earlier export wrote; it would be replaced: "
                         "choose a new folder, or delete this one first")
+  added = _added_since_export(out) if os.path.isfile(os.path.join(out, EXPORT_MARKER)) else []
+  if added:
+    raise FinetuneError(f"--out {out} is an earlier export with files it did not write ({', '.join(added[:3])}"
+                        f"{', ...' if len(added) > 3 else ''}), which replacing it would delete: move them out, or "
+                        "export to another folder")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-", dir=os.path.dirname(out))
   try:
     yield staging
-    open(os.path.join(staging, EXPORT_MARKER), "w").close()
+    files.write_text(os.path.join(staging, EXPORT_MARKER), "".join(f"{path}\n" for path in _relative_files(staging)))
     files.make_readable(staging)  # (mkdtemp's folder is private, safetensors' files too)
     # Two renames, then the old copy's deletion: at every moment a complete export exists under `out` or beside
     # it (deleting the old one first would leave none if the process died before the rename).
@@ -236,7 +257,11 @@ def staged_directory(out: str) -> Iterator[str]:
       previous = None
       if os.path.exists(out):
         previous = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-old-", dir=os.path.dirname(out))
-        os.replace(out, previous)  # (onto the empty folder just made: a rename, nothing copied)
+        try:
+          os.replace(out, previous)  # (onto the empty folder just made: a rename, nothing copied)
+        except BaseException:
+          os.rmdir(previous)
+          raise
       try:
         os.replace(staging, out)
       except BaseException:

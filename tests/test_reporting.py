@@ -194,6 +194,40 @@ def test_an_export_replaces_the_previous_one_only_once_it_is_complete(tmp_path, 
   assert (out / "model.txt").read_text() == "2" and os.listdir(tmp_path) == ["export"]
 
 
+def test_an_export_with_files_added_since_is_not_replaced(tmp_path):
+  """(Replacing an earlier export deleted what the user had added to it: a model card, a git checkout for the
+  Hub.)"""
+  from finetune.reporting import EXPORT_MARKER  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "export"
+  for _ in range(2):  # an export replaces its own files, nested ones included
+    with staged_directory(str(out)) as staging:
+      os.makedirs(os.path.join(staging, "base_model"))
+      open(os.path.join(staging, "base_model", "model.txt"), "w").write("1")
+  (out / "README.md").write_text("model card")
+  (out / ".git").mkdir()
+  (out / ".git" / "HEAD").write_text("ref")
+  with pytest.raises(FinetuneError, match=r"is an earlier export with files it did not write \(.git/HEAD, README.md\)"
+                                          r", which replacing it would delete: move them out"):
+    with staged_directory(str(out)) as staging:
+      open(os.path.join(staging, "model.txt"), "w").write("2")
+  assert (out / "README.md").exists() and sorted(os.listdir(tmp_path)) == ["export"]
+  (out / EXPORT_MARKER).write_text("")  # an export from before the marker listed its files: replaced as before
+  with staged_directory(str(out)) as staging:
+    open(os.path.join(staging, "model.txt"), "w").write("3")
+  assert sorted(os.listdir(out)) == [EXPORT_MARKER, "model.txt"]
+
+
+def test_an_export_through_a_symbolic_link_replaces_the_folder_it_points_to(tmp_path):
+  """(The rename onto the link failed with 'Is a directory', leaving an empty '-old-' folder on every try.)"""
+  (tmp_path / "disk" / "model").mkdir(parents=True)
+  (tmp_path / "link").symlink_to(tmp_path / "disk" / "model")
+  for version in ("1", "2"):
+    with staged_directory(str(tmp_path / "link")) as staging:
+      open(os.path.join(staging, "model.txt"), "w").write(version)
+  assert (tmp_path / "link").is_symlink() and (tmp_path / "link" / "model.txt").read_text() == "2"
+  assert sorted(os.listdir(tmp_path)) == ["disk", "link"] and os.listdir(tmp_path / "disk") == ["model"]
+
+
 def test_exports_and_atomic_files_are_readable_by_others(tmp_path):
   """(mkdtemp's staging folder and safetensors' writer left exports and adapter files 0700/0600.)"""
   import numpy as np  # pylint: disable=g-import-not-at-top
