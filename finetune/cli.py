@@ -2,7 +2,7 @@
 
     finetune train --config configs/<file>.py[:arg] --workdir DIR [--config.key=value ...]
     finetune eval --workdir DIR [--stage NAME] [--unfinished] [--out FILE.json] [--config.data.key=value ...]
-    finetune export --workdir DIR --format hf|peft --out OUT [--stage NAME] [--unfinished]
+    finetune export --workdir DIR --format hf|peft --out OUT [--stage NAME] [--unfinished] [--dtype bfloat16]
                     [--config.model.hf_config=DIR] [--config.data.options.tokenizer=DIR]
     finetune plan --config configs/<file>.py[:arg] [--mesh data=4,fsdp=2] [--devices N] [--config.key=value ...]
     finetune sweep --config configs/<file>.py[:arg] --workdir DIR [--parallel N] [--vmap K]
@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
                       "(a LoRA adapter for peft.PeftModel)")
   export.add_argument("--out", action=_Once, required=True, type=_path,
                       help="output folder (an earlier export there is replaced; any other non-empty folder is refused)")
+  export.add_argument("--dtype", action=_Once, default="float32", choices=("float32", "bfloat16", "float16"),
+                      help="the written model's tensors (default float32: the trained weights exactly; bfloat16 "
+                      "halves the files; a PEFT adapter stays float32, its base_model/ takes this)")
   plan = commands.add_parser("plan", help="per-device memory and FLOPs of a config's train step, from shapes only",
                              description="Compile every stage's train step from abstract shapes (nothing is "
                              "allocated) and print per-device parameter / optimizer bytes, XLA's memory analysis "
@@ -366,7 +369,8 @@ def _main(argv: list[str]) -> int:
       if rank:  # (export reads and writes files only: one process of a multi-host launch does it)
         print(f"export: process {rank} of a multi-process launch; process 0 writes {os.path.abspath(os.path.expanduser(args.out))}")
         return 0
-      architecture = export(args.workdir, args.out, args.format, args.stage, args.unfinished, overrides)
+      architecture = export(args.workdir, args.out, args.format, args.stage, args.unfinished, overrides,
+                            args.dtype)
       print(f"wrote {architecture} to {os.path.abspath(os.path.expanduser(args.out))}")
       return 0
     raise AssertionError(args.command)

@@ -122,10 +122,13 @@ def resolve_run_dir(workdir: str, stage: str = "", unfinished: bool = True, verb
 
 
 def export(workdir: str, out: str, fmt: str = "hf", stage: str = "", unfinished: bool = False,
-           overrides: Sequence[str] = ()) -> str:
+           overrides: Sequence[str] = (), dtype: str = "float32") -> str:
   """Exports the final checkpoint of `workdir` (or of its `stage`); returns the architecture written.
   `unfinished=True` exports the latest checkpoint of a stage that has not finished; `overrides` say where the
-  run's base checkpoint and tokenizer are now (PATH_OVERRIDES)."""
+  run's base checkpoint and tokenizer are now (PATH_OVERRIDES); `dtype` the written model's tensors (hf.EXPORT_DTYPES;
+  a PEFT adapter stays float32, its written base_model/ takes it)."""
+  if dtype not in hf.EXPORT_DTYPES:
+    raise FinetuneError(f"unknown export dtype {dtype!r}; valid: {', '.join(hf.EXPORT_DTYPES)}")
   if fmt not in FORMATS:
     raise FinetuneError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
   run_dir = resolve_run_dir(workdir, stage, unfinished, "export")
@@ -147,7 +150,7 @@ def export(workdir: str, out: str, fmt: str = "hf", stage: str = "", unfinished:
   params = arrays["params"]
   num_classes = adapters.checkpoint_num_classes(params)
   if fmt == "peft":
-    return _export_peft(cfg, arrays, num_classes, run_dir, out_path)
+    return _export_peft(cfg, arrays, num_classes, run_dir, out_path, dtype)
   if adapters.enabled(peft_cfg):  # the plain model with the adapters folded in
     if PEFT_METHODS.get(peft_cfg.method).merge is None:
       raise FinetuneError(f"{run_dir} trained config.peft.method={peft_cfg.method!r}, which adds computation a plain "
@@ -156,7 +159,7 @@ def export(workdir: str, out: str, fmt: str = "hf", stage: str = "", unfinished:
                           "finetune.adapters.load_model(..., adapter=...)")
     params, _ = adapters.merge(adapters.abstract_model(cfg.model, peft_cfg, num_classes), peft_cfg, params,
                                arrays.get("model_state", {}))
-  return _write_hf(cfg, params, num_classes, run_dir, out)
+  return _write_hf(cfg, params, num_classes, run_dir, out, dtype)
 
 
 def _check_peft_exportable(peft_cfg: ConfigDict, run_dir: str) -> None:
@@ -170,7 +173,7 @@ def _check_peft_exportable(peft_cfg: ConfigDict, run_dir: str) -> None:
                                                    "finetune.adapters.load_model(..., adapter=...)"))
 
 
-def _export_peft(cfg: ConfigDict, arrays: dict, num_classes: int, run_dir: str, out: str) -> str:
+def _export_peft(cfg: ConfigDict, arrays: dict, num_classes: int, run_dir: str, out: str, dtype: str) -> str:
   """The run's LoRA adapter in PEFT's format, with the base it belongs to: the Hugging Face checkpoint it started
   from when its frozen weights are that checkpoint's, else the run's own base written to OUT/base_model/."""
   from finetune import peft_format  # pylint: disable=g-import-not-at-top
@@ -196,7 +199,7 @@ def _export_peft(cfg: ConfigDict, arrays: dict, num_classes: int, run_dir: str, 
     if not base:  # no Hugging Face checkpoint holds these frozen weights: write ours next to the adapter
       base_params, _ = lora.dequantized_base(abstract, params, arrays.get("model_state", {}))  # QLoRA: NF4 -> float
       _write_hf(cfg, {p: v for p, v in base_params.items() if p in base_paths}, num_classes, run_dir,
-                os.path.join(staging, "base_model"))
+                os.path.join(staging, "base_model"), dtype)
   note = " (mean-pooled BERT: the base is a BertModel, the trained head is left out)" \
       if cfg.model.name == "bert" and cfg.model.get("pooling", "cls") == "mean" else ""
   if base and peft_cfg.quantize:  # PEFT's own QLoRA adapters name the float checkpoint too (quantized on loading)
@@ -245,7 +248,7 @@ def _base_paths(cfg: ConfigDict, num_classes: int) -> set[str]:
   return set(flatten(nnx.state(plain, nnx.Param).to_pure_dict()))
 
 
-def _write_hf(cfg: ConfigDict, params: dict, num_classes: int, run_dir: str, out: str) -> str:
+def _write_hf(cfg: ConfigDict, params: dict, num_classes: int, run_dir: str, out: str, dtype: str = "float32") -> str:
   kwargs = full_model_kwargs(cfg.model, num_classes)
   # (an unfinished run's are in its init.json: the indices named a run on classes 5..9 '0'..'4')
   class_names = train_lib.trained_classes(run_dir) or [str(i) for i in range(num_classes)]
@@ -262,7 +265,7 @@ def _write_hf(cfg: ConfigDict, params: dict, num_classes: int, run_dir: str, out
     except FinetuneError as e:
       raise FinetuneError(f"{e}{_moved_hint('data.options.tokenizer')}") from None
   with staged_directory(out) as staging:
-    architecture = hf.export_params(cfg.model.name, params, kwargs, class_names, staging, base)
+    architecture = hf.export_params(cfg.model.name, params, kwargs, class_names, staging, base, dtype)
     # The base's decoding settings (eos ids, sampling defaults) stay with the model, as save_pretrained keeps them.
     generation = os.path.join(base_dir, "generation_config.json") if base_dir else ""
     if generation and os.path.isfile(generation):

@@ -122,8 +122,11 @@ def test_a_run_whose_base_checkpoint_moved_exports_and_evaluates_where_it_is_now
   assert not (tmp_path / "hf").exists()
   assert cli.main([*export, f"--config.model.hf_config={moved}"]) == 2  # the tokenizer, before any weights
   assert "--config.data.options.tokenizer=DIR" in capsys.readouterr().err and not (tmp_path / "hf").exists()
-  assert cli.main([*export, f"--config.model.hf_config={moved}", f"--config.data.options.tokenizer={moved}"]) == 0
+  assert cli.main([*export, f"--config.model.hf_config={moved}", f"--config.data.options.tokenizer={moved}",
+                   "--dtype", "bfloat16"]) == 0
   assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf")).padding_side == "left"
+  exported = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf"))
+  assert exported.dtype == torch.bfloat16 and exported.config.problem_type == "single_label_classification"
   assert cli.main([*export, "--config.train.steps=5"]) == 2
   assert "export may be given only where the run's files are now" in capsys.readouterr().err
   final = json.load(open(tmp_path / "run" / "summary.json"))["final"]["validation"]

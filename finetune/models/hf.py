@@ -383,14 +383,29 @@ def _single_label(config: dict[str, Any], classifier: bool) -> None:
     config.pop("problem_type", None)
 
 
-def _float32(config: dict[str, Any]) -> None:
-  """We write float32 tensors: say so, or transformers loads them in the base checkpoint's dtype (bf16...)."""
+# Export dtypes (`finetune export --dtype`): float32 keeps the trained weights exactly; bfloat16 / float16 halve the
+# files, as most published checkpoints are.
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _write_checkpoint(tensors: dict[str, np.ndarray], config: dict[str, Any], out: str, dtype: str) -> None:
+  """model.safetensors in `dtype` and config.json saying so (else transformers loads them in the base checkpoint's
+  dtype, bf16...)."""
+  if dtype not in EXPORT_DTYPES:
+    raise FinetuneError(f"unknown export dtype {dtype!r}; valid: {', '.join(EXPORT_DTYPES)}")
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top  (jnp.bfloat16: numpy's, from ml_dtypes)
+  numpy_dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}[dtype]
   config.pop("torch_dtype", None)
-  config["dtype"] = "float32"
+  config["dtype"] = dtype
+  os.makedirs(out, exist_ok=True)
+  save_safetensors({name: np.asarray(value).astype(numpy_dtype) for name, value in tensors.items()},
+                   os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
 
 
 def export_bert(params: dict[str, np.ndarray], kwargs: dict[str, Any], class_names: list[str], out: str,
-                base_config: dict[str, Any] | None = None) -> str:
+                base_config: dict[str, Any] | None = None, dtype: str = "float32") -> str:
   """Writes a transformers checkpoint directory for a `bert` model; returns the architecture written.
 
   With [CLS] pooling the model is exactly `BertForSequenceClassification` (pooler + classifier). Mean pooling has no
@@ -421,11 +436,7 @@ def export_bert(params: dict[str, np.ndarray], kwargs: dict[str, Any], class_nam
       "label2id": {name: i for i, name in enumerate(class_names)},
   })
   _single_label(config, classify)
-  _float32(config)
-  os.makedirs(out, exist_ok=True)
-  save_safetensors(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-  with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
+  _write_checkpoint(tensors, config, out, dtype)
   return config["architectures"][0]
 
 
@@ -527,11 +538,12 @@ def check_exportable(model_name: str) -> None:
 
 
 def export_params(model_name: str, params: dict[str, np.ndarray], kwargs: dict[str, Any], class_names: list[str],
-                  out: str, base_config: dict[str, Any] | None = None) -> str:
-  """Writes a transformers checkpoint directory for any exportable model; returns the architecture written."""
+                  out: str, base_config: dict[str, Any] | None = None, dtype: str = "float32") -> str:
+  """Writes a transformers checkpoint directory for any exportable model, its tensors in `dtype` (EXPORT_DTYPES);
+  returns the architecture written."""
   check_exportable(model_name)
   if model_name == "bert":
-    return export_bert(params, kwargs, class_names, out, base_config)
+    return export_bert(params, kwargs, class_names, out, base_config, dtype)
 
   model_type, _, fixed = _EXPORTS[model_name]
   if model_name == "vit" and kwargs.get("pool", "cls") != "cls":
@@ -559,11 +571,7 @@ def export_params(model_name: str, params: dict[str, np.ndarray], kwargs: dict[s
     config["id2label"] = {str(i): name for i, name in enumerate(class_names)}
     config["label2id"] = {name: i for i, name in enumerate(class_names)}
   _single_label(config, bool(class_names))
-  _float32(config)
-  os.makedirs(out, exist_ok=True)
-  save_safetensors(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-  with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
+  _write_checkpoint(tensors, config, out, dtype)
   if model_name == "vit":  # so transformers' pipeline("image-classification") feeds it what it was trained on
     with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
       json.dump(vit_image_processor(kwargs), f, indent=2)

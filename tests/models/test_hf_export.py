@@ -94,6 +94,29 @@ def test_llama_export_writes_float32_and_the_rope_it_computes_with(tmp_path):
   assert written["rope_parameters"]["rope_theta"] == 500000.0 and written["dtype"] == "float32"
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_export_loads_in_that_dtype_with_close_logits(dtype, tmp_path):
+  torch.manual_seed(0)
+  reference = CASES["gpt2"][0]().eval()
+  reference.save_pretrained(tmp_path / "in")
+  model_cfg = ConfigDict({"name": "gpt2", "hf_config": str(tmp_path / "in")})
+  kwargs = {**{k: p.default for k, p in inspect.signature(MODELS.get("gpt2").__init__).parameters.items()
+               if p.default is not inspect.Parameter.empty}, **model_kwargs(model_cfg, 0)}
+  params = read_checkpoint_arrays(str(tmp_path / "in"))["params"]
+  hf.export_params("gpt2", params, kwargs, [], str(tmp_path / "out"), hf.read_config(str(tmp_path / "in")), dtype)
+  exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+  assert exported.dtype == getattr(torch, dtype)
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+    assert {f.get_tensor(name).dtype for name in f.keys()} == {getattr(torch, dtype)}
+  ids = torch.tensor(np.random.default_rng(0).integers(0, 60, size=(2, 9)))
+  with torch.no_grad():
+    expected, got = reference(input_ids=ids).logits, exported(input_ids=ids).logits.float()
+  np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=0.1)  # (rounded weights: about 3 digits)
+  with pytest.raises(FinetuneError, match="unknown export dtype 'int8'; valid: float32, bfloat16, float16"):
+    hf.export_params("gpt2", params, kwargs, [], str(tmp_path / "bad"), None, "int8")
+
+
 def test_too_long_inputs_are_an_error_not_nan():
   model = build_model(ConfigDict({"name": "gpt2", "n_embd": 8, "n_layer": 1, "n_head": 2, "vocab_size": 10,
                                   "n_positions": 8}), 0, nnx.Rngs(0))
