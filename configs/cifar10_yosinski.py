@@ -51,10 +51,10 @@ Expected result: the paper's shape, i.e. AnB falls as n grows (later layers are 
 for middle n (fragile co-adaptation between neighbouring layers that re-training the upper ones cannot
 recover) and recovers at large n, BnB+ stays at baseB, and AnB+ is at or above baseB for every n (transferred
 features help even after fine-tuning). Measured (reduced sweep, 2 CPU cores, 33 min for one seed per split on an
-idle host; experiments/yosinski/README.md has the table, 3 / 2 / 2 seeds): AnB falls with n on every split (n = 4,
-seed means: 0.57 vs BnB 0.79, 0.54 vs 0.68, man-made 0.38 vs 0.57); AnB+ >= baseB for every n, but not clearly
-above the BnB+ control (0.006-0.007 above at n = 1, 2 on random split 0, level on split 1, below on the man-made
-split and at n = 4 everywhere), so its lead over baseB is consistent with longer training rather than with features
+idle host; experiments/yosinski/README.md has the table, 3 seeds per split): AnB falls with n on every split
+(n = 4, seed means: 0.57 vs BnB 0.79, 0.54 vs 0.68, man-made 0.37 vs 0.57); AnB+ >= baseB for every n, but not
+clearly above the BnB+ control (0.006-0.007 above at n = 1, 2 on random split 0, level on split 1, below on the
+man-made split from n = 2 and at n = 4 everywhere), so its lead over baseB is consistent with longer training rather than with features
 from A; BnB shows no middle dip at this scale, and BnB+ > baseB (the 500-step bases are not converged).
 """
 
