@@ -15,11 +15,12 @@ rehearsal (a quarter of every batch replays source images through the source hea
 Measured (2 CPU cores, seed 0; official test images; source = digits 0-4 at 0.9778 before fine-tuning; all in
 about 120 s, 2026-12-03), target accuracy / source accuracy after:
   finetune 0.9331 / 0.2644 | ewc (lambda 1000) 0.6056 / 0.9469 (0.9498 on later hosts: the README says why) |
-  l2sp (alpha 1) 0.7375 / 0.8805 | lwf (w 1) 0.8630 / 0.9593 | rehearsal (25%) 0.8653 / 0.9539;
+  l2sp (alpha 1) 0.7243 / 0.8710 | lwf (w 1) 0.8630 / 0.9593 | rehearsal (25%) 0.8653 / 0.9539;
   with `:ewc_weight=100.0,l2sp_alpha=0.1,lwf_weight=0.3,rehearsal_fraction=0.125`: ewc 0.8776 / 0.7431 |
-  l2sp 0.9000 / 0.6237 | lwf 0.9296 / 0.8358 | rehearsal 0.8535 / 0.9486 (the rehearsal runs redone on
-  2026-12-06 after commit 8bf03cf gave rehearsal's source order a random stream of its own, and the EWC runs that
-  day after commit 018f3a0 changed the rounding of the Fisher's compiled program).
+  l2sp 0.8986 / 0.6073 | lwf 0.9296 / 0.8358 | rehearsal 0.8535 / 0.9486 (the rehearsal runs redone on
+  2026-12-06 after commit 8bf03cf gave rehearsal's source order a random stream of its own, the EWC runs that
+  day after commit 018f3a0 changed the rounding of the Fisher's compiled program, the L2-SP runs on 2026-12-07
+  after commit 24ebc35 kept beta off the head's bias).
 
 Arguments: `variant` (all, finetune, ewc, l2sp, lwf, rehearsal), `steps` / `target_steps` (the pretraining and each
 variant's updates), `ewc_weight`, `l2sp_alpha`, `lwf_weight`, `rehearsal_fraction` (a variant reads its own),
