@@ -1,8 +1,8 @@
 """`finetune <command>`: parses flags and calls the library; nothing here that a notebook could not call.
 
     finetune train --config configs/<file>.py[:arg] --workdir DIR [--config.key=value ...]
-    finetune eval --workdir DIR [--stage NAME] [--unfinished] [--out FILE.json] [--config.data.key=value ...]
-    finetune export --workdir DIR --format hf|peft --out OUT [--stage NAME] [--unfinished] [--dtype bfloat16]
+    finetune eval --workdir DIR [--stage NAME] [--unfinished | --step N] [--out FILE.json] [--config.data.key=value ...]
+    finetune export --workdir DIR --format hf|peft --out OUT [--stage NAME] [--unfinished | --step N] [--dtype bfloat16]
                     [--config.model.hf_config=DIR] [--config.data.options.tokenizer=DIR]
     finetune plan --config configs/<file>.py[:arg] [--mesh data=4,fsdp=2] [--devices N] [--config.key=value ...]
     finetune sweep --config configs/<file>.py[:arg] --workdir DIR [--parallel N] [--vmap K]
@@ -157,6 +157,8 @@ def _add_run_selection(parser: argparse.ArgumentParser, verb: str) -> None:
   parser.add_argument("--stage", action=_Once, default="", help="stage of a multi-stage run (default: the last)")
   parser.add_argument("--unfinished", action="store_true",
                       help=f"{verb} the latest checkpoint of a stage that has not finished (default: refuse)")
+  parser.add_argument("--step", action=_Once, type=int, default=None,
+                      help=f"{verb} the stage's checkpoint of this step instead of its final one (finished or not)")
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -236,7 +238,8 @@ def run_plan(config_spec: str, mesh: str, devices: int | None, overrides: Sequen
   return 0
 
 
-def run_eval(workdir: str, stage: str, unfinished: bool, out: str, overrides: Sequence[str]) -> int:
+def run_eval(workdir: str, stage: str, unfinished: bool, out: str, overrides: Sequence[str],
+             step: int | None = None) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   from finetune import compile_cache, distributed, evaluation  # pylint: disable=g-import-not-at-top
   from finetune.reporting import write_json  # pylint: disable=g-import-not-at-top
@@ -255,7 +258,7 @@ def run_eval(workdir: str, stage: str, unfinished: bool, out: str, overrides: Se
   # devices, each reading its part of every batch; before, each evaluated the whole split alone on its own devices.
   distributed.initialize()
   compile_cache.enable()
-  results = evaluation.evaluate_run(workdir, stage, overrides, unfinished)
+  results = evaluation.evaluate_run(workdir, stage, overrides, unfinished, step)
   print(evaluation.results_table(results))
   if out and jax.process_index() == 0:  # (one writer, as train's summaries)
     write_json(out, results)
@@ -361,16 +364,17 @@ def _main(argv: list[str]) -> int:
       return run_sweep(args.config, args.workdir, args.parallel, args.dry_run, args.metric, args.seed_key,
                        args.wandb_sweep, overrides, args.vmap, args.together, args.aggregate_only, args.only)
     if args.command == "eval":
-      return run_eval(args.workdir, args.stage, args.unfinished, args.out, overrides)
+      return run_eval(args.workdir, args.stage, args.unfinished, args.out, overrides, args.step)
     if args.command == "export":
       from finetune import distributed  # pylint: disable=g-import-not-at-top
       from finetune.export import export  # pylint: disable=g-import-not-at-top
       rank = distributed.launched_process_index()
       if rank:  # (export reads and writes files only: one process of a multi-host launch does it)
-        print(f"export: process {rank} of a multi-process launch; process 0 writes {os.path.abspath(os.path.expanduser(args.out))}")
+        print(f"export: process {rank} of a multi-process launch; process 0 writes "
+              f"{os.path.abspath(os.path.expanduser(args.out))}")
         return 0
       architecture = export(args.workdir, args.out, args.format, args.stage, args.unfinished, overrides,
-                            args.dtype)
+                            args.dtype, args.step)
       print(f"wrote {architecture} to {os.path.abspath(os.path.expanduser(args.out))}")
       return 0
     raise AssertionError(args.command)

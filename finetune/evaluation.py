@@ -47,15 +47,15 @@ def _trained_classes(run_dir: str, raw: dict[str, Any], overrides: Sequence[str]
 
 
 def evaluate_run(workdir: str, stage: str = "", overrides: Sequence[str] = (),
-                 unfinished: bool = False) -> dict[str, dict[str, float]]:
-  """{split: metrics} of the final weights of `workdir` (or of its `stage`) on the stage's evaluation splits,
-  after `overrides` (`data.key=value` / `mesh.key=value`). Writes nothing."""
+                 unfinished: bool = False, step: int | None = None) -> dict[str, dict[str, float]]:
+  """{split: metrics} of the final weights of `workdir` (or of its `stage`; or of its checkpoint at `step`) on the
+  stage's evaluation splits, after `overrides` (`data.key=value` / `mesh.key=value`). Writes nothing."""
   for override in overrides:
     if not override.startswith(OVERRIDABLE):
       raise FinetuneError(f"eval may override data.* and mesh.* keys and model.hf_config (where the base checkpoint "
                           f"is now) only (the weights fix the rest); got --config.{override}")
-  run_dir = resolve_run_dir(workdir, stage, unfinished, "evaluate")
-  step_dir = latest_checkpoint(run_dir, "evaluate")
+  run_dir = resolve_run_dir(workdir, stage, unfinished or step is not None, "evaluate")
+  step_dir = latest_checkpoint(run_dir, "evaluate", step)
   # (A base config's settings for other stages' schedules are in every stage's file: unread here, so reset.)
   raw = config_lib.without_unread_settings(read_json(os.path.join(run_dir, "config.json")))
   # Nothing is loaded or trained: the weights come from the checkpoint (adapters included), regularizers and

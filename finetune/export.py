@@ -62,10 +62,21 @@ def _stages(workdir: str) -> list[str]:
   return declared + [name for name in ran if name not in declared]
 
 
-def latest_checkpoint(run_dir: str, verb: str) -> str:
-  """`run_dir`'s newest checkpoints/<step> folder (a finished stage's: its final weights). A stage killed before
-  its first checkpoint is told so, not sent to resolve_checkpoint's init_from wording."""
+def latest_checkpoint(run_dir: str, verb: str, step: int | None = None) -> str:
+  """`run_dir`'s newest checkpoints/<step> folder (a finished stage's: its final weights), or the one of `step`
+  (`--step`: an intermediate checkpoint). A stage killed before its first checkpoint is told so, not sent to
+  resolve_checkpoint's init_from wording."""
   checkpoints = os.path.join(run_dir, "checkpoints")
+  if step is not None:
+    kept = sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit()) if os.path.isdir(checkpoints) else []
+    if step not in kept:
+      raise FinetuneError(f"--step {step}: {run_dir} has no checkpoint of that step; it keeps "
+                          f"{', '.join(map(str, kept)) or 'none'} (config.train.keep_checkpoints)")
+    first_bad = diverged_from(run_dir)
+    if first_bad is not None and step >= first_bad:
+      raise FinetuneError(f"--step {step}: the run's weights diverged from step {first_bad} on "
+                          f"({os.path.join(run_dir, DIVERGED_FILE)}); choose an earlier step")
+    return os.path.join(checkpoints, str(step))
   if not os.path.isdir(checkpoints) or not any(name.isdigit() for name in os.listdir(checkpoints)):
     if os.path.isfile(os.path.join(run_dir, DIVERGED_FILE)):  # ("train it further" would diverge again)
       raise FinetuneError(f"{run_dir} diverged before its first checkpoint ({os.path.join(run_dir, DIVERGED_FILE)} "
@@ -89,6 +100,10 @@ def resolve_run_dir(workdir: str, stage: str = "", unfinished: bool = True, verb
   """The run folder of `workdir`'s `stage` (default: a single-stage run itself, or a multi-stage run's last stage).
   `unfinished=False` refuses a stage that has not finished (no summary.json), telling how to `verb` it anyway."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
+  parent = os.path.dirname(workdir)
+  if os.path.basename(workdir).isdigit() and os.path.basename(parent) == "checkpoints":
+    raise FinetuneError(f"{workdir} is one checkpoint of a run: pass the run's folder and the step, --workdir "
+                        f"{os.path.dirname(parent)} --step {os.path.basename(workdir)}")
   single = os.path.isdir(os.path.join(workdir, "checkpoints"))  # a single-stage run lives in the workdir itself
   if stage and single:  # its one stage is named 'train' in results tables and summaries
     if stage != "train":
@@ -122,16 +137,17 @@ def resolve_run_dir(workdir: str, stage: str = "", unfinished: bool = True, verb
 
 
 def export(workdir: str, out: str, fmt: str = "hf", stage: str = "", unfinished: bool = False,
-           overrides: Sequence[str] = (), dtype: str = "float32") -> str:
+           overrides: Sequence[str] = (), dtype: str = "float32", step: int | None = None) -> str:
   """Exports the final checkpoint of `workdir` (or of its `stage`); returns the architecture written.
   `unfinished=True` exports the latest checkpoint of a stage that has not finished; `overrides` say where the
   run's base checkpoint and tokenizer are now (PATH_OVERRIDES); `dtype` the written model's tensors (hf.EXPORT_DTYPES;
-  a PEFT adapter stays float32, its written base_model/ takes it)."""
+  a PEFT adapter stays float32, its written base_model/ takes it); `step` one of the stage's checkpoints instead of
+  its final one (finished or not)."""
   if dtype not in hf.EXPORT_DTYPES:
     raise FinetuneError(f"unknown export dtype {dtype!r}; valid: {', '.join(hf.EXPORT_DTYPES)}")
   if fmt not in FORMATS:
     raise FinetuneError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
-  run_dir = resolve_run_dir(workdir, stage, unfinished, "export")
+  run_dir = resolve_run_dir(workdir, stage, unfinished or step is not None, "export")
   out_path = os.path.abspath(os.path.expanduser(out))
   if run_dir == out_path or run_dir.startswith(out_path.rstrip(os.sep) + os.sep):
     raise FinetuneError(f"--out {out_path} holds the run being exported ({run_dir}) and would be replaced by the "
@@ -146,7 +162,7 @@ def export(workdir: str, out: str, fmt: str = "hf", stage: str = "", unfinished:
   peft_cfg = cfg.get("peft", ConfigDict({"method": ""}))
   if fmt == "peft":  # (before the checkpoint is read)
     _check_peft_exportable(peft_cfg, run_dir)
-  arrays = read_checkpoint_arrays(latest_checkpoint(run_dir, "export"))
+  arrays = read_checkpoint_arrays(latest_checkpoint(run_dir, "export", step))
   params = arrays["params"]
   num_classes = adapters.checkpoint_num_classes(params)
   if fmt == "peft":

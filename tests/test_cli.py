@@ -207,6 +207,31 @@ def test_an_unfinished_export_names_the_classes_the_run_trains_on(tmp_path):
   assert json.loads((out / "config.json").read_text())["id2label"] == {"0": "5", "1": "6", "2": "7"}
 
 
+def test_eval_and_export_take_an_intermediate_checkpoint_by_step(capsys, tmp_path):
+  """(Only the final checkpoint could be read; a step folder given as --workdir was 'not a run directory'.)"""
+  from finetune.checkpoint import read_checkpoint_arrays  # pylint: disable=g-import-not-at-top
+  from finetune.models import hf  # pylint: disable=g-import-not-at-top
+  (tmp_path / "vit.py").write_text(VIT)
+  run = tmp_path / "run"
+  assert cli.main(["train", "--config", str(tmp_path / "vit.py"), "--workdir", str(run),
+                   "--config.train.steps=6", "--config.train.checkpoint_every=3"]) == 0
+  steps = sorted(int(n) for n in os.listdir(run / "checkpoints"))
+  assert len(steps) > 1
+  capsys.readouterr()
+  assert cli.main(["eval", "--workdir", str(run), "--step", str(steps[0]), "--out", str(tmp_path / "e.json")]) == 0
+  early = json.loads((tmp_path / "e.json").read_text())
+  final = json.loads((run / "summary.json").read_text())["final"]
+  assert set(early) == set(final) and early["validation"]["loss"] != final["validation"]["loss"]
+  assert cli.main(["export", "--workdir", str(run), "--step", str(steps[0]), "--out", str(tmp_path / "hf")]) == 0
+  exported = hf.read_params(str(tmp_path / "hf"))["params"]
+  kept = read_checkpoint_arrays(str(run / "checkpoints" / str(steps[0])))["params"]
+  np.testing.assert_array_equal(exported["head/kernel"], kept["head/kernel"])
+  assert f"--step 999: {run} has no checkpoint of that step; it keeps {', '.join(map(str, steps))}" in _error(
+      capsys, ["eval", "--workdir", str(run), "--step", "999"])
+  assert f"pass the run's folder and the step, --workdir {run} --step {steps[0]}" in _error(
+      capsys, ["eval", "--workdir", str(run / "checkpoints" / str(steps[0]))])
+
+
 def test_export_replaces_only_an_earlier_export_and_only_finished_runs(capsys, tmp_path):
   (tmp_path / "vit.py").write_text(VIT)
   run = tmp_path / "run"
