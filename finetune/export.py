@@ -280,6 +280,10 @@ def _write_hf(cfg: ConfigDict, params: dict, num_classes: int, run_dir: str, out
       tokenizer = read_tokenizer(tokenizer_path)
     except FinetuneError as e:
       raise FinetuneError(f"{e}{_moved_hint('data.options.tokenizer')}") from None
+    if cfg.data.name == "instructions" and not getattr(tokenizer, "chat_template", None):
+      # Fine-tuned on the plain "### User:" template: ship it, so apply_chat_template prompts as training did.
+      from finetune.data.instructions import plain_chat_template  # pylint: disable=g-import-not-at-top
+      tokenizer.chat_template = plain_chat_template(tokenizer)
   with staged_directory(out) as staging:
     architecture = hf.export_params(cfg.model.name, params, kwargs, class_names, staging, base, dtype)
     # The base's decoding settings (eos ids, sampling defaults) stay with the model, as save_pretrained keeps them.

@@ -102,6 +102,20 @@ def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: boo
   return _bos(tokenizer) + text + ("### Assistant:\n" if add_generation_prompt else "")
 
 
+def plain_chat_template(tokenizer) -> str:
+  """`render`'s plain template as a Jinja chat template, for a tokenizer without one: an exported model's tokenizer
+  carries it, so `apply_chat_template` builds the prompts the model was fine-tuned on. Its special tokens are
+  written in as text, as `render` writes them (apply_chat_template tokenises without adding special tokens). Every
+  newline is an expression: transformers renders templates with trim_blocks, which drops one after a block tag."""
+  def literal(text: str) -> str:
+    return "{{ " + json.dumps(text) + " }}"  # (a JSON string is a valid Jinja string literal)
+  end = tokenizer.eos_token or tokenizer.sep_token or ""
+  return (literal(_bos(tokenizer)) + "{% for message in messages %}### {{ message['role'] | capitalize }}:" +
+          literal("\n") + "{{ message['content'] }}{% if message['role'] == 'assistant' %}" + literal(end) +
+          "{% endif %}" + literal("\n\n") + "{% endfor %}{% if add_generation_prompt %}" +
+          literal("### Assistant:\n") + "{% endif %}")
+
+
 @functools.lru_cache(maxsize=8)  # (render runs twice per turn of every conversation: ask the tokenizer once)
 def _bos(tokenizer) -> str:
   """The tokenizer's beginning-of-text token if it puts one before text of its own accord, else ''."""

@@ -218,6 +218,29 @@ def test_plain_template_keeps_the_tokenizer_s_beginning_token(sentencepiece_like
   assert render(minilm, to_messages(RECORDS[0], "x")).startswith("### User:")
 
 
+def test_the_plain_template_as_a_chat_template_renders_what_training_rendered(sentencepiece_like, byte_level_bpe,
+                                                                             tokenizer_dir, tmp_path):
+  """An export of a run fine-tuned on the plain template ships it as the tokenizer's chat template (the exported
+  tokenizer had none: apply_chat_template could not build the prompts the model was trained on)."""
+  from finetune.data.instructions import plain_chat_template  # pylint: disable=g-import-not-at-top
+  messages = [{"role": "system", "content": "Be brief."}, *to_messages(RECORDS[2], "x")]
+  minilm = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+  for tokenizer in (sentencepiece_like, byte_level_bpe, minilm):  # <s> before text; <|endoftext|>; [SEP], no bos
+    tokenizer.chat_template = None
+    expected = [render(tokenizer, messages), render(tokenizer, messages[:2], add_generation_prompt=True)]
+    tokenizer.chat_template = plain_chat_template(tokenizer)
+    try:
+      tokenizer.save_pretrained(str(tmp_path / "tok"))
+      saved = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+      assert [saved.apply_chat_template(messages, tokenize=False),
+              saved.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)] == expected
+      ids = saved.apply_chat_template(messages)
+      ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # (transformers 5: a BatchEncoding)
+      assert list(ids) == tokenizer(expected[0], add_special_tokens=False)["input_ids"]
+    finally:
+      tokenizer.chat_template = None
+
+
 def test_weight_zero_answers_stay_in_context_untrained(byte_level_bpe, tokenizer_dir, tmp_path):
   record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there.",
                                                                 "weight": 0},
@@ -282,3 +305,10 @@ def test_sft_trains_a_decoder_on_responses_only(model, peft, pack, tokenizer_dir
   if peft:  # adapters only: well under 10% of the parameters train
     assert summary["peft"]["trainable_percent"] < 10 and summary["peft"]["adapted_modules"] == 2 * (
         2 if model == "llama" else 1)
+  if not peft and not pack:  # the export's tokenizer prompts as training did (MiniLM's has no chat template)
+    from finetune.export import export  # pylint: disable=g-import-not-at-top
+    export(str(tmp_path / "run"), str(tmp_path / "exported"))
+    exported = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "exported"))
+    messages = to_messages(RECORDS[0], "x")
+    assert exported.apply_chat_template(messages, tokenize=False) == render(
+        transformers.AutoTokenizer.from_pretrained(tokenizer_dir), messages)
