@@ -115,21 +115,24 @@ def check_stage_inputs(layout: Sequence[tuple[str, ConfigDict, str]], workdir: s
   """Refuses, before any stage trains, an unfinished stage whose files are missing: its data folder
   (config.data.path), a checkpoint it starts from (init_from other than 'stage:'), an adapter it loads
   (peft.load_adapter). Otherwise a typo in the last stage's path failed only after the earlier stages had trained
-  (hours, for a pretraining stage). Finished stages are not run again, so their inputs may have moved; the first
-  stage to run opens at once, and its own readers say more (what a data folder should hold)."""
+  (hours, for a pretraining stage). Only existence is checked, and nothing inside the workdir (an earlier stage
+  makes it: `init_from=<workdir>/first/checkpoints/6`) nor what another run may still finish. Finished stages are not
+  run again, so their inputs may have moved; the first stage to run opens at once, and its own readers say more
+  (what a data folder should hold)."""
+  import glob  # pylint: disable=g-import-not-at-top
+  inside = os.path.abspath(os.path.expanduser(workdir)).rstrip(os.sep) + os.sep
   pending = [(name, cfg) for name, cfg, run_dir in layout if not os.path.isfile(os.path.join(run_dir, SUMMARY_FILE))]
   for name, cfg in pending[1:]:
-    where = f"stage {name!r}: "
-    for key, path in (("config.data.path", cfg.data.path), ("config.peft.load_adapter", cfg.peft.load_adapter)):
-      # (A URL, as TFDS's gs:// data_dir, is left to its reader.)
-      if path and "://" not in path and not os.path.exists(os.path.expanduser(path)):
-        raise FinetuneError(f"{where}{key} {path!r} does not exist (looked for "
-                            f"{os.path.abspath(os.path.expanduser(path))}); correct the path, or make the files first")
-    if cfg.init_from and not cfg.init_from.startswith("stage:"):
-      try:
-        resolve_checkpoint(cfg.init_from, workdir)
-      except FinetuneError as e:
-        raise FinetuneError(f"{where}{e}") from None
+    init_from = "" if cfg.init_from.startswith("stage:") else cfg.init_from
+    for key, path in (("config.data.path", cfg.data.path), ("config.peft.load_adapter", cfg.peft.load_adapter),
+                      ("config.init_from", init_from)):
+      full = os.path.abspath(os.path.expanduser(path)) if path else ""
+      # (A URL, as TFDS's gs:// data_dir, is left to its reader; a glob, as hf_files takes, must match something.)
+      if not path or "://" in path or full.startswith(inside):
+        continue
+      if not (glob.glob(full) if glob.has_magic(full) else os.path.exists(full)):
+        raise FinetuneError(f"stage {name!r}: {key} {path!r} does not exist (looked for {full}); correct the path, "
+                            "or make the files first")
 
 
 def prepare_workdir(config: ConfigDict, workdir: str) -> tuple[str, list[tuple[str, ConfigDict, str]]]:

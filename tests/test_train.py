@@ -87,7 +87,7 @@ def test_a_loaded_head_must_score_the_classes_it_was_trained_on(tmp_path):
 @pytest.mark.parametrize("later,message", [
     ({"data": {"name": "mnist", "path": "no/such/mnist"}}, r"stage 'later': config.data.path 'no/such/mnist' does not "
                                                           r"exist"),
-    ({"init_from": "no/such/run"}, r"stage 'later': init_from 'no/such/run' does not exist"),
+    ({"init_from": "no/such/run"}, r"stage 'later': config.init_from 'no/such/run' does not exist"),
     ({"peft": {"method": "lora", "targets": ("conv",), "load_adapter": "no/such/adapter"}},
      r"stage 'later': config.peft.load_adapter 'no/such/adapter' does not exist"),
 ], ids=["data", "init_from", "adapter"])
@@ -98,6 +98,24 @@ def test_a_later_stage_s_missing_files_are_refused_before_anything_trains(tmp_pa
   with pytest.raises(FinetuneError, match=message):
     train_lib.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "first").exists()
+
+
+def test_a_later_stage_may_start_from_what_an_earlier_one_makes_and_read_data_by_a_glob(tmp_path):
+  """(The preflight refused an intermediate checkpoint of an earlier stage, which only exists once it has run, and
+  a data path glob, which hf_files expands.)"""
+  from finetune.config import stage_configs, with_values  # pylint: disable=g-import-not-at-top
+  run = tmp_path / "run"
+  config = tiny_config(train={"steps": 6, "checkpoint_every": 3}, stages={
+      "first": {}, "later": {"init_from": str(run / "first" / "checkpoints" / "3")}})
+  summaries = train_lib.train_and_evaluate(config, str(run))
+  assert summaries["later"]["init"]["source"].endswith("first/checkpoints/3")
+  (tmp_path / "a_train.csv").write_text("x,label\n")
+  layout = [(name, with_values(cfg, data={"name": "hf_files", "path": str(tmp_path / pattern)}), str(tmp_path / name))
+            for (name, cfg), pattern in zip(stage_configs(config), ("*.csv", "*.csv"))]
+  train_lib.check_stage_inputs(layout, str(tmp_path / "elsewhere"))  # the glob matches a file
+  layout[1] = (layout[1][0], with_values(layout[1][1], data={"path": str(tmp_path / "*.parquet")}), layout[1][2])
+  with pytest.raises(FinetuneError, match=r"stage 'later': config.data.path '.*\*.parquet' does not exist"):
+    train_lib.check_stage_inputs(layout, str(tmp_path / "elsewhere"))
 
 
 def test_stage_initialises_from_earlier_stage_except_dont_load(tmp_path):
