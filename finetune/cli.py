@@ -155,10 +155,17 @@ def _add_run_selection(parser: argparse.ArgumentParser, verb: str) -> None:
   parser.add_argument("--workdir", action=_Once, required=True, type=_path,
                       help="a run directory made by `finetune train`")
   parser.add_argument("--stage", action=_Once, default="", help="stage of a multi-stage run (default: the last)")
-  parser.add_argument("--unfinished", action="store_true",
-                      help=f"{verb} the latest checkpoint of a stage that has not finished (default: refuse)")
-  parser.add_argument("--step", action=_Once, type=int, default=None,
-                      help=f"{verb} the stage's checkpoint of this step instead of its final one (finished or not)")
+  which = parser.add_mutually_exclusive_group()
+  which.add_argument("--unfinished", action="store_true",
+                     help=f"{verb} the latest checkpoint of a stage that has not finished (default: refuse)")
+  which.add_argument("--step", action=_Once, type=_step, default=None,
+                     help=f"{verb} the stage's checkpoint of this step instead of its final one (finished or not)")
+
+
+def _step(text: str) -> int:
+  if not text.isdigit():
+    raise argparse.ArgumentTypeError(f"a checkpoint step is a whole number >= 0, not {text!r}")
+  return int(text)
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -207,7 +207,8 @@ def _export_peft(cfg: ConfigDict, arrays: dict, num_classes: int, run_dir: str, 
   # Our own base is named by its absolute path: PEFT resolves a relative one against the current folder and else
   # asks the Hub for it (`AutoPeftModel.from_pretrained(OUT)` failed from any other folder, or took a `base_model/`
   # that happened to be there).
-  written_base = os.path.join(os.path.abspath(os.path.expanduser(out)), "base_model")
+  # (realpath: staged_directory writes into a symbolic link's target, which a link moved later would not name)
+  written_base = os.path.join(os.path.realpath(os.path.expanduser(out)), "base_model")
   tensors, adapter_config = peft_format.peft_adapter(cfg.model, peft_cfg, abstract, params, trained, num_classes,
                                                      base_model=base or written_base)
   with staged_directory(out) as staging:  # adapter and base_model/ appear together or not at all

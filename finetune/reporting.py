@@ -65,14 +65,14 @@ class MetricsLog:
   stage, or under a wandb agent the agent's run, shared by the stages)."""
 
   def __init__(self, run_dir: str, wandb_cfg: ConfigDict | None = None, run_name: str = "",
-               config: dict | None = None, display_name: str = ""):
+               config: dict | None = None, display_name: str = "", resuming: bool = False):
     self.path = os.path.join(run_dir, "metrics.jsonl")
     self.enabled = jax.process_index() == 0
     self._wandb, self._prefix = None, ""
     if self.enabled and wandb_cfg is not None and wandb_cfg.mode != "disabled":
       agent_run = _agent_run_id()
       if not agent_run:
-        self._wandb = _start_wandb(wandb_cfg, run_dir, display_name or run_name, config)
+        self._wandb = _start_wandb(wandb_cfg, run_dir, display_name or run_name, config, resuming=resuming)
         return
       if agent_run not in _AGENT_RUNS:
         _AGENT_RUNS[agent_run] = _start_wandb(wandb_cfg, run_dir, "", None, run_id=agent_run)
@@ -120,19 +120,36 @@ class MetricsLog:
     self._wandb = None
 
 
+def _wandb_base_url() -> str:
+  """The server wandb talks to: WANDB_BASE_URL, else the one `wandb login --host` saved in its settings file."""
+  if os.environ.get("WANDB_BASE_URL"):
+    return os.environ["WANDB_BASE_URL"]
+  import configparser  # pylint: disable=g-import-not-at-top
+  settings = configparser.ConfigParser()
+  folder = os.environ.get("WANDB_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".config", "wandb")
+  try:
+    settings.read(os.path.join(folder, "settings"))
+  except configparser.Error:
+    pass
+  return settings.get("default", "base_url", fallback="") or "https://api.wandb.ai"
+
+
 def _has_api_key() -> bool:
-  """Whether wandb will find an API key: WANDB_API_KEY, or a netrc entry for its API host (as `wandb login`
-  writes; a ~/.netrc with other hosts' entries only is no key)."""
+  """Whether wandb will find an API key: WANDB_API_KEY, or a netrc entry for its server's host (with or without
+  its port, as `wandb login` writes it; a ~/.netrc with other hosts' entries only is no key). Asked before
+  wandb.init, which would otherwise prompt for a key on a terminal."""
   if os.environ.get("WANDB_API_KEY"):
     return True
   import netrc  # pylint: disable=g-import-not-at-top
   import urllib.parse  # pylint: disable=g-import-not-at-top
-  host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
+  url = urllib.parse.urlparse(_wandb_base_url())
   path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
   try:
-    return os.path.isfile(path) and netrc.netrc(path).authenticators(host) is not None
+    entries = netrc.netrc(path) if os.path.isfile(path) else None
   except (OSError, netrc.NetrcParseError):
     return False
+  return entries is not None and any(entries.authenticators(host) is not None
+                                     for host in {url.hostname or "", url.netloc} if host)
 
 
 def _offline(reason: str) -> str:
@@ -140,7 +157,8 @@ def _offline(reason: str) -> str:
   return "offline"
 
 
-def _start_wandb(cfg: ConfigDict, run_dir: str, run_name: str, config: dict | None, run_id: str | None = None):
+def _start_wandb(cfg: ConfigDict, run_dir: str, run_name: str, config: dict | None, run_id: str | None = None,
+                 resuming: bool = False):
   import wandb  # pylint: disable=g-import-not-at-top
 
   mode = cfg.mode
@@ -148,12 +166,13 @@ def _start_wandb(cfg: ConfigDict, run_dir: str, run_name: str, config: dict | No
     mode = _offline("has no API key")
   resume = None
   if run_id is None:
-    # One wandb run per stage across restarts: the id is kept beside the stage's checkpoints, and a resumed stage
-    # logs into it (a second run of the same name, holding the steps after the checkpoint, before). Steps it logs
-    # again after the restored checkpoint are the ones it had logged: wandb keeps the first (training is
-    # deterministic given the checkpoint), as metrics.jsonl keeps the recomputed ones.
+    # One wandb run per stage across restarts: the id is kept beside the stage's checkpoints, and a stage resumed
+    # from one logs into it (a second run of the same name, holding the steps after the checkpoint, before). Steps
+    # it logs again after the restored checkpoint are the ones it had logged: wandb keeps the first (training is
+    # deterministic given the checkpoint), as metrics.jsonl keeps the recomputed ones. A fresh start (no
+    # checkpoint: perhaps another config, after an attempt that diverged before its first) is a run of its own.
     id_path = os.path.join(run_dir, WANDB_RUN_ID_FILE)
-    if os.path.isfile(id_path):
+    if resuming and os.path.isfile(id_path):
       with open(id_path) as f:
         run_id, resume = f.read().strip(), "allow"
     else:

@@ -993,7 +993,8 @@ def open_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train")
   # (wandb names the run after its workdir, and the stage when it has several: every stage of every sweep point was
   # named 'train' or its stage alone.)
   run_label = os.path.basename(workdir.rstrip(os.sep)) + ("" if run_dir == workdir else f"/{name}")
-  log = MetricsLog(run_dir, cfg.wandb, name, cfg.to_dict(), display_name=run_label)
+  log = MetricsLog(run_dir, cfg.wandb, name, cfg.to_dict(), display_name=run_label,
+                   resuming=checkpoints.latest_step() is not None)
   try:
     state, start, saved_phase, init_report = _restore_or_init(stage, cfg, checkpoints, run_dir, workdir)
     resuming = "resumed_from_step" in init_report

@@ -230,6 +230,10 @@ def test_eval_and_export_take_an_intermediate_checkpoint_by_step(capsys, tmp_pat
       capsys, ["eval", "--workdir", str(run), "--step", "999"])
   assert f"pass the run's folder and the step, --workdir {run} --step {steps[0]}" in _error(
       capsys, ["eval", "--workdir", str(run / "checkpoints" / str(steps[0]))])
+  assert "argument --unfinished: not allowed with argument --step" in _error(
+      capsys, ["export", "--workdir", str(run), "--out", str(tmp_path / "x"), "--step", "3", "--unfinished"])
+  assert "a checkpoint step is a whole number >= 0, not '-3'" in _error(capsys, ["eval", "--workdir", str(run),
+                                                                                  "--step", "-3"])
 
 
 def test_export_replaces_only_an_earlier_export_and_only_finished_runs(capsys, tmp_path):

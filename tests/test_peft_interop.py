@@ -325,7 +325,7 @@ def test_peft_export_of_a_classifier_says_the_base_needs_room_for_its_classes(tm
   out = capsys.readouterr().out
   assert (f"the classifier has 5 classes and {tmp_path / 'base'} 3: load it with num_labels=5, "
           "ignore_mismatched_sizes=True") in out
-  # (PEFT loads the base's config, whose label names are not the run's classes: with equal counts nothing said so.)
+  # (PEFT loads the base's config, whose label names are not the run's classes; the note was about counts alone.)
   mapping = {i: str(i) for i in range(5)}
   assert f"the base's config names its labels otherwise: pass id2label={mapping}, label2id=" in out
   base = transformers.BertForSequenceClassification.from_pretrained(

@@ -53,11 +53,20 @@ def test_a_netrc_without_a_wandb_entry_is_no_key(tmp_path, monkeypatch, capsys):
   monkeypatch.delenv("WANDB_API_KEY", raising=False)
   monkeypatch.delenv("NETRC", raising=False)
   monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+  monkeypatch.delenv("WANDB_CONFIG_DIR", raising=False)
   monkeypatch.setenv("HOME", str(tmp_path))
   (tmp_path / ".netrc").write_text("machine github.com login me password x\n")
   assert not reporting._has_api_key()  # pylint: disable=protected-access
   (tmp_path / ".netrc").write_text("machine github.com login me password x\nmachine api.wandb.ai login user "
                                    "password " + "k" * 40 + "\n")
+  assert reporting._has_api_key()  # pylint: disable=protected-access
+  # A self-hosted server: its host with the port (as `wandb login --host` writes it), named by WANDB_BASE_URL or by
+  # the base_url that login saved in wandb's settings file.
+  (tmp_path / ".netrc").write_text("machine localhost:8080 login user password " + "k" * 40 + "\n")
+  assert not reporting._has_api_key()  # pylint: disable=protected-access
+  monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+  (tmp_path / "wandb_config").mkdir()
+  (tmp_path / "wandb_config" / "settings").write_text("[default]\nbase_url = http://localhost:8080\n")
   assert reporting._has_api_key()  # pylint: disable=protected-access
 
 
@@ -104,6 +113,13 @@ def test_a_resumed_stage_logs_into_its_wandb_run(tmp_path, monkeypatch):
   run_id = (run / "wandb_run_id").read_text().strip()
   attempts = glob.glob(str(run / "wandb" / "offline-run-*"))
   assert len(attempts) == 2 and all(path.endswith(f"-{run_id}") for path in attempts)
+  # A fresh start in the folder (no checkpoint to resume: here all removed) is a wandb run of its own.
+  for name in ("summary.json", "results.json"):
+    os.remove(run / name)
+  shutil.rmtree(run / "checkpoints")
+  train_lib.train_and_evaluate(config, str(run))
+  fresh_id = (run / "wandb_run_id").read_text().strip()
+  assert fresh_id != run_id and len(glob.glob(str(run / "wandb" / f"offline-run-*-{fresh_id}"))) == 1
 
 
 def test_wandb_runs_are_named_after_their_workdir_and_stage(tmp_path, monkeypatch):

@@ -108,7 +108,9 @@ def plain_chat_template(tokenizer) -> str:
   written in as text, as `render` writes them (apply_chat_template tokenises without adding special tokens). Every
   newline is an expression: transformers renders templates with trim_blocks, which drops one after a block tag."""
   def literal(text: str) -> str:
-    return "{{ " + json.dumps(text) + " }}"  # (a JSON string is a valid Jinja string literal)
+    # (A JSON string is a valid Jinja string literal; ensure_ascii=False, as Jinja decodes an emoji's \ud83d\ude00
+    # escape pair into two lone surrogates.)
+    return "{{ " + json.dumps(text, ensure_ascii=False) + " }}"
   end = tokenizer.eos_token or tokenizer.sep_token or ""
   return (literal(_bos(tokenizer)) + "{% for message in messages %}### {{ message['role'] | capitalize }}:" +
           literal("\n") + "{{ message['content'] }}{% if message['role'] == 'assistant' %}" + literal(end) +

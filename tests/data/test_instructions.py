@@ -239,6 +239,13 @@ def test_the_plain_template_as_a_chat_template_renders_what_training_rendered(se
       assert list(ids) == tokenizer(expected[0], add_special_tokens=False)["input_ids"]
     finally:
       tokenizer.chat_template = None
+  # An end token outside the Basic Multilingual Plane (an escape pair in JSON became two lone surrogates).
+  byte_level_bpe.save_pretrained(str(tmp_path / "emoji"))
+  emoji = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "emoji"))  # (a copy: the fixture is shared)
+  emoji.eos_token, emoji.chat_template = "<|\U0001F600end|>", None
+  expected = render(emoji, messages)
+  emoji.chat_template = plain_chat_template(emoji)
+  assert emoji.apply_chat_template(messages, tokenize=False) == expected and "\U0001F600" in expected
 
 
 def test_weight_zero_answers_stay_in_context_untrained(byte_level_bpe, tokenizer_dir, tmp_path):
