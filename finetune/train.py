@@ -931,13 +931,27 @@ def _restore_or_init(stage: Stage, cfg: ConfigDict, checkpoints: Checkpointer, r
       raise FinetuneError(f"{run_dir} resumes on data whose classes are {now}, but it started with "
                           f"{list(started_with)[:10]} (init.json): the data changed since; restore it, or delete the "
                           "run folder to train it again")
+    # (A source that now reads the data otherwise, e.g. a dataset's own validation split where it carved one from
+    # train, would resume on other rows under the same config.)
+    sizes, started_sizes = _split_sizes(stage.pipeline), init_report.get("examples") or {}
+    changed = {split: (started_sizes[split], size) for split, size in sizes.items()
+               if split in started_sizes and started_sizes[split] != size}
+    if changed:
+      what = ", ".join(f"{split} {now} examples (started with {then})" for split, (then, now) in changed.items())
+      raise FinetuneError(f"{run_dir} resumes on data whose splits hold {what} (init.json): the data, or how it is "
+                          "read, changed since; restore it, or delete the run folder to train it again")
     return state, start, saved_phase, {**init_report, "resumed_from_step": start}
   _clear_diverged(run_dir)  # a diverged attempt before any checkpoint: its marker is not about this one
   state, init_report = initial_state(stage, cfg, workdir)
   # This attempt's identity: a later stage records its source's, so retraining the source is noticed.
-  init_report = {"run_id": uuid.uuid4().hex, **init_report, "classes": list(stage.pipeline.class_names)}
+  init_report = {"run_id": uuid.uuid4().hex, **init_report, "classes": list(stage.pipeline.class_names),
+                 "examples": _split_sizes(stage.pipeline)}
   write_json(init_path, init_report)
   return state, 0, 0, init_report
+
+
+def _split_sizes(pipeline: InputPipeline) -> dict[str, int]:
+  return {"train": len(pipeline.train), **{split: len(data) for split, data in pipeline.eval_splits.items()}}
 
 
 def _read_sources(cfg: ConfigDict, workdir: str, name: str, resuming: bool) -> list[regularizers.Source]:

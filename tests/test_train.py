@@ -234,6 +234,13 @@ def test_a_resumable_run_without_a_readable_init_json_is_one_clear_error(tmp_pat
   with pytest.raises(FinetuneError, match=r"resumes on data whose classes are \['0', '1', .*, but it started with "
                                           r"\['1', '0', .*\(init.json\): the data changed since"):
     train_lib.train_and_evaluate(config, str(tmp_path))
+  # So are its splits' sizes (a source that now reads a dataset's own validation split where it carved one).
+  assert set(init["examples"]) == {"train", "validation"}
+  (tmp_path / "init.json").write_text(json.dumps({**init, "examples": {**init["examples"], "train": 1000}}))
+  with pytest.raises(FinetuneError, match=rf"resumes on data whose splits hold train {init['examples']['train']} "
+                                          r"examples \(started with 1000\) \(init.json\): the data, or how it is read, "
+                                          r"changed since"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
   (tmp_path / "init.json").write_text(json.dumps(init))
   assert train_lib.train_and_evaluate(config, str(tmp_path))["train"]["steps"] == 2
 
