@@ -203,7 +203,9 @@ def _export_peft(cfg: ConfigDict, arrays: dict, num_classes: int, run_dir: str, 
   else:  # an unfinished run (--unfinished): the adapter folder is written when the stage ends
     trained = sorted(adapters.trainable_paths(peft_cfg, list(params), base_paths))
   abstract = adapters.abstract_model(cfg.model, peft_cfg, num_classes)
-  base = _hf_base(run_dir, trained, full_model_kwargs(cfg.model, num_classes))
+  recorded = read_json(os.path.join(run_dir, "config.json")).get("model", {}).get("hf_config", "")
+  moved_to = cfg.model.get("hf_config", "") if cfg.model.get("hf_config", "") != recorded else ""
+  base = _hf_base(run_dir, trained, full_model_kwargs(cfg.model, num_classes), moved_to)
   # Our own base is named by its absolute path: PEFT resolves a relative one against the current folder and else
   # asks the Hub for it (`AutoPeftModel.from_pretrained(OUT)` failed from any other folder, or took a `base_model/`
   # that happened to be there).
@@ -239,17 +241,20 @@ def _export_peft(cfg: ConfigDict, arrays: dict, num_classes: int, run_dir: str, 
   return "PEFT LoRA adapter" + ("" if base else " + base_model/") + note
 
 
-def _hf_base(run_dir: str, trained: list[str], run_kwargs: dict) -> str:
+def _hf_base(run_dir: str, trained: list[str], run_kwargs: dict, moved_to: str = "") -> str:
   """The Hugging Face checkpoint whose weights are the run's frozen base, or '' when there is none: the run must
   have started from it directly (init.json's source), everything it re-initialised must be trained (so in the
   adapter), and its architecture must be the checkpoint's (`run_kwargs`: the run's model arguments). A run that
   changed it (`config.model.num_layers=1` on a 2-layer checkpoint) left checkpoint arrays unused: PEFT would load
   the adapter onto the whole checkpoint, warn only of missing adapter keys and compute another function.
   `config.model.hf_config` alone says nothing: it gives the architecture, and an earlier stage (or a random
-  start) may have given the weights."""
+  start) may have given the weights. `moved_to`: where `--config.model.hf_config` says the base is now, taken
+  when the recorded source is gone (else the export wrote a whole base_model/ copy instead of naming it)."""
   init_path = os.path.join(run_dir, "init.json")
   init = read_json(init_path) if os.path.isfile(init_path) else {}
   source = init.get("source", "")
+  if source and not os.path.exists(source) and moved_to and hf.is_hf_checkpoint(os.path.expanduser(moved_to)):
+    source = os.path.abspath(os.path.expanduser(moved_to))
   if not source or not hf.is_hf_checkpoint(source) or set(init.get("fresh", ())) - set(trained):
     return ""
   _, architecture = hf.model_kwargs(source)

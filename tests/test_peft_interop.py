@@ -335,6 +335,27 @@ def test_peft_export_of_a_classifier_says_the_base_needs_room_for_its_classes(tm
   assert loaded.config.id2label == mapping
 
 
+def test_peft_export_names_a_moved_base_where_it_is_now(tmp_path, capsys):
+  """(With the base checkpoint moved, `--config.model.hf_config=NEW` was not read by --format peft: the export
+  wrote a whole base_model/ copy instead of naming the base.)"""
+  from finetune import cli, train as train_lib  # pylint: disable=g-import-not-at-top
+  from finetune.config import build_config  # pylint: disable=g-import-not-at-top
+  _, model_cfg = save_base("bert", tmp_path / "base")
+  config = build_config({
+      "model": model_cfg, "init_from": str(tmp_path / "base"), "dont_load": ("^head/",),
+      "data": {"name": "synthetic", "batch_size": 4, "eval_batch_size": 4, "validation_fraction": 0.25,
+               "options": {"kind": "tokens", "length": 8, "vocab_size": 120, "num_examples": 40, "num_classes": 3}},
+      "train": {"steps": 2, "log_every": 2, "checkpoint_every": 0},
+      "peft": {"method": "lora", "targets": ("query",), "rank": 2, "modules_to_save": ("^head/",)}})
+  train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  (tmp_path / "base").rename(tmp_path / "moved")
+  assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--format", "peft", "--out", str(tmp_path / "peft"),
+                   f"--config.model.hf_config={tmp_path / 'moved'}"]) == 0, capsys.readouterr().err
+  adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+  assert adapter_config["base_model_name_or_path"] == str(tmp_path / "moved")
+  assert not (tmp_path / "peft" / "base_model").exists()
+
+
 def test_import_of_an_adapter_with_lora_bias_names_that_setting(tmp_path):
   """(PEFT's lora_bias=True adds lora_B.bias tensors; they were reported as belonging to another architecture.)"""
   torch_model, model_cfg = save_base("llama", tmp_path / "base")
