@@ -8,13 +8,14 @@ forgetting_stages; see configs/mnist_forgetting.py for the variants).
 
 Measured (2 CPU cores, seed 0; official test images of each class set; task A at 0.7856 after pretraining; all
 variants in about 16 minutes on an idle machine), target accuracy on B / accuracy on A after fine-tuning:
-  finetune 0.8432 / 0.0664 | ewc (lambda 100) 0.7698 / 0.6278 | l2sp (alpha 0.1) 0.7740 / 0.2992 |
+  finetune 0.8432 / 0.0664 | ewc (lambda 100) 0.7698 / 0.6278 | l2sp (alpha 0.1) 0.7728 / 0.2972 |
   lwf (w 1) 0.8394 / 0.7670 | rehearsal (25%) 0.8182 / 0.7654 (rerun with `:variant=rehearsal` on 2026-12-06,
   after commit 8bf03cf gave rehearsal's source order a random stream of its own; before the rehearsal fix of
   commit 61ac2c7, 0.6764 on B: experiments/forgetting/README.md; ewc rerun the same way that day with
-  `:variant=ewc` after commit 018f3a0 changed the Fisher program's rounding)
-(the middle point of get_sweep's run of 2026-11-30, experiments/forgetting/cifar10_results.csv: the finetune,
-l2sp and lwf rows and task A's 0.7856 are from that run, before commit 61ac2c7 changed the order in which a batch's
+  `:variant=ewc` after commit 018f3a0 changed the Fisher program's rounding; l2sp rerun on 2026-12-07 with
+  `:variant=l2sp` after commit 24ebc35 kept beta off the head's bias, from a pretrain run giving 0.7846)
+(the middle point of get_sweep's run of 2026-11-30, experiments/forgetting/cifar10_results.csv: the finetune
+and lwf rows and task A's 0.7856 are from that run, before commit 61ac2c7 changed the order in which a batch's
 rows are summed; the same pretrain and finetune stages at HEAD gave 0.7858 and 0.8442 (configs/cifar10_strategies.py,
 variant=full, 2026-12-03), and the ewc and rehearsal reruns started from that 0.7858. A run of 2026-11-28 on another
 machine gave each number within 0.01 of these.) Plain fine-tuning leaves task A below chance
