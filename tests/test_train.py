@@ -60,7 +60,7 @@ def test_main_config_smoke_run_writes_every_output(tmp_path):
       assert summary["forgetting"] == {}
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["3", "6"]
   assert summaries["finetune"]["init"]["fresh"] == ["head/bias", "head/kernel"]
-  assert list(summaries["scratch"]["init"]) == ["run_id", "classes"]  # its identity and classes; nothing loaded
+  assert list(summaries["scratch"]["init"]) == ["run_id", "classes", "examples"]  # its identity and data; nothing loaded
   assert summaries["finetune"]["init"]["source_run_id"] == summaries["pretrain"]["init"]["run_id"]
 
 
