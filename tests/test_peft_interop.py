@@ -307,18 +307,25 @@ def test_a_mean_pooled_bert_adapter_does_not_adapt_the_pooler_it_lacks(tmp_path)
   assert len(adapted) == 6 and all(".output.dense" in name or ".intermediate.dense" in name for name in adapted)
 
 
-def test_peft_export_of_a_classifier_says_the_base_needs_room_for_its_classes(tmp_path, capsys):
-  """(A 5-class adapter on a 3-label checkpoint: PEFT's load failed on the classifier's shape, with no hint.)"""
-  from finetune import cli, train as train_lib  # pylint: disable=g-import-not-at-top
+def _bert_lora_classifier_run(tmp_path, num_classes: int) -> None:
+  """tmp_path/run: 2 LoRA steps of a tiny 3-label BERT checkpoint (tmp_path/base) with a new `num_classes` head."""
+  from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
   from finetune.config import build_config  # pylint: disable=g-import-not-at-top
-  torch_model, model_cfg = save_base("bert", tmp_path / "base")
-  config = build_config({
+  _, model_cfg = save_base("bert", tmp_path / "base")
+  train_lib.train_and_evaluate(build_config({
       "model": model_cfg, "init_from": str(tmp_path / "base"), "dont_load": ("^head/",),
       "data": {"name": "synthetic", "batch_size": 4, "eval_batch_size": 4, "validation_fraction": 0.25,
-               "options": {"kind": "tokens", "length": 8, "vocab_size": 120, "num_examples": 40, "num_classes": 5}},
+               "options": {"kind": "tokens", "length": 8, "vocab_size": 120, "num_examples": 40,
+                           "num_classes": num_classes}},
       "train": {"steps": 2, "log_every": 2, "checkpoint_every": 0},
-      "peft": {"method": "lora", "targets": ("query",), "rank": 2, "modules_to_save": ("^head/",)}})
-  train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+      "peft": {"method": "lora", "targets": ("query",), "rank": 2, "modules_to_save": ("^head/",)}}),
+      str(tmp_path / "run"))
+
+
+def test_peft_export_of_a_classifier_says_the_base_needs_room_for_its_classes(tmp_path, capsys):
+  """(A 5-class adapter on a 3-label checkpoint: PEFT's load failed on the classifier's shape, with no hint.)"""
+  from finetune import cli  # pylint: disable=g-import-not-at-top
+  _bert_lora_classifier_run(tmp_path, 5)
   capsys.readouterr()
   assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--format", "peft", "--out",
                    str(tmp_path / "peft")]) == 0
@@ -338,16 +345,8 @@ def test_peft_export_of_a_classifier_says_the_base_needs_room_for_its_classes(tm
 def test_peft_export_names_a_moved_base_where_it_is_now(tmp_path, capsys):
   """(With the base checkpoint moved, `--config.model.hf_config=NEW` was not read by --format peft: the export
   wrote a whole base_model/ copy instead of naming the base.)"""
-  from finetune import cli, train as train_lib  # pylint: disable=g-import-not-at-top
-  from finetune.config import build_config  # pylint: disable=g-import-not-at-top
-  _, model_cfg = save_base("bert", tmp_path / "base")
-  config = build_config({
-      "model": model_cfg, "init_from": str(tmp_path / "base"), "dont_load": ("^head/",),
-      "data": {"name": "synthetic", "batch_size": 4, "eval_batch_size": 4, "validation_fraction": 0.25,
-               "options": {"kind": "tokens", "length": 8, "vocab_size": 120, "num_examples": 40, "num_classes": 3}},
-      "train": {"steps": 2, "log_every": 2, "checkpoint_every": 0},
-      "peft": {"method": "lora", "targets": ("query",), "rank": 2, "modules_to_save": ("^head/",)}})
-  train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  from finetune import cli  # pylint: disable=g-import-not-at-top
+  _bert_lora_classifier_run(tmp_path, 3)
   (tmp_path / "base").rename(tmp_path / "moved")
   assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--format", "peft", "--out", str(tmp_path / "peft"),
                    f"--config.model.hf_config={tmp_path / 'moved'}"]) == 0, capsys.readouterr().err
