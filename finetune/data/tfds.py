@@ -12,6 +12,7 @@ every label once (skipping image decoding) and keeps them, because class filteri
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -108,7 +109,6 @@ def _open(name: str, split: str, data_dir: str, decoders: Mapping[str, Any] | No
 def _other_versions(name: str, data_dir: str) -> str:
   """', prepared here: 3.0.0 (name it 'mnist:3.0.0')' when the data_dir holds other versions of the dataset than
   the one the installed TFDS expects (it reads only its own unless the name pins one)."""
-  import os  # pylint: disable=g-import-not-at-top
   base = name.split(":")[0]
   folder = os.path.join(os.path.expanduser(data_dir), *base.split("/")) if data_dir else ""
   if not folder or not os.path.isdir(folder):
