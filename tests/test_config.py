@@ -443,3 +443,11 @@ def test_wandb_tags_must_be_strings():
   with pytest.raises(FinetuneError, match=r"config.wandb.tags must be strings \(got \(1,\)\)"):
     build_config({"train": {"steps": 1}}, ["wandb.tags=(1,)"])
   assert build_config({"train": {"steps": 1}}, ["wandb.tags=('lora', 'r8')"]).wandb.tags == ("lora", "r8")
+
+
+@pytest.mark.parametrize("override", ["wandb.tags=(lora, r8)", "wandb.tags=[lora]"])
+def test_wandb_tags_unquoted_tuple_is_refused(override):
+  """(ml_collections keeps `(lora, r8)`, whose items are not Python literals, as the one string tag '(lora, r8)'.)"""
+  with pytest.raises(FinetuneError, match=r"looks like a tuple whose items are not quoted"):
+    build_config({"train": {"steps": 1}}, [override])
+  assert build_config({"train": {"steps": 1}}, ["wandb.tags=lora"]).wandb.tags == ("lora",)
