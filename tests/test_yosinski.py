@@ -199,6 +199,9 @@ def test_plot_summarizes_and_draws_figure2(tmp_path):
   png = tmp_path / "figure2.png"
   fig = plot.figure2(str(path), str(png), title="test")
   assert png.stat().st_size > 1000 and len(fig.axes) == 2
+  fig = plot.figure2(str(path), per_split_seed=True)  # one panel per class split, bars over its seeds
+  assert [ax.get_title() for ax in fig.axes] == ["random class split 0", "random class split 1",
+                                                 "man-made (A) vs natural (B)"]
   with pytest.raises(ValueError, match="no finished points"):
     bad = tmp_path / "empty.csv"
     bad.write_text(",".join(header) + "\n")

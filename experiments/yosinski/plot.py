@@ -1,14 +1,15 @@
 """Figure 2 of Yosinski et al. 2014 from a sweep's results.csv (`finetune sweep` over configs/cifar10_yosinski.py).
 
-    python experiments/yosinski/plot.py /tmp/yosinski_sweep/results.csv /tmp/yosinski_sweep/figure2.png
+    python experiments/yosinski/plot.py /tmp/yosinski_sweep/results.csv /tmp/yosinski_sweep/figure2.png [PER_SPLIT.png]
 
 Test accuracy on B (y) against the number n of layer groups copied from a base network (x): baseB at n = 0, then
 BnB, BnB+, AnB and AnB+ at each n; one marker per condition and n at the mean over the random class splits (each
 split's seeds averaged first; bars: sample standard deviation between splits), each split's mean as a faint dot
 (for a split kind with one class split, such as man-made, over its seeds and each seed's value). The man-made vs
 natural split is a different experiment from the random 5/5 splits (the paper's Figure 3 vs Figure 2), so each
-split kind in the file (the `:split` column) gets its own panel. `figure2` and `summarize` are meant for notebooks
-too.
+split kind in the file (the `:split` column) gets its own panel. A third argument also writes the same results
+with one panel per class split, whose bars and dots are over that split's seeds only. `figure2` and `summarize` are
+meant for notebooks too.
 
 results.csv is written by `finetune.sweep.aggregate`: columns `point`, the swept keys (`:split`, `:split_seed`,
 `seed`), `status`, then one `<stage>/<metric>` column per stage and metric, e.g. `AnB_plus_3/test/accuracy`.
@@ -141,11 +142,13 @@ def markdown(summary: dict[str, dict]) -> str:
   return "\n".join(lines)
 
 
-def figure2(csv_path: str, png_path: str | None = None, title: str = "", metric: str = "test/accuracy"):
-  """Draws the Figure 2-style plot (one panel per split kind); saves it to `png_path` when given. Returns the
-  matplotlib figure."""
+def figure2(csv_path: str, png_path: str | None = None, title: str = "", metric: str = "test/accuracy",
+            per_split_seed: bool = False):
+  """Draws the Figure 2-style plot (one panel per split kind; with `per_split_seed`, one per class split, whose
+  bars and dots are over its seeds only: `summarize`); saves it to `png_path` when given. Returns the matplotlib
+  figure."""
   plt = reporting.pyplot(to_file=bool(png_path))
-  summary = summarize(csv_path, metric)
+  summary = summarize(csv_path, metric, per_split_seed)
   fig, axes = plt.subplots(1, len(summary), figsize=(6.4 * len(summary), 4.8), squeeze=False)
   offsets = {"baseB": 0.0, "BnB": -0.15, "BnB+": -0.05, "AnB": 0.05, "AnB+": 0.15}  # side by side at each n
   for ax, (split, conditions) in zip(axes[0], summary.items()):
@@ -169,7 +172,8 @@ def figure2(csv_path: str, png_path: str | None = None, title: str = "", metric:
     ax.set_xticks([0, *all_ns])
     ax.set_xlabel("layer groups n copied from the base network (0: baseB)")
     ax.set_ylabel(f"{metric} on B")
-    name = {"random": "random 5/5 class splits", "manmade": "man-made (A) vs natural (B)"}.get(split, split)
+    name = {"random": "random 5/5 class splits", "manmade": "man-made (A) vs natural (B)"}.get(
+        split, split.replace(" split_seed=", " class split "))
     ax.set_title(f"{title} — {name}" if title else name)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
@@ -177,9 +181,12 @@ def figure2(csv_path: str, png_path: str | None = None, title: str = "", metric:
 
 
 if __name__ == "__main__":
-  if len(sys.argv) != 3:
+  if len(sys.argv) not in (3, 4):
     sys.exit(__doc__.splitlines()[2].strip())
   print(markdown(summarize(sys.argv[1], per_split_seed=True)))  # the README's table: each split over seeds
   print(table(summarize(sys.argv[1])))  # the figure's panels: all random splits together
   figure2(sys.argv[1], sys.argv[2])
   print(f"wrote {sys.argv[2]}")
+  if len(sys.argv) == 4:  # the same results with one panel per class split, over its seeds
+    figure2(sys.argv[1], sys.argv[3], per_split_seed=True)
+    print(f"wrote {sys.argv[3]}")
