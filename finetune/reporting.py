@@ -9,6 +9,7 @@ kept in `<run dir>/wandb_run_id`, and a resumed stage logs into the same run.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -313,3 +314,21 @@ def save_figure(fig, png_path: str | None):
   if png_path:
     fig.savefig(png_path, dpi=120)
   return fig
+
+
+def experiment_plot(experiment: str, start: str | None = None):
+  """`experiments/<experiment>/plot.py` of the repository that holds `start` (default: the working directory),
+  imported for a notebook. The plot scripts sit beside the results they draw, outside the installed package, so
+  they are found by walking up from `start` (a notebook runs in notebooks/, the repository root or a copy's folder)
+  and imported under a name of their own, `<experiment>_plot`: two experiments' scripts in one kernel do not shadow
+  each other as a bare `import plot` after `sys.path.insert` would."""
+  first = folder = os.path.abspath(start or os.getcwd())
+  while not os.path.isfile(path := os.path.join(folder, "experiments", experiment, "plot.py")):
+    if os.path.dirname(folder) == folder:
+      raise FinetuneError(f"no experiments/{experiment}/plot.py in {first} or any folder above it: run the "
+                          f"notebook inside a finetune checkout, or pass start= a folder inside one")
+    folder = os.path.dirname(folder)
+  spec = importlib.util.spec_from_file_location(f"{experiment}_plot", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

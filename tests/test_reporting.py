@@ -11,7 +11,7 @@ import types
 import pytest
 
 from conftest import tiny_config
-from finetune import files
+from finetune import files, reporting
 from finetune import train as train_lib
 from finetune.errors import FinetuneError
 from finetune.reporting import MetricsLog, staged_directory, write_json
@@ -274,3 +274,18 @@ def test_a_failed_atomic_write_names_the_path_asked_for(tmp_path):
     with files.atomic_path(str(tmp_path / "z.json")):
       raise io.UnsupportedOperation("not writable")
   assert os.listdir(tmp_path) == []  # no temp file left behind
+
+
+def test_experiment_plot_is_found_from_a_subfolder_and_named_after_its_experiment(tmp_path):
+  """Notebooks load experiments/<name>/plot.py wherever in the checkout they run; each script gets its own module
+  name, so two experiments' scripts in one kernel do not shadow each other."""
+  for name in ("alpha", "beta"):
+    (tmp_path / "experiments" / name).mkdir(parents=True)
+    (tmp_path / "experiments" / name / "plot.py").write_text(f"NAME = {name!r}\n")
+  (tmp_path / "notebooks").mkdir()
+  alpha = reporting.experiment_plot("alpha", start=str(tmp_path / "notebooks"))
+  beta = reporting.experiment_plot("beta", start=str(tmp_path))
+  assert (alpha.NAME, alpha.__name__, beta.NAME, beta.__name__) == ("alpha", "alpha_plot", "beta", "beta_plot")
+  assert alpha.__file__ == str(tmp_path / "experiments" / "alpha" / "plot.py")
+  with pytest.raises(FinetuneError, match=r"no experiments/gamma/plot.py in .*notebooks or any folder above it"):
+    reporting.experiment_plot("gamma", start=str(tmp_path / "notebooks"))
