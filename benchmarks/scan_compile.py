@@ -3,7 +3,8 @@
     python benchmarks/scan_compile.py [--depths 2,4,8,16] [--width 128]
 
 For a Llama-shaped model on synthetic tokens it builds the stage from shapes and times the ahead-of-time compile of
-its train step (full fine-tuning and LoRA q,v), then one step, for each depth. Prints a table; asserts nothing.
+its train step (full fine-tuning and LoRA q,v), then the step (median of 5 trials of at least 0.25 s each, the
+unrolled and scanned steps' trials interleaved: `steady_state`), for each depth. Prints a table; asserts nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from finetune import train as train_lib
 from finetune.config import build_config
 from finetune.data.pipeline import to_global
 from finetune.sharding import batch_sharding
+
+import steady_state  # benchmarks/steady_state.py, beside this script
 
 
 def config(depth: int, width: int, scanned: bool, lora: bool):
@@ -32,20 +35,19 @@ def config(depth: int, width: int, scanned: bool, lora: bool):
   })
 
 
-def measure(depth: int, width: int, scanned: bool, lora: bool) -> tuple[float, float]:
-  cfg = config(depth, width, scanned, lora)
-  stage = train_lib.build_stage(cfg)
-  started = time.perf_counter()
-  step = stage.train_step(0)
-  compile_seconds = time.perf_counter() - started
-  state = stage.init_state(0)(jax.random.PRNGKey(0))
-  batch = to_global(stage.pipeline.train_batch(0), batch_sharding(stage.mesh))
-  state, metrics = step(state, batch)  # warm
-  jax.block_until_ready(metrics)
-  started = time.perf_counter()
-  state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  return compile_seconds, time.perf_counter() - started
+def measure(depth: int, width: int, lora: bool) -> dict[str, tuple[float, float]]:
+  """{'unrolled' | 'scanned': (compile seconds, seconds per step)}; the two steps' trials are interleaved, so a
+  slow spell of the host does not land on one of them only."""
+  compile_seconds, runs = {}, {}
+  for mode, scanned in (("unrolled", False), ("scanned", True)):
+    stage = train_lib.build_stage(config(depth, width, scanned, lora))
+    started = time.perf_counter()
+    step = stage.train_step(0)
+    compile_seconds[mode] = time.perf_counter() - started
+    state = stage.init_state(0)(jax.random.PRNGKey(0))
+    runs[mode] = (step, state, (to_global(stage.pipeline.train_batch(0), batch_sharding(stage.mesh)),))
+  step_seconds = steady_state.seconds_per_call(runs)
+  return {mode: (compile_seconds[mode], step_seconds[mode]) for mode in runs}
 
 
 def main():
@@ -58,7 +60,8 @@ def main():
         f"{'step ms (unrolled)':>18}  {'step ms (scanned)':>17}")
   for lora in (False, True):
     for depth in map(int, args.depths.split(",")):
-      unrolled, scanned = (measure(depth, args.width, s, lora) for s in (False, True))
+      times = measure(depth, args.width, lora)
+      unrolled, scanned = times["unrolled"], times["scanned"]
       print(f"{'lora' if lora else 'full':<6} {depth:>5}  {unrolled[0]:>20.2f}  {scanned[0]:>19.2f}  "
             f"{unrolled[1] * 1e3:>18.1f}  {scanned[1] * 1e3:>17.1f}", flush=True)
 

