@@ -85,8 +85,11 @@ def run_case(code: str, args: list[str], sized: bool, timeout: float) -> str:
   seconds = time.perf_counter() - start
   if result.returncode == 0:
     return f"finished in {seconds:.1f} s"
-  aborted = "Termination timeout" in result.stderr
-  return f"hung ({'XLA aborted a collective' if aborted else 'exit ' + str(result.returncode)} after {seconds:.0f} s)"
+  if "Termination timeout" in result.stderr:
+    return f"hung (XLA aborted a collective after {seconds:.0f} s)"
+  # Any other failure (an import error, a bad flag, an out-of-memory kill) is not the hang this script looks for.
+  last_line = (result.stderr.strip().splitlines() or ["no stderr"])[-1]
+  return f"failed (exit {result.returncode} after {seconds:.0f} s): {last_line}"
 
 
 def main() -> None:

@@ -59,12 +59,14 @@ def main():
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--data", choices=sorted(DATA), default="digits")
   args = parser.parse_args()
+  if args.steps < 1:
+    parser.error(f"--steps {args.steps}: time at least 1 step")
 
   probe = {"patterns": ("^(?!head/)",)}
   variants = [
       ("full fine-tuning", {}),
       ("frozen backbone (head only)", {"freeze": probe}),
-      ("frozen first half of groups", {"freeze": {"first_n": 2}}),
+      ("frozen first 2 layer groups", {"freeze": {"first_n": 2}}),
   ]
   rows = []
   for name, sections in variants:

@@ -17,10 +17,10 @@ compilation, evaluation and process start-up are not in it. Asserts nothing.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
-import sys
 
 from finetune.config import stage_configs
 from finetune.sweep import load_sweep
@@ -45,10 +45,12 @@ def stage_rate(name: str, rates: dict[str, float], workdir: str) -> float:
   if name in rates:
     return rates[name]
   match = re.fullmatch(r"(.+)_(\d+)", name)
-  measured = {} if match is None else {
-      int(other.rpartition("_")[2]): rate for other, rate in rates.items()
-      if re.fullmatch(re.escape(match[1]) + r"_\d+", other)}
-  n = int(match[2]) if match else 0
+  if match is None:  # a base network (baseA, baseB): nothing to interpolate it from
+    raise SystemExit(f"{workdir}: stage {name} was not run (no {name}/summary.json); run the whole config, "
+                     "whose first stages are the base networks")
+  measured = {int(other.rpartition("_")[2]): rate for other, rate in rates.items()
+              if re.fullmatch(re.escape(match[1]) + r"_\d+", other)}
+  n = int(match[2])
   below, above = [m for m in measured if m < n], [m for m in measured if m > n]
   if not below or not above:
     raise SystemExit(f"{workdir}: stage {name} was not run, and no smaller and larger n of it were to interpolate "
@@ -73,6 +75,9 @@ def main(workdir: str, grid: str = FULL_GRID) -> None:
 
 
 if __name__ == "__main__":
-  if len(sys.argv) != 2:
-    raise SystemExit(__doc__.split("\n\n")[1].strip())
-  main(sys.argv[1])
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], usage=__doc__.split("\n\n")[1].strip())
+  parser.add_argument("workdir", help="a shortened `scale=full` run's workdir")
+  args = parser.parse_args()
+  if not os.path.isdir(args.workdir):
+    parser.error(f"{args.workdir} is not a folder")
+  main(args.workdir)

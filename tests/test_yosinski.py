@@ -273,3 +273,6 @@ def test_full_grid_estimate_sums_every_stage_of_every_point(tmp_path, capsys):
   (tmp_path / "AnB_5" / "summary.json").unlink()
   with pytest.raises(SystemExit, match="stage AnB_2 was not run"):
     estimate.main(str(tmp_path))
+  (tmp_path / "baseA" / "summary.json").unlink()  # a base network has no n to interpolate from
+  with pytest.raises(SystemExit, match="stage baseA was not run .* run the whole config"):
+    estimate.main(str(tmp_path))
