@@ -155,3 +155,31 @@ def killed_at_step(step: int):
     yield
   finally:
     train_lib.log_interval = real_log_interval
+
+
+def traced_primitives(fn, *args) -> list[tuple[str, dict]]:
+  """(name, params) of every primitive in `jax.make_jaxpr(fn)(*args)`, nested jaxprs (scan, checkpoint, pjit, cond
+  bodies) included. A test that an option gives the plain run's result must also see the option reach the program:
+  equal results would hold just as well if the option were ignored."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      found.append((eqn.primitive.name, eqn.params))
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (list, tuple)) else (value,):
+          inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr wraps its Jaxpr
+          if hasattr(inner, "eqns"):
+            walk(inner)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def stage_step_primitives(stage, index: int = 0) -> list[tuple[str, dict]]:
+  """`traced_primitives` of a built stage's train step, on abstract state and batch (nothing is computed)."""
+  from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
+  batch = train_lib.abstract_batch(stage.pipeline.train_batch(0), stage.mesh)
+  return traced_primitives(stage.step_fn(index), stage.abstract_state(index), batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import shutil
@@ -25,6 +26,7 @@ from finetune.errors import FinetuneError
 from finetune.models import build_model
 from finetune.partition import flatten
 from finetune.regularizers import Aux, Context, Source, ewc, fisher, l2sp, lwf
+from finetune.step import make_train_step
 
 MLP = {"name": "mlp", "input_size": 6, "hidden": (5,)}
 
@@ -58,6 +60,33 @@ def test_fisher_takes_the_models_other_state_as_an_argument():
       params, batch, jax.random.split(jax.random.PRNGKey(0), 7), constants)
   assert seen and all(seen)
   assert not [line for line in lowered.as_text().splitlines() if "constant" in line and "4096" in line]
+
+
+def test_the_training_fisher_step_captures_no_array(tmp_path, monkeypatch):
+  """train.source_fisher, the production caller: the CNN source's BatchNorm statistics reach the Fisher's `apply`
+  as its `constants` argument, and tracing `apply` captures no array (a captured one is compiled in as a constant;
+  the negative control below, an `apply` that closes over the statistics, does capture them)."""
+  calls = []
+  real_estimate = fisher.estimate
+
+  def recording_estimate(apply, params, batches, *args, constants=None, **kwargs):
+    batches = list(batches)
+    calls.append((apply, params, batches[0], constants))
+    return real_estimate(apply, params, batches, *args, constants=constants, **kwargs)
+
+  monkeypatch.setattr(train_lib.fisher_lib, "estimate", recording_estimate)
+  config = tiny_config(
+      stages={"pretrain": {"data": {"classes": (0, 1, 2, 3, 4)}, "train": {"steps": 2}},
+              "ewc": {"data": {"classes": (5, 6, 7, 8, 9)}, "init_from": "stage:pretrain", "dont_load": ("^head/",),
+                      "regularize": {"ewc": {"weight": 1.0, "num_examples": 16}}}},
+      train={"steps": 2, "checkpoint_every": 0})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  (apply, params, batch, constants), = calls
+  statistics = jax.tree.leaves(constants)
+  assert statistics and sum(np.size(leaf) for leaf in statistics) >= 16  # the BatchNorm means and variances
+  assert jax.make_jaxpr(apply)(params, batch, constants).consts == []
+  closing_over = jax.make_jaxpr(lambda params, batch, _: apply(params, batch, constants))(params, batch, constants)
+  assert closing_over.consts  # the check above would see a captured array
 
 
 def test_fisher_batches_of_every_size_share_one_program():
@@ -278,7 +307,7 @@ def test_rehearsal_between_examples_of_other_shapes_is_one_error():
     with_rehearsal(InputPipeline("t", ("0",), target, {}, 16, 16, 0), source, 0.25)
 
 
-def test_rehearsal_with_gradient_accumulation_equals_one_big_batch(tmp_path):
+def test_rehearsal_with_gradient_accumulation_equals_one_big_batch(tmp_path, monkeypatch):
   """Means over the whole batch's rows keep the accumulated update the whole batch's, however the rehearsed rows
   fall into micro-batches (once, the source rows filled the last micro-batch and halved the task loss)."""
   finals, losses = [], []
@@ -289,7 +318,12 @@ def test_rehearsal_with_gradient_accumulation_equals_one_big_batch(tmp_path):
                 "target": {"data": {"classes": (5, 6, 7, 8, 9)}, "init_from": "stage:pretrain",
                            "dont_load": ("^head/",), "rehearsal": {"fraction": 0.5}}},
         train={"steps": 4, "log_every": 1, "checkpoint_every": 0, "grad_accum_steps": accumulate})
+    built = []  # the `accumulate` each stage's step is built with (tests/test_train.py: it then splits the batch)
+    monkeypatch.setattr(train_lib, "make_train_step", lambda *args, **kwargs: built.append(
+        inspect.signature(make_train_step).bind(*args, **kwargs).arguments["accumulate"])
+                        or make_train_step(*args, **kwargs))
     train_lib.train_and_evaluate(config, str(tmp_path / str(accumulate)))
+    assert set(built) == {accumulate}, built
     finals.append(read_checkpoint_arrays(str(tmp_path / str(accumulate) / "target" / "checkpoints" / "4"))["params"])
     losses.append([json.loads(l)["task_loss"] for l in open(tmp_path / str(accumulate) / "target" / "metrics.jsonl")
                    if '"train"' in l])

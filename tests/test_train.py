@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import REPO, killed_at_step, shared_data, tiny_config
+from conftest import REPO, killed_at_step, shared_data, stage_step_primitives, tiny_config, traced_primitives
 from finetune import train as train_lib
 from finetune.checkpoint import read_checkpoint_arrays, resolve_checkpoint
 from finetune.export import latest_checkpoint
@@ -60,7 +60,7 @@ def test_main_config_smoke_run_writes_every_output(tmp_path):
       assert summary["forgetting"] == {}
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["3", "6"]
   assert summaries["finetune"]["init"]["fresh"] == ["head/bias", "head/kernel"]
-  assert list(summaries["scratch"]["init"]) == ["run_id", "classes", "examples"]  # its identity and data; nothing loaded
+  assert list(summaries["scratch"]["init"]) == ["run_id", "classes", "examples"]  # its identity and data only
   assert summaries["finetune"]["init"]["source_run_id"] == summaries["pretrain"]["init"]["run_id"]
 
 
@@ -541,6 +541,10 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     train_lib.train_and_evaluate(config, str(tmp_path / str(accumulate)))
     results[accumulate] = (read_checkpoint_arrays(str(tmp_path / str(accumulate) / "checkpoints" / "5"))["params"],
                            _records(tmp_path / str(accumulate)))
+    # The step does split the batch: a scan over `accumulate` micro-batches (none without accumulation).
+    scans = [params["length"] for name, params in stage_step_primitives(train_lib.build_stage(config))
+             if name == "scan"]
+    assert scans == ([] if accumulate == 1 else [accumulate]), scans
   (big, big_records), (small, small_records) = results[1], results[4]
   for path in big:
     np.testing.assert_allclose(small[path], big[path], rtol=1e-5, atol=1e-6)
@@ -577,6 +581,8 @@ def test_gradient_accumulation_is_exact_when_micro_batches_count_different_numbe
                            accumulate=accumulate)
     new_state, metrics = jax.jit(step)(state, batch)
     results[accumulate] = (flatten(jax.device_get(new_state.params)), float(metrics["loss"]))
+    scans = [params["length"] for name, params in traced_primitives(step, state, batch) if name == "scan"]
+    assert scans == ([] if accumulate == 1 else [accumulate]), scans  # the step does split the batch
   assert results[2][1] == pytest.approx(results[1][1], rel=1e-6)
   for path, value in results[1][0].items():
     np.testing.assert_allclose(results[2][0][path], value, atol=1e-6, err_msg=path)
@@ -598,6 +604,7 @@ def test_bfloat16_compute_stays_close_to_float32(model, tmp_path):
     arrays = read_checkpoint_arrays(str(tmp_path / dtype / "checkpoints" / "12"))
     runs[dtype] = ([r["loss"] for r in _records(tmp_path / dtype) if r["split"] == "train"], arrays, summary)
   (f32_losses, f32_arrays, _), (bf16_losses, bf16_arrays, bf16_summary) = runs["float32"], runs["bfloat16"]
+  assert bf16_losses != f32_losses  # the option reached the run (bfloat16 rounds differently)
   np.testing.assert_allclose(bf16_losses, f32_losses, rtol=0.03)
   for collection in ("params", "model_state"):
     for path, value in bf16_arrays[collection].items():
@@ -622,6 +629,10 @@ def test_rematerialised_blocks_compute_the_same_run(model, policy, tmp_path):
     train_lib.train_and_evaluate(tiny_config(**sections), str(tmp_path / (remat or "off")))
     runs[remat] = (read_checkpoint_arrays(str(tmp_path / (remat or "off") / "checkpoints" / "6")),
                    [r["loss"] for r in _records(tmp_path / (remat or "off")) if r["split"] == "train"])
+    # The blocks are rematerialised (jax.checkpoint's remat primitive in the step) only when asked for.
+    rematerialised = [name for name, _ in stage_step_primitives(train_lib.build_stage(tiny_config(**sections)))
+                      if "remat" in name]
+    assert bool(rematerialised) == bool(remat), (remat, rematerialised)
   (plain, plain_losses), (remat, remat_losses) = runs[""], runs[policy]
   np.testing.assert_allclose(remat_losses, plain_losses, rtol=1e-5)
   for collection in ("params", "model_state"):
