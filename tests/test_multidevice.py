@@ -332,8 +332,10 @@ FORGETTING_TARGET = dict(model={"name": "mlp", "input_size": 64, "hidden": (16,)
                          train={"steps": 4, "log_every": 2, "checkpoint_every": 0})
 FORGETTING_RUN = f'''
 import json, sys
+import jax
 from conftest import tiny_config
 from finetune import train as train_lib
+assert jax.device_count() == 8, jax.devices()  # (the default mesh would take any count)
 config = tiny_config(init_from=sys.argv[1], **{FORGETTING_TARGET!r})
 print(json.dumps(train_lib.train_and_evaluate(config, sys.argv[2])["train"]["forgetting"]))
 '''
@@ -350,7 +352,7 @@ def test_an_earlier_task_trained_on_one_device_is_evaluated_and_its_fisher_taken
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])[str(source)]["validation"]
   before = json.loads((source / "summary.json").read_text())["final"]["validation"]["accuracy"]
-  assert report["before"] == before and 0 <= report["after"] <= 1
+  assert report["before"] == before
   # EWC's Fisher, computed on 8 devices with the examples split over them (it ran on one device, whole model and
   # all), equals one device's.
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
@@ -358,7 +360,11 @@ def test_an_earlier_task_trained_on_one_device_is_evaluated_and_its_fisher_taken
                   if path.name.startswith("fisher-") and path.suffix == ".safetensors")
   eight = load_file(fisher_file)
   fisher_file.unlink()
-  train_lib.train_and_evaluate(tiny_config(init_from=str(source), **FORGETTING_TARGET), str(tmp_path / "one"))
+  one_device = train_lib.train_and_evaluate(tiny_config(init_from=str(source), **FORGETTING_TARGET),
+                                            str(tmp_path / "one"))["train"]["forgetting"][str(source)]["validation"]
+  # The source task scored after training on 8 devices as after training on one (float sums in another order:
+  # the same to within an example or two).
+  assert report["after"] == pytest.approx(one_device["after"], abs=0.03)
   one = load_file(fisher_file)
   assert sorted(one) == sorted(eight)
   for path in one:

@@ -174,12 +174,16 @@ def test_vit_rank_and_alpha_patterns_import_back_in_either_naming(tmp_path):
   cfg = peft_config(method="lora", targets=("query", "value"), rank=4, alpha=8.0, rank_pattern=(("value", 2),),
                     alpha_pattern=(("query", 2.0),))
   model = adapters.load_model(model_cfg, cfg, 3, checkpoint=str(tmp_path / "base"))
+  trained = [p for p in flatten(nnx.state(model, nnx.Param).to_pure_dict()) if "lora" in p]
+  model = randomize_adapters(model, trained)  # B non-zero: a transposed or misplaced tensor cannot pass
   params = flatten(nnx.state(model, nnx.Param).to_pure_dict())
-  trained = [p for p in params if "lora" in p]
+  assert {params[p].shape for p in trained if "/value/" in p} == {(32, 2), (2, 32)}  # rank_pattern's r = 2
   for naming in ("installed", "checkpoint"):
     peft_format.export_peft(model_cfg, cfg, model, params, trained, 3, str(tmp_path / naming), naming=naming)
     arrays = peft_format.read_peft_adapter(str(tmp_path / naming), model_cfg, cfg, model, 3)
     assert sorted(arrays) == sorted(trained)
+    for path in trained:
+      np.testing.assert_array_equal(arrays[path], params[path], err_msg=f"{naming} {path}")
   # The check still bites: the same adapter under another alpha for the queries.
   other = peft_config(method="lora", targets=("query", "value"), rank=4, alpha=8.0, rank_pattern=(("value", 2),))
   with pytest.raises(FinetuneError, match=r"attention.* has r=4, lora_alpha=2.0 but this model's LoRA layer "

@@ -306,7 +306,12 @@ def test_sft_trains_a_decoder_on_responses_only(model, peft, pack, tokenizer_dir
   assert set(validation) == set(evaluation_keys(TASKS.get("causal_lm")))  # what early stopping may watch
   if not pack:
     assert validation["num_examples"] == 9  # 44 unique conversations (duplicates of RECORDS dropped), 20% held out
-  assert 0 < validation["num_tokens"] < validation["num_examples"] * 31  # response tokens only
+  # Response tokens only: the loss_mask's tokens after each row's first (fewer than the attention mask's).
+  rows = train_lib.build_stage(config).pipeline.eval_splits["validation"]
+  rows = rows.take(np.arange(len(rows)))
+  response_tokens = int((rows["loss_mask"][:, 1:] > 0).sum())
+  assert 0 < response_tokens < int((rows["attention_mask"][:, 1:] > 0).sum())
+  assert validation["num_tokens"] == response_tokens
   losses = [json.loads(l)["loss"] for l in open(tmp_path / "run" / "metrics.jsonl") if '"train"' in l]
   assert losses[-1] < losses[0]
   if peft:  # adapters only: well under 10% of the parameters train

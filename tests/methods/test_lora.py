@@ -223,7 +223,8 @@ QLORA_HEAD = {**QLORA, "targets": ("query", "value", "head"), "modules_to_save":
 @pytest.mark.parametrize("first, second", [({}, {"targets": ("query",)}), ({}, {"alpha": 32.0}), ({}, {"dora": True}),
                                            (QLORA, {"quantize": ""}), (QLORA, {"quant_block_size": 8}),
                                            (QLORA_HEAD, {"quantize": ""})])
-def test_a_lora_stage_with_other_settings_starts_from_the_source_runs_function(tmp_path, first, second):
+def test_a_lora_stage_with_other_settings_starts_from_the_source_runs_function(tmp_path, monkeypatch, first,
+                                                                                  second):
   """(A LoRA stage from a LoRA run loaded A and B as they were: with other targets an adapter was dropped, with
   another alpha rescaled, with DoRA the magnitudes were taken from the bare base kernels, and a QLoRA source with
   other quantisation settings was refused with advice to re-initialise the base. Now the source's adapters are
@@ -240,11 +241,24 @@ def test_a_lora_stage_with_other_settings_starts_from_the_source_runs_function(t
   checkpoint = str(tmp_path / "lora" / "checkpoints" / "4")
   expected = np.asarray(adapters.load_model(stages["lora"].model, stages["lora"].peft, 10, checkpoint)(images))
   stage = train_lib.build_stage(stages["again"])
+  folded = []
+  real_fold = adapters.fold_source_adapters
+  monkeypatch.setattr(adapters, "fold_source_adapters", lambda *args, **kwargs: folded.append(
+      real_fold(*args, **kwargs)) or folded[-1])
   state, _ = train_lib.initial_state(stage, stages["again"], str(tmp_path))
   start = nnx.merge(stage.graphdef, state.params, state.model_state)
   # NF4 re-quantises the folded kernels: 4-bit levels, a few percent of the logits
   atol = 0.1 * np.abs(expected).max() if stages["again"].peft.quantize else 1e-5
   np.testing.assert_allclose(np.asarray(start(images)), expected, atol=atol)
+  if first.get("quantize"):  # the logits cannot see a fold's error below NF4's: the folded float kernel, before
+    source = read_checkpoint_arrays(checkpoint)  # re-quantisation, is the source's dequantised base + s A B
+    layer = "blocks/0/attention/query"
+    codes = {key[len(f"{layer}/kernel_"):]: value for key, value in source["model_state"].items()
+             if key.startswith(f"{layer}/kernel_")}
+    base = np.asarray(nf4.dequantize(codes, (16, 16)))
+    update = (8.0 / 2) * source["params"][f"{layer}/lora_a"] @ source["params"][f"{layer}/lora_b"]
+    assert np.abs(update).max() > 1e-3  # the source's adapters moved
+    np.testing.assert_allclose(folded[-1]["params"][f"{layer}/kernel"], base + update, atol=1e-6)
   plain = adapters.load_model(stages["lora"].model, ConfigDict({**defaults().peft.to_dict(), "method": ""}), 10,
                               checkpoint)
   np.testing.assert_allclose(np.asarray(plain(images)), expected, atol=1e-5)  # load_model folds them too

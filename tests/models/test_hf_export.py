@@ -112,7 +112,9 @@ def test_a_half_precision_export_loads_in_that_dtype_with_close_logits(dtype, tm
   ids = torch.tensor(np.random.default_rng(0).integers(0, 60, size=(2, 9)))
   with torch.no_grad():
     expected, got = reference(input_ids=ids).logits, exported(input_ids=ids).logits.float()
-  np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=0.1)  # (rounded weights: about 3 digits)
+  # Rounded weights: about 3 significant digits (bfloat16 moved these logits by 0.002 of their 0.57 at most; a block's
+  # attention or MLP output projection zeroed moves them by 0.07-0.09).
+  np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=0.02 * float(np.abs(expected.numpy()).max()))
   with pytest.raises(FinetuneError, match="unknown export dtype 'int8'; valid: float32, bfloat16, float16"):
     hf.export_params("gpt2", params, kwargs, [], str(tmp_path / "bad"), None, "int8")
 
