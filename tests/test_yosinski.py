@@ -112,6 +112,8 @@ def test_transfer_network_copies_the_first_n_groups_and_freezes_exactly_them(tmp
     assert strategy.groups == (*groups, "head")
     expect_frozen = set(groups[:n]) if not name.endswith("_plus_2") else set()
     assert strategy.frozen == {p for p, g in strategy.group_of.items() if g in expect_frozen}
+    # Each copies from its own base, and the same groups (the loading below is checked on the A-sourced ones).
+    assert cfg.init_from == f"stage:base{name[0]}" and cfg.dont_load == stages["AnB_2"].dont_load
     if not name.startswith("AnB"):
       continue  # (baseB was not trained here; its initial state is the same code path)
     state, report = initial_state(stage, cfg, workdir)
