@@ -445,9 +445,11 @@ def test_wandb_tags_must_be_strings():
   assert build_config({"train": {"steps": 1}}, ["wandb.tags=('lora', 'r8')"]).wandb.tags == ("lora", "r8")
 
 
-@pytest.mark.parametrize("override", ["wandb.tags=(lora, r8)", "wandb.tags=[lora]"])
+@pytest.mark.parametrize("override", ["wandb.tags=(lora, r8)", "wandb.tags=[lora, r8]"])
 def test_wandb_tags_unquoted_tuple_is_refused(override):
   """(ml_collections keeps `(lora, r8)`, whose items are not Python literals, as the one string tag '(lora, r8)'.)"""
   with pytest.raises(FinetuneError, match=r"looks like a tuple whose items are not quoted"):
     build_config({"train": {"steps": 1}}, [override])
   assert build_config({"train": {"steps": 1}}, ["wandb.tags=lora"]).wandb.tags == ("lora",)
+  for tags in (("(wip)",), ("[ablation]", "r8"), ("lora", "(r8, a)")):  # quoted tags with brackets are tags
+    assert build_config({"train": {"steps": 1}}, [f"wandb.tags={tags!r}"]).wandb.tags == tags
