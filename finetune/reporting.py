@@ -330,5 +330,11 @@ def experiment_plot(experiment: str, start: str | None = None):
     folder = os.path.dirname(folder)
   spec = importlib.util.spec_from_file_location(f"{experiment}_plot", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  # Registered while it runs, as an import would: dataclasses and pickling look the module up by name.
+  sys.modules[spec.name] = module
+  try:
+    spec.loader.exec_module(module)
+  except BaseException:
+    del sys.modules[spec.name]
+    raise
   return module

@@ -281,7 +281,10 @@ def test_experiment_plot_is_found_from_a_subfolder_and_named_after_its_experimen
   name, so two experiments' scripts in one kernel do not shadow each other."""
   for name in ("alpha", "beta"):
     (tmp_path / "experiments" / name).mkdir(parents=True)
-    (tmp_path / "experiments" / name / "plot.py").write_text(f"NAME = {name!r}\n")
+    # (A dataclass under postponed annotations looks its module up by name: it must be registered.)
+    (tmp_path / "experiments" / name / "plot.py").write_text(
+        "from __future__ import annotations\nimport dataclasses\n\n\n@dataclasses.dataclass\nclass Row:\n"
+        f"  value: float\n\n\nNAME = {name!r}\n")
   (tmp_path / "notebooks").mkdir()
   alpha = reporting.experiment_plot("alpha", start=str(tmp_path / "notebooks"))
   beta = reporting.experiment_plot("beta", start=str(tmp_path))
