@@ -68,20 +68,20 @@ def test_scanned_llama_with_frozen_first_layer_trains_like_unrolled(tmp_path):
 @pytest.mark.parametrize("kept", [r"^blocks/\d+/mlp_in/", r"norm/"])
 def test_a_float32_parameter_inside_scanned_bfloat16_blocks_trains_like_unrolled(kept, tmp_path):
   """(It promotes the residual stream to float32, which a scan's carry refused: a TypeError when the step traced.)
-  Same losses and final parameters as unrolled, to bfloat16's precision, over 6 steps that move every block."""
+  The same losses as unrolled to bfloat16's precision, over 12 steps that move them by about 0.3 (the zero-initialised
+  head leaves the first two at ln 10 whatever the blocks compute). The scan enters in the dtype a block returns
+  (float32 here), so its first block reads a float32 stream where the unrolled first block reads bfloat16: not the
+  same program, and the losses were 0.004 apart at most (jax 0.10.2)."""
   vit = {"name": "vit", "image_size": 8, "patch_size": 4, "width": 16, "depth": 3, "num_heads": 2, "mlp_dim": 32}
-  losses, params = {}, {}
+  losses = {}
   for scanned in (False, True):
-    config = tiny_config(model=vit, train={"steps": 6, "log_every": 1, "checkpoint_every": 0, "scan_layers": scanned,
-                                           "compute_dtype": "bfloat16", "float32_params": (kept,)})
+    config = tiny_config(model=vit, optimizer={"learning_rate": 1e-2},
+                         train={"steps": 12, "log_every": 1, "checkpoint_every": 0, "scan_layers": scanned,
+                                "compute_dtype": "bfloat16", "float32_params": (kept,)})
     train_lib.train_and_evaluate(config, str(tmp_path / str(scanned)))
     losses[scanned] = _losses(tmp_path / str(scanned))
-    params[scanned] = read_checkpoint_arrays(str(tmp_path / str(scanned) / "checkpoints" / "6"))["params"]
-  np.testing.assert_allclose(losses[True], losses[False], rtol=1e-2)
-  # bfloat16 rounding moved the two runs up to 5e-3 apart (jax 0.10.2); weights drawn from seed 1 instead of 0 end
-  # up to ~1 apart in the kernels.
-  for path, value in params[False].items():
-    np.testing.assert_allclose(params[True][path], value, rtol=0, atol=1e-2, err_msg=path)
+  assert losses[False][0] - losses[False][-1] > 0.2  # training moved them far beyond the tolerance below
+  np.testing.assert_allclose(losses[True], losses[False], rtol=0, atol=0.01)
 
 
 def test_no_decay_naming_a_layer_applies_to_that_layer_when_scanned():
