@@ -351,7 +351,8 @@ def test_an_earlier_task_trained_on_one_device_is_evaluated_and_its_fisher_taken
   result = run_python_with_args(FORGETTING_RUN, [str(source), str(tmp_path / "target")])
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])[str(source)]["validation"]
-  before = json.loads((source / "summary.json").read_text())["final"]["validation"]["accuracy"]
+  source_validation = json.loads((source / "summary.json").read_text())["final"]["validation"]
+  before = source_validation["accuracy"]
   assert report["before"] == before
   # EWC's Fisher, computed on 8 devices with the examples split over them (it ran on one device, whole model and
   # all), equals one device's.
@@ -363,8 +364,8 @@ def test_an_earlier_task_trained_on_one_device_is_evaluated_and_its_fisher_taken
   one_device = train_lib.train_and_evaluate(tiny_config(init_from=str(source), **FORGETTING_TARGET),
                                             str(tmp_path / "one"))["train"]["forgetting"][str(source)]["validation"]
   # The source task scored after training on 8 devices as after training on one (float sums in another order:
-  # the same to within an example or two).
-  assert report["after"] == pytest.approx(one_device["after"], abs=0.03)
+  # the same to within two examples).
+  assert report["after"] == pytest.approx(one_device["after"], abs=2 / source_validation["num_examples"] + 1e-9)
   one = load_file(fisher_file)
   assert sorted(one) == sorted(eight)
   for path in one:
