@@ -59,8 +59,9 @@ def _table_row(line: str) -> str:
 
 
 def check_tables_match_readme(printed: str, readme: str, name: str):
-  """Every data row of every table a reproduction's notebook prints is in its experiment's README: the README's
-  tables cannot go stale against the committed results that the notebook reads."""
+  """Every data row of every markdown table a reproduction's notebook prints is in its experiment's README, and so
+  is every figure of its summary sentences: the README cannot go stale against the committed results that the
+  notebook reads. (Header rows and the Yosinski notebook's plain-text table of the pooled splits are not compared.)"""
   lines = printed.splitlines()
   separators = [i for i, line in enumerate(lines) if re.fullmatch(r"\|(\s*-+\s*\|)+", line.strip())]
   headers = {i - 1 for i in separators}
@@ -70,6 +71,11 @@ def check_tables_match_readme(printed: str, readme: str, name: str):
   readme_rows = {_table_row(line) for line in readme.splitlines() if line.startswith("|")}
   missing = [row for row in rows if _table_row(row) not in readme_rows]
   assert not missing, f"{name} printed rows its experiment's README does not have: {missing}"
+  # The forgetting notebook's summary sentences (the README words them its own way): their mean ± std figures.
+  for line in lines:
+    if line.startswith("Source test accuracy"):
+      figures = re.findall(r"\d+\.\d+ ± \d+\.\d+", line)
+      assert figures and all(figure in readme for figure in figures), (name, line)
 
 
 def check_quoted_numbers(notebook, printed: str, name: str):
