@@ -46,17 +46,49 @@ def make_readable(path: str) -> None:
 LOCK_NAME = ".lock"
 
 
+def _held_above(workdir: str) -> tuple[str, str] | None:
+  """(folder, holder) of the nearest folder above `workdir` whose lock another run holds, else None: a run inside
+  another's workdir (`--workdir W/finetune` while a run in W trains that stage there) would mix its files with that
+  stage's. Probed with a shared lock, let go at once."""
+  folder = os.path.dirname(workdir)
+  while True:
+    lock_path = os.path.join(folder, LOCK_NAME)
+    if os.path.isfile(lock_path):
+      try:
+        fd = os.open(lock_path, os.O_RDONLY)
+      except OSError:  # (not ours to read: no run of ours holds it)
+        fd = None
+      if fd is not None:
+        try:
+          fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+          fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+          return folder, os.read(fd, 200).decode(errors="replace").strip()
+        except OSError:  # a file system without locks
+          pass
+        finally:
+          os.close(fd)
+    if os.path.dirname(folder) == folder:
+      return None
+    folder = os.path.dirname(folder)
+
+
 @contextlib.contextmanager
-def exclusive_workdir(workdir: str, enabled: bool = True) -> Iterator[None]:
+def exclusive_workdir(workdir: str, enabled: bool = True, check_above: bool = True) -> Iterator[None]:
   """Holds an advisory lock on `<workdir>/.lock` for the block: a second run in the same folder (a double launch, a
   requeued job while the first is still closing, two sweeps over one folder) fails at once instead of mixing its
   checkpoints, metrics and summary with the first's. The operating system drops the lock when the process ends,
   however it ends; the file stays (deleting it would race with a process about to lock it). `enabled=False` for the
-  processes of a multi-host run, which share their workdir by design. Written by hand: the standard library's
-  fcntl is the whole mechanism, and no dependency offers more."""
+  processes of a multi-host run, which share their workdir by design. A folder inside another run's held workdir is
+  refused too (`check_above`; a run's own stage folders, locked while their stage runs, skip it). Written by hand:
+  the standard library's fcntl is the whole mechanism, and no dependency offers more."""
   if not enabled:
     yield
     return
+  held = _held_above(workdir) if check_above else None
+  if held:
+    raise FinetuneError(f"{workdir} is inside {held[0]}, the workdir of another finetune process "
+                        f"({held[1] or 'unknown'}): wait for it to end or stop it, or use a --workdir outside it")
   os.makedirs(workdir, exist_ok=True)
   fd = os.open(os.path.join(workdir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
   try:

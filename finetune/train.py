@@ -10,6 +10,7 @@ from another run (`init_from` + `dont_load`); then loops the pure jitted train s
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import math
@@ -84,7 +85,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
     check_stage_inputs(stages, workdir)
     summaries = {}
     for name, stage_cfg, run_dir in stages:
-      summaries[name] = run_stage(stage_cfg, run_dir, workdir, name)
+      # A stage's folder is held while it runs, so that a run started inside it (`--workdir <workdir>/<stage>`)
+      # before this one reached it is found here, not mixed into (the workdir's own lock covers the other order).
+      with (files.exclusive_workdir(run_dir, enabled=jax.process_count() == 1, check_above=False)
+            if run_dir != workdir else contextlib.nullcontext()):
+        summaries[name] = run_stage(stage_cfg, run_dir, workdir, name)
     # Stages of earlier runs that shared the workdir (one variant per run) stay listed, as their folders do.
     results_path = os.path.join(workdir, "results.json")
     earlier = read_json(results_path) if os.path.isfile(results_path) else {}

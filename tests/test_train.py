@@ -171,6 +171,28 @@ def test_a_workdir_in_use_by_another_run_is_refused_before_anything_is_written(t
   assert (tmp_path / "summary.json").exists()
 
 
+def test_a_run_inside_another_run_s_workdir_is_refused_whichever_starts_first(tmp_path):
+  """(Only the workdir itself was locked: `--workdir W/finetune` beside a run in W trained into that run's stage
+  folder.) A run inside a held workdir is refused at once; a stage folder another run holds is refused when the
+  stage reaches it, its earlier stages kept."""
+  from finetune import files  # pylint: disable=g-import-not-at-top
+  single = tiny_config(train={"steps": 2, "checkpoint_every": 0})
+  with files.exclusive_workdir(str(tmp_path / "outer")):  # another process's run in outer/, as flock sees it
+    with pytest.raises(FinetuneError, match=rf"{tmp_path}/outer/finetune is inside {tmp_path}/outer, the workdir of "
+                                            r"another finetune process \(pid \d+ on .*\): wait for it"):
+      train_lib.train_and_evaluate(single, str(tmp_path / "outer" / "finetune"))
+  assert not (tmp_path / "outer" / "finetune").exists()
+  staged = tiny_config(train={"steps": 2, "checkpoint_every": 0},
+                       stages={"pretrain": {}, "finetune": {"init_from": "stage:pretrain"}})
+  with files.exclusive_workdir(str(tmp_path / "run" / "finetune")):  # a run started there first
+    with pytest.raises(FinetuneError, match=rf"{tmp_path}/run/finetune is in use by another finetune process"):
+      train_lib.train_and_evaluate(staged, str(tmp_path / "run"))
+  assert (tmp_path / "run" / "pretrain" / "summary.json").exists()
+  assert not (tmp_path / "run" / "finetune" / "summary.json").exists()
+  train_lib.train_and_evaluate(staged, str(tmp_path / "run"))  # once it has ended, the run resumes at that stage
+  assert (tmp_path / "run" / "finetune" / "summary.json").exists()
+
+
 def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch):
   """(Lustre mounted noflock and some network mounts answer flock with ENOLCK / EOPNOTSUPP: every run was refused
   as 'in use by another finetune process'.)"""
