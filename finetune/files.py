@@ -49,8 +49,10 @@ LOCK_NAME = ".lock"
 def _held_above(workdir: str) -> tuple[str, str] | None:
   """(folder, holder) of the nearest folder above `workdir` whose lock another run holds, else None: a run inside
   another's workdir (`--workdir W/finetune` while a run in W trains that stage there) would mix its files with that
-  stage's. Probed with a shared lock, let go at once."""
-  folder = os.path.dirname(workdir)
+  stage's. Probed with a shared lock, let go at once. The real path is walked, so a symlink into a held workdir is
+  found too; only locks a finetune process wrote (`pid ...`, or not yet written) count, not another program's
+  `.lock`. (The caller must not hold a lock above `workdir` itself: flock would see its own as another's.)"""
+  folder = os.path.dirname(os.path.realpath(workdir))
   while True:
     lock_path = os.path.join(folder, LOCK_NAME)
     if os.path.isfile(lock_path):
@@ -63,7 +65,9 @@ def _held_above(workdir: str) -> tuple[str, str] | None:
           fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
           fcntl.flock(fd, fcntl.LOCK_UN)
         except BlockingIOError:
-          return folder, os.read(fd, 200).decode(errors="replace").strip()
+          holder = os.read(fd, 200).decode(errors="replace").strip()
+          if not holder or holder.startswith("pid "):
+            return folder, holder
         except OSError:  # a file system without locks
           pass
         finally:
@@ -74,20 +78,22 @@ def _held_above(workdir: str) -> tuple[str, str] | None:
 
 
 @contextlib.contextmanager
-def exclusive_workdir(workdir: str, enabled: bool = True, check_above: bool = True) -> Iterator[None]:
+def exclusive_workdir(workdir: str, enabled: bool = True, check_above: bool = True,
+                      if_in_use: str = "wait for it to end or stop it, or use another --workdir") -> Iterator[None]:
   """Holds an advisory lock on `<workdir>/.lock` for the block: a second run in the same folder (a double launch, a
   requeued job while the first is still closing, two sweeps over one folder) fails at once instead of mixing its
   checkpoints, metrics and summary with the first's. The operating system drops the lock when the process ends,
   however it ends; the file stays (deleting it would race with a process about to lock it). `enabled=False` for the
   processes of a multi-host run, which share their workdir by design. A folder inside another run's held workdir is
-  refused too (`check_above`; a run's own stage folders, locked while their stage runs, skip it). Written by hand:
-  the standard library's fcntl is the whole mechanism, and no dependency offers more."""
+  refused too (`check_above`; a run's own stage folders, locked while their stage runs, skip it). `if_in_use`: what
+  the refusal tells the user to do. Written by hand: the standard library's fcntl is the whole mechanism, and no
+  dependency offers more."""
   if not enabled:
     yield
     return
   held = _held_above(workdir) if check_above else None
   if held:
-    raise FinetuneError(f"{workdir} is inside {held[0]}, the workdir of another finetune process "
+    raise FinetuneError(f"{workdir} is inside {held[0]}, which another finetune process holds "
                         f"({held[1] or 'unknown'}): wait for it to end or stop it, or use a --workdir outside it")
   os.makedirs(workdir, exist_ok=True)
   fd = os.open(os.path.join(workdir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
@@ -97,8 +103,8 @@ def exclusive_workdir(workdir: str, enabled: bool = True, check_above: bool = Tr
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:  # held by another process
       holder = os.read(fd, 200).decode(errors="replace").strip()
-      raise FinetuneError(f"{workdir} is in use by another finetune process ({holder or 'unknown'}): wait for it "
-                          "to end or stop it, or use another --workdir") from None
+      raise FinetuneError(f"{workdir} is in use by another finetune process ({holder or 'unknown'}): "
+                          f"{if_in_use}") from None
     except OSError as e:  # a file system without locks (Lustre mounted noflock, some network mounts): run unlocked
       warnings.warn(f"{workdir}: the file system refuses locks ({e.strerror}), so nothing stops a second run from "
                     "using this workdir at the same time", stacklevel=3)

@@ -87,8 +87,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
     for name, stage_cfg, run_dir in stages:
       # A stage's folder is held while it runs, so that a run started inside it (`--workdir <workdir>/<stage>`)
       # before this one reached it is found here, not mixed into (the workdir's own lock covers the other order).
-      with (files.exclusive_workdir(run_dir, enabled=jax.process_count() == 1, check_above=False)
-            if run_dir != workdir else contextlib.nullcontext()):
+      held = files.exclusive_workdir(
+          run_dir, enabled=jax.process_count() == 1, check_above=False,
+          if_in_use=f"a run started inside stage {name!r}'s folder; wait for it to end or stop it, then run this "
+                    "command again (finished stages are kept)")
+      with held if run_dir != workdir else contextlib.nullcontext():
         summaries[name] = run_stage(stage_cfg, run_dir, workdir, name)
     # Stages of earlier runs that shared the workdir (one variant per run) stay listed, as their folders do.
     results_path = os.path.join(workdir, "results.json")

@@ -124,6 +124,13 @@ def train_points(configs: Sequence[ConfigDict], workdirs: Sequence[str]) -> list
   workdirs = [os.path.abspath(os.path.expanduser(w)) for w in workdirs]
   if len(set(workdirs)) != len(workdirs):
     raise FinetuneError("train_points: two points share a workdir")
+  # (Locked one after another below, a workdir inside another point's would find that lock, held by this very
+  # process, and blame another run; locked in the other order, the outer point would train over the inner one.)
+  for inner in workdirs:
+    for outer in workdirs:
+      if inner != outer and os.path.commonpath([inner, outer]) == outer:
+        raise FinetuneError(f"train_points: point workdir {inner} is inside point workdir {outer}; give each point a "
+                            "folder of its own")
   with contextlib.ExitStack() as held:  # each point's workdir, as `finetune train` holds its own
     for workdir in workdirs:
       held.enter_context(files.exclusive_workdir(workdir, enabled=jax.process_count() == 1))

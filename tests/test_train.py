@@ -177,15 +177,29 @@ def test_a_run_inside_another_run_s_workdir_is_refused_whichever_starts_first(tm
   stage reaches it, its earlier stages kept."""
   from finetune import files  # pylint: disable=g-import-not-at-top
   single = tiny_config(train={"steps": 2, "checkpoint_every": 0})
+  (tmp_path / "outer").mkdir()
+  (tmp_path / "link").symlink_to(tmp_path / "outer")
   with files.exclusive_workdir(str(tmp_path / "outer")):  # another process's run in outer/, as flock sees it
-    with pytest.raises(FinetuneError, match=rf"{tmp_path}/outer/finetune is inside {tmp_path}/outer, the workdir of "
-                                            r"another finetune process \(pid \d+ on .*\): wait for it"):
-      train_lib.train_and_evaluate(single, str(tmp_path / "outer" / "finetune"))
+    for inside in (tmp_path / "outer" / "finetune", tmp_path / "link" / "finetune"):  # a symlink into it too
+      with pytest.raises(FinetuneError, match=rf"{inside} is inside {tmp_path}/outer, which another finetune process "
+                                              r"holds \(pid \d+ on .*\): wait for it"):
+        train_lib.train_and_evaluate(single, str(inside))
   assert not (tmp_path / "outer" / "finetune").exists()
+  # Another program's held `.lock` above is not a finetune run's.
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  (foreign / ".lock").write_text("held by some other tool")
+  import fcntl  # pylint: disable=g-import-not-at-top
+  with open(foreign / ".lock") as held:
+    fcntl.flock(held, fcntl.LOCK_EX)
+    train_lib.train_and_evaluate(single, str(foreign / "run"))
+  assert (foreign / "run" / "summary.json").exists()
   staged = tiny_config(train={"steps": 2, "checkpoint_every": 0},
                        stages={"pretrain": {}, "finetune": {"init_from": "stage:pretrain"}})
   with files.exclusive_workdir(str(tmp_path / "run" / "finetune")):  # a run started there first
-    with pytest.raises(FinetuneError, match=rf"{tmp_path}/run/finetune is in use by another finetune process"):
+    with pytest.raises(FinetuneError, match=rf"{tmp_path}/run/finetune is in use by another finetune process "
+                                            r"\(pid .*\): a run started inside stage 'finetune''s folder; wait for it "
+                                            r"to end or stop it, then run this command again"):
       train_lib.train_and_evaluate(staged, str(tmp_path / "run"))
   assert (tmp_path / "run" / "pretrain" / "summary.json").exists()
   assert not (tmp_path / "run" / "finetune" / "summary.json").exists()

@@ -211,6 +211,17 @@ def test_lwf_temperature_and_online_ewc_decay_train_together(tmp_path):
   assert _losses(os.path.join(together[0], "c")) != _losses(os.path.join(together[1], "c"))
 
 
+def test_a_point_workdir_inside_another_s_is_refused_in_either_order(tmp_path):
+  """(Locked one after another, the inner one blamed 'another finetune process', this one, while the other order
+  trained the outer point over the inner one's files.)"""
+  base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)})
+  for order in ([tmp_path / "w", tmp_path / "w" / "sub"], [tmp_path / "v" / "sub", tmp_path / "v"]):
+    with pytest.raises(FinetuneError, match=r"point workdir .*/sub is inside point workdir .*; give each point a "
+                                            r"folder of its own"):
+      vmap.train_points([base, with_values(base, seed=1)], [str(path) for path in order])
+  assert not (tmp_path / "w").exists() and not (tmp_path / "v").exists()
+
+
 def test_incompatible_points_are_refused_with_the_differing_key(tmp_path):
   base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)})
   assert vmap.incompatibility(base, with_values(base, seed=3, optimizer={"learning_rate": 1.0})) == ""
