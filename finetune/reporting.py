@@ -330,11 +330,16 @@ def experiment_plot(experiment: str, start: str | None = None):
     folder = os.path.dirname(folder)
   spec = importlib.util.spec_from_file_location(f"{experiment}_plot", path)
   module = importlib.util.module_from_spec(spec)
-  # Registered while it runs, as an import would: dataclasses and pickling look the module up by name.
+  # Registered while it runs, as an import would: dataclasses and pickling look the module up by name. (A script
+  # that fails leaves the one an earlier call loaded in place.)
+  earlier = sys.modules.get(spec.name)
   sys.modules[spec.name] = module
   try:
     spec.loader.exec_module(module)
   except BaseException:
-    del sys.modules[spec.name]
+    if earlier is None:
+      del sys.modules[spec.name]
+    else:
+      sys.modules[spec.name] = earlier
     raise
   return module

@@ -453,3 +453,5 @@ def test_wandb_tags_unquoted_tuple_is_refused(override):
   assert build_config({"train": {"steps": 1}}, ["wandb.tags=lora"]).wandb.tags == ("lora",)
   for tags in (("(wip)",), ("[ablation]", "r8"), ("lora", "(r8, a)")):  # quoted tags with brackets are tags
     assert build_config({"train": {"steps": 1}}, [f"wandb.tags={tags!r}"]).wandb.tags == tags
+  # An unquoted single item reads the same as the quoted tag "(wip)" once parsed: it is kept as that tag.
+  assert build_config({"train": {"steps": 1}}, ["wandb.tags=[lora]"]).wandb.tags == ("[lora]",)

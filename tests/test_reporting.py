@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 import types
 
 import pytest
@@ -292,3 +293,7 @@ def test_experiment_plot_is_found_from_a_subfolder_and_named_after_its_experimen
   assert alpha.__file__ == str(tmp_path / "experiments" / "alpha" / "plot.py")
   with pytest.raises(FinetuneError, match=r"no experiments/gamma/plot.py in .*notebooks or any folder above it"):
     reporting.experiment_plot("gamma", start=str(tmp_path / "notebooks"))
+  (tmp_path / "experiments" / "alpha" / "plot.py").write_text("raise ValueError('a bad edit')\n")
+  with pytest.raises(ValueError, match="a bad edit"):
+    reporting.experiment_plot("alpha", start=str(tmp_path))
+  assert sys.modules["alpha_plot"] is alpha  # the module loaded before stays
