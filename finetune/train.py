@@ -85,13 +85,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
     check_stage_inputs(stages, workdir)
     summaries = {}
     for name, stage_cfg, run_dir in stages:
-      # A stage's folder is held while it runs, so that a run started inside it (`--workdir <workdir>/<stage>`)
-      # before this one reached it is found here, not mixed into (the workdir's own lock covers the other order).
-      held = files.exclusive_workdir(
-          run_dir, enabled=jax.process_count() == 1, check_above=False,
-          if_in_use=f"a run started inside stage {name!r}'s folder; wait for it to end or stop it, then run this "
-                    "command again (finished stages are kept)")
-      with held if run_dir != workdir else contextlib.nullcontext():
+      with held_stage_folder(run_dir, workdir, name):
         summaries[name] = run_stage(stage_cfg, run_dir, workdir, name)
     # Stages of earlier runs that shared the workdir (one variant per run) stay listed, as their folders do.
     results_path = os.path.join(workdir, "results.json")
@@ -101,6 +95,18 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, 
     results.update(summaries)
     write_json(results_path, results)
   return summaries
+
+
+def held_stage_folder(run_dir: str, workdir: str, name: str) -> contextlib.AbstractContextManager:
+  """The stage's folder held while the stage runs (`files.exclusive_workdir`), so that a run started inside it
+  (`--workdir <workdir>/<stage>`) before this one reached the stage is found, not mixed into; the workdir's own
+  lock covers the other order. A single-stage run's folder is the workdir, held already."""
+  if run_dir == workdir:
+    return contextlib.nullcontext()
+  return files.exclusive_workdir(
+      run_dir, enabled=jax.process_count() == 1, check_above=False,
+      if_in_use=f"a run started inside stage {name!r}'s folder; wait for it to end or stop it, then run this command "
+                "again (finished stages are kept)")
 
 
 def check_workdir(config: ConfigDict, workdir: str) -> tuple[str, list[tuple[str, ConfigDict, str]]]:

@@ -147,10 +147,12 @@ def _train_points(configs: Sequence[ConfigDict], workdirs: list[str]) -> list[di
   for stage_index, (name, _, _) in enumerate(layouts[0]):
     live = [k for k in range(len(configs)) if k not in failed]
     opened: dict[int, train_lib.OpenStage] = {}
+    held = contextlib.ExitStack()  # each point's stage folder while the stage runs, as `finetune train` holds it
     try:
       for k in live:
         _, stage_cfg, run_dir = layouts[k][stage_index]
         try:
+          held.enter_context(train_lib.held_stage_folder(run_dir, workdirs[k], name))
           result = train_lib.open_stage(stage_cfg, run_dir, workdirs[k], name)
         except FinetuneError as e:  # (an unreadable checkpoint of one point): the others go on
           failed[k] = str(e)
@@ -186,6 +188,7 @@ def _train_points(configs: Sequence[ConfigDict], workdirs: list[str]) -> list[di
     finally:
       for stage_run in opened.values():
         stage_run.close()
+      held.close()
   for k, workdir in enumerate(workdirs):
     if k not in failed:
       write_json(os.path.join(workdir, "results.json"), summaries[k])

@@ -222,6 +222,25 @@ def test_a_point_workdir_inside_another_s_is_refused_in_either_order(tmp_path):
   assert not (tmp_path / "w").exists() and not (tmp_path / "v").exists()
 
 
+def test_a_point_s_stage_folder_held_by_a_run_started_inside_it_fails_that_point_only(tmp_path):
+  """Points trained together hold each stage's folder while the stage runs, as `finetune train` does."""
+  from finetune import files  # pylint: disable=g-import-not-at-top
+  base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)},
+                     train={"steps": 2, "checkpoint_every": 0},
+                     stages={"pretrain": {}, "finetune": {"init_from": "stage:pretrain"}})
+  configs, workdirs = [base, with_values(base, seed=1)], [str(tmp_path / "a"), str(tmp_path / "b")]
+  with files.exclusive_workdir(str(tmp_path / "b" / "finetune")):  # a run started there first
+    with pytest.raises(FinetuneError, match=rf"{tmp_path}/b: {tmp_path}/b/finetune is in use by another finetune "
+                                            r"process .*: a run started inside stage 'finetune''s folder.*"
+                                            r"\(the other 1 points finished\)"):
+      vmap.train_points(configs, workdirs)
+  assert (tmp_path / "a" / "finetune" / "summary.json").exists()
+  assert (tmp_path / "b" / "pretrain" / "summary.json").exists()
+  assert not (tmp_path / "b" / "finetune" / "summary.json").exists()
+  vmap.train_points(configs, workdirs)  # once that run has ended
+  assert (tmp_path / "b" / "finetune" / "summary.json").exists()
+
+
 def test_incompatible_points_are_refused_with_the_differing_key(tmp_path):
   base = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (8,)})
   assert vmap.incompatibility(base, with_values(base, seed=3, optimizer={"learning_rate": 1.0})) == ""
