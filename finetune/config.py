@@ -688,10 +688,11 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
   # `--config.wandb.tags="(lora, r8)"` does not parse as a tuple (its items are unquoted names), so ml_collections
   # keeps the whole text as one tag: refused rather than logged as the tag "(lora, r8)". (A lone bracketed tag
   # without a comma, such as "(wip)", stays a tag.)
-  tags = tuple(c.wandb.tags)
-  need(not (len(tags) == 1 and isinstance(tags[0], str) and re.fullmatch(r"\s*[(\[].*,.*[)\]]\s*", tags[0], re.S)),
-       f"config.wandb.tags is the one tag {tags[0] if tags else ''!r}, which looks like a tuple whose items are not "
-       "quoted: write --config.wandb.tags=\"('lora', 'r8')\"")
+  if len(c.wandb.tags) == 1:  # (every tag is a string, checked above)
+    tag, = c.wandb.tags
+    need(not re.fullmatch(r"\s*[(\[].*,.*[)\]]\s*", tag, re.S),
+         f"config.wandb.tags is the one tag {tag!r}, which looks like a tuple whose items are not quoted: write "
+         "--config.wandb.tags=\"('lora', 'r8')\"")
   need(len(set(c.data.classes)) == len(c.data.classes), "config.data.classes has repeated classes")
   for probe in c.features.closed_form:
     need(probe in ("ridge", "logistic"),
