@@ -149,8 +149,11 @@ def test_closed_form_probes_in_the_summary(tmp_path):
   config = tiny_config(features={"closed_form": ("ridge", "logistic")}, train={"steps": 4, "checkpoint_every": 0})
   summary = train_lib.train_and_evaluate(config, str(tmp_path))["train"]
   assert set(summary["closed_form_probes"]) == {"ridge", "logistic"}
+  held_out = summary["final"]["validation"]["num_examples"]
   for probe in ("ridge", "logistic"):
     accuracies = summary["closed_form_probes"][probe]
-    assert "validation" in accuracies and all(0.0 <= acc <= 1.0 for acc in accuracies.values()), (probe, accuracies)
+    assert list(accuracies) == ["validation"], (probe, accuracies)
+    correct = accuracies["validation"] * held_out  # scored on the whole validation split: right answers / its size
+    assert 0 <= round(correct) <= held_out and correct == pytest.approx(round(correct)), (probe, accuracies)
   with pytest.raises(FinetuneError, match="unknown closed-form probe 'lasso'.*valid: ridge, logistic"):
     tiny_config(features={"closed_form": ("lasso",)})  # caught when the config loads, before any training

@@ -246,7 +246,12 @@ def test_smallest_sweep_point_trains_all_conditions_and_plots(tmp_path, capsys):
     rows = list(csv.DictReader(f))
   assert [row["status"] for row in rows] == ["finished", "incomplete", "incomplete"]
   names = ["baseA", "baseB", "BnB_1", "BnB_plus_1", "AnB_1", "AnB_plus_1"]
-  assert all(0.0 <= float(rows[0][f"{name}/test/accuracy"]) <= 1.0 for name in names)
+  for name in names:  # each network scored on its whole test split: right answers / its size
+    (summary_path,) = (tmp_path / "sweep").glob(f"*/{name}/summary.json")
+    test = json.loads(summary_path.read_text())["final"]["test"]
+    correct = float(rows[0][f"{name}/test/accuracy"]) * test["num_examples"]
+    assert test["num_examples"] > 0 and test["accuracy"] == pytest.approx(float(rows[0][f"{name}/test/accuracy"]))
+    assert 0 <= round(correct) <= test["num_examples"] and correct == pytest.approx(round(correct)), (name, test)
   plot = load_script("experiments/yosinski/plot.py")
   summary = plot.summarize(str(results))
   assert list(summary) == ["random"] and summary["random"]["AnB+"][1].mean == pytest.approx(
