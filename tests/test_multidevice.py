@@ -238,12 +238,13 @@ def transformer_config(kind, mesh):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", [{"data": 8}, {"data": 1, "fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}],
-                         ids=["data8", "fsdp8", "data2-fsdp2-tensor2"])
+@pytest.mark.parametrize("mesh", [{"data": 1, "fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}],
+                         ids=["fsdp8", "data2-fsdp2-tensor2"])
 def test_transformers_with_every_strategy_match_across_meshes(mesh, tmp_path):
   """BERT- and Llama-shaped models with full fine-tuning, frozen-n, discriminative rates and LoRA: the same losses
   and parameters on 1 device and on 8. (One test per mesh so that xdist spreads them; the one-device reference
-  runs again in each, mostly from the compilation cache.)"""
+  runs again in each, mostly from the compilation cache. Pure data parallelism, where every parameter is
+  replicated, is left to test_eight_fake_devices_match_one_device: 75 s of CI saved.)"""
   for kind in ("bert", "llama"):
     train_lib.train_and_evaluate(transformer_config(kind, {"data": 1}), str(tmp_path / "one" / kind))
   result = run_python_with_args(MESH_RUN, [json.dumps(mesh), str(tmp_path / "eight")])
