@@ -339,7 +339,8 @@ def build_stage(cfg: ConfigDict, evaluation_only: bool = False) -> Stage:
     raise FinetuneError(f"config.data.eval_batch_size={cfg.data.eval_batch_size} is not divisible by the {parallel} "
                         "data-parallel devices (mesh data x fsdp); pick a multiple")
   steps_per_epoch = pipeline.steps_per_epoch
-  if cfg.rehearsal.fraction > 0 and not evaluation_only:  # the batches attach_regularizers will mix: fewer target rows, more steps per epoch
+  # The batches attach_regularizers will mix: fewer target rows, more steps per epoch.
+  if cfg.rehearsal.fraction > 0 and not evaluation_only:
     target_rows = cfg.data.batch_size - rehearsal_count(cfg.rehearsal.fraction, cfg.data.batch_size)
     steps_per_epoch = len(pipeline.train) // target_rows
   total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
@@ -722,8 +723,8 @@ def evaluate_sources(cfg: ConfigDict, state: TrainState, sources: list[regulariz
 # The mesh and sharding rules may change too: a checkpoint restores onto any mesh (orbax reshards on restore), and
 # with it the evaluation batch (one that splits over 1 device need not over 8; evaluations are per example).
 _RESUMABLE_KEYS = ("wandb.", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-                  "train.evaluate_sources", "data.eval_batch_size", "data.cache_dir", "mesh.", "sharding_rules",
-                  "activation_rules")
+                  "train.checkpoint_checksums", "train.evaluate_sources", "data.eval_batch_size", "data.cache_dir",
+                  "mesh.", "sharding_rules", "activation_rules")
 
 
 def _has_progressed(run_dir: str) -> bool:
@@ -1016,7 +1017,8 @@ def open_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train")
   write_table(stage.strategy, run_dir, name)
   if stage.peft_info and jax.process_index() == 0:
     print(f"[{name}] {adapters.describe(stage.peft_info)}", flush=True)
-  checkpoints = Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.train.keep_checkpoints)
+  checkpoints = Checkpointer(os.path.join(run_dir, "checkpoints"), cfg.train.keep_checkpoints,
+                            checksums=cfg.train.checkpoint_checksums)
   stage.layout.write(checkpoints.directory)
   # (wandb names the run after its workdir, and the stage when it has several: every stage of every sweep point was
   # named 'train' or its stage alone.)
@@ -1118,7 +1120,8 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
   earlier = timing_before(run_dir, start)  # earlier attempts' training time and steps up to `start`
   train_seconds, train_steps = float(earlier["seconds"]), int(earlier["steps"])
   timer = IntervalTimer()
-  stopping = _EarlyStopping(cfg.train.early_stopping, os.path.join(run_dir, "best"), start, total)
+  stopping = _EarlyStopping(cfg.train.early_stopping, os.path.join(run_dir, "best"), start, total,
+                            cfg.train.checkpoint_checksums)
   if stopping.enabled:
     stage.layout.write(stopping.directory)  # best/<step> folders are init_from sources too
 
@@ -1255,8 +1258,9 @@ class _EarlyStopping:
   replayed, so a resumed run stops where an uninterrupted one does and ends on the same weights.
   """
 
-  def __init__(self, cfg: ConfigDict, directory: str, start: int, total: int):
+  def __init__(self, cfg: ConfigDict, directory: str, start: int, total: int, checksums: bool):
     self.enabled = bool(cfg.metric)
+    self.checksums = checksums
     self.total = total  # patience running out at the last step stops nothing: stopped_at stays None
     self.split, _, self.key = cfg.metric.partition("/")
     self.patience, self.sign = cfg.patience, 1.0 if cfg.mode == "max" else -1.0
@@ -1284,7 +1288,8 @@ class _EarlyStopping:
                           "--workdir")
 
   def _checkpointer(self) -> Checkpointer:
-    return Checkpointer(self.directory, None, async_save=False)  # keeps every step: pruned by `_prune`
+    # keeps every step: pruned by `_prune`
+    return Checkpointer(self.directory, None, async_save=False, checksums=self.checksums)
 
   def _prune(self, keep: set[int | None]) -> list[int]:
     """Deletes the best states of steps not in `keep`; returns the steps left."""

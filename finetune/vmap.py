@@ -57,10 +57,11 @@ from finetune.step import TrainState
 POINT_KEYS = ("seed", "optimizer.learning_rate", "regularize.ewc.weight", "regularize.ewc.gamma",
               "regularize.lwf.weight", "regularize.lwf.temperature", "regularize.l2sp.alpha", "regularize.l2sp.beta",
               "rehearsal.weight")
-# Keys each point reads for itself (its wandb run, how many checkpoints it keeps); all others are the group's.
+# Keys each point reads for itself (its wandb run, how many checkpoints it keeps and whether they carry checksums);
+# all others are the group's.
 # (Not checkpoint_every: a checkpoint step is also a logging step, so one point's cadence would add records to the
 # others' metrics.jsonl and change how their intervals are averaged.)
-_IGNORED = ("wandb.", "train.keep_checkpoints")
+_IGNORED = ("wandb.", "train.keep_checkpoints", "train.checkpoint_checksums")
 
 
 def incompatibility(a: ConfigDict, b: ConfigDict) -> str:

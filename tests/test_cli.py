@@ -352,6 +352,9 @@ def test_damaged_checkpoints_are_named_in_one_short_line(capsys, tiny_file, tmp_
   from finetune.errors import FinetuneError  # pylint: disable=g-import-not-at-top
   assert cli.main(["train", "--config", tiny_file, "--workdir", str(tmp_path / "run")]) == 0
   state = tmp_path / "run" / "checkpoints" / "3" / "state"
+  # Without its checksums (a run killed before they were written, or one from before they existed), a step is read
+  # with orbax's own checks.
+  (state.parent / "checksums.json").unlink()
   shutil.rmtree(state / "ocdbt.process_0")
   (state / "manifest.ocdbt").unlink()  # the index of the arrays: gone
   with pytest.raises(FinetuneError, match=r"checkpoints/3: it is damaged or incomplete .*use another step folder"):
@@ -372,6 +375,50 @@ def test_damaged_checkpoints_are_named_in_one_short_line(capsys, tiny_file, tmp_
   assert "holds no checkpoint; train that run first" in _error(
       capsys, ["train", "--config", tiny_file, "--workdir", str(tmp_path / "w"),
                f"--config.init_from={tmp_path / 'empty'}"])
+
+
+def test_a_checkpoint_file_changed_since_saving_is_named_and_the_step_before_resumes(capsys, tiny_file, tmp_path):
+  """Every file of a step is in its checksums.json; one flipped bit, a cut-short file or a missing one is refused
+  with the file named, by every reader (orbax alone restored the flipped weight). Deleting the step, as the message
+  says, resumes the run from the one before."""
+  from finetune.checkpoint import (CHECKSUM_FILE, Checkpointer,  # pylint: disable=g-import-not-at-top
+                                   read_checkpoint_arrays)
+  from finetune.errors import FinetuneError  # pylint: disable=g-import-not-at-top
+  command = ["train", "--config", tiny_file, "--workdir", str(tmp_path / "run"), "--config.train.checkpoint_every=1"]
+  assert cli.main(command) == 0
+  capsys.readouterr()
+  step = tmp_path / "run" / "checkpoints" / "3"
+  written = sorted(str(p.relative_to(step)) for p in step.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE)
+  listed = json.loads((step / CHECKSUM_FILE).read_text())["crc32"]
+  assert sorted(listed) == written and any("/d/" in name for name in written), (listed, written)
+  weights = max(written, key=lambda name: listed[name][0])  # the largest file: the arrays' data
+  original = (step / weights).read_bytes()
+  damaged = bytearray(original)
+  damaged[len(damaged) // 2] ^= 1
+  (step / weights).write_bytes(bytes(damaged))
+  changed = f"checkpoint {step} is damaged: {weights} changed since it was written"
+  with pytest.raises(FinetuneError, match=f"^{re.escape(changed)} .*use another step folder"):
+    read_checkpoint_arrays(str(step))  # (init_from, export, eval)
+  with pytest.raises(FinetuneError, match=f"^{re.escape(changed)} .*delete that step folder to resume from the one "):
+    Checkpointer(str(step.parent), 2).restore(3, {"params": {"x": 0}})  # (a resumed run)
+  (step / weights).write_bytes(original[:-1])
+  with pytest.raises(FinetuneError, match=re.escape(f"{weights} has {len(original) - 1} bytes, {len(original)} "
+                                                    "when it was written")):
+    read_checkpoint_arrays(str(step))
+  (step / weights).unlink()
+  with pytest.raises(FinetuneError, match=re.escape(f"checkpoint {step} is incomplete: {weights} is missing")):
+    read_checkpoint_arrays(str(step))
+  (step / weights).write_bytes(bytes(damaged))
+  # A run killed after step 3 resumes there, finds it damaged, and after the step is deleted resumes from 2.
+  (tmp_path / "run" / "summary.json").unlink()
+  assert _error(capsys, command).startswith(changed)
+  shutil.rmtree(step)
+  assert cli.main(command) == 0
+  assert json.loads((tmp_path / "run" / "summary.json").read_text())["init"]["resumed_from_step"] == 2
+  assert read_checkpoint_arrays(str(step))["params"]  # step 3 written again, with its checksums
+  # Off, no step gets a checksums file (and reading one without it is orbax's checks alone, as above).
+  assert cli.main([*command[:4], str(tmp_path / "off"), *command[5:], "--config.train.checkpoint_checksums=False"]) == 0
+  assert sorted((tmp_path / "off" / "checkpoints").glob(f"*/{CHECKSUM_FILE}")) == []
 
 
 def test_only_abandoned_orbax_reads_are_kept_off_stderr(monkeypatch):

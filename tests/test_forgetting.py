@@ -447,6 +447,7 @@ def test_early_stopping_ends_on_the_best_checkpoint(metric, mode, learning_rate,
     assert max(r["step"] for r in records if r["split"] == "train") == stopping["stopped_at"]
   final = read_checkpoint_arrays(str(tmp_path / "checkpoints" / "40"))["params"]
   best = read_checkpoint_arrays(str(tmp_path / "best" / str(stopping["best_step"])))["params"]
+  assert (tmp_path / "best" / str(stopping["best_step"]) / "checksums.json").is_file()  # (checked by that read)
   for path in best:
     np.testing.assert_array_equal(final[path], best[path])
   assert summary["final"]["validation"][metric] == pytest.approx(stopping["best_value"], rel=1e-5)
