@@ -47,6 +47,9 @@ def defaults() -> ConfigDict:
       "options": ConfigDict(),
       "classes": (),
       "validation_fraction": 0.1,
+      # Carve validation_fraction from each class alone, so that 'validation' and 'train' hold every class in its
+      # share of the training split (a small labelled subset, 'train' at a large fraction, keeps every class).
+      "stratify": False,
       "eval_splits": ("validation", "test"),
       "batch_size": 128,
       "eval_batch_size": 500,
@@ -440,6 +443,11 @@ def validate(config: ConfigDict) -> None:
                           f"of the data its source {stage.init_from!r} carved {source.data.validation_fraction} "
                           "from, so its validation split would hold rows the source trained on; give both the same "
                           "fraction")
+    if same_data and stage.data.validation_fraction and stage.data.stratify != source.data.stratify:
+      raise FinetuneError(f"stage {name!r} carves its validation split with config.data.stratify="
+                          f"{stage.data.stratify} from the data its source {stage.init_from!r} carved with "
+                          f"{source.data.stratify}, so it would validate on rows the source trained on; give both "
+                          "the same setting")
   _refuse_settings_no_stage_reads(config, stages)
   _refuse_conditional_settings_no_stage_reads(config, stages)
   # PEFT settings with no method in any stage add no adapter: a LoRA setting alone would train the full model.
@@ -679,6 +687,9 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
        f"config.train.grad_accum_steps={c.train.grad_accum_steps} must be >= 1 and divide config.data.batch_size="
        f"{c.data.batch_size}")
   need(0.0 <= c.data.validation_fraction < 1.0, "config.data.validation_fraction must be in [0, 1)")
+  need(not c.data.stratify or c.data.validation_fraction > 0,
+       "config.data.stratify carves the validation split class by class, and config.data.validation_fraction is 0 "
+       "(nothing is carved): set a fraction or drop stratify")
   need(c.optimizer.learning_rate >= 0, "config.optimizer.learning_rate must be >= 0")
   need(c.optimizer.weight_decay >= 0, "config.optimizer.weight_decay must be >= 0 (0: off)")
   need(0.0 <= c.train.label_smoothing < 1.0, "config.train.label_smoothing must be in [0, 1)")

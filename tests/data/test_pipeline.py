@@ -12,7 +12,8 @@ from finetune.config import defaults
 from ml_collections import ConfigDict
 from finetune.data import SOURCES
 from finetune.data.dataset import ArraySplit, Dataset
-from finetune.data.pipeline import augment, augment_params, build_pipeline, epoch_permutation, with_rehearsal
+from finetune.data.pipeline import (augment, augment_params, build_pipeline, epoch_permutation, stratified_order,
+                                    with_rehearsal)
 from finetune.errors import FinetuneError
 
 NUM_DIGITS = 1797
@@ -168,6 +169,53 @@ def test_validation_disjoint_and_same_across_seeds():
 def test_validation_fraction_sets_size():
   pipe = build_pipeline(_data_cfg(validation_fraction=0.25), seed=0)
   assert len(pipe.eval_splits["validation"]) == round(0.25 * NUM_DIGITS)
+
+
+def test_every_cut_of_a_stratified_order_holds_each_class_in_its_share():
+  rng = np.random.default_rng(0)
+  labels = rng.choice(6, size=900, p=[0.5, 0.2, 0.15, 0.1, 0.04, 0.01])
+  order = stratified_order(rng.permutation(900), labels)
+  assert sorted(order.tolist()) == list(range(900))
+  share = np.bincount(labels) / 900
+  for n in (9, 30, 100, 450, 890):
+    for part in (order[:n], order[-n:]):
+      assert np.abs(np.bincount(labels[part], minlength=6) - n * share).max() < 2, n
+
+
+def test_stratify_carves_validation_class_by_class_and_smaller_subsets_nest_in_larger():
+  """A small labelled subset ('train' at a large validation fraction) keeps every class in its share; the train
+  rows of a larger fraction are inside those of a smaller one, and every seed sees the same ones."""
+  labels = SOURCES.get("digits")().splits["train"].labels()
+  share = np.bincount(labels) / NUM_DIGITS
+
+  def train_rows(fraction, stratify, seed=0):
+    pipe = build_pipeline(_data_cfg(validation_fraction=fraction, stratify=stratify, batch_size=8), seed=seed)
+    assert len(pipe.eval_splits["validation"]) == round(fraction * NUM_DIGITS)
+    return pipe.train.indices
+
+  for fraction in (0.5, 0.95, 0.98):
+    rows = train_rows(fraction, True)
+    assert np.abs(np.bincount(labels[rows], minlength=10) - len(rows) * share).max() < 2, fraction
+  # The premise: 36 rows drawn plainly are off by more (here digit 2 has 8 rows, 0 and 1 one each; shares 3.5-3.7).
+  plain = train_rows(0.98, False)
+  assert np.abs(np.bincount(labels[plain], minlength=10) - len(plain) * share).max() > 2
+  assert set(train_rows(0.98, True)) <= set(train_rows(0.95, True)) <= set(train_rows(0.5, True))
+  np.testing.assert_array_equal(train_rows(0.95, True, seed=7), train_rows(0.95, True))
+
+
+def test_stratify_without_a_carved_split_or_labels_is_refused():
+  from finetune.config import build_config  # pylint: disable=g-import-not-at-top
+  with pytest.raises(FinetuneError, match=r"config.data.stratify carves the validation split class by class, and "
+                                          r"config.data.validation_fraction is 0"):
+    build_config({"data": {"name": "digits", "validation_fraction": 0.0, "stratify": True,
+                           "eval_splits": ("test",)}, "train": {"steps": 1}})
+  with pytest.raises(FinetuneError, match=r"config.data.stratify carves validation class by class, and "
+                                          r"'test_pipeline_unlabelled' has no labels"):
+    build_pipeline(_data_cfg(name=_UNLABELLED_SOURCE, stratify=True, batch_size=2), seed=0)
+  with pytest.raises(FinetuneError, match=r"stage 'b' carves its validation split with config.data.stratify=True "
+                                          r"from the data its source 'stage:a' carved with False"):
+    build_config({"data": {"name": "digits"}, "train": {"steps": 1},
+                  "stages": {"a": {}, "b": {"init_from": "stage:a", "data": {"stratify": True}}}})
 
 
 # ------------------------------------------------------------------------------------------- training order
