@@ -1347,7 +1347,9 @@ class _EarlyStopping:
     if self.best_step is not None:
       best = self._checkpointer()
       phase = stage.strategy.phase_index(max(self.best_step - 1, 0))
-      restored = best.restore(self.best_step, stage.abstract_state(phase).as_dict())
+      restored = best.restore(self.best_step, stage.abstract_state(phase).as_dict(),
+                              "early stopping cannot end on its best state: delete the stage folder to retrain it, "
+                              "or use a new --workdir")
       best.close()
       state = TrainState(**restored, anchors=state.anchors)
       final_phase = stage.strategy.phase_index(total - 1)

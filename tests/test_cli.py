@@ -378,9 +378,9 @@ def test_damaged_checkpoints_are_named_in_one_short_line(capsys, tiny_file, tmp_
 
 
 def test_a_checkpoint_file_changed_since_saving_is_named_and_the_step_before_resumes(capsys, tiny_file, tmp_path):
-  """Every file of a step is in its checksums.json; one flipped bit, a cut-short file or a missing one is refused
-  with the file named, by every reader (orbax alone restored the flipped weight). Deleting the step, as the message
-  says, resumes the run from the one before."""
+  """Every file of a step is in its checksums.json; one flipped bit in the arrays' data, a cut-short file or a
+  missing one is refused with the file named, by every reader. Deleting the step, as the message says, resumes the
+  run from the one before."""
   from finetune.checkpoint import (CHECKSUM_FILE, Checkpointer,  # pylint: disable=g-import-not-at-top
                                    read_checkpoint_arrays)
   from finetune.errors import FinetuneError  # pylint: disable=g-import-not-at-top
@@ -391,7 +391,7 @@ def test_a_checkpoint_file_changed_since_saving_is_named_and_the_step_before_res
   written = sorted(str(p.relative_to(step)) for p in step.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE)
   listed = json.loads((step / CHECKSUM_FILE).read_text())["crc32"]
   assert sorted(listed) == written and any("/d/" in name for name in written), (listed, written)
-  weights = max(written, key=lambda name: listed[name][0])  # the largest file: the arrays' data
+  weights = max((name for name in written if "/d/" in name), key=lambda name: listed[name][0])  # arrays' data
   original = (step / weights).read_bytes()
   damaged = bytearray(original)
   damaged[len(damaged) // 2] ^= 1
@@ -419,6 +419,11 @@ def test_a_checkpoint_file_changed_since_saving_is_named_and_the_step_before_res
   # Off, no step gets a checksums file (and reading one without it is orbax's checks alone, as above).
   assert cli.main([*command[:4], str(tmp_path / "off"), *command[5:], "--config.train.checkpoint_checksums=False"]) == 0
   assert sorted((tmp_path / "off" / "checkpoints").glob(f"*/{CHECKSUM_FILE}")) == []
+  # A checksums file listing nothing, or a file outside its step, is damaged itself.
+  for table in ({}, {"../../config.json": [1, 2]}):
+    (step / CHECKSUM_FILE).write_text(json.dumps({"crc32": table}))
+    with pytest.raises(FinetuneError, match=f"{CHECKSUM_FILE} is damaged"):
+      read_checkpoint_arrays(str(step))
 
 
 def test_only_abandoned_orbax_reads_are_kept_off_stderr(monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import re
 import shutil
 
 import jax
@@ -451,6 +452,26 @@ def test_early_stopping_ends_on_the_best_checkpoint(metric, mode, learning_rate,
   for path in best:
     np.testing.assert_array_equal(final[path], best[path])
   assert summary["final"]["validation"][metric] == pytest.approx(stopping["best_value"], rel=1e-5)
+
+
+def test_a_damaged_best_state_says_to_retrain_the_stage(tmp_path):
+  """(Its error said to delete the step folder and resume from the one before, which early stopping cannot: the
+  next attempt failed on the missing best state.)"""
+  config = tiny_config(model={"name": "mlp", "input_size": 64, "hidden": (16,)},
+                       train={"steps": 40, "log_every": 4, "checkpoint_every": 0, "eval_every": 4,
+                              "early_stopping": {"metric": "validation/accuracy", "patience": 2, "mode": "max"}},
+                       optimizer={"learning_rate": 0.0, "warmup_steps": 0, "schedule": "constant"})
+  best_step = train_lib.train_and_evaluate(config, str(tmp_path))["train"]["early_stopping"]["best_step"]
+  best = tmp_path / "best" / str(best_step)
+  data = next(name for name in json.loads((best / "checksums.json").read_text())["crc32"] if "/d/" in name)
+  damaged = bytearray((best / data).read_bytes())
+  damaged[len(damaged) // 2] ^= 1
+  (best / data).write_bytes(bytes(damaged))
+  (tmp_path / "summary.json").unlink()  # killed before it finished: the next attempt ends on the best state
+  with pytest.raises(FinetuneError, match=f"best/{best_step} is damaged: {re.escape(data)} changed since it was "
+                                          "written .*early stopping cannot end on its best state: delete the stage "
+                                          "folder to retrain it"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
 
 
 def test_early_stopping_on_a_split_the_data_does_not_give_fails_before_training(tmp_path):
