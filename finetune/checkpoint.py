@@ -88,6 +88,17 @@ class Checkpointer:
     if self._checksums:
       self._unsummed.append(step)
 
+  def sum_finished_saves(self) -> bool:
+    """Checksums for the saved steps orbax has finished since, without waiting for a save in progress; True when it
+    wrote any. Called at every log step, so that the newest step of a run killed before its next save (the step a
+    resume starts from) has them too."""
+    if not self._unsummed or self._manager.is_saving_in_progress():
+      return False
+    with self._writing():
+      self._manager.wait_until_finished()  # (returns at once; raises a failed save's error)
+      self._sum_finished()
+    return True
+
   def _sum_finished(self) -> None:
     """Checksums for the steps saved since the last call, all of which orbax has finished. Process 0 writes them (it
     finalises each step, after every process's files are in place); the others only forget the steps."""

@@ -1136,6 +1136,8 @@ def train_loop(stage: Stage, state: TrainState, start: int, phase: int, checkpoi
     averaged = log_interval(log, done, host, examples_per_s, top_label(stage.strategy, phase))
     progress.update(len(host), {"loss": averaged["loss"], "accuracy": averaged["accuracy"], "ex/s": examples_per_s})
     pending = []
+    if checkpoints.sum_finished_saves():
+      timer.resume()  # (reading a checkpoint back is not training time)
 
   try:
     for step in range(start, total):

@@ -343,6 +343,8 @@ def train_together(runs: Sequence[train_lib.OpenStage], name: str) -> tuple[list
         progress.update(len(host), {"loss": float(np.mean([a["loss"] for _, _, a in unfinished] or [np.nan])),
                                     "points": len(unfinished)})
         pending = []
+        if any([runs[k].checkpoints.sum_finished_saves() for _, k, _ in unfinished]):  # (every point's)
+          timer.resume()  # (as train_loop: reading checkpoints back is not training time)
       # As train_loop: evaluations before the checkpoint of the same step, so a resume replays them, and a
       # non-finite one fails its point before its diverged weights are saved.
       eval_every = reference.cfg.train.eval_every

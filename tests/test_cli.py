@@ -426,6 +426,47 @@ def test_a_checkpoint_file_changed_since_saving_is_named_and_the_step_before_res
       read_checkpoint_arrays(str(step))
 
 
+def test_a_finished_async_save_gets_its_checksums_at_the_next_log_step_not_the_next_save(tmp_path):
+  """(Written only at the next save or at the end, the newest step of a run killed in between had none: the step
+  a resume starts from.) `sum_finished_saves`, called at log steps, writes them once orbax is done, never
+  waiting for it."""
+  import time  # pylint: disable=g-import-not-at-top
+  from finetune.checkpoint import CHECKSUM_FILE, Checkpointer  # pylint: disable=g-import-not-at-top
+  checkpoints = Checkpointer(str(tmp_path / "checkpoints"), 2)
+  checkpoints.save(1, {"params": {"w": np.arange(1000, dtype=np.float32)}})
+  deadline = time.monotonic() + 60
+  while not checkpoints.sum_finished_saves():  # False while orbax still writes
+    assert time.monotonic() < deadline
+    time.sleep(0.01)
+  assert (tmp_path / "checkpoints" / "1" / CHECKSUM_FILE).is_file()
+  assert not checkpoints.sum_finished_saves()  # nothing left to sum
+  checkpoints.close()
+
+
+def test_the_training_loop_sums_finished_saves_at_its_log_steps(tmp_path, monkeypatch):
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
+  from finetune.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  summed, original = [], Checkpointer.sum_finished_saves
+
+  def recording(self):
+    steps = list(self._unsummed)  # pylint: disable=protected-access
+    done = original(self)
+    summed.extend(steps if done else [])
+    return done
+
+  def save_and_let_orbax_finish(self, step, state):  # (so that the next log step finds it done, whatever the load)
+    save(self, step, state)
+    self._manager.wait_until_finished()  # pylint: disable=protected-access
+
+  save = Checkpointer.save
+  monkeypatch.setattr(Checkpointer, "save", save_and_let_orbax_finish)
+  monkeypatch.setattr(Checkpointer, "sum_finished_saves", recording)
+  train_lib.train_and_evaluate(tiny_config(train={"steps": 8, "log_every": 1, "checkpoint_every": 2}),
+                               str(tmp_path))
+  assert summed == [2, 4, 6], summed  # each at the log step after it; the last, 8, when the stage ends
+
+
 def test_only_abandoned_orbax_reads_are_kept_off_stderr(monkeypatch):
   import asyncio  # pylint: disable=g-import-not-at-top
   import types  # pylint: disable=g-import-not-at-top
