@@ -33,7 +33,8 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from finetune import files
-from finetune.checkpoint import load_into, read_checkpoint_arrays, resolve_checkpoint
+from finetune import scan
+from finetune.checkpoint import load_into, read_checkpoint_arrays, refuse_format_1_gpt2, resolve_checkpoint
 from finetune.errors import FinetuneError
 from finetune.methods import nf4
 from finetune.models import build_model
@@ -451,7 +452,8 @@ def save_adapter(directory: str, params: dict[str, np.ndarray], trainable: Seque
   os.makedirs(directory, exist_ok=True)
   tensors = {path: np.ascontiguousarray(np.asarray(params[path])) for path in trainable}
   shapes = {path: list(value.shape) for path, value in params.items()}
-  meta = {"name": name, "peft": peft_cfg.to_dict(), "model": model_cfg.to_dict(), "base_shapes": shapes}
+  meta = {"name": name, "peft": peft_cfg.to_dict(), "model": model_cfg.to_dict(), "base_shapes": shapes,
+          "format": scan.FORMAT}
   with files.atomic_path(os.path.join(directory, ADAPTER_WEIGHTS)) as tmp_weights:
     files.save_safetensors(tensors, tmp_weights)
   files.write_text(os.path.join(directory, ADAPTER_CONFIG), json.dumps(meta, indent=2, default=list))
@@ -470,7 +472,9 @@ def load_adapter(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]
     raise FinetuneError(f"{directory} is not an adapter directory (needs {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}); "
                         "adapters are written to <run>/adapter/ at the end of a PEFT stage")
   meta = read_json(os.path.join(directory, ADAPTER_CONFIG))
-  return meta, load_file(os.path.join(directory, ADAPTER_WEIGHTS))
+  arrays = load_file(os.path.join(directory, ADAPTER_WEIGHTS))
+  refuse_format_1_gpt2(arrays, int(meta.get("format", 1)), f"adapter {directory}", "train that adapter again")
+  return meta, arrays
 
 
 def check_adapter_fits(meta: dict[str, Any], arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]],

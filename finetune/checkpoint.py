@@ -116,6 +116,7 @@ class Checkpointer:
     match their checksums. `fix`: what an error tells the user to do."""
     _silence_abandoned_reads()
     verify_checksums(os.path.join(self.directory, str(step)), fix)
+    _refuse_format_1_checkpoints(flatten(abstract_state["params"]), self.directory)
     try:
       restored = self._manager.restore(
           step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
@@ -372,7 +373,24 @@ def read_checkpoint_arrays(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
     absl_logger.setLevel(previous_level)
   # A scanned run's checkpoint holds stacked layers; every reader gets the unrolled layout (finetune/scan.py).
   arrays = {k: flatten(v) for k, v in restored.items()}
+  _refuse_format_1_checkpoints(arrays.get("params", {}), os.path.dirname(step_dir))
   return scan.unroll_checkpoint(arrays, os.path.dirname(os.path.abspath(step_dir)))
+
+
+def refuse_format_1_gpt2(paths: Any, stored_format: int, source: str, fix: str) -> None:
+  """Raises for GPT-2 weights (a `c_attn` parameter among `paths`) saved in format 1 (`scan.FORMAT`), whose c_attn
+  holds transformers' [q | k | v] order: read as ours, every head would attend with another head's keys, without an
+  error."""
+  if stored_format >= 2 or not any(re.search(r"(^|/)c_attn/", path) for path in paths):
+    return
+  raise FinetuneError(f"{source} holds GPT-2 weights saved before finetune stored c_attn's outputs head by head "
+                      f"(format 1), which would now load scrambled: {fix}")
+
+
+def _refuse_format_1_checkpoints(paths: Any, checkpoints_dir: str) -> None:
+  refuse_format_1_gpt2(paths, scan.stored_format(checkpoints_dir), checkpoints_dir,
+                       f"train that run again, or for a step folder copied away from its run, copy the run's "
+                       f"checkpoints/{scan.LAYOUT_FILE} (which gives the format) next to it")
 
 
 def _compile(patterns: Sequence[str]) -> list[re.Pattern]:

@@ -8,7 +8,9 @@ wrong guess would hide (a mis-named key loads silently as "missing", leaving lor
 * keys are `base_model.model.<transformers module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r), whatever
   the base layer's own layout (GPT-2's Conv1D stores its weight (in, out); PEFT marks that with
   `fan_in_fan_out`, which changes how the base weight is read, not the LoRA factors); DoRA adds
-  `.lora_magnitude_vector` (out,); `modules_to_save` tensors appear under their plain transformers names;
+  `.lora_magnitude_vector` (out,); `modules_to_save` tensors appear under their plain transformers names; GPT-2's
+  c_attn orders its outputs head by head here (finetune/models/gpt2.py), so its lora_B and magnitudes are
+  reordered to transformers' order and back;
 * module names are those of the transformers *classes* that load the adapter, which may differ from the names
   inside checkpoint files: transformers 5 loads ViT checkpoints written with 4.x names
   (`vit.encoder.layer.0.attention.attention.query`) into modules named `vit.layers.0.attention.q_proj`, renaming
@@ -152,14 +154,17 @@ def peft_adapter(model_cfg: ConfigDict, peft_cfg: ConfigDict, abstract_model: nn
                         "hf, which merges it, or train the head fully (config.peft.modules_to_save=('^head/',))")
   tensors, modules, ranks, alphas = {}, {}, {}, {}
   for path, module in loras.items():
-    hf_param, _ = hf.transformers_name(name, f"{path}/kernel", kwargs)
+    hf_param, kernel_layout = hf.transformers_name(name, f"{path}/kernel", kwargs)
     module_path = module_name(name, hf_param, naming)
     modules[path] = module_path
     ranks[module_path], alphas[module_path] = module.rank, module.alpha
     tensors[f"{PREFIX}{module_path}.lora_A.weight"] = np.ascontiguousarray(np.asarray(params[f"{path}/lora_a"]).T)
-    tensors[f"{PREFIX}{module_path}.lora_B.weight"] = np.ascontiguousarray(np.asarray(params[f"{path}/lora_b"]).T)
+    # lora_B (r, out) and the magnitudes (out,) run along the layer's outputs, in transformers' order there.
+    tensors[f"{PREFIX}{module_path}.lora_B.weight"] = np.ascontiguousarray(
+        hf.output_to_torch(np.asarray(params[f"{path}/lora_b"]), kernel_layout).T)
     if module.dora:
-      tensors[f"{PREFIX}{module_path}.lora_magnitude_vector"] = np.asarray(params[f"{path}/lora_magnitude"])
+      tensors[f"{PREFIX}{module_path}.lora_magnitude_vector"] = hf.output_to_torch(
+          np.asarray(params[f"{path}/lora_magnitude"]), kernel_layout)
   adapter_paths = {f"{p}/{leaf}" for p in modules for leaf in ("lora_a", "lora_b", "lora_magnitude")}
   saved_modules, biases = [], []
   if task_type == "SEQ_CLS":  # PEFT always wraps the classifier of a SEQ_CLS model and expects its weights
@@ -236,8 +241,9 @@ def read_peft_adapter(directory: str, model_cfg: ConfigDict, peft_cfg: ConfigDic
   loras = lora_modules(abstract_model)
   # Every module name a transformers version may use for each of our LoRA layers and trainable tensors.
   by_module: dict[str, str] = {}
+  kernel_layouts: dict[str, Any] = {}  # our LoRA path -> its kernel's layout (lora_B and magnitudes follow it)
   for path in loras:
-    hf_param, _ = hf.transformers_name(name, f"{path}/kernel", kwargs)
+    hf_param, kernel_layouts[path] = hf.transformers_name(name, f"{path}/kernel", kwargs)
     for naming in ("installed", "checkpoint"):
       for alias in _with_and_without_scope(name, module_name(name, hf_param, naming)):
         by_module[alias] = path
@@ -278,9 +284,9 @@ def read_peft_adapter(directory: str, model_cfg: ConfigDict, peft_cfg: ConfigDic
       if part == "lora_A.weight":
         arrays[f"{path}/lora_a"] = np.ascontiguousarray(value.T)
       elif part == "lora_B.weight":
-        arrays[f"{path}/lora_b"] = np.ascontiguousarray(value.T)
+        arrays[f"{path}/lora_b"] = hf.output_from_torch(np.ascontiguousarray(value.T), kernel_layouts[path])
       else:
-        arrays[f"{path}/lora_magnitude"] = value
+        arrays[f"{path}/lora_magnitude"] = hf.output_from_torch(value, kernel_layouts[path])
     elif short in by_param:
       path, layout = by_param[short]
       array = hf.from_torch_layout(value, layout)

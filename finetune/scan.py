@@ -40,6 +40,9 @@ from finetune.models.layers import SCAN_LENGTH, stack_blocks
 from finetune.reporting import read_json
 
 LAYOUT_FILE = "layout.json"
+# The checkpoint format a run writes, LAYOUT_FILE's "format": 2 since GPT-2's c_attn is stored head by head
+# (finetune/models/gpt2.py). Checkpoints beside no LAYOUT_FILE, or one without "format", are of format 1.
+FORMAT = 2
 
 
 def scan_model(model: nnx.Module) -> nnx.Module:
@@ -178,16 +181,28 @@ class Layout:
     return self.view(shapes, lambda leaf, _: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype))
 
   def write(self, directory: str) -> None:
-    """Records the stacks next to a run's checkpoints (read back by `unroll_checkpoint`). Unscanned, removes the
-    file an earlier scanned attempt left before writing any checkpoint (it would unroll this run's arrays)."""
+    """Records the stacks (none when unscanned) and the checkpoint format next to a run's checkpoints, read back by
+    `unroll_checkpoint` and `stored_format`. Replaces what an earlier attempt that wrote no checkpoint left (its
+    stacks would unroll this run's arrays); a run resumed over checkpoints keeps their format, which is theirs."""
     if jax.process_index() != 0:
       return
-    path = os.path.join(directory, LAYOUT_FILE)
-    if self.stacks:
-      os.makedirs(directory, exist_ok=True)
-      files.write_text(path, json.dumps({"stacks": [list(s) for s in self.stacks]}))
-    elif os.path.isfile(path) and not any(name.isdigit() for name in os.listdir(directory)):
-      os.remove(path)
+    os.makedirs(directory, exist_ok=True)
+    has_checkpoints = any(name.isdigit() for name in os.listdir(directory))
+    files.write_text(os.path.join(directory, LAYOUT_FILE), json.dumps({
+        "format": stored_format(directory) if has_checkpoints else FORMAT,
+        "stacks": [list(s) for s in self.stacks]}))
+
+
+def stored_format(checkpoints_dir: str) -> int:
+  """The format (FORMAT) of the checkpoints in `checkpoints_dir`, from its LAYOUT_FILE."""
+  path = os.path.join(checkpoints_dir, LAYOUT_FILE)
+  if not os.path.isfile(path):
+    return 1
+  value = read_json(path).get("format", 1)
+  if type(value) is not int:  # pylint: disable=unidiomatic-typecheck  (not a bool either)
+    raise FinetuneError(f"{path} is damaged (format {value!r}, not a number); copy it from the run that wrote the "
+                        "checkpoints beside it")
+  return value
 
 
 def unroll_checkpoint(arrays: dict[str, dict[str, np.ndarray]], checkpoints_dir: str) -> dict[str, dict[str, Any]]:
@@ -195,7 +210,7 @@ def unroll_checkpoint(arrays: dict[str, dict[str, np.ndarray]], checkpoints_dir:
   layout_path = os.path.join(checkpoints_dir, LAYOUT_FILE)
   if not os.path.isfile(layout_path):
     return arrays
-  stacks = dict(read_json(layout_path)["stacks"])
+  stacks = dict(read_json(layout_path).get("stacks") or ())
   result = {}
   for collection, flat in arrays.items():
     if not isinstance(flat, dict):

@@ -66,6 +66,11 @@ def tiny_checkpoint(tmp_path_factory):
   return str(path)
 
 
+def step_folders(checkpoints_dir) -> list[str]:
+  """The checkpoint step folders' names in a run's checkpoints/ folder, sorted as strings (beside them: layout.json)."""
+  return sorted(name for name in os.listdir(checkpoints_dir) if name.isdigit())
+
+
 def run_first_sweep_point(capsys, config_spec: str, workdir: pathlib.Path, *metrics: str) -> pathlib.Path:
   """A cluster user's path through a config file's sweep, on its first point: `finetune sweep --dry-run` prints
   the point's `finetune train` command, that command trains it (in this process), and `--aggregate-only` tabulates

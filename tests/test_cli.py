@@ -215,7 +215,7 @@ def test_eval_and_export_take_an_intermediate_checkpoint_by_step(capsys, tmp_pat
   run = tmp_path / "run"
   assert cli.main(["train", "--config", str(tmp_path / "vit.py"), "--workdir", str(run),
                    "--config.train.steps=6", "--config.train.checkpoint_every=3"]) == 0
-  steps = sorted(int(n) for n in os.listdir(run / "checkpoints"))
+  steps = sorted(int(n) for n in os.listdir(run / "checkpoints") if n.isdigit())
   assert len(steps) > 1
   capsys.readouterr()
   assert cli.main(["eval", "--workdir", str(run), "--step", str(steps[0]), "--out", str(tmp_path / "e.json")]) == 0

@@ -371,3 +371,30 @@ def test_an_earlier_task_trained_on_one_device_is_evaluated_and_its_fisher_taken
   assert sorted(one) == sorted(eight)
   for path in one:
     np.testing.assert_allclose(eight[path], one[path], rtol=1e-5, atol=1e-10, err_msg=path)
+
+
+
+GPT2_TENSOR_RUN = """
+import re
+from finetune import train as train_lib
+from finetune.config import build_config
+from test_multidevice import zoo_config
+config = zoo_config("gpt2", {"data": 2, "tensor": 4}).to_dict()
+config["model"] = {**config["model"], "n_embd": 32, "n_head": 4}  # c_attn: 96 outputs, 24 (3 heads' q, k, v) a device
+stage = train_lib.build_stage(build_config(config))
+for name, program in (("eval", stage.eval_step()), ("train", stage.train_step(0))):
+  print(name, " ".join(re.findall(r"= (\\S+) all-gather\\(", program.as_text())) or "-")
+"""
+
+
+def test_gpt2_attention_under_tensor_parallelism_gathers_no_query_key_value_activations():
+  """GPT-2's c_attn stores its outputs head by head, so a tensor shard of them holds whole heads: attention runs on
+  the shard. (In transformers' [q | k | v] order XLA gathered the (batch, length, 3 * n_embd) activation before
+  attention in every layer, forward and backward.)"""
+  result = run_python_with_args(GPT2_TENSOR_RUN, [])
+  assert result.returncode == 0, result.stderr[-3000:]
+  gathered = dict(line.split(" ", 1) for line in result.stdout.strip().splitlines()[-2:])
+  for name in ("eval", "train"):
+    shapes = [shape.split("{")[0] for shape in gathered[name].split()]  # ('f32[4,16,96]{1,0,2}': its layout cut)
+    qkv = [shape for shape in shapes if shape.endswith(",96]") or shape.endswith(",3,4,8]")]
+    assert not qkv, (name, gathered[name])

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import step_folders, tiny_config
 from finetune import train as train_lib
 from finetune.checkpoint import read_checkpoint_arrays
 from finetune.config import defaults
@@ -323,7 +323,7 @@ def test_resume_across_an_unfreezing_boundary_equals_uninterrupted(tmp_path, mon
   with pytest.raises(KeyboardInterrupt):
     train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
   monkeypatch.setattr(train_lib.InputPipeline, "train_batch", original)
-  assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3", "6"]
+  assert step_folders(tmp_path / "resumed" / "checkpoints") == ["3", "6"]
   train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
   clean = read_checkpoint_arrays(str(tmp_path / "clean" / "checkpoints" / "12"))
   resumed = read_checkpoint_arrays(str(tmp_path / "resumed" / "checkpoints" / "12"))

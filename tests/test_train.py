@@ -14,7 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import REPO, killed_at_step, shared_data, stage_step_primitives, tiny_config, traced_primitives
+from conftest import (REPO, killed_at_step, shared_data, stage_step_primitives, step_folders, tiny_config,
+                      traced_primitives)
 from finetune import train as train_lib
 from finetune.checkpoint import read_checkpoint_arrays, resolve_checkpoint
 from finetune.export import latest_checkpoint
@@ -60,7 +61,7 @@ def test_main_config_smoke_run_writes_every_output(tmp_path):
       assert drop["before"] == json.load(open(tmp_path / "pretrain" / "summary.json"))["final"]["test"]["accuracy"]
     else:
       assert summary["forgetting"] == {}
-    assert sorted(os.listdir(run_dir / "checkpoints")) == ["3", "6"]
+    assert step_folders(run_dir / "checkpoints") == ["3", "6"]
   assert summaries["finetune"]["init"]["fresh"] == ["head/bias", "head/kernel"]
   assert list(summaries["scratch"]["init"]) == ["run_id", "classes", "examples"]  # its identity and data only
   assert summaries["finetune"]["init"]["source_run_id"] == summaries["pretrain"]["init"]["run_id"]
@@ -392,7 +393,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
   config = tiny_config(train={"steps": 12, "log_every": 1, "checkpoint_every": 3})
   with pytest.raises(FinetuneError, match=r"loss is nan at step 8.*last good checkpoint \(step 6\)"):
     train_lib.train_and_evaluate(config, str(tmp_path))
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+  assert step_folders(tmp_path / "checkpoints") == ["3", "6"]
   restored = read_checkpoint_arrays(str(tmp_path / "checkpoints" / "6"))["params"]
   assert all(np.isfinite(v).all() for v in restored.values())
   monkeypatch.chdir(tmp_path)  # a relative step folder reads the same arrays
@@ -426,7 +427,7 @@ def test_keep_checkpoints_1_keeps_the_good_checkpoint_until_the_next_one_is_chec
   with pytest.raises(FinetuneError, match=r"loss is nan at step 7; training stopped and the last good checkpoint "
                                           r"\(step 3\) .* is intact \(step 6 holds the weights that gave this loss\)"):
     train_lib.train_and_evaluate(config, str(tmp_path / "diverged"))
-  assert sorted(os.listdir(tmp_path / "diverged" / "checkpoints")) == ["3", "6"]
+  assert step_folders(tmp_path / "diverged" / "checkpoints") == ["3", "6"]
   # export/eval --unfinished take the last good checkpoint, not step 6 (a model was exported from its weights)
   from finetune.export import latest_checkpoint  # pylint: disable=g-import-not-at-top
   assert latest_checkpoint(str(tmp_path / "diverged"), "export") == str(tmp_path / "diverged" / "checkpoints" / "3")
@@ -444,7 +445,7 @@ def test_keep_checkpoints_1_keeps_the_good_checkpoint_until_the_next_one_is_chec
       read()
   monkeypatch.setattr(train_lib.InputPipeline, "train_batch", original)
   train_lib.train_and_evaluate(config, str(tmp_path / "finished"))
-  assert sorted(os.listdir(tmp_path / "finished" / "checkpoints")) == ["12"]
+  assert step_folders(tmp_path / "finished" / "checkpoints") == ["12"]
 
 
 def test_weights_that_diverge_in_the_last_update_do_not_finish_the_stage(tmp_path):
@@ -457,7 +458,7 @@ def test_weights_that_diverge_in_the_last_update_do_not_finish_the_stage(tmp_pat
   assert math.isfinite(_records(tmp_path)[0]["loss"])  # the premise: the one training loss was finite
   assert not (tmp_path / "summary.json").exists()
   from finetune.export import latest_checkpoint  # pylint: disable=g-import-not-at-top
-  assert os.listdir(tmp_path / "checkpoints") == ["1"]  # the diverged weights, kept, and refused by --unfinished
+  assert step_folders(tmp_path / "checkpoints") == ["1"]  # the diverged weights, kept, and refused by --unfinished
   with pytest.raises(FinetuneError, match=r"stopped on diverged weights .*diverged.json\) and has no checkpoint "
                                           r"before step 1; train it again with the fix that file names"):
     latest_checkpoint(str(tmp_path), "export")
@@ -954,3 +955,42 @@ def test_the_closing_table_shows_perplexity_where_a_stage_models_tokens():
   del summaries["lm"]  # no token model: no perplexity column
   assert train_lib.results_table(summaries).splitlines()[0].split() == ["stage", "dataset", "split", "accuracy",
                                                                       "train", "ex/s", "eval", "ex/s"]
+
+
+def test_gpt2_checkpoints_of_the_transformers_order_are_refused_not_scrambled(tmp_path):
+  """Checkpoints record their format (checkpoints/layout.json); GPT-2 weights of format 1, whose c_attn has
+  transformers' [q | k | v] order, are refused by every reader and by a resume (which keeps the old format),
+  since read as head-major they load without error and attend with the wrong heads. Other models of format 1
+  (no c_attn) read as before."""
+  from finetune.config import build_config  # pylint: disable=g-import-not-at-top
+  config = build_config({
+      "task": "causal_lm", "model": {"name": "gpt2", "vocab_size": 64, "n_positions": 32, "n_embd": 16,
+                                     "n_layer": 1, "n_head": 2, "dropout": 0.0},
+      "data": {"name": "synthetic", "batch_size": 8, "eval_batch_size": 8, "validation_fraction": 0.0,
+               "eval_splits": ("test",), "options": {"kind": "tokens", "length": 16, "vocab_size": 64,
+                                                     "num_examples": 32}},
+      "train": {"steps": 2, "log_every": 1, "checkpoint_every": 0}})
+  train_lib.train_and_evaluate(config, str(tmp_path / "gpt2"))
+  layout = tmp_path / "gpt2" / "checkpoints" / "layout.json"
+  assert json.loads(layout.read_text()) == {"format": 2, "stacks": []}
+  assert "blocks/0/c_attn/kernel" in read_checkpoint_arrays(str(tmp_path / "gpt2" / "checkpoints" / "2"))["params"]
+  layout.write_text(json.dumps({"stacks": []}))  # as a run before format 2 left it (or none at all)
+  refused = r"holds GPT-2 weights saved before finetune stored c_attn's outputs head by head .*train that run again"
+  with pytest.raises(FinetuneError, match=refused):
+    read_checkpoint_arrays(str(tmp_path / "gpt2" / "checkpoints" / "2"))
+  (tmp_path / "gpt2" / "summary.json").unlink()
+  with pytest.raises(FinetuneError, match=refused):  # resuming it
+    train_lib.train_and_evaluate(config, str(tmp_path / "gpt2"))
+  assert json.loads(layout.read_text())["format"] == 1
+  train_lib.train_and_evaluate(tiny_config(train={"steps": 2, "checkpoint_every": 0}), str(tmp_path / "cnn"))
+  (tmp_path / "cnn" / "checkpoints" / "layout.json").unlink()
+  assert read_checkpoint_arrays(str(tmp_path / "cnn" / "checkpoints" / "2"))["params"]
+  # Adapter folders record the format in adapter.json.
+  from finetune import adapters  # pylint: disable=g-import-not-at-top
+  lora_b = {"blocks/0/c_attn/lora_b": np.zeros((2, 48), np.float32)}
+  folder = adapters.save_adapter(str(tmp_path / "adapter"), lora_b, list(lora_b), config.peft, config.model)
+  assert adapters.load_adapter(folder)[0]["format"] == 2
+  meta = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
+  (tmp_path / "adapter" / "adapter.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "format"}))
+  with pytest.raises(FinetuneError, match=r"adapter .* holds GPT-2 weights saved before .*train that adapter again"):
+    adapters.load_adapter(folder)

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import fake_devices_env, killed_at_step, run_python, tiny_config
+from conftest import fake_devices_env, killed_at_step, run_python, step_folders, tiny_config
 from finetune import train as train_lib
 from finetune import vmap
 from finetune.checkpoint import Checkpointer, read_checkpoint_arrays
@@ -82,7 +82,7 @@ def test_points_differing_in_seed_and_learning_rate_equal_their_solo_runs(tmp_pa
   # Seeds and rates really differ between the points (the test would pass vacuously otherwise).
   assert _losses(together[0]) != _losses(together[1]) != _losses(together[2])
   # Checkpoints are kept per point as `finetune train` keeps them, so a finished point is skipped on a re-run.
-  assert sorted(os.listdir(os.path.join(together[0], "checkpoints")))[:2] == ["12", "6"]
+  assert step_folders(os.path.join(together[0], "checkpoints"))[:2] == ["12", "6"]
   assert vmap.train_points(configs, together)[0]["train"]["final"] == \
       json.load(open(os.path.join(together[0], "summary.json")))["final"]
 
@@ -308,7 +308,7 @@ def test_a_point_whose_evaluation_is_not_finite_stops_alone_before_saving_it(tmp
     assert os.path.isfile(os.path.join(dirs[1], "summary.json"))
     assert not os.path.exists(os.path.join(dirs[0], "summary.json"))
     if name == "mid_run":
-      assert not os.listdir(os.path.join(dirs[0], "checkpoints"))
+      assert not step_folders(os.path.join(dirs[0], "checkpoints"))
 
 
 def test_the_survivors_of_an_evaluation_failure_between_log_lines_log_their_own_metrics(tmp_path):

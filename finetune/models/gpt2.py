@@ -2,6 +2,12 @@
 
 Pre-norm blocks: x += Attn(LN(x)) with a causal mask; x += MLP(LN(x)) with GPT-2's tanh-approximated GELU; final
 LayerNorm; logits = x @ wte^T. Parameter paths follow transformers' `GPT2LMHeadModel` (`finetune/models/hf.py`).
+
+One layout differs: the fused query/key/value projection `c_attn` orders its 3 * n_embd outputs head by head
+([q k v of head 0 | q k v of head 1 | ...]), where transformers has [all q | all k | all v]. Tensor parallelism
+splits that axis into contiguous pieces, which then hold whole heads, as attention needs them; in transformers'
+order a piece held all of q and part of k, and XLA gathered the whole activation before attention in every layer.
+`hf.py` permutes on import and export (and PEFT adapters' lora_B and magnitude, `peft_format.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ class Block(nnx.Module):
       raise FinetuneError(f"config.model.n_embd={hidden} is not divisible by config.model.n_head={num_heads}")
     self.num_heads = num_heads
     self.ln_1 = layer_norm(hidden, rngs, eps)
-    self.c_attn = transformer_dense(hidden, 3 * hidden, ("embed", "heads"), rngs)  # fused query, key, value
+    self.c_attn = transformer_dense(hidden, 3 * hidden, ("embed", "heads"), rngs)  # fused q, k, v; head-major
     self.attn_proj = transformer_dense(hidden, hidden, ("heads", "embed"), rngs)
     self.ln_2 = layer_norm(hidden, rngs, eps)
     self.c_fc = transformer_dense(hidden, inner, ("embed", "mlp"), rngs)
@@ -33,8 +39,8 @@ class Block(nnx.Module):
   def __call__(self, x, mask_bias, train, rngs):
     batch, length, hidden = x.shape
     head_dim = hidden // self.num_heads
-    qkv = self.c_attn(self.ln_1(x)).reshape(batch, length, 3, self.num_heads, head_dim)  # (B, L, 3, H, D)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    qkv = self.c_attn(self.ln_1(x)).reshape(batch, length, self.num_heads, 3, head_dim)  # (B, L, H, 3, D)
+    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # each (B, L, H, D)
     context = attend(q, k, v, mask_bias, self.dropout, train, rngs, self.prefix).reshape(batch, length, hidden)
     x = x + self.dropout(self.attn_proj(context), deterministic=not train, rngs=rngs)
     hidden_states = jax.nn.gelu(self.c_fc(self.ln_2(x)), approximate=True)  # GPT-2's "gelu_new"

@@ -65,13 +65,14 @@ _GPT2_CONFIG = {
     "vocab_size": "vocab_size", "n_positions": "n_positions", "n_embd": "n_embd", "n_layer": "n_layer",
     "n_head": "n_head", "n_inner": "n_inner", "layer_norm_epsilon": "layer_norm_epsilon",
 }
-# GPT-2 uses Conv1D layers whose weights are already stored (in, out): no transposes.
+# GPT-2 uses Conv1D layers whose weights are already stored (in, out): no transposes. c_attn's outputs are
+# reordered head by head ("qkv": finetune/models/gpt2.py says why).
 _GPT2_RULES = [
     (r"(wte|wpe)\.weight", r"\1/embedding", False),
     (r"h\.(\d+)\.(ln_1|ln_2)\.weight", r"blocks/\1/\2/scale", False),
     (r"h\.(\d+)\.(ln_1|ln_2)\.bias", r"blocks/\1/\2/bias", False),
-    (r"h\.(\d+)\.attn\.c_attn\.weight", r"blocks/\1/c_attn/kernel", False),
-    (r"h\.(\d+)\.attn\.c_attn\.bias", r"blocks/\1/c_attn/bias", False),
+    (r"h\.(\d+)\.attn\.c_attn\.weight", r"blocks/\1/c_attn/kernel", "qkv"),
+    (r"h\.(\d+)\.attn\.c_attn\.bias", r"blocks/\1/c_attn/bias", "qkv"),
     (r"h\.(\d+)\.attn\.c_proj\.weight", r"blocks/\1/attn_proj/kernel", False),
     (r"h\.(\d+)\.attn\.c_proj\.bias", r"blocks/\1/attn_proj/bias", False),
     (r"h\.(\d+)\.mlp\.c_fc\.weight", r"blocks/\1/c_fc/kernel", False),
@@ -145,8 +146,8 @@ _VIT_LEFTOVERS = r"(pooler\..*)"  # ViTModel's pooler: ViTForImageClassification
 
 ARCHITECTURES = {
     # model_type: (our model name, config map, weight-name prefix, rules, leftovers, extra kwargs from config).
-    # A rule's third field says how to lay the tensor out: False (as is), True (transpose a Linear weight) or
-    # "conv" (torch Conv2d to flax).
+    # A rule's third field says how to lay the tensor out: False (as is), True (transpose a Linear weight), "conv"
+    # (torch Conv2d to flax) or "qkv" (GPT-2's fused projection, outputs reordered head by head).
     "bert": ("bert", _BERT_CONFIG, "bert.", _BERT_RULES, _BERT_LEFTOVERS, lambda c: {}),
     "roberta": ("bert", _BERT_CONFIG, "roberta.", _BERT_RULES, _BERT_LEFTOVERS,
                 # RoBERTa numbers positions from padding_idx + 1.
@@ -332,7 +333,8 @@ def read_params(path: str) -> dict[str, dict[str, np.ndarray]]:
   """{'params': {our path: array}, 'model_state': {}, 'unused': [checkpoint names not used]}."""
   config = read_config(path)
   _, _, prefix, rules, leftovers, _ = ARCHITECTURES[config["model_type"]]
-  compiled = [(re.compile(pattern + r"$"), template, transpose) for pattern, template, transpose in rules]
+  compiled = [(re.compile(pattern + r"$"), template, with_heads(layout, config.get("n_head")))
+              for pattern, template, layout in rules]
   params, unused, unexpected = {}, [], []
   for name, value in _load_tensors(path).items():
     short = name[len(prefix):] if name.startswith(prefix) else name
@@ -445,8 +447,8 @@ _GPT2_EXPORT = [
     (r"(wte|wpe)/embedding", r"transformer.\1.weight", False),
     (r"blocks/(\d+)/(ln_1|ln_2)/scale", r"transformer.h.\1.\2.weight", False),
     (r"blocks/(\d+)/(ln_1|ln_2)/bias", r"transformer.h.\1.\2.bias", False),
-    (r"blocks/(\d+)/c_attn/kernel", r"transformer.h.\1.attn.c_attn.weight", False),
-    (r"blocks/(\d+)/c_attn/bias", r"transformer.h.\1.attn.c_attn.bias", False),
+    (r"blocks/(\d+)/c_attn/kernel", r"transformer.h.\1.attn.c_attn.weight", "qkv"),
+    (r"blocks/(\d+)/c_attn/bias", r"transformer.h.\1.attn.c_attn.bias", "qkv"),
     (r"blocks/(\d+)/attn_proj/kernel", r"transformer.h.\1.attn.c_proj.weight", False),
     (r"blocks/(\d+)/attn_proj/bias", r"transformer.h.\1.attn.c_proj.bias", False),
     (r"blocks/(\d+)/c_fc/kernel", r"transformer.h.\1.mlp.c_fc.weight", False),
@@ -496,7 +498,8 @@ _EXPORTS = {
 
 def transformers_name(model_name: str, path: str, kwargs: dict[str, Any]) -> tuple[str, Any]:
   """(transformers tensor name, layout) of our parameter `path` in the exported model class. Layout: False (as
-  is), True (Linear weight, transposed) or "conv" (flax conv kernel -> torch Conv2d)."""
+  is), True (Linear weight, transposed), "conv" (flax conv kernel -> torch Conv2d) or ("qkv", heads) (GPT-2's
+  c_attn, outputs reordered)."""
   if model_name == "bert":
     rules = _BERT_EXPORT
     # BertForSequenceClassification nests the encoder under bert.; a mean-pooled export is a bare BertModel.
@@ -510,14 +513,57 @@ def transformers_name(model_name: str, path: str, kwargs: dict[str, Any]) -> tup
     match = re.fullmatch(pattern, path)
     if match:
       name = match.expand(template).replace(".scale", ".weight")
-      return (name if name.startswith("classifier.") else prefix + name), layout
+      heads = (kwargs.get("n_head") or _constructor_default(model_name, "n_head")) if layout == "qkv" else None
+      return (name if name.startswith("classifier.") else prefix + name), with_heads(layout, heads)
   raise FinetuneError(f"parameter {path!r} has no transformers name; cannot export it")
+
+
+def _constructor_default(model_name: str, argument: str) -> Any:
+  """The default of one of our model's constructor arguments (what a run config that leaves it out built)."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  from finetune.models import MODELS  # pylint: disable=g-import-not-at-top
+  return inspect.signature(MODELS.get(model_name).__init__).parameters[argument].default
+
+
+def with_heads(layout: Any, heads: int | None) -> Any:
+  """A rule's layout with what it needs to be applied: "qkv" becomes ("qkv", number of heads)."""
+  if layout != "qkv":
+    return layout
+  if not heads:
+    raise FinetuneError("GPT-2's fused c_attn cannot be reordered without the number of heads (n_head); the "
+                        "checkpoint's config.json must give it")
+  return ("qkv", int(heads))
+
+
+def heads_first(value: np.ndarray, heads: int) -> np.ndarray:
+  """The last axis of a fused projection, [all q | all k | all v] (transformers), reordered head by head
+  ([q k v of head 0 | ...], ours); `heads_last` is the inverse."""
+  # (..., 3 * H * D) -> (..., 3, H, D) -> (..., H, 3, D) -> (..., 3 * H * D)
+  return np.ascontiguousarray(np.swapaxes(value.reshape(*value.shape[:-1], 3, heads, -1), -3, -2)
+                              .reshape(value.shape))
+
+
+def heads_last(value: np.ndarray, heads: int) -> np.ndarray:
+  # (..., 3 * H * D) -> (..., H, 3, D) -> (..., 3, H, D) -> (..., 3 * H * D)
+  return np.ascontiguousarray(np.swapaxes(value.reshape(*value.shape[:-1], heads, 3, -1), -3, -2)
+                              .reshape(value.shape))
+
+
+def output_from_torch(value: np.ndarray, layout: Any) -> np.ndarray:
+  """A vector along a layer's outputs (a PEFT adapter's lora_B rows, DoRA magnitudes), transformers' order to ours."""
+  return heads_first(value, layout[1]) if isinstance(layout, tuple) else value
+
+
+def output_to_torch(value: np.ndarray, layout: Any) -> np.ndarray:
+  return heads_last(value, layout[1]) if isinstance(layout, tuple) else value
 
 
 def from_torch_layout(value: np.ndarray, layout: Any) -> np.ndarray:
   """A transformers tensor in our layout (see `transformers_name`); the inverse of `to_torch_layout`."""
   if layout == "conv":  # torch Conv2d (out, in, kh, kw) -> flax (kh, kw, in, out)
     return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
+  if isinstance(layout, tuple):  # ("qkv", heads): a Conv1D weight (in, out) or bias (out,), outputs reordered
+    return heads_first(value, layout[1])
   return np.ascontiguousarray(value.T) if layout else value
 
 
@@ -525,6 +571,8 @@ def to_torch_layout(value: Any, layout: Any) -> np.ndarray:
   value = np.asarray(value, np.float32)
   if layout == "conv":  # flax (kh, kw, in, out) -> torch Conv2d (out, in, kh, kw)
     value = value.transpose(3, 2, 0, 1)
+  elif isinstance(layout, tuple):
+    value = heads_last(value, layout[1])
   elif layout:
     value = value.T
   return np.ascontiguousarray(value)
