@@ -77,6 +77,12 @@ def evaluate_run(workdir: str, stage: str = "", overrides: Sequence[str] = (),
     raise FinetuneError(f"config.data.validation_fraction={cfg.data.validation_fraction} would carve rows the stage "
                         f"trained on (it held out {trained_fraction}); evaluate {trained_fraction} or less, or "
                         "another split")
+  trained_stratify = raw.get("data", {}).get("stratify", False)
+  if cfg.data.validation_fraction and cfg.data.stratify != trained_stratify:
+    # (the other order carves other rows: 23 of 898 training rows in the validation split, on digits at 0.5)
+    raise FinetuneError(f"config.data.stratify={cfg.data.stratify} would carve the validation split from rows the "
+                        f"stage trained on (it carved with stratify={trained_stratify}); leave data.stratify as "
+                        "the run had it")
   eval_stage = train_lib.build_stage(cfg, evaluation_only=True)
   trained_on = _trained_classes(run_dir, raw, overrides)
   if trained_on is not None and tuple(eval_stage.pipeline.class_names) != trained_on:

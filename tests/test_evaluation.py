@@ -127,6 +127,10 @@ def test_stages_whose_training_schedule_the_evaluation_cannot_rebuild_evaluate_a
   for stage in ("rehearsed", "gradual"):
     _assert_equals_its_final_evaluation(tmp_path / stage, evaluate_run(str(tmp_path), stage))
   assert set(evaluate_run(str(tmp_path), "gradual", ["data.validation_fraction=0.05"])) == {"validation"}
+  # Stratified, the carving takes other rows (some the stage trained on).
+  with pytest.raises(FinetuneError, match=r"config.data.stratify=True would carve the validation split from rows "
+                                          r"the stage trained on \(it carved with stratify=False\)"):
+    evaluate_run(str(tmp_path), "gradual", ["data.stratify=True"])
 
 
 def test_runs_that_share_a_workdir_keep_each_other_s_stages(tmp_path):

@@ -716,6 +716,20 @@ def test_cifar10_sweep_point_trains_every_variant_and_plots(tmp_path, capsys):
 DIGITS_MLP = {"name": "mlp", "input_size": 64, "hidden": (16,)}
 
 
+def test_a_source_whose_config_predates_a_data_key_is_rebuilt_with_its_default(tmp_path):
+  """(A source stage's config.json written before data.stratify existed is read as it is: rebuilding its data for
+  the forgetting evaluation failed with AttributeError 'stratify', after the new stage had trained.)"""
+  config = tiny_config(model=DIGITS_MLP, train={"steps": 2, "log_every": 1, "checkpoint_every": 0},
+                       stages={"a": {}, "b": {"init_from": "stage:a"}})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  source_config = json.loads((tmp_path / "a" / "config.json").read_text())
+  del source_config["data"]["stratify"]
+  (tmp_path / "a" / "config.json").write_text(json.dumps(source_config))
+  shutil.rmtree(tmp_path / "b")
+  summary = train_lib.train_and_evaluate(config, str(tmp_path))["b"]
+  assert set(summary["forgetting"]["a"]) == {"validation"}
+
+
 def test_lineage_follows_later_stages_reinitialisation_and_other_workdirs(tmp_path):
   """A (0-9) -> B (5-9, new head) -> C (B's task, learning rate ~0, online EWC). C's weights are B's, so C reports
   A's accuracy as B did: with A's own head, which B replaced (before, C scored A with B's head, and online EWC

@@ -5,7 +5,7 @@
 * Validation: the first `validation_fraction` of a fixed (seed 0) permutation of the whole 'train' split (before
   class filtering) becomes 'validation', so every seed of a sweep and every class subset of a multi-stage run holds
   out the same examples. With `stratify` the permutation is first spread out class by class (`stratified_order`),
-  so both parts hold each class in its share, to within a few examples, whatever the fraction.
+  so both parts hold each class in its share, to within about one example, whatever the fraction.
 * Training order: epoch e is `default_rng([seed, e]).permutation(N)`, cut into full batches (the last partial
   batch of an epoch is dropped). The batch of step s is therefore a function of (seed, s) alone, which makes
   resumption exact. Every random stream of training is named by one `*_seed` method below, and no two of them
@@ -205,18 +205,26 @@ def _filter(split: Split, label_map: np.ndarray | None) -> Split:
 
 def stratified_order(order: np.ndarray, labels: np.ndarray) -> np.ndarray:
   """`order` (a permutation of the rows) rearranged so that every prefix and every suffix holds each class in its
-  share of all rows, to within a few examples (rounding, which grows with the number of classes: under 3.3 in 200
-  random label sets of 2-50 classes and 50-5,000 rows). Rows sort by their rank within their class in `order`, as
-  a fraction of the class's size, so a class of c rows in N comes once every N / c places; classes at the same
-  fraction keep their order in `order`. (scikit-learn's stratified splits draw one split per call; the pipeline
-  needs one order whose cut at any fraction is stratified, so that smaller labelled subsets stay inside larger
-  ones.)"""
+  share of all rows, to within about one example (at most 1.008 in 52 label sets: 2-50 classes, a 900-row class
+  beside 100 single rows, 422 Zipf-distributed classes). Place m takes the next row, in `order`, of the class
+  furthest below its share of the first m; a suffix's counts are the whole's minus a prefix's, so it is as close.
+  (scikit-learn's stratified splits draw one split per call; the pipeline needs one order whose cut at any fraction
+  is stratified, so that smaller labelled subsets stay inside larger ones. Sorting rows by their rank within their
+  class over its size bunched the rare classes, which tie at the same fractions: 90 rows off on Zipf labels.) A
+  Python loop over the rows with a NumPy step over the classes: 0.2 s for 60,000 rows of 10 classes."""
   labels_in_order = labels[order]
-  position = np.empty(len(order))
-  for label in np.unique(labels_in_order):
-    members = np.flatnonzero(labels_in_order == label)
-    position[members] = (np.arange(len(members)) + 0.5) / len(members)
-  return order[np.argsort(position, kind="stable")]
+  _, class_of, counts = np.unique(labels_in_order, return_inverse=True, return_counts=True)
+  share = counts / len(order)
+  rows_of_class = [np.flatnonzero(class_of == c) for c in range(len(counts))]  # positions in `order`, in turn
+  taken = np.zeros(len(counts), np.int64)
+  positions = np.empty(len(order), np.int64)
+  for m in range(len(order)):
+    shortfall = (m + 1) * share - taken
+    shortfall[taken == counts] = -np.inf  # (a class with no rows left)
+    c = int(np.argmax(shortfall))
+    positions[m] = rows_of_class[c][taken[c]]
+    taken[c] += 1
+  return order[positions]
 
 
 def _warn_untrained_classes(train: Split, class_names: Sequence[str], name: str) -> None:
@@ -277,15 +285,16 @@ def build_pipeline(data_cfg: ConfigDict, seed: int) -> InputPipeline:
   # the classes never validates on examples that a stage on other or all classes trained on.
   # A source's own 'validation' split is the validation split: nothing is carved from 'train' then (carved examples
   # would be replaced by it and never used).
+  if data_cfg.get("stratify", False) and "validation" in dataset.splits:
+    warnings.warn(f"config.data.stratify does nothing here: {data_cfg.name!r} has a validation split of its own, so "
+                  "nothing is carved from 'train'", UserWarning, stacklevel=2)
   if data_cfg.validation_fraction > 0 and "validation" not in dataset.splits:
     order = np.random.default_rng(_VALIDATION_SEED).permutation(len(full_train))
-    if data_cfg.stratify:
-      try:
-        labels = full_train.labels()
-      except FinetuneError:  # (its message is about data.classes)
+    if data_cfg.get("stratify", False):  # (a source stage's config.json written before the key existed has none)
+      if not dataset.class_names:
         raise FinetuneError(f"config.data.stratify carves validation class by class, and {data_cfg.name!r} has no "
-                            "labels (language-model text); drop stratify") from None
-      order = stratified_order(order, labels)
+                            "classes (language-model text); drop stratify")
+      order = stratified_order(order, full_train.labels())
     num_validation = int(round(data_cfg.validation_fraction * len(full_train)))
     splits["validation"] = _filter(SubsetSplit(full_train, np.sort(order[:num_validation])), label_map)
     training_rows = np.sort(order[num_validation:])
