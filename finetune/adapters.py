@@ -473,7 +473,11 @@ def load_adapter(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]
                         "adapters are written to <run>/adapter/ at the end of a PEFT stage")
   meta = read_json(os.path.join(directory, ADAPTER_CONFIG))
   arrays = load_file(os.path.join(directory, ADAPTER_WEIGHTS))
-  refuse_format_1_gpt2(arrays, int(meta.get("format", 1)), f"adapter {directory}", "train that adapter again")
+  stored_format = meta.get("format", 1)
+  if type(stored_format) is not int:  # pylint: disable=unidiomatic-typecheck  (not a bool either)
+    raise FinetuneError(f"{os.path.join(directory, ADAPTER_CONFIG)} is damaged (format {stored_format!r}, not a "
+                        "number); save the adapter again")
+  refuse_format_1_gpt2(arrays, stored_format, f"adapter {directory}", "train that adapter again")
   return meta, arrays
 
 

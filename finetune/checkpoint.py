@@ -388,9 +388,13 @@ def refuse_format_1_gpt2(paths: Any, stored_format: int, source: str, fix: str) 
 
 
 def _refuse_format_1_checkpoints(paths: Any, checkpoints_dir: str) -> None:
-  refuse_format_1_gpt2(paths, scan.stored_format(checkpoints_dir), checkpoints_dir,
-                       f"train that run again, or for a step folder copied away from its run, copy the run's "
-                       f"checkpoints/{scan.LAYOUT_FILE} (which gives the format) next to it")
+  if os.path.isfile(os.path.join(checkpoints_dir, scan.LAYOUT_FILE)):  # (recorded: these are format 1)
+    fix = (f"train that stage again: delete {os.path.dirname(checkpoints_dir)} (its checkpoints cannot be resumed) "
+           "or use a new --workdir")
+  else:  # (a run before format 2, or a step folder copied away from its run's record)
+    fix = (f"train that stage again, or if {checkpoints_dir} was copied from a newer run's checkpoints/ folder, copy "
+           f"that folder's {scan.LAYOUT_FILE} (which gives the format) next to it")
+  refuse_format_1_gpt2(paths, scan.stored_format(checkpoints_dir), checkpoints_dir, fix)
 
 
 def _compile(patterns: Sequence[str]) -> list[re.Pattern]:

@@ -380,7 +380,7 @@ from finetune import train as train_lib
 from finetune.config import build_config
 from test_multidevice import zoo_config
 config = zoo_config("gpt2", {"data": 2, "tensor": 4}).to_dict()
-config["model"] = {**config["model"], "n_embd": 32, "n_head": 4}  # c_attn: 96 outputs, 24 (3 heads' q, k, v) a device
+config["model"] = {**config["model"], "n_embd": 32, "n_head": 4}  # c_attn: 96 outputs, 24 (one head's q, k, v) a device
 stage = train_lib.build_stage(build_config(config))
 for name, program in (("eval", stage.eval_step()), ("train", stage.train_step(0))):
   print(name, " ".join(re.findall(r"= (\\S+) all-gather\\(", program.as_text())) or "-")

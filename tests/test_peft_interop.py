@@ -105,6 +105,8 @@ CASES = {
     # The embedding is the output layer too: PEFT wraps a copy of it, so lm_head is saved beside it (it kept the
     # base's output layer, logits further off than the base's).
     "gpt2-tied_embedding": dict(targets=("c_attn",), rank=4, alpha=8.0, modules_to_save=("^wte/",)),
+    # c_attn's outputs are head-major here: lora_B and the magnitudes are reordered to transformers' order.
+    "gpt2-dora": dict(targets=("c_attn",), rank=4, alpha=8.0, dora=True, bias="lora_only"),
 }
 
 

@@ -974,12 +974,17 @@ def test_gpt2_checkpoints_of_the_transformers_order_are_refused_not_scrambled(tm
   layout = tmp_path / "gpt2" / "checkpoints" / "layout.json"
   assert json.loads(layout.read_text()) == {"format": 2, "stacks": []}
   assert "blocks/0/c_attn/kernel" in read_checkpoint_arrays(str(tmp_path / "gpt2" / "checkpoints" / "2"))["params"]
-  layout.write_text(json.dumps({"stacks": []}))  # as a run before format 2 left it (or none at all)
-  refused = r"holds GPT-2 weights saved before finetune stored c_attn's outputs head by head .*train that run again"
-  with pytest.raises(FinetuneError, match=refused):
-    read_checkpoint_arrays(str(tmp_path / "gpt2" / "checkpoints" / "2"))
+  step = str(tmp_path / "gpt2" / "checkpoints" / "2")
+  refused = r"holds GPT-2 weights saved before finetune stored c_attn's outputs head by head \(format 1\)"
+  layout.unlink()  # as a run before format 2 left it (or a step folder copied away from the record)
+  with pytest.raises(FinetuneError, match=refused + r".*copy that folder's layout.json \(which gives the format\)"):
+    read_checkpoint_arrays(step)
+  layout.write_text(json.dumps({"stacks": []}))  # (a scanned run before format 2 left one without a format)
+  start_over = r".*train that stage again: delete .*gpt2 \(its checkpoints cannot be resumed\) or use a new --workdir"
+  with pytest.raises(FinetuneError, match=refused + start_over):
+    read_checkpoint_arrays(step)
   (tmp_path / "gpt2" / "summary.json").unlink()
-  with pytest.raises(FinetuneError, match=refused):  # resuming it
+  with pytest.raises(FinetuneError, match=refused + start_over):  # resuming it
     train_lib.train_and_evaluate(config, str(tmp_path / "gpt2"))
   assert json.loads(layout.read_text())["format"] == 1
   train_lib.train_and_evaluate(tiny_config(train={"steps": 2, "checkpoint_every": 0}), str(tmp_path / "cnn"))
@@ -993,4 +998,7 @@ def test_gpt2_checkpoints_of_the_transformers_order_are_refused_not_scrambled(tm
   meta = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
   (tmp_path / "adapter" / "adapter.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "format"}))
   with pytest.raises(FinetuneError, match=r"adapter .* holds GPT-2 weights saved before .*train that adapter again"):
+    adapters.load_adapter(folder)
+  (tmp_path / "adapter" / "adapter.json").write_text(json.dumps({**meta, "format": "two"}))
+  with pytest.raises(FinetuneError, match=r"adapter.json is damaged \(format 'two', not a number\)"):
     adapters.load_adapter(folder)

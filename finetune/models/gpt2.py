@@ -5,9 +5,10 @@ LayerNorm; logits = x @ wte^T. Parameter paths follow transformers' `GPT2LMHeadM
 
 One layout differs: the fused query/key/value projection `c_attn` orders its 3 * n_embd outputs head by head
 ([q k v of head 0 | q k v of head 1 | ...]), where transformers has [all q | all k | all v]. Tensor parallelism
-splits that axis into contiguous pieces, which then hold whole heads, as attention needs them; in transformers'
-order a piece held all of q and part of k, and XLA gathered the whole activation before attention in every layer.
-`hf.py` permutes on import and export (and PEFT adapters' lora_B and magnitude, `peft_format.py`).
+splits that axis into contiguous pieces, which then hold whole heads when the tensor axis divides n_head; in
+transformers' order a piece held parts of q, k and v, and XLA gathered the whole activation before attention in
+every layer (as it still does when n_head does not divide: GPT-2 XL's 25 heads). `hf.py` permutes on import and
+export (and PEFT adapters' lora_B and magnitude, `peft_format.py`).
 """
 
 from __future__ import annotations
