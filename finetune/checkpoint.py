@@ -176,13 +176,14 @@ def write_checksums(step_dir: str) -> None:
   files.write_text(os.path.join(step_dir, CHECKSUM_FILE), json.dumps({"crc32": dict(sorted(entries.items()))}))
 
 
-def verify_checksums(step_dir: str, fix: str) -> bool:
+def verify_checksums(step_dir: str, fix: str) -> int:
   """Raises, naming the file and saying `fix`, unless every file a step's CHECKSUM_FILE lists is there with its
-  recorded size and CRC-32. False for a step without one (written with config.train.checkpoint_checksums off,
-  before checksums existed, or by a run killed between orbax finishing the step and the file being written)."""
+  recorded size and CRC-32; returns how many it checked. 0 for a step without one (written with
+  config.train.checkpoint_checksums off, before checksums existed, or by a run killed between orbax finishing the
+  step and the file being written)."""
   path = os.path.join(step_dir, CHECKSUM_FILE)
   if not os.path.isfile(path):
-    return False
+    return 0
   try:
     record = files.read_json(path, fix)
   except OSError as e:  # (a failing disk: the CLI's generic line would not say which step or what to do)
@@ -208,7 +209,27 @@ def verify_checksums(step_dir: str, fix: str) -> bool:
                             f"CRC-32 differs from {CHECKSUM_FILE}'s); {fix}")
     except OSError as e:
       raise FinetuneError(f"checkpoint {step_dir}: {relative} cannot be read ({e.strerror}); {fix}") from None
-  return True
+  return len(entries)
+
+
+def verify_folder(folder: str) -> list[tuple[str, int | str]]:
+  """(step folder, files checked or the damage found) for every checkpoint step under `folder`: a workdir, a
+  stage's run folder or a sweep's, each `checkpoints/` and early stopping's `best/` (`finetune verify`). 0 files:
+  the step has no checksums."""
+  if not os.path.isdir(folder):
+    raise FinetuneError(f"{folder} is not a folder; give a workdir or run folder")
+  found: list[tuple[str, int | str]] = []
+  for root, dirs, _ in os.walk(folder):
+    dirs.sort()
+    if os.path.basename(root) in ("checkpoints", "best"):
+      for step in sorted((d for d in dirs if d.isdigit()), key=int):
+        step_dir = os.path.join(root, step)
+        try:
+          found.append((step_dir, verify_checksums(step_dir, "")))
+        except FinetuneError as e:
+          found.append((step_dir, str(e).removesuffix("; ")))
+      dirs[:] = [d for d in dirs if not d.isdigit()]  # (not into the step folders)
+  return found
 
 
 # tensorstore's status codes and the OS's messages for a write the storage refused.

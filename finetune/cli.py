@@ -5,6 +5,7 @@
     finetune export --workdir DIR --format hf|peft --out OUT [--stage NAME] [--unfinished | --step N] [--dtype bfloat16]
                     [--config.model.hf_config=DIR] [--config.data.options.tokenizer=DIR]
     finetune plan --config configs/<file>.py[:arg] [--mesh data=4,fsdp=2] [--devices N] [--config.key=value ...]
+    finetune verify --workdir DIR
     finetune sweep --config configs/<file>.py[:arg] --workdir DIR [--parallel N] [--vmap K]
                    [--only NAME ...] [--dry-run | --aggregate-only] [--metric split/key ...]
                    [--seed-key KEY] [--wandb-sweep OUT.yaml] [--config.key=value ...]
@@ -114,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="mesh axes, e.g. data=4,fsdp=2 (overrides config.mesh)")
   plan.add_argument("--devices", action=_Once, type=int, default=None,
                     help="fake this many host devices (CPU) to stand in for the target accelerators")
+  verify = commands.add_parser("verify", help="check every checkpoint under a folder against its checksums",
+                               description="Check every checkpoint step under a workdir (each stage's checkpoints/ "
+                               "and best/, sweep points too) against its checksums.json: a file changed, cut short "
+                               "or lost since it was written is named. Exit status 2 when one is damaged.")
+  verify.add_argument("--workdir", action=_Once, required=True, type=_path, help="a workdir, run or sweep folder")
   sweep = commands.add_parser("sweep", help="run every point of a config's get_sweep() and tabulate the results",
                               description="Run each point of the config file's get_sweep(arg) (a list of "
                               "{config key: value}) as `finetune train` in DIR/<point>, skipping points finished "
@@ -245,6 +251,27 @@ def run_plan(config_spec: str, mesh: str, devices: int | None, overrides: Sequen
   return 0
 
 
+def run_verify(workdir: str) -> int:
+  """`finetune verify`: one line per checkpoint step; an error (exit 2) when any is damaged."""
+  from finetune.checkpoint import verify_folder  # pylint: disable=g-import-not-at-top
+  root = os.path.expanduser(workdir)
+  found = verify_folder(root)
+  if not found:
+    raise FinetuneError(f"{root} holds no checkpoint step (no checkpoints/<step> or best/<step> folder under it)")
+  for step_dir, result in found:
+    status = "damaged" if isinstance(result, str) else f"ok, {result} files" if result else "no checksums"
+    print(f"{os.path.relpath(step_dir, root)}: {status}")
+  damaged = [(step_dir, result) for step_dir, result in found if isinstance(result, str)]
+  if damaged:
+    raise FinetuneError(f"{len(damaged)} of {len(found)} checkpoint steps are damaged; the first: {damaged[0][1]}; "
+                        "delete a damaged step folder (a run resumes from the step before) or copy it again from "
+                        "where it was written")
+  unchecked = sum(1 for _, result in found if result == 0)
+  print(f"{len(found) - unchecked} of {len(found)} checkpoint steps match their checksums"
+        f"{f'; {unchecked} have none (written without them)' if unchecked else ''}")
+  return 0
+
+
 def run_eval(workdir: str, stage: str, unfinished: bool, out: str, overrides: Sequence[str],
              step: int | None = None) -> int:
   import jax  # pylint: disable=g-import-not-at-top
@@ -370,6 +397,8 @@ def _main(argv: list[str]) -> int:
     if args.command == "sweep":
       return run_sweep(args.config, args.workdir, args.parallel, args.dry_run, args.metric, args.seed_key,
                        args.wandb_sweep, overrides, args.vmap, args.together, args.aggregate_only, args.only)
+    if args.command == "verify":
+      return run_verify(args.workdir)
     if args.command == "eval":
       return run_eval(args.workdir, args.stage, args.unfinished, args.out, overrides, args.step)
     if args.command == "export":

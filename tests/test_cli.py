@@ -426,6 +426,32 @@ def test_a_checkpoint_file_changed_since_saving_is_named_and_the_step_before_res
       read_checkpoint_arrays(str(step))
 
 
+def test_verify_checks_every_step_of_a_workdir_and_names_the_damaged_one(capsys, tiny_file, tmp_path):
+  from finetune.checkpoint import CHECKSUM_FILE  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  assert cli.main(["train", "--config", tiny_file, "--workdir", str(workdir), "--config.train.checkpoint_every=1",
+                   "--config.train.keep_checkpoints=3"]) == 0
+  capsys.readouterr()
+  assert cli.main(["verify", "--workdir", str(workdir)]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert [line.split(":")[0] for line in out[:-1]] == ["checkpoints/1", "checkpoints/2", "checkpoints/3"]
+  assert all(": ok, " in line and line.endswith(" files") for line in out[:-1])
+  assert out[-1] == "3 of 3 checkpoint steps match their checksums"
+  (workdir / "checkpoints" / "1" / CHECKSUM_FILE).unlink()
+  listed = json.loads((workdir / "checkpoints" / "2" / CHECKSUM_FILE).read_text())["crc32"]
+  data = next(name for name in listed if "/d/" in name)
+  (workdir / "checkpoints" / "2" / data).write_bytes(b"x" * listed[data][0])
+  assert cli.main(["verify", "--workdir", str(workdir)]) == 2
+  captured = capsys.readouterr()
+  assert captured.out.splitlines()[:2] == ["checkpoints/1: no checksums", "checkpoints/2: damaged"]
+  assert captured.out.splitlines()[2].startswith("checkpoints/3: ok, ")
+  assert captured.err.startswith(f"finetune: error: 1 of 3 checkpoint steps are damaged; the first: checkpoint "
+                                 f"{workdir}/checkpoints/2 is damaged: {data} changed since it was written"), \
+      captured.err
+  assert _error(capsys, ["verify", "--workdir", str(tmp_path / "nothing")]).endswith(
+      "is not a folder; give a workdir or run folder")
+
+
 def test_a_finished_async_save_gets_its_checksums_at_the_next_log_step_not_the_next_save(tmp_path):
   """(Written only at the next save or at the end, the newest step of a run killed in between had none: the step
   a resume starts from.) `sum_finished_saves`, called at log steps, writes them once orbax is done, never
