@@ -90,7 +90,7 @@ class Checkpointer:
 
   def sum_finished_saves(self) -> bool:
     """Checksums for the saved steps orbax has finished since, without waiting for a save in progress; True when it
-    wrote any. Called at every log step, so that the newest step of a run killed before its next save (the step a
+    took any (process 0 writes them). Called at every log step, so that the newest step of a run killed before its next save (the step a
     resume starts from) has them too."""
     if not self._unsummed or self._manager.is_saving_in_progress():
       return False
@@ -216,19 +216,30 @@ def verify_folder(folder: str) -> list[tuple[str, int | str]]:
   """(step folder, files checked or the damage found) for every checkpoint step under `folder`: a workdir, a
   stage's run folder or a sweep's, each `checkpoints/` and early stopping's `best/` (`finetune verify`). 0 files:
   the step has no checksums."""
+  folder = os.path.normpath(folder)
   if not os.path.isdir(folder):
     raise FinetuneError(f"{folder} is not a folder; give a workdir or run folder")
+
+  def check(step_dir: str) -> tuple[str, int | str]:
+    try:
+      return step_dir, verify_checksums(step_dir, "")
+    except FinetuneError as e:
+      return step_dir, str(e).removesuffix("; ")
+
+  if os.path.basename(folder).isdigit() and os.path.isdir(os.path.join(folder, STATE_ITEM)):  # one step folder
+    return [check(folder)]
   found: list[tuple[str, int | str]] = []
-  for root, dirs, _ in os.walk(folder):
+  visited: set[str] = set()  # real paths: symbolic links are followed (a sweep's points may be links), once
+  for root, dirs, _ in os.walk(folder, followlinks=True):
+    if os.path.realpath(root) in visited:
+      dirs[:] = []
+      continue
+    visited.add(os.path.realpath(root))
     dirs.sort()
     if os.path.basename(root) in ("checkpoints", "best"):
-      for step in sorted((d for d in dirs if d.isdigit()), key=int):
-        step_dir = os.path.join(root, step)
-        try:
-          found.append((step_dir, verify_checksums(step_dir, "")))
-        except FinetuneError as e:
-          found.append((step_dir, str(e).removesuffix("; ")))
-      dirs[:] = [d for d in dirs if not d.isdigit()]  # (not into the step folders)
+      found.extend(check(os.path.join(root, step)) for step in sorted((d for d in dirs if d.isdigit()), key=int))
+    # Not into step folders (orbax's files) nor the folders orbax writes a step into before renaming it.
+    dirs[:] = [d for d in dirs if not d.isdigit() and ".orbax-checkpoint-tmp" not in d]
   return found
 
 

@@ -259,8 +259,8 @@ def run_verify(workdir: str) -> int:
   if not found:
     raise FinetuneError(f"{root} holds no checkpoint step (no checkpoints/<step> or best/<step> folder under it)")
   for step_dir, result in found:
-    status = "damaged" if isinstance(result, str) else f"ok, {result} files" if result else "no checksums"
-    print(f"{os.path.relpath(step_dir, root)}: {status}")
+    status = result if isinstance(result, str) else f"ok, {result} files" if result else "no checksums"
+    print(f"{os.path.relpath(step_dir, root) if step_dir != os.path.normpath(root) else step_dir}: {status}")
   damaged = [(step_dir, result) for step_dir, result in found if isinstance(result, str)]
   if damaged:
     raise FinetuneError(f"{len(damaged)} of {len(found)} checkpoint steps are damaged; the first: {damaged[0][1]}; "

@@ -443,11 +443,23 @@ def test_verify_checks_every_step_of_a_workdir_and_names_the_damaged_one(capsys,
   (workdir / "checkpoints" / "2" / data).write_bytes(b"x" * listed[data][0])
   assert cli.main(["verify", "--workdir", str(workdir)]) == 2
   captured = capsys.readouterr()
-  assert captured.out.splitlines()[:2] == ["checkpoints/1: no checksums", "checkpoints/2: damaged"]
+  damage = f"checkpoint {workdir}/checkpoints/2 is damaged: {data} changed since it was written"
+  assert captured.out.splitlines()[0] == "checkpoints/1: no checksums"
+  assert captured.out.splitlines()[1].startswith(f"checkpoints/2: {damage}")  # (each damaged step's own reason)
   assert captured.out.splitlines()[2].startswith("checkpoints/3: ok, ")
-  assert captured.err.startswith(f"finetune: error: 1 of 3 checkpoint steps are damaged; the first: checkpoint "
-                                 f"{workdir}/checkpoints/2 is damaged: {data} changed since it was written"), \
+  assert captured.err.startswith(f"finetune: error: 1 of 3 checkpoint steps are damaged; the first: {damage}"), \
       captured.err
+  # A sweep whose point is a symbolic link (followed), a checkpoints/ folder with a trailing slash, a step folder.
+  (tmp_path / "sweep").mkdir()
+  (tmp_path / "sweep" / "point").symlink_to(workdir)
+  assert cli.main(["verify", "--workdir", str(tmp_path / "sweep")]) == 2
+  assert capsys.readouterr().out.splitlines()[1].startswith(f"point/checkpoints/2: checkpoint {tmp_path}/sweep/")
+  assert cli.main(["verify", "--workdir", f"{workdir}/checkpoints/"]) == 2
+  assert capsys.readouterr().out.splitlines()[2].startswith("3: ok, ")
+  assert cli.main(["verify", "--workdir", str(workdir / "checkpoints" / "3")]) == 0
+  files_of_3 = len(json.loads((workdir / "checkpoints" / "3" / CHECKSUM_FILE).read_text())["crc32"])
+  assert capsys.readouterr().out.splitlines() == [f"{workdir}/checkpoints/3: ok, {files_of_3} files",
+                                                  "1 of 1 checkpoint steps match their checksums"]
   assert _error(capsys, ["verify", "--workdir", str(tmp_path / "nothing")]).endswith(
       "is not a folder; give a workdir or run folder")
 
@@ -460,6 +472,11 @@ def test_a_finished_async_save_gets_its_checksums_at_the_next_log_step_not_the_n
   from finetune.checkpoint import CHECKSUM_FILE, Checkpointer  # pylint: disable=g-import-not-at-top
   checkpoints = Checkpointer(str(tmp_path / "checkpoints"), 2)
   checkpoints.save(1, {"params": {"w": np.arange(1000, dtype=np.float32)}})
+  manager = checkpoints._manager  # pylint: disable=protected-access
+  in_progress, manager.is_saving_in_progress = manager.is_saving_in_progress, lambda: True
+  waited, manager.wait_until_finished = manager.wait_until_finished, None  # (calling it would raise)
+  assert not checkpoints.sum_finished_saves()  # a save in progress: no wait, nothing written
+  manager.is_saving_in_progress, manager.wait_until_finished = in_progress, waited
   deadline = time.monotonic() + 60
   while not checkpoints.sum_finished_saves():  # False while orbax still writes
     assert time.monotonic() < deadline
