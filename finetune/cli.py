@@ -5,7 +5,7 @@
     finetune export --workdir DIR --format hf|peft --out OUT [--stage NAME] [--unfinished | --step N] [--dtype bfloat16]
                     [--config.model.hf_config=DIR] [--config.data.options.tokenizer=DIR]
     finetune plan --config configs/<file>.py[:arg] [--mesh data=4,fsdp=2] [--devices N] [--config.key=value ...]
-    finetune verify --workdir DIR
+    finetune verify --workdir DIR [--strict]
     finetune sweep --config configs/<file>.py[:arg] --workdir DIR [--parallel N] [--vmap K]
                    [--only NAME ...] [--dry-run | --aggregate-only] [--metric split/key ...]
                    [--seed-key KEY] [--wandb-sweep OUT.yaml] [--config.key=value ...]
@@ -120,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
                                "and best/, sweep points too) against its checksums.json: a file changed, cut short "
                                "or lost since it was written is named. Exit status 2 when one is damaged.")
   verify.add_argument("--workdir", action=_Once, required=True, type=_path, help="a workdir, run or sweep folder")
+  verify.add_argument("--strict", action="store_true",
+                      help="a step without checksums.json (lost in a copy, or written without checksums) fails too")
   sweep = commands.add_parser("sweep", help="run every point of a config's get_sweep() and tabulate the results",
                               description="Run each point of the config file's get_sweep(arg) (a list of "
                               "{config key: value}) as `finetune train` in DIR/<point>, skipping points finished "
@@ -251,8 +253,9 @@ def run_plan(config_spec: str, mesh: str, devices: int | None, overrides: Sequen
   return 0
 
 
-def run_verify(workdir: str) -> int:
-  """`finetune verify`: one line per checkpoint step; an error (exit 2) when any is damaged."""
+def run_verify(workdir: str, strict: bool = False) -> int:
+  """`finetune verify`: one line per checkpoint step; an error (exit 2) when any is damaged, or with `strict` has no
+  checksums."""
   from finetune.checkpoint import verify_folder  # pylint: disable=g-import-not-at-top
   root = os.path.expanduser(workdir)
   found = verify_folder(root)
@@ -267,8 +270,14 @@ def run_verify(workdir: str) -> int:
                         "delete a damaged step folder (a run resumes from the step before) or copy it again from "
                         "where it was written")
   unchecked = sum(1 for _, result in found if result == 0)
+  if strict and unchecked:
+    first = next(step_dir for step_dir, result in found if result == 0)
+    raise FinetuneError(f"{unchecked} of {len(found)} checkpoint steps have no checksums.json (--strict), the first "
+                        f"{first}: copy it again with its checksums.json, or leave out --strict for steps written "
+                        "without checksums")
+  verb = "has" if unchecked == 1 else "have"
   print(f"{len(found) - unchecked} of {len(found)} checkpoint steps match their checksums"
-        f"{f'; {unchecked} have none (written without them)' if unchecked else ''}")
+        f"{f'; {unchecked} {verb} none (written without them)' if unchecked else ''}")
   return 0
 
 
@@ -398,7 +407,7 @@ def _main(argv: list[str]) -> int:
       return run_sweep(args.config, args.workdir, args.parallel, args.dry_run, args.metric, args.seed_key,
                        args.wandb_sweep, overrides, args.vmap, args.together, args.aggregate_only, args.only)
     if args.command == "verify":
-      return run_verify(args.workdir)
+      return run_verify(args.workdir, args.strict)
     if args.command == "eval":
       return run_eval(args.workdir, args.stage, args.unfinished, args.out, overrides, args.step)
     if args.command == "export":

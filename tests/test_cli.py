@@ -456,10 +456,16 @@ def test_verify_checks_every_step_of_a_workdir_and_names_the_damaged_one(capsys,
   assert capsys.readouterr().out.splitlines()[1].startswith(f"point/checkpoints/2: checkpoint {tmp_path}/sweep/")
   assert cli.main(["verify", "--workdir", f"{workdir}/checkpoints/"]) == 2
   assert capsys.readouterr().out.splitlines()[2].startswith("3: ok, ")
-  assert cli.main(["verify", "--workdir", str(workdir / "checkpoints" / "3")]) == 0
+  assert cli.main(["verify", "--workdir", str(workdir / "checkpoints" / "3"), "--strict"]) == 0
   files_of_3 = len(json.loads((workdir / "checkpoints" / "3" / CHECKSUM_FILE).read_text())["crc32"])
   assert capsys.readouterr().out.splitlines() == [f"{workdir}/checkpoints/3: ok, {files_of_3} files",
                                                   "1 of 1 checkpoint steps match their checksums"]
+  shutil.rmtree(workdir / "checkpoints" / "2")  # (the damaged one) left: 1 without checksums, 3 with
+  assert cli.main(["verify", "--workdir", str(workdir)]) == 0
+  assert capsys.readouterr().out.splitlines()[-1] == ("1 of 2 checkpoint steps match their checksums; 1 has none "
+                                                      "(written without them)")
+  assert _error(capsys, ["verify", "--workdir", str(workdir), "--strict"]).startswith(
+      f"1 of 2 checkpoint steps have no checksums.json (--strict), the first {workdir}/checkpoints/1: copy it again")
   assert _error(capsys, ["verify", "--workdir", str(tmp_path / "nothing")]).endswith(
       "is not a folder; give a workdir or run folder")
 
