@@ -90,8 +90,8 @@ class Checkpointer:
 
   def sum_finished_saves(self) -> bool:
     """Checksums for the saved steps orbax has finished since, without waiting for a save in progress; True when it
-    took any (process 0 writes them). Called at every log step, so that the newest step of a run killed before its next save (the step a
-    resume starts from) has them too."""
+    took any (process 0 writes them). Called at every log step, so that the newest step of a run killed before its
+    next save (the step a resume starts from) has them too."""
     if not self._unsummed or self._manager.is_saving_in_progress():
       return False
     with self._writing():
@@ -393,6 +393,7 @@ def read_checkpoint_arrays(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
                             "metadata); use another step folder, or re-run the stage that wrote it")
       tree = metadata.tree
       wanted = {k: tree[k] for k in ("params", "model_state") if k in tree}
+      _refuse_format_1_checkpoints(flatten(wanted.get("params", {})), os.path.dirname(step_dir))  # (before reading)
       restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
       restored = checkpointer.restore(
           item, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True))
@@ -405,7 +406,6 @@ def read_checkpoint_arrays(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
     absl_logger.setLevel(previous_level)
   # A scanned run's checkpoint holds stacked layers; every reader gets the unrolled layout (finetune/scan.py).
   arrays = {k: flatten(v) for k, v in restored.items()}
-  _refuse_format_1_checkpoints(arrays.get("params", {}), os.path.dirname(step_dir))
   return scan.unroll_checkpoint(arrays, os.path.dirname(os.path.abspath(step_dir)))
 
 

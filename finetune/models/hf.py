@@ -513,16 +513,9 @@ def transformers_name(model_name: str, path: str, kwargs: dict[str, Any]) -> tup
     match = re.fullmatch(pattern, path)
     if match:
       name = match.expand(template).replace(".scale", ".weight")
-      heads = (kwargs.get("n_head") or _constructor_default(model_name, "n_head")) if layout == "qkv" else None
-      return (name if name.startswith("classifier.") else prefix + name), with_heads(layout, heads)
+      # (kwargs: every constructor argument, defaults included: `models.full_model_kwargs`)
+      return (name if name.startswith("classifier.") else prefix + name), with_heads(layout, kwargs.get("n_head"))
   raise FinetuneError(f"parameter {path!r} has no transformers name; cannot export it")
-
-
-def _constructor_default(model_name: str, argument: str) -> Any:
-  """The default of one of our model's constructor arguments (what a run config that leaves it out built)."""
-  import inspect  # pylint: disable=g-import-not-at-top
-  from finetune.models import MODELS  # pylint: disable=g-import-not-at-top
-  return inspect.signature(MODELS.get(model_name).__init__).parameters[argument].default
 
 
 def with_heads(layout: Any, heads: int | None) -> Any:
@@ -530,8 +523,8 @@ def with_heads(layout: Any, heads: int | None) -> Any:
   if layout != "qkv":
     return layout
   if not heads:
-    raise FinetuneError("GPT-2's fused c_attn cannot be reordered without the number of heads (n_head); the "
-                        "checkpoint's config.json must give it")
+    raise FinetuneError("GPT-2's fused c_attn cannot be reordered without the number of heads (n_head): the "
+                        "checkpoint's config.json or the model's arguments must give it")
   return ("qkv", int(heads))
 
 
