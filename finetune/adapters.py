@@ -34,10 +34,10 @@ from ml_collections import ConfigDict
 
 from finetune import files
 from finetune import scan
-from finetune.checkpoint import load_into, read_checkpoint_arrays, refuse_format_1_gpt2, resolve_checkpoint
+from finetune.checkpoint import load_into, read_checkpoint_arrays, resolve_checkpoint
 from finetune.errors import FinetuneError
 from finetune.methods import nf4
-from finetune.models import build_model
+from finetune.models import build_model, refuse_changed_layout
 from finetune.partition import flatten, map_with_path, path_str, require_matches
 from finetune.registry import Registry
 from finetune.reporting import read_json
@@ -473,11 +473,8 @@ def load_adapter(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]
                         "adapters are written to <run>/adapter/ at the end of a PEFT stage")
   meta = read_json(os.path.join(directory, ADAPTER_CONFIG))
   arrays = load_file(os.path.join(directory, ADAPTER_WEIGHTS))
-  stored_format = meta.get("format", 1)
-  if type(stored_format) is not int:  # pylint: disable=unidiomatic-typecheck  (not a bool either)
-    raise FinetuneError(f"{os.path.join(directory, ADAPTER_CONFIG)} is damaged (format {stored_format!r}, not a "
-                        "number); save the adapter again")
-  refuse_format_1_gpt2(arrays, stored_format, f"adapter {directory}", "train that adapter again")
+  stored_format = scan.format_number(meta, os.path.join(directory, ADAPTER_CONFIG), "save the adapter again")
+  refuse_changed_layout(arrays, stored_format, f"adapter {directory}", "train that adapter again")
   return meta, arrays
 
 

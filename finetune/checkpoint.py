@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 
 from finetune import files, interrupts, scan
 from finetune.errors import FinetuneError
+from finetune import models
 from finetune.models import hf
 from finetune.partition import flatten, map_with_path
 
@@ -116,7 +117,7 @@ class Checkpointer:
     match their checksums. `fix`: what an error tells the user to do."""
     _silence_abandoned_reads()
     verify_checksums(os.path.join(self.directory, str(step)), fix)
-    _refuse_format_1_checkpoints(flatten(abstract_state["params"]), self.directory)
+    _refuse_changed_layout(flatten(abstract_state["params"]), self.directory)
     try:
       restored = self._manager.restore(
           step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
@@ -393,7 +394,7 @@ def read_checkpoint_arrays(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
                             "metadata); use another step folder, or re-run the stage that wrote it")
       tree = metadata.tree
       wanted = {k: tree[k] for k in ("params", "model_state") if k in tree}
-      _refuse_format_1_checkpoints(flatten(wanted.get("params", {})), os.path.dirname(step_dir))  # (before reading)
+      _refuse_changed_layout(flatten(wanted.get("params", {})), os.path.dirname(step_dir))  # (before reading)
       restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
       restored = checkpointer.restore(
           item, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True))
@@ -409,24 +410,14 @@ def read_checkpoint_arrays(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
   return scan.unroll_checkpoint(arrays, os.path.dirname(os.path.abspath(step_dir)))
 
 
-def refuse_format_1_gpt2(paths: Any, stored_format: int, source: str, fix: str) -> None:
-  """Raises for GPT-2 weights (a `c_attn` parameter among `paths`) saved in format 1 (`scan.FORMAT`), whose c_attn
-  holds transformers' [q | k | v] order: read as ours, every head would attend with another head's keys, without an
-  error."""
-  if stored_format >= 2 or not any(re.search(r"(^|/)c_attn/", path) for path in paths):
-    return
-  raise FinetuneError(f"{source} holds GPT-2 weights saved before finetune stored c_attn's outputs head by head "
-                      f"(format 1), which would now load scrambled: {fix}")
-
-
-def _refuse_format_1_checkpoints(paths: Any, checkpoints_dir: str) -> None:
-  if os.path.isfile(os.path.join(checkpoints_dir, scan.LAYOUT_FILE)):  # (recorded: these are format 1)
+def _refuse_changed_layout(paths: Any, checkpoints_dir: str) -> None:
+  if os.path.isfile(os.path.join(checkpoints_dir, scan.LAYOUT_FILE)):  # (recorded: that format is the run's)
     fix = (f"train that stage again: delete {os.path.dirname(checkpoints_dir)} (its checkpoints cannot be resumed) "
            "or use a new --workdir")
-  else:  # (a run before format 2, or a step folder copied away from its run's record)
+  else:  # (a run before formats were recorded, or a step folder copied away from its run's record)
     fix = (f"train that stage again, or if {checkpoints_dir} was copied from a newer run's checkpoints/ folder, copy "
            f"that folder's {scan.LAYOUT_FILE} (which gives the format) next to it")
-  refuse_format_1_gpt2(paths, scan.stored_format(checkpoints_dir), checkpoints_dir, fix)
+  models.refuse_changed_layout(paths, scan.stored_format(checkpoints_dir), checkpoints_dir, fix)
 
 
 def _compile(patterns: Sequence[str]) -> list[re.Pattern]:

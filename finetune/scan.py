@@ -40,8 +40,9 @@ from finetune.models.layers import SCAN_LENGTH, stack_blocks
 from finetune.reporting import read_json
 
 LAYOUT_FILE = "layout.json"
-# The checkpoint format a run writes, LAYOUT_FILE's "format": 2 since GPT-2's c_attn is stored head by head
-# (finetune/models/gpt2.py). Checkpoints beside no LAYOUT_FILE, or one without "format", are of format 1.
+# The checkpoint format a run writes, LAYOUT_FILE's "format" (and adapter.json's): 2 since GPT-2's c_attn is stored
+# head by head. Checkpoints beside no LAYOUT_FILE, or one without "format", are of format 1. A change to how a model
+# stores a parameter raises it, with the change in that model's `layout_changes` (finetune/models/__init__.py).
 FORMAT = 2
 
 
@@ -198,10 +199,14 @@ def stored_format(checkpoints_dir: str) -> int:
   path = os.path.join(checkpoints_dir, LAYOUT_FILE)
   if not os.path.isfile(path):
     return 1
-  value = read_json(path).get("format", 1)
+  return format_number(read_json(path), path, "copy it from the run that wrote the checkpoints beside it")
+
+
+def format_number(record: dict[str, Any], path: str, fix: str) -> int:
+  """`record`'s "format" (1 where absent: written before formats were recorded), read from file `path`."""
+  value = record.get("format", 1)
   if type(value) is not int:  # pylint: disable=unidiomatic-typecheck  (not a bool either)
-    raise FinetuneError(f"{path} is damaged (format {value!r}, not a number); copy it from the run that wrote the "
-                        "checkpoints beside it")
+    raise FinetuneError(f"{path} is damaged (format {value!r}, not a number); {fix}")
   return value
 
 

@@ -975,7 +975,8 @@ def test_gpt2_checkpoints_of_the_transformers_order_are_refused_not_scrambled(tm
   assert json.loads(layout.read_text()) == {"format": 2, "stacks": []}
   assert "blocks/0/c_attn/kernel" in read_checkpoint_arrays(str(tmp_path / "gpt2" / "checkpoints" / "2"))["params"]
   step = str(tmp_path / "gpt2" / "checkpoints" / "2")
-  refused = r"holds GPT-2 weights saved before finetune stored c_attn's outputs head by head \(format 1\)"
+  refused = (r"holds gpt2 weights saved in checkpoint format 1, before format 2 stored c_attn's outputs head by head; "
+             "they would now load scrambled")
   layout.unlink()  # as a run before format 2 left it (or a step folder copied away from the record)
   with pytest.raises(FinetuneError, match=refused + r".*copy that folder's layout.json \(which gives the format\)"):
     read_checkpoint_arrays(step)
@@ -997,7 +998,7 @@ def test_gpt2_checkpoints_of_the_transformers_order_are_refused_not_scrambled(tm
   assert adapters.load_adapter(folder)[0]["format"] == 2
   meta = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
   (tmp_path / "adapter" / "adapter.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "format"}))
-  with pytest.raises(FinetuneError, match=r"adapter .* holds GPT-2 weights saved before .*train that adapter again"):
+  with pytest.raises(FinetuneError, match=r"adapter .* holds gpt2 weights saved in checkpoint format 1.*train that adapter again"):
     adapters.load_adapter(folder)
   (tmp_path / "adapter" / "adapter.json").write_text(json.dumps({**meta, "format": "two"}))
   with pytest.raises(FinetuneError, match=r"adapter.json is damaged \(format 'two', not a number\)"):

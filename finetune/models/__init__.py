@@ -9,12 +9,16 @@ The contract of a model class (an `nnx.Module` registered with `@MODELS.register
     parameter exactly once; the last group is `head`, the output side (a classifier's `head/`, a language
     model's final norm and output layer);
   * every parameter carries logical axis names (see `layers.py`); `sharding.py` maps them to mesh axes;
-  * BatchNorm layers are applied through `layers.normalize`, so a strategy can freeze them (inference mode).
+  * BatchNorm layers are applied through `layers.normalize`, so a strategy can freeze them (inference mode);
+  * optional class attribute `layout_changes`: ((format, regex over parameter paths, what changed), ...) for each
+    checkpoint format (`scan.FORMAT`) that changed how this model stores a parameter; readers refuse older weights
+    that match (`refuse_changed_layout`), which would otherwise load without error and compute something else.
 """
 
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 from flax import nnx
@@ -33,6 +37,17 @@ from finetune.models import llama  # noqa: E402,F401
 from finetune.models import lstm  # noqa: E402,F401
 from finetune.models import mlp  # noqa: E402,F401
 from finetune.models import vit  # noqa: E402,F401
+
+
+def refuse_changed_layout(paths: Any, stored_format: int, source: str, fix: str) -> None:
+  """Raises where weights of checkpoint format `stored_format` (parameter `paths`, read from `source`) hold a
+  parameter whose stored layout a later format changed (a model's `layout_changes`). The paths alone decide: a
+  checkpoint does not always say which model wrote it (a step folder copied away from its run)."""
+  for name in MODELS.names():
+    for since, pattern, change in getattr(MODELS.get(name), "layout_changes", ()):
+      if stored_format < since and any(re.search(pattern, path) for path in paths):
+        raise FinetuneError(f"{source} holds {name} weights saved in checkpoint format {stored_format}, before "
+                            f"format {since} {change}; they would now load scrambled: {fix}")
 
 
 def check_arguments(name: str, keys) -> None:

@@ -54,6 +54,8 @@ class GPT2(nnx.Module):
 
   scan_blocks = "blocks"  # the stack of identical blocks that config.train.scan_layers stacks
   input_keys = ("input_ids", "attention_mask")
+  # Format 1 held transformers' [q | k | v] order, which a tensor axis splits between heads (module docstring).
+  layout_changes = ((2, r"(^|/)c_attn/", "stored c_attn's outputs head by head"),)
 
   def __init__(self, *, num_classes: int = 0, vocab_size: int = 50257, n_positions: int = 1024, n_embd: int = 768,
                n_layer: int = 12, n_head: int = 12, n_inner: int = 0, layer_norm_epsilon: float = 1e-5,
