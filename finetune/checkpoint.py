@@ -177,39 +177,54 @@ def write_checksums(step_dir: str) -> None:
   files.write_text(os.path.join(step_dir, CHECKSUM_FILE), json.dumps({"crc32": dict(sorted(entries.items()))}))
 
 
+class ChecksumMismatch(Exception):
+  """What is wrong with a step folder's files against its CHECKSUM_FILE, without what to do about it (that depends
+  on who reads: a resume, an init_from, `finetune verify`)."""
+
+
 def verify_checksums(step_dir: str, fix: str) -> int:
   """Raises, naming the file and saying `fix`, unless every file a step's CHECKSUM_FILE lists is there with its
   recorded size and CRC-32; returns how many it checked. 0 for a step without one (written with
   config.train.checkpoint_checksums off, before checksums existed, or by a run killed between orbax finishing the
   step and the file being written)."""
+  try:
+    return _check_step(step_dir)
+  except ChecksumMismatch as e:
+    raise FinetuneError(f"{e}; {fix}") from None
+
+
+def _check_step(step_dir: str) -> int:
   path = os.path.join(step_dir, CHECKSUM_FILE)
   if not os.path.isfile(path):
     return 0
   try:
-    record = files.read_json(path, fix)
+    with open(path, encoding="utf-8") as f:
+      record = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ChecksumMismatch(f"{path} is damaged (not valid JSON: {e})") from None
   except OSError as e:  # (a failing disk: the CLI's generic line would not say which step or what to do)
-    raise FinetuneError(f"cannot read {path} ({e.strerror}); {fix}") from None
+    raise ChecksumMismatch(f"cannot read {path} ({e.strerror})") from None
   entries = record.get("crc32") if isinstance(record, dict) else None
   if not isinstance(entries, dict) or not entries:
-    raise FinetuneError(f"{path} is damaged (no crc32 table); {fix}")
+    raise ChecksumMismatch(f"{path} is damaged (no crc32 table)")
   for relative, entry in entries.items():
     if not (isinstance(entry, list) and len(entry) == 2 and all(type(v) is int for v in entry)) or \
         os.path.isabs(relative) or os.path.normpath(relative).startswith(".."):
-      raise FinetuneError(f"{path} is damaged (its entry {relative!r} is not a file of the step with [bytes, "
-                          f"CRC-32]); {fix}")
+      raise ChecksumMismatch(f"{path} is damaged (its entry {relative!r} is not a file of the step with [bytes, "
+                             "CRC-32])")
     size, crc = entry
     file = os.path.join(step_dir, relative)
     try:
       if not os.path.isfile(file):
-        raise FinetuneError(f"checkpoint {step_dir} is incomplete: {relative} is missing; {fix}")
+        raise ChecksumMismatch(f"checkpoint {step_dir} is incomplete: {relative} is missing")
       if os.path.getsize(file) != size:
-        raise FinetuneError(f"checkpoint {step_dir} is damaged: {relative} has {os.path.getsize(file)} bytes, "
-                            f"{size} when it was written; {fix}")
+        raise ChecksumMismatch(f"checkpoint {step_dir} is damaged: {relative} has {os.path.getsize(file)} bytes, "
+                               f"{size} when it was written")
       if _crc32(file) != crc:
-        raise FinetuneError(f"checkpoint {step_dir} is damaged: {relative} changed since it was written (its "
-                            f"CRC-32 differs from {CHECKSUM_FILE}'s); {fix}")
+        raise ChecksumMismatch(f"checkpoint {step_dir} is damaged: {relative} changed since it was written (its "
+                               f"CRC-32 differs from {CHECKSUM_FILE}'s)")
     except OSError as e:
-      raise FinetuneError(f"checkpoint {step_dir}: {relative} cannot be read ({e.strerror}); {fix}") from None
+      raise ChecksumMismatch(f"checkpoint {step_dir}: {relative} cannot be read ({e.strerror})") from None
   return len(entries)
 
 
@@ -223,9 +238,9 @@ def verify_folder(folder: str) -> list[tuple[str, int | str]]:
 
   def check(step_dir: str) -> tuple[str, int | str]:
     try:
-      return step_dir, verify_checksums(step_dir, "")
-    except FinetuneError as e:
-      return step_dir, str(e).removesuffix("; ")
+      return step_dir, _check_step(step_dir)
+    except ChecksumMismatch as e:
+      return step_dir, str(e)
 
   if os.path.basename(folder).isdigit() and os.path.isdir(os.path.join(folder, STATE_ITEM)):  # one step folder
     return [check(folder)]

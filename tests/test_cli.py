@@ -419,10 +419,10 @@ def test_a_checkpoint_file_changed_since_saving_is_named_and_the_step_before_res
   # Off, no step gets a checksums file (and reading one without it is orbax's checks alone, as above).
   assert cli.main([*command[:4], str(tmp_path / "off"), *command[5:], "--config.train.checkpoint_checksums=False"]) == 0
   assert sorted((tmp_path / "off" / "checkpoints").glob(f"*/{CHECKSUM_FILE}")) == []
-  # A checksums file listing nothing, or a file outside its step, is damaged itself.
-  for table in ({}, {"../../config.json": [1, 2]}):
-    (step / CHECKSUM_FILE).write_text(json.dumps({"crc32": table}))
-    with pytest.raises(FinetuneError, match=f"{CHECKSUM_FILE} is damaged"):
+  # A checksums file listing nothing, or a file outside its step, or not JSON, is damaged itself.
+  for text in (json.dumps({"crc32": {}}), json.dumps({"crc32": {"../../config.json": [1, 2]}}), '{"crc32": {'):
+    (step / CHECKSUM_FILE).write_text(text)
+    with pytest.raises(FinetuneError, match=f"{CHECKSUM_FILE} is damaged .*; use another step folder, or re-run"):
       read_checkpoint_arrays(str(step))
 
 
