@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from finetune import files, interrupts, scan
 from finetune.errors import FinetuneError
@@ -116,7 +117,7 @@ class Checkpointer:
     """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with `.sharding`), once the step's files
     match their checksums. `fix`: what an error tells the user to do."""
     _silence_abandoned_reads()
-    verify_checksums(os.path.join(self.directory, str(step)), fix)
+    verify_checksums_together(os.path.join(self.directory, str(step)), fix)
     _refuse_changed_layout(flatten(abstract_state["params"]), self.directory)
     try:
       restored = self._manager.restore(
@@ -193,7 +194,47 @@ def verify_checksums(step_dir: str, fix: str) -> int:
     raise FinetuneError(f"{e}; {fix}") from None
 
 
-def _check_step(step_dir: str) -> int:
+def verify_checksums_together(step_dir: str, fix: str) -> None:
+  """`verify_checksums` by every process of a multi-host run at once, each reading its share of the files
+  (`_share`), and all raising the same error if any share is damaged: each host restores only its own shards, so
+  a whole-step check on every host would read the checkpoint once per host."""
+  if jax.process_count() == 1:
+    verify_checksums(step_dir, fix)
+    return
+  try:
+    _check_step(step_dir, (jax.process_index(), jax.process_count()))
+    finding = ""
+  except ChecksumMismatch as e:
+    finding = str(e)
+  for other in _gather_text(finding):
+    if other:
+      raise FinetuneError(f"{other}; {fix}")
+
+
+def _gather_text(text: str, limit: int = 4096) -> list[str]:
+  """Every process's `text` (a collective: all processes call it), through process_allgather, which moves arrays
+  only: UTF-8 bytes, zero-padded to `limit`."""
+  encoded = text.encode("utf-8")[:limit].ljust(limit, b"\0")
+  gathered = multihost_utils.process_allgather(np.frombuffer(encoded, np.uint8))  # (processes, limit)
+  return [bytes(row).rstrip(b"\0").decode("utf-8", "replace") for row in np.asarray(gathered)]
+
+
+def _share(entries: dict[str, list[int]], index: int, count: int) -> list[str]:
+  """The files process `index` of `count` checks: largest first, each to the process with the fewest bytes so far
+  (ties to the lower index). Every process computes the same split from the same table."""
+  loads = [0] * count
+  mine = []
+  for relative, (size, _) in sorted(entries.items(), key=lambda item: (-item[1][0], item[0])):
+    owner = loads.index(min(loads))
+    loads[owner] += size
+    if owner == index:
+      mine.append(relative)
+  return mine
+
+
+def _check_step(step_dir: str, share: tuple[int, int] = (0, 1)) -> int:
+  """What verify_checksums checks, raising ChecksumMismatch; with `share` = (index, count), the table's entries are
+  all validated but only the files of that share (`_share`) read."""
   path = os.path.join(step_dir, CHECKSUM_FILE)
   if not os.path.isfile(path):
     return 0
@@ -212,7 +253,8 @@ def _check_step(step_dir: str) -> int:
         os.path.isabs(relative) or os.path.normpath(relative).startswith(".."):
       raise ChecksumMismatch(f"{path} is damaged (its entry {relative!r} is not a file of the step with [bytes, "
                              "CRC-32])")
-    size, crc = entry
+  for relative in _share(entries, *share):
+    size, crc = entries[relative]
     file = os.path.join(step_dir, relative)
     try:
       if not os.path.isfile(file):

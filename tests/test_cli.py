@@ -470,6 +470,37 @@ def test_verify_checks_every_step_of_a_workdir_and_names_the_damaged_one(capsys,
       "is not a folder; give a workdir or run folder")
 
 
+def test_processes_of_a_multi_host_resume_split_a_steps_checksum_reads(tmp_path, monkeypatch):
+  """Each host restores only its shards, so each verifies only its share of the files (largest first to the least
+  loaded); the shares cover every file once and balance the bytes. tests/test_multihost.py resumes with 2
+  processes and damage in process 1's share."""
+  from finetune import checkpoint  # pylint: disable=g-import-not-at-top
+  step = tmp_path / "7"
+  for i, size in enumerate((9000, 5000, 4000, 3000, 100, 100, 0)):
+    (step / "state" if i % 2 else step).mkdir(parents=True, exist_ok=True)
+    (step / "state" / f"f{i}" if i % 2 else step / f"f{i}").write_bytes(os.urandom(size))
+  checkpoint.write_checksums(str(step))
+  table = json.loads((step / checkpoint.CHECKSUM_FILE).read_text())["crc32"]
+  real_crc32, read = checkpoint._crc32, []
+  monkeypatch.setattr(checkpoint, "_crc32", lambda path: read.append(os.path.relpath(path, step)) or real_crc32(path))
+  for count in (1, 2, 3, 8):
+    shares = []
+    for index in range(count):
+      read.clear()
+      assert checkpoint._check_step(str(step), (index, count)) == len(table)  # (the whole table is validated)
+      shares.append(sorted(read))
+    assert sorted(sum(shares, [])) == sorted(table)  # every file once
+    loads = [sum(table[f][0] for f in share) for share in shares]
+    assert max(loads) - min(loads) <= 9000, (count, loads)
+  assert [sum(table[f][0] for f in checkpoint._share(table, i, 2)) for i in range(2)] == [12000, 9200]
+  # Damage is found by the share holding the file only (verify_checksums_together gathers the findings).
+  damaged = step / checkpoint._share(table, 1, 2)[0]
+  damaged.write_bytes(b"x" + damaged.read_bytes()[1:])
+  checkpoint._check_step(str(step), (0, 2))
+  with pytest.raises(checkpoint.ChecksumMismatch, match=f"{damaged.relative_to(step)} changed since it was written"):
+    checkpoint._check_step(str(step), (1, 2))
+
+
 def test_a_finished_async_save_gets_its_checksums_at_the_next_log_step_not_the_next_save(tmp_path):
   """(Written only at the next save or at the end, the newest step of a run killed in between had none: the step
   a resume starts from.) `sum_finished_saves`, called at log steps, writes them once orbax is done, never

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, fake_devices_env
-from finetune.checkpoint import read_checkpoint_arrays
+from finetune.checkpoint import CHECKSUM_FILE, _share, read_checkpoint_arrays
 
 CONFIG = '''
 def get_config(arg=None):
@@ -38,14 +38,20 @@ def _launch(config, workdir, devices, process_id=None, port=None, command=None):
                           stderr=subprocess.PIPE, text=True)
 
 
+def _run_two(config, workdir, command=None) -> list[tuple[int, str, str]]:
+  """(exit status, stdout, stderr) of processes 0 and 1 of one launch (2 CPU devices each), after both end."""
+  port = _free_port()
+  workers = [_launch(config, workdir, 2, i, port, command) for i in range(2)]
+  outputs = [worker.communicate(timeout=300) for worker in workers]
+  return [(worker.returncode, out, err) for worker, (out, err) in zip(workers, outputs)]
+
+
 def test_two_processes_train_and_checkpoint_like_one(tmp_path):
   config = tmp_path / "tiny.py"
   config.write_text(CONFIG)
-  port = _free_port()
-  workers = [_launch(config, tmp_path / "two", 2, i, port) for i in range(2)]
-  outputs = [w.communicate(timeout=300) for w in workers]
-  for worker, (out, err) in zip(workers, outputs):
-    assert worker.returncode == 0, err[-3000:]
+  outputs = _run_two(config, tmp_path / "two")
+  for returncode, _, err in outputs:
+    assert returncode == 0, err[-3000:]
   single = _launch(config, tmp_path / "one", 4)
   out, err = single.communicate(timeout=300)
   assert single.returncode == 0, err[-3000:]
@@ -57,15 +63,26 @@ def test_two_processes_train_and_checkpoint_like_one(tmp_path):
   def steps(run):
     return [(r["step"], r["split"]) for r in map(json.loads, open(tmp_path / run / "metrics.jsonl"))]
   assert steps("two") == steps("one") and len(set(steps("two"))) == len(steps("two"))
-  assert "outputs:" in outputs[0][0]
+  assert "outputs:" in outputs[0][1]
+  # A resume verifies the step's checksums with the files split between the processes (each host restores only its
+  # shards); damage in process 1's share stops both, with the same message. Resumed undamaged, the run finishes.
+  step = tmp_path / "two" / "checkpoints" / "6"
+  table = json.loads((step / CHECKSUM_FILE).read_text())["crc32"]
+  damaged = step / _share(table, 1, 2)[0]
+  original = damaged.read_bytes()
+  damaged.write_bytes(bytes([original[0] ^ 1]) + original[1:])
+  (tmp_path / "two" / "summary.json").unlink()
+  for returncode, _, err in _run_two(config, tmp_path / "two"):
+    assert returncode != 0 and f"{damaged.relative_to(step)} changed since it was written" in err, err[-3000:]
+  damaged.write_bytes(original)
+  for returncode, _, err in _run_two(config, tmp_path / "two"):
+    assert returncode == 0, err[-3000:]
+  assert json.load(open(tmp_path / "two" / "summary.json"))["init"]["resumed_from_step"] == 6
   # `finetune eval` joins the processes too (it evaluated alone on each host's devices): both processes' metrics,
   # and process 0's --out file, are the one-process run's final evaluation.
-  port = _free_port()
-  evals = [_launch(None, None, 2, i, port, ["eval", "--workdir", str(tmp_path / "two"), "--out",
-                                            str(tmp_path / "eval.json")]) for i in range(2)]
-  for worker in evals:
-    out, err = worker.communicate(timeout=300)
-    assert worker.returncode == 0, err[-3000:]
+  for returncode, out, err in _run_two(None, None, ["eval", "--workdir", str(tmp_path / "two"), "--out",
+                                                   str(tmp_path / "eval.json")]):
+    assert returncode == 0, err[-3000:]
     assert "Rank 1 is connected" in out + err  # (gloo's report of the second process joining)
   evaluated = json.load(open(tmp_path / "eval.json"))["validation"]
   final = json.load(open(tmp_path / "one" / "summary.json"))["final"]["validation"]
@@ -82,6 +99,7 @@ def test_two_processes_train_and_checkpoint_like_one(tmp_path):
   _, err = trained.communicate(timeout=300)
   assert trained.returncode == 0, err[-3000:]
   export = ["export", "--workdir", str(tmp_path / "vit"), "--out", str(tmp_path / "exported")]
+  port = _free_port()
   for rank in (1, 0):
     worker = _launch(None, None, 1, rank, port, export)
     out, err = worker.communicate(timeout=300)
@@ -168,11 +186,8 @@ def test_parameters_split_across_processes_finish_the_stage_like_one_process(tmp
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   config = tmp_path / "fsdp.py"
   config.write_text(FSDP_ACROSS_PROCESSES)
-  port = _free_port()
-  workers = [_launch(config, tmp_path / "two", 2, i, port) for i in range(2)]
-  for worker in workers:
-    _, err = worker.communicate(timeout=300)
-    assert worker.returncode == 0, err[-3000:]
+  for returncode, _, err in _run_two(config, tmp_path / "two"):
+    assert returncode == 0, err[-3000:]
   single = _launch(config, tmp_path / "one", 4)
   _, err = single.communicate(timeout=300)
   assert single.returncode == 0, err[-3000:]
