@@ -2,7 +2,7 @@
 
 Export: our adapted model -> `adapter_config.json` + `adapter_model.safetensors` -> `PeftModel.from_pretrained` on
 the transformers model of the same base checkpoint. Import: an adapter PEFT made in PyTorch (non-zero B) -> our
-model. BERT (classification, DoRA and rsLoRA), GPT-2 (Conv1D, fused c_attn), Llama (GQA) and ViT (whose module
+model. BERT (classification, DoRA and rsLoRA), GPT-2 (Conv1D, fused c_attn), Llama (GQA), Qwen2 and ViT (whose module
 names differ between checkpoint files and transformers 5 classes).
 """
 
@@ -49,12 +49,18 @@ def save_base(kind: str, path) -> tuple[torch.nn.Module, dict]:
                                       num_key_value_heads=2, intermediate_size=48, vocab_size=120,
                                       max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model = transformers.LlamaForCausalLM(config)
+  elif kind == "qwen2":  # (our Llama with query/key/value biases)
+    config = transformers.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=48, vocab_size=120,
+                                      max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = transformers.Qwen2ForCausalLM(config)
   else:
     config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
                                     image_size=16, patch_size=4, num_channels=3, num_labels=3)
     model = transformers.ViTForImageClassification(config)
   model.save_pretrained(path)
-  return model.eval(), {"name": kind, "hf_config": str(path), **({"dropout": 0.0} if kind in ("bert", "gpt2") else {})}
+  return model.eval(), {"name": "llama" if kind == "qwen2" else kind, "hf_config": str(path),
+                        **({"dropout": 0.0} if kind in ("bert", "gpt2") else {})}
 
 
 def inputs(kind: str):
@@ -89,7 +95,7 @@ def randomize_adapters(model: nnx.Module, trained: list[str], seed: int = 3) -> 
 
 
 def mask(logits, kind):
-  return logits[0] if kind in ("gpt2", "llama") else logits  # padded positions of example 1 are not compared
+  return logits[0] if kind in ("gpt2", "llama", "qwen2") else logits  # padded positions of example 1 are not compared
 
 
 CASES = {
@@ -107,6 +113,8 @@ CASES = {
     "gpt2-tied_embedding": dict(targets=("c_attn",), rank=4, alpha=8.0, modules_to_save=("^wte/",)),
     # c_attn's outputs are head-major here: lora_B and the magnitudes are reordered to transformers' order.
     "gpt2-dora": dict(targets=("c_attn",), rank=4, alpha=8.0, dora=True, bias="lora_only"),
+    # Qwen2's q/k/v biases, trained under their adapted layers.
+    "qwen2-lora_only_bias": dict(targets=("q_proj", "k_proj", "up_proj"), rank=4, alpha=8.0, bias="lora_only"),
 }
 
 
@@ -207,6 +215,8 @@ PEFT_MADE = {
     "llama": (dict(target_modules=["q_proj", "k_proj", "o_proj"], r=4, lora_alpha=4, use_rslora=True,
                    task_type="CAUSAL_LM"),
               dict(targets=("q_proj", "k_proj", "o_proj"), rank=4, alpha=4.0, rslora=True)),
+    "qwen2": (dict(target_modules=["q_proj", "v_proj", "gate_proj"], r=4, lora_alpha=8, task_type="CAUSAL_LM"),
+              dict(targets=("q_proj", "v_proj", "gate_proj"), rank=4, alpha=8.0)),
     "vit": (dict(target_modules=["q_proj", "v_proj"], r=2, lora_alpha=8, modules_to_save=["classifier"]),
             dict(targets=("query", "value"), rank=2, alpha=8.0, modules_to_save=("^head/",))),
     # A saved Conv2d (torch (out, in, kh, kw)) must come back in flax's (kh, kw, in, out).

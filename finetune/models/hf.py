@@ -94,20 +94,31 @@ _LLAMA_CONFIG = {
 _LLAMA_RULES = [
     (r"embed_tokens\.weight", "embed_tokens/embedding", False),
     (r"layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight", r"layers/\1/self_attn/\2_proj/kernel", True),
+    (r"layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.bias", r"layers/\1/self_attn/\2_proj/bias", False),
     (r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers/\1/mlp/\2_proj/kernel", True),
     (r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", r"layers/\1/\2/scale", False),
     (r"norm\.weight", "norm/scale", False),
     (r"lm_head\.weight", "lm_head/kernel", True),
 ]
 _LLAMA_LEFTOVERS = r"(layers\.\d+\.self_attn\.rotary_emb\.inv_freq)"
+# transformers' model types that our Llama computes (finetune/models/llama.py).
+_LLAMA_FAMILY = ("llama", "qwen2", "mistral")
 
 
 def _llama_extra(config: dict[str, Any]) -> dict[str, Any]:
-  """rope_theta lives in `rope_parameters` in transformers 5 and at the top level before."""
+  """Our Llama's arguments that config.json gives indirectly: rope_theta (in `rope_parameters` in transformers 5,
+  at the top level before) and what the model_type implies (Qwen2's query/key/value biases, Mistral's window)."""
   rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
   if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
     raise FinetuneError(f"rope scaling {rope!r} is not supported; only plain rotary embeddings")
-  return {"rope_theta": float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))}
+  kwargs = {"rope_theta": float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))}
+  if config["model_type"] == "llama":
+    kwargs["attention_bias"] = bool(config.get("attention_bias"))
+  elif config["model_type"] == "qwen2":
+    kwargs["qkv_bias"] = True  # (transformers' Qwen2Attention has them whatever config.json says)
+  elif config["model_type"] == "mistral":
+    kwargs["sliding_window"] = int(config.get("sliding_window") or 0)
+  return kwargs
 
 
 _VIT_CONFIG = {
@@ -155,6 +166,8 @@ ARCHITECTURES = {
     "gpt2": ("gpt2", _GPT2_CONFIG, "transformer.", _GPT2_RULES, _GPT2_LEFTOVERS,
              lambda c: {"n_inner": c.get("n_inner") or 0}),
     "llama": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
+    "qwen2": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
+    "mistral": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
     # A config.json that leaves a key out means transformers' ViTConfig default (our constructor's are a toy
     # model's: 28x28x1, width 64, and layer_norm_eps 1e-6).
     "vit": ("vit", _VIT_CONFIG, "vit.", _VIT_RULES, _VIT_LEFTOVERS,
@@ -219,10 +232,13 @@ def read_config(path: str) -> dict[str, Any]:
   if model_type == "vit" and (config.get("hidden_act", "gelu") != "gelu" or not config.get("qkv_bias", True)):
     raise FinetuneError(f"{path}: ViT variants with hidden_act other than gelu or without qkv biases are not "
                         "supported")
-  if model_type == "llama" and (config.get("attention_bias") or config.get("mlp_bias") or
-                                config.get("hidden_act", "silu") != "silu"):
-    raise FinetuneError(f"{path}: Llama variants with attention/MLP biases or hidden_act other than silu are "
-                        "not supported")
+  if model_type in _LLAMA_FAMILY and (config.get("mlp_bias") or config.get("hidden_act", "silu") != "silu"):
+    raise FinetuneError(f"{path}: {model_type} variants with MLP biases or hidden_act other than silu are not "
+                        "supported")
+  if model_type == "qwen2" and (config.get("use_sliding_window") or
+                                any(kind != "full_attention" for kind in config.get("layer_types") or ())):
+    raise FinetuneError(f"{path}: Qwen2 with sliding-window layers (use_sliding_window=true) is not supported; "
+                        "only full attention in every layer, as the released Qwen2 and Qwen2.5 checkpoints have")
   if model_type == "gpt2" and not config.get("tie_word_embeddings", True):
     raise FinetuneError(f"{path}: an untied GPT-2 output layer is not supported (tie_word_embeddings=false)")
   if model_type == "gpt2" and (config.get("scale_attn_by_inverse_layer_idx") or config.get("reorder_and_upcast_attn")
@@ -248,7 +264,7 @@ _DROPOUT_KEYS = {"bert": ("hidden_dropout_prob", "attention_probs_dropout_prob")
 def model_kwargs(path: str) -> tuple[str, dict[str, Any]]:
   """(our model name, constructor kwargs) from a checkpoint's config.json."""
   config = read_config(path)
-  if config["model_type"] == "llama" and config.get("attention_dropout"):  # (read by nothing, silently)
+  if config["model_type"] in _LLAMA_FAMILY and config.get("attention_dropout"):  # (read by nothing, silently)
     warnings.warn(f"{path}: attention_dropout={config['attention_dropout']} is not applied: this framework's Llama has "
                   "no dropout (fine-tuning trains without it; inference is unaffected)", stacklevel=2)
   name, config_map, _, _, _, extra = ARCHITECTURES[config["model_type"]]
@@ -461,6 +477,7 @@ _GPT2_EXPORT = [
 _LLAMA_EXPORT = [
     (r"embed_tokens/embedding", "model.embed_tokens.weight", False),
     (r"layers/(\d+)/self_attn/(q|k|v|o)_proj/kernel", r"model.layers.\1.self_attn.\2_proj.weight", True),
+    (r"layers/(\d+)/self_attn/(q|k|v|o)_proj/bias", r"model.layers.\1.self_attn.\2_proj.bias", False),
     (r"layers/(\d+)/mlp/(gate|up|down)_proj/kernel", r"model.layers.\1.mlp.\2_proj.weight", True),
     (r"layers/(\d+)/(input_layernorm|post_attention_layernorm)/scale", r"model.layers.\1.\2.weight", False),
     (r"norm/scale", "model.norm.weight", False),
@@ -494,6 +511,21 @@ _EXPORTS = {
     "vit": ("vit", _VIT_EXPORT, {"architectures": ["ViTForImageClassification"], "hidden_act": "gelu",
                                  "qkv_bias": True}),
 }
+
+
+def _llama_family_export(kwargs: dict[str, Any]) -> tuple[str, list, dict[str, Any]]:
+  """_EXPORTS' entry for our Llama with these arguments: the transformers model type that computes the same."""
+  model_type, table, fixed = _EXPORTS["llama"]
+  if kwargs.get("sliding_window") and (kwargs.get("qkv_bias") or kwargs.get("attention_bias")):
+    raise FinetuneError("no transformers model class has both a sliding window and attention biases: export needs "
+                        "config.model.sliding_window=0, or qkv_bias and attention_bias False")
+  if kwargs.get("sliding_window"):
+    return "mistral", table, {**fixed, "architectures": ["MistralForCausalLM"], "attention_bias": False,
+                              "sliding_window": kwargs["sliding_window"]}
+  if kwargs.get("qkv_bias") and not kwargs.get("attention_bias"):
+    return "qwen2", table, {**fixed, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": False,
+                            "sliding_window": None, "layer_types": None}
+  return model_type, table, {**fixed, "attention_bias": bool(kwargs.get("attention_bias"))}
 
 
 def transformers_name(model_name: str, path: str, kwargs: dict[str, Any]) -> tuple[str, Any]:
@@ -586,7 +618,7 @@ def export_params(model_name: str, params: dict[str, np.ndarray], kwargs: dict[s
   if model_name == "bert":
     return export_bert(params, kwargs, class_names, out, base_config, dtype)
 
-  model_type, _, fixed = _EXPORTS[model_name]
+  model_type, _, fixed = _llama_family_export(kwargs) if model_name == "llama" else _EXPORTS[model_name]
   if model_name == "vit" and kwargs.get("pool", "cls") != "cls":
     raise FinetuneError("ViTForImageClassification reads the [CLS] token: export needs config.model.pool='cls'")
   tensors = {}

@@ -106,18 +106,22 @@ def padding_bias(attention_mask: jax.Array, dtype) -> jax.Array:
   return jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 
-def causal_bias(attention_mask: jax.Array, dtype) -> jax.Array:
+def causal_bias(attention_mask: jax.Array, dtype, window: int = 0) -> jax.Array:
   """(B, L) mask -> (B, 1, L, L) additive bias allowing each position its unmasked past and itself.
 
   The mask is 0 for padding and, for packed rows, the segment (conversation) number 1, 2, ... of each token: a
   token then sees only earlier tokens of its own segment. A 0/1 mask is the one-segment case. Padding queries see
   every real past key as before (their outputs are ignored; a row with nothing to attend to would be a uniform
-  average over masked scores).
+  average over masked scores). `window` > 0: only the keys fewer than `window` places back (sliding-window
+  attention, as transformers' Mistral: key index > query index - window).
   """
   length = attention_mask.shape[1]
   keys, queries = attention_mask[:, None, None, :], attention_mask[:, None, :, None]
   same_segment = (keys == queries) | (queries == 0)
-  allowed = jnp.tril(jnp.ones((length, length), bool))[None, None] & (keys > 0) & same_segment
+  causal = jnp.tril(jnp.ones((length, length), bool))
+  if window:
+    causal &= ~jnp.tril(jnp.ones((length, length), bool), -window)  # (drops keys `window` or more places back)
+  allowed = causal[None, None] & (keys > 0) & same_segment
   return jnp.where(allowed, 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 

@@ -2,7 +2,10 @@
 
 Parameter paths mirror transformers' `LlamaForCausalLM` (`finetune/models/hf.py` maps them one to one). Rotary
 embeddings use the "rotate half" layout of the transformers implementation, so imported q/k projections need no
-permutation.
+permutation. The same module is transformers' Qwen2 (`qkv_bias`: biases on the query, key and value projections)
+and Mistral (`sliding_window`: each token attends to itself and the window - 1 tokens before it): their
+checkpoints differ from Llama's in nothing else that this model computes, so they are arguments here (as RoBERTa
+is an argument of BERT), and `hf.py` reads them from the checkpoint's model_type.
 """
 
 from __future__ import annotations
@@ -38,15 +41,16 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-  def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, rngs: nnx.Rngs):
+  def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, qkv_bias: bool, o_bias: bool,
+               rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
       raise FinetuneError(f"config.model.num_attention_heads={num_heads} is not a multiple of "
                           f"config.model.num_key_value_heads={num_kv_heads}")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-    self.q_proj = transformer_dense(hidden, num_heads * head_dim, ("embed", "heads"), rngs, use_bias=False)
-    self.k_proj = transformer_dense(hidden, num_kv_heads * head_dim, ("embed", "kv_heads"), rngs, use_bias=False)
-    self.v_proj = transformer_dense(hidden, num_kv_heads * head_dim, ("embed", "kv_heads"), rngs, use_bias=False)
-    self.o_proj = transformer_dense(num_heads * head_dim, hidden, ("heads", "embed"), rngs, use_bias=False)
+    self.q_proj = transformer_dense(hidden, num_heads * head_dim, ("embed", "heads"), rngs, use_bias=qkv_bias)
+    self.k_proj = transformer_dense(hidden, num_kv_heads * head_dim, ("embed", "kv_heads"), rngs, use_bias=qkv_bias)
+    self.v_proj = transformer_dense(hidden, num_kv_heads * head_dim, ("embed", "kv_heads"), rngs, use_bias=qkv_bias)
+    self.o_proj = transformer_dense(num_heads * head_dim, hidden, ("heads", "embed"), rngs, use_bias=o_bias)
     self.prefix = None  # prefix tuning sets trainable keys/values here (per query head, after the GQA repeat)
 
   def __call__(self, x, cos, sin, mask_bias):
@@ -73,9 +77,9 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, hidden, num_heads, num_kv_heads, head_dim, intermediate, eps, rngs):
+  def __init__(self, hidden, num_heads, num_kv_heads, head_dim, intermediate, eps, qkv_bias, o_bias, rngs):
     self.input_layernorm = _rms_norm(hidden, eps, rngs)
-    self.self_attn = Attention(hidden, num_heads, num_kv_heads, head_dim, rngs)
+    self.self_attn = Attention(hidden, num_heads, num_kv_heads, head_dim, qkv_bias, o_bias, rngs)
     self.post_attention_layernorm = _rms_norm(hidden, eps, rngs)
     self.mlp = MLP(hidden, intermediate, rngs)
 
@@ -86,7 +90,11 @@ class DecoderLayer(nnx.Module):
 
 @MODELS.register("llama")
 class Llama(nnx.Module):
-  """Embeddings -> decoder layers -> RMSNorm -> LM head (tied to the embeddings or not). (B, L, vocab) logits."""
+  """Embeddings -> decoder layers -> RMSNorm -> LM head (tied to the embeddings or not). (B, L, vocab) logits.
+
+  `attention_bias`: biases on all four attention projections (transformers' Llama option); `qkv_bias`: on the
+  query, key and value projections only (Qwen2); `sliding_window`: 0 for full causal attention, else each token
+  sees itself and the sliding_window - 1 tokens before it (Mistral; prefix-tuning's prefix stays visible)."""
 
   scan_blocks = "layers"  # the stack of identical blocks that config.train.scan_layers stacks
   input_keys = ("input_ids", "attention_mask")
@@ -94,8 +102,8 @@ class Llama(nnx.Module):
   def __init__(self, *, num_classes: int = 0, vocab_size: int = 32000, hidden_size: int = 4096,
                intermediate_size: int = 11008, num_hidden_layers: int = 32, num_attention_heads: int = 32,
                num_key_value_heads: int = 0, head_dim: int = 0, rms_norm_eps: float = 1e-6,
-               rope_theta: float = 10000.0, tie_word_embeddings: bool = False, hf_config: str = "",
-               rngs: nnx.Rngs):
+               rope_theta: float = 10000.0, tie_word_embeddings: bool = False, attention_bias: bool = False,
+               qkv_bias: bool = False, sliding_window: int = 0, hf_config: str = "", rngs: nnx.Rngs):
     del num_classes, hf_config  # a language model predicts tokens; hf_config is read before construction
     self.rope_theta = rope_theta
     if not head_dim and hidden_size % num_attention_heads:  # (failed in the first step as a shape mismatch)
@@ -107,9 +115,14 @@ class Llama(nnx.Module):
       raise FinetuneError(f"the attention head size {self.head_dim} (config.model.head_dim, or hidden_size / "
                           "num_attention_heads) must be even for rotary position embeddings")
     kv_heads = num_key_value_heads or num_attention_heads
+    if sliding_window < 0:
+      raise FinetuneError(f"config.model.sliding_window={sliding_window} must be 0 (full attention) or the number "
+                          "of tokens each token sees, itself included")
+    self.sliding_window = sliding_window
     self.embed_tokens = embedding(vocab_size, hidden_size, ("vocab", "embed"), rngs)
     self.layers = nnx.List([DecoderLayer(hidden_size, num_attention_heads, kv_heads, self.head_dim,
-                                         intermediate_size, rms_norm_eps, rngs) for _ in range(num_hidden_layers)])
+                                         intermediate_size, rms_norm_eps, qkv_bias or attention_bias, attention_bias,
+                                         rngs) for _ in range(num_hidden_layers)])
     self.norm = _rms_norm(hidden_size, rms_norm_eps, rngs)
     self.lm_head = None if tie_word_embeddings else transformer_dense(hidden_size, vocab_size, ("embed", "vocab"),
                                                                       rngs, use_bias=False)
@@ -124,7 +137,7 @@ class Llama(nnx.Module):
     # Computed in float32 and used in the stream's dtype, as transformers does: float32 tables turned bfloat16
     # queries and keys (train.compute_dtype) back into float32.
     cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
-    mask_bias = causal_bias(attention_mask, x.dtype)
+    mask_bias = causal_bias(attention_mask, x.dtype, self.sliding_window)
     x = run_blocks(self, self.layers, x, cos, sin, mask_bias)
     return self.norm(x)
 

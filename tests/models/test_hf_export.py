@@ -1,8 +1,10 @@
-"""Export of GPT-2, Llama and ViT: transformers loads what we write and computes the same logits."""
+"""Export of GPT-2, Llama (and its Qwen2 and Mistral forms) and ViT: transformers loads what we write and computes
+the same logits."""
 
 from __future__ import annotations
 
 import inspect
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +26,13 @@ CASES = {
     "llama": (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=60, max_position_embeddings=64)), 0, "ids"),
+    # Our Llama with query/key/value biases is written as Qwen2, with a sliding window as Mistral.
+    "qwen2": (lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=60, max_position_embeddings=64, tie_word_embeddings=True)), 0, "ids"),
+    "mistral": (lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
+        hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=60, max_position_embeddings=64, sliding_window=4)), 0, "ids"),
     "vit": (lambda: transformers.ViTForImageClassification(transformers.ViTConfig(
         image_size=16, patch_size=4, num_channels=3, hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
         intermediate_size=32, num_labels=3)), 3, "images"),
@@ -33,8 +42,13 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_import_export_round_trip_keeps_logits(name, tmp_path):
   make_reference, num_classes, inputs = CASES[name]
+  name = {"qwen2": "llama", "mistral": "llama"}.get(name, name)  # (our model of that checkpoint)
   torch.manual_seed(0)
   reference = make_reference().eval()
+  with torch.no_grad():  # (zeros at initialisation: they would hide a bias exported to the wrong place)
+    for parameter_name, parameter in reference.named_parameters():
+      if parameter_name.endswith(".bias"):
+        parameter.normal_(0.0, 0.5)
   reference.save_pretrained(tmp_path / "in")
   model_cfg = ConfigDict({"name": name, "hf_config": str(tmp_path / "in")})
   model = build_model(model_cfg, num_classes, nnx.Rngs(0))
@@ -50,6 +64,7 @@ def test_import_export_round_trip_keeps_logits(name, tmp_path):
   hf.export_params(name, {k: np.asarray(v) for k, v in flatten(loaded).items()}, kwargs, classes, str(tmp_path / "out"),
                    base)
   exported = type(reference).from_pretrained(tmp_path / "out").eval()
+  assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == reference.config.model_type
   rng = np.random.default_rng(0)
   if inputs == "ids":
     x = rng.integers(0, 60, size=(2, 9))
@@ -73,6 +88,9 @@ def test_import_export_round_trip_keeps_logits(name, tmp_path):
 def test_unexportable_model_is_an_error(tmp_path):
   with pytest.raises(FinetuneError, match="model 'cnn' cannot be exported to Hugging Face format; exportable: bert"):
     hf.export_params("cnn", {}, {}, [], str(tmp_path))
+  with pytest.raises(FinetuneError, match="no transformers model class has both a sliding window and attention "
+                                          "biases"):  # (Mistral has no biases, Qwen2 as released no window)
+    hf.export_params("llama", {}, {"sliding_window": 4, "qkv_bias": True}, [], str(tmp_path))
 
 
 def test_llama_export_writes_float32_and_the_rope_it_computes_with(tmp_path):

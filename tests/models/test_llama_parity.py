@@ -1,4 +1,5 @@
-"""Llama-family parity with transformers (PyTorch): RMSNorm, rotary embeddings, grouped-query attention, SwiGLU."""
+"""Llama-family parity with transformers (PyTorch): RMSNorm, rotary embeddings, grouped-query attention, SwiGLU;
+Qwen2 (query/key/value biases) and Mistral (sliding-window attention) load into the same model."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from conftest import model_from_hf
+from finetune.errors import FinetuneError
 from finetune.models import build_model, hf
+from finetune.models.layers import causal_bias
 from finetune.partition import assign_groups, flatten
 
 torch = pytest.importorskip("torch", reason="torch is the parity reference (pip install torch==2.13.0)")
@@ -23,18 +26,44 @@ CONFIGS = {
                            rms_norm_eps=1e-5, max_position_embeddings=64),
     "mqa-head-dim": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=1, head_dim=16, vocab_size=50, max_position_embeddings=64),
+    "attention-bias": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=50, max_position_embeddings=64, attention_bias=True),
+    "qwen2-tied": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=50, max_position_embeddings=64, tie_word_embeddings=True,
+                       rope_theta=1000000.0, rms_norm_eps=1e-6),
+    # A window of 5 over 17 tokens: most queries lose keys to it.
+    "mistral-window": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=50, max_position_embeddings=64, sliding_window=5),
 }
+
+
+def reference_model(name: str, **overrides):
+  """transformers' model for case `name` (Llama, Qwen2 or Mistral), seeded, its biases random (they are zeros at
+  initialisation, which would hide a bias loaded into the wrong place)."""
+  family = name.split("-")[0] if name.startswith(("qwen2", "mistral")) else "llama"
+  classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+             "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[family]
+  torch.manual_seed(0)
+  model = classes[1](classes[0](**{**CONFIGS[name], **overrides})).eval()
+  with torch.no_grad():
+    for parameter_name, parameter in model.named_parameters():
+      if parameter_name.endswith(".bias"):
+        parameter.normal_(0.0, 0.5)
+  return model
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_logits_match_transformers(name, tmp_path):
   kwargs = CONFIGS[name]
-  torch.manual_seed(0)
-  reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs)).eval()
+  reference = reference_model(name)
   reference.save_pretrained(tmp_path)
   ours, _, fresh = model_from_hf("llama", str(tmp_path))
-  loaded = nnx.split(ours, nnx.Param, ...)[1].to_pure_dict()
-  assert fresh == [] and (("lm_head/kernel" in flatten(loaded)) != kwargs.get("tie_word_embeddings", False))
+  loaded = flatten(nnx.split(ours, nnx.Param, ...)[1].to_pure_dict())
+  assert fresh == [] and (("lm_head/kernel" in loaded) != kwargs.get("tie_word_embeddings", False))
+  biases = sorted(path.split("/")[-2] for path in loaded if path.startswith("layers/0/") and path.endswith("/bias"))
+  assert biases == {"attention-bias": ["k_proj", "o_proj", "q_proj", "v_proj"],
+                    "qwen2-tied": ["k_proj", "q_proj", "v_proj"]}.get(name, [])
   rng = np.random.default_rng(0)
   ids = rng.integers(0, kwargs["vocab_size"], size=(2, 17))
   mask = np.ones_like(ids)
@@ -52,6 +81,21 @@ def test_llama_layer_groups_cover_every_parameter():
   params = flatten(nnx.split(model, nnx.Param, ...)[1].to_pure_dict())
   group_of = assign_groups(list(params), model.layer_groups(), "llama")
   assert group_of["lm_head/kernel"] == "head" and group_of["layers/1/mlp/gate_proj/kernel"] == "layer_2"
+
+
+def test_sliding_windowed_qwen2_is_refused_and_the_window_counts_the_token_itself(tmp_path):
+  """Released Qwen2 checkpoints attend fully in every layer; one with sliding-window layers would load and
+  compute full attention there. A window of w lets a token see itself and the w - 1 tokens before it."""
+  reference_model("qwen2-tied", use_sliding_window=True, sliding_window=4, max_window_layers=1
+                  ).save_pretrained(tmp_path)
+  with pytest.raises(FinetuneError, match=r"Qwen2 with sliding-window layers \(use_sliding_window=true\) is not "
+                                          "supported"):
+    hf.model_kwargs(str(tmp_path))
+  allowed = np.asarray(causal_bias(jnp.ones((1, 5), jnp.int32), jnp.float32, window=2))[0, 0] == 0
+  np.testing.assert_array_equal(allowed, np.eye(5, dtype=bool) | np.eye(5, k=-1, dtype=bool))
+  packed = np.asarray(causal_bias(jnp.asarray([[1, 1, 1, 2, 2, 0]]), jnp.float32, window=2))[0, 0] == 0
+  assert packed[3].tolist() == [False, False, False, True, False, False]  # (a segment's first token: itself only)
+  assert packed[2].tolist() == [False, True, True, False, False, False]
 
 
 def test_a_checkpoint_s_attention_dropout_is_named_as_not_applied(tmp_path):
