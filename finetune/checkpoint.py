@@ -196,19 +196,28 @@ def verify_checksums(step_dir: str, fix: str) -> int:
 
 def verify_checksums_together(step_dir: str, fix: str) -> None:
   """`verify_checksums` by every process of a multi-host run at once, each reading its share of the files
-  (`_share`), and all raising the same error if any share is damaged: each host restores only its own shards, so
-  a whole-step check on every host would read the checkpoint once per host."""
+  (`_share`), and all raising the same error, naming what any of them found: each host restores only its own
+  shards, so a whole-step check on every host would read the checkpoint once per host."""
   if jax.process_count() == 1:
     verify_checksums(step_dir, fix)
     return
+  # Process 0 may have written the table just before (early stopping's best step, checksummed as it closes).
+  multihost_utils.sync_global_devices("finetune.checkpoint.verify_checksums_together")
   try:
-    _check_step(step_dir, (jax.process_index(), jax.process_count()))
-    finding = ""
+    table, finding = _read_table(step_dir), ""
   except ChecksumMismatch as e:
-    finding = str(e)
-  for other in _gather_text(finding):
-    if other:
-      raise FinetuneError(f"{other}; {fix}")
+    table, finding = None, str(e)
+  # The files are split between the processes that see the table: a file system that shows it to some hosts later
+  # than to others (attribute caching) must not leave their shares unread.
+  checkers = [i for i, seen in enumerate(_gather_text("seen" if table or finding else "")) if seen]
+  if table and not finding:
+    try:
+      _check_files(step_dir, table, _share(table, checkers.index(jax.process_index()), len(checkers)))
+    except ChecksumMismatch as e:
+      finding = str(e)
+  findings = list(dict.fromkeys(text for text in _gather_text(finding) if text))  # (distinct, in process order)
+  if findings:
+    raise FinetuneError(f"{'; '.join(findings)}; {fix}")
 
 
 def _gather_text(text: str, limit: int = 4096) -> list[str]:
@@ -233,11 +242,19 @@ def _share(entries: dict[str, list[int]], index: int, count: int) -> list[str]:
 
 
 def _check_step(step_dir: str, share: tuple[int, int] = (0, 1)) -> int:
-  """What verify_checksums checks, raising ChecksumMismatch; with `share` = (index, count), the table's entries are
-  all validated but only the files of that share (`_share`) read."""
+  """What verify_checksums checks, raising ChecksumMismatch; with `share` = (index, count), the files of that share
+  (`_share`) only. The number of files the table lists; 0 without one."""
+  table = _read_table(step_dir)
+  if table:
+    _check_files(step_dir, table, _share(table, *share))
+  return len(table or ())
+
+
+def _read_table(step_dir: str) -> dict[str, list[int]] | None:
+  """A step's CHECKSUM_FILE table, {file relative to the step: [bytes, CRC-32]}, validated; None without one."""
   path = os.path.join(step_dir, CHECKSUM_FILE)
   if not os.path.isfile(path):
-    return 0
+    return None
   try:
     with open(path, encoding="utf-8") as f:
       record = json.load(f)
@@ -253,7 +270,12 @@ def _check_step(step_dir: str, share: tuple[int, int] = (0, 1)) -> int:
         os.path.isabs(relative) or os.path.normpath(relative).startswith(".."):
       raise ChecksumMismatch(f"{path} is damaged (its entry {relative!r} is not a file of the step with [bytes, "
                              "CRC-32])")
-  for relative in _share(entries, *share):
+  return entries
+
+
+def _check_files(step_dir: str, entries: dict[str, list[int]], relatives: Sequence[str]) -> None:
+  """Raises ChecksumMismatch for the first of `relatives` that is missing or differs from its entry."""
+  for relative in relatives:
     size, crc = entries[relative]
     file = os.path.join(step_dir, relative)
     try:
@@ -267,7 +289,6 @@ def _check_step(step_dir: str, share: tuple[int, int] = (0, 1)) -> int:
                                f"CRC-32 differs from {CHECKSUM_FILE}'s)")
     except OSError as e:
       raise ChecksumMismatch(f"checkpoint {step_dir}: {relative} cannot be read ({e.strerror})") from None
-  return len(entries)
 
 
 def verify_folder(folder: str) -> list[tuple[str, int | str]]:

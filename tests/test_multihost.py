@@ -42,7 +42,11 @@ def _run_two(config, workdir, command=None) -> list[tuple[int, str, str]]:
   """(exit status, stdout, stderr) of processes 0 and 1 of one launch (2 CPU devices each), after both end."""
   port = _free_port()
   workers = [_launch(config, workdir, 2, i, port, command) for i in range(2)]
-  outputs = [worker.communicate(timeout=300) for worker in workers]
+  try:
+    outputs = [worker.communicate(timeout=300) for worker in workers]
+  finally:  # (one process stuck in a collective the other left would outlive the test)
+    for worker in workers:
+      worker.kill()
   return [(worker.returncode, out, err) for worker, (out, err) in zip(workers, outputs)]
 
 
