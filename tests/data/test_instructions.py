@@ -280,7 +280,8 @@ def test_unreadable_lines_are_one_line_errors(tokenizer_dir, tmp_path, second_li
     instructions(str(tmp_path), train_file="train.jsonl", tokenizer=tokenizer_dir)
 
 
-@pytest.mark.parametrize("model,peft,pack", [("llama", "", False), ("llama", "qlora", False), ("gpt2", "lora", False),
+# (qwen2: a Qwen2 checkpoint, which our Llama reads: QLoRA over its biased q/k/v projections.)
+@pytest.mark.parametrize("model,peft,pack", [("llama", "", False), ("qwen2", "qlora", False), ("gpt2", "lora", False),
                                              ("gpt2", "", True)])
 def test_sft_trains_a_decoder_on_responses_only(model, peft, pack, tokenizer_dir, tmp_path):
   torch = pytest.importorskip("torch")
@@ -294,6 +295,11 @@ def test_sft_trains_a_decoder_on_responses_only(model, peft, pack, tokenizer_dir
     transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=30522, max_position_embeddings=64)).save_pretrained(checkpoint)
+  elif model == "qwen2":  # (MiniLM's tokenizer files in a qwen2 folder load as a Qwen2Tokenizer: + <|endoftext|>)
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=30523, max_position_embeddings=64)).save_pretrained(checkpoint)
+    model = "llama"
   else:
     transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_embd=32, n_layer=2, n_head=4, vocab_size=30522, n_positions=64)).save_pretrained(checkpoint)
