@@ -117,8 +117,26 @@ def _llama_extra(config: dict[str, Any]) -> dict[str, Any]:
   elif config["model_type"] == "qwen2":
     kwargs["qkv_bias"] = True  # (transformers' Qwen2Attention has them whatever config.json says)
   elif config["model_type"] == "mistral":
-    kwargs["sliding_window"] = int(config.get("sliding_window") or 0)
+    kinds = set(_layer_types(config))  # (uniform: read_config refuses a mix)
+    # A missing key is MistralConfig's default window; null (Mistral v0.2 and later) is full attention.
+    window = config.get("sliding_window", 4096)
+    kwargs["sliding_window"] = 0 if window is None or kinds == {"full_attention"} else int(window)
   return kwargs
+
+
+def _layer_types(config: dict[str, Any]) -> list[str]:
+  """Each layer's attention ("full_attention" or "sliding_attention") as transformers derives it for Qwen2 and
+  Mistral: config.json's `layer_types` where given (a Mistral config with them loads as Ministral, which may
+  alternate), else Qwen2's window from layer `max_window_layers` on when `use_sliding_window`, and Mistral's
+  window in every layer unless `sliding_window` is null."""
+  layers = int(config.get("num_hidden_layers", 0))
+  if config.get("layer_types"):
+    return list(config["layer_types"])
+  if config["model_type"] == "qwen2":
+    windowed = bool(config.get("use_sliding_window")) and config.get("sliding_window", 4096) is not None
+    start = int(config.get("max_window_layers", 28))
+    return ["sliding_attention" if windowed and i >= start else "full_attention" for i in range(layers)]
+  return ["full_attention" if config.get("sliding_window", 4096) is None else "sliding_attention"] * layers
 
 
 _VIT_CONFIG = {
@@ -235,10 +253,12 @@ def read_config(path: str) -> dict[str, Any]:
   if model_type in _LLAMA_FAMILY and (config.get("mlp_bias") or config.get("hidden_act", "silu") != "silu"):
     raise FinetuneError(f"{path}: {model_type} variants with MLP biases or hidden_act other than silu are not "
                         "supported")
-  if model_type == "qwen2" and (config.get("use_sliding_window") or
-                                any(kind != "full_attention" for kind in config.get("layer_types") or ())):
+  if model_type == "qwen2" and "sliding_attention" in _layer_types(config):
     raise FinetuneError(f"{path}: Qwen2 with sliding-window layers (use_sliding_window=true) is not supported; "
                         "only full attention in every layer, as the released Qwen2 and Qwen2.5 checkpoints have")
+  if model_type == "mistral" and len(set(_layer_types(config))) > 1:
+    raise FinetuneError(f"{path}: a Mistral config whose layer_types mix full and sliding-window attention (which "
+                        "transformers loads as Ministral) is not supported; only the same attention in every layer")
   if model_type == "gpt2" and not config.get("tie_word_embeddings", True):
     raise FinetuneError(f"{path}: an untied GPT-2 output layer is not supported (tie_word_embeddings=false)")
   if model_type == "gpt2" and (config.get("scale_attn_by_inverse_layer_idx") or config.get("reorder_and_upcast_attn")
@@ -633,6 +653,8 @@ def export_params(model_name: str, params: dict[str, np.ndarray], kwargs: dict[s
   if model_name == "gpt2" and not config.get("n_inner"):
     config["n_inner"] = None
   if model_name == "llama":
+    if model_type != "qwen2":  # (transformers reads a Mistral config with layer_types, even uniform, as Ministral)
+      config.pop("layer_types", None)
     config["rope_theta"] = kwargs["rope_theta"]
     config["num_key_value_heads"] = kwargs["num_key_value_heads"] or kwargs["num_attention_heads"]
     config["head_dim"] = kwargs["head_dim"] or kwargs["hidden_size"] // kwargs["num_attention_heads"]

@@ -113,7 +113,8 @@ def causal_bias(attention_mask: jax.Array, dtype, window: int = 0) -> jax.Array:
   token then sees only earlier tokens of its own segment. A 0/1 mask is the one-segment case. Padding queries see
   every real past key as before (their outputs are ignored; a row with nothing to attend to would be a uniform
   average over masked scores). `window` > 0: only the keys fewer than `window` places back (sliding-window
-  attention, as transformers' Mistral: key index > query index - window).
+  attention, as transformers' Mistral: key index > query index - window); padding queries then see the real keys
+  inside their window, or none (a uniform row, ignored as well).
   """
   length = attention_mask.shape[1]
   keys, queries = attention_mask[:, None, None, :], attention_mask[:, None, :, None]

@@ -3,6 +3,8 @@ Qwen2 (query/key/value biases) and Mistral (sliding-window attention) load into 
 
 from __future__ import annotations
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -96,6 +98,33 @@ def test_sliding_windowed_qwen2_is_refused_and_the_window_counts_the_token_itsel
   packed = np.asarray(causal_bias(jnp.asarray([[1, 1, 1, 2, 2, 0]]), jnp.float32, window=2))[0, 0] == 0
   assert packed[3].tolist() == [False, False, False, True, False, False]  # (a segment's first token: itself only)
   assert packed[2].tolist() == [False, True, True, False, False, False]
+
+
+@pytest.mark.parametrize("fields,window", [
+    ({}, 4096),  # (MistralConfig's default where config.json leaves the key out)
+    ({"sliding_window": None}, 0),  # Mistral v0.2 and later: full attention
+    ({"sliding_window": 8, "layer_types": ["sliding_attention"] * 2}, 8),
+    ({"sliding_window": 8, "layer_types": ["full_attention"] * 2}, 0),
+    ({"sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]}, None),  # (Ministral's mix)
+])
+def test_mistral_configs_give_the_window_transformers_applies(fields, window, tmp_path):
+  config = {key: value for key, value in CONFIGS["mistral-window"].items() if key != "sliding_window"}
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral", **config, **fields}))
+  if window is None:
+    with pytest.raises(FinetuneError, match="layer_types mix full and sliding-window attention"):
+      hf.model_kwargs(str(tmp_path))
+  else:
+    assert hf.model_kwargs(str(tmp_path))[1]["sliding_window"] == window
+
+
+def test_qwen2_with_use_sliding_window_but_no_windowed_layer_loads(tmp_path):
+  """transformers windows Qwen2's layers from max_window_layers on: at or past the depth, none."""
+  config = {"model_type": "qwen2", **CONFIGS["qwen2-tied"], "use_sliding_window": True, "sliding_window": 4}
+  (tmp_path / "config.json").write_text(json.dumps({**config, "max_window_layers": 2}))
+  assert hf.model_kwargs(str(tmp_path))[1]["qkv_bias"]
+  (tmp_path / "config.json").write_text(json.dumps({**config, "max_window_layers": 1}))
+  with pytest.raises(FinetuneError, match="Qwen2 with sliding-window layers"):
+    hf.model_kwargs(str(tmp_path))
 
 
 def test_a_checkpoint_s_attention_dropout_is_named_as_not_applied(tmp_path):
