@@ -97,23 +97,26 @@ _LLAMA_RULES = [
     (r"layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.bias", r"layers/\1/self_attn/\2_proj/bias", False),
     (r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers/\1/mlp/\2_proj/kernel", True),
     (r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", r"layers/\1/\2/scale", False),
+    (r"layers\.(\d+)\.self_attn\.(q|k)_norm\.weight", r"layers/\1/self_attn/\2_norm/scale", False),
     (r"norm\.weight", "norm/scale", False),
     (r"lm_head\.weight", "lm_head/kernel", True),
 ]
 _LLAMA_LEFTOVERS = r"(layers\.\d+\.self_attn\.rotary_emb\.inv_freq)"
 # transformers' model types that our Llama computes (finetune/models/llama.py).
-_LLAMA_FAMILY = ("llama", "qwen2", "mistral")
+_LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "mistral")
 
 
 def _llama_extra(config: dict[str, Any]) -> dict[str, Any]:
   """Our Llama's arguments that config.json gives indirectly: rope_theta (in `rope_parameters` in transformers 5,
-  at the top level before) and what the model_type implies (Qwen2's query/key/value biases, Mistral's window)."""
+  at the top level before) and what the model_type implies (Qwen2's query/key/value biases, Qwen3's query/key
+  norms, Mistral's window)."""
   rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
   if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
     raise FinetuneError(f"rope scaling {rope!r} is not supported; only plain rotary embeddings")
   kwargs = {"rope_theta": float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))}
-  if config["model_type"] == "llama":
+  if config["model_type"] in ("llama", "qwen3"):
     kwargs["attention_bias"] = bool(config.get("attention_bias"))
+    kwargs["qk_norm"] = config["model_type"] == "qwen3"
   elif config["model_type"] == "qwen2":
     kwargs["qkv_bias"] = True  # (transformers' Qwen2Attention has them whatever config.json says)
   elif config["model_type"] == "mistral":
@@ -132,7 +135,7 @@ def _layer_types(config: dict[str, Any]) -> list[str]:
   layers = int(config.get("num_hidden_layers", 0))
   if config.get("layer_types"):
     return list(config["layer_types"])
-  if config["model_type"] == "qwen2":
+  if config["model_type"] in ("qwen2", "qwen3"):
     windowed = bool(config.get("use_sliding_window")) and config.get("sliding_window", 4096) is not None
     start = int(config.get("max_window_layers", 28))
     return ["sliding_attention" if windowed and i >= start else "full_attention" for i in range(layers)]
@@ -185,6 +188,7 @@ ARCHITECTURES = {
              lambda c: {"n_inner": c.get("n_inner") or 0}),
     "llama": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
     "qwen2": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
+    "qwen3": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
     "mistral": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
     # A config.json that leaves a key out means transformers' ViTConfig default (our constructor's are a toy
     # model's: 28x28x1, width 64, and layer_norm_eps 1e-6).
@@ -253,9 +257,9 @@ def read_config(path: str) -> dict[str, Any]:
   if model_type in _LLAMA_FAMILY and (config.get("mlp_bias") or config.get("hidden_act", "silu") != "silu"):
     raise FinetuneError(f"{path}: {model_type} variants with MLP biases or hidden_act other than silu are not "
                         "supported")
-  if model_type == "qwen2" and "sliding_attention" in _layer_types(config):
-    raise FinetuneError(f"{path}: Qwen2 with sliding-window layers (use_sliding_window=true) is not supported; "
-                        "only full attention in every layer, as the released Qwen2 and Qwen2.5 checkpoints have")
+  if model_type in ("qwen2", "qwen3") and "sliding_attention" in _layer_types(config):
+    raise FinetuneError(f"{path}: {model_type.capitalize()} with sliding-window layers (use_sliding_window=true) is "
+                        "not supported; only full attention in every layer, as the released checkpoints have")
   if model_type == "mistral" and len(set(_layer_types(config))) > 1:
     raise FinetuneError(f"{path}: a Mistral config whose layer_types mix full and sliding-window attention (which "
                         "transformers loads as Ministral) is not supported; only the same attention in every layer")
@@ -500,6 +504,7 @@ _LLAMA_EXPORT = [
     (r"layers/(\d+)/self_attn/(q|k|v|o)_proj/bias", r"model.layers.\1.self_attn.\2_proj.bias", False),
     (r"layers/(\d+)/mlp/(gate|up|down)_proj/kernel", r"model.layers.\1.mlp.\2_proj.weight", True),
     (r"layers/(\d+)/(input_layernorm|post_attention_layernorm)/scale", r"model.layers.\1.\2.weight", False),
+    (r"layers/(\d+)/self_attn/(q|k)_norm/scale", r"model.layers.\1.self_attn.\2_norm.weight", False),
     (r"norm/scale", "model.norm.weight", False),
     (r"lm_head/kernel", "lm_head.weight", True),
 ]
@@ -539,6 +544,13 @@ def _llama_family_export(kwargs: dict[str, Any]) -> tuple[str, list, dict[str, A
   if kwargs.get("sliding_window") and (kwargs.get("qkv_bias") or kwargs.get("attention_bias")):
     raise FinetuneError("no transformers model class has both a sliding window and attention biases: export needs "
                         "config.model.sliding_window=0, or qkv_bias and attention_bias False")
+  if kwargs.get("qk_norm"):  # Qwen3: biases on all four projections or none, full attention
+    if kwargs.get("sliding_window") or (kwargs.get("qkv_bias") and not kwargs.get("attention_bias")):
+      raise FinetuneError("Qwen3 (qk_norm) exports with full attention and biases on all four attention projections "
+                          "or none: export needs config.model.sliding_window=0 and qkv_bias False")
+    return "qwen3", table, {**fixed, "architectures": ["Qwen3ForCausalLM"], "use_sliding_window": False,
+                            "sliding_window": None, "layer_types": None,
+                            "attention_bias": bool(kwargs.get("attention_bias"))}
   if kwargs.get("sliding_window"):
     return "mistral", table, {**fixed, "architectures": ["MistralForCausalLM"], "attention_bias": False,
                               "sliding_window": kwargs["sliding_window"]}
@@ -653,7 +665,7 @@ def export_params(model_name: str, params: dict[str, np.ndarray], kwargs: dict[s
   if model_name == "gpt2" and not config.get("n_inner"):
     config["n_inner"] = None
   if model_name == "llama":
-    if model_type != "qwen2":  # (transformers reads a Mistral config with layer_types, even uniform, as Ministral)
+    if model_type not in ("qwen2", "qwen3"):  # (transformers reads a Mistral config with layer_types as Ministral)
       config.pop("layer_types", None)
     config["rope_theta"] = kwargs["rope_theta"]
     config["num_key_value_heads"] = kwargs["num_key_value_heads"] or kwargs["num_attention_heads"]

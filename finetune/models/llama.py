@@ -2,8 +2,9 @@
 
 Parameter paths mirror transformers' `LlamaForCausalLM` (`finetune/models/hf.py` maps them one to one). Rotary
 embeddings use the "rotate half" layout of the transformers implementation, so imported q/k projections need no
-permutation. The same module is transformers' Qwen2 (`qkv_bias`: biases on the query, key and value projections)
-and Mistral (`sliding_window`: each token attends to itself and the window - 1 tokens before it): their
+permutation. The same module is transformers' Qwen2 (`qkv_bias`: biases on the query, key and value projections),
+Qwen3 (`qk_norm`: RMSNorm over each head's queries and keys before the rotation) and Mistral (`sliding_window`:
+each token attends to itself and the window - 1 tokens before it): their
 checkpoints differ from Llama's in nothing else that this model computes, so they are arguments here (as RoBERTa
 is an argument of BERT), and `hf.py` reads them from the checkpoint's model_type.
 """
@@ -42,7 +43,7 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 class Attention(nnx.Module):
   def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, qkv_bias: bool, o_bias: bool,
-               rngs: nnx.Rngs):
+               qk_norm: bool, eps: float, rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
       raise FinetuneError(f"config.model.num_attention_heads={num_heads} is not a multiple of "
                           f"config.model.num_key_value_heads={num_kv_heads}")
@@ -51,6 +52,9 @@ class Attention(nnx.Module):
     self.k_proj = transformer_dense(hidden, num_kv_heads * head_dim, ("embed", "kv_heads"), rngs, use_bias=qkv_bias)
     self.v_proj = transformer_dense(hidden, num_kv_heads * head_dim, ("embed", "kv_heads"), rngs, use_bias=qkv_bias)
     self.o_proj = transformer_dense(num_heads * head_dim, hidden, ("heads", "embed"), rngs, use_bias=o_bias)
+    # Qwen3's: one scale per feature of a head, shared by the heads.
+    self.q_norm = _rms_norm(head_dim, eps, rngs) if qk_norm else None
+    self.k_norm = _rms_norm(head_dim, eps, rngs) if qk_norm else None
     self.prefix = None  # prefix tuning sets trainable keys/values here (per query head, after the GQA repeat)
 
   def __call__(self, x, cos, sin, mask_bias):
@@ -58,6 +62,8 @@ class Attention(nnx.Module):
     q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     groups = self.num_heads // self.num_kv_heads
     # Grouped-query attention: each key/value head serves `groups` query heads. (B, L, kv, d) -> (B, L, heads, d)
@@ -77,9 +83,9 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, hidden, num_heads, num_kv_heads, head_dim, intermediate, eps, qkv_bias, o_bias, rngs):
+  def __init__(self, hidden, num_heads, num_kv_heads, head_dim, intermediate, eps, qkv_bias, o_bias, qk_norm, rngs):
     self.input_layernorm = _rms_norm(hidden, eps, rngs)
-    self.self_attn = Attention(hidden, num_heads, num_kv_heads, head_dim, qkv_bias, o_bias, rngs)
+    self.self_attn = Attention(hidden, num_heads, num_kv_heads, head_dim, qkv_bias, o_bias, qk_norm, eps, rngs)
     self.post_attention_layernorm = _rms_norm(hidden, eps, rngs)
     self.mlp = MLP(hidden, intermediate, rngs)
 
@@ -93,8 +99,9 @@ class Llama(nnx.Module):
   """Embeddings -> decoder layers -> RMSNorm -> LM head (tied to the embeddings or not). (B, L, vocab) logits.
 
   `attention_bias`: biases on all four attention projections (transformers' Llama option); `qkv_bias`: on the
-  query, key and value projections only (Qwen2); `sliding_window`: 0 for full causal attention, else each token
-  sees itself and the sliding_window - 1 tokens before it (Mistral; prefix-tuning's prefix stays visible)."""
+  query, key and value projections only (Qwen2); `qk_norm`: RMSNorm over each head's queries and keys (Qwen3);
+  `sliding_window`: 0 for full causal attention, else each token sees itself and the sliding_window - 1 tokens
+  before it (Mistral; prefix-tuning's prefix stays visible)."""
 
   scan_blocks = "layers"  # the stack of identical blocks that config.train.scan_layers stacks
   input_keys = ("input_ids", "attention_mask")
@@ -103,7 +110,8 @@ class Llama(nnx.Module):
                intermediate_size: int = 11008, num_hidden_layers: int = 32, num_attention_heads: int = 32,
                num_key_value_heads: int = 0, head_dim: int = 0, rms_norm_eps: float = 1e-6,
                rope_theta: float = 10000.0, tie_word_embeddings: bool = False, attention_bias: bool = False,
-               qkv_bias: bool = False, sliding_window: int = 0, hf_config: str = "", rngs: nnx.Rngs):
+               qkv_bias: bool = False, qk_norm: bool = False, sliding_window: int = 0, hf_config: str = "",
+               rngs: nnx.Rngs):
     del num_classes, hf_config  # a language model predicts tokens; hf_config is read before construction
     self.rope_theta = rope_theta
     if not head_dim and hidden_size % num_attention_heads:  # (failed in the first step as a shape mismatch)
@@ -122,7 +130,7 @@ class Llama(nnx.Module):
     self.embed_tokens = embedding(vocab_size, hidden_size, ("vocab", "embed"), rngs)
     self.layers = nnx.List([DecoderLayer(hidden_size, num_attention_heads, kv_heads, self.head_dim,
                                          intermediate_size, rms_norm_eps, qkv_bias or attention_bias, attention_bias,
-                                         rngs) for _ in range(num_hidden_layers)])
+                                         qk_norm, rngs) for _ in range(num_hidden_layers)])
     self.norm = _rms_norm(hidden_size, rms_norm_eps, rngs)
     self.lm_head = None if tie_word_embeddings else transformer_dense(hidden_size, vocab_size, ("embed", "vocab"),
                                                                       rngs, use_bias=False)

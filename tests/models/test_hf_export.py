@@ -1,5 +1,5 @@
-"""Export of GPT-2, Llama (and its Qwen2 and Mistral forms) and ViT: transformers loads what we write and computes
-the same logits."""
+"""Export of GPT-2, Llama (and its Qwen2, Qwen3 and Mistral forms) and ViT: transformers loads what we write and
+computes the same logits."""
 
 from __future__ import annotations
 
@@ -26,10 +26,14 @@ CASES = {
     "llama": (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=60, max_position_embeddings=64)), 0, "ids"),
-    # Our Llama with query/key/value biases is written as Qwen2, with a sliding window as Mistral.
+    # Our Llama with query/key/value biases is written as Qwen2, with query/key norms as Qwen3, with a sliding window
+    # as Mistral.
     "qwen2": (lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=60, max_position_embeddings=64, tie_word_embeddings=True)), 0, "ids"),
+    "qwen3": (lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=60, max_position_embeddings=64, attention_bias=True)), 0, "ids"),
     "mistral": (lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
         hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=60, max_position_embeddings=64, sliding_window=4)), 0, "ids"),
@@ -42,13 +46,15 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_import_export_round_trip_keeps_logits(name, tmp_path):
   make_reference, num_classes, inputs = CASES[name]
-  name = {"qwen2": "llama", "mistral": "llama"}.get(name, name)  # (our model of that checkpoint)
+  name = {"qwen2": "llama", "qwen3": "llama", "mistral": "llama"}.get(name, name)  # (our model of that checkpoint)
   torch.manual_seed(0)
   reference = make_reference().eval()
   with torch.no_grad():  # (zeros at initialisation: they would hide a bias exported to the wrong place)
     for parameter_name, parameter in reference.named_parameters():
       if parameter_name.endswith(".bias"):
         parameter.normal_(0.0, 0.5)
+      elif "q_norm" in parameter_name or "k_norm" in parameter_name:
+        parameter.uniform_(0.5, 1.5)
   reference.save_pretrained(tmp_path / "in")
   model_cfg = ConfigDict({"name": name, "hf_config": str(tmp_path / "in")})
   model = build_model(model_cfg, num_classes, nnx.Rngs(0))
@@ -96,6 +102,8 @@ def test_unexportable_model_is_an_error(tmp_path):
   with pytest.raises(FinetuneError, match="no transformers model class has both a sliding window and attention "
                                           "biases"):  # (Mistral has no biases, Qwen2 as released no window)
     hf.export_params("llama", {}, {"sliding_window": 4, "qkv_bias": True}, [], str(tmp_path))
+  with pytest.raises(FinetuneError, match=r"Qwen3 \(qk_norm\) exports with full attention and biases on all four"):
+    hf.export_params("llama", {}, {"qk_norm": True, "qkv_bias": True}, [], str(tmp_path))
 
 
 def test_llama_export_writes_float32_and_the_rope_it_computes_with(tmp_path):

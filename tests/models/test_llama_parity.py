@@ -1,5 +1,6 @@
 """Llama-family parity with transformers (PyTorch): RMSNorm, rotary embeddings, grouped-query attention, SwiGLU;
-Qwen2 (query/key/value biases) and Mistral (sliding-window attention) load into the same model."""
+Qwen2 (query/key/value biases), Qwen3 (query/key norms) and Mistral (sliding-window attention) load into the same
+model."""
 
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ CONFIGS = {
     "qwen2-tied": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=50, max_position_embeddings=64, tie_word_embeddings=True,
                        rope_theta=1000000.0, rms_norm_eps=1e-6),
+    # Query/key norms; heads of 16 features, not hidden / heads = 8.
+    "qwen3-head-dim": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, vocab_size=50, max_position_embeddings=64,
+                           rope_theta=1000000.0),
     # A window of 5 over 17 tokens: most queries lose keys to it.
     "mistral-window": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=50, max_position_embeddings=64, sliding_window=5),
@@ -40,11 +45,12 @@ CONFIGS = {
 
 
 def reference_model(name: str, **overrides):
-  """transformers' model for case `name` (Llama, Qwen2 or Mistral), seeded, its biases random (they are zeros at
-  initialisation, which would hide a bias loaded into the wrong place)."""
-  family = name.split("-")[0] if name.startswith(("qwen2", "mistral")) else "llama"
+  """transformers' model for case `name` (Llama, Qwen2, Qwen3 or Mistral), seeded, its biases and norm scales random
+  (zeros and ones at initialisation, which would hide one loaded into the wrong place)."""
+  family = name.split("-")[0] if name.startswith(("qwen2", "qwen3", "mistral")) else "llama"
   classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
              "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+             "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
              "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[family]
   torch.manual_seed(0)
   model = classes[1](classes[0](**{**CONFIGS[name], **overrides})).eval()
@@ -52,6 +58,8 @@ def reference_model(name: str, **overrides):
     for parameter_name, parameter in model.named_parameters():
       if parameter_name.endswith(".bias"):
         parameter.normal_(0.0, 0.5)
+      elif "norm" in parameter_name:
+        parameter.uniform_(0.5, 1.5)
   return model
 
 
@@ -66,6 +74,7 @@ def test_logits_match_transformers(name, tmp_path):
   biases = sorted(path.split("/")[-2] for path in loaded if path.startswith("layers/0/") and path.endswith("/bias"))
   assert biases == {"attention-bias": ["k_proj", "o_proj", "q_proj", "v_proj"],
                     "qwen2-tied": ["k_proj", "q_proj", "v_proj"]}.get(name, [])
+  assert ("layers/0/self_attn/q_norm/scale" in loaded) == name.startswith("qwen3")
   rng = np.random.default_rng(0)
   ids = rng.integers(0, kwargs["vocab_size"], size=(2, 17))
   mask = np.ones_like(ids)
