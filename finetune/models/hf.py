@@ -117,6 +117,8 @@ def _llama_extra(config: dict[str, Any]) -> dict[str, Any]:
   if config["model_type"] in ("llama", "qwen3"):
     kwargs["attention_bias"] = bool(config.get("attention_bias"))
     kwargs["qk_norm"] = config["model_type"] == "qwen3"
+    if config["model_type"] == "qwen3" and config.get("head_dim") is None:  # (Qwen3Config's default, not hidden/heads)
+      kwargs["head_dim"] = 128
   elif config["model_type"] == "qwen2":
     kwargs["qkv_bias"] = True  # (transformers' Qwen2Attention has them whatever config.json says)
   elif config["model_type"] == "mistral":

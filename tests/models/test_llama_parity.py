@@ -126,6 +126,12 @@ def test_mistral_configs_give_the_window_transformers_applies(fields, window, tm
     assert hf.model_kwargs(str(tmp_path))[1]["sliding_window"] == window
 
 
+def test_a_qwen3_config_without_head_dim_means_transformers_default(tmp_path):
+  config = {key: value for key, value in CONFIGS["qwen3-head-dim"].items() if key != "head_dim"}
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", **config}))
+  assert hf.model_kwargs(str(tmp_path))[1]["head_dim"] == transformers.Qwen3Config().head_dim == 128
+
+
 def test_qwen2_with_use_sliding_window_but_no_windowed_layer_loads(tmp_path):
   """transformers windows Qwen2's layers from max_window_layers on: at or past the depth, none."""
   config = {"model_type": "qwen2", **CONFIGS["qwen2-tied"], "use_sliding_window": True, "sliding_window": 4}
