@@ -802,7 +802,8 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
     need(split in c.data.eval_splits and key in keys,
          f"config.train.early_stopping.metric={stopping.metric!r} is not evaluated: splits "
          f"{', '.join(c.data.eval_splits) or '(none)'} (config.data.eval_splits), metrics {', '.join(keys)}")
-    better = {"loss": "min", "perplexity": "min", "accuracy": "max"}.get(key, stopping.mode)
+    better = {"loss": "min", "perplexity": "min", "accuracy": "max", "macro_f1": "max",
+              "balanced_accuracy": "max"}.get(key, stopping.mode)
     # (mode='max' on a loss kept the worst checkpoint, silently)
     need(stopping.mode == better, f"config.train.early_stopping.metric={stopping.metric!r} is better when "
          f"{'lower' if better == 'min' else 'higher'}, but mode={stopping.mode!r}: set "

@@ -22,6 +22,11 @@ class Scored(NamedTuple):
   losses: jax.Array  # per item: (B,) for classification, (B, L-1) for causal LM
   weights: jax.Array  # same shape; 0 for items that do not count (padding, prompt tokens)
   correct: jax.Array  # same shape; 1 where the arg-max prediction is right
+  # Class tasks: each item's label and arg-max prediction, from which evaluation counts per class (macro-F1,
+  # balanced accuracy); None where the "classes" are a vocabulary (per-class counts of a language model's tokens
+  # would be as large as its vocabulary and say little).
+  labels: jax.Array | None = None
+  predicted: jax.Array | None = None
 
 
 class Task(NamedTuple):
@@ -39,7 +44,7 @@ TASKS: Registry[Task] = Registry("task")
 def evaluation_keys(task: Task) -> tuple[str, ...]:
   """The metrics an evaluation of a split reports (`train.evaluate`), which early stopping may watch."""
   return ("loss", "accuracy", "num_examples", "examples_per_s") + (("num_tokens", "perplexity") if task.per_token
-                                                                   else ())
+                                                                   else ("macro_f1", "balanced_accuracy"))
 
 
 def _cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float) -> jax.Array:
@@ -58,9 +63,10 @@ def classification(logits: jax.Array, batch: dict[str, jax.Array], label_smoothi
     raise FinetuneError(f"task 'classification' scores one row of class logits per example, but the model outputs "
                         f"shape {tuple(logits.shape)}, a prediction per token: a language model needs "
                         "config.task='causal_lm' (the LSTM classifies with config.model.output='classifier')")
-  labels = batch["label"]
-  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  return Scored(_cross_entropy(logits, labels, label_smoothing), _classification_weights(batch), correct)
+  labels, predicted = batch["label"], jnp.argmax(logits, -1)
+  correct = (predicted == labels).astype(jnp.float32)
+  return Scored(_cross_entropy(logits, labels, label_smoothing), _classification_weights(batch), correct, labels,
+                predicted)
 
 
 def _causal_lm_weights(batch: dict[str, jax.Array]) -> jax.Array:

@@ -1051,12 +1051,14 @@ def finish_stage(opened: OpenStage, state: TrainState, train_seconds: float, tra
   """Everything after a stage's loop: final evaluation, forgetting, probes, adapter files and `summary.json`."""
   cfg, stage, name, run_dir = opened.cfg, opened.stage, opened.name, opened.run_dir
   pipeline, checkpoints, log = stage.pipeline, opened.checkpoints, opened.log
-  final = {split: evaluate(stage.eval_step(), weights_of(state), pipeline, split, stage.mesh)
+  per_class = {split: {} for split in pipeline.eval_splits}
+  final = {split: evaluate(stage.eval_step(), weights_of(state), pipeline, split, stage.mesh, per_class[split])
            for split in pipeline.eval_splits}
   for split, metrics in final.items():
     log.write(stage.total_steps, split, metrics)
   # Before summary.json: a diverged stage is not finished.
   check_finite_evaluation(final, stage.total_steps, cfg.optimizer, run_dir)
+  write_per_class(run_dir, per_class, pipeline.class_names)
   forgetting = evaluate_sources(cfg, state, opened.sources, stage, log) if cfg.train.evaluate_sources else {}
   closed_form = {}
   if cfg.features.closed_form:
@@ -1452,21 +1454,23 @@ def _mark_diverged(run_dir: str, from_step: int, message: str) -> None:
     write_json(os.path.join(run_dir, DIVERGED_FILE), {"weights_from_step": from_step, "error": message})
 
 
-def evaluate(eval_fn, weights: dict[str, Any], pipeline: InputPipeline, split: str,
-             mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """Loss and accuracy over every example of `split` (padding masked out), and examples per second.
+def evaluate(eval_fn, weights: dict[str, Any], pipeline: InputPipeline, split: str, mesh: jax.sharding.Mesh,
+             per_class: dict[str, list[float]] | None = None) -> dict[str, float]:
+  """Loss and accuracy over every example of `split` (padding masked out), and examples per second; for a class
+  task also macro-F1 and balanced accuracy, with each class's counts put into `per_class` when given
+  (`class_metrics`).
 
   Each batch's sums are added on the host in float64 once that batch is done (the loop waits on the batch
   MAX_STEPS_IN_FLIGHT back anyway): a float32 running total on the device stops counting at 2^24 tokens, and its
   loss sum loses digits long before, on the evaluation sets of language models."""
   spec = batch_sharding(mesh)
   start = time.perf_counter()
-  totals: dict[str, float] = collections.defaultdict(float)
+  totals: dict[str, Any] = collections.defaultdict(float)  # (floats, and float64 vectors of per-class counts)
   pending = []
 
   def add(sums: dict[str, jax.Array]) -> None:
     for key, value in jax.device_get(sums).items():
-      totals[key] += float(value)
+      totals[key] = totals[key] + np.asarray(value, np.float64)
 
   for batch in pipeline.eval_batches(split):
     pending.append(eval_fn(weights, to_global(batch, spec)))
@@ -1485,7 +1489,40 @@ def evaluate(eval_fn, weights: dict[str, Any], pipeline: InputPipeline, split: s
              "num_examples": int(examples), "examples_per_s": examples / seconds}
   if "tokens" in totals:  # token-level task (the task's per_token): also tokens and perplexity
     metrics.update(num_tokens=int(count), perplexity=math.exp(min(metrics["loss"], 50.0)))
+  if "class_support" in totals:
+    classes = class_metrics(totals["class_support"], totals["class_correct"], totals["class_predicted"])
+    metrics.update(macro_f1=classes.pop("macro_f1"), balanced_accuracy=classes.pop("balanced_accuracy"))
+    if per_class is not None:
+      per_class.update(classes)
   return metrics
+
+
+PER_CLASS_FILE = "per_class.json"
+
+
+def write_per_class(run_dir: str, per_class: dict[str, dict[str, list]], class_names: Sequence[str]) -> None:
+  """`PER_CLASS_FILE`: each split's per-class counts and scores (`class_metrics`) by class name, beside
+  summary.json, whose metrics hold their summaries (macro_f1, balanced_accuracy); none for a token task."""
+  if not any(per_class.values()):
+    return
+  write_json(os.path.join(run_dir, PER_CLASS_FILE), {
+      split: {"classes": list(class_names), **scores} for split, scores in per_class.items() if scores})
+
+
+def class_metrics(support: np.ndarray, correct: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
+  """From per-class counts (examples of the class, those predicted right, predictions of it): each class's
+  support, recall, precision and F1, and their macro-F1 (the mean F1 over the classes that occur among the labels
+  or the predictions, as scikit-learn's f1_score(average='macro') by default) and balanced accuracy (the mean
+  recall over the classes with examples). A class without examples has recall None, one never predicted
+  precision None; both make its F1 0 where it counts (predicted but absent, or present but never predicted)."""
+  recall = [float(c / s) if s else None for c, s in zip(correct, support)]
+  precision = [float(c / p) if p else None for c, p in zip(correct, predicted)]
+  f1 = [float(2 * c / (s + p)) if s + p else None for c, s, p in zip(correct, support, predicted)]
+  present = [value for value in f1 if value is not None]
+  recalls = [value for value in recall if value is not None]
+  return {"support": [int(s) for s in support], "recall": recall, "precision": precision, "f1": f1,
+          "macro_f1": float(np.mean(present)) if present else 0.0,
+          "balanced_accuracy": float(np.mean(recalls)) if recalls else 0.0}
 
 
 def write_text(path: str, text: str) -> None:

@@ -267,7 +267,7 @@ def test_more_value_checks_give_one_line_errors():
       # refused the corrected key.)
       ({"train": {"steps": 8, "eval_every": 4, "early_stopping": {"metric": "validation/acc", "patience": 1}}},
        "early_stopping.metric='validation/acc' is not evaluated: splits validation (config.data.eval_splits), "
-       "metrics loss, accuracy, num_examples, examples_per_s"),
+       "metrics loss, accuracy, num_examples, examples_per_s, macro_f1, balanced_accuracy"),
       ({"train": {"steps": 8, "eval_every": 4, "early_stopping": {"metric": "train/loss", "patience": 1}}},
        "early_stopping.metric='train/loss' is not evaluated"),
       # (mode='max', the default, on a loss kept the worst checkpoint and reported it as the best, silently.)
@@ -277,6 +277,9 @@ def test_more_value_checks_give_one_line_errors():
       ({"train": {"steps": 8, "eval_every": 4,
                   "early_stopping": {"metric": "validation/accuracy", "patience": 1, "mode": "min"}}},
        "is better when higher, but mode='min'"),
+      ({"train": {"steps": 8, "eval_every": 4,
+                  "early_stopping": {"metric": "validation/macro_f1", "patience": 1, "mode": "min"}}},
+       "early_stopping.metric='validation/macro_f1' is better when higher, but mode='min'"),
       # (A patience without a metric was ignored: the run never stopped early.)
       ({"train": {"steps": 8, "eval_every": 4, "early_stopping": {"patience": 2}}},
        "config.train.early_stopping sets patience or mode but no metric, so nothing would stop the run early"),

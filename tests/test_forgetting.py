@@ -501,9 +501,10 @@ def test_patience_running_out_at_the_last_step_is_no_early_stop(tmp_path):
 
 
 def test_early_stopping_between_log_lines_logs_the_steps_since_the_last(tmp_path):
-  """(The steps after the last log line were dropped unlogged, and unchecked for NaN, when the run stopped.)"""
+  """(The steps after the last log line were dropped unlogged, and unchecked for NaN, when the run stopped.) On
+  macro-F1, which class tasks report besides accuracy."""
   config = tiny_config(train={"steps": 40, "log_every": 5, "checkpoint_every": 0, "eval_every": 4,
-                              "early_stopping": {"metric": "validation/accuracy", "patience": 2}},
+                              "early_stopping": {"metric": "validation/macro_f1", "patience": 2}},
                        optimizer={"learning_rate": 0.0, "warmup_steps": 0, "schedule": "constant"},
                        model={"name": "mlp", "input_size": 64, "hidden": (16,)})
   summary = train_lib.train_and_evaluate(config, str(tmp_path))["train"]

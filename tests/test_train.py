@@ -957,6 +957,37 @@ def test_the_closing_table_shows_perplexity_where_a_stage_models_tokens():
                                                                       "train", "ex/s", "eval", "ex/s"]
 
 
+def test_class_metrics_are_scikit_learn_s_from_the_counts():
+  """Macro-F1 over the classes among the labels or the predictions, balanced accuracy over those with examples:
+  class 3 is predicted but absent, class 4 present but never predicted, class 5 neither."""
+  metrics = pytest.importorskip("sklearn.metrics")
+  rng = np.random.default_rng(0)
+  labels = np.concatenate([rng.integers(0, 3, 60), [4, 4]])
+  predicted = np.where(rng.random(62) < 0.6, labels, rng.integers(0, 4, 62))
+  predicted[-2:] = (0, 3)
+  count = lambda values: np.bincount(values, minlength=6).astype(np.float64)
+  scores = train_lib.class_metrics(count(labels), count(labels[labels == predicted]), count(predicted))
+  assert scores["macro_f1"] == pytest.approx(metrics.f1_score(labels, predicted, average="macro"))
+  assert scores["balanced_accuracy"] == pytest.approx(metrics.balanced_accuracy_score(labels, predicted))
+  assert scores["recall"][3] is None and scores["precision"][4] is None and scores["f1"][5] is None
+  assert scores["f1"][3] == scores["f1"][4] == 0.0 and scores["support"] == [int(v) for v in count(labels)]
+
+
+def test_a_class_task_reports_macro_f1_and_writes_per_class_scores(tmp_path):
+  """summary.json's macro_f1 and balanced_accuracy summarise per_class.json, whose counts are the split's."""
+  config = tiny_config(train={"steps": 4, "checkpoint_every": 0})
+  final = train_lib.train_and_evaluate(config, str(tmp_path))["train"]["final"]
+  per_class = json.loads((tmp_path / "per_class.json").read_text())
+  assert set(per_class) == set(final)
+  for split, metrics in final.items():
+    scores = per_class[split]
+    assert len(scores["classes"]) == len(scores["support"]) == 10 and sum(scores["support"]) == metrics["num_examples"]
+    right = sum(r * n for r, n in zip(scores["recall"], scores["support"]) if r is not None)
+    assert right == pytest.approx(metrics["accuracy"] * metrics["num_examples"])
+    assert metrics["balanced_accuracy"] == pytest.approx(np.mean([r for r in scores["recall"] if r is not None]))
+    assert metrics["macro_f1"] == pytest.approx(np.mean([f for f in scores["f1"] if f is not None]))
+
+
 def test_gpt2_checkpoints_of_the_transformers_order_are_refused_not_scrambled(tmp_path):
   """Checkpoints record their format (checkpoints/layout.json); GPT-2 weights of format 1, whose c_attn has
   transformers' [q | k | v] order, are refused by every reader and by a resume (which keeps the old format),
@@ -998,7 +1029,8 @@ def test_gpt2_checkpoints_of_the_transformers_order_are_refused_not_scrambled(tm
   assert adapters.load_adapter(folder)[0]["format"] == 2
   meta = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
   (tmp_path / "adapter" / "adapter.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "format"}))
-  with pytest.raises(FinetuneError, match=r"adapter .* holds gpt2 weights saved in checkpoint format 1.*train that adapter again"):
+  with pytest.raises(FinetuneError, match=r"adapter .* holds gpt2 weights saved in checkpoint format 1.*train that "
+                                          "adapter again"):
     adapters.load_adapter(folder)
   (tmp_path / "adapter" / "adapter.json").write_text(json.dumps({**meta, "format": "two"}))
   with pytest.raises(FinetuneError, match=r"adapter.json is damaged \(format 'two', not a number\)"):
