@@ -301,10 +301,13 @@ def run_eval(workdir: str, stage: str, unfinished: bool, out: str, overrides: Se
   # devices, each reading its part of every batch; before, each evaluated the whole split alone on its own devices.
   distributed.initialize()
   compile_cache.enable()
-  results = evaluation.evaluate_run(workdir, stage, overrides, unfinished, step)
+  per_class: dict = {}
+  results = evaluation.evaluate_run(workdir, stage, overrides, unfinished, step, per_class)
   print(evaluation.results_table(results))
   if out and jax.process_index() == 0:  # (one writer, as train's summaries)
-    write_json(out, results)
+    # (a class task's per-class scores beside each split's metrics, as per_class.json holds a training run's)
+    write_json(out, {split: {**metrics, **({"per_class": per_class[split]} if split in per_class else {})}
+                     for split, metrics in results.items()})
   return 0
 
 

@@ -46,10 +46,12 @@ def _trained_classes(run_dir: str, raw: dict[str, Any], overrides: Sequence[str]
   return tuple(build_pipeline(cfg.data, cfg.seed).class_names)
 
 
-def evaluate_run(workdir: str, stage: str = "", overrides: Sequence[str] = (),
-                 unfinished: bool = False, step: int | None = None) -> dict[str, dict[str, float]]:
+def evaluate_run(workdir: str, stage: str = "", overrides: Sequence[str] = (), unfinished: bool = False,
+                 step: int | None = None, per_class: dict[str, dict[str, Any]] | None = None
+                 ) -> dict[str, dict[str, float]]:
   """{split: metrics} of the final weights of `workdir` (or of its `stage`; or of its checkpoint at `step`) on the
-  stage's evaluation splits, after `overrides` (`data.key=value` / `mesh.key=value`). Writes nothing."""
+  stage's evaluation splits, after `overrides` (`data.key=value` / `mesh.key=value`); for a class task each split's
+  per-class scores (as `per_class.json`) go into `per_class` when given. Writes nothing."""
   for override in overrides:
     if not override.startswith(OVERRIDABLE):
       raise FinetuneError(f"eval may override data.* and mesh.* keys and model.hf_config (where the base checkpoint "
@@ -114,9 +116,14 @@ def evaluate_run(workdir: str, stage: str = "", overrides: Sequence[str] = (),
 
   weights = {"params": placed("params", abstract.params, eval_stage.params_sharding),
              "model_state": placed("model_state", abstract.model_state, eval_stage.model_state_sharding)}
-  results = {split: train_lib.evaluate(eval_stage.eval_step(), weights, eval_stage.pipeline, split, eval_stage.mesh)
+  scores = {split: {} for split in eval_stage.pipeline.eval_splits}
+  results = {split: train_lib.evaluate(eval_stage.eval_step(), weights, eval_stage.pipeline, split, eval_stage.mesh,
+                                       scores[split])
              for split in eval_stage.pipeline.eval_splits}
   train_lib.check_finite_evaluation(results, int(os.path.basename(step_dir)))
+  if per_class is not None:
+    per_class.update({split: {"classes": list(eval_stage.pipeline.class_names), **values}
+                      for split, values in scores.items() if values})
   return results
 
 

@@ -747,6 +747,9 @@ def test_eval_scores_a_finished_run_again_on_other_data_and_writes_nothing_into_
   results = json.load(open(out))
   assert results["validation"]["accuracy"] == final["validation"]["accuracy"]
   assert results["validation"]["loss"] == pytest.approx(final["validation"]["loss"], rel=1e-5)
+  # With each class's scores, as the run's per_class.json has them.
+  assert results["validation"].pop("per_class") == json.load(open(run / "per_class.json"))["validation"]
+  assert results["validation"]["macro_f1"] == final["validation"]["macro_f1"]
   # Other data: a smaller validation carve (a part of the stage's own validation rows); a larger one would take
   # rows the stage trained on (it was accepted).
   assert cli.main(["eval", "--workdir", str(run), "--out", str(out), "--config.data.validation_fraction=0.05"]) == 0
