@@ -92,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                                  "the run.")
   _add_run_selection(evaluate, "evaluate")
   evaluate.add_argument("--out", action=_Once, default=None, type=_path, metavar="FILE.json",
-                        help="also write {split: metrics} to this file")
+                        help="also write {split: metrics} to this file (a class task's with "
+                        "per_class: each class's support, recall, precision and F1)")
   export = commands.add_parser("export", help="write a run's parameters as a Hugging Face checkpoint",
                                description="Write a finished run's latest checkpoint as a Hugging Face checkpoint "
                                "(BERT, ViT, GPT-2, Llama; PEFT runs merged) or as a PEFT LoRA adapter.")

@@ -263,15 +263,14 @@ def make_eval_step(graphdef: nnx.GraphDef, forward: Callable[..., jax.Array] = c
             "count": jnp.sum(weights), "examples": jnp.sum(example_mask)}
     if per_token:
       sums["tokens"] = sums["count"]
-    if scored.predicted is not None:  # (C,) per class: examples, those right, and predictions of it
-      classes = logits.shape[-1]
-      sums["class_support"] = jnp.sum(jax.nn.one_hot(scored.labels, classes) * weights[:, None], axis=0)
-      sums["class_correct"] = jnp.sum(jax.nn.one_hot(scored.labels, classes) * (scored.correct * weights)[:, None],
-                                      axis=0)
-      sums["class_predicted"] = jnp.sum(jax.nn.one_hot(scored.predicted, classes) * weights[:, None], axis=0)
+    if per_class:  # (C,) per class: examples, those right, and predictions of it (scatter-adds: O(B + C))
+      empty = jnp.zeros(logits.shape[-1], jnp.float32)
+      sums["class_support"] = empty.at[scored.labels].add(weights)
+      sums["class_correct"] = empty.at[scored.labels].add(scored.correct * weights)
+      sums["class_predicted"] = empty.at[scored.predicted].add(weights)
     return sums
 
-  score, per_token = TASKS.get(task).score, TASKS.get(task).per_token
+  score, per_token, per_class = TASKS.get(task).score, TASKS.get(task).per_token, TASKS.get(task).per_class
   return eval_step
 
 

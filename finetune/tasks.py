@@ -35,6 +35,7 @@ class Task(NamedTuple):
   # over the whole batch before its micro-batches run, so the accumulated loss is the whole batch's mean.
   weights: Callable[[dict[str, jax.Array]], jax.Array]
   per_token: bool = False  # items are tokens: evaluation also reports num_tokens and perplexity
+  per_class: bool = False  # `score` gives labels and predictions: evaluation also reports per-class scores
   batch_keys: tuple[str, ...] = ("label",)  # the batch entries `score` and `weights` read
 
 
@@ -43,8 +44,9 @@ TASKS: Registry[Task] = Registry("task")
 
 def evaluation_keys(task: Task) -> tuple[str, ...]:
   """The metrics an evaluation of a split reports (`train.evaluate`), which early stopping may watch."""
-  return ("loss", "accuracy", "num_examples", "examples_per_s") + (("num_tokens", "perplexity") if task.per_token
-                                                                   else ("macro_f1", "balanced_accuracy"))
+  return (("loss", "accuracy", "num_examples", "examples_per_s") +
+          (("num_tokens", "perplexity") if task.per_token else ()) +
+          (("macro_f1", "balanced_accuracy") if task.per_class else ()))
 
 
 def _cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float) -> jax.Array:
@@ -91,6 +93,6 @@ def causal_lm(logits: jax.Array, batch: dict[str, jax.Array], label_smoothing: f
   return Scored(_cross_entropy(predictions, targets, label_smoothing), _causal_lm_weights(batch), correct)
 
 
-TASKS.register("classification")(Task(classification, _classification_weights))
+TASKS.register("classification")(Task(classification, _classification_weights, per_class=True))
 TASKS.register("causal_lm")(Task(causal_lm, _causal_lm_weights, per_token=True,
                                  batch_keys=("input_ids", "attention_mask")))

@@ -876,8 +876,9 @@ class OpenStage:
 def run_stage(cfg: ConfigDict, run_dir: str, workdir: str, name: str = "train") -> dict[str, Any]:
   """Trains and evaluates one stage in `run_dir`. Returns its summary (also written to `summary.json`).
 
-  The summary holds `final` = {split: {'loss', 'accuracy', 'examples_per_s', 'num_examples'}} for every
-  evaluation split, training throughput, parameter counts and what was initialised from where.
+  The summary holds `final` = {split: {'loss', 'accuracy', 'examples_per_s', 'num_examples', ...}} for every
+  evaluation split (`tasks.evaluation_keys`: a class task's macro_f1 and balanced_accuracy, a token task's
+  num_tokens and perplexity), training throughput, parameter counts and what was initialised from where.
   """
   opened = open_stage(cfg, run_dir, workdir, name)
   if isinstance(opened, dict):  # completed earlier
@@ -1455,7 +1456,7 @@ def _mark_diverged(run_dir: str, from_step: int, message: str) -> None:
 
 
 def evaluate(eval_fn, weights: dict[str, Any], pipeline: InputPipeline, split: str, mesh: jax.sharding.Mesh,
-             per_class: dict[str, list[float]] | None = None) -> dict[str, float]:
+             per_class: dict[str, list[Any]] | None = None) -> dict[str, float]:
   """Loss and accuracy over every example of `split` (padding masked out), and examples per second; for a class
   task also macro-F1 and balanced accuracy, with each class's counts put into `per_class` when given
   (`class_metrics`).
