@@ -241,12 +241,11 @@ def _share(entries: dict[str, list[int]], index: int, count: int) -> list[str]:
   return mine
 
 
-def _check_step(step_dir: str, share: tuple[int, int] = (0, 1)) -> int:
-  """What verify_checksums checks, raising ChecksumMismatch; with `share` = (index, count), the files of that share
-  (`_share`) only. The number of files the table lists; 0 without one."""
+def _check_step(step_dir: str) -> int:
+  """What verify_checksums checks, raising ChecksumMismatch. The number of files the table lists; 0 without one."""
   table = _read_table(step_dir)
   if table:
-    _check_files(step_dir, table, _share(table, *share))
+    _check_files(step_dir, table, list(table))
   return len(table or ())
 
 
@@ -256,10 +255,9 @@ def _read_table(step_dir: str) -> dict[str, list[int]] | None:
   if not os.path.isfile(path):
     return None
   try:
-    with open(path, encoding="utf-8") as f:
-      record = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ChecksumMismatch(f"{path} is damaged (not valid JSON: {e})") from None
+    record = files.parse_json(path)
+  except files.DamagedJSON as e:
+    raise ChecksumMismatch(str(e)) from None
   except OSError as e:  # (a failing disk: the CLI's generic line would not say which step or what to do)
     raise ChecksumMismatch(f"cannot read {path} ({e.strerror})") from None
   entries = record.get("crc32") if isinstance(record, dict) else None

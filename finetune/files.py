@@ -175,10 +175,23 @@ def write_text(path: str, text: str) -> None:
       f.write(text)
 
 
-def read_json(path: str, fix: str) -> Any:
-  """A JSON file; a damaged one (not UTF-8, not JSON) is a one-line error naming it and saying `fix`."""
+class DamagedJSON(ValueError):
+  """A JSON file that is not UTF-8 or not JSON: the message names it, and says nothing about what to do (the
+  caller knows: `read_json` adds its `fix`; a checkpoint's checksum table reports it among other findings)."""
+
+
+def parse_json(path: str) -> Any:
+  """A JSON file's contents; DamagedJSON for a damaged one (OSError as open raises it)."""
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise FinetuneError(f"{path} is damaged (not valid JSON: {e}); {fix}") from None
+    raise DamagedJSON(f"{path} is damaged (not valid JSON: {e})") from None
+
+
+def read_json(path: str, fix: str) -> Any:
+  """A JSON file; a damaged one (not UTF-8, not JSON) is a one-line error naming it and saying `fix`."""
+  try:
+    return parse_json(path)
+  except DamagedJSON as e:
+    raise FinetuneError(f"{e}; {fix}") from None
