@@ -54,12 +54,21 @@ def save_base(kind: str, path) -> tuple[torch.nn.Module, dict]:
                                       num_key_value_heads=2, intermediate_size=48, vocab_size=120,
                                       max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model = transformers.Qwen2ForCausalLM(config)
+  elif kind == "gemma":  # (our Llama with Gemma's norms, scaled tied embeddings and GeGLU)
+    config = transformers.GemmaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=8, intermediate_size=48, vocab_size=120,
+                                      max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = transformers.GemmaForCausalLM(config)
+    with torch.no_grad():  # (zeros at initialisation: a scale loaded without its offset would pass)
+      for name, parameter in model.named_parameters():
+        if "norm" in name:
+          parameter.uniform_(-0.5, 0.5)
   else:
     config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
                                     image_size=16, patch_size=4, num_channels=3, num_labels=3)
     model = transformers.ViTForImageClassification(config)
   model.save_pretrained(path)
-  return model.eval(), {"name": "llama" if kind == "qwen2" else kind, "hf_config": str(path),
+  return model.eval(), {"name": "llama" if kind in ("qwen2", "gemma") else kind, "hf_config": str(path),
                         **({"dropout": 0.0} if kind in ("bert", "gpt2") else {})}
 
 
@@ -95,7 +104,7 @@ def randomize_adapters(model: nnx.Module, trained: list[str], seed: int = 3) -> 
 
 
 def mask(logits, kind):
-  return logits[0] if kind in ("gpt2", "llama", "qwen2") else logits  # padded positions of example 1 are not compared
+  return logits[0] if kind in ("gpt2", "llama", "qwen2", "gemma") else logits  # padded positions of example 1 are not compared
 
 
 CASES = {
@@ -115,6 +124,9 @@ CASES = {
     "gpt2-dora": dict(targets=("c_attn",), rank=4, alpha=8.0, dora=True, bias="lora_only"),
     # Qwen2's q/k/v biases, trained under their adapted layers.
     "qwen2-lora_only_bias": dict(targets=("q_proj", "k_proj", "up_proj"), rank=4, alpha=8.0, bias="lora_only"),
+    # Gemma's input embeddings are scaled and tied to the output layer: both saved, as for GPT-2.
+    "gemma-dora_tied_embedding": dict(targets=("q_proj", "gate_proj"), rank=4, alpha=8.0, dora=True,
+                                      modules_to_save=("^embed_tokens/",)),
 }
 
 
@@ -217,6 +229,8 @@ PEFT_MADE = {
               dict(targets=("q_proj", "k_proj", "o_proj"), rank=4, alpha=4.0, rslora=True)),
     "qwen2": (dict(target_modules=["q_proj", "v_proj", "gate_proj"], r=4, lora_alpha=8, task_type="CAUSAL_LM"),
               dict(targets=("q_proj", "v_proj", "gate_proj"), rank=4, alpha=8.0)),
+    "gemma": (dict(target_modules=["k_proj", "o_proj", "down_proj"], r=4, lora_alpha=8, task_type="CAUSAL_LM"),
+              dict(targets=("k_proj", "o_proj", "down_proj"), rank=4, alpha=8.0)),
     "vit": (dict(target_modules=["q_proj", "v_proj"], r=2, lora_alpha=8, modules_to_save=["classifier"]),
             dict(targets=("query", "value"), rank=2, alpha=8.0, modules_to_save=("^head/",))),
     # A saved Conv2d (torch (out, in, kh, kw)) must come back in flax's (kh, kw, in, out).

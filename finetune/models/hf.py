@@ -103,7 +103,7 @@ _LLAMA_RULES = [
 ]
 _LLAMA_LEFTOVERS = r"(layers\.\d+\.self_attn\.rotary_emb\.inv_freq)"
 # transformers' model types that our Llama computes (finetune/models/llama.py).
-_LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "mistral")
+_LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "mistral", "gemma")
 
 
 def _llama_extra(config: dict[str, Any]) -> dict[str, Any]:
@@ -113,8 +113,16 @@ def _llama_extra(config: dict[str, Any]) -> dict[str, Any]:
   rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
   if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
     raise FinetuneError(f"rope scaling {rope!r} is not supported; only plain rotary embeddings")
-  kwargs = {"rope_theta": float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))}
-  if config["model_type"] in ("llama", "qwen3"):
+  kwargs = {"rope_theta": float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+             "hidden_act": _activation(config)}
+  if config["model_type"] == "gemma":
+    kwargs.update(norm_unit_offset=True, scale_embeddings=True, attention_bias=bool(config.get("attention_bias")))
+    # GemmaConfig's defaults where config.json leaves the keys out (ours are Llama's).
+    if config.get("head_dim") is None:
+      kwargs["head_dim"] = 256
+    if config.get("tie_word_embeddings") is None:
+      kwargs["tie_word_embeddings"] = True
+  elif config["model_type"] in ("llama", "qwen3"):
     kwargs["attention_bias"] = bool(config.get("attention_bias"))
     kwargs["qk_norm"] = config["model_type"] == "qwen3"
     if config["model_type"] == "qwen3" and config.get("head_dim") is None:  # (Qwen3Config's default, not hidden/heads)
@@ -127,6 +135,13 @@ def _llama_extra(config: dict[str, Any]) -> dict[str, Any]:
     window = config.get("sliding_window", 4096)
     kwargs["sliding_window"] = 0 if window is None or kinds == {"full_attention"} else int(window)
   return kwargs
+
+
+def _activation(config: dict[str, Any]) -> str:
+  """The gated MLP's activation (a key of llama.ACTIVATIONS): config.json's hidden_act, with Gemma's legacy "gelu"
+  read as transformers reads it (GemmaConfig turns it into the tanh approximation the weights were trained with)."""
+  activation = config.get("hidden_act") or ("gelu_pytorch_tanh" if config["model_type"] == "gemma" else "silu")
+  return "gelu_pytorch_tanh" if config["model_type"] == "gemma" and activation == "gelu" else activation
 
 
 def _layer_types(config: dict[str, Any]) -> list[str]:
@@ -192,6 +207,7 @@ ARCHITECTURES = {
     "qwen2": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
     "qwen3": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
     "mistral": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
+    "gemma": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
     # A config.json that leaves a key out means transformers' ViTConfig default (our constructor's are a toy
     # model's: 28x28x1, width 64, and layer_norm_eps 1e-6).
     "vit": ("vit", _VIT_CONFIG, "vit.", _VIT_RULES, _VIT_LEFTOVERS,
@@ -256,9 +272,14 @@ def read_config(path: str) -> dict[str, Any]:
   if model_type == "vit" and (config.get("hidden_act", "gelu") != "gelu" or not config.get("qkv_bias", True)):
     raise FinetuneError(f"{path}: ViT variants with hidden_act other than gelu or without qkv biases are not "
                         "supported")
-  if model_type in _LLAMA_FAMILY and (config.get("mlp_bias") or config.get("hidden_act", "silu") != "silu"):
-    raise FinetuneError(f"{path}: {model_type} variants with MLP biases or hidden_act other than silu are not "
-                        "supported")
+  if model_type in _LLAMA_FAMILY and config.get("mlp_bias"):
+    raise FinetuneError(f"{path}: {model_type} variants with MLP biases are not supported")
+  if model_type in _LLAMA_FAMILY and _activation(config) not in ("silu", "gelu_pytorch_tanh"):
+    raise FinetuneError(f"{path}: hidden_act {config['hidden_act']!r} is not supported (only 'silu' and "
+                        "'gelu_pytorch_tanh')")
+  if model_type == "gemma" and config.get("use_bidirectional_attention"):
+    raise FinetuneError(f"{path}: Gemma with bidirectional attention (use_bidirectional_attention, an embedding "
+                        "model) is not supported; only causal language models")
   if model_type in ("qwen2", "qwen3") and "sliding_attention" in _layer_types(config):
     raise FinetuneError(f"{path}: {model_type.capitalize()} with sliding-window layers (use_sliding_window=true) is "
                         "not supported; only full attention in every layer, as the released checkpoints have")
@@ -543,6 +564,16 @@ _EXPORTS = {
 def _llama_family_export(kwargs: dict[str, Any]) -> tuple[str, list, dict[str, Any]]:
   """_EXPORTS' entry for our Llama with these arguments: the transformers model type that computes the same."""
   model_type, table, fixed = _EXPORTS["llama"]
+  fixed = {**fixed, "hidden_act": kwargs.get("hidden_act", "silu")}
+  gemma = (bool(kwargs.get("norm_unit_offset")), bool(kwargs.get("scale_embeddings")))
+  if any(gemma):  # Gemma: both, full attention, biases on all four projections or none, no query/key norms
+    if not all(gemma) or kwargs.get("sliding_window") or kwargs.get("qk_norm") or (
+        kwargs.get("qkv_bias") and not kwargs.get("attention_bias")):
+      raise FinetuneError("only Gemma has RMSNorm scales offset by one (norm_unit_offset) and scaled embeddings "
+                          "(scale_embeddings), both, with full attention and neither qk_norm nor qkv_bias: export "
+                          "needs those settings, or norm_unit_offset and scale_embeddings False")
+    return "gemma", table, {**fixed, "architectures": ["GemmaForCausalLM"],
+                            "attention_bias": bool(kwargs.get("attention_bias"))}
   if kwargs.get("sliding_window") and (kwargs.get("qkv_bias") or kwargs.get("attention_bias")):
     raise FinetuneError("no transformers model class has both a sliding window and attention biases: export needs "
                         "config.model.sliding_window=0, or qkv_bias and attention_bias False")

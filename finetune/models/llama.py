@@ -1,15 +1,18 @@
-"""Llama-family decoder: RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP.
+"""Llama-family decoder: RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU (or GeGLU) MLP.
 
 Parameter paths mirror transformers' `LlamaForCausalLM` (`finetune/models/hf.py` maps them one to one). Rotary
 embeddings use the "rotate half" layout of the transformers implementation, so imported q/k projections need no
 permutation. The same module is transformers' Qwen2 (`qkv_bias`: biases on the query, key and value projections),
-Qwen3 (`qk_norm`: RMSNorm over each head's queries and keys before the rotation) and Mistral (`sliding_window`:
-each token attends to itself and the window - 1 tokens before it): their
-checkpoints differ from Llama's in nothing else that this model computes, so they are arguments here (as RoBERTa
-is an argument of BERT), and `hf.py` reads them from the checkpoint's model_type.
+Qwen3 (`qk_norm`: RMSNorm over each head's queries and keys before the rotation), Mistral (`sliding_window`: each
+token attends to itself and the window - 1 tokens before it) and Gemma (`norm_unit_offset`: RMSNorm multiplies by
+1 + its stored scale; `scale_embeddings`: input embeddings times sqrt(hidden_size); `hidden_act='gelu_pytorch_tanh'`:
+GeGLU): their checkpoints differ from Llama's in nothing else that this model computes, so they are arguments here
+(as RoBERTa is an argument of BERT), and `hf.py` reads them from the checkpoint's model_type.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +24,31 @@ from finetune.models.layers import (attend, causal_bias, embedding, last_token, 
                                     run_blocks, transformer_dense)
 
 
-def _rms_norm(features: int, eps: float, rngs: nnx.Rngs) -> nnx.RMSNorm:
+# The gated MLP's activation, by transformers' `hidden_act` name: SwiGLU (Llama, Qwen, Mistral) or GeGLU with
+# the tanh approximation of GELU (Gemma).
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
+class UnitOffsetRMSNorm(nnx.Module):
+  """Gemma's RMSNorm: x / rms(x) * (1 + scale), with `scale` as checkpoints store it (zeros at initialisation),
+  computed in float32 and cast back to x's dtype, as transformers' GemmaRMSNorm does. By hand: nnx.RMSNorm
+  multiplies by its scale as stored, and loading 1 + scale into it would change what the parameter means to
+  weight decay, L2-SP and exported checkpoints."""
+
+  def __init__(self, features: int, eps: float, rngs: nnx.Rngs):
+    del rngs  # (deterministic initialisation)
+    self.eps = eps
+    self.scale = nnx.Param(jnp.zeros((features,), jnp.float32), sharding=("norm",))
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+def _rms_norm(features: int, eps: float, rngs: nnx.Rngs, unit_offset: bool = False) -> nnx.Module:
+  if unit_offset:
+    return UnitOffsetRMSNorm(features, eps, rngs)
   return nnx.RMSNorm(features, epsilon=eps, rngs=rngs,
                      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)))
 
@@ -43,7 +70,7 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 class Attention(nnx.Module):
   def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, qkv_bias: bool, o_bias: bool,
-               qk_norm: bool, eps: float, rngs: nnx.Rngs):
+               qk_norm: bool, eps: float, unit_offset: bool, rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
       raise FinetuneError(f"config.model.num_attention_heads={num_heads} is not a multiple of "
                           f"config.model.num_key_value_heads={num_kv_heads}")
@@ -53,8 +80,8 @@ class Attention(nnx.Module):
     self.v_proj = transformer_dense(hidden, num_kv_heads * head_dim, ("embed", "kv_heads"), rngs, use_bias=qkv_bias)
     self.o_proj = transformer_dense(num_heads * head_dim, hidden, ("heads", "embed"), rngs, use_bias=o_bias)
     # Qwen3's: one scale per feature of a head, shared by the heads.
-    self.q_norm = _rms_norm(head_dim, eps, rngs) if qk_norm else None
-    self.k_norm = _rms_norm(head_dim, eps, rngs) if qk_norm else None
+    self.q_norm = _rms_norm(head_dim, eps, rngs, unit_offset) if qk_norm else None
+    self.k_norm = _rms_norm(head_dim, eps, rngs, unit_offset) if qk_norm else None
     self.prefix = None  # prefix tuning sets trainable keys/values here (per query head, after the GQA repeat)
 
   def __call__(self, x, cos, sin, mask_bias):
@@ -73,21 +100,24 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  def __init__(self, hidden: int, intermediate: int, rngs: nnx.Rngs):
+  def __init__(self, hidden: int, intermediate: int, activation: str, rngs: nnx.Rngs):
+    self.activation = ACTIVATIONS[activation]
     self.gate_proj = transformer_dense(hidden, intermediate, ("embed", "mlp"), rngs, use_bias=False)
     self.up_proj = transformer_dense(hidden, intermediate, ("embed", "mlp"), rngs, use_bias=False)
     self.down_proj = transformer_dense(intermediate, hidden, ("mlp", "embed"), rngs, use_bias=False)
 
   def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+    return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU or GeGLU
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, hidden, num_heads, num_kv_heads, head_dim, intermediate, eps, qkv_bias, o_bias, qk_norm, rngs):
-    self.input_layernorm = _rms_norm(hidden, eps, rngs)
-    self.self_attn = Attention(hidden, num_heads, num_kv_heads, head_dim, qkv_bias, o_bias, qk_norm, eps, rngs)
-    self.post_attention_layernorm = _rms_norm(hidden, eps, rngs)
-    self.mlp = MLP(hidden, intermediate, rngs)
+  def __init__(self, hidden, num_heads, num_kv_heads, head_dim, intermediate, eps, qkv_bias, o_bias, qk_norm,
+               activation, unit_offset, rngs):
+    self.input_layernorm = _rms_norm(hidden, eps, rngs, unit_offset)
+    self.self_attn = Attention(hidden, num_heads, num_kv_heads, head_dim, qkv_bias, o_bias, qk_norm, eps,
+                               unit_offset, rngs)
+    self.post_attention_layernorm = _rms_norm(hidden, eps, rngs, unit_offset)
+    self.mlp = MLP(hidden, intermediate, activation, rngs)
 
   def __call__(self, x, cos, sin, mask_bias):
     x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask_bias)
@@ -101,7 +131,9 @@ class Llama(nnx.Module):
   `attention_bias`: biases on all four attention projections (transformers' Llama option); `qkv_bias`: on the
   query, key and value projections only (Qwen2); `qk_norm`: RMSNorm over each head's queries and keys (Qwen3);
   `sliding_window`: 0 for full causal attention, else each token sees itself and the sliding_window - 1 tokens
-  before it (Mistral; prefix-tuning's prefix stays visible)."""
+  before it (Mistral; prefix-tuning's prefix stays visible); `hidden_act`: the gated MLP's activation (a key of
+  ACTIVATIONS); `norm_unit_offset`: every RMSNorm multiplies by 1 + its scale (Gemma); `scale_embeddings`: the
+  input embeddings are multiplied by sqrt(hidden_size), the tied output layer uses them unscaled (Gemma)."""
 
   scan_blocks = "layers"  # the stack of identical blocks that config.train.scan_layers stacks
   input_keys = ("input_ids", "attention_mask")
@@ -110,7 +142,8 @@ class Llama(nnx.Module):
                intermediate_size: int = 11008, num_hidden_layers: int = 32, num_attention_heads: int = 32,
                num_key_value_heads: int = 0, head_dim: int = 0, rms_norm_eps: float = 1e-6,
                rope_theta: float = 10000.0, tie_word_embeddings: bool = False, attention_bias: bool = False,
-               qkv_bias: bool = False, qk_norm: bool = False, sliding_window: int = 0, hf_config: str = "",
+               qkv_bias: bool = False, qk_norm: bool = False, sliding_window: int = 0, hidden_act: str = "silu",
+               norm_unit_offset: bool = False, scale_embeddings: bool = False, hf_config: str = "",
                rngs: nnx.Rngs):
     del num_classes, hf_config  # a language model predicts tokens; hf_config is read before construction
     self.rope_theta = rope_theta
@@ -126,12 +159,18 @@ class Llama(nnx.Module):
     if sliding_window < 0:
       raise FinetuneError(f"config.model.sliding_window={sliding_window} must be 0 (full attention) or the number "
                           "of tokens each token sees, itself included")
+    if hidden_act not in ACTIVATIONS:
+      raise FinetuneError(f"config.model.hidden_act={hidden_act!r} is not supported; valid: "
+                          f"{', '.join(ACTIVATIONS)}")
     self.sliding_window = sliding_window
+    # transformers rounds the factor to the embedding's dtype (GemmaTextScaledWordEmbedding); applied in the stream's.
+    self.embedding_multiplier = float(hidden_size) ** 0.5 if scale_embeddings else None
     self.embed_tokens = embedding(vocab_size, hidden_size, ("vocab", "embed"), rngs)
     self.layers = nnx.List([DecoderLayer(hidden_size, num_attention_heads, kv_heads, self.head_dim,
                                          intermediate_size, rms_norm_eps, qkv_bias or attention_bias, attention_bias,
-                                         qk_norm, rngs) for _ in range(num_hidden_layers)])
-    self.norm = _rms_norm(hidden_size, rms_norm_eps, rngs)
+                                         qk_norm, hidden_act, norm_unit_offset, rngs)
+                             for _ in range(num_hidden_layers)])
+    self.norm = _rms_norm(hidden_size, rms_norm_eps, rngs, norm_unit_offset)
     self.lm_head = None if tie_word_embeddings else transformer_dense(hidden_size, vocab_size, ("embed", "vocab"),
                                                                       rngs, use_bias=False)
 
@@ -139,6 +178,8 @@ class Llama(nnx.Module):
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     x = self.embed_tokens(input_ids)
+    if self.embedding_multiplier is not None:
+      x = x * jnp.asarray(self.embedding_multiplier, x.dtype)
     # Rotary attention depends on position differences only, so restarting positions at packed segments changes
     # nothing within a segment in exact arithmetic; it keeps a packed conversation's numbers those of its own row.
     cos, sin = rotary(positions(attention_mask), self.head_dim, self.rope_theta)

@@ -37,6 +37,10 @@ CASES = {
     "mistral": (lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
         hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=60, max_position_embeddings=64, sliding_window=4)), 0, "ids"),
+    # With RMSNorm scales offset by one, scaled embeddings and GeGLU, as Gemma.
+    "gemma": (lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(
+        hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=60, max_position_embeddings=64)), 0, "ids"),
     "vit": (lambda: transformers.ViTForImageClassification(transformers.ViTConfig(
         image_size=16, patch_size=4, num_channels=3, hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
         intermediate_size=32, num_labels=3)), 3, "images"),
@@ -46,14 +50,16 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_import_export_round_trip_keeps_logits(name, tmp_path):
   make_reference, num_classes, inputs = CASES[name]
-  name = {"qwen2": "llama", "qwen3": "llama", "mistral": "llama"}.get(name, name)  # (our model of that checkpoint)
+  name = {"qwen2": "llama", "qwen3": "llama", "mistral": "llama", "gemma": "llama"}.get(name, name)  # (our model of that checkpoint)
   torch.manual_seed(0)
   reference = make_reference().eval()
   with torch.no_grad():  # (zeros at initialisation: they would hide a bias exported to the wrong place)
     for parameter_name, parameter in reference.named_parameters():
       if parameter_name.endswith(".bias"):
         parameter.normal_(0.0, 0.5)
-      elif "q_norm" in parameter_name or "k_norm" in parameter_name:
+      # (Gemma's norm scales are zeros, the same offset by one or not)
+      elif "q_norm" in parameter_name or "k_norm" in parameter_name or (
+          "norm" in parameter_name and reference.config.model_type == "gemma"):
         parameter.uniform_(0.5, 1.5)
   reference.save_pretrained(tmp_path / "in")
   model_cfg = ConfigDict({"name": name, "hf_config": str(tmp_path / "in")})
@@ -104,6 +110,9 @@ def test_unexportable_model_is_an_error(tmp_path):
     hf.export_params("llama", {}, {"sliding_window": 4, "qkv_bias": True}, [], str(tmp_path))
   with pytest.raises(FinetuneError, match=r"Qwen3 \(qk_norm\) exports with full attention and biases on all four"):
     hf.export_params("llama", {}, {"qk_norm": True, "qkv_bias": True}, [], str(tmp_path))
+  with pytest.raises(FinetuneError, match=r"only Gemma has RMSNorm scales offset by one \(norm_unit_offset\) and "
+                                          r"scaled embeddings \(scale_embeddings\), both"):
+    hf.export_params("llama", {}, {"norm_unit_offset": True}, [], str(tmp_path))
 
 
 def test_llama_export_writes_float32_and_the_rope_it_computes_with(tmp_path):

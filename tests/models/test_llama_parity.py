@@ -1,6 +1,6 @@
 """Llama-family parity with transformers (PyTorch): RMSNorm, rotary embeddings, grouped-query attention, SwiGLU;
-Qwen2 (query/key/value biases), Qwen3 (query/key norms) and Mistral (sliding-window attention) load into the same
-model."""
+Qwen2 (query/key/value biases), Qwen3 (query/key norms), Mistral (sliding-window attention) and Gemma (norms
+offset by one, scaled embeddings, GeGLU) load into the same model."""
 
 from __future__ import annotations
 
@@ -41,17 +41,24 @@ CONFIGS = {
     # A window of 5 over 17 tokens: most queries lose keys to it.
     "mistral-window": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=50, max_position_embeddings=64, sliding_window=5),
+    # Gemma's own defaults: tied, GeGLU (tanh); heads of 16 features (hidden / heads = 8), as Gemma's 256 vs 3072/16.
+    "gemma-tied": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, vocab_size=50, max_position_embeddings=64),
+    "gemma-bias-untied-silu": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=1, head_dim=8, vocab_size=50, max_position_embeddings=64,
+                                   attention_bias=True, tie_word_embeddings=False, hidden_act="silu"),
 }
 
 
 def reference_model(name: str, **overrides):
-  """transformers' model for case `name` (Llama, Qwen2, Qwen3 or Mistral), seeded, its biases and norm scales random
-  (zeros and ones at initialisation, which would hide one loaded into the wrong place)."""
-  family = name.split("-")[0] if name.startswith(("qwen2", "qwen3", "mistral")) else "llama"
+  """transformers' model for case `name` (Llama, Qwen2, Qwen3, Mistral or Gemma), seeded, its biases and norm scales
+  random (zeros and ones at initialisation, which would hide one loaded into the wrong place)."""
+  family = name.split("-")[0] if name.startswith(("qwen2", "qwen3", "mistral", "gemma")) else "llama"
   classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
              "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
              "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-             "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[family]
+             "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+             "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM)}[family]
   torch.manual_seed(0)
   model = classes[1](classes[0](**{**CONFIGS[name], **overrides})).eval()
   with torch.no_grad():
@@ -70,9 +77,10 @@ def test_logits_match_transformers(name, tmp_path):
   reference.save_pretrained(tmp_path)
   ours, _, fresh = model_from_hf("llama", str(tmp_path))
   loaded = flatten(nnx.split(ours, nnx.Param, ...)[1].to_pure_dict())
-  assert fresh == [] and (("lm_head/kernel" in loaded) != kwargs.get("tie_word_embeddings", False))
+  assert fresh == [] and (("lm_head/kernel" in loaded) != reference.config.tie_word_embeddings)
   biases = sorted(path.split("/")[-2] for path in loaded if path.startswith("layers/0/") and path.endswith("/bias"))
   assert biases == {"attention-bias": ["k_proj", "o_proj", "q_proj", "v_proj"],
+                    "gemma-bias-untied-silu": ["k_proj", "o_proj", "q_proj", "v_proj"],
                     "qwen2-tied": ["k_proj", "q_proj", "v_proj"]}.get(name, [])
   assert ("layers/0/self_attn/q_norm/scale" in loaded) == name.startswith("qwen3")
   rng = np.random.default_rng(0)
@@ -149,3 +157,32 @@ def test_a_checkpoint_s_attention_dropout_is_named_as_not_applied(tmp_path):
   with pytest.warns(UserWarning, match=r"attention_dropout=0.1 is not applied: this framework's Llama has no "
                                        r"dropout"):
     hf.model_kwargs(str(tmp_path))
+
+
+@pytest.mark.parametrize("fields,expected", [
+    ({}, dict(hidden_act="gelu_pytorch_tanh", head_dim=256, tie_word_embeddings=True)),  # (GemmaConfig's defaults)
+    # Released Gemma configs say "gelu" and meant the tanh approximation; transformers reads it so.
+    ({"hidden_act": "gelu", "head_dim": 8, "tie_word_embeddings": False},
+     dict(hidden_act="gelu_pytorch_tanh", head_dim=8, tie_word_embeddings=False)),
+    ({"use_bidirectional_attention": True}, "bidirectional attention"),
+    ({"hidden_act": "relu"}, "hidden_act 'relu' is not supported"),
+])
+def test_gemma_configs_give_the_model_transformers_builds(fields, expected, tmp_path):
+  config = {key: value for key, value in CONFIGS["gemma-tied"].items() if key != "head_dim"}
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma", **config, **fields}))
+  if isinstance(expected, str):
+    with pytest.raises(FinetuneError, match=expected):
+      hf.model_kwargs(str(tmp_path))
+    return
+  name, kwargs = hf.model_kwargs(str(tmp_path))
+  assert name == "llama" and kwargs["norm_unit_offset"] and kwargs["scale_embeddings"]
+  assert {key: kwargs[key] for key in expected} == expected
+  reference = transformers.GemmaConfig(**{**config, **fields})
+  assert (reference.hidden_act, reference.head_dim, reference.tie_word_embeddings) == tuple(expected.values())
+
+
+def test_an_unknown_activation_names_the_valid_ones():
+  with pytest.raises(FinetuneError, match=r"config.model.hidden_act='gelu' is not supported; valid: silu, "
+                                          "gelu_pytorch_tanh"):
+    build_model(ConfigDict({"name": "llama", "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
+                            "num_attention_heads": 2, "vocab_size": 30, "hidden_act": "gelu"}), 0, nnx.Rngs(0))
