@@ -103,13 +103,15 @@ _LLAMA_RULES = [
 ]
 _LLAMA_LEFTOVERS = r"(layers\.\d+\.self_attn\.rotary_emb\.inv_freq)"
 # transformers' model types that our Llama computes (finetune/models/llama.py).
-_LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "mistral", "gemma")
+_LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "mistral", "ministral", "gemma")
+# Those whose layers may attend through a sliding window (all of them, or those `_layer_types` names).
+_WINDOWED_FAMILY = ("qwen2", "qwen3", "mistral", "ministral")
 
 
 def _llama_extra(config: dict[str, Any]) -> dict[str, Any]:
   """Our Llama's arguments that config.json gives indirectly: rope_theta (in `rope_parameters` in transformers 5,
   at the top level before) and what the model_type implies (Qwen2's query/key/value biases, Qwen3's query/key
-  norms, Mistral's window)."""
+  norms, Gemma's norms and embeddings, the windows of Mistral, Ministral and windowed Qwen layers)."""
   rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
   if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
     raise FinetuneError(f"rope scaling {rope!r} is not supported; only plain rotary embeddings")
@@ -129,11 +131,13 @@ def _llama_extra(config: dict[str, Any]) -> dict[str, Any]:
       kwargs["head_dim"] = 128
   elif config["model_type"] == "qwen2":
     kwargs["qkv_bias"] = True  # (transformers' Qwen2Attention has them whatever config.json says)
-  elif config["model_type"] == "mistral":
-    kinds = set(_layer_types(config))  # (uniform: read_config refuses a mix)
-    # A missing key is MistralConfig's default window; null (Mistral v0.2 and later) is full attention.
-    window = config.get("sliding_window", 4096)
-    kwargs["sliding_window"] = 0 if window is None or kinds == {"full_attention"} else int(window)
+  if config["model_type"] in _WINDOWED_FAMILY:
+    kinds = _layer_types(config)
+    # (A window where any layer uses one: _layer_types says full attention everywhere when sliding_window is null,
+    # and a missing key is the configs' default, 4096.)
+    kwargs["sliding_window"] = int(config.get("sliding_window", 4096)) if "sliding_attention" in kinds else 0
+    if len(set(kinds)) > 1:
+      kwargs["layer_types"] = tuple(kinds)
   return kwargs
 
 
@@ -145,18 +149,22 @@ def _activation(config: dict[str, Any]) -> str:
 
 
 def _layer_types(config: dict[str, Any]) -> list[str]:
-  """Each layer's attention ("full_attention" or "sliding_attention") as transformers derives it for Qwen2 and
-  Mistral: config.json's `layer_types` where given (a Mistral config with them loads as Ministral, which may
-  alternate), else Qwen2's window from layer `max_window_layers` on when `use_sliding_window`, and Mistral's
-  window in every layer unless `sliding_window` is null."""
+  """Each layer's attention ("full_attention" or "sliding_attention") as transformers derives it for Qwen2/Qwen3,
+  Mistral and Ministral: none windowed when the window is off (`sliding_window` null, or Qwen's
+  `use_sliding_window` false); else config.json's `layer_types` where given (a Mistral config with them loads as
+  Ministral, which may alternate), Qwen's window from layer `max_window_layers` on, Mistral's in every layer."""
   layers = int(config.get("num_hidden_layers", 0))
+  window_on = config.get("sliding_window", 4096) is not None
+  if config["model_type"] in ("qwen2", "qwen3"):
+    window_on = window_on and bool(config.get("use_sliding_window"))
+  if not window_on:
+    return ["full_attention"] * layers
   if config.get("layer_types"):
     return list(config["layer_types"])
   if config["model_type"] in ("qwen2", "qwen3"):
-    windowed = bool(config.get("use_sliding_window")) and config.get("sliding_window", 4096) is not None
     start = int(config.get("max_window_layers", 28))
-    return ["sliding_attention" if windowed and i >= start else "full_attention" for i in range(layers)]
-  return ["full_attention" if config.get("sliding_window", 4096) is None else "sliding_attention"] * layers
+    return ["sliding_attention" if i >= start else "full_attention" for i in range(layers)]
+  return ["sliding_attention"] * layers
 
 
 _VIT_CONFIG = {
@@ -207,6 +215,7 @@ ARCHITECTURES = {
     "qwen2": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
     "qwen3": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
     "mistral": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
+    "ministral": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
     "gemma": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
     # A config.json that leaves a key out means transformers' ViTConfig default (our constructor's are a toy
     # model's: 28x28x1, width 64, and layer_norm_eps 1e-6).
@@ -280,12 +289,6 @@ def read_config(path: str) -> dict[str, Any]:
   if model_type == "gemma" and config.get("use_bidirectional_attention"):
     raise FinetuneError(f"{path}: Gemma with bidirectional attention (use_bidirectional_attention, an embedding "
                         "model) is not supported; only causal language models")
-  if model_type in ("qwen2", "qwen3") and "sliding_attention" in _layer_types(config):
-    raise FinetuneError(f"{path}: {model_type.capitalize()} with sliding-window layers (use_sliding_window=true) is "
-                        "not supported; only full attention in every layer, as the released checkpoints have")
-  if model_type == "mistral" and len(set(_layer_types(config))) > 1:
-    raise FinetuneError(f"{path}: a Mistral config whose layer_types mix full and sliding-window attention (which "
-                        "transformers loads as Ministral) is not supported; only the same attention in every layer")
   if model_type == "gpt2" and not config.get("tie_word_embeddings", True):
     raise FinetuneError(f"{path}: an untied GPT-2 output layer is not supported (tie_word_embeddings=false)")
   if model_type == "gpt2" and (config.get("scale_attn_by_inverse_layer_idx") or config.get("reorder_and_upcast_attn")
@@ -565,32 +568,40 @@ def _llama_family_export(kwargs: dict[str, Any]) -> tuple[str, list, dict[str, A
   """_EXPORTS' entry for our Llama with these arguments: the transformers model type that computes the same."""
   model_type, table, fixed = _EXPORTS["llama"]
   fixed = {**fixed, "hidden_act": kwargs.get("hidden_act", "silu")}
+  window, kinds = kwargs.get("sliding_window") or 0, list(kwargs.get("layer_types") or ())
+  attention_bias, qkv_bias_only = bool(kwargs.get("attention_bias")), bool(kwargs.get("qkv_bias")) and not \
+      kwargs.get("attention_bias")
   gemma = (bool(kwargs.get("norm_unit_offset")), bool(kwargs.get("scale_embeddings")))
   if any(gemma):  # Gemma: both, full attention, biases on all four projections or none, no query/key norms
-    if not all(gemma) or kwargs.get("sliding_window") or kwargs.get("qk_norm") or (
-        kwargs.get("qkv_bias") and not kwargs.get("attention_bias")):
+    if not all(gemma) or window or kwargs.get("qk_norm") or qkv_bias_only:
       raise FinetuneError("only Gemma has RMSNorm scales offset by one (norm_unit_offset) and scaled embeddings "
                           "(scale_embeddings), both, with full attention and neither qk_norm nor qkv_bias: export "
                           "needs those settings, or norm_unit_offset and scale_embeddings False")
-    return "gemma", table, {**fixed, "architectures": ["GemmaForCausalLM"],
-                            "attention_bias": bool(kwargs.get("attention_bias"))}
-  if kwargs.get("sliding_window") and (kwargs.get("qkv_bias") or kwargs.get("attention_bias")):
-    raise FinetuneError("no transformers model class has both a sliding window and attention biases: export needs "
-                        "config.model.sliding_window=0, or qkv_bias and attention_bias False")
-  if kwargs.get("qk_norm"):  # Qwen3: biases on all four projections or none, full attention
-    if kwargs.get("sliding_window") or (kwargs.get("qkv_bias") and not kwargs.get("attention_bias")):
-      raise FinetuneError("Qwen3 (qk_norm) exports with full attention and biases on all four attention projections "
-                          "or none: export needs config.model.sliding_window=0 and qkv_bias False")
-    return "qwen3", table, {**fixed, "architectures": ["Qwen3ForCausalLM"], "use_sliding_window": False,
-                            "sliding_window": None, "layer_types": None,
-                            "attention_bias": bool(kwargs.get("attention_bias"))}
-  if kwargs.get("sliding_window"):
-    return "mistral", table, {**fixed, "architectures": ["MistralForCausalLM"], "attention_bias": False,
-                              "sliding_window": kwargs["sliding_window"]}
-  if kwargs.get("qkv_bias") and not kwargs.get("attention_bias"):
-    return "qwen2", table, {**fixed, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": False,
-                            "sliding_window": None, "layer_types": None}
-  return model_type, table, {**fixed, "attention_bias": bool(kwargs.get("attention_bias"))}
+    return "gemma", table, {**fixed, "architectures": ["GemmaForCausalLM"], "attention_bias": attention_bias}
+  if (kwargs.get("qk_norm") or qkv_bias_only) and window:
+    # Qwen's window: on, and per layer (layer_types; transformers 5 reads them before max_window_layers).
+    qwen_window = {"use_sliding_window": True, "sliding_window": window,
+                   "layer_types": kinds or ["sliding_attention"] * kwargs["num_hidden_layers"]}
+  else:
+    qwen_window = {"use_sliding_window": False, "sliding_window": None, "layer_types": None}
+  if kwargs.get("qk_norm"):  # Qwen3: biases on all four projections or none
+    if qkv_bias_only:
+      raise FinetuneError("Qwen3 (qk_norm) exports with biases on all four attention projections or none: export "
+                          "needs qkv_bias False (attention_bias True for all four)")
+    return "qwen3", table, {**fixed, "architectures": ["Qwen3ForCausalLM"], **qwen_window,
+                            "attention_bias": attention_bias}
+  if qkv_bias_only:
+    return "qwen2", table, {**fixed, "architectures": ["Qwen2ForCausalLM"], **qwen_window}
+  if window and attention_bias:
+    raise FinetuneError("no transformers model class has both a sliding window and biases on all four attention "
+                        "projections without query/key norms: export needs config.model.sliding_window=0, "
+                        "attention_bias False, or qk_norm True (Qwen3)")
+  if kinds:  # layers of both kinds: transformers' Ministral
+    return "ministral", table, {**fixed, "architectures": ["MinistralForCausalLM"], "sliding_window": window,
+                                "layer_types": kinds}
+  if window:
+    return "mistral", table, {**fixed, "architectures": ["MistralForCausalLM"], "sliding_window": window}
+  return model_type, table, {**fixed, "attention_bias": attention_bias}
 
 
 def transformers_name(model_name: str, path: str, kwargs: dict[str, Any]) -> tuple[str, Any]:
@@ -698,7 +709,7 @@ def export_params(model_name: str, params: dict[str, np.ndarray], kwargs: dict[s
   if model_name == "gpt2" and not config.get("n_inner"):
     config["n_inner"] = None
   if model_name == "llama":
-    if model_type not in ("qwen2", "qwen3"):  # (transformers reads a Mistral config with layer_types as Ministral)
+    if model_type not in ("qwen2", "qwen3", "ministral"):  # (a Mistral config with layer_types reads as Ministral)
       config.pop("layer_types", None)
     config["rope_theta"] = kwargs["rope_theta"]
     config["num_key_value_heads"] = kwargs["num_key_value_heads"] or kwargs["num_attention_heads"]

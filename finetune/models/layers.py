@@ -220,8 +220,10 @@ def stack_blocks(blocks: Sequence[nnx.Module]) -> nnx.Module:
   return module
 
 
-def run_blocks(owner: nnx.Module, blocks, x: jax.Array, *args) -> jax.Array:
+def run_blocks(owner: nnx.Module, blocks, x: jax.Array, *args, per_layer: Any = None) -> jax.Array:
   """x through every block in order: `x = block(x, *args)`; `blocks` is an `nnx.List` or a stacked block.
+  `per_layer`: arrays with a leading axis of one entry per block (which attention a layer uses); block i then gets
+  its entry as one more argument, `block(x, *args, entry_i)`, sliced inside the scan when stacked.
 
   The stacked form runs under `jax.lax.scan` (rematerialised per block with the owner's `remat` policy). Its dropout
   keys are split per layer from one draw of `rngs`, so with dropout the random masks differ from the unrolled
@@ -236,8 +238,9 @@ def run_blocks(owner: nnx.Module, blocks, x: jax.Array, *args) -> jax.Array:
   x = constrain(x)
   length = getattr(blocks, SCAN_LENGTH, None)
   if length is None:
-    for block in blocks:
-      x = constrain(run_block(owner, block, x, *args))
+    for index, block in enumerate(blocks):
+      own = () if per_layer is None else (jax.tree.map(lambda entries: entries[index], per_layer),)
+      x = constrain(run_block(owner, block, x, *args, *own))
     return x
   rngs = next((a for a in args if isinstance(a, nnx.Rngs)), None)
   keys = jax.random.split(rngs.dropout(), length) if rngs is not None and "dropout" in rngs else None
@@ -249,15 +252,15 @@ def run_blocks(owner: nnx.Module, blocks, x: jax.Array, *args) -> jax.Array:
     node.context_train, node.context_rngs = False, None
   graphdef, state = nnx.split(blocks)
 
-  def body(carry: jax.Array, layer: tuple[Any, jax.Array | None]) -> tuple[jax.Array, None]:
-    layer_state, key = layer
+  def body(carry: jax.Array, layer: tuple[Any, jax.Array | None, Any]) -> tuple[jax.Array, None]:
+    layer_state, key, own = layer
     block = nnx.merge(graphdef, layer_state)
     layer_rngs = nnx.Rngs(dropout=key) if key is not None else None
     for _, node in nnx.iter_graph(block):
       if hasattr(node, "context_rngs"):
         node.context_train, node.context_rngs = context_train, layer_rngs
     call_args = [layer_rngs if isinstance(a, nnx.Rngs) else a for a in args]
-    return constrain(block(carry, *call_args)), None
+    return constrain(block(carry, *call_args, *(() if own is None else (own,)))), None
 
   policy = getattr(owner, "remat", "")
   if policy:
@@ -265,10 +268,10 @@ def run_blocks(owner: nnx.Module, blocks, x: jax.Array, *args) -> jax.Array:
   # A block may return another dtype than it takes (bfloat16 compute with a float32 parameter inside it, from
   # train.float32_params, promotes the residual stream), which a scan's carry cannot: enter the scan in the dtype
   # a block returns, as the unrolled model's later blocks do.
-  layer = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype), (state, keys))
+  layer = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype), (state, keys, per_layer))
   x = x.astype(jax.eval_shape(lambda carry, one: body(carry, one)[0], x, layer).dtype)
   try:
-    x, _ = jax.lax.scan(body, x, (state, keys))
+    x, _ = jax.lax.scan(body, x, (state, keys, per_layer))
   finally:
     for node in contexts:
       node.context_train, node.context_rngs = context_train, rngs

@@ -119,9 +119,28 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = _rms_norm(hidden, eps, rngs, unit_offset)
     self.mlp = MLP(hidden, intermediate, activation, rngs)
 
-  def __call__(self, x, cos, sin, mask_bias):
+  def __call__(self, x, cos, sin, mask_bias, attention_kind=None):
+    if attention_kind is not None:  # layers of two kinds: mask_bias holds (full, windowed), this layer's by index
+      mask_bias = mask_bias[attention_kind]
     x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask_bias)
     return x + self.mlp(self.post_attention_layernorm(x))
+
+
+ATTENTION_KINDS = ("full_attention", "sliding_attention")  # (transformers' layer_types names)
+
+
+def _windowed_layers(layer_types: tuple[str, ...], num_layers: int, sliding_window: int) -> tuple[bool, ...]:
+  """Whether each layer attends through the sliding window: `layer_types`' word for it, or every layer when
+  `sliding_window` is set and no layer_types are given."""
+  if not layer_types:
+    return (bool(sliding_window),) * num_layers
+  if len(layer_types) != num_layers or not set(layer_types) <= set(ATTENTION_KINDS):
+    raise FinetuneError(f"config.model.layer_types={layer_types!r} must name {num_layers} layers' attention "
+                        f"(num_hidden_layers), each one of {', '.join(ATTENTION_KINDS)}")
+  if "sliding_attention" in layer_types and not sliding_window:
+    raise FinetuneError("config.model.layer_types has sliding_attention layers but config.model.sliding_window is "
+                        "0; set the window's length in tokens")
+  return tuple(kind == "sliding_attention" for kind in layer_types)
 
 
 @MODELS.register("llama")
@@ -131,7 +150,9 @@ class Llama(nnx.Module):
   `attention_bias`: biases on all four attention projections (transformers' Llama option); `qkv_bias`: on the
   query, key and value projections only (Qwen2); `qk_norm`: RMSNorm over each head's queries and keys (Qwen3);
   `sliding_window`: 0 for full causal attention, else each token sees itself and the sliding_window - 1 tokens
-  before it (Mistral; prefix-tuning's prefix stays visible); `hidden_act`: the gated MLP's activation (a key of
+  before it (Mistral; prefix-tuning's prefix stays visible); `layer_types`: empty for the same attention in every
+  layer, else one "full_attention" or "sliding_attention" per layer (Ministral, Qwen2 and Qwen3 with
+  use_sliding_window), the latter with `sliding_window`; `hidden_act`: the gated MLP's activation (a key of
   ACTIVATIONS); `norm_unit_offset`: every RMSNorm multiplies by 1 + its scale (Gemma); `scale_embeddings`: the
   input embeddings are multiplied by sqrt(hidden_size), the tied output layer uses them unscaled (Gemma)."""
 
@@ -142,7 +163,8 @@ class Llama(nnx.Module):
                intermediate_size: int = 11008, num_hidden_layers: int = 32, num_attention_heads: int = 32,
                num_key_value_heads: int = 0, head_dim: int = 0, rms_norm_eps: float = 1e-6,
                rope_theta: float = 10000.0, tie_word_embeddings: bool = False, attention_bias: bool = False,
-               qkv_bias: bool = False, qk_norm: bool = False, sliding_window: int = 0, hidden_act: str = "silu",
+               qkv_bias: bool = False, qk_norm: bool = False, sliding_window: int = 0,
+               layer_types: tuple[str, ...] = (), hidden_act: str = "silu",
                norm_unit_offset: bool = False, scale_embeddings: bool = False, hf_config: str = "",
                rngs: nnx.Rngs):
     del num_classes, hf_config  # a language model predicts tokens; hf_config is read before construction
@@ -162,7 +184,10 @@ class Llama(nnx.Module):
     if hidden_act not in ACTIVATIONS:
       raise FinetuneError(f"config.model.hidden_act={hidden_act!r} is not supported; valid: "
                           f"{', '.join(ACTIVATIONS)}")
-    self.sliding_window = sliding_window
+    windowed = _windowed_layers(tuple(layer_types), num_hidden_layers, sliding_window)
+    self.sliding_window = sliding_window if any(windowed) else 0
+    # Per layer, 0 (full) or 1 (windowed) where the layers differ; None where every layer attends alike.
+    self.attention_kinds = tuple(int(w) for w in windowed) if len(set(windowed)) > 1 else None
     # transformers rounds the factor to the embedding's dtype (GemmaTextScaledWordEmbedding); applied in the stream's.
     self.embedding_multiplier = float(hidden_size) ** 0.5 if scale_embeddings else None
     self.embed_tokens = embedding(vocab_size, hidden_size, ("vocab", "embed"), rngs)
@@ -186,8 +211,14 @@ class Llama(nnx.Module):
     # Computed in float32 and used in the stream's dtype, as transformers does: float32 tables turned bfloat16
     # queries and keys (train.compute_dtype) back into float32.
     cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
-    mask_bias = causal_bias(attention_mask, x.dtype, self.sliding_window)
-    x = run_blocks(self, self.layers, x, cos, sin, mask_bias)
+    if self.attention_kinds is None:
+      mask_bias = causal_bias(attention_mask, x.dtype, self.sliding_window)
+      x = run_blocks(self, self.layers, x, cos, sin, mask_bias)
+    else:  # (2, B, 1, L, L): full and windowed biases, each layer indexing its own (a scan runs one block program)
+      mask_bias = jnp.stack([causal_bias(attention_mask, x.dtype),
+                             causal_bias(attention_mask, x.dtype, self.sliding_window)])
+      x = run_blocks(self, self.layers, x, cos, sin, mask_bias,
+                     per_layer=jnp.asarray(self.attention_kinds, jnp.int32))
     return self.norm(x)
 
   def embed(self, input_ids, attention_mask=None, *, train: bool = False, rngs: nnx.Rngs | None = None):

@@ -37,6 +37,19 @@ CASES = {
     "mistral": (lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
         hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=60, max_position_embeddings=64, sliding_window=4)), 0, "ids"),
+    # Layers of both kinds: Ministral without biases, Qwen2 with query/key/value biases, Qwen3 with query/key norms.
+    "ministral": (lambda: transformers.MinistralForCausalLM(transformers.MinistralConfig(
+        hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, vocab_size=60, max_position_embeddings=64, sliding_window=4,
+        layer_types=["full_attention", "sliding_attention", "full_attention"])), 0, "ids"),
+    "qwen2-window-layers": (lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=60, max_position_embeddings=64, use_sliding_window=True, sliding_window=4,
+        max_window_layers=1)), 0, "ids"),
+    "qwen3-window-layers": (lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, vocab_size=60, max_position_embeddings=64, use_sliding_window=True, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"])), 0, "ids"),
     # With RMSNorm scales offset by one, scaled embeddings and GeGLU, as Gemma.
     "gemma": (lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(
         hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -50,7 +63,8 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_import_export_round_trip_keeps_logits(name, tmp_path):
   make_reference, num_classes, inputs = CASES[name]
-  name = {"qwen2": "llama", "qwen3": "llama", "mistral": "llama", "gemma": "llama"}.get(name, name)  # (our model of that checkpoint)
+  # (our model of that checkpoint)
+  name = "llama" if name.startswith(("qwen2", "qwen3", "mistral", "ministral", "gemma")) else name
   torch.manual_seed(0)
   reference = make_reference().eval()
   with torch.no_grad():  # (zeros at initialisation: they would hide a bias exported to the wrong place)
@@ -82,6 +96,9 @@ def test_import_export_round_trip_keeps_logits(name, tmp_path):
   assert written["model_type"] == reference.config.model_type
   if written["model_type"] == "mistral":  # (with layer_types, transformers' Auto classes would read Ministral)
     assert "layer_types" not in written and written["sliding_window"] == 4
+  if written.get("layer_types"):  # (and the Auto classes read the same model back)
+    assert written["layer_types"] == reference.config.layer_types
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")) is type(reference)
   rng = np.random.default_rng(0)
   if inputs == "ids":
     x = rng.integers(0, 60, size=(2, 9))
@@ -105,10 +122,11 @@ def test_import_export_round_trip_keeps_logits(name, tmp_path):
 def test_unexportable_model_is_an_error(tmp_path):
   with pytest.raises(FinetuneError, match="model 'cnn' cannot be exported to Hugging Face format; exportable: bert"):
     hf.export_params("cnn", {}, {}, [], str(tmp_path))
-  with pytest.raises(FinetuneError, match="no transformers model class has both a sliding window and attention "
-                                          "biases"):  # (Mistral has no biases, Qwen2 as released no window)
-    hf.export_params("llama", {}, {"sliding_window": 4, "qkv_bias": True}, [], str(tmp_path))
-  with pytest.raises(FinetuneError, match=r"Qwen3 \(qk_norm\) exports with full attention and biases on all four"):
+  with pytest.raises(FinetuneError, match="no transformers model class has both a sliding window and biases on all "
+                                          "four attention projections without query/key norms"):
+    hf.export_params("llama", {}, {"sliding_window": 4, "attention_bias": True}, [], str(tmp_path))
+  with pytest.raises(FinetuneError, match=r"Qwen3 \(qk_norm\) exports with biases on all four attention projections "
+                                          "or none"):
     hf.export_params("llama", {}, {"qk_norm": True, "qkv_bias": True}, [], str(tmp_path))
   with pytest.raises(FinetuneError, match=r"only Gemma has RMSNorm scales offset by one \(norm_unit_offset\) and "
                                           r"scaled embeddings \(scale_embeddings\), both"):

@@ -1,6 +1,7 @@
 """Llama-family parity with transformers (PyTorch): RMSNorm, rotary embeddings, grouped-query attention, SwiGLU;
-Qwen2 (query/key/value biases), Qwen3 (query/key norms), Mistral (sliding-window attention) and Gemma (norms
-offset by one, scaled embeddings, GeGLU) load into the same model."""
+Qwen2 (query/key/value biases), Qwen3 (query/key norms), Mistral and Ministral (sliding-window attention, in
+every layer or in those layer_types name) and Gemma (norms offset by one, scaled embeddings, GeGLU) load into the
+same model."""
 
 from __future__ import annotations
 
@@ -41,6 +42,19 @@ CONFIGS = {
     # A window of 5 over 17 tokens: most queries lose keys to it.
     "mistral-window": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=50, max_position_embeddings=64, sliding_window=5),
+    # Layers of both kinds (window 5 over 17 tokens): Qwen2's from max_window_layers on, Qwen3's and Ministral's
+    # named by layer_types.
+    "qwen2-window-layers": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=50, max_position_embeddings=64,
+                                use_sliding_window=True, sliding_window=5, max_window_layers=1),
+    "qwen3-window-layers": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=8, vocab_size=50, max_position_embeddings=64,
+                                use_sliding_window=True, sliding_window=5, attention_bias=True,
+                                layer_types=["sliding_attention", "full_attention"]),
+    "ministral-window-layers": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=8, vocab_size=50, max_position_embeddings=64,
+                                    sliding_window=5,
+                                    layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
     # Gemma's own defaults: tied, GeGLU (tanh); heads of 16 features (hidden / heads = 8), as Gemma's 256 vs 3072/16.
     "gemma-tied": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, vocab_size=50, max_position_embeddings=64),
@@ -53,11 +67,12 @@ CONFIGS = {
 def reference_model(name: str, **overrides):
   """transformers' model for case `name` (Llama, Qwen2, Qwen3, Mistral or Gemma), seeded, its biases and norm scales
   random (zeros and ones at initialisation, which would hide one loaded into the wrong place)."""
-  family = name.split("-")[0] if name.startswith(("qwen2", "qwen3", "mistral", "gemma")) else "llama"
+  family = name.split("-")[0] if name.startswith(("qwen2", "qwen3", "mistral", "ministral", "gemma")) else "llama"
   classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
              "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
              "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
              "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+             "ministral": (transformers.MinistralConfig, transformers.MinistralForCausalLM),
              "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM)}[family]
   torch.manual_seed(0)
   model = classes[1](classes[0](**{**CONFIGS[name], **overrides})).eval()
@@ -81,7 +96,11 @@ def test_logits_match_transformers(name, tmp_path):
   biases = sorted(path.split("/")[-2] for path in loaded if path.startswith("layers/0/") and path.endswith("/bias"))
   assert biases == {"attention-bias": ["k_proj", "o_proj", "q_proj", "v_proj"],
                     "gemma-bias-untied-silu": ["k_proj", "o_proj", "q_proj", "v_proj"],
-                    "qwen2-tied": ["k_proj", "q_proj", "v_proj"]}.get(name, [])
+                    "qwen3-window-layers": ["k_proj", "o_proj", "q_proj", "v_proj"],
+                    "qwen2-tied": ["k_proj", "q_proj", "v_proj"],
+                    "qwen2-window-layers": ["k_proj", "q_proj", "v_proj"]}.get(name, [])
+  windowed = {"qwen2-window-layers": (0, 1, 1), "qwen3-window-layers": (1, 0), "ministral-window-layers": (1, 0, 1)}
+  assert ours.attention_kinds == windowed.get(name)  # (None: the same attention in every layer)
   assert ("layers/0/self_attn/q_norm/scale" in loaded) == name.startswith("qwen3")
   rng = np.random.default_rng(0)
   ids = rng.integers(0, kwargs["vocab_size"], size=(2, 17))
@@ -102,14 +121,8 @@ def test_llama_layer_groups_cover_every_parameter():
   assert group_of["lm_head/kernel"] == "head" and group_of["layers/1/mlp/gate_proj/kernel"] == "layer_2"
 
 
-def test_sliding_windowed_qwen2_is_refused_and_the_window_counts_the_token_itself(tmp_path):
-  """Released Qwen2 checkpoints attend fully in every layer; one with sliding-window layers would load and
-  compute full attention there. A window of w lets a token see itself and the w - 1 tokens before it."""
-  reference_model("qwen2-tied", use_sliding_window=True, sliding_window=4, max_window_layers=1
-                  ).save_pretrained(tmp_path)
-  with pytest.raises(FinetuneError, match=r"Qwen2 with sliding-window layers \(use_sliding_window=true\) is not "
-                                          "supported"):
-    hf.model_kwargs(str(tmp_path))
+def test_the_window_counts_the_token_itself_and_stays_inside_a_packed_segment():
+  """A window of w lets a token see itself and the w - 1 tokens before it."""
   allowed = np.asarray(causal_bias(jnp.ones((1, 5), jnp.int32), jnp.float32, window=2))[0, 0] == 0
   np.testing.assert_array_equal(allowed, np.eye(5, dtype=bool) | np.eye(5, k=-1, dtype=bool))
   packed = np.asarray(causal_bias(jnp.asarray([[1, 1, 1, 2, 2, 0]]), jnp.float32, window=2))[0, 0] == 0
@@ -122,16 +135,17 @@ def test_sliding_windowed_qwen2_is_refused_and_the_window_counts_the_token_itsel
     ({"sliding_window": None}, 0),  # Mistral v0.2 and later: full attention
     ({"sliding_window": 8, "layer_types": ["sliding_attention"] * 2}, 8),
     ({"sliding_window": 8, "layer_types": ["full_attention"] * 2}, 0),
-    ({"sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]}, None),  # (Ministral's mix)
+    # (Ministral's mix, which transformers' Auto classes read a Mistral config with layer_types as)
+    ({"sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]}, 8),
+    ({"sliding_window": None, "layer_types": ["full_attention", "sliding_attention"]}, 0),  # (no window: none)
 ])
 def test_mistral_configs_give_the_window_transformers_applies(fields, window, tmp_path):
   config = {key: value for key, value in CONFIGS["mistral-window"].items() if key != "sliding_window"}
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral", **config, **fields}))
-  if window is None:
-    with pytest.raises(FinetuneError, match="layer_types mix full and sliding-window attention"):
-      hf.model_kwargs(str(tmp_path))
-  else:
-    assert hf.model_kwargs(str(tmp_path))[1]["sliding_window"] == window
+  kwargs = hf.model_kwargs(str(tmp_path))[1]
+  assert kwargs["sliding_window"] == window
+  mixed = window and len(set(fields.get("layer_types", ()))) > 1
+  assert kwargs.get("layer_types") == (tuple(fields["layer_types"]) if mixed else None)
 
 
 def test_a_qwen3_config_without_head_dim_means_transformers_default(tmp_path):
@@ -140,14 +154,31 @@ def test_a_qwen3_config_without_head_dim_means_transformers_default(tmp_path):
   assert hf.model_kwargs(str(tmp_path))[1]["head_dim"] == transformers.Qwen3Config().head_dim == 128
 
 
-def test_qwen2_with_use_sliding_window_but_no_windowed_layer_loads(tmp_path):
-  """transformers windows Qwen2's layers from max_window_layers on: at or past the depth, none."""
+@pytest.mark.parametrize("fields,window,layer_types", [
+    ({"max_window_layers": 2}, 0, None),  # (from max_window_layers on: at or past the depth, none)
+    ({"max_window_layers": 1}, 4, ("full_attention", "sliding_attention")),
+    ({"max_window_layers": 0}, 4, None),  # (every layer: one window for all)
+    ({"max_window_layers": 0, "use_sliding_window": False}, 0, None),  # (off: the window is ignored)
+])
+def test_qwen2_configs_window_the_layers_transformers_windows(fields, window, layer_types, tmp_path):
   config = {"model_type": "qwen2", **CONFIGS["qwen2-tied"], "use_sliding_window": True, "sliding_window": 4}
-  (tmp_path / "config.json").write_text(json.dumps({**config, "max_window_layers": 2}))
-  assert hf.model_kwargs(str(tmp_path))[1]["qkv_bias"]
-  (tmp_path / "config.json").write_text(json.dumps({**config, "max_window_layers": 1}))
-  with pytest.raises(FinetuneError, match="Qwen2 with sliding-window layers"):
-    hf.model_kwargs(str(tmp_path))
+  (tmp_path / "config.json").write_text(json.dumps({**config, **fields}))
+  kwargs = hf.model_kwargs(str(tmp_path))[1]
+  assert (kwargs["sliding_window"], kwargs.get("layer_types")) == (window, layer_types)
+  reference = transformers.Qwen2Config(**{key: value for key, value in {**config, **fields}.items()
+                                          if key != "model_type"})
+  assert [kind == "sliding_attention" for kind in reference.layer_types] == \
+      [bool(window) and (layer_types is None or kind == "sliding_attention") for kind in layer_types or ["x"] * 2]
+
+
+def test_layer_types_must_name_each_layer_and_need_a_window():
+  base = {"name": "llama", "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+          "num_attention_heads": 2, "vocab_size": 30}
+  with pytest.raises(FinetuneError, match=r"must name 2 layers' attention \(num_hidden_layers\), each one of "
+                                          "full_attention, sliding_attention"):
+    build_model(ConfigDict({**base, "layer_types": ("full_attention",), "sliding_window": 4}), 0, nnx.Rngs(0))
+  with pytest.raises(FinetuneError, match="has sliding_attention layers but config.model.sliding_window is 0"):
+    build_model(ConfigDict({**base, "layer_types": ("full_attention", "sliding_attention")}), 0, nnx.Rngs(0))
 
 
 def test_a_checkpoint_s_attention_dropout_is_named_as_not_applied(tmp_path):
