@@ -54,11 +54,14 @@ def save_base(kind: str, path) -> tuple[torch.nn.Module, dict]:
                                       num_key_value_heads=2, intermediate_size=48, vocab_size=120,
                                       max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model = transformers.Qwen2ForCausalLM(config)
-  elif kind == "gemma":  # (our Llama with Gemma's norms, scaled tied embeddings and GeGLU)
-    config = transformers.GemmaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, head_dim=8, intermediate_size=48, vocab_size=120,
-                                      max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    model = transformers.GemmaForCausalLM(config)
+  elif kind in ("gemma", "gemma2"):  # (our Llama with Gemma's norms, scaled tied embeddings and GeGLU)
+    gemma2 = dict(sliding_window=4, attn_logit_softcapping=2.0, final_logit_softcapping=3.0) if kind == "gemma2" \
+        else {}
+    config = getattr(transformers, f"{kind.capitalize()}Config")(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        intermediate_size=48, vocab_size=120, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+        pad_token_id=0, **gemma2)
+    model = getattr(transformers, f"{kind.capitalize()}ForCausalLM")(config)
     with torch.no_grad():  # (zeros at initialisation: a scale loaded without its offset would pass)
       for name, parameter in model.named_parameters():
         if "norm" in name:
@@ -68,7 +71,7 @@ def save_base(kind: str, path) -> tuple[torch.nn.Module, dict]:
                                     image_size=16, patch_size=4, num_channels=3, num_labels=3)
     model = transformers.ViTForImageClassification(config)
   model.save_pretrained(path)
-  return model.eval(), {"name": "llama" if kind in ("qwen2", "gemma") else kind, "hf_config": str(path),
+  return model.eval(), {"name": "llama" if kind in ("qwen2", "gemma", "gemma2") else kind, "hf_config": str(path),
                         **({"dropout": 0.0} if kind in ("bert", "gpt2") else {})}
 
 
@@ -104,7 +107,7 @@ def randomize_adapters(model: nnx.Module, trained: list[str], seed: int = 3) -> 
 
 
 def mask(logits, kind):
-  return logits[0] if kind in ("gpt2", "llama", "qwen2", "gemma") else logits  # padded positions of example 1 are not compared
+  return logits[0] if kind in ("gpt2", "llama", "qwen2", "gemma", "gemma2") else logits  # padded positions of example 1 are not compared
 
 
 CASES = {
@@ -231,6 +234,8 @@ PEFT_MADE = {
               dict(targets=("q_proj", "v_proj", "gate_proj"), rank=4, alpha=8.0)),
     "gemma": (dict(target_modules=["k_proj", "o_proj", "down_proj"], r=4, lora_alpha=8, task_type="CAUSAL_LM"),
               dict(targets=("k_proj", "o_proj", "down_proj"), rank=4, alpha=8.0)),
+    "gemma2": (dict(target_modules=["q_proj", "up_proj"], r=4, lora_alpha=8, use_dora=True, task_type="CAUSAL_LM"),
+               dict(targets=("q_proj", "up_proj"), rank=4, alpha=8.0, dora=True)),
     "vit": (dict(target_modules=["q_proj", "v_proj"], r=2, lora_alpha=8, modules_to_save=["classifier"]),
             dict(targets=("query", "value"), rank=2, alpha=8.0, modules_to_save=("^head/",))),
     # A saved Conv2d (torch (out, in, kh, kw)) must come back in flax's (kh, kw, in, out).

@@ -115,6 +115,9 @@ def model_kwargs(model_cfg: ConfigDict, num_classes: int) -> dict[str, Any]:
       hf_kwargs["dropout"] = next(iter(rates.values()))
     theirs = hf.config_keys(hf_path)  # (values derived from several keys are named by ours)
     read_from = {key: f"{hf_path}/config.json's {theirs.get(key, key)}" for key in hf_kwargs if key not in kwargs}
+    if "layer_types" in hf_kwargs and "layer_types" not in kwargs and "num_hidden_layers" in kwargs:
+      # The checkpoint's per-layer attention follows the layers loaded (config.model keeps the first ones).
+      hf_kwargs["layer_types"] = hf_kwargs["layer_types"][:kwargs["num_hidden_layers"]]
     kwargs = {**hf_kwargs, **kwargs}
   check_arguments(model_cfg.name, kwargs)
   check_argument_types(model_cfg.name, kwargs, read_from)

@@ -96,34 +96,40 @@ _LLAMA_RULES = [
     (r"layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight", r"layers/\1/self_attn/\2_proj/kernel", True),
     (r"layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.bias", r"layers/\1/self_attn/\2_proj/bias", False),
     (r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers/\1/mlp/\2_proj/kernel", True),
-    (r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", r"layers/\1/\2/scale", False),
+    (r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm|pre_feedforward_layernorm|"
+     r"post_feedforward_layernorm)\.weight", r"layers/\1/\2/scale", False),
     (r"layers\.(\d+)\.self_attn\.(q|k)_norm\.weight", r"layers/\1/self_attn/\2_norm/scale", False),
     (r"norm\.weight", "norm/scale", False),
     (r"lm_head\.weight", "lm_head/kernel", True),
 ]
 _LLAMA_LEFTOVERS = r"(layers\.\d+\.self_attn\.rotary_emb\.inv_freq)"
 # transformers' model types that our Llama computes (finetune/models/llama.py).
-_LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "mistral", "ministral", "gemma")
+_LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "mistral", "ministral", "gemma", "gemma2")
 # Those whose layers may attend through a sliding window (all of them, or those `_layer_types` names).
-_WINDOWED_FAMILY = ("qwen2", "qwen3", "mistral", "ministral")
+_WINDOWED_FAMILY = ("qwen2", "qwen3", "mistral", "ministral", "gemma2")
 
 
 def _llama_extra(config: dict[str, Any]) -> dict[str, Any]:
   """Our Llama's arguments that config.json gives indirectly: rope_theta (in `rope_parameters` in transformers 5,
   at the top level before) and what the model_type implies (Qwen2's query/key/value biases, Qwen3's query/key
-  norms, Gemma's norms and embeddings, the windows of Mistral, Ministral and windowed Qwen layers)."""
+  norms, Gemma's norms and embeddings, Gemma 2's soft-capping, the windows of Mistral, Ministral, Gemma 2 and
+  windowed Qwen layers)."""
   rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
   if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
     raise FinetuneError(f"rope scaling {rope!r} is not supported; only plain rotary embeddings")
   kwargs = {"rope_theta": float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
              "hidden_act": _activation(config)}
-  if config["model_type"] == "gemma":
+  if config["model_type"] in ("gemma", "gemma2"):
     kwargs.update(norm_unit_offset=True, scale_embeddings=True, attention_bias=bool(config.get("attention_bias")))
-    # GemmaConfig's defaults where config.json leaves the keys out (ours are Llama's).
+    # Gemma(2)Config's defaults where config.json leaves the keys out (ours are Llama's).
     if config.get("head_dim") is None:
       kwargs["head_dim"] = 256
     if config.get("tie_word_embeddings") is None:
       kwargs["tie_word_embeddings"] = True
+  if config["model_type"] == "gemma2":  # (null soft-capping is none: our 0)
+    kwargs.update(sandwich_norms=True, query_pre_attn_scalar=float(config.get("query_pre_attn_scalar", 256)),
+                  attn_logit_softcapping=float(config.get("attn_logit_softcapping", 50.0) or 0.0),
+                  final_logit_softcapping=float(config.get("final_logit_softcapping", 30.0) or 0.0))
   elif config["model_type"] in ("llama", "qwen3"):
     kwargs["attention_bias"] = bool(config.get("attention_bias"))
     kwargs["qk_norm"] = config["model_type"] == "qwen3"
@@ -144,16 +150,19 @@ def _llama_extra(config: dict[str, Any]) -> dict[str, Any]:
 def _activation(config: dict[str, Any]) -> str:
   """The gated MLP's activation (a key of llama.ACTIVATIONS): config.json's hidden_act, with Gemma's legacy "gelu"
   read as transformers reads it (GemmaConfig turns it into the tanh approximation the weights were trained with)."""
+  if config["model_type"] == "gemma2":  # (Gemma2MLP reads hidden_activation; hidden_act is a leftover there)
+    return config.get("hidden_activation") or "gelu_pytorch_tanh"
   activation = config.get("hidden_act") or ("gelu_pytorch_tanh" if config["model_type"] == "gemma" else "silu")
   return "gelu_pytorch_tanh" if config["model_type"] == "gemma" and activation == "gelu" else activation
 
 
 def _layer_types(config: dict[str, Any]) -> list[str]:
   """Each layer's attention ("full_attention" or "sliding_attention") as transformers derives it for Qwen2/Qwen3,
-  Mistral and Ministral: none windowed when the window is off (`sliding_window` null, or Qwen's
+  Mistral, Ministral and Gemma 2: none windowed when the window is off (`sliding_window` null, or Qwen's
   `use_sliding_window` false); else config.json's `layer_types` where given (a Mistral config with them loads as
-  Ministral, which may alternate), Qwen's window from layer `max_window_layers` on, Mistral's in every layer."""
-  layers = int(config.get("num_hidden_layers", 0))
+  Ministral, which may alternate), Qwen's window from layer `max_window_layers` on, Gemma 2's in every other layer
+  from the first, Mistral's in every layer."""
+  layers = int(config.get("num_hidden_layers", 32))  # (a missing key: our Llama's default depth, as built)
   window_on = config.get("sliding_window", 4096) is not None
   if config["model_type"] in ("qwen2", "qwen3"):
     window_on = window_on and bool(config.get("use_sliding_window"))
@@ -164,6 +173,8 @@ def _layer_types(config: dict[str, Any]) -> list[str]:
   if config["model_type"] in ("qwen2", "qwen3"):
     start = int(config.get("max_window_layers", 28))
     return ["sliding_attention" if i >= start else "full_attention" for i in range(layers)]
+  if config["model_type"] == "gemma2":  # (Gemma2Config's: windowed first, then alternating)
+    return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
   return ["sliding_attention"] * layers
 
 
@@ -217,6 +228,7 @@ ARCHITECTURES = {
     "mistral": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
     "ministral": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
     "gemma": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
+    "gemma2": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
     # A config.json that leaves a key out means transformers' ViTConfig default (our constructor's are a toy
     # model's: 28x28x1, width 64, and layer_norm_eps 1e-6).
     "vit": ("vit", _VIT_CONFIG, "vit.", _VIT_RULES, _VIT_LEFTOVERS,
@@ -284,9 +296,14 @@ def read_config(path: str) -> dict[str, Any]:
   if model_type in _LLAMA_FAMILY and config.get("mlp_bias"):
     raise FinetuneError(f"{path}: {model_type} variants with MLP biases are not supported")
   if model_type in _LLAMA_FAMILY and _activation(config) not in ("silu", "gelu_pytorch_tanh"):
-    raise FinetuneError(f"{path}: hidden_act {config['hidden_act']!r} is not supported (only 'silu' and "
-                        "'gelu_pytorch_tanh')")
-  if model_type == "gemma" and config.get("use_bidirectional_attention"):
+    key = "hidden_activation" if model_type == "gemma2" else "hidden_act"
+    raise FinetuneError(f"{path}: {key} {config[key]!r} is not supported (only 'silu' and 'gelu_pytorch_tanh')")
+  if model_type in _WINDOWED_FAMILY and config.get("layer_types") is not None and (
+      len(config["layer_types"]) != int(config.get("num_hidden_layers", 32)) or
+      not set(config["layer_types"]) <= {"full_attention", "sliding_attention"}):
+    raise FinetuneError(f"{path}/config.json's layer_types must give each of its num_hidden_layers layers "
+                        "'full_attention' or 'sliding_attention'; fix config.json")
+  if model_type in ("gemma", "gemma2") and config.get("use_bidirectional_attention"):
     raise FinetuneError(f"{path}: Gemma with bidirectional attention (use_bidirectional_attention, an embedding "
                         "model) is not supported; only causal language models")
   if model_type == "gpt2" and not config.get("tie_word_embeddings", True):
@@ -529,7 +546,8 @@ _LLAMA_EXPORT = [
     (r"layers/(\d+)/self_attn/(q|k|v|o)_proj/kernel", r"model.layers.\1.self_attn.\2_proj.weight", True),
     (r"layers/(\d+)/self_attn/(q|k|v|o)_proj/bias", r"model.layers.\1.self_attn.\2_proj.bias", False),
     (r"layers/(\d+)/mlp/(gate|up|down)_proj/kernel", r"model.layers.\1.mlp.\2_proj.weight", True),
-    (r"layers/(\d+)/(input_layernorm|post_attention_layernorm)/scale", r"model.layers.\1.\2.weight", False),
+    (r"layers/(\d+)/(input_layernorm|post_attention_layernorm|pre_feedforward_layernorm|"
+     r"post_feedforward_layernorm)/scale", r"model.layers.\1.\2.weight", False),
     (r"layers/(\d+)/self_attn/(q|k)_norm/scale", r"model.layers.\1.self_attn.\2_norm.weight", False),
     (r"norm/scale", "model.norm.weight", False),
     (r"lm_head/kernel", "lm_head.weight", True),
@@ -569,15 +587,34 @@ def _llama_family_export(kwargs: dict[str, Any]) -> tuple[str, list, dict[str, A
   model_type, table, fixed = _EXPORTS["llama"]
   fixed = {**fixed, "hidden_act": kwargs.get("hidden_act", "silu")}
   window, kinds = kwargs.get("sliding_window") or 0, list(kwargs.get("layer_types") or ())
+  if len(set(kinds)) == 1:  # (one kind in every layer: the window everywhere or nowhere)
+    window, kinds = (window if kinds[0] == "sliding_attention" else 0), []
   attention_bias, qkv_bias_only = bool(kwargs.get("attention_bias")), bool(kwargs.get("qkv_bias")) and not \
       kwargs.get("attention_bias")
   gemma = (bool(kwargs.get("norm_unit_offset")), bool(kwargs.get("scale_embeddings")))
-  if any(gemma):  # Gemma: both, full attention, biases on all four projections or none, no query/key norms
-    if not all(gemma) or window or kwargs.get("qk_norm") or qkv_bias_only:
+  gemma2 = [key for key in ("sandwich_norms", "query_pre_attn_scalar", "attn_logit_softcapping",
+                            "final_logit_softcapping") if kwargs.get(key)]
+  if any(gemma) or gemma2:
+    # Gemma: both, biases on all four projections or none, no query/key norms; Gemma 2 adds the rest and windows.
+    if not all(gemma) or kwargs.get("qk_norm") or qkv_bias_only or (
+        (gemma2 or window) and not kwargs.get("sandwich_norms")):
       raise FinetuneError("only Gemma has RMSNorm scales offset by one (norm_unit_offset) and scaled embeddings "
-                          "(scale_embeddings), both, with full attention and neither qk_norm nor qkv_bias: export "
-                          "needs those settings, or norm_unit_offset and scale_embeddings False")
-    return "gemma", table, {**fixed, "architectures": ["GemmaForCausalLM"], "attention_bias": attention_bias}
+                          "(scale_embeddings), both, and only Gemma 2 (with sandwich_norms) has soft-capping, "
+                          "query_pre_attn_scalar or a sliding window beside them; neither has qk_norm or qkv_bias: "
+                          "export needs one of those sets of settings, or norm_unit_offset and scale_embeddings False")
+    if not kwargs.get("sandwich_norms"):
+      return "gemma", table, {**fixed, "architectures": ["GemmaForCausalLM"], "attention_bias": attention_bias}
+    scalar = kwargs.get("query_pre_attn_scalar") or kwargs.get("head_dim") or \
+        kwargs["hidden_size"] // kwargs["num_attention_heads"]
+    return "gemma2", table, {
+        **fixed, "architectures": ["Gemma2ForCausalLM"], "hidden_activation": fixed["hidden_act"],
+        "attention_bias": attention_bias,
+        # (Gemma2Config types it int, and refuses 20.0)
+        "query_pre_attn_scalar": int(scalar) if float(scalar).is_integer() else scalar,
+        "attn_logit_softcapping": kwargs.get("attn_logit_softcapping") or None,
+        "final_logit_softcapping": kwargs.get("final_logit_softcapping") or None,
+        "sliding_window": window or None,  # (Gemma2Config derives alternating layers from a missing layer_types)
+        "layer_types": kinds or [("sliding_attention" if window else "full_attention")] * kwargs["num_hidden_layers"]}
   if (kwargs.get("qk_norm") or qkv_bias_only) and window:
     # Qwen's window: on, and per layer (layer_types; transformers 5 reads them before max_window_layers).
     qwen_window = {"use_sliding_window": True, "sliding_window": window,
@@ -709,7 +746,7 @@ def export_params(model_name: str, params: dict[str, np.ndarray], kwargs: dict[s
   if model_name == "gpt2" and not config.get("n_inner"):
     config["n_inner"] = None
   if model_name == "llama":
-    if model_type not in ("qwen2", "qwen3", "ministral"):  # (a Mistral config with layer_types reads as Ministral)
+    if model_type not in ("qwen2", "qwen3", "ministral", "gemma2"):  # (Mistral's with layer_types reads as Ministral)
       config.pop("layer_types", None)
     config["rope_theta"] = kwargs["rope_theta"]
     config["num_key_value_heads"] = kwargs["num_key_value_heads"] or kwargs["num_attention_heads"]

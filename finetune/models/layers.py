@@ -150,15 +150,20 @@ def last_token(attention_mask: jax.Array) -> jax.Array:
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None,
            dropout: nnx.Dropout | None = None, train: bool = False, rngs: nnx.Rngs | None = None,
-           prefix: nnx.Module | None = None) -> jax.Array:
+           prefix: nnx.Module | None = None, scale: float = 0.0, softcap: float = 0.0) -> jax.Array:
   """Scaled dot-product attention over (B, L, heads, head_dim) queries/keys/values -> (B, L, heads, head_dim).
 
   `prefix` (prefix tuning, `finetune/methods/prefix_tuning.py`) holds trainable keys and values that every query
   may attend to, prepended to k and v; attention modules keep it as their `prefix` attribute (None otherwise).
+  `scale`: the scores' factor, 1 / sqrt(head_dim) when 0; `softcap` > 0: scores become softcap * tanh(scores /
+  softcap) before the mask is added (Gemma 2).
   """
   if prefix is not None:
     k, v, bias = prefix.extend(k, v, bias)
-  scores = jnp.einsum("blhd,bmhd->bhlm", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
+  scores = jnp.einsum("blhd,bmhd->bhlm", q, k)
+  scores = scores * jnp.asarray(scale, q.dtype) if scale else scores / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
+  if softcap:
+    scores = jnp.tanh(scores / softcap) * softcap
   if bias is not None:
     scores = scores + bias
   weights = jax.nn.softmax(scores, axis=-1)

@@ -6,8 +6,9 @@ permutation. The same module is transformers' Qwen2 (`qkv_bias`: biases on the q
 Qwen3 (`qk_norm`: RMSNorm over each head's queries and keys before the rotation), Mistral (`sliding_window`: each
 token attends to itself and the window - 1 tokens before it) and Gemma (`norm_unit_offset`: RMSNorm multiplies by
 1 + its stored scale; `scale_embeddings`: input embeddings times sqrt(hidden_size); `hidden_act='gelu_pytorch_tanh'`:
-GeGLU): their checkpoints differ from Llama's in nothing else that this model computes, so they are arguments here
-(as RoBERTa is an argument of BERT), and `hf.py` reads them from the checkpoint's model_type.
+GeGLU; Gemma 2 adds `sandwich_norms`, soft-capped scores and logits, and alternating `layer_types`): their
+checkpoints differ from Llama's in nothing else that this model computes, so they are arguments here (as RoBERTa
+is an argument of BERT), and `hf.py` reads them from the checkpoint's model_type.
 """
 
 from __future__ import annotations
@@ -70,11 +71,12 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 class Attention(nnx.Module):
   def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, qkv_bias: bool, o_bias: bool,
-               qk_norm: bool, eps: float, unit_offset: bool, rngs: nnx.Rngs):
+               qk_norm: bool, eps: float, unit_offset: bool, scale: float, softcap: float, rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
       raise FinetuneError(f"config.model.num_attention_heads={num_heads} is not a multiple of "
                           f"config.model.num_key_value_heads={num_kv_heads}")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+    self.scale, self.softcap = scale, softcap  # (0: 1 / sqrt(head_dim), and no cap)
     self.q_proj = transformer_dense(hidden, num_heads * head_dim, ("embed", "heads"), rngs, use_bias=qkv_bias)
     self.k_proj = transformer_dense(hidden, num_kv_heads * head_dim, ("embed", "kv_heads"), rngs, use_bias=qkv_bias)
     self.v_proj = transformer_dense(hidden, num_kv_heads * head_dim, ("embed", "kv_heads"), rngs, use_bias=qkv_bias)
@@ -95,7 +97,7 @@ class Attention(nnx.Module):
     groups = self.num_heads // self.num_kv_heads
     # Grouped-query attention: each key/value head serves `groups` query heads. (B, L, kv, d) -> (B, L, heads, d)
     k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    context = attend(q, k, v, mask_bias, prefix=self.prefix)
+    context = attend(q, k, v, mask_bias, prefix=self.prefix, scale=self.scale, softcap=self.softcap)
     return self.o_proj(context.reshape(batch, length, self.num_heads * self.head_dim))
 
 
@@ -111,19 +113,29 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
+  """Pre-norm attention and MLP sub-layers. With `sandwich_norms` (Gemma 2), each sub-layer's output is normed too
+  before it joins the residual stream: post_attention_layernorm then norms the attention's output (transformers'
+  name for it), and pre_/post_feedforward_layernorm surround the MLP."""
+
   def __init__(self, hidden, num_heads, num_kv_heads, head_dim, intermediate, eps, qkv_bias, o_bias, qk_norm,
-               activation, unit_offset, rngs):
+               activation, unit_offset, sandwich_norms, attention_scale, attention_softcap, rngs):
     self.input_layernorm = _rms_norm(hidden, eps, rngs, unit_offset)
     self.self_attn = Attention(hidden, num_heads, num_kv_heads, head_dim, qkv_bias, o_bias, qk_norm, eps,
-                               unit_offset, rngs)
+                               unit_offset, attention_scale, attention_softcap, rngs)
     self.post_attention_layernorm = _rms_norm(hidden, eps, rngs, unit_offset)
+    self.pre_feedforward_layernorm = _rms_norm(hidden, eps, rngs, unit_offset) if sandwich_norms else None
+    self.post_feedforward_layernorm = _rms_norm(hidden, eps, rngs, unit_offset) if sandwich_norms else None
     self.mlp = MLP(hidden, intermediate, activation, rngs)
 
   def __call__(self, x, cos, sin, mask_bias, attention_kind=None):
     if attention_kind is not None:  # layers of two kinds: mask_bias holds (full, windowed), this layer's by index
       mask_bias = mask_bias[attention_kind]
-    x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask_bias)
-    return x + self.mlp(self.post_attention_layernorm(x))
+    attended = self.self_attn(self.input_layernorm(x), cos, sin, mask_bias)
+    if self.pre_feedforward_layernorm is None:
+      x = x + attended
+      return x + self.mlp(self.post_attention_layernorm(x))
+    x = x + self.post_attention_layernorm(attended)
+    return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 ATTENTION_KINDS = ("full_attention", "sliding_attention")  # (transformers' layer_types names)
@@ -138,8 +150,9 @@ def _windowed_layers(layer_types: tuple[str, ...], num_layers: int, sliding_wind
     raise FinetuneError(f"config.model.layer_types={layer_types!r} must name {num_layers} layers' attention "
                         f"(num_hidden_layers), each one of {', '.join(ATTENTION_KINDS)}")
   if "sliding_attention" in layer_types and not sliding_window:
-    raise FinetuneError("config.model.layer_types has sliding_attention layers but config.model.sliding_window is "
-                        "0; set the window's length in tokens")
+    raise FinetuneError("config.model.layer_types (or the checkpoint's) has sliding_attention layers but "
+                        "config.model.sliding_window is 0; set the window's length in tokens, or "
+                        "config.model.layer_types=() as well for full attention in every layer")
   return tuple(kind == "sliding_attention" for kind in layer_types)
 
 
@@ -154,7 +167,10 @@ class Llama(nnx.Module):
   layer, else one "full_attention" or "sliding_attention" per layer (Ministral, Qwen2 and Qwen3 with
   use_sliding_window), the latter with `sliding_window`; `hidden_act`: the gated MLP's activation (a key of
   ACTIVATIONS); `norm_unit_offset`: every RMSNorm multiplies by 1 + its scale (Gemma); `scale_embeddings`: the
-  input embeddings are multiplied by sqrt(hidden_size), the tied output layer uses them unscaled (Gemma)."""
+  input embeddings are multiplied by sqrt(hidden_size), the tied output layer uses them unscaled (Gemma);
+  `sandwich_norms`: each sub-layer's output normed too (Gemma 2, `DecoderLayer`); `query_pre_attn_scalar`: scores
+  scaled by its inverse square root instead of head_dim's (0: head_dim); `attn_logit_softcapping` and
+  `final_logit_softcapping`: attention scores and output logits become c * tanh(x / c) (0: uncapped; Gemma 2)."""
 
   scan_blocks = "layers"  # the stack of identical blocks that config.train.scan_layers stacks
   input_keys = ("input_ids", "attention_mask")
@@ -165,8 +181,9 @@ class Llama(nnx.Module):
                rope_theta: float = 10000.0, tie_word_embeddings: bool = False, attention_bias: bool = False,
                qkv_bias: bool = False, qk_norm: bool = False, sliding_window: int = 0,
                layer_types: tuple[str, ...] = (), hidden_act: str = "silu",
-               norm_unit_offset: bool = False, scale_embeddings: bool = False, hf_config: str = "",
-               rngs: nnx.Rngs):
+               norm_unit_offset: bool = False, scale_embeddings: bool = False, sandwich_norms: bool = False,
+               query_pre_attn_scalar: float = 0.0, attn_logit_softcapping: float = 0.0,
+               final_logit_softcapping: float = 0.0, hf_config: str = "", rngs: nnx.Rngs):
     del num_classes, hf_config  # a language model predicts tokens; hf_config is read before construction
     self.rope_theta = rope_theta
     if not head_dim and hidden_size % num_attention_heads:  # (failed in the first step as a shape mismatch)
@@ -184,6 +201,12 @@ class Llama(nnx.Module):
     if hidden_act not in ACTIVATIONS:
       raise FinetuneError(f"config.model.hidden_act={hidden_act!r} is not supported; valid: "
                           f"{', '.join(ACTIVATIONS)}")
+    for key, value in (("query_pre_attn_scalar", query_pre_attn_scalar),
+                       ("attn_logit_softcapping", attn_logit_softcapping),
+                       ("final_logit_softcapping", final_logit_softcapping)):
+      if value < 0:
+        raise FinetuneError(f"config.model.{key}={value} must be positive, or 0 for none")
+    self.final_logit_softcapping = final_logit_softcapping
     windowed = _windowed_layers(tuple(layer_types), num_hidden_layers, sliding_window)
     self.sliding_window = sliding_window if any(windowed) else 0
     # Per layer, 0 (full) or 1 (windowed) where the layers differ; None where every layer attends alike.
@@ -193,7 +216,9 @@ class Llama(nnx.Module):
     self.embed_tokens = embedding(vocab_size, hidden_size, ("vocab", "embed"), rngs)
     self.layers = nnx.List([DecoderLayer(hidden_size, num_attention_heads, kv_heads, self.head_dim,
                                          intermediate_size, rms_norm_eps, qkv_bias or attention_bias, attention_bias,
-                                         qk_norm, hidden_act, norm_unit_offset, rngs)
+                                         qk_norm, hidden_act, norm_unit_offset, sandwich_norms,
+                                         query_pre_attn_scalar ** -0.5 if query_pre_attn_scalar else 0.0,
+                                         attn_logit_softcapping, rngs)
                              for _ in range(num_hidden_layers)])
     self.norm = _rms_norm(hidden_size, rms_norm_eps, rngs, norm_unit_offset)
     self.lm_head = None if tie_word_embeddings else transformer_dense(hidden_size, vocab_size, ("embed", "vocab"),
@@ -203,8 +228,8 @@ class Llama(nnx.Module):
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     x = self.embed_tokens(input_ids)
-    if self.embedding_multiplier is not None:
-      x = x * jnp.asarray(self.embedding_multiplier, x.dtype)
+    if self.embedding_multiplier is not None:  # (a prompt-tuning soft prompt, drawn from rows of the embedding
+      x = x * jnp.asarray(self.embedding_multiplier, x.dtype)  # table, is scaled as the tokens it began as)
     # Rotary attention depends on position differences only, so restarting positions at packed segments changes
     # nothing within a segment in exact arithmetic; it keeps a packed conversation's numbers those of its own row.
     cos, sin = rotary(positions(attention_mask), self.head_dim, self.rope_theta)
@@ -233,7 +258,10 @@ class Llama(nnx.Module):
     del train, rngs  # Llama has no dropout
     states = self.hidden_states(input_ids, attention_mask)
     logits = self.embed_tokens.attend(states) if self.lm_head is None else self.lm_head(states)
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    if self.final_logit_softcapping:
+      logits = jnp.tanh(logits / self.final_logit_softcapping) * self.final_logit_softcapping
+    return logits
 
   def layer_groups(self) -> list[tuple[str, str]]:
     return ([("embeddings", r"^embed_tokens/")] + numbered_groups("layers", len(self.layers), "layer") +

@@ -54,6 +54,11 @@ CASES = {
     "gemma": (lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(
         hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, vocab_size=60, max_position_embeddings=64)), 0, "ids"),
+    # And with norms after each sub-layer, soft-capping and windows in alternate layers, as Gemma 2.
+    "gemma2": (lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=60, max_position_embeddings=64, sliding_window=4, query_pre_attn_scalar=20,
+        attn_logit_softcapping=1.0, final_logit_softcapping=2.0)), 0, "ids"),
     "vit": (lambda: transformers.ViTForImageClassification(transformers.ViTConfig(
         image_size=16, patch_size=4, num_channels=3, hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
         intermediate_size=32, num_labels=3)), 3, "images"),
@@ -73,7 +78,7 @@ def test_import_export_round_trip_keeps_logits(name, tmp_path):
         parameter.normal_(0.0, 0.5)
       # (Gemma's norm scales are zeros, the same offset by one or not)
       elif "q_norm" in parameter_name or "k_norm" in parameter_name or (
-          "norm" in parameter_name and reference.config.model_type == "gemma"):
+          "norm" in parameter_name and reference.config.model_type in ("gemma", "gemma2")):
         parameter.uniform_(0.5, 1.5)
   reference.save_pretrained(tmp_path / "in")
   model_cfg = ConfigDict({"name": name, "hf_config": str(tmp_path / "in")})
@@ -131,6 +136,9 @@ def test_unexportable_model_is_an_error(tmp_path):
   with pytest.raises(FinetuneError, match=r"only Gemma has RMSNorm scales offset by one \(norm_unit_offset\) and "
                                           r"scaled embeddings \(scale_embeddings\), both"):
     hf.export_params("llama", {}, {"norm_unit_offset": True}, [], str(tmp_path))
+  with pytest.raises(FinetuneError, match=r"only Gemma 2 \(with sandwich_norms\) has soft-capping"):
+    hf.export_params("llama", {}, {"norm_unit_offset": True, "scale_embeddings": True, "sliding_window": 4}, [],
+                     str(tmp_path))
 
 
 def test_llama_export_writes_float32_and_the_rope_it_computes_with(tmp_path):

@@ -1,7 +1,7 @@
 """Llama-family parity with transformers (PyTorch): RMSNorm, rotary embeddings, grouped-query attention, SwiGLU;
 Qwen2 (query/key/value biases), Qwen3 (query/key norms), Mistral and Ministral (sliding-window attention, in
 every layer or in those layer_types name) and Gemma (norms offset by one, scaled embeddings, GeGLU) load into the
-same model."""
+same model; Gemma 2 adds norms after each sub-layer, soft-capping and alternating windows."""
 
 from __future__ import annotations
 
@@ -55,6 +55,16 @@ CONFIGS = {
                                     num_key_value_heads=2, head_dim=8, vocab_size=50, max_position_embeddings=64,
                                     sliding_window=5,
                                     layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    # Gemma 2: sandwich norms, windowed layers 0 and 2 (its default alternation), scores scaled by 1/sqrt(20)
+    # rather than 1/sqrt(head_dim), caps low enough to bend the scores and logits.
+    "gemma2-capped": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, vocab_size=50, max_position_embeddings=64,
+                          sliding_window=5, query_pre_attn_scalar=20, attn_logit_softcapping=1.0,
+                          final_logit_softcapping=2.0),
+    "gemma2-uncapped": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=4, head_dim=8, vocab_size=50, max_position_embeddings=64,
+                            sliding_window=5, query_pre_attn_scalar=8, attn_logit_softcapping=None,
+                            final_logit_softcapping=None, layer_types=["full_attention", "sliding_attention"]),
     # Gemma's own defaults: tied, GeGLU (tanh); heads of 16 features (hidden / heads = 8), as Gemma's 256 vs 3072/16.
     "gemma-tied": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, vocab_size=50, max_position_embeddings=64),
@@ -68,12 +78,14 @@ def reference_model(name: str, **overrides):
   """transformers' model for case `name` (Llama, Qwen2, Qwen3, Mistral or Gemma), seeded, its biases and norm scales
   random (zeros and ones at initialisation, which would hide one loaded into the wrong place)."""
   family = name.split("-")[0] if name.startswith(("qwen2", "qwen3", "mistral", "ministral", "gemma")) else "llama"
+  family = "gemma2" if name.startswith("gemma2") else family
   classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
              "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
              "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
              "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
              "ministral": (transformers.MinistralConfig, transformers.MinistralForCausalLM),
-             "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM)}[family]
+             "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+             "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM)}[family]
   torch.manual_seed(0)
   model = classes[1](classes[0](**{**CONFIGS[name], **overrides})).eval()
   with torch.no_grad():
@@ -99,7 +111,8 @@ def test_logits_match_transformers(name, tmp_path):
                     "qwen3-window-layers": ["k_proj", "o_proj", "q_proj", "v_proj"],
                     "qwen2-tied": ["k_proj", "q_proj", "v_proj"],
                     "qwen2-window-layers": ["k_proj", "q_proj", "v_proj"]}.get(name, [])
-  windowed = {"qwen2-window-layers": (0, 1, 1), "qwen3-window-layers": (1, 0), "ministral-window-layers": (1, 0, 1)}
+  windowed = {"qwen2-window-layers": (0, 1, 1), "qwen3-window-layers": (1, 0), "ministral-window-layers": (1, 0, 1),
+              "gemma2-capped": (1, 0, 1), "gemma2-uncapped": (0, 1)}
   assert ours.attention_kinds == windowed.get(name)  # (None: the same attention in every layer)
   assert ("layers/0/self_attn/q_norm/scale" in loaded) == name.startswith("qwen3")
   rng = np.random.default_rng(0)
@@ -137,7 +150,8 @@ def test_the_window_counts_the_token_itself_and_stays_inside_a_packed_segment():
     ({"sliding_window": 8, "layer_types": ["full_attention"] * 2}, 0),
     # (Ministral's mix, which transformers' Auto classes read a Mistral config with layer_types as)
     ({"sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]}, 8),
-    ({"sliding_window": None, "layer_types": ["full_attention", "sliding_attention"]}, 0),  # (no window: none)
+    # (No window: full attention, where transformers' Ministral fails in its forward pass.)
+    ({"sliding_window": None, "layer_types": ["full_attention", "sliding_attention"]}, 0),
 ])
 def test_mistral_configs_give_the_window_transformers_applies(fields, window, tmp_path):
   config = {key: value for key, value in CONFIGS["mistral-window"].items() if key != "sliding_window"}
@@ -171,13 +185,29 @@ def test_qwen2_configs_window_the_layers_transformers_windows(fields, window, la
       [bool(window) and (layer_types is None or kind == "sliding_attention") for kind in layer_types or ["x"] * 2]
 
 
+def test_a_checkpoint_s_layer_types_follow_the_layers_loaded(tmp_path):
+  """config.model may keep a checkpoint's first layers; their attention kinds come with them. A config.json
+  whose layer_types do not fit its layers is named."""
+  reference_model("qwen2-window-layers").save_pretrained(tmp_path)
+  for depth, kinds in ((3, (0, 1, 1)), (2, (0, 1)), (1, None)):
+    model = build_model(ConfigDict({"name": "llama", "hf_config": str(tmp_path), "num_hidden_layers": depth}), 0,
+                        nnx.Rngs(0))
+    assert (len(model.layers), model.attention_kinds, model.sliding_window) == (depth, kinds, 5 if depth > 1 else 0)
+  config = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**config, "layer_types": ["full_attention"] * 2}))
+  with pytest.raises(FinetuneError, match=r"config.json's layer_types must give each of its num_hidden_layers "
+                                          "layers 'full_attention' or 'sliding_attention'; fix config.json"):
+    hf.model_kwargs(str(tmp_path))
+
+
 def test_layer_types_must_name_each_layer_and_need_a_window():
   base = {"name": "llama", "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
           "num_attention_heads": 2, "vocab_size": 30}
   with pytest.raises(FinetuneError, match=r"must name 2 layers' attention \(num_hidden_layers\), each one of "
                                           "full_attention, sliding_attention"):
     build_model(ConfigDict({**base, "layer_types": ("full_attention",), "sliding_window": 4}), 0, nnx.Rngs(0))
-  with pytest.raises(FinetuneError, match="has sliding_attention layers but config.model.sliding_window is 0"):
+  with pytest.raises(FinetuneError, match=r"has sliding_attention layers but config.model.sliding_window is 0; set "
+                                          r"the window's length in tokens, or config.model.layer_types=\(\) as well"):
     build_model(ConfigDict({**base, "layer_types": ("full_attention", "sliding_attention")}), 0, nnx.Rngs(0))
 
 
@@ -210,6 +240,28 @@ def test_gemma_configs_give_the_model_transformers_builds(fields, expected, tmp_
   assert {key: kwargs[key] for key in expected} == expected
   reference = transformers.GemmaConfig(**{**config, **fields})
   assert (reference.hidden_act, reference.head_dim, reference.tie_word_embeddings) == tuple(expected.values())
+
+
+def test_gemma2_configs_give_the_model_transformers_builds(tmp_path):
+  """Gemma2Config's defaults where config.json leaves keys out (transformers 5 writes them all; hub files from
+  older versions may not); its MLP reads hidden_activation, not hidden_act."""
+  config = {key: value for key, value in CONFIGS["gemma2-capped"].items()
+            if key not in ("head_dim", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                           "sliding_window")}
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma2", **config, "hidden_act": "relu"}))
+  _, kwargs = hf.model_kwargs(str(tmp_path))
+  reference = transformers.Gemma2Config(**config)
+  assert (kwargs["head_dim"], kwargs["query_pre_attn_scalar"], kwargs["attn_logit_softcapping"],
+          kwargs["final_logit_softcapping"], kwargs["sliding_window"], kwargs["tie_word_embeddings"],
+          kwargs["hidden_act"]) == (reference.head_dim, reference.query_pre_attn_scalar,
+                                    reference.attn_logit_softcapping, reference.final_logit_softcapping,
+                                    reference.sliding_window, reference.tie_word_embeddings,
+                                    reference.hidden_activation) == (256, 256, 50, 30, 4096, True, "gelu_pytorch_tanh")
+  assert list(kwargs["layer_types"]) == reference.layer_types
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma2", **config,
+                                                    "hidden_activation": "relu"}))
+  with pytest.raises(FinetuneError, match="hidden_activation 'relu' is not supported"):
+    hf.model_kwargs(str(tmp_path))
 
 
 def test_an_unknown_activation_names_the_valid_ones():
