@@ -6,9 +6,9 @@ Loss only on assistant tokens; Alpaca, ShareGPT or OpenAI-chat records (see fine
     finetune train --config configs/llama_sft_smoke.py:checkpoint=DIR,data=FILE.jsonl --workdir /tmp/sft
     finetune train --config configs/llama_sft_smoke.py:checkpoint=DIR,data=FILE.jsonl,peft=lora --workdir /tmp/sft_lora
 
-Qwen2 / Qwen2.5, Qwen3, Mistral, Ministral, Gemma and Gemma 2 checkpoints run as they are (our Llama reads them); a GPT-2 checkpoint needs
-`:model=gpt2` as well (the default is `llama`); `steps` and `max_length` set the run's
-length and the token budget per row. `peft=lora` (or `qlora`) trains rank-8 LoRA adapters on the attention
+Qwen2 / Qwen2.5, Qwen3, Mistral, Ministral and Gemma 1-3 (text) checkpoints run as they are (our Llama reads
+them); a GPT-2 checkpoint needs `:model=gpt2` as well (the default is `llama`); `steps` and `max_length` set the
+run's length and the token budget per row. `peft=lora` (or `qlora`) trains rank-8 LoRA adapters on the attention
 projections (Llama: q_proj, v_proj; GPT-2: its fused c_attn) with the base frozen; `finetune export --format peft`
 then writes the PEFT adapter. `pack=True` concatenates the training conversations into full `max_length` blocks,
 each conversation attending only to itself.

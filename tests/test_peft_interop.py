@@ -54,10 +54,10 @@ def save_base(kind: str, path) -> tuple[torch.nn.Module, dict]:
                                       num_key_value_heads=2, intermediate_size=48, vocab_size=120,
                                       max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model = transformers.Qwen2ForCausalLM(config)
-  elif kind in ("gemma", "gemma2"):  # (our Llama with Gemma's norms, scaled tied embeddings and GeGLU)
-    gemma2 = dict(sliding_window=4, attn_logit_softcapping=2.0, final_logit_softcapping=3.0) if kind == "gemma2" \
-        else {}
-    config = getattr(transformers, f"{kind.capitalize()}Config")(
+  elif kind in ("gemma", "gemma2", "gemma3"):  # (our Llama with Gemma's norms, scaled tied embeddings and GeGLU)
+    gemma2 = {"gemma2": dict(sliding_window=4, attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+              "gemma3": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])}.get(kind, {})
+    config = getattr(transformers, f"{kind.capitalize()}{'Text' if kind == 'gemma3' else ''}Config")(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
         intermediate_size=48, vocab_size=120, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
         pad_token_id=0, **gemma2)
@@ -71,7 +71,8 @@ def save_base(kind: str, path) -> tuple[torch.nn.Module, dict]:
                                     image_size=16, patch_size=4, num_channels=3, num_labels=3)
     model = transformers.ViTForImageClassification(config)
   model.save_pretrained(path)
-  return model.eval(), {"name": "llama" if kind in ("qwen2", "gemma", "gemma2") else kind, "hf_config": str(path),
+  return model.eval(), {"name": "llama" if kind in ("qwen2", "gemma", "gemma2", "gemma3") else kind,
+                        "hf_config": str(path),
                         **({"dropout": 0.0} if kind in ("bert", "gpt2") else {})}
 
 
@@ -107,7 +108,7 @@ def randomize_adapters(model: nnx.Module, trained: list[str], seed: int = 3) -> 
 
 
 def mask(logits, kind):
-  return logits[0] if kind in ("gpt2", "llama", "qwen2", "gemma", "gemma2") else logits  # padded positions of example 1 are not compared
+  return logits[0] if kind in ("gpt2", "llama", "qwen2", "gemma", "gemma2", "gemma3") else logits  # padded positions of example 1 are not compared
 
 
 CASES = {
@@ -127,6 +128,7 @@ CASES = {
     "gpt2-dora": dict(targets=("c_attn",), rank=4, alpha=8.0, dora=True, bias="lora_only"),
     # Qwen2's q/k/v biases, trained under their adapted layers.
     "qwen2-lora_only_bias": dict(targets=("q_proj", "k_proj", "up_proj"), rank=4, alpha=8.0, bias="lora_only"),
+    "gemma3": dict(targets=("q_proj", "o_proj", "down_proj"), rank=4, alpha=8.0, rslora=True),
     # Gemma's input embeddings are scaled and tied to the output layer: both saved, as for GPT-2.
     "gemma-dora_tied_embedding": dict(targets=("q_proj", "gate_proj"), rank=4, alpha=8.0, dora=True,
                                       modules_to_save=("^embed_tokens/",)),

@@ -59,14 +59,15 @@ def test_scanned_llama_with_frozen_first_layer_trains_like_unrolled(tmp_path):
   its embeddings and first layer frozen, scanned and rematerialised vs unrolled, equal losses and parameters. A
   clipping norm small enough to bind: the frozen layer's share of a stacked gradient must not count in it. The
   Llama options of Qwen2, Qwen3, Ministral and Gemma 2 on (biases, query/key norms, a window shorter than the rows
-  in the first layer only, norms offset by one and after each sub-layer, scaled embeddings, GeGLU, soft-capping):
-  their parameters stack and each layer's mask is sliced inside the scan."""
+  in the first layer only, norms offset by one and after each sub-layer, scaled embeddings, GeGLU, soft-capping,
+  Gemma 3's rotary base per layer kind): their parameters stack and each layer's mask and rotary tables are
+  sliced inside the scan."""
   for scanned in (False, True):
     raw = scan_config("llama", {"data": 1}, scanned, "block" if scanned else "").to_dict()
     raw["model"].update(qkv_bias=True, qk_norm=True, sliding_window=6, norm_unit_offset=True, scale_embeddings=True,
                         hidden_act="gelu_pytorch_tanh", layer_types=("sliding_attention", "full_attention"),
                         sandwich_norms=True, query_pre_attn_scalar=12.0, attn_logit_softcapping=1.0,
-                        final_logit_softcapping=5.0)
+                        final_logit_softcapping=5.0, rope_local_theta=100.0, rope_factor=2.0)
     raw["stages"] = {"frozen_n": {**raw["stages"]["frozen_n"], "optimizer": {"grad_clip_norm": 1e-3}}}
     train_lib.train_and_evaluate(build_config(raw), str(tmp_path / str(scanned)))
   _assert_same_run(tmp_path / "True" / "frozen_n", tmp_path / "False" / "frozen_n", "llama frozen_n")

@@ -104,32 +104,31 @@ _LLAMA_RULES = [
 ]
 _LLAMA_LEFTOVERS = r"(layers\.\d+\.self_attn\.rotary_emb\.inv_freq)"
 # transformers' model types that our Llama computes (finetune/models/llama.py).
-_LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "mistral", "ministral", "gemma", "gemma2")
+_LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "mistral", "ministral", "gemma", "gemma2", "gemma3_text")
 # Those whose layers may attend through a sliding window (all of them, or those `_layer_types` names).
-_WINDOWED_FAMILY = ("qwen2", "qwen3", "mistral", "ministral", "gemma2")
+_WINDOWED_FAMILY = ("qwen2", "qwen3", "mistral", "ministral", "gemma2", "gemma3_text")
+_GEMMAS = ("gemma", "gemma2", "gemma3_text")
 
 
 def _llama_extra(config: dict[str, Any]) -> dict[str, Any]:
-  """Our Llama's arguments that config.json gives indirectly: rope_theta (in `rope_parameters` in transformers 5,
-  at the top level before) and what the model_type implies (Qwen2's query/key/value biases, Qwen3's query/key
-  norms, Gemma's norms and embeddings, Gemma 2's soft-capping, the windows of Mistral, Ministral, Gemma 2 and
-  windowed Qwen layers)."""
-  rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-  if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-    raise FinetuneError(f"rope scaling {rope!r} is not supported; only plain rotary embeddings")
-  kwargs = {"rope_theta": float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-             "hidden_act": _activation(config)}
-  if config["model_type"] in ("gemma", "gemma2"):
+  """Our Llama's arguments that config.json gives indirectly: the rotary settings (`_rope_kwargs`) and what the
+  model_type implies (Qwen2's query/key/value biases, Qwen3's query/key norms, Gemma's norms and embeddings, Gemma
+  2's soft-capping, Gemma 3's query/key norms, the windows of Mistral, Ministral, Gemma 2/3 and windowed Qwen
+  layers)."""
+  kwargs = {**_rope_kwargs(config), "hidden_act": _activation(config)}
+  if config["model_type"] in _GEMMAS:
     kwargs.update(norm_unit_offset=True, scale_embeddings=True, attention_bias=bool(config.get("attention_bias")))
-    # Gemma(2)Config's defaults where config.json leaves the keys out (ours are Llama's).
+    # Gemma's configs' defaults where config.json leaves the keys out (ours are Llama's).
     if config.get("head_dim") is None:
       kwargs["head_dim"] = 256
     if config.get("tie_word_embeddings") is None:
       kwargs["tie_word_embeddings"] = True
-  if config["model_type"] == "gemma2":  # (null soft-capping is none: our 0)
+  if config["model_type"] in ("gemma2", "gemma3_text"):  # (null soft-capping is none: our 0)
+    caps = (50.0, 30.0) if config["model_type"] == "gemma2" else (None, None)
     kwargs.update(sandwich_norms=True, query_pre_attn_scalar=float(config.get("query_pre_attn_scalar", 256)),
-                  attn_logit_softcapping=float(config.get("attn_logit_softcapping", 50.0) or 0.0),
-                  final_logit_softcapping=float(config.get("final_logit_softcapping", 30.0) or 0.0))
+                  attn_logit_softcapping=float(config.get("attn_logit_softcapping", caps[0]) or 0.0),
+                  final_logit_softcapping=float(config.get("final_logit_softcapping", caps[1]) or 0.0),
+                  qk_norm=config["model_type"] == "gemma3_text")
   elif config["model_type"] in ("llama", "qwen3"):
     kwargs["attention_bias"] = bool(config.get("attention_bias"))
     kwargs["qk_norm"] = config["model_type"] == "qwen3"
@@ -147,10 +146,38 @@ def _llama_extra(config: dict[str, Any]) -> dict[str, Any]:
   return kwargs
 
 
+def _rope(parameters: dict[str, Any], theta: float) -> tuple[float, float]:
+  """(base, linear factor) of one rotary-embedding setting (`theta` where it names none)."""
+  kind = parameters.get("rope_type", parameters.get("type", "default"))
+  if kind not in ("default", "linear", None):
+    raise FinetuneError(f"rope scaling {parameters!r} is not supported; only plain rotary embeddings and linear "
+                        "scaling (rope_type 'linear')")
+  return float(parameters.get("rope_theta", theta)), float(parameters["factor"]) if kind == "linear" else 1.0
+
+
+def _rope_kwargs(config: dict[str, Any]) -> dict[str, float]:
+  """rope_theta and rope_factor (and Gemma 3's rope_local_theta) as transformers reads them: `rope_parameters`
+  (transformers 5; Gemma 3's per layer type) or, in older files, `rope_scaling` beside a top-level rope_theta
+  (Gemma 3's applying to its full-attention layers, whose local ones read rope_local_base_freq)."""
+  parameters = config.get("rope_parameters") or {}
+  if config["model_type"] != "gemma3_text":
+    theta, factor = _rope(parameters or config.get("rope_scaling") or {}, config.get("rope_theta", 10000.0))
+    return {"rope_theta": theta, "rope_factor": factor}
+  nested = "full_attention" in parameters or "sliding_attention" in parameters
+  theta, factor = _rope((parameters.get("full_attention") if nested else config.get("rope_scaling")) or {},
+                        config.get("rope_theta", 1_000_000.0))
+  local_theta, local_factor = _rope((parameters.get("sliding_attention") if nested else None) or {},
+                                    config.get("rope_local_base_freq", 10_000.0))
+  if local_factor != 1.0:
+    raise FinetuneError(f"rope scaling of Gemma 3's sliding-window layers ({parameters['sliding_attention']!r}) is "
+                        "not supported; only of its full-attention layers")
+  return {"rope_theta": theta, "rope_factor": factor, "rope_local_theta": local_theta}
+
+
 def _activation(config: dict[str, Any]) -> str:
   """The gated MLP's activation (a key of llama.ACTIVATIONS): config.json's hidden_act, with Gemma's legacy "gelu"
   read as transformers reads it (GemmaConfig turns it into the tanh approximation the weights were trained with)."""
-  if config["model_type"] == "gemma2":  # (Gemma2MLP reads hidden_activation; hidden_act is a leftover there)
+  if config["model_type"] in ("gemma2", "gemma3_text"):  # (their MLPs read hidden_activation, not hidden_act)
     return config.get("hidden_activation") or "gelu_pytorch_tanh"
   activation = config.get("hidden_act") or ("gelu_pytorch_tanh" if config["model_type"] == "gemma" else "silu")
   return "gelu_pytorch_tanh" if config["model_type"] == "gemma" and activation == "gelu" else activation
@@ -175,6 +202,9 @@ def _layer_types(config: dict[str, Any]) -> list[str]:
     return ["sliding_attention" if i >= start else "full_attention" for i in range(layers)]
   if config["model_type"] == "gemma2":  # (Gemma2Config's: windowed first, then alternating)
     return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+  if config["model_type"] == "gemma3_text":  # (Gemma3TextConfig's: every pattern-th layer full, from the pattern-th)
+    pattern = int(config.get("sliding_window_pattern", 6))
+    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
   return ["sliding_attention"] * layers
 
 
@@ -229,6 +259,7 @@ ARCHITECTURES = {
     "ministral": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
     "gemma": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
     "gemma2": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
+    "gemma3_text": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
     # A config.json that leaves a key out means transformers' ViTConfig default (our constructor's are a toy
     # model's: 28x28x1, width 64, and layer_norm_eps 1e-6).
     "vit": ("vit", _VIT_CONFIG, "vit.", _VIT_RULES, _VIT_LEFTOVERS,
@@ -296,14 +327,14 @@ def read_config(path: str) -> dict[str, Any]:
   if model_type in _LLAMA_FAMILY and config.get("mlp_bias"):
     raise FinetuneError(f"{path}: {model_type} variants with MLP biases are not supported")
   if model_type in _LLAMA_FAMILY and _activation(config) not in ("silu", "gelu_pytorch_tanh"):
-    key = "hidden_activation" if model_type == "gemma2" else "hidden_act"
+    key = "hidden_activation" if model_type in ("gemma2", "gemma3_text") else "hidden_act"
     raise FinetuneError(f"{path}: {key} {config[key]!r} is not supported (only 'silu' and 'gelu_pytorch_tanh')")
   if model_type in _WINDOWED_FAMILY and config.get("layer_types") is not None and (
       len(config["layer_types"]) != int(config.get("num_hidden_layers", 32)) or
       not set(config["layer_types"]) <= {"full_attention", "sliding_attention"}):
     raise FinetuneError(f"{path}/config.json's layer_types must give each of its num_hidden_layers layers "
                         "'full_attention' or 'sliding_attention'; fix config.json")
-  if model_type in ("gemma", "gemma2") and config.get("use_bidirectional_attention"):
+  if model_type in _GEMMAS and config.get("use_bidirectional_attention"):
     raise FinetuneError(f"{path}: Gemma with bidirectional attention (use_bidirectional_attention, an embedding "
                         "model) is not supported; only causal language models")
   if model_type == "gpt2" and not config.get("tie_word_embeddings", True):
@@ -594,20 +625,28 @@ def _llama_family_export(kwargs: dict[str, Any]) -> tuple[str, list, dict[str, A
   gemma = (bool(kwargs.get("norm_unit_offset")), bool(kwargs.get("scale_embeddings")))
   gemma2 = [key for key in ("sandwich_norms", "query_pre_attn_scalar", "attn_logit_softcapping",
                             "final_logit_softcapping") if kwargs.get(key)]
+  sandwich, gemma3 = bool(kwargs.get("sandwich_norms")), bool(kwargs.get("sandwich_norms") and kwargs.get("qk_norm"))
+  if kwargs.get("rope_local_theta") and not (all(gemma) and gemma3):
+    raise FinetuneError("only Gemma 3 (norm_unit_offset, scale_embeddings, sandwich_norms and qk_norm) has a rotary "
+                        "base of its own in windowed layers: export needs those settings, or "
+                        "config.model.rope_local_theta=0")
   if any(gemma) or gemma2:
-    # Gemma: both, biases on all four projections or none, no query/key norms; Gemma 2 adds the rest and windows.
-    if not all(gemma) or kwargs.get("qk_norm") or qkv_bias_only or (
-        (gemma2 or window) and not kwargs.get("sandwich_norms")):
+    # Gemma: both, biases on all four projections or none, no query/key norms; Gemma 2 adds the rest and windows,
+    # Gemma 3 query/key norms.
+    if not all(gemma) or (kwargs.get("qk_norm") and not sandwich) or qkv_bias_only or (
+        (gemma2 or window) and not sandwich):
       raise FinetuneError("only Gemma has RMSNorm scales offset by one (norm_unit_offset) and scaled embeddings "
                           "(scale_embeddings), both, and only Gemma 2 (with sandwich_norms) has soft-capping, "
-                          "query_pre_attn_scalar or a sliding window beside them; neither has qk_norm or qkv_bias: "
-                          "export needs one of those sets of settings, or norm_unit_offset and scale_embeddings False")
-    if not kwargs.get("sandwich_norms"):
+                          "query_pre_attn_scalar or a sliding window beside them (Gemma 3 qk_norm as well); none "
+                          "has qkv_bias: export needs one of those sets of settings, or norm_unit_offset and "
+                          "scale_embeddings False")
+    if not sandwich:
       return "gemma", table, {**fixed, "architectures": ["GemmaForCausalLM"], "attention_bias": attention_bias}
     scalar = kwargs.get("query_pre_attn_scalar") or kwargs.get("head_dim") or \
         kwargs["hidden_size"] // kwargs["num_attention_heads"]
-    return "gemma2", table, {
-        **fixed, "architectures": ["Gemma2ForCausalLM"], "hidden_activation": fixed["hidden_act"],
+    return ("gemma3_text" if gemma3 else "gemma2"), table, {
+        **fixed, "architectures": ["Gemma3ForCausalLM" if gemma3 else "Gemma2ForCausalLM"],
+        "hidden_activation": fixed["hidden_act"],
         "attention_bias": attention_bias,
         # (Gemma2Config types it int, and refuses 20.0)
         "query_pre_attn_scalar": int(scalar) if float(scalar).is_integer() else scalar,
@@ -639,6 +678,19 @@ def _llama_family_export(kwargs: dict[str, Any]) -> tuple[str, list, dict[str, A
   if window:
     return "mistral", table, {**fixed, "architectures": ["MistralForCausalLM"], "sliding_window": window}
   return model_type, table, {**fixed, "attention_bias": attention_bias}
+
+
+def _rope_parameters(model_type: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+  """config.json's `rope_parameters` for our Llama's rotary settings (Gemma 3's per layer type)."""
+  def one(theta: float, factor: float) -> dict[str, Any]:
+    return ({"rope_type": "default", "rope_theta": theta} if factor == 1.0 else
+            {"rope_type": "linear", "factor": factor, "rope_theta": theta})
+
+  full = one(kwargs["rope_theta"], kwargs.get("rope_factor", 1.0))
+  if model_type != "gemma3_text":
+    return full
+  local = one(kwargs["rope_local_theta"], 1.0) if kwargs.get("rope_local_theta") else full
+  return {"full_attention": full, "sliding_attention": local}
 
 
 def transformers_name(model_name: str, path: str, kwargs: dict[str, Any]) -> tuple[str, Any]:
@@ -746,15 +798,16 @@ def export_params(model_name: str, params: dict[str, np.ndarray], kwargs: dict[s
   if model_name == "gpt2" and not config.get("n_inner"):
     config["n_inner"] = None
   if model_name == "llama":
-    if model_type not in ("qwen2", "qwen3", "ministral", "gemma2"):  # (Mistral's with layer_types reads as Ministral)
-      config.pop("layer_types", None)
+    if model_type not in ("qwen2", "qwen3", "ministral", "gemma2", "gemma3_text"):
+      config.pop("layer_types", None)  # (transformers reads a Mistral config with layer_types as Ministral)
     config["rope_theta"] = kwargs["rope_theta"]
     config["num_key_value_heads"] = kwargs["num_key_value_heads"] or kwargs["num_attention_heads"]
     config["head_dim"] = kwargs["head_dim"] or kwargs["hidden_size"] // kwargs["num_attention_heads"]
     config.setdefault("max_position_embeddings", 4096)
   if model_name == "llama":  # transformers 5 reads rope_parameters; older versions rope_theta
-    config["rope_parameters"] = {"rope_type": "default", "rope_theta": kwargs["rope_theta"]}
-    config.pop("rope_scaling", None)
+    config["rope_parameters"] = _rope_parameters(model_type, kwargs)
+    for older in ("rope_scaling", "rope_local_base_freq"):  # (a base config's, which older versions would read)
+      config.pop(older, None)
   if class_names:
     config["id2label"] = {str(i): name for i, name in enumerate(class_names)}
     config["label2id"] = {name: i for i, name in enumerate(class_names)}

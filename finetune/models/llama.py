@@ -6,7 +6,8 @@ permutation. The same module is transformers' Qwen2 (`qkv_bias`: biases on the q
 Qwen3 (`qk_norm`: RMSNorm over each head's queries and keys before the rotation), Mistral (`sliding_window`: each
 token attends to itself and the window - 1 tokens before it) and Gemma (`norm_unit_offset`: RMSNorm multiplies by
 1 + its stored scale; `scale_embeddings`: input embeddings times sqrt(hidden_size); `hidden_act='gelu_pytorch_tanh'`:
-GeGLU; Gemma 2 adds `sandwich_norms`, soft-capped scores and logits, and alternating `layer_types`): their
+GeGLU; Gemma 2 adds `sandwich_norms`, soft-capped scores and logits, and alternating `layer_types`; Gemma 3
+query/key norms and a rotary base of its own in windowed layers, `rope_local_theta`): their
 checkpoints differ from Llama's in nothing else that this model computes, so they are arguments here (as RoBERTa
 is an argument of BERT), and `hf.py` reads them from the checkpoint's model_type.
 """
@@ -54,9 +55,10 @@ def _rms_norm(features: int, eps: float, rngs: nnx.Rngs, unit_offset: bool = Fal
                      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)))
 
 
-def rotary(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-  """(B, L) positions -> cos, sin of shape (B, L, head_dim): frequencies theta^(-2i/d) repeated for both halves."""
-  inverse_frequency = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rotary(positions: jax.Array, head_dim: int, theta: float, factor: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """(B, L) positions -> cos, sin of shape (B, L, head_dim): frequencies theta^(-2i/d) repeated for both halves,
+  divided by `factor` (linear position scaling: transformers' rope_type 'linear')."""
+  inverse_frequency = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)) / factor
   angles = positions[..., None].astype(jnp.float32) * inverse_frequency  # (B, L, d/2)
   angles = jnp.concatenate([angles, angles], axis=-1)  # (B, L, d/2) -> (B, L, d)
   return jnp.cos(angles), jnp.sin(angles)
@@ -128,8 +130,8 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(hidden, intermediate, activation, rngs)
 
   def __call__(self, x, cos, sin, mask_bias, attention_kind=None):
-    if attention_kind is not None:  # layers of two kinds: mask_bias holds (full, windowed), this layer's by index
-      mask_bias = mask_bias[attention_kind]
+    if attention_kind is not None:  # layers of two kinds: (full, windowed) masks and rotary tables, ours by index
+      cos, sin, mask_bias = cos[attention_kind], sin[attention_kind], mask_bias[attention_kind]
     attended = self.self_attn(self.input_layernorm(x), cos, sin, mask_bias)
     if self.pre_feedforward_layernorm is None:
       x = x + attended
@@ -170,7 +172,9 @@ class Llama(nnx.Module):
   input embeddings are multiplied by sqrt(hidden_size), the tied output layer uses them unscaled (Gemma);
   `sandwich_norms`: each sub-layer's output normed too (Gemma 2, `DecoderLayer`); `query_pre_attn_scalar`: scores
   scaled by its inverse square root instead of head_dim's (0: head_dim); `attn_logit_softcapping` and
-  `final_logit_softcapping`: attention scores and output logits become c * tanh(x / c) (0: uncapped; Gemma 2)."""
+  `final_logit_softcapping`: attention scores and output logits become c * tanh(x / c) (0: uncapped; Gemma 2);
+  `rope_factor`: rotary positions divided by it (linear scaling); `rope_local_theta` > 0: sliding-window layers'
+  rotary base, unscaled, while full-attention layers keep rope_theta and rope_factor (Gemma 3)."""
 
   scan_blocks = "layers"  # the stack of identical blocks that config.train.scan_layers stacks
   input_keys = ("input_ids", "attention_mask")
@@ -183,9 +187,13 @@ class Llama(nnx.Module):
                layer_types: tuple[str, ...] = (), hidden_act: str = "silu",
                norm_unit_offset: bool = False, scale_embeddings: bool = False, sandwich_norms: bool = False,
                query_pre_attn_scalar: float = 0.0, attn_logit_softcapping: float = 0.0,
-               final_logit_softcapping: float = 0.0, hf_config: str = "", rngs: nnx.Rngs):
+               final_logit_softcapping: float = 0.0, rope_factor: float = 1.0, rope_local_theta: float = 0.0,
+               hf_config: str = "", rngs: nnx.Rngs):
     del num_classes, hf_config  # a language model predicts tokens; hf_config is read before construction
-    self.rope_theta = rope_theta
+    self.rope_theta, self.rope_factor, self.rope_local_theta = rope_theta, rope_factor, rope_local_theta
+    if rope_factor <= 0 or rope_local_theta < 0:
+      raise FinetuneError(f"config.model.rope_factor={rope_factor} must be positive and config.model."
+                          f"rope_local_theta={rope_local_theta} positive or 0 (the windowed layers use rope_theta)")
     if not head_dim and hidden_size % num_attention_heads:  # (failed in the first step as a shape mismatch)
       raise FinetuneError(f"config.model.hidden_size={hidden_size} is not a multiple of "
                           f"config.model.num_attention_heads={num_attention_heads}; change one, or set "
@@ -232,18 +240,24 @@ class Llama(nnx.Module):
       x = x * jnp.asarray(self.embedding_multiplier, x.dtype)  # table, is scaled as the tokens it began as)
     # Rotary attention depends on position differences only, so restarting positions at packed segments changes
     # nothing within a segment in exact arithmetic; it keeps a packed conversation's numbers those of its own row.
-    cos, sin = rotary(positions(attention_mask), self.head_dim, self.rope_theta)
     # Computed in float32 and used in the stream's dtype, as transformers does: float32 tables turned bfloat16
     # queries and keys (train.compute_dtype) back into float32.
-    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    def rotary_tables(windowed: bool) -> tuple[jax.Array, jax.Array]:
+      theta, factor = ((self.rope_local_theta, 1.0) if windowed and self.rope_local_theta else
+                       (self.rope_theta, self.rope_factor))
+      cos, sin = rotary(positions(attention_mask), self.head_dim, theta, factor)
+      return cos.astype(x.dtype), sin.astype(x.dtype)
+
     if self.attention_kinds is None:
+      cos, sin = rotary_tables(bool(self.sliding_window))
       mask_bias = causal_bias(attention_mask, x.dtype, self.sliding_window)
       x = run_blocks(self, self.layers, x, cos, sin, mask_bias)
-    else:  # (2, B, 1, L, L): full and windowed biases, each layer indexing its own (a scan runs one block program)
+    else:  # (2, ...): full and windowed masks and rotary tables, each layer indexing its own (one block program)
+      (full_cos, full_sin), (window_cos, window_sin) = rotary_tables(False), rotary_tables(True)
       mask_bias = jnp.stack([causal_bias(attention_mask, x.dtype),
                              causal_bias(attention_mask, x.dtype, self.sliding_window)])
-      x = run_blocks(self, self.layers, x, cos, sin, mask_bias,
-                     per_layer=jnp.asarray(self.attention_kinds, jnp.int32))
+      x = run_blocks(self, self.layers, x, jnp.stack([full_cos, window_cos]), jnp.stack([full_sin, window_sin]),
+                     mask_bias, per_layer=jnp.asarray(self.attention_kinds, jnp.int32))
     return self.norm(x)
 
   def embed(self, input_ids, attention_mask=None, *, train: bool = False, rngs: nnx.Rngs | None = None):

@@ -148,7 +148,7 @@ def test_checkpoint_errors_name_the_tensor(tmp_path):
   with pytest.raises(FinetuneError, match=r"encoder.layer.0.attention.self.rotary.weight have no counterpart"):
     hf.read_params(str(tmp_path / "odd"))
   with pytest.raises(FinetuneError, match=r"model_type 'gpt_neo'; supported: bert, roberta, gpt2, llama, qwen2, "
-                                          "qwen3, mistral, ministral, gemma, gemma2, vit"):
+                                          "qwen3, mistral, ministral, gemma, gemma2, gemma3_text, vit"):
     (tmp_path / "odd" / "config.json").write_text('{"model_type": "gpt_neo"}')
     hf.read_config(str(tmp_path / "odd"))
   # transformers makes a BERT with is_decoder causal; ours is an encoder: refused, not silently bidirectional.

@@ -59,6 +59,18 @@ CASES = {
         hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, vocab_size=60, max_position_embeddings=64, sliding_window=4, query_pre_attn_scalar=20,
         attn_logit_softcapping=1.0, final_logit_softcapping=2.0)), 0, "ids"),
+    # And with query/key norms and windowed layers' own rotary base, the full layer's scaled, as Gemma 3.
+    "gemma3": (lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, vocab_size=60, max_position_embeddings=64, sliding_window=4, query_pre_attn_scalar=12,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})), 0, "ids"),
+    # Linear rotary scaling, as some long-context Llama fine-tunes.
+    "llama-linear-rope": (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=60, max_position_embeddings=64,
+        rope_parameters={"rope_type": "linear", "factor": 3.0, "rope_theta": 10000.0})), 0, "ids"),
     "vit": (lambda: transformers.ViTForImageClassification(transformers.ViTConfig(
         image_size=16, patch_size=4, num_channels=3, hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
         intermediate_size=32, num_labels=3)), 3, "images"),
@@ -69,7 +81,7 @@ CASES = {
 def test_import_export_round_trip_keeps_logits(name, tmp_path):
   make_reference, num_classes, inputs = CASES[name]
   # (our model of that checkpoint)
-  name = "llama" if name.startswith(("qwen2", "qwen3", "mistral", "ministral", "gemma")) else name
+  name = "llama" if name.startswith(("llama", "qwen2", "qwen3", "mistral", "ministral", "gemma")) else name
   torch.manual_seed(0)
   reference = make_reference().eval()
   with torch.no_grad():  # (zeros at initialisation: they would hide a bias exported to the wrong place)
@@ -78,7 +90,7 @@ def test_import_export_round_trip_keeps_logits(name, tmp_path):
         parameter.normal_(0.0, 0.5)
       # (Gemma's norm scales are zeros, the same offset by one or not)
       elif "q_norm" in parameter_name or "k_norm" in parameter_name or (
-          "norm" in parameter_name and reference.config.model_type in ("gemma", "gemma2")):
+          "norm" in parameter_name and reference.config.model_type.startswith("gemma")):
         parameter.uniform_(0.5, 1.5)
   reference.save_pretrained(tmp_path / "in")
   model_cfg = ConfigDict({"name": name, "hf_config": str(tmp_path / "in")})
@@ -136,6 +148,9 @@ def test_unexportable_model_is_an_error(tmp_path):
   with pytest.raises(FinetuneError, match=r"only Gemma has RMSNorm scales offset by one \(norm_unit_offset\) and "
                                           r"scaled embeddings \(scale_embeddings\), both"):
     hf.export_params("llama", {}, {"norm_unit_offset": True}, [], str(tmp_path))
+  with pytest.raises(FinetuneError, match=r"only Gemma 3 \(norm_unit_offset, scale_embeddings, sandwich_norms and "
+                                          r"qk_norm\) has a rotary base of its own in windowed layers"):
+    hf.export_params("llama", {}, {"rope_local_theta": 1e4, "sliding_window": 4}, [], str(tmp_path))
   with pytest.raises(FinetuneError, match=r"only Gemma 2 \(with sandwich_norms\) has soft-capping"):
     hf.export_params("llama", {}, {"norm_unit_offset": True, "scale_embeddings": True, "sliding_window": 4}, [],
                      str(tmp_path))

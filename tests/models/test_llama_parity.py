@@ -1,7 +1,8 @@
 """Llama-family parity with transformers (PyTorch): RMSNorm, rotary embeddings, grouped-query attention, SwiGLU;
 Qwen2 (query/key/value biases), Qwen3 (query/key norms), Mistral and Ministral (sliding-window attention, in
 every layer or in those layer_types name) and Gemma (norms offset by one, scaled embeddings, GeGLU) load into the
-same model; Gemma 2 adds norms after each sub-layer, soft-capping and alternating windows."""
+same model; Gemma 2 adds norms after each sub-layer, soft-capping and alternating windows, Gemma 3 query/key
+norms and a rotary base per layer kind."""
 
 from __future__ import annotations
 
@@ -65,6 +66,18 @@ CONFIGS = {
                             num_key_value_heads=4, head_dim=8, vocab_size=50, max_position_embeddings=64,
                             sliding_window=5, query_pre_attn_scalar=8, attn_logit_softcapping=None,
                             final_logit_softcapping=None, layer_types=["full_attention", "sliding_attention"]),
+    # Gemma 3: Gemma 2's layer with query/key norms; windowed layers rotate with base 1e4, the full one with 1e6
+    # and positions scaled down 4x (rope_type 'linear'), its larger models' setting.
+    "gemma3-local-rope": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8, vocab_size=50, max_position_embeddings=64,
+                              sliding_window=5, query_pre_attn_scalar=12,
+                              layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                              rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                  "rope_theta": 1e6},
+                                               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    "llama-linear-rope": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=50, max_position_embeddings=64,
+                              rope_parameters={"rope_type": "linear", "factor": 3.0, "rope_theta": 10000.0}),
     # Gemma's own defaults: tied, GeGLU (tanh); heads of 16 features (hidden / heads = 8), as Gemma's 256 vs 3072/16.
     "gemma-tied": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, vocab_size=50, max_position_embeddings=64),
@@ -78,14 +91,14 @@ def reference_model(name: str, **overrides):
   """transformers' model for case `name` (Llama, Qwen2, Qwen3, Mistral or Gemma), seeded, its biases and norm scales
   random (zeros and ones at initialisation, which would hide one loaded into the wrong place)."""
   family = name.split("-")[0] if name.startswith(("qwen2", "qwen3", "mistral", "ministral", "gemma")) else "llama"
-  family = "gemma2" if name.startswith("gemma2") else family
   classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
              "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
              "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
              "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
              "ministral": (transformers.MinistralConfig, transformers.MinistralForCausalLM),
              "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
-             "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM)}[family]
+             "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+             "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM)}[family]
   torch.manual_seed(0)
   model = classes[1](classes[0](**{**CONFIGS[name], **overrides})).eval()
   with torch.no_grad():
@@ -112,9 +125,9 @@ def test_logits_match_transformers(name, tmp_path):
                     "qwen2-tied": ["k_proj", "q_proj", "v_proj"],
                     "qwen2-window-layers": ["k_proj", "q_proj", "v_proj"]}.get(name, [])
   windowed = {"qwen2-window-layers": (0, 1, 1), "qwen3-window-layers": (1, 0), "ministral-window-layers": (1, 0, 1),
-              "gemma2-capped": (1, 0, 1), "gemma2-uncapped": (0, 1)}
+              "gemma2-capped": (1, 0, 1), "gemma2-uncapped": (0, 1), "gemma3-local-rope": (1, 1, 0)}
   assert ours.attention_kinds == windowed.get(name)  # (None: the same attention in every layer)
-  assert ("layers/0/self_attn/q_norm/scale" in loaded) == name.startswith("qwen3")
+  assert ("layers/0/self_attn/q_norm/scale" in loaded) == name.startswith(("qwen3", "gemma3"))
   rng = np.random.default_rng(0)
   ids = rng.integers(0, kwargs["vocab_size"], size=(2, 17))
   mask = np.ones_like(ids)
@@ -262,6 +275,27 @@ def test_gemma2_configs_give_the_model_transformers_builds(tmp_path):
                                                     "hidden_activation": "relu"}))
   with pytest.raises(FinetuneError, match="hidden_activation 'relu' is not supported"):
     hf.model_kwargs(str(tmp_path))
+
+
+@pytest.mark.parametrize("fields", [
+    {},  # (Gemma3TextConfig's defaults: bases 1e6 and 1e4, no scaling, every sixth layer full)
+    # Files written before transformers 5: top-level rope_theta, rope_local_base_freq, and rope_scaling for the
+    # full-attention layers.
+    {"rope_theta": 5e5, "rope_local_base_freq": 2e4, "rope_scaling": {"rope_type": "linear", "factor": 8.0}},
+    {"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e5},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 3e3}}},
+])
+def test_gemma3_configs_give_the_rotary_settings_transformers_reads(fields, tmp_path):
+  config = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=7, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, vocab_size=50)
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text", **config, **fields}))
+  _, kwargs = hf.model_kwargs(str(tmp_path))
+  reference = transformers.Gemma3TextConfig(**config, **json.loads(json.dumps(fields)))
+  full, local = reference.rope_parameters["full_attention"], reference.rope_parameters["sliding_attention"]
+  assert (kwargs["rope_theta"], kwargs["rope_factor"], kwargs["rope_local_theta"]) == (
+      full["rope_theta"], full.get("factor", 1.0), local["rope_theta"])
+  assert list(kwargs["layer_types"]) == reference.layer_types and kwargs["qk_norm"] and kwargs["sandwich_norms"]
+  assert (kwargs["attn_logit_softcapping"], kwargs["final_logit_softcapping"]) == (0.0, 0.0)
 
 
 def test_an_unknown_activation_names_the_valid_ones():
