@@ -67,7 +67,8 @@ def test_scanned_llama_with_frozen_first_layer_trains_like_unrolled(tmp_path):
     raw["model"].update(qkv_bias=True, qk_norm=True, sliding_window=6, norm_unit_offset=True, scale_embeddings=True,
                         hidden_act="gelu_pytorch_tanh", layer_types=("sliding_attention", "full_attention"),
                         sandwich_norms=True, query_pre_attn_scalar=12.0, attn_logit_softcapping=1.0,
-                        final_logit_softcapping=5.0, rope_local_theta=100.0, rope_factor=2.0)
+                        final_logit_softcapping=5.0, rope_local_theta=100.0, rope_type="llama3",
+                        rope_factor=2.0, rope_original_max_position_embeddings=8)
     raw["stages"] = {"frozen_n": {**raw["stages"]["frozen_n"], "optimizer": {"grad_clip_norm": 1e-3}}}
     train_lib.train_and_evaluate(build_config(raw), str(tmp_path / str(scanned)))
   _assert_same_run(tmp_path / "True" / "frozen_n", tmp_path / "False" / "frozen_n", "llama frozen_n")

@@ -129,6 +129,11 @@ def _llama_extra(config: dict[str, Any]) -> dict[str, Any]:
                   attn_logit_softcapping=float(config.get("attn_logit_softcapping", caps[0]) or 0.0),
                   final_logit_softcapping=float(config.get("final_logit_softcapping", caps[1]) or 0.0),
                   qk_norm=config["model_type"] == "gemma3_text")
+  if config["model_type"] == "gemma3_text" and kwargs["attn_logit_softcapping"]:
+    # (Gemma3Attention never passes it to its attention function: the checkpoint was trained without it.)
+    warnings.warn(f"attn_logit_softcapping={kwargs['attn_logit_softcapping']} in a gemma3_text config.json is not "
+                  "applied, as transformers does not apply it", stacklevel=2)
+    kwargs["attn_logit_softcapping"] = 0.0
   elif config["model_type"] in ("llama", "qwen3"):
     kwargs["attention_bias"] = bool(config.get("attention_bias"))
     kwargs["qk_norm"] = config["model_type"] == "qwen3"
@@ -146,32 +151,41 @@ def _llama_extra(config: dict[str, Any]) -> dict[str, Any]:
   return kwargs
 
 
-def _rope(parameters: dict[str, Any], theta: float) -> tuple[float, float]:
-  """(base, linear factor) of one rotary-embedding setting (`theta` where it names none)."""
-  kind = parameters.get("rope_type", parameters.get("type", "default"))
-  if kind not in ("default", "linear", None):
-    raise FinetuneError(f"rope scaling {parameters!r} is not supported; only plain rotary embeddings and linear "
-                        "scaling (rope_type 'linear')")
-  return float(parameters.get("rope_theta", theta)), float(parameters["factor"]) if kind == "linear" else 1.0
+def _rope(parameters: dict[str, Any], theta: float, config: dict[str, Any], prefix: str = "rope_") -> dict[str, Any]:
+  """Our Llama's arguments for one rotary-embedding setting (`theta` where it names no base): rope_theta,
+  rope_type and its scaling parameters (prefix 'rope_local_': the base only, for Gemma 3's windowed layers)."""
+  kind = parameters.get("rope_type", parameters.get("type", "default")) or "default"
+  if kind not in ("default", "linear", "llama3"):
+    raise FinetuneError(f"rope scaling {parameters!r} is not supported; only plain rotary embeddings and the "
+                        "'linear' and 'llama3' scalings")
+  kwargs = {f"{prefix}theta": float(parameters.get("rope_theta", theta))}
+  if kind != "default" and prefix != "rope_":
+    raise FinetuneError(f"rope scaling of Gemma 3's sliding-window layers ({parameters!r}) is not supported; only "
+                        "of its full-attention layers")
+  if kind != "default":
+    kwargs.update(rope_type=kind, rope_factor=float(parameters["factor"]))
+  if kind == "llama3":  # (transformers' default for the original length: max_position_embeddings)
+    kwargs.update(rope_low_freq_factor=float(parameters["low_freq_factor"]),
+                  rope_high_freq_factor=float(parameters["high_freq_factor"]),
+                  rope_original_max_position_embeddings=int(parameters.get(
+                      "original_max_position_embeddings", config.get("max_position_embeddings", 8192))))
+  return kwargs
 
 
-def _rope_kwargs(config: dict[str, Any]) -> dict[str, float]:
-  """rope_theta and rope_factor (and Gemma 3's rope_local_theta) as transformers reads them: `rope_parameters`
-  (transformers 5; Gemma 3's per layer type) or, in older files, `rope_scaling` beside a top-level rope_theta
-  (Gemma 3's applying to its full-attention layers, whose local ones read rope_local_base_freq)."""
+def _rope_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+  """The rotary settings as transformers reads them: `rope_parameters` (transformers 5; Gemma 3's per layer type)
+  or, in older files, `rope_scaling` beside a top-level rope_theta (Gemma 3's applying to its full-attention
+  layers, whose local ones read rope_local_base_freq)."""
   parameters = config.get("rope_parameters") or {}
-  if config["model_type"] != "gemma3_text":
-    theta, factor = _rope(parameters or config.get("rope_scaling") or {}, config.get("rope_theta", 10000.0))
-    return {"rope_theta": theta, "rope_factor": factor}
+  if config["model_type"] != "gemma3_text":  # (transformers: rope_scaling, where given, over rope_parameters)
+    return _rope(config.get("rope_scaling") or parameters, config.get("rope_theta", 10000.0), config)
   nested = "full_attention" in parameters or "sliding_attention" in parameters
-  theta, factor = _rope((parameters.get("full_attention") if nested else config.get("rope_scaling")) or {},
-                        config.get("rope_theta", 1_000_000.0))
-  local_theta, local_factor = _rope((parameters.get("sliding_attention") if nested else None) or {},
-                                    config.get("rope_local_base_freq", 10_000.0))
-  if local_factor != 1.0:
-    raise FinetuneError(f"rope scaling of Gemma 3's sliding-window layers ({parameters['sliding_attention']!r}) is "
-                        "not supported; only of its full-attention layers")
-  return {"rope_theta": theta, "rope_factor": factor, "rope_local_theta": local_theta}
+  # Gemma3TextConfig updates the full-attention setting with rope_scaling: a "type" key there leaves rope_type.
+  full = dict((parameters.get("full_attention") if nested else None) or {"rope_type": "default"})
+  full.update(config.get("rope_scaling") or {})
+  return {**_rope(full, config.get("rope_theta", 1_000_000.0), config),
+          **_rope((parameters.get("sliding_attention") if nested else None) or {},
+                  config.get("rope_local_base_freq", 10_000.0), config, prefix="rope_local_")}
 
 
 def _activation(config: dict[str, Any]) -> str:
@@ -334,6 +348,10 @@ def read_config(path: str) -> dict[str, Any]:
       not set(config["layer_types"]) <= {"full_attention", "sliding_attention"}):
     raise FinetuneError(f"{path}/config.json's layer_types must give each of its num_hidden_layers layers "
                         "'full_attention' or 'sliding_attention'; fix config.json")
+  if model_type in ("gemma2", "gemma3_text") and "query_pre_attn_scalar" in config and \
+      not config["query_pre_attn_scalar"]:
+    raise FinetuneError(f"{path}/config.json's query_pre_attn_scalar is {config['query_pre_attn_scalar']!r}; give "
+                        "the number the attention scores are scaled by the inverse square root of (head_dim, or 256)")
   if model_type in _GEMMAS and config.get("use_bidirectional_attention"):
     raise FinetuneError(f"{path}: Gemma with bidirectional attention (use_bidirectional_attention, an embedding "
                         "model) is not supported; only causal language models")
@@ -630,6 +648,9 @@ def _llama_family_export(kwargs: dict[str, Any]) -> tuple[str, list, dict[str, A
     raise FinetuneError("only Gemma 3 (norm_unit_offset, scale_embeddings, sandwich_norms and qk_norm) has a rotary "
                         "base of its own in windowed layers: export needs those settings, or "
                         "config.model.rope_local_theta=0")
+  if gemma3 and kwargs.get("attn_logit_softcapping"):
+    raise FinetuneError("transformers' Gemma 3 does not soft-cap attention scores: export of a model with qk_norm, "
+                        "sandwich_norms and attn_logit_softcapping needs config.model.attn_logit_softcapping=0")
   if any(gemma) or gemma2:
     # Gemma: both, biases on all four projections or none, no query/key norms; Gemma 2 adds the rest and windows,
     # Gemma 3 query/key norms.
@@ -652,7 +673,8 @@ def _llama_family_export(kwargs: dict[str, Any]) -> tuple[str, list, dict[str, A
         "query_pre_attn_scalar": int(scalar) if float(scalar).is_integer() else scalar,
         "attn_logit_softcapping": kwargs.get("attn_logit_softcapping") or None,
         "final_logit_softcapping": kwargs.get("final_logit_softcapping") or None,
-        "sliding_window": window or None,  # (Gemma2Config derives alternating layers from a missing layer_types)
+        # (Gemma 2/3 build the windowed mask whether a layer uses it or not: a null window fails their forward pass)
+        "sliding_window": window or 4096,
         "layer_types": kinds or [("sliding_attention" if window else "full_attention")] * kwargs["num_hidden_layers"]}
   if (kwargs.get("qk_norm") or qkv_bias_only) and window:
     # Qwen's window: on, and per layer (layer_types; transformers 5 reads them before max_window_layers).
@@ -682,14 +704,17 @@ def _llama_family_export(kwargs: dict[str, Any]) -> tuple[str, list, dict[str, A
 
 def _rope_parameters(model_type: str, kwargs: dict[str, Any]) -> dict[str, Any]:
   """config.json's `rope_parameters` for our Llama's rotary settings (Gemma 3's per layer type)."""
-  def one(theta: float, factor: float) -> dict[str, Any]:
-    return ({"rope_type": "default", "rope_theta": theta} if factor == 1.0 else
-            {"rope_type": "linear", "factor": factor, "rope_theta": theta})
-
-  full = one(kwargs["rope_theta"], kwargs.get("rope_factor", 1.0))
+  kind = kwargs.get("rope_type", "default")
+  full = {"rope_type": kind, "rope_theta": kwargs["rope_theta"]}
+  if kind != "default":
+    full["factor"] = kwargs["rope_factor"]
+  if kind == "llama3":
+    full.update(low_freq_factor=kwargs["rope_low_freq_factor"], high_freq_factor=kwargs["rope_high_freq_factor"],
+                original_max_position_embeddings=kwargs["rope_original_max_position_embeddings"])
   if model_type != "gemma3_text":
     return full
-  local = one(kwargs["rope_local_theta"], 1.0) if kwargs.get("rope_local_theta") else full
+  local = {"rope_type": "default", "rope_theta": kwargs["rope_local_theta"]} if kwargs.get("rope_local_theta") \
+      else full
   return {"full_attention": full, "sliding_attention": local}
 
 

@@ -14,6 +14,7 @@ is an argument of BERT), and `hf.py` reads them from the checkpoint's model_type
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -55,10 +56,42 @@ def _rms_norm(features: int, eps: float, rngs: nnx.Rngs, unit_offset: bool = Fal
                      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)))
 
 
-def rotary(positions: jax.Array, head_dim: int, theta: float, factor: float = 1.0) -> tuple[jax.Array, jax.Array]:
-  """(B, L) positions -> cos, sin of shape (B, L, head_dim): frequencies theta^(-2i/d) repeated for both halves,
-  divided by `factor` (linear position scaling: transformers' rope_type 'linear')."""
-  inverse_frequency = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)) / factor
+ROPE_TYPES = ("default", "linear", "llama3")  # (transformers' rope_type names)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+  """One rotary-embedding setting, as transformers' rope_parameters hold it: the base `theta` and a scaling of the
+  frequencies: none ('default'), all divided by `factor` ('linear'), or Llama 3.1's ('llama3': wavelengths longer
+  than original_max_positions / low_freq_factor divided by `factor`, shorter than original_max_positions /
+  high_freq_factor kept, those between interpolated)."""
+  theta: float
+  kind: str = "default"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_positions: int = 8192
+
+  def inverse_frequency(self, head_dim: int) -> jax.Array:
+    """(head_dim / 2,) frequencies theta^(-2i/d), scaled."""
+    frequency = 1.0 / (self.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if self.kind == "linear":
+      return frequency / self.factor
+    if self.kind != "llama3":
+      return frequency
+    wavelength = 2 * jnp.pi / frequency
+    scaled = jnp.where(wavelength > self.original_max_positions / self.low_freq_factor, frequency / self.factor,
+                       frequency)
+    smooth = ((self.original_max_positions / wavelength - self.low_freq_factor) /
+              (self.high_freq_factor - self.low_freq_factor))
+    medium = ((wavelength >= self.original_max_positions / self.high_freq_factor) &
+              (wavelength <= self.original_max_positions / self.low_freq_factor))
+    return jnp.where(medium, (1 - smooth) * scaled / self.factor + smooth * scaled, scaled)
+
+
+def rotary(positions: jax.Array, head_dim: int, rope: Rope) -> tuple[jax.Array, jax.Array]:
+  """(B, L) positions -> cos, sin of shape (B, L, head_dim): `rope`'s frequencies repeated for both halves."""
+  inverse_frequency = rope.inverse_frequency(head_dim)
   angles = positions[..., None].astype(jnp.float32) * inverse_frequency  # (B, L, d/2)
   angles = jnp.concatenate([angles, angles], axis=-1)  # (B, L, d/2) -> (B, L, d)
   return jnp.cos(angles), jnp.sin(angles)
@@ -173,8 +206,10 @@ class Llama(nnx.Module):
   `sandwich_norms`: each sub-layer's output normed too (Gemma 2, `DecoderLayer`); `query_pre_attn_scalar`: scores
   scaled by its inverse square root instead of head_dim's (0: head_dim); `attn_logit_softcapping` and
   `final_logit_softcapping`: attention scores and output logits become c * tanh(x / c) (0: uncapped; Gemma 2);
-  `rope_factor`: rotary positions divided by it (linear scaling); `rope_local_theta` > 0: sliding-window layers'
-  rotary base, unscaled, while full-attention layers keep rope_theta and rope_factor (Gemma 3)."""
+  `rope_type` ('default', 'linear' or 'llama3'), `rope_factor`, `rope_low_freq_factor`, `rope_high_freq_factor`
+  and `rope_original_max_position_embeddings`: the rotary scaling (`Rope`); `rope_local_theta` > 0:
+  sliding-window layers' rotary base, unscaled, while full-attention layers keep rope_theta and its scaling
+  (Gemma 3)."""
 
   scan_blocks = "layers"  # the stack of identical blocks that config.train.scan_layers stacks
   input_keys = ("input_ids", "attention_mask")
@@ -187,13 +222,22 @@ class Llama(nnx.Module):
                layer_types: tuple[str, ...] = (), hidden_act: str = "silu",
                norm_unit_offset: bool = False, scale_embeddings: bool = False, sandwich_norms: bool = False,
                query_pre_attn_scalar: float = 0.0, attn_logit_softcapping: float = 0.0,
-               final_logit_softcapping: float = 0.0, rope_factor: float = 1.0, rope_local_theta: float = 0.0,
+               final_logit_softcapping: float = 0.0, rope_type: str = "default", rope_factor: float = 1.0,
+               rope_low_freq_factor: float = 1.0, rope_high_freq_factor: float = 4.0,
+               rope_original_max_position_embeddings: int = 8192, rope_local_theta: float = 0.0,
                hf_config: str = "", rngs: nnx.Rngs):
     del num_classes, hf_config  # a language model predicts tokens; hf_config is read before construction
-    self.rope_theta, self.rope_factor, self.rope_local_theta = rope_theta, rope_factor, rope_local_theta
-    if rope_factor <= 0 or rope_local_theta < 0:
-      raise FinetuneError(f"config.model.rope_factor={rope_factor} must be positive and config.model."
-                          f"rope_local_theta={rope_local_theta} positive or 0 (the windowed layers use rope_theta)")
+    if rope_type not in ROPE_TYPES:
+      raise FinetuneError(f"config.model.rope_type={rope_type!r} is not supported; valid: {', '.join(ROPE_TYPES)}")
+    if rope_factor <= 0 or rope_local_theta < 0 or (rope_type == "default" and rope_factor != 1.0) or (
+        rope_type == "llama3" and not 0 < rope_low_freq_factor < rope_high_freq_factor):
+      raise FinetuneError(f"config.model.rope_factor={rope_factor} must be positive (1 with rope_type 'default'), "
+                          f"rope_local_theta={rope_local_theta} positive or 0 (windowed layers use rope_theta), and "
+                          f"with rope_type 'llama3' 0 < rope_low_freq_factor={rope_low_freq_factor} < "
+                          f"rope_high_freq_factor={rope_high_freq_factor}")
+    self.rope = Rope(rope_theta, rope_type, rope_factor, rope_low_freq_factor, rope_high_freq_factor,
+                     rope_original_max_position_embeddings)
+    self.local_rope = Rope(rope_local_theta) if rope_local_theta else self.rope
     if not head_dim and hidden_size % num_attention_heads:  # (failed in the first step as a shape mismatch)
       raise FinetuneError(f"config.model.hidden_size={hidden_size} is not a multiple of "
                           f"config.model.num_attention_heads={num_attention_heads}; change one, or set "
@@ -243,9 +287,7 @@ class Llama(nnx.Module):
     # Computed in float32 and used in the stream's dtype, as transformers does: float32 tables turned bfloat16
     # queries and keys (train.compute_dtype) back into float32.
     def rotary_tables(windowed: bool) -> tuple[jax.Array, jax.Array]:
-      theta, factor = ((self.rope_local_theta, 1.0) if windowed and self.rope_local_theta else
-                       (self.rope_theta, self.rope_factor))
-      cos, sin = rotary(positions(attention_mask), self.head_dim, theta, factor)
+      cos, sin = rotary(positions(attention_mask), self.head_dim, self.local_rope if windowed else self.rope)
       return cos.astype(x.dtype), sin.astype(x.dtype)
 
     if self.attention_kinds is None:

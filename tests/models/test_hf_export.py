@@ -1,5 +1,5 @@
-"""Export of GPT-2, Llama (and its Qwen2, Qwen3 and Mistral forms) and ViT: transformers loads what we write and
-computes the same logits."""
+"""Export of GPT-2, Llama (and its Qwen2, Qwen3, Mistral, Ministral and Gemma 1-3 forms) and ViT: transformers
+loads what we write and computes the same logits."""
 
 from __future__ import annotations
 
@@ -71,6 +71,11 @@ CASES = {
         hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=60, max_position_embeddings=64,
         rope_parameters={"rope_type": "linear", "factor": 3.0, "rope_theta": 10000.0})), 0, "ids"),
+    "llama-llama3-rope": (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=60, max_position_embeddings=256,
+        rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64, "rope_theta": 10000.0})), 0, "ids"),
     "vit": (lambda: transformers.ViTForImageClassification(transformers.ViTConfig(
         image_size=16, patch_size=4, num_channels=3, hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
         intermediate_size=32, num_labels=3)), 3, "images"),
@@ -154,6 +159,34 @@ def test_unexportable_model_is_an_error(tmp_path):
   with pytest.raises(FinetuneError, match=r"only Gemma 2 \(with sandwich_norms\) has soft-capping"):
     hf.export_params("llama", {}, {"norm_unit_offset": True, "scale_embeddings": True, "sliding_window": 4}, [],
                      str(tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_a_gemma_without_a_window_exports_a_model_transformers_runs(kind, tmp_path):
+  """Gemma 2/3 build their windowed mask whether any layer uses it: the export writes a window (unused by its
+  all-full layer_types), since a null one fails transformers' forward pass. Gemma 3 ignores an attention cap."""
+  reference = CASES[kind][0]()
+  reference.save_pretrained(tmp_path / "in")
+  model_cfg = ConfigDict({"name": "llama", "hf_config": str(tmp_path / "in"), "sliding_window": 0,
+                          "layer_types": (), "attn_logit_softcapping": 0.0})
+  kwargs = {**{k: p.default for k, p in inspect.signature(MODELS.get("llama").__init__).parameters.items()
+               if p.default is not inspect.Parameter.empty}, **model_kwargs(model_cfg, 0)}
+  params = read_checkpoint_arrays(str(tmp_path / "in"))["params"]
+  hf.export_params("llama", params, kwargs, [], str(tmp_path / "out"), hf.read_config(str(tmp_path / "in")))
+  written = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert written["sliding_window"] == 4096 and set(written["layer_types"]) == {"full_attention"}
+  exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+  ids = np.random.default_rng(0).integers(0, 60, size=(1, 9))
+  ours = build_model(model_cfg, 0, nnx.Rngs(0))
+  graphdef, own, rest = nnx.split(ours, nnx.Param, ...)
+  loaded, _, _ = load_into(own.to_pure_dict(), params, (), "parameter", "in")
+  with torch.no_grad():
+    expected = exported(input_ids=torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(nnx.merge(graphdef, loaded, rest.to_pure_dict())(jnp.asarray(ids))),
+                             expected, atol=1e-4, rtol=1e-4)
+  if kind == "gemma3":
+    with pytest.raises(FinetuneError, match="transformers' Gemma 3 does not soft-cap attention scores"):
+      hf.export_params("llama", params, {**kwargs, "attn_logit_softcapping": 50.0}, [], str(tmp_path / "out2"))
 
 
 def test_llama_export_writes_float32_and_the_rope_it_computes_with(tmp_path):

@@ -75,9 +75,23 @@ CONFIGS = {
                               rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
                                                                   "rope_theta": 1e6},
                                                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    # Every layer windowed (one mask for all), and so rotating with the local base.
+    "gemma3-all-windowed": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=8, vocab_size=50, max_position_embeddings=64,
+                                sliding_window=5, query_pre_attn_scalar=8,
+                                layer_types=["sliding_attention", "sliding_attention"],
+                                rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                                 "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}),
     "llama-linear-rope": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, vocab_size=50, max_position_embeddings=64,
                               rope_parameters={"rope_type": "linear", "factor": 3.0, "rope_theta": 10000.0}),
+    # Llama 3.1's scaling; heads of 8 features: wavelengths 6.3, 63, 628 and 6283 tokens against an original length
+    # of 64 put one frequency in each regime (kept, interpolated, divided by the factor).
+    "llama3-rope": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=50, max_position_embeddings=256,
+                        rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+                                         "rope_theta": 10000.0}),
     # Gemma's own defaults: tied, GeGLU (tanh); heads of 16 features (hidden / heads = 8), as Gemma's 256 vs 3072/16.
     "gemma-tied": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, vocab_size=50, max_position_embeddings=64),
@@ -125,7 +139,8 @@ def test_logits_match_transformers(name, tmp_path):
                     "qwen2-tied": ["k_proj", "q_proj", "v_proj"],
                     "qwen2-window-layers": ["k_proj", "q_proj", "v_proj"]}.get(name, [])
   windowed = {"qwen2-window-layers": (0, 1, 1), "qwen3-window-layers": (1, 0), "ministral-window-layers": (1, 0, 1),
-              "gemma2-capped": (1, 0, 1), "gemma2-uncapped": (0, 1), "gemma3-local-rope": (1, 1, 0)}
+              "gemma2-capped": (1, 0, 1), "gemma2-uncapped": (0, 1), "gemma3-local-rope": (1, 1, 0),
+              "gemma3-all-windowed": None}
   assert ours.attention_kinds == windowed.get(name)  # (None: the same attention in every layer)
   assert ("layers/0/self_attn/q_norm/scale" in loaded) == name.startswith(("qwen3", "gemma3"))
   rng = np.random.default_rng(0)
@@ -284,6 +299,9 @@ def test_gemma2_configs_give_the_model_transformers_builds(tmp_path):
     {"rope_theta": 5e5, "rope_local_base_freq": 2e4, "rope_scaling": {"rope_type": "linear", "factor": 8.0}},
     {"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e5},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 3e3}}},
+    {"sliding_window_pattern": 3},  # (every third layer full)
+    # (A "type" key in rope_scaling leaves Gemma 3's rope_type 'default': transformers does not scale.)
+    {"rope_scaling": {"type": "linear", "factor": 8.0}},
 ])
 def test_gemma3_configs_give_the_rotary_settings_transformers_reads(fields, tmp_path):
   config = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=7, num_attention_heads=4,
@@ -292,10 +310,35 @@ def test_gemma3_configs_give_the_rotary_settings_transformers_reads(fields, tmp_
   _, kwargs = hf.model_kwargs(str(tmp_path))
   reference = transformers.Gemma3TextConfig(**config, **json.loads(json.dumps(fields)))
   full, local = reference.rope_parameters["full_attention"], reference.rope_parameters["sliding_attention"]
-  assert (kwargs["rope_theta"], kwargs["rope_factor"], kwargs["rope_local_theta"]) == (
-      full["rope_theta"], full.get("factor", 1.0), local["rope_theta"])
+  assert (kwargs["rope_theta"], kwargs.get("rope_factor", 1.0), kwargs["rope_local_theta"]) == (
+      full["rope_theta"], full.get("factor", 1.0) if full["rope_type"] != "default" else 1.0, local["rope_theta"])
   assert list(kwargs["layer_types"]) == reference.layer_types and kwargs["qk_norm"] and kwargs["sandwich_norms"]
   assert (kwargs["attn_logit_softcapping"], kwargs["final_logit_softcapping"]) == (0.0, 0.0)
+
+
+def test_a_gemma3_attention_cap_is_not_applied_as_transformers_does_not(tmp_path):
+  config = {"model_type": "gemma3_text", **CONFIGS["gemma3-local-rope"], "attn_logit_softcapping": 50.0}
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.warns(UserWarning, match="attn_logit_softcapping=50.0 in a gemma3_text config.json is not applied"):
+    assert hf.model_kwargs(str(tmp_path))[1]["attn_logit_softcapping"] == 0.0
+
+
+def test_llama3_rope_scaling_reads_transformers_defaults_and_other_scalings_are_refused(tmp_path):
+  scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+  config = {"model_type": "llama", **CONFIGS["mqa-head-dim"], "max_position_embeddings": 1024}
+  (tmp_path / "config.json").write_text(json.dumps({**config, "rope_scaling": scaling, "rope_theta": 5e5}))
+  kwargs = hf.model_kwargs(str(tmp_path))[1]
+  # (A pre-5 file: rope_scaling beside rope_theta; the original length defaults to max_position_embeddings.)
+  assert {key: kwargs[key] for key in kwargs if key.startswith("rope_")} == {
+      "rope_theta": 5e5, "rope_type": "llama3", "rope_factor": 8.0, "rope_low_freq_factor": 1.0,
+      "rope_high_freq_factor": 4.0, "rope_original_max_position_embeddings": 1024}
+  (tmp_path / "config.json").write_text(json.dumps({**config, "rope_parameters": {"rope_type": "yarn",
+                                                                                   "factor": 4.0}}))
+  with pytest.raises(FinetuneError, match="only plain rotary embeddings and the 'linear' and 'llama3' scalings"):
+    hf.model_kwargs(str(tmp_path))
+  with pytest.raises(FinetuneError, match=r"rope_factor=2.0 must be positive \(1 with rope_type 'default'\)"):
+    build_model(ConfigDict({"name": "llama", "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
+                            "num_attention_heads": 2, "vocab_size": 30, "rope_factor": 2.0}), 0, nnx.Rngs(0))
 
 
 def test_an_unknown_activation_names_the_valid_ones():
