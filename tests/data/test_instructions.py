@@ -280,9 +280,10 @@ def test_unreadable_lines_are_one_line_errors(tokenizer_dir, tmp_path, second_li
     instructions(str(tmp_path), train_file="train.jsonl", tokenizer=tokenizer_dir)
 
 
-# (qwen2: a Qwen2 checkpoint, which our Llama reads: QLoRA over its biased q/k/v projections.)
+# (qwen2: a Qwen2 checkpoint, which our Llama reads: QLoRA over its biased q/k/v projections. gemma2: a Gemma 2
+# one, packed: soft-capped scores and logits, windows shorter than the rows in alternate layers.)
 @pytest.mark.parametrize("model,peft,pack", [("llama", "", False), ("qwen2", "qlora", False), ("gpt2", "lora", False),
-                                             ("gpt2", "", True)])
+                                             ("gpt2", "", True), ("gemma2", "lora", True)])
 def test_sft_trains_a_decoder_on_responses_only(model, peft, pack, tokenizer_dir, tmp_path):
   torch = pytest.importorskip("torch")
   from finetune import train as train_lib  # pylint: disable=g-import-not-at-top
@@ -299,6 +300,12 @@ def test_sft_trains_a_decoder_on_responses_only(model, peft, pack, tokenizer_dir
     transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=30523, max_position_embeddings=64)).save_pretrained(checkpoint)
+    model = "llama"
+  elif model == "gemma2":
+    transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, vocab_size=30522, max_position_embeddings=64, sliding_window=8, attn_logit_softcapping=5.0,
+        final_logit_softcapping=10.0)).save_pretrained(checkpoint)
     model = "llama"
   else:
     transformers.GPT2LMHeadModel(transformers.GPT2Config(
