@@ -148,6 +148,11 @@ def last_token(attention_mask: jax.Array) -> jax.Array:
   return length - 1 - jnp.argmax(attention_mask[:, ::-1] > 0, axis=1)
 
 
+def soft_cap(x: jax.Array, cap: float) -> jax.Array:
+  """cap * tanh(x / cap): x bent smoothly into (-cap, cap) (Gemma 2's attention scores and output logits)."""
+  return jnp.tanh(x / cap) * cap
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None,
            dropout: nnx.Dropout | None = None, train: bool = False, rngs: nnx.Rngs | None = None,
            prefix: nnx.Module | None = None, scale: float = 0.0, softcap: float = 0.0) -> jax.Array:
@@ -166,7 +171,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = No
   else:
     scores = scores / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
   if softcap:
-    scores = jnp.tanh(scores / softcap) * softcap
+    scores = soft_cap(scores, softcap)
   if bias is not None:
     scores = scores + bias
   weights = jax.nn.softmax(scores, axis=-1)

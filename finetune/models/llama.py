@@ -24,7 +24,7 @@ from flax import nnx
 from finetune.errors import FinetuneError
 from finetune.models import MODELS
 from finetune.models.layers import (attend, causal_bias, embedding, last_token, numbered_groups, positions,
-                                    run_blocks, transformer_dense)
+                                    run_blocks, soft_cap, transformer_dense)
 
 
 # The gated MLP's activation, by transformers' `hidden_act` name: SwiGLU (Llama, Qwen, Mistral) or GeGLU with
@@ -316,7 +316,7 @@ class Llama(nnx.Module):
     logits = self.embed_tokens.attend(states) if self.lm_head is None else self.lm_head(states)
     logits = logits.astype(jnp.float32)
     if self.final_logit_softcapping:
-      logits = jnp.tanh(logits / self.final_logit_softcapping) * self.final_logit_softcapping
+      logits = soft_cap(logits, self.final_logit_softcapping)
     return logits
 
   def layer_groups(self) -> list[tuple[str, str]]:
