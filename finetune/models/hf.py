@@ -134,12 +134,12 @@ def _llama_extra(config: dict[str, Any]) -> dict[str, Any]:
     warnings.warn(f"attn_logit_softcapping={kwargs['attn_logit_softcapping']} in a gemma3_text config.json is not "
                   "applied, as transformers does not apply it", stacklevel=2)
     kwargs["attn_logit_softcapping"] = 0.0
-  elif config["model_type"] in ("llama", "qwen3"):
+  if config["model_type"] in ("llama", "qwen3"):
     kwargs["attention_bias"] = bool(config.get("attention_bias"))
     kwargs["qk_norm"] = config["model_type"] == "qwen3"
     if config["model_type"] == "qwen3" and config.get("head_dim") is None:  # (Qwen3Config's default, not hidden/heads)
       kwargs["head_dim"] = 128
-  elif config["model_type"] == "qwen2":
+  if config["model_type"] == "qwen2":
     kwargs["qkv_bias"] = True  # (transformers' Qwen2Attention has them whatever config.json says)
   if config["model_type"] in _WINDOWED_FAMILY:
     kinds = _layer_types(config)
@@ -162,6 +162,10 @@ def _rope(parameters: dict[str, Any], theta: float, config: dict[str, Any], pref
   if kind != "default" and prefix != "rope_":
     raise FinetuneError(f"rope scaling of Gemma 3's sliding-window layers ({parameters!r}) is not supported; only "
                         "of its full-attention layers")
+  needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}.get(kind, ())
+  if any(key not in parameters for key in needed):
+    raise FinetuneError(f"rope scaling {parameters!r} lacks {', '.join(k for k in needed if k not in parameters)}, "
+                        f"which rope_type {kind!r} needs; fix config.json")
   if kind != "default":
     kwargs.update(rope_type=kind, rope_factor=float(parameters["factor"]))
   if kind == "llama3":  # (transformers' default for the original length: max_position_embeddings)

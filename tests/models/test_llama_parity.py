@@ -336,6 +336,10 @@ def test_llama3_rope_scaling_reads_transformers_defaults_and_other_scalings_are_
                                                                                    "factor": 4.0}}))
   with pytest.raises(FinetuneError, match="only plain rotary embeddings and the 'linear' and 'llama3' scalings"):
     hf.model_kwargs(str(tmp_path))
+  (tmp_path / "config.json").write_text(json.dumps({**config, "rope_parameters": {"rope_type": "llama3",
+                                                                                   "factor": 4.0}}))
+  with pytest.raises(FinetuneError, match="lacks low_freq_factor, high_freq_factor, which rope_type 'llama3' needs"):
+    hf.model_kwargs(str(tmp_path))
   with pytest.raises(FinetuneError, match=r"rope_factor=2.0 must be positive \(1 with rope_type 'default'\)"):
     build_model(ConfigDict({"name": "llama", "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
                             "num_attention_heads": 2, "vocab_size": 30, "rope_factor": 2.0}), 0, nnx.Rngs(0))
