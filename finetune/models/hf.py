@@ -118,11 +118,6 @@ def _llama_extra(config: dict[str, Any]) -> dict[str, Any]:
   kwargs = {**_rope_kwargs(config), "hidden_act": _activation(config)}
   if config["model_type"] in _GEMMAS:
     kwargs.update(norm_unit_offset=True, scale_embeddings=True, attention_bias=bool(config.get("attention_bias")))
-    # Gemma's configs' defaults where config.json leaves the keys out (ours are Llama's).
-    if config.get("head_dim") is None:
-      kwargs["head_dim"] = 256
-    if config.get("tie_word_embeddings") is None:
-      kwargs["tie_word_embeddings"] = True
   if config["model_type"] in ("gemma2", "gemma3_text"):  # (null soft-capping is none: our 0)
     caps = (50.0, 30.0) if config["model_type"] == "gemma2" else (None, None)
     kwargs.update(sandwich_norms=True, query_pre_attn_scalar=float(config.get("query_pre_attn_scalar", 256)),
@@ -137,8 +132,6 @@ def _llama_extra(config: dict[str, Any]) -> dict[str, Any]:
   if config["model_type"] in ("llama", "qwen3"):
     kwargs["attention_bias"] = bool(config.get("attention_bias"))
     kwargs["qk_norm"] = config["model_type"] == "qwen3"
-    if config["model_type"] == "qwen3" and config.get("head_dim") is None:  # (Qwen3Config's default, not hidden/heads)
-      kwargs["head_dim"] = 128
   if config["model_type"] == "qwen2":
     kwargs["qkv_bias"] = True  # (transformers' Qwen2Attention has them whatever config.json says)
   if config["model_type"] in _WINDOWED_FAMILY:
@@ -207,7 +200,7 @@ def _layer_types(config: dict[str, Any]) -> list[str]:
   `use_sliding_window` false); else config.json's `layer_types` where given (a Mistral config with them loads as
   Ministral, which may alternate), Qwen's window from layer `max_window_layers` on, Gemma 2's in every other layer
   from the first, Mistral's in every layer."""
-  layers = int(config.get("num_hidden_layers", 32))  # (a missing key: our Llama's default depth, as built)
+  layers = int(config["num_hidden_layers"])  # (filled by read_config where config.json leaves it out)
   window_on = config.get("sliding_window", 4096) is not None
   if config["model_type"] in ("qwen2", "qwen3"):
     window_on = window_on and bool(config.get("use_sliding_window"))
@@ -231,9 +224,6 @@ _VIT_CONFIG = {
     "hidden_size": "width", "num_hidden_layers": "depth", "num_attention_heads": "num_heads",
     "intermediate_size": "mlp_dim", "layer_norm_eps": "layer_norm_eps",
 }
-# transformers' ViTConfig defaults (google/vit-base-patch16-224's architecture).
-_VIT_DEFAULTS = {"image_size": 224, "patch_size": 16, "num_channels": 3, "hidden_size": 768, "num_hidden_layers": 12,
-                 "num_attention_heads": 12, "intermediate_size": 3072, "layer_norm_eps": 1e-12}
 _VIT_RULES = [
     (r"embeddings\.cls_token", "cls_token", False),
     (r"embeddings\.position_embeddings", "position_embedding", False),
@@ -278,11 +268,7 @@ ARCHITECTURES = {
     "gemma": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
     "gemma2": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
     "gemma3_text": ("llama", _LLAMA_CONFIG, "model.", _LLAMA_RULES, _LLAMA_LEFTOVERS, _llama_extra),
-    # A config.json that leaves a key out means transformers' ViTConfig default (our constructor's are a toy
-    # model's: 28x28x1, width 64, and layer_norm_eps 1e-6).
-    "vit": ("vit", _VIT_CONFIG, "vit.", _VIT_RULES, _VIT_LEFTOVERS,
-            lambda c: {"pool": "cls", **{ours: c[theirs] if c.get(theirs) is not None else _VIT_DEFAULTS[theirs]
-                                         for theirs, ours in _VIT_CONFIG.items()}}),
+    "vit": ("vit", _VIT_CONFIG, "vit.", _VIT_RULES, _VIT_LEFTOVERS, lambda c: {"pool": "cls"}),
 }
 
 
@@ -329,11 +315,36 @@ def require_checkpoint_dir(path: str, what: str) -> str:
   return path
 
 
+def _with_class_defaults(config: dict[str, Any], path: str) -> dict[str, Any]:
+  """config.json with the architecture keys it leaves out (or null) as transformers' config class for its
+  model_type fills them, so the model built is the one transformers builds: files written by older versions leave
+  out keys whose defaults were the architecture's (a Gemma's 16 key/value heads whatever its query heads, a Qwen3's
+  128-wide heads). The class itself, not a copy of its defaults: they differ by model_type and may change by
+  version."""
+  keys = ARCHITECTURES[config["model_type"]][1]
+  missing = [key for key in keys if config.get(key) is None]
+  if not missing:
+    return config  # (a complete file: transformers' import is seconds)
+  from transformers import AutoConfig  # pylint: disable=g-import-not-at-top
+  # The class reads the given architecture keys only (a default may follow from them: Llama's key/value heads from
+  # its query heads), not the rest, whose checks here name the problem better than its own validation.
+  given = {key: config[key] for key in keys if config.get(key) is not None}
+  try:
+    filled = AutoConfig.for_model(config["model_type"], **given).to_dict()
+  except Exception as e:  # transformers' own validation: one line naming the file
+    raise FinetuneError(f"{path}/config.json is not a config transformers can read ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); fix config.json") from None
+  return {**config, **{key: filled[key] for key in missing if filled.get(key) is not None}}
+
+
 def read_config(path: str) -> dict[str, Any]:
+  """A checkpoint's config.json, checked for what our models compute, with its left-out architecture keys filled
+  as transformers fills them."""
   config = read_json(os.path.join(path, "config.json"), "download or save the checkpoint again")
   model_type = config.get("model_type")
   if model_type not in ARCHITECTURES:
     raise FinetuneError(f"{path}/config.json has model_type {model_type!r}; supported: {', '.join(ARCHITECTURES)}")
+  config = _with_class_defaults(config, path)
   if model_type in ("bert", "roberta") and config.get("hidden_act", "gelu") != "gelu":
     raise FinetuneError(f"{path}: hidden_act {config['hidden_act']!r} is not supported (only 'gelu')")
   if model_type in ("bert", "roberta") and (config.get("is_decoder") or config.get("add_cross_attention")):
@@ -348,7 +359,7 @@ def read_config(path: str) -> dict[str, Any]:
     key = "hidden_activation" if model_type in ("gemma2", "gemma3_text") else "hidden_act"
     raise FinetuneError(f"{path}: {key} {config[key]!r} is not supported (only 'silu' and 'gelu_pytorch_tanh')")
   if model_type in _WINDOWED_FAMILY and config.get("layer_types") is not None and (
-      len(config["layer_types"]) != int(config.get("num_hidden_layers", 32)) or
+      len(config["layer_types"]) != int(config["num_hidden_layers"]) or
       not set(config["layer_types"]) <= {"full_attention", "sliding_attention"}):
     raise FinetuneError(f"{path}/config.json's layer_types must give each of its num_hidden_layers layers "
                         "'full_attention' or 'sliding_attention'; fix config.json")

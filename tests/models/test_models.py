@@ -12,7 +12,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from finetune.errors import FinetuneError
-from finetune.models import MODELS, build_model, model_kwargs
+from finetune.models import MODELS, build_model, hf, model_kwargs
 from finetune.partition import flatten
 from finetune.sharding import logical_axes
 
@@ -252,7 +252,6 @@ def test_config_json_defaults_are_transformers_own(tmp_path):
   """(A ViT config.json without layer_norm_eps got our 1e-6, not transformers' 1e-12, silently; a RoBERTa one with
   "pad_token_id": null was a TypeError.)"""
   import json  # pylint: disable=g-import-not-at-top
-  from finetune.models import hf  # pylint: disable=g-import-not-at-top
   vit = {"model_type": "vit", "image_size": 8, "patch_size": 4, "hidden_size": 16, "num_hidden_layers": 1,
          "num_attention_heads": 2, "intermediate_size": 16}
   (tmp_path / "vit").mkdir()
@@ -268,6 +267,28 @@ def test_config_json_defaults_are_transformers_own(tmp_path):
   (tmp_path / "roberta").mkdir()
   (tmp_path / "roberta" / "config.json").write_text(json.dumps(roberta))
   assert hf.model_kwargs(str(tmp_path / "roberta"))[1]["position_offset"] == 2
+
+
+@pytest.mark.parametrize("heads", [None, 32], ids=["class-defaults", "32-heads"])
+@pytest.mark.parametrize("model_type", sorted(hf.ARCHITECTURES))
+def test_every_architecture_key_a_config_json_leaves_out_is_transformers_default(model_type, heads, tmp_path):
+  """Hub files from older versions leave out keys whose defaults were the architecture's, and those differ by
+  model_type: a Gemma with 32 query heads has GemmaConfig's 16 key/value heads (ours were as many as the queries,
+  a shape error on load), a Gemma 2 without any keys 4 of 8, a Qwen3 128-wide heads."""
+  import json  # pylint: disable=g-import-not-at-top
+  transformers = pytest.importorskip("transformers")
+  fields = {"model_type": model_type}
+  if heads:
+    fields["n_head" if model_type == "gpt2" else "num_attention_heads"] = heads
+  (tmp_path / "config.json").write_text(json.dumps(fields))
+  _, kwargs = hf.model_kwargs(str(tmp_path))
+  reference = transformers.AutoConfig.for_model(**fields)
+  # (None: a key computed from others, GPT-2's n_inner as 4 * n_embd, Qwen2's head_dim as hidden / heads)
+  expected = {ours: getattr(reference, theirs, None) for theirs, ours in hf.ARCHITECTURES[model_type][1].items()}
+  expected = {ours: value for ours, value in expected.items() if value is not None}
+  assert {key: kwargs[key] for key in expected} == expected
+  if model_type == "gemma2" or (model_type == "gemma" and heads):  # (the cases our old fallback got wrong)
+    assert kwargs["num_key_value_heads"] == {"gemma": 16, "gemma2": 4}[model_type] != kwargs["num_attention_heads"]
 
 
 TEXT_MODELS = {
