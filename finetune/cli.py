@@ -361,7 +361,10 @@ def run_sweep(config_spec: str, workdir: str, parallel: int, dry_run: bool, metr
   if dry_run or wandb_out:
     return 0
   if aggregate_only and not os.path.isdir(workdir):
-    raise FinetuneError(f"--aggregate-only: {workdir} does not exist; run the sweep first (without the flag)")
+    what = "is not a folder" if os.path.exists(workdir) else "does not exist"
+    raise FinetuneError(f"--aggregate-only: {workdir} {what}; run the sweep first (without the flag)")
+  if aggregate_only:  # (another config's runs would be tabulated as incomplete, over the results of their own)
+    sweep.check_workdir(points, workdir)
   if os.path.isdir(workdir):  # a mistyped --metric fails now when some point has finished, not after the sweep
     sweep.collect(points, workdir, metrics)
   outcomes = [] if aggregate_only else sweep.run_sweep(points, workdir, parallel, vmap, only)

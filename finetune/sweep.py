@@ -206,12 +206,15 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
     points.append(Point(name, values, point_spec, tuple(point_overrides), config, sweep_spec, sweep_overrides,
                         frozenset(dropped)))
   by_name = {point.name: point for point in points}
-  for point in points:
+  for index, point in enumerate(points):
     resolved = config_lib.to_json(point.config)
     if resolved in seen:
-      _refuse_an_override_that_merged(by_name[seen[resolved]], point, overrides)
-      raise FinetuneError(f"sweep points {seen[resolved]} and {point.name} resolve to the same config; drop one")
-    seen[resolved] = point.name
+      first = points[seen[resolved]]
+      _refuse_an_override_that_merged(by_name[first.name], point, overrides)
+      # (Entries equal as written get one name: the positions tell them apart.)
+      raise FinetuneError(f"sweep points {first.name} and {point.name} (entries {seen[resolved]} and {index} of "
+                          "get_sweep's list, from 0) resolve to the same config; drop one")
+    seen[resolved] = index
   return points
 
 

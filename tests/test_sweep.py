@@ -127,7 +127,11 @@ def test_load_sweep_validates_every_point_before_anything_runs(tmp_path, capsys)
   assert "point 1 is 'seed=1', not a dict" in error('[{"seed": 0}, "seed=1"]')
   assert "returned no points" in error("[]")
   # seed 0 is the default: the two points are one experiment.
-  assert "sweep points seed=0 and default resolve to the same config; drop one" in error('[{"seed": 0}, {}]')
+  assert "sweep points seed=0 and default (entries 0 and 1 of get_sweep's list, from 0) resolve to the same config; " \
+         "drop one" in error('[{"seed": 0}, {}]')
+  # Equal entries share a name: their positions tell them apart.
+  assert "sweep points seed=1-" in error('[{"seed": 0}, {"seed": 1}, {"seed": 1}]') and \
+      "(entries 1 and 2 of get_sweep's list, from 0)" in error('[{"seed": 0}, {"seed": 1}, {"seed": 1}]')
   assert "ignored its argument" not in error('[{":steps": "x"}]')  # a wrong :arg value is the config's error
   assert "expects int" in error('[{":steps": "x"}]')
   no_sweep = tmp_path / "plain.py"
@@ -386,6 +390,17 @@ def test_aggregate_only_tabulates_finished_points_and_runs_none(tmp_path, capsys
   assert status != 0 and "not allowed with argument --aggregate-only" in err
   status, _, err = sweep_cli(capsys, "--config", more_seeds, "--workdir", str(tmp_path / "none"), "--aggregate-only")
   assert status != 0 and "does not exist; run the sweep first" in err
+  (tmp_path / "a_file").write_text("")
+  status, _, err = sweep_cli(capsys, "--config", more_seeds, "--workdir", str(tmp_path / "a_file"), "--aggregate-only")
+  assert status != 0 and "a_file is not a folder; run the sweep first" in err
+  # Under another :arg the folder holds another experiment's runs: refused, not tabulated as incomplete over the
+  # table of their own.
+  written = {name: (workdir / name).read_bytes() for name in ("results.csv", "results.md")}
+  status, out, err = sweep_cli(capsys, "--config", more_seeds + ":steps=4", "--workdir", str(workdir),
+                               "--aggregate-only")
+  assert status == 2 and out == "" and "sweep point seed=0: " in err and \
+      "holds a run whose config differs (train.steps: 3 then, 4 now)" in err
+  assert {name: (workdir / name).read_bytes() for name in written} == written
   status, _, err = sweep_cli(capsys, "--config", more_seeds, "--workdir", str(workdir), "--aggregate-only",
                              "--wandb-sweep", str(tmp_path / "sweep.yaml"))
   assert status != 0 and "--aggregate-only only tabulates" in err and not (tmp_path / "sweep.yaml").exists()
