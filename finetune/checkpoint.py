@@ -315,6 +315,11 @@ def verify_folder(folder: str) -> list[tuple[str, int | str]]:
     dirs.sort()
     if os.path.basename(root) in ("checkpoints", "best"):
       found.extend(check(os.path.join(root, step)) for step in sorted((d for d in dirs if d.isdigit()), key=int))
+    if os.path.basename(root) == "checkpoints":
+      final = final_step(os.path.dirname(root))
+      if final is not None and str(final) not in dirs:  # (the step every reader of a finished stage takes)
+        found.append((os.path.join(root, str(final)), f"{os.path.join(root, str(final))} is missing: the stage "
+                      f"finished at step {final} (summary.json) and that step holds its result"))
     # Not into step folders (orbax's files) nor the folders orbax writes a step into before renaming it.
     dirs[:] = [d for d in dirs if not d.isdigit() and ".orbax-checkpoint-tmp" not in d]
   return found
@@ -411,6 +416,10 @@ def resolve_checkpoint(source: str, workdir: str, unfinished: bool = False) -> s
       # A run's latest checkpoint is its result only once it finished: an unfinished run's may be mid-training or
       # the weights that diverged (as `finetune export` refuses it). A step folder named outright is taken as is.
       run_dir = path if candidate != path else os.path.dirname(path)
+      final = final_step(run_dir)
+      if final is not None:  # a finished stage's result is its final step, whatever else the folder holds
+        check_final_step(run_dir, final)
+        return os.path.join(candidate, str(final))
       if not unfinished and not os.path.isfile(os.path.join(run_dir, "summary.json")):
         first_bad = diverged_from(run_dir)
         if first_bad is not None:  # (its latest checkpoint holds the diverged weights: not one to suggest)
@@ -429,6 +438,33 @@ def resolve_checkpoint(source: str, workdir: str, unfinished: bool = False) -> s
   hint = f"; it holds stages {', '.join(stages)}: use {source.rstrip('/')}/<stage>" if stages else ""
   raise FinetuneError(f"init_from {source!r} holds no checkpoint{hint or '; train that run first, or point at one'}"
                       f"{'' if hint else ' that has a checkpoints/<step> folder'}")
+
+
+def final_step(run_dir: str) -> int | None:
+  """The step of a finished stage's final checkpoint (its summary.json's `steps`: train saves that step last, early
+  stopping its best state there); None for a stage that has not finished."""
+  path = os.path.join(run_dir, "summary.json")
+  if not os.path.isfile(path):
+    return None
+  steps = files.read_json(path, "train that stage again").get("steps")
+  if not isinstance(steps, int) or isinstance(steps, bool):
+    raise FinetuneError(f"{path} is damaged (no integer steps), so which checkpoint is the stage's result is "
+                        "unknown: train that stage again")
+  return steps
+
+
+def check_final_step(run_dir: str, final: int) -> None:
+  """Raises unless a finished stage still has its final checkpoint: without it, the newest step kept was read as
+  the stage's result, silently (a step folder deleted after `finetune verify` named it damaged)."""
+  checkpoints = os.path.join(run_dir, "checkpoints")
+  if os.path.isdir(os.path.join(checkpoints, str(final))):
+    return
+  kept = _step_dirs(checkpoints)
+  others = (f"; its other steps ({', '.join(map(str, kept))}) are intermediate checkpoints, which `finetune eval` "
+            "and `export` read with --step N, and init_from as a step folder") if kept else ""
+  raise FinetuneError(f"{run_dir} finished at step {final} (summary.json), but its final checkpoint "
+                      f"{os.path.join(checkpoints, str(final))} is missing: copy that step folder back, or train the "
+                      f"stage again (delete {run_dir}){others}")
 
 
 def diverged_from(run_dir: str) -> int | None:

@@ -268,8 +268,8 @@ def run_verify(workdir: str, strict: bool = False) -> int:
   damaged = [(step_dir, result) for step_dir, result in found if isinstance(result, str)]
   if damaged:
     raise FinetuneError(f"{len(damaged)} of {len(found)} checkpoint steps are damaged; the first: {damaged[0][1]}; "
-                        "delete a damaged step folder (a run resumes from the step before) or copy it again from "
-                        "where it was written")
+                        "copy it again from where it was written, or delete a damaged step folder of an unfinished "
+                        "stage (it resumes from the step before; a finished stage's final step holds its result)")
   unchecked = sum(1 for _, result in found if result == 0)
   if strict and unchecked:
     first = next(step_dir for step_dir, result in found if result == 0)
@@ -399,6 +399,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _main(argv)
 
 
+# What re-running a command after Ctrl-C or SIGTERM does (eval, verify and plan wrote nothing: they start over).
+_AFTER_INTERRUPT = {
+    "train": "re-run the same command to resume from the last checkpoint",
+    "sweep": "re-run the same command: finished points are skipped, the others resume from their last checkpoints",
+    "export": "nothing was written (an export is written whole or not at all); re-run the same command",
+}
+
+
 def _main(argv: list[str]) -> int:
   try:
     rest, overrides = split_overrides(argv)
@@ -441,7 +449,8 @@ def _main(argv: list[str]) -> int:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
   except KeyboardInterrupt:
-    print("finetune: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+    command = next((arg for arg in argv if not arg.startswith("-")), "")
+    print(f"finetune: interrupted; {_AFTER_INTERRUPT.get(command, 're-run the same command')}", file=sys.stderr)
     return 130
   except OSError as e:  # a path that is a file where a folder is needed, no permission, a full disk: name it
     where = f": {e.filename}" if e.filename else ""

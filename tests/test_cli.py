@@ -14,6 +14,9 @@ import pytest
 
 from conftest import REPO
 from finetune import cli
+from finetune.checkpoint import resolve_checkpoint
+from finetune.errors import FinetuneError
+from finetune.export import latest_checkpoint
 
 TINY = '''
 def get_config(arg=None):
@@ -468,6 +471,23 @@ def test_verify_checks_every_step_of_a_workdir_and_names_the_damaged_one(capsys,
       f"1 of 2 checkpoint steps have no checksums.json (--strict), the first {workdir}/checkpoints/1: copy it again")
   assert _error(capsys, ["verify", "--workdir", str(tmp_path / "nothing")]).endswith(
       "is not a folder; give a workdir or run folder")
+  # A finished stage without its final step: verify names it, and every reader of the stage's result refuses (the
+  # newest step left was read as the result, silently).
+  shutil.rmtree(workdir / "checkpoints" / "3")
+  assert cli.main(["verify", "--workdir", str(workdir)]) == 2
+  captured = capsys.readouterr()
+  assert captured.out.splitlines()[1] == (f"checkpoints/3: {workdir}/checkpoints/3 is missing: the stage finished at "
+                                          "step 3 (summary.json) and that step holds its result")
+  assert "finetune: error: 1 of 2 checkpoint steps are damaged" in captured.err
+  missing = (f"{workdir} finished at step 3 (summary.json), but its final checkpoint {workdir}/checkpoints/3 is "
+             f"missing: copy that step folder back, or train the stage again (delete {workdir}); its other steps (1) "
+             "are intermediate checkpoints")
+  assert _error(capsys, ["eval", "--workdir", str(workdir)]).startswith(missing)
+  with pytest.raises(FinetuneError, match=re.escape(missing)):  # (export's, for a model it can export)
+    latest_checkpoint(str(workdir), "export")
+  with pytest.raises(FinetuneError, match=re.escape(missing)):  # (init_from's)
+    resolve_checkpoint(str(workdir), str(tmp_path))
+  assert resolve_checkpoint(str(workdir / "checkpoints" / "1"), str(tmp_path)).endswith("checkpoints/1")
 
 
 def test_processes_of_a_multi_host_resume_split_a_steps_checksum_reads(tmp_path, monkeypatch):
@@ -713,6 +733,22 @@ def test_an_interrupt_a_library_swallowed_still_ends_the_run(tiny_file, tmp_path
                                      "checkpoint\n")
   assert len(calls) == 3 and not (tmp_path / "run" / "summary.json").exists()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+
+
+def test_the_interrupted_line_says_what_re_running_that_command_does(monkeypatch, capsys, tmp_path):
+  """(Every command's said it resumes from the last checkpoint: eval, verify and plan have none to resume from.)"""
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  for name in ("run_verify", "run_eval", "run_sweep"):
+    monkeypatch.setattr(cli, name, interrupted)
+  assert cli.main(["verify", "--workdir", str(tmp_path)]) == 130
+  assert capsys.readouterr().err == "finetune: interrupted; re-run the same command\n"
+  assert cli.main(["eval", "--workdir", str(tmp_path)]) == 130
+  assert capsys.readouterr().err == "finetune: interrupted; re-run the same command\n"
+  assert cli.main(["sweep", "--config", "x.py", "--workdir", str(tmp_path)]) == 130
+  assert capsys.readouterr().err == ("finetune: interrupted; re-run the same command: finished points are skipped, "
+                                     "the others resume from their last checkpoints\n")
 
 
 def test_a_stage_closes_its_log_even_when_an_interrupt_cuts_its_checkpoint_close_short():
