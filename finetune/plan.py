@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from typing import Any
 
 import jax
@@ -79,11 +80,43 @@ def _loop_free_twin(cfg: ConfigDict) -> ConfigDict | None:
 
 
 def _flops(compiled: Any) -> tuple[float, bool]:
-  """(FLOPs per step and device, whether a loop remains in the program so that the count is a lower bound: the
-  LSTM's recurrence over time is one loop body to XLA's cost analysis)."""
+  """(FLOPs per step and device, whether a loop with matrix products remains in the program, so that the count is a
+  lower bound: the LSTM's recurrence over time is one loop body to XLA's cost analysis)."""
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", float("nan"))), " while(" in compiled.as_text()
+  return float(cost.get("flops", float("nan"))), _loop_with_matmuls(compiled.as_text())
+
+
+# An HLO computation's header line ("%name (params) -> type {", or "ENTRY %name ..."), its calls, its matrix products
+# (a dot or convolution, or a GPU library's GEMM custom call).
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
+_CALLED = re.compile(r"(?:calls|body|condition|to_apply)=%([\w.\-]+)")
+_MATMUL = re.compile(r" (?:dot|convolution)\(|custom_call_target=\"[^\"]*(?:gemm|matmul)", re.IGNORECASE)
+
+
+def _loop_with_matmuls(hlo: str) -> bool:
+  """Whether a while loop of the compiled program (its text) computes a matrix product in its body, itself or in a
+  computation it calls: such a loop's FLOPs are a multiple of what cost analysis counts. The random-bit loops of
+  dropout's generator are left out: their integer arithmetic is not what the figure is read for."""
+  bodies, name = {}, None
+  for line in hlo.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      name = header.group(1)
+      bodies[name] = []
+    elif name is not None:
+      bodies[name].append(line)
+
+  def has_matmul(computation: str, seen: set[str]) -> bool:
+    if computation in seen or computation not in bodies:
+      return False
+    seen.add(computation)
+    return any(_MATMUL.search(line) or any(has_matmul(called, seen) for called in _CALLED.findall(line))
+               for line in bodies[computation])
+
+  loop_bodies = [match for line in hlo.splitlines() if " while(" in line
+                 for match in re.findall(r"body=%([\w.\-]+)", line)]
+  return any(has_matmul(body, set()) for body in loop_bodies)
 
 
 def _planned_stage(cfg: ConfigDict, lineage: tuple[bool, ...], continues_adapters: bool) -> Any:
