@@ -343,7 +343,7 @@ def test_unreadable_checkpoint_is_one_line(capsys, tiny_file, tmp_path):
   broken = tmp_path / "broken" / "checkpoints" / "5" / "state"
   broken.mkdir(parents=True)
   (broken / "garbage").write_text("not a checkpoint")
-  (tmp_path / "broken" / "summary.json").write_text("{}")  # a finished run's folder
+  (tmp_path / "broken" / "summary.json").write_text(json.dumps({"steps": 5}))  # a finished run's folder
   message = _error(capsys, ["train", "--config", tiny_file, "--workdir", str(tmp_path / "w"),
                             f"--config.init_from={tmp_path / 'broken'}"])
   assert message.startswith(f"cannot read checkpoint {tmp_path / 'broken' / 'checkpoints' / '5'}")
