@@ -316,7 +316,11 @@ def verify_folder(folder: str) -> list[tuple[str, int | str]]:
     if os.path.basename(root) in ("checkpoints", "best"):
       found.extend(check(os.path.join(root, step)) for step in sorted((d for d in dirs if d.isdigit()), key=int))
     if os.path.basename(root) == "checkpoints":
-      final = final_step(os.path.dirname(root))
+      try:
+        final = final_step(os.path.dirname(root))
+      except FinetuneError as e:  # (a damaged summary.json: a finding like the others, not the end of the listing)
+        found.append((root, str(e)))
+        final = None
       if final is not None and str(final) not in dirs:  # (the step every reader of a finished stage takes)
         found.append((os.path.join(root, str(final)), f"{os.path.join(root, str(final))} is missing: the stage "
                       f"finished at step {final} (summary.json) and that step holds its result"))
@@ -420,7 +424,7 @@ def resolve_checkpoint(source: str, workdir: str, unfinished: bool = False) -> s
       if final is not None:  # a finished stage's result is its final step, whatever else the folder holds
         check_final_step(run_dir, final)
         return os.path.join(candidate, str(final))
-      if not unfinished and not os.path.isfile(os.path.join(run_dir, "summary.json")):
+      if not unfinished:  # (no summary.json: final_step said so)
         first_bad = diverged_from(run_dir)
         if first_bad is not None:  # (its latest checkpoint holds the diverged weights: not one to suggest)
           good = [step for step in steps if step < first_bad]

@@ -205,12 +205,11 @@ def load_sweep(spec: str, overrides: Sequence[str] = ()) -> list[Point]:
       raise FinetuneError(f"sweep point {name}: {e}") from None
     points.append(Point(name, values, point_spec, tuple(point_overrides), config, sweep_spec, sweep_overrides,
                         frozenset(dropped)))
-  by_name = {point.name: point for point in points}
   for index, point in enumerate(points):
     resolved = config_lib.to_json(point.config)
     if resolved in seen:
       first = points[seen[resolved]]
-      _refuse_an_override_that_merged(by_name[first.name], point, overrides)
+      _refuse_an_override_that_merged(first, point, overrides)
       # (Entries equal as written get one name: the positions tell them apart.)
       raise FinetuneError(f"sweep points {first.name} and {point.name} (entries {seen[resolved]} and {index} of "
                           "get_sweep's list, from 0) resolve to the same config; drop one")

@@ -488,6 +488,11 @@ def test_verify_checks_every_step_of_a_workdir_and_names_the_damaged_one(capsys,
   with pytest.raises(FinetuneError, match=re.escape(missing)):  # (init_from's)
     resolve_checkpoint(str(workdir), str(tmp_path))
   assert resolve_checkpoint(str(workdir / "checkpoints" / "1"), str(tmp_path)).endswith("checkpoints/1")
+  (workdir / "summary.json").write_text("{}")  # (damaged: which step is the result is unknown; listed, not fatal)
+  assert cli.main(["verify", "--workdir", str(workdir)]) == 2
+  assert capsys.readouterr().out.splitlines()[:2] == [
+      "checkpoints/1: no checksums", f"checkpoints: {workdir}/summary.json is damaged (no integer steps), so which "
+      "checkpoint is the stage's result is unknown: train that stage again"]
 
 
 def test_processes_of_a_multi_host_resume_split_a_steps_checksum_reads(tmp_path, monkeypatch):
