@@ -844,10 +844,19 @@ def export_params(model_name: str, params: dict[str, np.ndarray], kwargs: dict[s
     config["num_key_value_heads"] = kwargs["num_key_value_heads"] or kwargs["num_attention_heads"]
     config["head_dim"] = kwargs["head_dim"] or kwargs["hidden_size"] // kwargs["num_attention_heads"]
     config.setdefault("max_position_embeddings", 4096)
-  if model_name == "llama":  # transformers 5 reads rope_parameters; older versions rope_theta
-    config["rope_parameters"] = _rope_parameters(model_type, kwargs)
-    for older in ("rope_scaling", "rope_local_base_freq"):  # (a base config's, which older versions would read)
-      config.pop(older, None)
+  if model_name == "llama":
+    # transformers 5 reads rope_parameters; older versions (and the servers built on them) rope_theta, rope_scaling
+    # and Gemma 3's rope_local_base_freq, so both are written, saying the same (5 reads rope_scaling over
+    # rope_parameters where both are given, and the local base only where the sliding layers name none).
+    config["rope_parameters"] = parameters = _rope_parameters(model_type, kwargs)
+    scaling = {key: value for key, value in parameters.get("full_attention", parameters).items()
+               if key != "rope_theta"}
+    config.pop("rope_scaling", None)  # (a base config's: null or missing in older versions is no scaling)
+    config.pop("rope_local_base_freq", None)
+    if scaling["rope_type"] != "default":
+      config["rope_scaling"] = scaling
+    if model_type == "gemma3_text":
+      config["rope_local_base_freq"] = parameters["sliding_attention"]["rope_theta"]
   if class_names:
     config["id2label"] = {str(i): name for i, name in enumerate(class_names)}
     config["label2id"] = {name: i for i, name in enumerate(class_names)}

@@ -118,6 +118,13 @@ def test_import_export_round_trip_keeps_logits(name, tmp_path):
   assert written["model_type"] == reference.config.model_type
   if written["model_type"] == "mistral":  # (with layer_types, transformers' Auto classes would read Ministral)
     assert "layer_types" not in written and written["sliding_window"] == 4
+  if "rope_parameters" in written:  # (transformers 5's; older versions read the legacy keys written beside them)
+    (tmp_path / "legacy").mkdir()
+    (tmp_path / "legacy" / "config.json").write_text(json.dumps(
+        {key: value for key, value in written.items() if key != "rope_parameters"}))
+    legacy = type(reference.config).from_pretrained(tmp_path / "legacy")
+    assert legacy.rope_parameters == exported.config.rope_parameters == reference.config.rope_parameters
+    assert hf.model_kwargs(str(tmp_path / "legacy")) == hf.model_kwargs(str(tmp_path / "out"))
   if written.get("layer_types"):  # (and the Auto classes read the same model back)
     assert written["layer_types"] == reference.config.layer_types
     assert type(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")) is type(reference)
