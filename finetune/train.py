@@ -379,10 +379,14 @@ def build_stage(cfg: ConfigDict, evaluation_only: bool = False) -> Stage:
     base_model = nnx.eval_shape(lambda: build_model(cfg.model, pipeline.num_classes, nnx.Rngs(params=0)))
     base_paths = frozenset(flatten(nnx.state(base_model, nnx.Param).to_pure_dict()))
     peft_trainable = adapters.trainable_paths(cfg.peft, list(flatten(params)), base_paths)
-    peft_info = adapters.report(cfg.peft, {p: tuple(x.shape) for p, x in flatten(params).items()}, peft_trainable,
-                                base_paths, adapters.quantized_shapes(abstract_model), flatten(params))
   strategy_cfg = config_lib.with_values(cfg, unfreeze=config_lib.defaults().unfreeze) if evaluation_only else cfg
   strategy = resolve_strategy(strategy_cfg, abstract_model, params, total_steps, steps_per_epoch, peft_trainable)
+  if peft_trainable is not None:
+    # The count of what trains in some phase: PEFT's own choice less freeze rules, `first_n` and the groups
+    # gradual unfreezing never reaches (the figure papers' "trainable %" columns report).
+    peft_info = adapters.report(cfg.peft, {p: tuple(x.shape) for p, x in flatten(params).items()},
+                                strategy.ever_trainable(), base_paths, adapters.quantized_shapes(abstract_model),
+                                flatten(params))
   if not evaluation_only:
     check_fresh_parameters_train(cfg, strategy, list(flatten(params)))
   # A no_decay regex of the config's own that matches nothing is a typo; the defaults (biases, norm scales) may

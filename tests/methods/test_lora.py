@@ -449,3 +449,17 @@ def test_combining_adapters_refuses_other_methods_and_reads_missing_layers_from_
   bank.add("only_first", {"layers/0/lora_b": np.ones((2, 5), np.float32)})
   np.testing.assert_allclose(np.asarray(bank.combined({"only_first": 1.0})(x)),
                              np.asarray(bank.model("only_first")(x)), atol=1e-5)
+
+
+def test_the_reported_trainable_count_leaves_out_what_freeze_rules_keep_frozen():
+  """(PEFT's report counted every adapter and modules_to_save tensor, also those a freeze rule or `first_n` keeps
+  frozen: the "trainable %" a paper's table quotes disagreed with summary.json's trainable_params.)"""
+  peft = {"method": "lora", "targets": ("query", "value"), "rank": 4, "modules_to_save": ("^head/",)}
+  unfrozen = train_lib.build_stage(tiny_config(model=VIT, peft=peft))
+  frozen = train_lib.build_stage(tiny_config(model=VIT, peft=peft, freeze={"patterns": (r"^blocks/0/.*/lora_a$",)}))
+  shapes = {p: x.shape for p, x in flatten(frozen.abstract_params).items()}
+  lora_a = sum(math.prod(s) for p, s in shapes.items() if p.startswith("blocks/0/") and p.endswith("lora_a"))
+  assert lora_a > 0
+  assert frozen.peft_info["trainable_params"] == unfrozen.peft_info["trainable_params"] - lora_a
+  assert frozen.peft_info["trainable_params"] == frozen.strategy.counts(len(frozen.strategy.phases) - 1)["trainable"]
+  assert frozen.peft_info["trainable_percent"] < unfrozen.peft_info["trainable_percent"]
