@@ -625,7 +625,10 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
   need(c.data.augment.crop_padding >= 0, "config.data.augment.crop_padding must be >= 0")
   need(c.unfreeze.every_steps >= 0 and c.unfreeze.every_epochs >= 0,
        "config.unfreeze.every_steps and every_epochs must be >= 0")
-  # (checked when the stage opened: after the earlier stages had trained)
+  # (checked when the stage opened: after the earlier stages had trained; the mode first, as a typo'd one was
+  # told it needed every_steps)
+  need(c.unfreeze.mode in ("none", "gradual", "chain_thaw"),
+       f"config.unfreeze.mode={c.unfreeze.mode!r}; valid: none, gradual, chain_thaw")
   need(c.unfreeze.mode == "none" or bool(c.unfreeze.every_steps) != bool(c.unfreeze.every_epochs),
        f"config.unfreeze.mode={c.unfreeze.mode!r} needs exactly one of config.unfreeze.every_steps and every_epochs "
        f"(got {c.unfreeze.every_steps} and {c.unfreeze.every_epochs})")
@@ -711,8 +714,6 @@ def _validate_stage(c: ConfigDict, where: str) -> None:
   for probe in c.features.closed_form:
     need(probe in ("ridge", "logistic"),
          f"unknown closed-form probe {probe!r} in config.features.closed_form; valid: ridge, logistic")
-  need(c.unfreeze.mode in ("none", "gradual", "chain_thaw"),
-       f"config.unfreeze.mode={c.unfreeze.mode!r}; valid: none, gradual, chain_thaw")
   need(c.unfreeze.schedule in ("continue", "restart", "cycle"),
        f"config.unfreeze.schedule={c.unfreeze.schedule!r}; valid: continue, restart, cycle")
   from finetune.adapters import BIAS_MODES, PEFT_METHODS  # pylint: disable=g-import-not-at-top

@@ -71,6 +71,8 @@ def test_custom_groups_and_bad_partitions_are_errors():
       ({"optimizer": {"lr_range": (1e-3, 1e-4)}}, "must be (lo, hi) with 0 < lo <= hi"),
       ({"unfreeze": {"mode": "gradual"}}, "config.unfreeze.mode='gradual' needs exactly one of "
        "config.unfreeze.every_steps and every_epochs (got 0 and 0.0)"),
+      # (A typo'd mode was told it needed every_steps.)
+      ({"unfreeze": {"mode": "gradul"}}, "config.unfreeze.mode='gradul'; valid: none, gradual, chain_thaw"),
       ({"unfreeze": {"mode": "gradual", "every_steps": 5}}, "needs more than 15 steps to reach all 4 groups"),
       # (One phase: accepted, and nothing was ever unfrozen.)
       ({"unfreeze": {"mode": "gradual", "every_steps": 2, "initial_groups": 4}},
@@ -97,6 +99,11 @@ def test_custom_groups_and_bad_partitions_are_errors():
       ({"freeze": {"first_n": 2, "patterns": ("^stages/0/",)}},
        "config.freeze.patterns: '^stages/0/' matches only parameters of the groups config.freeze.first_n=2 freezes "
        "already (stem, stage_1); drop the pattern or lower first_n"),
+      # (A copy, or a pattern inside another, was taken silently: both froze the same.)
+      ({"freeze": {"patterns": ("^stages/0/", "^stages/0/.*kernel")}},
+       "config.freeze.patterns: '^stages/0/.*kernel' adds nothing to '^stages/0/', which freeze(s) everything it "
+       "matches already; drop it, or narrow the other"),
+      ({"freeze": {"patterns": ("^stem/", "^stem/")}}, "'^stem/' adds nothing to '^stem/'"),
   ]
   for sections, message in cases:
     with pytest.raises(FinetuneError) as info:

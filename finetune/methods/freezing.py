@@ -33,6 +33,13 @@ def frozen_paths(freeze_cfg: ConfigDict, groups: Sequence[str], group_of: Mappin
       raise FinetuneError(f"config.freeze.patterns: {pattern!r} matches only parameters of the groups "
                           f"config.freeze.first_n={freeze_cfg.first_n} freezes already "
                           f"({', '.join(groups[:freeze_cfg.first_n])}); drop the pattern or lower first_n")
+  matches = [{p for p in paths if re.search(pattern, p)} for pattern in freeze_cfg.patterns]
+  for i, pattern in enumerate(freeze_cfg.patterns):  # (a copy, or one inside another: a misread of the rules)
+    others = set().union(*(m for j, m in enumerate(matches) if j != i))
+    if len(freeze_cfg.patterns) > 1 and matches[i] <= others:
+      covering = [other for j, other in enumerate(freeze_cfg.patterns) if j != i and matches[j] & matches[i]]
+      raise FinetuneError(f"config.freeze.patterns: {pattern!r} adds nothing to {', '.join(map(repr, covering))}, "
+                          "which freeze(s) everything it matches already; drop it, or narrow the other")
   patterns = [re.compile(p) for p in freeze_cfg.patterns]
   frozen = {p for p in paths if group_of[p] in frozen_groups or any(r.search(p) for r in patterns)}
   if freeze_cfg.train_bn:
