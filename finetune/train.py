@@ -388,7 +388,7 @@ def build_stage(cfg: ConfigDict, evaluation_only: bool = False) -> Stage:
                                 strategy.ever_trainable(), base_paths, adapters.quantized_shapes(abstract_model),
                                 flatten(params))
   if not evaluation_only:
-    check_fresh_parameters_train(cfg, strategy, list(flatten(params)))
+    check_fresh_parameters_train(cfg, strategy, list(flatten(params)), peft_trainable)
   # A no_decay regex of the config's own that matches nothing is a typo; the defaults (biases, norm scales) may
   # match nothing in a model without them (Llama has no biases).
   default_no_decay = config_lib.defaults().optimizer.no_decay
@@ -405,7 +405,8 @@ def build_stage(cfg: ConfigDict, evaluation_only: bool = False) -> Stage:
                keep_float32=keep_float32)
 
 
-def check_fresh_parameters_train(cfg: ConfigDict, strategy: Strategy, paths: Sequence[str]) -> None:
+def check_fresh_parameters_train(cfg: ConfigDict, strategy: Strategy, paths: Sequence[str],
+                                 peft_trainable: frozenset[str] | None = None) -> None:
   """A parameter the stage re-initialises (`dont_load`) and freezes in every phase would keep its random initial
   value for the whole stage: a LoRA stage with dont_load=^head/ and no modules_to_save trained its adapters under a
   random, frozen classifier, and reported the result. Refused."""
@@ -415,8 +416,10 @@ def check_fresh_parameters_train(cfg: ConfigDict, strategy: Strategy, paths: Seq
   fresh = [re.compile(pattern) for pattern in cfg.dont_load]
   stuck = [path for path in paths if path not in ever_trained and any(r.search(path) for r in fresh)]
   if stuck:
+    # (PEFT's choice, or the stage's freeze rules / first_n / unfreezing, which also apply under PEFT)
     fix = ("list them in config.peft.modules_to_save (e.g. '^head/', as Hugging Face PEFT does for a classifier)"
-           if adapters.enabled(cfg.peft) else "drop the freeze rule that covers them")
+           if peft_trainable is not None and any(p not in peft_trainable for p in stuck) else
+           "drop the config.freeze rule that covers them, or let config.unfreeze reach their group")
     raise FinetuneError(f"{len(stuck)} parameter(s) that config.dont_load re-initialises are frozen in every phase, "
                         f"so they would keep their random initial values: {', '.join(stuck[:3])}"
                         f"{', ...' if len(stuck) > 3 else ''}. Train them ({fix}) or load them (narrow dont_load)")

@@ -303,9 +303,14 @@ def test_a_re_initialised_parameter_that_never_trains_is_refused(tmp_path):
                                           r"head/kernel. Train them \(list them in config.peft.modules_to_save"):
     train_lib.train_and_evaluate(tiny_config(**source, dont_load=("^head/",), peft=lora), str(tmp_path / "b"))
   with pytest.raises(FinetuneError, match=r"parameter\(s\) that config.dont_load re-initialises are frozen .* "
-                                          r"blocks/0/.*\(drop the freeze rule that covers them\)"):
+                                          r"blocks/0/.*\(drop the config.freeze rule that covers them"):
     train_lib.train_and_evaluate(tiny_config(**source, dont_load=("^blocks/0/", "^head/"),
                                              freeze={"patterns": ("^blocks/0/",)}), str(tmp_path / "c"))
+  # Under PEFT too, when PEFT trains them and a freeze rule is what keeps them (modules_to_save names them already).
+  with pytest.raises(FinetuneError, match=r"re-initialises are frozen .* head/bias\. Train them \(drop the "
+                                          r"config.freeze rule that covers them"):
+    train_lib.train_and_evaluate(tiny_config(**source, dont_load=("^head/",), freeze={"patterns": ("bias$",)},
+                                             peft={**lora, "modules_to_save": ("^head/",)}), str(tmp_path / "e"))
   # Trained in a later phase (gradual unfreezing reaches the re-initialised block): accepted.
   train_lib.train_and_evaluate(tiny_config(**{**source, "train": {"steps": 8}}, dont_load=("^blocks/1/", "^head/"),
                                            unfreeze={"mode": "gradual", "every_steps": 1}), str(tmp_path / "d"))
