@@ -298,7 +298,8 @@ def select_modules(model: nnx.Module, targets: Sequence[str], what: str = "confi
     own = [path, path + "/"] + [f"{path}/{leaf}" for leaf in flatten(nnx.state(module, nnx.Param).to_pure_dict())]
     return any(re.search(pattern, name) for pattern in exclude for name in own)
 
-  candidates = [(p, m) for p, m in module_paths(model, kind) if not (exclude and excluded(p, m))]
+  every_module = module_paths(model, kind)
+  candidates = [(p, m) for p, m in every_module if not (exclude and excluded(p, m))]
   if not candidates:  # (the message below listed none: "its layers are named like ")
     raise FinetuneError(f"{what}: this model has no {kind.__name__} layer to adapt"
                         f"{' outside config.peft.modules_to_save' if exclude else ''}; choose a PEFT method for its "
@@ -306,13 +307,18 @@ def select_modules(model: nnx.Module, targets: Sequence[str], what: str = "confi
   chosen: dict[str, nnx.Module] = {}
   for target in targets:
     if re.fullmatch(r"\w+", target):
-      hits = [(p, m) for p, m in candidates if p.rsplit("/", 1)[-1] == target]
+      named = [p for p, _ in every_module if p.rsplit("/", 1)[-1] == target]
     else:
       try:
         regex = re.compile(target)
       except re.error as e:
         raise FinetuneError(f"{what}: {target!r} is not a valid regex ({e}); fix the pattern") from None
-      hits = [(p, m) for p, m in candidates if regex.search(p)]
+      named = [p for p, _ in every_module if regex.search(p)]
+    hits = [(p, m) for p, m in candidates if p in named]
+    saved = sorted(set(named) - {p for p, _ in candidates})
+    if not hits and saved:  # (it said the layer did not exist)
+      raise FinetuneError(f"{what}: {target!r} names only {', '.join(saved[:3])}, which config.peft.modules_to_save "
+                          "trains fully (no adapter there); drop it from one of the two")
     if not hits:
       examples = ", ".join(p for p, _ in candidates[:6])
       raise FinetuneError(f"{what}: {target!r} matches no {kind.__name__} layer of this model; its layers are "

@@ -273,6 +273,10 @@ def test_target_errors_are_one_clear_line():
     adapted(peft_config(rank=32))
   with pytest.raises(FinetuneError, match="config.peft.targets is empty"):
     adapted(peft_config(targets=()))
+  # (A layer modules_to_save trains fully was said not to exist.)
+  with pytest.raises(FinetuneError, match=r"config.peft.targets: 'head' names only head, which "
+                                          r"config.peft.modules_to_save trains fully \(no adapter there\)"):
+    adapted(peft_config(targets=("query", "head"), modules_to_save=("^head/",)))
   # (A CNN's only Linear layer is its head, which modules_to_save trains whole: the list of names was empty.)
   with pytest.raises(FinetuneError, match=r"config.peft.targets: this model has no Linear layer to adapt outside "
                                           r"config.peft.modules_to_save"):
