@@ -75,9 +75,14 @@ def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[jax.Device] | None = None)
                           f"make the fixed axis sizes divide {len(devices)}")
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
+    # (A fix that works here: an axis that can take the remaining devices, given the others.)
+    takers = [(name, len(devices) // (math.prod(sizes) // size)) for name, size in zip(names, sizes)
+              if len(devices) % (math.prod(sizes) // size) == 0]
+    fix = (f"e.g. --config.mesh.{takers[0][0]}=-1, which makes it {takers[0][1]}" if takers else
+           f"make their product {len(devices)}")
     raise FinetuneError(f"config.mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices but "
-                        f"{len(devices)} are available; set one axis to -1 or change the sizes (e.g. "
-                        "--config.mesh.fsdp=1; a run may resume, and be evaluated or exported, on another mesh)")
+                        f"{len(devices)} are available; set one axis to -1 or change the sizes ({fix}; a run may "
+                        "resume, and be evaluated or exported, on another mesh)")
   return Mesh(np.asarray(devices).reshape(sizes), tuple(names))
 
 

@@ -96,8 +96,9 @@ def test_make_mesh_axis_order_follows_mesh_axes_not_config_order():
 
 
 def test_make_mesh_too_many_devices_requested():
-  with pytest.raises(FinetuneError, match=r"needs 2 devices but 1 are available; .* a run may resume, and be "
-                                          r"evaluated or exported, on another mesh"):
+  with pytest.raises(FinetuneError, match=r"needs 2 devices but 1 are available; set one axis to -1 or change the "
+                                          r"sizes \(e.g. --config.mesh.data=-1, which makes it 1; a run may "
+                                          r"resume, and be evaluated or exported, on another mesh\)"):
     make_mesh(ConfigDict({"data": 2, "fsdp": 1}), _one_device())
 
 
@@ -127,6 +128,8 @@ def test_make_mesh_bad_sizes(multi):
   assert "does not divide 8 devices" in multi["not_dividing"]["message"]
   assert multi["wrong_total"]["error"] == "FinetuneError"
   assert "needs 4 devices but 8 are available" in multi["wrong_total"]["message"]
+  # (It suggested --config.mesh.fsdp=1 whatever the sizes, even where fsdp was 1 already.)
+  assert "e.g. --config.mesh.data=-1, which makes it 4;" in multi["wrong_total"]["message"]
 
 
 def test_make_mesh_negative_sizes(multi):
