@@ -219,3 +219,21 @@ def test_a_tokenizer_with_nothing_to_pad_with_is_a_one_line_error(tmp_path):
   (tmp_path / "train.txt").write_text("1 a fine film\n0 a dull film\n")
   with pytest.raises(FinetuneError, match=r"has no pad, end-of-text or unknown token to pad rows with; add a pad "):
     text_classification(str(tmp_path), train_file="train.txt", tokenizer=str(tmp_path / "tok"), max_length=8)
+
+
+@pytest.mark.parametrize("compression", ["gz", "bz2", "xz"])
+def test_a_compressed_csv_is_read_and_its_rows_checked(compression, tmp_path):
+  """(A .bz2 or .xz CSV was read as text by the field-count check: 'row 3 has 3 fields but the header has 1
+  (BZh91AY&SY...)'.)"""
+  import bz2  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import lzma  # pylint: disable=g-import-not-at-top
+  opener = {"gz": gzip.open, "bz2": bz2.open, "xz": lzma.open}[compression]
+  with opener(tmp_path / f"train.csv.{compression}", "wt") as f:
+    f.write('text,label\n"fine, really",pos\ndull,neg\n')
+  dataset = text_classification(str(tmp_path), train_file=f"train.csv.{compression}", tokenizer=_minilm_dir())
+  np.testing.assert_array_equal(dataset.splits["train"].labels(), [1, 0])
+  with opener(tmp_path / f"extra.csv.{compression}", "wt") as f:
+    f.write("text,label\nfine, really,pos\n")
+  with pytest.raises(FinetuneError, match=r"row 2 has 3 fields but the header has 2 \(text, label\)"):
+    text_classification(str(tmp_path), train_file=f"extra.csv.{compression}", tokenizer=_minilm_dir())
