@@ -93,6 +93,10 @@ class Dataset:
   # conversations into blocks, and a block carved into validation would hold parts of trained conversations.
   # None: the rows themselves train.
   train_from_rows: Callable[[np.ndarray], Split] | None = None
+  # Checks the rows carved into validation, where the source could not check splits['train']'s rows as examples
+  # (packed instruction data: its rows are conversations cut at max_length, which only validation scores). Raises
+  # or warns; None: nothing to check.
+  check_validation_rows: Callable[[np.ndarray], None] | None = None
 
   @property
   def num_classes(self) -> int:

@@ -17,8 +17,8 @@ only to its own conversation, positions and LSTM state restart with each, and no
 predicted from the one before, so a packed conversation is computed as it would be alone (the first one of a block
 may begin mid-conversation, and the last may be cut). Only what trains is packed: the test split and validation
 (carved from the train file's conversations before the rest are packed, via `Dataset.train_from_rows`) keep one
-conversation per row, so their loss is over every answer token (packing would drop the tail and leave each block's
-first token unpredicted), validation shares no conversation with training, and their losses compare between packed
+conversation per row, so their loss is over every answer token within max_length (packing would drop the tail and
+leave each block's first token unpredicted; the carve is checked for answers as the test file is), validation shares no conversation with training, and their losses compare between packed
 and unpacked runs.
 """
 
@@ -191,7 +191,7 @@ def instructions(path: str = "", cache_dir: str = "", train_file: str = "", test
   require_length("max_length", max_length, 2)  # (a token to predict and one before it)
   tok = load_tokenizer(tokenizer)
   pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-  splits, train_from_rows = {}, None
+  splits, train_from_rows, check_validation_rows = {}, None, None
   for split, name in (("train", train_file), ("test", test_file)):
     if not name:
       continue
@@ -221,14 +221,24 @@ def instructions(path: str = "", cache_dir: str = "", train_file: str = "", test
                               "message, or each has weight 0); drop the line or add the answer")
         conversations.append((ids, mask))
     # Packed, the train rows serve only to carve validation from (conversations longer than max_length stay
-    # whole in the blocks, so their truncation as rows is no reason to warn or fail).
+    # whole in the blocks, so their truncation as rows is no reason to warn or fail): the rows carved are checked
+    # instead, as validation scores them (a carve of only long conversations scored nothing, and failed after
+    # training).
     packed_train = pack and split == "train"
     if not conversations:  # (packed, it was blamed on max_length)
       raise FinetuneError(f"{filename} holds no conversation; fill it in or point the option at another file")
     splits[split] = _rows(conversations, max_length, pad_id, filename, check=not packed_train)
     if packed_train:
       train_from_rows = functools.partial(_packed, conversations, max_length, filename)
-  return Dataset(os.path.basename(train_file).split(".")[0], splits, (), train_from_rows)
+      check_validation_rows = functools.partial(_check_carved, conversations, max_length, pad_id, filename)
+  return Dataset(os.path.basename(train_file).split(".")[0], splits, (), train_from_rows, check_validation_rows)
+
+
+def _check_carved(conversations: list[tuple[list[int], list[int]]], max_length: int, pad_id: int, filename: str,
+                  rows: np.ndarray) -> None:
+  """The conversations carved into validation from a packed train file, checked as rows (`_rows`' check)."""
+  _rows([conversations[row] for row in rows], max_length, pad_id,
+        f"{filename} (the conversations config.data.validation_fraction carves into validation)")
 
 
 def _packed(all_conversations: list[tuple[list[int], list[int]]], max_length: int, filename: str,

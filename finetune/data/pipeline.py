@@ -297,6 +297,8 @@ def build_pipeline(data_cfg: ConfigDict, seed: int) -> InputPipeline:
       order = stratified_order(order, full_train.labels())
     num_validation = int(round(data_cfg.validation_fraction * len(full_train)))
     splits["validation"] = _filter(SubsetSplit(full_train, np.sort(order[:num_validation])), label_map)
+    if dataset.check_validation_rows is not None and num_validation:
+      dataset.check_validation_rows(np.sort(order[:num_validation]))
     training_rows = np.sort(order[num_validation:])
   else:
     training_rows = np.arange(len(full_train))

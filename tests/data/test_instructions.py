@@ -168,6 +168,28 @@ def test_packed_training_shares_no_conversation_with_validation(tokenizer_dir, t
   np.testing.assert_array_equal(blocks["input_ids"].reshape(-1), stream[:blocks["input_ids"].size])
 
 
+def test_a_packed_file_s_validation_carve_is_checked_for_answers(tokenizer_dir, tmp_path, capsys):
+  """(Packed, the train file's rows were not checked: validation carved from conversations longer than max_length
+  scored nothing, and the stage failed at its first evaluation, after training.)"""
+  from finetune.config import build_config  # pylint: disable=g-import-not-at-top
+  from finetune.data.pipeline import build_pipeline  # pylint: disable=g-import-not-at-top
+  long_prompt = " ".join(["word"] * 40)
+  _write(tmp_path / "train.jsonl", [{"instruction": f"{long_prompt} {i}", "output": f"{i}"} for i in range(20)])
+
+  def data(max_length):
+    return build_config({"task": "causal_lm", "train": {"steps": 1}, "data": dict(
+        name="instructions", path=str(tmp_path), batch_size=2, eval_batch_size=2, validation_fraction=0.2,
+        eval_splits=("validation",), options=dict(train_file="train.jsonl", tokenizer=tokenizer_dir,
+                                                  max_length=max_length, pack=True))}).data
+  with pytest.raises(FinetuneError, match=r"train.jsonl \(the conversations config.data.validation_fraction carves "
+                                          r"into validation\): no conversation keeps an answer token within "
+                                          r"data.options.max_length=16; raise max_length"):
+    build_pipeline(data(16), seed=0)
+  validation = build_pipeline(data(64), seed=0).eval_splits["validation"]
+  assert validation.take(np.arange(len(validation)))["loss_mask"][:, 1:].sum(axis=1).min() > 0
+  assert "keep no answer token" not in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def sentencepiece_like():
   """A Llama-style tokenizer (Metaspace BPE: a word's token carries the space before it, "▁Blue") that puts <s>
