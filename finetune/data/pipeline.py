@@ -21,7 +21,7 @@ import functools
 import inspect
 import os
 import warnings
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -247,11 +247,14 @@ def _warn_untrained_classes(train: Split, class_names: Sequence[str], name: str)
                   f"trains{fix}", UserWarning, stacklevel=2)
 
 
-def check_options(data_cfg: ConfigDict) -> None:
+def check_options(data_cfg: ConfigDict) -> dict[str, Any]:
   """Every key of config.data.options must be an argument of the data source (checked with the config, before any
-  stage trains, and again when the source loads)."""
+  stage trains, and again when the source loads); returns the options typed as the source's defaults are (what
+  the source is given: a number for a text option, a scalar for a tuple one, passed the check and failed inside
+  the source)."""
   parameters = inspect.signature(SOURCES.get(data_cfg.name)).parameters
   accepted = [p for p in parameters if p not in ("path", "cache_dir")]
+  typed = dict(data_cfg.options)
   for key in data_cfg.options:
     if key in ("path", "cache_dir"):
       raise FinetuneError(f"config.data.options.{key}: set config.data.{key} instead")
@@ -266,14 +269,14 @@ def check_options(data_cfg: ConfigDict) -> None:
         and all(isinstance(item, str) for item in value)):
       continue  # (a glob or a list of them: typed by the default '', a list was refused)
     if default is not inspect.Parameter.empty:
-      config_lib.coerce(value, default, f"data.options.{key}")
+      typed[key] = config_lib.coerce(value, default, f"data.options.{key}")
+  return typed
 
 
 def build_pipeline(data_cfg: ConfigDict, seed: int) -> InputPipeline:
   """Loads `config.data.name` and prepares train / validation / test for this process."""
   source = SOURCES.get(data_cfg.name)
-  options = dict(data_cfg.options)
-  check_options(data_cfg)
+  options = check_options(data_cfg)
   dataset = source(path=os.path.expanduser(data_cfg.path) if data_cfg.path else "",
                    cache_dir=os.path.expanduser(data_cfg.cache_dir) if data_cfg.cache_dir else "", **options)
   if "train" not in dataset.splits:

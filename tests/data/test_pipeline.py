@@ -499,6 +499,32 @@ def test_source_options_take_the_type_of_the_source_s_default():
     build_pipeline(cfg, seed=0)
 
 
+_RECORDING_SOURCE = "test_pipeline_recording"
+_RECEIVED: dict = {}
+
+
+def _recording(path: str = "", cache_dir: str = "", shape: tuple[int, ...] = (), key: str = "",
+               scale: float = 1.0) -> Dataset:
+  """Digits-like data that records the options it was given."""
+  del path, cache_dir
+  _RECEIVED.update(shape=shape, key=key, scale=scale)
+  return Dataset("recorded", {"train": ArraySplit({"image": np.zeros((8, 2, 2, 1), np.float32),
+                                                   "label": np.arange(8) % 2})}, ("0", "1"))
+
+
+if _RECORDING_SOURCE not in SOURCES:
+  SOURCES.register(_RECORDING_SOURCE)(_recording)
+
+
+def test_a_source_is_given_its_options_as_the_check_typed_them():
+  """(The check accepted a scalar for a tuple option and a number for a text one, then gave the source the raw
+  value: hf_files' image_shape=4 failed inside it with "TypeError: 'int' object is not iterable".)"""
+  cfg = _data_cfg(name=_RECORDING_SOURCE, batch_size=4, options=ConfigDict({"shape": 4, "key": 7, "scale": 2}))
+  build_pipeline(cfg, seed=0)
+  assert _RECEIVED == {"shape": (4,), "key": "7", "scale": 2.0}
+  assert type(_RECEIVED["scale"]) is float
+
+
 def test_options_typed_as_a_glob_or_a_list_of_globs_take_a_list():
   """(hf_files' train_files: str | Sequence[str] was typed by its default '', so a list was refused.)"""
   from finetune.data.pipeline import check_options  # pylint: disable=g-import-not-at-top
