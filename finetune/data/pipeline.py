@@ -327,9 +327,13 @@ def build_pipeline(data_cfg: ConfigDict, seed: int) -> InputPipeline:
                           f"(available: {', '.join(splits) or 'none'})")
   eval_splits = {name: splits[name] for name in data_cfg.eval_splits if name in splits}
   if not eval_splits:
+    # (The option that gives this source a test split, where it has one: "point config.data.path at a test set"
+    # was advice for none of the sources that can get here.)
+    test_options = [key for key in inspect.signature(source).parameters if key in ("test_file", "test_files", "splits")]
+    test_fix = f", or name a test set with config.data.options.{test_options[0]}" if test_options else ""
     raise FinetuneError(f"none of config.data.eval_splits {tuple(data_cfg.eval_splits)} exists for "
                         f"{data_cfg.name!r} (available: {', '.join(splits) or 'none'}); set "
-                        "config.data.validation_fraction > 0 or point config.data.path at a test set")
+                        f"config.data.validation_fraction > 0{test_fix}")
   if (data_cfg.augment.crop_padding or data_cfg.augment.flip) and len(train) and \
       "image" not in train.take(np.arange(1)):
     raise FinetuneError(f"config.data.augment (crop_padding, flip) applies to images, and {data_cfg.name!r} has none; "

@@ -237,3 +237,14 @@ def test_a_compressed_csv_is_read_and_its_rows_checked(compression, tmp_path):
     f.write("text,label\nfine, really,pos\n")
   with pytest.raises(FinetuneError, match=r"row 2 has 3 fields but the header has 2 \(text, label\)"):
     text_classification(str(tmp_path), train_file=f"extra.csv.{compression}", tokenizer=_minilm_dir())
+
+
+def test_no_evaluation_split_names_the_source_s_test_file_option(tmp_path):
+  """(It advised pointing config.data.path at a test set: a text source's test set is its test_file option.)"""
+  (tmp_path / "train.txt").write_text("1 good film\n0 dull film\n1 fine film\n0 poor film\n")
+  cfg = defaults().data
+  cfg.update(name="text_classification", path=str(tmp_path), batch_size=2, validation_fraction=0.0)
+  cfg.options = {"train_file": "train.txt", "tokenizer": _minilm_dir(), "max_length": 8}
+  with pytest.raises(FinetuneError, match=r"\(available: none\); set config.data.validation_fraction > 0, or name a "
+                                          r"test set with config.data.options.test_file$"):
+    build_pipeline(cfg, seed=0)
