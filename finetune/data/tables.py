@@ -204,7 +204,8 @@ def class_names_and_labels(raw: dict[str, np.ndarray], names: dict[str, Sequence
     labels[split] = values.astype(np.int64)
     if labels[split].size and labels[split].min() < 0:
       raise FinetuneError(f"labels in {where[split]} include {labels[split].min()}; labels are class indices "
-                          "0..K-1, so drop unlabelled rows or point the label option at the class column")
+                          "0..K-1 (or class names), so renumber them (-1/+1 as 0/1), drop unlabelled rows, or "
+                          "point a table's label option at its class column")
     if names is not None and labels[split].size and labels[split].max() >= len(names):
       raise FinetuneError(f"labels in {where[split]} include {labels[split].max()}, but the train split's ClassLabel "
                           f"has {len(names)} classes ({', '.join(map(repr, names))}); fix the column or its file")

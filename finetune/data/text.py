@@ -34,7 +34,8 @@ def read_labelled_lines(filename: str) -> tuple[list[str], np.ndarray]:
       if not line:
         continue
       label, _, sentence = line.partition(" ")
-      if not re.fullmatch(r"-?\d+", label) or not sentence:  # (lstrip("-") let '--1' through to int())
+      # (lstrip("-") let '--1' through to int(); '+1', as ±1-labelled corpora write it, is an integer too)
+      if not re.fullmatch(r"[-+]?\d+", label) or not sentence:
         raise FinetuneError(f"{filename}:{number} is not '<integer label> <sentence>': {line[:60]!r}")
       sentences.append(sentence)
       labels.append(int(label))

@@ -62,6 +62,13 @@ def test_bad_text_inputs(tmp_path):
   (tmp_path / "dashes.txt").write_text("-1 a bad film\n--1 a worse one\n")  # (the second was a raw ValueError)
   with pytest.raises(FinetuneError, match=r"dashes.txt:2 is not '<integer label> <sentence>'"):
     read_labelled_lines(str(tmp_path / "dashes.txt"))
+  # ±1-labelled corpora: '+1' is read as the integer it is (it was refused), and -1 is named with the renumbering
+  # that fixes it (the advice was a table's label option, which a lines file has not).
+  (tmp_path / "signs.txt").write_text("+1 a good film\n-1 a bad one\n")
+  assert list(read_labelled_lines(str(tmp_path / "signs.txt"))[1]) == [1, -1]
+  with pytest.raises(FinetuneError, match=r"signs.txt.* include -1; labels are class indices 0..K-1 \(or class "
+                                          r"names\), so renumber them \(-1/\+1 as 0/1\)"):
+    text_classification(str(tmp_path), train_file="signs.txt", tokenizer=_minilm_dir())
   (tmp_path / "bom.txt").write_bytes("\ufeff1 a good film\n0 a bad one\n".encode("utf-8"))  # (line 1 was refused)
   sentences, labels = read_labelled_lines(str(tmp_path / "bom.txt"))
   assert list(sentences) == ["a good film", "a bad one"] and list(labels) == [1, 0]
