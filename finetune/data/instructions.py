@@ -18,8 +18,8 @@ predicted from the one before, so a packed conversation is computed as it would 
 may begin mid-conversation, and the last may be cut). Only what trains is packed: the test split and validation
 (carved from the train file's conversations before the rest are packed, via `Dataset.train_from_rows`) keep one
 conversation per row, so their loss is over every answer token within max_length (packing would drop the tail and
-leave each block's first token unpredicted; the carve is checked for answers as the test file is), validation shares no conversation with training, and their losses compare between packed
-and unpacked runs.
+leave each block's first token unpredicted; the carve is checked for answers as the test file is), validation
+shares no conversation with training, and their losses compare between packed and unpacked runs.
 """
 
 from __future__ import annotations

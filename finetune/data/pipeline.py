@@ -299,9 +299,10 @@ def build_pipeline(data_cfg: ConfigDict, seed: int) -> InputPipeline:
                             "classes (language-model text); drop stratify")
       order = stratified_order(order, full_train.labels())
     num_validation = int(round(data_cfg.validation_fraction * len(full_train)))
-    splits["validation"] = _filter(SubsetSplit(full_train, np.sort(order[:num_validation])), label_map)
+    validation_rows = np.sort(order[:num_validation])
+    splits["validation"] = _filter(SubsetSplit(full_train, validation_rows), label_map)
     if dataset.check_validation_rows is not None and num_validation:
-      dataset.check_validation_rows(np.sort(order[:num_validation]))
+      dataset.check_validation_rows(validation_rows)
     training_rows = np.sort(order[num_validation:])
   else:
     training_rows = np.arange(len(full_train))

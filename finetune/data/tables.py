@@ -72,11 +72,11 @@ def _unreadable(split_files: list[str], fmt: str, error: Exception) -> FinetuneE
 def _check_csv_fields(path: str) -> None:
   """Refuses a CSV row with more fields than its header: pandas (under `datasets`) then reads the first column as
   the index and shifts every other one left, silently (the label column held the last text field)."""
-  # (The compressions `datasets` reads; .zst needs the zstandard package, which datasets' own read then names.)
-  openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
-  if path.endswith(".zst"):
-    return
+  # (The compressions `datasets` reads; .zst needs the zstandard package: left to datasets' own read to name.)
+  openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": None}
   opener = next((o for extension, o in openers.items() if path.endswith(extension)), open)
+  if opener is None:
+    return
   try:
     with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as f:
       rows = csv.reader(f)

@@ -27,27 +27,25 @@ def frozen_paths(freeze_cfg: ConfigDict, groups: Sequence[str], group_of: Mappin
                         "which leaves only BatchNorm training, with config.freeze.train_bn=True)")
   require_matches(freeze_cfg.patterns, paths, "config.freeze.patterns")
   frozen_groups = set(groups[:freeze_cfg.first_n])
-  for pattern in freeze_cfg.patterns:  # (a rule that adds nothing is a mistake, as one that matches nothing)
-    matched = [p for p in paths if re.search(pattern, p)]
+  matches = [{p for p in paths if re.search(pattern, p)} for pattern in freeze_cfg.patterns]
+  # (A rule that adds nothing is a mistake, as one that matches nothing.)
+  for pattern, matched in zip(freeze_cfg.patterns, matches):
     if frozen_groups and all(group_of[p] in frozen_groups for p in matched):
       raise FinetuneError(f"config.freeze.patterns: {pattern!r} matches only parameters of the groups "
                           f"config.freeze.first_n={freeze_cfg.first_n} freezes already "
                           f"({', '.join(groups[:freeze_cfg.first_n])}); drop the pattern or lower first_n")
-  matches = [{p for p in paths if re.search(pattern, p)} for pattern in freeze_cfg.patterns]
-  for i, pattern in enumerate(freeze_cfg.patterns):  # (a copy, or one inside another: a misread of the rules)
+  for i, pattern in enumerate(freeze_cfg.patterns if len(matches) > 1 else ()):  # (a copy, or one inside another)
     others = set().union(*(m for j, m in enumerate(matches) if j != i))
-    if len(freeze_cfg.patterns) > 1 and matches[i] <= others:
+    if matches[i] <= others:
       covering = [other for j, other in enumerate(freeze_cfg.patterns) if j != i and matches[j] & matches[i]]
       raise FinetuneError(f"config.freeze.patterns: {pattern!r} adds nothing to {', '.join(map(repr, covering))}, "
                           "which freeze(s) everything it matches already; drop it, or narrow the other")
-  patterns = [re.compile(p) for p in freeze_cfg.patterns]
-  frozen = {p for p in paths if group_of[p] in frozen_groups or any(r.search(p) for r in patterns)}
+  frozen = {p for p in paths if group_of[p] in frozen_groups}.union(*matches)
   if freeze_cfg.train_bn:
     if not batch_norm_params:  # (taken silently: a ViT or a BERT has LayerNorm, which freezes like any layer)
       raise FinetuneError("config.freeze.train_bn=True but the model has no BatchNorm layer, so it changes nothing; "
                           "drop it (LayerNorm parameters freeze with their group)")
-    for pattern in freeze_cfg.patterns:
-      matched = [p for p in paths if re.search(pattern, p)]
+    for pattern, matched in zip(freeze_cfg.patterns, matches):
       if all(p in batch_norm_params for p in matched):  # (train_bn undid it: the pattern froze nothing)
         raise FinetuneError(f"config.freeze.patterns: {pattern!r} matches only BatchNorm parameters, which "
                             "config.freeze.train_bn keeps training; drop the pattern or train_bn")
